@@ -1,0 +1,191 @@
+"""Array backends: the array module, the device, synchronisation and timers.
+
+The only module that imports cupy. Everything else receives ``backend.xp``
+(numpy or cupy) and stays backend-agnostic.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+BACKENDS = ("numpy", "cupy")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+class BackendError(Exception):
+    """A backend cannot be used as asked (user error: exit status 2)."""
+
+def _bfloat16():
+    try:
+        import ml_dtypes  # optional: gives NumPy a bfloat16 dtype
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+def local_rank() -> int:
+    """The rank of this process among the ranks on its node, from the launcher's environment."""
+    for var in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK",
+                "MV2_COMM_WORLD_LOCAL_RANK", "PALS_LOCAL_RANKID"):
+        if var in os.environ:
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                pass
+    return 0
+
+@dataclass
+class Backend:
+    """What the ring needs from an array library."""
+
+    name: str
+    xp: Any
+    device_name: str = "cpu"
+    device_id: int | None = None
+    _pinned: dict = field(default_factory=dict, repr=False)
+
+    # -- dtypes -------------------------------------------------------------
+    def dtype(self, name: str):
+        """The storage dtype called ``name`` or BackendError naming what is allowed."""
+        allowed = self.dtypes()
+        if name not in allowed:
+            raise BackendError(f"--dtype {name} is not supported by backend {self.name}; "
+                               f"allowed: {', '.join(allowed)}")
+        if name == "bfloat16":
+            return _bfloat16()
+        return np.dtype(name)
+
+    def dtypes(self) -> tuple[str, ...]:
+        names = ["float32", "float64", "float16"]
+        if self.name == "numpy" and _bfloat16() is not None:
+            names.append("bfloat16")
+        return tuple(names)
+
+    @staticmethod
+    def compute_dtype(storage) -> np.dtype:
+        """Accumulate half precision in float32; float64 stays float64."""
+        return np.dtype(np.float64) if np.dtype(storage) == np.float64 else np.dtype(np.float32)
+
+    # -- device -------------------------------------------------------------
+    @property
+    def is_gpu(self) -> bool:
+        return self.name == "cupy"
+
+    def synchronize(self) -> None:
+        if self.is_gpu:
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def asnumpy(self, a) -> np.ndarray:
+        return self.xp.asnumpy(a) if self.is_gpu else np.asarray(a)
+
+    def asarray(self, a):
+        return self.xp.asarray(a)
+
+    def pinned_empty(self, key: str, shape, dtype) -> np.ndarray:
+        """A host array in page-locked memory (for staging device buffers through MPI), reused by key."""
+        shape = tuple(shape)
+        have = self._pinned.get(key)
+        if have is not None and have.shape == shape and have.dtype == np.dtype(dtype):
+            return have
+        if not self.is_gpu:
+            arr = np.empty(shape, dtype)
+        else:
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            mem = self.xp.cuda.alloc_pinned_memory(nbytes)
+            arr = np.frombuffer(mem, dtype, int(np.prod(shape))).reshape(shape)
+        self._pinned[key] = arr
+        return arr
+
+    # -- timing -------------------------------------------------------------
+    def timer(self) -> "Timer":
+        return CudaTimer(self.xp) if self.is_gpu else HostTimer()
+
+    # -- memory -------------------------------------------------------------
+    def device_pool_bytes(self) -> int:
+        if not self.is_gpu:
+            return 0
+        return int(self.xp.get_default_memory_pool().total_bytes())
+
+    def versions(self) -> dict:
+        v = {"numpy": np.__version__}
+        if self.is_gpu:
+            v["cupy"] = self.xp.__version__
+            try:
+                v["cuda_runtime"] = str(self.xp.cuda.runtime.runtimeGetVersion())
+            except Exception:  # pragma: no cover - depends on the CUDA install
+                pass
+        return v
+
+class HostTimer:
+    """Wall-clock interval on the host."""
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self._t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self._t1 - self._t0
+
+class CudaTimer:
+    """Interval of device work on the current stream, measured with CUDA events."""
+
+    def __init__(self, cp):
+        self._cp = cp
+        self._a = cp.cuda.Event()
+        self._b = cp.cuda.Event()
+
+    def start(self) -> None:
+        self._a.record()
+
+    def stop(self) -> None:
+        self._b.record()
+
+    def seconds(self) -> float:
+        self._b.synchronize()
+        return self._cp.cuda.get_elapsed_time(self._a, self._b) / 1e3
+
+def get_backend(name: str, rank_on_node: int | None = None) -> Backend:
+    """Make the backend ``name``; for cupy, bind this rank to GPU (local rank mod GPU count)."""
+    if name == "numpy":
+        return Backend("numpy", np, device_name=_cpu_name())
+    if name != "cupy":
+        raise BackendError(f"--backend {name!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    try:
+        import cupy as cp
+    except ImportError as exc:
+        raise BackendError(f"--backend cupy needs CuPy: pip install 'ringbench[gpu]' ({exc})") from None
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception:
+        count = 0
+    if count == 0:
+        raise BackendError("--backend cupy needs a CUDA GPU, and this rank sees none; use --backend numpy")
+    dev = (local_rank() if rank_on_node is None else rank_on_node) % count
+    cp.cuda.Device(dev).use()
+    props = cp.cuda.runtime.getDeviceProperties(dev)
+    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    return Backend("cupy", cp, device_name=gpu, device_id=dev)
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+

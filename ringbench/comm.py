@@ -1,0 +1,165 @@
+"""The only module that touches MPI: ring neighbours, the K/V exchange, collectives, abort.
+
+Ring direction: rank r sends to r+1 and receives from r-1 (mod P). Every buffer goes to MPI as raw
+bytes, so any dtype (float16, bfloat16) travels unchanged.
+
+Device buffers (CuPy): the current stream is synchronised before a buffer is handed to MPI. With a
+CUDA-aware MPI the device pointer goes to MPI directly; otherwise the data is staged through pinned
+host buffers (device -> host before the send, host -> device after the receive completes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import sys
+import traceback
+
+from mpi4py import MPI
+
+WORLD = MPI.COMM_WORLD
+
+
+class ProtocolError(RuntimeError):
+    """post/wait called out of order: the overlap loop must alternate post, compute, wait."""
+
+
+def _buf(x):
+    return [x, MPI.BYTE]
+
+
+def detect_cuda_aware() -> bool:
+    """Best-effort query of the MPI library for CUDA support (Open MPI and MPICH extensions, Cray env)."""
+    if os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1":
+        return True
+    try:
+        lib = ctypes.CDLL(None)
+    except OSError:  # pragma: no cover
+        return False
+    fn = getattr(lib, "MPIX_Query_cuda_support", None)
+    if fn is not None:
+        fn.restype = ctypes.c_int
+        return bool(fn())
+    fn = getattr(lib, "MPIX_GPU_query_support", None)  # MPICH >= 4: (MPIX_GPU_SUPPORT_CUDA = 0, int*)
+    if fn is not None:
+        flag = ctypes.c_int(0)
+        try:
+            if fn(ctypes.c_int(0), ctypes.byref(flag)) == 0:
+                return bool(flag.value)
+        except Exception:  # pragma: no cover
+            return False
+    return False
+
+
+class KVExchange:
+    """Double-buffered nonblocking exchange of one K/V block with the ring neighbours.
+
+    ``post(send, recv)`` starts Isend(send -> next) and Irecv(recv <- prev); ``wait()`` completes them.
+    Posting twice, or waiting with nothing posted, raises ProtocolError: the overlap must be
+    post -> compute -> wait, visibly.
+    """
+
+    def __init__(self, comm, backend, cuda_aware: bool):
+        self.comm = comm
+        self.backend = backend
+        self.staged = backend.is_gpu and not cuda_aware
+        self.next = (comm.rank + 1) % comm.size
+        self.prev = (comm.rank - 1) % comm.size
+        self._reqs: list = []
+        self._recv_dev = None
+        self._recv_host = None
+
+    @property
+    def posted(self) -> bool:
+        return bool(self._reqs)
+
+    def post(self, send, recv, tag: int = 0) -> None:
+        if self._reqs:
+            raise ProtocolError("post() called twice without wait()")
+        self.backend.synchronize()  # the device buffer must be complete before MPI reads it
+        if self.staged:
+            send_h = self.backend.pinned_empty("send", send.shape, send.dtype)
+            recv_h = self.backend.pinned_empty("recv", recv.shape, recv.dtype)
+            send.get(out=send_h)
+            self._recv_dev, self._recv_host = recv, recv_h
+            send, recv = send_h, recv_h
+        self._reqs = [self.comm.Irecv(_buf(recv), source=self.prev, tag=tag),
+                      self.comm.Isend(_buf(send), dest=self.next, tag=tag)]
+
+    def test(self) -> bool:
+        """Drive MPI progress (no-op once complete); True when both transfers are done."""
+        return bool(self._reqs) and MPI.Request.Testall(self._reqs)
+
+    def wait(self) -> None:
+        if not self._reqs:
+            raise ProtocolError("wait() called with nothing posted")
+        MPI.Request.Waitall(self._reqs)
+        self._reqs = []
+        if self.staged:
+            self._recv_dev.set(self._recv_host)
+            self._recv_dev = self._recv_host = None
+
+    def sendrecv(self, send, recv, tag: int = 1) -> None:
+        """Blocking exchange (the no-overlap baseline)."""
+        self.post(send, recv, tag)
+        self.wait()
+
+    def allgather(self, local, out) -> None:
+        """Every rank's ``local`` block into ``out`` (P, *local.shape), rank order."""
+        self.backend.synchronize()
+        if self.staged:
+            send_h = self.backend.pinned_empty("ag_send", local.shape, local.dtype)
+            out_h = self.backend.pinned_empty("ag_recv", out.shape, out.dtype)
+            local.get(out=send_h)
+            self.comm.Allgather(_buf(send_h), _buf(out_h))
+            out.set(out_h)
+        else:
+            self.comm.Allgather(_buf(local), _buf(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Small collectives used by the run driver
+# ---------------------------------------------------------------------------------------------
+def barrier(comm=WORLD) -> None:
+    comm.Barrier()
+
+
+def gather(obj, comm=WORLD, root: int = 0):
+    return comm.gather(obj, root=root)
+
+
+def bcast(obj, comm=WORLD, root: int = 0):
+    return comm.bcast(obj, root=root)
+
+
+def first_error(msg: str | None, comm=WORLD) -> str | None:
+    """Collective: the first (lowest rank) non-None error message, on every rank."""
+    for m in comm.allgather(msg):
+        if m is not None:
+            return m
+    return None
+
+
+def abort(code: int = 1, comm=WORLD) -> None:
+    """End the whole job now (every rank), from whichever rank failed."""
+    sys.stderr.flush()
+    sys.stdout.flush()
+    comm.Abort(code)
+
+
+def report_exception_and_abort(exc: BaseException, comm=WORLD) -> None:
+    """Print this rank's traceback with its rank, then abort the job (never hang on a dead peer)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    sys.stderr.write(f"ringbench: rank {comm.rank} of {comm.size} on {socket.gethostname()} failed:\n{tb}")
+    abort(1, comm)
+
+
+def mpi_info() -> dict:
+    return {"mpi_library": " ".join(MPI.Get_library_version().split("\n")[0].split()),
+            "mpi_version": "%d.%d" % MPI.Get_version(),
+            "mpi4py": __import__("mpi4py").__version__}
+
+
+def wtime() -> float:
+    return MPI.Wtime()

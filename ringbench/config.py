@@ -1,0 +1,174 @@
+"""Run configuration: one validated dataclass shared by the CLI and by experiment files.
+
+Validation returns every problem as a (key, message) pair; the caller names the place: the CLI
+prints ``--seq-len: ...``, an experiment file prints ``experiments/x.yaml: matrix.seq_len[2]: ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+
+from ringbench.layout import LAYOUTS, divisor
+
+MODES = ("overlap", "blocking", "allgather")
+BACKENDS = ("numpy", "cupy")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+PROGRESS = ("none", "test")
+CUDA_AWARE = ("auto", "yes", "no")
+
+
+class UserError(Exception):
+    """Bad input found at run time (all ranks agree on it): one line on stderr, exit status 2."""
+
+
+class ConfigError(Exception):
+    """A user error in a configuration value. ``key`` names the option or key path."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one ring-attention run (a sweep point, with the rank count)."""
+
+    batch: int = 1
+    seq_len: int = 4096                 # global N, over all ranks
+    heads: int = 8
+    kv_heads: int | None = None         # None: same as heads (MHA); 1: MQA
+    head_dim: int = 64
+    dtype: str = "float32"
+    causal: bool = False
+    layout: str = "contiguous"
+    mode: str = "overlap"
+    backend: str = "numpy"
+    progress: str = "test"              # 'test': MPI_Testall between compute tiles; 'none': no MPI call while computing
+    cuda_aware: str = "auto"
+    tile_q: int = 0                     # query rows per score tile; 0 = automatic for the backend
+    warmup: int = 1
+    repeat: int = 5
+    seed: int = 0
+    check: bool = False
+    save_tensors: bool = False
+
+    # fields that do not change what is measured: left out of the point id
+    NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat")
+
+    @property
+    def kv_heads_resolved(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["kv_heads"] = self.kv_heads_resolved
+        return d
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "") -> "RunConfig":
+        """Build from a mapping (YAML or HDF5 attrs); unknown keys raise ConfigError with a hint."""
+        names = cls.field_names()
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"{where}{key}", f"unknown key{did_you_mean(key, names)}")
+        cfg = cls()
+        for key, value in data.items():
+            setattr(cfg, key, coerce(key, value, where))
+        return cfg
+
+
+_INT_FIELDS = {"batch": 1, "seq_len": 1, "heads": 1, "head_dim": 1, "warmup": 0, "repeat": 1, "seed": 0,
+               "tile_q": 0}
+_CHOICES = {"dtype": DTYPES, "layout": LAYOUTS, "mode": MODES, "backend": BACKENDS, "progress": PROGRESS,
+            "cuda_aware": CUDA_AWARE}
+_BOOL_FIELDS = ("causal", "check", "save_tensors")
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def coerce(key: str, value, where: str = ""):
+    """Check the type and range of one field's value; return it normalised."""
+    path = f"{where}{key}"
+    if key in _INT_FIELDS or key == "kv_heads":
+        if key == "kv_heads" and value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        lo = _INT_FIELDS.get(key, 1)
+        if value < lo:
+            raise ConfigError(path, f"expected an integer >= {lo}, got {value}")
+        return value
+    if key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise ConfigError(path, f"expected one of {', '.join(_CHOICES[key])}; got {value!r}"
+                              f"{did_you_mean(value, _CHOICES[key])}")
+        return value
+    if key in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    raise ConfigError(path, f"unknown key{did_you_mean(key, RunConfig.field_names())}")
+
+
+def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
+    """Cross-field problems of ``cfg`` at ``nranks`` ranks, as (key, message) pairs."""
+    errors = []
+    for f in fields(cfg):
+        try:
+            coerce(f.name, getattr(cfg, f.name))
+        except ConfigError as e:
+            errors.append((f.name, e.message))
+    if errors:
+        return errors
+    hk = cfg.kv_heads_resolved
+    if cfg.heads % hk:
+        errors.append(("kv_heads", f"must divide heads={cfg.heads}; got {hk}"))
+    div = divisor(cfg.layout, nranks)
+    if cfg.seq_len % div:
+        need = "2 x ranks" if cfg.layout == "zigzag" else "the rank count"
+        errors.append(("seq_len", f"{cfg.seq_len} is not divisible by {div} ({need}, layout {cfg.layout} "
+                                  f"at {nranks} ranks)"))
+    if cfg.save_tensors:
+        nbytes = 8 * cfg.batch * cfg.seq_len * (2 * cfg.heads + 2 * hk) * cfg.head_dim
+        if nbytes > SAVE_TENSORS_LIMIT:
+            errors.append(("save_tensors", f"q, k, v and output would take {nbytes / 2**20:.0f} MiB; "
+                                           f"allowed up to {SAVE_TENSORS_LIMIT // 2**20} MiB"))
+    return errors
+
+
+SAVE_TENSORS_LIMIT = 256 * 2**20
+
+
+def point_id(cfg: RunConfig, nranks: int) -> str:
+    """Stable id of a sweep point: readable prefix + hash of every parameter that affects the measurement."""
+    ident = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY}
+    ident["nranks"] = nranks
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+    causal = "-causal" if cfg.causal else ""
+    return f"{cfg.mode}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
+
+
+def option_name(key: str) -> str:
+    """CLI spelling of a config key."""
+    return "--" + key.replace("_", "-")
+
+
+@dataclass
+class RunOptions:
+    """Per-invocation settings of ``ringbench run`` that are not part of the measured configuration."""
+
+    out: str | None = None
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,108 @@
+"""How the global sequence is split over the ranks, and which part of each ring step is needed.
+
+Pure functions of (layout, rank, P, N): no arrays of the attention itself, no MPI.
+
+Layouts (P ranks, global length N, n = N / P tokens per rank):
+
+* ``contiguous``: rank r holds tokens [r*n, (r+1)*n).
+* ``zigzag``: the sequence is cut into 2P chunks of c = N / (2P); rank r holds chunks r and 2P-1-r,
+  which balances causal work.
+* ``striped``: token t lives on rank t mod P (rank r holds r, r+P, r+2P, ...).
+
+At ring step s rank r holds the K/V block that started on rank ``src = (r - s) mod P``. A step plan is the
+list of :class:`Piece` (a query row range, a key row range, and a mask kind) that rank r must compute for
+that block; an empty plan means the block is fully masked and only forwarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+FULL = "full"        # every key visible to every query
+CAUSAL = "causal"    # key j visible to query i iff j <= i (local indices within the piece)
+STRICT = "strict"    # key j visible to query i iff j < i
+MASKS = (FULL, CAUSAL, STRICT)
+
+
+@dataclass(frozen=True)
+class Piece:
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    mask: str = FULL
+
+    def pairs(self) -> int:
+        """Number of unmasked (query, key) pairs in this piece."""
+        nq, nk = self.q1 - self.q0, self.k1 - self.k0
+        if self.mask == FULL:
+            return nq * nk
+        assert nq == nk, "causal pieces are square"
+        return nq * (nq + 1) // 2 if self.mask == CAUSAL else nq * (nq - 1) // 2
+
+
+def divisor(layout: str, nranks: int) -> int:
+    """The global sequence length must be a multiple of this for the layout at P ranks."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
+    return 2 * nranks if layout == "zigzag" else nranks
+
+
+def positions(layout: str, rank: int, nranks: int, seq_len: int) -> np.ndarray:
+    """Global token indices held by ``rank``, ascending."""
+    n = seq_len // nranks
+    if layout == "contiguous":
+        return np.arange(rank * n, (rank + 1) * n)
+    if layout == "zigzag":
+        c = n // 2
+        lo = rank * c
+        hi = (2 * nranks - 1 - rank) * c
+        return np.concatenate([np.arange(lo, lo + c), np.arange(hi, hi + c)])
+    if layout == "striped":
+        return np.arange(rank, seq_len, nranks)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def step_plan(layout: str, rank: int, src: int, nranks: int, n_local: int, causal: bool) -> list[Piece]:
+    """Pieces of (local queries of ``rank``) x (local keys of ``src``) that need computing."""
+    n = n_local
+    if not causal:
+        return [Piece(0, n, 0, n, FULL)]
+    if layout == "contiguous":
+        if src == rank:
+            return [Piece(0, n, 0, n, CAUSAL)]
+        return [Piece(0, n, 0, n, FULL)] if src < rank else []
+    if layout == "zigzag":
+        c = n // 2
+        if src == rank:
+            # q chunk r vs k chunk r: causal; q chunk 2P-1-r vs k chunk r: full;
+            # q chunk 2P-1-r vs k chunk 2P-1-r: causal; q chunk r vs k chunk 2P-1-r: masked.
+            return [Piece(0, c, 0, c, CAUSAL), Piece(c, n, 0, c, FULL), Piece(c, n, c, n, CAUSAL)]
+        if src < rank:
+            return [Piece(0, n, 0, c, FULL)]      # all queries, first half of the keys
+        return [Piece(c, n, 0, n, FULL)]          # second half of the queries, all keys
+    if layout == "striped":
+        # query i is token i*P + rank, key j is token j*P + src: visible iff j < i, or j == i and src <= rank.
+        return [Piece(0, n, 0, n, CAUSAL if src <= rank else STRICT)]
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def unmasked_pairs(layout: str, nranks: int, seq_len: int, causal: bool) -> int:
+    """Unmasked (query, key) pairs summed over all ranks and steps (N^2, or N(N+1)/2 when causal)."""
+    n = seq_len // nranks
+    return sum(p.pairs()
+               for r in range(nranks) for s in range(nranks)
+               for p in step_plan(layout, r, (r - s) % nranks, nranks, n, causal))
+
+
+def mask_for(piece: Piece, i0: int, i1: int, j0: int, j1: int) -> np.ndarray | None:
+    """Boolean 'masked out' array for rows [i0, i1) and columns [j0, j1) of ``piece`` (piece-local), or None."""
+    if piece.mask == FULL:
+        return None
+    rows = np.arange(i0, i1)[:, None]
+    cols = np.arange(j0, j1)[None, :]
+    return cols > rows if piece.mask == CAUSAL else cols >= rows

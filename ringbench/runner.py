@@ -1,0 +1,240 @@
+"""One ring-attention run across the MPI ranks: set up, warm up, repeat, check, gather, store.
+
+Called by ``ringbench run`` on every rank. User errors are agreed on collectively (every rank exits
+with status 2 and rank 0 prints one line); any other exception aborts the whole job.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import ringbench
+from ringbench import comm as mpi
+from ringbench import inputs, kernel, measure, store
+from ringbench.backend import BackendError, get_backend, peak_rss_bytes
+from ringbench.config import RunConfig, UserError, check, option_name, point_id
+from ringbench.layout import positions, unmasked_pairs
+from ringbench.ring import Ring
+
+# Largest max|out - ref| / max|ref| accepted by --check, per storage dtype. Half precision is
+# dominated by rounding the output to the storage dtype (2^-11 for float16, 2^-8 for bfloat16).
+TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
+    world = mpi.WORLD
+    rank, nranks = world.rank, world.size
+    err = _validate(cfg, out, nranks)
+    err = mpi.first_error(err)
+    if err:
+        raise UserError(err)
+    try:
+        backend = get_backend(cfg.backend)
+        dtype = backend.dtype(cfg.dtype)
+        err = None
+    except BackendError as exc:
+        err = str(exc)
+    err = mpi.first_error(err)
+    if err:
+        raise UserError(err)
+    cuda_aware = _cuda_aware(cfg, backend)
+
+    # inputs: this rank's tokens of the global q, k, v
+    hk = cfg.kv_heads_resolved
+    pos = positions(cfg.layout, rank, nranks, cfg.seq_len)
+    dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
+    host = {name: inputs.tokens(name, cfg.seed, pos, heads=cfg.heads if name == "q" else hk, **dims).astype(dtype)
+            for name in ("q", "k", "v")}
+    dev = {k: backend.asarray(v) for k, v in host.items()}
+    if not (cfg.check or cfg.save_tensors):
+        host = None
+
+    ex = mpi.KVExchange(world, backend, cuda_aware)
+    ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"])
+    del dev
+
+    warm = [ring.forward() for _ in range(cfg.warmup)]
+    reps = []
+    for _ in range(cfg.repeat):
+        mpi.barrier()
+        reps.append(ring.forward())
+    alone = []
+    if nranks > 1:
+        for _ in range(cfg.repeat):
+            mpi.barrier()
+            alone.append(ring.comm_only())
+    output = backend.asnumpy(ring.output())
+
+    local = {
+        "samples": _stack(reps, ""), "warmup": _stack(warm, "warmup_"),
+        "comm_only": np.array(alone).reshape(len(alone), max(nranks - 1, 0)),
+        "host": socket.gethostname(), "device": backend.device_name,
+        "peak_rss": peak_rss_bytes(), "pool": backend.device_pool_bytes(),
+        "check": _check_local(cfg, host, output, pos) if cfg.check else None,
+        "tensors": (pos, host, output) if cfg.save_tensors else None,
+        "score_tile": ring.score_tile_elems,
+    }
+    parts = mpi.gather(local)
+    if rank != 0:
+        return 0
+    return _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet)
+
+
+def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
+    problems = check(cfg, nranks)
+    if problems:
+        key, msg = problems[0]
+        return f"{option_name(key)}: {msg}"
+    if out is not None and mpi.WORLD.rank == 0:
+        why = store.check_writable(out)
+        if why:
+            return f"--out: cannot write {out}: {why}"
+    return None
+
+
+def _cuda_aware(cfg: RunConfig, backend) -> bool:
+    if not backend.is_gpu:
+        return False
+    if cfg.cuda_aware == "auto":
+        return mpi.detect_cuda_aware()
+    return cfg.cuda_aware == "yes"
+
+
+def _stack(passes, prefix: str) -> dict:
+    names = ("compute_s", "comm_s", "step_s")
+    out = {prefix + n: np.array([p[i] for p in passes]) for i, n in enumerate(names)}
+    out[prefix + "total_s"] = np.array([p[3] for p in passes])
+    return out
+
+
+def _check_local(cfg: RunConfig, host: dict, output: np.ndarray, pos) -> dict:
+    """Compare this rank's output with a float64 reference over the global K/V (same rounded inputs)."""
+    hk = cfg.kv_heads_resolved
+    allpos = np.arange(cfg.seq_len)
+    dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
+    dtype = host["q"].dtype
+    k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
+    v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
+    ref = kernel.reference_attention(host["q"], k, v, causal=cfg.causal, q_pos=pos, k_pos=allpos)
+    diff = np.abs(output.astype(np.float64) - ref)
+    return {"max_abs_err": float(diff.max()), "max_abs_ref": float(np.abs(ref).max()),
+            "finite": bool(np.isfinite(output.astype(np.float64)).all())}
+
+
+def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
+    samples = {}
+    for key in parts[0]["samples"]:
+        samples[key] = np.stack([p["samples"][key] for p in parts], axis=1)     # (R, P, ...)
+    for key in parts[0]["warmup"]:
+        samples[key] = np.stack([p["warmup"][key] for p in parts], axis=1)
+    samples["comm_only_s"] = np.stack([p["comm_only"] for p in parts], axis=1)  # (C, P, P-1)
+    pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
+    flops = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
+    bytes_per_rank = ring.block_bytes() * (nranks - 1)
+    summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank)
+    summary["unmasked_pairs"] = pairs
+    itemsize = np.dtype(ring.storage).itemsize
+    theo = measure.theoretical_bytes(batch=cfg.batch, local_q=cfg.seq_len // nranks, heads=cfg.heads,
+                                     kv_heads=cfg.kv_heads_resolved, head_dim=cfg.head_dim, itemsize=itemsize,
+                                     compute_itemsize=ring.compute.itemsize, score_tile_elems=parts[0]["score_tile"])
+    memory = {"peak_rss_bytes": np.array([p["peak_rss"] for p in parts]),
+              "device_pool_bytes": np.array([p["pool"] for p in parts]),
+              "theoretical_bytes": theo}
+    check_res = {}
+    if cfg.check:
+        max_abs = max(p["check"]["max_abs_err"] for p in parts)
+        max_ref = max(p["check"]["max_abs_ref"] for p in parts)
+        rel = max_abs / max_ref if max_ref > 0 else max_abs
+        finite = all(p["check"]["finite"] for p in parts)
+        tol = TOLERANCE[cfg.dtype]
+        check_res = {"max_abs_err": max_abs, "rel_err": rel, "tol": tol, "passed": bool(finite and rel <= tol),
+                     "reference": "float64 full attention on the same rounded inputs"}
+    tensors = _global_tensors(cfg, parts) if cfg.save_tensors else {}
+    prov = provenance(parts, backend, cuda_aware)
+    run_rec = store.Run(point_id=point_id(cfg, nranks), nranks=nranks, config=cfg.to_dict(), provenance=prov,
+                        samples=samples, summary=summary, memory=memory, check=check_res, tensors=tensors,
+                        created_utc=prov["utc"])
+    where = None
+    if out is not None:
+        where = f"{out}:/runs/{store.append(out, run_rec)}"
+    if not quiet:
+        print(format_summary(cfg, nranks, summary, memory, check_res, prov, where))
+    return 0 if not check_res or check_res["passed"] else 1
+
+
+def _global_tensors(cfg, parts) -> dict:
+    hk = cfg.kv_heads_resolved
+    shapes = {"q": cfg.heads, "k": hk, "v": hk, "out": cfg.heads}
+    first = parts[0]["tensors"][1]["q"]
+    out = {k: np.empty((cfg.batch, cfg.seq_len, h, cfg.head_dim), first.dtype) for k, h in shapes.items()}
+    for p in parts:
+        pos, host, o = p["tensors"]
+        for k in ("q", "k", "v"):
+            out[k][:, pos] = host[k]
+        out["out"][:, pos] = o
+    if first.dtype.kind == "V" or str(first.dtype) == "bfloat16":   # h5py cannot store bfloat16: widen
+        out = {k: v.astype(np.float32) for k, v in out.items()}
+    return out
+
+
+def provenance(parts, backend, cuda_aware: bool) -> dict:
+    info = {"ringbench": ringbench.__version__, "schema_version": ringbench.SCHEMA_VERSION,
+            "git_commit": git_commit(), "hosts": sorted({p["host"] for p in parts}),
+            "rank_hosts": [p["host"] for p in parts], "devices": [p["device"] for p in parts],
+            "backend": backend.name, "cuda_aware": bool(cuda_aware),
+            "python": sys.version.split()[0], "h5py": store.h5py.__version__,
+            "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "argv": " ".join(sys.argv)}
+    info.update(mpi.mpi_info())
+    info.update(backend.versions())
+    return info
+
+
+def git_commit() -> str:
+    """The commit of the ringbench source tree, if it is a git checkout ('' otherwise)."""
+    src = Path(__file__).resolve().parent.parent
+    try:
+        res = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if res.returncode != 0:
+        return ""
+    return res.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms"
+
+
+def format_summary(cfg, nranks, s, memory, chk, prov, where) -> str:
+    hk = cfg.kv_heads_resolved
+    lines = [
+        f"ringbench run: {cfg.mode} {cfg.layout}{' causal' if cfg.causal else ''} {cfg.dtype} "
+        f"N={cfg.seq_len} P={nranks} B={cfg.batch} H={cfg.heads}/{hk} D={cfg.head_dim} "
+        f"[{cfg.backend}, {prov['mpi_library']}]",
+        f"  time {_ms(s['time_s'])} (median of {cfg.repeat}; min {_ms(s['time_min_s'])}, max {_ms(s['time_max_s'])})"
+        f"   {s['tflops']:.3f} TFLOP/s",
+        f"  compute {_ms(s['compute_s'])}   exposed comm {_ms(s['exposed_comm_s'])}   comm alone "
+        f"{_ms(s['comm_alone_s'])}   overlap {_pct(s['overlap_eff'])}   link {s['bandwidth_gbps']:.2f} GB/s   "
+        f"imbalance {_pct(s['imbalance'])}",
+        f"  peak RSS {max(memory['peak_rss_bytes']) / 2**20:.0f} MiB/rank   "
+        f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank",
+    ]
+    if chk:
+        lines.append(f"  check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
+                     f"(tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}")
+    if where:
+        lines.append(f"  saved {where}")
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.0f}%"
