@@ -1,0 +1,47 @@
+"""Shared test helpers: run the CLI as a subprocess, with or without mpiexec."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def ringbench(*args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m ringbench ARGS`` in a subprocess (no MPI launcher)."""
+    return subprocess.run([sys.executable, "-m", "ringbench", *map(str, args)], capture_output=True, text=True,
+                          env=_env(env), timeout=timeout, cwd=cwd or ROOT)
+
+
+def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
+    """``mpiexec -n P python -m ringbench ARGS`` with this interpreter."""
+    if not MPIEXEC.exists():
+        pytest.fail(f"{MPIEXEC} not found: install the test extra (pip install -e '.[mpich,test]')")
+    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, "-m", "ringbench", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=timeout, cwd=cwd or ROOT)
+
+
+@pytest.fixture(scope="session")
+def small_results(tmp_path_factory) -> Path:
+    """A real result file: a few small runs over modes, layouts and rank counts (shared by read-only tests)."""
+    path = tmp_path_factory.mktemp("results") / "small.h5"
+    for p, extra in [(1, []), (2, []), (2, ["--mode", "blocking"]), (2, ["--mode", "allgather"]),
+                     (4, ["--causal", "--layout", "zigzag"]), (4, ["--causal", "--layout", "striped"])]:
+        res = mpiexec(p, "run", "--seq-len", 256, "--heads", 2, "--head-dim", 16, "--repeat", 3, "--warmup", 1,
+                      "--check", "--quiet", "--out", path, *extra)
+        assert res.returncode == 0, res.stderr
+    return path
