@@ -13,7 +13,7 @@ Query head h reads kv head h // G (PyTorch SDPA's ``enable_gqa`` convention).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -47,44 +47,75 @@ def heads_to_out(o, batch: int):
 # ---------------------------------------------------------------------------------------------
 # The online-softmax accumulator
 # ---------------------------------------------------------------------------------------------
-class OnlineSoftmax:
-    """Running (max, sum, weighted V) for one rank's queries, updated block by block.
+LOG2E = 1.4426950408889634   # scores are kept in base 2: exp2 is about twice as fast as exp in NumPy
+LN2 = 0.6931471805599453
+# A row's reference m (log2 units) is moved only when a tile's scores exceed it by more than REBASE, or,
+# for a row that has seen nothing yet, fall below it by more than REBASE: every other tile skips the
+# subtract pass and the rescale of the accumulators (FlashAttention-4's lazy rescaling).
+REBASE = 8.0
+# The fast path skips even the row-max pass: it takes p = 2^(s - m) straight away and accepts the tile when
+# every row sum is at most SUM_HI (so no term overflowed or can overflow the accumulators) and, for a row
+# that had nothing yet, at least SUM_LO (so its largest term did not underflow). Otherwise the tile is
+# recomputed on the exact path (row max first). Both bounds are far inside float32's range.
+SUM_HI = 2.0 ** 24
+SUM_LO = 2.0 ** -24
 
-    ``q`` must already be scaled by 1/sqrt(D) and be in the compute dtype. Tiles: ``head_chunk``
-    batch-heads and ``tile_q`` query rows at a time, against at most ``tile_k`` keys; the score tile
-    buffer is allocated once and reused, so memory stays O(n) beyond one tile.
-    ``on_tile`` (if given) is called after every tile: the ring uses it to drive MPI progress.
+
+class OnlineSoftmax:
+    """Running (reference, sum, weighted V) for one rank's queries, updated block by block.
+
+    ``q`` (Z, G, n, D) must already be scaled by 1/sqrt(D) and be in the compute dtype. The state keeps
+    its own query-major copy of it, (Z, n, G, D+1): scaled by log2(e) and widened by one column holding
+    -m, the row's current reference, so that a single matrix product gives the shifted scores s - m, and
+    the G query heads that share a kv head stack into one matrix of tile_q * G rows. The keys are widened
+    by a row of ones to match (one transposed copy per head chunk and piece, not per tile).
+
+    Tiles: ``head_chunk`` batch-heads and ``tile_q`` query positions (times G heads) at a time, against
+    at most ``tile_k`` keys; the score tile buffer is allocated once and reused, so memory stays O(n)
+    beyond one tile. ``on_tile`` (if given) is called after every tile: the ring uses it to drive MPI
+    progress. The arithmetic depends only on the data and the tiling, so equal inputs give bitwise
+    equal outputs.
     """
 
     def __init__(self, xp, q, *, head_chunk: int | None = None, tile_q: int | None = None,
                  tile_k: int | None = None, on_tile: Callable[[], None] | None = None):
         self.xp = xp
-        self.q = q                                     # (Z, G, n, D)
         z, g, n, d = q.shape
+        self.shape = (z, g, n, d)
+        self.dtype = q.dtype
         self.head_chunk = min(head_chunk or z, z)
-        self.tile_q = min(tile_q or n, n)
-        self.tile_k = tile_k                           # None: whole key block
+        self.tile_q = max(1, min(tile_q or n, n))
+        self.tile_k = tile_k                                # None: whole key block
         self.on_tile = on_tile
-        self.acc = xp.zeros((z, g, n, d), q.dtype)    # sum_j p_ij v_j, rescaled to the running max
-        self.m = xp.full((z, g, n), -np.inf, q.dtype)  # running row max of the scores
-        self.l = xp.zeros((z, g, n), q.dtype)          # running row sum of exp(score - m)
-        self._s = None                                 # flat score-tile buffer
-        self._pv = None                                # flat (p @ v) tile buffer
+        self.qa = xp.empty((z, n, g, d + 1), q.dtype)      # [q * log2(e), -m], query-major
+        xp.multiply(q.transpose(0, 2, 1, 3), q.dtype.type(LOG2E), out=self.qa[..., :d])
+        self.qa[..., d] = 0
+        self.acc = xp.zeros((z, n, g, d), q.dtype)         # sum_j 2^(s_ij - m_i) v_j
+        self.m = xp.zeros((z, n, g), q.dtype)              # reference of each row (log2 units, finite)
+        self.l = xp.zeros((z, n, g), q.dtype)              # sum_j 2^(s_ij - m_i)
+        self._s = None                                      # flat score-tile buffer
+        self._pv = None                                     # flat (p @ v) tile buffer
+        self._r = None                                      # flat row-sum tile buffer
+        self._kt = None                                     # flat [k^T; 1] buffer of one head chunk
+        self._ones = None
+
+    @property
+    def q(self):
+        """The queries as kept here, scaled by log2(e): (Z, G, n, D), a view."""
+        return self.qa[..., :self.shape[3]].transpose(0, 2, 1, 3)
 
     def reset(self) -> None:
         self.acc.fill(0)
-        self.m.fill(-np.inf)
+        self.m.fill(0)
         self.l.fill(0)
+        self.qa[..., self.shape[3]] = 0
 
-    def _buffers(self, tq: int, tk: int):
-        z, g, _, d = self.q.shape
-        zc = self.head_chunk
-        need = zc * g * self.tile_q * max(tk, 1)
-        if self._s is None or self._s.size < need:
-            self._s = self.xp.empty(need, self.q.dtype)
-        if self._pv is None:
-            self._pv = self.xp.empty(zc * g * self.tile_q * d, self.q.dtype)
-        return self._s, self._pv
+    def _buffer(self, name: str, size: int):
+        buf = getattr(self, name)
+        if buf is None or buf.size < size:
+            buf = self.xp.empty(size, self.dtype)
+            setattr(self, name, buf)
+        return buf[:size]
 
     def update(self, k, v, pieces: Sequence[Piece]) -> None:
         """Fold the key/value block ``k, v`` (Z, m, D) into the state, for the given pieces."""
@@ -92,64 +123,110 @@ class OnlineSoftmax:
             self._update_piece(k, v, piece)
 
     def _update_piece(self, k, v, p: Piece) -> None:
-        xp = self.xp
-        z, g, _, d = self.q.shape
+        z, _, _, d = self.shape
         nk = p.k1 - p.k0
-        tk_max = self.tile_k or nk
-        for z0 in range(0, z, self.head_chunk):
-            z1 = min(z0 + self.head_chunk, z)
+        if nk <= 0 or p.q1 <= p.q0:
+            return
+        tk_max = min(self.tile_k or nk, nk)
+        hc = self.head_chunk
+        kt = self._buffer("_kt", hc * (d + 1) * nk)
+        ones = self._buffer("_ones", tk_max)
+        ones.fill(1)
+        for z0 in range(0, z, hc):
+            z1 = min(z0 + hc, z)
+            kta = kt[: (z1 - z0) * (d + 1) * nk].reshape(z1 - z0, d + 1, nk)   # (Zc, D+1, nk): [k^T; 1]
+            _transpose_into(kta[:, :d], k[z0:z1, p.k0:p.k1])
+            kta[:, d] = 1
             for i0 in range(0, p.q1 - p.q0, self.tile_q):
                 i1 = min(i0 + self.tile_q, p.q1 - p.q0)
                 # keys past the diagonal are masked for every row of this tile: never touch them
                 kend = nk if p.mask == FULL else min(nk, i1 if p.mask == "causal" else i1 - 1)
                 for j0 in range(0, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
-                    self._tile(k, v, p, z0, z1, i0, i1, j0, j1)
+                    self._tile(kta, v, ones, p, z0, z1, i0, i1, j0, j1)
                     if self.on_tile is not None:
                         self.on_tile()
 
-    def _tile(self, k, v, p: Piece, z0, z1, i0, i1, j0, j1) -> None:
+    def _tile(self, kta, v, ones, p: Piece, z0, z1, i0, i1, j0, j1) -> None:
         xp = self.xp
-        g = self.q.shape[1]
-        zc, tq, tk = z1 - z0, i1 - i0, j1 - j0
-        sbuf, pvbuf = self._buffers(tq, tk)
-        s = sbuf[: zc * g * tq * tk].reshape(zc, g, tq, tk)            # (Zc, G, tq, tk)
-        qt = self.q[z0:z1, :, p.q0 + i0:p.q0 + i1]                       # (Zc, G, tq, D)
-        kt = k[z0:z1, None, p.k0 + j0:p.k0 + j1].swapaxes(-1, -2)        # (Zc, 1, D, tk)
-        xp.matmul(qt, kt, out=s)
-        if p.mask != FULL and j1 > i0 - (p.mask != "causal"):
-            # only tiles that cross the diagonal need a mask
-            rows = xp.arange(i0, i1)[:, None]
+        _, g, _, d = self.shape
+        zc, rq, tk = z1 - z0, (i1 - i0) * g, j1 - j0
+        rows = (slice(z0, z1), slice(p.q0 + i0, p.q0 + i1))
+        qt = self.qa[rows].reshape(zc, rq, d + 1)                         # (Zc, tq*G, D+1)
+        kt = kta[..., j0:j1]                                              # (Zc, D+1, tk)
+        s = self._buffer("_s", zc * rq * tk).reshape(zc, rq, tk)         # (Zc, tq*G, tk)
+        r = self._buffer("_r", zc * rq).reshape(zc, rq)
+        l = self.l[rows].reshape(zc, rq)                                  # views
+        xp.matmul(qt, kt, out=s)                                          # s - m, log2 units
+        if p.mask != FULL and j1 > i0 - (p.mask != "causal"):            # only diagonal tiles are masked
             cols = xp.arange(j0, j1)[None, :]
-            masked = cols > rows if p.mask == "causal" else cols >= rows
-            xp.copyto(s, -np.inf, where=masked)
-        rows_sl = (slice(z0, z1), slice(None), slice(p.q0 + i0, p.q0 + i1))
-        m_old = self.m[rows_sl]                                          # (Zc, G, tq)
-        m_new = xp.maximum(m_old, s.max(axis=-1))
-        # a row with every key masked so far keeps m = -inf: shift by 0 so exp gives 0, never NaN
-        m_use = xp.where(m_new == -np.inf, 0, m_new)
-        s -= m_use[..., None]
-        xp.exp(s, out=s)                                                 # p = exp(s - m)
-        alpha = xp.exp(m_old - m_use)                                    # rescale of the old state
-        l = self.l[rows_sl]
-        l *= alpha
-        l += s.sum(axis=-1)
-        pv = pvbuf[: zc * g * tq * self.q.shape[3]].reshape(zc, g, tq, self.q.shape[3])
-        vt = v[z0:z1, None, p.k0 + j0:p.k0 + j1]                         # (Zc, 1, tk, D)
-        xp.matmul(s, vt, out=pv)
-        acc = self.acc[rows_sl]
-        acc *= alpha[..., None]
+            ri = xp.arange(i0, i1)[:, None]
+            masked = (cols > ri) if p.mask == "causal" else (cols >= ri)  # (tq, tk)
+            xp.copyto(s.reshape(zc, i1 - i0, g, tk), -np.inf, where=masked[:, None, :])
+            self._rebase(s, l, rows)
+            xp.exp2(s, out=s)
+            xp.matmul(s, ones[:tk], out=r)
+        else:
+            with np.errstate(over="ignore"):
+                xp.exp2(s, out=s)                                         # p = 2^(s - m), unchecked
+            xp.matmul(s, ones[:tk], out=r)
+            if not self._sums_ok(r, l):
+                xp.matmul(qt, kt, out=s)                                  # rare: redo on the exact path
+                self._rebase(s, l, rows)
+                xp.exp2(s, out=s)
+                xp.matmul(s, ones[:tk], out=r)
+        l += r
+        pv = self._buffer("_pv", zc * rq * d).reshape(zc, rq, d)
+        xp.matmul(s, v[z0:z1, p.k0 + j0:p.k0 + j1], out=pv)              # (Zc, tq*G, D)
+        acc = self.acc[rows].reshape(zc, rq, d)
         acc += pv
-        self.m[rows_sl] = m_new
+
+    @staticmethod
+    def _sums_ok(r, l) -> bool:
+        """No term overflowed (every row sum finite and <= SUM_HI), and rows new to the state got mass."""
+        if not bool(r.max() <= SUM_HI):                                   # NaN and inf fail too
+            return False
+        return bool(r.min() >= SUM_LO) or not bool(((l == 0) & (r < SUM_LO)).any())
+
+    def _rebase(self, s, l, rows) -> None:
+        """Exact path: move the reference of rows whose tile max left the safe band, and shift their scores."""
+        xp = self.xp
+        zc, rq, _ = s.shape
+        d = self.shape[3]
+        top = s.max(axis=-1)                                              # (Zc, rq), -inf if all masked
+        fresh = l == 0
+        move = (top > REBASE) | (fresh & (top < -REBASE) & (top > -np.inf))
+        if not bool(move.any()):
+            return
+        shift = xp.where(move, top, 0)
+        s -= shift[..., None]
+        m = self.m[rows].reshape(zc, rq)
+        m += shift
+        self.qa[rows + (slice(None), d)] = -m.reshape(self.qa[rows + (slice(None), d)].shape)
+        # old mass is scaled down by 2^-shift; a fresh row moved down has no mass, so leave its factor at 1
+        alpha = xp.exp2(-xp.maximum(shift, 0))
+        l *= alpha
+        acc = self.acc[rows].reshape(zc, rq, d)
+        acc *= alpha[..., None]
 
     def finalize(self, out_dtype=None):
         """Normalised output (Z, G, n, D) and log-sum-exp (Z, G, n); rows that saw no key give 0 and -inf."""
         xp = self.xp
+        z, g, n, d = self.shape
         l_safe = xp.where(self.l == 0, 1, self.l)
-        out = self.acc / l_safe[..., None]
+        out = xp.empty((z, g, n, d), self.dtype)
+        xp.divide(self.acc, l_safe[..., None], out=out.transpose(0, 2, 1, 3))
         with np.errstate(divide="ignore"):
-            lse = self.m + xp.log(self.l)
-        return (out if out_dtype is None else out.astype(out_dtype)), lse
+            lse = ((self.m + xp.log2(self.l)) * self.dtype.type(LN2)).transpose(0, 2, 1)
+        return (out if out_dtype is None else out.astype(out_dtype)), xp.ascontiguousarray(lse)
+
+
+def _transpose_into(dst, src, block: int = 64) -> None:
+    """dst (Zc, D, m) = src (Zc, m, D) transposed, copied in column blocks (a whole-array strided copy
+    thrashes the cache when m is a power of two)."""
+    m = src.shape[1]
+    for j0 in range(0, m, block):
+        dst[..., j0:j0 + block] = src[:, j0:j0 + block].swapaxes(-1, -2)
 
 
 def merge(xp, out_a, lse_a, out_b, lse_b):

@@ -23,18 +23,29 @@ import numpy as np
 from ringbench import kernel
 from ringbench.layout import step_plan
 
-# Rows x keys of one score tile on the host: ~1 MiB of float32, so a tile's elementwise passes stay in L2.
-HOST_TILE_ELEMS = 1 << 18
+# One score tile on the host: 256 query rows x 512 keys of float32 (512 KiB). Measured on a 2 MiB-L2 core
+# (benchmarks/README.md): the two GEMMs of a tile run near OpenBLAS's peak at this shape, and the tile, its
+# K/V slices and the elementwise passes over it stay in L2. Taller tiles of fewer keys lose GEMM speed; a
+# whole key block per tile (the old 64 x 4096 at n = 4096) lost ~10%.
+HOST_TILE_ELEMS = 1 << 17
+HOST_TILE_K = 512
 
 
 class InjectedFault(RuntimeError):
     """Raised on purpose (RINGBENCH_FAULT=rank:step) to test that one failing rank ends the job."""
 
 
+def auto_tile_k(backend, n_keys: int) -> int:
+    """Keys per score tile: the whole block on a GPU, HOST_TILE_K on the host."""
+    return n_keys if backend.is_gpu else max(1, min(n_keys, HOST_TILE_K))
+
+
 def auto_tile_q(backend, n_local: int, group: int, n_keys: int) -> int:
+    """Query positions per score tile (each carries ``group`` query heads): HOST_TILE_ELEMS per tile on the host."""
     if backend.is_gpu:
         return n_local
-    return int(max(16, min(n_local, HOST_TILE_ELEMS // max(1, group * n_keys))))
+    tk = auto_tile_k(backend, n_keys)
+    return int(max(16, min(n_local, HOST_TILE_ELEMS // max(1, group * tk))))
 
 
 class Ring:
@@ -58,13 +69,16 @@ class Ring:
                          if cfg.mode == "allgather" else None)
         group = h // hk
         self.tile_q = cfg.tile_q or auto_tile_q(backend, n, group, n)
+        self.tile_k = auto_tile_k(backend, n)
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
         self.state = kernel.OnlineSoftmax(xp, qh, head_chunk=None if backend.is_gpu else 1,
-                                          tile_q=self.tile_q, on_tile=on_tile)
+                                          tile_q=self.tile_q, tile_k=self.tile_k, on_tile=on_tile)
+        heads_per_tile = qh.shape[0] if backend.is_gpu else 1
+        del qh                                                           # the state keeps its own copy
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal)
                       for s in range(nranks)]
         self.fault = _fault_step(rank)
-        self.score_tile_elems = (h // hk) * self.tile_q * n * (self.state.q.shape[0] if backend.is_gpu else 1)
+        self.score_tile_elems = group * self.tile_q * self.tile_k * heads_per_tile
 
     def _progress(self) -> None:
         if self.ex.posted:
