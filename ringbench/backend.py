@@ -102,7 +102,7 @@ class Backend:
         return arr
 
     # -- timing -------------------------------------------------------------
-    def timer(self) -> "Timer":
+    def timer(self) -> HostTimer | CudaTimer:
         return CudaTimer(self.xp) if self.is_gpu else HostTimer()
 
     # -- memory -------------------------------------------------------------

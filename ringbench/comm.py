@@ -14,11 +14,13 @@ import ctypes
 import os
 import socket
 import sys
+import time
 import traceback
 
 from mpi4py import MPI
 
 WORLD = MPI.COMM_WORLD
+ABORT_GRACE_S = 0.5
 
 
 class ProtocolError(RuntimeError):
@@ -145,6 +147,8 @@ def abort(code: int = 1, comm=WORLD) -> None:
     """End the whole job now (every rank), from whichever rank failed."""
     sys.stderr.flush()
     sys.stdout.flush()
+    # give the launcher's I/O forwarding a moment: MPI_Abort kills the job, and output still in a pipe is lost
+    time.sleep(ABORT_GRACE_S)
     comm.Abort(code)
 
 

@@ -13,7 +13,8 @@ Query head h reads kv head h // G (PyTorch SDPA's ``enable_gqa`` convention).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -92,8 +93,7 @@ class OnlineSoftmax:
             self._update_piece(k, v, piece)
 
     def _update_piece(self, k, v, p: Piece) -> None:
-        xp = self.xp
-        z, g, _, d = self.q.shape
+        z = self.q.shape[0]
         nk = p.k1 - p.k0
         tk_max = self.tile_k or nk
         for z0 in range(0, z, self.head_chunk):

@@ -17,6 +17,7 @@ All three perform the same arithmetic in the same order, so their outputs are bi
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -81,51 +82,50 @@ class Ring:
 
     def forward(self):
         """One ring pass. Returns (compute_s, comm_s, step_s) arrays of length P, and the pass's total."""
-        xp, P = self.backend.xp, self.nranks
-        mode = self.cfg.mode
+        P, mode, ex = self.nranks, self.cfg.mode, self.ex
         self.state.reset()
         cur, nxt = self.bufs
         cur[...] = self.kv_home
         self.backend.synchronize()
-        t_compute = np.zeros(P)
-        t_comm = np.zeros(P)
-        t_step = np.zeros(P)
-        step_timer = _HostClock()
-        total = _HostClock()
-        total.start()
+        t_compute, t_comm, t_step = np.zeros(P), np.zeros(P), np.zeros(P)
+        clock = time.perf_counter
+        ctimer = self.backend.timer()
+        pass_start = clock()
         for s in range(P):
-            step_timer.start()
-            comm = _HostClock()
-            ctimer = self.backend.timer()
-            last = s == P - 1
             if s == self.fault:
                 raise InjectedFault(f"injected fault on rank {self.rank} at step {s}")
+            more = s < P - 1                       # is there a next block to receive?
+            step_start = clock()
             if mode == "overlap":
-                comm.run(lambda: None if last else self.ex.post(cur, nxt))
+                if more:
+                    ex.post(cur, nxt)              # next K/V starts moving ...
+                t_comm[s] = clock() - step_start
                 ctimer.start()
-                self._compute(cur, s)
+                self._compute(cur, s)              # ... while this one is computed on
                 ctimer.stop()
-                comm.run(lambda: None if last else self.ex.wait())
+                t0 = clock()
+                if more:
+                    ex.wait()
+                t_comm[s] += clock() - t0
             elif mode == "blocking":
-                comm.run(lambda: None if last else self.ex.sendrecv(cur, nxt))
+                if more:
+                    ex.sendrecv(cur, nxt)          # transfer, then compute: nothing overlaps
+                t_comm[s] = clock() - step_start
                 ctimer.start()
                 self._compute(cur, s)
                 ctimer.stop()
-            else:  # allgather
+            else:                                  # allgather: every block first, then compute
                 if s == 0:
-                    comm.run(lambda: self.ex.allgather(self.kv_home, self.gathered))
+                    ex.allgather(self.kv_home, self.gathered)
+                t_comm[s] = clock() - step_start
                 ctimer.start()
                 self._compute(self.gathered[(self.rank - s) % P], s)
                 ctimer.stop()
             self.backend.synchronize()
-            step_timer.stop()
+            t_step[s] = clock() - step_start
             t_compute[s] = ctimer.seconds()
-            t_comm[s] = comm.elapsed
-            t_step[s] = step_timer.seconds()
-            if mode != "allgather" and not last:
-                cur, nxt = nxt, cur
-        total.stop()
-        return t_compute, t_comm, t_step, total.seconds()
+            cur, nxt = nxt, cur
+        return t_compute, t_comm, t_step, clock() - pass_start
 
     def comm_only(self) -> np.ndarray:
         """One ring pass that moves K/V but computes nothing: the transfers' own time, per step."""
@@ -135,9 +135,9 @@ class Ring:
         self.backend.synchronize()
         out = np.zeros(max(P - 1, 0))
         for s in range(P - 1):
-            c = _HostClock()
-            c.run(lambda: self.ex.sendrecv(cur, nxt))
-            out[s] = c.elapsed
+            t0 = time.perf_counter()
+            self.ex.sendrecv(cur, nxt)
+            out[s] = time.perf_counter() - t0
             cur, nxt = nxt, cur
         return out
 
@@ -145,29 +145,6 @@ class Ring:
         """The normalised output (B, n, H, D) in the storage dtype, on the device."""
         o, _ = self.state.finalize(self.storage)
         return kernel.heads_to_out(o, self.batch)
-
-
-class _HostClock:
-    """Accumulating host stopwatch."""
-
-    def __init__(self):
-        import time
-        self._now = time.perf_counter
-        self.elapsed = 0.0
-
-    def start(self) -> None:
-        self._t0 = self._now()
-
-    def stop(self) -> None:
-        self.elapsed = self._now() - self._t0
-
-    def seconds(self) -> float:
-        return self.elapsed
-
-    def run(self, fn) -> None:
-        t0 = self._now()
-        fn()
-        self.elapsed += self._now() - t0
 
 
 def _fault_step(rank: int) -> int | None:

@@ -7,6 +7,7 @@ with status 2 and rank 0 prints one line); any other exception aborts the whole 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import socket
 import subprocess
 import sys
@@ -237,4 +238,4 @@ def format_summary(cfg, nranks, s, memory, chk, prov, where) -> str:
 
 
 def _pct(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.0f}%"
+    return "n/a" if math.isnan(x) else f"{100 * x:.0f}%"

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from conftest import mpiexec
 from ringbench import kernel, store
 from ringbench.layout import LAYOUTS
+
+from conftest import mpiexec
 
 pytestmark = pytest.mark.mpi
 SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet"]
