@@ -161,7 +161,7 @@ def report_exception_and_abort(exc: BaseException, comm=WORLD) -> None:
 
 def mpi_info() -> dict:
     return {"mpi_library": " ".join(MPI.Get_library_version().split("\n")[0].split()),
-            "mpi_version": "%d.%d" % MPI.Get_version(),
+            "mpi_version": "{}.{}".format(*MPI.Get_version()),
             "mpi4py": __import__("mpi4py").__version__}
 
 
