@@ -24,18 +24,20 @@ import numpy as np
 from ringbench import kernel
 from ringbench.layout import step_plan
 
-# Rows x keys of one score tile on the host: ~1 MiB of float32, so a tile's elementwise passes stay in L2.
+# Elements of one score tile. Host: ~1 MiB of float32, so a tile's elementwise passes stay in L2.
+# Device: all batch-heads at once (few, large kernels), capped at 512 MiB of float32 scores.
 HOST_TILE_ELEMS = 1 << 18
+DEVICE_TILE_ELEMS = 1 << 27
 
 
 class InjectedFault(RuntimeError):
     """Raised on purpose (RINGBENCH_FAULT=rank:step) to test that one failing rank ends the job."""
 
 
-def auto_tile_q(backend, n_local: int, group: int, n_keys: int) -> int:
-    if backend.is_gpu:
-        return n_local
-    return int(max(16, min(n_local, HOST_TILE_ELEMS // max(1, group * n_keys))))
+def auto_tile_q(backend, n_local: int, rows_per_query: int, n_keys: int) -> int:
+    """Query rows per tile so that (rows_per_query * tile_q) x n_keys scores fit the backend's tile budget."""
+    budget = DEVICE_TILE_ELEMS if backend.is_gpu else HOST_TILE_ELEMS
+    return int(max(16, min(n_local, budget // max(1, rows_per_query * n_keys))))
 
 
 class Ring:
@@ -57,15 +59,15 @@ class Ring:
         self.kv_compute = None if self.storage == self.compute else xp.empty(self.kv_home.shape, self.compute)
         self.gathered = (xp.empty((nranks,) + self.kv_home.shape, self.storage)
                          if cfg.mode == "allgather" else None)
-        group = h // hk
-        self.tile_q = cfg.tile_q or auto_tile_q(backend, n, group, n)
+        head_chunk = qh.shape[0] if backend.is_gpu else 1
+        rows_per_query = head_chunk * (h // hk)       # score rows per query position in one tile
+        self.tile_q = cfg.tile_q or auto_tile_q(backend, n, rows_per_query, n)
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
-        self.state = kernel.OnlineSoftmax(xp, qh, head_chunk=None if backend.is_gpu else 1,
-                                          tile_q=self.tile_q, on_tile=on_tile)
+        self.state = kernel.OnlineSoftmax(xp, qh, head_chunk=head_chunk, tile_q=self.tile_q, on_tile=on_tile)
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal)
                       for s in range(nranks)]
         self.fault = _fault_step(rank)
-        self.score_tile_elems = (h // hk) * self.tile_q * n * (self.state.q.shape[0] if backend.is_gpu else 1)
+        self.score_tile_elems = rows_per_query * self.tile_q * n
 
     def _progress(self) -> None:
         if self.ex.posted:
