@@ -102,7 +102,7 @@ class Backend:
         return arr
 
     # -- timing -------------------------------------------------------------
-    def timer(self) -> "Timer":
+    def timer(self) -> HostTimer | CudaTimer:
         return CudaTimer(self.xp) if self.is_gpu else HostTimer()
 
     # -- memory -------------------------------------------------------------
@@ -183,6 +183,15 @@ def _cpu_name() -> str:
         pass
     import platform
     return platform.processor() or platform.machine()
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""

@@ -12,10 +12,18 @@ import os
 import sys
 from dataclasses import fields
 
-from ringbench.config import (BACKENDS, CUDA_AWARE, DTYPES, MODES, PROGRESS, ConfigError, RunConfig,
-                              option_name)
+from ringbench.config import (
+    BACKENDS,
+    CUDA_AWARE,
+    DTYPES,
+    MODES,
+    PROGRESS,
+    ConfigError,
+    RunConfig,
+    UserError,
+    option_name,
+)
 from ringbench.layout import LAYOUTS
-from ringbench.config import UserError
 
 PROG = "ringbench"
 
@@ -109,7 +117,7 @@ def cmd_run(argv: list[str]) -> int:
         cfg = config_from_args(ns)
     except (UsageError, ConfigError) as exc:
         return fail(f"{PROG} run", str(exc))
-    from ringbench import comm as mpi          # initialises MPI
+    from ringbench import comm as mpi  # initialises MPI
     try:
         from ringbench import runner
         return runner.run(cfg, ns.out, ns.quiet)

@@ -14,11 +14,13 @@ import ctypes
 import os
 import socket
 import sys
+import time
 import traceback
 
 from mpi4py import MPI
 
 WORLD = MPI.COMM_WORLD
+ABORT_GRACE_S = 0.5
 
 
 class ProtocolError(RuntimeError):
@@ -145,6 +147,8 @@ def abort(code: int = 1, comm=WORLD) -> None:
     """End the whole job now (every rank), from whichever rank failed."""
     sys.stderr.flush()
     sys.stdout.flush()
+    # give the launcher's I/O forwarding a moment: MPI_Abort kills the job, and output still in a pipe is lost
+    time.sleep(ABORT_GRACE_S)
     comm.Abort(code)
 
 
@@ -157,7 +161,7 @@ def report_exception_and_abort(exc: BaseException, comm=WORLD) -> None:
 
 def mpi_info() -> dict:
     return {"mpi_library": " ".join(MPI.Get_library_version().split("\n")[0].split()),
-            "mpi_version": "%d.%d" % MPI.Get_version(),
+            "mpi_version": "{}.{}".format(*MPI.Get_version()),
             "mpi4py": __import__("mpi4py").__version__}
 
 

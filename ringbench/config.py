@@ -74,7 +74,7 @@ class RunConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "") -> "RunConfig":
+    def from_dict(cls, data: dict, where: str = "") -> RunConfig:
         """Build from a mapping (YAML or HDF5 attrs); unknown keys raise ConfigError with a hint."""
         names = cls.field_names()
         for key in data:

@@ -14,8 +14,9 @@ Metrics (the README defines them for users):
 
     time_s          median over repeats of the slowest rank's total_s
     tflops          unmasked attention FLOPs / time_s
-    overlap_eff     1 - exposed / alone, where exposed = sum over steps of comm_s, alone = the median
+    overlap_eff     1 - exposed / alone, where exposed = sum over steps of comm_s, alone = the fastest
                     comm-only pass; per rank, median over repeats, then mean over ranks, clipped to [0, 1]
+    bandwidth_gbps  bytes a rank receives per pass / the slowest rank's fastest comm-only pass
     imbalance       (max - mean) / mean of the per-rank compute totals, median over repeats
 """
 
@@ -49,9 +50,9 @@ def summarize(samples: dict, *, flops: float, bytes_per_rank: int) -> dict:
         "bytes_total": int(bytes_per_rank) * nranks,
     }
     if nranks > 1 and alone_passes.size:
-        alone = np.median(alone_passes.sum(axis=2), axis=0)                # (P,)
+        alone = alone_passes.sum(axis=2).min(axis=0)                       # (P,) fastest comm-only pass
         out["comm_alone_s"] = float(alone.max())
-        out["bandwidth_gbps"] = bytes_per_rank / float(np.median(alone)) / 1e9 if alone.min() > 0 else float("nan")
+        out["bandwidth_gbps"] = bytes_per_rank / float(alone.max()) / 1e9 if alone.min() > 0 else float("nan")
         out["overlap_eff"] = overlap_efficiency(exposed, alone)
     else:
         out["comm_alone_s"] = 0.0

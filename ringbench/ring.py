@@ -17,18 +17,21 @@ All three perform the same arithmetic in the same order, so their outputs are bi
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
 from ringbench import kernel
 from ringbench.layout import step_plan
 
-# One score tile on the host: 256 query rows x 512 keys of float32 (512 KiB). Measured on a 2 MiB-L2 core
-# (benchmarks/README.md): the two GEMMs of a tile run near OpenBLAS's peak at this shape, and the tile, its
-# K/V slices and the elementwise passes over it stay in L2. Taller tiles of fewer keys lose GEMM speed; a
-# whole key block per tile (the old 64 x 4096 at n = 4096) lost ~10%.
+# Elements of one score tile. Host: 256 query rows x 512 keys of float32 (512 KiB), measured fastest on a
+# 2 MiB-L2 core (benchmarks/README.md): both GEMMs of a tile run near OpenBLAS's peak at this shape, and the
+# tile, its K/V slices and the elementwise passes over it stay in L2 (a whole key block per tile, the old
+# 64 x 4096 at n = 4096, lost ~10%). Device: all batch-heads at once (few, large kernels), every key of
+# the block, capped at 512 MiB of float32 scores.
 HOST_TILE_ELEMS = 1 << 17
 HOST_TILE_K = 512
+DEVICE_TILE_ELEMS = 1 << 27
 
 
 class InjectedFault(RuntimeError):
@@ -36,16 +39,15 @@ class InjectedFault(RuntimeError):
 
 
 def auto_tile_k(backend, n_keys: int) -> int:
-    """Keys per score tile: the whole block on a GPU, HOST_TILE_K on the host."""
+    """Keys per score tile: the whole block on a device, at most HOST_TILE_K on the host."""
     return n_keys if backend.is_gpu else max(1, min(n_keys, HOST_TILE_K))
 
 
-def auto_tile_q(backend, n_local: int, group: int, n_keys: int) -> int:
-    """Query positions per score tile (each carries ``group`` query heads): HOST_TILE_ELEMS per tile on the host."""
-    if backend.is_gpu:
-        return n_local
-    tk = auto_tile_k(backend, n_keys)
-    return int(max(16, min(n_local, HOST_TILE_ELEMS // max(1, group * tk))))
+def auto_tile_q(backend, n_local: int, rows_per_query: int, n_keys: int) -> int:
+    """Query rows per tile so that (rows_per_query * tile_q) x tile_k scores fit the backend's tile budget."""
+    budget = DEVICE_TILE_ELEMS if backend.is_gpu else HOST_TILE_ELEMS
+    tile_k = auto_tile_k(backend, n_keys)
+    return int(max(16, min(n_local, budget // max(1, rows_per_query * tile_k))))
 
 
 class Ring:
@@ -67,18 +69,18 @@ class Ring:
         self.kv_compute = None if self.storage == self.compute else xp.empty(self.kv_home.shape, self.compute)
         self.gathered = (xp.empty((nranks,) + self.kv_home.shape, self.storage)
                          if cfg.mode == "allgather" else None)
-        group = h // hk
-        self.tile_q = cfg.tile_q or auto_tile_q(backend, n, group, n)
+        head_chunk = qh.shape[0] if backend.is_gpu else 1
+        rows_per_query = head_chunk * (h // hk)       # score rows per query position in one tile
+        self.tile_q = cfg.tile_q or auto_tile_q(backend, n, rows_per_query, n)
         self.tile_k = auto_tile_k(backend, n)
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
-        self.state = kernel.OnlineSoftmax(xp, qh, head_chunk=None if backend.is_gpu else 1,
-                                          tile_q=self.tile_q, tile_k=self.tile_k, on_tile=on_tile)
-        heads_per_tile = qh.shape[0] if backend.is_gpu else 1
-        del qh                                                           # the state keeps its own copy
+        self.state = kernel.OnlineSoftmax(xp, qh, head_chunk=head_chunk, tile_q=self.tile_q, tile_k=self.tile_k,
+                                          on_tile=on_tile)
+        del qh                                         # the state keeps its own (widened) copy
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal)
                       for s in range(nranks)]
         self.fault = _fault_step(rank)
-        self.score_tile_elems = group * self.tile_q * self.tile_k * heads_per_tile
+        self.score_tile_elems = rows_per_query * self.tile_q * self.tile_k
 
     def _progress(self) -> None:
         if self.ex.posted:
@@ -95,51 +97,50 @@ class Ring:
 
     def forward(self):
         """One ring pass. Returns (compute_s, comm_s, step_s) arrays of length P, and the pass's total."""
-        xp, P = self.backend.xp, self.nranks
-        mode = self.cfg.mode
+        P, mode, ex = self.nranks, self.cfg.mode, self.ex
         self.state.reset()
         cur, nxt = self.bufs
         cur[...] = self.kv_home
         self.backend.synchronize()
-        t_compute = np.zeros(P)
-        t_comm = np.zeros(P)
-        t_step = np.zeros(P)
-        step_timer = _HostClock()
-        total = _HostClock()
-        total.start()
+        t_compute, t_comm, t_step = np.zeros(P), np.zeros(P), np.zeros(P)
+        clock = time.perf_counter
+        ctimer = self.backend.timer()
+        pass_start = clock()
         for s in range(P):
-            step_timer.start()
-            comm = _HostClock()
-            ctimer = self.backend.timer()
-            last = s == P - 1
             if s == self.fault:
                 raise InjectedFault(f"injected fault on rank {self.rank} at step {s}")
+            more = s < P - 1                       # is there a next block to receive?
+            step_start = clock()
             if mode == "overlap":
-                comm.run(lambda: None if last else self.ex.post(cur, nxt))
+                if more:
+                    ex.post(cur, nxt)              # next K/V starts moving ...
+                t_comm[s] = clock() - step_start
                 ctimer.start()
-                self._compute(cur, s)
+                self._compute(cur, s)              # ... while this one is computed on
                 ctimer.stop()
-                comm.run(lambda: None if last else self.ex.wait())
+                t0 = clock()
+                if more:
+                    ex.wait()
+                t_comm[s] += clock() - t0
             elif mode == "blocking":
-                comm.run(lambda: None if last else self.ex.sendrecv(cur, nxt))
+                if more:
+                    ex.sendrecv(cur, nxt)          # transfer, then compute: nothing overlaps
+                t_comm[s] = clock() - step_start
                 ctimer.start()
                 self._compute(cur, s)
                 ctimer.stop()
-            else:  # allgather
+            else:                                  # allgather: every block first, then compute
                 if s == 0:
-                    comm.run(lambda: self.ex.allgather(self.kv_home, self.gathered))
+                    ex.allgather(self.kv_home, self.gathered)
+                t_comm[s] = clock() - step_start
                 ctimer.start()
                 self._compute(self.gathered[(self.rank - s) % P], s)
                 ctimer.stop()
             self.backend.synchronize()
-            step_timer.stop()
+            t_step[s] = clock() - step_start
             t_compute[s] = ctimer.seconds()
-            t_comm[s] = comm.elapsed
-            t_step[s] = step_timer.seconds()
-            if mode != "allgather" and not last:
-                cur, nxt = nxt, cur
-        total.stop()
-        return t_compute, t_comm, t_step, total.seconds()
+            cur, nxt = nxt, cur
+        return t_compute, t_comm, t_step, clock() - pass_start
 
     def comm_only(self) -> np.ndarray:
         """One ring pass that moves K/V but computes nothing: the transfers' own time, per step."""
@@ -149,9 +150,9 @@ class Ring:
         self.backend.synchronize()
         out = np.zeros(max(P - 1, 0))
         for s in range(P - 1):
-            c = _HostClock()
-            c.run(lambda: self.ex.sendrecv(cur, nxt))
-            out[s] = c.elapsed
+            t0 = time.perf_counter()
+            self.ex.sendrecv(cur, nxt)
+            out[s] = time.perf_counter() - t0
             cur, nxt = nxt, cur
         return out
 
@@ -159,29 +160,6 @@ class Ring:
         """The normalised output (B, n, H, D) in the storage dtype, on the device."""
         o, _ = self.state.finalize(self.storage)
         return kernel.heads_to_out(o, self.batch)
-
-
-class _HostClock:
-    """Accumulating host stopwatch."""
-
-    def __init__(self):
-        import time
-        self._now = time.perf_counter
-        self.elapsed = 0.0
-
-    def start(self) -> None:
-        self._t0 = self._now()
-
-    def stop(self) -> None:
-        self.elapsed = self._now() - self._t0
-
-    def seconds(self) -> float:
-        return self.elapsed
-
-    def run(self, fn) -> None:
-        t0 = self._now()
-        fn()
-        self.elapsed += self._now() - t0
 
 
 def _fault_step(rank: int) -> int | None:

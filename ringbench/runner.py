@@ -7,6 +7,7 @@ with status 2 and rank 0 prints one line); any other exception aborts the whole 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import ringbench
 from ringbench import comm as mpi
 from ringbench import inputs, kernel, measure, store
-from ringbench.backend import BackendError, get_backend, peak_rss_bytes
+from ringbench.backend import BackendError, current_rss_bytes, get_backend, peak_rss_bytes
 from ringbench.config import RunConfig, UserError, check, option_name, point_id
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.ring import Ring
@@ -45,6 +46,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         raise UserError(err)
     cuda_aware = _cuda_aware(cfg, backend)
 
+    baseline_rss = current_rss_bytes()          # interpreter + libraries, before any array of the run
     # inputs: this rank's tokens of the global q, k, v
     hk = cfg.kv_heads_resolved
     pos = positions(cfg.layout, rank, nranks, cfg.seq_len)
@@ -75,7 +77,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         "samples": _stack(reps, ""), "warmup": _stack(warm, "warmup_"),
         "comm_only": np.array(alone).reshape(len(alone), max(nranks - 1, 0)),
         "host": socket.gethostname(), "device": backend.device_name,
-        "peak_rss": peak_rss_bytes(), "pool": backend.device_pool_bytes(),
+        "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss, "pool": backend.device_pool_bytes(),
         "check": _check_local(cfg, host, output, pos) if cfg.check else None,
         "tensors": (pos, host, output) if cfg.save_tensors else None,
         "score_tile": ring.score_tile_elems,
@@ -144,6 +146,7 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
                                      kv_heads=cfg.kv_heads_resolved, head_dim=cfg.head_dim, itemsize=itemsize,
                                      compute_itemsize=ring.compute.itemsize, score_tile_elems=parts[0]["score_tile"])
     memory = {"peak_rss_bytes": np.array([p["peak_rss"] for p in parts]),
+              "baseline_rss_bytes": np.array([p["baseline_rss"] for p in parts]),
               "device_pool_bytes": np.array([p["pool"] for p in parts]),
               "theoretical_bytes": theo}
     check_res = {}
@@ -225,8 +228,9 @@ def format_summary(cfg, nranks, s, memory, chk, prov, where) -> str:
         f"  compute {_ms(s['compute_s'])}   exposed comm {_ms(s['exposed_comm_s'])}   comm alone "
         f"{_ms(s['comm_alone_s'])}   overlap {_pct(s['overlap_eff'])}   link {s['bandwidth_gbps']:.2f} GB/s   "
         f"imbalance {_pct(s['imbalance'])}",
-        f"  peak RSS {max(memory['peak_rss_bytes']) / 2**20:.0f} MiB/rank   "
-        f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank",
+        f"  peak RSS {max(memory['peak_rss_bytes']) / 2**20:.0f} MiB/rank, "
+        f"{max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the "
+        f"interpreter's   theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank",
     ]
     if chk:
         lines.append(f"  check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
@@ -237,4 +241,4 @@ def format_summary(cfg, nranks, s, memory, chk, prov, where) -> str:
 
 
 def _pct(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.0f}%"
+    return "n/a" if math.isnan(x) else f"{100 * x:.0f}%"

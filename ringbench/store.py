@@ -122,7 +122,8 @@ def append(path, run: Run) -> str:
 def _init_root(f: h5py.File) -> None:
     f.attrs.setdefault("format", FORMAT)
     f.attrs.setdefault("schema_version", SCHEMA_VERSION)
-    f.require_group("runs")
+    if "runs" not in f:
+        f.create_group("runs", track_order=True)   # read back in the order runs were added
 
 
 def _free_name(runs: h5py.Group, base: str) -> str:

@@ -1,0 +1,50 @@
+"""RunConfig validation, stable point ids, and the CLI spelling of a config."""
+
+import pytest
+
+from ringbench.cli import config_from_args, run_parser, to_argv
+from ringbench.config import ConfigError, RunConfig, check, point_id
+
+
+def test_defaults_are_valid():
+    assert check(RunConfig(), 4) == []
+
+
+@pytest.mark.parametrize("changes,nranks,key,text", [
+    ({"seq_len": 1000}, 3, "seq_len", "not divisible by 3"),
+    ({"seq_len": 1020, "layout": "zigzag"}, 4, "seq_len", "not divisible by 8"),
+    ({"heads": 8, "kv_heads": 3}, 2, "kv_heads", "must divide heads=8"),
+    ({"layout": "spiral"}, 2, "layout", "expected one of contiguous, zigzag, striped"),
+    ({"mode": "overlapp"}, 2, "mode", "did you mean 'overlap'"),
+    ({"batch": 0}, 1, "batch", ">= 1"),
+    ({"causal": "yes"}, 1, "causal", "true or false"),
+    ({"save_tensors": True, "seq_len": 1 << 20}, 1, "save_tensors", "MiB"),
+])
+def test_check_names_the_key(changes, nranks, key, text):
+    cfg = RunConfig(**changes)
+    problems = check(cfg, nranks)
+    assert problems and problems[0][0] == key and text in problems[0][1], problems
+
+
+def test_from_dict_rejects_unknown_keys_with_hint():
+    with pytest.raises(ConfigError, match=r"base\.seqlen: unknown key \(did you mean 'seq_len'\?\)"):
+        RunConfig.from_dict({"seqlen": 4}, where="base.")
+    with pytest.raises(ConfigError, match="expected an integer"):
+        RunConfig.from_dict({"heads": "8"})
+
+
+def test_point_id_is_stable_and_ignores_non_identity_fields():
+    a = point_id(RunConfig(seq_len=2048), 4)
+    assert a == point_id(RunConfig(seq_len=2048, repeat=9, check=True), 4)
+    assert a != point_id(RunConfig(seq_len=2048), 2)
+    assert a != point_id(RunConfig(seq_len=2048, kv_heads=2), 4)
+    assert point_id(RunConfig(kv_heads=None), 2) == point_id(RunConfig(kv_heads=8), 2)   # resolved value
+    assert a.startswith("overlap-contiguous-float32-N2048-P4-")
+    assert a == "overlap-contiguous-float32-N2048-P4-" + a.rsplit("-", 1)[1]   # fixed shape, hash last
+
+
+def test_argv_round_trip():
+    cfg = RunConfig(seq_len=512, causal=True, layout="zigzag", kv_heads=2, check=True, progress="none")
+    back = config_from_args(run_parser().parse_args(to_argv(cfg)))
+    assert back == cfg
+    assert to_argv(RunConfig()) == []
