@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -119,94 +120,109 @@ class OnlineSoftmax:
 
     def update(self, k, v, pieces: Sequence[Piece]) -> None:
         """Fold the key/value block ``k, v`` (Z, m, D) into the state, for the given pieces."""
-        for piece in pieces:
-            self._update_piece(k, v, piece)
+        with np.errstate(over="ignore"):              # the fast path may overflow; it is then redone
+            for piece in pieces:
+                self._update_piece(k, v, piece)
 
     def _update_piece(self, k, v, p: Piece) -> None:
-        z, _, _, d = self.shape
+        xp = self.xp
+        z, g, _, d = self.shape
         nk = p.k1 - p.k0
         if nk <= 0 or p.q1 <= p.q0:
             return
         tk_max = min(self.tile_k or nk, nk)
         hc = self.head_chunk
+        rq_max = min(self.tile_q, p.q1 - p.q0) * g
         kt = self._buffer("_kt", hc * (d + 1) * nk)
+        sbuf = self._buffer("_s", hc * rq_max * tk_max)
+        rbuf = self._buffer("_r", hc * rq_max)
+        pvbuf = self._buffer("_pv", hc * rq_max * d)
         ones = self._buffer("_ones", tk_max)
         ones.fill(1)
+        strict = p.mask != FULL and p.mask != "causal"
         for z0 in range(0, z, hc):
             z1 = min(z0 + hc, z)
-            kta = kt[: (z1 - z0) * (d + 1) * nk].reshape(z1 - z0, d + 1, nk)   # (Zc, D+1, nk): [k^T; 1]
-            _transpose_into(self.xp, kta[:, :d], k[z0:z1, p.k0:p.k1])
+            zc = z1 - z0
+            kta = kt[: zc * (d + 1) * nk].reshape(zc, d + 1, nk)                # (Zc, D+1, nk): [k^T; 1]
+            _transpose_into(xp, kta[:, :d], k[z0:z1, p.k0:p.k1])
             kta[:, d] = 1
+            vz = v[z0:z1, p.k0:p.k1]                                            # (Zc, nk, D)
             for i0 in range(0, p.q1 - p.q0, self.tile_q):
                 i1 = min(i0 + self.tile_q, p.q1 - p.q0)
+                rq = (i1 - i0) * g
+                rows = (slice(z0, z1), slice(p.q0 + i0, p.q0 + i1))
+                t = _Rows(rows, self.qa[rows].reshape(zc, rq, d + 1), self.l[rows].reshape(zc, rq),
+                          self.acc[rows].reshape(zc, rq, d), rbuf[: zc * rq].reshape(zc, rq),
+                          pvbuf[: zc * rq * d].reshape(zc, rq, d))
                 # keys past the diagonal are masked for every row of this tile: never touch them
-                kend = nk if p.mask == FULL else min(nk, i1 if p.mask == "causal" else i1 - 1)
+                kend = nk if p.mask == FULL else min(nk, i1 - strict)
+                fresh = bool((t.l == 0).any())          # rows with nothing yet: their sums get a lower bound too
                 for j0 in range(0, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
-                    self._tile(kta, v, ones, p, z0, z1, i0, i1, j0, j1)
+                    s = sbuf[: zc * rq * (j1 - j0)].reshape(zc, rq, j1 - j0)   # (Zc, tq*G, tk)
+                    diagonal = p.mask != FULL and j1 > i0 - strict              # crosses the diagonal: masked
+                    fresh = self._tile(t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0],
+                                       (i0, i1, j0, j1, strict) if diagonal else None, fresh)
                     if self.on_tile is not None:
                         self.on_tile()
 
-    def _tile(self, kta, v, ones, p: Piece, z0, z1, i0, i1, j0, j1) -> None:
+    def _tile(self, t: _Rows, kt, vt, s, ones, mask, fresh: bool) -> bool:
+        """One score tile: s = [q, -m] @ [k^T; 1], p = 2^s, then the row sums and p @ v into the state.
+
+        ``fresh``: some row of the tile may have no mass yet. Returns the same for the next tile.
+        """
         xp = self.xp
-        _, g, _, d = self.shape
-        zc, rq, tk = z1 - z0, (i1 - i0) * g, j1 - j0
-        rows = (slice(z0, z1), slice(p.q0 + i0, p.q0 + i1))
-        qt = self.qa[rows].reshape(zc, rq, d + 1)                         # (Zc, tq*G, D+1)
-        kt = kta[..., j0:j1]                                              # (Zc, D+1, tk)
-        s = self._buffer("_s", zc * rq * tk).reshape(zc, rq, tk)         # (Zc, tq*G, tk)
-        r = self._buffer("_r", zc * rq).reshape(zc, rq)
-        l = self.l[rows].reshape(zc, rq)                                  # views
-        xp.matmul(qt, kt, out=s)                                          # s - m, log2 units
-        if p.mask != FULL and j1 > i0 - (p.mask != "causal"):            # only diagonal tiles are masked
+        xp.matmul(t.q, kt, out=s)                                         # s - m, log2 units
+        if mask is not None:
+            i0, i1, j0, j1, strict = mask
             cols = xp.arange(j0, j1)[None, :]
             ri = xp.arange(i0, i1)[:, None]
-            masked = (cols > ri) if p.mask == "causal" else (cols >= ri)  # (tq, tk)
-            xp.copyto(s.reshape(zc, i1 - i0, g, tk), -np.inf, where=masked[:, None, :])
-            self._rebase(s, l, rows)
+            masked = (cols >= ri) if strict else (cols > ri)              # (tq, tk)
+            zc, rq, tk = s.shape
+            xp.copyto(s.reshape(zc, i1 - i0, rq // (i1 - i0), tk), -np.inf, where=masked[:, None, :])
+            self._rebase(s, t)
             xp.exp2(s, out=s)
-            xp.matmul(s, ones[:tk], out=r)
+            xp.matmul(s, ones, out=t.r)
         else:
-            with np.errstate(over="ignore"):
-                xp.exp2(s, out=s)                                         # p = 2^(s - m), unchecked
-            xp.matmul(s, ones[:tk], out=r)
-            if not self._sums_ok(r, l):
-                xp.matmul(qt, kt, out=s)                                  # rare: redo on the exact path
-                self._rebase(s, l, rows)
+            xp.exp2(s, out=s)                                             # p = 2^(s - m), unchecked
+            xp.matmul(s, ones, out=t.r)
+            if self._sums_ok(t.r, t.l, fresh):
+                fresh = False                                             # every row now has mass >= SUM_LO
+            else:
+                xp.matmul(t.q, kt, out=s)                                 # rare: redo on the exact path
+                self._rebase(s, t)
                 xp.exp2(s, out=s)
-                xp.matmul(s, ones[:tk], out=r)
-        l += r
-        pv = self._buffer("_pv", zc * rq * d).reshape(zc, rq, d)
-        xp.matmul(s, v[z0:z1, p.k0 + j0:p.k0 + j1], out=pv)              # (Zc, tq*G, D)
-        acc = self.acc[rows].reshape(zc, rq, d)
-        acc += pv
+                xp.matmul(s, ones, out=t.r)
+        l, acc = t.l, t.acc                                               # views into the state
+        l += t.r
+        xp.matmul(s, vt, out=t.pv)                                        # (Zc, tq*G, D)
+        acc += t.pv
+        return fresh
 
     @staticmethod
-    def _sums_ok(r, l) -> bool:
+    def _sums_ok(r, l, fresh: bool) -> bool:
         """No term overflowed (every row sum finite and <= SUM_HI), and rows new to the state got mass."""
         if not bool(r.max() <= SUM_HI):                                   # NaN and inf fail too
             return False
-        return bool(r.min() >= SUM_LO) or not bool(((l == 0) & (r < SUM_LO)).any())
+        return not fresh or bool(r.min() >= SUM_LO) or not bool(((l == 0) & (r < SUM_LO)).any())
 
-    def _rebase(self, s, l, rows) -> None:
+    def _rebase(self, s, t: _Rows) -> None:
         """Exact path: move the reference of rows whose tile max left the safe band, and shift their scores."""
         xp = self.xp
-        zc, rq, _ = s.shape
-        d = self.shape[3]
         top = s.max(axis=-1)                                              # (Zc, rq), -inf if all masked
-        fresh = l == 0
+        fresh = t.l == 0
         move = (top > REBASE) | (fresh & (top < -REBASE) & (top > -np.inf))
         if not bool(move.any()):
             return
         shift = xp.where(move, top, 0)
         s -= shift[..., None]
-        m = self.m[rows].reshape(zc, rq)
-        m += shift
-        self.qa[rows + (slice(None), d)] = -m.reshape(self.qa[rows + (slice(None), d)].shape)
+        m = self.m[t.rows]
+        m += shift.reshape(m.shape)
+        self.qa[t.rows + (slice(None), self.shape[3])] = -m
         # old mass is scaled down by 2^-shift; a fresh row moved down has no mass, so leave its factor at 1
         alpha = xp.exp2(-xp.maximum(shift, 0))
+        l, acc = t.l, t.acc
         l *= alpha
-        acc = self.acc[rows].reshape(zc, rq, d)
         acc *= alpha[..., None]
 
     def finalize(self, out_dtype=None):
@@ -219,6 +235,17 @@ class OnlineSoftmax:
         with np.errstate(divide="ignore"):
             lse = ((self.m + xp.log2(self.l)) * self.dtype.type(LN2)).transpose(0, 2, 1)
         return (out if out_dtype is None else out.astype(out_dtype)), xp.ascontiguousarray(lse)
+
+
+class _Rows(NamedTuple):
+    """Views of one query tile's rows (all of one head chunk), reused by every key tile against them."""
+
+    rows: tuple                 # index of the rows in the (Z, n, G) state arrays
+    q: Any                      # (Zc, tq*G, D+1) [q, -m]
+    l: Any                      # (Zc, tq*G)
+    acc: Any                    # (Zc, tq*G, D)
+    r: Any                      # (Zc, tq*G) row sums of the current tile
+    pv: Any                     # (Zc, tq*G, D) p @ v of the current tile
 
 
 def _transpose_into(xp, dst, src) -> None:
