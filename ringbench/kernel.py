@@ -234,7 +234,7 @@ class OnlineSoftmax:
         xp.divide(self.acc, l_safe[..., None], out=out.transpose(0, 2, 1, 3))
         with np.errstate(divide="ignore"):
             lse = ((self.m + xp.log2(self.l)) * self.dtype.type(LN2)).transpose(0, 2, 1)
-        return (out if out_dtype is None else out.astype(out_dtype)), xp.ascontiguousarray(lse)
+        return (out if out_dtype is None else out.astype(out_dtype, copy=False)), xp.ascontiguousarray(lse)
 
 
 class _Rows(NamedTuple):

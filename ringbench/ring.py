@@ -63,12 +63,6 @@ class Ring:
         self.batch, self.n = b, n
         qh = kernel.q_to_heads(xp, q, hk, self.compute)                  # (Z, G, n, D)
         qh *= self.compute.type(kernel.softmax_scale(d))
-        self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D)
-        self.bufs = [xp.empty_like(self.kv_home), xp.empty_like(self.kv_home)]
-        # half precision travels as stored; the compute copy is made once per step
-        self.kv_compute = None if self.storage == self.compute else xp.empty(self.kv_home.shape, self.compute)
-        self.gathered = (xp.empty((nranks,) + self.kv_home.shape, self.storage)
-                         if cfg.mode == "allgather" else None)
         head_chunk = qh.shape[0] if backend.is_gpu else 1
         rows_per_query = head_chunk * (h // hk)       # score rows per query position in one tile
         self.tile_q = cfg.tile_q or auto_tile_q(backend, n, rows_per_query, n)
@@ -76,7 +70,13 @@ class Ring:
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
         self.state = kernel.OnlineSoftmax(xp, qh, head_chunk=head_chunk, tile_q=self.tile_q, tile_k=self.tile_k,
                                           on_tile=on_tile)
-        del qh                                         # the state keeps its own (widened) copy
+        del qh                          # the state keeps its own (widened) copy: free this before the K/V buffers
+        self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D)
+        self.bufs = [xp.empty_like(self.kv_home), xp.empty_like(self.kv_home)]
+        # half precision travels as stored; the compute copy is made once per step
+        self.kv_compute = None if self.storage == self.compute else xp.empty(self.kv_home.shape, self.compute)
+        self.gathered = (xp.empty((nranks,) + self.kv_home.shape, self.storage)
+                         if cfg.mode == "allgather" else None)
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal)
                       for s in range(nranks)]
         self.fault = _fault_step(rank)
