@@ -5,16 +5,19 @@
 
 Launches ``mpiexec -n P`` of itself once per mode. Every rank builds a real :class:`ringbench.ring.Ring` (numpy
 backend, the ring's own tiles), runs ``--passes`` ring passes and takes the output, with tracemalloc on
-(NumPy reports every array buffer to it), and measures:
+(NumPy reports every array buffer to it), then runs one more pass that snapshots the live arrays, and measures:
 
     peak      traced bytes at the high-water mark, above what was live before the rank's inputs existed
               (inputs q, k, v in the storage dtype, the Ring, the passes and the output all count)
     theory    ringbench.measure.theoretical_bytes: q, output, accumulators, two K/V buffers, one score tile
-    largest   the largest single live NumPy buffer seen at any tile boundary and after every step
+    largest   the largest single live NumPy buffer seen at any tile boundary and after every step; it must be
+              no larger than the largest array the design has: one K/V block or one score tile
     rss       peak RSS minus RSS before the inputs (informational: MPI's own buffers and the allocator count)
 
 The target (ring issue): peak < 1.5x theory in the ring modes (overlap, blocking), and no N x N array and no
-array of P K/V blocks, ever. allgather holds all P blocks by design: its row is reported, with no verdict.
+array of P K/V blocks, ever (largest <= max(block, tile); the N x N and P-block sizes are printed beside it).
+allgather holds all P blocks by design: its row is reported, with no verdict. Small problems are dominated by
+fixed costs (tile buffers, Python objects) and read high: the target is meant for blocks of 1024+ tokens.
 Exit status 0, or 1 with --strict when a ring-mode row fails.
 """
 
@@ -66,6 +69,7 @@ def worker(spec: dict) -> int:
     domain = np.lib.tracemalloc_domain
     only_numpy = [tracemalloc.DomainFilter(True, domain)]
 
+    rng = np.random.default_rng(rank)          # imports numpy.random: before tracing, like every other import
     rss0 = current_rss_bytes()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -77,14 +81,19 @@ def worker(spec: dict) -> int:
         if size > largest[0]:
             largest[:] = [size, where]
 
-    rng = np.random.default_rng(rank)
     q = rng.standard_normal((cfg.batch, n, cfg.heads, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False)
     k = rng.standard_normal((cfg.batch, n, hk, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False)
     v = rng.standard_normal((cfg.batch, n, hk, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False)
     ex = mpi.KVExchange(world, backend, False)
     ring = Ring(cfg, backend, ex, rank, nranks, q, k, v)
     del q, k, v                  # the ring keeps its own copies (as `ringbench run` drops its inputs)
-    look("after setup")
+    for _ in range(cfg.repeat):
+        mpi.barrier()
+        ring.forward()
+    out = backend.asnumpy(ring.output())
+    peak = tracemalloc.get_traced_memory()[1] - base
+    rss = peak_rss_bytes() - rss0
+    # then one more pass that looks at every live array at tile boundaries (snapshots allocate: not in the peak)
     inner = ring.state.on_tile
     count = [0]
 
@@ -95,17 +104,15 @@ def worker(spec: dict) -> int:
         if inner is not None:
             inner()
 
+    look("before the pass")
     ring.state.on_tile = on_tile
-    for _ in range(cfg.repeat):
-        mpi.barrier()
-        ring.forward()
-        look("after a pass")
+    ring.forward()
+    look("after the pass")
     out = backend.asnumpy(ring.output())
-    look("after output")
-    peak = tracemalloc.get_traced_memory()[1] - base
+    look("after the output")
     tracemalloc.stop()
     local = {"rank": rank, "peak_bytes": int(peak), "largest_bytes": int(largest[0]), "largest_at": largest[1],
-             "rss_bytes": int(peak_rss_bytes() - rss0), "tiles_seen": count[0], "out_bytes": int(out.nbytes),
+             "rss_bytes": int(rss), "tiles_seen": count[0], "out_bytes": int(out.nbytes),
              "score_tile": int(ring.score_tile_elems), "tile_q": int(ring.tile_q), "tile_k": int(ring.tile_k)}
     parts = mpi.gather(local)
     if rank == 0:
@@ -114,7 +121,9 @@ def worker(spec: dict) -> int:
                                          head_dim=cfg.head_dim, itemsize=itemsize,
                                          compute_itemsize=ring.compute.itemsize, score_tile_elems=ring.score_tile_elems)
         block = 2 * cfg.batch * n * hk * cfg.head_dim * itemsize
+        tile = ring.score_tile_elems * ring.compute.itemsize
         print("RESULT " + json.dumps({"spec": spec, "nranks": nranks, "theoretical_bytes": theo, "block_bytes": block,
+                                      "tile_bytes": tile,
                                       "nxn_bytes": cfg.seq_len ** 2 * ring.compute.itemsize, "ranks": parts}))
     return 0
 
@@ -151,24 +160,28 @@ def summarize(r: dict) -> dict:
     p_blocks = P * r["block_bytes"]
     mode = r["spec"]["mode"]
     ok_peak = peak < TARGET * theo
-    ok_shape = largest < r["nxn_bytes"] and (P == 1 or largest < p_blocks)
+    allowed = max(r["block_bytes"], r["tile_bytes"])       # the largest arrays the design has
+    ok_shape = largest <= allowed
     if mode in RING_MODES:
         verdict = "PASS" if ok_peak and ok_shape else "FAIL"
     else:
         verdict = "by design"
     return {"mode": mode, "peak_bytes": peak, "theoretical_bytes": theo, "ratio": peak / theo,
-            "largest_bytes": largest, "nxn_bytes": r["nxn_bytes"], "p_blocks_bytes": p_blocks, "rss_bytes": rss,
+            "largest_bytes": largest, "allowed_largest_bytes": allowed, "block_bytes": r["block_bytes"],
+            "tile_bytes": r["tile_bytes"], "nxn_bytes": r["nxn_bytes"], "p_blocks_bytes": p_blocks, "rss_bytes": rss,
             "rss_ratio": rss / theo, "verdict": verdict}
 
 
 def table(rows: list[dict]) -> str:
     mib = 2.0 ** 20
     head = (f"{'mode':>10} | {'peak MiB':>9} {'theory MiB':>10} {'peak/theory':>11} | {'largest MiB':>11} "
-            f"{'NxN MiB':>8} {'P blocks MiB':>12} | {'RSS MiB':>8} {'RSS/theory':>10} | {'target':>9}")
+            f"{'block|tile':>10} {'NxN MiB':>8} {'P blocks MiB':>12} | {'RSS MiB':>8} {'RSS/theory':>10} | "
+            f"{'target':>9}")
     lines = [head, "-" * len(head)]
     for s in rows:
         lines.append(f"{s['mode']:>10} | {s['peak_bytes'] / mib:>9.2f} {s['theoretical_bytes'] / mib:>10.2f} "
-                     f"{s['ratio']:>11.2f} | {s['largest_bytes'] / mib:>11.2f} {s['nxn_bytes'] / mib:>8.1f} "
+                     f"{s['ratio']:>11.2f} | {s['largest_bytes'] / mib:>11.2f} "
+                     f"{s['allowed_largest_bytes'] / mib:>10.2f} {s['nxn_bytes'] / mib:>8.1f} "
                      f"{s['p_blocks_bytes'] / mib:>12.2f} | {s['rss_bytes'] / mib:>8.1f} {s['rss_ratio']:>10.2f} | "
                      f"{s['verdict']:>9}")
     return "\n".join(lines)
@@ -225,8 +238,8 @@ def main(argv=None) -> int:
         results.append(r)
         rows.append(summarize(r))
     print(table(rows))
-    print(f"target: peak/theory < {TARGET} and no N x N or P-block array in {', '.join(RING_MODES)}; "
-          "allgather holds P blocks by design")
+    print(f"target: peak/theory < {TARGET} and largest array <= max(one K/V block, one score tile) in "
+          f"{', '.join(RING_MODES)}; allgather holds P blocks by design")
     fails = [s for s in rows if s["verdict"] == "FAIL"]
     if a.out:
         Path(a.out).write_text(json.dumps({"bench": "memory", "schema_version": 1,

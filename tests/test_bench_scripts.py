@@ -1,0 +1,79 @@
+"""The benchmark scripts run end to end on tiny shapes and print what they promise. No timing is asserted:
+speed targets are checked by running the scripts themselves (benchmarks/README.md)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import MPIEXEC, ROOT, _env
+
+BENCH = ROOT / "benchmarks"
+
+
+def script(name: str, *args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / name), *map(str, args)], capture_output=True, text=True,
+                          env=_env(env), timeout=timeout, cwd=ROOT)
+
+
+KERNEL_TINY = ("--head-dim", 16, "--block", 64, 96, "--heads", 4, "--kv-heads", 2, "--repeat", 1, "--warmup", 0)
+
+
+def test_kernel_bench_prints_the_table_and_saves_every_sample(tmp_path):
+    out = tmp_path / "k.json"
+    res = script("kernel_bench.py", *KERNEL_TINY, "--out", out)
+    assert res.returncode == 0, res.stderr
+    for col in ("kernel", "matmul", "tiles", "torch", "k/torch", "k/matmul", "k/tiles", "err", "target"):
+        assert col in res.stdout
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("16 ")]
+    assert len(lines) == 4                                    # 2 blocks x (full, causal)
+    assert all(ln.split()[-1] == "-" for ln in lines)         # tiny shapes are outside the target
+    data = json.loads(out.read_text())
+    assert data["provenance"]["cpu"] and data["provenance"]["blas_threads"] == "1"
+    row = data["rows"][0]
+    assert set(row["samples_s"]) == {"cpu", "wall"}
+    assert set(row["samples_s"]["cpu"]) == {"kernel", "matmul", "tiles", "torch"}
+    assert all(len(v) == 1 for v in row["samples_s"]["wall"].values())
+    assert row["max_rel_err"] < 1e-4 and row["err_against"] == "torch"
+    assert row["target"] == "-"
+
+
+def test_kernel_bench_without_torch(tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('hidden by the test')\n")
+    res = script("kernel_bench.py", *KERNEL_TINY, "--causal", "no", env={"PYTHONPATH": f"{fake}:{ROOT}"})
+    assert res.returncode == 0, res.stderr
+    assert "torch not importable" in res.stdout and "n/a" in res.stdout
+    assert "float64 reference" in res.stdout
+
+
+def test_kernel_bench_user_error_is_one_line():
+    res = script("kernel_bench.py", "--heads", 3, "--kv-heads", 2)
+    assert res.returncode == 2
+    assert "--kv-heads" in res.stderr.strip().splitlines()[-1]
+
+
+def test_memory_bench_reports_peak_against_theory(tmp_path):
+    assert MPIEXEC.exists()
+    out = tmp_path / "m.json"
+    res = script("memory_bench.py", "--ranks", 2, "--seq-len", 512, "--heads", 2, "--head-dim", 16, "--passes", 1,
+                 "--out", out)
+    assert res.returncode == 0, res.stderr
+    for col in ("peak MiB", "theory MiB", "peak/theory", "largest MiB", "block|tile", "NxN MiB", "P blocks MiB",
+                "RSS MiB"):
+        assert col in res.stdout
+    summary = {s["mode"]: s for s in json.loads(out.read_text())["summary"]}
+    assert set(summary) == {"overlap", "blocking", "allgather"}
+    assert summary["allgather"]["verdict"] == "by design"
+    for mode in ("overlap", "blocking"):
+        s = summary[mode]
+        assert s["peak_bytes"] > 0 and s["theoretical_bytes"] > 0
+        assert s["largest_bytes"] <= max(s["block_bytes"], s["tile_bytes"])   # nothing that grows with P or N^2
+        assert s["verdict"] == "PASS" and s["ratio"] < 1.5           # memory is deterministic: safe to assert
+    assert summary["allgather"]["largest_bytes"] >= summary["allgather"]["p_blocks_bytes"]
+
+
+def test_memory_bench_user_error_is_one_line():
+    res = script("memory_bench.py", "--ranks", 3, "--seq-len", 100)
+    assert res.returncode == 2
+    assert "--seq-len" in res.stderr.strip().splitlines()[-1]
