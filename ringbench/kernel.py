@@ -60,6 +60,9 @@ REBASE = 8.0
 # recomputed on the exact path (row max first). Both bounds are far inside float32's range.
 SUM_HI = 2.0 ** 24
 SUM_LO = 2.0 ** -24
+# Masked scores are set to this before exp2 and their 2^s to 0 after: exp2 takes a slow path for -inf and for
+# results below float32's normal range (6x and 16x slower per element, measured), never for 2^-126.
+MASKED = -126.0
 
 
 class OnlineSoftmax:
@@ -99,6 +102,7 @@ class OnlineSoftmax:
         self._r = None                                      # flat row-sum tile buffer
         self._kt = None                                     # flat [k^T; 1] buffer of one head chunk
         self._ones = None
+        self._masks = {}                                    # (tq, tk, i0 - j0, strict) -> boolean pattern
 
     @property
     def q(self):
@@ -174,30 +178,46 @@ class OnlineSoftmax:
         xp = self.xp
         xp.matmul(t.q, kt, out=s)                                         # s - m, log2 units
         if mask is not None:
-            i0, i1, j0, j1, strict = mask
-            cols = xp.arange(j0, j1)[None, :]
-            ri = xp.arange(i0, i1)[:, None]
-            masked = (cols >= ri) if strict else (cols > ri)              # (tq, tk)
-            zc, rq, tk = s.shape
-            xp.copyto(s.reshape(zc, i1 - i0, rq // (i1 - i0), tk), -np.inf, where=masked[:, None, :])
+            sub, where = self._masked_part(s, *mask)
+            xp.copyto(sub, MASKED, where=where)
+        xp.exp2(s, out=s)                                                 # p = 2^(s - m), unchecked
+        if mask is not None:
+            xp.copyto(sub, 0, where=where)
+        xp.matmul(s, ones, out=t.r)
+        if self._sums_ok(t.r, t.l, fresh):
+            fresh = False                                                 # every row now has mass >= SUM_LO
+        else:
+            xp.matmul(t.q, kt, out=s)                                     # rare: redo on the exact path
+            if mask is not None:
+                xp.copyto(sub, -np.inf, where=where)
             self._rebase(s, t)
             xp.exp2(s, out=s)
             xp.matmul(s, ones, out=t.r)
-        else:
-            xp.exp2(s, out=s)                                             # p = 2^(s - m), unchecked
-            xp.matmul(s, ones, out=t.r)
-            if self._sums_ok(t.r, t.l, fresh):
-                fresh = False                                             # every row now has mass >= SUM_LO
-            else:
-                xp.matmul(t.q, kt, out=s)                                 # rare: redo on the exact path
-                self._rebase(s, t)
-                xp.exp2(s, out=s)
-                xp.matmul(s, ones, out=t.r)
         l, acc = t.l, t.acc                                               # views into the state
         l += t.r
         xp.matmul(s, vt, out=t.pv)                                        # (Zc, tq*G, D)
         acc += t.pv
         return fresh
+
+    def _masked_part(self, s, i0, i1, j0, j1, strict):
+        """The columns of tile ``s`` that cross the diagonal, (Zc, tq, G, w), and where they are masked (tq, 1, w).
+
+        Key j is masked for query i when j > i (causal) or j >= i (strict); only columns from the first masked
+        one are touched, and the boolean pattern is cached by shape and offset (few distinct ones per run).
+        """
+        zc, rq, tk = s.shape
+        tq, off = i1 - i0, i0 - j0
+        c0 = max(0, off + (0 if strict else 1))
+        key = (tq, tk, off, strict)
+        where = self._masks.get(key)
+        if where is None:
+            if len(self._masks) > 64:
+                self._masks.clear()
+            c = self.xp.arange(c0, tk)[None, :]
+            r = self.xp.arange(tq)[:, None] + off
+            where = ((c >= r) if strict else (c > r))[:, None, :]
+            self._masks[key] = where
+        return s.reshape(zc, tq, rq // tq, tk)[..., c0:], where
 
     @staticmethod
     def _sums_ok(r, l, fresh: bool) -> bool:
