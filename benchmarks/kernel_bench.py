@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 from ringbench import kernel  # noqa: E402
 from ringbench.backend import get_backend  # noqa: E402
 from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
-from ringbench.ring import auto_tile_k, auto_tile_q  # noqa: E402
+from ringbench.ring import HOST_TILE_ELEMS, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
 from ringbench.runner import git_commit  # noqa: E402
 
 TARGET = 0.9            # kernel / torch SDPA, fp32
@@ -92,17 +92,18 @@ class Shape:
 class KernelStep:
     """One ring step of ringbench's kernel: update() of a fresh state with one K/V block (reset untimed)."""
 
-    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 1):
+    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0):
         backend = get_backend("numpy")
         g = sh.h // sh.hk
         self.tile_k = tile_k or auto_tile_k(backend, sh.n)
         self.tile_q = tile_q or (auto_tile_q(backend, sh.n, g, sh.n) if not tile_k else
-                                 max(16, min(sh.n, (1 << 17) // (g * self.tile_k))))
+                                 max(16, min(sh.n, HOST_TILE_ELEMS // (g * self.tile_k))))
+        self.head_chunk = head_chunk or auto_head_chunk(sh.b * sh.hk, g * self.tile_q * self.tile_k)
         qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype)                       # (Z, G, n, D)
         qh *= sh.dtype.type(kernel.softmax_scale(sh.d))
         self.k = kernel.kv_to_heads(np, sh.k, sh.dtype)                          # (Z, n, D)
         self.v = kernel.kv_to_heads(np, sh.v, sh.dtype)
-        self.state = kernel.OnlineSoftmax(np, qh, head_chunk=head_chunk, tile_q=self.tile_q, tile_k=self.tile_k)
+        self.state = kernel.OnlineSoftmax(np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k)
         self.pieces = [sh.piece]
         self.batch = sh.b
 
@@ -234,7 +235,7 @@ def verdict(sh: Shape, ratio: float | None) -> str:
 
 
 def bench_shape(sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q: int = 0, tile_k: int = 0,
-                head_chunk: int = 1) -> dict:
+                head_chunk: int = 0) -> dict:
     step = KernelStep(sh, tile_q, tile_k, head_chunk)
     cands = {"kernel": step, "matmul": PlainMatmul(sh), "tiles": TiledMatmul(sh, step.tile_q, step.tile_k)}
     if torch is not None:
@@ -262,6 +263,7 @@ def bench_shape(sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q: 
     ratios["k/torch"] = paired_ratio(samples["torch"], samples["kernel"]) if "torch" in samples else None
     return {"head_dim": sh.d, "block": sh.n, "heads": sh.h, "kv_heads": sh.hk, "batch": sh.b,
             "causal": sh.causal, "dtype": str(sh.dtype), "tile_q": step.tile_q, "tile_k": step.tile_k,
+            "head_chunk": step.head_chunk,
             "flops": sh.flops, "dense_flops": sh.dense_flops, "clock": clock, "samples_s": all_samples,
             "median_s": med,
             "gflops": gflops, "ratios": ratios, "max_rel_err": err, "err_against": against,
@@ -321,7 +323,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds per shape")
     p.add_argument("--tile-q", type=int, default=0, metavar="N", help="query rows per tile (0: the ring's choice)")
     p.add_argument("--tile-k", type=int, default=0, metavar="N", help="keys per tile (0: the ring's choice)")
-    p.add_argument("--head-chunk", type=int, default=1, metavar="N", help="batch-heads per tile (the ring uses 1)")
+    p.add_argument("--head-chunk", type=int, default=0, metavar="N",
+                   help="batch-heads per tile (0: the ring's choice)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
                    help="cpu: process CPU time, robust to other processes on a shared machine (default); wall")
     p.add_argument("--out", metavar="FILE.json", help="write every sample, the summary and provenance here")

@@ -24,12 +24,12 @@ import numpy as np
 from ringbench import kernel
 from ringbench.layout import step_plan
 
-# Elements of one score tile. Host: 256 query rows x 512 keys of float32 (512 KiB), measured fastest on a
-# 2 MiB-L2 core (benchmarks/README.md): both GEMMs of a tile run near OpenBLAS's peak at this shape, and the
-# tile, its K/V slices and the elementwise passes over it stay in L2 (a whole key block per tile, the old
-# 64 x 4096 at n = 4096, lost ~10%). Device: all batch-heads at once (few, large kernels), every key of
-# the block, capped at 512 MiB of float32 scores.
-HOST_TILE_ELEMS = 1 << 17
+# Elements of one score tile. Host: 512 query rows x 512 keys of float32 (1 MiB). Measured on a 2 MiB-L2
+# core (benchmarks/README.md): both GEMMs of a tile run near OpenBLAS's peak at this shape, the tile, its K/V
+# slices and the elementwise passes over it stay in L2, and per-tile Python costs are spread over 2^18
+# scores; 256 x 512 was 0-4% slower, a whole key block per tile (64 x 4096 at n = 4096) ~10% slower.
+# Device: all batch-heads at once (few, large kernels), every key of the block, capped at 512 MiB of scores.
+HOST_TILE_ELEMS = 1 << 18
 HOST_TILE_K = 512
 DEVICE_TILE_ELEMS = 1 << 27
 
@@ -50,6 +50,12 @@ def auto_tile_q(backend, n_local: int, rows_per_query: int, n_keys: int) -> int:
     return int(max(16, min(n_local, budget // max(1, rows_per_query * tile_k))))
 
 
+def auto_head_chunk(heads: int, tile_elems: int) -> int:
+    """Batch-heads per host tile: 1 unless one head's tile is under half the budget (blocks under ~512 keys),
+    then as many as fill half of it (measured +10-25% at blocks of 128-256: fewer, larger NumPy calls)."""
+    return int(max(1, min(heads, (HOST_TILE_ELEMS // 2) // max(1, tile_elems))))
+
+
 class Ring:
     def __init__(self, cfg, backend, exchange, rank: int, nranks: int, q, k, v):
         """q: (B, n, H, D), k/v: (B, n, H_kv, D) in the storage dtype, on the backend's device."""
@@ -67,6 +73,9 @@ class Ring:
         rows_per_query = head_chunk * (h // hk)       # score rows per query position in one tile
         self.tile_q = cfg.tile_q or auto_tile_q(backend, n, rows_per_query, n)
         self.tile_k = auto_tile_k(backend, n)
+        if not backend.is_gpu:                         # small blocks: several heads per tile, fewer Python calls
+            head_chunk = auto_head_chunk(qh.shape[0], rows_per_query * self.tile_q * self.tile_k)
+            rows_per_query *= head_chunk
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
         self.state = kernel.OnlineSoftmax(xp, qh, head_chunk=head_chunk, tile_q=self.tile_q, tile_k=self.tile_k,
                                           on_tile=on_tile)
