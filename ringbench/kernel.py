@@ -136,7 +136,9 @@ class OnlineSoftmax:
             return
         tk_max = min(self.tile_k or nk, nk)
         hc = self.head_chunk
-        rq_max = min(self.tile_q, p.q1 - p.q0) * g
+        # a diagonal piece computes, then masks, part of a triangle per query tile: half-height tiles there
+        tq_max = self.tile_q if p.mask == FULL else max(1, min(self.tile_q, tk_max // 2))
+        rq_max = min(tq_max, p.q1 - p.q0) * g
         kt = self._buffer("_kt", hc * (d + 1) * nk)
         sbuf = self._buffer("_s", hc * rq_max * tk_max)
         rbuf = self._buffer("_r", hc * rq_max)
@@ -151,8 +153,8 @@ class OnlineSoftmax:
             _transpose_into(xp, kta[:, :d], k[z0:z1, p.k0:p.k1])
             kta[:, d] = 1
             vz = v[z0:z1, p.k0:p.k1]                                            # (Zc, nk, D)
-            for i0 in range(0, p.q1 - p.q0, self.tile_q):
-                i1 = min(i0 + self.tile_q, p.q1 - p.q0)
+            for i0 in range(0, p.q1 - p.q0, tq_max):
+                i1 = min(i0 + tq_max, p.q1 - p.q0)
                 rq = (i1 - i0) * g
                 rows = (slice(z0, z1), slice(p.q0 + i0, p.q0 + i1))
                 t = _Rows(rows, self.qa[rows].reshape(zc, rq, d + 1), self.l[rows].reshape(zc, rq),

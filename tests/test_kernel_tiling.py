@@ -132,8 +132,9 @@ def test_deterministic_and_on_tile_after_every_tile():
     calls = []
     out1, lse1, st = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", tile_q=16, tile_k=16,
                                 head_chunk=1, on_tile=lambda: calls.append(1))
-    # head chunks (2) x query tiles (16, 16, 8) x key tiles not past the diagonal (1, 2, 3)
-    assert len(calls) == 2 * (1 + 2 + 3)
+    # a diagonal piece uses half-height query tiles (tile_k / 2 = 8 rows):
+    # head chunks (2) x query tiles ending at 8, 16, 24, 32, 40 x key tiles of 16 not past the diagonal
+    assert len(calls) == 2 * (1 + 1 + 2 + 2 + 3)
     out2, lse2, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", tile_q=16, tile_k=16,
                                head_chunk=1)
     np.testing.assert_array_equal(out1, out2)
