@@ -288,6 +288,13 @@ def provenance(torch_note: str, torch) -> dict:
         info["blas"] = cfg.get("Build Dependencies", {}).get("blas", {}).get("openblas configuration")
     except TypeError:  # pragma: no cover - numpy < 1.25
         info["blas"] = None
+    try:   # the BLAS kernels picked at run time (DYNAMIC_ARCH builds): optional, as numpy.show_runtime does
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        info["blas_runtime"] = "threadpoolctl not installed"
+    else:
+        info["blas_runtime"] = [{k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                                for p in threadpool_info()]
     return info
 
 
