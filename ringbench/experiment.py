@@ -350,10 +350,10 @@ class Point:
         return self.flops() * (self.config.warmup + self.config.repeat)
 
     def label(self) -> str:
-        return " ".join(f"{k}={_fmt(v)}" for k, v in self.params.items())
+        return " ".join(f"{k}={fmt_value(v)}" for k, v in self.params.items())
 
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
@@ -530,7 +530,7 @@ def _expand(src: Source, exp: Experiment, origin: dict) -> None:
 
 
 def _label(params: dict) -> str:
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    return ", ".join(f"{k}={fmt_value(v)}" for k, v in params.items())
 
 
 def _value_path(exp: Experiment, origin: dict, key: str, params: dict) -> tuple:
