@@ -183,6 +183,7 @@ RESERVED_SBATCH = {"array": None, "job-name": "job_name", "output": None, "error
                    "qos": "qos", "time": "time", "constraint": "constraint", "gpus-per-node": "gpus_per_node",
                    "cpus-per-task": "cpus_per_task"}
 _SBATCH_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=\S.*)?$")
+_SHELL_META = ";&|<>`$(){}\\"
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -281,6 +282,11 @@ def _setup_line(src: Source, path: tuple, value) -> str:
     """A setup line is one simple command (words only): rendered re-quoted, so it cannot run anything else."""
     if not isinstance(value, str) or _has_control(value):
         raise src.error(path, f"expected a one-line command such as 'module load cuda', got {value!r}")
+    bad = sorted(set(value) & set(_SHELL_META))
+    if bad:
+        raise src.error(path, f"a setup line is one simple command; {''.join(bad)!r} is not allowed "
+                              f"(allowed: words, quotes, = / . - etc.; put anything more in a script and "
+                              f"'source' it), got {value!r}")
     try:
         words = shlex.split(value)
     except ValueError as exc:
