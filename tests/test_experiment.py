@@ -6,8 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, ringbench
+
 from ringbench import experiment
 from ringbench.config import point_id
 from ringbench.experiment import ExperimentError
