@@ -23,10 +23,11 @@ PROFILE = ROOT / "slurm" / "profiles" / "localcluster.yaml"
 
 
 def job(**kw) -> slurm.JobArray:
-    base = dict(experiment="scale", nranks=8, ntasks=3, job_name="rb-scale-P8", time="00:30:00",
-                snapshot=Path("/r/scale/experiment.yaml"), results=Path("/r"), tasks=Path("/r/scale/scripts/s-P8.tasks"),
-                script=Path("/r/scale/scripts/s-P8.sbatch"), logs=Path("/r/scale/logs"), workdir=Path("/home/u"),
-                python="/venv/bin/python", launcher="srun")
+    base = {"experiment": "scale", "nranks": 8, "ntasks": 3, "job_name": "rb-scale-P8", "time": "00:30:00",
+            "snapshot": Path("/r/scale/experiment.yaml"), "results": Path("/r"),
+            "tasks": Path("/r/scale/scripts/s-P8.tasks"), "script": Path("/r/scale/scripts/s-P8.sbatch"),
+            "logs": Path("/r/scale/logs"), "workdir": Path("/home/u"), "python": "/venv/bin/python",
+            "launcher": "srun"}
     base.update(kw)
     return slurm.JobArray(**base)
 
@@ -89,8 +90,8 @@ def test_script_body_quotes_every_value(tmp_path):
         "export UCX_TLS=rc,cuda_copy",
         "export NOTE='a b $(id)'",
         "export PYTHONPATH='/src/ring bench'${PYTHONPATH:+:$PYTHONPATH}",
-        "exec '/opt/my venv/bin/python' -m ringbench sweep '/r/it'\"'\"'s/experiment.yaml' --results /r "
-        "--launcher srun --tasks /r/scale/scripts/s-P8.tasks --task \"$SLURM_ARRAY_TASK_ID\" --force",
+        ("exec '/opt/my venv/bin/python' -m ringbench sweep '/r/it'\"'\"'s/experiment.yaml' --results /r "
+         "--launcher srun --tasks /r/scale/scripts/s-P8.tasks --task \"$SLURM_ARRAY_TASK_ID\" --force"),
     ]
     script = tmp_path / "s.sh"
     script.write_text(text)
@@ -130,6 +131,8 @@ def _slurm_conf() -> str:
 
 def _cluster_problem() -> str | None:
     env = dict(os.environ, SLURM_CONF=_slurm_conf())
+    if not Path(env["SLURM_CONF"]).is_file():
+        return f"no Slurm configuration at {env['SLURM_CONF']}"
     try:
         res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, env=env, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -200,7 +203,7 @@ def test_submit_wait_collect(tmp_path, cluster):
         assert r.status == "ok"
         assert r.check["passed"] and r.check["rel_err"] <= r.check["tol"]
         assert r.samples["total_s"].shape == (2, r.nranks)
-    assert all(" srun " in open(p).read() for p in (results / "e2e" / "logs").glob("*.log"))
+    assert all(" srun " in p.read_text() for p in (results / "e2e" / "logs").glob("*.log"))
     assert len(list((results / "e2e" / "logs").glob("rb-e2e-P2-*_*.out"))) == 4       # one per array task
 
     again = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
