@@ -80,16 +80,21 @@ up() {
         [ -f "$DIR/munge/munge.key" ] || mungekey -c -k "$DIR/munge/munge.key"
         chmod 600 "$DIR/munge/munge.key"
         if ! pid_alive "$DIR/munge/munged.pid"; then
-            munged -F --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
+            # munged daemonizes itself and writes its pid file
+            munged --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
                 --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
-                --seed-file="$DIR/munge/munged.seed" </dev/null >/dev/null 2>&1 &
-            echo $! > "$DIR/munge/munged.pid"
+                --seed-file="$DIR/munge/munged.seed" </dev/null >/dev/null 2>&1 \
+                || die "munged did not start; see $DIR/munge/munged.log"
             for _ in $(seq 50); do [ -S "$DIR/munge/munge.socket.2" ] && break; sleep 0.1; done
             [ -S "$DIR/munge/munge.socket.2" ] || die "munged did not start; see $DIR/munge/munged.log"
         fi
         write_conf
-        pid_alive "$DIR/slurmctld.pid" || setsid slurmctld -D -i -f "$CONF" </dev/null >>"$DIR/slurmctld.out" 2>&1 &
-        pid_alive "$DIR/slurmd.pid" || setsid slurmd -D -N localhost -f "$CONF" </dev/null >>"$DIR/slurmd.out" 2>&1 &
+        if ! pid_alive "$DIR/slurmctld.pid"; then
+            setsid slurmctld -D -i -f "$CONF" </dev/null >>"$DIR/slurmctld.out" 2>&1 &
+        fi
+        if ! pid_alive "$DIR/slurmd.pid"; then
+            setsid slurmd -D -N localhost -f "$CONF" </dev/null >>"$DIR/slurmd.out" 2>&1 &
+        fi
         local ok=""
         for _ in $(seq 300); do
             if is_up && sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then ok=1; break; fi
