@@ -163,8 +163,11 @@ def _experiment_command(name: str, argv: list[str], parser, body) -> int:
         ns = parser.parse_args(argv)
         exp, lay = _open_experiment(ns)
         return body(ns, exp, lay)
-    except (UsageError, ExperimentError, SlurmError, MergeError, SchemaError, ValueError) as exc:
+    except (UsageError, ExperimentError, SlurmError, MergeError, SchemaError) as exc:
         return fail(f"{PROG} {name}", str(exc))
+    except KeyboardInterrupt:
+        print(f"{PROG} {name}: interrupted", file=sys.stderr)
+        return 130
     except OSError as exc:
         return fail(f"{PROG} {name}", f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
 

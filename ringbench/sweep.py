@@ -33,7 +33,14 @@ import yaml
 
 import ringbench
 from ringbench import store
-from ringbench.experiment import Experiment, Point, SlurmSpec, default_time, fmt_value
+from ringbench.experiment import (
+    Experiment,
+    ExperimentError,
+    Point,
+    SlurmSpec,
+    default_time,
+    fmt_value,
+)
 
 TAIL_LINES = 20
 TAIL_CHARS = 2000
@@ -245,12 +252,12 @@ def read_tasks(path: Path, task: int, exp: Experiment) -> list[Point]:
     lines = [ln.split("#")[0].split() for ln in path.read_text().splitlines()]
     lines = [ln for ln in lines if ln]
     if not 0 <= task < len(lines):
-        raise ValueError(f"{path}: task {task} does not exist; the file lists tasks 0..{len(lines) - 1}")
+        raise ExperimentError(f"{path}: task {task} does not exist; the file lists tasks 0..{len(lines) - 1}")
     points = []
     for pid in lines[task]:
         p = exp.point(pid)
         if p is None:
-            raise ValueError(f"{path}: point {pid} of task {task} is not in experiment {exp.name}")
+            raise ExperimentError(f"{path}: point {pid} of task {task} is not in experiment {exp.name}")
         points.append(p)
     return points
 
@@ -312,6 +319,8 @@ def plan_text(exp: Experiment, lay: Layout) -> str:
     head = [(f"experiment {exp.name} ({exp.path}): {len(exp.points)} points, {exp.excluded} excluded; "
              f"estimated work {work / 1e9:.3g} GFLOP (warm-ups and repeats)"),
             f"  results: {lay.collected} (per point: {lay.parts}/<id>.h5)"]
+    if exp.description:
+        head.insert(1, f"  {exp.description}")
     if exp.slurm is not None:
         arrays = ", ".join(f"P={n} x {len(tasks)} task(s)" for n, tasks in _shapes(exp, exp.points).items())
         prof = f" (profile {exp.slurm.profile})" if exp.slurm.profile else ""
