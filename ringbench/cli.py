@@ -176,7 +176,11 @@ def cmd_plan(argv: list[str]) -> int:
     """Show an experiment's points (id, ranks, parameters, estimated work); run nothing."""
     from ringbench import sweep
     p = _experiment_parser("plan", "Expand an experiment file into its points and show them; nothing runs.")
-    return _experiment_command("plan", argv, p, lambda ns, exp, lay: print(sweep.plan_text(exp, lay)) or 0)
+
+    def body(ns, exp, lay):
+        print(sweep.plan_text(exp, lay))
+        return 0
+    return _experiment_command("plan", argv, p, body)
 
 
 def cmd_sweep(argv: list[str]) -> int:
@@ -216,10 +220,14 @@ def cmd_submit(argv: list[str]) -> int:
         lay.make()
         sweep.write_snapshot(exp, lay)
         points, skipped = sweep.todo(exp, lay, exp.points, ns.force)
+        queued = sweep.queued_points(lay)
+        waiting = [p for p in points if p.id in queued]
+        points = [p for p in points if p.id not in queued]
+        print(f"submit {exp.name}: {len(points)} points to run, {skipped} already stored, "
+              f"{len(waiting)} already queued or running")
         if not points:
-            print(f"submit {exp.name}: all {skipped} points are stored; nothing to submit (--force reruns them)")
+            print(f"submit {exp.name}: nothing to submit (--force reruns stored points)")
             return 0
-        print(f"submit {exp.name}: {len(points)} points to run, {skipped} already stored")
         return sweep.submit_arrays(exp, lay, points, dry_run=ns.dry_run, force=ns.force, workdir=Path.cwd())
     return _experiment_command("submit", argv, p, body)
 
@@ -228,7 +236,11 @@ def cmd_status(argv: list[str]) -> int:
     """Show which points of an experiment are done, failed, running or pending."""
     from ringbench import sweep
     p = _experiment_parser("status", "State of every point: from the result files and one squeue call.")
-    return _experiment_command("status", argv, p, lambda ns, exp, lay: print(sweep.status_text(exp, lay)) or 0)
+
+    def body(ns, exp, lay):
+        print(sweep.status_text(exp, lay))
+        return 0
+    return _experiment_command("status", argv, p, body)
 
 
 def cmd_collect(argv: list[str]) -> int:

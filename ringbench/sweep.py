@@ -421,16 +421,36 @@ def _installed(root: Path) -> bool:
     return root in paths
 
 
+QUEUED = ("PENDING", "REQUEUED", "SUSPENDED", "CONFIGURING", "RUNNING", "COMPLETING")
+RUNNING = ("CONFIGURING", "RUNNING", "COMPLETING")
+
+
+def _submitted(jobs: list[dict]) -> dict[str, tuple[str, int]]:
+    """Each submitted point's latest (job id, array task)."""
+    where = {}
+    for job in jobs:
+        for k, ids in enumerate(job["points"]):
+            for pid in ids:
+                where[pid] = (job["job_id"], k)
+    return where
+
+
+def queued_points(lay: Layout) -> set[str]:
+    """Points whose latest array task is still pending or running (so submit does not queue them twice)."""
+    from ringbench import slurm
+    jobs = load_jobs(lay)
+    if not jobs:
+        return set()
+    queued = slurm.queue(sorted({j["job_id"] for j in jobs}, key=int))
+    return {pid for pid, job in _submitted(jobs).items() if queued.get(job) in QUEUED}
+
+
 def status_text(exp: Experiment, lay: Layout) -> str:
     """Each point's state: done, failed, running, pending (in the queue), missing (submitted, gone), not run."""
     from ringbench import slurm
     state = stored(exp, lay)
     jobs = load_jobs(lay)
-    where: dict[str, tuple[str, int]] = {}          # point -> (job id, array task) of its latest submission
-    for job in jobs:
-        for k, ids in enumerate(job["points"]):
-            for pid in ids:
-                where[pid] = (job["job_id"], k)
+    where = _submitted(jobs)
     note = ""
     try:
         queued = slurm.queue(sorted({j["job_id"] for j in jobs}, key=int))
@@ -440,8 +460,8 @@ def status_text(exp: Experiment, lay: Layout) -> str:
     for p in exp.points:
         run, job = state.get(p.id), where.get(p.id)
         q = queued.get(job) if job else None
-        if q in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"):
-            word = "pending" if q in ("PENDING", "REQUEUED", "SUSPENDED") else "running"
+        if q in QUEUED:
+            word = "running" if q in RUNNING else "pending"
             detail = f"job {job[0]}_{job[1]} {q.lower()}" + (" (retry)" if run is not None else "")
         elif run is not None:
             word = _state_word(run)

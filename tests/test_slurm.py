@@ -188,6 +188,8 @@ def test_submit_wait_collect(tmp_path, cluster):
     res = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("submitted job") == 2                  # one array per rank count
+    queued = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
+    assert queued.returncode == 0 and "nothing to submit" in queued.stdout      # not queued twice
     wait_for_jobs(results / "e2e" / "jobs.json", cluster)
 
     status = ringbench("status", exp, "--results", results, env=cluster, cwd=tmp_path)
