@@ -220,7 +220,7 @@ def cmd_submit(argv: list[str]) -> int:
         lay.make()
         sweep.write_snapshot(exp, lay)
         points, skipped = sweep.todo(exp, lay, exp.points, ns.force)
-        queued = sweep.queued_points(lay)
+        queued = set() if ns.dry_run else sweep.queued_points(lay)
         waiting = [p for p in points if p.id in queued]
         points = [p for p in points if p.id not in queued]
         print(f"submit {exp.name}: {len(points)} points to run, {skipped} already stored, "

@@ -104,6 +104,15 @@ def check_writable(path) -> str | None:
 
 def append(path, run: Run) -> str:
     """Add ``run`` to the result file ``path`` (created if missing); returns the group name used."""
+    with rewriting(path) as f:
+        name = _free_name(f["runs"], run.point_id)
+        _write_run(f["runs"].create_group(name), run)
+    return name
+
+
+@contextlib.contextmanager
+def rewriting(path):
+    """An open copy of the result file ``path`` (new if missing) that replaces it atomically on success."""
     path = Path(path)
     with locked(path):
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
@@ -114,8 +123,7 @@ def append(path, run: Run) -> str:
                 shutil.copyfile(path, tmp)
             with h5py.File(tmp, "a") as f:
                 _init_root(f)
-                name = _free_name(f["runs"], run.point_id)
-                _write_run(f["runs"].create_group(name), run)
+                yield f
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -123,7 +131,6 @@ def append(path, run: Run) -> str:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-    return name
 
 
 def failed_run(point_id: str, nranks: int, config: dict, error: str, provenance: dict | None = None) -> Run:
@@ -155,46 +162,26 @@ def merge(dest, sources) -> tuple[int, int]:
     incompatible one and nothing is written. Returns (runs added, runs already present).
     """
     dest = Path(dest)
-    for src in [dest] if dest.exists() else []:
-        _compatible(src)
-    for src in sources:
-        _compatible(src)
-    added = present = 0
-    with locked(dest):
-        fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent or ".")
-        os.close(fd)
+    for path in ([dest] if dest.exists() else []) + list(sources):
         try:
-            if dest.exists():
-                shutil.copyfile(dest, tmp)
-            with h5py.File(tmp, "a") as out:
-                _init_root(out)
-                runs = out["runs"]
-                have = {_fingerprint(g) for g in runs.values()}
-                for src in sources:
-                    with h5py.File(src, "r") as f:
-                        for g in f["runs"].values():
-                            fp = _fingerprint(g)
-                            if fp in have:
-                                present += 1
-                                continue
-                            f.copy(g, runs, name=_free_name(runs, str(g.attrs["point_id"])))
-                            have.add(fp)
-                            added += 1
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            check_file(path)
+        except SchemaError as exc:
+            raise MergeError(f"cannot merge: {exc}") from None
+    added = present = 0
+    with rewriting(dest) as out:
+        runs = out["runs"]
+        have = {_fingerprint(g) for g in runs.values()}
+        for src in sources:
+            with h5py.File(src, "r") as f:
+                for g in f["runs"].values():
+                    fp = _fingerprint(g)
+                    if fp in have:
+                        present += 1
+                        continue
+                    f.copy(g, runs, name=_free_name(runs, str(g.attrs["point_id"])))
+                    have.add(fp)
+                    added += 1
     return added, present
-
-
-def _compatible(path) -> None:
-    try:
-        check_file(path)
-    except SchemaError as exc:
-        raise MergeError(f"cannot merge: {exc}") from None
 
 
 def _init_root(f: h5py.File) -> None:
