@@ -6,6 +6,6 @@
 # each with `$launcher`; results go to $parts/<point-id>.h5.
 # Resubmit by hand with `sbatch $script`: points already stored are skipped.
 $sbatch
-set -euo pipefail
+set -eo pipefail     # not -u: site setup (module, venv activate) often reads unset variables
 $setup
 exec $command
