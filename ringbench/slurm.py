@@ -80,7 +80,11 @@ def render(job: JobArray, spec, template: str, version: str, utc: str) -> str:
         "sbatch": "\n".join(f"#SBATCH {o}" for o in sbatch_options(job, spec)),
         "setup": "\n".join(setup), "command": " ".join(command),
     }
-    return string.Template(template).substitute(values)
+    try:
+        return string.Template(template).substitute(values)
+    except (KeyError, ValueError) as exc:
+        raise SlurmError(f"job script template: bad placeholder {exc}; allowed: "
+                         f"{', '.join('$' + k for k in values)} ($$ for a literal $)") from None
 
 
 def sbatch_lines(script: str) -> set[str]:

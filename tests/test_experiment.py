@@ -288,3 +288,11 @@ def test_error_in_profile_names_the_profile(tmp_path):
 def test_slurm_values_reaching_a_shell_are_validated(tmp_path, slurm, expected):
     msg = error_of(tmp_path, f"name: x\nslurm:\n  {slurm}\n")
     assert f"FILE:3: {expected}" in msg
+
+
+def test_template_path_is_relative_to_the_file_naming_it(tmp_path):
+    (tmp_path / "site.sbatch.sh").write_text("#!/bin/bash\n$sbatch\n$setup\nexec $command\n")
+    path = write(tmp_path, "name: x\nslurm: {template: site.sbatch.sh}\n")
+    assert experiment.load(path).slurm.template == str(tmp_path / "site.sbatch.sh")
+    msg = error_of(tmp_path, "name: x\nslurm: {template: nope.sh}\n")
+    assert msg.startswith("FILE:2: slurm.template: template 'nope.sh' not found")

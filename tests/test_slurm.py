@@ -228,3 +228,8 @@ def test_sbatch_failure_shows_sbatch_message(tmp_path, cluster):
     assert line.startswith("ringbench submit: sbatch failed for ")
     assert "invalid partition" in line.lower()
     assert not (tmp_path / "results" / "badpart" / "jobs.json").exists()
+
+
+def test_template_with_unknown_placeholder_is_one_line_error():
+    with pytest.raises(slurm.SlurmError, match=r"bad placeholder 'HOME'; allowed: \$experiment"):
+        slurm.render(job(), SlurmSpec(), "#!/bin/bash\necho $HOME\n", "0.1.0", "now")
