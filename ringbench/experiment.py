@@ -412,6 +412,52 @@ class Experiment:
         return None
 
 
+def _entries(src: Source, data: dict, key: str) -> list[tuple[tuple, dict]]:
+    """The items of a list-of-mappings key (zip, exclude) with their key paths; none may be empty."""
+    raw = data.get(key)
+    out = []
+    for i, item in enumerate(_list(src, (key,), raw) if raw is not None else []):
+        item = _mapping(src, (key, i), item, SWEEP_KEYS)
+        if not item:
+            raise src.error((key, i), "expected a non-empty mapping")
+        out.append(((key, i), item))
+    return out
+
+
+def _load_zip(src: Source, data: dict, origin: dict) -> list[dict]:
+    """Zip groups: lists of one group advance together, so they must have the same length."""
+    groups = []
+    for gpath, group in _entries(src, data, "zip"):
+        resolved, first = {}, None
+        for key, values in group.items():
+            if key in origin and origin[key][0] != "base":
+                raise src.error(gpath + (key,), f"{key} is already swept in {fmt_path(origin[key])}")
+            resolved[key] = _axis_values(src, gpath + (key,), key, values)
+            origin[key] = gpath + (key,)
+            if first is None:
+                first = key
+            elif len(resolved[key]) != len(resolved[first]):
+                raise src.error(gpath + (key,), f"has {len(resolved[key])} values but {first} has "
+                                                f"{len(resolved[first])}: zip lists vary together and must "
+                                                f"have the same length")
+        groups.append(resolved)
+    return groups
+
+
+def _load_exclude(src: Source, data: dict) -> list[dict]:
+    """Exclude rules: key -> the values (one, or a list) a point must have to be left out."""
+    rules = []
+    for path, rule in _entries(src, data, "exclude"):
+        values = {}
+        for k, v in rule.items():
+            if isinstance(v, list):
+                values[k] = [_value(src, path + (k, i), k, x) for i, x in enumerate(v)]
+            else:
+                values[k] = [_value(src, path + (k,), k, v)]
+        rules.append(values)
+    return rules
+
+
 def load(path, text: str | None = None) -> Experiment:
     """Read, validate and expand an experiment file; ExperimentError (one line) on any problem."""
     src = Source(path, text)
@@ -436,25 +482,7 @@ def load(path, text: str | None = None) -> Experiment:
     for key, values in _mapping(src, ("matrix",), data.get("matrix"), SWEEP_KEYS).items():
         matrix[key] = _axis_values(src, ("matrix", key), key, values)
         origin[key] = ("matrix", key)
-    groups = []
-    zdata = data.get("zip")
-    for gi, group in enumerate(_list(src, ("zip",), zdata) if zdata is not None else []):
-        gpath = ("zip", gi)
-        group = _mapping(src, gpath, group, SWEEP_KEYS)
-        if not group:
-            raise src.error(gpath, "expected a mapping of keys to equal-length lists")
-        resolved, length = {}, None
-        for key, values in group.items():
-            if key in origin and origin[key][0] != "base":
-                raise src.error(gpath + (key,), f"{key} is already swept in {fmt_path(origin[key])}")
-            resolved[key] = _axis_values(src, gpath + (key,), key, values)
-            if length is None:
-                length, first = len(resolved[key]), key
-            elif len(resolved[key]) != length:
-                raise src.error(gpath + (key,), f"has {len(resolved[key])} values but {first} has {length}: "
-                                                f"zip lists vary together and must have the same length")
-            origin[key] = gpath + (key,)
-        groups.append(resolved)
+    groups = _load_zip(src, data, origin)
 
     ranks = None
     if RANKS in origin:
@@ -469,16 +497,7 @@ def load(path, text: str | None = None) -> Experiment:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise src.error(("timeout",), f"expected a positive number of seconds, got {timeout!r}")
 
-    exclude = []
-    edata = data.get("exclude")
-    for ri, rule in enumerate(_list(src, ("exclude",), edata) if edata is not None else []):
-        rpath = ("exclude", ri)
-        rule = _mapping(src, rpath, rule, SWEEP_KEYS)
-        if not rule:
-            raise src.error(rpath, "expected a mapping of keys to the value (or list of values) to leave out")
-        exclude.append({k: [_value(src, rpath + (k,) + ((i,) if isinstance(v, list) else ()), k, x)
-                            for i, x in enumerate(v if isinstance(v, list) else [v])]
-                        for k, v in rule.items()})
+    exclude = _load_exclude(src, data)
 
     slurm = load_slurm(src, data["slurm"]) if data.get("slurm") is not None else None
     exp = Experiment(name=name, path=str(path), description=description, base=base, matrix=matrix, zip=groups,
@@ -504,16 +523,15 @@ def _expand(src: Source, exp: Experiment, origin: dict) -> None:
         params = {}
         for part in combo:
             params.update(part)
-        full = {**exp.base, **params}
-        hits = [i for i, rule in enumerate(exp.exclude)
-                if all(full.get(k, getattr(RunConfig(), k, None)) in vs for k, vs in rule.items())]
+        nranks = params[RANKS]
+        cfg = RunConfig.from_dict({k: v for k, v in {**exp.base, **params}.items() if k != RANKS})
+        values = {**cfg.to_dict(), RANKS: nranks}           # kv_heads resolved, as in the point id
+        hits = [i for i, rule in enumerate(exp.exclude) if all(values[k] in vs for k, vs in rule.items())]
         if hits:
             for i in hits:
                 used[i] = True
             exp.excluded += 1
             continue
-        nranks = params[RANKS]
-        cfg = RunConfig.from_dict({k: v for k, v in full.items() if k != RANKS})
         problems = check(cfg, nranks)
         if problems:
             key, message = problems[0]
