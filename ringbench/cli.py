@@ -1,6 +1,11 @@
 """Command line: a dispatch table of small command functions.
 
     ringbench run ...            one ring-attention run (under mpiexec -n P)
+    ringbench plan FILE          the points of an experiment file, nothing run
+    ringbench sweep FILE         run an experiment's points here (resumable)
+    ringbench submit FILE        run them as Slurm job arrays
+    ringbench status FILE|DIR    done / failed / pending points of an experiment
+    ringbench collect FILE|DIR   merge the per-point result files into one
 
 Every user error is one line on stderr (from rank 0 only under MPI) and exit status 2.
 """
@@ -9,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from ringbench.config import (
     BACKENDS,
@@ -131,10 +138,144 @@ def cmd_run(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# experiments: plan, sweep, submit, status, collect (ringbench.experiment, ringbench.sweep, ringbench.slurm)
+# ---------------------------------------------------------------------------------------------
+def _experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} {name}", description=description)
+    p.add_argument("experiment", metavar="FILE",
+                   help="experiment file (experiments/*.yaml), or its results directory (results/NAME)")
+    p.add_argument("--results", metavar="DIR", default="results",
+                   help="results directory: NAME.h5 and NAME/ go here (default: results)")
+    return p
+
+
+def _open_experiment(ns: argparse.Namespace):
+    """The experiment and its result layout; a results directory names its resolved experiment.yaml."""
+    from ringbench.experiment import ExperimentError, load
+    from ringbench.sweep import Layout
+    path, results = Path(ns.experiment), Path(ns.results)
+    if path.is_dir():
+        if not (path / "experiment.yaml").is_file():
+            raise ExperimentError(f"{path}: not an experiment results directory (no experiment.yaml)")
+        path, results = path / "experiment.yaml", path.parent
+    exp = load(path)
+    return exp, Layout(results, exp.name)
+
+
+def _experiment_command(name: str, argv: list[str], parser, body) -> int:
+    """Parse, load the experiment, run ``body(ns, exp, layout)``; user errors are one line and status 2."""
+    from ringbench.experiment import ExperimentError
+    from ringbench.slurm import SlurmError
+    from ringbench.store import MergeError, SchemaError
+    try:
+        ns = parser.parse_args(argv)
+        exp, lay = _open_experiment(ns)
+        return body(ns, exp, lay)
+    except (UsageError, ExperimentError, SlurmError, MergeError, SchemaError) as exc:
+        return fail(f"{PROG} {name}", str(exc))
+    except KeyboardInterrupt:
+        print(f"{PROG} {name}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        return fail(f"{PROG} {name}", f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+
+
+def cmd_plan(argv: list[str]) -> int:
+    """Show an experiment's points (id, ranks, parameters, estimated work); run nothing."""
+    from ringbench import sweep
+    p = _experiment_parser("plan", "Expand an experiment file into its points and show them; nothing runs.")
+
+    def body(ns, exp, lay):
+        print(sweep.plan_text(exp, lay))
+        return 0
+    return _experiment_command("plan", argv, p, body)
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    """Run an experiment's points on this machine, each under mpiexec -n P (resumable)."""
+    from ringbench import sweep
+    p = _experiment_parser("sweep", "Run the points not yet stored, one subprocess each; failures are recorded "
+                                    "and the sweep goes on. Rerunning retries failed and missing points.")
+    p.add_argument("--force", action="store_true", help="rerun points already stored")
+    p.add_argument("--launcher", choices=("mpiexec", "srun"), default="mpiexec",
+                   help="how ranks start (default mpiexec; srun inside a Slurm job)")
+    p.add_argument("--tasks", metavar="FILE", help="run only one array task's points (line --task of FILE)")
+    p.add_argument("--task", type=int, metavar="K", help="the array task (with --tasks), counting from 0")
+
+    def body(ns, exp, lay):
+        if (ns.tasks is None) != (ns.task is None):
+            raise UsageError("--tasks and --task go together")
+        points = exp.points if ns.tasks is None else sweep.read_tasks(Path(ns.tasks), ns.task, exp)
+        if ns.launcher == "mpiexec" and not shutil.which(sweep.launch_prefix("mpiexec", 1, exp.slurm)[0]):
+            raise UsageError(f"mpiexec not found ({sweep.default_mpiexec()}): pip install -e '.[mpich]'")
+        lay.make()
+        if ns.tasks is None:            # a job array task runs the resolved copy itself
+            sweep.write_snapshot(exp, lay)
+        return sweep.run_sweep(exp, lay, points, launcher=ns.launcher, force=ns.force,
+                               collect_after=ns.tasks is None)
+    return _experiment_command("sweep", argv, p, body)
+
+
+def cmd_submit(argv: list[str]) -> int:
+    """Submit an experiment's points to Slurm: one job array per rank count."""
+    from ringbench import sweep
+    p = _experiment_parser("submit", "Render sbatch scripts (one job array per rank count) beside the results, "
+                                     "submit them with sbatch --parsable and record the job ids.")
+    p.add_argument("--dry-run", action="store_true", help="write the scripts, submit nothing")
+    p.add_argument("--force", action="store_true", help="rerun points already stored")
+
+    def body(ns, exp, lay):
+        lay.make()
+        sweep.write_snapshot(exp, lay)
+        points, skipped = sweep.todo(exp, lay, exp.points, ns.force)
+        queued = set() if ns.dry_run else sweep.queued_points(lay)
+        waiting = [p for p in points if p.id in queued]
+        points = [p for p in points if p.id not in queued]
+        print(f"submit {exp.name}: {len(points)} points to run, {skipped} already stored, "
+              f"{len(waiting)} already queued or running")
+        if not points:
+            print(f"submit {exp.name}: nothing to submit (--force reruns stored points)")
+            return 0
+        return sweep.submit_arrays(exp, lay, points, dry_run=ns.dry_run, force=ns.force, workdir=Path.cwd())
+    return _experiment_command("submit", argv, p, body)
+
+
+def cmd_status(argv: list[str]) -> int:
+    """Show which points of an experiment are done, failed, running or pending."""
+    from ringbench import sweep
+    p = _experiment_parser("status", "State of every point: from the result files and one squeue call.")
+
+    def body(ns, exp, lay):
+        print(sweep.status_text(exp, lay))
+        return 0
+    return _experiment_command("status", argv, p, body)
+
+
+def cmd_collect(argv: list[str]) -> int:
+    """Merge an experiment's per-point result files into one file (idempotent)."""
+    from ringbench import sweep
+    p = _experiment_parser("collect", "Merge results/NAME/parts/*.h5 into results/NAME.h5; runs already "
+                                      "there are not copied again.")
+
+    def body(ns, exp, lay):
+        files, added, present = sweep.collect(lay)
+        if not files:
+            raise UsageError(f"no result files in {lay.parts}: run or submit the experiment first")
+        print(f"collect {exp.name}: {files} files, {added} runs added, {present} already in {lay.collected}")
+        return 0
+    return _experiment_command("collect", argv, p, body)
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
 COMMANDS = {
     "run": cmd_run,
+    "plan": cmd_plan,
+    "sweep": cmd_sweep,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "collect": cmd_collect,
 }
 
 

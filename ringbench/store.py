@@ -15,6 +15,13 @@ Schema version 1 (``SCHEMA_VERSION``), documented in the README::
         check               attrs (with --check): max_abs_err, rel_err, tol, passed
         tensors/            (with --save-tensors) q, k, v, out in global token order, (B, N, H|H_kv, D)
 
+A run that could not complete (non-zero exit, timeout, killed) is stored by the sweep as a run with
+status "failed", its error (exit status and the tail of its output) and no samples (``failed_run``).
+
+``merge`` copies the runs of several compatible files (same format and schema version) into one; a run
+already in the destination (same point id, creation time, status, config and provenance) is not copied
+twice, so merging again is a no-op.
+
 Writing never damages runs already in a file: the new run is written into a copy that replaces the file
 with an atomic rename, under an exclusive lock on ``FILE.lock``, so a crash mid-write leaves the earlier
 runs readable and concurrent writers on one machine take turns.
@@ -97,6 +104,15 @@ def check_writable(path) -> str | None:
 
 def append(path, run: Run) -> str:
     """Add ``run`` to the result file ``path`` (created if missing); returns the group name used."""
+    with rewriting(path) as f:
+        name = _free_name(f["runs"], run.point_id)
+        _write_run(f["runs"].create_group(name), run)
+    return name
+
+
+@contextlib.contextmanager
+def rewriting(path):
+    """An open copy of the result file ``path`` (new if missing) that replaces it atomically on success."""
     path = Path(path)
     with locked(path):
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
@@ -107,8 +123,7 @@ def append(path, run: Run) -> str:
                 shutil.copyfile(path, tmp)
             with h5py.File(tmp, "a") as f:
                 _init_root(f)
-                name = _free_name(f["runs"], run.point_id)
-                _write_run(f["runs"].create_group(name), run)
+                yield f
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -116,7 +131,57 @@ def append(path, run: Run) -> str:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-    return name
+
+
+def failed_run(point_id: str, nranks: int, config: dict, error: str, provenance: dict | None = None) -> Run:
+    """The record of a run that did not complete: status "failed", the error, no samples."""
+    import socket
+    import time
+
+    import ringbench
+    utc = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    prov = {"ringbench": ringbench.__version__, "schema_version": SCHEMA_VERSION, "hosts": [socket.gethostname()],
+            "utc": utc}
+    prov.update(provenance or {})
+    return Run(point_id=point_id, nranks=nranks, config=config, provenance=prov, status="failed",
+               error=error or "failed", created_utc=utc)
+
+
+class MergeError(Exception):
+    """Files that cannot be merged; the text is one line."""
+
+
+def _fingerprint(g: h5py.Group) -> tuple:
+    return tuple(str(g.attrs.get(k, "")) for k in ("point_id", "created_utc", "status", "config", "provenance"))
+
+
+def merge(dest, sources) -> tuple[int, int]:
+    """Copy every run of ``sources`` into ``dest`` (created if missing), skipping runs already there.
+
+    All files must be ringbench result files of this schema version, otherwise MergeError names the first
+    incompatible one and nothing is written. Returns (runs added, runs already present).
+    """
+    dest = Path(dest)
+    for path in ([dest] if dest.exists() else []) + list(sources):
+        try:
+            check_file(path)
+        except SchemaError as exc:
+            raise MergeError(f"cannot merge: {exc}") from None
+    added = present = 0
+    with rewriting(dest) as out:
+        runs = out["runs"]
+        have = {_fingerprint(g) for g in runs.values()}
+        for src in sources:
+            with h5py.File(src, "r") as f:
+                for g in f["runs"].values():
+                    fp = _fingerprint(g)
+                    if fp in have:
+                        present += 1
+                        continue
+                    f.copy(g, runs, name=_free_name(runs, str(g.attrs["point_id"])))
+                    have.add(fp)
+                    added += 1
+    return added, present
 
 
 def _init_root(f: h5py.File) -> None:
@@ -223,6 +288,33 @@ def _py(v):
     if isinstance(v, bytes):
         return v.decode()
     return v
+
+
+def latest(path) -> dict[str, Run]:
+    """The most recent run of each point in ``path`` (attributes only, no samples): the point's state."""
+    if not Path(path).exists():
+        return {}
+    check_file(path)
+    out: dict[str, Run] = {}
+    with h5py.File(path, "r") as f:
+        for name, g in f["runs"].items():
+            run = Run(point_id=str(g.attrs["point_id"]), nranks=int(g.attrs["nranks"]), config={}, provenance={},
+                      status=str(g.attrs.get("status", "ok")), error=str(g.attrs.get("error", "")),
+                      created_utc=str(g.attrs.get("created_utc", "")), name=name, path=str(path))
+            if "summary" in g:
+                run.summary = {k: _py(v) for k, v in g["summary"].attrs.items()}
+            if "check" in g:
+                run.check = {k: _py(v) for k, v in g["check"].attrs.items()}
+            old = out.get(run.point_id)
+            if old is None or _order(run) > _order(old):
+                out[run.point_id] = run
+    return out
+
+
+def _order(run: Run) -> tuple:
+    """Later runs sort higher: by creation time, then by the ~k suffix that append gives repeats."""
+    _, _, k = run.name.partition("~")
+    return (run.created_utc, int(k) if k.isdigit() else 1)
 
 
 def point_ids(path, status: str | None = "ok") -> set[str]:
