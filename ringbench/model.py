@@ -53,7 +53,7 @@ class Shape:
     mode: str = "overlap"
 
     @classmethod
-    def from_config(cls, config: dict, nranks: int) -> "Shape":
+    def from_config(cls, config: dict, nranks: int) -> Shape:
         heads = int(config["heads"])
         kv = config.get("kv_heads")
         return cls(nranks=int(nranks), seq_len=int(config["seq_len"]), batch=int(config["batch"]), heads=heads,
@@ -65,7 +65,7 @@ class Shape:
     def n_local(self) -> int:
         return self.seq_len // self.nranks
 
-    def with_(self, **kw) -> "Shape":
+    def with_(self, **kw) -> Shape:
         d = dict(self.__dict__)
         d.update(kw)
         return Shape(**d)
@@ -78,7 +78,8 @@ class Calibration:
     rates: {nranks: [(full-block FLOPs, per-rank FLOP/s), ...]}: the compute rate as a function of block
     size (interpolated in log FLOPs, clamped at the ends); links: {nranks: (latency_s, bandwidth_Bps)}.
     A rank count with no entry uses the nearest one stored (ties: the larger). causal_rates, if given,
-    replace rates for causal runs (masked tiles run at a different rate than full ones).
+    {layout: {nranks: points}}, replace rates for causal runs of that layout (masked tiles run at another rate
+    than full ones, and each layout masks differently); a layout with no entry uses the pooled causal points.
     """
 
     rates: dict
@@ -88,11 +89,13 @@ class Calibration:
     notes: list = field(default_factory=list)
 
     @classmethod
-    def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given") -> "Calibration":
+    def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given") -> Calibration:
         return cls(rates={1: [(1.0, float(rate))]}, links={1: (float(latency), float(bandwidth))}, source=source)
 
-    def rate(self, block_flops: float, nranks: int, causal: bool = False) -> float:
-        table = self.causal_rates if causal and self.causal_rates else self.rates
+    def rate(self, block_flops: float, nranks: int, causal: bool = False, layout: str = "") -> float:
+        table = self.rates
+        if causal and self.causal_rates:
+            table = self.causal_rates.get(layout) or self.causal_rates.get("*") or table
         pts = sorted(table[_nearest(table, nranks)])
         x = np.log([max(w, 1.0) for w, _ in pts])
         y = np.array([r for _, r in pts], dtype=np.float64)
@@ -162,7 +165,7 @@ class Prediction:
 def predict(shape: Shape, cal: Calibration) -> Prediction:
     """Per-step compute, communication, exposed time and the pass time (module docstring)."""
     P = shape.nranks
-    rate = cal.rate(full_block_flops(shape), P, shape.causal)
+    rate = cal.rate(full_block_flops(shape), P, shape.causal, shape.layout)
     latency, bandwidth = cal.link(P)
     compute = step_work(shape) / rate                         # (P, P)
     busiest = compute.max(axis=0)                             # (P,) per step
@@ -211,7 +214,7 @@ def crossover_tokens(shape: Shape, cal: Calibration, *, iterations: int = 3) -> 
     b = 2 * shape.batch * shape.kv_heads * shape.head_dim * ITEMSIZE[shape.dtype] / bandwidth
     n = float(shape.n_local)
     for _ in range(iterations):
-        rate = cal.rate(flops(shape.batch, shape.heads, shape.head_dim, n * n), P, shape.causal)
+        rate = cal.rate(flops(shape.batch, shape.heads, shape.head_dim, n * n), P, shape.causal, shape.layout)
         a = 4 * shape.batch * shape.heads * shape.head_dim * f / rate
         n = crossover_closed_form(a, b, latency)
     return n
@@ -226,23 +229,25 @@ def crossover_closed_form(a: float, b: float, latency: float) -> float:
 # Calibration from measurements
 # ---------------------------------------------------------------------------------------------
 def fit_link(nbytes, seconds) -> tuple[float, float]:
-    """(latency, bandwidth) of t = latency + bytes / bandwidth by least squares.
+    """(latency, bandwidth) of t = latency + bytes / bandwidth, least squares on relative residuals.
 
-    One message size, or a fit with a negative intercept: latency 0 and a fit through the origin.
+    Relative residuals ((fit - t) / t) let 8-byte and 16-MiB messages weigh alike, so the latency comes from
+    the small messages and the bandwidth from the large ones. One message size, or a fit with a negative
+    intercept: latency 0 and a fit through the origin.
     """
     m = np.asarray(nbytes, dtype=np.float64)
     t = np.asarray(seconds, dtype=np.float64)
     if len(np.unique(m)) >= 2:
-        slope, icpt = np.polyfit(m, t, 1)
+        slope, icpt = np.polyfit(m, t, 1, w=1.0 / t)
         if slope > 0 and icpt >= 0:
             return float(icpt), float(1.0 / slope)
-    slope = float((m * t).sum() / (m * m).sum())
+    slope = float(np.median(t / m))
     return 0.0, (1.0 / slope if slope > 0 else math.inf)
 
 
 def calibrate_from_runs(runs) -> Calibration:
     """Compute rate from compute_s samples and link parameters from comm_only_s, per rank count."""
-    tables: dict = {False: {}, True: {}}
+    tables: dict = {"full": {}}
     link_pts: dict = {}
     for run in runs:
         if run.status != "ok" or "compute_s" not in run.samples:
@@ -251,16 +256,18 @@ def calibrate_from_runs(runs) -> Calibration:
         work = step_work(shape).sum(axis=1)                                   # (P,)
         busy = np.median(np.asarray(run.samples["compute_s"]).sum(axis=2), axis=0)   # (P,)
         if busy.sum() > 0:
-            tables[shape.causal].setdefault(run.nranks, []).append(
-                (full_block_flops(shape), float(work.sum() / busy.sum())))
+            point = (full_block_flops(shape), float(work.sum() / busy.sum()))
+            for kind in (shape.layout, "*") if shape.causal else ("full",):
+                tables.setdefault(kind, {}).setdefault(run.nranks, []).append(point)
         alone = np.asarray(run.samples.get("comm_only_s", np.zeros((0,))))
         if run.nranks > 1 and alone.size:
             link_pts.setdefault(run.nranks, []).append((block_bytes(shape), float(np.median(alone))))
-    if not tables[False] and not tables[True]:
+    if len(tables) == 1 and not tables["full"]:
         raise ValueError("no successful runs with timing samples to calibrate from")
-    rates, causal = ({p: _merge_points(v) for p, v in tables[c].items()} for c in (False, True))
+    merged = {kind: {p: _merge_points(v) for p, v in t.items()} for kind, t in tables.items()}
+    rates = merged.pop("full") or merged["*"]
     links = {p: fit_link([m for m, _ in v], [t for _, t in v]) for p, v in link_pts.items()}
-    return Calibration(rates=rates or causal, links=links, causal_rates=causal,
+    return Calibration(rates=rates, links=links, causal_rates=merged,
                        source="fitted to the runs' own samples (compute_s, comm_only_s)")
 
 

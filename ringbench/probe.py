@@ -13,7 +13,6 @@ The result is a /probes/<name> group of the result file (see ringbench.store).
 
 from __future__ import annotations
 
-import datetime as _dt
 import socket
 from dataclasses import asdict, dataclass
 
@@ -75,7 +74,7 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
     out = np.zeros((len(opts.block_sizes), opts.repeat))
     for i, n in enumerate(opts.block_sizes):
         pos = np.arange(n)
-        dims = dict(batch=opts.batch, seq_len=n, head_dim=opts.head_dim)
+        dims = {"batch": opts.batch, "seq_len": n, "head_dim": opts.head_dim}
         q = backend.asarray(inputs.tokens("q", 0, pos, heads=opts.heads, **dims).astype(dtype))    # (B, n, H, D)
         k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))            # (B, n, H_kv, D)
         v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
@@ -162,10 +161,10 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
     rate = float(block_flops[-1] / np.median(np.median(compute_s[-1], axis=0)))
     summary = {"rate_flops": rate, "rate_block_tokens": int(n[-1])}
     fits = [model.fit_link(sizes, np.median(pingpong_s[i], axis=1)) for i in range(nlinks)]
-    if fits:
-        summary["latency_s"] = max(f[0] for f in fits)
-        summary["bandwidth_Bps"] = min(f[1] for f in fits)
-        summary["slowest_link"] = int(np.argmin([f[1] for f in fits]))
+    if fits:   # the ring moves at the pace of its slowest link: the one slowest for the largest message
+        slowest = int(np.argmax([model.comm_time(sizes[-1], lat, bw) for lat, bw in fits]))
+        summary["latency_s"], summary["bandwidth_Bps"] = fits[slowest]
+        summary["slowest_link"] = slowest
     else:
         summary["latency_s"] = summary["bandwidth_Bps"] = float("nan")
     from ringbench import runner
@@ -181,11 +180,11 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
 
 
 def format_probe(probe: store.Probe, where: str) -> str:
-    c, s, prov = probe.config, probe.summary, probe.provenance
+    c, prov = probe.config, probe.provenance
     per_block = np.median(np.median(probe.samples["compute_s"], axis=1), axis=1)       # (K,)
     rates = probe.samples["block_flops"] / per_block
-    lines = [f"ringbench probe: P={probe.nranks} on {', '.join(prov['hosts'])} [{prov['backend']}, "
-             f"{prov['mpi_library']}]",
+    lines = [(f"ringbench probe: P={probe.nranks} on {', '.join(prov['hosts'])} [{prov['backend']}, "
+              f"{prov['mpi_library']}]"),
              f"  compute (per rank, all ranks busy; B={c['batch']} H={c['heads']}/{c['kv_heads']} D={c['head_dim']} "
              f"{c['dtype']}): " + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in
                                            zip(probe.samples["block_tokens"], rates)) + " GFLOP/s"]

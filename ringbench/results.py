@@ -118,6 +118,19 @@ def compare_modes(table: list[dict]) -> list[dict]:
     return sorted(out, key=lambda d: tuple(str(d[k]) for k in COMPARE_KEY))
 
 
+def sort_key(r: dict):
+    """Order of rows in tables and figures: configuration, then N, P and mode (modes of one point adjacent)."""
+    return (r["layout"], bool(r["causal"]), r["dtype"], r["batch"], r["heads"], r["kv_heads"], r["head_dim"],
+            r["seq_len"], r["nranks"], r["mode"])
+
+
+def shape(r: dict, nranks: int | None = None) -> Shape:
+    """The model's view of a row, optionally at another rank count."""
+    return Shape(nranks=nranks or r["nranks"], seq_len=r["seq_len"], batch=r["batch"], heads=r["heads"],
+                 kv_heads=r["kv_heads"], head_dim=r["head_dim"], dtype=r["dtype"], causal=bool(r["causal"]),
+                 layout=r["layout"], mode=r["mode"])
+
+
 def _median(xs):
     xs = sorted(xs)
     n = len(xs)
