@@ -20,7 +20,8 @@ of the next block (the Ring Attention condition). For a full step, 4 B H D n^2 /
     n* = (b + sqrt(b^2 + 4 a latency)) / (2 a),   a = 4 B H D f / rate,   b = 2 B H_kv D itemsize / bandwidth
 
 where f is the least (over communicating steps) share of a full n x n block that the busiest rank computes
-(1 without a causal mask; ~1/2 for zigzag and striped; 1 for contiguous, whose last rank computes full blocks).
+(1 without a causal mask; about 1/2 with one: at step 0 every rank computes its own causal diagonal block,
+n(n+1)/2 pairs, and zigzag / striped off-diagonal steps are half blocks too).
 B cancels; with latency = 0, n* = H_kv * itemsize * rate / (2 H f bandwidth).
 """
 

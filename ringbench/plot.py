@@ -389,7 +389,7 @@ def breakdown(runs):
     ax.set_xlim(0, 1.12)
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_xticklabels([f"{x:.0%}" for x in np.linspace(0, 1, 6)])
-    ax.set_xlabel("share of the pass on the slowest rank (median over repeats); total time at the right")
+    ax.set_xlabel("share of the pass on the slowest rank [%] (median over repeats); total pass time [ms] at the right")
     handles = [matplotlib.patches.Patch(color=COMPUTE, label="compute"),
                matplotlib.patches.Patch(color=COMM, label="exposed communication (time in MPI calls)"),
                matplotlib.patches.Patch(color=OTHER, label="other")]

@@ -1,6 +1,7 @@
 """Measure this allocation's machine parameters for the overlap model (``ringbench probe``).
 
-Run on every rank under ``mpiexec -n P``; MPI only through ringbench.comm.
+Run on every rank under ``mpiexec -n P``; MPI only through ringbench.comm, imported by the functions that
+run under MPI, so the pure helpers (link_phases, message_sizes) import without initialising MPI.
 
 * Compute rate: every rank at once runs the real kernel (kernel.OnlineSoftmax, tiled as the ring tiles it)
   on one full K/V block of n tokens, for each n in ``block_sizes``; rate = 4 B H D n^2 / time.
@@ -18,7 +19,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ringbench import comm as mpi
 from ringbench import inputs, kernel, model, store
 from ringbench.backend import BackendError, get_backend
 from ringbench.layout import FULL, Piece
@@ -66,6 +66,7 @@ def message_sizes(max_bytes: int) -> list[int]:
 
 def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
     """(K, R) seconds of one full-block kernel update on this rank, per block size and repeat."""
+    from ringbench import comm as mpi
     from ringbench.ring import auto_tile_q
     xp = backend.xp
     hk = opts.kv_heads or opts.heads
@@ -100,6 +101,7 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
 
 def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
     """{link index: (S, I) one-way seconds} for the links this rank initiated."""
+    from ringbench import comm as mpi
     sizes = message_sizes(opts.max_bytes)
     buf = np.zeros(max(sizes), dtype=np.uint8)
     links = [(r, (r + 1) % nranks) for r in range(nranks)] if nranks > 2 else [(0, 1)] if nranks == 2 else []
@@ -117,6 +119,7 @@ def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
 
 def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     """The probe on every rank; rank 0 stores the /probes group and prints a summary."""
+    from ringbench import comm as mpi
     world = mpi.WORLD
     rank, nranks = world.rank, world.size
     err = None
