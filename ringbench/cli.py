@@ -222,7 +222,8 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE", help="result files (HDF5)")
     p.add_argument("--csv", metavar="OUT.csv", help="also write one row per run to this CSV file")
     p.add_argument("--probe", metavar="FILE", help="take the model's calibration from the probes in this file")
-    p.add_argument("--predict-ranks", type=_positive_ints, metavar="P,P,...", help="predict pass times at these rank counts")
+    p.add_argument("--predict-ranks", type=_positive_ints, metavar="P,P,...",
+                   help="predict pass times at these rank counts")
     p.add_argument("--no-model", action="store_true", help="leave out the model")
     return p
 

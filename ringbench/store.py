@@ -16,8 +16,8 @@ Schema version 1 (``SCHEMA_VERSION``), documented in the README::
         tensors/            (with --save-tensors) q, k, v, out in global token order, (B, N, H|H_kv, D)
     /probes/<name>/         one machine probe (``ringbench probe``, see ringbench.probe); optional group
         attrs               nranks, created_utc, config (JSON: the probe's options), provenance (JSON)
-        summary             attrs: rate_flops (per-rank attention FLOP/s at the largest block),
-                            bandwidth_Bps and latency_s (the slowest ring link, Hockney fit t = latency + bytes/bandwidth)
+        summary             attrs: rate_flops (per-rank attention FLOP/s at the largest block), bandwidth_Bps and
+                            latency_s (the slowest ring link's Hockney fit t = latency + bytes / bandwidth), slowest_link
         samples/            block_tokens (K,), block_flops (K,) and compute_s (K, R, P): the real kernel on one full
                             K/V block of each size, per repeat and rank; msg_bytes (S,), links (L, 2) rank pairs and
                             pingpong_s (L, S, I): one-way times (round trip / 2) per ring link, size and iteration

@@ -138,11 +138,12 @@ def test_calibration_rate_interpolates_and_picks_the_nearest_rank_count():
 
 
 def _fake_run(nranks, seq_len, compute_per_step, comm_step, causal=False, layout="contiguous"):
-    cfg = {"batch": 1, "seq_len": seq_len, "heads": 1, "kv_heads": 1, "head_dim": 1, "dtype": "float32", "causal": causal,
-               "layout": layout, "mode": "overlap"}
+    cfg = {"batch": 1, "seq_len": seq_len, "heads": 1, "kv_heads": 1, "head_dim": 1, "dtype": "float32",
+           "causal": causal, "layout": layout, "mode": "overlap"}
     R, P = 3, nranks
     samples = {"compute_s": np.full((R, P, P), compute_per_step), "comm_s": np.zeros((R, P, P)),
-               "total_s": np.full((R, P), P * compute_per_step), "comm_only_s": np.full((R, P, max(P - 1, 0)), comm_step)}
+               "total_s": np.full((R, P), P * compute_per_step),
+               "comm_only_s": np.full((R, P, max(P - 1, 0)), comm_step)}
     return Run(point_id="x", nranks=nranks, config=cfg, provenance={}, samples=samples)
 
 
