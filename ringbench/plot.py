@@ -133,7 +133,7 @@ def _logx_ranks(ax, ranks):
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(ranks))
     ax.set_xticklabels([str(p) for p in sorted(ranks)])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def overlap(runs, cal: model.Calibration | None = None):
     rows = fam[key]
     if len({r["tokens_per_rank"] for r in rows}) < 2:
         return None
-    fig, (ax_e, ax_x) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax_e, ax_x) = plt.subplots(1, 2, figsize=(14, 5))
     ranks = sorted({r["nranks"] for r in rows})
     xs_all = sorted({r["tokens_per_rank"] for r in rows})
     for i, p in enumerate(ranks):
@@ -262,13 +262,18 @@ def overlap(runs, cal: model.Calibration | None = None):
                                label=f"model crossover n* = {nstar:.0f}, P={p}" if ax is ax_e else None)
                 xs_all.append(nstar)
     lo, hi = min(xs_all) / 1.5, max(xs_all) * 1.5
+    kib_per_token = model.block_bytes(results.shape(rows[0], nranks=1).with_(seq_len=1)) / 1024
     for ax in (ax_e, ax_x):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlim(lo, hi)
-        ax.set_xlabel("block size: tokens per rank n = N/P  (K/V block = 2 B n H_kv D bytes/elt)")
+        ax.set_xlabel("block size n = N/P [tokens per rank]")
+        top = ax.secondary_xaxis("top", functions=(lambda n: n * kib_per_token, lambda k: k / kib_per_token))
+        top.set_xlabel("K/V block moved per step [KiB]", fontsize=8)
+        top.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    ax_e.legend(fontsize=7, loc="best")
+    ax_x.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax_e.set_ylim(-0.05, 1.05)
     ax_e.set_ylabel("overlap efficiency  1 - exposed / alone")
     ax_x.set_yscale("log")
@@ -425,7 +430,7 @@ def causal_layouts(runs, cal: model.Calibration | None = None):
         ax.set_title(f"{run.config['layout']}: imbalance {run.summary['imbalance']:.0%}, "
                      f"pass {run.summary['time_s'] * 1e3:.1f} ms", fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0, 0].set_ylabel("per-rank time in the pass [ms] (median over repeats)")
+    axes[0, 0].set_ylabel("time in the pass [ms], median over repeats")
     handles = [matplotlib.patches.Patch(color=COMPUTE, label="compute"),
                matplotlib.patches.Patch(color=COMM, label="idle: in MPI calls (waiting for neighbours) and other")]
     if cal is not None:
@@ -464,6 +469,8 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
     ax_p.set_xlim(lo, hi)
     ax_p.set_ylim(lo, hi)
     ax_p.set_aspect("equal")
+    _plain_log(ax_p.xaxis)
+    _plain_log(ax_p.yaxis)
     ax_p.set_xlabel("measured pass time [ms]")
     ax_p.set_ylabel("predicted pass time [ms]")
     ax_p.set_title(f"{len(errs)} runs: median |error| {np.median(np.abs(errs)):.0%}, max {np.max(np.abs(errs)):.0%}",
@@ -485,7 +492,8 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
         pt = [model.predict(results.shape(v[0], nranks=p), cal).time_s * 1e3 for p in ps]
         if key[2]:                     # causal lines of one mode: the dash tells the layouts apart
             ls = {"contiguous": "-", "zigzag": "--", "striped": "-."}.get(key[1], ls)
-        ax_x.plot(ps, pt, ls=ls, color=color, lw=1.6, label=_line_label(v[0], varying))
+        label = _line_label(v[0], varying) + (" (model: same as blocking)" if key[0] == "allgather" else "")
+        ax_x.plot(ps, pt, ls=ls, color=color, lw=1.6, label=label)
     ax_x.plot([], [], marker="o", ls="none", color="0.4", label="measured")
     _logx_ranks(ax_x, target)
     ax_x.set_yscale("log")
