@@ -29,6 +29,11 @@ def _num(v, fmt: str, scale: float = 1.0) -> str:
     return format(v * scale, fmt)
 
 
+def shape_label(r: dict) -> str:
+    """``1x8/2x64``: batch x heads / kv heads x head dim."""
+    return f"{r['batch']}x{r['heads']}/{r['kv_heads']}x{r['head_dim']}"
+
+
 def config_label(r: dict) -> str:
     """``zigzag causal`` / ``contiguous``: the layout and mask of a row."""
     return r["layout"] + (" causal" if r["causal"] else "")
@@ -44,37 +49,37 @@ def predictions(runs, cal: model.Calibration) -> dict:
 
 
 def runs_table(rows: list[dict], preds: dict | None) -> str:
-    header = ["mode", "layout", "dtype", "N", "P", "n/rank", "time ms", "TFLOP/s", "GB/s", "overlap", "exposed ms",
+    header = ["mode", "layout", "dtype", "BxH/Hkv xD", "N", "P", "n/rank", "time ms", "TFLOP/s", "GB/s", "overlap", "exposed ms",
               "rel err"]
     if preds is not None:
         header += ["model ms", "model err"]
     body = []
     for r in sorted(rows, key=results.sort_key):
-        line = [r["mode"], config_label(r), r["dtype"], str(r["seq_len"]), str(r["nranks"]), str(r["tokens_per_rank"]),
+        line = [r["mode"], config_label(r), r["dtype"], shape_label(r), str(r["seq_len"]), str(r["nranks"]), str(r["tokens_per_rank"]),
                 _num(r["time_s"], ".2f", 1e3), _num(r["tflops"], ".3f"), _num(r["bandwidth_gbps"], ".2f"),
                 _num(r["overlap_eff"], ".0%"), _num(r["exposed_comm_s"], ".2f", 1e3), _num(r["rel_err"], ".1e")]
         if r["status"] != "ok":
-            line[6:] = ["failed"] + [""] * (len(header) - 7)
+            line[7:] = ["failed: " + (r.get("error") or "?")[:40]] + [""] * (len(header) - 8)
         elif preds is not None:
             p = preds.get((r["file"], r["name"]))
             line += [_num(p.time_s, ".2f", 1e3), _num(model.relative_error(p.time_s, r["time_s"]), "+.0%")]
         body.append(line)
-    return table(header, body, left=3)
+    return table(header, body, left=4)
 
 
 def modes_table(rows: list[dict]) -> str:
     comp = results.compare_modes(rows)
     if not comp:
         return "(no configuration was run in more than one mode)"
-    header = ["layout", "dtype", "N", "P", "overlap ms", "blocking ms", "allgather ms", "vs blocking", "vs allgather"]
+    header = ["layout", "dtype", "BxH/Hkv xD", "N", "P", "overlap ms", "blocking ms", "allgather ms", "vs blocking", "vs allgather"]
     body = []
     for d in sorted(comp, key=lambda d: (d["layout"], bool(d["causal"]), d["dtype"], d["seq_len"], d["nranks"])):
-        body.append([config_label(d), d["dtype"], str(d["seq_len"]), str(d["nranks"]),
+        body.append([config_label(d), d["dtype"], shape_label(d), str(d["seq_len"]), str(d["nranks"]),
                      _num(d.get("time_overlap_s"), ".2f", 1e3), _num(d.get("time_blocking_s"), ".2f", 1e3),
                      _num(d.get("time_allgather_s"), ".2f", 1e3),
                      _num(d.get("speedup_vs_blocking"), ".2f") + ("x" if d.get("speedup_vs_blocking") else ""),
                      _num(d.get("speedup_vs_allgather"), ".2f") + ("x" if d.get("speedup_vs_allgather") else "")])
-    return table(header, body, left=2)
+    return table(header, body, left=3)
 
 
 def calibration_text(cal: model.Calibration) -> str:
@@ -138,7 +143,7 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
             key = (r["mode"], r["layout"], bool(r["causal"]), r["dtype"], r["batch"], r["heads"], r["kv_heads"],
                    r["head_dim"], r["seq_len"])
             groups.setdefault(key, r)
-    header = ["mode", "layout", "dtype", "N"] + [f"P={p} ms" for p in ranks]
+    header = ["mode", "layout", "dtype", "BxH/Hkv xD", "N"] + [f"P={p} ms" for p in ranks]
     body = []
     for key, r in sorted(groups.items(), key=lambda kv: results.sort_key(kv[1])):
         cells = []
@@ -147,8 +152,8 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
                 cells.append("-")
                 continue
             cells.append(_num(model.predict(results.shape(r, nranks=p), cal).time_s, ".2f", 1e3))
-        body.append([r["mode"], config_label(r), r["dtype"], str(r["seq_len"])] + cells)
-    return "predicted pass time ('-': N is not divisible for that layout)\n" + table(header, body, left=3)
+        body.append([r["mode"], config_label(r), r["dtype"], shape_label(r), str(r["seq_len"])] + cells)
+    return "predicted pass time ('-': N is not divisible for that layout)\n" + table(header, body, left=4)
 
 
 def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] | None = None) -> str:

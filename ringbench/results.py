@@ -21,7 +21,7 @@ CONFIG_COLUMNS = ("mode", "layout", "causal", "dtype", "seq_len", "nranks", "bat
                   "head_dim", "backend", "progress", "tile_q", "repeat", "warmup", "seed")
 SUMMARY_COLUMNS = ("time_s", "time_min_s", "time_max_s", "tflops", "compute_s", "exposed_comm_s", "comm_alone_s",
                    "overlap_eff", "bandwidth_gbps", "imbalance", "flops", "bytes_per_rank", "unmasked_pairs")
-COLUMNS = (("file", "name", "point_id", "status") + CONFIG_COLUMNS + ("tokens_per_rank", "block_bytes")
+COLUMNS = (("file", "name", "point_id", "status", "error") + CONFIG_COLUMNS + ("tokens_per_rank", "block_bytes")
            + SUMMARY_COLUMNS + ("rel_err", "check_passed", "host", "backend_device", "mpi_library", "created_utc"))
 
 # What identifies a configuration apart from the mode: rows with the same key are compared side by side.
@@ -42,7 +42,8 @@ def load(paths) -> list[store.Run]:
 def row(run: store.Run) -> dict:
     """One run as a flat dict with the keys of ``COLUMNS``."""
     cfg, s, prov = run.config, run.summary, run.provenance
-    out = {"file": run.path, "name": run.name, "point_id": run.point_id, "status": run.status}
+    out = {"file": run.path, "name": run.name, "point_id": run.point_id, "status": run.status,
+           "error": run.error}
     for k in CONFIG_COLUMNS:
         out[k] = run.nranks if k == "nranks" else cfg.get(k)
     try:

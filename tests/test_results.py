@@ -109,3 +109,19 @@ def test_reading_old_schema_from_python_raises_schema_error(tmp_path):
     path = _old_file(tmp_path / "old.h5", 0)
     with pytest.raises(store.SchemaError, match="result schema version 0 is not supported"):
         results.load(path)
+
+
+def test_failed_runs_are_listed_and_skipped_by_model_and_plots(small_results, tmp_path):
+    import shutil
+    path = tmp_path / "with_failed.h5"
+    shutil.copyfile(small_results, path)
+    cfg = dict(results.load(small_results)[0].config)
+    store.append(path, store.Run(point_id="broken", nranks=2, config=cfg, provenance={}, status="failed",
+                                 error="rank 1 ran out of memory"))
+    rows = results.rows(results.load(path))
+    assert [r["status"] for r in rows].count("failed") == 1
+    res = ringbench("report", path)
+    assert res.returncode == 0, res.stderr
+    assert "failed: rank 1 ran out of memory" in res.stdout and "model error on 6 runs" in res.stdout
+    res = ringbench("plot", path, "-o", tmp_path / "figs", "--only", "strong,breakdown,model")
+    assert res.returncode == 0, res.stderr
