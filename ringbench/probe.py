@@ -33,7 +33,7 @@ class ProbeOptions:
     dtype: str = "float32"
     backend: str = "numpy"
     block_sizes: tuple = (256, 512, 1024, 2048)
-    repeat: int = 3
+    repeat: int = 5
     max_bytes: int = 16 << 20
     iters: int = 10
 
