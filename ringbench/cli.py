@@ -290,6 +290,7 @@ def cmd_plot(argv: list[str]) -> int:
     cal = _calibration(runs, ns.files, ns.probe)
     written, skipped = plot.render(runs, ns.out_dir, only=ns.only, cal=cal, predict_ranks=ns.predict_ranks,
                                    timeline_run=ns.timeline_run)
+    print(f"model calibration: {cal.source}" if cal else "model calibration: none (no probes, no successful runs)")
     for path in written:
         print(path)
     for why in skipped:

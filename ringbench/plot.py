@@ -141,7 +141,7 @@ def _logx_ranks(ax, ranks):
 # ---------------------------------------------------------------------------------------------
 def strong_scaling(runs):
     """Time and speed-up vs rank count at the fixed N with the most rank counts."""
-    rows = [r for r in results.rows(_ok(runs))]
+    rows = results.rows(_ok(runs))
     n, rows = _best_group(rows, "seq_len")
     lines = {k: v for k, v in _series(rows).items() if len({r["nranks"] for r in v}) >= 2}
     if not lines:

@@ -40,7 +40,7 @@ def config_label(r: dict) -> str:
 
 
 def predictions(runs, cal: model.Calibration) -> dict:
-    """{run name: model.Prediction} for the successful runs."""
+    """{(file, group name): model.Prediction} for the successful runs."""
     out = {}
     for run in runs:
         if run.status == "ok":
@@ -165,7 +165,9 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
     preds = predictions(runs, cal) if cal is not None else None
     out += ["", runs_table(rows, preds), "", "modes side by side (speed-up = mode time / overlap time)",
             modes_table(rows)]
-    if cal is not None:
+    if cal is None:
+        out += ["", "model: left out (--no-model, or nothing to calibrate from: no probes and no successful runs)"]
+    else:
         out += ["", calibration_text(cal), error_text(rows, preds, in_sample=cal.source.startswith("fitted")),
                 "", crossover_text(rows, cal)]
         if predict_ranks:
