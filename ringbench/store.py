@@ -14,6 +14,16 @@ Schema version 1 (``SCHEMA_VERSION``), documented in the README::
         memory/             datasets peak_rss_bytes (P,), device_pool_bytes (P,); attr theoretical_bytes
         check               attrs (with --check): max_abs_err, rel_err, tol, passed
         tensors/            (with --save-tensors) q, k, v, out in global token order, (B, N, H|H_kv, D)
+    /probes/<name>/         one machine probe (``ringbench probe``, see ringbench.probe); optional group
+        attrs               nranks, created_utc, config (JSON: the probe's options), provenance (JSON)
+        summary             attrs: rate_flops (per-rank attention FLOP/s at the largest block), bandwidth_Bps and
+                            latency_s (the slowest ring link's Hockney fit t = latency + bytes / bandwidth), slowest_link
+        samples/            block_tokens (K,), block_flops (K,) and compute_s (K, R, P): the real kernel on one full
+                            K/V block of each size, per repeat and rank; msg_bytes (S,), links (L, 2) rank pairs and
+                            pingpong_s (L, S, I): one-way times (round trip / 2) per ring link, size and iteration
+
+A file may hold runs, probes or both; readers of runs ignore ``/probes``, so files from before the probe
+group existed are still version 1.
 
 A run that could not complete (non-zero exit, timeout, killed) is stored by the sweep as a run with
 status "failed", its error (exit status and the tail of its output) and no samples (``failed_run``).
@@ -48,6 +58,20 @@ FORMAT = "ringbench-results"
 
 class SchemaError(Exception):
     """A file is not a ringbench result file this version can read."""
+
+
+@dataclass
+class Probe:
+    """One machine probe as stored (see ringbench.probe)."""
+
+    nranks: int
+    config: dict
+    provenance: dict
+    samples: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    created_utc: str = ""
+    name: str = ""          # the group name, set on read (the writer's wish before that)
+    path: str = ""          # the file, set on read
 
 
 @dataclass
@@ -107,6 +131,15 @@ def append(path, run: Run) -> str:
     with rewriting(path) as f:
         name = _free_name(f["runs"], run.point_id)
         _write_run(f["runs"].create_group(name), run)
+    return name
+
+
+def append_probe(path, probe: Probe) -> str:
+    """Add ``probe`` to ``/probes`` of the result file ``path`` (created if missing); returns the group name."""
+    with rewriting(path) as f:
+        probes = f.require_group("probes")
+        name = _free_name(probes, probe.name or f"probe-P{probe.nranks}")
+        _write_probe(probes.create_group(name), probe)
     return name
 
 
@@ -230,6 +263,17 @@ def _write_run(g: h5py.Group, run: Run) -> None:
             tg.create_dataset(k, data=np.asarray(v), compression="gzip", compression_opts=1)
 
 
+def _write_probe(g: h5py.Group, probe: Probe) -> None:
+    g.attrs["nranks"] = int(probe.nranks)
+    g.attrs["created_utc"] = probe.created_utc
+    g.attrs["config"] = json.dumps(probe.config, sort_keys=True)
+    g.attrs["provenance"] = json.dumps(probe.provenance, sort_keys=True)
+    sg = g.create_group("samples")
+    for k, v in probe.samples.items():
+        sg.create_dataset(k, data=np.asarray(v))
+    g.create_group("summary").attrs.update({k: _attr(v) for k, v in probe.summary.items()})
+
+
 def _attr(v):
     return "none" if v is None else v
 
@@ -280,6 +324,20 @@ def _read_run(g: h5py.Group, name: str, path: str, samples: bool, tensors: bool)
     if tensors and "tensors" in g:
         run.tensors = {k: d[()] for k, d in g["tensors"].items()}
     return run
+
+
+def read_probes(path) -> list[Probe]:
+    """Every probe in a result file (``/probes``), in the file's order; empty if it has none."""
+    check_file(path)
+    probes = []
+    with h5py.File(path, "r") as f:
+        for name, g in f.get("probes", {}).items():
+            probes.append(Probe(nranks=int(g.attrs["nranks"]), config=json.loads(g.attrs["config"]),
+                                provenance=json.loads(g.attrs["provenance"]),
+                                samples={k: d[()] for k, d in g["samples"].items()},
+                                summary={k: _py(v) for k, v in g["summary"].attrs.items()},
+                                created_utc=str(g.attrs.get("created_utc", "")), name=name, path=str(path)))
+    return probes
 
 
 def _py(v):

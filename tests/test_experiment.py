@@ -6,11 +6,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ringbench
 
 from ringbench import experiment
 from ringbench.config import point_id
 from ringbench.experiment import ExperimentError
+
+from conftest import ROOT, ringbench
 
 EXAMPLES = sorted((ROOT / "experiments").glob("*.yaml"))
 

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ringbench
 
 from ringbench import experiment, slurm, store
 from ringbench.experiment import SlurmSpec
+
+from conftest import ROOT, ringbench
 
 PROFILE = ROOT / "slurm" / "profiles" / "localcluster.yaml"
 

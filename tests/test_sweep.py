@@ -8,9 +8,10 @@ from pathlib import Path
 
 import h5py
 import pytest
-from conftest import ringbench
 
 from ringbench import store
+
+from conftest import ringbench
 
 pytestmark = pytest.mark.mpi
 
