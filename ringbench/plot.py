@@ -412,7 +412,9 @@ def causal_layouts(runs, cal: model.Calibration | None = None):
         return None
     key = max(groups, key=lambda k: (len(groups[k]), k[0] == "overlap", k[2], k[1]))
     chosen = [groups[key][lay] for lay in ("contiguous", "zigzag", "striped") if lay in groups[key]]
-    fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen) + 1, 4.6), sharey=True, squeeze=False)
+    # at least 11 inches wide: the title and the legend must fit even when only one layout was run
+    fig, axes = plt.subplots(1, len(chosen), figsize=(max(11.0, 4.2 * len(chosen) + 1), 4.6), sharey=True,
+                             squeeze=False)
     P = chosen[0].nranks
     for ax, run in zip(axes[0], chosen):
         s = run.samples
