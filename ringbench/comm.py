@@ -159,6 +159,30 @@ def report_exception_and_abort(exc: BaseException, comm=WORLD) -> None:
     abort(1, comm)
 
 
+# ---------------------------------------------------------------------------------------------
+# Ping-pong between two ranks (ringbench probe): link latency and bandwidth
+# ---------------------------------------------------------------------------------------------
+def pingpong(buf, peer: int, initiator: bool, iters: int, warmup: int = 2, comm=WORLD) -> list:
+    """One-way times (round trip / 2, seconds) of ``buf`` bounced between this rank and ``peer``.
+
+    Both ranks call it with the same buffer size and ``iters``; exactly one has ``initiator=True``
+    (it sends first and returns the times; the other returns an empty list).
+    """
+    times = []
+    b = _buf(buf)
+    for i in range(warmup + iters):
+        if initiator:
+            t0 = MPI.Wtime()
+            comm.Send(b, dest=peer, tag=7)
+            comm.Recv(b, source=peer, tag=7)
+            if i >= warmup:
+                times.append((MPI.Wtime() - t0) / 2)
+        else:
+            comm.Recv(b, source=peer, tag=7)
+            comm.Send(b, dest=peer, tag=7)
+    return times
+
+
 def mpi_info() -> dict:
     return {"mpi_library": " ".join(MPI.Get_library_version().split("\n")[0].split()),
             "mpi_version": "{}.{}".format(*MPI.Get_version()),

@@ -14,6 +14,23 @@ Schema version 1 (``SCHEMA_VERSION``), documented in the README::
         memory/             datasets peak_rss_bytes (P,), device_pool_bytes (P,); attr theoretical_bytes
         check               attrs (with --check): max_abs_err, rel_err, tol, passed
         tensors/            (with --save-tensors) q, k, v, out in global token order, (B, N, H|H_kv, D)
+    /probes/<name>/         one machine probe (``ringbench probe``, see ringbench.probe); optional group
+        attrs               nranks, created_utc, config (JSON: the probe's options), provenance (JSON)
+        summary             attrs: rate_flops (per-rank attention FLOP/s at the largest block), bandwidth_Bps and
+                            latency_s (the slowest ring link's Hockney fit t = latency + bytes / bandwidth), slowest_link
+        samples/            block_tokens (K,), block_flops (K,) and compute_s (K, R, P): the real kernel on one full
+                            K/V block of each size, per repeat and rank; msg_bytes (S,), links (L, 2) rank pairs and
+                            pingpong_s (L, S, I): one-way times (round trip / 2) per ring link, size and iteration
+
+A file may hold runs, probes or both; readers of runs ignore ``/probes``, so files from before the probe
+group existed are still version 1.
+
+A run that could not complete (non-zero exit, timeout, killed) is stored by the sweep as a run with
+status "failed", its error (exit status and the tail of its output) and no samples (``failed_run``).
+
+``merge`` copies the runs of several compatible files (same format and schema version) into one; a run
+already in the destination (same point id, creation time, status, config and provenance) is not copied
+twice, so merging again is a no-op.
 
 Writing never damages runs already in a file: the new run is written into a copy that replaces the file
 with an atomic rename, under an exclusive lock on ``FILE.lock``, so a crash mid-write leaves the earlier
@@ -41,6 +58,20 @@ FORMAT = "ringbench-results"
 
 class SchemaError(Exception):
     """A file is not a ringbench result file this version can read."""
+
+
+@dataclass
+class Probe:
+    """One machine probe as stored (see ringbench.probe)."""
+
+    nranks: int
+    config: dict
+    provenance: dict
+    samples: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    created_utc: str = ""
+    name: str = ""          # the group name, set on read (the writer's wish before that)
+    path: str = ""          # the file, set on read
 
 
 @dataclass
@@ -97,6 +128,24 @@ def check_writable(path) -> str | None:
 
 def append(path, run: Run) -> str:
     """Add ``run`` to the result file ``path`` (created if missing); returns the group name used."""
+    with rewriting(path) as f:
+        name = _free_name(f["runs"], run.point_id)
+        _write_run(f["runs"].create_group(name), run)
+    return name
+
+
+def append_probe(path, probe: Probe) -> str:
+    """Add ``probe`` to ``/probes`` of the result file ``path`` (created if missing); returns the group name."""
+    with rewriting(path) as f:
+        probes = f.require_group("probes")
+        name = _free_name(probes, probe.name or f"probe-P{probe.nranks}")
+        _write_probe(probes.create_group(name), probe)
+    return name
+
+
+@contextlib.contextmanager
+def rewriting(path):
+    """An open copy of the result file ``path`` (new if missing) that replaces it atomically on success."""
     path = Path(path)
     with locked(path):
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
@@ -107,8 +156,7 @@ def append(path, run: Run) -> str:
                 shutil.copyfile(path, tmp)
             with h5py.File(tmp, "a") as f:
                 _init_root(f)
-                name = _free_name(f["runs"], run.point_id)
-                _write_run(f["runs"].create_group(name), run)
+                yield f
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -116,7 +164,57 @@ def append(path, run: Run) -> str:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-    return name
+
+
+def failed_run(point_id: str, nranks: int, config: dict, error: str, provenance: dict | None = None) -> Run:
+    """The record of a run that did not complete: status "failed", the error, no samples."""
+    import socket
+    import time
+
+    import ringbench
+    utc = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    prov = {"ringbench": ringbench.__version__, "schema_version": SCHEMA_VERSION, "hosts": [socket.gethostname()],
+            "utc": utc}
+    prov.update(provenance or {})
+    return Run(point_id=point_id, nranks=nranks, config=config, provenance=prov, status="failed",
+               error=error or "failed", created_utc=utc)
+
+
+class MergeError(Exception):
+    """Files that cannot be merged; the text is one line."""
+
+
+def _fingerprint(g: h5py.Group) -> tuple:
+    return tuple(str(g.attrs.get(k, "")) for k in ("point_id", "created_utc", "status", "config", "provenance"))
+
+
+def merge(dest, sources) -> tuple[int, int]:
+    """Copy every run of ``sources`` into ``dest`` (created if missing), skipping runs already there.
+
+    All files must be ringbench result files of this schema version, otherwise MergeError names the first
+    incompatible one and nothing is written. Returns (runs added, runs already present).
+    """
+    dest = Path(dest)
+    for path in ([dest] if dest.exists() else []) + list(sources):
+        try:
+            check_file(path)
+        except SchemaError as exc:
+            raise MergeError(f"cannot merge: {exc}") from None
+    added = present = 0
+    with rewriting(dest) as out:
+        runs = out["runs"]
+        have = {_fingerprint(g) for g in runs.values()}
+        for src in sources:
+            with h5py.File(src, "r") as f:
+                for g in f["runs"].values():
+                    fp = _fingerprint(g)
+                    if fp in have:
+                        present += 1
+                        continue
+                    f.copy(g, runs, name=_free_name(runs, str(g.attrs["point_id"])))
+                    have.add(fp)
+                    added += 1
+    return added, present
 
 
 def _init_root(f: h5py.File) -> None:
@@ -163,6 +261,17 @@ def _write_run(g: h5py.Group, run: Run) -> None:
         tg = g.create_group("tensors")
         for k, v in run.tensors.items():
             tg.create_dataset(k, data=np.asarray(v), compression="gzip", compression_opts=1)
+
+
+def _write_probe(g: h5py.Group, probe: Probe) -> None:
+    g.attrs["nranks"] = int(probe.nranks)
+    g.attrs["created_utc"] = probe.created_utc
+    g.attrs["config"] = json.dumps(probe.config, sort_keys=True)
+    g.attrs["provenance"] = json.dumps(probe.provenance, sort_keys=True)
+    sg = g.create_group("samples")
+    for k, v in probe.samples.items():
+        sg.create_dataset(k, data=np.asarray(v))
+    g.create_group("summary").attrs.update({k: _attr(v) for k, v in probe.summary.items()})
 
 
 def _attr(v):
@@ -217,12 +326,53 @@ def _read_run(g: h5py.Group, name: str, path: str, samples: bool, tensors: bool)
     return run
 
 
+def read_probes(path) -> list[Probe]:
+    """Every probe in a result file (``/probes``), in the file's order; empty if it has none."""
+    check_file(path)
+    probes = []
+    with h5py.File(path, "r") as f:
+        for name, g in f.get("probes", {}).items():
+            probes.append(Probe(nranks=int(g.attrs["nranks"]), config=json.loads(g.attrs["config"]),
+                                provenance=json.loads(g.attrs["provenance"]),
+                                samples={k: d[()] for k, d in g["samples"].items()},
+                                summary={k: _py(v) for k, v in g["summary"].attrs.items()},
+                                created_utc=str(g.attrs.get("created_utc", "")), name=name, path=str(path)))
+    return probes
+
+
 def _py(v):
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, bytes):
         return v.decode()
     return v
+
+
+def latest(path) -> dict[str, Run]:
+    """The most recent run of each point in ``path`` (attributes only, no samples): the point's state."""
+    if not Path(path).exists():
+        return {}
+    check_file(path)
+    out: dict[str, Run] = {}
+    with h5py.File(path, "r") as f:
+        for name, g in f["runs"].items():
+            run = Run(point_id=str(g.attrs["point_id"]), nranks=int(g.attrs["nranks"]), config={}, provenance={},
+                      status=str(g.attrs.get("status", "ok")), error=str(g.attrs.get("error", "")),
+                      created_utc=str(g.attrs.get("created_utc", "")), name=name, path=str(path))
+            if "summary" in g:
+                run.summary = {k: _py(v) for k, v in g["summary"].attrs.items()}
+            if "check" in g:
+                run.check = {k: _py(v) for k, v in g["check"].attrs.items()}
+            old = out.get(run.point_id)
+            if old is None or _order(run) > _order(old):
+                out[run.point_id] = run
+    return out
+
+
+def _order(run: Run) -> tuple:
+    """Later runs sort higher: by creation time, then by the ~k suffix that append gives repeats."""
+    _, _, k = run.name.partition("~")
+    return (run.created_utc, int(k) if k.isdigit() else 1)
 
 
 def point_ids(path, status: str | None = "ok") -> set[str]:

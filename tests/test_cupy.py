@@ -2,8 +2,9 @@
 
 import pytest
 
-from conftest import mpiexec
 from ringbench import store
+
+from conftest import mpiexec
 
 
 def _gpu_reason():

@@ -1,0 +1,319 @@
+"""A calibrated overlap model of one ring pass: pure formulas, no MPI, no device.
+
+Inputs: a configuration (layout, P, N, B, H, H_kv, D, dtype, causal, mode) and a :class:`Calibration`
+(per-rank attention compute rate, ring link latency and bandwidth), from ``ringbench probe`` or fitted
+to stored runs. With n = N / P tokens per rank:
+
+    work(r, s)   = 4 B H D * pairs(r, s)           pairs from layout.step_plan (causal masks included)
+    compute(r,s) = work(r, s) / rate
+    block bytes  m = 2 B n H_kv D * itemsize        the K and V block that travels each step
+    comm         = latency + m / bandwidth          Hockney model, every step but the last
+    step s       overlap:   max(max_r compute(r, s), comm)      exposed = max(0, comm - max_r compute(r, s))
+                 blocking:  max_r compute(r, s) + comm          exposed = comm
+                 allgather: max_r compute(r, s), plus (P-1)(latency + m / bandwidth) once before step 0
+    pass time    = sum over steps (bulk-synchronous: each step ends when its slowest rank ends)
+
+The crossover block size n* is the least n for which every communicating step's compute covers the transfer
+of the next block (the Ring Attention condition). For a full step, 4 B H D n^2 / rate = latency +
+2 B n H_kv D itemsize / bandwidth, so
+
+    n* = (b + sqrt(b^2 + 4 a latency)) / (2 a),   a = 4 B H D f / rate,   b = 2 B H_kv D itemsize / bandwidth
+
+where f is the least (over communicating steps) share of a full n x n block that the busiest rank computes
+(1 without a causal mask; about 1/2 with one: at step 0 every rank computes its own causal diagonal block,
+n(n+1)/2 pairs, and zigzag / striped off-diagonal steps are half blocks too).
+B cancels; with latency = 0, n* = H_kv * itemsize * rate / (2 H f bandwidth).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ringbench.kernel import flops
+from ringbench.layout import step_plan
+
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the model needs of a run configuration."""
+
+    nranks: int
+    seq_len: int
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    causal: bool = False
+    layout: str = "contiguous"
+    mode: str = "overlap"
+
+    @classmethod
+    def from_config(cls, config: dict, nranks: int) -> Shape:
+        heads = int(config["heads"])
+        kv = config.get("kv_heads")
+        return cls(nranks=int(nranks), seq_len=int(config["seq_len"]), batch=int(config["batch"]), heads=heads,
+                   kv_heads=heads if kv in (None, "none") else int(kv), head_dim=int(config["head_dim"]),
+                   dtype=str(config["dtype"]), causal=bool(config["causal"]), layout=str(config["layout"]),
+                   mode=str(config["mode"]))
+
+    @property
+    def n_local(self) -> int:
+        return self.seq_len // self.nranks
+
+    def with_(self, **kw) -> Shape:
+        d = dict(self.__dict__)
+        d.update(kw)
+        return Shape(**d)
+
+
+@dataclass
+class Calibration:
+    """Machine parameters, possibly per allocation size (rank count).
+
+    rates: {nranks: [(full-block FLOPs, per-rank FLOP/s), ...]}: the compute rate as a function of block
+    size (interpolated in log FLOPs, clamped at the ends); links: {nranks: (latency_s, bandwidth_Bps)}.
+    A rank count with no entry uses the nearest one stored (ties: the larger). causal_rates, if given,
+    {layout: {nranks: points}}, replace rates for causal runs of that layout (masked tiles run at another rate
+    than full ones, and each layout masks differently); a layout with no entry uses the pooled causal points.
+    """
+
+    rates: dict
+    links: dict
+    source: str = ""
+    causal_rates: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    @classmethod
+    def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given") -> Calibration:
+        return cls(rates={1: [(1.0, float(rate))]}, links={1: (float(latency), float(bandwidth))}, source=source)
+
+    def rate(self, block_flops: float, nranks: int, causal: bool = False, layout: str = "") -> float:
+        table = self.rates
+        if causal and self.causal_rates:
+            table = self.causal_rates.get(layout) or self.causal_rates.get("*") or table
+        pts = sorted(table[_nearest(table, nranks)])
+        x = np.log([max(w, 1.0) for w, _ in pts])
+        y = np.array([r for _, r in pts], dtype=np.float64)
+        return float(np.interp(math.log(max(block_flops, 1.0)), x, y))
+
+    def link(self, nranks: int) -> tuple[float, float]:
+        if not self.links:
+            return 0.0, math.inf
+        return self.links[_nearest(self.links, nranks)]
+
+
+def _nearest(table: dict, nranks: int) -> int:
+    return min(table, key=lambda k: (abs(k - nranks), -k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-step quantities
+# ---------------------------------------------------------------------------------------------
+def block_bytes(shape: Shape) -> int:
+    """Bytes of one K/V block (K and V of one rank) as it travels: 2 B n H_kv D itemsize."""
+    return 2 * shape.batch * shape.n_local * shape.kv_heads * shape.head_dim * ITEMSIZE[shape.dtype]
+
+
+def full_block_flops(shape: Shape) -> float:
+    """FLOPs of one unmasked n x n block: the compute-rate lookup key."""
+    return flops(shape.batch, shape.heads, shape.head_dim, shape.n_local ** 2)
+
+
+def step_pairs(shape: Shape) -> np.ndarray:
+    """(P, P) unmasked (query, key) pairs rank r computes at ring step s, from layout.step_plan."""
+    P, n = shape.nranks, shape.n_local
+    out = np.zeros((P, P), dtype=np.int64)
+    for r in range(P):
+        for s in range(P):
+            out[r, s] = sum(p.pairs() for p in step_plan(shape.layout, r, (r - s) % P, P, n, shape.causal))
+    return out
+
+
+def step_work(shape: Shape) -> np.ndarray:
+    """(P, P) FLOPs rank r computes at step s."""
+    return flops(shape.batch, shape.heads, shape.head_dim, 1) * step_pairs(shape).astype(np.float64)
+
+
+def comm_time(nbytes: float, latency: float, bandwidth: float) -> float:
+    """Hockney: latency + bytes / bandwidth."""
+    return latency + nbytes / bandwidth
+
+
+@dataclass
+class Prediction:
+    compute_s: np.ndarray      # (P, P) rank x step
+    comm_s: float              # one block transfer
+    step_s: np.ndarray         # (P,) bulk-synchronous step times
+    exposed_s: np.ndarray      # (P,) communication not hidden, per step
+    time_s: float              # the pass
+    comm_total_s: float        # all transfers of the pass, alone
+
+    @property
+    def exposed_total_s(self) -> float:
+        return float(self.exposed_s.sum())
+
+    @property
+    def compute_total_s(self) -> float:
+        return float(self.compute_s.sum(axis=1).max())
+
+
+def predict(shape: Shape, cal: Calibration) -> Prediction:
+    """Per-step compute, communication, exposed time and the pass time (module docstring)."""
+    P = shape.nranks
+    rate = cal.rate(full_block_flops(shape), P, shape.causal, shape.layout)
+    latency, bandwidth = cal.link(P)
+    compute = step_work(shape) / rate                         # (P, P)
+    busiest = compute.max(axis=0)                             # (P,) per step
+    comm = comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
+    sends = np.array([comm if s < P - 1 else 0.0 for s in range(P)])
+    if shape.mode == "overlap":
+        step = np.maximum(busiest, sends)
+        exposed = np.maximum(0.0, sends - busiest)
+    elif shape.mode == "blocking":
+        step = busiest + sends
+        exposed = sends
+    elif shape.mode == "allgather":
+        exposed = np.zeros(P)
+        exposed[0] = (P - 1) * comm
+        step = busiest + exposed
+    else:
+        raise ValueError(f"unknown mode {shape.mode!r}")
+    return Prediction(compute_s=compute, comm_s=comm, step_s=step, exposed_s=exposed, time_s=float(step.sum()),
+                      comm_total_s=(P - 1) * comm)
+
+
+# ---------------------------------------------------------------------------------------------
+# The crossover block size
+# ---------------------------------------------------------------------------------------------
+def causal_fraction(shape: Shape) -> float:
+    """Least share of a full n x n block the busiest rank computes at a communicating step (1 if none)."""
+    P = shape.nranks
+    if P < 2:
+        return 1.0
+    pairs = step_pairs(shape)
+    return float(pairs[:, : P - 1].max(axis=0).min()) / shape.n_local ** 2
+
+
+def crossover_tokens(shape: Shape, cal: Calibration, *, iterations: int = 3) -> float:
+    """Least tokens per rank n at which compute covers every transfer in overlap mode (module docstring).
+
+    The compute rate depends on the block size, so the closed form is iterated with the rate at the
+    previous estimate. ``inf`` if a step computes nothing at all (the transfer can never be hidden).
+    """
+    P = max(shape.nranks, 2)
+    shape = shape.with_(nranks=P)
+    f = causal_fraction(shape)
+    if f <= 0:
+        return math.inf
+    latency, bandwidth = cal.link(P)
+    b = 2 * shape.batch * shape.kv_heads * shape.head_dim * ITEMSIZE[shape.dtype] / bandwidth
+    n = float(shape.n_local)
+    for _ in range(iterations):
+        rate = cal.rate(flops(shape.batch, shape.heads, shape.head_dim, n * n), P, shape.causal, shape.layout)
+        a = 4 * shape.batch * shape.heads * shape.head_dim * f / rate
+        n = crossover_closed_form(a, b, latency)
+    return n
+
+
+def crossover_closed_form(a: float, b: float, latency: float) -> float:
+    """Positive root of a n^2 = latency + b n."""
+    return (b + math.sqrt(b * b + 4 * a * latency)) / (2 * a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration from measurements
+# ---------------------------------------------------------------------------------------------
+def fit_link(nbytes, seconds) -> tuple[float, float]:
+    """(latency, bandwidth) of t = latency + bytes / bandwidth, least squares on relative residuals.
+
+    Relative residuals ((fit - t) / t) let 8-byte and 16-MiB messages weigh alike, so the latency comes from
+    the small messages and the bandwidth from the large ones. One message size, or a fit with a negative
+    intercept: latency 0 and a fit through the origin.
+    """
+    m = np.asarray(nbytes, dtype=np.float64)
+    t = np.asarray(seconds, dtype=np.float64)
+    if len(np.unique(m)) >= 2:
+        slope, icpt = np.polyfit(m, t, 1, w=1.0 / t)
+        if slope > 0 and icpt >= 0:
+            return float(icpt), float(1.0 / slope)
+    slope = float(np.median(t / m))
+    return 0.0, (1.0 / slope if slope > 0 else math.inf)
+
+
+def calibrate_from_runs(runs) -> Calibration:
+    """Compute rate from compute_s samples and link parameters from comm_only_s, per rank count."""
+    tables: dict = {"full": {}}
+    link_pts: dict = {}
+    for run in runs:
+        if run.status != "ok" or "compute_s" not in run.samples:
+            continue
+        shape = Shape.from_config(run.config, run.nranks)
+        work = step_work(shape).sum(axis=1)                                   # (P,)
+        busy = np.median(np.asarray(run.samples["compute_s"]).sum(axis=2), axis=0)   # (P,)
+        if busy.sum() > 0:
+            point = (full_block_flops(shape), float(work.sum() / busy.sum()))
+            for kind in (shape.layout, "*") if shape.causal else ("full",):
+                tables.setdefault(kind, {}).setdefault(run.nranks, []).append(point)
+        alone = np.asarray(run.samples.get("comm_only_s", np.zeros((0,))))
+        if run.nranks > 1 and alone.size:
+            link_pts.setdefault(run.nranks, []).append((block_bytes(shape), float(np.median(alone))))
+    if len(tables) == 1 and not tables["full"]:
+        raise ValueError("no successful runs with timing samples to calibrate from")
+    merged = {kind: {p: _merge_points(v) for p, v in t.items()} for kind, t in tables.items()}
+    rates = merged.pop("full") or merged["*"]
+    links = {p: fit_link([m for m, _ in v], [t for _, t in v]) for p, v in link_pts.items()}
+    return Calibration(rates=rates, links=links, causal_rates=merged,
+                       source="fitted to the runs' own samples (compute_s, comm_only_s)")
+
+
+def calibrate(runs, probes) -> Calibration:
+    """From probes if there are any (link parameters from the runs if no probe had two ranks), else from runs."""
+    if not probes:
+        return calibrate_from_runs(runs)
+    cal = calibrate_from_probes(probes)
+    if not cal.links and runs:
+        try:
+            cal.links = calibrate_from_runs(runs).links
+        except ValueError:
+            pass
+        if cal.links:
+            cal.notes.append("link latency and bandwidth fitted to the runs' comm_only_s (no probe had 2+ ranks)")
+    if not cal.links:
+        cal.notes.append("no link measurement: communication is predicted as free")
+    return cal
+
+
+def calibrate_from_probes(probes) -> Calibration:
+    """Calibration from ``ringbench probe`` results (one or more rank counts)."""
+    rates: dict = {}
+    links: dict = {}
+    for pr in probes:
+        s = pr.samples
+        per_rank = np.median(np.asarray(s["compute_s"]), axis=1)         # (K, P)
+        rate = np.asarray(s["block_flops"], dtype=np.float64) / np.median(per_rank, axis=1)
+        rates[pr.nranks] = _merge_points(list(zip(np.asarray(s["block_flops"]).tolist(), rate.tolist())))
+        if pr.nranks > 1:
+            links[pr.nranks] = (float(pr.summary["latency_s"]), float(pr.summary["bandwidth_Bps"]))
+    if not rates:
+        raise ValueError("no probes")
+    where = sorted({f"{p.path}:/probes/{p.name}" for p in probes})
+    return Calibration(rates=rates, links=links, source="probe " + ", ".join(where))
+
+
+def _merge_points(points) -> list:
+    """Median rate per distinct block FLOPs."""
+    by: dict = {}
+    for w, r in points:
+        by.setdefault(float(w), []).append(float(r))
+    return sorted((w, float(np.median(v))) for w, v in by.items())
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    """(predicted - measured) / measured."""
+    return (predicted - measured) / measured if measured > 0 else math.nan

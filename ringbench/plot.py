@@ -1,0 +1,546 @@
+"""Figures from stored runs (matplotlib, Agg backend; imported only by ``ringbench plot``).
+
+One function per figure; each takes runs (ringbench.store.Run) and returns a matplotlib Figure, or None when
+the runs hold nothing it can draw. Every figure notes the host(s), backend, device and dtype it came from.
+
+    strong     time and speed-up vs rank count at fixed N, ideal line; one line per mode / layout
+    weak       per-rank throughput efficiency and time vs rank count at fixed N/P
+    overlap    overlap efficiency and exposed communication vs block size (N/P), with the model's crossover
+    timeline   per rank and ring step: compute and communication bars of one repeat, modes stacked
+    breakdown  compute / exposed communication / other share of the pass, per configuration
+    causal     per-rank compute and idle time for the causal layouts side by side
+    model      model-predicted against measured time, and predicted times at rank counts not run
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ringbench import model, results
+from ringbench.layout import divisor
+
+FIGURES = ("strong", "weak", "overlap", "timeline", "breakdown", "causal", "model")
+FORMATS = ("png", "pdf")
+MODE_STYLE = {"overlap": ("C0", "o", "-"), "blocking": ("C3", "s", "--"), "allgather": ("C2", "^", ":")}
+COMPUTE, COMPUTE_ALT, COMM, OTHER = "#4C72B0", "#7EA6D8", "#DD8452", "#C8C8C8"
+
+# Every configuration field but one: what a line keeps fixed while the rank count varies.
+SHAPE_KEYS = ("dtype", "batch", "heads", "kv_heads", "head_dim", "backend", "progress")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+def provenance_note(runs) -> str:
+    """'host: a, b | backend: numpy (CPU name) | dtype: float32 | MPICH ...' for a figure's footer."""
+    hosts = sorted({h for r in runs for h in r.provenance.get("hosts", [])})
+    backends = sorted({f"{r.provenance.get('backend', r.config.get('backend'))} "
+                       f"({', '.join(sorted(set(r.provenance.get('devices', []))))})" for r in runs})
+    dtypes = sorted({r.config.get("dtype", "?") for r in runs})
+    mpi = sorted({r.provenance.get("mpi_library", "") for r in runs} - {""})
+    return (f"host: {', '.join(hosts) or '?'}  |  backend: {'; '.join(backends)}  |  dtype: {', '.join(dtypes)}"
+            + (f"  |  {'; '.join(mpi)}" if mpi else ""))
+
+
+def _finish(fig, runs, title: str, handles=None):
+    """Title, provenance footer and (optionally) one legend under the title, clear of the data."""
+    fig.suptitle(title, fontsize=12)
+    fig.text(0.01, 0.005, provenance_note(runs), fontsize=7, color="0.3", ha="left", va="bottom", wrap=True)
+    height = fig.get_size_inches()[1]
+    top = 1 - 0.45 / height
+    if handles:
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, top), ncol=len(handles), fontsize=8,
+                   frameon=False)
+        top -= 0.3 / height
+    fig.tight_layout(rect=(0, 0.25 / height, 1, top))
+    return fig
+
+
+def _plain_log(axis):
+    """Log axis labelled with plain numbers (1, 2, 5, 10, 20 ...) instead of powers of ten."""
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(fmt)
+    axis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+    axis.set_minor_formatter(fmt)
+
+
+def _ok(runs):
+    return [r for r in runs if r.status == "ok" and "total_s" in r.samples]
+
+
+def _line_label(r: dict, varying: set) -> str:
+    """mode, layout (+ causal), and any shape field that differs between the lines of a figure."""
+    parts = [r["mode"], r["layout"] + (" causal" if r["causal"] else "")]
+    parts += [f"{k}={r[k]}" for k in SHAPE_KEYS if k in varying]
+    return ", ".join(parts)
+
+
+def _varying(rows: list[dict], keys) -> set:
+    return {k for k in keys if len({r[k] for r in rows}) > 1}
+
+
+def _median_by(rows: list[dict], key: str, value: str) -> dict:
+    """{row[key]: median of row[value]} (repeated runs of one point are pooled)."""
+    pooled = defaultdict(list)
+    for r in rows:
+        if r.get(value) is not None:
+            pooled[r[key]].append(r[value])
+    return {k: float(np.median(v)) for k, v in sorted(pooled.items())}
+
+
+def _shape_desc(r: dict) -> str:
+    return f"B={r['batch']} H={r['heads']}/{r['kv_heads']} D={r['head_dim']}"
+
+
+def _best_group(rows: list[dict], fixed: str, need: str = "nranks") -> tuple:
+    """The value of ``fixed`` whose rows span the most distinct ``need`` values (then the most rows)."""
+    by = defaultdict(list)
+    for r in rows:
+        by[r[fixed]].append(r)
+    best = max(by, key=lambda k: (len({r[need] for r in by[k]}), len(by[k]), k), default=None)
+    return best, by.get(best, [])
+
+
+def _series(rows: list[dict], extra=()) -> dict:
+    """Rows grouped into lines: same mode, layout, causal flag and shape."""
+    out = defaultdict(list)
+    for r in rows:
+        out[(r["mode"], r["layout"], bool(r["causal"])) + tuple(r[k] for k in SHAPE_KEYS + tuple(extra))].append(r)
+    return out
+
+
+def _style(mode: str, i: int):
+    color, marker, ls = MODE_STYLE.get(mode, (f"C{i % 10}", "o", "-"))
+    return color, marker, ls
+
+
+def _layout_color(key, i):
+    """Lines of one mode differ by layout: vary the colour with the layout, the dash with the mode."""
+    mode, layout, causal = key[:3]
+    base = {"contiguous": 0, "zigzag": 1, "striped": 2}.get(layout, 3) + (3 if causal else 0)
+    palette = ["C0", "C1", "C2", "C4", "C5", "C6", "C7"]
+    return palette[base % len(palette)] if (layout != "contiguous" or causal) else MODE_STYLE.get(mode, ("C0",))[0]
+
+
+def _logx_ranks(ax, ranks):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ranks))
+    ax.set_xticklabels([str(p) for p in sorted(ranks)])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+def strong_scaling(runs):
+    """Time and speed-up vs rank count at the fixed N with the most rank counts."""
+    rows = results.rows(_ok(runs))
+    n, rows = _best_group(rows, "seq_len")
+    lines = {k: v for k, v in _series(rows).items() if len({r["nranks"] for r in v}) >= 2}
+    if not lines:
+        return None
+    used = [r for v in lines.values() for r in v]
+    varying = _varying(used, SHAPE_KEYS)
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 5))
+    ranks = sorted({r["nranks"] for r in used})
+    for i, (key, v) in enumerate(sorted(lines.items())):
+        t = _median_by(v, "nranks", "time_s")
+        ps = np.array(list(t))
+        ts = np.array(list(t.values()))
+        color, marker, ls = _style(key[0], i)
+        color = _layout_color(key, i)
+        label = _line_label(v[0], varying)
+        ax_t.plot(ps, ts * 1e3, marker=marker, ls=ls, color=color, label=label)
+        ax_t.plot(ps, ts[0] * ps[0] / ps * 1e3, ls=(0, (1, 3)), color=color, lw=1)
+        ax_s.plot(ps, ts[0] / ts, marker=marker, ls=ls, color=color, label=label)
+    ax_s.plot(ranks, np.array(ranks) / ranks[0], color="k", lw=1, ls=(0, (1, 3)), label="ideal (linear)")
+    ax_t.plot([], [], color="0.4", lw=1, ls=(0, (1, 3)), label="ideal: T(P0) P0 / P")
+    ax_t.set_yscale("log")
+    _plain_log(ax_t.yaxis)
+    for ax in (ax_t, ax_s):
+        _logx_ranks(ax, ranks)
+        ax.set_xlabel("MPI ranks P")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_s.set_yscale("log", base=2)
+    ax_s.set_yticks([2 ** k for k in range(int(np.log2(max(ranks) / ranks[0])) + 1)])
+    ax_s.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_t.set_ylabel("pass time [ms] (median over repeats, slowest rank)")
+    ax_s.set_ylabel(f"speed-up T(P={ranks[0]}) / T(P)")
+    ax_t.set_title("time")
+    ax_s.set_title("speed-up")
+    ax_t.legend(fontsize=7)
+    ax_s.legend(fontsize=7)
+    return _finish(fig, runs, f"Strong scaling at fixed N = {n} tokens ({_shape_desc(used[0])})")
+
+
+def weak_scaling(runs):
+    """Per-rank throughput efficiency and time vs rank count at the fixed N/P with the most rank counts."""
+    rows = results.rows(_ok(runs))
+    n, rows = _best_group(rows, "tokens_per_rank")
+    lines = {k: v for k, v in _series(rows).items() if len({r["nranks"] for r in v}) >= 2}
+    if not lines:
+        return None
+    used = [r for v in lines.values() for r in v]
+    varying = _varying(used, SHAPE_KEYS)
+    ranks = sorted({r["nranks"] for r in used})
+    fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(12, 5))
+    for i, (key, v) in enumerate(sorted(lines.items())):
+        per_rank = _median_by([dict(r, tf_rank=r["tflops"] / r["nranks"]) for r in v], "nranks", "tf_rank")
+        t = _median_by(v, "nranks", "time_s")
+        ps = np.array(list(per_rank))
+        eff = np.array(list(per_rank.values())) / next(iter(per_rank.values()))
+        color, marker, ls = _style(key[0], i)
+        color = _layout_color(key, i)
+        label = _line_label(v[0], varying)
+        ax_e.plot(ps, eff, marker=marker, ls=ls, color=color, label=label)
+        tt = np.array(list(t.values()))
+        ax_t.plot(ps, tt * 1e3, marker=marker, ls=ls, color=color, label=label)
+        ax_t.plot(ps, tt[0] * ps / ps[0] * 1e3, color=color, lw=1, ls=(0, (1, 3)))
+    ax_e.axhline(1.0, color="k", lw=1, ls=(0, (1, 3)), label="ideal")
+    ax_t.plot([], [], color="0.4", lw=1, ls=(0, (1, 3)), label="ideal: T(P0) P / P0 (work per rank grows with P)")
+    ax_e.set_ylim(0, max(1.2, ax_e.get_ylim()[1]))
+    for ax in (ax_e, ax_t):
+        _logx_ranks(ax, ranks)
+        ax.set_xlabel(f"MPI ranks P  (N = P x {n})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    ax_e.set_ylabel(f"efficiency: TFLOP/s per rank / same at P={ranks[0]}")
+    ax_t.set_ylabel("pass time [ms]")
+    ax_e.set_title("weak-scaling efficiency")
+    ax_t.set_title("time")
+    return _finish(fig, runs, f"Weak scaling at fixed N/P = {n} tokens per rank ({_shape_desc(used[0])})")
+
+
+def overlap(runs, cal: model.Calibration | None = None):
+    """Overlap efficiency and exposed communication vs tokens per rank, one line per P; model crossover."""
+    rows = [r for r in results.rows(_ok(runs)) if r["nranks"] > 1 and r["mode"] in ("overlap", "blocking")]
+    if not rows:
+        return None
+    fam = defaultdict(list)                       # one family: layout, causal flag and shape
+    for r in rows:
+        fam[(r["layout"], bool(r["causal"])) + tuple(r[k] for k in SHAPE_KEYS)].append(r)
+    key = max(fam, key=lambda k: (len({(r["tokens_per_rank"], r["nranks"]) for r in fam[k]}), len(fam[k])))
+    rows = fam[key]
+    if len({r["tokens_per_rank"] for r in rows}) < 2:
+        return None
+    fig, (ax_e, ax_x) = plt.subplots(1, 2, figsize=(14, 5))
+    ranks = sorted({r["nranks"] for r in rows})
+    xs_all = sorted({r["tokens_per_rank"] for r in rows})
+    for i, p in enumerate(ranks):
+        color = f"C{i}"
+        for mode in ("overlap", "blocking"):
+            v = [r for r in rows if r["nranks"] == p and r["mode"] == mode]
+            if not v:
+                continue
+            _, marker, ls = _style(mode, i)
+            exp = _median_by(v, "tokens_per_rank", "exposed_comm_s")
+            ax_x.plot(list(exp), np.array(list(exp.values())) * 1e3, marker=marker, ls=ls, color=color,
+                      label=f"{mode}, P={p}")
+            if mode == "overlap":
+                eff = _median_by(v, "tokens_per_rank", "overlap_eff")
+                ax_e.plot(list(eff), list(eff.values()), marker=marker, ls=ls, color=color, label=f"overlap, P={p}")
+            alone = _median_by(v, "tokens_per_rank", "comm_alone_s")
+            if mode == "blocking" or not any(r["mode"] == "blocking" for r in rows):
+                ax_x.plot(list(alone), np.array(list(alone.values())) * 1e3, ls=(0, (1, 2)), color=color, lw=1,
+                          label=f"comm alone (no compute), P={p}")
+        if cal is not None:
+            r0 = rows[0]
+            shape = model.Shape(nranks=p, seq_len=p * r0["tokens_per_rank"], batch=r0["batch"], heads=r0["heads"],
+                                kv_heads=r0["kv_heads"], head_dim=r0["head_dim"], dtype=r0["dtype"],
+                                causal=bool(r0["causal"]), layout=r0["layout"])
+            nstar = model.crossover_tokens(shape, cal)
+            if np.isfinite(nstar):
+                for ax in (ax_e, ax_x):
+                    ax.axvline(nstar, color=color, lw=1.2, ls="-.", alpha=0.8,
+                               label=f"model crossover n* = {nstar:.0f}, P={p}" if ax is ax_e else None)
+                xs_all.append(nstar)
+    lo, hi = min(xs_all) / 1.5, max(xs_all) * 1.5
+    kib_per_token = model.block_bytes(results.shape(rows[0], nranks=1).with_(seq_len=1)) / 1024
+    for ax in (ax_e, ax_x):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlim(lo, hi)
+        ax.set_xlabel("block size n = N/P [tokens per rank]")
+        top = ax.secondary_xaxis("top", functions=(lambda n: n * kib_per_token, lambda k: k / kib_per_token))
+        top.set_xlabel("K/V block moved per step [KiB]", fontsize=8)
+        top.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.grid(True, which="both", alpha=0.3)
+    ax_e.legend(fontsize=7, loc="best")
+    ax_x.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax_e.set_ylim(-0.05, 1.05)
+    ax_e.set_ylabel("overlap efficiency  1 - exposed / alone")
+    ax_x.set_yscale("log")
+    _plain_log(ax_x.yaxis)
+    ax_x.set_ylabel("communication time per pass [ms]")
+    ax_e.set_title("hidden share of the K/V transfers (overlap mode)")
+    ax_x.set_title("exposed communication: overlap vs blocking")
+    layout = key[0] + (" causal" if key[1] else "")
+    return _finish(fig, runs, f"Overlap vs block size ({layout}, {_shape_desc(rows[0])}); "
+                              f"left of n* the transfer outlasts a step's compute")
+
+
+def _median_repeat(run) -> int:
+    return int(np.argsort(run.samples["total_s"].max(axis=1))[len(run.samples["total_s"]) // 2])
+
+
+def _timeline_axes(ax, run):
+    """Bars per rank and ring step of the median repeat: compute, communication, and the rest of the step."""
+    rep = _median_repeat(run)
+    comp = run.samples["compute_s"][rep]            # (P, S)
+    comm = run.samples["comm_s"][rep]
+    step = run.samples["step_s"][rep]
+    total = run.samples["total_s"][rep]             # (P,)
+    mode = run.config["mode"]
+    P = comp.shape[0]
+    for r in range(P):
+        t = 0.0
+        for s in range(comp.shape[1]):
+            c, m, st = comp[r, s] * 1e3, comm[r, s] * 1e3, step[r, s] * 1e3
+            comm_first = mode == "blocking" or (mode == "allgather" and s == 0)
+            c0 = t + (m if comm_first else 0.0)
+            m0 = t if comm_first else t + c
+            ax.broken_barh([(t, st)], (r - 0.4, 0.8), facecolors=OTHER)
+            ax.broken_barh([(c0, c)], (r - 0.4, 0.8), facecolors=COMPUTE if s % 2 == 0 else COMPUTE_ALT)
+            if m > 0:
+                ax.broken_barh([(m0, m)], (r - 0.4, 0.8), facecolors=COMM)
+            if c > 0.06 * total.max() * 1e3:
+                ax.text(c0 + c / 2, r, f"s{s}", ha="center", va="center", fontsize=7, color="white")
+            t += st
+    ax.set_yticks(range(P))
+    ax.set_yticklabels([f"rank {r}" for r in range(P)])
+    ax.invert_yaxis()
+    ax.grid(True, axis="x", alpha=0.3)
+    return rep
+
+
+def timeline(runs, run_name: str | None = None):
+    """Per rank and ring step, one repeat: modes of the same configuration stacked, sharing the time axis."""
+    ok = _ok(runs)
+    if run_name:
+        chosen = [r for r in ok if r.name == run_name][:1]
+    else:
+        groups = defaultdict(dict)
+        for r in ok:
+            c = r.config
+            key = (r.nranks, c["seq_len"], c["layout"], bool(c["causal"])) + tuple(c.get(k) for k in SHAPE_KEYS)
+            groups[key].setdefault(c["mode"], r)
+        if not groups:
+            return None
+        # the configuration with the most modes, then the most ranks, then the longest sequence
+        key = max(groups, key=lambda k: (len(groups[k]), k[0], k[1]))
+        chosen = [groups[key][m] for m in ("overlap", "blocking", "allgather") if m in groups[key]]
+    if not chosen:
+        return None
+    P = chosen[0].nranks
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(12, 1.2 + 0.45 * P * len(chosen) + 0.5 * len(chosen)),
+                             sharex=True, squeeze=False)
+    for ax, run in zip(axes[:, 0], chosen):
+        rep = _timeline_axes(ax, run)
+        s = run.summary
+        ax.set_title(f"{run.config['mode']}: pass {s['time_s'] * 1e3:.1f} ms, exposed comm "
+                     f"{s['exposed_comm_s'] * 1e3:.2f} ms (medians); drawn: repeat {rep + 1} of "
+                     f"{len(run.samples['total_s'])}, the median one", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("time since the start of the pass on each rank [ms]")
+    handles = [matplotlib.patches.Patch(color=COMPUTE, label="compute on step s's K/V block (shades alternate)"),
+               matplotlib.patches.Patch(color=COMM, label="in MPI calls (post + wait / Sendrecv / Allgather)"),
+               matplotlib.patches.Patch(color=OTHER, label="rest of the step (casts, sync)")]
+    c = chosen[0].config
+    return _finish(fig, chosen, f"Timeline per rank and ring step s: {c['layout']}{' causal' if c['causal'] else ''} "
+                                f"N={c['seq_len']} P={P} ({_shape_desc(results.row(chosen[0]))})", handles)
+
+
+def _split(run) -> tuple[float, float, float]:
+    """Median over repeats, on the slowest rank, of (compute, communication, other) seconds in the pass."""
+    s = run.samples
+    rep_total = s["total_s"]                                  # (R, P)
+    slow = rep_total.argmax(axis=1)
+    idx = np.arange(len(slow))
+    comp = s["compute_s"].sum(axis=2)[idx, slow]
+    comm = s["comm_s"].sum(axis=2)[idx, slow]
+    tot = rep_total[idx, slow]
+    return float(np.median(comp)), float(np.median(comm)), float(np.median(np.maximum(tot - comp - comm, 0)))
+
+
+def breakdown(runs):
+    """Share of the pass in compute / communication calls / other, one bar per configuration."""
+    latest = {}
+    for r in _ok(runs):
+        latest[r.point_id] = r                    # repeated runs of one point: the last one stored
+    if not latest:
+        return None
+    items = sorted(latest.values(), key=lambda r: results.sort_key(results.row(r)))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.28 * len(items)))
+    labels = []
+    for i, run in enumerate(items):
+        c, m, o = _split(run)
+        tot = c + m + o
+        ax.barh(i, c / tot, color=COMPUTE)
+        ax.barh(i, m / tot, left=c / tot, color=COMM)
+        ax.barh(i, o / tot, left=(c + m) / tot, color=OTHER)
+        ax.text(1.01, i, f"{tot * 1e3:.1f} ms", va="center", fontsize=7)
+        cfg = run.config
+        layout = cfg["layout"] + (" causal" if cfg["causal"] else "")
+        labels.append(f"{cfg['mode']:9s} {layout:17s} N={cfg['seq_len']:<6d} P={run.nranks}")
+    ax.set_ylim(len(items) - 0.5, -0.5)
+    ax.set_yticks(range(len(items)))
+    ax.set_yticklabels(labels, fontsize=7, family="monospace")
+    ax.set_xlim(0, 1.12)
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_xticklabels([f"{x:.0%}" for x in np.linspace(0, 1, 6)])
+    ax.set_xlabel("share of the pass on the slowest rank [%] (median over repeats); total pass time [ms] at the right")
+    handles = [matplotlib.patches.Patch(color=COMPUTE, label="compute"),
+               matplotlib.patches.Patch(color=COMM, label="exposed communication (time in MPI calls)"),
+               matplotlib.patches.Patch(color=OTHER, label="other")]
+    return _finish(fig, items, "Where the time goes, per configuration", handles)
+
+
+def causal_layouts(runs, cal: model.Calibration | None = None):
+    """Per-rank compute and idle time of the causal layouts at the (N, P) where the most layouts were run."""
+    ok = [r for r in _ok(runs) if r.config["causal"] and r.nranks > 1]
+    groups = defaultdict(dict)
+    for r in ok:
+        c = r.config
+        groups[(c["mode"], c["seq_len"], r.nranks) + tuple(c.get(k) for k in SHAPE_KEYS)][c["layout"]] = r
+    if not groups:
+        return None
+    key = max(groups, key=lambda k: (len(groups[k]), k[0] == "overlap", k[2], k[1]))
+    chosen = [groups[key][lay] for lay in ("contiguous", "zigzag", "striped") if lay in groups[key]]
+    # at least 11 inches wide: the title and the legend must fit even when only one layout was run
+    fig, axes = plt.subplots(1, len(chosen), figsize=(max(11.0, 4.2 * len(chosen) + 1), 4.6), sharey=True,
+                             squeeze=False)
+    P = chosen[0].nranks
+    for ax, run in zip(axes[0], chosen):
+        s = run.samples
+        comp = np.median(s["compute_s"].sum(axis=2), axis=0) * 1e3          # (P,)
+        total = np.median(s["total_s"], axis=0) * 1e3
+        idle = np.maximum(total - comp, 0)
+        ranks = np.arange(P)
+        ax.bar(ranks, comp, color=COMPUTE)
+        ax.bar(ranks, idle, bottom=comp, color=COMM)
+        if cal is not None:
+            pred = model.predict(model.Shape.from_config(run.config, run.nranks), cal).compute_s.sum(axis=1)
+            ax.plot(ranks, pred * 1e3, "k_", ms=22, mew=2)
+        ax.set_xticks(ranks)
+        ax.set_xlabel("rank")
+        ax.set_title(f"{run.config['layout']}: imbalance {run.summary['imbalance']:.0%}, "
+                     f"pass {run.summary['time_s'] * 1e3:.1f} ms", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("time in the pass [ms], median over repeats")
+    handles = [matplotlib.patches.Patch(color=COMPUTE, label="compute"),
+               matplotlib.patches.Patch(color=COMM, label="idle: in MPI calls (waiting for neighbours) and other")]
+    if cal is not None:
+        handles.append(matplotlib.lines.Line2D([], [], color="k", marker="_", ms=14, mew=2, ls="none",
+                                               label="model: the rank's unmasked work / compute rate"))
+    c = chosen[0].config
+    return _finish(fig, chosen, f"Causal layouts: per-rank work and idle time ({c['mode']}, N={c['seq_len']}, "
+                                f"P={P}, {_shape_desc(results.row(chosen[0]))})", handles)
+
+
+def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
+    """Predicted against measured pass time; and predicted strong scaling beyond the rank counts run."""
+    if cal is None:
+        return None
+    rows = results.rows(_ok(runs))
+    if not rows:
+        return None
+    fig, (ax_p, ax_x) = plt.subplots(1, 2, figsize=(12, 5.2))
+    errs, seen = [], []
+    for mode in ("overlap", "blocking", "allgather"):
+        v = [r for r in rows if r["mode"] == mode]
+        if not v:
+            continue
+        pred = np.array([model.predict(results.shape(r), cal).time_s for r in v])
+        meas = np.array([r["time_s"] for r in v])
+        errs += list((pred - meas) / meas)
+        seen += list(pred) + list(meas)
+        color, marker, _ = _style(mode, 0)
+        ax_p.scatter(meas * 1e3, pred * 1e3, color=color, marker=marker, label=mode, alpha=0.8, s=22, zorder=3)
+    lo, hi = min(seen) * 1e3 / 1.5, max(seen) * 1e3 * 1.5
+    xs = np.geomspace(lo, hi, 50)
+    ax_p.plot(xs, xs, color="k", lw=1, label="predicted = measured")
+    ax_p.fill_between(xs, xs / 1.25, xs * 1.25, color="0.85", label="within 25%")
+    ax_p.set_xscale("log")
+    ax_p.set_yscale("log")
+    ax_p.set_xlim(lo, hi)
+    ax_p.set_ylim(lo, hi)
+    ax_p.set_aspect("equal")
+    _plain_log(ax_p.xaxis)
+    _plain_log(ax_p.yaxis)
+    ax_p.set_xlabel("measured pass time [ms]")
+    ax_p.set_ylabel("predicted pass time [ms]")
+    ax_p.set_title(f"{len(errs)} runs: median |error| {np.median(np.abs(errs)):.0%}, max {np.max(np.abs(errs)):.0%}",
+                   fontsize=9)
+    ax_p.grid(True, which="both", alpha=0.3)
+    ax_p.legend(fontsize=7)
+    # extrapolation: the fixed-N lines with the most rank counts, predicted out to predict_ranks
+    n, grp = _best_group(rows, "seq_len")
+    lines = {k: v for k, v in _series(grp).items()}
+    ranks_run = sorted({r["nranks"] for r in grp})
+    target = sorted(set(predict_ranks or [2 * max(ranks_run), 4 * max(ranks_run), 8 * max(ranks_run)]) | set(ranks_run))
+    varying = _varying(grp, SHAPE_KEYS)
+    for i, (key, v) in enumerate(sorted(lines.items())):
+        color, marker, ls = _style(key[0], i)
+        color = _layout_color(key, i)
+        t = _median_by(v, "nranks", "time_s")
+        ax_x.plot(list(t), np.array(list(t.values())) * 1e3, marker=marker, ls="none", color=color)
+        ps = [p for p in target if n % divisor(key[1], p) == 0]
+        pt = [model.predict(results.shape(v[0], nranks=p), cal).time_s * 1e3 for p in ps]
+        if key[2]:                     # causal lines of one mode: the dash tells the layouts apart
+            ls = {"contiguous": "-", "zigzag": "--", "striped": "-."}.get(key[1], ls)
+        label = _line_label(v[0], varying) + (" (model: same as blocking)" if key[0] == "allgather" else "")
+        ax_x.plot(ps, pt, ls=ls, color=color, lw=1.6, label=label)
+    ax_x.plot([], [], marker="o", ls="none", color="0.4", label="measured")
+    _logx_ranks(ax_x, target)
+    ax_x.set_yscale("log")
+    _plain_log(ax_x.yaxis)
+    ax_x.set_xlabel("MPI ranks P")
+    ax_x.set_ylabel("pass time [ms]")
+    ax_x.set_title(f"predicted (lines) and measured (markers) at N = {n}", fontsize=9)
+    ax_x.grid(True, which="both", alpha=0.3)
+    ax_x.legend(fontsize=7)
+    fig.text(0.5, 0.035, f"model calibration: {cal.source}" + "".join(f"; {x}" for x in cal.notes),
+             fontsize=7, ha="center", color="0.3")
+    return _finish(fig, runs, "Overlap model: predicted vs measured")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+def save(fig, out_dir: str, name: str, formats=FORMATS) -> list[str]:
+    paths = []
+    for ext in formats:
+        path = os.path.join(out_dir, f"{name}.{ext}")
+        fig.savefig(path, dpi=130)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def render(runs, out_dir: str, *, only=None, cal=None, predict_ranks=None, timeline_run=None,
+           formats=FORMATS) -> tuple[list[str], list[str]]:
+    """Draw the figures into ``out_dir``; returns (files written, 'name: why' for figures with no data)."""
+    makers = {
+        "strong": (lambda: strong_scaling(runs), "needs one N run at 2 or more rank counts"),
+        "weak": (lambda: weak_scaling(runs), "needs one N/P run at 2 or more rank counts"),
+        "overlap": (lambda: overlap(runs, cal), "needs overlap/blocking runs with P > 1 at 2 or more block sizes"),
+        "timeline": (lambda: timeline(runs, timeline_run), "needs a successful run"),
+        "breakdown": (lambda: breakdown(runs), "needs a successful run"),
+        "causal": (lambda: causal_layouts(runs, cal), "needs causal runs with P > 1"),
+        "model": (lambda: model_figure(runs, cal, predict_ranks), "needs a calibration (a probe or runs)"),
+    }
+    written, skipped = [], []
+    for name in only or FIGURES:
+        make, why = makers[name]
+        fig = make()
+        if fig is None:
+            skipped.append(f"{name}: {why}")
+        else:
+            written += save(fig, out_dir, name, formats)
+    return written, skipped

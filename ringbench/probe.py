@@ -1,0 +1,201 @@
+"""Measure this allocation's machine parameters for the overlap model (``ringbench probe``).
+
+Run on every rank under ``mpiexec -n P``; MPI only through ringbench.comm, imported by the functions that
+run under MPI, so the pure helpers (link_phases, message_sizes) import without initialising MPI.
+
+* Compute rate: every rank at once runs the real kernel (kernel.OnlineSoftmax, tiled as the ring tiles it)
+  on one full K/V block of n tokens, for each n in ``block_sizes``; rate = 4 B H D n^2 / time.
+* Links: a ping-pong over the same communicator on each ring link (r, r+1 mod P), message sizes from
+  8 bytes to ``max_bytes``; disjoint links are measured at the same time (2 phases, 3 for odd P), and
+  each link is fitted with t = latency + bytes / bandwidth (model.fit_link).
+
+The result is a /probes/<name> group of the result file (see ringbench.store).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ringbench import inputs, kernel, model, store
+from ringbench.backend import BackendError, get_backend
+from ringbench.layout import FULL, Piece
+
+
+@dataclass
+class ProbeOptions:
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 0            # 0: same as heads
+    head_dim: int = 64
+    dtype: str = "float32"
+    backend: str = "numpy"
+    block_sizes: tuple = (256, 512, 1024, 2048)
+    repeat: int = 5
+    max_bytes: int = 16 << 20
+    iters: int = 10
+
+
+def link_phases(nranks: int) -> list[list[tuple[int, int]]]:
+    """Ring links (r, r+1 mod P) grouped into phases of rank-disjoint pairs."""
+    if nranks < 2:
+        return []
+    if nranks == 2:
+        return [[(0, 1)]]
+    links = [(r, (r + 1) % nranks) for r in range(nranks)]
+    even = [lk for i, lk in enumerate(links) if i % 2 == 0 and not (nranks % 2 and i == nranks - 1)]
+    odd = [lk for i, lk in enumerate(links) if i % 2 == 1]
+    phases = [even, odd]
+    if nranks % 2:
+        phases.append([links[-1]])
+    return phases
+
+
+def message_sizes(max_bytes: int) -> list[int]:
+    """8 bytes, then powers of 4 from 1 KiB up to ``max_bytes`` (included)."""
+    sizes = [8]
+    m = 1024
+    while m < max_bytes:
+        sizes.append(m)
+        m *= 4
+    sizes.append(int(max_bytes))
+    return sorted(set(sizes))
+
+
+def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
+    """(K, R) seconds of one full-block kernel update on this rank, per block size and repeat."""
+    from ringbench import comm as mpi
+    from ringbench.ring import auto_tile_q
+    xp = backend.xp
+    hk = opts.kv_heads or opts.heads
+    dtype = backend.dtype(opts.dtype)
+    compute = backend.compute_dtype(dtype)
+    out = np.zeros((len(opts.block_sizes), opts.repeat))
+    for i, n in enumerate(opts.block_sizes):
+        pos = np.arange(n)
+        dims = {"batch": opts.batch, "seq_len": n, "head_dim": opts.head_dim}
+        q = backend.asarray(inputs.tokens("q", 0, pos, heads=opts.heads, **dims).astype(dtype))    # (B, n, H, D)
+        k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))            # (B, n, H_kv, D)
+        v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
+        qh = kernel.q_to_heads(xp, q, hk, compute)                                                 # (Z, G, n, D)
+        qh *= compute.type(kernel.softmax_scale(opts.head_dim))
+        kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)            # (Z, n, D)
+        state = kernel.OnlineSoftmax(xp, qh, head_chunk=None if backend.is_gpu else 1,
+                                     tile_q=auto_tile_q(backend, n, opts.heads // hk, n))
+        piece = [Piece(0, n, 0, n, FULL)]
+        for r in range(-1, opts.repeat):          # one warm-up
+            mpi.barrier()
+            state.reset()
+            backend.synchronize()
+            timer = backend.timer()
+            timer.start()
+            state.update(kh, vh, piece)
+            timer.stop()
+            backend.synchronize()
+            if r >= 0:
+                out[i, r] = timer.seconds()
+    return out
+
+
+def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
+    """{link index: (S, I) one-way seconds} for the links this rank initiated."""
+    from ringbench import comm as mpi
+    sizes = message_sizes(opts.max_bytes)
+    buf = np.zeros(max(sizes), dtype=np.uint8)
+    links = [(r, (r + 1) % nranks) for r in range(nranks)] if nranks > 2 else [(0, 1)] if nranks == 2 else []
+    mine = {}
+    for phase in link_phases(nranks):
+        mpi.barrier()
+        for a, b in phase:
+            if rank in (a, b):
+                times = [mpi.pingpong(buf[:m], b if rank == a else a, rank == a, opts.iters) for m in sizes]
+                if rank == a:
+                    mine[links.index((a, b))] = np.array(times)
+    mpi.barrier()
+    return mine
+
+
+def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
+    """The probe on every rank; rank 0 stores the /probes group and prints a summary."""
+    from ringbench import comm as mpi
+    world = mpi.WORLD
+    rank, nranks = world.rank, world.size
+    err = None
+    if rank == 0:
+        why = store.check_writable(out)
+        err = f"--out: cannot write {out}: {why}" if why else None
+    try:
+        backend = get_backend(opts.backend)
+        backend.dtype(opts.dtype)
+    except BackendError as exc:     # a user error, agreed on by every rank below
+        err = err or str(exc)
+    err = mpi.first_error(err)
+    if err:
+        from ringbench.config import UserError
+        raise UserError(err)
+    compute = _compute_times(opts, backend)
+    pp = _pingpong_all(opts, rank, nranks)
+    parts = mpi.gather({"compute": compute, "pingpong": pp, "host": socket.gethostname(),
+                        "device": backend.device_name})
+    if rank != 0:
+        return 0
+    probe = assemble(opts, parts, backend, name)
+    where = store.append_probe(out, probe)
+    if not quiet:
+        print(format_probe(probe, f"{out}:/probes/{where}"))
+    return 0
+
+
+def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> store.Probe:
+    nranks = len(parts)
+    hk = opts.kv_heads or opts.heads
+    sizes = np.array(message_sizes(opts.max_bytes))
+    n = np.array(opts.block_sizes)
+    block_flops = np.array([kernel.flops(opts.batch, opts.heads, opts.head_dim, int(k) * int(k)) for k in n])
+    compute_s = np.stack([p["compute"] for p in parts], axis=2)            # (K, R, P)
+    nlinks = nranks if nranks > 2 else (1 if nranks == 2 else 0)
+    links = np.array([(r, (r + 1) % nranks) for r in range(nlinks)], dtype=np.int64).reshape(nlinks, 2)
+    pingpong_s = np.zeros((nlinks, len(sizes), opts.iters))
+    for p in parts:
+        for i, t in p["pingpong"].items():
+            pingpong_s[i] = t
+    rate = float(block_flops[-1] / np.median(np.median(compute_s[-1], axis=0)))
+    summary = {"rate_flops": rate, "rate_block_tokens": int(n[-1])}
+    fits = [model.fit_link(sizes, np.median(pingpong_s[i], axis=1)) for i in range(nlinks)]
+    if fits:   # the ring moves at the pace of its slowest link: the one slowest for the largest message
+        slowest = int(np.argmax([model.comm_time(sizes[-1], lat, bw) for lat, bw in fits]))
+        summary["latency_s"], summary["bandwidth_Bps"] = fits[slowest]
+        summary["slowest_link"] = slowest
+    else:
+        summary["latency_s"] = summary["bandwidth_Bps"] = float("nan")
+    from ringbench import runner
+    prov = runner.provenance(parts, backend, cuda_aware=False)
+    cfg = asdict(opts)
+    cfg["kv_heads"] = hk
+    cfg["block_sizes"] = list(opts.block_sizes)
+    return store.Probe(nranks=nranks, config=cfg, provenance=prov, created_utc=prov["utc"],
+                       name=name or f"probe-P{nranks}-{opts.dtype}",
+                       samples={"block_tokens": n, "block_flops": block_flops, "compute_s": compute_s,
+                                "msg_bytes": sizes, "links": links, "pingpong_s": pingpong_s},
+                       summary=summary)
+
+
+def format_probe(probe: store.Probe, where: str) -> str:
+    c, prov = probe.config, probe.provenance
+    per_block = np.median(np.median(probe.samples["compute_s"], axis=1), axis=1)       # (K,)
+    rates = probe.samples["block_flops"] / per_block
+    lines = [(f"ringbench probe: P={probe.nranks} on {', '.join(prov['hosts'])} [{prov['backend']}, "
+              f"{prov['mpi_library']}]"),
+             f"  compute (per rank, all ranks busy; B={c['batch']} H={c['heads']}/{c['kv_heads']} D={c['head_dim']} "
+             f"{c['dtype']}): " + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in
+                                           zip(probe.samples["block_tokens"], rates)) + " GFLOP/s"]
+    sizes = probe.samples["msg_bytes"]
+    for i, (a, b) in enumerate(probe.samples["links"]):
+        lat, bw = model.fit_link(sizes, np.median(probe.samples["pingpong_s"][i], axis=1))
+        lines.append(f"  link {a}->{b}: latency {lat * 1e6:.1f} us, bandwidth {bw / 1e9:.2f} GB/s")
+    if probe.nranks < 2:
+        lines.append("  links: one rank, nothing to measure (run under mpiexec -n 2 or more)")
+    lines.append(f"  saved {where}")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# A one-node Slurm cluster on localhost, from the distribution's slurm-wlm and munge packages.
+#
+#   slurm/localcluster.sh up       start munged, slurmctld and slurmd (idempotent); prints the SLURM_CONF export
+#   slurm/localcluster.sh down     stop them (idempotent)
+#   slurm/localcluster.sh status   say whether it is up
+#
+# Everything (config, munge key and socket, state, logs, pid files) lives under one state directory:
+# $RINGBENCH_SLURM_DIR, default /tmp/ringbench-slurm. The daemons run as the calling user (root in CI);
+# install the packages first: apt-get install -y slurm-wlm munge.
+# RINGBENCH_SLURM_CPUS (default: max(nproc, 8)) is the CPU count the node advertises, so jobs with more
+# ranks than cores can run oversubscribed, as mpiexec does locally.
+set -euo pipefail
+
+DIR=${RINGBENCH_SLURM_DIR:-/tmp/ringbench-slurm}
+CONF=$DIR/slurm.conf
+export SLURM_CONF=$CONF
+
+die() { echo "localcluster: $*" >&2; exit 1; }
+
+need_binaries() {
+    local missing=()
+    for b in slurmctld slurmd munged mungekey scontrol sinfo; do
+        command -v "$b" >/dev/null 2>&1 || [ -x "/usr/sbin/$b" ] || missing+=("$b")
+    done
+    [ ${#missing[@]} -eq 0 ] || die "missing ${missing[*]}: install them with 'apt-get install -y slurm-wlm munge'"
+    export PATH=$PATH:/usr/sbin
+}
+
+is_up() {
+    [ -f "$CONF" ] && scontrol ping 2>/dev/null | grep -q 'is UP'
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+write_conf() {
+    local cpus mem
+    cpus=$(nproc)
+    cpus=${RINGBENCH_SLURM_CPUS:-$(( cpus > 8 ? cpus : 8 ))}
+    mem=$(awk '/MemTotal/ {m = int($2 / 1024) - 2048; print (m > 512 ? m : 512)}' /proc/meminfo)
+    cat > "$CONF" <<CONF
+# written by slurm/localcluster.sh: a one-node cluster for trying ringbench submit
+ClusterName=ringbench
+SlurmctldHost=localhost
+SlurmUser=$(id -un)
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$DIR/munge/munge.socket.2
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/slurmd-%n
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/slurmctld.log
+SlurmdLogFile=$DIR/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+MpiDefault=none
+MailProg=/bin/true
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=4
+SchedulerParameters=batch_sched_delay=0
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+}
+
+up() {
+    need_binaries
+    if is_up; then
+        echo "localcluster: already up ($DIR)"
+    else
+        mkdir -p "$DIR/state" "$DIR/slurmd-localhost" "$DIR/munge"
+        chmod 755 "$DIR" "$DIR/munge"
+        [ -f "$DIR/munge/munge.key" ] || mungekey -c -k "$DIR/munge/munge.key"
+        chmod 600 "$DIR/munge/munge.key"
+        if ! pid_alive "$DIR/munge/munged.pid"; then
+            # munged daemonizes itself and writes its pid file
+            munged --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
+                --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
+                --seed-file="$DIR/munge/munged.seed" </dev/null >/dev/null 2>&1 \
+                || die "munged did not start; see $DIR/munge/munged.log"
+            for _ in $(seq 50); do [ -S "$DIR/munge/munge.socket.2" ] && break; sleep 0.1; done
+            [ -S "$DIR/munge/munge.socket.2" ] || die "munged did not start; see $DIR/munge/munged.log"
+        fi
+        write_conf
+        if ! pid_alive "$DIR/slurmctld.pid"; then
+            setsid slurmctld -D -i -f "$CONF" </dev/null >>"$DIR/slurmctld.out" 2>&1 &
+        fi
+        if ! pid_alive "$DIR/slurmd.pid"; then
+            setsid slurmd -D -N localhost -f "$CONF" </dev/null >>"$DIR/slurmd.out" 2>&1 &
+        fi
+        local ok=""
+        for _ in $(seq 300); do
+            if is_up && sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then ok=1; break; fi
+            sleep 0.1
+        done
+        [ -n "$ok" ] || die "slurm did not come up within 30 s; see $DIR/slurmctld.log and $DIR/slurmd.log"
+        echo "localcluster: up ($DIR)"
+    fi
+    echo "export SLURM_CONF=$CONF"
+}
+
+down() {
+    need_binaries
+    if is_up; then
+        scontrol shutdown >/dev/null 2>&1 || true
+    fi
+    for f in "$DIR/slurmctld.pid" "$DIR/slurmd.pid"; do
+        for _ in $(seq 100); do pid_alive "$f" || break; sleep 0.1; done
+        if pid_alive "$f"; then kill "$(cat "$f")" 2>/dev/null || true; fi
+    done
+    if pid_alive "$DIR/munge/munged.pid"; then
+        kill "$(cat "$DIR/munge/munged.pid")" 2>/dev/null || true
+    fi
+    rm -f "$DIR/munge/munged.pid"
+    echo "localcluster: down ($DIR)"
+}
+
+status() {
+    need_binaries
+    if is_up; then
+        echo "localcluster: up ($DIR)"
+        sinfo
+        echo "export SLURM_CONF=$CONF"
+    else
+        echo "localcluster: down ($DIR)"
+        return 1
+    fi
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    *) echo "usage: $0 up|down|status   (state in \$RINGBENCH_SLURM_DIR, default /tmp/ringbench-slurm)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,88 @@
+"""Figures render from a real result file (PNG and PDF), each noting host, backend and dtype."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import mpiexec, ringbench
+
+pytestmark = pytest.mark.mpi
+
+plot = pytest.importorskip("ringbench.plot")      # needs matplotlib (the plot/test extras)
+
+
+@pytest.fixture(scope="module")
+def richer(small_results, tmp_path_factory):
+    """small_results plus one P=2 run at N=512: a second block size (overlap) and N/P=256 at P=1 and 2 (weak)."""
+    path = tmp_path_factory.mktemp("richer") / "richer.h5"
+    shutil.copyfile(small_results, path)
+    res = mpiexec(2, "run", "--seq-len", 512, "--heads", 2, "--head-dim", 16, "--repeat", 3, "--quiet", "--out", path)
+    assert res.returncode == 0, res.stderr
+    return path
+
+
+def test_plot_command_writes_every_figure(richer, tmp_path):
+    out = tmp_path / "figs"
+    res = ringbench("plot", richer, "-o", out)
+    assert res.returncode == 0, res.stderr
+    for name in plot.FIGURES:
+        for ext in ("png", "pdf"):
+            f = out / f"{name}.{ext}"
+            assert f.exists() and f.stat().st_size > 5000, f
+    assert (out / "strong.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "strong.pdf").read_bytes()[:5] == b"%PDF-"
+    assert "skipped" not in res.stdout
+
+
+def test_small_file_skips_what_it_cannot_draw(small_results, tmp_path):
+    res = ringbench("plot", small_results, "-o", tmp_path, "--only", "weak,timeline")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "timeline.png").exists() and not (tmp_path / "weak.png").exists()
+    assert "skipped weak: needs one N/P run at 2 or more rank counts" in res.stdout
+
+
+def test_each_figure_names_host_backend_dtype_and_units(richer):
+    from ringbench import model, results
+    runs = results.load(richer)
+    cal = model.calibrate_from_runs(runs)
+    figs = {"strong": plot.strong_scaling(runs), "weak": plot.weak_scaling(runs), "overlap": plot.overlap(runs, cal),
+            "timeline": plot.timeline(runs), "breakdown": plot.breakdown(runs),
+            "causal": plot.causal_layouts(runs, cal), "model": plot.model_figure(runs, cal)}
+    host = runs[0].provenance["hosts"][0]
+    for name, fig in figs.items():
+        assert fig is not None, name
+        texts = " ".join(t.get_text() for t in fig.texts)
+        assert f"host: {host}" in texts and "backend: numpy" in texts and "dtype: float32" in texts, name
+        assert fig._suptitle.get_text(), name
+        labels = " ".join(ax.get_xlabel() + " " + ax.get_ylabel() for ax in fig.axes)
+        assert "[ms]" in labels or "%" in labels or "efficiency" in labels, name
+        plot.plt.close(fig)
+
+
+def test_timeline_of_a_named_run(small_results, tmp_path):
+    from ringbench import results
+    name = next(r.name for r in results.load(small_results) if r.config["layout"] == "zigzag")
+    res = ringbench("plot", small_results, "-o", tmp_path, "--only", "timeline", "--timeline-run", name)
+    assert res.returncode == 0, res.stderr
+    res = ringbench("plot", small_results, "-o", tmp_path, "--timeline-run", "nope")
+    assert res.returncode == 2 and res.stderr.startswith("ringbench plot: --timeline-run: no run 'nope'")
+
+
+def test_plot_user_errors(small_results, tmp_path):
+    res = ringbench("plot", small_results, "-o", tmp_path, "--only", "strng")
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("ringbench plot: --only: unknown figure 'strng'; allowed: strong,")
+    res = ringbench("plot", small_results)
+    assert res.returncode == 2 and "-o/--out-dir" in res.stderr
+    f = tmp_path / "file"
+    f.write_text("")
+    res = ringbench("plot", small_results, "-o", f)
+    assert res.returncode == 2 and "is not a directory" in res.stderr
+
+
+def test_missing_plot_dependency_is_one_line():
+    from ringbench.cli import _missing
+    assert _missing("numpy") is None
+    assert _missing("no_such_module_rb") == "no_such_module_rb not installed: pip install 'ringbench[plot]'"

@@ -1,0 +1,99 @@
+"""ringbench probe under mpiexec writes /probes/<name>; the model picks it up; link phases are disjoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ringbench import probe as probe_mod
+from ringbench import store
+from tests.conftest import mpiexec, ringbench
+
+SMALL = ["--heads", 2, "--head-dim", 16, "--block-sizes", "32,64", "--repeat", 2, "--max-bytes", 65536,
+         "--iters", 3]
+
+
+@pytest.mark.parametrize("nranks", [3, 4, 5, 8])
+def test_link_phases_cover_the_ring_with_disjoint_pairs(nranks):
+    phases = probe_mod.link_phases(nranks)
+    links = [lk for ph in phases for lk in ph]
+    assert sorted(links) == sorted((r, (r + 1) % nranks) for r in range(nranks))
+    for ph in phases:
+        ranks = [r for lk in ph for r in lk]
+        assert len(ranks) == len(set(ranks))
+    assert len(phases) == (2 if nranks % 2 == 0 else 3)
+
+
+def test_link_phases_small():
+    assert probe_mod.link_phases(1) == []
+    assert probe_mod.link_phases(2) == [[(0, 1)]]         # one link: 0 -> 1 and 1 -> 0 are the same pair
+
+
+def test_message_sizes():
+    assert probe_mod.message_sizes(65536) == [8, 1024, 4096, 16384, 65536]
+    assert probe_mod.message_sizes(5000) == [8, 1024, 4096, 5000]
+
+
+@pytest.mark.mpi
+def test_probe_two_ranks_writes_its_group(tmp_path):
+    out = tmp_path / "p.h5"
+    res = mpiexec(2, "probe", "--out", out, *SMALL)
+    assert res.returncode == 0, res.stderr
+    assert "link 0->1: latency" in res.stdout and f"saved {out}:/probes/probe-P2-float32" in res.stdout
+    (p,) = store.read_probes(out)
+    assert p.nranks == 2 and p.name == "probe-P2-float32"
+    s = p.samples
+    assert s["block_tokens"].tolist() == [32, 64]
+    assert s["block_flops"].tolist() == [4 * 2 * 16 * 32 * 32, 4 * 2 * 16 * 64 * 64]
+    assert s["compute_s"].shape == (2, 2, 2) and (s["compute_s"] > 0).all()
+    assert s["msg_bytes"].tolist() == [8, 1024, 4096, 16384, 65536]
+    assert s["links"].tolist() == [[0, 1]]
+    assert s["pingpong_s"].shape == (1, 5, 3) and (s["pingpong_s"] > 0).all()
+    assert p.summary["rate_flops"] > 0 and p.summary["bandwidth_Bps"] > 0 and p.summary["latency_s"] >= 0
+    assert p.provenance["backend"] == "numpy" and p.config["block_sizes"] == [32, 64]
+    assert store.read(out) == []                                   # a probe-only file has no runs
+    # a second probe in the same file gets its own group
+    res = mpiexec(2, "probe", "--out", out, "--quiet", *SMALL)
+    assert res.returncode == 0 and res.stdout == ""
+    assert [q.name for q in store.read_probes(out)] == ["probe-P2-float32", "probe-P2-float32~2"]
+
+
+@pytest.mark.mpi
+def test_model_uses_the_probe_in_the_same_file(small_results, tmp_path):
+    import shutil
+    path = tmp_path / "both.h5"
+    shutil.copyfile(small_results, path)
+    res = mpiexec(2, "probe", "--out", path, "--name", "here", *SMALL)
+    assert res.returncode == 0, res.stderr
+    assert len(store.read(path)) == 6                              # the runs are untouched
+    rep = ringbench("report", path)
+    assert rep.returncode == 0, rep.stderr
+    assert f"calibration: probe {path}:/probes/here" in rep.stdout
+    assert "in-sample" not in rep.stdout
+    # --probe from another file
+    rep = ringbench("report", small_results, "--probe", path)
+    assert rep.returncode == 0 and f"calibration: probe {path}:/probes/here" in rep.stdout
+
+
+@pytest.mark.mpi
+def test_probe_one_rank_measures_compute_only(tmp_path):
+    out = tmp_path / "p1.h5"
+    res = mpiexec(1, "probe", "--out", out, *SMALL)
+    assert res.returncode == 0, res.stderr
+    (p,) = store.read_probes(out)
+    assert p.samples["pingpong_s"].shape[0] == 0 and np.isnan(p.summary["bandwidth_Bps"])
+    assert "one rank, nothing to measure" in res.stdout
+
+
+@pytest.mark.mpi
+def test_probe_user_errors(tmp_path):
+    res = ringbench("probe")
+    assert res.returncode == 2 and res.stderr.strip() == "ringbench probe: the following arguments are required: --out"
+    res = mpiexec(2, "probe", "--out", tmp_path / "no" / "p.h5", *SMALL)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"ringbench probe: --out: cannot write {tmp_path / 'no' / 'p.h5'}: " \
+                                 f"directory {tmp_path / 'no'} does not exist"
+    res = ringbench("probe", "--out", tmp_path / "p.h5", "--block-sizes", "32,x")
+    assert res.returncode == 2 and "--block-sizes" in res.stderr and "positive integers" in res.stderr
+    res = ringbench("probe", "--out", tmp_path / "p.h5", "--heads", 4, "--kv-heads", 3)
+    assert res.returncode == 2 and "--kv-heads: must divide --heads=4" in res.stderr

@@ -1,0 +1,236 @@
+"""Slurm: rendered job scripts (golden #SBATCH sets, quoting) and real submissions to a live cluster.
+
+The tests marked ``slurm`` need a cluster: ``slurm/localcluster.sh up`` gives a one-node one (SLURM_CONF from
+the environment, else the script's default path). Without one they skip, unless CI=true or
+RINGBENCH_REQUIRE_SLURM=1 says the cluster is expected: then they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ringbench import experiment, slurm, store
+from ringbench.experiment import SlurmSpec
+
+from conftest import ROOT, ringbench
+
+PROFILE = ROOT / "slurm" / "profiles" / "localcluster.yaml"
+
+
+def job(**kw) -> slurm.JobArray:
+    base = {"experiment": "scale", "nranks": 8, "ntasks": 3, "job_name": "rb-scale-P8", "time": "00:30:00",
+            "snapshot": Path("/r/scale/experiment.yaml"), "results": Path("/r"),
+            "tasks": Path("/r/scale/scripts/s-P8.tasks"), "script": Path("/r/scale/scripts/s-P8.sbatch"),
+            "logs": Path("/r/scale/logs"), "workdir": Path("/home/u"), "python": "/venv/bin/python",
+            "launcher": "srun"}
+    base.update(kw)
+    return slurm.JobArray(**base)
+
+
+def render(spec: SlurmSpec, **kw) -> str:
+    return slurm.render(job(**kw), spec, slurm.TEMPLATE.read_text(), "0.1.0", "2026-01-01T00:00:00Z")
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering (pure, no Slurm needed)
+# ---------------------------------------------------------------------------------------------
+def test_sbatch_lines_gpu_site():
+    spec = SlurmSpec(partition="gpu", account="proj", qos="normal", constraint="a100&ib", gpus_per_node=4,
+                     cpus_per_task=8, sbatch=["--exclusive", "--mem=0"])
+    assert slurm.sbatch_lines(render(spec)) == {
+        "#SBATCH --job-name=rb-scale-P8",
+        "#SBATCH --array=0-2",
+        "#SBATCH --ntasks=8",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --time=00:30:00",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --qos=normal",
+        "#SBATCH --constraint=a100&ib",
+        "#SBATCH --output=/r/scale/logs/%x-%A_%a.out",
+        "#SBATCH --chdir=/home/u",
+        "#SBATCH --exclusive",
+        "#SBATCH --mem=0",
+    }
+
+
+def test_sbatch_lines_minimal():
+    assert slurm.sbatch_lines(render(SlurmSpec(), nranks=2, ntasks=1, job_name="rb-x-P2", time="5")) == {
+        "#SBATCH --job-name=rb-x-P2",
+        "#SBATCH --array=0-0",
+        "#SBATCH --ntasks=2",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --time=5",
+        "#SBATCH --output=/r/scale/logs/%x-%A_%a.out",
+        "#SBATCH --chdir=/home/u",
+    }
+
+
+def test_ntasks_per_node_sets_nodes():
+    lines = slurm.sbatch_lines(render(SlurmSpec(ntasks_per_node=3), nranks=8))
+    assert {"#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=3"} <= lines
+
+
+def test_script_body_quotes_every_value(tmp_path):
+    spec = SlurmSpec(setup=["module load cuda/12.4"], env={"UCX_TLS": "rc,cuda_copy", "NOTE": "a b $(id)"})
+    text = render(spec, python="/opt/my venv/bin/python", snapshot=Path("/r/it's/experiment.yaml"),
+                  pythonpath="/src/ring bench", force=True)
+    body = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert body == [
+        "set -eo pipefail     # not -u: site setup (module, venv activate) often reads unset variables",
+        "module load cuda/12.4",
+        "export UCX_TLS=rc,cuda_copy",
+        "export NOTE='a b $(id)'",
+        "export PYTHONPATH='/src/ring bench'${PYTHONPATH:+:$PYTHONPATH}",
+        ("exec '/opt/my venv/bin/python' -m ringbench sweep '/r/it'\"'\"'s/experiment.yaml' --results /r "
+         "--launcher srun --tasks /r/scale/scripts/s-P8.tasks --task \"$SLURM_ARRAY_TASK_ID\" --force"),
+    ]
+    script = tmp_path / "s.sh"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+
+
+def test_submit_dry_run_writes_scripts_per_rank_count(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(textwrap.dedent(f"""
+        name: dry
+        base: {{seq_len: 256, heads: 2, head_dim: 16}}
+        matrix: {{mode: [overlap, blocking, allgather]}}
+        ranks: [1, 2]
+        exclude: [{{ranks: 1, mode: [blocking, allgather]}}]
+        slurm: {{profile: {PROFILE}, points_per_task: 2, job_name: ring}}
+    """))
+    res = ringbench("submit", exp, "--dry-run", "--results", tmp_path / "results", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    scripts = sorted((tmp_path / "results" / "dry" / "scripts").glob("*.sbatch"))
+    assert [s.name.split("-")[-1] for s in scripts] == ["P1.sbatch", "P2.sbatch"]
+    p2 = scripts[1].read_text()
+    assert {"#SBATCH --job-name=ring-P2", "#SBATCH --array=0-1", "#SBATCH --ntasks=2",
+            "#SBATCH --partition=debug", "#SBATCH --time=00:10:00"} <= slurm.sbatch_lines(p2)
+    tasks = scripts[1].with_suffix(".tasks").read_text().splitlines()
+    assert [len(t.split()) for t in tasks] == [2, 1]
+    assert not (tmp_path / "results" / "dry" / "jobs.json").exists()
+    assert experiment.load(tmp_path / "results" / "dry" / "experiment.yaml").slurm.partition == "debug"
+
+
+# ---------------------------------------------------------------------------------------------
+# a live cluster
+# ---------------------------------------------------------------------------------------------
+def _slurm_conf() -> str:
+    default = Path(os.environ.get("RINGBENCH_SLURM_DIR", "/tmp/ringbench-slurm")) / "slurm.conf"
+    return os.environ.get("SLURM_CONF") or str(default)
+
+
+def _cluster_problem() -> str | None:
+    env = dict(os.environ, SLURM_CONF=_slurm_conf())
+    if not Path(env["SLURM_CONF"]).is_file():
+        return f"no Slurm configuration at {env['SLURM_CONF']}"
+    try:
+        res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, env=env, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"scontrol ping failed: {exc}"
+    if res.returncode != 0 or "UP" not in res.stdout:
+        return f"no Slurm cluster answers (SLURM_CONF={env['SLURM_CONF']}): {(res.stdout + res.stderr).strip()}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    """Environment for talking to the cluster; skip (or fail where a cluster is expected) without one."""
+    problem = _cluster_problem()
+    if problem:
+        expected = os.environ.get("CI", "").lower() == "true" or os.environ.get("RINGBENCH_REQUIRE_SLURM") == "1"
+        msg = f"{problem}; start one with slurm/localcluster.sh up"
+        if expected:
+            pytest.fail(f"Slurm cluster expected (CI / RINGBENCH_REQUIRE_SLURM) but absent: {msg}")
+        pytest.skip(msg)
+    return {"SLURM_CONF": _slurm_conf()}
+
+
+def wait_for_jobs(jobs_json: Path, env: dict, limit_s: float = 180) -> None:
+    """Until the experiment's jobs have left the queue (a hang guard, not a timing assertion)."""
+    import json
+    ids = ",".join(j["job_id"] for j in json.loads(jobs_json.read_text()))
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        res = subprocess.run(["squeue", "-h", "-j", ids], capture_output=True, text=True,
+                             env=dict(os.environ, **env), check=False)
+        if res.returncode == 0 and not res.stdout.strip() or "Invalid job id" in res.stderr:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"jobs {ids} still queued after {limit_s} s")
+
+
+@pytest.mark.slurm
+def test_submit_wait_collect(tmp_path, cluster):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(textwrap.dedent(f"""
+        name: e2e
+        base: {{seq_len: 256, heads: 2, head_dim: 16, repeat: 2, warmup: 1, check: true}}
+        matrix:
+          mode: [overlap, blocking]
+          layout: [contiguous, zigzag]
+        ranks: [1, 2]
+        exclude:
+          - {{ranks: 1, mode: blocking}}
+        timeout: 120
+        slurm: {{profile: {PROFILE}, time: "5"}}
+    """))
+    results = tmp_path / "results"
+    res = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("submitted job") == 2                  # one array per rank count
+    queued = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
+    assert queued.returncode == 0 and "nothing to submit" in queued.stdout      # not queued twice
+    wait_for_jobs(results / "e2e" / "jobs.json", cluster)
+
+    status = ringbench("status", exp, "--results", results, env=cluster, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "6 points: 6 done" in status.stdout, status.stdout
+
+    res = ringbench("collect", exp, "--results", results, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    runs = store.read(results / "e2e.h5")
+    assert len(runs) == 6
+    assert {r.nranks for r in runs} == {1, 2}
+    for r in runs:
+        assert r.status == "ok"
+        assert r.check["passed"] and r.check["rel_err"] <= r.check["tol"]
+        assert r.samples["total_s"].shape == (2, r.nranks)
+    assert all(" srun " in p.read_text() for p in (results / "e2e" / "logs").glob("*.log"))
+    assert len(list((results / "e2e" / "logs").glob("rb-e2e-P2-*_*.out"))) == 4       # one per array task
+
+    again = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout
+    assert ringbench("collect", exp, "--results", results, cwd=tmp_path).returncode == 0
+    assert len(store.read(results / "e2e.h5")) == 6                 # collect again: nothing added
+
+
+@pytest.mark.slurm
+def test_sbatch_failure_shows_sbatch_message(tmp_path, cluster):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(textwrap.dedent("""
+        name: badpart
+        base: {seq_len: 256, heads: 2, head_dim: 16}
+        slurm: {partition: nosuchpartition}
+    """))
+    res = ringbench("submit", exp, "--results", tmp_path / "results", env=cluster, cwd=tmp_path)
+    assert res.returncode == 2
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("ringbench submit: sbatch failed for ")
+    assert "invalid partition" in line.lower()
+    assert not (tmp_path / "results" / "badpart" / "jobs.json").exists()
+
+
+def test_template_with_unknown_placeholder_is_one_line_error():
+    with pytest.raises(slurm.SlurmError, match=r"bad placeholder 'HOME'; allowed: \$experiment"):
+        slurm.render(job(), SlurmSpec(), "#!/bin/bash\necho $HOME\n", "0.1.0", "now")

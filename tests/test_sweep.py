@@ -1,0 +1,188 @@
+"""ringbench sweep / status / collect on this machine: real mpiexec, real HDF5, real failures."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import h5py
+import pytest
+
+from ringbench import store
+
+from conftest import ringbench
+
+pytestmark = pytest.mark.mpi
+
+SMALL = "{seq_len: 256, heads: 2, head_dim: 16, repeat: 1, warmup: 0, check: true}"
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def sweep(tmp_path: Path, *args, timeout: float = 300):
+    return ringbench("sweep", *args, "--results", tmp_path / "results", cwd=tmp_path, timeout=timeout)
+
+
+def cupy_works() -> bool:
+    try:
+        import cupy
+        return bool(cupy.is_available())
+    except Exception:          # noqa: BLE001 - any import problem means: no GPU runs here
+        return False
+
+
+def test_sweep_runs_resumes_and_collects(tmp_path):
+    exp = write(tmp_path, f"""
+        name: local
+        base: {SMALL}
+        matrix:
+          mode: [overlap, blocking]
+        ranks: [1, 2]
+        exclude:
+          - {{ranks: 1, mode: blocking}}
+    """)
+    res = sweep(tmp_path, exp)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "3 to run" in res.stdout and "3 ok, 0 failed" in res.stdout
+    root = tmp_path / "results" / "local"
+    parts = sorted((root / "parts").glob("*.h5"))
+    assert len(parts) == 3
+    merged = store.read(tmp_path / "results" / "local.h5")
+    assert sorted((r.point_id, r.nranks) for r in merged) == sorted(
+        (p.stem, int(p.stem.split("-P")[1].split("-")[0])) for p in parts)
+    assert all(r.status == "ok" and r.check["passed"] for r in merged)
+    assert {r.samples["total_s"].shape[1] for r in merged} == {1, 2}       # (R, P): every rank's samples
+
+    again = sweep(tmp_path, exp)
+    assert again.returncode == 0
+    assert "3 already done (skipped), 0 to run" in again.stdout
+    assert len(store.read(tmp_path / "results" / "local.h5")) == 3          # collect is idempotent
+
+    forced = sweep(tmp_path, exp, "--force")
+    assert forced.returncode == 0 and "3 to run" in forced.stdout
+    assert len(store.read(tmp_path / "results" / "local.h5")) == 6          # never overwritten: added
+
+    status = ringbench("status", root, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "3 points: 3 done" in status.stdout
+
+
+@pytest.mark.skipif(cupy_works(), reason="CuPy runs here, so the cupy points would not fail")
+def test_failed_points_are_recorded_and_retried(tmp_path):
+    exp = write(tmp_path, f"""
+        name: partly
+        base: {SMALL}
+        matrix:
+          backend: [numpy, cupy]
+        ranks: [1, 2]
+    """)
+    res = sweep(tmp_path, exp)
+    assert res.returncode == 1
+    assert "2 ok, 2 failed" in res.stdout
+    root = tmp_path / "results" / "partly"
+    runs = store.read(tmp_path / "results" / "partly.h5")
+    failed = [r for r in runs if r.status == "failed"]
+    assert len(failed) == 2 and all(r.config["backend"] == "cupy" for r in failed)
+    assert all(r.error.startswith("exit status 2: ") and "cupy" in r.error.lower() for r in failed)
+    assert all(not r.samples for r in failed)
+
+    status = ringbench("status", tmp_path / "exp.yaml", "--results", tmp_path / "results", cwd=tmp_path)
+    assert "4 points: 2 done, 2 failed" in status.stdout
+    plan = ringbench("plan", root, cwd=tmp_path)
+    assert plan.stdout.count(" failed") == 2 and plan.stdout.count(" done") == 2
+
+    retry = sweep(tmp_path, exp)
+    assert retry.returncode == 1
+    assert "2 already done (skipped), 2 to run" in retry.stdout
+    for r in failed:
+        assert [x.status for x in store.read(root / "parts" / f"{r.point_id}.h5")] == ["failed", "failed"]
+
+
+def test_timeout_kills_the_point_and_its_ranks(tmp_path):
+    exp = write(tmp_path, """
+        name: slow
+        base: {seq_len: 16384, heads: 8, head_dim: 64, repeat: 50, warmup: 0}
+        ranks: [2]
+        timeout: 1
+    """)
+    res = sweep(tmp_path, exp)
+    assert res.returncode == 1
+    part = next((tmp_path / "results" / "slow" / "parts").glob("*.h5"))
+    (run,) = store.read(part)
+    assert run.status == "failed" and run.error.startswith("timed out after 1 s")
+    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).count(str(part))]
+    assert left == []
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_sweep_of_a_job_array_task(tmp_path):
+    exp = write(tmp_path, f"""
+        name: tasks
+        base: {SMALL}
+        matrix:
+          mode: [overlap, blocking, allgather]
+        ranks: [2]
+    """)
+    plan = ringbench("plan", exp, cwd=tmp_path)
+    ids = [line.split()[1] for line in plan.stdout.splitlines() if line[:1].isdigit()]
+    assert len(ids) == 3
+    tasks = tmp_path / "x.tasks"
+    tasks.write_text(f"{ids[0]}\n{ids[1]} {ids[2]}\n")
+    res = sweep(tmp_path, exp, "--tasks", tasks, "--task", 1)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.stem for p in (tmp_path / "results" / "tasks" / "parts").glob("*.h5")) == sorted(ids[1:])
+    assert not (tmp_path / "results" / "tasks.h5").exists()          # tasks never write the shared file
+    bad = sweep(tmp_path, exp, "--tasks", tasks, "--task", 5)
+    assert bad.returncode == 2 and "task 5 does not exist" in bad.stderr
+
+
+def test_collect_refuses_incompatible_files(tmp_path):
+    exp = write(tmp_path, f"""
+        name: merge
+        base: {SMALL}
+        ranks: [1]
+    """)
+    assert sweep(tmp_path, exp).returncode == 0
+    parts = tmp_path / "results" / "merge" / "parts"
+    with h5py.File(parts / "old.h5", "w") as f:
+        f.attrs["format"] = store.FORMAT
+        f.attrs["schema_version"] = 99
+        f.create_group("runs")
+    before = (tmp_path / "results" / "merge.h5").read_bytes()
+    res = ringbench("collect", exp, "--results", tmp_path / "results", cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"ringbench collect: cannot merge: {parts / 'old.h5'}: result schema version 99 "
+                                  f"is not supported; this ringbench reads version 1")
+    assert (tmp_path / "results" / "merge.h5").read_bytes() == before
+
+
+def test_merge_is_idempotent_and_keeps_samples(tmp_path, small_results):
+    dest = tmp_path / "all.h5"
+    assert store.merge(dest, [small_results]) == (6, 0)
+    assert store.merge(dest, [small_results]) == (0, 6)
+    a, b = store.read(small_results), store.read(dest)
+    assert [r.point_id for r in a] == [r.point_id for r in b]
+    for x, y in zip(a, b):
+        assert x.samples.keys() == y.samples.keys()
+        assert all((x.samples[k] == y.samples[k]).all() for k in x.samples)
+
+
+def test_cli_user_errors(tmp_path):
+    res = ringbench("sweep", tmp_path / "missing.yaml", cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"ringbench sweep: {tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
+    res = ringbench("status", tmp_path, cwd=tmp_path)
+    assert res.returncode == 2 and "not an experiment results directory" in res.stderr
+    res = ringbench("sweep", "--frobnicate", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
