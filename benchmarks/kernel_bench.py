@@ -42,9 +42,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
 
 from ringbench import kernel  # noqa: E402
-from ringbench.backend import get_backend  # noqa: E402
+from ringbench.backend import BackendError, MklMatmul, get_backend  # noqa: E402
 from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
-from ringbench.ring import HOST_TILE_ELEMS, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
+from ringbench.ring import HOST_TILE_ELEMS, HOST_TILE_ELEMS_MKL, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
 from ringbench.runner import git_commit  # noqa: E402
 
 TARGET = 0.9            # kernel / torch SDPA, fp32
@@ -92,18 +92,20 @@ class Shape:
 class KernelStep:
     """One ring step of ringbench's kernel: update() of a fresh state with one K/V block (reset untimed)."""
 
-    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0):
+    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul):
         backend = get_backend("numpy")
         g = sh.h // sh.hk
         self.tile_k = tile_k or auto_tile_k(backend, sh.n)
-        self.tile_q = tile_q or (auto_tile_q(backend, sh.n, g, sh.n) if not tile_k else
-                                 max(16, min(sh.n, HOST_TILE_ELEMS // (g * self.tile_k))))
+        budget = HOST_TILE_ELEMS_MKL if isinstance(matmul, MklMatmul) else HOST_TILE_ELEMS
+        self.tile_q = tile_q or (auto_tile_q(backend, sh.n, g, sh.n, budget) if not tile_k else
+                                 max(16, min(sh.n, budget // (g * self.tile_k))))
         self.head_chunk = head_chunk or auto_head_chunk(sh.b * sh.hk, g * self.tile_q * self.tile_k)
         qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype)                       # (Z, G, n, D)
         qh *= sh.dtype.type(kernel.softmax_scale(sh.d))
         self.k = kernel.kv_to_heads(np, sh.k, sh.dtype)                          # (Z, n, D)
         self.v = kernel.kv_to_heads(np, sh.v, sh.dtype)
-        self.state = kernel.OnlineSoftmax(np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k)
+        self.state = kernel.OnlineSoftmax(np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k,
+                                          matmul=matmul)
         self.pieces = [sh.piece]
         self.batch = sh.b
 
@@ -121,7 +123,8 @@ class KernelStep:
 class PlainMatmul:
     """The two GEMMs of attention on the whole block, one (batch, head) at a time, nothing else."""
 
-    def __init__(self, sh: Shape):
+    def __init__(self, sh: Shape, matmul=np.matmul):
+        self.matmul = matmul
         self.g = sh.h // sh.hk
         self.q = np.ascontiguousarray(sh.q.transpose(0, 2, 1, 3))                 # (B, H, N, D)
         self.k = np.ascontiguousarray(sh.k.transpose(0, 2, 1, 3))                 # (B, Hkv, N, D)
@@ -136,14 +139,15 @@ class PlainMatmul:
         b, h = self.q.shape[:2]
         for bi in range(b):
             for hi in range(h):
-                np.matmul(self.q[bi, hi], self.k[bi, hi // self.g].T, out=self.s)
-                np.matmul(self.s, self.v[bi, hi // self.g], out=self.o)
+                self.matmul(self.q[bi, hi], self.k[bi, hi // self.g].T, out=self.s)
+                self.matmul(self.s, self.v[bi, hi // self.g], out=self.o)
 
 
 class TiledMatmul:
     """The same two GEMMs over the kernel's tiles (tile_q x tile_k scores, keys pre-transposed once)."""
 
-    def __init__(self, sh: Shape, tile_q: int, tile_k: int):
+    def __init__(self, sh: Shape, tile_q: int, tile_k: int, matmul=np.matmul):
+        self.matmul = matmul
         self.g = sh.h // sh.hk
         self.tq, self.tk = tile_q, tile_k
         self.q = np.ascontiguousarray(sh.q.transpose(0, 2, 1, 3))                 # (B, H, N, D)
@@ -164,8 +168,8 @@ class TiledMatmul:
                     for j0 in range(0, n, self.tk):
                         j1 = min(j0 + self.tk, n)
                         s = self.s[: i1 - i0, : j1 - j0]
-                        np.matmul(self.q[bi, hi, i0:i1], self.kt[bi, hi // self.g, :, j0:j1], out=s)
-                        np.matmul(s, self.v[bi, hi // self.g, j0:j1], out=self.o[: i1 - i0])
+                        self.matmul(self.q[bi, hi, i0:i1], self.kt[bi, hi // self.g, :, j0:j1], out=s)
+                        self.matmul(s, self.v[bi, hi // self.g, j0:j1], out=self.o[: i1 - i0])
 
 
 class TorchSDPA:
@@ -235,9 +239,10 @@ def verdict(sh: Shape, ratio: float | None) -> str:
 
 
 def bench_shape(sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q: int = 0, tile_k: int = 0,
-                head_chunk: int = 0) -> dict:
-    step = KernelStep(sh, tile_q, tile_k, head_chunk)
-    cands = {"kernel": step, "matmul": PlainMatmul(sh), "tiles": TiledMatmul(sh, step.tile_q, step.tile_k)}
+                head_chunk: int = 0, matmul=np.matmul) -> dict:
+    """Kernel, plain and tiled GEMMs (all through ``matmul``) and torch SDPA, interleaved."""
+    step = KernelStep(sh, tile_q, tile_k, head_chunk, matmul)
+    cands = {"kernel": step, "matmul": PlainMatmul(sh, matmul), "tiles": TiledMatmul(sh, step.tile_q, step.tile_k, matmul)}
     if torch is not None:
         cands["torch"] = TorchSDPA(sh, torch)
     # correctness of what is timed, untimed: the kernel against SDPA (or the float64 reference)
@@ -332,6 +337,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tile-k", type=int, default=0, metavar="N", help="keys per tile (0: the ring's choice)")
     p.add_argument("--head-chunk", type=int, default=0, metavar="N",
                    help="batch-heads per tile (0: the ring's choice)")
+    p.add_argument("--blas", choices=("auto", "numpy", "mkl"), default="auto",
+                   help="GEMM library of the kernel and of the matmul baselines, as `ringbench run --blas`")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
                    help="cpu: process CPU time, robust to other processes on a shared machine (default); wall")
     p.add_argument("--out", metavar="FILE.json", help="write every sample, the summary and provenance here")
@@ -354,10 +361,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch, note = load_torch()
+    try:
+        matmul, blas = get_backend("numpy").matmul(a.blas)
+    except BackendError as exc:
+        print(f"kernel_bench: {exc}", file=sys.stderr)
+        return 2
     prov = provenance(note, torch)
+    prov["kernel_blas"] = blas
     print(f"kernel_bench: {prov['cpu']}, {prov['cores']} cores, 1 thread; numpy {np.__version__}, "
           f"torch {prov['torch'] or 'n/a'}; {a.dtype}, B={a.batch} H={a.heads}/{a.kv_heads}; "
-          f"median of {a.repeat} interleaved rounds, {a.clock} clock", flush=True)
+          f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}",
+          flush=True)
     if note:
         print(f"  note: {note}")
     masks = {"no": [False], "yes": [True], "both": [False, True]}[a.causal]
@@ -367,7 +381,7 @@ def main(argv=None) -> int:
             for causal in masks:
                 sh = Shape(a.batch, a.heads, a.kv_heads, d, n, causal, a.dtype)
                 rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k,
-                                        a.head_chunk))
+                                        a.head_chunk, matmul))
                 del sh
     print(table(rows))
     applicable = [r for r in rows if r["target"] != "-"]

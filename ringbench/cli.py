@@ -22,18 +22,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ringbench.config import (
-    BACKENDS,
-    CUDA_AWARE,
-    DTYPES,
-    MODES,
-    PROGRESS,
-    ConfigError,
-    RunConfig,
-    UserError,
-    option_name,
-)
-from ringbench.layout import LAYOUTS
+from ringbench.config import CHOICES, ConfigError, RunConfig, UserError, option_name
 
 PROG = "ringbench"
 
@@ -75,12 +64,12 @@ _HELP = {
     "backend": "numpy (CPU) or cupy (one GPU per rank)",
     "progress": "'test': MPI_Testall between compute tiles to drive transfers; 'none': no MPI call during compute",
     "cuda_aware": "pass device buffers to MPI directly (auto: ask the MPI library)",
-    "tile_q": "query rows per score tile (0: automatic)", "warmup": "untimed-in-summary warm-up passes",
+    "tile_q": "query rows per score tile (0: automatic)",
+    "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install "
+            "'ringbench[mkl]'), auto (MKL if present)", "warmup": "untimed-in-summary warm-up passes",
     "repeat": "timed passes", "seed": "input seed", "check": "compare with a float64 reference",
     "save_tensors": "store global q, k, v, out in the result (small problems)",
 }
-_CHOICES = {"dtype": DTYPES, "layout": LAYOUTS, "mode": MODES, "backend": BACKENDS, "progress": PROGRESS,
-            "cuda_aware": CUDA_AWARE}
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -90,8 +79,8 @@ def run_parser() -> argparse.ArgumentParser:
         opt, default = option_name(f.name), getattr(defaults, f.name)
         if isinstance(default, bool):
             p.add_argument(opt, action=argparse.BooleanOptionalAction, default=default, help=_HELP[f.name])
-        elif f.name in _CHOICES:
-            p.add_argument(opt, choices=_CHOICES[f.name], default=default, help=_HELP[f.name])
+        elif f.name in CHOICES:
+            p.add_argument(opt, choices=CHOICES[f.name], default=default, help=_HELP[f.name])
         else:
             p.add_argument(opt, type=int, default=default, metavar="N", help=_HELP[f.name])
     p.add_argument("--out", metavar="FILE.h5", help="append the run to this HDF5 result file")
@@ -318,8 +307,8 @@ def probe_parser() -> argparse.ArgumentParser:
     for opt in ("batch", "heads", "head_dim"):
         p.add_argument(option_name(opt), type=int, default=getattr(d, opt), metavar="N", help=_HELP[opt])
     p.add_argument("--kv-heads", type=int, default=0, metavar="N", help="key/value heads (0: same as --heads)")
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help=_HELP["dtype"])
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help=_HELP["backend"])
+    p.add_argument("--dtype", choices=CHOICES["dtype"], default=d.dtype, help=_HELP["dtype"])
+    p.add_argument("--backend", choices=CHOICES["backend"], default=d.backend, help=_HELP["backend"])
     p.add_argument("--block-sizes", type=_positive_ints, default=list(d.block_sizes), metavar="N,N,...",
                    help="tokens per block for the compute-rate probe")
     p.add_argument("--repeat", type=int, default=d.repeat, metavar="N", help="timed kernel calls per block size")

@@ -18,6 +18,7 @@ MODES = ("overlap", "blocking", "allgather")
 BACKENDS = ("numpy", "cupy")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 PROGRESS = ("none", "test")
+BLAS = ("auto", "numpy", "mkl")
 CUDA_AWARE = ("auto", "yes", "no")
 
 
@@ -51,6 +52,7 @@ class RunConfig:
     progress: str = "test"              # 'test': MPI_Testall between compute tiles; 'none': no MPI call while computing
     cuda_aware: str = "auto"
     tile_q: int = 0                     # query rows per score tile; 0 = automatic for the backend
+    blas: str = "auto"                  # score-tile GEMMs: 'numpy' (xp.matmul), 'mkl' (Intel MKL), 'auto'
     warmup: int = 1
     repeat: int = 5
     seed: int = 0
@@ -88,8 +90,8 @@ class RunConfig:
 
 _INT_FIELDS = {"batch": 1, "seq_len": 1, "heads": 1, "head_dim": 1, "warmup": 0, "repeat": 1, "seed": 0,
                "tile_q": 0}
-_CHOICES = {"dtype": DTYPES, "layout": LAYOUTS, "mode": MODES, "backend": BACKENDS, "progress": PROGRESS,
-            "cuda_aware": CUDA_AWARE}
+CHOICES = {"dtype": DTYPES, "layout": LAYOUTS, "mode": MODES, "backend": BACKENDS, "progress": PROGRESS,
+            "cuda_aware": CUDA_AWARE, "blas": BLAS}
 _BOOL_FIELDS = ("causal", "check", "save_tensors")
 
 
@@ -110,10 +112,10 @@ def coerce(key: str, value, where: str = ""):
         if value < lo:
             raise ConfigError(path, f"expected an integer >= {lo}, got {value}")
         return value
-    if key in _CHOICES:
-        if value not in _CHOICES[key]:
-            raise ConfigError(path, f"expected one of {', '.join(_CHOICES[key])}; got {value!r}"
-                              f"{did_you_mean(value, _CHOICES[key])}")
+    if key in CHOICES:
+        if value not in CHOICES[key]:
+            raise ConfigError(path, f"expected one of {', '.join(CHOICES[key])}; got {value!r}"
+                              f"{did_you_mean(value, CHOICES[key])}")
         return value
     if key in _BOOL_FIELDS:
         if not isinstance(value, bool):

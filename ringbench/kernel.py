@@ -82,8 +82,11 @@ class OnlineSoftmax:
     """
 
     def __init__(self, xp, q, *, head_chunk: int | None = None, tile_q: int | None = None,
-                 tile_k: int | None = None, on_tile: Callable[[], None] | None = None):
+                 tile_k: int | None = None, on_tile: Callable[[], None] | None = None,
+                 matmul: Callable | None = None):
         self.xp = xp
+        self.matmul = matmul or xp.matmul          # the two score-tile GEMMs (the ring may pass MKL's)
+        self.matmul_add = getattr(matmul, "matmul_add", None)   # c += a @ b in one GEMM, where offered
         z, g, n, d = q.shape
         self.shape = (z, g, n, d)
         self.dtype = q.dtype
@@ -178,7 +181,7 @@ class OnlineSoftmax:
         ``fresh``: some row of the tile may have no mass yet. Returns the same for the next tile.
         """
         xp = self.xp
-        xp.matmul(t.q, kt, out=s)                                         # s - m, log2 units
+        self.matmul(t.q, kt, out=s)                                       # s - m, log2 units
         if mask is not None:
             sub, where = self._masked_part(s, *mask)
             xp.copyto(sub, MASKED, where=where)
@@ -189,7 +192,7 @@ class OnlineSoftmax:
         if self._sums_ok(t.r, t.l, fresh):
             fresh = False                                                 # every row now has mass >= SUM_LO
         else:
-            xp.matmul(t.q, kt, out=s)                                     # rare: redo on the exact path
+            self.matmul(t.q, kt, out=s)                                   # rare: redo on the exact path
             if mask is not None:
                 xp.copyto(sub, -np.inf, where=where)
             self._rebase(s, t)
@@ -197,8 +200,11 @@ class OnlineSoftmax:
             xp.matmul(s, ones, out=t.r)
         l, acc = t.l, t.acc                                               # views into the state
         l += t.r
-        xp.matmul(s, vt, out=t.pv)                                        # (Zc, tq*G, D)
-        acc += t.pv
+        if self.matmul_add is not None:
+            self.matmul_add(s, vt, acc)                                   # acc += p @ v, (Zc, tq*G, D)
+        else:
+            self.matmul(s, vt, out=t.pv)
+            acc += t.pv
         return fresh
 
     def _masked_part(self, s, i0, i1, j0, j1, strict):

@@ -67,7 +67,7 @@ def message_sizes(max_bytes: int) -> list[int]:
 def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
     """(K, R) seconds of one full-block kernel update on this rank, per block size and repeat."""
     from ringbench import comm as mpi
-    from ringbench.ring import auto_tile_q
+    from ringbench.ring import make_state
     xp = backend.xp
     hk = opts.kv_heads or opts.heads
     dtype = backend.dtype(opts.dtype)
@@ -82,8 +82,7 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
         qh = kernel.q_to_heads(xp, q, hk, compute)                                                 # (Z, G, n, D)
         qh *= compute.type(kernel.softmax_scale(opts.head_dim))
         kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)            # (Z, n, D)
-        state = kernel.OnlineSoftmax(xp, qh, head_chunk=None if backend.is_gpu else 1,
-                                     tile_q=auto_tile_q(backend, n, opts.heads // hk, n))
+        state = make_state(backend, qh, n, matmul=backend.matmul("auto")[0])    # tiled as the ring tiles it
         piece = [Piece(0, n, 0, n, FULL)]
         for r in range(-1, opts.repeat):          # one warm-up
             mpi.barrier()
@@ -172,6 +171,7 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
         summary["latency_s"] = summary["bandwidth_Bps"] = float("nan")
     from ringbench import runner
     prov = runner.provenance(parts, backend, cuda_aware=False)
+    prov["blas"] = backend.matmul("auto")[1]
     cfg = asdict(opts)
     cfg["kv_heads"] = hk
     cfg["block_sizes"] = list(opts.block_sizes)

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from ringbench import kernel
+from ringbench.backend import MklMatmul
 from ringbench.layout import step_plan
 
 # Elements of one score tile. Host: 512 query rows x 512 keys of float32 (1 MiB). Measured on a 2 MiB-L2
@@ -30,6 +31,9 @@ from ringbench.layout import step_plan
 # scores; 256 x 512 was 0-4% slower, a whole key block per tile (64 x 4096 at n = 4096) ~10% slower.
 # Device: all batch-heads at once (few, large kernels), every key of the block, capped at 512 MiB of scores.
 HOST_TILE_ELEMS = 1 << 18
+# With MKL's GEMMs (--blas mkl) 1024 x 512 tiles measured best (2 MiB: MKL reaches its peak on taller tiles,
+# and beta = 1 accumulation removes a pass); see benchmarks/README.md.
+HOST_TILE_ELEMS_MKL = 1 << 19
 HOST_TILE_K = 512
 DEVICE_TILE_ELEMS = 1 << 27
 
@@ -43,9 +47,9 @@ def auto_tile_k(backend, n_keys: int) -> int:
     return n_keys if backend.is_gpu else max(1, min(n_keys, HOST_TILE_K))
 
 
-def auto_tile_q(backend, n_local: int, rows_per_query: int, n_keys: int) -> int:
+def auto_tile_q(backend, n_local: int, rows_per_query: int, n_keys: int, host_budget: int = HOST_TILE_ELEMS) -> int:
     """Query rows per tile so that (rows_per_query * tile_q) x tile_k scores fit the backend's tile budget."""
-    budget = DEVICE_TILE_ELEMS if backend.is_gpu else HOST_TILE_ELEMS
+    budget = DEVICE_TILE_ELEMS if backend.is_gpu else host_budget
     tile_k = auto_tile_k(backend, n_keys)
     return int(max(16, min(n_local, budget // max(1, rows_per_query * tile_k))))
 
@@ -54,6 +58,19 @@ def auto_head_chunk(heads: int, tile_elems: int) -> int:
     """Batch-heads per host tile: 1 unless one head's tile is under half the budget (blocks under ~512 keys),
     then as many as fill half of it (measured +10-25% at blocks of 128-256: fewer, larger NumPy calls)."""
     return int(max(1, min(heads, (HOST_TILE_ELEMS // 2) // max(1, tile_elems))))
+
+
+def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None) -> kernel.OnlineSoftmax:
+    """The online-softmax state for scaled queries ``qh`` (Z, G, n, D), tiled as the backend wants it."""
+    z, g, n, _ = qh.shape
+    head_chunk = z if backend.is_gpu else 1
+    budget = HOST_TILE_ELEMS_MKL if isinstance(matmul, MklMatmul) else HOST_TILE_ELEMS
+    tile_q = tile_q or auto_tile_q(backend, n, head_chunk * g, n_keys, budget)
+    tile_k = auto_tile_k(backend, n_keys)
+    if not backend.is_gpu:                         # small blocks: several heads per tile, fewer Python calls
+        head_chunk = auto_head_chunk(z, g * tile_q * tile_k)
+    return kernel.OnlineSoftmax(backend.xp, qh, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k,
+                                on_tile=on_tile, matmul=matmul)
 
 
 class Ring:
@@ -69,16 +86,10 @@ class Ring:
         self.batch, self.n = b, n
         qh = kernel.q_to_heads(xp, q, hk, self.compute)                  # (Z, G, n, D)
         qh *= self.compute.type(kernel.softmax_scale(d))
-        head_chunk = qh.shape[0] if backend.is_gpu else 1
-        rows_per_query = head_chunk * (h // hk)       # score rows per query position in one tile
-        self.tile_q = cfg.tile_q or auto_tile_q(backend, n, rows_per_query, n)
-        self.tile_k = auto_tile_k(backend, n)
-        if not backend.is_gpu:                         # small blocks: several heads per tile, fewer Python calls
-            head_chunk = auto_head_chunk(qh.shape[0], rows_per_query * self.tile_q * self.tile_k)
-            rows_per_query *= head_chunk
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
-        self.state = kernel.OnlineSoftmax(xp, qh, head_chunk=head_chunk, tile_q=self.tile_q, tile_k=self.tile_k,
-                                          on_tile=on_tile)
+        self.matmul, self.blas = backend.matmul(cfg.blas)
+        self.state = make_state(backend, qh, n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul)
+        self.tile_q, self.tile_k = self.state.tile_q, self.state.tile_k
         del qh                          # the state keeps its own (widened) copy: free this before the K/V buffers
         self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D)
         self.bufs = [xp.empty_like(self.kv_home), xp.empty_like(self.kv_home)]
@@ -89,7 +100,7 @@ class Ring:
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal)
                       for s in range(nranks)]
         self.fault = _fault_step(rank)
-        self.score_tile_elems = rows_per_query * self.tile_q * self.tile_k
+        self.score_tile_elems = self.state.head_chunk * (h // hk) * self.tile_q * self.tile_k
 
     def _progress(self) -> None:
         if self.ex.posted:

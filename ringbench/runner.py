@@ -38,6 +38,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     try:
         backend = get_backend(cfg.backend)
         dtype = backend.dtype(cfg.dtype)
+        backend.matmul(cfg.blas)
         err = None
     except BackendError as exc:
         err = str(exc)
@@ -160,6 +161,7 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
                      "reference": "float64 full attention on the same rounded inputs"}
     tensors = _global_tensors(cfg, parts) if cfg.save_tensors else {}
     prov = provenance(parts, backend, cuda_aware)
+    prov["blas"] = ring.blas
     run_rec = store.Run(point_id=point_id(cfg, nranks), nranks=nranks, config=cfg.to_dict(), provenance=prov,
                         samples=samples, summary=summary, memory=memory, check=check_res, tensors=tensors,
                         created_utc=prov["utc"])

@@ -38,3 +38,49 @@ def test_local_rank_from_launcher_environment(monkeypatch):
     assert local_rank() == 0
     monkeypatch.setenv("SLURM_LOCALID", "3")
     assert local_rank() == 3
+
+
+def _mkl():
+    from ringbench.backend import MklMatmul
+    mkl = MklMatmul.load()
+    if mkl is None:
+        pytest.skip("Intel MKL is not installed (pip install -e '.[mkl]')")
+    return mkl
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mkl_matmul_matches_numpy_on_every_layout(dtype):
+    mkl = _mkl()
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 5, 7)).astype(dtype)
+    b = rng.standard_normal((3, 7, 4)).astype(dtype)
+    wide = rng.standard_normal((3, 7, 10)).astype(dtype)
+    bt = rng.standard_normal((3, 4, 7)).astype(dtype).swapaxes(-1, -2)
+    cases = [(a, b), (a, b[:1]), (a[:1], b), (a[0], b[0]), (a, wide[..., 2:6]), (a, bt), (a[:, 1:4], b),
+             (a.astype(np.float16), b.astype(np.float16))]           # last: not a BLAS dtype, falls back
+    for x, y in cases:
+        want = np.matmul(x, y)
+        got = mkl(x, y, out=np.empty_like(want))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    out = np.zeros((3, 5, 9), dtype)                                  # an output view with a row stride
+    mkl(a, b, out=out[..., 2:6])
+    np.testing.assert_allclose(out[..., 2:6], a @ b, rtol=1e-5, atol=1e-5)
+    assert np.all(out[..., :2] == 0) and np.all(out[..., 6:] == 0)
+    acc = np.ones((3, 5, 4), dtype)
+    mkl.matmul_add(a, b, acc)
+    np.testing.assert_allclose(acc, 1 + a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_blas_choice(monkeypatch):
+    from ringbench.backend import MklMatmul
+    be = get_backend("numpy")
+    fn, desc = be.matmul("numpy")
+    assert fn is np.matmul and desc.startswith("numpy.matmul")
+    with pytest.raises(BackendError, match="allowed: auto, numpy, mkl"):
+        be.matmul("eigen")
+    with pytest.raises(BackendError, match="--blas mkl applies to --backend numpy"):
+        Backend("cupy", xp=None).matmul("mkl")
+    monkeypatch.setattr(MklMatmul, "load", classmethod(lambda cls: None))
+    assert be.matmul("auto")[0] is np.matmul
+    with pytest.raises(BackendError, match=r"--blas mkl needs Intel MKL.*pip install 'ringbench\[mkl\]'"):
+        be.matmul("mkl")

@@ -24,7 +24,7 @@ def make(seq_len, heads, kv_heads, head_dim, batch=2, seed=1):
             inputs.tokens("v", seed, allpos, heads=kv_heads, **dims))
 
 
-def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_chunk=1):
+def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_chunk=1, matmul=None):
     """Global output assembled from each emulated rank's ring pass, in global token order."""
     b, n_total, h, d = q.shape
     hk = k.shape[2]
@@ -35,7 +35,7 @@ def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_ch
     for r in range(nranks):
         pos = positions(layout, r, nranks, n_total)
         qh = kernel.q_to_heads(np, q[:, pos].astype(storage), hk, compute) * compute.type(kernel.softmax_scale(d))
-        st = kernel.OnlineSoftmax(np, qh, head_chunk=head_chunk, tile_q=tile_q)
+        st = kernel.OnlineSoftmax(np, qh, head_chunk=head_chunk, tile_q=tile_q, matmul=matmul)
         for s in range(nranks):
             src = (r - s) % nranks
             kp = positions(layout, src, nranks, n_total)
@@ -45,6 +45,14 @@ def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_ch
         o, lse = st.finalize(storage)
         out[:, pos] = kernel.heads_to_out(o, b)
     return out
+
+
+def matmuls():
+    """The GEMM providers the kernel can run on here: NumPy's always, MKL's where installed."""
+    from ringbench.backend import MklMatmul
+    mkl = MklMatmul.load()
+    return [pytest.param(None, id="numpy"),
+            pytest.param(mkl, id="mkl", marks=pytest.mark.skipif(mkl is None, reason="Intel MKL not installed"))]
 
 
 def rel_err(out, ref):
@@ -63,13 +71,14 @@ def test_ring_matches_reference_float32(nranks, layout, causal, heads, kv_heads)
     assert rel_err(out, ref) < TOL["float32"]
 
 
+@pytest.mark.parametrize("matmul", matmuls())
 @pytest.mark.parametrize("dtype", BACKEND.dtypes())
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_dtypes_within_tolerance(dtype, layout):
+def test_dtypes_within_tolerance(dtype, layout, matmul):
     q, k, v = make(96, 4, 2, 32)
     st = BACKEND.dtype(dtype)
     ref = kernel.reference_attention(q.astype(st), k.astype(st), v.astype(st), causal=True)
-    out = emulate_ring(q, k, v, nranks=3, layout=layout, causal=True, dtype=dtype, tile_q=7)
+    out = emulate_ring(q, k, v, nranks=3, layout=layout, causal=True, dtype=dtype, tile_q=7, matmul=matmul)
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"{dtype}: {err:.2e} >= {TOL[dtype]:.0e}"
     assert err > 0 or dtype == "float64"   # the comparison really compares

@@ -56,6 +56,17 @@ def test_dtypes_at_four_ranks(dtype, tmp_path):
     assert run.check["passed"], run.check
 
 
+@pytest.mark.parametrize("blas", ["numpy", "mkl"])
+def test_blas_choice_is_correct_and_recorded(blas, tmp_path):
+    from ringbench.backend import MklMatmul
+    if blas == "mkl" and MklMatmul.load() is None:
+        pytest.skip("Intel MKL is not installed (pip install -e '.[mkl]')")
+    run = run_ok(3, tmp_path, "--seq-len", 1536, "--blas", blas, "--causal", "--layout", "zigzag")
+    assert run.check["passed"], run.check
+    assert run.config["blas"] == blas
+    assert run.provenance["blas"].startswith({"numpy": "numpy.matmul", "mkl": "Intel MKL"}[blas])
+
+
 def test_modes_give_identical_outputs_and_tensors_reverify(tmp_path):
     outs = {}
     for mode in ("overlap", "blocking", "allgather"):
