@@ -230,9 +230,10 @@ def format_summary(cfg, nranks, s, memory, chk, prov, where) -> str:
         f"  compute {_ms(s['compute_s'])}   exposed comm {_ms(s['exposed_comm_s'])}   comm alone "
         f"{_ms(s['comm_alone_s'])}   overlap {_pct(s['overlap_eff'])}   link {s['bandwidth_gbps']:.2f} GB/s   "
         f"imbalance {_pct(s['imbalance'])}",
-        f"  peak RSS {max(memory['peak_rss_bytes']) / 2**20:.0f} MiB/rank, "
-        f"{max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the "
-        f"interpreter's   theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank",
+        f"  peak RSS {max(memory['peak_rss_bytes']) / 2**20:.0f} MiB/rank "
+        f"({max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the interpreter "
+        f"and libraries{', --check included' if cfg.check else ''})   "
+        f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank",
     ]
     if chk:
         lines.append(f"  check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
