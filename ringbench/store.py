@@ -11,7 +11,7 @@ Schema version 1 (``SCHEMA_VERSION``), documented in the README::
                             compute_s, comm_s, step_s (R, P, P); total_s (R, P); comm_only_s (C, P, P-1);
                             warmup_compute_s, warmup_comm_s, warmup_step_s (W, P, P); warmup_total_s (W, P)
         summary             attrs: the metrics of ringbench.measure.summarize
-        memory/             datasets peak_rss_bytes (P,), device_pool_bytes (P,); attr theoretical_bytes
+        memory/             datasets peak_rss_bytes, baseline_rss_bytes, device_pool_bytes (P,); attr theoretical_bytes
         check               attrs (with --check): max_abs_err, rel_err, tol, passed
         tensors/            (with --save-tensors) q, k, v, out in global token order, (B, N, H|H_kv, D)
     /probes/<name>/         one machine probe (``ringbench probe``, see ringbench.probe); optional group
