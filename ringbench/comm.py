@@ -187,7 +187,3 @@ def mpi_info() -> dict:
     return {"mpi_library": " ".join(MPI.Get_library_version().split("\n")[0].split()),
             "mpi_version": "{}.{}".format(*MPI.Get_version()),
             "mpi4py": __import__("mpi4py").__version__}
-
-
-def wtime() -> float:
-    return MPI.Wtime()

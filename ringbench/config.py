@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from ringbench.layout import LAYOUTS, divisor
 
@@ -165,12 +165,3 @@ def point_id(cfg: RunConfig, nranks: int) -> str:
 def option_name(key: str) -> str:
     """CLI spelling of a config key."""
     return "--" + key.replace("_", "-")
-
-
-@dataclass
-class RunOptions:
-    """Per-invocation settings of ``ringbench run`` that are not part of the measured configuration."""
-
-    out: str | None = None
-    quiet: bool = False
-    extra: dict = field(default_factory=dict)
