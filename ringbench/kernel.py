@@ -106,6 +106,7 @@ class OnlineSoftmax:
         self._kt = None                                     # flat [k^T; 1] buffer of one head chunk
         self._ones = None
         self._masks = {}                                    # (tq, tk, i0 - j0, strict) -> boolean pattern
+        self._shifted = True                                # does some row of the current query tile have m != 0?
 
     @property
     def q(self):
@@ -166,6 +167,8 @@ class OnlineSoftmax:
                 # keys past the diagonal are masked for every row of this tile: never touch them
                 kend = nk if p.mask == FULL else min(nk, i1 - strict)
                 fresh = bool((t.l == 0).any())          # rows with nothing yet: their sums get a lower bound too
+                # rows whose reference is still 0 need no shift: the score GEMM then runs with K = D, not D+1
+                self._shifted = bool(t.q[..., d].any())
                 for j0 in range(0, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
                     s = sbuf[: zc * rq * (j1 - j0)].reshape(zc, rq, j1 - j0)   # (Zc, tq*G, tk)
@@ -181,7 +184,11 @@ class OnlineSoftmax:
         ``fresh``: some row of the tile may have no mass yet. Returns the same for the next tile.
         """
         xp = self.xp
-        self.matmul(t.q, kt, out=s)                                       # s - m, log2 units
+        if self._shifted:
+            self.matmul(t.q, kt, out=s)                                   # s - m, log2 units
+        else:
+            d = self.shape[3]
+            self.matmul(t.q[..., :d], kt[:, :d], out=s)                   # m = 0 on every row: s itself
         if mask is not None:
             sub, where = self._masked_part(s, *mask)
             xp.copyto(sub, MASKED, where=where)
@@ -243,6 +250,7 @@ class OnlineSoftmax:
         if not bool(move.any()):
             return
         shift = xp.where(move, top, 0)
+        self._shifted = True
         s -= shift[..., None]
         m = self.m[t.rows]
         m += shift.reshape(m.shape)
