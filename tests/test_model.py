@@ -13,7 +13,8 @@ import pytest
 from ringbench import model
 from ringbench.model import Calibration, Shape
 from ringbench.store import Run
-from tests.conftest import ROOT
+
+from conftest import ROOT
 
 
 def tiny(**kw) -> Shape:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import mpiexec, ringbench
+from conftest import mpiexec, ringbench
 
 pytestmark = pytest.mark.mpi
 

@@ -7,7 +7,8 @@ import pytest
 
 from ringbench import probe as probe_mod
 from ringbench import store
-from tests.conftest import mpiexec, ringbench
+
+from conftest import mpiexec, ringbench
 
 SMALL = ["--heads", 2, "--head-dim", 16, "--block-sizes", "32,64", "--repeat", 2, "--max-bytes", 65536,
          "--iters", 3]

@@ -8,7 +8,8 @@ import h5py
 import pytest
 
 from ringbench import results, store
-from tests.conftest import ringbench
+
+from conftest import ringbench
 
 pytestmark = pytest.mark.mpi          # the small_results fixture launches mpiexec
 
