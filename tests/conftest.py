@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
-def _env(extra: dict | None = None) -> dict:
+def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -24,7 +24,7 @@ def _env(extra: dict | None = None) -> dict:
 def ringbench(*args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
     """``python -m ringbench ARGS`` in a subprocess (no MPI launcher)."""
     return subprocess.run([sys.executable, "-m", "ringbench", *map(str, args)], capture_output=True, text=True,
-                          env=_env(env), timeout=timeout, cwd=cwd or ROOT)
+                          env=child_env(env), timeout=timeout, cwd=cwd or ROOT)
 
 
 def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
@@ -32,7 +32,7 @@ def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, c
     if not MPIEXEC.exists():
         pytest.fail(f"{MPIEXEC} not found: install the test extra (pip install -e '.[mpich,test]')")
     cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, "-m", "ringbench", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=timeout, cwd=cwd or ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, env=child_env(env), timeout=timeout, cwd=cwd or ROOT)
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,14 @@ import json
 import subprocess
 import sys
 
-from conftest import MPIEXEC, ROOT, _env
+from conftest import MPIEXEC, ROOT, child_env
 
 BENCH = ROOT / "benchmarks"
 
 
 def script(name: str, *args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH / name), *map(str, args)], capture_output=True, text=True,
-                          env=_env(env), timeout=timeout, cwd=ROOT)
+                          env=child_env(env), timeout=timeout, cwd=ROOT)
 
 
 KERNEL_TINY = ("--head-dim", 16, "--block", 64, 96, "--heads", 4, "--kv-heads", 2, "--repeat", 1, "--warmup", 0)
