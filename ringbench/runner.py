@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -195,7 +196,8 @@ def provenance(parts, backend, cuda_aware: bool) -> dict:
             "backend": backend.name, "cuda_aware": bool(cuda_aware),
             "python": sys.version.split()[0], "h5py": store.h5py.__version__,
             "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "argv": " ".join(sys.argv)}
+            "argv": " ".join(sys.argv),
+            "threads": {v: os.environ.get(v, "") for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
     info.update(mpi.mpi_info())
     info.update(backend.versions())
     return info

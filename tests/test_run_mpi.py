@@ -99,3 +99,22 @@ def test_appending_runs_to_one_file(tmp_path):
         assert mpiexec(2, "run", *SMALL, "--seq-len", n, "--out", out).returncode == 0
     names = [r.name for r in store.read(out)]
     assert len(names) == 3 and names[2] == names[0] + "~2"
+
+
+def test_console_script_gives_each_rank_one_blas_thread(tmp_path):
+    """`ringbench run` (the installed script, not only python -m) sets one BLAS thread per rank."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import MPIEXEC, child_env
+    script = Path(sys.executable).parent / "ringbench"
+    if not script.exists():
+        pytest.skip(f"{script} not installed (pip install -e .)")
+    out = tmp_path / "r.h5"
+    env = {k: v for k, v in child_env().items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    res = subprocess.run([str(MPIEXEC), "-n", "2", str(script), "run", *map(str, SMALL), "--seq-len", "64",
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    (run,) = store.read(out)
+    assert run.provenance["threads"] == {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
