@@ -10,6 +10,16 @@ __version__ = "0.1.0"
 SCHEMA_VERSION = 1
 
 
+def env_int(names, default: int = 0) -> int:
+    """The first of the environment variables ``names`` that holds an integer (launchers' rank variables)."""
+    for var in names:
+        try:
+            return int(os.environ[var])
+        except (KeyError, ValueError):
+            continue
+    return default
+
+
 def console_main() -> int:
     """Entry point of ``ringbench`` and ``python -m ringbench``: one BLAS thread per rank, then the CLI.
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-BACKENDS = ("numpy", "cupy")
-DTYPES = ("float32", "float64", "float16", "bfloat16")
-BLAS = ("auto", "numpy", "mkl")
+from ringbench import env_int
+from ringbench.config import BACKENDS, BLAS
+
 
 class BackendError(Exception):
     """A backend cannot be used as asked (user error: exit status 2)."""
@@ -34,14 +34,8 @@ def _bfloat16():
 
 def local_rank() -> int:
     """The rank of this process among the ranks on its node, from the launcher's environment."""
-    for var in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK",
-                "MV2_COMM_WORLD_LOCAL_RANK", "PALS_LOCAL_RANKID"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
+    return env_int(("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK",
+                    "MV2_COMM_WORLD_LOCAL_RANK", "PALS_LOCAL_RANKID"))
 
 @dataclass
 class Backend:

@@ -22,6 +22,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ringbench import env_int
 from ringbench.config import CHOICES, ConfigError, RunConfig, UserError, option_name
 
 PROG = "ringbench"
@@ -38,13 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 def launcher_rank() -> int:
     """This process's rank as the launcher set it (before MPI is initialised); 0 outside MPI."""
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
+    return env_int(("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK"))
 
 
 def fail(prog: str, message: str) -> int:

@@ -170,8 +170,7 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
     else:
         summary["latency_s"] = summary["bandwidth_Bps"] = float("nan")
     from ringbench import runner
-    prov = runner.provenance(parts, backend, cuda_aware=False)
-    prov["blas"] = backend.matmul("auto")[1]
+    prov = runner.provenance(parts, backend, cuda_aware=False, blas=backend.matmul("auto")[1])
     cfg = asdict(opts)
     cfg["kv_heads"] = hk
     cfg["block_sizes"] = list(opts.block_sizes)

@@ -161,8 +161,7 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
         check_res = {"max_abs_err": max_abs, "rel_err": rel, "tol": tol, "passed": bool(finite and rel <= tol),
                      "reference": "float64 full attention on the same rounded inputs"}
     tensors = _global_tensors(cfg, parts) if cfg.save_tensors else {}
-    prov = provenance(parts, backend, cuda_aware)
-    prov["blas"] = ring.blas
+    prov = provenance(parts, backend, cuda_aware, ring.blas)
     run_rec = store.Run(point_id=point_id(cfg, nranks), nranks=nranks, config=cfg.to_dict(), provenance=prov,
                         samples=samples, summary=summary, memory=memory, check=check_res, tensors=tensors,
                         created_utc=prov["utc"])
@@ -189,11 +188,11 @@ def _global_tensors(cfg, parts) -> dict:
     return out
 
 
-def provenance(parts, backend, cuda_aware: bool) -> dict:
+def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
     info = {"ringbench": ringbench.__version__, "schema_version": ringbench.SCHEMA_VERSION,
             "git_commit": git_commit(), "hosts": sorted({p["host"] for p in parts}),
             "rank_hosts": [p["host"] for p in parts], "devices": [p["device"] for p in parts],
-            "backend": backend.name, "cuda_aware": bool(cuda_aware),
+            "backend": backend.name, "cuda_aware": bool(cuda_aware), "blas": blas,
             "python": sys.version.split()[0], "h5py": store.h5py.__version__,
             "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "argv": " ".join(sys.argv),
