@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from ringbench import kernel  # noqa: E402
 from ringbench.backend import BackendError, MklMatmul, get_backend  # noqa: E402
@@ -47,11 +47,10 @@ from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
 from ringbench.ring import HOST_TILE_ELEMS, HOST_TILE_ELEMS_MKL, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
 from ringbench.runner import git_commit  # noqa: E402
 
-TARGET = 0.9            # kernel / torch SDPA, fp32
+TARGET = 0.9  # kernel / torch SDPA, fp32
 TARGET_MIN_BLOCK = 1024
 TARGET_HEAD_DIMS = (64, 128)
-COLUMNS = ("D", "block", "mask", "kernel", "matmul", "tiles", "torch", "k/torch", "k/matmul", "k/tiles",
-           "err", "target")
+COLUMNS = ("D", "block", "mask", "kernel", "matmul", "tiles", "torch", "k/torch", "k/matmul", "k/tiles", "err", "target")
 
 
 def load_torch():
@@ -72,8 +71,8 @@ class Shape:
         self.b, self.h, self.hk, self.d, self.n, self.causal = batch, heads, kv_heads, head_dim, block, causal
         self.dtype = np.dtype(dtype)
         rng = np.random.default_rng(seed)
-        self.q = rng.standard_normal((batch, block, heads, head_dim)).astype(self.dtype)       # (B, N, H, D)
-        self.k = rng.standard_normal((batch, block, kv_heads, head_dim)).astype(self.dtype)    # (B, N, Hkv, D)
+        self.q = rng.standard_normal((batch, block, heads, head_dim)).astype(self.dtype)  # (B, N, H, D)
+        self.k = rng.standard_normal((batch, block, kv_heads, head_dim)).astype(self.dtype)  # (B, N, Hkv, D)
         self.v = rng.standard_normal((batch, block, kv_heads, head_dim)).astype(self.dtype)
         self.piece = Piece(0, block, 0, block, CAUSAL if causal else FULL)
 
@@ -97,15 +96,15 @@ class KernelStep:
         g = sh.h // sh.hk
         self.tile_k = tile_k or auto_tile_k(backend, sh.n)
         budget = HOST_TILE_ELEMS_MKL if isinstance(matmul, MklMatmul) else HOST_TILE_ELEMS
-        self.tile_q = tile_q or (auto_tile_q(backend, sh.n, g, sh.n, budget) if not tile_k else
-                                 max(16, min(sh.n, budget // (g * self.tile_k))))
+        self.tile_q = tile_q or (
+            auto_tile_q(backend, sh.n, g, sh.n, budget) if not tile_k else max(16, min(sh.n, budget // (g * self.tile_k)))
+        )
         self.head_chunk = head_chunk or auto_head_chunk(sh.b * sh.hk, g * self.tile_q * self.tile_k)
-        qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype)                       # (Z, G, n, D)
+        qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype)  # (Z, G, n, D)
         qh *= sh.dtype.type(kernel.softmax_scale(sh.d))
-        self.k = kernel.kv_to_heads(np, sh.k, sh.dtype)                          # (Z, n, D)
+        self.k = kernel.kv_to_heads(np, sh.k, sh.dtype)  # (Z, n, D)
         self.v = kernel.kv_to_heads(np, sh.v, sh.dtype)
-        self.state = kernel.OnlineSoftmax(np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k,
-                                          matmul=matmul)
+        self.state = kernel.OnlineSoftmax(np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k, matmul=matmul)
         self.pieces = [sh.piece]
         self.batch = sh.b
 
@@ -117,7 +116,7 @@ class KernelStep:
 
     def output(self) -> np.ndarray:
         o, _ = self.state.finalize()
-        return kernel.heads_to_out(o, self.batch)                                # (B, N, H, D)
+        return kernel.heads_to_out(o, self.batch)  # (B, N, H, D)
 
 
 class PlainMatmul:
@@ -126,10 +125,10 @@ class PlainMatmul:
     def __init__(self, sh: Shape, matmul=np.matmul):
         self.matmul = matmul
         self.g = sh.h // sh.hk
-        self.q = np.ascontiguousarray(sh.q.transpose(0, 2, 1, 3))                 # (B, H, N, D)
-        self.k = np.ascontiguousarray(sh.k.transpose(0, 2, 1, 3))                 # (B, Hkv, N, D)
+        self.q = np.ascontiguousarray(sh.q.transpose(0, 2, 1, 3))  # (B, H, N, D)
+        self.k = np.ascontiguousarray(sh.k.transpose(0, 2, 1, 3))  # (B, Hkv, N, D)
         self.v = np.ascontiguousarray(sh.v.transpose(0, 2, 1, 3))
-        self.s = np.empty((sh.n, sh.n), sh.dtype)                                 # one head's scores
+        self.s = np.empty((sh.n, sh.n), sh.dtype)  # one head's scores
         self.o = np.empty((sh.n, sh.d), sh.dtype)
 
     def prepare(self) -> None:
@@ -150,8 +149,8 @@ class TiledMatmul:
         self.matmul = matmul
         self.g = sh.h // sh.hk
         self.tq, self.tk = tile_q, tile_k
-        self.q = np.ascontiguousarray(sh.q.transpose(0, 2, 1, 3))                 # (B, H, N, D)
-        self.kt = np.ascontiguousarray(sh.k.transpose(0, 2, 3, 1))                # (B, Hkv, D, N)
+        self.q = np.ascontiguousarray(sh.q.transpose(0, 2, 1, 3))  # (B, H, N, D)
+        self.kt = np.ascontiguousarray(sh.k.transpose(0, 2, 3, 1))  # (B, Hkv, D, N)
         self.v = np.ascontiguousarray(sh.v.transpose(0, 2, 1, 3))
         self.s = np.empty((tile_q, tile_k), sh.dtype)
         self.o = np.empty((tile_q, sh.d), sh.dtype)
@@ -176,8 +175,8 @@ class TorchSDPA:
     def __init__(self, sh: Shape, torch):
         self.torch = torch
         self.F = torch.nn.functional
-        self.q = torch.from_numpy(np.ascontiguousarray(sh.q.transpose(0, 2, 1, 3)))   # (B, H, N, D)
-        self.k = torch.from_numpy(np.ascontiguousarray(sh.k.transpose(0, 2, 1, 3)))   # (B, Hkv, N, D)
+        self.q = torch.from_numpy(np.ascontiguousarray(sh.q.transpose(0, 2, 1, 3)))  # (B, H, N, D)
+        self.k = torch.from_numpy(np.ascontiguousarray(sh.k.transpose(0, 2, 1, 3)))  # (B, Hkv, N, D)
         self.v = torch.from_numpy(np.ascontiguousarray(sh.v.transpose(0, 2, 1, 3)))
         self.causal = sh.causal
         self.gqa = sh.h != sh.hk
@@ -188,11 +187,10 @@ class TorchSDPA:
 
     def __call__(self) -> None:
         with self.torch.no_grad():
-            self.out = self.F.scaled_dot_product_attention(self.q, self.k, self.v, is_causal=self.causal,
-                                                           enable_gqa=self.gqa)
+            self.out = self.F.scaled_dot_product_attention(self.q, self.k, self.v, is_causal=self.causal, enable_gqa=self.gqa)
 
     def output(self) -> np.ndarray:
-        return self.out.numpy().transpose(0, 2, 1, 3)                              # (B, N, H, D)
+        return self.out.numpy().transpose(0, 2, 1, 3)  # (B, N, H, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +212,7 @@ def interleaved(cands: dict, repeat: int, warmup: int) -> dict[str, dict[str, li
             cands[name]()
     samples = {clock: {name: [] for name in names} for clock in CLOCKS}
     for r in range(repeat):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             c = cands[name]
             c.prepare()
@@ -232,14 +230,15 @@ def paired_ratio(t_base: list[float], t_kernel: list[float]) -> float:
 
 
 def verdict(sh: Shape, ratio: float | None) -> str:
-    applies = (not sh.causal and sh.dtype == np.float32 and sh.d in TARGET_HEAD_DIMS and sh.n >= TARGET_MIN_BLOCK)
+    applies = not sh.causal and sh.dtype == np.float32 and sh.d in TARGET_HEAD_DIMS and sh.n >= TARGET_MIN_BLOCK
     if not applies or ratio is None:
         return "-"
     return "PASS" if ratio >= TARGET else "FAIL"
 
 
-def bench_shape(sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q: int = 0, tile_k: int = 0,
-                head_chunk: int = 0, matmul=np.matmul) -> dict:
+def bench_shape(
+    sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul
+) -> dict:
     """Kernel, plain and tiled GEMMs (all through ``matmul``) and torch SDPA, interleaved."""
     step = KernelStep(sh, tile_q, tile_k, head_chunk, matmul)
     cands = {"kernel": step, "matmul": PlainMatmul(sh, matmul), "tiles": TiledMatmul(sh, step.tile_q, step.tile_k, matmul)}
@@ -263,16 +262,33 @@ def bench_shape(sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q: 
     samples = all_samples[clock]
     med = {k: float(np.median(v)) for k, v in samples.items()}
     gflops = {k: (sh.flops if k in ("kernel", "torch") else sh.dense_flops) / med[k] / 1e9 for k in med}
-    ratios = {"k/matmul": paired_ratio(samples["matmul"], samples["kernel"]) * sh.flops / sh.dense_flops,
-              "k/tiles": paired_ratio(samples["tiles"], samples["kernel"]) * sh.flops / sh.dense_flops}
+    ratios = {
+        "k/matmul": paired_ratio(samples["matmul"], samples["kernel"]) * sh.flops / sh.dense_flops,
+        "k/tiles": paired_ratio(samples["tiles"], samples["kernel"]) * sh.flops / sh.dense_flops,
+    }
     ratios["k/torch"] = paired_ratio(samples["torch"], samples["kernel"]) if "torch" in samples else None
-    return {"head_dim": sh.d, "block": sh.n, "heads": sh.h, "kv_heads": sh.hk, "batch": sh.b,
-            "causal": sh.causal, "dtype": str(sh.dtype), "tile_q": step.tile_q, "tile_k": step.tile_k,
-            "head_chunk": step.head_chunk,
-            "flops": sh.flops, "dense_flops": sh.dense_flops, "clock": clock, "samples_s": all_samples,
-            "median_s": med,
-            "gflops": gflops, "ratios": ratios, "max_rel_err": err, "err_against": against,
-            "target": verdict(sh, ratios["k/torch"])}
+    return {
+        "head_dim": sh.d,
+        "block": sh.n,
+        "heads": sh.h,
+        "kv_heads": sh.hk,
+        "batch": sh.b,
+        "causal": sh.causal,
+        "dtype": str(sh.dtype),
+        "tile_q": step.tile_q,
+        "tile_k": step.tile_k,
+        "head_chunk": step.head_chunk,
+        "flops": sh.flops,
+        "dense_flops": sh.dense_flops,
+        "clock": clock,
+        "samples_s": all_samples,
+        "median_s": med,
+        "gflops": gflops,
+        "ratios": ratios,
+        "max_rel_err": err,
+        "err_against": against,
+        "target": verdict(sh, ratios["k/torch"]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,23 +299,32 @@ def cpu_model() -> str:
 
 
 def provenance(torch_note: str, torch) -> dict:
-    info = {"utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "torch": getattr(torch, "__version__", None), "torch_note": torch_note, "git_commit": git_commit(),
-            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "argv": " ".join(sys.argv),
-            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    info = {
+        "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": getattr(torch, "__version__", None),
+        "torch_note": torch_note,
+        "git_commit": git_commit(),
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "argv": " ".join(sys.argv),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
     try:
         cfg = np.show_config(mode="dicts")
         info["blas"] = cfg.get("Build Dependencies", {}).get("blas", {}).get("openblas configuration")
     except TypeError:  # pragma: no cover - numpy < 1.25
         info["blas"] = None
-    try:   # the BLAS kernels picked at run time (DYNAMIC_ARCH builds): optional, as numpy.show_runtime does
+    try:  # the BLAS kernels picked at run time (DYNAMIC_ARCH builds): optional, as numpy.show_runtime does
         from threadpoolctl import threadpool_info
     except ImportError:
         info["blas_runtime"] = "threadpoolctl not installed"
     else:
-        info["blas_runtime"] = [{k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-                                for p in threadpool_info()]
+        info["blas_runtime"] = [
+            {k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} for p in threadpool_info()
+        ]
     return info
 
 
@@ -308,46 +333,69 @@ def _fmt(x, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'D':>4} {'block':>6} {'mask':>6} | {'GFLOP/s: kernel':>15} {'matmul':>7} {'tiles':>7} {'torch':>7} |" \
-           f" {'k/torch':>7} {'k/matmul':>8} {'k/tiles':>7} | {'err':>8} {'target':>6}"
+    head = (
+        f"{'D':>4} {'block':>6} {'mask':>6} | {'GFLOP/s: kernel':>15} {'matmul':>7} {'tiles':>7} {'torch':>7} |"
+        f" {'k/torch':>7} {'k/matmul':>8} {'k/tiles':>7} | {'err':>8} {'target':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         g, q = r["gflops"], r["ratios"]
-        lines.append(f"{r['head_dim']:>4} {r['block']:>6} {'causal' if r['causal'] else 'full':>6} | "
-                     f"{g['kernel']:>15.1f} {g['matmul']:>7.1f} {g['tiles']:>7.1f} {_fmt(g.get('torch'), '7.1f'):>7} |"
-                     f" {_fmt(q['k/torch'], '7.2f'):>7} {q['k/matmul']:>8.2f} {q['k/tiles']:>7.2f} |"
-                     f" {r['max_rel_err']:>8.1e} {r['target']:>6}")
+        lines.append(
+            f"{r['head_dim']:>4} {r['block']:>6} {'causal' if r['causal'] else 'full':>6} | "
+            f"{g['kernel']:>15.1f} {g['matmul']:>7.1f} {g['tiles']:>7.1f} {_fmt(g.get('torch'), '7.1f'):>7} |"
+            f" {_fmt(q['k/torch'], '7.2f'):>7} {q['k/matmul']:>8.2f} {q['k/tiles']:>7.2f} |"
+            f" {r['max_rel_err']:>8.1e} {r['target']:>6}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kernel_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], metavar="D")
-    p.add_argument("--block", type=int, nargs="+", default=[1024, 2048, 4096], metavar="N",
-                   help="tokens per query block and per K/V block (one ring step)")
+    p.add_argument(
+        "--block",
+        type=int,
+        nargs="+",
+        default=[1024, 2048, 4096],
+        metavar="N",
+        help="tokens per query block and per K/V block (one ring step)",
+    )
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (GQA); default: --heads")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--causal", choices=("no", "yes", "both"), default="both",
-                   help="mask of the block: no (the target), yes (a diagonal block), or both")
+    p.add_argument(
+        "--causal",
+        choices=("no", "yes", "both"),
+        default="both",
+        help="mask of the block: no (the target), yes (a diagonal block), or both",
+    )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--repeat", type=int, default=7, metavar="N", help="timed rounds per shape")
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds per shape")
     p.add_argument("--tile-q", type=int, default=0, metavar="N", help="query rows per tile (0: the ring's choice)")
     p.add_argument("--tile-k", type=int, default=0, metavar="N", help="keys per tile (0: the ring's choice)")
-    p.add_argument("--head-chunk", type=int, default=0, metavar="N",
-                   help="batch-heads per tile (0: the ring's choice)")
-    p.add_argument("--blas", choices=("auto", "numpy", "mkl"), default="auto",
-                   help="GEMM library of the kernel and of the matmul baselines, as `ringbench run --blas`")
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
-                   help="cpu: process CPU time, robust to other processes on a shared machine (default); wall")
+    p.add_argument("--head-chunk", type=int, default=0, metavar="N", help="batch-heads per tile (0: the ring's choice)")
+    p.add_argument(
+        "--blas",
+        choices=("auto", "numpy", "mkl"),
+        default="auto",
+        help="GEMM library of the kernel and of the matmul baselines, as `ringbench run --blas`",
+    )
+    p.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="cpu",
+        help="cpu: process CPU time, robust to other processes on a shared machine (default); wall",
+    )
     p.add_argument("--out", metavar="FILE.json", help="write every sample, the summary and provenance here")
     p.add_argument("--strict", action="store_true", help="exit 1 when a row under the target fails it")
     a = p.parse_args(argv)
     a.kv_heads = a.kv_heads or a.heads
-    problems = [f"--{k}: expected a positive int, got {v}" for k, v in
-                (("heads", a.heads), ("kv-heads", a.kv_heads), ("batch", a.batch), ("repeat", a.repeat))
-                if v < 1]
+    problems = [
+        f"--{k}: expected a positive int, got {v}"
+        for k, v in (("heads", a.heads), ("kv-heads", a.kv_heads), ("batch", a.batch), ("repeat", a.repeat))
+        if v < 1
+    ]
     problems += [f"--head-dim/--block: expected positive ints, got {x}" for x in a.head_dim + a.block if x < 1]
     if a.heads % a.kv_heads:
         problems.append(f"--kv-heads: {a.kv_heads} does not divide --heads {a.heads}")
@@ -368,10 +416,12 @@ def main(argv=None) -> int:
         return 2
     prov = provenance(note, torch)
     prov["kernel_blas"] = blas
-    print(f"kernel_bench: {prov['cpu']}, {prov['cores']} cores, 1 thread; numpy {np.__version__}, "
-          f"torch {prov['torch'] or 'n/a'}; {a.dtype}, B={a.batch} H={a.heads}/{a.kv_heads}; "
-          f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}",
-          flush=True)
+    print(
+        f"kernel_bench: {prov['cpu']}, {prov['cores']} cores, 1 thread; numpy {np.__version__}, "
+        f"torch {prov['torch'] or 'n/a'}; {a.dtype}, B={a.batch} H={a.heads}/{a.kv_heads}; "
+        f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}",
+        flush=True,
+    )
     if note:
         print(f"  note: {note}")
     masks = {"no": [False], "yes": [True], "both": [False, True]}[a.causal]
@@ -380,20 +430,24 @@ def main(argv=None) -> int:
         for n in a.block:
             for causal in masks:
                 sh = Shape(a.batch, a.heads, a.kv_heads, d, n, causal, a.dtype)
-                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k,
-                                        a.head_chunk, matmul))
+                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul))
                 del sh
     print(table(rows))
     applicable = [r for r in rows if r["target"] != "-"]
     fails = [r for r in applicable if r["target"] == "FAIL"]
-    print(f"target: kernel >= {TARGET}x torch SDPA ({a.dtype}, D in {TARGET_HEAD_DIMS}, block >= {TARGET_MIN_BLOCK},"
-          f" no mask): " + (f"{len(applicable) - len(fails)}/{len(applicable)} rows pass" if applicable
-                            else "no row of this run is under the target"))
-    print("ratios: median over rounds of the per-round ratio, in GFLOP/s terms (matmul and tiles do every pair);"
-          " err: max |kernel - " + (rows[0]["err_against"] if rows else "ref") + "| / max |ref|")
+    print(
+        f"target: kernel >= {TARGET}x torch SDPA ({a.dtype}, D in {TARGET_HEAD_DIMS}, block >= {TARGET_MIN_BLOCK},"
+        f" no mask): "
+        + (f"{len(applicable) - len(fails)}/{len(applicable)} rows pass" if applicable else "no row of this run is under the target")
+    )
+    print(
+        "ratios: median over rounds of the per-round ratio, in GFLOP/s terms (matmul and tiles do every pair);"
+        " err: max |kernel - " + (rows[0]["err_against"] if rows else "ref") + "| / max |ref|"
+    )
     if a.out:
-        Path(a.out).write_text(json.dumps({"bench": "kernel", "schema_version": 1, "provenance": prov,
-                                           "args": vars(a), "rows": rows}, indent=1))
+        Path(a.out).write_text(
+            json.dumps({"bench": "kernel", "schema_version": 1, "provenance": prov, "args": vars(a), "rows": rows}, indent=1)
+        )
         print(f"saved {a.out}")
     return 1 if (a.strict and fails) else 0
 

@@ -39,7 +39,7 @@ import tracemalloc  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))   # run from a checkout without installing
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 TARGET = 1.5
 RING_MODES = ("overlap", "blocking")
@@ -60,9 +60,21 @@ def worker(spec: dict) -> int:
 
     world = mpi.WORLD
     rank, nranks = world.rank, world.size
-    cfg = RunConfig(batch=spec["batch"], seq_len=spec["seq_len"], heads=spec["heads"], kv_heads=spec["kv_heads"],
-                    head_dim=spec["head_dim"], dtype=spec["dtype"], causal=spec["causal"], layout=spec["layout"],
-                    mode=spec["mode"], backend="numpy", progress="test", warmup=0, repeat=spec["passes"])
+    cfg = RunConfig(
+        batch=spec["batch"],
+        seq_len=spec["seq_len"],
+        heads=spec["heads"],
+        kv_heads=spec["kv_heads"],
+        head_dim=spec["head_dim"],
+        dtype=spec["dtype"],
+        causal=spec["causal"],
+        layout=spec["layout"],
+        mode=spec["mode"],
+        backend="numpy",
+        progress="test",
+        warmup=0,
+        repeat=spec["passes"],
+    )
     backend = get_backend("numpy")
     dtype = backend.dtype(cfg.dtype)
     n = cfg.seq_len // nranks
@@ -70,7 +82,7 @@ def worker(spec: dict) -> int:
     domain = np.lib.tracemalloc_domain
     only_numpy = [tracemalloc.DomainFilter(True, domain)]
 
-    rng = np.random.default_rng(rank)          # imports numpy.random: before tracing, like every other import
+    rng = np.random.default_rng(rank)  # imports numpy.random: before tracing, like every other import
     rss0 = current_rss_bytes()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -87,7 +99,7 @@ def worker(spec: dict) -> int:
     v = rng.standard_normal((cfg.batch, n, hk, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False)
     ex = mpi.KVExchange(world, backend, False)
     ring = Ring(cfg, backend, ex, rank, nranks, q, k, v)
-    del q, k, v                  # the ring keeps its own copies (as `ringbench run` drops its inputs)
+    del q, k, v  # the ring keeps its own copies (as `ringbench run` drops its inputs)
     for _ in range(cfg.repeat):
         mpi.barrier()
         ring.forward()
@@ -112,20 +124,48 @@ def worker(spec: dict) -> int:
     out = backend.asnumpy(ring.output())
     look("after the output")
     tracemalloc.stop()
-    local = {"rank": rank, "peak_bytes": int(peak), "largest_bytes": int(largest[0]), "largest_at": largest[1],
-             "rss_bytes": int(rss), "tiles_seen": count[0], "out_bytes": int(out.nbytes),
-             "score_tile": int(ring.score_tile_elems), "tile_q": int(ring.tile_q), "tile_k": int(ring.tile_k)}
+    local = {
+        "rank": rank,
+        "peak_bytes": int(peak),
+        "largest_bytes": int(largest[0]),
+        "largest_at": largest[1],
+        "rss_bytes": int(rss),
+        "tiles_seen": count[0],
+        "out_bytes": int(out.nbytes),
+        "score_tile": int(ring.score_tile_elems),
+        "tile_q": int(ring.tile_q),
+        "tile_k": int(ring.tile_k),
+    }
     parts = mpi.gather(local)
     if rank == 0:
         itemsize = np.dtype(dtype).itemsize
-        theo = measure.theoretical_bytes(batch=cfg.batch, local_q=n, heads=cfg.heads, kv_heads=hk,
-                                         head_dim=cfg.head_dim, itemsize=itemsize,
-                                         compute_itemsize=ring.compute.itemsize, score_tile_elems=ring.score_tile_elems)
+        theo = measure.theoretical_bytes(
+            batch=cfg.batch,
+            local_q=n,
+            heads=cfg.heads,
+            kv_heads=hk,
+            head_dim=cfg.head_dim,
+            itemsize=itemsize,
+            compute_itemsize=ring.compute.itemsize,
+            score_tile_elems=ring.score_tile_elems,
+        )
         block = 2 * cfg.batch * n * hk * cfg.head_dim * itemsize
         tile = ring.score_tile_elems * ring.compute.itemsize
-        print("RESULT " + json.dumps({"spec": spec, "nranks": nranks, "theoretical_bytes": theo, "block_bytes": block,
-                                      "tile_bytes": tile, "q_bytes": int(ring.state.qa.nbytes),
-                                      "nxn_bytes": cfg.seq_len ** 2 * ring.compute.itemsize, "ranks": parts}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "spec": spec,
+                    "nranks": nranks,
+                    "theoretical_bytes": theo,
+                    "block_bytes": block,
+                    "tile_bytes": tile,
+                    "q_bytes": int(ring.state.qa.nbytes),
+                    "nxn_bytes": cfg.seq_len**2 * ring.compute.itemsize,
+                    "ranks": parts,
+                }
+            )
+        )
     return 0
 
 
@@ -149,7 +189,7 @@ def launch(spec: dict, nranks: int, timeout: float) -> dict:
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     if res.returncode != 0 or not lines:
         raise SystemExit(f"memory_bench: {spec['mode']} run failed (status {res.returncode}):\n{res.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def summarize(r: dict) -> dict:
@@ -161,30 +201,45 @@ def summarize(r: dict) -> dict:
     p_blocks = P * r["block_bytes"]
     mode = r["spec"]["mode"]
     ok_peak = peak < TARGET * theo
-    allowed = max(r["block_bytes"], r["tile_bytes"], r["q_bytes"])       # the largest arrays the design has
+    allowed = max(r["block_bytes"], r["tile_bytes"], r["q_bytes"])  # the largest arrays the design has
     ok_shape = largest <= allowed
     if mode in RING_MODES:
         verdict = "PASS" if ok_peak and ok_shape else "FAIL"
     else:
         verdict = "by design"
-    return {"mode": mode, "peak_bytes": peak, "theoretical_bytes": theo, "ratio": peak / theo,
-            "largest_bytes": largest, "allowed_largest_bytes": allowed, "block_bytes": r["block_bytes"],
-            "tile_bytes": r["tile_bytes"], "nxn_bytes": r["nxn_bytes"], "p_blocks_bytes": p_blocks, "rss_bytes": rss,
-            "rss_ratio": rss / theo, "verdict": verdict}
+    return {
+        "mode": mode,
+        "peak_bytes": peak,
+        "theoretical_bytes": theo,
+        "ratio": peak / theo,
+        "largest_bytes": largest,
+        "allowed_largest_bytes": allowed,
+        "block_bytes": r["block_bytes"],
+        "tile_bytes": r["tile_bytes"],
+        "nxn_bytes": r["nxn_bytes"],
+        "p_blocks_bytes": p_blocks,
+        "rss_bytes": rss,
+        "rss_ratio": rss / theo,
+        "verdict": verdict,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    mib = 2.0 ** 20
-    head = (f"{'mode':>10} | {'peak MiB':>9} {'theory MiB':>10} {'peak/theory':>11} | {'largest MiB':>11} "
-            f"{'allowed':>10} {'NxN MiB':>8} {'P blocks MiB':>12} | {'RSS MiB':>8} {'RSS/theory':>10} | "
-            f"{'target':>9}")
+    mib = 2.0**20
+    head = (
+        f"{'mode':>10} | {'peak MiB':>9} {'theory MiB':>10} {'peak/theory':>11} | {'largest MiB':>11} "
+        f"{'allowed':>10} {'NxN MiB':>8} {'P blocks MiB':>12} | {'RSS MiB':>8} {'RSS/theory':>10} | "
+        f"{'target':>9}"
+    )
     lines = [head, "-" * len(head)]
     for s in rows:
-        lines.append(f"{s['mode']:>10} | {s['peak_bytes'] / mib:>9.2f} {s['theoretical_bytes'] / mib:>10.2f} "
-                     f"{s['ratio']:>11.2f} | {s['largest_bytes'] / mib:>11.2f} "
-                     f"{s['allowed_largest_bytes'] / mib:>10.2f} {s['nxn_bytes'] / mib:>8.1f} "
-                     f"{s['p_blocks_bytes'] / mib:>12.2f} | {s['rss_bytes'] / mib:>8.1f} {s['rss_ratio']:>10.2f} | "
-                     f"{s['verdict']:>9}")
+        lines.append(
+            f"{s['mode']:>10} | {s['peak_bytes'] / mib:>9.2f} {s['theoretical_bytes'] / mib:>10.2f} "
+            f"{s['ratio']:>11.2f} | {s['largest_bytes'] / mib:>11.2f} "
+            f"{s['allowed_largest_bytes'] / mib:>10.2f} {s['nxn_bytes'] / mib:>8.1f} "
+            f"{s['p_blocks_bytes'] / mib:>12.2f} | {s['rss_bytes'] / mib:>8.1f} {s['rss_ratio']:>10.2f} | "
+            f"{s['verdict']:>9}"
+        )
     return "\n".join(lines)
 
 
@@ -227,25 +282,50 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.worker:
         return worker(json.loads(a.worker))
-    print(f"memory_bench: P={a.ranks} N={a.seq_len} B={a.batch} H={a.heads}/{a.kv_heads} D={a.head_dim} {a.dtype} "
-          f"{a.layout}{' causal' if a.causal else ''}, {a.passes} passes per mode; tracemalloc peak per rank "
-          f"(max over ranks)", flush=True)
+    print(
+        f"memory_bench: P={a.ranks} N={a.seq_len} B={a.batch} H={a.heads}/{a.kv_heads} D={a.head_dim} {a.dtype} "
+        f"{a.layout}{' causal' if a.causal else ''}, {a.passes} passes per mode; tracemalloc peak per rank "
+        f"(max over ranks)",
+        flush=True,
+    )
     results, rows = [], []
     for mode in a.modes:
-        spec = {"batch": a.batch, "seq_len": a.seq_len, "heads": a.heads, "kv_heads": a.kv_heads,
-                "head_dim": a.head_dim, "dtype": a.dtype, "causal": a.causal, "layout": a.layout, "mode": mode,
-                "passes": a.passes, "every": a.every}
+        spec = {
+            "batch": a.batch,
+            "seq_len": a.seq_len,
+            "heads": a.heads,
+            "kv_heads": a.kv_heads,
+            "head_dim": a.head_dim,
+            "dtype": a.dtype,
+            "causal": a.causal,
+            "layout": a.layout,
+            "mode": mode,
+            "passes": a.passes,
+            "every": a.every,
+        }
         r = launch(spec, a.ranks, a.timeout)
         results.append(r)
         rows.append(summarize(r))
     print(table(rows))
-    print(f"target: peak/theory < {TARGET} and largest array <= allowed (one K/V block, score tile or query copy) in "
-          f"{', '.join(RING_MODES)}; allgather holds P blocks by design")
+    print(
+        f"target: peak/theory < {TARGET} and largest array <= allowed (one K/V block, score tile or query copy) in "
+        f"{', '.join(RING_MODES)}; allgather holds P blocks by design"
+    )
     fails = [s for s in rows if s["verdict"] == "FAIL"]
     if a.out:
-        Path(a.out).write_text(json.dumps({"bench": "memory", "schema_version": 1,
-                                           "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                                           "args": vars(a), "runs": results, "summary": rows}, indent=1))
+        Path(a.out).write_text(
+            json.dumps(
+                {
+                    "bench": "memory",
+                    "schema_version": 1,
+                    "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "args": vars(a),
+                    "runs": results,
+                    "summary": rows,
+                },
+                indent=1,
+            )
+        )
         print(f"saved {a.out}")
     return 1 if (a.strict and fails) else 0
 

@@ -29,4 +29,5 @@ def console_main() -> int:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     from ringbench.cli import main
+
     return main()

@@ -25,6 +25,7 @@ from ringbench.config import BACKENDS, BLAS
 class BackendError(Exception):
     """A backend cannot be used as asked (user error: exit status 2)."""
 
+
 def _bfloat16():
     try:
         import ml_dtypes  # optional: gives NumPy a bfloat16 dtype
@@ -32,10 +33,20 @@ def _bfloat16():
         return None
     return np.dtype(ml_dtypes.bfloat16)
 
+
 def local_rank() -> int:
     """The rank of this process among the ranks on its node, from the launcher's environment."""
-    return env_int(("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK",
-                    "MV2_COMM_WORLD_LOCAL_RANK", "PALS_LOCAL_RANKID"))
+    return env_int(
+        (
+            "MPI_LOCALRANKID",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "SLURM_LOCALID",
+            "PMI_LOCAL_RANK",
+            "MV2_COMM_WORLD_LOCAL_RANK",
+            "PALS_LOCAL_RANKID",
+        )
+    )
+
 
 @dataclass
 class Backend:
@@ -52,8 +63,7 @@ class Backend:
         """The storage dtype called ``name`` or BackendError naming what is allowed."""
         allowed = self.dtypes()
         if name not in allowed:
-            raise BackendError(f"--dtype {name} is not supported by backend {self.name}; "
-                               f"allowed: {', '.join(allowed)}")
+            raise BackendError(f"--dtype {name} is not supported by backend {self.name}; allowed: {', '.join(allowed)}")
         if name == "bfloat16":
             return _bfloat16()
         return np.dtype(name)
@@ -141,6 +151,7 @@ class Backend:
                 pass
         return v
 
+
 class HostTimer:
     """Wall-clock interval on the host."""
 
@@ -152,6 +163,7 @@ class HostTimer:
 
     def seconds(self) -> float:
         return self._t1 - self._t0
+
 
 class CudaTimer:
     """Interval of device work on the current stream, measured with CUDA events."""
@@ -170,6 +182,7 @@ class CudaTimer:
     def seconds(self) -> float:
         self._b.synchronize()
         return self._cp.cuda.get_elapsed_time(self._a, self._b) / 1e3
+
 
 def get_backend(name: str, rank_on_node: int | None = None) -> Backend:
     """Make the backend ``name``; for cupy, bind this rank to GPU (local rank mod GPU count)."""
@@ -192,6 +205,7 @@ def get_backend(name: str, rank_on_node: int | None = None) -> Backend:
     props = cp.cuda.runtime.getDeviceProperties(dev)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     return Backend("cupy", cp, device_name=gpu, device_id=dev)
+
 
 def numpy_blas() -> str:
     """The BLAS library NumPy was built with (for provenance)."""
@@ -219,16 +233,36 @@ class MklMatmul:
     def __init__(self, lib):
         self.lib = lib
         c = ctypes
-        args = [c.c_int, c.c_int, c.c_int, c.c_int64, c.c_int64, c.c_int64, None, c.c_void_p, c.c_int64, c.c_int64,
-                c.c_void_p, c.c_int64, c.c_int64, None, c.c_void_p, c.c_int64, c.c_int64, c.c_int64]
+        args = [
+            c.c_int,
+            c.c_int,
+            c.c_int,
+            c.c_int64,
+            c.c_int64,
+            c.c_int64,
+            None,
+            c.c_void_p,
+            c.c_int64,
+            c.c_int64,
+            c.c_void_p,
+            c.c_int64,
+            c.c_int64,
+            None,
+            c.c_void_p,
+            c.c_int64,
+            c.c_int64,
+            c.c_int64,
+        ]
         self.fns = {}
-        for dt, name, scalar in ((np.float32, "cblas_sgemm_batch_strided", c.c_float),
-                                 (np.float64, "cblas_dgemm_batch_strided", c.c_double)):
+        for dt, name, scalar in (
+            (np.float32, "cblas_sgemm_batch_strided", c.c_float),
+            (np.float64, "cblas_dgemm_batch_strided", c.c_double),
+        ):
             fn = getattr(lib, name)
             fn.restype = None
             fn.argtypes = [scalar if a is None else a for a in args]
             self.fns[np.dtype(dt)] = fn
-        lib.MKL_Set_Threading_Layer(1)                              # MKL_THREADING_SEQUENTIAL: one thread per rank
+        lib.MKL_Set_Threading_Layer(1)  # MKL_THREADING_SEQUENTIAL: one thread per rank
         lib.MKL_Get_Version_String.argtypes = [c.c_char_p, c.c_int]
         buf = c.create_string_buffer(256)
         lib.MKL_Get_Version_String(buf, 256)
@@ -267,8 +301,7 @@ class MklMatmul:
 
     def __call__(self, a, b, out=None):
         if out is None:
-            out = np.empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
-                           np.result_type(a, b))
+            out = np.empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), np.result_type(a, b))
         if not self._gemm(a, b, out, 0.0):
             np.matmul(a, b, out=out)
         return out
@@ -276,8 +309,7 @@ class MklMatmul:
     def _gemm(self, a, b, out, beta: float) -> bool:
         """out = a @ b + beta * out through MKL; False (nothing done) when the operands do not fit it."""
         fn = self.fns.get(a.dtype) if isinstance(a, np.ndarray) else None
-        if (fn is None or a.dtype != b.dtype or a.dtype != out.dtype or a.ndim not in (2, 3)
-                or b.ndim != a.ndim or out.ndim != a.ndim):
+        if fn is None or a.dtype != b.dtype or a.dtype != out.dtype or a.ndim not in (2, 3) or b.ndim != a.ndim or out.ndim != a.ndim:
             return False
         item = a.itemsize
         m, k = a.shape[-2:]
@@ -285,23 +317,51 @@ class MklMatmul:
         batch = out.shape[0] if out.ndim == 3 else 1
         la, lb = self._layout(a, item), self._layout(b, item)
         oc = out.strides[-1] // item
-        if (la is None or lb is None or (oc != 1 and n != 1) or b.shape[-2] != k or out.shape[-2:] != (m, n)
-                or any(x.strides[-1] % item or x.strides[-2] % item for x in (a, b, out))):
+        if (
+            la is None
+            or lb is None
+            or (oc != 1 and n != 1)
+            or b.shape[-2] != k
+            or out.shape[-2:] != (m, n)
+            or any(x.strides[-1] % item or x.strides[-2] % item for x in (a, b, out))
+        ):
             return False
         if out.ndim == 3:
             sa = a.strides[0] // item if a.shape[0] > 1 else 0
             sb = b.strides[0] // item if b.shape[0] > 1 else 0
             so = out.strides[0] // item
-            if (a.shape[0] not in (1, batch) or b.shape[0] not in (1, batch) or (batch > 1 and so == 0)
-                    or any(x.strides[0] % item for x in (a, b, out))):
+            if (
+                a.shape[0] not in (1, batch)
+                or b.shape[0] not in (1, batch)
+                or (batch > 1 and so == 0)
+                or any(x.strides[0] % item for x in (a, b, out))
+            ):
                 return False
         if m == 0 or n == 0 or batch == 0:
             return True
         ldo = max(out.strides[-2] // item, n, 1)
-        if out.ndim == 2:                   # one product: strides unused, but MKL checks stride_c >= ldc * m
+        if out.ndim == 2:  # one product: strides unused, but MKL checks stride_c >= ldc * m
             sa, sb, so = la[1] * max(m, k), lb[1] * max(k, n), ldo * m
-        fn(self.ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], sa, b.ctypes.data, lb[1], sb,
-           beta, out.ctypes.data, ldo, so, batch)
+        fn(
+            self.ROW_MAJOR,
+            la[0],
+            lb[0],
+            m,
+            n,
+            k,
+            1.0,
+            a.ctypes.data,
+            la[1],
+            sa,
+            b.ctypes.data,
+            lb[1],
+            sb,
+            beta,
+            out.ctypes.data,
+            ldo,
+            so,
+            batch,
+        )
         return True
 
 
@@ -325,7 +385,9 @@ def _cpu_name() -> str:
     except OSError:
         pass
     import platform
+
     return platform.processor() or platform.machine()
+
 
 def current_rss_bytes() -> int:
     """Resident set size of this process now (0 where /proc is missing)."""
@@ -340,4 +402,3 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
-

@@ -52,17 +52,24 @@ def fail(prog: str, message: str) -> int:
 # run
 # ---------------------------------------------------------------------------------------------
 _HELP = {
-    "batch": "batch size B", "seq_len": "global sequence length N (over all ranks)", "heads": "query heads H",
-    "kv_heads": "key/value heads H_kv dividing H (GQA; 1 = MQA; default H)", "head_dim": "head dimension D",
-    "dtype": "storage dtype (half precision accumulates in float32)", "causal": "causal mask",
-    "layout": "how the sequence is split over ranks", "mode": "communication scheme being measured",
+    "batch": "batch size B",
+    "seq_len": "global sequence length N (over all ranks)",
+    "heads": "query heads H",
+    "kv_heads": "key/value heads H_kv dividing H (GQA; 1 = MQA; default H)",
+    "head_dim": "head dimension D",
+    "dtype": "storage dtype (half precision accumulates in float32)",
+    "causal": "causal mask",
+    "layout": "how the sequence is split over ranks",
+    "mode": "communication scheme being measured",
     "backend": "numpy (CPU) or cupy (one GPU per rank)",
     "progress": "'test': MPI_Testall between compute tiles to drive transfers; 'none': no MPI call during compute",
     "cuda_aware": "pass device buffers to MPI directly (auto: ask the MPI library)",
     "tile_q": "query rows per score tile (0: automatic)",
-    "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install "
-            "'ringbench[mkl]'), auto (MKL if present)", "warmup": "untimed-in-summary warm-up passes",
-    "repeat": "timed passes", "seed": "input seed", "check": "compare with a float64 reference",
+    "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install 'ringbench[mkl]'), auto (MKL if present)",
+    "warmup": "untimed-in-summary warm-up passes",
+    "repeat": "timed passes",
+    "seed": "input seed",
+    "check": "compare with a float64 reference",
     "save_tensors": "store global q, k, v, out in the result (small problems)",
 }
 
@@ -112,8 +119,10 @@ def cmd_run(argv: list[str]) -> int:
     except (UsageError, ConfigError) as exc:
         return fail(f"{PROG} run", str(exc))
     from ringbench import comm as mpi  # initialises MPI
+
     try:
         from ringbench import runner
+
         return runner.run(cfg, ns.out, ns.quiet)
     except UserError as exc:
         if mpi.WORLD.rank == 0:
@@ -129,10 +138,8 @@ def cmd_run(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 def _experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"{PROG} {name}", description=description)
-    p.add_argument("experiment", metavar="FILE",
-                   help="experiment file (experiments/*.yaml), or its results directory (results/NAME)")
-    p.add_argument("--results", metavar="DIR", default="results",
-                   help="results directory: NAME.h5 and NAME/ go here (default: results)")
+    p.add_argument("experiment", metavar="FILE", help="experiment file (experiments/*.yaml), or its results directory (results/NAME)")
+    p.add_argument("--results", metavar="DIR", default="results", help="results directory: NAME.h5 and NAME/ go here (default: results)")
     return p
 
 
@@ -140,6 +147,7 @@ def _open_experiment(ns: argparse.Namespace):
     """The experiment and its result layout; a results directory names its resolved experiment.yaml."""
     from ringbench.experiment import ExperimentError, load
     from ringbench.sweep import Layout
+
     path, results = Path(ns.experiment), Path(ns.results)
     if path.is_dir():
         if not (path / "experiment.yaml").is_file():
@@ -154,6 +162,7 @@ def _experiment_command(name: str, argv: list[str], parser, body) -> int:
     from ringbench.experiment import ExperimentError
     from ringbench.slurm import SlurmError
     from ringbench.store import MergeError, SchemaError
+
     try:
         ns = parser.parse_args(argv)
         exp, lay = _open_experiment(ns)
@@ -170,22 +179,29 @@ def _experiment_command(name: str, argv: list[str], parser, body) -> int:
 def cmd_plan(argv: list[str]) -> int:
     """Show an experiment's points (id, ranks, parameters, estimated work); run nothing."""
     from ringbench import sweep
+
     p = _experiment_parser("plan", "Expand an experiment file into its points and show them; nothing runs.")
 
     def body(ns, exp, lay):
         print(sweep.plan_text(exp, lay))
         return 0
+
     return _experiment_command("plan", argv, p, body)
 
 
 def cmd_sweep(argv: list[str]) -> int:
     """Run an experiment's points on this machine, each under mpiexec -n P (resumable)."""
     from ringbench import sweep
-    p = _experiment_parser("sweep", "Run the points not yet stored, one subprocess each; failures are recorded "
-                                    "and the sweep goes on. Rerunning retries failed and missing points.")
+
+    p = _experiment_parser(
+        "sweep",
+        "Run the points not yet stored, one subprocess each; failures are recorded "
+        "and the sweep goes on. Rerunning retries failed and missing points.",
+    )
     p.add_argument("--force", action="store_true", help="rerun points already stored")
-    p.add_argument("--launcher", choices=("mpiexec", "srun"), default="mpiexec",
-                   help="how ranks start (default mpiexec; srun inside a Slurm job)")
+    p.add_argument(
+        "--launcher", choices=("mpiexec", "srun"), default="mpiexec", help="how ranks start (default mpiexec; srun inside a Slurm job)"
+    )
     p.add_argument("--tasks", metavar="FILE", help="run only one array task's points (line --task of FILE)")
     p.add_argument("--task", type=int, metavar="K", help="the array task (with --tasks), counting from 0")
 
@@ -196,18 +212,22 @@ def cmd_sweep(argv: list[str]) -> int:
         if ns.launcher == "mpiexec" and not shutil.which(sweep.launch_prefix("mpiexec", 1, exp.slurm)[0]):
             raise UsageError(f"mpiexec not found ({sweep.default_mpiexec()}): pip install -e '.[mpich]'")
         lay.make()
-        if ns.tasks is None:            # a job array task runs the resolved copy itself
+        if ns.tasks is None:  # a job array task runs the resolved copy itself
             sweep.write_snapshot(exp, lay)
-        return sweep.run_sweep(exp, lay, points, launcher=ns.launcher, force=ns.force,
-                               collect_after=ns.tasks is None)
+        return sweep.run_sweep(exp, lay, points, launcher=ns.launcher, force=ns.force, collect_after=ns.tasks is None)
+
     return _experiment_command("sweep", argv, p, body)
 
 
 def cmd_submit(argv: list[str]) -> int:
     """Submit an experiment's points to Slurm: one job array per rank count."""
     from ringbench import sweep
-    p = _experiment_parser("submit", "Render sbatch scripts (one job array per rank count) beside the results, "
-                                     "submit them with sbatch --parsable and record the job ids.")
+
+    p = _experiment_parser(
+        "submit",
+        "Render sbatch scripts (one job array per rank count) beside the results, "
+        "submit them with sbatch --parsable and record the job ids.",
+    )
     p.add_argument("--dry-run", action="store_true", help="write the scripts, submit nothing")
     p.add_argument("--force", action="store_true", help="rerun points already stored")
 
@@ -218,31 +238,33 @@ def cmd_submit(argv: list[str]) -> int:
         queued = set() if ns.dry_run else sweep.queued_points(lay)
         waiting = [p for p in points if p.id in queued]
         points = [p for p in points if p.id not in queued]
-        print(f"submit {exp.name}: {len(points)} points to run, {skipped} already stored, "
-              f"{len(waiting)} already queued or running")
+        print(f"submit {exp.name}: {len(points)} points to run, {skipped} already stored, {len(waiting)} already queued or running")
         if not points:
             print(f"submit {exp.name}: nothing to submit (--force reruns stored points)")
             return 0
         return sweep.submit_arrays(exp, lay, points, dry_run=ns.dry_run, force=ns.force, workdir=Path.cwd())
+
     return _experiment_command("submit", argv, p, body)
 
 
 def cmd_status(argv: list[str]) -> int:
     """Show which points of an experiment are done, failed, running or pending."""
     from ringbench import sweep
+
     p = _experiment_parser("status", "State of every point: from the result files and one squeue call.")
 
     def body(ns, exp, lay):
         print(sweep.status_text(exp, lay))
         return 0
+
     return _experiment_command("status", argv, p, body)
 
 
 def cmd_collect(argv: list[str]) -> int:
     """Merge an experiment's per-point result files into one file (idempotent)."""
     from ringbench import sweep
-    p = _experiment_parser("collect", "Merge results/NAME/parts/*.h5 into results/NAME.h5; runs already "
-                                      "there are not copied again.")
+
+    p = _experiment_parser("collect", "Merge results/NAME/parts/*.h5 into results/NAME.h5; runs already there are not copied again.")
 
     def body(ns, exp, lay):
         files, added, present = sweep.collect(lay)
@@ -250,7 +272,10 @@ def cmd_collect(argv: list[str]) -> int:
             raise UsageError(f"no result files in {lay.parts}: run or submit the experiment first")
         print(f"collect {exp.name}: {files} files, {added} runs added, {present} already in {lay.collected}")
         return 0
+
     return _experiment_command("collect", argv, p, body)
+
+
 # analysis: probe (under MPI), report and plot (result files only)
 # ---------------------------------------------------------------------------------------------
 def _positive_ints(text: str) -> list[int]:
@@ -266,6 +291,7 @@ def _positive_ints(text: str) -> list[int]:
 def _check_results(files: list[str], option: str = "FILE") -> str | None:
     """None if every file is a readable result file; otherwise one line naming the file."""
     from ringbench import store
+
     for f in files:
         if not os.path.isfile(f):
             return f"{option}: {f}: no such file"
@@ -278,6 +304,7 @@ def _check_results(files: list[str], option: str = "FILE") -> str | None:
 
 def _missing(*modules: str) -> str | None:
     import importlib.util
+
     gone = [m for m in modules if importlib.util.find_spec(m) is None]
     return f"{' and '.join(gone)} not installed: pip install 'ringbench[plot]'" if gone else None
 
@@ -285,6 +312,7 @@ def _missing(*modules: str) -> str | None:
 def _calibration(runs, files: list[str], probe_file: str | None):
     """The model's calibration: probes from --probe, else from the result files, else the runs themselves."""
     from ringbench import model, store
+
     probes = [p for f in ([probe_file] if probe_file else files) for p in store.read_probes(f)]
     try:
         return model.calibrate(runs, probes)
@@ -294,9 +322,12 @@ def _calibration(runs, files: list[str], probe_file: str | None):
 
 def probe_parser() -> argparse.ArgumentParser:
     from ringbench.probe import ProbeOptions
+
     d = ProbeOptions()
-    p = _Parser(prog=f"{PROG} probe", description="Measure per-rank compute rate and ring link latency/bandwidth "
-                                                  "for the overlap model; launch with mpiexec -n P.")
+    p = _Parser(
+        prog=f"{PROG} probe",
+        description="Measure per-rank compute rate and ring link latency/bandwidth for the overlap model; launch with mpiexec -n P.",
+    )
     p.add_argument("--out", metavar="FILE.h5", required=True, help="result file to add /probes/NAME to")
     p.add_argument("--name", help="probe group name (default probe-P<ranks>-<dtype>)")
     for opt in ("batch", "heads", "head_dim"):
@@ -304,8 +335,13 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=0, metavar="N", help="key/value heads (0: same as --heads)")
     p.add_argument("--dtype", choices=CHOICES["dtype"], default=d.dtype, help=_HELP["dtype"])
     p.add_argument("--backend", choices=CHOICES["backend"], default=d.backend, help=_HELP["backend"])
-    p.add_argument("--block-sizes", type=_positive_ints, default=list(d.block_sizes), metavar="N,N,...",
-                   help="tokens per block for the compute-rate probe")
+    p.add_argument(
+        "--block-sizes",
+        type=_positive_ints,
+        default=list(d.block_sizes),
+        metavar="N,N,...",
+        help="tokens per block for the compute-rate probe",
+    )
     p.add_argument("--repeat", type=int, default=d.repeat, metavar="N", help="timed kernel calls per block size")
     p.add_argument("--max-bytes", type=int, default=d.max_bytes, metavar="BYTES", help="largest ping-pong message")
     p.add_argument("--iters", type=int, default=d.iters, metavar="N", help="ping-pong round trips per size")
@@ -316,6 +352,7 @@ def probe_parser() -> argparse.ArgumentParser:
 def cmd_probe(argv: list[str]) -> int:
     """Measure compute rate and link latency/bandwidth for the model."""
     from ringbench.probe import ProbeOptions
+
     try:
         ns = probe_parser().parse_args(argv)
         for opt in ("batch", "heads", "head_dim", "repeat", "max_bytes", "iters"):
@@ -325,12 +362,23 @@ def cmd_probe(argv: list[str]) -> int:
             raise UsageError(f"--kv-heads: must divide --heads={ns.heads} (or be 0); got {ns.kv_heads}")
     except UsageError as exc:
         return fail(f"{PROG} probe", str(exc))
-    opts = ProbeOptions(batch=ns.batch, heads=ns.heads, kv_heads=ns.kv_heads, head_dim=ns.head_dim, dtype=ns.dtype,
-                        backend=ns.backend, block_sizes=tuple(ns.block_sizes), repeat=ns.repeat,
-                        max_bytes=ns.max_bytes, iters=ns.iters)
+    opts = ProbeOptions(
+        batch=ns.batch,
+        heads=ns.heads,
+        kv_heads=ns.kv_heads,
+        head_dim=ns.head_dim,
+        dtype=ns.dtype,
+        backend=ns.backend,
+        block_sizes=tuple(ns.block_sizes),
+        repeat=ns.repeat,
+        max_bytes=ns.max_bytes,
+        iters=ns.iters,
+    )
     from ringbench import comm as mpi  # initialises MPI
+
     try:
         from ringbench import probe
+
         return probe.run(opts, ns.out, ns.name, ns.quiet)
     except UserError as exc:
         if mpi.WORLD.rank == 0:
@@ -342,13 +390,14 @@ def cmd_probe(argv: list[str]) -> int:
 
 
 def report_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG} report", description="Tables of stored runs: config, time, TFLOP/s, bandwidth, "
-                                                   "overlap, error; modes side by side; the model's error.")
+    p = _Parser(
+        prog=f"{PROG} report",
+        description="Tables of stored runs: config, time, TFLOP/s, bandwidth, overlap, error; modes side by side; the model's error.",
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="result files (HDF5)")
     p.add_argument("--csv", metavar="OUT.csv", help="also write one row per run to this CSV file")
     p.add_argument("--probe", metavar="FILE", help="take the model's calibration from the probes in this file")
-    p.add_argument("--predict-ranks", type=_positive_ints, metavar="P,P,...",
-                   help="predict pass times at these rank counts")
+    p.add_argument("--predict-ranks", type=_positive_ints, metavar="P,P,...", help="predict pass times at these rank counts")
     p.add_argument("--no-model", action="store_true", help="leave out the model")
     return p
 
@@ -366,6 +415,7 @@ def cmd_report(argv: list[str]) -> int:
     if err:
         return fail(prog, err)
     from ringbench import report, results
+
     runs = results.load(ns.files)
     cal = None if ns.no_model else _calibration(runs, ns.files, ns.probe)
     print(report.format_report(runs, cal, ns.predict_ranks))
@@ -377,14 +427,18 @@ def cmd_report(argv: list[str]) -> int:
 
 def plot_parser() -> argparse.ArgumentParser:
     from ringbench.plot import FIGURES
+
     p = _Parser(prog=f"{PROG} plot", description="Figures (PNG and PDF) from result files.")
     p.add_argument("files", nargs="+", metavar="FILE", help="result files (HDF5)")
     p.add_argument("-o", "--out-dir", required=True, metavar="DIR", help="directory for the figures (created)")
-    p.add_argument("--only", type=lambda t: t.split(","), metavar="FIG,...",
-                   help=f"figures to draw (default all): {', '.join(FIGURES)}")
+    p.add_argument("--only", type=lambda t: t.split(","), metavar="FIG,...", help=f"figures to draw (default all): {', '.join(FIGURES)}")
     p.add_argument("--probe", metavar="FILE", help="take the model's calibration from the probes in this file")
-    p.add_argument("--predict-ranks", type=_positive_ints, metavar="P,P,...",
-                   help="rank counts to extrapolate to in the model figure (default 2x and 4x the largest run)")
+    p.add_argument(
+        "--predict-ranks",
+        type=_positive_ints,
+        metavar="P,P,...",
+        help="rank counts to extrapolate to in the model figure (default 2x and 4x the largest run)",
+    )
     p.add_argument("--timeline-run", metavar="NAME", help="the run (group name) to draw the timeline of")
     return p
 
@@ -400,9 +454,13 @@ def cmd_plot(argv: list[str]) -> int:
     except UsageError as exc:
         return fail(prog, str(exc))
     from ringbench import plot, results
+
     bad = [f for f in ns.only or [] if f not in plot.FIGURES]
-    err = (_check_results(ns.files) or (ns.probe and _check_results([ns.probe], "--probe"))
-           or (bad and f"--only: unknown figure {bad[0]!r}; allowed: {', '.join(plot.FIGURES)}"))
+    err = (
+        _check_results(ns.files)
+        or (ns.probe and _check_results([ns.probe], "--probe"))
+        or (bad and f"--only: unknown figure {bad[0]!r}; allowed: {', '.join(plot.FIGURES)}")
+    )
     if not err and os.path.exists(ns.out_dir) and not os.path.isdir(ns.out_dir):
         err = f"--out-dir: {ns.out_dir} exists and is not a directory"
     if err:
@@ -413,8 +471,7 @@ def cmd_plot(argv: list[str]) -> int:
         return fail(prog, f"--timeline-run: no run {ns.timeline_run!r} in {', '.join(ns.files)}")
     os.makedirs(ns.out_dir, exist_ok=True)
     cal = _calibration(runs, ns.files, ns.probe)
-    written, skipped = plot.render(runs, ns.out_dir, only=ns.only, cal=cal, predict_ranks=ns.predict_ranks,
-                                   timeline_run=ns.timeline_run)
+    written, skipped = plot.render(runs, ns.out_dir, only=ns.only, cal=cal, predict_ranks=ns.predict_ranks, timeline_run=ns.timeline_run)
     print(f"model calibration: {cal.source}" if cal else "model calibration: none (no probes, no successful runs)")
     for path in written:
         print(path)
@@ -448,11 +505,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         from ringbench import __version__
+
         print(f"{PROG} {__version__}")
         return 0
     cmd = COMMANDS.get(argv[0])
     if cmd is None:
         from ringbench.config import did_you_mean
-        return fail(PROG, f"unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}; "
-                          f"allowed: {', '.join(COMMANDS)}")
+
+        return fail(PROG, f"unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}; allowed: {', '.join(COMMANDS)}")
     return cmd(argv[1:])

@@ -86,8 +86,7 @@ class KVExchange:
             send.get(out=send_h)
             self._recv_dev, self._recv_host = recv, recv_h
             send, recv = send_h, recv_h
-        self._reqs = [self.comm.Irecv(_buf(recv), source=self.prev, tag=tag),
-                      self.comm.Isend(_buf(send), dest=self.next, tag=tag)]
+        self._reqs = [self.comm.Irecv(_buf(recv), source=self.prev, tag=tag), self.comm.Isend(_buf(send), dest=self.next, tag=tag)]
 
     def test(self) -> bool:
         """Drive MPI progress (no-op once complete); True when both transfers are done."""
@@ -184,6 +183,8 @@ def pingpong(buf, peer: int, initiator: bool, iters: int, warmup: int = 2, comm=
 
 
 def mpi_info() -> dict:
-    return {"mpi_library": " ".join(MPI.Get_library_version().split("\n")[0].split()),
-            "mpi_version": "{}.{}".format(*MPI.Get_version()),
-            "mpi4py": __import__("mpi4py").__version__}
+    return {
+        "mpi_library": " ".join(MPI.Get_library_version().split("\n")[0].split()),
+        "mpi_version": "{}.{}".format(*MPI.Get_version()),
+        "mpi4py": __import__("mpi4py").__version__,
+    }

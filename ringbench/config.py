@@ -40,19 +40,19 @@ class RunConfig:
     """Everything that defines one ring-attention run (a sweep point, with the rank count)."""
 
     batch: int = 1
-    seq_len: int = 4096                 # global N, over all ranks
+    seq_len: int = 4096  # global N, over all ranks
     heads: int = 8
-    kv_heads: int | None = None         # None: same as heads (MHA); 1: MQA
+    kv_heads: int | None = None  # None: same as heads (MHA); 1: MQA
     head_dim: int = 64
     dtype: str = "float32"
     causal: bool = False
     layout: str = "contiguous"
     mode: str = "overlap"
     backend: str = "numpy"
-    progress: str = "test"              # 'test': MPI_Testall between compute tiles; 'none': no MPI call while computing
+    progress: str = "test"  # 'test': MPI_Testall between compute tiles; 'none': no MPI call while computing
     cuda_aware: str = "auto"
-    tile_q: int = 0                     # query rows per score tile; 0 = automatic for the backend
-    blas: str = "auto"                  # score-tile GEMMs: 'numpy' (xp.matmul), 'mkl' (Intel MKL), 'auto'
+    tile_q: int = 0  # query rows per score tile; 0 = automatic for the backend
+    blas: str = "auto"  # score-tile GEMMs: 'numpy' (xp.matmul), 'mkl' (Intel MKL), 'auto'
     warmup: int = 1
     repeat: int = 5
     seed: int = 0
@@ -88,10 +88,16 @@ class RunConfig:
         return cfg
 
 
-_INT_FIELDS = {"batch": 1, "seq_len": 1, "heads": 1, "head_dim": 1, "warmup": 0, "repeat": 1, "seed": 0,
-               "tile_q": 0}
-CHOICES = {"dtype": DTYPES, "layout": LAYOUTS, "mode": MODES, "backend": BACKENDS, "progress": PROGRESS,
-            "cuda_aware": CUDA_AWARE, "blas": BLAS}
+_INT_FIELDS = {"batch": 1, "seq_len": 1, "heads": 1, "head_dim": 1, "warmup": 0, "repeat": 1, "seed": 0, "tile_q": 0}
+CHOICES = {
+    "dtype": DTYPES,
+    "layout": LAYOUTS,
+    "mode": MODES,
+    "backend": BACKENDS,
+    "progress": PROGRESS,
+    "cuda_aware": CUDA_AWARE,
+    "blas": BLAS,
+}
 _BOOL_FIELDS = ("causal", "check", "save_tensors")
 
 
@@ -114,8 +120,7 @@ def coerce(key: str, value, where: str = ""):
         return value
     if key in CHOICES:
         if value not in CHOICES[key]:
-            raise ConfigError(path, f"expected one of {', '.join(CHOICES[key])}; got {value!r}"
-                              f"{did_you_mean(value, CHOICES[key])}")
+            raise ConfigError(path, f"expected one of {', '.join(CHOICES[key])}; got {value!r}{did_you_mean(value, CHOICES[key])}")
         return value
     if key in _BOOL_FIELDS:
         if not isinstance(value, bool):
@@ -140,13 +145,13 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     div = divisor(cfg.layout, nranks)
     if cfg.seq_len % div:
         need = "2 x ranks" if cfg.layout == "zigzag" else "the rank count"
-        errors.append(("seq_len", f"{cfg.seq_len} is not divisible by {div} ({need}, layout {cfg.layout} "
-                                  f"at {nranks} ranks)"))
+        errors.append(("seq_len", f"{cfg.seq_len} is not divisible by {div} ({need}, layout {cfg.layout} at {nranks} ranks)"))
     if cfg.save_tensors:
         nbytes = 8 * cfg.batch * cfg.seq_len * (2 * cfg.heads + 2 * hk) * cfg.head_dim
         if nbytes > SAVE_TENSORS_LIMIT:
-            errors.append(("save_tensors", f"q, k, v and output would take {nbytes / 2**20:.0f} MiB; "
-                                           f"allowed up to {SAVE_TENSORS_LIMIT // 2**20} MiB"))
+            errors.append(
+                ("save_tensors", f"q, k, v and output would take {nbytes / 2**20:.0f} MiB; allowed up to {SAVE_TENSORS_LIMIT // 2**20} MiB")
+            )
     return errors
 
 

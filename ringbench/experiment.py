@@ -78,8 +78,7 @@ class Source:
             for knode, vnode in node.value:
                 key = knode.value
                 if key in seen:
-                    raise ExperimentError(f"{self.name}:{knode.start_mark.line + 1}: "
-                                          f"{fmt_path(path + (key,))}: duplicate key")
+                    raise ExperimentError(f"{self.name}:{knode.start_mark.line + 1}: {fmt_path(path + (key,))}: duplicate key")
                 seen.add(key)
                 self._index(vnode, path + (key,))
                 self.lines[path + (key,)] = knode.start_mark.line + 1
@@ -165,23 +164,54 @@ _PATTERNS = {
     "account": (re.compile(rf"^{_WORD}$"), "an account name (letters, digits, _ . + -)"),
     "qos": (re.compile(rf"^{_WORD}$"), "a QOS name (letters, digits, _ . + -)"),
     "constraint": (re.compile(r"^[A-Za-z0-9_.,:&|\[\]*()!+-]+$"), "a feature expression without spaces, e.g. 'a100&ib'"),
-    "time": (re.compile(r"^(\d+-\d{1,2}(:\d{2}){0,2}|\d+(:\d{2}){0,2})$"),
-             "a Slurm time limit: MM, HH:MM:SS or D-HH:MM:SS"),
+    "time": (re.compile(r"^(\d+-\d{1,2}(:\d{2}){0,2}|\d+(:\d{2}){0,2})$"), "a Slurm time limit: MM, HH:MM:SS or D-HH:MM:SS"),
     "job_name": (NAME_RE, "letters, digits, _ . - (at most 64, not starting with . - _)"),
     "mpi": (re.compile(r"^[a-z0-9_]+$"), "an srun --mpi plugin name such as pmi2"),
 }
 _INTS = {"gpus_per_node": 0, "cpus_per_task": 1, "ntasks_per_node": 1, "points_per_task": 1}
 _PATHS = ("python", "mpiexec", "template")
-SLURM_KEYS = ("profile", "partition", "account", "qos", "time", "constraint", "job_name", "gpus_per_node",
-              "cpus_per_task", "ntasks_per_node", "points_per_task", "sbatch", "setup", "env", "launcher", "mpi",
-              "python", "mpiexec", "template")
+SLURM_KEYS = (
+    "profile",
+    "partition",
+    "account",
+    "qos",
+    "time",
+    "constraint",
+    "job_name",
+    "gpus_per_node",
+    "cpus_per_task",
+    "ntasks_per_node",
+    "points_per_task",
+    "sbatch",
+    "setup",
+    "env",
+    "launcher",
+    "mpi",
+    "python",
+    "mpiexec",
+    "template",
+)
 PROFILE_KEYS = tuple(k for k in SLURM_KEYS if k != "profile")
 # sbatch options ringbench sets itself from other keys: extra lines may not repeat them
-RESERVED_SBATCH = {"array": None, "job-name": "job_name", "output": None, "error": None, "ntasks": None,
-                   "nodes": "ntasks_per_node or gpus_per_node", "ntasks-per-node": "ntasks_per_node",
-                   "chdir": None, "parsable": None, "wait": None, "partition": "partition", "account": "account",
-                   "qos": "qos", "time": "time", "constraint": "constraint", "gpus-per-node": "gpus_per_node",
-                   "cpus-per-task": "cpus_per_task"}
+RESERVED_SBATCH = {
+    "array": None,
+    "job-name": "job_name",
+    "output": None,
+    "error": None,
+    "ntasks": None,
+    "nodes": "ntasks_per_node or gpus_per_node",
+    "ntasks-per-node": "ntasks_per_node",
+    "chdir": None,
+    "parsable": None,
+    "wait": None,
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "time": "time",
+    "constraint": "constraint",
+    "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task",
+}
 _SBATCH_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=\S.*)?$")
 _SHELL_META = ";&|<>`$(){}\\"
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -194,22 +224,22 @@ class SlurmSpec:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str | None = None             # None: derived from points_per_task x timeout
+    time: str | None = None  # None: derived from points_per_task x timeout
     constraint: str | None = None
-    job_name: str | None = None         # prefix of the job names; default rb-<experiment name>
+    job_name: str | None = None  # prefix of the job names; default rb-<experiment name>
     gpus_per_node: int = 0
     cpus_per_task: int = 1
     ntasks_per_node: int | None = None
     points_per_task: int = 1
-    sbatch: list = field(default_factory=list)     # extra '#SBATCH' options, e.g. '--mem=8G'
-    setup: list = field(default_factory=list)      # simple commands run before the sweep (module load ...)
-    env: dict = field(default_factory=dict)        # exported variables
+    sbatch: list = field(default_factory=list)  # extra '#SBATCH' options, e.g. '--mem=8G'
+    setup: list = field(default_factory=list)  # simple commands run before the sweep (module load ...)
+    env: dict = field(default_factory=dict)  # exported variables
     launcher: str = "srun"
     mpi: str = "pmi2"
-    python: str | None = None           # default: the python that submits
-    mpiexec: str | None = None          # default: mpiexec beside that python, else on PATH
-    template: str | None = None         # default: ringbench/templates/sbatch.sh
-    profile: str | None = None          # the profile the values came from (for the record)
+    python: str | None = None  # default: the python that submits
+    mpiexec: str | None = None  # default: mpiexec beside that python, else on PATH
+    template: str | None = None  # default: ringbench/templates/sbatch.sh
+    profile: str | None = None  # the profile the values came from (for the record)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in PROFILE_KEYS if getattr(self, k) not in (None, [], {})}
@@ -284,9 +314,12 @@ def _setup_line(src: Source, path: tuple, value) -> str:
         raise src.error(path, f"expected a one-line command such as 'module load cuda', got {value!r}")
     bad = sorted(set(value) & set(_SHELL_META))
     if bad:
-        raise src.error(path, f"a setup line is one simple command; {''.join(bad)!r} is not allowed "
-                              f"(allowed: words, quotes, = / . - etc.; put anything more in a script and "
-                              f"'source' it), got {value!r}")
+        raise src.error(
+            path,
+            f"a setup line is one simple command; {''.join(bad)!r} is not allowed "
+            f"(allowed: words, quotes, = / . - etc.; put anything more in a script and "
+            f"'source' it), got {value!r}",
+        )
     try:
         words = shlex.split(value)
     except ValueError as exc:
@@ -316,8 +349,11 @@ def _load_profile(src: Source, path: tuple, name) -> tuple[Source, dict]:
             prof = Source(cand)
             return prof, _mapping(prof, (), prof.data, PROFILE_KEYS)
     known = sorted({p.stem for d in profile_dirs(src.path) if d.is_dir() for p in d.glob("*.yaml")})
-    raise src.error(path, f"profile {name!r} not found{did_you_mean(name, known)}; "
-                          f"available: {', '.join(known) or 'none'} (searched {', '.join(map(str, candidates))})")
+    raise src.error(
+        path,
+        f"profile {name!r} not found{did_you_mean(name, known)}; "
+        f"available: {', '.join(known) or 'none'} (searched {', '.join(map(str, candidates))})",
+    )
 
 
 def load_slurm(src: Source, data) -> SlurmSpec:
@@ -342,12 +378,13 @@ class Point:
     id: str
     nranks: int
     config: RunConfig
-    params: dict            # the swept values that made this point (ranks included), in axis order
+    params: dict  # the swept values that made this point (ranks included), in axis order
 
     def flops(self) -> float:
         """Floating-point work of one forward pass (all ranks)."""
         from ringbench import kernel
         from ringbench.layout import unmasked_pairs
+
         c = self.config
         return kernel.flops(c.batch, c.heads, c.head_dim, unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal))
 
@@ -372,7 +409,7 @@ class Experiment:
     matrix: dict
     zip: list
     exclude: list
-    ranks: list | None          # None when ranks are swept in matrix or zip
+    ranks: list | None  # None when ranks are swept in matrix or zip
     timeout: float
     slurm: SlurmSpec | None
     points: list = field(default_factory=list)
@@ -437,9 +474,12 @@ def _load_zip(src: Source, data: dict, origin: dict) -> list[dict]:
             if first is None:
                 first = key
             elif len(resolved[key]) != len(resolved[first]):
-                raise src.error(gpath + (key,), f"has {len(resolved[key])} values but {first} has "
-                                                f"{len(resolved[first])}: zip lists vary together and must "
-                                                f"have the same length")
+                raise src.error(
+                    gpath + (key,),
+                    f"has {len(resolved[key])} values but {first} has "
+                    f"{len(resolved[first])}: zip lists vary together and must "
+                    f"have the same length",
+                )
         groups.append(resolved)
     return groups
 
@@ -477,7 +517,7 @@ def load(path, text: str | None = None) -> Experiment:
     for key, value in _mapping(src, ("base",), data.get("base"), RunConfig.field_names()).items():
         base[key] = _value(src, ("base", key), key, value)
 
-    origin: dict[str, tuple] = {k: ("base", k) for k in base}     # key -> path of the place that sets it
+    origin: dict[str, tuple] = {k: ("base", k) for k in base}  # key -> path of the place that sets it
     matrix = {}
     for key, values in _mapping(src, ("matrix",), data.get("matrix"), SWEEP_KEYS).items():
         matrix[key] = _axis_values(src, ("matrix", key), key, values)
@@ -500,8 +540,18 @@ def load(path, text: str | None = None) -> Experiment:
     exclude = _load_exclude(src, data)
 
     slurm = load_slurm(src, data["slurm"]) if data.get("slurm") is not None else None
-    exp = Experiment(name=name, path=str(path), description=description, base=base, matrix=matrix, zip=groups,
-                     exclude=exclude, ranks=ranks, timeout=timeout, slurm=slurm)
+    exp = Experiment(
+        name=name,
+        path=str(path),
+        description=description,
+        base=base,
+        matrix=matrix,
+        zip=groups,
+        exclude=exclude,
+        ranks=ranks,
+        timeout=timeout,
+        slurm=slurm,
+    )
     _expand(src, exp, origin)
     return exp
 
@@ -525,7 +575,7 @@ def _expand(src: Source, exp: Experiment, origin: dict) -> None:
             params.update(part)
         nranks = params[RANKS]
         cfg = RunConfig.from_dict({k: v for k, v in {**exp.base, **params}.items() if k != RANKS})
-        values = {**cfg.to_dict(), RANKS: nranks}           # kv_heads resolved, as in the point id
+        values = {**cfg.to_dict(), RANKS: nranks}  # kv_heads resolved, as in the point id
         hits = [i for i, rule in enumerate(exp.exclude) if all(values[k] in vs for k, vs in rule.items())]
         if hits:
             for i in hits:
@@ -540,9 +590,11 @@ def _expand(src: Source, exp: Experiment, origin: dict) -> None:
             raise src.error(where, f"{message}{at}; change the value or add an exclude rule")
         pid = point_id(cfg, nranks)
         if pid in seen:
-            raise src.error(("matrix",) if exp.matrix else ("zip",),
-                            f"points {seen[pid].label()} and {_label(params)} are the same measurement "
-                            f"(id {pid}): {', '.join(RunConfig.NON_IDENTITY)} do not change what is measured")
+            raise src.error(
+                ("matrix",) if exp.matrix else ("zip",),
+                f"points {seen[pid].label()} and {_label(params)} are the same measurement "
+                f"(id {pid}): {', '.join(RunConfig.NON_IDENTITY)} do not change what is measured",
+            )
         point = Point(id=pid, nranks=nranks, config=cfg, params=params)
         seen[pid] = point
         exp.points.append(point)

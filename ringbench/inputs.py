@@ -21,8 +21,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def tokens(name: str, seed: int, positions, *, batch: int, seq_len: int, heads: int, head_dim: int,
-           dtype=np.float64, chunk: int = 2048) -> np.ndarray:
+def tokens(
+    name: str, seed: int, positions, *, batch: int, seq_len: int, heads: int, head_dim: int, dtype=np.float64, chunk: int = 2048
+) -> np.ndarray:
     """Tensor ``name`` ('q', 'k' or 'v') at the given global token positions: (B, len(positions), heads, D)."""
     positions = np.asarray(positions, dtype=np.uint64)
     out = np.empty((batch, len(positions), heads, head_dim), dtype=dtype)
@@ -30,10 +31,10 @@ def tokens(name: str, seed: int, positions, *, batch: int, seq_len: int, heads: 
     hd = np.arange(heads * head_dim, dtype=np.uint64).reshape(1, 1, heads, head_dim)
     for b in range(batch):
         for c0 in range(0, len(positions), chunk):
-            t = positions[c0:c0 + chunk].reshape(1, -1, 1, 1)
+            t = positions[c0 : c0 + chunk].reshape(1, -1, 1, 1)
             with np.errstate(over="ignore"):
                 idx = (np.uint64(b) * np.uint64(seq_len) + t) * np.uint64(heads * head_dim) + hd
                 bits = _splitmix64(idx ^ key * np.uint64(0x9E3779B97F4A7C15))
-            u = (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)       # [0, 1)
-            out[b:b + 1, c0:c0 + chunk] = (2.0 * u - 1.0) * _SQRT3
+            u = (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)  # [0, 1)
+            out[b : b + 1, c0 : c0 + chunk] = (2.0 * u - 1.0) * _SQRT3
     return out

@@ -48,7 +48,7 @@ def heads_to_out(o, batch: int):
 # ---------------------------------------------------------------------------------------------
 # The online-softmax accumulator
 # ---------------------------------------------------------------------------------------------
-LOG2E = 1.4426950408889634   # scores are kept in base 2: exp2 is about twice as fast as exp in NumPy
+LOG2E = 1.4426950408889634  # scores are kept in base 2: exp2 is about twice as fast as exp in NumPy
 LN2 = 0.6931471805599453
 # A row's reference m (log2 units) is moved only when a tile's scores exceed it by more than REBASE, or,
 # for a row that has seen nothing yet, fall below it by more than REBASE: every other tile skips the
@@ -58,8 +58,8 @@ REBASE = 8.0
 # every row sum is at most SUM_HI (so no term overflowed or can overflow the accumulators) and, for a row
 # that had nothing yet, at least SUM_LO (so its largest term did not underflow). Otherwise the tile is
 # recomputed on the exact path (row max first). Both bounds are far inside float32's range.
-SUM_HI = 2.0 ** 24
-SUM_LO = 2.0 ** -24
+SUM_HI = 2.0**24
+SUM_LO = 2.0**-24
 # Masked scores are set to this before exp2 and their 2^s to 0 after: exp2 takes a slow path for -inf and for
 # results below float32's normal range (6x and 16x slower per element, measured), never for 2^-126.
 MASKED = -126.0
@@ -81,37 +81,45 @@ class OnlineSoftmax:
     equal outputs.
     """
 
-    def __init__(self, xp, q, *, head_chunk: int | None = None, tile_q: int | None = None,
-                 tile_k: int | None = None, on_tile: Callable[[], None] | None = None,
-                 matmul: Callable | None = None):
+    def __init__(
+        self,
+        xp,
+        q,
+        *,
+        head_chunk: int | None = None,
+        tile_q: int | None = None,
+        tile_k: int | None = None,
+        on_tile: Callable[[], None] | None = None,
+        matmul: Callable | None = None,
+    ):
         self.xp = xp
-        self.matmul = matmul or xp.matmul          # the two score-tile GEMMs (the ring may pass MKL's)
-        self.matmul_add = getattr(matmul, "matmul_add", None)   # c += a @ b in one GEMM, where offered
+        self.matmul = matmul or xp.matmul  # the two score-tile GEMMs (the ring may pass MKL's)
+        self.matmul_add = getattr(matmul, "matmul_add", None)  # c += a @ b in one GEMM, where offered
         z, g, n, d = q.shape
         self.shape = (z, g, n, d)
         self.dtype = q.dtype
         self.head_chunk = min(head_chunk or z, z)
         self.tile_q = max(1, min(tile_q or n, n))
-        self.tile_k = tile_k                                # None: whole key block
+        self.tile_k = tile_k  # None: whole key block
         self.on_tile = on_tile
-        self.qa = xp.empty((z, n, g, d + 1), q.dtype)      # [q * log2(e), -m], query-major
+        self.qa = xp.empty((z, n, g, d + 1), q.dtype)  # [q * log2(e), -m], query-major
         xp.multiply(q.transpose(0, 2, 1, 3), q.dtype.type(LOG2E), out=self.qa[..., :d])
         self.qa[..., d] = 0
-        self.acc = xp.zeros((z, n, g, d), q.dtype)         # sum_j 2^(s_ij - m_i) v_j
-        self.m = xp.zeros((z, n, g), q.dtype)              # reference of each row (log2 units, finite)
-        self.l = xp.zeros((z, n, g), q.dtype)              # sum_j 2^(s_ij - m_i)
-        self._s = None                                      # flat score-tile buffer
-        self._pv = None                                     # flat (p @ v) tile buffer
-        self._r = None                                      # flat row-sum tile buffer
-        self._kt = None                                     # flat [k^T; 1] buffer of one head chunk
+        self.acc = xp.zeros((z, n, g, d), q.dtype)  # sum_j 2^(s_ij - m_i) v_j
+        self.m = xp.zeros((z, n, g), q.dtype)  # reference of each row (log2 units, finite)
+        self.l = xp.zeros((z, n, g), q.dtype)  # sum_j 2^(s_ij - m_i)
+        self._s = None  # flat score-tile buffer
+        self._pv = None  # flat (p @ v) tile buffer
+        self._r = None  # flat row-sum tile buffer
+        self._kt = None  # flat [k^T; 1] buffer of one head chunk
         self._ones = None
-        self._masks = {}                                    # (tq, tk, i0 - j0, strict) -> boolean pattern
-        self._shifted = True                                # does some row of the current query tile have m != 0?
+        self._masks = {}  # (tq, tk, i0 - j0, strict) -> boolean pattern
+        self._shifted = True  # does some row of the current query tile have m != 0?
 
     @property
     def q(self):
         """The queries as kept here, scaled by log2(e): (Z, G, n, D), a view."""
-        return self.qa[..., :self.shape[3]].transpose(0, 2, 1, 3)
+        return self.qa[..., : self.shape[3]].transpose(0, 2, 1, 3)
 
     def reset(self) -> None:
         self.acc.fill(0)
@@ -128,7 +136,7 @@ class OnlineSoftmax:
 
     def update(self, k, v, pieces: Sequence[Piece]) -> None:
         """Fold the key/value block ``k, v`` (Z, m, D) into the state, for the given pieces."""
-        with np.errstate(over="ignore"):              # the fast path may overflow; it is then redone
+        with np.errstate(over="ignore"):  # the fast path may overflow; it is then redone
             for piece in pieces:
                 self._update_piece(k, v, piece)
 
@@ -153,28 +161,34 @@ class OnlineSoftmax:
         for z0 in range(0, z, hc):
             z1 = min(z0 + hc, z)
             zc = z1 - z0
-            kta = kt[: zc * (d + 1) * nk].reshape(zc, d + 1, nk)                # (Zc, D+1, nk): [k^T; 1]
-            _transpose_into(xp, kta[:, :d], k[z0:z1, p.k0:p.k1])
+            kta = kt[: zc * (d + 1) * nk].reshape(zc, d + 1, nk)  # (Zc, D+1, nk): [k^T; 1]
+            _transpose_into(xp, kta[:, :d], k[z0:z1, p.k0 : p.k1])
             kta[:, d] = 1
-            vz = v[z0:z1, p.k0:p.k1]                                            # (Zc, nk, D)
+            vz = v[z0:z1, p.k0 : p.k1]  # (Zc, nk, D)
             for i0 in range(0, p.q1 - p.q0, tq_max):
                 i1 = min(i0 + tq_max, p.q1 - p.q0)
                 rq = (i1 - i0) * g
                 rows = (slice(z0, z1), slice(p.q0 + i0, p.q0 + i1))
-                t = _Rows(rows, self.qa[rows].reshape(zc, rq, d + 1), self.l[rows].reshape(zc, rq),
-                          self.acc[rows].reshape(zc, rq, d), rbuf[: zc * rq].reshape(zc, rq),
-                          pvbuf[: zc * rq * d].reshape(zc, rq, d))
+                t = _Rows(
+                    rows,
+                    self.qa[rows].reshape(zc, rq, d + 1),
+                    self.l[rows].reshape(zc, rq),
+                    self.acc[rows].reshape(zc, rq, d),
+                    rbuf[: zc * rq].reshape(zc, rq),
+                    pvbuf[: zc * rq * d].reshape(zc, rq, d),
+                )
                 # keys past the diagonal are masked for every row of this tile: never touch them
                 kend = nk if p.mask == FULL else min(nk, i1 - strict)
-                fresh = bool((t.l == 0).any())          # rows with nothing yet: their sums get a lower bound too
+                fresh = bool((t.l == 0).any())  # rows with nothing yet: their sums get a lower bound too
                 # rows whose reference is still 0 need no shift: the score GEMM then runs with K = D, not D+1
                 self._shifted = bool(t.q[..., d].any())
                 for j0 in range(0, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
-                    s = sbuf[: zc * rq * (j1 - j0)].reshape(zc, rq, j1 - j0)   # (Zc, tq*G, tk)
-                    diagonal = p.mask != FULL and j1 > i0 - strict              # crosses the diagonal: masked
-                    fresh = self._tile(t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0],
-                                       (i0, i1, j0, j1, strict) if diagonal else None, fresh)
+                    s = sbuf[: zc * rq * (j1 - j0)].reshape(zc, rq, j1 - j0)  # (Zc, tq*G, tk)
+                    diagonal = p.mask != FULL and j1 > i0 - strict  # crosses the diagonal: masked
+                    fresh = self._tile(
+                        t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0], (i0, i1, j0, j1, strict) if diagonal else None, fresh
+                    )
                     if self.on_tile is not None:
                         self.on_tile()
 
@@ -185,30 +199,30 @@ class OnlineSoftmax:
         """
         xp = self.xp
         if self._shifted:
-            self.matmul(t.q, kt, out=s)                                   # s - m, log2 units
+            self.matmul(t.q, kt, out=s)  # s - m, log2 units
         else:
             d = self.shape[3]
-            self.matmul(t.q[..., :d], kt[:, :d], out=s)                   # m = 0 on every row: s itself
+            self.matmul(t.q[..., :d], kt[:, :d], out=s)  # m = 0 on every row: s itself
         if mask is not None:
             sub, where = self._masked_part(s, *mask)
             xp.copyto(sub, MASKED, where=where)
-        xp.exp2(s, out=s)                                                 # p = 2^(s - m), unchecked
+        xp.exp2(s, out=s)  # p = 2^(s - m), unchecked
         if mask is not None:
             xp.copyto(sub, 0, where=where)
         xp.matmul(s, ones, out=t.r)
         if self._sums_ok(t.r, t.l, fresh):
-            fresh = False                                                 # every row now has mass >= SUM_LO
+            fresh = False  # every row now has mass >= SUM_LO
         else:
-            self.matmul(t.q, kt, out=s)                                   # rare: redo on the exact path
+            self.matmul(t.q, kt, out=s)  # rare: redo on the exact path
             if mask is not None:
                 xp.copyto(sub, -np.inf, where=where)
             self._rebase(s, t)
             xp.exp2(s, out=s)
             xp.matmul(s, ones, out=t.r)
-        l, acc = t.l, t.acc                                               # views into the state
+        l, acc = t.l, t.acc  # views into the state
         l += t.r
         if self.matmul_add is not None:
-            self.matmul_add(s, vt, acc)                                   # acc += p @ v, (Zc, tq*G, D)
+            self.matmul_add(s, vt, acc)  # acc += p @ v, (Zc, tq*G, D)
         else:
             self.matmul(s, vt, out=t.pv)
             acc += t.pv
@@ -237,14 +251,14 @@ class OnlineSoftmax:
     @staticmethod
     def _sums_ok(r, l, fresh: bool) -> bool:
         """No term overflowed (every row sum finite and <= SUM_HI), and rows new to the state got mass."""
-        if not bool(r.max() <= SUM_HI):                                   # NaN and inf fail too
+        if not bool(r.max() <= SUM_HI):  # NaN and inf fail too
             return False
         return not fresh or bool(r.min() >= SUM_LO) or not bool(((l == 0) & (r < SUM_LO)).any())
 
     def _rebase(self, s, t: _Rows) -> None:
         """Exact path: move the reference of rows whose tile max left the safe band, and shift their scores."""
         xp = self.xp
-        top = s.max(axis=-1)                                              # (Zc, rq), -inf if all masked
+        top = s.max(axis=-1)  # (Zc, rq), -inf if all masked
         fresh = t.l == 0
         move = (top > REBASE) | (fresh & (top < -REBASE) & (top > -np.inf))
         if not bool(move.any()):
@@ -276,12 +290,12 @@ class OnlineSoftmax:
 class _Rows(NamedTuple):
     """Views of one query tile's rows (all of one head chunk), reused by every key tile against them."""
 
-    rows: tuple                 # index of the rows in the (Z, n, G) state arrays
-    q: Any                      # (Zc, tq*G, D+1) [q, -m]
-    l: Any                      # (Zc, tq*G)
-    acc: Any                    # (Zc, tq*G, D)
-    r: Any                      # (Zc, tq*G) row sums of the current tile
-    pv: Any                     # (Zc, tq*G, D) p @ v of the current tile
+    rows: tuple  # index of the rows in the (Z, n, G) state arrays
+    q: Any  # (Zc, tq*G, D+1) [q, -m]
+    l: Any  # (Zc, tq*G)
+    acc: Any  # (Zc, tq*G, D)
+    r: Any  # (Zc, tq*G) row sums of the current tile
+    pv: Any  # (Zc, tq*G, D) p @ v of the current tile
 
 
 def _transpose_into(xp, dst, src) -> None:
@@ -290,7 +304,7 @@ def _transpose_into(xp, dst, src) -> None:
     m = src.shape[1]
     block = 64 if xp is np else m
     for j0 in range(0, m, block):
-        dst[..., j0:j0 + block] = src[:, j0:j0 + block].swapaxes(-1, -2)
+        dst[..., j0 : j0 + block] = src[:, j0 : j0 + block].swapaxes(-1, -2)
 
 
 def merge(xp, out_a, lse_a, out_b, lse_b):
@@ -342,8 +356,8 @@ def reference_attention(q, k, v, *, causal: bool, q_pos=None, k_pos=None, chunk:
     scale = 1.0 / math.sqrt(d)
     for i0 in range(0, nq, chunk):
         i1 = min(i0 + chunk, nq)
-        qh = q[:, i0:i1].transpose(0, 2, 1, 3)            # (B, H, c, D)
-        s = qh @ kh.swapaxes(-1, -2) * scale              # (B, H, c, Nk)
+        qh = q[:, i0:i1].transpose(0, 2, 1, 3)  # (B, H, c, D)
+        s = qh @ kh.swapaxes(-1, -2) * scale  # (B, H, c, Nk)
         if causal:
             s = np.where(k_pos[None, :] > q_pos[i0:i1, None], -np.inf, s)
         m = s.max(axis=-1, keepdims=True)

@@ -22,9 +22,9 @@ import numpy as np
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
-FULL = "full"        # every key visible to every query
-CAUSAL = "causal"    # key j visible to query i iff j <= i (local indices within the piece)
-STRICT = "strict"    # key j visible to query i iff j < i
+FULL = "full"  # every key visible to every query
+CAUSAL = "causal"  # key j visible to query i iff j <= i (local indices within the piece)
+STRICT = "strict"  # key j visible to query i iff j < i
 MASKS = (FULL, CAUSAL, STRICT)
 
 
@@ -83,8 +83,8 @@ def step_plan(layout: str, rank: int, src: int, nranks: int, n_local: int, causa
             # q chunk 2P-1-r vs k chunk 2P-1-r: causal; q chunk r vs k chunk 2P-1-r: masked.
             return [Piece(0, c, 0, c, CAUSAL), Piece(c, n, 0, c, FULL), Piece(c, n, c, n, CAUSAL)]
         if src < rank:
-            return [Piece(0, n, 0, c, FULL)]      # all queries, first half of the keys
-        return [Piece(c, n, 0, n, FULL)]          # second half of the queries, all keys
+            return [Piece(0, n, 0, c, FULL)]  # all queries, first half of the keys
+        return [Piece(c, n, 0, n, FULL)]  # second half of the queries, all keys
     if layout == "striped":
         # query i is token i*P + rank, key j is token j*P + src: visible iff j < i, or j == i and src <= rank.
         return [Piece(0, n, 0, n, CAUSAL if src <= rank else STRICT)]
@@ -94,9 +94,7 @@ def step_plan(layout: str, rank: int, src: int, nranks: int, n_local: int, causa
 def unmasked_pairs(layout: str, nranks: int, seq_len: int, causal: bool) -> int:
     """Unmasked (query, key) pairs summed over all ranks and steps (N^2, or N(N+1)/2 when causal)."""
     n = seq_len // nranks
-    return sum(p.pairs()
-               for r in range(nranks) for s in range(nranks)
-               for p in step_plan(layout, r, (r - s) % nranks, nranks, n, causal))
+    return sum(p.pairs() for r in range(nranks) for s in range(nranks) for p in step_plan(layout, r, (r - s) % nranks, nranks, n, causal))
 
 
 def mask_for(piece: Piece, i0: int, i1: int, j0: int, j1: int) -> np.ndarray | None:

@@ -27,16 +27,16 @@ import numpy as np
 
 def summarize(samples: dict, *, flops: float, bytes_per_rank: int) -> dict:
     """Summary metrics of one run from its samples (see module docstring)."""
-    total = np.asarray(samples["total_s"])           # (R, P)
-    compute = np.asarray(samples["compute_s"])       # (R, P, S)
+    total = np.asarray(samples["total_s"])  # (R, P)
+    compute = np.asarray(samples["compute_s"])  # (R, P, S)
     comm = np.asarray(samples["comm_s"])
     alone_passes = np.asarray(samples.get("comm_only_s", np.zeros((0,) + total.shape[1:] + (0,))))
     per_repeat = total.max(axis=1)
     time_s = float(np.median(per_repeat))
     nranks = total.shape[1]
 
-    compute_tot = compute.sum(axis=2)                 # (R, P)
-    exposed = comm.sum(axis=2)                        # (R, P)
+    compute_tot = compute.sum(axis=2)  # (R, P)
+    exposed = comm.sum(axis=2)  # (R, P)
     out = {
         "time_s": time_s,
         "time_min_s": float(per_repeat.min()),
@@ -50,7 +50,7 @@ def summarize(samples: dict, *, flops: float, bytes_per_rank: int) -> dict:
         "bytes_total": int(bytes_per_rank) * nranks,
     }
     if nranks > 1 and alone_passes.size:
-        alone = alone_passes.sum(axis=2).min(axis=0)                       # (P,) fastest comm-only pass
+        alone = alone_passes.sum(axis=2).min(axis=0)  # (P,) fastest comm-only pass
         out["comm_alone_s"] = float(alone.max())
         out["bandwidth_gbps"] = bytes_per_rank / float(alone.max()) / 1e9 if alone.min() > 0 else float("nan")
         out["overlap_eff"] = overlap_efficiency(exposed, alone)
@@ -83,15 +83,18 @@ def overlap_efficiency(exposed, alone) -> float:
     return float(np.clip(eff, 0.0, 1.0).mean())
 
 
-def theoretical_bytes(*, batch: int, local_q: int, heads: int, kv_heads: int, head_dim: int,
-                      itemsize: int, compute_itemsize: int, score_tile_elems: int) -> int:
+def theoretical_bytes(
+    *, batch: int, local_q: int, heads: int, kv_heads: int, head_dim: int, itemsize: int, compute_itemsize: int, score_tile_elems: int
+) -> int:
     """Least memory a rank needs for a ring pass: q, output, accumulators, two K/V buffers, one score tile."""
     q = batch * local_q * heads * head_dim
     kv_block = 2 * batch * local_q * kv_heads * head_dim
-    return int(q * itemsize                       # q (storage)
-               + q * compute_itemsize             # scaled q in the compute dtype
-               + q * compute_itemsize             # acc
-               + 2 * batch * heads * local_q * compute_itemsize   # running max and sum
-               + q * itemsize                     # output
-               + 2 * kv_block * itemsize          # double buffer
-               + score_tile_elems * compute_itemsize)
+    return int(
+        q * itemsize  # q (storage)
+        + q * compute_itemsize  # scaled q in the compute dtype
+        + q * compute_itemsize  # acc
+        + 2 * batch * heads * local_q * compute_itemsize  # running max and sum
+        + q * itemsize  # output
+        + 2 * kv_block * itemsize  # double buffer
+        + score_tile_elems * compute_itemsize
+    )

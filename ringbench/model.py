@@ -57,10 +57,18 @@ class Shape:
     def from_config(cls, config: dict, nranks: int) -> Shape:
         heads = int(config["heads"])
         kv = config.get("kv_heads")
-        return cls(nranks=int(nranks), seq_len=int(config["seq_len"]), batch=int(config["batch"]), heads=heads,
-                   kv_heads=heads if kv in (None, "none") else int(kv), head_dim=int(config["head_dim"]),
-                   dtype=str(config["dtype"]), causal=bool(config["causal"]), layout=str(config["layout"]),
-                   mode=str(config["mode"]))
+        return cls(
+            nranks=int(nranks),
+            seq_len=int(config["seq_len"]),
+            batch=int(config["batch"]),
+            heads=heads,
+            kv_heads=heads if kv in (None, "none") else int(kv),
+            head_dim=int(config["head_dim"]),
+            dtype=str(config["dtype"]),
+            causal=bool(config["causal"]),
+            layout=str(config["layout"]),
+            mode=str(config["mode"]),
+        )
 
     @property
     def n_local(self) -> int:
@@ -122,7 +130,7 @@ def block_bytes(shape: Shape) -> int:
 
 def full_block_flops(shape: Shape) -> float:
     """FLOPs of one unmasked n x n block: the compute-rate lookup key."""
-    return flops(shape.batch, shape.heads, shape.head_dim, shape.n_local ** 2)
+    return flops(shape.batch, shape.heads, shape.head_dim, shape.n_local**2)
 
 
 def step_pairs(shape: Shape) -> np.ndarray:
@@ -147,12 +155,12 @@ def comm_time(nbytes: float, latency: float, bandwidth: float) -> float:
 
 @dataclass
 class Prediction:
-    compute_s: np.ndarray      # (P, P) rank x step
-    comm_s: float              # one block transfer
-    step_s: np.ndarray         # (P,) bulk-synchronous step times
-    exposed_s: np.ndarray      # (P,) communication not hidden, per step
-    time_s: float              # the pass
-    comm_total_s: float        # all transfers of the pass, alone
+    compute_s: np.ndarray  # (P, P) rank x step
+    comm_s: float  # one block transfer
+    step_s: np.ndarray  # (P,) bulk-synchronous step times
+    exposed_s: np.ndarray  # (P,) communication not hidden, per step
+    time_s: float  # the pass
+    comm_total_s: float  # all transfers of the pass, alone
 
     @property
     def exposed_total_s(self) -> float:
@@ -168,8 +176,8 @@ def predict(shape: Shape, cal: Calibration) -> Prediction:
     P = shape.nranks
     rate = cal.rate(full_block_flops(shape), P, shape.causal, shape.layout)
     latency, bandwidth = cal.link(P)
-    compute = step_work(shape) / rate                         # (P, P)
-    busiest = compute.max(axis=0)                             # (P,) per step
+    compute = step_work(shape) / rate  # (P, P)
+    busiest = compute.max(axis=0)  # (P,) per step
     comm = comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
     sends = np.array([comm if s < P - 1 else 0.0 for s in range(P)])
     if shape.mode == "overlap":
@@ -184,8 +192,7 @@ def predict(shape: Shape, cal: Calibration) -> Prediction:
         step = busiest + exposed
     else:
         raise ValueError(f"unknown mode {shape.mode!r}")
-    return Prediction(compute_s=compute, comm_s=comm, step_s=step, exposed_s=exposed, time_s=float(step.sum()),
-                      comm_total_s=(P - 1) * comm)
+    return Prediction(compute_s=compute, comm_s=comm, step_s=step, exposed_s=exposed, time_s=float(step.sum()), comm_total_s=(P - 1) * comm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +204,7 @@ def causal_fraction(shape: Shape) -> float:
     if P < 2:
         return 1.0
     pairs = step_pairs(shape)
-    return float(pairs[:, : P - 1].max(axis=0).min()) / shape.n_local ** 2
+    return float(pairs[:, : P - 1].max(axis=0).min()) / shape.n_local**2
 
 
 def crossover_tokens(shape: Shape, cal: Calibration, *, iterations: int = 3) -> float:
@@ -254,8 +261,8 @@ def calibrate_from_runs(runs) -> Calibration:
         if run.status != "ok" or "compute_s" not in run.samples:
             continue
         shape = Shape.from_config(run.config, run.nranks)
-        work = step_work(shape).sum(axis=1)                                   # (P,)
-        busy = np.median(np.asarray(run.samples["compute_s"]).sum(axis=2), axis=0)   # (P,)
+        work = step_work(shape).sum(axis=1)  # (P,)
+        busy = np.median(np.asarray(run.samples["compute_s"]).sum(axis=2), axis=0)  # (P,)
         if busy.sum() > 0:
             point = (full_block_flops(shape), float(work.sum() / busy.sum()))
             for kind in (shape.layout, "*") if shape.causal else ("full",):
@@ -268,8 +275,7 @@ def calibrate_from_runs(runs) -> Calibration:
     merged = {kind: {p: _merge_points(v) for p, v in t.items()} for kind, t in tables.items()}
     rates = merged.pop("full") or merged["*"]
     links = {p: fit_link([m for m, _ in v], [t for _, t in v]) for p, v in link_pts.items()}
-    return Calibration(rates=rates, links=links, causal_rates=merged,
-                       source="fitted to the runs' own samples (compute_s, comm_only_s)")
+    return Calibration(rates=rates, links=links, causal_rates=merged, source="fitted to the runs' own samples (compute_s, comm_only_s)")
 
 
 def calibrate(runs, probes) -> Calibration:
@@ -295,7 +301,7 @@ def calibrate_from_probes(probes) -> Calibration:
     links: dict = {}
     for pr in probes:
         s = pr.samples
-        per_rank = np.median(np.asarray(s["compute_s"]), axis=1)         # (K, P)
+        per_rank = np.median(np.asarray(s["compute_s"]), axis=1)  # (K, P)
         rate = np.asarray(s["block_flops"], dtype=np.float64) / np.median(per_rank, axis=1)
         rates[pr.nranks] = _merge_points(list(zip(np.asarray(s["block_flops"]).tolist(), rate.tolist())))
         if pr.nranks > 1:

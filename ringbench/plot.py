@@ -41,12 +41,17 @@ SHAPE_KEYS = ("dtype", "batch", "heads", "kv_heads", "head_dim", "backend", "pro
 def provenance_note(runs) -> str:
     """'host: a, b | backend: numpy (CPU name) | dtype: float32 | MPICH ...' for a figure's footer."""
     hosts = sorted({h for r in runs for h in r.provenance.get("hosts", [])})
-    backends = sorted({f"{r.provenance.get('backend', r.config.get('backend'))} "
-                       f"({', '.join(sorted(set(r.provenance.get('devices', []))))})" for r in runs})
+    backends = sorted(
+        {
+            f"{r.provenance.get('backend', r.config.get('backend'))} ({', '.join(sorted(set(r.provenance.get('devices', []))))})"
+            for r in runs
+        }
+    )
     dtypes = sorted({r.config.get("dtype", "?") for r in runs})
     mpi = sorted({r.provenance.get("mpi_library", "") for r in runs} - {""})
-    return (f"host: {', '.join(hosts) or '?'}  |  backend: {'; '.join(backends)}  |  dtype: {', '.join(dtypes)}"
-            + (f"  |  {'; '.join(mpi)}" if mpi else ""))
+    return f"host: {', '.join(hosts) or '?'}  |  backend: {'; '.join(backends)}  |  dtype: {', '.join(dtypes)}" + (
+        f"  |  {'; '.join(mpi)}" if mpi else ""
+    )
 
 
 def _finish(fig, runs, title: str, handles=None):
@@ -56,8 +61,7 @@ def _finish(fig, runs, title: str, handles=None):
     height = fig.get_size_inches()[1]
     top = 1 - 0.45 / height
     if handles:
-        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, top), ncol=len(handles), fontsize=8,
-                   frameon=False)
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, top), ncol=len(handles), fontsize=8, frameon=False)
         top -= 0.3 / height
     fig.tight_layout(rect=(0, 0.25 / height, 1, top))
     return fig
@@ -169,7 +173,7 @@ def strong_scaling(runs):
         ax.set_xlabel("MPI ranks P")
         ax.grid(True, which="both", alpha=0.3)
     ax_s.set_yscale("log", base=2)
-    ax_s.set_yticks([2 ** k for k in range(int(np.log2(max(ranks) / ranks[0])) + 1)])
+    ax_s.set_yticks([2**k for k in range(int(np.log2(max(ranks) / ranks[0])) + 1)])
     ax_s.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax_t.set_ylabel("pass time [ms] (median over repeats, slowest rank)")
     ax_s.set_ylabel(f"speed-up T(P={ranks[0]}) / T(P)")
@@ -223,7 +227,7 @@ def overlap(runs, cal: model.Calibration | None = None):
     rows = [r for r in results.rows(_ok(runs)) if r["nranks"] > 1 and r["mode"] in ("overlap", "blocking")]
     if not rows:
         return None
-    fam = defaultdict(list)                       # one family: layout, causal flag and shape
+    fam = defaultdict(list)  # one family: layout, causal flag and shape
     for r in rows:
         fam[(r["layout"], bool(r["causal"])) + tuple(r[k] for k in SHAPE_KEYS)].append(r)
     key = max(fam, key=lambda k: (len({(r["tokens_per_rank"], r["nranks"]) for r in fam[k]}), len(fam[k])))
@@ -241,25 +245,44 @@ def overlap(runs, cal: model.Calibration | None = None):
                 continue
             _, marker, ls = _style(mode, i)
             exp = _median_by(v, "tokens_per_rank", "exposed_comm_s")
-            ax_x.plot(list(exp), np.array(list(exp.values())) * 1e3, marker=marker, ls=ls, color=color,
-                      label=f"{mode}, P={p}")
+            ax_x.plot(list(exp), np.array(list(exp.values())) * 1e3, marker=marker, ls=ls, color=color, label=f"{mode}, P={p}")
             if mode == "overlap":
                 eff = _median_by(v, "tokens_per_rank", "overlap_eff")
                 ax_e.plot(list(eff), list(eff.values()), marker=marker, ls=ls, color=color, label=f"overlap, P={p}")
             alone = _median_by(v, "tokens_per_rank", "comm_alone_s")
             if mode == "blocking" or not any(r["mode"] == "blocking" for r in rows):
-                ax_x.plot(list(alone), np.array(list(alone.values())) * 1e3, ls=(0, (1, 2)), color=color, lw=1,
-                          label=f"comm alone (no compute), P={p}")
+                ax_x.plot(
+                    list(alone),
+                    np.array(list(alone.values())) * 1e3,
+                    ls=(0, (1, 2)),
+                    color=color,
+                    lw=1,
+                    label=f"comm alone (no compute), P={p}",
+                )
         if cal is not None:
             r0 = rows[0]
-            shape = model.Shape(nranks=p, seq_len=p * r0["tokens_per_rank"], batch=r0["batch"], heads=r0["heads"],
-                                kv_heads=r0["kv_heads"], head_dim=r0["head_dim"], dtype=r0["dtype"],
-                                causal=bool(r0["causal"]), layout=r0["layout"])
+            shape = model.Shape(
+                nranks=p,
+                seq_len=p * r0["tokens_per_rank"],
+                batch=r0["batch"],
+                heads=r0["heads"],
+                kv_heads=r0["kv_heads"],
+                head_dim=r0["head_dim"],
+                dtype=r0["dtype"],
+                causal=bool(r0["causal"]),
+                layout=r0["layout"],
+            )
             nstar = model.crossover_tokens(shape, cal)
             if np.isfinite(nstar):
                 for ax in (ax_e, ax_x):
-                    ax.axvline(nstar, color=color, lw=1.2, ls="-.", alpha=0.8,
-                               label=f"model crossover n* = {nstar:.0f}, P={p}" if ax is ax_e else None)
+                    ax.axvline(
+                        nstar,
+                        color=color,
+                        lw=1.2,
+                        ls="-.",
+                        alpha=0.8,
+                        label=f"model crossover n* = {nstar:.0f}, P={p}" if ax is ax_e else None,
+                    )
                 xs_all.append(nstar)
     lo, hi = min(xs_all) / 1.5, max(xs_all) * 1.5
     kib_per_token = model.block_bytes(results.shape(rows[0], nranks=1).with_(seq_len=1)) / 1024
@@ -282,8 +305,9 @@ def overlap(runs, cal: model.Calibration | None = None):
     ax_e.set_title("hidden share of the K/V transfers (overlap mode)")
     ax_x.set_title("exposed communication: overlap vs blocking")
     layout = key[0] + (" causal" if key[1] else "")
-    return _finish(fig, runs, f"Overlap vs block size ({layout}, {_shape_desc(rows[0])}); "
-                              f"left of n* the transfer outlasts a step's compute")
+    return _finish(
+        fig, runs, f"Overlap vs block size ({layout}, {_shape_desc(rows[0])}); left of n* the transfer outlasts a step's compute"
+    )
 
 
 def _median_repeat(run) -> int:
@@ -293,10 +317,10 @@ def _median_repeat(run) -> int:
 def _timeline_axes(ax, run):
     """Bars per rank and ring step of the median repeat: compute, communication, and the rest of the step."""
     rep = _median_repeat(run)
-    comp = run.samples["compute_s"][rep]            # (P, S)
+    comp = run.samples["compute_s"][rep]  # (P, S)
     comm = run.samples["comm_s"][rep]
     step = run.samples["step_s"][rep]
-    total = run.samples["total_s"][rep]             # (P,)
+    total = run.samples["total_s"][rep]  # (P,)
     mode = run.config["mode"]
     P = comp.shape[0]
     for r in range(P):
@@ -339,27 +363,37 @@ def timeline(runs, run_name: str | None = None):
     if not chosen:
         return None
     P = chosen[0].nranks
-    fig, axes = plt.subplots(len(chosen), 1, figsize=(12, 1.2 + 0.45 * P * len(chosen) + 0.5 * len(chosen)),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(12, 1.2 + 0.45 * P * len(chosen) + 0.5 * len(chosen)), sharex=True, squeeze=False)
     for ax, run in zip(axes[:, 0], chosen):
         rep = _timeline_axes(ax, run)
         s = run.summary
-        ax.set_title(f"{run.config['mode']}: pass {s['time_s'] * 1e3:.1f} ms, exposed comm "
-                     f"{s['exposed_comm_s'] * 1e3:.2f} ms (medians); drawn: repeat {rep + 1} of "
-                     f"{len(run.samples['total_s'])}, the median one", fontsize=9, loc="left")
+        ax.set_title(
+            f"{run.config['mode']}: pass {s['time_s'] * 1e3:.1f} ms, exposed comm "
+            f"{s['exposed_comm_s'] * 1e3:.2f} ms (medians); drawn: repeat {rep + 1} of "
+            f"{len(run.samples['total_s'])}, the median one",
+            fontsize=9,
+            loc="left",
+        )
     axes[-1, 0].set_xlabel("time since the start of the pass on each rank [ms]")
-    handles = [matplotlib.patches.Patch(color=COMPUTE, label="compute on step s's K/V block (shades alternate)"),
-               matplotlib.patches.Patch(color=COMM, label="in MPI calls (post + wait / Sendrecv / Allgather)"),
-               matplotlib.patches.Patch(color=OTHER, label="rest of the step (casts, sync)")]
+    handles = [
+        matplotlib.patches.Patch(color=COMPUTE, label="compute on step s's K/V block (shades alternate)"),
+        matplotlib.patches.Patch(color=COMM, label="in MPI calls (post + wait / Sendrecv / Allgather)"),
+        matplotlib.patches.Patch(color=OTHER, label="rest of the step (casts, sync)"),
+    ]
     c = chosen[0].config
-    return _finish(fig, chosen, f"Timeline per rank and ring step s: {c['layout']}{' causal' if c['causal'] else ''} "
-                                f"N={c['seq_len']} P={P} ({_shape_desc(results.row(chosen[0]))})", handles)
+    return _finish(
+        fig,
+        chosen,
+        f"Timeline per rank and ring step s: {c['layout']}{' causal' if c['causal'] else ''} "
+        f"N={c['seq_len']} P={P} ({_shape_desc(results.row(chosen[0]))})",
+        handles,
+    )
 
 
 def _split(run) -> tuple[float, float, float]:
     """Median over repeats, on the slowest rank, of (compute, communication, other) seconds in the pass."""
     s = run.samples
-    rep_total = s["total_s"]                                  # (R, P)
+    rep_total = s["total_s"]  # (R, P)
     slow = rep_total.argmax(axis=1)
     idx = np.arange(len(slow))
     comp = s["compute_s"].sum(axis=2)[idx, slow]
@@ -372,7 +406,7 @@ def breakdown(runs):
     """Share of the pass in compute / communication calls / other, one bar per configuration."""
     latest = {}
     for r in _ok(runs):
-        latest[r.point_id] = r                    # repeated runs of one point: the last one stored
+        latest[r.point_id] = r  # repeated runs of one point: the last one stored
     if not latest:
         return None
     items = sorted(latest.values(), key=lambda r: results.sort_key(results.row(r)))
@@ -395,9 +429,11 @@ def breakdown(runs):
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_xticklabels([f"{x:.0%}" for x in np.linspace(0, 1, 6)])
     ax.set_xlabel("share of the pass on the slowest rank [%] (median over repeats); total pass time [ms] at the right")
-    handles = [matplotlib.patches.Patch(color=COMPUTE, label="compute"),
-               matplotlib.patches.Patch(color=COMM, label="exposed communication (time in MPI calls)"),
-               matplotlib.patches.Patch(color=OTHER, label="other")]
+    handles = [
+        matplotlib.patches.Patch(color=COMPUTE, label="compute"),
+        matplotlib.patches.Patch(color=COMM, label="exposed communication (time in MPI calls)"),
+        matplotlib.patches.Patch(color=OTHER, label="other"),
+    ]
     return _finish(fig, items, "Where the time goes, per configuration", handles)
 
 
@@ -413,12 +449,11 @@ def causal_layouts(runs, cal: model.Calibration | None = None):
     key = max(groups, key=lambda k: (len(groups[k]), k[0] == "overlap", k[2], k[1]))
     chosen = [groups[key][lay] for lay in ("contiguous", "zigzag", "striped") if lay in groups[key]]
     # at least 11 inches wide: the title and the legend must fit even when only one layout was run
-    fig, axes = plt.subplots(1, len(chosen), figsize=(max(11.0, 4.2 * len(chosen) + 1), 4.6), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(max(11.0, 4.2 * len(chosen) + 1), 4.6), sharey=True, squeeze=False)
     P = chosen[0].nranks
     for ax, run in zip(axes[0], chosen):
         s = run.samples
-        comp = np.median(s["compute_s"].sum(axis=2), axis=0) * 1e3          # (P,)
+        comp = np.median(s["compute_s"].sum(axis=2), axis=0) * 1e3  # (P,)
         total = np.median(s["total_s"], axis=0) * 1e3
         idle = np.maximum(total - comp, 0)
         ranks = np.arange(P)
@@ -429,18 +464,28 @@ def causal_layouts(runs, cal: model.Calibration | None = None):
             ax.plot(ranks, pred * 1e3, "k_", ms=22, mew=2)
         ax.set_xticks(ranks)
         ax.set_xlabel("rank")
-        ax.set_title(f"{run.config['layout']}: imbalance {run.summary['imbalance']:.0%}, "
-                     f"pass {run.summary['time_s'] * 1e3:.1f} ms", fontsize=9)
+        ax.set_title(
+            f"{run.config['layout']}: imbalance {run.summary['imbalance']:.0%}, pass {run.summary['time_s'] * 1e3:.1f} ms", fontsize=9
+        )
         ax.grid(True, axis="y", alpha=0.3)
     axes[0, 0].set_ylabel("time in the pass [ms], median over repeats")
-    handles = [matplotlib.patches.Patch(color=COMPUTE, label="compute"),
-               matplotlib.patches.Patch(color=COMM, label="idle: in MPI calls (waiting for neighbours) and other")]
+    handles = [
+        matplotlib.patches.Patch(color=COMPUTE, label="compute"),
+        matplotlib.patches.Patch(color=COMM, label="idle: in MPI calls (waiting for neighbours) and other"),
+    ]
     if cal is not None:
-        handles.append(matplotlib.lines.Line2D([], [], color="k", marker="_", ms=14, mew=2, ls="none",
-                                               label="model: the rank's unmasked work / compute rate"))
+        handles.append(
+            matplotlib.lines.Line2D(
+                [], [], color="k", marker="_", ms=14, mew=2, ls="none", label="model: the rank's unmasked work / compute rate"
+            )
+        )
     c = chosen[0].config
-    return _finish(fig, chosen, f"Causal layouts: per-rank work and idle time ({c['mode']}, N={c['seq_len']}, "
-                                f"P={P}, {_shape_desc(results.row(chosen[0]))})", handles)
+    return _finish(
+        fig,
+        chosen,
+        f"Causal layouts: per-rank work and idle time ({c['mode']}, N={c['seq_len']}, P={P}, {_shape_desc(results.row(chosen[0]))})",
+        handles,
+    )
 
 
 def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
@@ -475,8 +520,7 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
     _plain_log(ax_p.yaxis)
     ax_p.set_xlabel("measured pass time [ms]")
     ax_p.set_ylabel("predicted pass time [ms]")
-    ax_p.set_title(f"{len(errs)} runs: median |error| {np.median(np.abs(errs)):.0%}, max {np.max(np.abs(errs)):.0%}",
-                   fontsize=9)
+    ax_p.set_title(f"{len(errs)} runs: median |error| {np.median(np.abs(errs)):.0%}, max {np.max(np.abs(errs)):.0%}", fontsize=9)
     ax_p.grid(True, which="both", alpha=0.3)
     ax_p.legend(fontsize=7)
     # extrapolation: the fixed-N lines with the most rank counts, predicted out to predict_ranks
@@ -492,7 +536,7 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
         ax_x.plot(list(t), np.array(list(t.values())) * 1e3, marker=marker, ls="none", color=color)
         ps = [p for p in target if n % divisor(key[1], p) == 0]
         pt = [model.predict(results.shape(v[0], nranks=p), cal).time_s * 1e3 for p in ps]
-        if key[2]:                     # causal lines of one mode: the dash tells the layouts apart
+        if key[2]:  # causal lines of one mode: the dash tells the layouts apart
             ls = {"contiguous": "-", "zigzag": "--", "striped": "-."}.get(key[1], ls)
         label = _line_label(v[0], varying) + (" (model: same as blocking)" if key[0] == "allgather" else "")
         ax_x.plot(ps, pt, ls=ls, color=color, lw=1.6, label=label)
@@ -505,8 +549,7 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
     ax_x.set_title(f"predicted (lines) and measured (markers) at N = {n}", fontsize=9)
     ax_x.grid(True, which="both", alpha=0.3)
     ax_x.legend(fontsize=7)
-    fig.text(0.5, 0.035, f"model calibration: {cal.source}" + "".join(f"; {x}" for x in cal.notes),
-             fontsize=7, ha="center", color="0.3")
+    fig.text(0.5, 0.035, f"model calibration: {cal.source}" + "".join(f"; {x}" for x in cal.notes), fontsize=7, ha="center", color="0.3")
     return _finish(fig, runs, "Overlap model: predicted vs measured")
 
 
@@ -523,8 +566,9 @@ def save(fig, out_dir: str, name: str, formats=FORMATS) -> list[str]:
     return paths
 
 
-def render(runs, out_dir: str, *, only=None, cal=None, predict_ranks=None, timeline_run=None,
-           formats=FORMATS) -> tuple[list[str], list[str]]:
+def render(
+    runs, out_dir: str, *, only=None, cal=None, predict_ranks=None, timeline_run=None, formats=FORMATS
+) -> tuple[list[str], list[str]]:
     """Draw the figures into ``out_dir``; returns (files written, 'name: why' for figures with no data)."""
     makers = {
         "strong": (lambda: strong_scaling(runs), "needs one N run at 2 or more rank counts"),

@@ -28,7 +28,7 @@ from ringbench.layout import FULL, Piece
 class ProbeOptions:
     batch: int = 1
     heads: int = 8
-    kv_heads: int = 0            # 0: same as heads
+    kv_heads: int = 0  # 0: same as heads
     head_dim: int = 64
     dtype: str = "float32"
     backend: str = "numpy"
@@ -68,6 +68,7 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
     """(K, R) seconds of one full-block kernel update on this rank, per block size and repeat."""
     from ringbench import comm as mpi
     from ringbench.ring import make_state
+
     xp = backend.xp
     hk = opts.kv_heads or opts.heads
     dtype = backend.dtype(opts.dtype)
@@ -76,15 +77,15 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
     for i, n in enumerate(opts.block_sizes):
         pos = np.arange(n)
         dims = {"batch": opts.batch, "seq_len": n, "head_dim": opts.head_dim}
-        q = backend.asarray(inputs.tokens("q", 0, pos, heads=opts.heads, **dims).astype(dtype))    # (B, n, H, D)
-        k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))            # (B, n, H_kv, D)
+        q = backend.asarray(inputs.tokens("q", 0, pos, heads=opts.heads, **dims).astype(dtype))  # (B, n, H, D)
+        k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))  # (B, n, H_kv, D)
         v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
-        qh = kernel.q_to_heads(xp, q, hk, compute)                                                 # (Z, G, n, D)
+        qh = kernel.q_to_heads(xp, q, hk, compute)  # (Z, G, n, D)
         qh *= compute.type(kernel.softmax_scale(opts.head_dim))
-        kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)            # (Z, n, D)
-        state = make_state(backend, qh, n, matmul=backend.matmul("auto")[0])    # tiled as the ring tiles it
+        kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)  # (Z, n, D)
+        state = make_state(backend, qh, n, matmul=backend.matmul("auto")[0])  # tiled as the ring tiles it
         piece = [Piece(0, n, 0, n, FULL)]
-        for r in range(-1, opts.repeat):          # one warm-up
+        for r in range(-1, opts.repeat):  # one warm-up
             mpi.barrier()
             state.reset()
             backend.synchronize()
@@ -101,6 +102,7 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
 def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
     """{link index: (S, I) one-way seconds} for the links this rank initiated."""
     from ringbench import comm as mpi
+
     sizes = message_sizes(opts.max_bytes)
     buf = np.zeros(max(sizes), dtype=np.uint8)
     links = [(r, (r + 1) % nranks) for r in range(nranks)] if nranks > 2 else [(0, 1)] if nranks == 2 else []
@@ -119,6 +121,7 @@ def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
 def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     """The probe on every rank; rank 0 stores the /probes group and prints a summary."""
     from ringbench import comm as mpi
+
     world = mpi.WORLD
     rank, nranks = world.rank, world.size
     err = None
@@ -128,16 +131,16 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     try:
         backend = get_backend(opts.backend)
         backend.dtype(opts.dtype)
-    except BackendError as exc:     # a user error, agreed on by every rank below
+    except BackendError as exc:  # a user error, agreed on by every rank below
         err = err or str(exc)
     err = mpi.first_error(err)
     if err:
         from ringbench.config import UserError
+
         raise UserError(err)
     compute = _compute_times(opts, backend)
     pp = _pingpong_all(opts, rank, nranks)
-    parts = mpi.gather({"compute": compute, "pingpong": pp, "host": socket.gethostname(),
-                        "device": backend.device_name})
+    parts = mpi.gather({"compute": compute, "pingpong": pp, "host": socket.gethostname(), "device": backend.device_name})
     if rank != 0:
         return 0
     probe = assemble(opts, parts, backend, name)
@@ -153,7 +156,7 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
     sizes = np.array(message_sizes(opts.max_bytes))
     n = np.array(opts.block_sizes)
     block_flops = np.array([kernel.flops(opts.batch, opts.heads, opts.head_dim, int(k) * int(k)) for k in n])
-    compute_s = np.stack([p["compute"] for p in parts], axis=2)            # (K, R, P)
+    compute_s = np.stack([p["compute"] for p in parts], axis=2)  # (K, R, P)
     nlinks = nranks if nranks > 2 else (1 if nranks == 2 else 0)
     links = np.array([(r, (r + 1) % nranks) for r in range(nlinks)], dtype=np.int64).reshape(nlinks, 2)
     pingpong_s = np.zeros((nlinks, len(sizes), opts.iters))
@@ -163,33 +166,45 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
     rate = float(block_flops[-1] / np.median(np.median(compute_s[-1], axis=0)))
     summary = {"rate_flops": rate, "rate_block_tokens": int(n[-1])}
     fits = [model.fit_link(sizes, np.median(pingpong_s[i], axis=1)) for i in range(nlinks)]
-    if fits:   # the ring moves at the pace of its slowest link: the one slowest for the largest message
+    if fits:  # the ring moves at the pace of its slowest link: the one slowest for the largest message
         slowest = int(np.argmax([model.comm_time(sizes[-1], lat, bw) for lat, bw in fits]))
         summary["latency_s"], summary["bandwidth_Bps"] = fits[slowest]
         summary["slowest_link"] = slowest
     else:
         summary["latency_s"] = summary["bandwidth_Bps"] = float("nan")
     from ringbench import runner
+
     prov = runner.provenance(parts, backend, cuda_aware=False, blas=backend.matmul("auto")[1])
     cfg = asdict(opts)
     cfg["kv_heads"] = hk
     cfg["block_sizes"] = list(opts.block_sizes)
-    return store.Probe(nranks=nranks, config=cfg, provenance=prov, created_utc=prov["utc"],
-                       name=name or f"probe-P{nranks}-{opts.dtype}",
-                       samples={"block_tokens": n, "block_flops": block_flops, "compute_s": compute_s,
-                                "msg_bytes": sizes, "links": links, "pingpong_s": pingpong_s},
-                       summary=summary)
+    return store.Probe(
+        nranks=nranks,
+        config=cfg,
+        provenance=prov,
+        created_utc=prov["utc"],
+        name=name or f"probe-P{nranks}-{opts.dtype}",
+        samples={
+            "block_tokens": n,
+            "block_flops": block_flops,
+            "compute_s": compute_s,
+            "msg_bytes": sizes,
+            "links": links,
+            "pingpong_s": pingpong_s,
+        },
+        summary=summary,
+    )
 
 
 def format_probe(probe: store.Probe, where: str) -> str:
     c, prov = probe.config, probe.provenance
-    per_block = np.median(np.median(probe.samples["compute_s"], axis=1), axis=1)       # (K,)
+    per_block = np.median(np.median(probe.samples["compute_s"], axis=1), axis=1)  # (K,)
     rates = probe.samples["block_flops"] / per_block
-    lines = [(f"ringbench probe: P={probe.nranks} on {', '.join(prov['hosts'])} [{prov['backend']}, "
-              f"{prov['mpi_library']}]"),
-             f"  compute (per rank, all ranks busy; B={c['batch']} H={c['heads']}/{c['kv_heads']} D={c['head_dim']} "
-             f"{c['dtype']}): " + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in
-                                           zip(probe.samples["block_tokens"], rates)) + " GFLOP/s"]
+    lines = [
+        (f"ringbench probe: P={probe.nranks} on {', '.join(prov['hosts'])} [{prov['backend']}, {prov['mpi_library']}]"),
+        f"  compute (per rank, all ranks busy; B={c['batch']} H={c['heads']}/{c['kv_heads']} D={c['head_dim']} "
+        f"{c['dtype']}): " + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in zip(probe.samples["block_tokens"], rates)) + " GFLOP/s",
+    ]
     sizes = probe.samples["msg_bytes"]
     for i, (a, b) in enumerate(probe.samples["links"]):
         lat, bw = model.fit_link(sizes, np.median(probe.samples["pingpong_s"][i], axis=1))

@@ -16,8 +16,10 @@ from ringbench.layout import divisor
 def table(header: list[str], body: list[list[str]], left: int = 1) -> str:
     """Plain aligned columns; the first ``left`` columns left-aligned, the rest right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+
     def fmt(cells):
         return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     lines = [fmt(header), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in body]
     return "\n".join(lines)
@@ -49,15 +51,26 @@ def predictions(runs, cal: model.Calibration) -> dict:
 
 
 def runs_table(rows: list[dict], preds: dict | None) -> str:
-    header = ["mode", "layout", "dtype", "BxH/Hkv xD", "N", "P", "n/rank", "time ms", "TFLOP/s", "GB/s", "overlap", "exposed ms",
-              "rel err"]
+    header = ["mode", "layout", "dtype", "BxH/Hkv xD", "N", "P", "n/rank", "time ms", "TFLOP/s", "GB/s", "overlap", "exposed ms", "rel err"]
     if preds is not None:
         header += ["model ms", "model err"]
     body = []
     for r in sorted(rows, key=results.sort_key):
-        line = [r["mode"], config_label(r), r["dtype"], shape_label(r), str(r["seq_len"]), str(r["nranks"]), str(r["tokens_per_rank"]),
-                _num(r["time_s"], ".2f", 1e3), _num(r["tflops"], ".3f"), _num(r["bandwidth_gbps"], ".2f"),
-                _num(r["overlap_eff"], ".0%"), _num(r["exposed_comm_s"], ".2f", 1e3), _num(r["rel_err"], ".1e")]
+        line = [
+            r["mode"],
+            config_label(r),
+            r["dtype"],
+            shape_label(r),
+            str(r["seq_len"]),
+            str(r["nranks"]),
+            str(r["tokens_per_rank"]),
+            _num(r["time_s"], ".2f", 1e3),
+            _num(r["tflops"], ".3f"),
+            _num(r["bandwidth_gbps"], ".2f"),
+            _num(r["overlap_eff"], ".0%"),
+            _num(r["exposed_comm_s"], ".2f", 1e3),
+            _num(r["rel_err"], ".1e"),
+        ]
         if r["status"] != "ok":
             line[7:] = ["failed: " + (r.get("error") or "?")[:40]] + [""] * (len(header) - 8)
         elif preds is not None:
@@ -74,11 +87,20 @@ def modes_table(rows: list[dict]) -> str:
     header = ["layout", "dtype", "BxH/Hkv xD", "N", "P", "overlap ms", "blocking ms", "allgather ms", "vs blocking", "vs allgather"]
     body = []
     for d in sorted(comp, key=lambda d: (d["layout"], bool(d["causal"]), d["dtype"], d["seq_len"], d["nranks"])):
-        body.append([config_label(d), d["dtype"], shape_label(d), str(d["seq_len"]), str(d["nranks"]),
-                     _num(d.get("time_overlap_s"), ".2f", 1e3), _num(d.get("time_blocking_s"), ".2f", 1e3),
-                     _num(d.get("time_allgather_s"), ".2f", 1e3),
-                     _num(d.get("speedup_vs_blocking"), ".2f") + ("x" if d.get("speedup_vs_blocking") else ""),
-                     _num(d.get("speedup_vs_allgather"), ".2f") + ("x" if d.get("speedup_vs_allgather") else "")])
+        body.append(
+            [
+                config_label(d),
+                d["dtype"],
+                shape_label(d),
+                str(d["seq_len"]),
+                str(d["nranks"]),
+                _num(d.get("time_overlap_s"), ".2f", 1e3),
+                _num(d.get("time_blocking_s"), ".2f", 1e3),
+                _num(d.get("time_allgather_s"), ".2f", 1e3),
+                _num(d.get("speedup_vs_blocking"), ".2f") + ("x" if d.get("speedup_vs_blocking") else ""),
+                _num(d.get("speedup_vs_allgather"), ".2f") + ("x" if d.get("speedup_vs_allgather") else ""),
+            ]
+        )
     return table(header, body, left=3)
 
 
@@ -86,12 +108,18 @@ def calibration_text(cal: model.Calibration) -> str:
     lines = [f"calibration: {cal.source}"]
     for p in sorted(cal.rates):
         pts = cal.rates[p]
-        lines.append(f"  compute rate at P={p}: " + ", ".join(f"{r / 1e9:.1f}" for _, r in pts)
-                     + f" GFLOP/s per rank (blocks of {pts[0][0] / 1e9:.2g} .. {pts[-1][0] / 1e9:.2g} GFLOP)")
+        lines.append(
+            f"  compute rate at P={p}: "
+            + ", ".join(f"{r / 1e9:.1f}" for _, r in pts)
+            + f" GFLOP/s per rank (blocks of {pts[0][0] / 1e9:.2g} .. {pts[-1][0] / 1e9:.2g} GFLOP)"
+        )
     for layout in sorted(k for k in cal.causal_rates if k != "*"):
         table = cal.causal_rates[layout]
-        lines.append(f"  causal {layout}: " + "; ".join(
-            f"P={p} " + ", ".join(f"{r / 1e9:.1f}" for _, r in table[p]) for p in sorted(table)) + " GFLOP/s per rank")
+        lines.append(
+            f"  causal {layout}: "
+            + "; ".join(f"P={p} " + ", ".join(f"{r / 1e9:.1f}" for _, r in table[p]) for p in sorted(table))
+            + " GFLOP/s per rank"
+        )
     for p in sorted(cal.links):
         lat, bw = cal.links[p]
         lines.append(f"  link at P={p}: latency {lat * 1e6:.1f} us, bandwidth {bw / 1e9:.2f} GB/s")
@@ -110,8 +138,10 @@ def error_text(rows: list[dict], preds: dict, in_sample: bool) -> str:
         return "model error: no successful runs"
     per = ", ".join(f"{m} {np.median(np.abs(v)):.0%}" for m, v in sorted(errs.items()))
     note = " (in-sample: the model was fitted to these same runs)" if in_sample else ""
-    return (f"model error on {allv.size} runs: median |predicted - measured| / measured {np.median(allv):.0%}, "
-            f"max {allv.max():.0%}; by mode: {per}{note}")
+    return (
+        f"model error on {allv.size} runs: median |predicted - measured| / measured {np.median(allv):.0%}, "
+        f"max {allv.max():.0%}; by mode: {per}{note}"
+    )
 
 
 def crossover_text(rows: list[dict], cal: model.Calibration) -> str:
@@ -120,8 +150,7 @@ def crossover_text(rows: list[dict], cal: model.Calibration) -> str:
         if r["status"] != "ok" or r["nranks"] < 2:
             continue
         shape = results.shape(r)
-        key = (shape.layout, shape.causal, shape.dtype, shape.batch, shape.heads, shape.kv_heads, shape.head_dim,
-               shape.nranks)
+        key = (shape.layout, shape.causal, shape.dtype, shape.batch, shape.heads, shape.kv_heads, shape.head_dim, shape.nranks)
         if key not in seen:
             seen[key] = model.crossover_tokens(shape, cal)
     if not seen:
@@ -129,10 +158,10 @@ def crossover_text(rows: list[dict], cal: model.Calibration) -> str:
     body = []
     for (layout, causal, dtype, b, h, hk, d, p), n in sorted(seen.items()):
         kv = 2 * b * hk * d * model.ITEMSIZE[dtype] * n
-        body.append([layout + (" causal" if causal else ""), dtype, f"{b}x{h}/{hk}x{d}", str(p),
-                     _num(n, ".0f"), _num(kv / 2**10, ".0f")])
-    return ("crossover: least tokens per rank n* = N/P at which compute covers each K/V transfer (overlap mode)\n"
-            + table(["layout", "dtype", "BxH/Hkv xD", "P", "n* tokens", "K/V block KiB"], body, left=3))
+        body.append([layout + (" causal" if causal else ""), dtype, f"{b}x{h}/{hk}x{d}", str(p), _num(n, ".0f"), _num(kv / 2**10, ".0f")])
+    return "crossover: least tokens per rank n* = N/P at which compute covers each K/V transfer (overlap mode)\n" + table(
+        ["layout", "dtype", "BxH/Hkv xD", "P", "n* tokens", "K/V block KiB"], body, left=3
+    )
 
 
 def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int]) -> str:
@@ -140,8 +169,17 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
     groups: dict = {}
     for r in rows:
         if r["status"] == "ok":
-            key = (r["mode"], r["layout"], bool(r["causal"]), r["dtype"], r["batch"], r["heads"], r["kv_heads"],
-                   r["head_dim"], r["seq_len"])
+            key = (
+                r["mode"],
+                r["layout"],
+                bool(r["causal"]),
+                r["dtype"],
+                r["batch"],
+                r["heads"],
+                r["kv_heads"],
+                r["head_dim"],
+                r["seq_len"],
+            )
             groups.setdefault(key, r)
     header = ["mode", "layout", "dtype", "BxH/Hkv xD", "N"] + [f"P={p} ms" for p in ranks]
     body = []
@@ -160,16 +198,19 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
     rows = results.rows(runs)
     hosts = sorted({h for r in rows for h in r["host"].split(",") if h})
     backends = sorted({r["backend_device"] for r in rows})
-    out = [(f"{len(rows)} runs from {len({r['file'] for r in rows})} file(s); hosts {', '.join(hosts) or '?'}; "
-            f"{'; '.join(backends)}")]
+    out = [(f"{len(rows)} runs from {len({r['file'] for r in rows})} file(s); hosts {', '.join(hosts) or '?'}; {'; '.join(backends)}")]
     preds = predictions(runs, cal) if cal is not None else None
-    out += ["", runs_table(rows, preds), "", "modes side by side (speed-up = mode time / overlap time)",
-            modes_table(rows)]
+    out += ["", runs_table(rows, preds), "", "modes side by side (speed-up = mode time / overlap time)", modes_table(rows)]
     if cal is None:
         out += ["", "model: left out (--no-model, or nothing to calibrate from: no probes and no successful runs)"]
     else:
-        out += ["", calibration_text(cal), error_text(rows, preds, in_sample=cal.source.startswith("fitted")),
-                "", crossover_text(rows, cal)]
+        out += [
+            "",
+            calibration_text(cal),
+            error_text(rows, preds, in_sample=cal.source.startswith("fitted")),
+            "",
+            crossover_text(rows, cal),
+        ]
         if predict_ranks:
             out += ["", prediction_table(rows, cal, predict_ranks)]
     return "\n".join(out)

@@ -17,16 +17,49 @@ from pathlib import Path
 from ringbench import store
 from ringbench.model import Shape, block_bytes
 
-CONFIG_COLUMNS = ("mode", "layout", "causal", "dtype", "seq_len", "nranks", "batch", "heads", "kv_heads",
-                  "head_dim", "backend", "progress", "tile_q", "repeat", "warmup", "seed")
-SUMMARY_COLUMNS = ("time_s", "time_min_s", "time_max_s", "tflops", "compute_s", "exposed_comm_s", "comm_alone_s",
-                   "overlap_eff", "bandwidth_gbps", "imbalance", "flops", "bytes_per_rank", "unmasked_pairs")
-COLUMNS = (("file", "name", "point_id", "status", "error") + CONFIG_COLUMNS + ("tokens_per_rank", "block_bytes")
-           + SUMMARY_COLUMNS + ("rel_err", "check_passed", "host", "backend_device", "mpi_library", "created_utc"))
+CONFIG_COLUMNS = (
+    "mode",
+    "layout",
+    "causal",
+    "dtype",
+    "seq_len",
+    "nranks",
+    "batch",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "backend",
+    "progress",
+    "tile_q",
+    "repeat",
+    "warmup",
+    "seed",
+)
+SUMMARY_COLUMNS = (
+    "time_s",
+    "time_min_s",
+    "time_max_s",
+    "tflops",
+    "compute_s",
+    "exposed_comm_s",
+    "comm_alone_s",
+    "overlap_eff",
+    "bandwidth_gbps",
+    "imbalance",
+    "flops",
+    "bytes_per_rank",
+    "unmasked_pairs",
+)
+COLUMNS = (
+    ("file", "name", "point_id", "status", "error")
+    + CONFIG_COLUMNS
+    + ("tokens_per_rank", "block_bytes")
+    + SUMMARY_COLUMNS
+    + ("rel_err", "check_passed", "host", "backend_device", "mpi_library", "created_utc")
+)
 
 # What identifies a configuration apart from the mode: rows with the same key are compared side by side.
-COMPARE_KEY = ("layout", "causal", "dtype", "seq_len", "nranks", "batch", "heads", "kv_heads", "head_dim",
-               "backend")
+COMPARE_KEY = ("layout", "causal", "dtype", "seq_len", "nranks", "batch", "heads", "kv_heads", "head_dim", "backend")
 
 
 def load(paths) -> list[store.Run]:
@@ -42,8 +75,7 @@ def load(paths) -> list[store.Run]:
 def row(run: store.Run) -> dict:
     """One run as a flat dict with the keys of ``COLUMNS``."""
     cfg, s, prov = run.config, run.summary, run.provenance
-    out = {"file": run.path, "name": run.name, "point_id": run.point_id, "status": run.status,
-           "error": run.error}
+    out = {"file": run.path, "name": run.name, "point_id": run.point_id, "status": run.status, "error": run.error}
     for k in CONFIG_COLUMNS:
         out[k] = run.nranks if k == "nranks" else cfg.get(k)
     try:
@@ -86,6 +118,7 @@ def _csv(v):
 def dataframe(paths_or_runs):
     """A pandas DataFrame, one row per run (paths, or runs already read). Needs pandas (the plot extra)."""
     import pandas as pd
+
     runs = paths_or_runs
     if isinstance(paths_or_runs, (str, Path)) or (paths_or_runs and isinstance(paths_or_runs[0], (str, Path))):
         runs = load(paths_or_runs)
@@ -121,15 +154,34 @@ def compare_modes(table: list[dict]) -> list[dict]:
 
 def sort_key(r: dict):
     """Order of rows in tables and figures: configuration, then N, P and mode (modes of one point adjacent)."""
-    return (r["layout"], bool(r["causal"]), r["dtype"], r["batch"], r["heads"], r["kv_heads"], r["head_dim"],
-            r["seq_len"], r["nranks"], r["mode"])
+    return (
+        r["layout"],
+        bool(r["causal"]),
+        r["dtype"],
+        r["batch"],
+        r["heads"],
+        r["kv_heads"],
+        r["head_dim"],
+        r["seq_len"],
+        r["nranks"],
+        r["mode"],
+    )
 
 
 def shape(r: dict, nranks: int | None = None) -> Shape:
     """The model's view of a row, optionally at another rank count."""
-    return Shape(nranks=nranks or r["nranks"], seq_len=r["seq_len"], batch=r["batch"], heads=r["heads"],
-                 kv_heads=r["kv_heads"], head_dim=r["head_dim"], dtype=r["dtype"], causal=bool(r["causal"]),
-                 layout=r["layout"], mode=r["mode"])
+    return Shape(
+        nranks=nranks or r["nranks"],
+        seq_len=r["seq_len"],
+        batch=r["batch"],
+        heads=r["heads"],
+        kv_heads=r["kv_heads"],
+        head_dim=r["head_dim"],
+        dtype=r["dtype"],
+        causal=bool(r["causal"]),
+        layout=r["layout"],
+        mode=r["mode"],
+    )
 
 
 def _median(xs):

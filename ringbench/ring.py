@@ -67,10 +67,9 @@ def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmu
     budget = HOST_TILE_ELEMS_MKL if isinstance(matmul, MklMatmul) else HOST_TILE_ELEMS
     tile_q = tile_q or auto_tile_q(backend, n, head_chunk * g, n_keys, budget)
     tile_k = auto_tile_k(backend, n_keys)
-    if not backend.is_gpu:                         # small blocks: several heads per tile, fewer Python calls
+    if not backend.is_gpu:  # small blocks: several heads per tile, fewer Python calls
         head_chunk = auto_head_chunk(z, g * tile_q * tile_k)
-    return kernel.OnlineSoftmax(backend.xp, qh, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k,
-                                on_tile=on_tile, matmul=matmul)
+    return kernel.OnlineSoftmax(backend.xp, qh, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k, on_tile=on_tile, matmul=matmul)
 
 
 class Ring:
@@ -84,21 +83,19 @@ class Ring:
         b, n, h, d = q.shape
         hk = k.shape[2]
         self.batch, self.n = b, n
-        qh = kernel.q_to_heads(xp, q, hk, self.compute)                  # (Z, G, n, D)
+        qh = kernel.q_to_heads(xp, q, hk, self.compute)  # (Z, G, n, D)
         qh *= self.compute.type(kernel.softmax_scale(d))
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
         self.state = make_state(backend, qh, n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul)
         self.tile_q, self.tile_k = self.state.tile_q, self.state.tile_k
-        del qh                          # the state keeps its own (widened) copy: free this before the K/V buffers
+        del qh  # the state keeps its own (widened) copy: free this before the K/V buffers
         self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D)
         self.bufs = [xp.empty_like(self.kv_home), xp.empty_like(self.kv_home)]
         # half precision travels as stored; the compute copy is made once per step
         self.kv_compute = None if self.storage == self.compute else xp.empty(self.kv_home.shape, self.compute)
-        self.gathered = (xp.empty((nranks,) + self.kv_home.shape, self.storage)
-                         if cfg.mode == "allgather" else None)
-        self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal)
-                      for s in range(nranks)]
+        self.gathered = xp.empty((nranks,) + self.kv_home.shape, self.storage) if cfg.mode == "allgather" else None
+        self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
         self.fault = _fault_step(rank)
         self.score_tile_elems = self.state.head_chunk * (h // hk) * self.tile_q * self.tile_k
 
@@ -129,14 +126,14 @@ class Ring:
         for s in range(P):
             if s == self.fault:
                 raise InjectedFault(f"injected fault on rank {self.rank} at step {s}")
-            more = s < P - 1                       # is there a next block to receive?
+            more = s < P - 1  # is there a next block to receive?
             step_start = clock()
             if mode == "overlap":
                 if more:
-                    ex.post(cur, nxt)              # next K/V starts moving ...
+                    ex.post(cur, nxt)  # next K/V starts moving ...
                 t_comm[s] = clock() - step_start
                 ctimer.start()
-                self._compute(cur, s)              # ... while this one is computed on
+                self._compute(cur, s)  # ... while this one is computed on
                 ctimer.stop()
                 t0 = clock()
                 if more:
@@ -144,12 +141,12 @@ class Ring:
                 t_comm[s] += clock() - t0
             elif mode == "blocking":
                 if more:
-                    ex.sendrecv(cur, nxt)          # transfer, then compute: nothing overlaps
+                    ex.sendrecv(cur, nxt)  # transfer, then compute: nothing overlaps
                 t_comm[s] = clock() - step_start
                 ctimer.start()
                 self._compute(cur, s)
                 ctimer.stop()
-            else:                                  # allgather: every block first, then compute
+            else:  # allgather: every block first, then compute
                 if s == 0:
                     ex.allgather(self.kv_home, self.gathered)
                 t_comm[s] = clock() - step_start

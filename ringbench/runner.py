@@ -48,13 +48,14 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         raise UserError(err)
     cuda_aware = _cuda_aware(cfg, backend)
 
-    baseline_rss = current_rss_bytes()          # interpreter + libraries, before any array of the run
+    baseline_rss = current_rss_bytes()  # interpreter + libraries, before any array of the run
     # inputs: this rank's tokens of the global q, k, v
     hk = cfg.kv_heads_resolved
     pos = positions(cfg.layout, rank, nranks, cfg.seq_len)
     dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
-    host = {name: inputs.tokens(name, cfg.seed, pos, heads=cfg.heads if name == "q" else hk, **dims).astype(dtype)
-            for name in ("q", "k", "v")}
+    host = {
+        name: inputs.tokens(name, cfg.seed, pos, heads=cfg.heads if name == "q" else hk, **dims).astype(dtype) for name in ("q", "k", "v")
+    }
     dev = {k: backend.asarray(v) for k, v in host.items()}
     if not (cfg.check or cfg.save_tensors):
         host = None
@@ -76,10 +77,14 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     output = backend.asnumpy(ring.output())
 
     local = {
-        "samples": _stack(reps, ""), "warmup": _stack(warm, "warmup_"),
+        "samples": _stack(reps, ""),
+        "warmup": _stack(warm, "warmup_"),
         "comm_only": np.array(alone).reshape(len(alone), max(nranks - 1, 0)),
-        "host": socket.gethostname(), "device": backend.device_name,
-        "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss, "pool": backend.device_pool_bytes(),
+        "host": socket.gethostname(),
+        "device": backend.device_name,
+        "peak_rss": peak_rss_bytes(),
+        "baseline_rss": baseline_rss,
+        "pool": backend.device_pool_bytes(),
         "check": _check_local(cfg, host, output, pos) if cfg.check else None,
         "tensors": (pos, host, output) if cfg.save_tensors else None,
         "score_tile": ring.score_tile_elems,
@@ -127,14 +132,17 @@ def _check_local(cfg: RunConfig, host: dict, output: np.ndarray, pos) -> dict:
     v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
     ref = kernel.reference_attention(host["q"], k, v, causal=cfg.causal, q_pos=pos, k_pos=allpos)
     diff = np.abs(output.astype(np.float64) - ref)
-    return {"max_abs_err": float(diff.max()), "max_abs_ref": float(np.abs(ref).max()),
-            "finite": bool(np.isfinite(output.astype(np.float64)).all())}
+    return {
+        "max_abs_err": float(diff.max()),
+        "max_abs_ref": float(np.abs(ref).max()),
+        "finite": bool(np.isfinite(output.astype(np.float64)).all()),
+    }
 
 
 def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     samples = {}
     for key in parts[0]["samples"]:
-        samples[key] = np.stack([p["samples"][key] for p in parts], axis=1)     # (R, P, ...)
+        samples[key] = np.stack([p["samples"][key] for p in parts], axis=1)  # (R, P, ...)
     for key in parts[0]["warmup"]:
         samples[key] = np.stack([p["warmup"][key] for p in parts], axis=1)
     samples["comm_only_s"] = np.stack([p["comm_only"] for p in parts], axis=1)  # (C, P, P-1)
@@ -144,13 +152,22 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank)
     summary["unmasked_pairs"] = pairs
     itemsize = np.dtype(ring.storage).itemsize
-    theo = measure.theoretical_bytes(batch=cfg.batch, local_q=cfg.seq_len // nranks, heads=cfg.heads,
-                                     kv_heads=cfg.kv_heads_resolved, head_dim=cfg.head_dim, itemsize=itemsize,
-                                     compute_itemsize=ring.compute.itemsize, score_tile_elems=parts[0]["score_tile"])
-    memory = {"peak_rss_bytes": np.array([p["peak_rss"] for p in parts]),
-              "baseline_rss_bytes": np.array([p["baseline_rss"] for p in parts]),
-              "device_pool_bytes": np.array([p["pool"] for p in parts]),
-              "theoretical_bytes": theo}
+    theo = measure.theoretical_bytes(
+        batch=cfg.batch,
+        local_q=cfg.seq_len // nranks,
+        heads=cfg.heads,
+        kv_heads=cfg.kv_heads_resolved,
+        head_dim=cfg.head_dim,
+        itemsize=itemsize,
+        compute_itemsize=ring.compute.itemsize,
+        score_tile_elems=parts[0]["score_tile"],
+    )
+    memory = {
+        "peak_rss_bytes": np.array([p["peak_rss"] for p in parts]),
+        "baseline_rss_bytes": np.array([p["baseline_rss"] for p in parts]),
+        "device_pool_bytes": np.array([p["pool"] for p in parts]),
+        "theoretical_bytes": theo,
+    }
     check_res = {}
     if cfg.check:
         max_abs = max(p["check"]["max_abs_err"] for p in parts)
@@ -158,13 +175,27 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
         rel = max_abs / max_ref if max_ref > 0 else max_abs
         finite = all(p["check"]["finite"] for p in parts)
         tol = TOLERANCE[cfg.dtype]
-        check_res = {"max_abs_err": max_abs, "rel_err": rel, "tol": tol, "passed": bool(finite and rel <= tol),
-                     "reference": "float64 full attention on the same rounded inputs"}
+        check_res = {
+            "max_abs_err": max_abs,
+            "rel_err": rel,
+            "tol": tol,
+            "passed": bool(finite and rel <= tol),
+            "reference": "float64 full attention on the same rounded inputs",
+        }
     tensors = _global_tensors(cfg, parts) if cfg.save_tensors else {}
     prov = provenance(parts, backend, cuda_aware, ring.blas)
-    run_rec = store.Run(point_id=point_id(cfg, nranks), nranks=nranks, config=cfg.to_dict(), provenance=prov,
-                        samples=samples, summary=summary, memory=memory, check=check_res, tensors=tensors,
-                        created_utc=prov["utc"])
+    run_rec = store.Run(
+        point_id=point_id(cfg, nranks),
+        nranks=nranks,
+        config=cfg.to_dict(),
+        provenance=prov,
+        samples=samples,
+        summary=summary,
+        memory=memory,
+        check=check_res,
+        tensors=tensors,
+        created_utc=prov["utc"],
+    )
     where = None
     if out is not None:
         where = f"{out}:/runs/{store.append(out, run_rec)}"
@@ -183,20 +214,28 @@ def _global_tensors(cfg, parts) -> dict:
         for k in ("q", "k", "v"):
             out[k][:, pos] = host[k]
         out["out"][:, pos] = o
-    if first.dtype.kind == "V" or str(first.dtype) == "bfloat16":   # h5py cannot store bfloat16: widen
+    if first.dtype.kind == "V" or str(first.dtype) == "bfloat16":  # h5py cannot store bfloat16: widen
         out = {k: v.astype(np.float32) for k, v in out.items()}
     return out
 
 
 def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
-    info = {"ringbench": ringbench.__version__, "schema_version": ringbench.SCHEMA_VERSION,
-            "git_commit": git_commit(), "hosts": sorted({p["host"] for p in parts}),
-            "rank_hosts": [p["host"] for p in parts], "devices": [p["device"] for p in parts],
-            "backend": backend.name, "cuda_aware": bool(cuda_aware), "blas": blas,
-            "python": sys.version.split()[0], "h5py": store.h5py.__version__,
-            "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "argv": " ".join(sys.argv),
-            "threads": {v: os.environ.get(v, "") for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+    info = {
+        "ringbench": ringbench.__version__,
+        "schema_version": ringbench.SCHEMA_VERSION,
+        "git_commit": git_commit(),
+        "hosts": sorted({p["host"] for p in parts}),
+        "rank_hosts": [p["host"] for p in parts],
+        "devices": [p["device"] for p in parts],
+        "backend": backend.name,
+        "cuda_aware": bool(cuda_aware),
+        "blas": blas,
+        "python": sys.version.split()[0],
+        "h5py": store.h5py.__version__,
+        "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": " ".join(sys.argv),
+        "threads": {v: os.environ.get(v, "") for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+    }
     info.update(mpi.mpi_info())
     info.update(backend.versions())
     return info
@@ -207,8 +246,9 @@ def git_commit() -> str:
     src = Path(__file__).resolve().parent.parent
     try:
         res = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     if res.returncode != 0:
@@ -237,8 +277,10 @@ def format_summary(cfg, nranks, s, memory, chk, prov, where) -> str:
         f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank",
     ]
     if chk:
-        lines.append(f"  check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
-                     f"(tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}")
+        lines.append(
+            f"  check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
+            f"(tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}"
+        )
     if where:
         lines.append(f"  saved {where}")
     return "\n".join(lines)

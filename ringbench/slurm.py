@@ -27,21 +27,21 @@ class SlurmError(Exception):
 class JobArray:
     """What one job array needs, all validated: the input of the pure renderer."""
 
-    experiment: str         # experiment name
+    experiment: str  # experiment name
     nranks: int
-    ntasks: int             # array tasks
+    ntasks: int  # array tasks
     job_name: str
     time: str
-    snapshot: Path          # the resolved experiment file the tasks run
-    results: Path           # the results directory (parent of <experiment>/)
-    tasks: Path             # the .tasks file: line K lists the point ids of array task K
-    script: Path            # where the script is written (for its own comment)
+    snapshot: Path  # the resolved experiment file the tasks run
+    results: Path  # the results directory (parent of <experiment>/)
+    tasks: Path  # the .tasks file: line K lists the point ids of array task K
+    script: Path  # where the script is written (for its own comment)
     logs: Path
     workdir: Path
     python: str
     launcher: str
     force: bool = False
-    pythonpath: str | None = None     # prepended to PYTHONPATH in the job when ringbench is not installed
+    pythonpath: str | None = None  # prepended to PYTHONPATH in the job when ringbench is not installed
 
 
 def sbatch_options(job: JobArray, spec) -> list[str]:
@@ -65,26 +65,47 @@ def sbatch_options(job: JobArray, spec) -> list[str]:
 def render(job: JobArray, spec, template: str, version: str, utc: str) -> str:
     """The text of the job script: a pure function of its inputs."""
     q = shlex.quote
-    setup = list(spec.setup)          # each already one re-quoted simple command
+    setup = list(spec.setup)  # each already one re-quoted simple command
     setup += [f"export {k}={q(v)}" for k, v in spec.env.items()]
     if job.pythonpath:
         setup.append(f"export PYTHONPATH={q(job.pythonpath)}" + "${PYTHONPATH:+:$PYTHONPATH}")
-    command = [q(job.python), "-m", "ringbench", "sweep", q(str(job.snapshot)), "--results", q(str(job.results)),
-               "--launcher", job.launcher, "--tasks", q(str(job.tasks)), "--task", '"$SLURM_ARRAY_TASK_ID"']
+    command = [
+        q(job.python),
+        "-m",
+        "ringbench",
+        "sweep",
+        q(str(job.snapshot)),
+        "--results",
+        q(str(job.results)),
+        "--launcher",
+        job.launcher,
+        "--tasks",
+        q(str(job.tasks)),
+        "--task",
+        '"$SLURM_ARRAY_TASK_ID"',
+    ]
     if job.force:
         command.append("--force")
     values = {
-        "experiment": job.experiment, "nranks": job.nranks, "ntasks": job.ntasks, "version": version, "utc": utc,
-        "tasks": q(str(job.tasks)), "launcher": job.launcher, "parts": q(str(job.results / job.experiment / "parts")),
+        "experiment": job.experiment,
+        "nranks": job.nranks,
+        "ntasks": job.ntasks,
+        "version": version,
+        "utc": utc,
+        "tasks": q(str(job.tasks)),
+        "launcher": job.launcher,
+        "parts": q(str(job.results / job.experiment / "parts")),
         "script": q(str(job.script)),
         "sbatch": "\n".join(f"#SBATCH {o}" for o in sbatch_options(job, spec)),
-        "setup": "\n".join(setup), "command": " ".join(command),
+        "setup": "\n".join(setup),
+        "command": " ".join(command),
     }
     try:
         return string.Template(template).substitute(values)
     except (KeyError, ValueError) as exc:
-        raise SlurmError(f"job script template: bad placeholder {exc}; allowed: "
-                         f"{', '.join('$' + k for k in values)} ($$ for a literal $)") from None
+        raise SlurmError(
+            f"job script template: bad placeholder {exc}; allowed: {', '.join('$' + k for k in values)} ($$ for a literal $)"
+        ) from None
 
 
 def sbatch_lines(script: str) -> set[str]:
@@ -95,11 +116,13 @@ def sbatch_lines(script: str) -> set[str]:
 def submit(script: Path) -> str:
     """``sbatch --parsable SCRIPT``; the job id, or SlurmError with sbatch's own message."""
     try:
-        res = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120,
-                             stdin=subprocess.DEVNULL, check=False)
+        res = subprocess.run(
+            ["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False
+        )
     except FileNotFoundError:
-        raise SlurmError("sbatch not found: is this a Slurm login node? (or start slurm/localcluster.sh up "
-                         "and export SLURM_CONF)") from None
+        raise SlurmError(
+            "sbatch not found: is this a Slurm login node? (or start slurm/localcluster.sh up and export SLURM_CONF)"
+        ) from None
     except subprocess.TimeoutExpired:
         raise SlurmError("sbatch did not answer within 120 s") from None
     if res.returncode != 0:
@@ -128,7 +151,7 @@ def queue(job_ids: list[str]) -> dict[tuple[str, int], str]:
         raise SlurmError("squeue did not answer within 60 s") from None
     if res.returncode != 0:
         if "Invalid job id" in res.stderr:
-            return {}           # every job has left the queue
+            return {}  # every job has left the queue
         raise SlurmError(f"squeue failed: {' '.join(res.stderr.split())}")
     out = {}
     for line in res.stdout.splitlines():

@@ -70,8 +70,8 @@ class Probe:
     samples: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     created_utc: str = ""
-    name: str = ""          # the group name, set on read (the writer's wish before that)
-    path: str = ""          # the file, set on read
+    name: str = ""  # the group name, set on read (the writer's wish before that)
+    path: str = ""  # the file, set on read
 
 
 @dataclass
@@ -90,8 +90,8 @@ class Run:
     status: str = "ok"
     error: str = ""
     created_utc: str = ""
-    name: str = ""          # the group name, set on read
-    path: str = ""          # the file, set on read
+    name: str = ""  # the group name, set on read
+    path: str = ""  # the file, set on read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,12 +172,11 @@ def failed_run(point_id: str, nranks: int, config: dict, error: str, provenance:
     import time
 
     import ringbench
+
     utc = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    prov = {"ringbench": ringbench.__version__, "schema_version": SCHEMA_VERSION, "hosts": [socket.gethostname()],
-            "utc": utc}
+    prov = {"ringbench": ringbench.__version__, "schema_version": SCHEMA_VERSION, "hosts": [socket.gethostname()], "utc": utc}
     prov.update(provenance or {})
-    return Run(point_id=point_id, nranks=nranks, config=config, provenance=prov, status="failed",
-               error=error or "failed", created_utc=utc)
+    return Run(point_id=point_id, nranks=nranks, config=config, provenance=prov, status="failed", error=error or "failed", created_utc=utc)
 
 
 class MergeError(Exception):
@@ -221,7 +220,7 @@ def _init_root(f: h5py.File) -> None:
     f.attrs.setdefault("format", FORMAT)
     f.attrs.setdefault("schema_version", SCHEMA_VERSION)
     if "runs" not in f:
-        f.create_group("runs", track_order=True)   # read back in the order runs were added
+        f.create_group("runs", track_order=True)  # read back in the order runs were added
 
 
 def _free_name(runs: h5py.Group, base: str) -> str:
@@ -292,8 +291,7 @@ def check_file(path) -> int:
     if fmt != FORMAT or ver is None:
         raise SchemaError(f"{path}: not a ringbench result file (no format/schema_version attributes)")
     if int(ver) != SCHEMA_VERSION:
-        raise SchemaError(f"{path}: result schema version {int(ver)} is not supported; "
-                          f"this ringbench reads version {SCHEMA_VERSION}")
+        raise SchemaError(f"{path}: result schema version {int(ver)} is not supported; this ringbench reads version {SCHEMA_VERSION}")
     return int(ver)
 
 
@@ -308,10 +306,17 @@ def read(path, *, samples: bool = True, tensors: bool = False) -> list[Run]:
 
 
 def _read_run(g: h5py.Group, name: str, path: str, samples: bool, tensors: bool) -> Run:
-    run = Run(point_id=str(g.attrs["point_id"]), nranks=int(g.attrs["nranks"]),
-              config=json.loads(g.attrs["config"]), provenance=json.loads(g.attrs["provenance"]),
-              status=str(g.attrs.get("status", "ok")), error=str(g.attrs.get("error", "")),
-              created_utc=str(g.attrs.get("created_utc", "")), name=name, path=path)
+    run = Run(
+        point_id=str(g.attrs["point_id"]),
+        nranks=int(g.attrs["nranks"]),
+        config=json.loads(g.attrs["config"]),
+        provenance=json.loads(g.attrs["provenance"]),
+        status=str(g.attrs.get("status", "ok")),
+        error=str(g.attrs.get("error", "")),
+        created_utc=str(g.attrs.get("created_utc", "")),
+        name=name,
+        path=path,
+    )
     if samples and "samples" in g:
         run.samples = {k: d[()] for k, d in g["samples"].items()}
     if "summary" in g:
@@ -332,11 +337,18 @@ def read_probes(path) -> list[Probe]:
     probes = []
     with h5py.File(path, "r") as f:
         for name, g in f.get("probes", {}).items():
-            probes.append(Probe(nranks=int(g.attrs["nranks"]), config=json.loads(g.attrs["config"]),
-                                provenance=json.loads(g.attrs["provenance"]),
-                                samples={k: d[()] for k, d in g["samples"].items()},
-                                summary={k: _py(v) for k, v in g["summary"].attrs.items()},
-                                created_utc=str(g.attrs.get("created_utc", "")), name=name, path=str(path)))
+            probes.append(
+                Probe(
+                    nranks=int(g.attrs["nranks"]),
+                    config=json.loads(g.attrs["config"]),
+                    provenance=json.loads(g.attrs["provenance"]),
+                    samples={k: d[()] for k, d in g["samples"].items()},
+                    summary={k: _py(v) for k, v in g["summary"].attrs.items()},
+                    created_utc=str(g.attrs.get("created_utc", "")),
+                    name=name,
+                    path=str(path),
+                )
+            )
     return probes
 
 
@@ -356,9 +368,17 @@ def latest(path) -> dict[str, Run]:
     out: dict[str, Run] = {}
     with h5py.File(path, "r") as f:
         for name, g in f["runs"].items():
-            run = Run(point_id=str(g.attrs["point_id"]), nranks=int(g.attrs["nranks"]), config={}, provenance={},
-                      status=str(g.attrs.get("status", "ok")), error=str(g.attrs.get("error", "")),
-                      created_utc=str(g.attrs.get("created_utc", "")), name=name, path=str(path))
+            run = Run(
+                point_id=str(g.attrs["point_id"]),
+                nranks=int(g.attrs["nranks"]),
+                config={},
+                provenance={},
+                status=str(g.attrs.get("status", "ok")),
+                error=str(g.attrs.get("error", "")),
+                created_utc=str(g.attrs.get("created_utc", "")),
+                name=name,
+                path=str(path),
+            )
             if "summary" in g:
                 run.summary = {k: _py(v) for k, v in g["summary"].attrs.items()}
             if "check" in g:
@@ -381,5 +401,4 @@ def point_ids(path, status: str | None = "ok") -> set[str]:
         return set()
     check_file(path)
     with h5py.File(path, "r") as f:
-        return {str(g.attrs["point_id"]) for g in f["runs"].values()
-                if status is None or str(g.attrs.get("status", "ok")) == status}
+        return {str(g.attrs["point_id"]) for g in f["runs"].values() if status is None or str(g.attrs.get("status", "ok")) == status}

@@ -101,8 +101,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_snapshot(exp: Experiment, lay: Layout) -> None:
-    text = (f"# resolved copy of {exp.path}, written by ringbench {ringbench.__version__}; "
-            f"sweeps and jobs of this directory run it\n" + yaml.safe_dump(exp.resolved(), sort_keys=False))
+    text = (
+        f"# resolved copy of {exp.path}, written by ringbench {ringbench.__version__}; "
+        f"sweeps and jobs of this directory run it\n" + yaml.safe_dump(exp.resolved(), sort_keys=False)
+    )
     if not lay.snapshot.exists() or lay.snapshot.read_text() != text:
         write_atomic(lay.snapshot, text)
 
@@ -126,8 +128,17 @@ def launch_prefix(launcher: str, nranks: int, spec: SlurmSpec | None = None) -> 
 
 def run_command(point: Point, out: Path, launcher: str, spec: SlurmSpec | None = None) -> list[str]:
     from ringbench.cli import to_argv
-    return [*launch_prefix(launcher, point.nranks, spec), sys.executable, "-m", "ringbench", "run",
-            *to_argv(point.config), "--out", str(out)]
+
+    return [
+        *launch_prefix(launcher, point.nranks, spec),
+        sys.executable,
+        "-m",
+        "ringbench",
+        "run",
+        *to_argv(point.config),
+        "--out",
+        str(out),
+    ]
 
 
 def source_root() -> Path:
@@ -148,7 +159,7 @@ def child_env() -> dict:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
-    status: str             # "ok" or "failed"
+    status: str  # "ok" or "failed"
     seconds: float
     error: str = ""
     run: store.Run | None = None
@@ -164,8 +175,7 @@ def run_point(point: Point, lay: Layout, launcher: str, timeout: float, spec: Sl
         fh.write(f"# {_utc()} {shlex.join(cmd)}\n".encode())
         fh.flush()
         start = fh.tell()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                env=child_env(), start_new_session=True)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
             why = _exit_reason(rc)
@@ -183,8 +193,7 @@ def run_point(point: Point, lay: Layout, launcher: str, timeout: float, spec: Sl
         return Outcome("ok", seconds, run=latest)
     tail = _tail(log, start)
     error = f"{why}: {tail}" if tail else why
-    store.append(part, store.failed_run(point.id, point.nranks, point.config.to_dict(), error,
-                                        {"argv": shlex.join(cmd)}))
+    store.append(part, store.failed_run(point.id, point.nranks, point.config.to_dict(), error, {"argv": shlex.join(cmd)}))
     return Outcome("failed", seconds, error=error)
 
 
@@ -206,7 +215,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=KILL_GRACE_S)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)      # what is left of the group
+        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group
     proc.wait()
 
 
@@ -305,7 +314,7 @@ def _shapes(exp: Experiment, points: list[Point]) -> dict[int, list[list[Point]]
     by: dict[int, list[Point]] = {}
     for p in points:
         by.setdefault(p.nranks, []).append(p)
-    return {n: [ps[i:i + per] for i in range(0, len(ps), per)] for n, ps in sorted(by.items())}
+    return {n: [ps[i : i + per] for i in range(0, len(ps), per)] for n, ps in sorted(by.items())}
 
 
 def plan_text(exp: Experiment, lay: Layout) -> str:
@@ -313,12 +322,17 @@ def plan_text(exp: Experiment, lay: Layout) -> str:
     keys = _params(exp)
     rows = [["#", "id", "P", *keys, "GFLOP", "state"]]
     for i, p in enumerate(exp.points, 1):
-        rows.append([str(i), p.id, str(p.nranks), *(fmt_value(p.params[k]) for k in keys), f"{p.work() / 1e9:.3g}",
-                     _state_word(state.get(p.id))])
+        rows.append(
+            [str(i), p.id, str(p.nranks), *(fmt_value(p.params[k]) for k in keys), f"{p.work() / 1e9:.3g}", _state_word(state.get(p.id))]
+        )
     work = sum(p.work() for p in exp.points)
-    head = [(f"experiment {exp.name} ({exp.path}): {len(exp.points)} points, {exp.excluded} excluded; "
-             f"estimated work {work / 1e9:.3g} GFLOP (warm-ups and repeats)"),
-            f"  results: {lay.collected} (per point: {lay.parts}/<id>.h5)"]
+    head = [
+        (
+            f"experiment {exp.name} ({exp.path}): {len(exp.points)} points, {exp.excluded} excluded; "
+            f"estimated work {work / 1e9:.3g} GFLOP (warm-ups and repeats)"
+        ),
+        f"  results: {lay.collected} (per point: {lay.parts}/<id>.h5)",
+    ]
     if exp.description:
         head.insert(1, f"  {exp.description}")
     if exp.slurm is not None:
@@ -356,12 +370,14 @@ class _Progress:
             sys.stderr.flush()
 
 
-def run_sweep(exp: Experiment, lay: Layout, points: list[Point], *, launcher: str, force: bool,
-              collect_after: bool) -> int:
+def run_sweep(exp: Experiment, lay: Layout, points: list[Point], *, launcher: str, force: bool, collect_after: bool) -> int:
     """Run the points not yet done, one line per finished point; 0 if all ok, 1 if any failed."""
     run, skipped = todo(exp, lay, points, force)
-    print(f"sweep {exp.name}: {len(points)} points, {skipped} already done (skipped), {len(run)} to run "
-          f"with {launcher}; results in {lay.root}", flush=True)
+    print(
+        f"sweep {exp.name}: {len(points)} points, {skipped} already done (skipped), {len(run)} to run "
+        f"with {launcher}; results in {lay.root}",
+        flush=True,
+    )
     bar, failed, width = _Progress(len(run)), 0, len(str(len(run)))
     for i, p in enumerate(run, 1):
         bar.show(i - 1, p.id)
@@ -373,8 +389,7 @@ def run_sweep(exp: Experiment, lay: Layout, points: list[Point], *, launcher: st
         else:
             failed += 1
             last = out.error.splitlines()[-1] if out.error else ""
-            print(f"{head}  {out.error.splitlines()[0]}" + (f" ... {last}" if last and "\n" in out.error else ""),
-                  flush=True)
+            print(f"{head}  {out.error.splitlines()[0]}" + (f" ... {last}" if last and "\n" in out.error else ""), flush=True)
     tail = ""
     if collect_after:
         files, added, _ = collect(lay)
@@ -385,10 +400,10 @@ def run_sweep(exp: Experiment, lay: Layout, points: list[Point], *, launcher: st
     return 1 if failed else 0
 
 
-def submit_arrays(exp: Experiment, lay: Layout, points: list[Point], *, dry_run: bool, force: bool,
-                  workdir: Path) -> int:
+def submit_arrays(exp: Experiment, lay: Layout, points: list[Point], *, dry_run: bool, force: bool, workdir: Path) -> int:
     """Write one job-array script per rank count for ``points`` and (unless dry_run) sbatch them."""
     from ringbench import slurm
+
     spec = exp.slurm or SlurmSpec()
     template = Path(spec.template or slurm.TEMPLATE).read_text()
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -398,25 +413,46 @@ def submit_arrays(exp: Experiment, lay: Layout, points: list[Point], *, dry_run:
     for nranks, tasks in _shapes(exp, points).items():
         base = lay.scripts / f"{stamp}-P{nranks}"
         job = slurm.JobArray(
-            experiment=exp.name, nranks=nranks, ntasks=len(tasks),
-            job_name=f"{spec.job_name or 'rb-' + exp.name}-P{nranks}", time=spec.time or default_time(exp),
-            snapshot=lay.snapshot.resolve(), results=lay.results.resolve(), tasks=base.with_suffix(".tasks").resolve(),
-            script=base.with_suffix(".sbatch").resolve(), logs=lay.logs.resolve(), workdir=workdir, python=python,
-            launcher=spec.launcher, force=force, pythonpath=pythonpath)
+            experiment=exp.name,
+            nranks=nranks,
+            ntasks=len(tasks),
+            job_name=f"{spec.job_name or 'rb-' + exp.name}-P{nranks}",
+            time=spec.time or default_time(exp),
+            snapshot=lay.snapshot.resolve(),
+            results=lay.results.resolve(),
+            tasks=base.with_suffix(".tasks").resolve(),
+            script=base.with_suffix(".sbatch").resolve(),
+            logs=lay.logs.resolve(),
+            workdir=workdir,
+            python=python,
+            launcher=spec.launcher,
+            force=force,
+            pythonpath=pythonpath,
+        )
         write_atomic(job.tasks, "".join(" ".join(p.id for p in t) + "\n" for t in tasks))
         write_atomic(job.script, slurm.render(job, spec, template, ringbench.__version__, _utc()))
         if dry_run:
             print(f"wrote {job.script} (P={nranks}, {len(tasks)} array tasks; not submitted)")
             continue
         job_id = slurm.submit(job.script)
-        record_job(lay, {"job_id": job_id, "nranks": nranks, "script": str(job.script), "tasks": str(job.tasks),
-                         "points": [[p.id for p in t] for t in tasks], "submitted_utc": _utc()})
+        record_job(
+            lay,
+            {
+                "job_id": job_id,
+                "nranks": nranks,
+                "script": str(job.script),
+                "tasks": str(job.tasks),
+                "points": [[p.id for p in t] for t in tasks],
+                "submitted_utc": _utc(),
+            },
+        )
         print(f"submitted job {job_id}: {job.script.name} (P={nranks}, {len(tasks)} array tasks)", flush=True)
     return 0
 
 
 def _installed(root: Path) -> bool:
     import site
+
     paths = {Path(p).resolve() for p in site.getsitepackages() + [site.getusersitepackages()]}
     return root in paths
 
@@ -438,6 +474,7 @@ def _submitted(jobs: list[dict]) -> dict[str, tuple[str, int]]:
 def queued_points(lay: Layout) -> set[str]:
     """Points whose latest array task is still pending or running (so submit does not queue them twice)."""
     from ringbench import slurm
+
     jobs = load_jobs(lay)
     if not jobs:
         return set()
@@ -448,6 +485,7 @@ def queued_points(lay: Layout) -> set[str]:
 def status_text(exp: Experiment, lay: Layout) -> str:
     """Each point's state: done, failed, running, pending (in the queue), missing (submitted, gone), not run."""
     from ringbench import slurm
+
     state = stored(exp, lay)
     jobs = load_jobs(lay)
     where = _submitted(jobs)

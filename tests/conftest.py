@@ -23,8 +23,14 @@ def child_env(extra: dict | None = None) -> dict:
 
 def ringbench(*args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
     """``python -m ringbench ARGS`` in a subprocess (no MPI launcher)."""
-    return subprocess.run([sys.executable, "-m", "ringbench", *map(str, args)], capture_output=True, text=True,
-                          env=child_env(env), timeout=timeout, cwd=cwd or ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "ringbench", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=child_env(env),
+        timeout=timeout,
+        cwd=cwd or ROOT,
+    )
 
 
 def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
@@ -39,9 +45,32 @@ def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, c
 def small_results(tmp_path_factory) -> Path:
     """A real result file: a few small runs over modes, layouts and rank counts (shared by read-only tests)."""
     path = tmp_path_factory.mktemp("results") / "small.h5"
-    for p, extra in [(1, []), (2, []), (2, ["--mode", "blocking"]), (2, ["--mode", "allgather"]),
-                     (4, ["--causal", "--layout", "zigzag"]), (4, ["--causal", "--layout", "striped"])]:
-        res = mpiexec(p, "run", "--seq-len", 256, "--heads", 2, "--head-dim", 16, "--repeat", 3, "--warmup", 1,
-                      "--check", "--quiet", "--out", path, *extra)
+    for p, extra in [
+        (1, []),
+        (2, []),
+        (2, ["--mode", "blocking"]),
+        (2, ["--mode", "allgather"]),
+        (4, ["--causal", "--layout", "zigzag"]),
+        (4, ["--causal", "--layout", "striped"]),
+    ]:
+        res = mpiexec(
+            p,
+            "run",
+            "--seq-len",
+            256,
+            "--heads",
+            2,
+            "--head-dim",
+            16,
+            "--repeat",
+            3,
+            "--warmup",
+            1,
+            "--check",
+            "--quiet",
+            "--out",
+            path,
+            *extra,
+        )
         assert res.returncode == 0, res.stderr
     return path

@@ -10,14 +10,17 @@ def test_numpy_backend_dtypes_and_compute_dtype():
     be = get_backend("numpy")
     assert be.dtype("float16") == np.float16
     assert be.compute_dtype(np.float16) == np.float32 and be.compute_dtype(np.float64) == np.float64
-    assert "bfloat16" in be.dtypes()          # ml_dtypes is a dependency
+    assert "bfloat16" in be.dtypes()  # ml_dtypes is a dependency
     assert be.compute_dtype(be.dtype("bfloat16")) == np.float32
 
 
 def test_a_dtype_the_backend_lacks_names_what_is_allowed():
     gpu = Backend("cupy", xp=None)
-    with pytest.raises(BackendError, match=r"--dtype bfloat16 is not supported by backend cupy; "
-                                           r"allowed: float32, float64, float16"):
+    with pytest.raises(
+        BackendError,
+        match=r"--dtype bfloat16 is not supported by backend cupy; "
+        r"allowed: float32, float64, float16",
+    ):
         gpu.dtype("bfloat16")
 
 
@@ -32,8 +35,14 @@ def test_unknown_backend_and_missing_cupy():
 
 
 def test_local_rank_from_launcher_environment(monkeypatch):
-    for var in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK",
-                "MV2_COMM_WORLD_LOCAL_RANK", "PALS_LOCAL_RANKID"):
+    for var in (
+        "MPI_LOCALRANKID",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "SLURM_LOCALID",
+        "PMI_LOCAL_RANK",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+        "PALS_LOCAL_RANKID",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert local_rank() == 0
     monkeypatch.setenv("SLURM_LOCALID", "3")
@@ -42,6 +51,7 @@ def test_local_rank_from_launcher_environment(monkeypatch):
 
 def _mkl():
     from ringbench.backend import MklMatmul
+
     mkl = MklMatmul.load()
     if mkl is None:
         pytest.skip("Intel MKL is not installed (pip install -e '.[mkl]')")
@@ -56,13 +66,21 @@ def test_mkl_matmul_matches_numpy_on_every_layout(dtype):
     b = rng.standard_normal((3, 7, 4)).astype(dtype)
     wide = rng.standard_normal((3, 7, 10)).astype(dtype)
     bt = rng.standard_normal((3, 4, 7)).astype(dtype).swapaxes(-1, -2)
-    cases = [(a, b), (a, b[:1]), (a[:1], b), (a[0], b[0]), (a, wide[..., 2:6]), (a, bt), (a[:, 1:4], b),
-             (a.astype(np.float16), b.astype(np.float16))]           # last: not a BLAS dtype, falls back
+    cases = [
+        (a, b),
+        (a, b[:1]),
+        (a[:1], b),
+        (a[0], b[0]),
+        (a, wide[..., 2:6]),
+        (a, bt),
+        (a[:, 1:4], b),
+        (a.astype(np.float16), b.astype(np.float16)),
+    ]  # last: not a BLAS dtype, falls back
     for x, y in cases:
         want = np.matmul(x, y)
         got = mkl(x, y, out=np.empty_like(want))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    out = np.zeros((3, 5, 9), dtype)                                  # an output view with a row stride
+    out = np.zeros((3, 5, 9), dtype)  # an output view with a row stride
     mkl(a, b, out=out[..., 2:6])
     np.testing.assert_allclose(out[..., 2:6], a @ b, rtol=1e-5, atol=1e-5)
     assert np.all(out[..., :2] == 0) and np.all(out[..., 6:] == 0)
@@ -73,6 +91,7 @@ def test_mkl_matmul_matches_numpy_on_every_layout(dtype):
 
 def test_blas_choice(monkeypatch):
     from ringbench.backend import MklMatmul
+
     be = get_backend("numpy")
     fn, desc = be.matmul("numpy")
     assert fn is np.matmul and desc.startswith("numpy.matmul")

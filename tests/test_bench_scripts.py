@@ -12,8 +12,9 @@ BENCH = ROOT / "benchmarks"
 
 
 def script(name: str, *args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH / name), *map(str, args)], capture_output=True, text=True,
-                          env=child_env(env), timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(BENCH / name), *map(str, args)], capture_output=True, text=True, env=child_env(env), timeout=timeout, cwd=ROOT
+    )
 
 
 KERNEL_TINY = ("--head-dim", 16, "--block", 64, 96, "--heads", 4, "--kv-heads", 2, "--repeat", 1, "--warmup", 0)
@@ -26,12 +27,12 @@ def test_kernel_bench_prints_the_table_and_saves_every_sample(tmp_path):
     for col in ("kernel", "matmul", "tiles", "torch", "k/torch", "k/matmul", "k/tiles", "err", "target"):
         assert col in res.stdout
     lines = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("16 ")]
-    assert len(lines) == 4                                    # 2 blocks x (full, causal)
-    assert all(ln.split()[-1] == "-" for ln in lines)         # tiny shapes are outside the target
+    assert len(lines) == 4  # 2 blocks x (full, causal)
+    assert all(ln.split()[-1] == "-" for ln in lines)  # tiny shapes are outside the target
     data = json.loads(out.read_text())
     assert data["provenance"]["cpu"] and data["provenance"]["blas_threads"] == "1"
     row = data["rows"][0]
-    has_torch = importlib.util.find_spec("torch") is not None      # torch is the optional [bench] extra
+    has_torch = importlib.util.find_spec("torch") is not None  # torch is the optional [bench] extra
     assert set(row["samples_s"]) == {"cpu", "wall"}
     assert set(row["samples_s"]["cpu"]) == {"kernel", "matmul", "tiles"} | ({"torch"} if has_torch else set())
     assert all(len(v) == 1 for v in row["samples_s"]["wall"].values())
@@ -59,11 +60,9 @@ def test_kernel_bench_user_error_is_one_line():
 def test_memory_bench_reports_peak_against_theory(tmp_path):
     assert MPIEXEC.exists()
     out = tmp_path / "m.json"
-    res = script("memory_bench.py", "--ranks", 2, "--seq-len", 512, "--heads", 2, "--head-dim", 16, "--passes", 1,
-                 "--out", out)
+    res = script("memory_bench.py", "--ranks", 2, "--seq-len", 512, "--heads", 2, "--head-dim", 16, "--passes", 1, "--out", out)
     assert res.returncode == 0, res.stderr
-    for col in ("peak MiB", "theory MiB", "peak/theory", "largest MiB", "allowed", "NxN MiB", "P blocks MiB",
-                "RSS MiB"):
+    for col in ("peak MiB", "theory MiB", "peak/theory", "largest MiB", "allowed", "NxN MiB", "P blocks MiB", "RSS MiB"):
         assert col in res.stdout
     summary = {s["mode"]: s for s in json.loads(out.read_text())["summary"]}
     assert set(summary) == {"overlap", "blocking", "allgather"}
@@ -71,8 +70,8 @@ def test_memory_bench_reports_peak_against_theory(tmp_path):
     for mode in ("overlap", "blocking"):
         s = summary[mode]
         assert s["peak_bytes"] > 0 and s["theoretical_bytes"] > 0
-        assert s["largest_bytes"] <= s["allowed_largest_bytes"]     # nothing that grows with P or N^2
-        assert s["verdict"] == "PASS" and s["ratio"] < 1.5           # memory is deterministic: safe to assert
+        assert s["largest_bytes"] <= s["allowed_largest_bytes"]  # nothing that grows with P or N^2
+        assert s["verdict"] == "PASS" and s["ratio"] < 1.5  # memory is deterministic: safe to assert
     assert summary["allgather"]["largest_bytes"] >= summary["allgather"]["p_blocks_bytes"]
 
 

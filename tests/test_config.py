@@ -10,16 +10,19 @@ def test_defaults_are_valid():
     assert check(RunConfig(), 4) == []
 
 
-@pytest.mark.parametrize("changes,nranks,key,text", [
-    ({"seq_len": 1000}, 3, "seq_len", "not divisible by 3"),
-    ({"seq_len": 1020, "layout": "zigzag"}, 4, "seq_len", "not divisible by 8"),
-    ({"heads": 8, "kv_heads": 3}, 2, "kv_heads", "must divide heads=8"),
-    ({"layout": "spiral"}, 2, "layout", "expected one of contiguous, zigzag, striped"),
-    ({"mode": "overlapp"}, 2, "mode", "did you mean 'overlap'"),
-    ({"batch": 0}, 1, "batch", ">= 1"),
-    ({"causal": "yes"}, 1, "causal", "true or false"),
-    ({"save_tensors": True, "seq_len": 1 << 20}, 1, "save_tensors", "MiB"),
-])
+@pytest.mark.parametrize(
+    "changes,nranks,key,text",
+    [
+        ({"seq_len": 1000}, 3, "seq_len", "not divisible by 3"),
+        ({"seq_len": 1020, "layout": "zigzag"}, 4, "seq_len", "not divisible by 8"),
+        ({"heads": 8, "kv_heads": 3}, 2, "kv_heads", "must divide heads=8"),
+        ({"layout": "spiral"}, 2, "layout", "expected one of contiguous, zigzag, striped"),
+        ({"mode": "overlapp"}, 2, "mode", "did you mean 'overlap'"),
+        ({"batch": 0}, 1, "batch", ">= 1"),
+        ({"causal": "yes"}, 1, "causal", "true or false"),
+        ({"save_tensors": True, "seq_len": 1 << 20}, 1, "save_tensors", "MiB"),
+    ],
+)
 def test_check_names_the_key(changes, nranks, key, text):
     cfg = RunConfig(**changes)
     problems = check(cfg, nranks)
@@ -38,9 +41,9 @@ def test_point_id_is_stable_and_ignores_non_identity_fields():
     assert a == point_id(RunConfig(seq_len=2048, repeat=9, check=True), 4)
     assert a != point_id(RunConfig(seq_len=2048), 2)
     assert a != point_id(RunConfig(seq_len=2048, kv_heads=2), 4)
-    assert point_id(RunConfig(kv_heads=None), 2) == point_id(RunConfig(kv_heads=8), 2)   # resolved value
+    assert point_id(RunConfig(kv_heads=None), 2) == point_id(RunConfig(kv_heads=8), 2)  # resolved value
     assert a.startswith("overlap-contiguous-float32-N2048-P4-")
-    assert a == "overlap-contiguous-float32-N2048-P4-" + a.rsplit("-", 1)[1]   # fixed shape, hash last
+    assert a == "overlap-contiguous-float32-N2048-P4-" + a.rsplit("-", 1)[1]  # fixed shape, hash last
 
 
 def test_argv_round_trip():

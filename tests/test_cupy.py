@@ -27,9 +27,35 @@ pytestmark = [pytest.mark.mpi, pytest.mark.skipif(_gpu_reason() is not None, rea
 @pytest.mark.parametrize("mode", ["overlap", "blocking", "allgather"])
 def test_cupy_ring_is_correct(nranks, dtype, cuda_aware, mode, tmp_path):
     out = tmp_path / "r.h5"
-    res = mpiexec(nranks, "run", "--backend", "cupy", "--seq-len", 512 * nranks, "--heads", 4, "--kv-heads", 2,
-                  "--head-dim", 64, "--dtype", dtype, "--causal", "--layout", "zigzag", "--mode", mode,
-                  "--cuda-aware", cuda_aware, "--repeat", 2, "--check", "--quiet", "--out", out)
+    res = mpiexec(
+        nranks,
+        "run",
+        "--backend",
+        "cupy",
+        "--seq-len",
+        512 * nranks,
+        "--heads",
+        4,
+        "--kv-heads",
+        2,
+        "--head-dim",
+        64,
+        "--dtype",
+        dtype,
+        "--causal",
+        "--layout",
+        "zigzag",
+        "--mode",
+        mode,
+        "--cuda-aware",
+        cuda_aware,
+        "--repeat",
+        2,
+        "--check",
+        "--quiet",
+        "--out",
+        out,
+    )
     assert res.returncode == 0, res.stderr
     (run,) = store.read(out)
     assert run.check["passed"], run.check

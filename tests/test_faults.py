@@ -8,22 +8,24 @@ pytestmark = pytest.mark.mpi
 BASE = ["run", "--heads", 4, "--head-dim", 8, "--repeat", 1, "--warmup", 0]
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--seq-len", 100], "--seq-len: 100 is not divisible by 3"),
-    (["--seq-len", 93, "--layout", "zigzag"], "--seq-len: 93 is not divisible by 6"),
-    (["--kv-heads", 3], "--kv-heads: must divide heads=4"),
-    (["--layout", "spiral"], "--layout: invalid choice: 'spiral'"),
-    (["--mode", "ring"], "--mode: invalid choice"),
-    (["--dtype", "int8"], "--dtype: invalid choice"),
-    (["--backend", "jax"], "--backend: invalid choice"),
-    (["--seq-len", "abc"], "--seq-len: invalid int value: 'abc'"),
-    (["--backend", "cupy"], "--backend cupy"),
-    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--seq-len", 100], "--seq-len: 100 is not divisible by 3"),
+        (["--seq-len", 93, "--layout", "zigzag"], "--seq-len: 93 is not divisible by 6"),
+        (["--kv-heads", 3], "--kv-heads: must divide heads=4"),
+        (["--layout", "spiral"], "--layout: invalid choice: 'spiral'"),
+        (["--mode", "ring"], "--mode: invalid choice"),
+        (["--dtype", "int8"], "--dtype: invalid choice"),
+        (["--backend", "jax"], "--backend: invalid choice"),
+        (["--seq-len", "abc"], "--seq-len: invalid int value: 'abc'"),
+        (["--backend", "cupy"], "--backend cupy"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
 def test_bad_option_is_one_line_exit_2(args, expect, tmp_path):
     out = tmp_path / "r.h5"
-    res = mpiexec(3, *BASE, "--out", out, *(["--seq-len", 96] if "--seq-len" not in args else []), *args,
-                  timeout=60)
+    res = mpiexec(3, *BASE, "--out", out, *(["--seq-len", 96] if "--seq-len" not in args else []), *args, timeout=60)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ringbench run: ") and expect in lines[0], res.stderr
@@ -33,8 +35,7 @@ def test_bad_option_is_one_line_exit_2(args, expect, tmp_path):
 def test_unwritable_output_path(tmp_path):
     res = mpiexec(2, *BASE, "--seq-len", 32, "--out", tmp_path / "nope" / "r.h5", timeout=60)
     assert res.returncode == 2
-    assert res.stderr.strip() == f"ringbench run: --out: cannot write {tmp_path}/nope/r.h5: " \
-                                 f"directory {tmp_path}/nope does not exist"
+    assert res.stderr.strip() == f"ringbench run: --out: cannot write {tmp_path}/nope/r.h5: directory {tmp_path}/nope does not exist"
 
 
 def test_output_that_is_not_a_result_file_is_refused(tmp_path):

@@ -19,9 +19,11 @@ BACKEND = get_backend("numpy")
 def make(seq_len, heads, kv_heads, head_dim, batch=2, seed=1):
     dims = dict(batch=batch, seq_len=seq_len, head_dim=head_dim)
     allpos = np.arange(seq_len)
-    return (inputs.tokens("q", seed, allpos, heads=heads, **dims),
-            inputs.tokens("k", seed, allpos, heads=kv_heads, **dims),
-            inputs.tokens("v", seed, allpos, heads=kv_heads, **dims))
+    return (
+        inputs.tokens("q", seed, allpos, heads=heads, **dims),
+        inputs.tokens("k", seed, allpos, heads=kv_heads, **dims),
+        inputs.tokens("v", seed, allpos, heads=kv_heads, **dims),
+    )
 
 
 def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_chunk=1, matmul=None):
@@ -50,9 +52,12 @@ def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_ch
 def matmuls():
     """The GEMM providers the kernel can run on here: NumPy's always, MKL's where installed."""
     from ringbench.backend import MklMatmul
+
     mkl = MklMatmul.load()
-    return [pytest.param(None, id="numpy"),
-            pytest.param(mkl, id="mkl", marks=pytest.mark.skipif(mkl is None, reason="Intel MKL not installed"))]
+    return [
+        pytest.param(None, id="numpy"),
+        pytest.param(mkl, id="mkl", marks=pytest.mark.skipif(mkl is None, reason="Intel MKL not installed")),
+    ]
 
 
 def rel_err(out, ref):
@@ -65,8 +70,7 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 def test_ring_matches_reference_float32(nranks, layout, causal, heads, kv_heads):
     q, k, v = make(48 * nranks, heads, kv_heads, 16)
-    ref = kernel.reference_attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32),
-                                     causal=causal)
+    ref = kernel.reference_attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=causal)
     out = emulate_ring(q, k, v, nranks=nranks, layout=layout, causal=causal, dtype="float32", tile_q=16)
     assert rel_err(out, ref) < TOL["float32"]
 
@@ -81,21 +85,20 @@ def test_dtypes_within_tolerance(dtype, layout, matmul):
     out = emulate_ring(q, k, v, nranks=3, layout=layout, causal=True, dtype=dtype, tile_q=7, matmul=matmul)
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"{dtype}: {err:.2e} >= {TOL[dtype]:.0e}"
-    assert err > 0 or dtype == "float64"   # the comparison really compares
+    assert err > 0 or dtype == "float64"  # the comparison really compares
 
 
 @pytest.mark.parametrize("tile_q,head_chunk", [(None, None), (1, 1), (5, 2), (64, 3)])
 def test_tiling_does_not_change_the_result(tile_q, head_chunk):
     q, k, v = make(64, 6, 3, 8, batch=1)
     ref = kernel.reference_attention(q, k, v, causal=True)
-    out = emulate_ring(q, k, v, nranks=2, layout="zigzag", causal=True, dtype="float64", tile_q=tile_q,
-                       head_chunk=head_chunk)
+    out = emulate_ring(q, k, v, nranks=2, layout="zigzag", causal=True, dtype="float64", tile_q=tile_q, head_chunk=head_chunk)
     assert rel_err(out, ref) < TOL["float64"]
 
 
 def test_large_logits_do_not_overflow():
     q, k, v = make(64, 2, 2, 16)
-    q, k = q * 60.0, k * 60.0        # logits of order 1e4: exp would overflow without the running max
+    q, k = q * 60.0, k * 60.0  # logits of order 1e4: exp would overflow without the running max
     # float32 scores of size 1e4 carry absolute rounding errors of ~1e-3: only float64 stays tight
     for dtype, tol in (("float32", 1e-2), ("float64", 1e-10)):
         st = BACKEND.dtype(dtype)
@@ -110,11 +113,11 @@ def test_fully_masked_rows_give_zero_not_nan():
     qh = rng.standard_normal((1, 1, 8, 4))
     kh = rng.standard_normal((1, 8, 4))
     st = kernel.OnlineSoftmax(np, qh.copy(), tile_q=3)
-    st.update(kh, kh, [Piece(0, 8, 0, 8, "strict")])   # row 0 sees no key at all
+    st.update(kh, kh, [Piece(0, 8, 0, 8, "strict")])  # row 0 sees no key at all
     out, lse = st.finalize()
     assert np.isfinite(out).all() and np.all(out[0, 0, 0] == 0) and lse[0, 0, 0] == -np.inf
     assert np.isfinite(lse[0, 0, 1:]).all()
-    st.update(kh, kh, [])                               # a skipped step changes nothing
+    st.update(kh, kh, [])  # a skipped step changes nothing
     np.testing.assert_array_equal(st.finalize()[0], out)
 
 

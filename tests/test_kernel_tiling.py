@@ -31,8 +31,7 @@ def rel_err(out, ref):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("tile_q,tile_k,head_chunk", [(None, None, None), (7, 5, 1), (13, 64, 2), (1, 3, 3),
-                                                     (64, 17, 1), (200, 200, 4)])
+@pytest.mark.parametrize("tile_q,tile_k,head_chunk", [(None, None, None), (7, 5, 1), (13, 64, 2), (1, 3, 3), (64, 17, 1), (200, 200, 4)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (3, 1)])
 def test_full_blocks_any_tiling(dtype, tile_q, tile_k, head_chunk, heads, kv_heads):
     rng = np.random.default_rng(3)
@@ -40,15 +39,13 @@ def test_full_blocks_any_tiling(dtype, tile_q, tile_k, head_chunk, heads, kv_hea
     q = rand((b, n, heads, d), rng, dtype)
     ks = [rand((b, m, kv_heads, d), rng, dtype) for _ in range(3)]
     vs = [rand((b, m, kv_heads, d), rng, dtype) for _ in range(3)]
-    out, lse, _ = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 3, dtype, tile_q=tile_q, tile_k=tile_k,
-                             head_chunk=head_chunk)
+    out, lse, _ = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 3, dtype, tile_q=tile_q, tile_k=tile_k, head_chunk=head_chunk)
     k_all, v_all = np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
     ref = kernel.reference_attention(q, k_all, v_all, causal=False)
     assert rel_err(out, ref) < TOL[dtype]
     # the log-sum-exp is the natural-log one, whatever base the kernel works in
-    s = np.einsum("bnhd,bmhd->bhnm", q.astype(np.float64),
-                  np.repeat(k_all.astype(np.float64), heads // kv_heads, axis=2)) / np.sqrt(d)
-    want = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)             # (B, H, n)
+    s = np.einsum("bnhd,bmhd->bhnm", q.astype(np.float64), np.repeat(k_all.astype(np.float64), heads // kv_heads, axis=2)) / np.sqrt(d)
+    want = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)  # (B, H, n)
     got = lse.reshape(b, kv_heads, heads // kv_heads, n).reshape(b, heads, n)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 if dtype == "float32" else 1e-10)
 
@@ -64,7 +61,7 @@ def test_diagonal_blocks(mask, tile_q, tile_k):
     pos = np.arange(n)
     ref = kernel.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos + (mask == STRICT))
     assert rel_err(out, ref) < TOL["float64"]
-    if mask == STRICT:   # row 0 sees no key: zero output and -inf log-sum-exp, no NaN anywhere
+    if mask == STRICT:  # row 0 sees no key: zero output and -inf log-sum-exp, no NaN anywhere
         assert np.all(out[:, 0] == 0) and np.all(lse[..., 0] == -np.inf)
         assert np.isfinite(out).all() and np.isfinite(lse[..., 1:]).all()
 
@@ -77,7 +74,7 @@ def test_pieces_of_a_zigzag_step():
     k, v = rand((b, n, h, d), rng, "float64"), rand((b, n, h, d), rng, "float64")
     pieces = [Piece(0, c, 0, c, CAUSAL), Piece(c, n, 0, c, FULL), Piece(c, n, c, n, CAUSAL)]
     out, _, _ = run_kernel(q, [k], [v], [pieces], "float64", tile_q=5, tile_k=7)
-    pos = np.arange(n)                     # the three pieces together are plain causal attention on the block
+    pos = np.arange(n)  # the three pieces together are plain causal attention on the block
     ref = kernel.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos)
     assert rel_err(out, ref) < TOL["float64"]
 
@@ -95,8 +92,9 @@ def test_large_logits_take_the_exact_path(dtype, tol, scale):
     if scale < 0:
         q, k = np.abs(q), -np.abs(k)
     v = rand((b, n, h, d), rng, dtype)
-    out, lse, _ = run_kernel(q, [k[:, :16], k[:, 16:]], [v[:, :16], v[:, 16:]],
-                             [[Piece(0, n, 0, 16)], [Piece(0, n, 0, 16)]], dtype, tile_q=8, tile_k=8)
+    out, lse, _ = run_kernel(
+        q, [k[:, :16], k[:, 16:]], [v[:, :16], v[:, 16:]], [[Piece(0, n, 0, 16)], [Piece(0, n, 0, 16)]], dtype, tile_q=8, tile_k=8
+    )
     ref = kernel.reference_attention(q, k, v, causal=False)
     assert np.isfinite(out).all() and np.isfinite(lse).all()
     assert rel_err(out, ref) < tol
@@ -112,16 +110,16 @@ def test_rising_logits_rebase_the_rows():
     out, lse, st = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 4, "float64", tile_q=4, tile_k=3)
     ref = kernel.reference_attention(q, np.concatenate(ks, 1), np.concatenate(vs, 1), causal=False)
     assert rel_err(out, ref) < 1e-10
-    assert np.all(st.m > 100)              # the reference followed the logits up
+    assert np.all(st.m > 100)  # the reference followed the logits up
 
 
 def test_overflowing_sum_check_counts_infinities_and_nans():
     r = np.array([[1.0, np.inf]])
     assert not kernel.OnlineSoftmax._sums_ok(r, np.ones_like(r), False)
     assert not kernel.OnlineSoftmax._sums_ok(np.array([[1.0, np.nan]]), np.ones((1, 2)), False)
-    assert not kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0]]), True)   # underflow
-    assert kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 0.0]]), np.array([[1.0, 2.0]]), True)       # not fresh
-    assert kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 2.0 ** 20]]), np.zeros((1, 2)), True)
+    assert not kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0]]), True)  # underflow
+    assert kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 0.0]]), np.array([[1.0, 2.0]]), True)  # not fresh
+    assert kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 2.0**20]]), np.zeros((1, 2)), True)
 
 
 def test_deterministic_and_on_tile_after_every_tile():
@@ -130,16 +128,16 @@ def test_deterministic_and_on_tile_after_every_tile():
     q = rand((b, n, h, d), rng, "float32")
     k, v = rand((b, n, h, d), rng, "float32"), rand((b, n, h, d), rng, "float32")
     calls = []
-    out1, lse1, st = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", tile_q=16, tile_k=16,
-                                head_chunk=1, on_tile=lambda: calls.append(1))
+    out1, lse1, st = run_kernel(
+        q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", tile_q=16, tile_k=16, head_chunk=1, on_tile=lambda: calls.append(1)
+    )
     # a diagonal piece uses half-height query tiles (tile_k / 2 = 8 rows):
     # head chunks (2) x query tiles ending at 8, 16, 24, 32, 40 x key tiles of 16 not past the diagonal
     assert len(calls) == 2 * (1 + 1 + 2 + 2 + 3)
-    out2, lse2, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", tile_q=16, tile_k=16,
-                               head_chunk=1)
+    out2, lse2, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", tile_q=16, tile_k=16, head_chunk=1)
     np.testing.assert_array_equal(out1, out2)
     np.testing.assert_array_equal(lse1, lse2)
-    st.reset()                              # a reset state gives the same bits again
+    st.reset()  # a reset state gives the same bits again
     st.update(kernel.kv_to_heads(np, k), kernel.kv_to_heads(np, v), [Piece(0, n, 0, n, CAUSAL)])
     np.testing.assert_array_equal(kernel.heads_to_out(st.finalize()[0], b), out1)
 

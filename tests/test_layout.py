@@ -34,8 +34,8 @@ def _visibility(name, nranks, n_total, causal):
             src = (r - s) % nranks
             kp = positions(name, src, nranks, n_total)
             for piece in step_plan(name, r, src, nranks, n, causal):
-                qi = qp[piece.q0:piece.q1]
-                ki = kp[piece.k0:piece.k1]
+                qi = qp[piece.q0 : piece.q1]
+                ki = kp[piece.k0 : piece.k1]
                 vis = np.ones((len(qi), len(ki)), bool)
                 m = layout.mask_for(piece, 0, len(qi), 0, len(ki))
                 if m is not None:
@@ -52,7 +52,7 @@ def test_plans_cover_each_visible_pair_once(name, nranks, causal):
     seen = _visibility(name, nranks, n_total, causal)
     want = np.tril(np.ones((n_total, n_total), int)) if causal else np.ones((n_total, n_total), int)
     np.testing.assert_array_equal(seen, want)
-    expect = n_total * (n_total + 1) // 2 if causal else n_total ** 2
+    expect = n_total * (n_total + 1) // 2 if causal else n_total**2
     assert unmasked_pairs(name, nranks, n_total, causal) == expect
 
 

@@ -27,8 +27,8 @@ def tiny(**kw) -> Shape:
 def test_block_bytes_and_full_block_flops():
     s = Shape(nranks=4, seq_len=1024, batch=2, heads=8, kv_heads=2, head_dim=16, dtype="float16")
     n = 256
-    assert model.block_bytes(s) == 2 * 2 * n * 2 * 16 * 2            # K and V, B n H_kv D itemsize
-    assert model.full_block_flops(s) == 4 * 2 * 8 * 16 * n * n        # QK^T and PV, 2 FLOPs per MAC
+    assert model.block_bytes(s) == 2 * 2 * n * 2 * 16 * 2  # K and V, B n H_kv D itemsize
+    assert model.full_block_flops(s) == 4 * 2 * 8 * 16 * n * n  # QK^T and PV, 2 FLOPs per MAC
 
 
 def test_step_pairs_contiguous_causal_by_hand():
@@ -36,7 +36,7 @@ def test_step_pairs_contiguous_causal_by_hand():
     # rank 1 sees its own block (10) then rank 0's block, fully visible (16).
     pairs = model.step_pairs(tiny(causal=True, layout="contiguous"))
     assert pairs.tolist() == [[10, 0], [10, 16]]
-    assert pairs.sum() == 8 * 9 // 2                                  # N(N+1)/2 over the whole pass
+    assert pairs.sum() == 8 * 9 // 2  # N(N+1)/2 over the whole pass
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
@@ -55,7 +55,7 @@ def test_predict_overlap_hides_comm_when_compute_is_longer():
     p = model.predict(tiny(mode="overlap"), cal)
     assert p.compute_s == pytest.approx(np.full((2, 2), 0.064))
     assert p.comm_s == pytest.approx(0.033)
-    assert p.step_s.tolist() == pytest.approx([0.064, 0.064])       # max(compute, comm), last step: compute
+    assert p.step_s.tolist() == pytest.approx([0.064, 0.064])  # max(compute, comm), last step: compute
     assert p.exposed_total_s == 0
     assert p.time_s == pytest.approx(0.128)
 
@@ -70,7 +70,7 @@ def test_predict_overlap_exposes_the_excess_and_blocking_adds():
     assert bl.step_s.tolist() == pytest.approx([0.064 + 0.132, 0.064])
     assert bl.exposed_total_s == pytest.approx(0.132)
     ag = model.predict(tiny(mode="allgather", nranks=4, seq_len=16), cal)
-    assert ag.exposed_total_s == pytest.approx(3 * 0.132)             # (P-1) blocks before step 0
+    assert ag.exposed_total_s == pytest.approx(3 * 0.132)  # (P-1) blocks before step 0
     assert ag.time_s == pytest.approx(4 * 0.064 + 3 * 0.132)
 
 
@@ -111,13 +111,12 @@ def test_causal_fraction():
     # P=2, n=8 (chunks of 4): the only communicating step is the diagonal one, 10 + 16 + 10 of 64 pairs
     assert model.causal_fraction(Shape(nranks=2, seq_len=16, causal=True, layout="zigzag")) == pytest.approx(36 / 64)
     zz = Shape(nranks=4, seq_len=64, causal=True, layout="zigzag")
-    assert model.causal_fraction(zz) == pytest.approx(0.5)                  # off-diagonal steps: half a block
+    assert model.causal_fraction(zz) == pytest.approx(0.5)  # off-diagonal steps: half a block
     # contiguous: step 0 is every rank's own causal diagonal block, n(n+1)/2 of n^2 pairs
     assert model.causal_fraction(zz.with_(layout="contiguous")) == pytest.approx(16 * 17 / 2 / 256)
     assert model.causal_fraction(zz.with_(causal=False)) == 1.0
     cal = Calibration.simple(rate=1e9, latency=0.0, bandwidth=1e9)
-    assert model.crossover_tokens(tiny(nranks=4, seq_len=64, causal=True, layout="zigzag"), cal) \
-        == pytest.approx(4.0)                                            # n* / f = 2 / 0.5
+    assert model.crossover_tokens(tiny(nranks=4, seq_len=64, causal=True, layout="zigzag"), cal) == pytest.approx(4.0)  # n* / f = 2 / 0.5
 
 
 def test_fit_link_recovers_a_line_and_falls_back():
@@ -130,21 +129,33 @@ def test_fit_link_recovers_a_line_and_falls_back():
 
 def test_calibration_rate_interpolates_and_picks_the_nearest_rank_count():
     cal = Calibration(rates={2: [(1e6, 10.0), (1e8, 30.0)], 8: [(1e6, 5.0)]}, links={2: (1e-6, 1e9)})
-    assert cal.rate(1e7, 2) == pytest.approx(20.0)                  # halfway in log FLOPs
-    assert cal.rate(1e3, 2) == 10.0 and cal.rate(1e12, 2) == 30.0    # clamped
-    assert cal.rate(1e6, 3) == 10.0                                   # nearest: P=2
+    assert cal.rate(1e7, 2) == pytest.approx(20.0)  # halfway in log FLOPs
+    assert cal.rate(1e3, 2) == 10.0 and cal.rate(1e12, 2) == 30.0  # clamped
+    assert cal.rate(1e6, 3) == 10.0  # nearest: P=2
     assert cal.rate(1e6, 64) == 5.0
     assert cal.link(16) == (1e-6, 1e9)
     assert Calibration(rates={1: [(1.0, 1.0)]}, links={}).link(4) == (0.0, math.inf)
 
 
 def _fake_run(nranks, seq_len, compute_per_step, comm_step, causal=False, layout="contiguous"):
-    cfg = {"batch": 1, "seq_len": seq_len, "heads": 1, "kv_heads": 1, "head_dim": 1, "dtype": "float32",
-           "causal": causal, "layout": layout, "mode": "overlap"}
+    cfg = {
+        "batch": 1,
+        "seq_len": seq_len,
+        "heads": 1,
+        "kv_heads": 1,
+        "head_dim": 1,
+        "dtype": "float32",
+        "causal": causal,
+        "layout": layout,
+        "mode": "overlap",
+    }
     R, P = 3, nranks
-    samples = {"compute_s": np.full((R, P, P), compute_per_step), "comm_s": np.zeros((R, P, P)),
-               "total_s": np.full((R, P), P * compute_per_step),
-               "comm_only_s": np.full((R, P, max(P - 1, 0)), comm_step)}
+    samples = {
+        "compute_s": np.full((R, P, P), compute_per_step),
+        "comm_s": np.zeros((R, P, P)),
+        "total_s": np.full((R, P), P * compute_per_step),
+        "comm_only_s": np.full((R, P, max(P - 1, 0)), comm_step),
+    }
     return Run(point_id="x", nranks=nranks, config=cfg, provenance={}, samples=samples)
 
 
@@ -159,7 +170,7 @@ def test_calibrate_from_runs_by_hand():
     assert bw == pytest.approx(64e3)
     assert "fitted" in cal.source
     p = model.predict(Shape(nranks=2, seq_len=8, batch=1, heads=1, kv_heads=1, head_dim=1), cal)
-    assert p.time_s == pytest.approx(2e-3)           # reproduces the run it came from
+    assert p.time_s == pytest.approx(2e-3)  # reproduces the run it came from
 
 
 def test_calibrate_keeps_causal_layouts_apart():
@@ -168,13 +179,15 @@ def test_calibrate_keeps_causal_layouts_apart():
     assert set(cal.causal_rates) == {"striped", "*"}
     # striped causal, N=8, P=2: 36 = N(N+1)/2 pairs = 144 FLOP over 2 ranks x 2 steps x 2 ms
     assert cal.rate(64.0, 2, causal=True, layout="striped") == pytest.approx(144 / 8e-3)
-    assert cal.rate(64.0, 2, causal=True, layout="zigzag") == pytest.approx(144 / 8e-3)   # pooled causal points
-    assert cal.rate(64.0, 2) == pytest.approx(64e3)                                        # full blocks unchanged
+    assert cal.rate(64.0, 2, causal=True, layout="zigzag") == pytest.approx(144 / 8e-3)  # pooled causal points
+    assert cal.rate(64.0, 2) == pytest.approx(64e3)  # full blocks unchanged
 
 
 def test_analysis_modules_import_without_mpi_or_pandas():
-    code = ("import sys, ringbench.model, ringbench.results, ringbench.report, ringbench.probe, ringbench.store; "
-            "print('mpi4py.MPI' in sys.modules, 'pandas' in sys.modules, 'matplotlib' in sys.modules)")
+    code = (
+        "import sys, ringbench.model, ringbench.results, ringbench.report, ringbench.probe, ringbench.store; "
+        "print('mpi4py.MPI' in sys.modules, 'pandas' in sys.modules, 'matplotlib' in sys.modules)"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=ROOT)
     assert res.stdout.split() == ["False", "False", "False"]

@@ -10,7 +10,7 @@ from conftest import mpiexec, ringbench
 
 pytestmark = pytest.mark.mpi
 
-plot = pytest.importorskip("ringbench.plot")      # needs matplotlib (the plot/test extras)
+plot = pytest.importorskip("ringbench.plot")  # needs matplotlib (the plot/test extras)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,18 @@ def test_small_file_skips_what_it_cannot_draw(small_results, tmp_path):
 
 def test_each_figure_names_host_backend_dtype_and_units(richer):
     from ringbench import model, results
+
     runs = results.load(richer)
     cal = model.calibrate_from_runs(runs)
-    figs = {"strong": plot.strong_scaling(runs), "weak": plot.weak_scaling(runs), "overlap": plot.overlap(runs, cal),
-            "timeline": plot.timeline(runs), "breakdown": plot.breakdown(runs),
-            "causal": plot.causal_layouts(runs, cal), "model": plot.model_figure(runs, cal)}
+    figs = {
+        "strong": plot.strong_scaling(runs),
+        "weak": plot.weak_scaling(runs),
+        "overlap": plot.overlap(runs, cal),
+        "timeline": plot.timeline(runs),
+        "breakdown": plot.breakdown(runs),
+        "causal": plot.causal_layouts(runs, cal),
+        "model": plot.model_figure(runs, cal),
+    }
     host = runs[0].provenance["hosts"][0]
     for name, fig in figs.items():
         assert fig is not None, name
@@ -63,6 +70,7 @@ def test_each_figure_names_host_backend_dtype_and_units(richer):
 
 def test_timeline_of_a_named_run(small_results, tmp_path):
     from ringbench import results
+
     name = next(r.name for r in results.load(small_results) if r.config["layout"] == "zigzag")
     res = ringbench("plot", small_results, "-o", tmp_path, "--only", "timeline", "--timeline-run", name)
     assert res.returncode == 0, res.stderr
@@ -84,5 +92,6 @@ def test_plot_user_errors(small_results, tmp_path):
 
 def test_missing_plot_dependency_is_one_line():
     from ringbench.cli import _missing
+
     assert _missing("numpy") is None
     assert _missing("no_such_module_rb") == "no_such_module_rb not installed: pip install 'ringbench[plot]'"

@@ -10,8 +10,7 @@ from ringbench import store
 
 from conftest import mpiexec, ringbench
 
-SMALL = ["--heads", 2, "--head-dim", 16, "--block-sizes", "32,64", "--repeat", 2, "--max-bytes", 65536,
-         "--iters", 3]
+SMALL = ["--heads", 2, "--head-dim", 16, "--block-sizes", "32,64", "--repeat", 2, "--max-bytes", 65536, "--iters", 3]
 
 
 @pytest.mark.parametrize("nranks", [3, 4, 5, 8])
@@ -27,7 +26,7 @@ def test_link_phases_cover_the_ring_with_disjoint_pairs(nranks):
 
 def test_link_phases_small():
     assert probe_mod.link_phases(1) == []
-    assert probe_mod.link_phases(2) == [[(0, 1)]]         # one link: 0 -> 1 and 1 -> 0 are the same pair
+    assert probe_mod.link_phases(2) == [[(0, 1)]]  # one link: 0 -> 1 and 1 -> 0 are the same pair
 
 
 def test_message_sizes():
@@ -52,7 +51,7 @@ def test_probe_two_ranks_writes_its_group(tmp_path):
     assert s["pingpong_s"].shape == (1, 5, 3) and (s["pingpong_s"] > 0).all()
     assert p.summary["rate_flops"] > 0 and p.summary["bandwidth_Bps"] > 0 and p.summary["latency_s"] >= 0
     assert p.provenance["backend"] == "numpy" and p.config["block_sizes"] == [32, 64]
-    assert store.read(out) == []                                   # a probe-only file has no runs
+    assert store.read(out) == []  # a probe-only file has no runs
     # a second probe in the same file gets its own group
     res = mpiexec(2, "probe", "--out", out, "--quiet", *SMALL)
     assert res.returncode == 0 and res.stdout == ""
@@ -62,11 +61,12 @@ def test_probe_two_ranks_writes_its_group(tmp_path):
 @pytest.mark.mpi
 def test_model_uses_the_probe_in_the_same_file(small_results, tmp_path):
     import shutil
+
     path = tmp_path / "both.h5"
     shutil.copyfile(small_results, path)
     res = mpiexec(2, "probe", "--out", path, "--name", "here", *SMALL)
     assert res.returncode == 0, res.stderr
-    assert len(store.read(path)) == 6                              # the runs are untouched
+    assert len(store.read(path)) == 6  # the runs are untouched
     rep = ringbench("report", path)
     assert rep.returncode == 0, rep.stderr
     assert f"calibration: probe {path}:/probes/here" in rep.stdout
@@ -92,8 +92,9 @@ def test_probe_user_errors(tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == "ringbench probe: the following arguments are required: --out"
     res = mpiexec(2, "probe", "--out", tmp_path / "no" / "p.h5", *SMALL)
     assert res.returncode == 2
-    assert res.stderr.strip() == f"ringbench probe: --out: cannot write {tmp_path / 'no' / 'p.h5'}: " \
-                                 f"directory {tmp_path / 'no'} does not exist"
+    assert (
+        res.stderr.strip() == f"ringbench probe: --out: cannot write {tmp_path / 'no' / 'p.h5'}: directory {tmp_path / 'no'} does not exist"
+    )
     res = ringbench("probe", "--out", tmp_path / "p.h5", "--block-sizes", "32,x")
     assert res.returncode == 2 and "--block-sizes" in res.stderr and "positive integers" in res.stderr
     res = ringbench("probe", "--out", tmp_path / "p.h5", "--heads", 4, "--kv-heads", 3)

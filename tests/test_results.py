@@ -11,7 +11,7 @@ from ringbench import results, store
 
 from conftest import ringbench
 
-pytestmark = pytest.mark.mpi          # the small_results fixture launches mpiexec
+pytestmark = pytest.mark.mpi  # the small_results fixture launches mpiexec
 
 
 def test_rows_one_per_run_with_expected_values(small_results):
@@ -19,13 +19,18 @@ def test_rows_one_per_run_with_expected_values(small_results):
     assert len(rows) == 6
     assert set(rows[0]) == set(results.COLUMNS)
     got = sorted((r["mode"], r["layout"], r["causal"], r["nranks"]) for r in rows)
-    assert got == [("allgather", "contiguous", False, 2), ("blocking", "contiguous", False, 2),
-                   ("overlap", "contiguous", False, 1), ("overlap", "contiguous", False, 2),
-                   ("overlap", "striped", True, 4), ("overlap", "zigzag", True, 4)]
+    assert got == [
+        ("allgather", "contiguous", False, 2),
+        ("blocking", "contiguous", False, 2),
+        ("overlap", "contiguous", False, 1),
+        ("overlap", "contiguous", False, 2),
+        ("overlap", "striped", True, 4),
+        ("overlap", "zigzag", True, 4),
+    ]
     for r in rows:
         assert r["status"] == "ok" and r["seq_len"] == 256 and r["tokens_per_rank"] == 256 // r["nranks"]
         assert r["time_s"] > 0 and r["tflops"] > 0 and r["check_passed"] is True
-        assert r["block_bytes"] == 2 * (256 // r["nranks"]) * 2 * 16 * 4       # B n H_kv D float32
+        assert r["block_bytes"] == 2 * (256 // r["nranks"]) * 2 * 16 * 4  # B n H_kv D float32
         assert r["host"] and r["backend_device"].startswith("numpy") and "MPICH" in r["mpi_library"]
 
 
@@ -45,7 +50,7 @@ def test_csv_and_dataframe(small_results, tmp_path):
 
 def test_compare_modes_side_by_side(small_results):
     comp = results.compare_modes(results.rows(results.load(small_results)))
-    assert len(comp) == 1                           # only N=256, P=2 contiguous was run in several modes
+    assert len(comp) == 1  # only N=256, P=2 contiguous was run in several modes
     (d,) = comp
     assert d["nranks"] == 2 and {"time_overlap_s", "time_blocking_s", "time_allgather_s"} <= set(d)
     assert d["speedup_vs_blocking"] == pytest.approx(d["time_blocking_s"] / d["time_overlap_s"])
@@ -58,9 +63,23 @@ def test_report_command(small_results, tmp_path):
     assert res.returncode == 0, res.stderr
     text = res.stdout
     assert "6 runs from 1 file(s)" in text
-    for word in ("allgather", "blocking", "zigzag causal", "striped causal", "TFLOP/s", "GB/s", "overlap",
-                 "rel err", "model err", "vs blocking", "vs allgather", "calibration: fitted to the runs",
-                 "model error on 6 runs", "crossover", "P=16 ms"):
+    for word in (
+        "allgather",
+        "blocking",
+        "zigzag causal",
+        "striped causal",
+        "TFLOP/s",
+        "GB/s",
+        "overlap",
+        "rel err",
+        "model err",
+        "vs blocking",
+        "vs allgather",
+        "calibration: fitted to the runs",
+        "model error on 6 runs",
+        "crossover",
+        "P=16 ms",
+    ):
         assert word in text, word
     assert sum(1 for line in text.splitlines() if line.startswith(("overlap ", "blocking ", "allgather "))) >= 6
     assert "wrote 6 rows" in text and out.exists()
@@ -86,8 +105,9 @@ def test_other_schema_versions_are_refused(tmp_path, cmd, version):
     args = [cmd, path] + (["-o", tmp_path / "figs"] if cmd == "plot" else [])
     res = ringbench(*args)
     assert res.returncode == 2
-    assert res.stderr.strip() == (f"ringbench {cmd}: {path}: result schema version {version} is not supported; "
-                                  "this ringbench reads version 1")
+    assert res.stderr.strip() == (
+        f"ringbench {cmd}: {path}: result schema version {version} is not supported; this ringbench reads version 1"
+    )
     assert not (tmp_path / "figs").exists()
 
 
@@ -114,11 +134,11 @@ def test_reading_old_schema_from_python_raises_schema_error(tmp_path):
 
 def test_failed_runs_are_listed_and_skipped_by_model_and_plots(small_results, tmp_path):
     import shutil
+
     path = tmp_path / "with_failed.h5"
     shutil.copyfile(small_results, path)
     cfg = dict(results.load(small_results)[0].config)
-    store.append(path, store.Run(point_id="broken", nranks=2, config=cfg, provenance={}, status="failed",
-                                 error="rank 1 ran out of memory"))
+    store.append(path, store.Run(point_id="broken", nranks=2, config=cfg, provenance={}, status="failed", error="rank 1 ran out of memory"))
     rows = results.rows(results.load(path))
     assert [r["status"] for r in rows].count("failed") == 1
     res = ringbench("report", path)

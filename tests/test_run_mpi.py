@@ -59,6 +59,7 @@ def test_dtypes_at_four_ranks(dtype, tmp_path):
 @pytest.mark.parametrize("blas", ["numpy", "mkl"])
 def test_blas_choice_is_correct_and_recorded(blas, tmp_path):
     from ringbench.backend import MklMatmul
+
     if blas == "mkl" and MklMatmul.load() is None:
         pytest.skip("Intel MKL is not installed (pip install -e '.[mkl]')")
     run = run_ok(3, tmp_path, "--seq-len", 1536, "--blas", blas, "--causal", "--layout", "zigzag")
@@ -72,14 +73,31 @@ def test_modes_give_identical_outputs_and_tensors_reverify(tmp_path):
     for mode in ("overlap", "blocking", "allgather"):
         for progress in ("test", "none") if mode == "overlap" else ("none",):
             path = tmp_path / f"{mode}-{progress}.h5"
-            res = mpiexec(3, "run", *SMALL, "--seq-len", 120, "--causal", "--layout", "zigzag", "--kv-heads", 2,
-                          "--mode", mode, "--progress", progress, "--save-tensors", "--out", path)
+            res = mpiexec(
+                3,
+                "run",
+                *SMALL,
+                "--seq-len",
+                120,
+                "--causal",
+                "--layout",
+                "zigzag",
+                "--kv-heads",
+                2,
+                "--mode",
+                mode,
+                "--progress",
+                progress,
+                "--save-tensors",
+                "--out",
+                path,
+            )
             assert res.returncode == 0, res.stderr
             (run,) = store.read(path, tensors=True)
             outs[(mode, progress)] = run.tensors
     base = outs[("overlap", "test")]
     for key, t in outs.items():
-        np.testing.assert_array_equal(t["out"], base["out"], err_msg=str(key))   # bitwise identical
+        np.testing.assert_array_equal(t["out"], base["out"], err_msg=str(key))  # bitwise identical
     # anyone can re-verify from the stored global tensors (global token order)
     ref = kernel.reference_attention(base["q"], base["k"], base["v"], causal=True)
     assert np.abs(base["out"] - ref).max() / np.abs(ref).max() < 1e-5
@@ -108,13 +126,19 @@ def test_console_script_gives_each_rank_one_blas_thread(tmp_path):
     from pathlib import Path
 
     from conftest import MPIEXEC, child_env
+
     script = Path(sys.executable).parent / "ringbench"
     if not script.exists():
         pytest.skip(f"{script} not installed (pip install -e .)")
     out = tmp_path / "r.h5"
     env = {k: v for k, v in child_env().items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
-    res = subprocess.run([str(MPIEXEC), "-n", "2", str(script), "run", *map(str, SMALL), "--seq-len", "64",
-                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(
+        [str(MPIEXEC), "-n", "2", str(script), "run", *map(str, SMALL), "--seq-len", "64", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     (run,) = store.read(out)
     assert run.provenance["threads"] == {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -24,11 +24,21 @@ PROFILE = ROOT / "slurm" / "profiles" / "localcluster.yaml"
 
 
 def job(**kw) -> slurm.JobArray:
-    base = {"experiment": "scale", "nranks": 8, "ntasks": 3, "job_name": "rb-scale-P8", "time": "00:30:00",
-            "snapshot": Path("/r/scale/experiment.yaml"), "results": Path("/r"),
-            "tasks": Path("/r/scale/scripts/s-P8.tasks"), "script": Path("/r/scale/scripts/s-P8.sbatch"),
-            "logs": Path("/r/scale/logs"), "workdir": Path("/home/u"), "python": "/venv/bin/python",
-            "launcher": "srun"}
+    base = {
+        "experiment": "scale",
+        "nranks": 8,
+        "ntasks": 3,
+        "job_name": "rb-scale-P8",
+        "time": "00:30:00",
+        "snapshot": Path("/r/scale/experiment.yaml"),
+        "results": Path("/r"),
+        "tasks": Path("/r/scale/scripts/s-P8.tasks"),
+        "script": Path("/r/scale/scripts/s-P8.sbatch"),
+        "logs": Path("/r/scale/logs"),
+        "workdir": Path("/home/u"),
+        "python": "/venv/bin/python",
+        "launcher": "srun",
+    }
     base.update(kw)
     return slurm.JobArray(**base)
 
@@ -41,8 +51,15 @@ def render(spec: SlurmSpec, **kw) -> str:
 # rendering (pure, no Slurm needed)
 # ---------------------------------------------------------------------------------------------
 def test_sbatch_lines_gpu_site():
-    spec = SlurmSpec(partition="gpu", account="proj", qos="normal", constraint="a100&ib", gpus_per_node=4,
-                     cpus_per_task=8, sbatch=["--exclusive", "--mem=0"])
+    spec = SlurmSpec(
+        partition="gpu",
+        account="proj",
+        qos="normal",
+        constraint="a100&ib",
+        gpus_per_node=4,
+        cpus_per_task=8,
+        sbatch=["--exclusive", "--mem=0"],
+    )
     assert slurm.sbatch_lines(render(spec)) == {
         "#SBATCH --job-name=rb-scale-P8",
         "#SBATCH --array=0-2",
@@ -82,8 +99,9 @@ def test_ntasks_per_node_sets_nodes():
 
 def test_script_body_quotes_every_value(tmp_path):
     spec = SlurmSpec(setup=["module load cuda/12.4"], env={"UCX_TLS": "rc,cuda_copy", "NOTE": "a b $(id)"})
-    text = render(spec, python="/opt/my venv/bin/python", snapshot=Path("/r/it's/experiment.yaml"),
-                  pythonpath="/src/ring bench", force=True)
+    text = render(
+        spec, python="/opt/my venv/bin/python", snapshot=Path("/r/it's/experiment.yaml"), pythonpath="/src/ring bench", force=True
+    )
     body = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert body == [
         "set -eo pipefail     # not -u: site setup (module, venv activate) often reads unset variables",
@@ -91,8 +109,10 @@ def test_script_body_quotes_every_value(tmp_path):
         "export UCX_TLS=rc,cuda_copy",
         "export NOTE='a b $(id)'",
         "export PYTHONPATH='/src/ring bench'${PYTHONPATH:+:$PYTHONPATH}",
-        ("exec '/opt/my venv/bin/python' -m ringbench sweep '/r/it'\"'\"'s/experiment.yaml' --results /r "
-         "--launcher srun --tasks /r/scale/scripts/s-P8.tasks --task \"$SLURM_ARRAY_TASK_ID\" --force"),
+        (
+            "exec '/opt/my venv/bin/python' -m ringbench sweep '/r/it'\"'\"'s/experiment.yaml' --results /r "
+            '--launcher srun --tasks /r/scale/scripts/s-P8.tasks --task "$SLURM_ARRAY_TASK_ID" --force'
+        ),
     ]
     script = tmp_path / "s.sh"
     script.write_text(text)
@@ -101,21 +121,28 @@ def test_script_body_quotes_every_value(tmp_path):
 
 def test_submit_dry_run_writes_scripts_per_rank_count(tmp_path):
     exp = tmp_path / "exp.yaml"
-    exp.write_text(textwrap.dedent(f"""
+    exp.write_text(
+        textwrap.dedent(f"""
         name: dry
         base: {{seq_len: 256, heads: 2, head_dim: 16}}
         matrix: {{mode: [overlap, blocking, allgather]}}
         ranks: [1, 2]
         exclude: [{{ranks: 1, mode: [blocking, allgather]}}]
         slurm: {{profile: {PROFILE}, points_per_task: 2, job_name: ring}}
-    """))
+    """)
+    )
     res = ringbench("submit", exp, "--dry-run", "--results", tmp_path / "results", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     scripts = sorted((tmp_path / "results" / "dry" / "scripts").glob("*.sbatch"))
     assert [s.name.split("-")[-1] for s in scripts] == ["P1.sbatch", "P2.sbatch"]
     p2 = scripts[1].read_text()
-    assert {"#SBATCH --job-name=ring-P2", "#SBATCH --array=0-1", "#SBATCH --ntasks=2",
-            "#SBATCH --partition=debug", "#SBATCH --time=00:10:00"} <= slurm.sbatch_lines(p2)
+    assert {
+        "#SBATCH --job-name=ring-P2",
+        "#SBATCH --array=0-1",
+        "#SBATCH --ntasks=2",
+        "#SBATCH --partition=debug",
+        "#SBATCH --time=00:10:00",
+    } <= slurm.sbatch_lines(p2)
     tasks = scripts[1].with_suffix(".tasks").read_text().splitlines()
     assert [len(t.split()) for t in tasks] == [2, 1]
     assert not (tmp_path / "results" / "dry" / "jobs.json").exists()
@@ -159,11 +186,11 @@ def cluster() -> dict:
 def wait_for_jobs(jobs_json: Path, env: dict, limit_s: float = 180) -> None:
     """Until the experiment's jobs have left the queue (a hang guard, not a timing assertion)."""
     import json
+
     ids = ",".join(j["job_id"] for j in json.loads(jobs_json.read_text()))
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        res = subprocess.run(["squeue", "-h", "-j", ids], capture_output=True, text=True,
-                             env=dict(os.environ, **env), check=False)
+        res = subprocess.run(["squeue", "-h", "-j", ids], capture_output=True, text=True, env=dict(os.environ, **env), check=False)
         if res.returncode == 0 and not res.stdout.strip() or "Invalid job id" in res.stderr:
             return
         time.sleep(0.5)
@@ -173,7 +200,8 @@ def wait_for_jobs(jobs_json: Path, env: dict, limit_s: float = 180) -> None:
 @pytest.mark.slurm
 def test_submit_wait_collect(tmp_path, cluster):
     exp = tmp_path / "exp.yaml"
-    exp.write_text(textwrap.dedent(f"""
+    exp.write_text(
+        textwrap.dedent(f"""
         name: e2e
         base: {{seq_len: 256, heads: 2, head_dim: 16, repeat: 2, warmup: 1, check: true}}
         matrix:
@@ -184,13 +212,14 @@ def test_submit_wait_collect(tmp_path, cluster):
           - {{ranks: 1, mode: blocking}}
         timeout: 120
         slurm: {{profile: {PROFILE}, time: "5"}}
-    """))
+    """)
+    )
     results = tmp_path / "results"
     res = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("submitted job") == 2                  # one array per rank count
+    assert res.stdout.count("submitted job") == 2  # one array per rank count
     queued = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
-    assert queued.returncode == 0 and "nothing to submit" in queued.stdout      # not queued twice
+    assert queued.returncode == 0 and "nothing to submit" in queued.stdout  # not queued twice
     wait_for_jobs(results / "e2e" / "jobs.json", cluster)
 
     status = ringbench("status", exp, "--results", results, env=cluster, cwd=tmp_path)
@@ -207,22 +236,24 @@ def test_submit_wait_collect(tmp_path, cluster):
         assert r.check["passed"] and r.check["rel_err"] <= r.check["tol"]
         assert r.samples["total_s"].shape == (2, r.nranks)
     assert all(" srun " in p.read_text() for p in (results / "e2e" / "logs").glob("*.log"))
-    assert len(list((results / "e2e" / "logs").glob("rb-e2e-P2-*_*.out"))) == 4       # one per array task
+    assert len(list((results / "e2e" / "logs").glob("rb-e2e-P2-*_*.out"))) == 4  # one per array task
 
     again = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
     assert again.returncode == 0 and "nothing to submit" in again.stdout
     assert ringbench("collect", exp, "--results", results, cwd=tmp_path).returncode == 0
-    assert len(store.read(results / "e2e.h5")) == 6                 # collect again: nothing added
+    assert len(store.read(results / "e2e.h5")) == 6  # collect again: nothing added
 
 
 @pytest.mark.slurm
 def test_sbatch_failure_shows_sbatch_message(tmp_path, cluster):
     exp = tmp_path / "exp.yaml"
-    exp.write_text(textwrap.dedent("""
+    exp.write_text(
+        textwrap.dedent("""
         name: badpart
         base: {seq_len: 256, heads: 2, head_dim: 16}
         slurm: {partition: nosuchpartition}
-    """))
+    """)
+    )
     res = ringbench("submit", exp, "--results", tmp_path / "results", env=cluster, cwd=tmp_path)
     assert res.returncode == 2
     (line,) = res.stderr.strip().splitlines()

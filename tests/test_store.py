@@ -11,10 +11,17 @@ from ringbench import store
 
 
 def make_run(pid="p1", value=1.0):
-    return store.Run(point_id=pid, nranks=2, config={"seq_len": 8, "kv_heads": 2}, provenance={"hosts": ["h"]},
-                     samples={"total_s": np.full((3, 2), value)}, summary={"time_s": value},
-                     memory={"peak_rss_bytes": np.array([1, 2]), "theoretical_bytes": 5},
-                     check={"passed": True, "rel_err": 1e-7}, created_utc="2026-01-01T00:00:00+00:00")
+    return store.Run(
+        point_id=pid,
+        nranks=2,
+        config={"seq_len": 8, "kv_heads": 2},
+        provenance={"hosts": ["h"]},
+        samples={"total_s": np.full((3, 2), value)},
+        summary={"time_s": value},
+        memory={"peak_rss_bytes": np.array([1, 2]), "theoretical_bytes": 5},
+        check={"passed": True, "rel_err": 1e-7},
+        created_utc="2026-01-01T00:00:00+00:00",
+    )
 
 
 def test_round_trip(tmp_path):
@@ -54,7 +61,7 @@ def test_crash_mid_write_leaves_earlier_runs_readable(tmp_path, monkeypatch):
         store.append(path, make_run("b"))
     assert path.read_bytes() == before
     assert [r.point_id for r in store.read(path)] == ["a"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5", "r.h5.lock"]   # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5", "r.h5.lock"]  # no temporary left
 
 
 def _append_many(path, tag):

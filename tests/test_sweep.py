@@ -31,13 +31,16 @@ def sweep(tmp_path: Path, *args, timeout: float = 300):
 def cupy_works() -> bool:
     try:
         import cupy
+
         return bool(cupy.is_available())
-    except Exception:          # noqa: BLE001 - any import problem means: no GPU runs here
+    except Exception:  # noqa: BLE001 - any import problem means: no GPU runs here
         return False
 
 
 def test_sweep_runs_resumes_and_collects(tmp_path):
-    exp = write(tmp_path, f"""
+    exp = write(
+        tmp_path,
+        f"""
         name: local
         base: {SMALL}
         matrix:
@@ -45,7 +48,8 @@ def test_sweep_runs_resumes_and_collects(tmp_path):
         ranks: [1, 2]
         exclude:
           - {{ranks: 1, mode: blocking}}
-    """)
+    """,
+    )
     res = sweep(tmp_path, exp)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "3 to run" in res.stdout and "3 ok, 0 failed" in res.stdout
@@ -53,19 +57,18 @@ def test_sweep_runs_resumes_and_collects(tmp_path):
     parts = sorted((root / "parts").glob("*.h5"))
     assert len(parts) == 3
     merged = store.read(tmp_path / "results" / "local.h5")
-    assert sorted((r.point_id, r.nranks) for r in merged) == sorted(
-        (p.stem, int(p.stem.split("-P")[1].split("-")[0])) for p in parts)
+    assert sorted((r.point_id, r.nranks) for r in merged) == sorted((p.stem, int(p.stem.split("-P")[1].split("-")[0])) for p in parts)
     assert all(r.status == "ok" and r.check["passed"] for r in merged)
-    assert {r.samples["total_s"].shape[1] for r in merged} == {1, 2}       # (R, P): every rank's samples
+    assert {r.samples["total_s"].shape[1] for r in merged} == {1, 2}  # (R, P): every rank's samples
 
     again = sweep(tmp_path, exp)
     assert again.returncode == 0
     assert "3 already done (skipped), 0 to run" in again.stdout
-    assert len(store.read(tmp_path / "results" / "local.h5")) == 3          # collect is idempotent
+    assert len(store.read(tmp_path / "results" / "local.h5")) == 3  # collect is idempotent
 
     forced = sweep(tmp_path, exp, "--force")
     assert forced.returncode == 0 and "3 to run" in forced.stdout
-    assert len(store.read(tmp_path / "results" / "local.h5")) == 6          # never overwritten: added
+    assert len(store.read(tmp_path / "results" / "local.h5")) == 6  # never overwritten: added
 
     status = ringbench("status", root, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
@@ -74,13 +77,16 @@ def test_sweep_runs_resumes_and_collects(tmp_path):
 
 @pytest.mark.skipif(cupy_works(), reason="CuPy runs here, so the cupy points would not fail")
 def test_failed_points_are_recorded_and_retried(tmp_path):
-    exp = write(tmp_path, f"""
+    exp = write(
+        tmp_path,
+        f"""
         name: partly
         base: {SMALL}
         matrix:
           backend: [numpy, cupy]
         ranks: [1, 2]
-    """)
+    """,
+    )
     res = sweep(tmp_path, exp)
     assert res.returncode == 1
     assert "2 ok, 2 failed" in res.stdout
@@ -104,12 +110,15 @@ def test_failed_points_are_recorded_and_retried(tmp_path):
 
 
 def test_timeout_kills_the_point_and_its_ranks(tmp_path):
-    exp = write(tmp_path, """
+    exp = write(
+        tmp_path,
+        """
         name: slow
         base: {seq_len: 16384, heads: 8, head_dim: 64, repeat: 50, warmup: 0}
         ranks: [2]
         timeout: 1
-    """)
+    """,
+    )
     res = sweep(tmp_path, exp)
     assert res.returncode == 1
     part = next((tmp_path / "results" / "slow" / "parts").glob("*.h5"))
@@ -127,13 +136,16 @@ def _cmdline(pid: str) -> str:
 
 
 def test_sweep_of_a_job_array_task(tmp_path):
-    exp = write(tmp_path, f"""
+    exp = write(
+        tmp_path,
+        f"""
         name: tasks
         base: {SMALL}
         matrix:
           mode: [overlap, blocking, allgather]
         ranks: [2]
-    """)
+    """,
+    )
     plan = ringbench("plan", exp, cwd=tmp_path)
     ids = [line.split()[1] for line in plan.stdout.splitlines() if line[:1].isdigit()]
     assert len(ids) == 3
@@ -142,17 +154,20 @@ def test_sweep_of_a_job_array_task(tmp_path):
     res = sweep(tmp_path, exp, "--tasks", tasks, "--task", 1)
     assert res.returncode == 0, res.stderr
     assert sorted(p.stem for p in (tmp_path / "results" / "tasks" / "parts").glob("*.h5")) == sorted(ids[1:])
-    assert not (tmp_path / "results" / "tasks.h5").exists()          # tasks never write the shared file
+    assert not (tmp_path / "results" / "tasks.h5").exists()  # tasks never write the shared file
     bad = sweep(tmp_path, exp, "--tasks", tasks, "--task", 5)
     assert bad.returncode == 2 and "task 5 does not exist" in bad.stderr
 
 
 def test_collect_refuses_incompatible_files(tmp_path):
-    exp = write(tmp_path, f"""
+    exp = write(
+        tmp_path,
+        f"""
         name: merge
         base: {SMALL}
         ranks: [1]
-    """)
+    """,
+    )
     assert sweep(tmp_path, exp).returncode == 0
     parts = tmp_path / "results" / "merge" / "parts"
     with h5py.File(parts / "old.h5", "w") as f:
@@ -162,8 +177,9 @@ def test_collect_refuses_incompatible_files(tmp_path):
     before = (tmp_path / "results" / "merge.h5").read_bytes()
     res = ringbench("collect", exp, "--results", tmp_path / "results", cwd=tmp_path)
     assert res.returncode == 2
-    assert res.stderr.strip() == (f"ringbench collect: cannot merge: {parts / 'old.h5'}: result schema version 99 "
-                                  f"is not supported; this ringbench reads version 1")
+    assert res.stderr.strip() == (
+        f"ringbench collect: cannot merge: {parts / 'old.h5'}: result schema version 99 is not supported; this ringbench reads version 1"
+    )
     assert (tmp_path / "results" / "merge.h5").read_bytes() == before
 
 
