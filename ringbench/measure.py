@@ -22,6 +22,8 @@ Metrics (the README defines them for users):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -98,3 +100,105 @@ def theoretical_bytes(
         + 2 * kv_block * itemsize  # double buffer
         + score_tile_elems * compute_itemsize
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Spread and significance (the README's "Measurements and metrics" states the rules for users)
+# ---------------------------------------------------------------------------------------------
+CONFIDENCE = 0.95  # two-sided level of every interval
+RESAMPLES = 2000  # bootstrap resamples: the interval's ends move by well under 1% of the median between seeds
+SEED = 20240607  # fixed, so the same samples always give the same report
+MIN_REPEATS = 3  # fewer repeats than this: no interval, and a comparison says "too few repeats"
+
+SIGNIFICANT, NOT_SIGNIFICANT, TOO_FEW = "significant", "not significant", "too few repeats"
+
+
+def per_repeat(samples: dict) -> dict:
+    """The slowest rank's pass, compute and exposed communication time of each repeat, (R,) arrays in seconds.
+
+    ``time_s``, ``compute_s`` and ``exposed_comm_s`` of ``summarize`` are the medians of these.
+    """
+    total = np.asarray(samples["total_s"], dtype=np.float64)  # (R, P)
+    return {
+        "time_s": total.max(axis=1),
+        "compute_s": np.asarray(samples["compute_s"], dtype=np.float64).sum(axis=2).max(axis=1),
+        "exposed_comm_s": np.asarray(samples["comm_s"], dtype=np.float64).sum(axis=2).max(axis=1),
+    }
+
+
+def _resampled_medians(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Medians of ``resamples`` resamples of ``values`` drawn with replacement, each of the same size."""
+    idx = rng.integers(0, len(values), size=(resamples, len(values)))
+    return np.median(values[idx], axis=1)
+
+
+def _tails(confidence: float) -> tuple[float, float]:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return (1 - confidence) / 2, (1 + confidence) / 2
+
+
+def median_ci(values, *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float, float]:
+    """(median, low, high): the median of ``values`` and its percentile-bootstrap confidence interval.
+
+    ``values`` are one number per repeat (e.g. ``per_repeat(samples)["time_s"]``). The repeats are resampled
+    with replacement ``resamples`` times; the interval runs between the (1 - confidence)/2 and (1 + confidence)/2
+    quantiles of the resampled medians. With fewer than ``MIN_REPEATS`` values low and high are NaN.
+    """
+    lo_q, hi_q = _tails(confidence)
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    med = float(np.median(values))
+    if values.size < MIN_REPEATS:
+        return med, float("nan"), float("nan")
+    meds = _resampled_medians(values, resamples, np.random.default_rng(seed))
+    lo, hi = np.quantile(meds, [lo_q, hi_q])
+    return med, float(lo), float(hi)
+
+
+def relative_half_width(median: float, lo: float, hi: float) -> float:
+    """(high - low) / 2 / median: the '±' of a time, as a share of it (NaN without an interval)."""
+    if not (median > 0) or not np.isfinite(lo) or not np.isfinite(hi):
+        return float("nan")
+    return (hi - lo) / 2 / median
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Speed-up of ``new`` over ``base``: ratio = median(base) / median(new); > 1: ``new`` is faster."""
+
+    ratio: float
+    lo: float  # confidence interval of the ratio (NaN with too few repeats)
+    hi: float
+    verdict: str  # SIGNIFICANT, NOT_SIGNIFICANT or TOO_FEW
+    n_base: int
+    n_new: int
+
+    @property
+    def significant(self) -> bool:
+        return self.verdict == SIGNIFICANT
+
+
+def compare(base, new, *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = SEED) -> Comparison:
+    """Compare two sets of per-repeat times (e.g. blocking and overlap runs of the same configuration).
+
+    ratio = median(base) / median(new). Its confidence interval is a percentile bootstrap: both sets are
+    resampled with replacement, independently, ``resamples`` times, and the ratio of the two resampled
+    medians is taken each time. The verdict is SIGNIFICANT when the interval excludes 1 (low > 1 or
+    high < 1), NOT_SIGNIFICANT when it contains 1, and TOO_FEW when either set has fewer than
+    ``MIN_REPEATS`` values (no interval is computed then).
+    """
+    lo_q, hi_q = _tails(confidence)
+    base = np.asarray(base, dtype=np.float64).ravel()
+    new = np.asarray(new, dtype=np.float64).ravel()
+    if base.size == 0 or new.size == 0:
+        raise ValueError("compare needs at least one value in each set")
+    ratio = float(np.median(base) / np.median(new))
+    if min(base.size, new.size) < MIN_REPEATS:
+        return Comparison(ratio, float("nan"), float("nan"), TOO_FEW, base.size, new.size)
+    rng = np.random.default_rng(seed)
+    ratios = _resampled_medians(base, resamples, rng) / _resampled_medians(new, resamples, rng)
+    lo, hi = (float(x) for x in np.quantile(ratios, [lo_q, hi_q]))
+    verdict = SIGNIFICANT if (lo > 1 or hi < 1) else NOT_SIGNIFICANT
+    return Comparison(ratio, lo, hi, verdict, base.size, new.size)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from ringbench import model, results
+from ringbench import measure, model, results
 from ringbench.layout import divisor
 
 
@@ -29,6 +29,39 @@ def _num(v, fmt: str, scale: float = 1.0) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return format(v * scale, fmt)
+
+
+def time_cell(t, rel) -> str:
+    """``332.10 ±1.3%``: a time in ms and the relative half-width of its confidence interval (none: no '±')."""
+    return _num(t, ".2f", 1e3) + ("" if rel is None or (isinstance(rel, float) and math.isnan(rel)) else f" ±{rel:.1%}")
+
+
+def speedup_cell(d: dict) -> str:
+    """``1.21x [1.15, 1.27]``: a speed-up and its confidence interval, when it has one."""
+    if d["speedup_ci_lo"] is None:
+        return f"{d['speedup']:.2f}x"
+    return f"{d['speedup']:.2f}x [{d['speedup_ci_lo']:.2f}, {d['speedup_ci_hi']:.2f}]"
+
+
+def verdict_cell(d: dict) -> str:
+    """``significant: overlap faster``, ``not significant (noise)`` or ``too few repeats``."""
+    if d["verdict"] == measure.SIGNIFICANT:
+        return f"significant: {d['mode'] if d['speedup'] > 1 else d['other']} faster"
+    if d["verdict"] == measure.NOT_SIGNIFICANT:
+        return "not significant (noise)"
+    return d["verdict"]
+
+
+def spread_note() -> str:
+    """How to read '±', the speed-up's interval and the verdict (printed under the tables)."""
+    return (
+        f"±: half the width of the {measure.CONFIDENCE:.0%} bootstrap confidence interval of the median over repeats "
+        f"({measure.RESAMPLES} resamples, fixed seed), relative to it; none with fewer than {measure.MIN_REPEATS} repeats.\n"
+        f"A vs B = time B / time A (> 1: A is faster) [{measure.CONFIDENCE:.0%} bootstrap interval of that ratio]; "
+        f"significant when the interval excludes 1, 'too few repeats' below {measure.MIN_REPEATS} repeats a side.\n"
+        "The intervals cover the noise between the repeats of a run, not drift between runs; "
+        "with 3-4 repeats they are about the repeats' range and less sure than their level (use 5 or more)."
+    )
 
 
 def shape_label(r: dict) -> str:
@@ -64,7 +97,7 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
             str(r["seq_len"]),
             str(r["nranks"]),
             str(r["tokens_per_rank"]),
-            _num(r["time_s"], ".2f", 1e3),
+            time_cell(r["time_s"], r.get("time_ci_rel")),
             _num(r["tflops"], ".3f"),
             _num(r["bandwidth_gbps"], ".2f"),
             _num(r["overlap_eff"], ".0%"),
@@ -84,24 +117,24 @@ def modes_table(rows: list[dict]) -> str:
     comp = results.compare_modes(rows)
     if not comp:
         return "(no configuration was run in more than one mode)"
-    header = ["layout", "dtype", "BxH/Hkv xD", "N", "P", "overlap ms", "blocking ms", "allgather ms", "vs blocking", "vs allgather"]
+    header = ["A vs B", "layout", "dtype", "BxH/Hkv xD", "N", "P", "A ms", "B ms", "speed-up [CI]", "verdict"]
     body = []
-    for d in sorted(comp, key=lambda d: (d["layout"], bool(d["causal"]), d["dtype"], d["seq_len"], d["nranks"])):
+    for d in comp:
         body.append(
             [
+                f"{d['mode']} vs {d['other']}",
                 config_label(d),
                 d["dtype"],
                 shape_label(d),
                 str(d["seq_len"]),
                 str(d["nranks"]),
-                _num(d.get("time_overlap_s"), ".2f", 1e3),
-                _num(d.get("time_blocking_s"), ".2f", 1e3),
-                _num(d.get("time_allgather_s"), ".2f", 1e3),
-                _num(d.get("speedup_vs_blocking"), ".2f") + ("x" if d.get("speedup_vs_blocking") else ""),
-                _num(d.get("speedup_vs_allgather"), ".2f") + ("x" if d.get("speedup_vs_allgather") else ""),
+                time_cell(d["time_s"], d["time_ci_rel"]),
+                time_cell(d["time_other_s"], d["time_other_ci_rel"]),
+                speedup_cell(d),
+                verdict_cell(d),
             ]
         )
-    return table(header, body, left=3)
+    return table(header, body, left=4)
 
 
 def calibration_text(cal: model.Calibration) -> str:
@@ -200,7 +233,14 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
     backends = sorted({r["backend_device"] for r in rows})
     out = [(f"{len(rows)} runs from {len({r['file'] for r in rows})} file(s); hosts {', '.join(hosts) or '?'}; {'; '.join(backends)}")]
     preds = predictions(runs, cal) if cal is not None else None
-    out += ["", runs_table(rows, preds), "", "modes side by side (speed-up = mode time / overlap time)", modes_table(rows)]
+    out += [
+        "",
+        runs_table(rows, preds),
+        "",
+        "modes side by side: A vs B (speed-up = time B / time A; > 1: A is faster)",
+        modes_table(rows),
+        spread_note(),
+    ]
     if cal is None:
         out += ["", "model: left out (--no-model, or nothing to calibrate from: no probes and no successful runs)"]
     else:

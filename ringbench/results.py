@@ -5,7 +5,10 @@
     >>> results.to_csv(results.rows(results.load("scale.h5")), "scale.csv")
 
 Columns (``COLUMNS``): where the run is stored, its configuration, its summary metrics (seconds, TFLOP/s,
-GB/s, shares in [0, 1]), the correctness check and provenance. No pandas needed except for ``dataframe``.
+GB/s, shares in [0, 1]), their spread (bootstrap confidence intervals over the repeats, computed here from the
+stored samples: ``SPREAD_COLUMNS``), the correctness check and provenance. A row also carries the per-repeat
+values the intervals come from (``REPEAT_KEYS``: tuples, in the DataFrame but not in the CSV). No pandas
+needed except for ``dataframe``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import csv
 import math
 from pathlib import Path
 
-from ringbench import store
+import numpy as np
+
+from ringbench import measure, store
+from ringbench.config import MODES
 from ringbench.model import Shape, block_bytes
 
 CONFIG_COLUMNS = (
@@ -50,11 +56,25 @@ SUMMARY_COLUMNS = (
     "bytes_per_rank",
     "unmasked_pairs",
 )
+# measure.CONFIDENCE intervals of the median over repeats (measure.median_ci); time_ci_rel = half-width / time_s.
+# Empty (None) for failed runs, runs read without samples and runs with fewer than measure.MIN_REPEATS repeats.
+SPREAD_COLUMNS = (
+    "time_ci_lo_s",
+    "time_ci_hi_s",
+    "time_ci_rel",
+    "compute_ci_lo_s",
+    "compute_ci_hi_s",
+    "exposed_comm_ci_lo_s",
+    "exposed_comm_ci_hi_s",
+)
+# The slowest rank's pass / compute / exposed comm time of each repeat (measure.per_repeat), as tuples; () without samples.
+REPEAT_KEYS = ("time_repeats_s", "compute_repeats_s", "exposed_comm_repeats_s")
 COLUMNS = (
     ("file", "name", "point_id", "status", "error")
     + CONFIG_COLUMNS
     + ("tokens_per_rank", "block_bytes")
     + SUMMARY_COLUMNS
+    + SPREAD_COLUMNS
     + ("rel_err", "check_passed", "host", "backend_device", "mpi_library", "created_utc")
 )
 
@@ -73,7 +93,7 @@ def load(paths) -> list[store.Run]:
 
 
 def row(run: store.Run) -> dict:
-    """One run as a flat dict with the keys of ``COLUMNS``."""
+    """One run as a flat dict with the keys of ``COLUMNS`` and ``REPEAT_KEYS``."""
     cfg, s, prov = run.config, run.summary, run.provenance
     out = {"file": run.path, "name": run.name, "point_id": run.point_id, "status": run.status, "error": run.error}
     for k in CONFIG_COLUMNS:
@@ -86,6 +106,7 @@ def row(run: store.Run) -> dict:
     for k in SUMMARY_COLUMNS:
         v = s.get(k)
         out[k] = None if v == "none" else v
+    out.update(spread(run))
     out["rel_err"] = run.check.get("rel_err")
     out["check_passed"] = run.check.get("passed")
     out["host"] = ",".join(prov.get("hosts", []))
@@ -93,6 +114,23 @@ def row(run: store.Run) -> dict:
     out["backend_device"] = f"{prov.get('backend', cfg.get('backend', ''))}: {', '.join(devices)}"
     out["mpi_library"] = prov.get("mpi_library", "")
     out["created_utc"] = run.created_utc
+    return out
+
+
+def spread(run: store.Run) -> dict:
+    """The ``SPREAD_COLUMNS`` and ``REPEAT_KEYS`` of a run, from its samples."""
+    out = dict.fromkeys(SPREAD_COLUMNS)
+    out.update(dict.fromkeys(REPEAT_KEYS, ()))
+    if not all(k in run.samples for k in ("total_s", "compute_s", "comm_s")):
+        return out
+    reps = measure.per_repeat(run.samples)
+    for name, prefix in (("time_s", "time"), ("compute_s", "compute"), ("exposed_comm_s", "exposed_comm")):
+        out[f"{prefix}_repeats_s"] = tuple(float(x) for x in reps[name])
+        med, lo, hi = measure.median_ci(reps[name])
+        if math.isfinite(lo):
+            out[f"{prefix}_ci_lo_s"], out[f"{prefix}_ci_hi_s"] = lo, hi
+            if prefix == "time":
+                out["time_ci_rel"] = measure.relative_half_width(med, lo, hi)
     return out
 
 
@@ -122,34 +160,66 @@ def dataframe(paths_or_runs):
     runs = paths_or_runs
     if isinstance(paths_or_runs, (str, Path)) or (paths_or_runs and isinstance(paths_or_runs[0], (str, Path))):
         runs = load(paths_or_runs)
-    return pd.DataFrame(rows(runs), columns=list(COLUMNS))
+    return pd.DataFrame(rows(runs), columns=list(COLUMNS + REPEAT_KEYS))
+
+
+def mode_order(mode: str) -> tuple:
+    """Modes in the order of ``config.MODES``, then any other mode (a new strategy) by name."""
+    return (MODES.index(mode), "") if mode in MODES else (len(MODES), mode)
 
 
 def compare_modes(table: list[dict]) -> list[dict]:
-    """Same configuration, different modes, side by side: median time per mode and the overlap speed-ups.
+    """Runs of the same configuration (``COMPARE_KEY``) in different modes, compared pair by pair.
 
-    One dict per configuration (``COMPARE_KEY``) with time_<mode>_s for the modes it has, and
-    speedup_vs_blocking / speedup_vs_allgather = time of that mode / time of overlap (> 1: overlap is faster).
+    One dict per configuration and pair of modes (a, b), a before b in ``mode_order``: the ``COMPARE_KEY``
+    fields, ``mode`` = a, ``other`` = b, ``time_s`` / ``time_other_s`` (median over the pooled repeats of every
+    run of that mode), ``speedup`` = time_other_s / time_s (> 1: ``mode`` is faster), ``speedup_ci_lo`` /
+    ``speedup_ci_hi`` (its bootstrap confidence interval), ``time_ci_rel`` / ``time_other_ci_rel`` (the relative
+    half-width of each time's interval; None with too few repeats), ``verdict`` (``measure.compare``:
+    "significant", "not significant" or "too few repeats") and ``repeats`` / ``repeats_other`` (how many
+    repeats each side pooled). Works for any mode names.
     """
     groups: dict = {}
     for r in table:
         if r["status"] != "ok" or r.get("time_s") is None:
             continue
         key = tuple(r[k] for k in COMPARE_KEY)
-        groups.setdefault(key, {}).setdefault(r["mode"], []).append(r["time_s"])
+        reps = groups.setdefault(key, {}).setdefault(r["mode"], [])
+        # runs read without samples: their median stands for them (one value, so "too few repeats")
+        reps += list(r.get("time_repeats_s") or (r["time_s"],))
     out = []
     for key, modes in groups.items():
-        if len(modes) < 2:
-            continue
-        d = dict(zip(COMPARE_KEY, key))
-        for m, ts in modes.items():
-            d[f"time_{m}_s"] = _median(ts)
-        ov = d.get("time_overlap_s")
-        for other in ("blocking", "allgather"):
-            t = d.get(f"time_{other}_s")
-            d[f"speedup_vs_{other}"] = t / ov if (ov and t) else None
-        out.append(d)
-    return sorted(out, key=lambda d: tuple(str(d[k]) for k in COMPARE_KEY))
+        names = sorted(modes, key=mode_order)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                c = measure.compare(modes[b], modes[a])
+                d = dict(zip(COMPARE_KEY, key))
+                d.update(
+                    mode=a,
+                    other=b,
+                    time_s=float(np.median(modes[a])),
+                    time_other_s=float(np.median(modes[b])),
+                    time_ci_rel=_ci_rel(modes[a]),
+                    time_other_ci_rel=_ci_rel(modes[b]),
+                    speedup=c.ratio,
+                    speedup_ci_lo=None if math.isnan(c.lo) else c.lo,
+                    speedup_ci_hi=None if math.isnan(c.hi) else c.hi,
+                    verdict=c.verdict,
+                    repeats=c.n_new,
+                    repeats_other=c.n_base,
+                )
+                out.append(d)
+    return sorted(out, key=lambda d: tuple(_orderable(d[k]) for k in COMPARE_KEY) + mode_order(d["mode"]) + mode_order(d["other"]))
+
+
+def _orderable(v) -> tuple:
+    """Numbers in numeric order, anything else (str, None) as text after them."""
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
+def _ci_rel(values) -> float | None:
+    rel = measure.relative_half_width(*measure.median_ci(values))
+    return None if math.isnan(rel) else rel
 
 
 def sort_key(r: dict):
@@ -182,9 +252,3 @@ def shape(r: dict, nranks: int | None = None) -> Shape:
         layout=r["layout"],
         mode=r["mode"],
     )
-
-
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
