@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import h5py
+import numpy as np
 import pytest
 
-from ringbench import results, store
+from ringbench import measure, results, store
 
 from conftest import ringbench
 
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.mpi  # the small_results fixture launches mpiexec
 def test_rows_one_per_run_with_expected_values(small_results):
     rows = results.rows(results.load(small_results))
     assert len(rows) == 6
-    assert set(rows[0]) == set(results.COLUMNS)
+    assert set(rows[0]) == set(results.COLUMNS) | set(results.REPEAT_KEYS)
     got = sorted((r["mode"], r["layout"], r["causal"], r["nranks"]) for r in rows)
     assert got == [
         ("allgather", "contiguous", False, 2),
@@ -34,6 +36,22 @@ def test_rows_one_per_run_with_expected_values(small_results):
         assert r["host"] and r["backend_device"].startswith("numpy") and "MPICH" in r["mpi_library"]
 
 
+def test_rows_carry_the_spread_of_each_time(small_results):
+    runs = results.load(small_results)
+    for run, r in zip(runs, results.rows(runs)):
+        reps = run.samples["total_s"].max(axis=1)  # the slowest rank's pass, per repeat
+        assert r["time_repeats_s"] == tuple(reps) and len(r["compute_repeats_s"]) == len(r["exposed_comm_repeats_s"]) == 3
+        assert r["time_s"] == pytest.approx(np.median(reps))
+        assert reps.min() <= r["time_ci_lo_s"] <= r["time_s"] <= r["time_ci_hi_s"] <= reps.max()
+        assert r["time_ci_rel"] == pytest.approx((r["time_ci_hi_s"] - r["time_ci_lo_s"]) / 2 / r["time_s"])
+        assert r["compute_ci_lo_s"] <= r["compute_s"] <= r["compute_ci_hi_s"]
+        assert r["exposed_comm_ci_lo_s"] <= r["exposed_comm_s"] <= r["exposed_comm_ci_hi_s"]
+    # summaries are computed from samples: a run read without them has no spread, and nothing breaks
+    bare = results.rows(store.read(small_results, samples=False))
+    assert all(r["time_ci_lo_s"] is None and r["time_repeats_s"] == () and r["time_s"] > 0 for r in bare)
+    assert all(d["verdict"] == measure.TOO_FEW for d in results.compare_modes(bare))
+
+
 def test_csv_and_dataframe(small_results, tmp_path):
     runs = results.load(small_results)
     out = tmp_path / "runs.csv"
@@ -42,19 +60,56 @@ def test_csv_and_dataframe(small_results, tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == 6 and list(table[0]) == list(results.COLUMNS)
     assert {t["mode"] for t in table} == {"overlap", "blocking", "allgather"}
+    for col in ("time_ci_lo_s", "time_ci_hi_s", "time_ci_rel", "compute_ci_lo_s", "exposed_comm_ci_hi_s"):
+        assert col in results.SPREAD_COLUMNS and col in table[0]
+    for t in table:
+        assert float(t["time_ci_lo_s"]) <= float(t["time_s"]) <= float(t["time_ci_hi_s"]) and float(t["time_ci_rel"]) >= 0
     df = results.dataframe(small_results)
-    assert df.shape == (6, len(results.COLUMNS))
+    assert df.shape == (6, len(results.COLUMNS) + len(results.REPEAT_KEYS))
+    assert (df.time_ci_lo_s <= df.time_s).all() and df.time_repeats_s.map(len).tolist() == [3] * 6
     assert sorted(df["nranks"]) == [1, 2, 2, 2, 4, 4]
     assert (df.groupby("mode").size().to_dict()) == {"allgather": 1, "blocking": 1, "overlap": 4}
 
 
-def test_compare_modes_side_by_side(small_results):
-    comp = results.compare_modes(results.rows(results.load(small_results)))
-    assert len(comp) == 1  # only N=256, P=2 contiguous was run in several modes
-    (d,) = comp
-    assert d["nranks"] == 2 and {"time_overlap_s", "time_blocking_s", "time_allgather_s"} <= set(d)
-    assert d["speedup_vs_blocking"] == pytest.approx(d["time_blocking_s"] / d["time_overlap_s"])
-    assert d["speedup_vs_allgather"] == pytest.approx(d["time_allgather_s"] / d["time_overlap_s"])
+def test_compare_modes_pair_by_pair_with_interval_and_verdict(small_results):
+    rows = results.rows(results.load(small_results))
+    comp = results.compare_modes(rows)
+    # only N=256, P=2 contiguous was run in several modes: every pair of its three modes, in config.MODES order
+    assert [(d["mode"], d["other"]) for d in comp] == [("overlap", "blocking"), ("overlap", "allgather"), ("blocking", "allgather")]
+    by_mode = {r["mode"]: r for r in rows if r["nranks"] == 2}
+    for d in comp:
+        assert d["nranks"] == 2 and d["seq_len"] == 256 and d["repeats"] == d["repeats_other"] == 3
+        assert d["time_s"] == pytest.approx(by_mode[d["mode"]]["time_s"])
+        assert d["speedup"] == pytest.approx(by_mode[d["other"]]["time_s"] / by_mode[d["mode"]]["time_s"])
+        assert d["speedup_ci_lo"] <= d["speedup"] <= d["speedup_ci_hi"]
+        assert d["verdict"] == (measure.SIGNIFICANT if d["speedup_ci_lo"] > 1 or d["speedup_ci_hi"] < 1 else measure.NOT_SIGNIFICANT)
+
+
+def _row(mode, times, **cfg):
+    base = dict.fromkeys(results.COMPARE_KEY, 1) | {"status": "ok", "mode": mode}
+    return base | cfg | {"time_s": float(np.median(times)), "time_repeats_s": tuple(times)}
+
+
+def test_compare_modes_is_generic_over_mode_names():
+    """Any modes (new strategies) are compared; a clear difference is significant, noise is not."""
+    rng = np.random.default_rng(0)
+    table = [
+        _row("overlap", 0.100 * rng.lognormal(0, 0.01, 5)),
+        _row("ulysses", 0.150 * rng.lognormal(0, 0.01, 5)),
+        _row("hybrid", 0.100 * rng.lognormal(0, 0.01, 5)),
+        _row("overlap", [0.2, 0.2, 0.2], seq_len=2),  # another configuration, one mode only: nothing to compare
+    ]
+    comp = results.compare_modes(table)
+    assert [(d["mode"], d["other"]) for d in comp] == [("overlap", "hybrid"), ("overlap", "ulysses"), ("hybrid", "ulysses")]
+    verdict = {(d["mode"], d["other"]): d for d in comp}
+    assert verdict["overlap", "ulysses"]["verdict"] == measure.SIGNIFICANT
+    assert verdict["overlap", "ulysses"]["speedup"] == pytest.approx(1.5, rel=0.05)
+    assert verdict["hybrid", "ulysses"]["verdict"] == measure.SIGNIFICANT
+    assert verdict["overlap", "hybrid"]["verdict"] == measure.NOT_SIGNIFICANT
+    # repeated runs of one mode pool their repeats; below MIN_REPEATS there is no verdict
+    comp = results.compare_modes([_row("overlap", [0.1, 0.1]), _row("blocking", [0.2, 0.2]), _row("blocking", [0.2])])
+    assert [(d["repeats"], d["repeats_other"], d["verdict"]) for d in comp] == [(2, 3, measure.TOO_FEW)]
+    assert comp[0]["speedup_ci_lo"] is None and comp[0]["speedup"] == pytest.approx(2.0)
 
 
 def test_report_command(small_results, tmp_path):
@@ -73,8 +128,11 @@ def test_report_command(small_results, tmp_path):
         "overlap",
         "rel err",
         "model err",
-        "vs blocking",
-        "vs allgather",
+        "overlap vs blocking",
+        "overlap vs allgather",
+        "blocking vs allgather",
+        "95% bootstrap confidence interval",
+        "significant when the interval excludes 1",
         "calibration: fitted to the runs",
         "model error on 6 runs",
         "crossover",
@@ -82,6 +140,11 @@ def test_report_command(small_results, tmp_path):
     ):
         assert word in text, word
     assert sum(1 for line in text.splitlines() if line.startswith(("overlap ", "blocking ", "allgather "))) >= 6
+    # every time carries its spread; the mode comparison its interval and verdict
+    assert len(re.findall(r" \d+\.\d\d ±\d+\.\d%", text)) >= 6 + 2 * 3
+    comp = [line for line in text.splitlines() if line.startswith("overlap vs blocking")]
+    assert len(comp) == 1
+    assert re.search(r"\d+\.\d\dx \[\d+\.\d\d, \d+\.\d\d\]  +(significant: (overlap|blocking) faster|not significant \(noise\))$", comp[0])
     assert "wrote 6 rows" in text and out.exists()
 
 

@@ -1,0 +1,118 @@
+"""Spread and significance (ringbench.measure): bootstrap intervals and verdicts on synthetic data with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ringbench import measure
+
+
+def _times(rng, n, median=0.1, sigma=0.05):
+    """n pass times (seconds) from a log-normal with the given median: the right skew of noisy timings."""
+    return median * rng.lognormal(0.0, sigma, n)
+
+
+def test_median_ci_brackets_the_median_and_is_reproducible():
+    values = _times(np.random.default_rng(0), 7)
+    med, lo, hi = measure.median_ci(values)
+    assert med == np.median(values)
+    assert values.min() <= lo < med < hi <= values.max()
+    assert measure.median_ci(values) == (med, lo, hi)  # fixed default seed: same samples, same report
+
+
+def test_default_resamples_are_enough():
+    """Another seed and ten times the resamples move the interval's ends by under 1% of the median."""
+    values = _times(np.random.default_rng(10), 40)
+    med, lo, hi = measure.median_ci(values)
+    _, lo2, hi2 = measure.median_ci(values, seed=7, resamples=10 * measure.RESAMPLES)
+    assert abs(lo2 - lo) < 0.01 * med and abs(hi2 - hi) < 0.01 * med
+
+
+def test_median_ci_narrows_with_more_repeats_and_widens_with_the_level():
+    rng = np.random.default_rng(1)
+    few, many = _times(rng, 5), _times(rng, 200)
+    w_few = measure.relative_half_width(*measure.median_ci(few))
+    w_many = measure.relative_half_width(*measure.median_ci(many))
+    assert w_many < w_few / 2
+    _, lo80, hi80 = measure.median_ci(many, confidence=0.8)
+    _, lo99, hi99 = measure.median_ci(many, confidence=0.99)
+    assert lo99 < lo80 and hi80 < hi99
+
+
+def test_median_ci_of_identical_values_is_a_point():
+    assert measure.median_ci([0.25] * 5) == (0.25, 0.25, 0.25)
+    assert measure.relative_half_width(0.25, 0.25, 0.25) == 0.0
+
+
+def test_too_few_repeats_give_no_interval():
+    assert measure.MIN_REPEATS == 3
+    med, lo, hi = measure.median_ci([0.1, 0.3])
+    assert med == pytest.approx(0.2) and math.isnan(lo) and math.isnan(hi)
+    assert math.isnan(measure.relative_half_width(med, lo, hi))
+    assert all(math.isnan(x) for x in measure.median_ci([]))
+    with pytest.raises(ValueError, match="confidence"):
+        measure.median_ci([1.0, 2.0, 3.0], confidence=95)
+
+
+def test_median_ci_covers_the_true_median_at_about_the_nominal_rate():
+    """A log-normal's median is known: over many synthetic runs of 20 repeats a 95% interval holds it ~95% of the time."""
+    rng = np.random.default_rng(2)
+    trials, true_median = 300, 0.1
+    hits = 0
+    for seed in range(trials):
+        _, lo, hi = measure.median_ci(_times(rng, 20, median=true_median), seed=seed, resamples=500)
+        hits += lo <= true_median <= hi
+    assert 0.85 <= hits / trials <= 0.995  # loose: the percentile bootstrap of a median is only near its level
+
+
+def test_clear_difference_is_significant():
+    rng = np.random.default_rng(3)
+    blocking, overlap = _times(rng, 5, median=0.121), _times(rng, 5, median=0.100, sigma=0.01)
+    blocking = blocking / np.median(blocking) * 0.121  # exact medians: the ratio is known
+    overlap = overlap / np.median(overlap) * 0.100
+    c = measure.compare(blocking, overlap)
+    assert c.ratio == pytest.approx(1.21)
+    assert 1 < c.lo < c.ratio < c.hi and c.verdict == measure.SIGNIFICANT and c.significant
+    assert (c.n_base, c.n_new) == (5, 5)
+    # the other way round: the new set is slower, the interval lies below 1, still significant
+    back = measure.compare(overlap, blocking)
+    assert back.ratio == pytest.approx(1 / 1.21) and back.hi < 1 and back.significant
+    assert measure.compare(blocking, overlap) == c  # fixed default seed
+
+
+def test_same_distribution_is_not_significant_in_most_seeds():
+    rng = np.random.default_rng(4)
+    verdicts = [measure.compare(_times(rng, 5), _times(rng, 5), seed=s).verdict for s in range(200)]
+    false_alarms = verdicts.count(measure.SIGNIFICANT)
+    assert set(verdicts) <= {measure.SIGNIFICANT, measure.NOT_SIGNIFICANT}
+    assert false_alarms / len(verdicts) < 0.10  # nominal 5%; measured ~2-4% at 5 repeats
+
+
+def test_noise_larger_than_the_difference_is_not_significant():
+    rng = np.random.default_rng(5)
+    c = measure.compare(_times(rng, 5, median=0.102, sigma=0.2), _times(rng, 5, median=0.100, sigma=0.2))
+    assert c.lo < 1 < c.hi and c.verdict == measure.NOT_SIGNIFICANT and not c.significant
+
+
+def test_compare_with_too_few_repeats_says_so():
+    c = measure.compare([0.2, 0.21], [0.1, 0.1, 0.1])
+    assert c.verdict == measure.TOO_FEW and c.ratio == pytest.approx(2.05)
+    assert math.isnan(c.lo) and math.isnan(c.hi) and not c.significant
+    with pytest.raises(ValueError, match="at least one value"):
+        measure.compare([], [0.1])
+
+
+def test_per_repeat_values_are_what_the_summary_takes_the_median_of():
+    rng = np.random.default_rng(6)
+    R, P = 4, 3
+    compute, comm = rng.uniform(1e-3, 2e-3, (R, P, P)), rng.uniform(0, 1e-3, (R, P, P))
+    samples = {"compute_s": compute, "comm_s": comm, "step_s": compute + comm, "total_s": (compute + comm).sum(axis=2) * 1.1}
+    reps = measure.per_repeat(samples)
+    assert reps["time_s"].shape == (R,)
+    np.testing.assert_allclose(reps["time_s"], samples["total_s"].max(axis=1))
+    summary = measure.summarize(samples, flops=1e9, bytes_per_rank=1000)
+    for key in ("time_s", "compute_s", "exposed_comm_s"):
+        assert summary[key] == pytest.approx(np.median(reps[key])), key
