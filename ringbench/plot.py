@@ -2,6 +2,8 @@
 
 One function per figure; each takes runs (ringbench.store.Run) and returns a matplotlib Figure, or None when
 the runs hold nothing it can draw. Every figure notes the host(s), backend, device and dtype it came from.
+Every measured time carries an error bar: the bootstrap confidence interval of its median over the repeats
+(ringbench.measure.median_ci; speed-ups: measure.compare), none with fewer than measure.MIN_REPEATS repeats.
 
     strong     time and speed-up vs rank count at fixed N, ideal line; one line per mode / layout
     weak       per-rank throughput efficiency and time vs rank count at fixed N/P
@@ -23,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ringbench import model, results
+from ringbench import measure, model, results
 from ringbench.layout import divisor
 
 FIGURES = ("strong", "weak", "overlap", "timeline", "breakdown", "causal", "model")
@@ -99,6 +101,55 @@ def _median_by(rows: list[dict], key: str, value: str) -> dict:
     return {k: float(np.median(v)) for k, v in sorted(pooled.items())}
 
 
+def _repeats_by(rows: list[dict], key: str, value: str = "time") -> dict:
+    """{row[key]: per-repeat values of ``value`` (time, compute or exposed_comm)}, the repeats of repeated runs of a point pooled.
+
+    A row without per-repeat values (read without samples) contributes its median alone.
+    """
+    pooled = defaultdict(list)
+    for r in rows:
+        if r.get(f"{value}_s") is not None:
+            pooled[r[key]] += list(r.get(f"{value}_repeats_s") or (r[f"{value}_s"],))
+    return dict(sorted(pooled.items()))
+
+
+def _ci_by(rows: list[dict], key: str, value: str = "time") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, median, (2, n) error-bar lengths below and above) per distinct row[key], in seconds; no interval: 0."""
+    reps = _repeats_by(rows, key, value)
+    cis = np.array([measure.median_ci(v) for v in reps.values()]).reshape(-1, 3)
+    med = cis[:, 0]
+    err = np.nan_to_num(np.abs(cis[:, 1:].T - med), nan=0.0)
+    return np.array(list(reps)), med, err
+
+
+def _speedups(reps: dict, scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """Speed-up of each entry over the first (first's median / its median) and its interval's error bars.
+
+    ``scale`` (optional, per entry) multiplies ratio and interval: e.g. the work per rank for weak scaling.
+    """
+    keys = list(reps)
+    first = reps[keys[0]]
+    comps = [measure.compare(first, reps[k]) for k in keys]
+    scale = np.ones(len(keys)) if scale is None else np.asarray(scale, dtype=float)
+    ratio = np.array([c.ratio for c in comps]) * scale
+    bounds = np.array([(c.lo, c.hi) for c in comps]).T * scale
+    err = np.nan_to_num(np.abs(bounds - ratio), nan=0.0)
+    err[:, 0] = 0.0  # the reference point is 1 by definition
+    return ratio, err
+
+
+def _ci_text(r: dict) -> str:
+    """`` ±1.3%``: the relative half-width of a row's time interval ('' without one)."""
+    return "" if r.get("time_ci_rel") is None else f" ±{r['time_ci_rel']:.1%}"
+
+
+def _versus(a: dict, b: dict) -> str:
+    """``; overlap vs blocking 1.21x [1.15, 1.27] significant``: speed-up of row a over row b and the verdict."""
+    c = measure.compare(b["time_repeats_s"], a["time_repeats_s"])
+    ci = "" if c.verdict == measure.TOO_FEW else f" [{c.lo:.2f}, {c.hi:.2f}]"
+    return f"; {a['mode']} vs {b['mode']}: {c.ratio:.2f}x{ci} {c.verdict}"
+
+
 def _shape_desc(r: dict) -> str:
     return f"B={r['batch']} H={r['heads']}/{r['kv_heads']} D={r['head_dim']}"
 
@@ -155,15 +206,14 @@ def strong_scaling(runs):
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 5))
     ranks = sorted({r["nranks"] for r in used})
     for i, (key, v) in enumerate(sorted(lines.items())):
-        t = _median_by(v, "nranks", "time_s")
-        ps = np.array(list(t))
-        ts = np.array(list(t.values()))
+        ps, ts, err = _ci_by(v, "nranks")
+        speedup, s_err = _speedups(_repeats_by(v, "nranks"))
         color, marker, ls = _style(key[0], i)
         color = _layout_color(key, i)
         label = _line_label(v[0], varying)
-        ax_t.plot(ps, ts * 1e3, marker=marker, ls=ls, color=color, label=label)
+        ax_t.errorbar(ps, ts * 1e3, yerr=err * 1e3, marker=marker, ls=ls, color=color, label=label, capsize=3)
         ax_t.plot(ps, ts[0] * ps[0] / ps * 1e3, ls=(0, (1, 3)), color=color, lw=1)
-        ax_s.plot(ps, ts[0] / ts, marker=marker, ls=ls, color=color, label=label)
+        ax_s.errorbar(ps, speedup, yerr=s_err, marker=marker, ls=ls, color=color, label=label, capsize=3)
     ax_s.plot(ranks, np.array(ranks) / ranks[0], color="k", lw=1, ls=(0, (1, 3)), label="ideal (linear)")
     ax_t.plot([], [], color="0.4", lw=1, ls=(0, (1, 3)), label="ideal: T(P0) P0 / P")
     ax_t.set_yscale("log")
@@ -177,8 +227,8 @@ def strong_scaling(runs):
     ax_s.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax_t.set_ylabel("pass time [ms] (median over repeats, slowest rank)")
     ax_s.set_ylabel(f"speed-up T(P={ranks[0]}) / T(P)")
-    ax_t.set_title("time")
-    ax_s.set_title("speed-up")
+    ax_t.set_title(f"time (bars: {measure.CONFIDENCE:.0%} CI of the median)")
+    ax_s.set_title(f"speed-up (bars: {measure.CONFIDENCE:.0%} CI of the ratio)")
     ax_t.legend(fontsize=7)
     ax_s.legend(fontsize=7)
     return _finish(fig, runs, f"Strong scaling at fixed N = {n} tokens ({_shape_desc(used[0])})")
@@ -196,16 +246,16 @@ def weak_scaling(runs):
     ranks = sorted({r["nranks"] for r in used})
     fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(12, 5))
     for i, (key, v) in enumerate(sorted(lines.items())):
-        per_rank = _median_by([dict(r, tf_rank=r["tflops"] / r["nranks"]) for r in v], "nranks", "tf_rank")
-        t = _median_by(v, "nranks", "time_s")
-        ps = np.array(list(per_rank))
-        eff = np.array(list(per_rank.values())) / next(iter(per_rank.values()))
+        ps, tt, err = _ci_by(v, "nranks")
+        # efficiency = (FLOPs per rank / time) at P over the same at the smallest P: a ratio of times, scaled
+        work = _median_by([dict(r, work=r["flops"] / r["nranks"]) for r in v], "nranks", "work")
+        w = np.array(list(work.values()))
+        eff, e_err = _speedups(_repeats_by(v, "nranks"), scale=w / w[0])
         color, marker, ls = _style(key[0], i)
         color = _layout_color(key, i)
         label = _line_label(v[0], varying)
-        ax_e.plot(ps, eff, marker=marker, ls=ls, color=color, label=label)
-        tt = np.array(list(t.values()))
-        ax_t.plot(ps, tt * 1e3, marker=marker, ls=ls, color=color, label=label)
+        ax_e.errorbar(ps, eff, yerr=e_err, marker=marker, ls=ls, color=color, label=label, capsize=3)
+        ax_t.errorbar(ps, tt * 1e3, yerr=err * 1e3, marker=marker, ls=ls, color=color, label=label, capsize=3)
         ax_t.plot(ps, tt[0] * ps / ps[0] * 1e3, color=color, lw=1, ls=(0, (1, 3)))
     ax_e.axhline(1.0, color="k", lw=1, ls=(0, (1, 3)), label="ideal")
     ax_t.plot([], [], color="0.4", lw=1, ls=(0, (1, 3)), label="ideal: T(P0) P / P0 (work per rank grows with P)")
@@ -217,8 +267,8 @@ def weak_scaling(runs):
         ax.legend(fontsize=7)
     ax_e.set_ylabel(f"efficiency: TFLOP/s per rank / same at P={ranks[0]}")
     ax_t.set_ylabel("pass time [ms]")
-    ax_e.set_title("weak-scaling efficiency")
-    ax_t.set_title("time")
+    ax_e.set_title(f"weak-scaling efficiency (bars: {measure.CONFIDENCE:.0%} CI)")
+    ax_t.set_title(f"time (bars: {measure.CONFIDENCE:.0%} CI of the median)")
     return _finish(fig, runs, f"Weak scaling at fixed N/P = {n} tokens per rank ({_shape_desc(used[0])})")
 
 
@@ -244,8 +294,8 @@ def overlap(runs, cal: model.Calibration | None = None):
             if not v:
                 continue
             _, marker, ls = _style(mode, i)
-            exp = _median_by(v, "tokens_per_rank", "exposed_comm_s")
-            ax_x.plot(list(exp), np.array(list(exp.values())) * 1e3, marker=marker, ls=ls, color=color, label=f"{mode}, P={p}")
+            xs, exp, err = _ci_by(v, "tokens_per_rank", "exposed_comm")
+            ax_x.errorbar(xs, exp * 1e3, yerr=err * 1e3, marker=marker, ls=ls, color=color, label=f"{mode}, P={p}", capsize=3)
             if mode == "overlap":
                 eff = _median_by(v, "tokens_per_rank", "overlap_eff")
                 ax_e.plot(list(eff), list(eff.values()), marker=marker, ls=ls, color=color, label=f"overlap, P={p}")
@@ -301,7 +351,7 @@ def overlap(runs, cal: model.Calibration | None = None):
     ax_e.set_ylabel("overlap efficiency  1 - exposed / alone")
     ax_x.set_yscale("log")
     _plain_log(ax_x.yaxis)
-    ax_x.set_ylabel("communication time per pass [ms]")
+    ax_x.set_ylabel(f"communication time per pass [ms] (bars: {measure.CONFIDENCE:.0%} CI)")
     ax_e.set_title("hidden share of the K/V transfers (overlap mode)")
     ax_x.set_title("exposed communication: overlap vs blocking")
     layout = key[0] + (" causal" if key[1] else "")
@@ -364,13 +414,14 @@ def timeline(runs, run_name: str | None = None):
         return None
     P = chosen[0].nranks
     fig, axes = plt.subplots(len(chosen), 1, figsize=(12, 1.2 + 0.45 * P * len(chosen) + 0.5 * len(chosen)), sharex=True, squeeze=False)
+    first = results.row(chosen[0])
     for ax, run in zip(axes[:, 0], chosen):
         rep = _timeline_axes(ax, run)
-        s = run.summary
+        s, r = run.summary, results.row(run)
         ax.set_title(
-            f"{run.config['mode']}: pass {s['time_s'] * 1e3:.1f} ms, exposed comm "
+            f"{run.config['mode']}: pass {s['time_s'] * 1e3:.1f} ms{_ci_text(r)}, exposed comm "
             f"{s['exposed_comm_s'] * 1e3:.2f} ms (medians); drawn: repeat {rep + 1} of "
-            f"{len(run.samples['total_s'])}, the median one",
+            f"{len(run.samples['total_s'])}, the median one" + ("" if run is chosen[0] else _versus(first, r)),
             fontsize=9,
             loc="left",
         )
@@ -418,17 +469,21 @@ def breakdown(runs):
         ax.barh(i, c / tot, color=COMPUTE)
         ax.barh(i, m / tot, left=c / tot, color=COMM)
         ax.barh(i, o / tot, left=(c + m) / tot, color=OTHER)
-        ax.text(1.01, i, f"{tot * 1e3:.1f} ms", va="center", fontsize=7)
+        r = results.row(run)
+        ax.text(1.01, i, f"{r['time_s'] * 1e3:.1f} ms{_ci_text(r)}", va="center", fontsize=7)
         cfg = run.config
         layout = cfg["layout"] + (" causal" if cfg["causal"] else "")
         labels.append(f"{cfg['mode']:9s} {layout:17s} N={cfg['seq_len']:<6d} P={run.nranks}")
     ax.set_ylim(len(items) - 0.5, -0.5)
     ax.set_yticks(range(len(items)))
     ax.set_yticklabels(labels, fontsize=7, family="monospace")
-    ax.set_xlim(0, 1.12)
+    ax.set_xlim(0, 1.17)
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_xticklabels([f"{x:.0%}" for x in np.linspace(0, 1, 6)])
-    ax.set_xlabel("share of the pass on the slowest rank [%] (median over repeats); total pass time [ms] at the right")
+    ax.set_xlabel(
+        "share of the pass on the slowest rank [%] (median over repeats); "
+        f"pass time [ms] (time_s) at the right, ± half its {measure.CONFIDENCE:.0%} CI"
+    )
     handles = [
         matplotlib.patches.Patch(color=COMPUTE, label="compute"),
         matplotlib.patches.Patch(color=COMM, label="exposed communication (time in MPI calls)"),
@@ -465,7 +520,9 @@ def causal_layouts(runs, cal: model.Calibration | None = None):
         ax.set_xticks(ranks)
         ax.set_xlabel("rank")
         ax.set_title(
-            f"{run.config['layout']}: imbalance {run.summary['imbalance']:.0%}, pass {run.summary['time_s'] * 1e3:.1f} ms", fontsize=9
+            f"{run.config['layout']}: imbalance {run.summary['imbalance']:.0%}, "
+            f"pass {run.summary['time_s'] * 1e3:.1f} ms{_ci_text(results.row(run))}",
+            fontsize=9,
         )
         ax.grid(True, axis="y", alpha=0.3)
     axes[0, 0].set_ylabel("time in the pass [ms], median over repeats")
@@ -503,10 +560,11 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
             continue
         pred = np.array([model.predict(results.shape(r), cal).time_s for r in v])
         meas = np.array([r["time_s"] for r in v])
+        bars = np.array([[r["time_s"] - (r["time_ci_lo_s"] or r["time_s"]), (r["time_ci_hi_s"] or r["time_s"]) - r["time_s"]] for r in v]).T
         errs += list((pred - meas) / meas)
         seen += list(pred) + list(meas)
         color, marker, _ = _style(mode, 0)
-        ax_p.scatter(meas * 1e3, pred * 1e3, color=color, marker=marker, label=mode, alpha=0.8, s=22, zorder=3)
+        ax_p.errorbar(meas * 1e3, pred * 1e3, xerr=bars * 1e3, color=color, marker=marker, ls="none", label=mode, alpha=0.8, ms=5, zorder=3)
     lo, hi = min(seen) * 1e3 / 1.5, max(seen) * 1e3 * 1.5
     xs = np.geomspace(lo, hi, 50)
     ax_p.plot(xs, xs, color="k", lw=1, label="predicted = measured")
@@ -518,7 +576,7 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
     ax_p.set_aspect("equal")
     _plain_log(ax_p.xaxis)
     _plain_log(ax_p.yaxis)
-    ax_p.set_xlabel("measured pass time [ms]")
+    ax_p.set_xlabel(f"measured pass time [ms] (bars: {measure.CONFIDENCE:.0%} CI)")
     ax_p.set_ylabel("predicted pass time [ms]")
     ax_p.set_title(f"{len(errs)} runs: median |error| {np.median(np.abs(errs)):.0%}, max {np.max(np.abs(errs)):.0%}", fontsize=9)
     ax_p.grid(True, which="both", alpha=0.3)
@@ -532,8 +590,8 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
     for i, (key, v) in enumerate(sorted(lines.items())):
         color, marker, ls = _style(key[0], i)
         color = _layout_color(key, i)
-        t = _median_by(v, "nranks", "time_s")
-        ax_x.plot(list(t), np.array(list(t.values())) * 1e3, marker=marker, ls="none", color=color)
+        ps_run, t, err = _ci_by(v, "nranks")
+        ax_x.errorbar(ps_run, t * 1e3, yerr=err * 1e3, marker=marker, ls="none", color=color, capsize=3)
         ps = [p for p in target if n % divisor(key[1], p) == 0]
         pt = [model.predict(results.shape(v[0], nranks=p), cal).time_s * 1e3 for p in ps]
         if key[2]:  # causal lines of one mode: the dash tells the layouts apart

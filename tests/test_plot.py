@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -66,6 +67,47 @@ def test_each_figure_names_host_backend_dtype_and_units(richer):
         labels = " ".join(ax.get_xlabel() + " " + ax.get_ylabel() for ax in fig.axes)
         assert "[ms]" in labels or "%" in labels or "efficiency" in labels, name
         plot.plt.close(fig)
+
+
+def _errorbars(ax, axis="y"):
+    """The error-bar containers of an axes that carry bars along ``axis``, and how many bars have a length."""
+    from matplotlib.container import ErrorbarContainer
+
+    conts = [c for c in ax.containers if isinstance(c, ErrorbarContainer) and (c.has_yerr if axis == "y" else c.has_xerr)]
+    lengths = [
+        seg[1][1 if axis == "y" else 0] - seg[0][1 if axis == "y" else 0] for c in conts for lc in c.lines[2] for seg in lc.get_segments()
+    ]
+    return conts, sum(1 for x in lengths if x > 0)
+
+
+def test_every_time_point_carries_its_confidence_interval(richer):
+    """Error bars (the bootstrap CI over repeats) on the times of strong, weak, overlap and model; ± in the others."""
+    from ringbench import model, results
+
+    runs = results.load(richer)
+    cal = model.calibrate_from_runs(runs)
+    fig = plot.strong_scaling(runs)
+    ax_t, ax_s = fig.axes[:2]
+    conts, bars = _errorbars(ax_t)
+    assert len(conts) >= 1 and bars >= 2 and all(c.lines[1] for c in conts)  # caps drawn
+    # the drawn interval is the row's: the P=1 point of the overlap line at N=256
+    row = next(r for r in results.rows(runs) if r["nranks"] == 1)
+    seg = next(sg for c in conts for sg in c.lines[2][0].get_segments() if sg[0][0] == 1)
+    assert sorted(seg[:, 1]) == pytest.approx([row["time_ci_lo_s"] * 1e3, row["time_ci_hi_s"] * 1e3])
+    assert _errorbars(ax_s)[1] >= 1  # speed-up: the interval of the ratio, none at the reference point
+    assert "CI" in ax_t.get_title() and "CI" in ax_s.get_title()
+    fig = plot.weak_scaling(runs)
+    assert all(_errorbars(ax)[1] >= 1 for ax in fig.axes[:2])
+    fig = plot.overlap(runs, cal)
+    assert _errorbars(fig.axes[1])[1] >= 2  # exposed communication per block size
+    fig = plot.model_figure(runs, cal)
+    assert _errorbars(fig.axes[0], "x")[1] >= 6 and _errorbars(fig.axes[1])[1] >= 2
+    fig = plot.breakdown(runs)
+    assert sum("±" in t.get_text() for t in fig.axes[0].texts) == 7
+    fig = plot.timeline(runs)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert "±" in titles[0] and re.search(r"overlap vs blocking: \d+\.\d\dx \[\d+\.\d\d, \d+\.\d\d\] (not )?significant", titles[1])
+    plot.plt.close("all")
 
 
 def test_timeline_of_a_named_run(small_results, tmp_path):
