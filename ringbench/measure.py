@@ -18,6 +18,10 @@ Metrics (the README defines them for users):
                     comm-only pass; per rank, median over repeats, then mean over ranks, clipped to [0, 1]
     bandwidth_gbps  bytes a rank receives per pass / the slowest rank's fastest comm-only pass
     imbalance       (max - mean) / mean of the per-rank compute totals, median over repeats
+
+Spread (computed from the samples when they are read, never stored): ``per_repeat`` gives the values a median
+is taken over; ``median_ci`` their percentile-bootstrap confidence interval; ``compare`` the ratio of two
+medians, its interval and a verdict (significant when the interval excludes 1).
 """
 
 from __future__ import annotations
