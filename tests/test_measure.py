@@ -116,3 +116,12 @@ def test_per_repeat_values_are_what_the_summary_takes_the_median_of():
     summary = measure.summarize(samples, flops=1e9, bytes_per_rank=1000)
     for key in ("time_s", "compute_s", "exposed_comm_s"):
         assert summary[key] == pytest.approx(np.median(reps[key])), key
+
+
+@pytest.mark.parametrize("n", [3, 4, 7, 10])
+def test_resampled_medians_are_the_medians_of_the_resamples(n):
+    """The fast path (sorted indices) gives exactly np.median of the same resamples (indices into the sorted values)."""
+    values = _times(np.random.default_rng(n), n)
+    fast = measure._resampled_medians(values, 50, np.random.default_rng(0))
+    idx = np.random.default_rng(0).integers(0, n, size=(50, n))
+    np.testing.assert_array_equal(fast, np.median(np.sort(values)[idx], axis=1))
