@@ -51,16 +51,22 @@ the file, and a crash (even SIGKILL or power loss) at any moment leaves every ea
 - An existing file is appended to in place, under an undo journal ``FILE.journal``. HDF5 opens the file
   through a Python file object (h5py's ``fileobj`` driver) that knows the original size S. Writes at or
   past S (the new objects: nearly every byte) go straight to the file. Writes below S (the few metadata
-  blocks HDF5 updates: superblock, group B-tree and heap nodes) are kept in memory until commit; reads see
-  them. The journal is created before HDF5 opens the file, holding S (fsynced). Commit: the original bytes
-  of every range about to be overwritten below S are appended to the journal (one record each: offset,
-  length, CRC32, bytes) and fsynced, then the buffered writes are applied, the file is fsynced, and the
+  blocks HDF5 updates: superblock, group B-tree and heap nodes; a few KB) are kept in memory until
+  commit; reads see them. The journal, holding S and the file's device and inode (so it is never applied
+  to another file), is created before HDF5 opens the file. Commit: the original bytes of every range about
+  to change below S are appended to the journal (one record each: offset, length, CRC32, bytes), the
+  journal and its directory are fsynced, the buffered writes are applied, the file is fsynced, and the
   journal is deleted: that deletion is the commit point. Rollback (after an exception here, or by the next
   reader or writer that finds a journal a dead process left, under the exclusive lock): write the saved
-  bytes back, truncate to S, fsync, delete the journal. Buffering the writes below S, instead of journaling
-  each before it happens, keeps the file below S untouched until commit and costs three fsyncs per append
-  whatever HDF5 does; a torn last journal record (caught by its CRC) is one whose overwrite never started.
-  The journal also records the file's device and inode, so it is never applied to another file.
+  bytes back, truncate to S, fsync, delete the journal. A torn last record (its CRC fails) is one whose
+  overwrite never started; a journal whose header never reached the disk (power loss before commit) was
+  followed by writes past S only, which HDF5 ignores (bytes past its end of allocation). Why buffer the
+  writes below S rather than journal each one just before it happens: the file below S stays untouched
+  until commit, and an append costs three fsyncs (journal, directory, file) whatever HDF5 writes, instead
+  of one per metadata block. The old method (copy the file, write, rename) cost one fsync plus a copy of
+  the whole file; on a tiny file it is a few ms faster (benchmarks/append_bench.py).
+  Durability: like the rename it replaces, the journal's deletion is not fsynced to the directory; after a
+  power loss right after an append, that append may be rolled back (never half-kept).
 - A file that does not exist yet is created whole in ``FILE.<random>.tmp`` in the same directory, fsynced
   and linked into place (``link`` is atomic and never replaces a file another writer created meanwhile:
   that writer's file is then appended to instead); the temporary is removed on any error. Writers also
@@ -377,16 +383,16 @@ class _JournaledFile:
                 merged.append([lo, hi])
         return [(lo, hi) for lo, hi in merged]
 
-    def save_preimages(self) -> None:
-        """Append the original bytes of every range commit will change below S to the journal; fsync it."""
+    def save_preimages(self, directory: Path) -> None:
+        """Append the original bytes of every range commit will change below S to the journal; fsync it and its directory."""
         out = bytearray()
         for lo, hi in self._ranges():
             old = os.pread(self.fd, hi - lo, lo)
             head = struct.pack("<QQ", lo, len(old))
             out += head + struct.pack("<I", zlib.crc32(head + old)) + old
-        if out:
-            os.write(self.jfd, bytes(out))
-            os.fsync(self.jfd)
+        os.write(self.jfd, bytes(out))
+        os.fsync(self.jfd)
+        _fsync_dir(directory)  # the journal's name is durable too
 
     def apply(self) -> None:
         """Write the buffered changes below S into the file."""
@@ -395,8 +401,8 @@ class _JournaledFile:
         if os.fstat(self.fd).st_size != self.size:
             os.ftruncate(self.fd, self.size)
 
-    def commit(self) -> None:
-        self.save_preimages()
+    def commit(self, directory: Path) -> None:
+        self.save_preimages(directory)
         self.apply()
         os.fsync(self.fd)
 
@@ -425,9 +431,7 @@ def _append_in_place(real: Path, fd: int, fn):
         with contextlib.suppress(OSError):  # whoever may write the file may roll its journal back
             os.fchmod(jfd, stat.S_IMODE(st.st_mode) & 0o666)
         head = struct.pack("<8sQQQ", _MAGIC, st.st_size, st.st_dev, st.st_ino)
-        os.write(jfd, head + struct.pack("<I", zlib.crc32(head)))
-        os.fsync(jfd)
-        _fsync_dir(real.parent)
+        os.write(jfd, head + struct.pack("<I", zlib.crc32(head)))  # fsynced with the records, before any overwrite
         wrapper = _JournaledFile(fd, st.st_size, jfd)
         f = None
         try:
@@ -439,7 +443,7 @@ def _append_in_place(real: Path, fd: int, fn):
             _init_root(f)
             result = fn(f)
             f.close()
-            wrapper.commit()
+            wrapper.commit(real.parent)
         except BaseException:
             if f is not None:
                 with contextlib.suppress(Exception):
@@ -449,8 +453,7 @@ def _append_in_place(real: Path, fd: int, fn):
             raise
     finally:
         os.close(jfd)
-    jpath.unlink()
-    _fsync_dir(real.parent)
+    jpath.unlink()  # the commit point
     return result
 
 
