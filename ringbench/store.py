@@ -224,23 +224,22 @@ def _rollback(real: Path, fd: int) -> None:
 
 
 def _recover_for_reading(real: Path, fd: int) -> None:
-    """Roll back a journal a dead writer left, from a reader: take the exclusive lock, then the shared one again."""
+    """Roll back a journal a dead writer left, from a reader holding the shared lock on ``fd``: the exclusive
+    lock is taken on a writable descriptor (flock over NFS needs one), then the shared lock again."""
     while _journal(real).exists():
-        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            if _journal(real).exists():
-                try:
-                    wfd = os.open(real, os.O_RDWR)
-                except OSError as exc:
-                    raise SchemaError(
-                        f"{real}: an interrupted append must be rolled back ({_journal(real).name}) and the file is not writable"
-                        f" ({exc.strerror}); open it once with write access"
-                    ) from None
-                try:
-                    _rollback(real, wfd)
-                finally:
-                    os.close(wfd)
+            wfd = os.open(real, os.O_RDWR)
+        except OSError as exc:
+            raise SchemaError(
+                f"{real}: an interrupted append must be rolled back ({_journal(real).name}) and the file is not writable"
+                f" ({exc.strerror}); open it once with write access"
+            ) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(wfd, fcntl.LOCK_EX)
+            _rollback(real, wfd)
         finally:
+            os.close(wfd)
             fcntl.flock(fd, fcntl.LOCK_SH)
 
 
@@ -453,7 +452,7 @@ def _append_in_place(real: Path, fd: int, fn):
             raise
     finally:
         os.close(jfd)
-    jpath.unlink()  # the commit point
+    jpath.unlink(missing_ok=True)  # the commit point
     return result
 
 
@@ -614,7 +613,7 @@ def merge(dest, sources) -> tuple[int, int]:
             raise MergeError(f"cannot merge: {exc}") from None
         if path is not dest and dest.exists() and os.path.samefile(path, dest):
             raise MergeError(f"cannot merge: {path} is the destination file")
-    why = _read_only(_real(dest))
+    why = check_writable(dest)
     if why:
         raise MergeError(f"cannot merge into {dest}: {why}")
 
