@@ -7,7 +7,7 @@ loaded, so nothing here may import numpy.
 import os
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def env_int(names, default: int = 0) -> int:

@@ -1,11 +1,11 @@
-"""The HDF5 result schema: write, read, and append safely.
+"""The HDF5 result schema: write, read, merge, and append safely in place.
 
-Schema version 1 (``SCHEMA_VERSION``), documented in the README::
+Schema version 2 (``SCHEMA_VERSION``), documented in the README::
 
-    /                       attrs: format="ringbench-results", schema_version=1
+    /                       attrs: format="ringbench-results", schema_version=2
     /runs/<name>/           one run; <name> is the point id (``~2``, ``~3`` ... for later runs of the same point)
-        attrs               point_id, nranks, status ("ok" | "failed"), created_utc,
-                            config (JSON: the resolved RunConfig), provenance (JSON), error (failed runs)
+        attrs               run_id (32 hex digits, unique to this run), point_id, nranks, status ("ok" | "failed"),
+                            created_utc, config (JSON: the resolved RunConfig), provenance (JSON), error (failed runs)
         config/             attrs: the same resolved config, one attribute per field (for h5ls/HDFView)
         samples/            datasets of timing samples, seconds (see ringbench.measure):
                             compute_s, comm_s, step_s (R, P, P); total_s (R, P); comm_only_s (C, P, P-1);
@@ -15,36 +15,83 @@ Schema version 1 (``SCHEMA_VERSION``), documented in the README::
         check               attrs (with --check): max_abs_err, rel_err, tol, passed
         tensors/            (with --save-tensors) q, k, v, out in global token order, (B, N, H|H_kv, D)
     /probes/<name>/         one machine probe (``ringbench probe``, see ringbench.probe); optional group
-        attrs               nranks, created_utc, config (JSON: the probe's options), provenance (JSON)
+        attrs               probe_id (32 hex digits, unique to this probe), nranks, created_utc,
+                            config (JSON: the probe's options), provenance (JSON)
         summary             attrs: rate_flops (per-rank attention FLOP/s at the largest block), bandwidth_Bps and
                             latency_s (the slowest ring link's Hockney fit t = latency + bytes / bandwidth), slowest_link
         samples/            block_tokens (K,), block_flops (K,) and compute_s (K, R, P): the real kernel on one full
                             K/V block of each size, per repeat and rank; msg_bytes (S,), links (L, 2) rank pairs and
                             pingpong_s (L, S, I): one-way times (round trip / 2) per ring link, size and iteration
 
-A file may hold runs, probes or both; readers of runs ignore ``/probes``, so files from before the probe
-group existed are still version 1.
+Version 1 is the same layout without ``run_id`` and ``probe_id``. Both versions are read; a run or probe
+without an id (every one of a version-1 file) gets a stable derived id on read: a hash of what identified
+it before (point id, creation time, status, config, provenance; for a probe: ranks, time, config,
+provenance) and its rank among the file's id-less runs with that same fingerprint. The rank, not the group
+name, keeps two runs of one point made in the same second apart while staying the same in a file that an
+older ``collect`` filled (where the group of a run may be ``p~2`` although it was ``p`` in its part).
+Readers ignore attributes they do not know and treat missing optional ones as absent.
+
+Writers write version 2. Appending to a version-1 file upgrades it in place: the root attribute becomes 2
+(in the same atomic append), its version-1 runs stay as they are and keep reading with derived ids; a
+ringbench that reads only version 1 then refuses the file with a message naming the versions.
 
 A run that could not complete (non-zero exit, timeout, killed) is stored by the sweep as a run with
 status "failed", its error (exit status and the tail of its output) and no samples (``failed_run``).
 
-``merge`` copies the runs of several compatible files (same format and schema version) into one; a run
-already in the destination (same point id, creation time, status, config and provenance) is not copied
-twice, so merging again is a no-op.
+``merge`` copies the runs and probes of several compatible files into one; a run (probe) whose id is
+already in the destination is not copied twice, so merging again is a no-op. A copied version-1 run gets
+its derived id written as ``run_id``, so the copy keeps the identity of its source.
 
-Writing never damages runs already in a file: the new run is written into a copy that replaces the file
-with an atomic rename, under an exclusive lock on ``FILE.lock``, so a crash mid-write leaves the earlier
-runs readable and concurrent writers on one machine take turns.
+Appending (``append``, ``append_probe``, ``merge``): the cost depends on what is added, not on the size of
+the file, and a crash (even SIGKILL or power loss) at any moment leaves every earlier run readable.
+
+- Locking: ``flock`` on the result file itself, exclusive for writers and shared for readers (the kernel
+  drops it when a process dies, so no lock files are needed; HDF5's own file locking is switched off so it
+  does not fight this one). Concurrent writers take turns; readers never see a half-written append.
+- An existing file is appended to in place, under an undo journal ``FILE.journal``. HDF5 opens the file
+  through a Python file object (h5py's ``fileobj`` driver) that knows the original size S. Writes at or
+  past S (the new objects: nearly every byte) go straight to the file. Writes below S (the few metadata
+  blocks HDF5 updates: superblock, group B-tree and heap nodes; a few KB) are kept in memory until
+  commit; reads see them. The journal, holding S and the file's device and inode (so it is never applied
+  to another file), is created before HDF5 opens the file. Commit: the original bytes of every range about
+  to change below S are appended to the journal (one record each: offset, length, CRC32, bytes), the
+  journal and its directory are fsynced, the buffered writes are applied, the file is fsynced, and the
+  journal is deleted: that deletion is the commit point. Rollback (after an exception here, or by the next
+  reader or writer that finds a journal a dead process left, under the exclusive lock): write the saved
+  bytes back, truncate to S, fsync, delete the journal. A torn last record (its CRC fails) is one whose
+  overwrite never started; a journal whose header never reached the disk (power loss before commit) was
+  followed by writes past S only, which HDF5 ignores (bytes past its end of allocation). Why buffer the
+  writes below S rather than journal each one just before it happens: the file below S stays untouched
+  until commit, and an append costs three fsyncs (journal, directory, file) whatever HDF5 writes, instead
+  of one per metadata block. The old method (copy the file, write, rename) cost one fsync plus a copy of
+  the whole file; on a tiny file it is a few ms faster (benchmarks/append_bench.py).
+  Durability: like the rename it replaces, the journal's deletion is not fsynced to the directory; after a
+  power loss right after an append, that append may be rolled back (never half-kept).
+- A file that does not exist yet is created whole in ``FILE.<random>.tmp`` in the same directory, fsynced
+  and linked into place (``link`` is atomic and never replaces a file another writer created meanwhile:
+  that writer's file is then appended to instead); the temporary is removed on any error. Writers also
+  remove ``FILE.*.tmp`` and ``FILE.lock`` left by dead writers (older ringbench versions wrote whole copies
+  and used ``FILE.lock``): only files nobody holds a lock on.
+- ``--out`` through a symbolic link writes to its target; the file's mode and owner never change. A file
+  whose owner has no write permission (``chmod a-w``) is refused, even for root.
+
+All writers of one file must be this version: an older one replaces the file by rename and would drop
+runs appended in place meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
-import shutil
-import tempfile
+import secrets
+import stat
+import struct
+import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,10 +101,15 @@ import numpy as np
 from ringbench import SCHEMA_VERSION
 
 FORMAT = "ringbench-results"
+READABLE = (1, 2)  # schema versions this ringbench reads
 
 
 class SchemaError(Exception):
     """A file is not a ringbench result file this version can read."""
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass
@@ -72,6 +124,7 @@ class Probe:
     created_utc: str = ""
     name: str = ""  # the group name, set on read (the writer's wish before that)
     path: str = ""  # the file, set on read
+    probe_id: str = field(default_factory=_new_id)  # unique to this probe (derived on read for version-1 files)
 
 
 @dataclass
@@ -92,35 +145,395 @@ class Run:
     created_utc: str = ""
     name: str = ""  # the group name, set on read
     path: str = ""  # the file, set on read
+    run_id: str = field(default_factory=_new_id)  # unique to this run (derived on read for version-1 files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks, journal, temporaries
+# ---------------------------------------------------------------------------------------------
+_MAGIC = b"RBJRNL02"
+_HEAD = struct.Struct("<8sQQQI")  # magic, original size S, st_dev, st_ino, crc32 of the rest
+_REC = struct.Struct("<QQI")  # offset, length, crc32(offset, length, bytes)
+
+
+def _real(path) -> Path:
+    """The file ``path`` names, through symbolic links (a dangling link names the file to create)."""
+    return Path(os.path.realpath(path))
+
+
+def _journal(real: Path) -> Path:
+    return real.with_name(real.name + ".journal")
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _lock(real: Path, flags: int, how: int) -> int | None:
+    """An fd of ``real`` holding flock ``how``, or None if the file does not exist (or was replaced meanwhile: retry)."""
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, how)
+        st = os.fstat(fd)
+        now = os.stat(real)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            return fd
+    except FileNotFoundError:
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return -1
+
+
+def _rollback(real: Path, fd: int) -> None:
+    """Undo the append a journal describes (the caller holds the exclusive lock and a writable ``fd``)."""
+    jpath = _journal(real)
+    try:
+        data = jpath.read_bytes()
+    except FileNotFoundError:
+        return
+    st = os.fstat(fd)
+    if len(data) >= _HEAD.size:
+        magic, size, dev, ino, crc = _HEAD.unpack_from(data)
+        if magic == _MAGIC and crc == zlib.crc32(data[: _HEAD.size - 4]) and (dev, ino) == (st.st_dev, st.st_ino):
+            records, pos = [], _HEAD.size
+            while pos + _REC.size <= len(data):
+                off, n, crc = _REC.unpack_from(data, pos)
+                body = data[pos + _REC.size : pos + _REC.size + n]
+                if len(body) != n or zlib.crc32(data[pos : pos + 16] + body) != crc:
+                    break  # torn last record: its overwrite never started
+                records.append((off, body))
+                pos += _REC.size + n
+            for off, body in reversed(records):
+                os.pwrite(fd, body, off)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+    # a journal with no valid header was never followed by a write; one of another file is stale
+    jpath.unlink(missing_ok=True)
+    _fsync_dir(real.parent)
+
+
+def _recover_for_reading(real: Path, fd: int) -> None:
+    """Roll back a journal a dead writer left, from a reader holding the shared lock on ``fd``: the exclusive
+    lock is taken on a writable descriptor (flock over NFS needs one), then the shared lock again."""
+    while _journal(real).exists():
+        try:
+            wfd = os.open(real, os.O_RDWR)
+        except OSError as exc:
+            raise SchemaError(
+                f"{real}: an interrupted append must be rolled back ({_journal(real).name}) and the file is not writable"
+                f" ({exc.strerror}); open it once with write access"
+            ) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(wfd, fcntl.LOCK_EX)
+            _rollback(real, wfd)
+        finally:
+            os.close(wfd)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """``path`` open for reading under a shared lock, a dead writer's journal rolled back first; yields an h5py.File."""
+    real = _real(path)
+    while True:
+        try:
+            fd = _lock(real, os.O_RDONLY, fcntl.LOCK_SH)
+        except OSError as exc:
+            raise SchemaError(f"{path}: not an HDF5 file ({exc.__class__.__name__})") from None
+        if fd is None:
+            raise SchemaError(f"{path}: not an HDF5 file (FileNotFoundError)")
+        if fd >= 0:
+            break
+    try:
+        _recover_for_reading(real, fd)
+        try:
+            f = h5py.File(real, "r", locking=False)
+        except OSError as exc:
+            raise SchemaError(f"{path}: not an HDF5 file ({exc.__class__.__name__})") from None
+        with f:
+            _check_root(f, path)
+            yield f
+    finally:
+        os.close(fd)
+
+
+def _sweep(real: Path) -> None:
+    """Remove ``FILE.*.tmp`` and ``FILE.lock`` that dead writers left (only those no one holds a lock on)."""
+    old_lock = real.with_name(real.name + ".lock")
+    if old_lock.exists():  # an older ringbench's lock file: while one of its writers holds it, leave everything
+        try:
+            lfd = os.open(old_lock, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(lfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lfd)
+            return
+        try:
+            old_lock.unlink(missing_ok=True)
+        finally:
+            os.close(lfd)
+    prefix = real.name + "."
+    try:
+        names = [e.name for e in os.scandir(real.parent) if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        p = real.with_name(name)
+        try:
+            tfd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(tfd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live creator holds its temporary locked
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(tfd)
+
+
+class _JournaledFile:
+    """The result file as h5py's ``fileobj`` driver sees it: bytes at or past ``size`` are written through,
+    writes below it are buffered until ``commit`` (see the module docstring)."""
+
+    def __init__(self, fd: int, size: int, journal_fd: int):
+        self.fd, self.size0, self.jfd = fd, size, journal_fd
+        self.size = size  # the logical end of file
+        self.pos = 0
+        self.below: list[tuple[int, bytes]] = []  # buffered writes below size0, in order
+        self.dead = False
+
+    # --- the interface h5py's fileobj driver calls: seek, tell, readinto/read, write, truncate, flush
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else self.size + pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        mv = memoryview(buf).cast("B")
+        n, pos = len(mv), self.pos
+        end = min(pos + n, self.size)
+        got = os.preadv(self.fd, [mv[: max(end - pos, 0)]], pos) if end > pos else 0
+        mv[got:] = bytes(n - got)
+        for off, data in self.below:  # later writes win
+            lo, hi = max(off, pos), min(off + len(data), pos + n)
+            if lo < hi:
+                mv[lo - pos : hi - pos] = data[lo - off : hi - off]
+        self.pos += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n < 0 else n
+        buf = bytearray(max(n, 0))
+        self.readinto(buf)
+        return bytes(buf)
+
+    def write(self, buf) -> int:
+        if self.dead:
+            return len(buf)
+        data = bytes(buf)
+        pos, n = self.pos, len(data)
+        split = min(max(self.size0 - pos, 0), n)
+        if split:
+            self.below.append((pos, data[:split]))
+        if split < n:
+            os.pwrite(self.fd, data[split:], pos + split)
+        self.pos += n
+        self.size = max(self.size, pos + n)
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        if not self.dead:
+            if size >= self.size0:
+                os.ftruncate(self.fd, size)
+            self.size = size  # below size0: applied at commit
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    # --- commit
+    def _ranges(self) -> list[tuple[int, int]]:
+        spans = sorted((off, off + len(d)) for off, d in self.below)
+        if self.size < self.size0:
+            spans = sorted(spans + [(self.size, self.size0)])
+        merged: list[list[int]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        return [(lo, hi) for lo, hi in merged]
+
+    def save_preimages(self, directory: Path) -> None:
+        """Append the original bytes of every range commit will change below S to the journal; fsync it and its directory."""
+        out = bytearray()
+        for lo, hi in self._ranges():
+            old = os.pread(self.fd, hi - lo, lo)
+            head = struct.pack("<QQ", lo, len(old))
+            out += head + struct.pack("<I", zlib.crc32(head + old)) + old
+        os.write(self.jfd, bytes(out))
+        os.fsync(self.jfd)
+        _fsync_dir(directory)  # the journal's name is durable too
+
+    def apply(self) -> None:
+        """Write the buffered changes below S into the file."""
+        for off, data in self.below:
+            os.pwrite(self.fd, data, off)
+        if os.fstat(self.fd).st_size != self.size:
+            os.ftruncate(self.fd, self.size)
+
+    def commit(self, directory: Path) -> None:
+        self.save_preimages(directory)
+        self.apply()
+        os.fsync(self.fd)
+
+
+def _read_only(real: Path) -> str | None:
+    """Why an existing file may not be written, or None."""
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return None
+    if not st.st_mode & stat.S_IWUSR:
+        return "the file is read-only (no write permission; chmod u+w to allow appending)"
+    if not os.access(real, os.W_OK):
+        return "the file is not writable by this user"
+    return None
+
+
+def _append_in_place(real: Path, fd: int, fn):
+    """Run ``fn(h5py.File)`` on the existing, locked file ``real`` under an undo journal; commit or roll back."""
+    _rollback(real, fd)  # a dead writer's journal
+    _sweep(real)
+    st = os.fstat(fd)
+    jpath = _journal(real)
+    jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with contextlib.suppress(OSError):  # whoever may write the file may roll its journal back
+            os.fchmod(jfd, stat.S_IMODE(st.st_mode) & 0o666)
+        head = struct.pack("<8sQQQ", _MAGIC, st.st_size, st.st_dev, st.st_ino)
+        os.write(jfd, head + struct.pack("<I", zlib.crc32(head)))  # fsynced with the records, before any overwrite
+        wrapper = _JournaledFile(fd, st.st_size, jfd)
+        f = None
+        try:
+            try:
+                f = h5py.File(wrapper, "r+", locking=False)
+            except OSError as exc:
+                raise SchemaError(f"{real}: not an HDF5 file ({exc.__class__.__name__})") from None
+            _check_root(f, real)
+            _init_root(f)
+            result = fn(f)
+            f.close()
+            wrapper.commit(real.parent)
+        except BaseException:
+            if f is not None:
+                with contextlib.suppress(Exception):
+                    f.close()
+            wrapper.dead = True  # nothing more reaches the file from HDF5
+            _rollback(real, fd)
+            raise
+    finally:
+        os.close(jfd)
+    jpath.unlink(missing_ok=True)  # the commit point
+    return result
+
+
+_RETRY = object()
+
+
+def _create(real: Path, fn):
+    """Create ``real`` whole in a temporary, run ``fn`` on it and link it into place; _RETRY if another writer won."""
+    _journal(real).unlink(missing_ok=True)  # a journal without its file is stale
+    _sweep(real)
+    while True:
+        tmp = real.with_name(f"{real.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        st, now = os.fstat(fd), None
+        with contextlib.suppress(FileNotFoundError):
+            now = os.stat(tmp)
+        if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            break
+        os.close(fd)  # swept by another writer between open and flock: take another name
+    try:
+        with h5py.File(tmp, "w", locking=False) as f:
+            _init_root(f)
+            result = fn(f)
+        os.fsync(fd)
+        try:
+            os.link(tmp, real)  # never replaces a file that appeared meanwhile
+        except FileExistsError:
+            return _RETRY
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV) or real.exists():
+                raise
+            os.replace(tmp, real)  # a file system without hard links
+        _fsync_dir(real.parent)
+        return result
+    finally:
+        tmp.unlink(missing_ok=True)
+        os.close(fd)  # the lock is released only now, once the file is in place
+
+
+def _update(path, fn):
+    """Run ``fn(h5py.File)`` on the result file ``path`` (created if missing), atomically; returns its result."""
+    real = _real(path)
+    while True:
+        why = _read_only(real)
+        if why:
+            raise PermissionError(errno.EACCES, f"{path}: {why}")
+        fd = _lock(real, os.O_RDWR, fcntl.LOCK_EX)
+        if fd is None:
+            result = _create(real, fn)
+            if result is not _RETRY:
+                return result
+            continue
+        if fd < 0:
+            continue
+        try:
+            return _append_in_place(real, fd, fn)
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def locked(path: Path):
-    path = Path(path)
-    with open(str(path) + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def check_writable(path) -> str | None:
-    """None if a result file can be written at ``path``; otherwise a one-line reason."""
+    """None if a result file can be written at ``path`` (through a symbolic link: at its target); otherwise a one-line reason."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.exists() and path.is_dir():
+    real = _real(path)
+    parent = real.parent
+    if real.is_dir():
         return f"{path} is a directory"
     if not parent.exists():
         return f"directory {parent} does not exist"
     if not os.access(parent, os.W_OK):
         return f"directory {parent} is not writable"
-    if path.exists():
+    if real.exists():
+        why = _read_only(real)
+        if why:
+            return why
         try:
-            check_file(path)
+            check_file(real)
         except SchemaError as exc:
             return str(exc)
     return None
@@ -128,42 +541,25 @@ def check_writable(path) -> str | None:
 
 def append(path, run: Run) -> str:
     """Add ``run`` to the result file ``path`` (created if missing); returns the group name used."""
-    with rewriting(path) as f:
+
+    def add(f):
         name = _free_name(f["runs"], run.point_id)
         _write_run(f["runs"].create_group(name), run)
-    return name
+        return name
+
+    return _update(path, add)
 
 
 def append_probe(path, probe: Probe) -> str:
     """Add ``probe`` to ``/probes`` of the result file ``path`` (created if missing); returns the group name."""
-    with rewriting(path) as f:
+
+    def add(f):
         probes = f.require_group("probes")
         name = _free_name(probes, probe.name or f"probe-P{probe.nranks}")
         _write_probe(probes.create_group(name), probe)
-    return name
+        return name
 
-
-@contextlib.contextmanager
-def rewriting(path):
-    """An open copy of the result file ``path`` (new if missing) that replaces it atomically on success."""
-    path = Path(path)
-    with locked(path):
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-        os.close(fd)
-        try:
-            if path.exists():
-                check_file(path)
-                shutil.copyfile(path, tmp)
-            with h5py.File(tmp, "a") as f:
-                _init_root(f)
-                yield f
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+    return _update(path, add)
 
 
 def failed_run(point_id: str, nranks: int, config: dict, error: str, provenance: dict | None = None) -> Run:
@@ -183,42 +579,86 @@ class MergeError(Exception):
     """Files that cannot be merged; the text is one line."""
 
 
-def _fingerprint(g: h5py.Group) -> tuple:
-    return tuple(str(g.attrs.get(k, "")) for k in ("point_id", "created_utc", "status", "config", "provenance"))
+_RUN_KEYS = ("point_id", "created_utc", "status", "config", "provenance")
+_PROBE_KEYS = ("nranks", "created_utc", "config", "provenance")
+
+
+def _ids(group: h5py.Group, attr: str, keys: tuple) -> dict[str, str]:
+    """The id of every member of ``group`` (runs or probes): stored, or derived for version-1 members."""
+    ids, seen = {}, {}
+    for name, g in group.items():
+        stored = g.attrs.get(attr)
+        if stored is not None:
+            ids[name] = str(_py(stored))
+            continue
+        fp = "\0".join(str(_py(g.attrs.get(k, ""))) for k in keys)
+        k = seen[fp] = seen.get(fp, -1) + 1  # the rank among id-less members with this fingerprint
+        ids[name] = hashlib.sha256(f"{fp}\0{k}".encode()).hexdigest()[:32]
+    return ids
 
 
 def merge(dest, sources) -> tuple[int, int]:
-    """Copy every run of ``sources`` into ``dest`` (created if missing), skipping runs already there.
+    """Copy every run and probe of ``sources`` into ``dest`` (created if missing), skipping those already there.
 
-    All files must be ringbench result files of this schema version, otherwise MergeError names the first
-    incompatible one and nothing is written. Returns (runs added, runs already present).
+    All files must be ringbench result files of a version this ringbench reads, otherwise MergeError names
+    the first incompatible one and nothing is written. Runs (probes) are the same when their run_id
+    (probe_id) is. Returns (runs added, runs already present).
     """
     dest = Path(dest)
-    for path in ([dest] if dest.exists() else []) + list(sources):
+    sources = [Path(s) for s in sources]
+    for path in ([dest] if dest.exists() else []) + sources:
         try:
             check_file(path)
         except SchemaError as exc:
             raise MergeError(f"cannot merge: {exc}") from None
-    added = present = 0
-    with rewriting(dest) as out:
-        runs = out["runs"]
-        have = {_fingerprint(g) for g in runs.values()}
+        if path is not dest and dest.exists() and os.path.samefile(path, dest):
+            raise MergeError(f"cannot merge: {path} is the destination file")
+    why = check_writable(dest)
+    if why:
+        raise MergeError(f"cannot merge into {dest}: {why}")
+
+    def copy(out):
+        counts = [0, 0]
+        have: dict[str, set] = {}  # the ids in dest, per group
         for src in sources:
-            with h5py.File(src, "r") as f:
-                for g in f["runs"].values():
-                    fp = _fingerprint(g)
-                    if fp in have:
-                        present += 1
+            with _reading(src) as f:
+                for key, attr, keys in (("runs", "run_id", _RUN_KEYS), ("probes", "probe_id", _PROBE_KEYS)):
+                    if key not in f:
                         continue
-                    f.copy(g, runs, name=_free_name(runs, str(g.attrs["point_id"])))
-                    have.add(fp)
-                    added += 1
-    return added, present
+                    into = out.require_group(key)
+                    if key not in have:
+                        have[key] = set(_ids(into, attr, keys).values())
+                    for name, rid in _ids(f[key], attr, keys).items():
+                        if rid in have[key]:
+                            counts[1] += key == "runs"
+                            continue
+                        g = f[key][name]
+                        base = str(_py(g.attrs["point_id"])) if key == "runs" else name.partition("~")[0]
+                        new = _free_name(into, base)
+                        f.copy(g, into, name=new)
+                        into[new].attrs[attr] = rid  # a version-1 member keeps its derived id
+                        have[key].add(rid)
+                        counts[0] += key == "runs"
+        return tuple(counts)
+
+    return _update(dest, copy)
+
+
+def _check_root(f: h5py.File, path) -> int:
+    fmt = _py(f.attrs.get("format"))
+    ver = f.attrs.get("schema_version")
+    if fmt != FORMAT or ver is None:
+        raise SchemaError(f"{path}: not a ringbench result file (no format/schema_version attributes)")
+    if int(ver) not in READABLE:
+        versions = " and ".join(", ".join(map(str, READABLE)).rsplit(", ", 1))
+        raise SchemaError(f"{path}: result schema version {int(ver)} is not supported; this ringbench reads versions {versions}")
+    return int(ver)
 
 
 def _init_root(f: h5py.File) -> None:
     f.attrs.setdefault("format", FORMAT)
-    f.attrs.setdefault("schema_version", SCHEMA_VERSION)
+    if f.attrs.get("schema_version") != SCHEMA_VERSION:
+        f.attrs["schema_version"] = SCHEMA_VERSION  # new file, or a version-1 file upgraded in place
     if "runs" not in f:
         f.create_group("runs", track_order=True)  # read back in the order runs were added
 
@@ -233,6 +673,7 @@ def _free_name(runs: h5py.Group, base: str) -> str:
 
 
 def _write_run(g: h5py.Group, run: Run) -> None:
+    g.attrs["run_id"] = run.run_id
     g.attrs["point_id"] = run.point_id
     g.attrs["nranks"] = int(run.nranks)
     g.attrs["status"] = run.status
@@ -263,6 +704,7 @@ def _write_run(g: h5py.Group, run: Run) -> None:
 
 
 def _write_probe(g: h5py.Group, probe: Probe) -> None:
+    g.attrs["probe_id"] = probe.probe_id
     g.attrs["nranks"] = int(probe.nranks)
     g.attrs["created_utc"] = probe.created_utc
     g.attrs["config"] = json.dumps(probe.config, sort_keys=True)
@@ -282,30 +724,18 @@ def _attr(v):
 # ---------------------------------------------------------------------------------------------
 def check_file(path) -> int:
     """The schema version of ``path``; SchemaError with a one-line reason if this version cannot read it."""
-    try:
-        with h5py.File(path, "r") as f:
-            fmt = f.attrs.get("format")
-            ver = f.attrs.get("schema_version")
-    except OSError as exc:
-        raise SchemaError(f"{path}: not an HDF5 file ({exc.__class__.__name__})") from None
-    if fmt != FORMAT or ver is None:
-        raise SchemaError(f"{path}: not a ringbench result file (no format/schema_version attributes)")
-    if int(ver) != SCHEMA_VERSION:
-        raise SchemaError(f"{path}: result schema version {int(ver)} is not supported; this ringbench reads version {SCHEMA_VERSION}")
-    return int(ver)
+    with _reading(path) as f:
+        return _check_root(f, path)
 
 
 def read(path, *, samples: bool = True, tensors: bool = False) -> list[Run]:
     """Every run in a result file, in the file's order."""
-    check_file(path)
-    runs = []
-    with h5py.File(path, "r") as f:
-        for name, g in f["runs"].items():
-            runs.append(_read_run(g, name, str(path), samples, tensors))
-    return runs
+    with _reading(path) as f:
+        ids = _ids(f["runs"], "run_id", _RUN_KEYS)
+        return [_read_run(g, name, ids[name], str(path), samples, tensors) for name, g in f["runs"].items()]
 
 
-def _read_run(g: h5py.Group, name: str, path: str, samples: bool, tensors: bool) -> Run:
+def _read_run(g: h5py.Group, name: str, run_id: str, path: str, samples: bool, tensors: bool) -> Run:
     run = Run(
         point_id=str(g.attrs["point_id"]),
         nranks=int(g.attrs["nranks"]),
@@ -316,6 +746,7 @@ def _read_run(g: h5py.Group, name: str, path: str, samples: bool, tensors: bool)
         created_utc=str(g.attrs.get("created_utc", "")),
         name=name,
         path=path,
+        run_id=run_id,
     )
     if samples and "samples" in g:
         run.samples = {k: d[()] for k, d in g["samples"].items()}
@@ -333,10 +764,11 @@ def _read_run(g: h5py.Group, name: str, path: str, samples: bool, tensors: bool)
 
 def read_probes(path) -> list[Probe]:
     """Every probe in a result file (``/probes``), in the file's order; empty if it has none."""
-    check_file(path)
     probes = []
-    with h5py.File(path, "r") as f:
-        for name, g in f.get("probes", {}).items():
+    with _reading(path) as f:
+        group = f.get("probes", {})
+        ids = _ids(group, "probe_id", _PROBE_KEYS) if group else {}
+        for name, g in group.items():
             probes.append(
                 Probe(
                     nranks=int(g.attrs["nranks"]),
@@ -347,6 +779,7 @@ def read_probes(path) -> list[Probe]:
                     created_utc=str(g.attrs.get("created_utc", "")),
                     name=name,
                     path=str(path),
+                    probe_id=ids[name],
                 )
             )
     return probes
@@ -364,9 +797,9 @@ def latest(path) -> dict[str, Run]:
     """The most recent run of each point in ``path`` (attributes only, no samples): the point's state."""
     if not Path(path).exists():
         return {}
-    check_file(path)
     out: dict[str, Run] = {}
-    with h5py.File(path, "r") as f:
+    with _reading(path) as f:
+        ids = _ids(f["runs"], "run_id", _RUN_KEYS)
         for name, g in f["runs"].items():
             run = Run(
                 point_id=str(g.attrs["point_id"]),
@@ -378,6 +811,7 @@ def latest(path) -> dict[str, Run]:
                 created_utc=str(g.attrs.get("created_utc", "")),
                 name=name,
                 path=str(path),
+                run_id=ids[name],
             )
             if "summary" in g:
                 run.summary = {k: _py(v) for k, v in g["summary"].attrs.items()}
@@ -399,6 +833,5 @@ def point_ids(path, status: str | None = "ok") -> set[str]:
     """Point ids stored in ``path`` (with the given status; None for any); empty if the file is absent."""
     if not Path(path).exists():
         return set()
-    check_file(path)
-    with h5py.File(path, "r") as f:
+    with _reading(path) as f:
         return {str(g.attrs["point_id"]) for g in f["runs"].values() if status is None or str(g.attrs.get("status", "ok")) == status}

@@ -79,3 +79,27 @@ def test_memory_bench_user_error_is_one_line():
     res = script("memory_bench.py", "--ranks", 3, "--seq-len", 100)
     assert res.returncode == 2
     assert "--seq-len" in res.stderr.strip().splitlines()[-1]
+
+
+def test_append_bench_reports_ratios_and_cleans_up(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "a.json"
+    res = script("append_bench.py", "--sizes", 0.05, 0.2, "--repeat", 1, "--dir", work, "--out", out)
+    assert res.returncode == 0, res.stderr
+    for col in ("file MB", "new ms", "old ms", "new/tiny", "old/tiny", "old/new"):
+        assert col in res.stdout
+    data = json.loads(out.read_text())
+    assert data["provenance"]["cpu"] and data["provenance"]["simd"]["baseline"]
+    rows = data["rows"]
+    assert len(rows) == 3 and rows[0]["new_over_tiny"] == rows[0]["old_over_tiny"] == 1.0
+    assert rows[0]["size_bytes"] < 50_000 <= rows[1]["size_bytes"] < 200_000 <= rows[2]["size_bytes"]
+    assert all(len(r["samples_s"]["new"]) == len(r["samples_s"]["old"]) == 1 for r in rows)
+    assert "results.h5" in data["left"] and not any(n.endswith((".tmp", ".journal")) for n in data["left"])
+    assert list(work.iterdir()) == []  # every file removed
+
+
+def test_append_bench_user_error_is_one_line():
+    res = script("append_bench.py", "--sizes", 100, 1)
+    assert res.returncode == 2
+    assert "--sizes" in res.stderr.strip().splitlines()[-1]

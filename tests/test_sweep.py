@@ -178,7 +178,8 @@ def test_collect_refuses_incompatible_files(tmp_path):
     res = ringbench("collect", exp, "--results", tmp_path / "results", cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip() == (
-        f"ringbench collect: cannot merge: {parts / 'old.h5'}: result schema version 99 is not supported; this ringbench reads version 1"
+        f"ringbench collect: cannot merge: {parts / 'old.h5'}: result schema version 99 is not supported;"
+        " this ringbench reads versions 1 and 2"
     )
     assert (tmp_path / "results" / "merge.h5").read_bytes() == before
 
