@@ -265,3 +265,22 @@ def test_sbatch_failure_shows_sbatch_message(tmp_path, cluster):
 def test_template_with_unknown_placeholder_is_one_line_error():
     with pytest.raises(slurm.SlurmError, match=r"bad placeholder 'HOME'; allowed: \$experiment"):
         slurm.render(job(), SlurmSpec(), "#!/bin/bash\necho $HOME\n", "0.1.0", "now")
+
+
+@pytest.mark.parametrize("bits", [0o600, 0o640, 0o644])
+def test_job_script_is_no_more_readable_than_its_template(tmp_path, bits):
+    tpl = tmp_path / "site.sbatch.sh"
+    tpl.write_text(slurm.TEMPLATE.read_text())
+    tpl.chmod(bits)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: perm\nbase: {seq_len: 256, heads: 2, head_dim: 16}\nslurm: {template: site.sbatch.sh}\n")
+    res = ringbench("submit", exp, "--dry-run", "--results", tmp_path / "results", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (script,) = (tmp_path / "results" / "perm" / "scripts").glob("*.sbatch")
+    assert script.stat().st_mode & 0o777 == bits & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
