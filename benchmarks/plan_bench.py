@@ -13,8 +13,10 @@ Cases, each one experiment file written to a temporary directory and planned as 
 The baseline measured in the same run is the step-plan loop that counted the unmasked pairs of one point
 before the closed form (P^2 step plans), at --loop-ranks ranks: the ``loop/point`` column says how many
 closed-form plans of one point fit in the time of that loop. Times are the median of --repeat runs, on the
-wall clock and on this process's CPU clock (the machine is shared). The target (ring issue 7, item 8):
-the matrix case (10,000 points, P up to 16,384) in under 1 s. Exit status 0, or 2 on bad options.
+wall clock and on this process's CPU clock. The target (ring issue 7, item 8): the matrix case (10,000
+points, P up to 16,384) in under 1 s; the verdict reads the CPU clock, because on a shared machine the wall
+clock counts the time other processes hold the core (planning is one thread, no I/O to speak of).
+Exit status 0, or 2 on bad options.
 """
 
 from __future__ import annotations
@@ -143,8 +145,8 @@ def main(argv=None) -> int:
             f"matrix:\n  seed: [{', '.join(map(str, range(seeds)))}]\nranks: [{', '.join(map(str, ranks))}]\n"
         )
         wall, cpu, n = timed(lambda: plan(path, results), ns.repeat)
-        verdict = "PASS" if wall < TARGET_S else "FAIL"
-        rows.append(["matrix", str(n), f"{ranks[0]}..{ranks[-1]}", f"{wall:.4f}", f"{cpu:.4f}", f"target < {TARGET_S:g} s: {verdict}"])
+        verdict = "PASS" if cpu < TARGET_S else "FAIL"
+        rows.append(["matrix", str(n), f"{ranks[0]}..{ranks[-1]}", f"{wall:.4f}", f"{cpu:.4f}", f"target cpu < {TARGET_S:g} s: {verdict}"])
 
         if ns.reject_points:
             side = max(1, round(ns.reject_points**0.5))

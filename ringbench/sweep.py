@@ -325,14 +325,14 @@ def _shapes(exp: Experiment, points: list[Point]) -> dict[int, list[list[Point]]
 
 
 def plan_text(exp: Experiment, lay: Layout) -> str:
-    state = stored(exp, lay)
+    state = stored(exp, lay) if lay.parts.is_dir() or lay.collected.exists() else {}  # nothing stored yet: no file to look at
     keys = _params(exp)
     rows = [["#", "id", "P", *keys, "GFLOP", "state"]]
+    work = 0.0
     for i, p in enumerate(exp.points, 1):
-        rows.append(
-            [str(i), p.id, str(p.nranks), *(fmt_value(p.params[k]) for k in keys), f"{p.work() / 1e9:.3g}", _state_word(state.get(p.id))]
-        )
-    work = sum(p.work() for p in exp.points)
+        w = p.work()
+        work += w
+        rows.append([str(i), p.id, str(p.nranks), *(fmt_value(p.params[k]) for k in keys), f"{w / 1e9:.3g}", _state_word(state.get(p.id))])
     head = [
         (
             f"experiment {exp.name} ({exp.path}): {len(exp.points)} points, {exp.excluded} excluded; "
