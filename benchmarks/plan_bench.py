@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         if ns.loop_ranks:
             seq = 2 * ns.loop_ranks * 64
             wall, cpu, _ = timed(lambda: loop_pairs(ns.loop_ranks, seq), 1)
-            ratio = f"loop/point {cpu / single[1]:.0f}x (one point at P={single[0]})" if single and single[1] > 0 else ""
+            ratio = f"loop/point {cpu / single[1]:.3g}x (one point at P={single[0]})" if single and single[1] > 0 else ""
             rows.append(["baseline loop", "1", str(ns.loop_ranks), f"{wall:.4f}", f"{cpu:.4f}", ratio])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

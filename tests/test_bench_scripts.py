@@ -82,13 +82,13 @@ def test_memory_bench_user_error_is_one_line():
 
 
 def test_plan_bench_prints_every_case():
-    res = script("plan_bench.py", "--ranks", 4, 64, "--points", 14, "--max-ranks", 64, "--reject-points", 200000, "--loop-ranks", 8)
+    res = script("plan_bench.py", "--ranks", 4, 64, "--points", 14, "--max-ranks", 64, "--reject-points", 250000, "--loop-ranks", 8)
     assert res.returncode == 0, res.stderr
     assert "SIMD" in res.stdout.splitlines()[0]
     rows = {ln.split("  ")[0]: ln for ln in res.stdout.splitlines()[2:]}
     assert set(rows) == {"one point", "matrix", "reject", "baseline loop"}
     assert " 14 " in rows["matrix"] and "target cpu < 1 s:" in rows["matrix"]
-    assert "expands to 200000 points" in rows["reject"]
+    assert "expands to 250000 points" in rows["reject"]
     assert "loop/point" in rows["baseline loop"]
 
 
