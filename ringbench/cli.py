@@ -293,6 +293,8 @@ def _check_results(files: list[str], option: str = "FILE") -> str | None:
     from ringbench import store
 
     for f in files:
+        if os.path.isdir(f):
+            return f"{option}: {f}: is a directory, not a result file"
         if not os.path.isfile(f):
             return f"{option}: {f}: no such file"
         try:
@@ -300,6 +302,41 @@ def _check_results(files: list[str], option: str = "FILE") -> str | None:
         except store.SchemaError as exc:
             return str(exc)
     return None
+
+
+def _check_out_dir(option: str, path: str) -> str | None:
+    """None if ``path`` is a directory this user can write files in, or one that can be created; else one line."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):  # the nearest part of the path that exists
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{option}: {path}: {probe} exists and is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{option}: {path}: directory {probe} is not writable"
+    return None
+
+
+def _check_out_file(option: str, path: str) -> str | None:
+    """None if a file can be written at ``path`` (its directory exists and is writable); else one line."""
+    if os.path.isdir(path):
+        return f"{option}: {path} is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.lexists(parent):
+        return f"{option}: directory {os.path.dirname(path)} does not exist"
+    return _check_out_dir(option, parent)
+
+
+def _write_csv(runs, path: str) -> None:
+    """The CSV through a temporary name and a rename: never half-written."""
+    from ringbench import results
+
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        results.to_csv(results.rows(runs), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def _missing(*modules: str) -> str | None:
@@ -409,18 +446,20 @@ def cmd_report(argv: list[str]) -> int:
         ns = report_parser().parse_args(argv)
     except UsageError as exc:
         return fail(prog, str(exc))
-    err = _check_results(ns.files) or (ns.probe and _check_results([ns.probe], "--probe"))
-    if not err and ns.csv and not os.path.isdir(os.path.dirname(os.path.abspath(ns.csv))):
-        err = f"--csv: directory {os.path.dirname(ns.csv)} does not exist"
+    err = _check_results(ns.files) or (ns.probe and _check_results([ns.probe], "--probe")) or (ns.csv and _check_out_file("--csv", ns.csv))
     if err:
         return fail(prog, err)
     from ringbench import report, results
 
     runs = results.load(ns.files)
     cal = None if ns.no_model else _calibration(runs, ns.files, ns.probe)
+    if ns.csv:  # before the report: a CSV that cannot be written fails the command with nothing printed
+        try:
+            _write_csv(runs, ns.csv)
+        except OSError as exc:
+            return fail(prog, f"--csv: cannot write {ns.csv}: {exc.strerror or exc}")
     print(report.format_report(runs, cal, ns.predict_ranks))
     if ns.csv:
-        results.to_csv(results.rows(runs), ns.csv)
         print(f"wrote {len(runs)} rows to {ns.csv}")
     return 0
 
@@ -461,17 +500,21 @@ def cmd_plot(argv: list[str]) -> int:
         or (ns.probe and _check_results([ns.probe], "--probe"))
         or (bad and f"--only: unknown figure {bad[0]!r}; allowed: {', '.join(plot.FIGURES)}")
     )
-    if not err and os.path.exists(ns.out_dir) and not os.path.isdir(ns.out_dir):
-        err = f"--out-dir: {ns.out_dir} exists and is not a directory"
+    err = err or _check_out_dir("--out-dir", ns.out_dir)
     if err:
         return fail(prog, err)
     runs = results.load(ns.files)
     names = {r.name for r in runs}
     if ns.timeline_run and ns.timeline_run not in names:
         return fail(prog, f"--timeline-run: no run {ns.timeline_run!r} in {', '.join(ns.files)}")
-    os.makedirs(ns.out_dir, exist_ok=True)
     cal = _calibration(runs, ns.files, ns.probe)
-    written, skipped = plot.render(runs, ns.out_dir, only=ns.only, cal=cal, predict_ranks=ns.predict_ranks, timeline_run=ns.timeline_run)
+    try:
+        os.makedirs(ns.out_dir, exist_ok=True)
+        written, skipped = plot.render(
+            runs, ns.out_dir, only=ns.only, cal=cal, predict_ranks=ns.predict_ranks, timeline_run=ns.timeline_run
+        )
+    except OSError as exc:
+        return fail(prog, f"--out-dir: cannot write {exc.filename or ns.out_dir}: {exc.strerror or exc}")
     print(f"model calibration: {cal.source}" if cal else "model calibration: none (no probes, no successful runs)")
     for path in written:
         print(path)

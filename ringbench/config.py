@@ -6,7 +6,6 @@ prints ``--seq-len: ...``, an experiment file prints ``experiments/x.yaml: matri
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json
@@ -67,7 +66,7 @@ class RunConfig:
         return self.heads if self.kv_heads is None else self.kv_heads
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # every field is a scalar: no deep copy (asdict) needed
         d["kv_heads"] = self.kv_heads_resolved
         return d
 

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,10 @@ RANKS = "ranks"
 SWEEP_KEYS = tuple(RunConfig.field_names()) + (RANKS,)
 DEFAULT_TIMEOUT_S = 600
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PROFILE_RE = NAME_RE  # a profile is named, never a path: slurm/profiles/NAME.yaml
+MAX_POINTS = 100_000  # the most points an experiment may expand to (before exclude rules)
+MAX_YAML_NODES = 200_000  # the most values (keys, scalars, lists, mappings) a file may hold once aliases are expanded
+MAX_YAML_DEPTH = 32  # the deepest nesting of lists and mappings a file may have
 
 
 class ExperimentError(Exception):
@@ -55,11 +60,9 @@ class Source:
         self.path = Path(path)
         self.name = str(path)
         if text is None:
-            try:
-                text = self.path.read_text()
-            except OSError as exc:
-                raise ExperimentError(f"{self.name}: cannot read: {exc.strerror or exc}") from None
+            text = self._read()
         try:
+            self._check_shape(text)
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             self.data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -70,6 +73,50 @@ class Source:
         self.lines: dict[tuple, int] = {}
         if node is not None:
             self._index(node, ())
+
+    def _read(self) -> str:
+        try:
+            raw = self.path.read_bytes()
+        except IsADirectoryError:
+            raise ExperimentError(f"{self.name}: is a directory, not a YAML file") from None
+        except OSError as exc:
+            raise ExperimentError(f"{self.name}: cannot read: {exc.strerror or exc}") from None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise ExperimentError(
+                f"{self.name}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save the file as UTF-8"
+            ) from None
+
+    def _check_shape(self, text: str) -> None:
+        """Refuse, from the event stream and before any tree is built, a file nested deeper than MAX_YAML_DEPTH
+        or holding more than MAX_YAML_NODES values once its aliases are expanded (an alias bomb): the node tree
+        and every walk over it stay small, and the composer's recursion stays shallow."""
+        total, anchors, open_ = 0, {}, []  # open_: (total before the collection, its anchor) per open collection
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                open_.append((total, ev.anchor))
+                total += 1
+                if len(open_) > MAX_YAML_DEPTH:
+                    raise ExperimentError(f"{self.name}:{ev.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                before, anchor = open_.pop()
+                if anchor is not None:
+                    anchors[anchor] = total - before
+            elif isinstance(ev, yaml.ScalarEvent):
+                total += 1
+                if ev.anchor is not None:
+                    anchors[ev.anchor] = 1
+            elif isinstance(ev, yaml.AliasEvent):
+                total += anchors.get(ev.anchor, 1)
+            else:
+                continue
+            if total > MAX_YAML_NODES:
+                raise ExperimentError(
+                    f"{self.name}:{ev.start_mark.line + 1}: more than {MAX_YAML_NODES} values once aliases are expanded; "
+                    f"an experiment file may hold at most {MAX_YAML_NODES}"
+                )
 
     def _index(self, node, path: tuple) -> None:
         self.lines[path] = node.start_mark.line + 1
@@ -107,7 +154,8 @@ def _mapping(src: Source, path: tuple, value, allowed=None) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise src.error(path, f"expected a mapping of keys to values, got {_show(value)}")
+        got = _kind(value) if path == () else _show(value)  # a whole file is never echoed
+        raise src.error(path, f"expected a mapping of keys to values, got {got}")
     for key in value:
         if not isinstance(key, str):
             raise src.error(path, f"keys must be strings, got {key!r}")
@@ -134,6 +182,15 @@ def _show(value) -> str:
     return repr(value)
 
 
+def _kind(value) -> str:
+    """What a value is, without its content."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, (dict, list)):
+        return _show(value)
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
 def _value(src: Source, path: tuple, key: str, value):
     """A run option (or ``ranks``) value checked and normalised; errors name ``path``."""
     if key == RANKS:
@@ -148,8 +205,9 @@ def _value(src: Source, path: tuple, key: str, value):
 
 def _axis_values(src: Source, path: tuple, key: str, values) -> list:
     values = [_value(src, path + (i,), key, v) for i, v in enumerate(_list(src, path, values))]
-    for i, v in enumerate(values):
-        if v in values[:i]:
+    first: dict = {}
+    for i, v in enumerate(values):  # one axis holds one type, so a dict finds repeats in O(n)
+        if first.setdefault(v, i) != i:
             raise src.error(path + (i,), f"{v!r} is listed twice")
     return values
 
@@ -212,6 +270,14 @@ RESERVED_SBATCH = {
     "gpus-per-node": "gpus_per_node",
     "cpus-per-task": "cpus_per_task",
 }
+# sbatch options that would replace, redirect or not run the job script: never allowed
+FORBIDDEN_SBATCH = {
+    "wrap": "it replaces the job script with a command",
+    "input": "it redirects the job script's standard input",
+    "test-only": "it submits nothing",
+}
+# full sbatch options that are also abbreviations of a reserved one (sbatch, like getopt, takes any unique prefix)
+_FULL_PREFIXES = {"gpus"}
 _SBATCH_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=\S.*)?$")
 _SHELL_META = ";&|<>`$(){}\\"
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -276,10 +342,7 @@ def _slurm_values(src: Source, path: tuple, data: dict, out: dict) -> None:
             if not isinstance(value, str) or not value or _has_control(value):
                 raise src.error(p, f"expected a path, got {value!r}")
             if key == "template":
-                tpl = (src.path.parent / value).resolve()
-                if not tpl.is_file():
-                    raise src.error(p, f"template {value!r} not found (looked at {tpl})")
-                value = str(tpl)
+                value = _template(src, p, value)
             out[key] = value
         elif key == "sbatch":
             out[key] = [_sbatch_line(src, p + (i,), v) for i, v in enumerate(_list(src, p, value, allow_scalar=True))]
@@ -296,15 +359,34 @@ def _slurm_values(src: Source, path: tuple, data: dict, out: dict) -> None:
             out[key] = env
 
 
+def _template(src: Source, path: tuple, value: str) -> str:
+    """A job-script template: a regular file this user can read (a script rendered from it gets its permission bits)."""
+    tpl = (src.path.parent / value).resolve()
+    try:
+        mode = tpl.stat().st_mode
+    except OSError:
+        raise src.error(path, f"template {value!r} not found (looked at {tpl})") from None
+    if not stat.S_ISREG(mode):
+        raise src.error(path, f"template {value!r} is not a regular file ({tpl})")
+    if not os.access(tpl, os.R_OK):
+        raise src.error(path, f"template {value!r} is not readable by this user ({tpl})")
+    return str(tpl)
+
+
 def _sbatch_line(src: Source, path: tuple, value) -> str:
     m = _SBATCH_RE.match(value) if isinstance(value, str) and not _has_control(value) else None
     if not m:
         raise src.error(path, f"expected one long sbatch option such as '--mem=8G' or '--exclusive', got {value!r}")
     opt = m.group(1)
+    if opt in FORBIDDEN_SBATCH:
+        raise src.error(path, f"--{opt} may not be given: {FORBIDDEN_SBATCH[opt]}")
     if opt in RESERVED_SBATCH:
         instead = RESERVED_SBATCH[opt]
         hint = f"use slurm.{instead}" if instead else "ringbench sets it"
         raise src.error(path, f"--{opt} may not be given here: {hint}")
+    full = sorted(k for k in (*FORBIDDEN_SBATCH, *RESERVED_SBATCH) if k.startswith(opt))
+    if full and opt not in _FULL_PREFIXES:
+        raise src.error(path, f"--{opt} abbreviates --{full[0]}, which may not be given here; spell options out in full")
     return value
 
 
@@ -338,12 +420,12 @@ def profile_dirs(exp_path: Path) -> list[Path]:
 
 
 def _load_profile(src: Source, path: tuple, name) -> tuple[Source, dict]:
-    if not isinstance(name, str) or not name or _has_control(name):
-        raise src.error(path, f"expected a profile name or a .yaml path, got {name!r}")
-    if "/" in name or name.endswith((".yaml", ".yml")):
-        candidates = [src.path.parent / name]
-    else:
-        candidates = [d / f"{name}.yaml" for d in profile_dirs(src.path)]
+    if not isinstance(name, str) or not PROFILE_RE.match(name):
+        raise src.error(
+            path,
+            f"expected a profile name (letters, digits, _ . -, not starting with . - _: slurm/profiles/NAME.yaml), got {name!r}",
+        )
+    candidates = [d / f"{name}.yaml" for d in profile_dirs(src.path)]
     for cand in candidates:
         if cand.is_file():
             prof = Source(cand)
@@ -414,6 +496,7 @@ class Experiment:
     slurm: SlurmSpec | None
     points: list = field(default_factory=list)
     excluded: int = 0
+    _by_id: dict = field(default_factory=dict, repr=False, compare=False)
 
     def swept_keys(self) -> list[str]:
         keys = list(self.matrix)
@@ -443,10 +526,9 @@ class Experiment:
         return out
 
     def point(self, pid: str) -> Point | None:
-        for p in self.points:
-            if p.id == pid:
-                return p
-        return None
+        if len(self._by_id) != len(self.points):
+            self._by_id = {p.id: p for p in self.points}
+        return self._by_id.get(pid)
 
 
 def _entries(src: Source, data: dict, key: str) -> list[tuple[tuple, dict]]:
@@ -534,8 +616,8 @@ def load(path, text: str | None = None) -> Experiment:
         origin[RANKS] = ("ranks",)
 
     timeout = data.get("timeout", DEFAULT_TIMEOUT_S)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise src.error(("timeout",), f"expected a positive number of seconds, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise src.error(("timeout",), f"expected a finite positive number of seconds, got {timeout!r}")
 
     exclude = _load_exclude(src, data)
 
@@ -552,8 +634,26 @@ def load(path, text: str | None = None) -> Experiment:
         timeout=timeout,
         slurm=slurm,
     )
+    _check_size(src, exp)
     _expand(src, exp, origin)
     return exp
+
+
+def _check_size(src: Source, exp: Experiment) -> None:
+    """Refuse an experiment that expands to more than MAX_POINTS points, before building any of them."""
+    sizes = [(("matrix", k), len(v)) for k, v in exp.matrix.items()]
+    sizes += [(("zip", i, next(iter(g))), len(next(iter(g.values())))) for i, g in enumerate(exp.zip)]
+    if exp.ranks is not None:
+        sizes.append((("ranks",), len(exp.ranks)))
+    total = math.prod(n for _, n in sizes)
+    if total > MAX_POINTS:
+        largest = max(sizes, key=lambda s: s[1])[0]
+        factors = " x ".join(f"{fmt_path(p)} {n}" for p, n in sizes)
+        raise src.error(
+            largest,
+            f"the experiment expands to {total} points ({factors}), before exclude rules; at most {MAX_POINTS} are allowed: "
+            f"split it into several experiment files",
+        )
 
 
 def _axes(exp: Experiment) -> list[list[dict]]:
@@ -575,8 +675,10 @@ def _expand(src: Source, exp: Experiment, origin: dict) -> None:
             params.update(part)
         nranks = params[RANKS]
         cfg = RunConfig.from_dict({k: v for k, v in {**exp.base, **params}.items() if k != RANKS})
-        values = {**cfg.to_dict(), RANKS: nranks}  # kv_heads resolved, as in the point id
-        hits = [i for i, rule in enumerate(exp.exclude) if all(values[k] in vs for k, vs in rule.items())]
+        hits = []
+        if exp.exclude:
+            values = {**{k: getattr(cfg, k) for k in RunConfig.field_names()}, "kv_heads": cfg.kv_heads_resolved, RANKS: nranks}
+            hits = [i for i, rule in enumerate(exp.exclude) if all(values[k] in vs for k, vs in rule.items())]
         if hits:
             for i in hits:
                 used[i] = True

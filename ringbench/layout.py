@@ -92,9 +92,16 @@ def step_plan(layout: str, rank: int, src: int, nranks: int, n_local: int, causa
 
 
 def unmasked_pairs(layout: str, nranks: int, seq_len: int, causal: bool) -> int:
-    """Unmasked (query, key) pairs summed over all ranks and steps (N^2, or N(N+1)/2 when causal)."""
-    n = seq_len // nranks
-    return sum(p.pairs() for r in range(nranks) for s in range(nranks) for p in step_plan(layout, r, (r - s) % nranks, nranks, n, causal))
+    """Unmasked (query, key) pairs summed over all ranks and steps: N^2, or N(N+1)/2 when causal.
+
+    Every layout's step plans cover each visible (query, key) pair of the global N x N attention exactly once
+    (tests/test_layout.py checks this pair by pair, and checks this closed form against the sum of
+    ``Piece.pairs`` over all P^2 step plans), so the count does not depend on the layout or P: O(1), where
+    the loop over the step plans is O(P^2). ``seq_len`` must be a multiple of ``divisor(layout, nranks)``.
+    """
+    if seq_len % divisor(layout, nranks):
+        raise ValueError(f"seq_len {seq_len} is not a multiple of {divisor(layout, nranks)} (layout {layout} at {nranks} ranks)")
+    return seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len
 
 
 def mask_for(piece: Piece, i0: int, i1: int, j0: int, j1: int) -> np.ndarray | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -93,10 +94,16 @@ class Layout:
             d.mkdir(parents=True, exist_ok=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name and a rename: never half-written."""
+def write_atomic(path: Path, text: str, mode: int = 0o666) -> None:
+    """Write ``text`` to ``path`` through a temporary name and a rename: never half-written.
+
+    The file is created with permission bits ``mode`` less the umask (as open() does with 0o666)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a leftover of a crash could carry wider bits: O_EXCL creates afresh
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
     os.replace(tmp, path)
 
 
@@ -318,14 +325,14 @@ def _shapes(exp: Experiment, points: list[Point]) -> dict[int, list[list[Point]]
 
 
 def plan_text(exp: Experiment, lay: Layout) -> str:
-    state = stored(exp, lay)
+    state = stored(exp, lay) if lay.parts.is_dir() or lay.collected.exists() else {}  # nothing stored yet: no file to look at
     keys = _params(exp)
     rows = [["#", "id", "P", *keys, "GFLOP", "state"]]
+    work = 0.0
     for i, p in enumerate(exp.points, 1):
-        rows.append(
-            [str(i), p.id, str(p.nranks), *(fmt_value(p.params[k]) for k in keys), f"{p.work() / 1e9:.3g}", _state_word(state.get(p.id))]
-        )
-    work = sum(p.work() for p in exp.points)
+        w = p.work()
+        work += w
+        rows.append([str(i), p.id, str(p.nranks), *(fmt_value(p.params[k]) for k in keys), f"{w / 1e9:.3g}", _state_word(state.get(p.id))])
     head = [
         (
             f"experiment {exp.name} ({exp.path}): {len(exp.points)} points, {exp.excluded} excluded; "
@@ -405,7 +412,13 @@ def submit_arrays(exp: Experiment, lay: Layout, points: list[Point], *, dry_run:
     from ringbench import slurm
 
     spec = exp.slurm or SlurmSpec()
-    template = Path(spec.template or slurm.TEMPLATE).read_text()
+    template_path = Path(spec.template or slurm.TEMPLATE)
+    # a job script is no more readable than its template (the owner may always read and write it)
+    script_mode = (template_path.stat().st_mode & 0o666) | 0o600
+    try:
+        template = template_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ExperimentError(f"{template_path}: job script template is not UTF-8 text") from None
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     python = spec.python or sys.executable
     root = source_root()
@@ -430,7 +443,7 @@ def submit_arrays(exp: Experiment, lay: Layout, points: list[Point], *, dry_run:
             pythonpath=pythonpath,
         )
         write_atomic(job.tasks, "".join(" ".join(p.id for p in t) + "\n" for t in tasks))
-        write_atomic(job.script, slurm.render(job, spec, template, ringbench.__version__, _utc()))
+        write_atomic(job.script, slurm.render(job, spec, template, ringbench.__version__, _utc()), script_mode)
         if dry_run:
             print(f"wrote {job.script} (P={nranks}, {len(tasks)} array tasks; not submitted)")
             continue
@@ -482,6 +495,19 @@ def queued_points(lay: Layout) -> set[str]:
     return {pid for pid, job in _submitted(jobs).items() if queued.get(job) in QUEUED}
 
 
+_REASON_RE = re.compile(r"^(timed out after .*? \(killed\)|killed by signal \S+|exit status \d+)(: |$)")
+
+
+def _failure_detail(error: str, log: Path) -> str:
+    """One line for a failed point: the launcher's reason (a timeout, a signal) or the error's first line, and the log."""
+    first = error.splitlines()[0] if error else "failed"
+    m = _REASON_RE.match(first)
+    rest = first[m.end() :] if m else ""
+    if m and not (first.startswith("exit status") and any(c.isalnum() for c in rest)):
+        first = m.group(1)  # what followed is the launcher's banner ('=====') or nothing: the log has it
+    return f"{first}; log {log}" if log.exists() else first
+
+
 def status_text(exp: Experiment, lay: Layout) -> str:
     """Each point's state: done, failed, running, pending (in the queue), missing (submitted, gone), not run."""
     from ringbench import slurm
@@ -503,7 +529,7 @@ def status_text(exp: Experiment, lay: Layout) -> str:
             detail = f"job {job[0]}_{job[1]} {q.lower()}" + (" (retry)" if run is not None else "")
         elif run is not None:
             word = _state_word(run)
-            detail = _point_result(run) if run.status == "ok" else run.error.splitlines()[0]
+            detail = _point_result(run) if run.status == "ok" else _failure_detail(run.error, lay.log(p.id))
         elif job:
             word, detail = "missing", f"job {job[0]}_{job[1]} ended without a result; see {lay.logs}"
         else:

@@ -10,13 +10,34 @@
 # install the packages first: apt-get install -y slurm-wlm munge.
 # RINGBENCH_SLURM_CPUS (default: max(nproc, 8)) is the CPU count the node advertises, so jobs with more
 # ranks than cores can run oversubscribed, as mpiexec does locally.
+# RINGBENCH_SLURMCTLD_PORT (default 6817) and RINGBENCH_SLURMD_PORT (default 6818) are the TCP ports of the
+# two daemons: a second cluster on the same host (another user, a CI job) needs its own state directory and
+# its own two ports. `up` refuses, with one line and exit status 1, a port that something already listens on.
 set -euo pipefail
 
 DIR=${RINGBENCH_SLURM_DIR:-/tmp/ringbench-slurm}
 CONF=$DIR/slurm.conf
+CTLD_PORT=${RINGBENCH_SLURMCTLD_PORT:-6817}
+SLURMD_PORT=${RINGBENCH_SLURMD_PORT:-6818}
 export SLURM_CONF=$CONF
 
 die() { echo "localcluster: $*" >&2; exit 1; }
+
+check_port() {  # VAR VALUE: a valid port nothing listens on (unless it is this cluster's own daemon)
+    local var=$1 port=$2
+    [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] \
+        || die "$var=$port: expected a TCP port number 1-65535"
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        die "port $port ($var) is in use on this host; set $var to a free port (another cluster may be running)"
+    fi
+}
+
+check_ports() {
+    [ "$CTLD_PORT" != "$SLURMD_PORT" ] \
+        || die "RINGBENCH_SLURMCTLD_PORT and RINGBENCH_SLURMD_PORT are both $CTLD_PORT: the two daemons need two ports"
+    pid_alive "$DIR/slurmctld.pid" || check_port RINGBENCH_SLURMCTLD_PORT "$CTLD_PORT"
+    pid_alive "$DIR/slurmd.pid" || check_port RINGBENCH_SLURMD_PORT "$SLURMD_PORT"
+}
 
 need_binaries() {
     local missing=()
@@ -42,6 +63,8 @@ write_conf() {
 # written by slurm/localcluster.sh: a one-node cluster for trying ringbench submit
 ClusterName=ringbench
 SlurmctldHost=localhost
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 SlurmUser=$(id -un)
 AuthType=auth/munge
 CredType=cred/munge
@@ -71,6 +94,7 @@ CONF
 }
 
 up() {
+    check_ports
     need_binaries
     if is_up; then
         echo "localcluster: already up ($DIR)"
@@ -138,5 +162,6 @@ case "${1:-}" in
     up) up ;;
     down) down ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status   (state in \$RINGBENCH_SLURM_DIR, default /tmp/ringbench-slurm)" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status   (state in \$RINGBENCH_SLURM_DIR, default /tmp/ringbench-slurm; ports" \
+           "\$RINGBENCH_SLURMCTLD_PORT, default 6817, and \$RINGBENCH_SLURMD_PORT, default 6818)" >&2; exit 2 ;;
 esac

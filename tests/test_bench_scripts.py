@@ -103,3 +103,20 @@ def test_append_bench_user_error_is_one_line():
     res = script("append_bench.py", "--sizes", 100, 1)
     assert res.returncode == 2
     assert "--sizes" in res.stderr.strip().splitlines()[-1]
+
+
+def test_plan_bench_prints_every_case():
+    res = script("plan_bench.py", "--ranks", 4, 64, "--points", 14, "--max-ranks", 64, "--reject-points", 250000, "--loop-ranks", 8)
+    assert res.returncode == 0, res.stderr
+    assert "SIMD" in res.stdout.splitlines()[0]
+    rows = {ln.split("  ")[0]: ln for ln in res.stdout.splitlines()[2:]}
+    assert set(rows) == {"one point", "matrix", "reject", "baseline loop"}
+    assert " 14 " in rows["matrix"] and "target cpu < 1 s:" in rows["matrix"]
+    assert "expands to 250000 points" in rows["reject"]
+    assert "loop/point" in rows["baseline loop"]
+
+
+def test_plan_bench_user_error_is_one_line():
+    res = script("plan_bench.py", "--points", 13, "--max-ranks", 64)
+    assert res.returncode == 2
+    assert "--points" in res.stderr.strip().splitlines()[-1]

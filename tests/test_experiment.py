@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -247,7 +248,7 @@ def test_resolved_copy_reloads_to_the_same_points(tmp_path):
         name: x
         timeout: -1
      """,
-            "FILE:2: timeout: expected a positive number of seconds, got -1",
+            "FILE:2: timeout: expected a finite positive number of seconds, got -1",
         ),
         (
             """
@@ -375,3 +376,169 @@ def test_template_path_is_relative_to_the_file_naming_it(tmp_path):
     assert experiment.load(path).slurm.template == str(tmp_path / "site.sbatch.sh")
     msg = error_of(tmp_path, "name: x\nslurm: {template: nope.sh}\n")
     assert msg.startswith("FILE:2: slurm.template: template 'nope.sh' not found")
+
+
+def test_template_must_be_a_readable_regular_file(tmp_path):
+    (tmp_path / "tpl").mkdir()
+    msg = error_of(tmp_path, "name: x\nslurm: {template: tpl}\n")
+    assert msg == f"FILE:2: slurm.template: template 'tpl' is not a regular file ({tmp_path / 'tpl'})"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_template_the_user_cannot_read_is_refused(tmp_path):
+    tpl = tmp_path / "site.sbatch.sh"
+    tpl.write_text("#!/bin/bash\n$sbatch\nexec $command\n")
+    tpl.chmod(0o200)
+    msg = error_of(tmp_path, "name: x\nslurm: {template: site.sbatch.sh}\n")
+    assert msg.startswith("FILE:2: slurm.template: template 'site.sbatch.sh' is not readable by this user")
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("--wrap=echo hi", "--wrap may not be given: it replaces the job script with a command"),
+        ("--input=/etc/passwd", "--input may not be given: it redirects the job script's standard input"),
+        ("--test-only", "--test-only may not be given: it submits nothing"),
+        ("--wra=echo hi", "--wra abbreviates --wrap, which may not be given here; spell options out in full"),
+        ("--out=/tmp/x", "--out abbreviates --output, which may not be given here"),
+    ],
+)
+def test_sbatch_options_that_replace_or_redirect_the_script_are_refused(tmp_path, line, expected):
+    msg = error_of(tmp_path, f'name: x\nslurm:\n  sbatch: ["--mem=1G", "{line}"]\n')
+    assert msg.startswith(f"FILE:3: slurm.sbatch[1]: {expected}")
+
+
+def test_sbatch_options_that_are_full_names_pass(tmp_path):
+    path = write(tmp_path, 'name: x\nslurm:\n  sbatch: ["--gpus=2", "--mem=1G", "--exclusive", "--nodelist=a"]\n')
+    assert experiment.load(path).slurm.sbatch == ["--gpus=2", "--mem=1G", "--exclusive", "--nodelist=a"]
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile and oversized input: one line, fast
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "../secret", "./secret.yaml", ".hidden", "a b"])
+def test_profile_is_a_plain_name_and_no_file_content_is_echoed(tmp_path, name):
+    (tmp_path / "secret").write_text("TOPSECRET line one\nTOPSECRET line two\n")
+    (tmp_path / "secret.yaml").write_text("TOPSECRET\n")
+    msg = error_of(tmp_path, f"name: x\nslurm: {{profile: {name!r}}}\n")
+    assert msg.startswith("FILE:2: slurm.profile: expected a profile name (letters, digits, _ . -")
+    assert "TOPSECRET" not in msg and "root:" not in msg
+
+
+def test_profile_name_is_looked_up_in_the_profile_directories_only(tmp_path):
+    (tmp_path / "secret.yaml").write_text("TOPSECRET\n")
+    msg = error_of(tmp_path, "name: x\nslurm: {profile: secret.yaml}\n")
+    assert msg.startswith("FILE:2: slurm.profile: profile 'secret.yaml' not found")
+    assert "TOPSECRET" not in msg
+
+
+def test_profile_file_that_is_not_a_mapping_is_not_echoed(tmp_path):
+    prof = tmp_path / "slurm" / "profiles"
+    prof.mkdir(parents=True)
+    (prof / "site.yaml").write_text("TOPSECRET content of some file\n")
+    msg = error_of(tmp_path, "name: x\nslurm: {profile: site}\n")
+    assert msg == f"{prof / 'site.yaml'}:1: expected a mapping of keys to values, got a string"
+
+
+def test_plan_never_builds_step_plans(tmp_path, monkeypatch):
+    from ringbench import layout, sweep
+
+    def forbidden(*args):
+        raise AssertionError("step_plan called while planning")
+
+    monkeypatch.setattr(layout, "step_plan", forbidden)
+    path = write(tmp_path, "name: big\nbase: {seq_len: 3200000, causal: true, layout: zigzag}\nranks: [100000, 16384]\n")
+    path.write_text("name: big\nbase: {seq_len: 26214400000, causal: true, layout: zigzag}\nranks: [100000, 16384]\n")
+    exp = experiment.load(path)
+    assert [p.work() for p in exp.points] == [6 * 8 * 64 * 4 * 26214400000 * 26214400001 // 2] * 2
+    assert "2 points" in sweep.plan_text(exp, sweep.Layout(tmp_path / "results", exp.name))
+
+
+def test_too_many_points_are_refused_before_any_is_built(tmp_path, monkeypatch):
+    from ringbench.config import RunConfig
+
+    def forbidden(*args, **kw):
+        raise AssertionError("a point was built")
+
+    monkeypatch.setattr(RunConfig, "from_dict", forbidden)
+    seeds = ", ".join(map(str, range(1000)))
+    batches = ", ".join(map(str, range(1, 1001)))
+    msg = error_of(tmp_path, f"name: x\nmatrix:\n  seed: [{seeds}]\n  batch: [{batches}]\nranks: [1, 2]\n")
+    assert msg == (
+        "FILE:3: matrix.seed: the experiment expands to 2000000 points (matrix.seed 1000 x matrix.batch 1000 x ranks 2), "
+        f"before exclude rules; at most {experiment.MAX_POINTS} are allowed: split it into several experiment files"
+    )
+
+
+def test_repeated_value_in_a_long_axis(tmp_path):
+    seeds = ", ".join(map(str, [*range(20000), 7]))
+    msg = error_of(tmp_path, f"name: x\nmatrix:\n  seed: [{seeds}]\n")
+    assert msg == "FILE:3: matrix.seed[20000]: 7 is listed twice"
+
+
+ALIAS_BOMB = """
+name: x
+a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_alias_bomb_is_refused_while_loading(tmp_path):
+    msg = error_of(tmp_path, ALIAS_BOMB)
+    limit = experiment.MAX_YAML_NODES
+    assert msg == f"FILE:7: more than {limit} values once aliases are expanded; an experiment file may hold at most {limit}"
+
+
+def test_aliases_within_the_limit_still_work(tmp_path):
+    path = write(tmp_path, "name: x\nbase: &b {heads: 2, head_dim: 16}\nmatrix:\n  seed: &s [1, 2]\n  batch: *s\n")
+    assert len(experiment.load(path).points) == 4
+
+
+def test_deep_nesting_is_refused(tmp_path):
+    msg = error_of(tmp_path, "name: x\ndescription: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert msg == "FILE:2: nested deeper than 32 levels"
+    msg = error_of(tmp_path, "name: x\n" + "".join("  " * i + f"k{i}:\n" for i in range(40)) + "  " * 40 + "v: 1\n")
+    assert msg == "FILE:34: nested deeper than 32 levels"
+
+
+def test_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_bytes(b"name: x\ndescription: caf\xe9\n")
+    with pytest.raises(ExperimentError) as info:
+        experiment.load(path)
+    assert str(info.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at offset 24); save the file as UTF-8"
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "0", "true", "'600'"])
+def test_timeout_must_be_finite_and_positive(tmp_path, value):
+    msg = error_of(tmp_path, f"name: x\ntimeout: {value}\n")
+    assert msg.startswith("FILE:2: timeout: expected a finite positive number of seconds, got ")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (ALIAS_BOMB.lstrip().encode(), ":7: more than 200000 values once aliases are expanded"),
+        (b"name: x\ndescription: " + b"[" * 100000 + b"]" * 100000 + b"\n", ":2: nested deeper than 32 levels"),
+        (b"name: x\ndescription: \xff\n", ":2: not UTF-8 text"),
+        (b"name: x\ntimeout: .nan\n", ":2: timeout: expected a finite positive number of seconds, got nan"),
+        (b"name: x\nslurm: {profile: ../../etc/passwd}\n", ":2: slurm.profile: expected a profile name"),
+        (b"name: x\nslurm: {sbatch: ['--wrap=id']}\n", ":2: slurm.sbatch[0]: --wrap may not be given"),
+    ],
+    ids=["alias-bomb", "deep", "not-utf8", "nan-timeout", "profile-path", "wrap"],
+)
+def test_hostile_files_get_one_line_and_exit_2_by_cli(tmp_path, content, expected):
+    path = tmp_path / "exp.yaml"
+    path.write_bytes(content)
+    res = ringbench("plan", path, "--results", tmp_path / "results", timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith(f"ringbench plan: {path}{expected}")
+    assert res.stdout == ""

@@ -70,3 +70,23 @@ def test_divisor_and_unknown_layout():
     assert layout.divisor("striped", 3) == 3
     with pytest.raises(ValueError, match="unknown layout"):
         layout.divisor("spiral", 2)
+
+
+def _pairs_by_step_plans(name: str, nranks: int, n_total: int, causal: bool) -> int:
+    """The reference: the pairs of every piece of all P^2 step plans (what unmasked_pairs summed before its closed form)."""
+    n = n_total // nranks
+    return sum(p.pairs() for r in range(nranks) for s in range(nranks) for p in step_plan(name, r, (r - s) % nranks, nranks, n, causal))
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_unmasked_pairs_closed_form_matches_the_step_plans(name, causal):
+    for nranks in range(1, 9):
+        for multiple in (1, 2, 3, 7, 64):
+            n_total = layout.divisor(name, nranks) * multiple
+            assert unmasked_pairs(name, nranks, n_total, causal) == _pairs_by_step_plans(name, nranks, n_total, causal), (nranks, n_total)
+
+
+def test_unmasked_pairs_refuses_a_length_the_layout_cannot_split():
+    with pytest.raises(ValueError, match="not a multiple of 6"):
+        unmasked_pairs("zigzag", 3, 9, True)

@@ -20,7 +20,7 @@ from ringbench.experiment import SlurmSpec
 
 from conftest import ROOT, ringbench
 
-PROFILE = ROOT / "slurm" / "profiles" / "localcluster.yaml"
+PROFILES = {"RINGBENCH_PROFILES": str(ROOT / "slurm" / "profiles")}  # where `profile: localcluster` is found
 
 
 def job(**kw) -> slurm.JobArray:
@@ -122,16 +122,16 @@ def test_script_body_quotes_every_value(tmp_path):
 def test_submit_dry_run_writes_scripts_per_rank_count(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text(
-        textwrap.dedent(f"""
+        textwrap.dedent("""
         name: dry
-        base: {{seq_len: 256, heads: 2, head_dim: 16}}
-        matrix: {{mode: [overlap, blocking, allgather]}}
+        base: {seq_len: 256, heads: 2, head_dim: 16}
+        matrix: {mode: [overlap, blocking, allgather]}
         ranks: [1, 2]
-        exclude: [{{ranks: 1, mode: [blocking, allgather]}}]
-        slurm: {{profile: {PROFILE}, points_per_task: 2, job_name: ring}}
+        exclude: [{ranks: 1, mode: [blocking, allgather]}]
+        slurm: {profile: localcluster, points_per_task: 2, job_name: ring}
     """)
     )
-    res = ringbench("submit", exp, "--dry-run", "--results", tmp_path / "results", cwd=tmp_path)
+    res = ringbench("submit", exp, "--dry-run", "--results", tmp_path / "results", env=PROFILES, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     scripts = sorted((tmp_path / "results" / "dry" / "scripts").glob("*.sbatch"))
     assert [s.name.split("-")[-1] for s in scripts] == ["P1.sbatch", "P2.sbatch"]
@@ -180,7 +180,7 @@ def cluster() -> dict:
         if expected:
             pytest.fail(f"Slurm cluster expected (CI / RINGBENCH_REQUIRE_SLURM) but absent: {msg}")
         pytest.skip(msg)
-    return {"SLURM_CONF": _slurm_conf()}
+    return {"SLURM_CONF": _slurm_conf(), **PROFILES}
 
 
 def wait_for_jobs(jobs_json: Path, env: dict, limit_s: float = 180) -> None:
@@ -201,17 +201,17 @@ def wait_for_jobs(jobs_json: Path, env: dict, limit_s: float = 180) -> None:
 def test_submit_wait_collect(tmp_path, cluster):
     exp = tmp_path / "exp.yaml"
     exp.write_text(
-        textwrap.dedent(f"""
+        textwrap.dedent("""
         name: e2e
-        base: {{seq_len: 256, heads: 2, head_dim: 16, repeat: 2, warmup: 1, check: true}}
+        base: {seq_len: 256, heads: 2, head_dim: 16, repeat: 2, warmup: 1, check: true}
         matrix:
           mode: [overlap, blocking]
           layout: [contiguous, zigzag]
         ranks: [1, 2]
         exclude:
-          - {{ranks: 1, mode: blocking}}
+          - {ranks: 1, mode: blocking}
         timeout: 120
-        slurm: {{profile: {PROFILE}, time: "5"}}
+        slurm: {profile: localcluster, time: "5"}
     """)
     )
     results = tmp_path / "results"
@@ -265,3 +265,22 @@ def test_sbatch_failure_shows_sbatch_message(tmp_path, cluster):
 def test_template_with_unknown_placeholder_is_one_line_error():
     with pytest.raises(slurm.SlurmError, match=r"bad placeholder 'HOME'; allowed: \$experiment"):
         slurm.render(job(), SlurmSpec(), "#!/bin/bash\necho $HOME\n", "0.1.0", "now")
+
+
+@pytest.mark.parametrize("bits", [0o600, 0o640, 0o644])
+def test_job_script_is_no_more_readable_than_its_template(tmp_path, bits):
+    tpl = tmp_path / "site.sbatch.sh"
+    tpl.write_text(slurm.TEMPLATE.read_text())
+    tpl.chmod(bits)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: perm\nbase: {seq_len: 256, heads: 2, head_dim: 16}\nslurm: {template: site.sbatch.sh}\n")
+    res = ringbench("submit", exp, "--dry-run", "--results", tmp_path / "results", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (script,) = (tmp_path / "results" / "perm" / "scripts").glob("*.sbatch")
+    assert script.stat().st_mode & 0o777 == bits & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -126,6 +126,24 @@ def test_timeout_kills_the_point_and_its_ranks(tmp_path):
     assert run.status == "failed" and run.error.startswith("timed out after 1 s")
     left = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).count(str(part))]
     assert left == []
+    status = ringbench("status", exp, "--results", tmp_path / "results", cwd=tmp_path)
+    row = next(ln for ln in status.stdout.splitlines() if ln.startswith(part.stem))
+    log = tmp_path / "results" / "slow" / "logs" / f"{part.stem}.log"
+    assert row.split("failed", 1)[1].strip() == f"timed out after 1 s (killed); log {log}"
+
+
+def test_failure_detail_gives_the_reason_and_the_log(tmp_path):
+    from ringbench.sweep import _failure_detail
+
+    log = tmp_path / "p.log"
+    assert _failure_detail("timed out after 2 s (killed): =====\n= BAD TERMINATION", log) == "timed out after 2 s (killed)"
+    log.write_text("x")
+    assert _failure_detail("timed out after 2 s (killed): =====", log) == f"timed out after 2 s (killed); log {log}"
+    assert _failure_detail("killed by signal SIGKILL: ====", log) == f"killed by signal SIGKILL; log {log}"
+    assert _failure_detail("exit status 2: ringbench run: --seq-len: bad\nmore", log) == (
+        f"exit status 2: ringbench run: --seq-len: bad; log {log}"
+    )
+    assert _failure_detail("exit status 9: =====", log) == f"exit status 9; log {log}"
 
 
 def _cmdline(pid: str) -> str:
