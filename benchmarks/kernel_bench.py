@@ -42,7 +42,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from ringbench import kernel  # noqa: E402
-from ringbench.backend import BackendError, MklMatmul, get_backend  # noqa: E402
+from ringbench.backend import BackendError, get_backend  # noqa: E402
+from ringbench.mkl import MklMatmul  # noqa: E402
 from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
 from ringbench.ring import HOST_TILE_ELEMS, HOST_TILE_ELEMS_MKL, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
 from ringbench.runner import git_commit  # noqa: E402

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from ringbench import kernel
-from ringbench.backend import MklMatmul
+from ringbench.mkl import MklMatmul
 from ringbench.layout import step_plan
 
 # Elements of one score tile. Host: 512 query rows x 512 keys of float32 (1 MiB). Measured on a 2 MiB-L2

@@ -50,7 +50,7 @@ def test_local_rank_from_launcher_environment(monkeypatch):
 
 
 def _mkl():
-    from ringbench.backend import MklMatmul
+    from ringbench.mkl import MklMatmul
 
     mkl = MklMatmul.load()
     if mkl is None:
@@ -90,7 +90,7 @@ def test_mkl_matmul_matches_numpy_on_every_layout(dtype):
 
 
 def test_blas_choice(monkeypatch):
-    from ringbench.backend import MklMatmul
+    from ringbench.mkl import MklMatmul
 
     be = get_backend("numpy")
     fn, desc = be.matmul("numpy")

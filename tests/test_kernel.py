@@ -51,7 +51,7 @@ def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_ch
 
 def matmuls():
     """The GEMM providers the kernel can run on here: NumPy's always, MKL's where installed."""
-    from ringbench.backend import MklMatmul
+    from ringbench.mkl import MklMatmul
 
     mkl = MklMatmul.load()
     return [

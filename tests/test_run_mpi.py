@@ -58,7 +58,7 @@ def test_dtypes_at_four_ranks(dtype, tmp_path):
 
 @pytest.mark.parametrize("blas", ["numpy", "mkl"])
 def test_blas_choice_is_correct_and_recorded(blas, tmp_path):
-    from ringbench.backend import MklMatmul
+    from ringbench.mkl import MklMatmul
 
     if blas == "mkl" and MklMatmul.load() is None:
         pytest.skip("Intel MKL is not installed (pip install -e '.[mkl]')")
