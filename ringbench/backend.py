@@ -18,6 +18,7 @@ import numpy as np
 from ringbench import env_int
 from ringbench.config import BACKENDS, BLAS
 from ringbench.mkl import MklMatmul
+from ringbench.provenance import cpu_model
 
 
 class BackendError(Exception):
@@ -132,7 +133,7 @@ class Backend:
                 raise BackendError("--blas mkl applies to --backend numpy; CuPy always uses cuBLAS (use auto or numpy)")
             return self.xp.matmul, "cuBLAS (cupy.matmul)"
         if choice != "numpy":
-            mkl = MklMatmul.load()
+            mkl = MklMatmul.load(thread_limit()[0])
             if mkl is not None:
                 return mkl, mkl.describe()
             if choice == "mkl":
@@ -185,7 +186,7 @@ class CudaTimer:
 def get_backend(name: str, rank_on_node: int | None = None) -> Backend:
     """Make the backend ``name``; for cupy, bind this rank to GPU (local rank mod GPU count)."""
     if name == "numpy":
-        return Backend("numpy", np, device_name=_cpu_name())
+        return Backend("numpy", np, device_name=cpu_model())
     if name != "cupy":
         raise BackendError(f"--backend {name!r} is unknown; allowed: {', '.join(BACKENDS)}")
     try:
@@ -215,17 +216,42 @@ def numpy_blas() -> str:
         return "numpy.matmul"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
+# ---------------------------------------------------------------------------------------------
+# BLAS and OpenMP threads
+# ---------------------------------------------------------------------------------------------
+THREAD_VARS = ("RINGBENCH_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-    return platform.processor() or platform.machine()
+
+def thread_limit(environ=None) -> tuple[int, str]:
+    """How many BLAS/OpenMP threads each rank may use, and what decided it.
+
+    One rule: the first of RINGBENCH_THREADS, OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS that
+    holds a positive integer, else 1 ("default"): ranks are the parallelism, and BLAS threads on top of them
+    only fight over cores. A RINGBENCH_THREADS that is not a positive integer is a user error.
+    """
+    environ = os.environ if environ is None else environ
+    for var in THREAD_VARS:
+        value = environ.get(var, "").strip()
+        if not value:
+            continue
+        if value.isdigit() and int(value) > 0:
+            return int(value), var
+        if var == "RINGBENCH_THREADS":
+            raise BackendError(f"RINGBENCH_THREADS: expected a positive integer, got {value!r}")
+    return 1, "default"
+
+
+def limit_threads(n: int | None = None) -> int:
+    """Limit every BLAS and OpenMP thread pool loaded in this process to ``n`` threads (default: thread_limit).
+
+    Works at run time (threadpoolctl), whatever was imported first; MKL loaded through ctypes is covered too
+    (its pool is one threadpoolctl finds, and ringbench.mkl also sets it when it loads). Returns ``n``.
+    """
+    from threadpoolctl import threadpool_limits
+
+    n = thread_limit()[0] if n is None else n
+    threadpool_limits(limits=n)
+    return n
 
 
 def current_rss_bytes() -> int:

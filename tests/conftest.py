@@ -16,7 +16,6 @@ MPIEXEC = Path(sys.executable).parent / "mpiexec"
 def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.update(extra or {})
     return env
 

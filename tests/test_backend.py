@@ -99,7 +99,7 @@ def test_blas_choice(monkeypatch):
         be.matmul("eigen")
     with pytest.raises(BackendError, match="--blas mkl applies to --backend numpy"):
         Backend("cupy", xp=None).matmul("mkl")
-    monkeypatch.setattr(MklMatmul, "load", classmethod(lambda cls: None))
+    monkeypatch.setattr(MklMatmul, "load", classmethod(lambda cls, threads=1: None))
     assert be.matmul("auto")[0] is np.matmul
     with pytest.raises(BackendError, match=r"--blas mkl needs Intel MKL.*pip install 'ringbench\[mkl\]'"):
         be.matmul("mkl")
