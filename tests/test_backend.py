@@ -103,3 +103,24 @@ def test_blas_choice(monkeypatch):
     assert be.matmul("auto")[0] is np.matmul
     with pytest.raises(BackendError, match=r"--blas mkl needs Intel MKL.*pip install 'ringbench\[mkl\]'"):
         be.matmul("mkl")
+
+
+def test_thread_limit_rule():
+    from ringbench.backend import thread_limit
+
+    assert thread_limit({}) == (1, "default")
+    assert thread_limit({"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    assert thread_limit({"OMP_NUM_THREADS": "3", "RINGBENCH_THREADS": "2"}) == (2, "RINGBENCH_THREADS")
+    assert thread_limit({"OPENBLAS_NUM_THREADS": "", "MKL_NUM_THREADS": "x"}) == (1, "default")  # libraries ignore these too
+    with pytest.raises(BackendError, match="RINGBENCH_THREADS: expected a positive integer, got '0'"):
+        thread_limit({"RINGBENCH_THREADS": "0"})
+
+
+def test_limit_threads_limits_the_blas_pools_now():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from ringbench.backend import limit_threads
+
+    with threadpool_limits(limits=2):  # restored on exit
+        assert limit_threads(1) == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
