@@ -128,7 +128,7 @@ def launch_prefix(launcher: str, nranks: int, spec: SlurmSpec | None = None) -> 
 
 
 def run_command(point: Point, out: Path, launcher: str, spec: SlurmSpec | None = None) -> list[str]:
-    from ringbench.cli import to_argv
+    from ringbench.config import to_argv
 
     return [
         *launch_prefix(launcher, point.nranks, spec),
