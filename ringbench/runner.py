@@ -12,7 +12,7 @@ import socket
 import numpy as np
 
 from ringbench import comm as mpi
-from ringbench import inputs, kernel, measure, store
+from ringbench import inputs, kernel, measure, progress, store
 from ringbench.backend import BackendError, current_rss_bytes, get_backend, limit_threads, peak_rss_bytes, thread_limit
 from ringbench.config import RunConfig, UserError, check, option_name, point_id
 from ringbench.layout import positions, unmasked_pairs
@@ -60,11 +60,13 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"])
     del dev
 
-    warm = [ring.forward() for _ in range(cfg.warmup)]
+    shown = progress.for_run(cfg.warmup + cfg.repeat, cfg.warmup, show=rank == 0 and not quiet)
+    warm = [shown.tick(ring.forward()) for _ in range(cfg.warmup)]
     reps = []
     for _ in range(cfg.repeat):
         mpi.barrier()
-        reps.append(ring.forward())
+        reps.append(shown.tick(ring.forward()))
+    shown.close()
     alone = []
     if nranks > 1:
         for _ in range(cfg.repeat):
