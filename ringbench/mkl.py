@@ -148,26 +148,9 @@ class MklMatmul:
     def __init__(self, lib, threads: int = 1):
         self.lib = lib
         c = ctypes
-        args = [
-            c.c_int,
-            c.c_int,
-            c.c_int,
-            c.c_int64,
-            c.c_int64,
-            c.c_int64,
-            None,
-            c.c_void_p,
-            c.c_int64,
-            c.c_int64,
-            c.c_void_p,
-            c.c_int64,
-            c.c_int64,
-            None,
-            c.c_void_p,
-            c.c_int64,
-            c.c_int64,
-            c.c_int64,
-        ]
+        # (layout, trans_a, trans_b, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc, stride_c, batch)
+        matrix = [c.c_void_p, c.c_int64, c.c_int64]  # pointer, leading dimension, batch stride
+        args = [c.c_int] * 3 + [c.c_int64] * 3 + [None] + matrix * 2 + [None] + matrix + [c.c_int64]  # None: the scalar type
         self.fns = {}
         for dt, name, scalar in (
             (np.float32, "cblas_sgemm_batch_strided", c.c_float),
