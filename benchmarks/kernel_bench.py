@@ -23,29 +23,23 @@ in tests: this script is the check. Exit status 0, or 1 with --strict when a tar
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
+import time
+from pathlib import Path
 
-# One BLAS thread (one rank per core): set before NumPy or torch load their BLAS.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"
-
-import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from ringbench import kernel  # noqa: E402
-from ringbench.backend import BackendError, MklMatmul, get_backend  # noqa: E402
+from ringbench import provenance as prov  # noqa: E402
+from ringbench.backend import BackendError, get_backend, limit_threads  # noqa: E402
 from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
+from ringbench.mkl import MklMatmul  # noqa: E402
 from ringbench.ring import HOST_TILE_ELEMS, HOST_TILE_ELEMS_MKL, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
-from ringbench.runner import git_commit  # noqa: E402
 
 TARGET = 0.9  # kernel / torch SDPA, fp32
 TARGET_MIN_BLOCK = 1024
@@ -294,22 +288,18 @@ def bench_shape(
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    return get_backend("numpy").device_name
-
-
-def provenance(torch_note: str, torch) -> dict:
+def provenance(torch_note: str, torch, threads: int) -> dict:
     info = {
-        "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
+        "utc": prov.utc_now(),
+        "cpu": prov.cpu(),
         "cores": os.cpu_count(),
-        "python": platform.python_version(),
+        "python": prov.versions()["python"],
         "numpy": np.__version__,
         "torch": getattr(torch, "__version__", None),
         "torch_note": torch_note,
-        "git_commit": git_commit(),
-        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-        "argv": " ".join(sys.argv),
+        "git_commit": prov.git_commit(),
+        "blas_threads": threads,
+        "argv": prov.argv(),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     try:
@@ -317,14 +307,7 @@ def provenance(torch_note: str, torch) -> dict:
         info["blas"] = cfg.get("Build Dependencies", {}).get("blas", {}).get("openblas configuration")
     except TypeError:  # pragma: no cover - numpy < 1.25
         info["blas"] = None
-    try:  # the BLAS kernels picked at run time (DYNAMIC_ARCH builds): optional, as numpy.show_runtime does
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        info["blas_runtime"] = "threadpoolctl not installed"
-    else:
-        info["blas_runtime"] = [
-            {k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} for p in threadpool_info()
-        ]
+    info["blas_runtime"] = prov.thread_pools()  # the BLAS kernels picked at run time (DYNAMIC_ARCH builds) and threads
     return info
 
 
@@ -414,11 +397,12 @@ def main(argv=None) -> int:
     except BackendError as exc:
         print(f"kernel_bench: {exc}", file=sys.stderr)
         return 2
-    prov = provenance(note, torch)
-    prov["kernel_blas"] = blas
+    threads = limit_threads(1)  # every candidate on one thread, whatever the environment says
+    info = provenance(note, torch, threads)
+    info["kernel_blas"] = blas
     print(
-        f"kernel_bench: {prov['cpu']}, {prov['cores']} cores, 1 thread; numpy {np.__version__}, "
-        f"torch {prov['torch'] or 'n/a'}; {a.dtype}, B={a.batch} H={a.heads}/{a.kv_heads}; "
+        f"kernel_bench: {info['cpu']}, {info['cores']} cores, 1 thread; numpy {np.__version__}, "
+        f"torch {info['torch'] or 'n/a'}; {a.dtype}, B={a.batch} H={a.heads}/{a.kv_heads}; "
         f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}",
         flush=True,
     )
@@ -446,7 +430,7 @@ def main(argv=None) -> int:
     )
     if a.out:
         Path(a.out).write_text(
-            json.dumps({"bench": "kernel", "schema_version": 1, "provenance": prov, "args": vars(a), "rows": rows}, indent=1)
+            json.dumps({"bench": "kernel", "schema_version": 1, "provenance": info, "args": vars(a), "rows": rows}, indent=1)
         )
         print(f"saved {a.out}")
     return 1 if (a.strict and fails) else 0

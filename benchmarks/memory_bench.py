@@ -24,19 +24,14 @@ Exit status 0, or 1 with --strict when a ring-mode row fails.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"
-
-import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tracemalloc  # noqa: E402
-from pathlib import Path  # noqa: E402
+import shutil
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -54,7 +49,7 @@ def worker(spec: dict) -> int:
 
     from ringbench import comm as mpi
     from ringbench import measure
-    from ringbench.backend import current_rss_bytes, get_backend, peak_rss_bytes
+    from ringbench.backend import current_rss_bytes, get_backend, limit_threads, peak_rss_bytes
     from ringbench.config import RunConfig
     from ringbench.ring import Ring
 
@@ -76,6 +71,7 @@ def worker(spec: dict) -> int:
         repeat=spec["passes"],
     )
     backend = get_backend("numpy")
+    limit_threads(1)  # one BLAS thread per rank, whatever the environment says
     dtype = backend.dtype(cfg.dtype)
     n = cfg.seq_len // nranks
     hk = cfg.kv_heads_resolved
@@ -313,12 +309,15 @@ def main(argv=None) -> int:
     )
     fails = [s for s in rows if s["verdict"] == "FAIL"]
     if a.out:
+        from ringbench import provenance as prov
+
         Path(a.out).write_text(
             json.dumps(
                 {
                     "bench": "memory",
                     "schema_version": 1,
-                    "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "utc": prov.utc_now(),
+                    "provenance": {"cpu": prov.cpu(), "git_commit": prov.git_commit(), **prov.versions()},
                     "args": vars(a),
                     "runs": results,
                     "summary": rows,

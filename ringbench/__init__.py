@@ -1,7 +1,7 @@
 """ringbench: a benchmark and experiment harness for Ring Attention over MPI.
 
-Kept import-light on purpose: the command-line entry points set the BLAS thread count before NumPy is
-loaded, so nothing here may import numpy.
+Kept import-light: ``import ringbench`` loads no array library and no MPI (BLAS thread counts are set at
+run time, by backend.limit_threads, not through the environment before NumPy loads).
 """
 
 import os
@@ -21,13 +21,7 @@ def env_int(names, default: int = 0) -> int:
 
 
 def console_main() -> int:
-    """Entry point of ``ringbench`` and ``python -m ringbench``: one BLAS thread per rank, then the CLI.
-
-    Ranks are the parallelism; BLAS threads on top of them would only fight over cores. A value the user
-    set (OPENBLAS_NUM_THREADS=4 ringbench run ...) is kept.
-    """
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
+    """Entry point of ``ringbench`` and ``python -m ringbench``."""
     from ringbench.cli import main
 
     return main()

@@ -6,9 +6,6 @@ The only module that imports cupy. Everything else receives ``backend.xp``
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import glob
 import os
 import resource
 import sys
@@ -20,6 +17,8 @@ import numpy as np
 
 from ringbench import env_int
 from ringbench.config import BACKENDS, BLAS
+from ringbench.mkl import MklMatmul
+from ringbench.provenance import cpu_model
 
 
 class BackendError(Exception):
@@ -134,7 +133,7 @@ class Backend:
                 raise BackendError("--blas mkl applies to --backend numpy; CuPy always uses cuBLAS (use auto or numpy)")
             return self.xp.matmul, "cuBLAS (cupy.matmul)"
         if choice != "numpy":
-            mkl = MklMatmul.load()
+            mkl = MklMatmul.load(thread_limit()[0])
             if mkl is not None:
                 return mkl, mkl.describe()
             if choice == "mkl":
@@ -187,7 +186,7 @@ class CudaTimer:
 def get_backend(name: str, rank_on_node: int | None = None) -> Backend:
     """Make the backend ``name``; for cupy, bind this rank to GPU (local rank mod GPU count)."""
     if name == "numpy":
-        return Backend("numpy", np, device_name=_cpu_name())
+        return Backend("numpy", np, device_name=cpu_model())
     if name != "cupy":
         raise BackendError(f"--backend {name!r} is unknown; allowed: {', '.join(BACKENDS)}")
     try:
@@ -217,176 +216,42 @@ def numpy_blas() -> str:
         return "numpy.matmul"
 
 
-class MklMatmul:
-    """``matmul(a, b, out=c)`` for NumPy arrays through MKL's ``cblas_?gemm_batch_strided``: one call per batch.
+# ---------------------------------------------------------------------------------------------
+# BLAS and OpenMP threads
+# ---------------------------------------------------------------------------------------------
+THREAD_VARS = ("RINGBENCH_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-    Takes 2-D or 3-D float32/float64 operands whose rows are contiguous (a leading dimension, any row
-    stride) or whose columns are (a transposed view), and a batch stride that may be 0 (broadcast). Anything
-    else falls back to ``numpy.matmul``, so results never depend on which path ran... except for rounding:
-    the two libraries may sum in different orders, which is why the choice is part of a run's identity.
+
+def thread_limit(environ=None) -> tuple[int, str]:
+    """How many BLAS/OpenMP threads each rank may use, and what decided it.
+
+    One rule: the first of RINGBENCH_THREADS, OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS that
+    holds a positive integer, else 1 ("default"): ranks are the parallelism, and BLAS threads on top of them
+    only fight over cores. A RINGBENCH_THREADS that is not a positive integer is a user error.
     """
-
-    _instance = None
-    _tried = False
-    ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-
-    def __init__(self, lib):
-        self.lib = lib
-        c = ctypes
-        args = [
-            c.c_int,
-            c.c_int,
-            c.c_int,
-            c.c_int64,
-            c.c_int64,
-            c.c_int64,
-            None,
-            c.c_void_p,
-            c.c_int64,
-            c.c_int64,
-            c.c_void_p,
-            c.c_int64,
-            c.c_int64,
-            None,
-            c.c_void_p,
-            c.c_int64,
-            c.c_int64,
-            c.c_int64,
-        ]
-        self.fns = {}
-        for dt, name, scalar in (
-            (np.float32, "cblas_sgemm_batch_strided", c.c_float),
-            (np.float64, "cblas_dgemm_batch_strided", c.c_double),
-        ):
-            fn = getattr(lib, name)
-            fn.restype = None
-            fn.argtypes = [scalar if a is None else a for a in args]
-            self.fns[np.dtype(dt)] = fn
-        lib.MKL_Set_Threading_Layer(1)  # MKL_THREADING_SEQUENTIAL: one thread per rank
-        lib.MKL_Get_Version_String.argtypes = [c.c_char_p, c.c_int]
-        buf = c.create_string_buffer(256)
-        lib.MKL_Get_Version_String(buf, 256)
-        self.version = buf.value.decode(errors="replace").strip()
-
-    @classmethod
-    def load(cls) -> MklMatmul | None:
-        if not cls._tried:
-            cls._tried = True
-            for path in _mkl_candidates():
-                try:
-                    cls._instance = cls(ctypes.CDLL(path))
-                    break
-                except (OSError, AttributeError):
-                    continue
-        return cls._instance
-
-    def describe(self) -> str:
-        return f"Intel MKL cblas_?gemm_batch_strided ({self.version})"
-
-    @staticmethod
-    def _layout(x, item):
-        """(trans flag, leading dimension) of a 2-D matrix view, or None if neither rows nor columns are contiguous."""
-        r, c = x.strides[-2] // item, x.strides[-1] // item
-        rows, cols = x.shape[-2], x.shape[-1]
-        if c == 1 or cols == 1:
-            return MklMatmul.NO_TRANS, max(r, cols, 1)
-        if r == 1 or rows == 1:
-            return MklMatmul.TRANS, max(c, rows, 1)
-        return None
-
-    def matmul_add(self, a, b, out) -> None:
-        """out += a @ b in one GEMM (beta = 1): no temporary, no extra pass over ``out``."""
-        if not self._gemm(a, b, out, 1.0):
-            out += np.matmul(a, b)
-
-    def __call__(self, a, b, out=None):
-        if out is None:
-            out = np.empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), np.result_type(a, b))
-        if not self._gemm(a, b, out, 0.0):
-            np.matmul(a, b, out=out)
-        return out
-
-    def _gemm(self, a, b, out, beta: float) -> bool:
-        """out = a @ b + beta * out through MKL; False (nothing done) when the operands do not fit it."""
-        fn = self.fns.get(a.dtype) if isinstance(a, np.ndarray) else None
-        if fn is None or a.dtype != b.dtype or a.dtype != out.dtype or a.ndim not in (2, 3) or b.ndim != a.ndim or out.ndim != a.ndim:
-            return False
-        item = a.itemsize
-        m, k = a.shape[-2:]
-        n = b.shape[-1]
-        batch = out.shape[0] if out.ndim == 3 else 1
-        la, lb = self._layout(a, item), self._layout(b, item)
-        oc = out.strides[-1] // item
-        if (
-            la is None
-            or lb is None
-            or (oc != 1 and n != 1)
-            or b.shape[-2] != k
-            or out.shape[-2:] != (m, n)
-            or any(x.strides[-1] % item or x.strides[-2] % item for x in (a, b, out))
-        ):
-            return False
-        if out.ndim == 3:
-            sa = a.strides[0] // item if a.shape[0] > 1 else 0
-            sb = b.strides[0] // item if b.shape[0] > 1 else 0
-            so = out.strides[0] // item
-            if (
-                a.shape[0] not in (1, batch)
-                or b.shape[0] not in (1, batch)
-                or (batch > 1 and so == 0)
-                or any(x.strides[0] % item for x in (a, b, out))
-            ):
-                return False
-        if m == 0 or n == 0 or batch == 0:
-            return True
-        ldo = max(out.strides[-2] // item, n, 1)
-        if out.ndim == 2:  # one product: strides unused, but MKL checks stride_c >= ldc * m
-            sa, sb, so = la[1] * max(m, k), lb[1] * max(k, n), ldo * m
-        fn(
-            self.ROW_MAJOR,
-            la[0],
-            lb[0],
-            m,
-            n,
-            k,
-            1.0,
-            a.ctypes.data,
-            la[1],
-            sa,
-            b.ctypes.data,
-            lb[1],
-            sb,
-            beta,
-            out.ctypes.data,
-            ldo,
-            so,
-            batch,
-        )
-        return True
+    environ = os.environ if environ is None else environ
+    for var in THREAD_VARS:
+        value = environ.get(var, "").strip()
+        if not value:
+            continue
+        if value.isdigit() and int(value) > 0:
+            return int(value), var
+        if var == "RINGBENCH_THREADS":
+            raise BackendError(f"RINGBENCH_THREADS: expected a positive integer, got {value!r}")
+    return 1, "default"
 
 
-def _mkl_candidates():
-    """Where libmkl_rt may be: the mkl wheel puts it in <prefix>/lib; else the loader's search path."""
-    names = []
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-        names += sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
-    found = ctypes.util.find_library("mkl_rt")
-    if found:
-        names.append(found)
-    return names
+def limit_threads(n: int | None = None) -> int:
+    """Limit every BLAS and OpenMP thread pool loaded in this process to ``n`` threads (default: thread_limit).
 
+    Works at run time (threadpoolctl), whatever was imported first; MKL loaded through ctypes is covered too
+    (its pool is one threadpoolctl finds, and ringbench.mkl also sets it when it loads). Returns ``n``.
+    """
+    from threadpoolctl import threadpool_limits
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    n = thread_limit()[0] if n is None else n
+    threadpool_limits(limits=n)
+    return n
 
 
 def current_rss_bytes() -> int:

@@ -95,22 +95,6 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def to_argv(cfg: RunConfig) -> list[str]:
-    """The ``ringbench run`` options that reproduce ``cfg`` (used by sweeps and job scripts)."""
-    argv = []
-    defaults = RunConfig()
-    for f in fields(RunConfig):
-        value = getattr(cfg, f.name)
-        if value == getattr(defaults, f.name):
-            continue
-        opt = option_name(f.name)
-        if isinstance(value, bool):
-            argv.append(opt if value else "--no-" + opt[2:])
-        else:
-            argv += [opt, str(value)]
-    return argv
-
-
 def cmd_run(argv: list[str]) -> int:
     """Run ring attention on the ranks of this MPI job."""
     try:

@@ -130,10 +130,6 @@ def gather(obj, comm=WORLD, root: int = 0):
     return comm.gather(obj, root=root)
 
 
-def bcast(obj, comm=WORLD, root: int = 0):
-    return comm.bcast(obj, root=root)
-
-
 def first_error(msg: str | None, comm=WORLD) -> str | None:
     """Collective: the first (lowest rank) non-None error message, on every rank."""
     for m in comm.allgather(msg):

@@ -169,3 +169,19 @@ def point_id(cfg: RunConfig, nranks: int) -> str:
 def option_name(key: str) -> str:
     """CLI spelling of a config key."""
     return "--" + key.replace("_", "-")
+
+
+def to_argv(cfg: RunConfig) -> list[str]:
+    """The ``ringbench run`` options that reproduce ``cfg`` (used by sweeps and job scripts)."""
+    argv = []
+    defaults = RunConfig()
+    for f in fields(RunConfig):
+        value = getattr(cfg, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        opt = option_name(f.name)
+        if isinstance(value, bool):
+            argv.append(opt if value else "--no-" + opt[2:])
+        else:
+            argv += [opt, str(value)]
+    return argv

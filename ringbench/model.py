@@ -166,10 +166,6 @@ class Prediction:
     def exposed_total_s(self) -> float:
         return float(self.exposed_s.sum())
 
-    @property
-    def compute_total_s(self) -> float:
-        return float(self.compute_s.sum(axis=1).max())
-
 
 def predict(shape: Shape, cal: Calibration) -> Prediction:
     """Per-step compute, communication, exposed time and the pass time (module docstring)."""

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ringbench import inputs, kernel, model, store
-from ringbench.backend import BackendError, get_backend
+from ringbench.backend import BackendError, get_backend, limit_threads
 from ringbench.layout import FULL, Piece
+from ringbench.provenance import thread_pools
 
 
 @dataclass
@@ -131,6 +132,8 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     try:
         backend = get_backend(opts.backend)
         backend.dtype(opts.dtype)
+        backend.matmul("auto")
+        limit_threads()  # after the GEMM library is loaded: its pool is limited too
     except BackendError as exc:  # a user error, agreed on by every rank below
         err = err or str(exc)
     err = mpi.first_error(err)
@@ -140,7 +143,8 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
         raise UserError(err)
     compute = _compute_times(opts, backend)
     pp = _pingpong_all(opts, rank, nranks)
-    parts = mpi.gather({"compute": compute, "pingpong": pp, "host": socket.gethostname(), "device": backend.device_name})
+    local = {"compute": compute, "pingpong": pp, "host": socket.gethostname(), "device": backend.device_name, "threads": thread_pools()}
+    parts = mpi.gather(local)
     if rank != 0:
         return 0
     probe = assemble(opts, parts, backend, name)

@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from ringbench import kernel
-from ringbench.backend import MklMatmul
 from ringbench.layout import step_plan
+from ringbench.mkl import MklMatmul
 
 # Elements of one score tile. Host: 512 query rows x 512 keys of float32 (1 MiB). Measured on a 2 MiB-L2
 # core (benchmarks/README.md): both GEMMs of a tile run near OpenBLAS's peak at this shape, the tile, its K/V

@@ -6,22 +6,17 @@ with status 2 and rank 0 prints one line); any other exception aborts the whole 
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
-import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 
-import ringbench
 from ringbench import comm as mpi
-from ringbench import inputs, kernel, measure, store
-from ringbench.backend import BackendError, current_rss_bytes, get_backend, peak_rss_bytes
+from ringbench import inputs, kernel, measure, progress, store
+from ringbench.backend import BackendError, current_rss_bytes, get_backend, limit_threads, peak_rss_bytes, thread_limit
 from ringbench.config import RunConfig, UserError, check, option_name, point_id
 from ringbench.layout import positions, unmasked_pairs
+from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
 from ringbench.ring import Ring
 
 # Largest max|out - ref| / max|ref| accepted by --check, per storage dtype. Half precision is
@@ -40,6 +35,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         backend = get_backend(cfg.backend)
         dtype = backend.dtype(cfg.dtype)
         backend.matmul(cfg.blas)
+        limit_threads()  # after the GEMM library is loaded: its pool is limited too
         err = None
     except BackendError as exc:
         err = str(exc)
@@ -64,11 +60,13 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"])
     del dev
 
-    warm = [ring.forward() for _ in range(cfg.warmup)]
+    shown = progress.for_run(cfg.warmup + cfg.repeat, cfg.warmup, show=rank == 0 and not quiet)
+    warm = [shown.tick(ring.forward()) for _ in range(cfg.warmup)]
     reps = []
     for _ in range(cfg.repeat):
         mpi.barrier()
-        reps.append(ring.forward())
+        reps.append(shown.tick(ring.forward()))
+    shown.close()
     alone = []
     if nranks > 1:
         for _ in range(cfg.repeat):
@@ -88,6 +86,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         "check": _check_local(cfg, host, output, pos) if cfg.check else None,
         "tensors": (pos, host, output) if cfg.save_tensors else None,
         "score_tile": ring.score_tile_elems,
+        "threads": thread_pools(),
     }
     parts = mpi.gather(local)
     if rank != 0:
@@ -220,9 +219,10 @@ def _global_tensors(cfg, parts) -> dict:
 
 
 def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
+    """The run's (or probe's) provenance from the gathered per-rank parts: ringbench.provenance plus MPI and the backend."""
+    limit, set_by = thread_limit()
     info = {
-        "ringbench": ringbench.__version__,
-        "schema_version": ringbench.SCHEMA_VERSION,
+        **versions(),
         "git_commit": git_commit(),
         "hosts": sorted({p["host"] for p in parts}),
         "rank_hosts": [p["host"] for p in parts],
@@ -230,30 +230,13 @@ def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
         "backend": backend.name,
         "cuda_aware": bool(cuda_aware),
         "blas": blas,
-        "python": sys.version.split()[0],
-        "h5py": store.h5py.__version__,
-        "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": " ".join(sys.argv),
-        "threads": {v: os.environ.get(v, "") for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+        "utc": utc_now(),
+        "argv": argv(),
+        "threads": {"limit": limit, "set_by": set_by, "ranks": [p.get("threads", []) for p in parts]},
     }
     info.update(mpi.mpi_info())
     info.update(backend.versions())
     return info
-
-
-def git_commit() -> str:
-    """The commit of the ringbench source tree, if it is a git checkout ('' otherwise)."""
-    src = Path(__file__).resolve().parent.parent
-    try:
-        res = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(
-            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    if res.returncode != 0:
-        return ""
-    return res.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _ms(s: float) -> str:

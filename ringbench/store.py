@@ -564,13 +564,10 @@ def append_probe(path, probe: Probe) -> str:
 
 def failed_run(point_id: str, nranks: int, config: dict, error: str, provenance: dict | None = None) -> Run:
     """The record of a run that did not complete: status "failed", the error, no samples."""
-    import socket
-    import time
+    from ringbench.provenance import host, utc_now, versions
 
-    import ringbench
-
-    utc = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    prov = {"ringbench": ringbench.__version__, "schema_version": SCHEMA_VERSION, "hosts": [socket.gethostname()], "utc": utc}
+    utc = utc_now()
+    prov = {**versions(), "hosts": [host()], "utc": utc}
     prov.update(provenance or {})
     return Run(point_id=point_id, nranks=nranks, config=config, provenance=prov, status="failed", error=error or "failed", created_utc=utc)
 

@@ -42,6 +42,7 @@ from ringbench.experiment import (
     default_time,
     fmt_value,
 )
+from ringbench.provenance import utc_now
 
 TAIL_LINES = 20
 TAIL_CHARS = 2000
@@ -134,7 +135,7 @@ def launch_prefix(launcher: str, nranks: int, spec: SlurmSpec | None = None) -> 
 
 
 def run_command(point: Point, out: Path, launcher: str, spec: SlurmSpec | None = None) -> list[str]:
-    from ringbench.cli import to_argv
+    from ringbench.config import to_argv
 
     return [
         *launch_prefix(launcher, point.nranks, spec),
@@ -157,7 +158,6 @@ def child_env() -> dict:
     env = dict(os.environ)
     root = str(source_root())
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     return env
 
 
@@ -179,7 +179,7 @@ def run_point(point: Point, lay: Layout, launcher: str, timeout: float, spec: Sl
     log = lay.log(point.id)
     t0 = time.monotonic()
     with open(log, "ab") as fh:
-        fh.write(f"# {_utc()} {shlex.join(cmd)}\n".encode())
+        fh.write(f"# {utc_now()} {shlex.join(cmd)}\n".encode())
         fh.flush()
         start = fh.tell()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
@@ -232,10 +232,6 @@ def _tail(log: Path, start: int) -> str:
         text = fh.read().decode(errors="replace")
     lines = [ln for ln in text.splitlines() if ln.strip()][-TAIL_LINES:]
     return "\n".join(lines)[-TAIL_CHARS:]
-
-
-def _utc() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +439,7 @@ def submit_arrays(exp: Experiment, lay: Layout, points: list[Point], *, dry_run:
             pythonpath=pythonpath,
         )
         write_atomic(job.tasks, "".join(" ".join(p.id for p in t) + "\n" for t in tasks))
-        write_atomic(job.script, slurm.render(job, spec, template, ringbench.__version__, _utc()), script_mode)
+        write_atomic(job.script, slurm.render(job, spec, template, ringbench.__version__, utc_now()), script_mode)
         if dry_run:
             print(f"wrote {job.script} (P={nranks}, {len(tasks)} array tasks; not submitted)")
             continue
@@ -456,7 +452,7 @@ def submit_arrays(exp: Experiment, lay: Layout, points: list[Point], *, dry_run:
                 "script": str(job.script),
                 "tasks": str(job.tasks),
                 "points": [[p.id for p in t] for t in tasks],
-                "submitted_utc": _utc(),
+                "submitted_utc": utc_now(),
             },
         )
         print(f"submitted job {job_id}: {job.script.name} (P={nranks}, {len(tasks)} array tasks)", flush=True)

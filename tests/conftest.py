@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
+def _array_modules() -> list:
+    """numpy always; cupy where it sees a GPU, else a skipped parameter that says why (as mpi4py's tests do)."""
+    try:
+        import cupy
+
+        ok, why = bool(cupy.is_available()), "CuPy sees no CUDA GPU here"
+    except Exception as exc:  # noqa: BLE001 - any import problem means: no GPU runs here
+        ok, why = False, f"CuPy not importable ({type(exc).__name__}: {exc})"
+    return [pytest.param("numpy", id="numpy"), pytest.param("cupy", id="cupy", marks=pytest.mark.skipif(not ok, reason=why))]
+
+
+@pytest.fixture(params=_array_modules())
+def xp(request):
+    """The array module a kernel test runs on: each test taking ``xp`` runs once per available array library."""
+    return importlib.import_module(request.param)
+
+
+def to_host(a) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
 def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.update(extra or {})
     return env
 

@@ -50,7 +50,7 @@ def test_local_rank_from_launcher_environment(monkeypatch):
 
 
 def _mkl():
-    from ringbench.backend import MklMatmul
+    from ringbench.mkl import MklMatmul
 
     mkl = MklMatmul.load()
     if mkl is None:
@@ -90,7 +90,7 @@ def test_mkl_matmul_matches_numpy_on_every_layout(dtype):
 
 
 def test_blas_choice(monkeypatch):
-    from ringbench.backend import MklMatmul
+    from ringbench.mkl import MklMatmul
 
     be = get_backend("numpy")
     fn, desc = be.matmul("numpy")
@@ -99,7 +99,28 @@ def test_blas_choice(monkeypatch):
         be.matmul("eigen")
     with pytest.raises(BackendError, match="--blas mkl applies to --backend numpy"):
         Backend("cupy", xp=None).matmul("mkl")
-    monkeypatch.setattr(MklMatmul, "load", classmethod(lambda cls: None))
+    monkeypatch.setattr(MklMatmul, "load", classmethod(lambda cls, threads=1: None))
     assert be.matmul("auto")[0] is np.matmul
     with pytest.raises(BackendError, match=r"--blas mkl needs Intel MKL.*pip install 'ringbench\[mkl\]'"):
         be.matmul("mkl")
+
+
+def test_thread_limit_rule():
+    from ringbench.backend import thread_limit
+
+    assert thread_limit({}) == (1, "default")
+    assert thread_limit({"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    assert thread_limit({"OMP_NUM_THREADS": "3", "RINGBENCH_THREADS": "2"}) == (2, "RINGBENCH_THREADS")
+    assert thread_limit({"OPENBLAS_NUM_THREADS": "", "MKL_NUM_THREADS": "x"}) == (1, "default")  # libraries ignore these too
+    with pytest.raises(BackendError, match="RINGBENCH_THREADS: expected a positive integer, got '0'"):
+        thread_limit({"RINGBENCH_THREADS": "0"})
+
+
+def test_limit_threads_limits_the_blas_pools_now():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from ringbench.backend import limit_threads
+
+    with threadpool_limits(limits=2):  # restored on exit
+        assert limit_threads(1) == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")

@@ -30,7 +30,8 @@ def test_kernel_bench_prints_the_table_and_saves_every_sample(tmp_path):
     assert len(lines) == 4  # 2 blocks x (full, causal)
     assert all(ln.split()[-1] == "-" for ln in lines)  # tiny shapes are outside the target
     data = json.loads(out.read_text())
-    assert data["provenance"]["cpu"] and data["provenance"]["blas_threads"] == "1"
+    assert data["provenance"]["cpu"] and data["provenance"]["blas_threads"] == 1
+    assert all(p["num_threads"] == 1 for p in data["provenance"]["blas_runtime"])
     row = data["rows"][0]
     has_torch = importlib.util.find_spec("torch") is not None  # torch is the optional [bench] extra
     assert set(row["samples_s"]) == {"cpu", "wall"}

@@ -2,8 +2,8 @@
 
 import pytest
 
-from ringbench.cli import config_from_args, run_parser, to_argv
-from ringbench.config import ConfigError, RunConfig, check, point_id
+from ringbench.cli import config_from_args, run_parser
+from ringbench.config import ConfigError, RunConfig, check, point_id, to_argv
 
 
 def test_defaults_are_valid():

@@ -11,6 +11,8 @@ from ringbench import inputs, kernel
 from ringbench.backend import get_backend
 from ringbench.layout import LAYOUTS, Piece, positions, step_plan
 
+from conftest import to_host
+
 # max |out - ref| / max |ref| allowed per storage dtype (the output is rounded to the storage dtype)
 TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 BACKEND = get_backend("numpy")
@@ -26,8 +28,8 @@ def make(seq_len, heads, kv_heads, head_dim, batch=2, seed=1):
     )
 
 
-def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_chunk=1, matmul=None):
-    """Global output assembled from each emulated rank's ring pass, in global token order."""
+def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_chunk=1, matmul=None, xp=np):
+    """Global output assembled from each emulated rank's ring pass (on the array module ``xp``), in global token order."""
     b, n_total, h, d = q.shape
     hk = k.shape[2]
     n = n_total // nranks
@@ -36,22 +38,22 @@ def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_ch
     out = np.zeros(q.shape, np.float64)
     for r in range(nranks):
         pos = positions(layout, r, nranks, n_total)
-        qh = kernel.q_to_heads(np, q[:, pos].astype(storage), hk, compute) * compute.type(kernel.softmax_scale(d))
-        st = kernel.OnlineSoftmax(np, qh, head_chunk=head_chunk, tile_q=tile_q, matmul=matmul)
+        qh = kernel.q_to_heads(xp, xp.asarray(q[:, pos].astype(storage)), hk, compute) * compute.type(kernel.softmax_scale(d))
+        st = kernel.OnlineSoftmax(xp, qh, head_chunk=head_chunk, tile_q=tile_q, matmul=matmul)
         for s in range(nranks):
             src = (r - s) % nranks
             kp = positions(layout, src, nranks, n_total)
-            kb = kernel.kv_to_heads(np, k[:, kp].astype(storage), compute)
-            vb = kernel.kv_to_heads(np, v[:, kp].astype(storage), compute)
+            kb = kernel.kv_to_heads(xp, xp.asarray(k[:, kp].astype(storage)), compute)
+            vb = kernel.kv_to_heads(xp, xp.asarray(v[:, kp].astype(storage)), compute)
             st.update(kb, vb, step_plan(layout, r, src, nranks, n, causal))
         o, lse = st.finalize(storage)
-        out[:, pos] = kernel.heads_to_out(o, b)
+        out[:, pos] = to_host(kernel.heads_to_out(o, b))
     return out
 
 
 def matmuls():
     """The GEMM providers the kernel can run on here: NumPy's always, MKL's where installed."""
-    from ringbench.backend import MklMatmul
+    from ringbench.mkl import MklMatmul
 
     mkl = MklMatmul.load()
     return [
@@ -68,57 +70,59 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
-def test_ring_matches_reference_float32(nranks, layout, causal, heads, kv_heads):
+def test_ring_matches_reference_float32(nranks, layout, causal, heads, kv_heads, xp):
     q, k, v = make(48 * nranks, heads, kv_heads, 16)
     ref = kernel.reference_attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=causal)
-    out = emulate_ring(q, k, v, nranks=nranks, layout=layout, causal=causal, dtype="float32", tile_q=16)
+    out = emulate_ring(q, k, v, nranks=nranks, layout=layout, causal=causal, dtype="float32", tile_q=16, xp=xp)
     assert rel_err(out, ref) < TOL["float32"]
 
 
 @pytest.mark.parametrize("matmul", matmuls())
 @pytest.mark.parametrize("dtype", BACKEND.dtypes())
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_dtypes_within_tolerance(dtype, layout, matmul):
+def test_dtypes_within_tolerance(dtype, layout, matmul, xp):
+    if xp is not np and (matmul is not None or dtype == "bfloat16"):
+        pytest.skip("MKL and bfloat16 are NumPy-only")
     q, k, v = make(96, 4, 2, 32)
     st = BACKEND.dtype(dtype)
     ref = kernel.reference_attention(q.astype(st), k.astype(st), v.astype(st), causal=True)
-    out = emulate_ring(q, k, v, nranks=3, layout=layout, causal=True, dtype=dtype, tile_q=7, matmul=matmul)
+    out = emulate_ring(q, k, v, nranks=3, layout=layout, causal=True, dtype=dtype, tile_q=7, matmul=matmul, xp=xp)
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"{dtype}: {err:.2e} >= {TOL[dtype]:.0e}"
     assert err > 0 or dtype == "float64"  # the comparison really compares
 
 
 @pytest.mark.parametrize("tile_q,head_chunk", [(None, None), (1, 1), (5, 2), (64, 3)])
-def test_tiling_does_not_change_the_result(tile_q, head_chunk):
+def test_tiling_does_not_change_the_result(tile_q, head_chunk, xp):
     q, k, v = make(64, 6, 3, 8, batch=1)
     ref = kernel.reference_attention(q, k, v, causal=True)
-    out = emulate_ring(q, k, v, nranks=2, layout="zigzag", causal=True, dtype="float64", tile_q=tile_q, head_chunk=head_chunk)
+    out = emulate_ring(q, k, v, nranks=2, layout="zigzag", causal=True, dtype="float64", tile_q=tile_q, head_chunk=head_chunk, xp=xp)
     assert rel_err(out, ref) < TOL["float64"]
 
 
-def test_large_logits_do_not_overflow():
+def test_large_logits_do_not_overflow(xp):
     q, k, v = make(64, 2, 2, 16)
     q, k = q * 60.0, k * 60.0  # logits of order 1e4: exp would overflow without the running max
     # float32 scores of size 1e4 carry absolute rounding errors of ~1e-3: only float64 stays tight
     for dtype, tol in (("float32", 1e-2), ("float64", 1e-10)):
         st = BACKEND.dtype(dtype)
         ref = kernel.reference_attention(q.astype(st), k.astype(st), v.astype(st), causal=True)
-        out = emulate_ring(q, k, v, nranks=4, layout="striped", causal=True, dtype=dtype, tile_q=8)
+        out = emulate_ring(q, k, v, nranks=4, layout="striped", causal=True, dtype=dtype, tile_q=8, xp=xp)
         assert np.isfinite(out).all()
         assert rel_err(out, ref) < tol
 
 
-def test_fully_masked_rows_give_zero_not_nan():
+def test_fully_masked_rows_give_zero_not_nan(xp):
     rng = np.random.default_rng(0)
-    qh = rng.standard_normal((1, 1, 8, 4))
-    kh = rng.standard_normal((1, 8, 4))
-    st = kernel.OnlineSoftmax(np, qh.copy(), tile_q=3)
+    qh = xp.asarray(rng.standard_normal((1, 1, 8, 4)))
+    kh = xp.asarray(rng.standard_normal((1, 8, 4)))
+    st = kernel.OnlineSoftmax(xp, qh.copy(), tile_q=3)
     st.update(kh, kh, [Piece(0, 8, 0, 8, "strict")])  # row 0 sees no key at all
-    out, lse = st.finalize()
+    out, lse = map(to_host, st.finalize())
     assert np.isfinite(out).all() and np.all(out[0, 0, 0] == 0) and lse[0, 0, 0] == -np.inf
     assert np.isfinite(lse[0, 0, 1:]).all()
     st.update(kh, kh, [])  # a skipped step changes nothing
-    np.testing.assert_array_equal(st.finalize()[0], out)
+    np.testing.assert_array_equal(to_host(st.finalize()[0]), out)
 
 
 def test_merge_of_two_key_halves_equals_full_attention():

@@ -7,6 +7,8 @@ import pytest
 from ringbench import kernel
 from ringbench.layout import CAUSAL, FULL, STRICT, Piece
 
+from conftest import to_host
+
 # max |out - ref| / max |ref| per compute dtype (inputs are rounded to that dtype before the reference)
 TOL = {"float64": 1e-12, "float32": 2e-6}
 
@@ -15,15 +17,16 @@ def rand(shape, rng, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
-def run_kernel(q, ks, vs, pieces, dtype, **kw):
-    """q: (B, n, H, D); ks, vs: lists of (B, m, Hkv, D) blocks, folded in order, each with its pieces."""
+def run_kernel(q, ks, vs, pieces, dtype, xp=np, **kw):
+    """q: (B, n, H, D); ks, vs: lists of (B, m, Hkv, D) blocks, folded in order, each with its pieces.
+    Computed on the array module ``xp``; out and lse come back as NumPy arrays."""
     hk = ks[0].shape[2]
-    qh = kernel.q_to_heads(np, q, hk, dtype) * np.dtype(dtype).type(kernel.softmax_scale(q.shape[3]))
-    st = kernel.OnlineSoftmax(np, qh, **kw)
+    qh = kernel.q_to_heads(xp, xp.asarray(q), hk, dtype) * np.dtype(dtype).type(kernel.softmax_scale(q.shape[3]))
+    st = kernel.OnlineSoftmax(xp, qh, **kw)
     for k, v, ps in zip(ks, vs, pieces):
-        st.update(kernel.kv_to_heads(np, k, dtype), kernel.kv_to_heads(np, v, dtype), ps)
+        st.update(kernel.kv_to_heads(xp, xp.asarray(k), dtype), kernel.kv_to_heads(xp, xp.asarray(v), dtype), ps)
     o, lse = st.finalize()
-    return kernel.heads_to_out(o, q.shape[0]), lse, st
+    return to_host(kernel.heads_to_out(o, q.shape[0])), to_host(lse), st
 
 
 def rel_err(out, ref):
@@ -33,13 +36,13 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("tile_q,tile_k,head_chunk", [(None, None, None), (7, 5, 1), (13, 64, 2), (1, 3, 3), (64, 17, 1), (200, 200, 4)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (3, 1)])
-def test_full_blocks_any_tiling(dtype, tile_q, tile_k, head_chunk, heads, kv_heads):
+def test_full_blocks_any_tiling(dtype, tile_q, tile_k, head_chunk, heads, kv_heads, xp):
     rng = np.random.default_rng(3)
     b, n, m, d = 2, 37, 29, 16
     q = rand((b, n, heads, d), rng, dtype)
     ks = [rand((b, m, kv_heads, d), rng, dtype) for _ in range(3)]
     vs = [rand((b, m, kv_heads, d), rng, dtype) for _ in range(3)]
-    out, lse, _ = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 3, dtype, tile_q=tile_q, tile_k=tile_k, head_chunk=head_chunk)
+    out, lse, _ = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 3, dtype, xp, tile_q=tile_q, tile_k=tile_k, head_chunk=head_chunk)
     k_all, v_all = np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
     ref = kernel.reference_attention(q, k_all, v_all, causal=False)
     assert rel_err(out, ref) < TOL[dtype]
@@ -52,12 +55,12 @@ def test_full_blocks_any_tiling(dtype, tile_q, tile_k, head_chunk, heads, kv_hea
 
 @pytest.mark.parametrize("mask", [CAUSAL, STRICT])
 @pytest.mark.parametrize("tile_q,tile_k", [(None, None), (5, 7), (16, 16), (9, 40)])
-def test_diagonal_blocks(mask, tile_q, tile_k):
+def test_diagonal_blocks(mask, tile_q, tile_k, xp):
     rng = np.random.default_rng(4)
     b, n, h, hk, d = 1, 45, 4, 2, 8
     q = rand((b, n, h, d), rng, "float64")
     k, v = rand((b, n, hk, d), rng, "float64"), rand((b, n, hk, d), rng, "float64")
-    out, lse, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, mask)]], "float64", tile_q=tile_q, tile_k=tile_k)
+    out, lse, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, mask)]], "float64", xp, tile_q=tile_q, tile_k=tile_k)
     pos = np.arange(n)
     ref = kernel.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos + (mask == STRICT))
     assert rel_err(out, ref) < TOL["float64"]
@@ -66,14 +69,14 @@ def test_diagonal_blocks(mask, tile_q, tile_k):
         assert np.isfinite(out).all() and np.isfinite(lse[..., 1:]).all()
 
 
-def test_pieces_of_a_zigzag_step():
+def test_pieces_of_a_zigzag_step(xp):
     """Several pieces over one block (different query/key ranges and masks) fold like the separate blocks."""
     rng = np.random.default_rng(5)
     b, n, h, d, c = 1, 24, 2, 8, 12
     q = rand((b, n, h, d), rng, "float64")
     k, v = rand((b, n, h, d), rng, "float64"), rand((b, n, h, d), rng, "float64")
     pieces = [Piece(0, c, 0, c, CAUSAL), Piece(c, n, 0, c, FULL), Piece(c, n, c, n, CAUSAL)]
-    out, _, _ = run_kernel(q, [k], [v], [pieces], "float64", tile_q=5, tile_k=7)
+    out, _, _ = run_kernel(q, [k], [v], [pieces], "float64", xp, tile_q=5, tile_k=7)
     pos = np.arange(n)  # the three pieces together are plain causal attention on the block
     ref = kernel.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos)
     assert rel_err(out, ref) < TOL["float64"]
@@ -81,7 +84,7 @@ def test_pieces_of_a_zigzag_step():
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-2), ("float64", 1e-9)])
 @pytest.mark.parametrize("scale", [60.0, -60.0])
-def test_large_logits_take_the_exact_path(dtype, tol, scale):
+def test_large_logits_take_the_exact_path(dtype, tol, scale, xp):
     """Logits of order 1e4: the unchecked 2^s overflows (scale > 0: mixed signs) or, all logits being very
     negative (scale < 0), underflows to nothing for rows with no mass yet; the sum check sends the tile to the
     exact path, and the result stays finite and right."""
@@ -93,24 +96,24 @@ def test_large_logits_take_the_exact_path(dtype, tol, scale):
         q, k = np.abs(q), -np.abs(k)
     v = rand((b, n, h, d), rng, dtype)
     out, lse, _ = run_kernel(
-        q, [k[:, :16], k[:, 16:]], [v[:, :16], v[:, 16:]], [[Piece(0, n, 0, 16)], [Piece(0, n, 0, 16)]], dtype, tile_q=8, tile_k=8
+        q, [k[:, :16], k[:, 16:]], [v[:, :16], v[:, 16:]], [[Piece(0, n, 0, 16)], [Piece(0, n, 0, 16)]], dtype, xp, tile_q=8, tile_k=8
     )
     ref = kernel.reference_attention(q, k, v, causal=False)
     assert np.isfinite(out).all() and np.isfinite(lse).all()
     assert rel_err(out, ref) < tol
 
 
-def test_rising_logits_rebase_the_rows():
+def test_rising_logits_rebase_the_rows(xp):
     """Each key block's logits exceed the last by ~40 (base 2): every block must move the reference."""
     rng = np.random.default_rng(7)
     b, n, h, d, m = 1, 16, 1, 4, 8
     q = np.ones((b, n, h, d)) + 0.01 * rng.standard_normal((b, n, h, d))
     ks = [np.full((b, m, h, d), 14.0 * (i + 1)) + rng.standard_normal((b, m, h, d)) for i in range(4)]
     vs = [rand((b, m, h, d), rng, "float64") for _ in range(4)]
-    out, lse, st = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 4, "float64", tile_q=4, tile_k=3)
+    out, lse, st = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 4, "float64", xp, tile_q=4, tile_k=3)
     ref = kernel.reference_attention(q, np.concatenate(ks, 1), np.concatenate(vs, 1), causal=False)
     assert rel_err(out, ref) < 1e-10
-    assert np.all(st.m > 100)  # the reference followed the logits up
+    assert np.all(to_host(st.m) > 100)  # the reference followed the logits up
 
 
 def test_overflowing_sum_check_counts_infinities_and_nans():
@@ -122,24 +125,24 @@ def test_overflowing_sum_check_counts_infinities_and_nans():
     assert kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 2.0**20]]), np.zeros((1, 2)), True)
 
 
-def test_deterministic_and_on_tile_after_every_tile():
+def test_deterministic_and_on_tile_after_every_tile(xp):
     rng = np.random.default_rng(8)
     b, n, h, d = 1, 40, 2, 8
     q = rand((b, n, h, d), rng, "float32")
     k, v = rand((b, n, h, d), rng, "float32"), rand((b, n, h, d), rng, "float32")
     calls = []
     out1, lse1, st = run_kernel(
-        q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", tile_q=16, tile_k=16, head_chunk=1, on_tile=lambda: calls.append(1)
+        q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", xp, tile_q=16, tile_k=16, head_chunk=1, on_tile=lambda: calls.append(1)
     )
     # a diagonal piece uses half-height query tiles (tile_k / 2 = 8 rows):
     # head chunks (2) x query tiles ending at 8, 16, 24, 32, 40 x key tiles of 16 not past the diagonal
     assert len(calls) == 2 * (1 + 1 + 2 + 2 + 3)
-    out2, lse2, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", tile_q=16, tile_k=16, head_chunk=1)
+    out2, lse2, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, CAUSAL)]], "float32", xp, tile_q=16, tile_k=16, head_chunk=1)
     np.testing.assert_array_equal(out1, out2)
     np.testing.assert_array_equal(lse1, lse2)
     st.reset()  # a reset state gives the same bits again
-    st.update(kernel.kv_to_heads(np, k), kernel.kv_to_heads(np, v), [Piece(0, n, 0, n, CAUSAL)])
-    np.testing.assert_array_equal(kernel.heads_to_out(st.finalize()[0], b), out1)
+    st.update(kernel.kv_to_heads(xp, xp.asarray(k)), kernel.kv_to_heads(xp, xp.asarray(v)), [Piece(0, n, 0, n, CAUSAL)])
+    np.testing.assert_array_equal(to_host(kernel.heads_to_out(st.finalize()[0], b)), out1)
 
 
 def test_state_memory_is_linear_in_the_block():

@@ -58,7 +58,7 @@ def test_dtypes_at_four_ranks(dtype, tmp_path):
 
 @pytest.mark.parametrize("blas", ["numpy", "mkl"])
 def test_blas_choice_is_correct_and_recorded(blas, tmp_path):
-    from ringbench.backend import MklMatmul
+    from ringbench.mkl import MklMatmul
 
     if blas == "mkl" and MklMatmul.load() is None:
         pytest.skip("Intel MKL is not installed (pip install -e '.[mkl]')")
@@ -119,26 +119,35 @@ def test_appending_runs_to_one_file(tmp_path):
     assert len(names) == 3 and names[2] == names[0] + "~2"
 
 
-def test_console_script_gives_each_rank_one_blas_thread(tmp_path):
-    """`ringbench run` (the installed script, not only python -m) sets one BLAS thread per rank."""
+def test_console_script_gives_each_rank_one_blas_thread_and_keeps_a_user_setting(tmp_path):
+    """`ringbench run` (the installed script, not only python -m) limits every BLAS pool of every rank to one
+    thread by default, and to the number a user set (OPENBLAS_NUM_THREADS=2) otherwise."""
     import subprocess
     import sys
     from pathlib import Path
+
+    from ringbench.backend import THREAD_VARS
 
     from conftest import MPIEXEC, child_env
 
     script = Path(sys.executable).parent / "ringbench"
     if not script.exists():
         pytest.skip(f"{script} not installed (pip install -e .)")
-    out = tmp_path / "r.h5"
-    env = {k: v for k, v in child_env().items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
-    res = subprocess.run(
-        [str(MPIEXEC), "-n", "2", str(script), "run", *map(str, SMALL), "--seq-len", "64", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr
-    (run,) = store.read(out)
-    assert run.provenance["threads"] == {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for user, want in [({}, (1, "default")), ({"OPENBLAS_NUM_THREADS": "2"}, (2, "OPENBLAS_NUM_THREADS"))]:
+        out = tmp_path / f"r{want[0]}.h5"
+        env = {k: v for k, v in child_env().items() if k not in THREAD_VARS} | user
+        res = subprocess.run(
+            [str(MPIEXEC), "-n", "2", str(script), "run", *map(str, SMALL), "--seq-len", "64", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stderr
+        (run,) = store.read(out)
+        threads = run.provenance["threads"]
+        assert (threads["limit"], threads["set_by"]) == want
+        assert len(threads["ranks"]) == 2
+        for pools in threads["ranks"]:  # what threadpoolctl saw on each rank after the limit
+            assert any(p["user_api"] == "blas" for p in pools)
+            assert all(p["num_threads"] == want[0] for p in pools)
