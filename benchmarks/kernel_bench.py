@@ -91,7 +91,7 @@ class Shape:
 class KernelStep:
     """One ring step of ringbench's kernel: update() of a fresh state with one K/V block (reset untimed)."""
 
-    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul):
+    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul, exp: str | None = None):
         backend = get_backend("numpy")
         g = sh.h // sh.hk
         self.tile_k = tile_k or auto_tile_k(backend, sh.n)
@@ -104,7 +104,9 @@ class KernelStep:
         qh *= sh.dtype.type(kernel.softmax_scale(sh.d))
         self.k = kernel.kv_to_heads(np, sh.k, sh.dtype)  # (Z, n, D)
         self.v = kernel.kv_to_heads(np, sh.v, sh.dtype)
-        self.state = kernel.OnlineSoftmax(np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k, matmul=matmul)
+        self.state = kernel.OnlineSoftmax(
+            np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k, matmul=matmul, exp=exp
+        )
         self.pieces = [sh.piece]
         self.batch = sh.b
 
@@ -237,10 +239,19 @@ def verdict(sh: Shape, ratio: float | None) -> str:
 
 
 def bench_shape(
-    sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul
+    sh: Shape,
+    torch,
+    repeat: int,
+    warmup: int,
+    clock: str,
+    tile_q: int = 0,
+    tile_k: int = 0,
+    head_chunk: int = 0,
+    matmul=np.matmul,
+    exp: str | None = None,
 ) -> dict:
     """Kernel, plain and tiled GEMMs (all through ``matmul``) and torch SDPA, interleaved."""
-    step = KernelStep(sh, tile_q, tile_k, head_chunk, matmul)
+    step = KernelStep(sh, tile_q, tile_k, head_chunk, matmul, exp)
     cands = {"kernel": step, "matmul": PlainMatmul(sh, matmul), "tiles": TiledMatmul(sh, step.tile_q, step.tile_k, matmul)}
     if torch is not None:
         cands["torch"] = TorchSDPA(sh, torch)
@@ -278,6 +289,7 @@ def bench_shape(
         "tile_q": step.tile_q,
         "tile_k": step.tile_k,
         "head_chunk": step.head_chunk,
+        "exp_base": step.state.base.name,
         "flops": sh.flops,
         "dense_flops": sh.dense_flops,
         "clock": clock,
@@ -296,6 +308,16 @@ def bench_shape(
 # ---------------------------------------------------------------------------------------------
 def cpu_model() -> str:
     return get_backend("numpy").device_name
+
+
+def simd_level() -> str:
+    """NumPy's run-time SIMD dispatch: the highest X86_V* / AVX512_* (or other) feature groups it found and uses."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats
+    except ImportError:  # pragma: no cover - numpy < 2
+        return "unknown"
+    groups = [k for k in ("X86_V2", "X86_V3", "X86_V4", "AVX512_ICL", "AVX512_SPR", "ASIMD", "SVE", "VSX3", "VSX4") if feats.get(k)]
+    return " ".join(groups) or "baseline"
 
 
 def provenance(torch_note: str, torch) -> dict:
@@ -382,6 +404,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="GEMM library of the kernel and of the matmul baselines, as `ringbench run --blas`",
     )
     p.add_argument(
+        "--exp",
+        choices=("auto", "2", "e"),
+        default="auto",
+        help="base of the kernel's exponential: auto measures exp2 against exp here (as a run does), 2 or e force it",
+    )
+    p.add_argument(
         "--clock",
         choices=tuple(CLOCKS),
         default="cpu",
@@ -416,10 +444,17 @@ def main(argv=None) -> int:
         return 2
     prov = provenance(note, torch)
     prov["kernel_blas"] = blas
+    base = kernel.exp_base(np, a.exp)
+    prov["exp_base"] = base.name
+    prov["exp_ns_per_elem"] = {k: v * 1e9 for k, v in kernel.measure_exp(np)[1].items()}
+    prov["simd"] = simd_level()
     print(
         f"kernel_bench: {prov['cpu']}, {prov['cores']} cores, 1 thread; numpy {np.__version__}, "
         f"torch {prov['torch'] or 'n/a'}; {a.dtype}, B={a.batch} H={a.heads}/{a.kv_heads}; "
-        f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}",
+        f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}\n"
+        f"  SIMD: {prov['simd']}; kernel exponential: base {base.name} ({a.exp}; float32 ns/element here: "
+        + ", ".join(f"exp{'2' if k == '2' else ''} {v:.2f}" for k, v in prov["exp_ns_per_elem"].items())
+        + ")",
         flush=True,
     )
     if note:
@@ -430,7 +465,7 @@ def main(argv=None) -> int:
         for n in a.block:
             for causal in masks:
                 sh = Shape(a.batch, a.heads, a.kv_heads, d, n, causal, a.dtype)
-                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul))
+                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul, base.name))
                 del sh
     print(table(rows))
     applicable = [r for r in rows if r["target"] != "-"]

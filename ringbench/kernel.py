@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ringbench.layout import FULL, Piece
+from ringbench.layout import FULL, Piece, first_hidden, hidden
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ class OnlineSoftmax:
         self._r = None  # flat row-sum tile buffer
         self._kt = None  # flat [k^T; 1] buffer of one head chunk
         self._ones = None
-        self._masks = {}  # (tq, tk, i0 - j0, strict) -> boolean pattern
+        self._masks = {}  # (tq, tk, i0 - j0, mask) -> boolean pattern
         self._shifted = True  # does some row of the current query tile have m != 0?
 
     @property
@@ -234,7 +234,6 @@ class OnlineSoftmax:
         pvbuf = self._buffer("_pv", hc * rq_max * d)
         ones = self._buffer("_ones", tk_max)
         ones.fill(1)
-        strict = p.mask != FULL and p.mask != "causal"
         for z0 in range(0, z, hc):
             z1 = min(z0 + hc, z)
             zc = z1 - z0
@@ -254,17 +253,17 @@ class OnlineSoftmax:
                     rbuf[: zc * rq].reshape(zc, rq),
                     pvbuf[: zc * rq * d].reshape(zc, rq, d),
                 )
-                # keys past the diagonal are masked for every row of this tile: never touch them
-                kend = nk if p.mask == FULL else min(nk, i1 - strict)
+                # keys hidden from every row of this tile (those of its last row) are never touched
+                kend = nk if p.mask == FULL else min(nk, first_hidden(p.mask, i1 - 1))
                 fresh = bool((t.l == 0).any())  # rows with nothing yet: their sums get a lower bound too
                 # rows whose reference is still 0 need no shift: the score GEMM then runs with K = D, not D+1
                 self._shifted = bool(t.q[..., d].any())
                 for j0 in range(0, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
                     s = sbuf[: zc * rq * (j1 - j0)].reshape(zc, rq, j1 - j0)  # (Zc, tq*G, tk)
-                    diagonal = p.mask != FULL and j1 > i0 - strict  # crosses the diagonal: masked
+                    diagonal = p.mask != FULL and j1 > first_hidden(p.mask, i0)  # hides keys from some row: masked
                     fresh = self._tile(
-                        t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0], (i0, i1, j0, j1, strict) if diagonal else None, fresh
+                        t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0], (i0, i1, j0, p.mask) if diagonal else None, fresh
                     )
                     if self.on_tile is not None:
                         self.on_tile()
@@ -305,23 +304,23 @@ class OnlineSoftmax:
             acc += t.pv
         return fresh
 
-    def _masked_part(self, s, i0, i1, j0, j1, strict):
-        """The columns of tile ``s`` that cross the diagonal, (Zc, tq, G, w), and where they are masked (tq, 1, w).
+    def _masked_part(self, s, i0, i1, j0, mask):
+        """The columns of tile ``s`` (rows [i0, i1), keys from j0) that hide keys, (Zc, tq, G, w), and where (tq, 1, w).
 
-        Key j is masked for query i when j > i (causal) or j >= i (strict); only columns from the first masked
-        one are touched, and the boolean pattern is cached by shape and offset (few distinct ones per run).
+        Which key is hidden from which query is ``layout.hidden``'s rule (key j hidden from query i when j > i for
+        causal, j >= i for strict); only columns from the first hidden one are touched, and the boolean pattern is
+        cached by shape, offset and mask (few distinct ones per run).
         """
         zc, rq, tk = s.shape
         tq, off = i1 - i0, i0 - j0
-        c0 = max(0, off + (0 if strict else 1))
-        key = (tq, tk, off, strict)
+        c0 = max(0, first_hidden(mask, off))  # first hidden column of the tile's first row
+        key = (tq, tk, off, mask)
         where = self._masks.get(key)
         if where is None:
             if len(self._masks) > 64:
                 self._masks.clear()
-            c = self.xp.arange(c0, tk)[None, :]
-            r = self.xp.arange(tq)[:, None] + off
-            where = ((c >= r) if strict else (c > r))[:, None, :]
+            xp = self.xp
+            where = hidden(mask, xp.arange(tq)[:, None] + off, xp.arange(c0, tk)[None, :])[:, None, :]
             self._masks[key] = where
         return s.reshape(zc, tq, rq // tq, tk)[..., c0:], where
 
