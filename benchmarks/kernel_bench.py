@@ -85,7 +85,7 @@ class Shape:
 class KernelStep:
     """One ring step of ringbench's kernel: update() of a fresh state with one K/V block (reset untimed)."""
 
-    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul):
+    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul, exp: str | None = None):
         backend = get_backend("numpy")
         g = sh.h // sh.hk
         self.tile_k = tile_k or auto_tile_k(backend, sh.n)
@@ -98,7 +98,9 @@ class KernelStep:
         qh *= sh.dtype.type(kernel.softmax_scale(sh.d))
         self.k = kernel.kv_to_heads(np, sh.k, sh.dtype)  # (Z, n, D)
         self.v = kernel.kv_to_heads(np, sh.v, sh.dtype)
-        self.state = kernel.OnlineSoftmax(np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k, matmul=matmul)
+        self.state = kernel.OnlineSoftmax(
+            np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k, matmul=matmul, exp=exp
+        )
         self.pieces = [sh.piece]
         self.batch = sh.b
 
@@ -231,10 +233,19 @@ def verdict(sh: Shape, ratio: float | None) -> str:
 
 
 def bench_shape(
-    sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul
+    sh: Shape,
+    torch,
+    repeat: int,
+    warmup: int,
+    clock: str,
+    tile_q: int = 0,
+    tile_k: int = 0,
+    head_chunk: int = 0,
+    matmul=np.matmul,
+    exp: str | None = None,
 ) -> dict:
     """Kernel, plain and tiled GEMMs (all through ``matmul``) and torch SDPA, interleaved."""
-    step = KernelStep(sh, tile_q, tile_k, head_chunk, matmul)
+    step = KernelStep(sh, tile_q, tile_k, head_chunk, matmul, exp)
     cands = {"kernel": step, "matmul": PlainMatmul(sh, matmul), "tiles": TiledMatmul(sh, step.tile_q, step.tile_k, matmul)}
     if torch is not None:
         cands["torch"] = TorchSDPA(sh, torch)
@@ -272,6 +283,7 @@ def bench_shape(
         "tile_q": step.tile_q,
         "tile_k": step.tile_k,
         "head_chunk": step.head_chunk,
+        "exp_base": step.state.base.name,
         "flops": sh.flops,
         "dense_flops": sh.dense_flops,
         "clock": clock,
@@ -365,6 +377,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="GEMM library of the kernel and of the matmul baselines, as `ringbench run --blas`",
     )
     p.add_argument(
+        "--exp",
+        choices=("auto", "2", "e"),
+        default="auto",
+        help="base of the kernel's exponential: auto measures exp2 against exp here (as a run does), 2 or e force it",
+    )
+    p.add_argument(
         "--clock",
         choices=tuple(CLOCKS),
         default="cpu",
@@ -400,10 +418,16 @@ def main(argv=None) -> int:
     threads = limit_threads(1)  # every candidate on one thread, whatever the environment says
     info = provenance(note, torch, threads)
     info["kernel_blas"] = blas
+    base = kernel.exp_base(np, a.exp)
+    info["exp_base"] = base.name
+    info["exp_ns_per_elem"] = {k: v * 1e9 for k, v in kernel.measure_exp(np)[1].items()}
     print(
         f"kernel_bench: {info['cpu']}, {info['cores']} cores, 1 thread; numpy {np.__version__}, "
         f"torch {info['torch'] or 'n/a'}; {a.dtype}, B={a.batch} H={a.heads}/{a.kv_heads}; "
-        f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}",
+        f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}\n"
+        f"  kernel exponential: base {base.name} ({a.exp}; float32 ns/element here: "
+        + ", ".join(f"exp{'2' if k == '2' else ''} {v:.2f}" for k, v in info["exp_ns_per_elem"].items())
+        + ")",
         flush=True,
     )
     if note:
@@ -414,7 +438,7 @@ def main(argv=None) -> int:
         for n in a.block:
             for causal in masks:
                 sh = Shape(a.batch, a.heads, a.kv_heads, d, n, causal, a.dtype)
-                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul))
+                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul, base.name))
                 del sh
     print(table(rows))
     applicable = [r for r in rows if r["target"] != "-"]

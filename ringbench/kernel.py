@@ -13,12 +13,14 @@ Query head h reads kv head h // G (PyTorch SDPA's ``enable_gqa`` convention).
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ringbench.layout import FULL, Piece
+from ringbench.layout import FULL, Piece, first_hidden, hidden
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,29 +50,98 @@ def heads_to_out(o, batch: int):
 # ---------------------------------------------------------------------------------------------
 # The online-softmax accumulator
 # ---------------------------------------------------------------------------------------------
-LOG2E = 1.4426950408889634  # scores are kept in base 2: exp2 is about twice as fast as exp in NumPy
+LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# A row's reference m (log2 units) is moved only when a tile's scores exceed it by more than REBASE, or,
-# for a row that has seen nothing yet, fall below it by more than REBASE: every other tile skips the
-# subtract pass and the rescale of the accumulators (FlashAttention-4's lazy rescaling).
-REBASE = 8.0
-# The fast path skips even the row-max pass: it takes p = 2^(s - m) straight away and accepts the tile when
+# The kernel's thresholds, stated in bits (powers of 2) and converted to the exponential's base by ExpBase:
+# A row's reference m is moved only when a tile's scores exceed it by more than 2^REBASE_BITS, or, for a row
+# that has seen nothing yet, fall below it by more than that: every other tile skips the subtract pass and
+# the rescale of the accumulators (FlashAttention-4's lazy rescaling).
+REBASE_BITS = 8.0
+# The fast path skips even the row-max pass: it takes p = b^(s - m) straight away and accepts the tile when
 # every row sum is at most SUM_HI (so no term overflowed or can overflow the accumulators) and, for a row
 # that had nothing yet, at least SUM_LO (so its largest term did not underflow). Otherwise the tile is
-# recomputed on the exact path (row max first). Both bounds are far inside float32's range.
+# recomputed on the exact path (row max first). Both bounds are far inside float32's range, whatever the base.
 SUM_HI = 2.0**24
 SUM_LO = 2.0**-24
-# Masked scores are set to this before exp2 and their 2^s to 0 after: exp2 takes a slow path for -inf and for
-# results below float32's normal range (6x and 16x slower per element, measured), never for 2^-126.
-MASKED = -126.0
+# Masked scores are set to MASKED_BITS (in bits) before the exponential and their b^s to 0 after: exp/exp2 take
+# a slow path for -inf and for results below float32's normal range (6x and 16x slower per element, measured),
+# never for 2^-125.
+MASKED_BITS = -125.0
+
+
+class ExpBase(NamedTuple):
+    """One base b of the kernel's exponential and the kernel's constants restated in it.
+
+    Scores are kept as log_b: q is multiplied by ``scale`` = log_b(e) once, so every tile needs one b^x.
+    """
+
+    name: str  # "2" or "e"
+    scale: float  # log_b(e): natural-log scores times this are log_b scores
+    ln_b: float  # ln(b): log_b values times this are natural logs
+    rebase: float  # REBASE_BITS in log_b units
+    masked: float  # MASKED_BITS in log_b units
+
+    def exp(self, xp):
+        """The ufunc x -> b^x of array module ``xp``."""
+        return xp.exp2 if self.name == "2" else xp.exp
+
+    def log(self, xp):
+        return xp.log2 if self.name == "2" else xp.log
+
+
+EXP_BASES = {
+    "2": ExpBase("2", LOG2E, LN2, REBASE_BITS, MASKED_BITS),
+    "e": ExpBase("e", 1.0, 1.0, REBASE_BITS * LN2, MASKED_BITS * LN2),
+}
+EXP_ENV = "RINGBENCH_EXP"  # auto (default): measured; 2 or e: forced (tests, benchmarks)
+_measured: dict[str, ExpBase] = {}  # array module name -> the base measured faster in this process
+
+
+def exp_base(xp=np, choice: str | None = None) -> ExpBase:
+    """The exponential the kernel uses with ``xp`` in this process: ``choice`` or $RINGBENCH_EXP if set to 2 or e,
+    else whichever of ``exp2`` and ``exp`` is faster here on float32 (measured once per process, a few ms).
+
+    NumPy's float32 exp2 is 2x faster than exp with AVX-512 and 2x slower with AVX2 only (benchmarks/README.md), so
+    the base is a property of the machine. Off the host (CuPy) the tile is memory-bound and base 2 is kept.
+    """
+    choice = choice or os.environ.get(EXP_ENV, "") or "auto"
+    if choice in EXP_BASES:
+        return EXP_BASES[choice]
+    if choice != "auto":
+        raise ValueError(f"{EXP_ENV}: expected one of auto, 2, e; got {choice!r}")
+    key = getattr(xp, "__name__", str(xp))
+    if key not in _measured:
+        _measured[key] = EXP_BASES[measure_exp(xp)[0]] if xp is np else EXP_BASES["2"]
+    return _measured[key]
+
+
+def measure_exp(xp=np, size: int = 1 << 16, repeat: int = 7) -> tuple[str, dict[str, float]]:
+    """("2" or "e", seconds per element of each): the faster float32 exponential on a score-like buffer.
+
+    The minimum over ``repeat`` calls of this process's CPU time: robust to other processes on a shared core.
+    """
+    x = np.linspace(-20.0, 0.0, size, dtype=np.float32)  # the range of shifted scores
+    out = np.empty_like(x)
+    best = {}
+    for name, base in EXP_BASES.items():
+        fn = base.exp(np)
+        fn(x, out=out)  # warm-up
+        times = []
+        for _ in range(repeat):
+            t0 = time.process_time_ns()
+            fn(x, out=out)
+            times.append(time.process_time_ns() - t0)
+        best[name] = min(times) * 1e-9 / size
+    return min(best, key=best.get), best
 
 
 class OnlineSoftmax:
     """Running (reference, sum, weighted V) for one rank's queries, updated block by block.
 
     ``q`` (Z, G, n, D) must already be scaled by 1/sqrt(D) and be in the compute dtype. The state keeps
-    its own query-major copy of it, (Z, n, G, D+1): scaled by log2(e) and widened by one column holding
-    -m, the row's current reference, so that a single matrix product gives the shifted scores s - m, and
+    its own query-major copy of it, (Z, n, G, D+1): scaled by log_b(e) for the base b of the exponential
+    (``exp``: "2" or "e", default :func:`exp_base`, kept as ``self.base``) and widened by one column holding
+    -m, the row's current reference (log_b units), so that a single matrix product gives the shifted scores s - m, and
     the G query heads that share a kv head stack into one matrix of tile_q * G rows. The keys are widened
     by a row of ones to match (one transposed copy per head chunk and piece, not per tile).
 
@@ -91,8 +162,11 @@ class OnlineSoftmax:
         tile_k: int | None = None,
         on_tile: Callable[[], None] | None = None,
         matmul: Callable | None = None,
+        exp: str | None = None,
     ):
         self.xp = xp
+        self.base = exp_base(xp, exp)  # the exponential's base and the thresholds restated in it
+        self.exp = self.base.exp(xp)
         self.matmul = matmul or xp.matmul  # the two score-tile GEMMs (the ring may pass MKL's)
         self.matmul_add = getattr(matmul, "matmul_add", None)  # c += a @ b in one GEMM, where offered
         z, g, n, d = q.shape
@@ -102,23 +176,26 @@ class OnlineSoftmax:
         self.tile_q = max(1, min(tile_q or n, n))
         self.tile_k = tile_k  # None: whole key block
         self.on_tile = on_tile
-        self.qa = xp.empty((z, n, g, d + 1), q.dtype)  # [q * log2(e), -m], query-major
-        xp.multiply(q.transpose(0, 2, 1, 3), q.dtype.type(LOG2E), out=self.qa[..., :d])
+        self.qa = xp.empty((z, n, g, d + 1), q.dtype)  # [q * log_b(e), -m], query-major
+        if self.base.scale == 1.0:
+            self.qa[..., :d] = q.transpose(0, 2, 1, 3)
+        else:
+            xp.multiply(q.transpose(0, 2, 1, 3), q.dtype.type(self.base.scale), out=self.qa[..., :d])
         self.qa[..., d] = 0
-        self.acc = xp.zeros((z, n, g, d), q.dtype)  # sum_j 2^(s_ij - m_i) v_j
-        self.m = xp.zeros((z, n, g), q.dtype)  # reference of each row (log2 units, finite)
-        self.l = xp.zeros((z, n, g), q.dtype)  # sum_j 2^(s_ij - m_i)
+        self.acc = xp.zeros((z, n, g, d), q.dtype)  # sum_j b^(s_ij - m_i) v_j
+        self.m = xp.zeros((z, n, g), q.dtype)  # reference of each row (log_b units, finite)
+        self.l = xp.zeros((z, n, g), q.dtype)  # sum_j b^(s_ij - m_i)
         self._s = None  # flat score-tile buffer
         self._pv = None  # flat (p @ v) tile buffer
         self._r = None  # flat row-sum tile buffer
         self._kt = None  # flat [k^T; 1] buffer of one head chunk
         self._ones = None
-        self._masks = {}  # (tq, tk, i0 - j0, strict) -> boolean pattern
+        self._masks = {}  # (tq, tk, i0 - j0, mask) -> boolean pattern
         self._shifted = True  # does some row of the current query tile have m != 0?
 
     @property
     def q(self):
-        """The queries as kept here, scaled by log2(e): (Z, G, n, D), a view."""
+        """The queries as kept here, scaled by log_b(e): (Z, G, n, D), a view."""
         return self.qa[..., : self.shape[3]].transpose(0, 2, 1, 3)
 
     def reset(self) -> None:
@@ -157,7 +234,6 @@ class OnlineSoftmax:
         pvbuf = self._buffer("_pv", hc * rq_max * d)
         ones = self._buffer("_ones", tk_max)
         ones.fill(1)
-        strict = p.mask != FULL and p.mask != "causal"
         for z0 in range(0, z, hc):
             z1 = min(z0 + hc, z)
             zc = z1 - z0
@@ -177,36 +253,36 @@ class OnlineSoftmax:
                     rbuf[: zc * rq].reshape(zc, rq),
                     pvbuf[: zc * rq * d].reshape(zc, rq, d),
                 )
-                # keys past the diagonal are masked for every row of this tile: never touch them
-                kend = nk if p.mask == FULL else min(nk, i1 - strict)
+                # keys hidden from every row of this tile (those of its last row) are never touched
+                kend = nk if p.mask == FULL else min(nk, first_hidden(p.mask, i1 - 1))
                 fresh = bool((t.l == 0).any())  # rows with nothing yet: their sums get a lower bound too
                 # rows whose reference is still 0 need no shift: the score GEMM then runs with K = D, not D+1
                 self._shifted = bool(t.q[..., d].any())
                 for j0 in range(0, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
                     s = sbuf[: zc * rq * (j1 - j0)].reshape(zc, rq, j1 - j0)  # (Zc, tq*G, tk)
-                    diagonal = p.mask != FULL and j1 > i0 - strict  # crosses the diagonal: masked
+                    diagonal = p.mask != FULL and j1 > first_hidden(p.mask, i0)  # hides keys from some row: masked
                     fresh = self._tile(
-                        t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0], (i0, i1, j0, j1, strict) if diagonal else None, fresh
+                        t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0], (i0, i1, j0, p.mask) if diagonal else None, fresh
                     )
                     if self.on_tile is not None:
                         self.on_tile()
 
     def _tile(self, t: _Rows, kt, vt, s, ones, mask, fresh: bool) -> bool:
-        """One score tile: s = [q, -m] @ [k^T; 1], p = 2^s, then the row sums and p @ v into the state.
+        """One score tile: s = [q, -m] @ [k^T; 1], p = b^s, then the row sums and p @ v into the state.
 
         ``fresh``: some row of the tile may have no mass yet. Returns the same for the next tile.
         """
         xp = self.xp
         if self._shifted:
-            self.matmul(t.q, kt, out=s)  # s - m, log2 units
+            self.matmul(t.q, kt, out=s)  # s - m, log_b units
         else:
             d = self.shape[3]
             self.matmul(t.q[..., :d], kt[:, :d], out=s)  # m = 0 on every row: s itself
         if mask is not None:
             sub, where = self._masked_part(s, *mask)
-            xp.copyto(sub, MASKED, where=where)
-        xp.exp2(s, out=s)  # p = 2^(s - m), unchecked
+            xp.copyto(sub, self.base.masked, where=where)
+        self.exp(s, out=s)  # p = b^(s - m), unchecked
         if mask is not None:
             xp.copyto(sub, 0, where=where)
         xp.matmul(s, ones, out=t.r)
@@ -217,7 +293,7 @@ class OnlineSoftmax:
             if mask is not None:
                 xp.copyto(sub, -np.inf, where=where)
             self._rebase(s, t)
-            xp.exp2(s, out=s)
+            self.exp(s, out=s)
             xp.matmul(s, ones, out=t.r)
         l, acc = t.l, t.acc  # views into the state
         l += t.r
@@ -228,23 +304,23 @@ class OnlineSoftmax:
             acc += t.pv
         return fresh
 
-    def _masked_part(self, s, i0, i1, j0, j1, strict):
-        """The columns of tile ``s`` that cross the diagonal, (Zc, tq, G, w), and where they are masked (tq, 1, w).
+    def _masked_part(self, s, i0, i1, j0, mask):
+        """The columns of tile ``s`` (rows [i0, i1), keys from j0) that hide keys, (Zc, tq, G, w), and where (tq, 1, w).
 
-        Key j is masked for query i when j > i (causal) or j >= i (strict); only columns from the first masked
-        one are touched, and the boolean pattern is cached by shape and offset (few distinct ones per run).
+        Which key is hidden from which query is ``layout.hidden``'s rule (key j hidden from query i when j > i for
+        causal, j >= i for strict); only columns from the first hidden one are touched, and the boolean pattern is
+        cached by shape, offset and mask (few distinct ones per run).
         """
         zc, rq, tk = s.shape
         tq, off = i1 - i0, i0 - j0
-        c0 = max(0, off + (0 if strict else 1))
-        key = (tq, tk, off, strict)
+        c0 = max(0, first_hidden(mask, off))  # first hidden column of the tile's first row
+        key = (tq, tk, off, mask)
         where = self._masks.get(key)
         if where is None:
             if len(self._masks) > 64:
                 self._masks.clear()
-            c = self.xp.arange(c0, tk)[None, :]
-            r = self.xp.arange(tq)[:, None] + off
-            where = ((c >= r) if strict else (c > r))[:, None, :]
+            xp = self.xp
+            where = hidden(mask, xp.arange(tq)[:, None] + off, xp.arange(c0, tk)[None, :])[:, None, :]
             self._masks[key] = where
         return s.reshape(zc, tq, rq // tq, tk)[..., c0:], where
 
@@ -260,7 +336,8 @@ class OnlineSoftmax:
         xp = self.xp
         top = s.max(axis=-1)  # (Zc, rq), -inf if all masked
         fresh = t.l == 0
-        move = (top > REBASE) | (fresh & (top < -REBASE) & (top > -np.inf))
+        rebase = self.base.rebase
+        move = (top > rebase) | (fresh & (top < -rebase) & (top > -np.inf))
         if not bool(move.any()):
             return
         shift = xp.where(move, top, 0)
@@ -269,8 +346,8 @@ class OnlineSoftmax:
         m = self.m[t.rows]
         m += shift.reshape(m.shape)
         self.qa[t.rows + (slice(None), self.shape[3])] = -m
-        # old mass is scaled down by 2^-shift; a fresh row moved down has no mass, so leave its factor at 1
-        alpha = xp.exp2(-xp.maximum(shift, 0))
+        # old mass is scaled down by b^-shift; a fresh row moved down has no mass, so leave its factor at 1
+        alpha = self.exp(-xp.maximum(shift, 0))
         l, acc = t.l, t.acc
         l *= alpha
         acc *= alpha[..., None]
@@ -283,7 +360,10 @@ class OnlineSoftmax:
         out = xp.empty((z, g, n, d), self.dtype)
         xp.divide(self.acc, l_safe[..., None], out=out.transpose(0, 2, 1, 3))
         with np.errstate(divide="ignore"):
-            lse = ((self.m + xp.log2(self.l)) * self.dtype.type(LN2)).transpose(0, 2, 1)
+            lse = self.m + self.base.log(xp)(self.l)  # log_b units
+            if self.base.ln_b != 1.0:
+                lse *= self.dtype.type(self.base.ln_b)
+            lse = lse.transpose(0, 2, 1)
         return (out if out_dtype is None else out.astype(out_dtype, copy=False)), xp.ascontiguousarray(lse)
 
 

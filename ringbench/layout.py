@@ -104,10 +104,25 @@ def unmasked_pairs(layout: str, nranks: int, seq_len: int, causal: bool) -> int:
     return seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len
 
 
+def first_hidden(mask: str, i):
+    """The first key index hidden from query ``i`` (piece-local; an int or an integer array): key j is visible
+    to query i iff j < first_hidden(mask, i). The one definition of CAUSAL and STRICT: the kernel's masking and
+    :func:`mask_for` are both built on it."""
+    if mask == CAUSAL:
+        return i + 1
+    if mask == STRICT:
+        return i
+    raise ValueError(f"mask {mask!r} hides no key; allowed: {CAUSAL}, {STRICT}")
+
+
+def hidden(mask: str, rows, cols):
+    """Boolean 'masked out' of query indices ``rows`` against key indices ``cols`` (arrays that broadcast, of any
+    array module), or None for FULL."""
+    if mask == FULL:
+        return None
+    return cols >= first_hidden(mask, rows)
+
+
 def mask_for(piece: Piece, i0: int, i1: int, j0: int, j1: int) -> np.ndarray | None:
     """Boolean 'masked out' array for rows [i0, i1) and columns [j0, j1) of ``piece`` (piece-local), or None."""
-    if piece.mask == FULL:
-        return None
-    rows = np.arange(i0, i1)[:, None]
-    cols = np.arange(j0, j1)[None, :]
-    return cols > rows if piece.mask == CAUSAL else cols >= rows
+    return hidden(piece.mask, np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :])

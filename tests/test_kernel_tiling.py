@@ -1,16 +1,18 @@
 """The tiled online-softmax kernel against the float64 reference: tile shapes, masks, GQA, and the paths
-the fast kernel takes (unchecked 2^s with a sum check, the exact row-max path, rebasing), on random data."""
+the fast kernel takes (unchecked b^s with a sum check, the exact row-max path, rebasing), in both bases of the
+exponential (b = 2 or e), on random data."""
 
 import numpy as np
 import pytest
 
 from ringbench import kernel
-from ringbench.layout import CAUSAL, FULL, STRICT, Piece
+from ringbench.layout import CAUSAL, FULL, STRICT, Piece, mask_for
 
 from conftest import to_host
 
 # max |out - ref| / max |ref| per compute dtype (inputs are rounded to that dtype before the reference)
 TOL = {"float64": 1e-12, "float32": 2e-6}
+BASES = tuple(kernel.EXP_BASES)  # every base the kernel can pick, forced in turn
 
 
 def rand(shape, rng, dtype, scale=1.0):
@@ -33,16 +35,20 @@ def rel_err(out, ref):
     return np.abs(out - ref).max() / np.abs(ref).max()
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("tile_q,tile_k,head_chunk", [(None, None, None), (7, 5, 1), (13, 64, 2), (1, 3, 3), (64, 17, 1), (200, 200, 4)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (3, 1)])
-def test_full_blocks_any_tiling(dtype, tile_q, tile_k, head_chunk, heads, kv_heads, xp):
+def test_full_blocks_any_tiling(dtype, tile_q, tile_k, head_chunk, heads, kv_heads, xp, base):
     rng = np.random.default_rng(3)
     b, n, m, d = 2, 37, 29, 16
     q = rand((b, n, heads, d), rng, dtype)
     ks = [rand((b, m, kv_heads, d), rng, dtype) for _ in range(3)]
     vs = [rand((b, m, kv_heads, d), rng, dtype) for _ in range(3)]
-    out, lse, _ = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 3, dtype, xp, tile_q=tile_q, tile_k=tile_k, head_chunk=head_chunk)
+    out, lse, st = run_kernel(
+        q, ks, vs, [[Piece(0, n, 0, m)]] * 3, dtype, xp, tile_q=tile_q, tile_k=tile_k, head_chunk=head_chunk, exp=base
+    )
+    assert st.base.name == base
     k_all, v_all = np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
     ref = kernel.reference_attention(q, k_all, v_all, causal=False)
     assert rel_err(out, ref) < TOL[dtype]
@@ -53,14 +59,15 @@ def test_full_blocks_any_tiling(dtype, tile_q, tile_k, head_chunk, heads, kv_hea
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 if dtype == "float32" else 1e-10)
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("mask", [CAUSAL, STRICT])
 @pytest.mark.parametrize("tile_q,tile_k", [(None, None), (5, 7), (16, 16), (9, 40)])
-def test_diagonal_blocks(mask, tile_q, tile_k, xp):
+def test_diagonal_blocks(mask, tile_q, tile_k, xp, base):
     rng = np.random.default_rng(4)
     b, n, h, hk, d = 1, 45, 4, 2, 8
     q = rand((b, n, h, d), rng, "float64")
     k, v = rand((b, n, hk, d), rng, "float64"), rand((b, n, hk, d), rng, "float64")
-    out, lse, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, mask)]], "float64", xp, tile_q=tile_q, tile_k=tile_k)
+    out, lse, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, mask)]], "float64", xp, tile_q=tile_q, tile_k=tile_k, exp=base)
     pos = np.arange(n)
     ref = kernel.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos + (mask == STRICT))
     assert rel_err(out, ref) < TOL["float64"]
@@ -82,9 +89,10 @@ def test_pieces_of_a_zigzag_step(xp):
     assert rel_err(out, ref) < TOL["float64"]
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-2), ("float64", 1e-9)])
 @pytest.mark.parametrize("scale", [60.0, -60.0])
-def test_large_logits_take_the_exact_path(dtype, tol, scale, xp):
+def test_large_logits_take_the_exact_path(dtype, tol, scale, xp, base):
     """Logits of order 1e4: the unchecked 2^s overflows (scale > 0: mixed signs) or, all logits being very
     negative (scale < 0), underflows to nothing for rows with no mass yet; the sum check sends the tile to the
     exact path, and the result stays finite and right."""
@@ -96,24 +104,33 @@ def test_large_logits_take_the_exact_path(dtype, tol, scale, xp):
         q, k = np.abs(q), -np.abs(k)
     v = rand((b, n, h, d), rng, dtype)
     out, lse, _ = run_kernel(
-        q, [k[:, :16], k[:, 16:]], [v[:, :16], v[:, 16:]], [[Piece(0, n, 0, 16)], [Piece(0, n, 0, 16)]], dtype, xp, tile_q=8, tile_k=8
+        q,
+        [k[:, :16], k[:, 16:]],
+        [v[:, :16], v[:, 16:]],
+        [[Piece(0, n, 0, 16)], [Piece(0, n, 0, 16)]],
+        dtype,
+        xp,
+        tile_q=8,
+        tile_k=8,
+        exp=base,
     )
     ref = kernel.reference_attention(q, k, v, causal=False)
     assert np.isfinite(out).all() and np.isfinite(lse).all()
     assert rel_err(out, ref) < tol
 
 
-def test_rising_logits_rebase_the_rows(xp):
-    """Each key block's logits exceed the last by ~40 (base 2): every block must move the reference."""
+@pytest.mark.parametrize("base", BASES)
+def test_rising_logits_rebase_the_rows(xp, base):
+    """Each key block's logits exceed the last by ~28 (~40 in base 2): every block must move the reference."""
     rng = np.random.default_rng(7)
     b, n, h, d, m = 1, 16, 1, 4, 8
     q = np.ones((b, n, h, d)) + 0.01 * rng.standard_normal((b, n, h, d))
     ks = [np.full((b, m, h, d), 14.0 * (i + 1)) + rng.standard_normal((b, m, h, d)) for i in range(4)]
     vs = [rand((b, m, h, d), rng, "float64") for _ in range(4)]
-    out, lse, st = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 4, "float64", xp, tile_q=4, tile_k=3)
+    out, lse, st = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 4, "float64", xp, tile_q=4, tile_k=3, exp=base)
     ref = kernel.reference_attention(q, np.concatenate(ks, 1), np.concatenate(vs, 1), causal=False)
     assert rel_err(out, ref) < 1e-10
-    assert np.all(to_host(st.m) > 100)  # the reference followed the logits up
+    assert np.all(to_host(st.m) * st.base.ln_b > 70)  # the reference followed the logits up (~110 in natural-log units)
 
 
 def test_overflowing_sum_check_counts_infinities_and_nans():
@@ -155,3 +172,46 @@ def test_state_memory_is_linear_in_the_block():
     assert st._s.size == 64 * 128
     assert st._kt.size == (d + 1) * n
     assert max(x.size for x in (st._r, st._pv, st._ones)) <= 64 * 128
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("mask", [CAUSAL, STRICT])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_masks_are_the_layouts_and_masked_rows_stay_zero(base, mask, scale):
+    """The kernel hides exactly the keys ``layout.mask_for`` hides (a dense float64 softmax under that mask is the
+    reference), with logits of order 1 and x100, in both bases; a fully masked row (strict, query 0) gives 0."""
+    rng = np.random.default_rng(10)
+    b, n, h, d = 1, 33, 2, 8
+    q = rand((b, n, h, d), rng, "float64", scale)
+    k, v = rand((b, n, h, d), rng, "float64", scale), rand((b, n, h, d), rng, "float64")
+    piece = Piece(0, n, 0, n, mask)
+    out, lse, _ = run_kernel(q, [k], [v], [[piece]], "float64", tile_q=6, tile_k=5, exp=base)
+    s = np.einsum("bnhd,bmhd->bhnm", q, k) / np.sqrt(d)
+    s[..., mask_for(piece, 0, n, 0, n)] = -np.inf
+    top = s.max(-1, keepdims=True)
+    p = np.exp(s - np.where(np.isinf(top), 0, top))
+    den = p.sum(-1, keepdims=True)
+    ref = np.einsum("bhnm,bmhd->bnhd", p / np.where(den == 0, 1, den), v)
+    assert np.isfinite(out).all() and rel_err(out, ref) < 1e-9
+    assert (np.all(out[:, 0] == 0) and np.all(lse[..., 0] == -np.inf)) == (mask == STRICT)
+
+
+def test_exponential_base_forced_measured_and_refused(monkeypatch):
+    monkeypatch.setenv(kernel.EXP_ENV, "e")
+    assert kernel.exp_base().name == "e" and kernel.exp_base(np, "2").name == "2"  # a parameter beats the variable
+    monkeypatch.setenv(kernel.EXP_ENV, "auto")
+    measured = kernel.exp_base()
+    assert measured.name in BASES and kernel.exp_base() is measured  # measured once per process
+    name, per_elem = kernel.measure_exp(np, size=1024, repeat=2)
+    assert set(per_elem) == set(BASES) and min(per_elem.values()) > 0 and per_elem[name] == min(per_elem.values())
+    monkeypatch.setenv(kernel.EXP_ENV, "10")
+    with pytest.raises(ValueError, match="RINGBENCH_EXP: expected one of auto, 2, e; got '10'"):
+        kernel.exp_base()
+
+
+def test_thresholds_are_the_same_powers_of_two_in_every_base():
+    for base in kernel.EXP_BASES.values():
+        assert base.exp(np)(np.float64(base.rebase)) == pytest.approx(2.0**kernel.REBASE_BITS)
+        masked = base.exp(np)(np.float32(base.masked))  # in float32: a normal number, never a subnormal
+        assert masked >= np.finfo(np.float32).tiny and masked == pytest.approx(2.0**kernel.MASKED_BITS, rel=1e-5)
+        assert base.exp(np)(np.float64(1.0) * base.scale) == pytest.approx(np.e) and base.ln_b == pytest.approx(np.log(base.exp(np)(1.0)))

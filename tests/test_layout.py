@@ -90,3 +90,15 @@ def test_unmasked_pairs_closed_form_matches_the_step_plans(name, causal):
 def test_unmasked_pairs_refuses_a_length_the_layout_cannot_split():
     with pytest.raises(ValueError, match="not a multiple of 6"):
         unmasked_pairs("zigzag", 3, 9, True)
+
+
+def test_one_rule_for_hidden_keys():
+    """first_hidden is the rule; hidden and mask_for (and the kernel) are built on it."""
+    assert layout.first_hidden(layout.CAUSAL, 3) == 4 and layout.first_hidden(layout.STRICT, 3) == 3
+    rows, cols = np.arange(4)[:, None], np.arange(4)[None, :]
+    np.testing.assert_array_equal(layout.hidden(layout.CAUSAL, rows, cols), np.triu(np.ones((4, 4), bool), 1))
+    np.testing.assert_array_equal(layout.hidden(layout.STRICT, rows, cols), np.triu(np.ones((4, 4), bool), 0))
+    assert layout.hidden(layout.FULL, rows, cols) is None and layout.mask_for(Piece(0, 4, 0, 4), 0, 4, 0, 4) is None
+    np.testing.assert_array_equal(layout.mask_for(Piece(0, 8, 0, 8, layout.CAUSAL), 2, 5, 1, 6), np.arange(1, 6) > np.arange(2, 5)[:, None])
+    with pytest.raises(ValueError, match="hides no key"):
+        layout.first_hidden(layout.FULL, 0)
