@@ -222,8 +222,10 @@ def stored_point_id(config: dict, nranks: int, stored: str) -> str:
 
     Stored runs are matched to points by this, never by the id string they carry, so a run stored under an
     older (8 hex digit) id still counts for its point. ``stored`` (that string) is returned only when the
-    configuration cannot be read back (a key this version does not know).
+    configuration cannot be read back (missing, or a key this version does not know).
     """
+    if not config:
+        return stored
     try:
         return point_id(RunConfig.from_dict(config), int(nranks))
     except (ConfigError, TypeError, ValueError):

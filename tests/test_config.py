@@ -74,7 +74,8 @@ def test_stored_runs_are_matched_by_their_configuration():
     assert stored_point_id(stored, 4, legacy_point_id(a, 4)) == point_id(a, 4)
     assert stored_point_id({**stored, "repeat": 9, "check": True}, 4, "x") == point_id(a, 4)
     assert stored_point_id(stored, 2, "x") == point_id(a, 2)
-    assert stored_point_id({**stored, "future_key": 1}, 4, "as-stored") == "as-stored"  # unreadable: the stored string
+    assert stored_point_id({**stored, "future_key": 1}, 4, "as-stored") == "as-stored"
+    assert stored_point_id({}, 4, "as-stored") == "as-stored"  # unreadable: the stored string
 
 
 @pytest.mark.parametrize(
