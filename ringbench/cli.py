@@ -23,7 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ringbench import env_int
-from ringbench.config import CHOICES, ConfigError, RunConfig, UserError, option_name
+from ringbench.config import CHOICES, ConfigError, RunConfig, UserError, memory_limit, option_name
 
 PROG = "ringbench"
 
@@ -71,6 +71,8 @@ _HELP = {
     "seed": "input seed",
     "check": "compare with a float64 reference",
     "save_tensors": "store global q, k, v, out in the result (small problems)",
+    "memory_limit": "memory one rank may use (host; device on cupy): auto (what is free on the node or GPU, shared by its ranks), "
+    "a size (20GiB, 512MiB, bytes), or none (no check); a problem whose estimate exceeds it is refused",
 }
 
 
@@ -83,6 +85,8 @@ def run_parser() -> argparse.ArgumentParser:
             p.add_argument(opt, action=argparse.BooleanOptionalAction, default=default, help=_HELP[f.name])
         elif f.name in CHOICES:
             p.add_argument(opt, choices=CHOICES[f.name], default=default, help=_HELP[f.name])
+        elif f.name == "memory_limit":
+            p.add_argument(opt, default=default, metavar="auto|SIZE|none", help=_HELP[f.name])
         else:
             p.add_argument(opt, type=int, default=default, metavar="N", help=_HELP[f.name])
     p.add_argument("--out", metavar="FILE.h5", help="append the run to this HDF5 result file")
@@ -92,6 +96,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     cfg = RunConfig(**{f.name: getattr(ns, f.name) for f in fields(RunConfig)})
+    cfg.memory_limit = memory_limit(cfg.memory_limit, option_name("memory_limit"))
     return cfg
 
 

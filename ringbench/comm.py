@@ -130,6 +130,26 @@ def gather(obj, comm=WORLD, root: int = 0):
     return comm.gather(obj, root=root)
 
 
+def bcast(obj, comm=WORLD, root: int = 0):
+    return comm.bcast(obj, root=root)
+
+
+_NODE = {}
+
+
+def node_comm(comm=WORLD):
+    """The ranks of ``comm`` that share this rank's node (memory), as a communicator; collective the first time."""
+    key = comm.py2f()
+    if key not in _NODE:
+        _NODE[key] = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    return _NODE[key]
+
+
+def node_allgather(obj, comm=WORLD) -> list:
+    """Collective over ``comm``: ``obj`` of every rank on this rank's node, in rank order."""
+    return node_comm(comm).allgather(obj)
+
+
 def first_error(msg: str | None, comm=WORLD) -> str | None:
     """Collective: the first (lowest rank) non-None error message, on every rank."""
     for m in comm.allgather(msg):

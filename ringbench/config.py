@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, fields
 
 from ringbench.layout import LAYOUTS, divisor
@@ -57,9 +58,10 @@ class RunConfig:
     seed: int = 0
     check: bool = False
     save_tensors: bool = False
+    memory_limit: int | str = "auto"  # bytes a rank may use: 'auto' (what the node/GPU has free), 'none' (no check)
 
     # fields that do not change what is measured: left out of the point id
-    NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat")
+    NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat", "memory_limit")
 
     @property
     def kv_heads_resolved(self) -> int:
@@ -87,7 +89,24 @@ class RunConfig:
         return cfg
 
 
-_INT_FIELDS = {"batch": 1, "seq_len": 1, "heads": 1, "head_dim": 1, "warmup": 0, "repeat": 1, "seed": 0, "tile_q": 0}
+# (least, largest) value of each integer field. The upper bounds refuse nonsense before any work (a
+# seq_len of 2^63 used to "run" and print 1e34 TFLOP/s); whether a problem within them fits is the memory
+# estimate's job. seed: inputs hash (3 * seed + tensor) in 32 bits, so a larger seed would repeat another's.
+_INT_FIELDS = {
+    "batch": (1, 2**16),
+    "seq_len": (1, 2**32),
+    "heads": (1, 2**12),
+    "kv_heads": (1, 2**12),
+    "head_dim": (1, 2**16),
+    "warmup": (0, 10**4),
+    "repeat": (1, 10**5),
+    "seed": (0, 2**30 - 1),
+    "tile_q": (0, 2**24),
+}
+MEMORY_LIMIT_WORDS = ("auto", "none")
+MEMORY_LIMIT_MAX = 2**60
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]i?)?b?", re.IGNORECASE)
 CHOICES = {
     "dtype": DTYPES,
     "layout": LAYOUTS,
@@ -108,15 +127,19 @@ def did_you_mean(word: str, choices) -> str:
 def coerce(key: str, value, where: str = ""):
     """Check the type and range of one field's value; return it normalised."""
     path = f"{where}{key}"
-    if key in _INT_FIELDS or key == "kv_heads":
+    if key in _INT_FIELDS:
         if key == "kv_heads" and value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected an integer, got {value!r}")
-        lo = _INT_FIELDS.get(key, 1)
+        lo, hi = _INT_FIELDS[key]
         if value < lo:
             raise ConfigError(path, f"expected an integer >= {lo}, got {value}")
+        if value > hi:
+            raise ConfigError(path, f"expected an integer <= {hi}{_power_of_two(hi)}, got {value}")
         return value
+    if key == "memory_limit":
+        return memory_limit(value, path)
     if key in CHOICES:
         if value not in CHOICES[key]:
             raise ConfigError(path, f"expected one of {', '.join(CHOICES[key])}; got {value!r}{did_you_mean(value, CHOICES[key])}")
@@ -126,6 +149,28 @@ def coerce(key: str, value, where: str = ""):
             raise ConfigError(path, f"expected true or false, got {value!r}")
         return value
     raise ConfigError(path, f"unknown key{did_you_mean(key, RunConfig.field_names())}")
+
+
+def _power_of_two(n: int) -> str:
+    for k in (n, n + 1):
+        if k > 1024 and k & (k - 1) == 0:
+            return f" (2^{k.bit_length() - 1}{' - 1' if k != n else ''})"
+    return ""
+
+
+def memory_limit(value, path: str = "memory_limit") -> int | str:
+    """'auto', 'none', or a byte count from an integer or a size such as '20GiB', '512MiB', '1.5GB', '4096'."""
+    if isinstance(value, str) and value.strip().lower() in MEMORY_LIMIT_WORDS:
+        return value.strip().lower()
+    n = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+        size = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+        n = int(size) if size <= MEMORY_LIMIT_MAX else MEMORY_LIMIT_MAX + 1
+    if n is None or not 1 <= n <= MEMORY_LIMIT_MAX:
+        raise ConfigError(path, f"expected auto, none, or a size from 1 byte to 2^60 such as 20GiB, 512MiB or 4000000000; got {value!r}")
+    return n
 
 
 def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
@@ -157,11 +202,39 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
 SAVE_TENSORS_LIMIT = 256 * 2**20
 
 
+ID_HEX = 16  # hex digits of SHA-1 in a point id: 64 bits, so distinct configurations never share one in practice
+LEGACY_ID_HEX = 8  # what ids had before (32 bits: they collide); files with them are still read
+
+
 def point_id(cfg: RunConfig, nranks: int) -> str:
     """Stable id of a sweep point: readable prefix + hash of every parameter that affects the measurement."""
+    return _point_id(cfg, nranks, ID_HEX)
+
+
+def legacy_point_id(cfg: RunConfig, nranks: int) -> str:
+    """The id an older ringbench gave this point (8 hex digits): where its part file of an earlier sweep is."""
+    return _point_id(cfg, nranks, LEGACY_ID_HEX)
+
+
+def stored_point_id(config: dict, nranks: int, stored: str) -> str:
+    """The id of the point a stored run measured, recomputed from its stored configuration and rank count.
+
+    Stored runs are matched to points by this, never by the id string they carry, so a run stored under an
+    older (8 hex digit) id still counts for its point. ``stored`` (that string) is returned only when the
+    configuration cannot be read back (missing, or a key this version does not know).
+    """
+    if not config:
+        return stored
+    try:
+        return point_id(RunConfig.from_dict(config), int(nranks))
+    except (ConfigError, TypeError, ValueError):
+        return stored
+
+
+def _point_id(cfg: RunConfig, nranks: int, digits: int) -> str:
     ident = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY}
     ident["nranks"] = nranks
-    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:digits]
     causal = "-causal" if cfg.causal else ""
     return f"{cfg.mode}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
 

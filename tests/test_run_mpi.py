@@ -151,3 +151,62 @@ def test_console_script_gives_each_rank_one_blas_thread_and_keeps_a_user_setting
         for pools in threads["ranks"]:  # what threadpoolctl saw on each rank after the limit
             assert any(p["user_api"] == "blas" for p in pools)
             assert all(p["num_threads"] == want[0] for p in pools)
+
+
+@pytest.mark.parametrize("extra", [["--heads", 1], ["--heads", 2, "--kv-heads", 2, "--seq-len", 2]])
+def test_one_query_head_per_group_is_checked_and_saved_unscaled(extra, tmp_path):
+    """With G = 1 (or one token per rank) the query layout change is a view of q: the ring must not scale it in place."""
+    from ringbench import inputs
+
+    out = tmp_path / "r.h5"
+    res = mpiexec(2, "run", "--seq-len", 64, "--head-dim", 64, "--repeat", 1, "--check", "--save-tensors", "--out", out, *extra)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run,) = store.read(out, tensors=True)
+    assert run.check["passed"], run.check
+    cfg = run.config
+    q = inputs.tokens("q", 0, np.arange(cfg["seq_len"]), batch=1, seq_len=cfg["seq_len"], heads=cfg["heads"], head_dim=64)
+    np.testing.assert_array_equal(run.tensors["q"], q.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--batch", 64, "--seq-len", 256, "--heads", 8, "--head-dim", 128],  # the ring's own arrays dominate
+        ["--seq-len", 4096, "--heads", 4, "--head-dim", 64, "--causal", "--check"],  # --check's reference dominates
+        [
+            "--seq-len",
+            1024,
+            "--heads",
+            4,
+            "--kv-heads",
+            1,
+            "--head-dim",
+            64,
+            "--dtype",
+            "bfloat16",
+            "--mode",
+            "allgather",
+            "--save-tensors",
+        ],
+    ],
+)
+def test_memory_estimate_covers_the_measured_peak(args, tmp_path):
+    """The estimate that refuses problems is not below what a real run uses (peak RSS above the baseline)."""
+    from ringbench.backend import get_backend
+    from ringbench.config import RunConfig
+    from ringbench.mkl import MklMatmul
+    from ringbench.runner import memory_estimate
+
+    out = tmp_path / "r.h5"
+    res = mpiexec(2, "run", *args, "--repeat", 1, "--warmup", 0, "--quiet", "--out", out)
+    assert res.returncode == 0, res.stderr
+    (run,) = store.read(out)
+    cfg = RunConfig.from_dict(run.config)
+    backend = get_backend("numpy")
+    mkl = isinstance(backend.matmul(cfg.blas)[0], MklMatmul)
+    used = run.memory["peak_rss_bytes"] - run.memory["baseline_rss_bytes"]
+    for rank in range(2):
+        est, device = memory_estimate(cfg, 2, rank, backend, mkl)
+        assert device == 0
+        assert est >= 0.85 * used[rank], (rank, est, used)
+        assert est <= 2 * used[rank] + 64 * 2**20, (rank, est, used)  # and not so loose that it refuses what fits
