@@ -188,17 +188,21 @@ class Ring:
         return kernel.heads_to_out(o, self.batch)
 
 
-FAULT_FORM = "rank:step"
+FAULT_FORM = "rank:step[@P]"
 
 
 def parse_fault(spec: str, nranks: int) -> tuple[int, int] | None:
-    """The (rank, step) of RINGBENCH_FAULT=rank:step (None if unset or empty); ValueError naming the variable
-    and the allowed form for anything else, or for a rank or step outside 0..P-1."""
+    """The (rank, step) of RINGBENCH_FAULT=rank:step[@P] (None if unset or empty, or when ``@P`` names another
+    rank count: a sweep over several rank counts can fail the points of one of them); ValueError naming the
+    variable and the allowed form for anything else, or for a rank or step outside 0..P-1."""
     spec = spec.strip()
     if not spec:
         return None
-    r, sep, s = spec.partition(":")
-    if sep and r.strip().isdecimal() and s.strip().isdecimal():
+    body, at, only = spec.partition("@")
+    if at and only.strip().isdecimal() and int(only) != nranks:
+        return None
+    r, sep, s = body.partition(":")
+    if sep and r.strip().isdecimal() and s.strip().isdecimal() and (not at or only.strip().isdecimal()):
         rank, step = int(r), int(s)
         if rank < nranks and step < nranks:
             return rank, step

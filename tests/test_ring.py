@@ -92,15 +92,15 @@ def test_head_layouts_are_read_only_views_when_they_alias(shape):
 
 @pytest.mark.parametrize(
     "spec,expect",
-    [("", None), ("1:2", (1, 2)), ("0:0", (0, 0)), (" 2:1 ", (2, 1))],
+    [("", None), ("1:2", (1, 2)), ("0:0", (0, 0)), (" 2:1 ", (2, 1)), ("1:2@3", (1, 2)), ("5:0@2", None)],
 )
 def test_fault_spec(spec, expect):
     assert parse_fault(spec, 3) == expect
 
 
-@pytest.mark.parametrize("spec", ["abc", "1", "1:", ":1", "3:0", "0:3", "-1:0", "1:2:3", "1.5:0", "x:y"])
+@pytest.mark.parametrize("spec", ["abc", "1", "1:", ":1", "3:0", "0:3", "-1:0", "1:2:3", "1.5:0", "x:y", "3:0@3", "1:0@x"])
 def test_bad_fault_spec_names_the_variable_and_the_form(spec):
-    with pytest.raises(ValueError, match=r"^RINGBENCH_FAULT: expected rank:step with rank and step in 0\.\.2 \(3 ranks\)"):
+    with pytest.raises(ValueError, match=r"^RINGBENCH_FAULT: expected rank:step\[@P\] with rank and step in 0\.\.2 \(3 ranks\)"):
         parse_fault(spec, 3)
 
 

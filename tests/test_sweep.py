@@ -67,7 +67,7 @@ def test_sweep_runs_resumes_and_collects(tmp_path):
 
 
 def test_failed_points_are_recorded_and_retried(tmp_path):
-    """The fault hook (RINGBENCH_FAULT=rank:step) makes rank 1 raise: the points at 2 ranks fail, those at 1 do not."""
+    """The fault hook (RINGBENCH_FAULT=rank:step@P) makes rank 1 of the 2-rank points raise: the points at 2 ranks fail, those at 1 do not."""
     exp = write(
         tmp_path,
         f"""
@@ -78,7 +78,7 @@ def test_failed_points_are_recorded_and_retried(tmp_path):
         ranks: [1, 2]
     """,
     )
-    fault = {"RINGBENCH_FAULT": "1:0"}
+    fault = {"RINGBENCH_FAULT": "1:0@2"}  # only the 2-rank points; at 1 rank "1:0" would be refused
     res = sweep(tmp_path, exp, env=fault)
     assert res.returncode == 1
     assert "2 ok, 2 failed" in res.stdout
