@@ -305,20 +305,19 @@ def bench_shape(sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q=0
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
-def table(rows: list[dict]) -> str:
-    head = (
-        f"{'D':>4} {'block':>6} {'mask':>6} | {'GFLOP/s: kernel':>15} {'tiles':>7} {'torch':>7} |"
-        f" {'k/torch':>7} {'k/tiles':>7} | {'err':>8} {'target':>6}"
+TABLE_HEAD = (
+    f"{'D':>4} {'block':>6} {'mask':>6} | {'GFLOP/s: kernel':>15} {'tiles':>7} {'torch':>7} |"
+    f" {'k/torch':>7} {'k/tiles':>7} | {'err':>8} {'target':>6}"
+)
+
+
+def table_row(r: dict) -> str:
+    g, q = r["gflops"], r["ratios"]
+    return (
+        f"{r['head_dim']:>4} {r['block']:>6} {'causal' if r['causal'] else 'full':>6} | "
+        f"{g['kernel']:>15.1f} {g['tiles']:>7.1f} {_fmt(g.get('torch'), '7.1f'):>7} |"
+        f" {_fmt(q['k/torch'], '7.2f'):>7} {q['k/tiles']:>7.2f} | {r['max_rel_err']:>8.1e} {r['target']:>6}"
     )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        g, q = r["gflops"], r["ratios"]
-        lines.append(
-            f"{r['head_dim']:>4} {r['block']:>6} {'causal' if r['causal'] else 'full':>6} | "
-            f"{g['kernel']:>15.1f} {g['tiles']:>7.1f} {_fmt(g.get('torch'), '7.1f'):>7} |"
-            f" {_fmt(q['k/torch'], '7.2f'):>7} {q['k/tiles']:>7.2f} | {r['max_rel_err']:>8.1e} {r['target']:>6}"
-        )
-    return "\n".join(lines)
 
 
 def breakdown_table(parts: dict[int, dict[str, float]], rows: int, keys: int) -> str:
@@ -391,24 +390,14 @@ def main(argv=None) -> int:
     if note:
         print(f"  note: {note}")
     masks = {"no": [False], "yes": [True], "both": [False, True]}[a.causal]
+    print(TABLE_HEAD + "\n" + "-" * len(TABLE_HEAD), flush=True)
     rows = []
     for d in a.head_dim:
         for n in a.block:
             for causal in masks:
-                rows.append(
-                    bench_shape(
-                        Shape(a.batch, a.heads, a.kv_heads, d, n, causal),
-                        torch,
-                        a.repeat,
-                        a.warmup,
-                        a.clock,
-                        a.tile_q,
-                        a.tile_k,
-                        a.head_chunk,
-                        matmul,
-                    )
-                )
-    print(table(rows))
+                sh = Shape(a.batch, a.heads, a.kv_heads, d, n, causal)
+                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul))
+                print(table_row(rows[-1]), flush=True)  # row by row: a full run takes minutes
     if rows and rows[0]["torch_grad_fn"]:
         print(f"torch backward: {rows[0]['torch_grad_fn']}")
     applicable = [r for r in rows if r["target"] != "-"]

@@ -30,8 +30,8 @@ from ringbench import kernel
 from ringbench.backend import Backend
 from ringbench.layout import FULL, Piece
 
-# Elements of one score tile on the host (the backward holds two: P and dS). 512 query rows x 512 keys measured
-# best here with MKL's GEMMs and with OpenBLAS (benchmarks/README.md, backward section).
+# Elements of one score tile on the host (the backward holds two: P and dS, 1 MiB each in float32). 512 query rows
+# x 512 keys was within the noise of the best tile among 128-1024 rows x 256-1024 keys (benchmarks/README.md).
 HOST_TILE_ELEMS_BWD = 1 << 18
 HOST_TILE_K_BWD = 512
 
@@ -71,6 +71,9 @@ class BlockBackward:
     in the compute dtype (float32 for half precision), query-major (Z, n, G, D+1) so that the G query heads of
     a kv head stack into the rows of one matrix, each widened by one column: [q, -LSE log2(e)] and [dO, -D],
     which a ones row under the keys turns into the shifted scores and dP - D in the GEMMs themselves.
+
+    ``out`` is read once, for D, and not kept; LSE lives on in the widened query copy. Beyond its three
+    (Z, n, G, D[+1]) arrays the object holds two score tiles and the transposed K and V of one head chunk.
 
     Tiles: ``head_chunk`` batch-heads, ``tile_q`` query positions (times G heads), at most ``tile_k`` keys;
     the two score-tile buffers (P and dS) are allocated once and reused: memory is O(n) beyond them.
