@@ -67,7 +67,7 @@ def test_sweep_runs_resumes_and_collects(tmp_path):
 
 
 def test_failed_points_are_recorded_and_retried(tmp_path):
-    """The fault hook (RINGBENCH_FAULT=rank:step@P) makes rank 1 of the 2-rank points raise: the points at 2 ranks fail, those at 1 do not."""
+    """The fault hook (RINGBENCH_FAULT=rank:step@P) makes rank 1 raise at 2 ranks: those points fail, the 1-rank ones do not."""
     exp = write(
         tmp_path,
         f"""
