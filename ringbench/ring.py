@@ -24,6 +24,7 @@ import numpy as np
 from ringbench import kernel
 from ringbench.backend import MklMatmul
 from ringbench.layout import step_plan
+from ringbench.torch_kernel import FusedAttention
 
 # Elements of one score tile. Host: 512 query rows x 512 keys of float32 (1 MiB). Measured on a 2 MiB-L2
 # core (benchmarks/README.md): both GEMMs of a tile run near OpenBLAS's peak at this shape, the tile, its K/V
@@ -60,8 +61,11 @@ def auto_head_chunk(heads: int, tile_elems: int) -> int:
     return int(max(1, min(heads, (HOST_TILE_ELEMS // 2) // max(1, tile_elems))))
 
 
-def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None) -> kernel.OnlineSoftmax:
-    """The online-softmax state for scaled queries ``qh`` (Z, G, n, D), tiled as the backend wants it."""
+def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None, kernel_name="native", storage=None):
+    """The online-softmax state for scaled queries ``qh`` (Z, G, n, D), tiled as the backend wants it; with
+    ``kernel_name`` torch or flash-attn, the fused-kernel state instead (it computes in the ``storage`` dtype)."""
+    if kernel_name != "native":
+        return FusedAttention(backend, qh, kernel=kernel_name, dtype=storage or qh.dtype, on_tile=on_tile)
     z, g, n, _ = qh.shape
     head_chunk = z if backend.is_gpu else 1
     budget = HOST_TILE_ELEMS_MKL if isinstance(matmul, MklMatmul) else HOST_TILE_ELEMS
@@ -87,13 +91,17 @@ class Ring:
         qh *= self.compute.type(kernel.softmax_scale(d))
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
-        self.state = make_state(backend, qh, n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul)
+        self.state = make_state(
+            backend, qh, n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul, kernel_name=cfg.kernel, storage=self.storage
+        )
+        self.blas = getattr(self.state, "library", self.blas)  # a fused kernel: the library that computes
         self.tile_q, self.tile_k = self.state.tile_q, self.state.tile_k
         del qh  # the state keeps its own (widened) copy: free this before the K/V buffers
         self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D)
         self.bufs = [xp.empty_like(self.kv_home), xp.empty_like(self.kv_home)]
-        # half precision travels as stored; the compute copy is made once per step
-        self.kv_compute = None if self.storage == self.compute else xp.empty(self.kv_home.shape, self.compute)
+        # half precision travels as stored; the compute copy is made once per step (fused kernels take it as stored)
+        wide = self.storage != self.compute and cfg.kernel == "native"
+        self.kv_compute = xp.empty(self.kv_home.shape, self.compute) if wide else None
         self.gathered = xp.empty((nranks,) + self.kv_home.shape, self.storage) if cfg.mode == "allgather" else None
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
         self.fault = _fault_step(rank)

@@ -23,6 +23,7 @@ from ringbench.backend import BackendError, current_rss_bytes, get_backend, peak
 from ringbench.config import RunConfig, UserError, check, option_name, point_id
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.ring import Ring
+from ringbench.torch_kernel import unavailable
 
 # Largest max|out - ref| / max|ref| accepted by --check, per storage dtype. Half precision is
 # dominated by rounding the output to the storage dtype (2^-11 for float16, 2^-8 for bfloat16).
@@ -40,7 +41,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         backend = get_backend(cfg.backend)
         dtype = backend.dtype(cfg.dtype)
         backend.matmul(cfg.blas)
-        err = None
+        err = unavailable(cfg.kernel, backend, cfg.dtype)  # torch / flash-attn missing, or not for this backend or dtype
     except BackendError as exc:
         err = str(exc)
     err = mpi.first_error(err)
