@@ -163,9 +163,14 @@ SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet"
 
 @needs_torch
 @pytest.mark.mpi
-@pytest.mark.parametrize("nranks", [1, 2, 3])
 @pytest.mark.parametrize(
-    "layout,extra", [("contiguous", []), ("zigzag", ["--kv-heads", 2]), ("striped", ["--dtype", "bfloat16", "--kv-heads", 1])]
+    "nranks,layout,extra",
+    [
+        (1, "contiguous", []),
+        (2, "zigzag", ["--kv-heads", 2]),
+        (3, "striped", ["--dtype", "bfloat16", "--kv-heads", 1]),
+        (3, "zigzag", ["--mode", "blocking", "--dtype", "float64"]),
+    ],
 )
 def test_run_with_torch_kernel_is_checked(nranks, layout, extra, tmp_path):
     from ringbench import store
