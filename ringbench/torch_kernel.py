@@ -191,17 +191,20 @@ def _cpu_call(torch):
     return call
 
 
-def _cuda_call(torch, dtype):
-    """CUDA: flash attention for half precision, memory-efficient attention for float32 (both return the lse)."""
+def _cuda_call(torch, dtype, aten=None):
+    """CUDA: flash attention for half precision, memory-efficient attention for float32 (both return the lse).
+
+    ``aten``: where the two ops are looked up (``torch.ops.aten``; tests pass CPU stand-ins)."""
+    aten = aten or torch.ops.aten
     if dtype == torch.float32:
 
         def op(q, k, v, causal):
-            o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=1.0)[:2]
+            o, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=1.0)[:2]
             return o, lse[..., : q.shape[2]]  # the lse may be padded along the queries
     else:
 
         def op(q, k, v, causal):
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=1.0)[:2]
+            o, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=1.0)[:2]
             return o, lse
 
     def call(q, k, v, causal: bool):
@@ -217,12 +220,15 @@ def _cuda_call(torch, dtype):
     return call
 
 
-def _flash_attn_call():
-    from flash_attn import flash_attn_func
+def _flash_attn_call(flash_attn_func=None):
+    if flash_attn_func is None:
+        from flash_attn import flash_attn_func
 
     def call(q, k, v, causal: bool):
         # flash-attn's layout is (batch, seq, heads, D) with the last dim contiguous: transposed views
-        o, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, 1.0, causal, return_attn_probs=True)
+        o, lse, _ = flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0, softmax_scale=1.0, causal=causal, return_attn_probs=True
+        )
         return o.transpose(1, 2), lse[..., : q.shape[2]]
 
     return call

@@ -208,3 +208,42 @@ def test_torch_kernel_without_torch_is_refused(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("ringbench run: --kernel torch needs PyTorch: pip install 'ringbench[torch]'"), (
         res.stderr
     )
+
+
+@needs_torch
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_and_flash_attn_call_wrappers_on_cpu_stand_ins(causal, dtype):
+    """The CUDA paths' GQA handling (fold / repeat) and layouts, with CPU stand-ins that keep the CUDA ops' rules."""
+    import torch
+
+    from ringbench import torch_kernel
+
+    cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def flash(q, k, v, dropout_p, is_causal, return_debug_mask, *, scale):
+        assert q.shape[1] == k.shape[1], "CUDA flash attention takes equal head counts"
+        return cpu(q, k, v, dropout_p, is_causal, scale=scale) + (None,) * 7
+
+    def efficient(q, k, v, bias, compute_lse, dropout_p, is_causal, *, scale):
+        assert q.shape[1] == k.shape[1] and compute_lse
+        o, lse = cpu(q, k, v, dropout_p, is_causal, scale=scale)
+        pad = torch.full(lse.shape[:2] + (32 - lse.shape[2] % 32,), float("nan"))  # its lse is padded along the queries
+        return o, torch.cat([lse, pad], -1), None, None
+
+    def flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs):  # (batch, seq, heads, D), GQA
+        assert q.stride(-1) == 1 and return_attn_probs
+        o, lse = cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal, scale=softmax_scale)
+        return o.transpose(1, 2), lse, None
+
+    aten = types.SimpleNamespace(_scaled_dot_product_flash_attention=flash, _scaled_dot_product_efficient_attention=efficient)
+    tdt = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(3, 2, 40, 16, generator=g) * 0.25).to(tdt)[:, :, 5:37]  # a piece's rows: a strided view
+    k, v = (torch.randn(3, 1, 32, 16, generator=g).to(tdt) for _ in range(2))
+    o_ref, l_ref = cpu(q, k, v, 0.0, causal, scale=1.0)
+    for call in (torch_kernel._cuda_call(torch, tdt, aten), torch_kernel._flash_attn_call(flash_attn_func)):
+        o, lse = call(q, k, v, causal)
+        assert o.shape == q.shape and lse.shape == q.shape[:3]
+        torch.testing.assert_close(o, o_ref, rtol=0, atol=2e-3 if dtype == "float16" else 1e-6)
+        torch.testing.assert_close(lse, l_ref, rtol=1e-5, atol=1e-5)
