@@ -247,3 +247,25 @@ def test_cuda_and_flash_attn_call_wrappers_on_cpu_stand_ins(causal, dtype):
         assert o.shape == q.shape and lse.shape == q.shape[:3]
         torch.testing.assert_close(o, o_ref, rtol=0, atol=2e-3 if dtype == "float16" else 1e-6)
         torch.testing.assert_close(lse, l_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_experiment_files_sweep_the_kernel(tmp_path):
+    import textwrap
+
+    from ringbench import experiment
+    from ringbench.experiment import ExperimentError
+
+    path = tmp_path / "k.yaml"
+    path.write_text(textwrap.dedent("""
+        name: kernels
+        base: {seq_len: 256, heads: 4}
+        matrix:
+          kernel: [native, torch]
+        ranks: [2]
+    """).lstrip())  # fmt: skip
+    exp = experiment.load(path)
+    assert [p.config.kernel for p in exp.points] == ["native", "torch"]
+    assert len({p.id for p in exp.points}) == 2
+    path.write_text(path.read_text().replace("torch]", "cudnn]"))
+    with pytest.raises(ExperimentError, match=r"matrix\.kernel\[1\]: expected one of native, torch, flash-attn"):
+        experiment.load(path)
