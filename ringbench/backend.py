@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -206,11 +207,29 @@ def get_backend(name: str, rank_on_node: int | None = None) -> Backend:
         count = 0
     if count == 0:
         raise BackendError("--backend cupy needs a CUDA GPU, and this rank sees none; use --backend numpy")
-    dev = (local_rank() if rank_on_node is None else rank_on_node) % count
+    dev, warning = select_device(local_rank() if rank_on_node is None else rank_on_node, count)
+    if warning:
+        print(f"ringbench: warning: {warning}", file=sys.stderr, flush=True)
     cp.cuda.Device(dev).use()
     props = cp.cuda.runtime.getDeviceProperties(dev)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     return Backend("cupy", cp, device_name=gpu, device_id=dev)
+
+
+def select_device(rank_on_node: int, count: int) -> tuple[int, str | None]:
+    """The GPU of the rank with local rank ``rank_on_node`` among ``count`` visible ones: local rank mod count.
+
+    More ranks than GPUs on a node (testing on one GPU, say) share them round-robin instead of failing. The
+    first rank that wraps around (local rank == count) also gets a warning to print, so a node warns once.
+    """
+    dev = rank_on_node % count
+    if rank_on_node != count:
+        return dev, None
+    host = socket.gethostname()
+    return dev, (
+        f"more ranks than GPUs on {host} ({count} visible): ranks share them round-robin (GPU = local rank mod {count}); "
+        "timings are then not those of one GPU per rank"
+    )
 
 
 def numpy_blas() -> str:

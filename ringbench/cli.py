@@ -6,6 +6,7 @@
     ringbench submit FILE        run them as Slurm job arrays
     ringbench status FILE|DIR    done / failed / pending points of an experiment
     ringbench collect FILE|DIR   merge the per-point result files into one
+    ringbench doctor             is this allocation ready for a sweep? libraries, devices, a checked ring (under mpiexec -n P)
     ringbench probe --out F.h5   measure compute rate and ring links for the model (under mpiexec -n P)
     ringbench report FILE...     terminal tables of stored runs, modes side by side, model error; --csv
     ringbench plot FILE... -o D  scaling, overlap, timeline, breakdown, causal-layout and model figures
@@ -66,6 +67,8 @@ _HELP = {
     "cuda_aware": "pass device buffers to MPI directly (auto: ask the MPI library)",
     "tile_q": "query rows per score tile (0: automatic)",
     "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install 'ringbench[mkl]'), auto (MKL if present)",
+    "kernel": "attention per ring step: native (ringbench's NumPy/CuPy kernel), torch (PyTorch's fused attention, "
+    "pip install 'ringbench[torch]'), flash-attn (CUDA only)",
     "warmup": "untimed-in-summary warm-up passes",
     "repeat": "timed passes",
     "seed": "input seed",
@@ -265,6 +268,33 @@ def cmd_collect(argv: list[str]) -> int:
     return _experiment_command("collect", argv, p, body)
 
 
+def cmd_doctor(argv: list[str]) -> int:
+    """Check this allocation before a sweep: devices, MPI, kernel libraries, a checked ring pass each (under mpiexec -n P)."""
+    from ringbench.config import BACKENDS, KERNELS
+
+    p = _Parser(
+        prog=f"{PROG} doctor",
+        description="Per rank: host, local rank, device, CUDA-aware MPI, kernel libraries; then a tiny ring pass checked "
+        "against float64 for every backend and kernel available. Exit 1 when something asked for (or needed by a sweep) is missing.",
+    )
+    p.add_argument("--backend", action="append", choices=BACKENDS, help="require this backend (repeatable; default: try every one)")
+    p.add_argument("--kernel", action="append", choices=KERNELS, help="require this kernel (repeatable; default: try every one)")
+    try:
+        ns = p.parse_args(argv)
+    except UsageError as exc:
+        return fail(f"{PROG} doctor", str(exc))
+    from ringbench import comm as mpi  # initialises MPI
+
+    try:
+        from ringbench import doctor
+
+        return doctor.run(ns.backend, ns.kernel)
+    except BaseException as exc:  # a failure on any rank ends the whole job, never a hang
+        mpi.report_exception_and_abort(exc)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------
 # analysis: probe (under MPI), report and plot (result files only)
 # ---------------------------------------------------------------------------------------------
 def _positive_ints(text: str) -> list[int]:
@@ -522,6 +552,7 @@ COMMANDS = {
     "submit": cmd_submit,
     "status": cmd_status,
     "collect": cmd_collect,
+    "doctor": cmd_doctor,
     "probe": cmd_probe,
     "report": cmd_report,
     "plot": cmd_plot,

@@ -20,6 +20,7 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 PROGRESS = ("none", "test")
 BLAS = ("auto", "numpy", "mkl")
 CUDA_AWARE = ("auto", "yes", "no")
+KERNELS = ("native", "torch", "flash-attn")  # per-step attention: ringbench's NumPy/CuPy kernel, or a fused one
 
 
 class UserError(Exception):
@@ -53,6 +54,7 @@ class RunConfig:
     cuda_aware: str = "auto"
     tile_q: int = 0  # query rows per score tile; 0 = automatic for the backend
     blas: str = "auto"  # score-tile GEMMs: 'numpy' (xp.matmul), 'mkl' (Intel MKL), 'auto'
+    kernel: str = "native"  # attention per ring step: 'native' (ringbench.kernel), 'torch', 'flash-attn'
     warmup: int = 1
     repeat: int = 5
     seed: int = 0
@@ -62,6 +64,9 @@ class RunConfig:
 
     # fields that do not change what is measured: left out of the point id
     NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat", "memory_limit")
+    # fields added after the first ids were stored: in the point id only when not at their default, so the ids
+    # of points stored before they existed (and the 8-hex legacy ids recomputed for old files) do not change
+    ADDED_IDENTITY = {"kernel": "native"}
 
     @property
     def kv_heads_resolved(self) -> int:
@@ -115,6 +120,7 @@ CHOICES = {
     "progress": PROGRESS,
     "cuda_aware": CUDA_AWARE,
     "blas": BLAS,
+    "kernel": KERNELS,
 }
 _BOOL_FIELDS = ("causal", "check", "save_tensors")
 
@@ -207,7 +213,11 @@ LEGACY_ID_HEX = 8  # what ids had before (32 bits: they collide); files with the
 
 
 def point_id(cfg: RunConfig, nranks: int) -> str:
-    """Stable id of a sweep point: readable prefix + hash of every parameter that affects the measurement."""
+    """Stable id of a sweep point: readable prefix + hash of every parameter that affects the measurement.
+
+    A field added to RunConfig later enters the hash only when it differs from its default (listed in
+    RunConfig.ADDED_IDENTITY), so the ids of points stored before it existed do not change.
+    """
     return _point_id(cfg, nranks, ID_HEX)
 
 
@@ -232,7 +242,8 @@ def stored_point_id(config: dict, nranks: int, stored: str) -> str:
 
 
 def _point_id(cfg: RunConfig, nranks: int, digits: int) -> str:
-    ident = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY}
+    added = RunConfig.ADDED_IDENTITY
+    ident = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY and added.get(k, ...) != v}
     ident["nranks"] = nranks
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:digits]
     causal = "-causal" if cfg.causal else ""

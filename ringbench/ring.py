@@ -23,6 +23,7 @@ import numpy as np
 from ringbench import kernel
 from ringbench.layout import step_plan
 from ringbench.mkl import MklMatmul
+from ringbench.torch_kernel import FusedAttention
 
 # Elements of one score tile. Host: 512 query rows x 512 keys of float32 (1 MiB). Measured on a 2 MiB-L2
 # core (benchmarks/README.md): both GEMMs of a tile run near OpenBLAS's peak at this shape, the tile, its K/V
@@ -70,9 +71,12 @@ def tiling(backend, z: int, g: int, n: int, n_keys: int, tile_q: int = 0, mkl: b
     return head_chunk, tile_q, tile_k
 
 
-def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None, scale=None) -> kernel.OnlineSoftmax:
+def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None, scale=None, kernel_name="native", storage=None):
     """The online-softmax state for queries ``qh`` (Z, G, n, D) (read only; scaled by ``scale`` in the state's
-    own copy, None if already scaled), tiled as the backend wants it."""
+    own copy, None if already scaled), tiled as the backend wants it; with ``kernel_name`` torch or flash-attn,
+    the fused-kernel state instead (it computes in the ``storage`` dtype and applies ``scale`` itself)."""
+    if kernel_name != "native":
+        return FusedAttention(backend, qh, kernel=kernel_name, dtype=storage or qh.dtype, on_tile=on_tile, scale=scale)
     z, g, n, _ = qh.shape
     head_chunk, tile_q, tile_k = tiling(backend, z, g, n, n_keys, tile_q, isinstance(matmul, MklMatmul))
     return kernel.OnlineSoftmax(
@@ -96,13 +100,25 @@ class Ring:
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
         scale = kernel.softmax_scale(d)
-        self.state = make_state(backend, qh, n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul, scale=scale)
+        self.state = make_state(
+            backend,
+            qh,
+            n,
+            tile_q=cfg.tile_q,
+            on_tile=on_tile,
+            matmul=self.matmul,
+            scale=scale,
+            kernel_name=cfg.kernel,
+            storage=self.storage,
+        )
+        self.blas = getattr(self.state, "library", self.blas)  # a fused kernel: the library that computes
         self.tile_q, self.tile_k = self.state.tile_q, self.state.tile_k
         del qh  # the state keeps its own (scaled, widened) copy: free this before the K/V buffers
         self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D)
         self.bufs = [xp.empty_like(self.kv_home), xp.empty_like(self.kv_home)]
-        # half precision travels as stored; the compute copy is made once per step
-        self.kv_compute = None if self.storage == self.compute else xp.empty(self.kv_home.shape, self.compute)
+        # half precision travels as stored; the compute copy is made once per step (fused kernels take it as stored)
+        wide = self.storage != self.compute and cfg.kernel == "native"
+        self.kv_compute = xp.empty(self.kv_home.shape, self.compute) if wide else None
         self.gathered = xp.empty((nranks,) + self.kv_home.shape, self.storage) if cfg.mode == "allgather" else None
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
         self.fault = fault_step

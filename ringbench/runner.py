@@ -28,6 +28,7 @@ from ringbench.layout import positions, unmasked_pairs
 from ringbench.mkl import MklMatmul
 from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
 from ringbench.ring import Ring, parse_fault, tiling
+from ringbench.torch_kernel import unavailable
 
 # Largest max|out - ref| / max|ref| accepted by --check, per storage dtype. Half precision is
 # dominated by rounding the output to the storage dtype (2^-11 for float16, 2^-8 for bfloat16).
@@ -46,7 +47,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         dtype = backend.dtype(cfg.dtype)
         backend.matmul(cfg.blas)
         limit_threads()  # after the GEMM library is loaded: its pool is limited too
-        err = None
+        err = unavailable(cfg.kernel, backend, cfg.dtype)  # torch / flash-attn missing, or not for this backend or dtype
     except BackendError as exc:
         err = str(exc)
     err = mpi.first_error(err)

@@ -124,3 +124,29 @@ def test_limit_threads_limits_the_blas_pools_now():
     with threadpool_limits(limits=2):  # restored on exit
         assert limit_threads(1) == 1
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_more_ranks_than_gpus_share_them_round_robin_with_one_warning(count):
+    from ringbench.backend import select_device
+
+    picks = [select_device(r, count) for r in range(3 * count)]
+    assert [d for d, _ in picks] == [r % count for r in range(3 * count)]
+    warned = [r for r, (_, w) in enumerate(picks) if w]
+    assert warned == [count]  # once per node: the first rank that wraps around
+    assert f"{count} visible" in picks[count][1] and "round-robin" in picks[count][1]
+
+
+def test_cupy_backend_binds_the_shared_gpu_and_warns_once(monkeypatch, capsys):
+    """get_backend('cupy') with 3 ranks on a 2-GPU node (a fake cupy: no GPU needed)."""
+    import sys
+    import types
+
+    used = []
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 2, getDeviceProperties=lambda dev: {"name": b"Fake GPU"})
+    device = lambda dev: types.SimpleNamespace(use=lambda: used.append(dev))  # noqa: E731
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=device)))
+    devs = [get_backend("cupy", rank_on_node=r).device_id for r in range(3)]
+    assert devs == used == [0, 1, 0]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ringbench: warning: more ranks than GPUs") and "(2 visible)" in err[0]

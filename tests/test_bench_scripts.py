@@ -153,5 +153,27 @@ def test_bwd_kernel_bench_without_torch_and_user_error(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "torch not importable" in res.stdout and "n/a" in res.stdout and "float64 reference" in res.stdout
     res = script("bwd_kernel_bench.py", "--heads", 3, "--kv-heads", 2)
+
+
+def test_torch_kernel_bench_prints_ratios_and_saves_every_sample(tmp_path):
+    import pytest
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed (pip install -e '.[torch]')")
+    out = tmp_path / "t.json"
+    res = script("torch_kernel_bench.py", "--head-dim", 16, "--block", 64, "--heads", 4, "--kv-heads", 2, "--repeat", 2, "--warmup", 0,
+                 "--causal", "both", "--out", out)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "ring/op" in res.stdout and "ring/sdpa" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["provenance"]["cpu"] and data["provenance"]["simd"].startswith("torch ") and data["provenance"]["torch_threads"] == 1
+    assert len(data["rows"]) == 2
+    for row in data["rows"]:
+        assert set(row["samples_s"]["cpu"]) == {"ring", "op", "sdpa"} and all(len(v) == 2 for v in row["samples_s"]["cpu"].values())
+        assert row["max_rel_err"] < 1e-5 and row["target"] == "-"  # tiny shapes are outside the target
+
+
+def test_torch_kernel_bench_user_error_is_one_line():
+    res = script("torch_kernel_bench.py", "--heads", 3, "--kv-heads", 2)
     assert res.returncode == 2
     assert "--kv-heads" in res.stderr.strip().splitlines()[-1]

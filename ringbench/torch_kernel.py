@@ -1,0 +1,254 @@
+"""Production attention kernels inside the ring: PyTorch's fused attention and flash-attn (``--kernel``).
+
+The ring, the transfers, the checks and the measurements stay ringbench's; only the per-step attention of a
+K/V block changes. :class:`FusedAttention` has the interface of :class:`ringbench.kernel.OnlineSoftmax`
+(``reset``, ``update(k, v, pieces)``, ``finalize(out_dtype)``, and ``tile_q``/``tile_k``/``head_chunk``):
+for every piece of a step plan it calls one fused kernel that returns the partial output and its
+log-sum-exp, and merges them into the running (output, lse) of the rank's queries exactly, by log-sum-exp.
+
+Kernels (q is (Z, G, n, D) head-major, Z = B * H_kv, G = H / H_kv; k/v (Z, m, D)):
+
+* ``torch`` on the CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` with q as (Z, G, n, D) and
+  k/v as (Z, 1, m, D): the op maps query head h to kv head h // G itself (GQA without copies). float32,
+  float64, float16 and bfloat16.
+* ``torch`` on CUDA: ``aten._scaled_dot_product_flash_attention`` (float16/bfloat16) or
+  ``aten._scaled_dot_product_efficient_attention`` (float32). These need as many kv heads as query heads:
+  with G > 1 an unmasked piece folds the G query heads into the query rows ((Z, 1, G * nq, D), a copy of
+  the piece's queries), a masked one repeats K/V G times (a copy of G x the piece's keys and values).
+* ``flash-attn`` (CUDA only): ``flash_attn.flash_attn_func(..., return_attn_probs=True)`` in its
+  (batch, seq, heads, D) layout, GQA natively (views, no copies). float16/bfloat16.
+
+Masks (``ringbench.layout``): FULL -> ``is_causal=False``; CAUSAL (square, j <= i) -> ``is_causal=True``
+(top-left aligned, which for a square piece is also flash-attn's bottom-right); STRICT (square, j < i:
+striped's shifted triangle) -> queries 1..n-1 against keys 0..n-2 with ``is_causal=True``, and query 0 sees
+no key of the block (it keeps lse -inf from this block). Zigzag pieces are FULL or CAUSAL on sub-ranges.
+
+Arrays cross between NumPy/CuPy and torch without copies: ``torch.from_numpy`` on the host (NumPy's
+bfloat16, from ml_dtypes, through a uint16 view), DLPack (``torch.from_dlpack``/``cupy.from_dlpack``) on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ringbench.layout import FULL, STRICT, Piece
+
+# nominal tile of torch's CPU flash attention (q split 256 rows at blocks >= 768, kv split 512): for the memory model
+CPU_TILE_Q, CPU_TILE_K = 256, 512
+
+
+def unavailable(kernel: str, backend, dtype: str) -> str | None:
+    """Why ``--kernel kernel`` cannot run on ``backend`` with ``--dtype dtype`` (one line), or None if it can."""
+    if kernel == "native":
+        return None
+    gpu = backend.is_gpu
+    if kernel == "flash-attn":
+        if not gpu:
+            return "--kernel flash-attn runs on CUDA GPUs only (--backend cupy); on the CPU use --kernel torch or native"
+        if importlib.util.find_spec("flash_attn") is None:
+            return "--kernel flash-attn needs the flash_attn package: pip install flash-attn (CUDA builds only)"
+    try:
+        import torch
+    except ImportError as exc:
+        return f"--kernel {kernel} needs PyTorch: pip install 'ringbench[torch]' ({exc})"
+    if gpu and not torch.cuda.is_available():
+        return f"--kernel {kernel} with --backend cupy needs a CUDA build of PyTorch; this torch {torch.__version__} sees no CUDA device"
+    allowed = kernel_dtypes(kernel, gpu)
+    if dtype not in allowed:
+        where = "CUDA" if gpu else "the CPU"
+        return f"--kernel {kernel} on {where} does not take --dtype {dtype}; allowed: {', '.join(allowed)}"
+    return None
+
+
+def kernel_dtypes(kernel: str, gpu: bool) -> tuple[str, ...]:
+    """Storage dtypes a fused kernel computes in (half precision runs in half precision, accumulating in float32)."""
+    if kernel == "flash-attn":
+        return ("float16", "bfloat16")
+    if gpu:  # flash (half) and memory-efficient (float32) attention; neither has float64
+        return ("float32", "float16", "bfloat16")
+    return ("float32", "float64", "float16", "bfloat16")
+
+
+def to_torch(a):
+    """A torch tensor sharing ``a``'s memory: ``torch.from_numpy`` for NumPy (bfloat16 through a uint16 view:
+    NumPy's ml_dtypes bfloat16 has no DLPack code), DLPack for CuPy."""
+    import torch
+
+    if isinstance(a, np.ndarray):
+        if str(a.dtype) == "bfloat16":
+            return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+    return torch.from_dlpack(a)
+
+
+def from_torch(xp, t):
+    """``xp``'s array sharing the memory of tensor ``t`` (float16/32/64)."""
+    if xp is np:
+        return t.numpy()
+    return xp.from_dlpack(t)
+
+
+class FusedAttention:
+    """Running (output, log-sum-exp) of one rank's queries, updated by a fused kernel per piece.
+
+    ``q`` (Z, G, n, D) is in the compute dtype and only read (never written to); the kernels apply ``scale``
+    (the softmax scale, 1/sqrt(D); None: q is already scaled, the kernels run with scale 1); ``dtype`` is the
+    dtype the kernel runs in (the storage dtype: half precision stays half). The state keeps (Z, G, n, D) output and (Z, G, n) lse in float32 (float64 for float64 runs) and merges each
+    piece's partial into them: out += (o - out) * sigmoid(l - lse), lse = logaddexp(lse, l), in place (the
+    same exact merge as :func:`ringbench.kernel.merge`; a piece's rows always saw a key, so l is finite).
+    Rows no piece touched since :meth:`reset` are copied, not merged. ``on_tile`` (the ring's MPI progress)
+    is called after every piece: a fused kernel is one call, so progress happens between pieces only.
+    """
+
+    def __init__(self, backend, q, *, kernel: str, dtype, on_tile: Callable[[], None] | None = None, scale: float | None = None):
+        import torch
+
+        self.torch = torch
+        self.xp = backend.xp
+        self.kernel = kernel
+        self.gpu = backend.is_gpu
+        self.on_tile = on_tile
+        z, g, n, d = q.shape
+        self.shape = (z, g, n, d)
+        self.dtype = np.dtype(q.dtype)  # accumulation: float32, or float64
+        self.kdtype = np.dtype(dtype)  # the kernel's inputs
+        if self.gpu and backend.device_id is not None:
+            torch.cuda.set_device(backend.device_id)
+        qt = to_torch(q)
+        self._tdtype = _torch_dtype(torch, self.kdtype)
+        self.q = qt if qt.dtype == self._tdtype else qt.to(self._tdtype)  # (Z, G, n, D): kept (shares q when dtypes agree)
+        self.out = torch.zeros((z, g, n, d), dtype=qt.dtype, device=qt.device)
+        self.lse = torch.full((z, g, n), -np.inf, dtype=qt.dtype, device=qt.device)
+        self._seen = np.zeros(n, bool)  # rows that some piece reached since reset()
+        self.head_chunk = 1 if not self.gpu else z
+        self.tile_q = min(n, CPU_TILE_Q) if not self.gpu else 0  # on a GPU the score tiles stay on chip
+        self.tile_k = CPU_TILE_K if not self.gpu else 0
+        sc = 1.0 if scale is None else float(scale)
+        if not self.gpu:
+            self.call = _cpu_call(torch, sc)
+        else:
+            self.call = _flash_attn_call(scale=sc) if kernel == "flash-attn" else _cuda_call(torch, self._tdtype, scale=sc)
+        self.library = _describe(torch, kernel, self.gpu, self._tdtype)
+
+    def reset(self) -> None:
+        self.out.zero_()
+        self.lse.fill_(-np.inf)
+        self._seen[:] = False
+
+    def update(self, k, v, pieces: Sequence[Piece]) -> None:
+        """Fold the key/value block ``k, v`` (Z, m, D) into the state, for the given pieces."""
+        kt, vt = to_torch(k), to_torch(v)
+        if kt.dtype != self._tdtype:
+            kt, vt = kt.to(self._tdtype), vt.to(self._tdtype)
+        with self.torch.inference_mode():
+            for p in pieces:
+                self._piece(kt, vt, p)
+                if self.on_tile is not None:
+                    self.on_tile()
+
+    def _piece(self, k, v, p: Piece) -> None:
+        q0, q1, k0, k1 = p.q0, p.q1, p.k0, p.k1
+        causal = p.mask != FULL
+        if p.mask == STRICT:  # j < i: query i against keys .. i-1, i.e. causal on (q0+1.., ..k1-1)
+            q0, k1 = q0 + 1, k1 - 1
+        if q1 <= q0 or k1 <= k0:  # nothing visible (the CPU op must never see an empty block)
+            return
+        o, lse = self.call(self.q[:, :, q0:q1], k[:, None, k0:k1], v[:, None, k0:k1], causal)  # (Z, G, nq, D), (Z, G, nq)
+        out, acc = self.out[:, :, q0:q1], self.lse[:, :, q0:q1]
+        seen = self._seen[q0:q1]
+        if not seen.any():
+            out.copy_(o)
+            acc.copy_(lse)
+        else:
+            w = self.torch.sigmoid(lse - acc)  # weight of the new part: e^l / (e^acc + e^l); 1 where acc = -inf
+            out.lerp_(o.to(out.dtype), w[..., None])
+            self.torch.logaddexp(acc, lse.to(acc.dtype), out=acc)
+        seen[:] = True
+
+    def finalize(self, out_dtype=None):
+        """Normalised output (Z, G, n, D) and log-sum-exp (Z, G, n); rows that saw no key give 0 and -inf."""
+        if self.gpu:
+            self.torch.cuda.current_stream().synchronize()
+        out = from_torch(self.xp, self.out.clone())
+        lse = from_torch(self.xp, self.lse.clone())
+        return (out if out_dtype is None else out.astype(out_dtype, copy=False)), lse
+
+
+def _torch_dtype(torch, dt: np.dtype):
+    if str(dt) == "bfloat16":
+        return torch.bfloat16
+    return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[dt]
+
+
+def _cpu_call(torch, scale: float = 1.0):
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def call(q, k, v, causal: bool):
+        o, lse = op(q, k, v, 0.0, causal, attn_mask=None, scale=scale)  # kv heads broadcast: head h reads h // G
+        return o, lse
+
+    return call
+
+
+def _cuda_call(torch, dtype, aten=None, scale: float = 1.0):
+    """CUDA: flash attention for half precision, memory-efficient attention for float32 (both return the lse).
+
+    ``aten``: where the two ops are looked up (``torch.ops.aten``; tests pass CPU stand-ins)."""
+    aten = aten or torch.ops.aten
+    if dtype == torch.float32:
+
+        def op(q, k, v, causal):
+            o, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+            return o, lse[..., : q.shape[2]]  # the lse may be padded along the queries
+    else:
+
+        def op(q, k, v, causal):
+            o, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+            return o, lse
+
+    def call(q, k, v, causal: bool):
+        z, g, nq, d = q.shape
+        if g == 1:
+            return op(q, k, v, causal)
+        if not causal:  # fold the G heads into the rows: one kv head, G * nq queries
+            o, lse = op(q.reshape(z, 1, g * nq, d), k, v, False)
+            return o.reshape(z, g, nq, d), lse.reshape(z, g, nq)
+        m = k.shape[2]
+        return op(q, k.expand(z, g, m, d).contiguous(), v.expand(z, g, m, d).contiguous(), True)
+
+    return call
+
+
+def _flash_attn_call(flash_attn_func=None, scale: float = 1.0):
+    if flash_attn_func is None:
+        from flash_attn import flash_attn_func
+
+    def call(q, k, v, causal: bool):
+        # flash-attn's layout is (batch, seq, heads, D) with the last dim contiguous: transposed views
+        o, lse, _ = flash_attn_func(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=causal,
+            return_attn_probs=True,
+        )
+        return o.transpose(1, 2), lse[..., : q.shape[2]]
+
+    return call
+
+
+def _describe(torch, kernel: str, gpu: bool, dtype) -> str:
+    if kernel == "flash-attn":
+        import flash_attn
+
+        return f"flash_attn {flash_attn.__version__} flash_attn_func (torch {torch.__version__})"
+    if not gpu:
+        name = "_scaled_dot_product_flash_attention_for_cpu"
+    else:
+        name = "_scaled_dot_product_efficient_attention" if dtype == torch.float32 else "_scaled_dot_product_flash_attention"
+    return f"torch {torch.__version__} aten.{name}"

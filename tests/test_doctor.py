@@ -1,0 +1,90 @@
+"""``ringbench doctor``: a healthy CPU setup here, missing GPU items named, problems decided from the gathered records."""
+
+import importlib.util
+
+import pytest
+
+from ringbench.doctor import Combo, report
+
+from conftest import ROOT, mpiexec
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _gpu_present() -> bool:
+    from ringbench.backend import BackendError, get_backend
+
+    try:
+        get_backend("cupy")
+        return True
+    except BackendError:
+        return False
+
+
+@pytest.mark.mpi
+def test_doctor_reports_a_healthy_cpu_setup():
+    res = mpiexec(2, "doctor")
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert out.count("ringbench doctor: 2 rank(s)") == 1  # rank 0 prints, once
+    assert "MPICH" in out and "no problems found" in out
+    rows = [ln.split() for ln in out.splitlines()]
+    assert any(r[:4] == ["numpy", "native", "float32", "ok"] for r in rows)
+    if HAVE_TORCH:
+        assert any(r[:4] == ["numpy", "torch", "float32", "ok"] for r in rows)
+    assert any(r[:2] == ["numpy", "flash-attn"] and "not available" in " ".join(r) for r in rows)
+    if not _gpu_present():
+        assert any(r[:2] == ["cupy", "native"] and "not available" in " ".join(r) for r in rows)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(_gpu_present(), reason="a GPU is present: --backend cupy is available here")
+def test_doctor_asked_for_cupy_without_a_gpu_fails_naming_it():
+    res = mpiexec(2, "doctor", "--backend", "cupy")
+    assert res.returncode != 0
+    problems = [ln for ln in res.stdout.splitlines() if ln.startswith("problem:")]
+    assert len(problems) == 1 and problems[0].startswith("problem: --backend cupy: not available on every rank")
+    assert "CuPy" in problems[0] or "GPU" in problems[0]
+
+
+@pytest.mark.mpi
+def test_doctor_asked_for_torch_without_torch_fails_naming_it(tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('hidden by the test')\n")
+    res = mpiexec(1, "doctor", "--backend", "numpy", "--kernel", "torch", env={"PYTHONPATH": f"{fake}:{ROOT}"})
+    assert res.returncode == 1, res.stdout + res.stderr
+    problems = [ln for ln in res.stdout.splitlines() if ln.startswith("problem:")]
+    assert problems == ["problem: --kernel torch on --backend numpy: not available on every rank: --kernel torch needs PyTorch: "
+                        "pip install 'ringbench[torch]' (hidden by the test)"]  # fmt: skip
+
+
+def test_doctor_usage_error_is_one_line():
+    from conftest import ringbench
+
+    res = ringbench("doctor", "--backend", "jax")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "--backend" in res.stderr
+
+
+RANK = {
+    "host": "h",
+    "local_rank": 0,
+    "device": "cpu",
+    "cuda_aware": False,
+    "libs": dict.fromkeys(("numpy", "mkl", "torch", "flash_attn", "cupy"), "-"),
+}
+
+
+def test_problems_partial_availability_and_failed_checks():
+    combos = [Combo("numpy", "native", "float32"), Combo("numpy", "torch", "float32"), Combo("cupy", "native", "float32")]
+    results = [
+        ("FAILED", 3e-3),
+        ("n/a", [(1, ("kernel", "--kernel torch needs PyTorch"))]),  # rank 1 lacks torch, rank 0 has it
+        ("n/a", [(0, ("backend", "no GPU")), (1, ("backend", "no GPU"))]),  # nowhere, not asked: fine
+    ]
+    lines, problems = report([RANK, RANK], combos, results, None, None, "MPICH")
+    assert problems[0].startswith("--backend numpy --kernel native: checked ring pass FAILED: rel err 3.0e-03")
+    assert problems[1] == "--kernel torch on --backend numpy: not available on rank(s) 1: --kernel torch needs PyTorch"
+    assert len(problems) == 2 and lines[-2:] == [f"problem: {p}" for p in problems]
+    _, asked = report([RANK, RANK], combos[2:], results[2:], ["cupy"], None, "MPICH")
+    assert asked == ["--backend cupy: not available on every rank: no GPU"]

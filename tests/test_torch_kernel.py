@@ -1,0 +1,271 @@
+"""``--kernel torch``: PyTorch's fused CPU attention inside the ring, against the float64 reference.
+
+Unit tests emulate the ring on one process (as test_kernel.py does); MPI tests run ``ringbench run --kernel torch
+--check`` for real. They skip where torch is not installed; CI installs it (the ``torch`` extra).
+"""
+
+import importlib.util
+import types
+
+import numpy as np
+import pytest
+from test_kernel import TOL, make, rel_err
+
+from ringbench import kernel
+from ringbench.backend import get_backend
+from ringbench.config import RunConfig, coerce, point_id
+from ringbench.layout import CAUSAL, FULL, LAYOUTS, STRICT, Piece, positions, step_plan
+
+from conftest import mpiexec
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (pip install -e '.[torch]')")
+BACKEND = get_backend("numpy")
+
+
+def emulate_ring(q, k, v, *, nranks, layout, causal, dtype):
+    """Global output of every emulated rank's ring pass with the torch state, as the Ring drives it."""
+    from ringbench.torch_kernel import FusedAttention
+
+    b, n_total, h, d = q.shape
+    hk = k.shape[2]
+    n = n_total // nranks
+    storage = BACKEND.dtype(dtype)
+    compute = BACKEND.compute_dtype(storage)
+    out = np.zeros(q.shape, np.float64)
+    for r in range(nranks):
+        pos = positions(layout, r, nranks, n_total)
+        qh = kernel.q_to_heads(np, q[:, pos].astype(storage), hk, compute) * compute.type(kernel.softmax_scale(d))
+        st = FusedAttention(BACKEND, qh, kernel="torch", dtype=storage)
+        passes = []
+        for _ in range(2):  # a second pass after reset() gives the same output
+            st.reset()
+            for s in range(nranks):
+                src = (r - s) % nranks
+                kp = positions(layout, src, nranks, n_total)
+                kb = kernel.kv_to_heads(np, k[:, kp].astype(storage))  # half precision as stored, like the Ring
+                vb = kernel.kv_to_heads(np, v[:, kp].astype(storage))
+                st.update(kb, vb, step_plan(layout, r, src, nranks, n, causal))
+            o, lse = st.finalize(storage)
+            assert o.dtype == storage and lse.shape == qh.shape[:3] and np.isfinite(lse).all()
+            passes.append(o)
+        np.testing.assert_array_equal(passes[0], passes[1])
+        out[:, pos] = kernel.heads_to_out(o, b)
+    return out
+
+
+@needs_torch
+@pytest.mark.parametrize("nranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_ring_matches_reference(nranks, layout, causal, heads, kv_heads, dtype):
+    q, k, v = make(48 * nranks, heads, kv_heads, 16)
+    storage = BACKEND.dtype(dtype)
+    q, k, v = (x.astype(storage) for x in (q, k, v))  # the reference sees the same rounded inputs
+    ref = kernel.reference_attention(q, k, v, causal=causal)
+    out = emulate_ring(q, k, v, nranks=nranks, layout=layout, causal=causal, dtype=dtype)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_ring_other_dtypes(dtype, layout):
+    q, k, v = make(96, 4, 2, 16)
+    storage = BACKEND.dtype(dtype)
+    q, k, v = (x.astype(storage) for x in (q, k, v))
+    ref = kernel.reference_attention(q, k, v, causal=True)
+    out = emulate_ring(q, k, v, nranks=3, layout=layout, causal=True, dtype=dtype)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@needs_torch
+@pytest.mark.parametrize("mask", [FULL, CAUSAL, STRICT])
+def test_one_piece_matches_the_native_kernel_lse_included(mask):
+    """Output and lse of one masked piece equal the native kernel's; under STRICT query 0 sees nothing (0, -inf)."""
+    from ringbench.torch_kernel import FusedAttention
+
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((3, 2, 40, 16)).astype(np.float32) * 0.25
+    k, v = rng.standard_normal((2, 3, 40, 16)).astype(np.float32)
+    piece = [Piece(0, 40, 0, 40, mask)]
+    native = kernel.OnlineSoftmax(np, q.copy())
+    fused = FusedAttention(BACKEND, q.copy(), kernel="torch", dtype=np.float32)
+    for st in (native, fused):
+        st.reset()
+        st.update(k, v, piece)
+    (o1, l1), (o2, l2) = native.finalize(), fused.finalize()
+    np.testing.assert_allclose(o2, o1, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6, atol=1e-6)
+    if mask == STRICT:
+        assert np.all(l2[:, :, 0] == -np.inf) and np.all(o2[:, :, 0] == 0)
+
+
+@needs_torch
+def test_arrays_reach_torch_without_copies():
+    import torch
+
+    from ringbench.torch_kernel import from_torch, to_torch
+
+    a = np.ones((2, 8, 4), np.float32)
+    t = to_torch(a[:, 2:6])
+    assert t.data_ptr() == a[:, 2:6].ctypes.data and t.dtype == torch.float32
+    b = a.astype(BACKEND.dtype("bfloat16"))
+    tb = to_torch(b)
+    assert tb.dtype == torch.bfloat16 and tb.data_ptr() == b.ctypes.data and float(tb[0, 0, 0]) == 1.0
+    back = from_torch(np, t)
+    assert back.ctypes.data == t.data_ptr()
+
+
+def test_kernel_is_a_config_field_and_leaves_native_ids_alone():
+    import hashlib
+    import json
+
+    assert coerce("kernel", "torch") == "torch"
+    with pytest.raises(Exception, match="expected one of native, torch, flash-attn"):
+        coerce("kernel", "cudnn")
+    cfg = RunConfig(seq_len=512, causal=True)
+    # the id of a native point is the hash of the fields it had before `kernel` existed
+    old = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY and k != "kernel"}
+    old["nranks"] = 2
+    digest = hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    assert point_id(cfg, 2).endswith(digest[: len(point_id(cfg, 2).rsplit("-", 1)[1])])
+    assert point_id(RunConfig(seq_len=512, causal=True, kernel="torch"), 2) != point_id(cfg, 2)
+
+
+def test_refusals_name_the_kernel_and_the_reason(monkeypatch):
+    from ringbench import torch_kernel
+
+    cpu = types.SimpleNamespace(is_gpu=False)
+    gpu = types.SimpleNamespace(is_gpu=True)
+    assert torch_kernel.unavailable("native", cpu, "float64") is None
+    assert "CUDA GPUs only" in torch_kernel.unavailable("flash-attn", cpu, "float16")
+    if not HAVE_TORCH:
+        assert "pip install 'ringbench[torch]'" in torch_kernel.unavailable("torch", cpu, "float32")
+        return
+    import torch
+
+    assert torch_kernel.unavailable("torch", cpu, "bfloat16") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "sees no CUDA device" in torch_kernel.unavailable("torch", gpu, "float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    why = torch_kernel.unavailable("torch", gpu, "float64")
+    assert why.startswith("--kernel torch on CUDA does not take --dtype float64; allowed: float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# for real, under mpiexec
+# ---------------------------------------------------------------------------------------------
+SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet", "--check"]
+
+
+@needs_torch
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    "nranks,layout,extra",
+    [
+        (1, "contiguous", []),
+        (2, "zigzag", ["--kv-heads", 2]),
+        (3, "striped", ["--dtype", "bfloat16", "--kv-heads", 1]),
+        (3, "zigzag", ["--mode", "blocking", "--dtype", "float64"]),
+    ],
+)
+def test_run_with_torch_kernel_is_checked(nranks, layout, extra, tmp_path):
+    from ringbench import store
+
+    out = tmp_path / "r.h5"
+    res = mpiexec(
+        nranks, "run", *SMALL, "--kernel", "torch", "--causal", "--layout", layout, "--seq-len", 48 * nranks, "--out", out, *extra
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run,) = store.read(out)
+    assert run.check["passed"] and run.config["kernel"] == "torch"
+    assert run.provenance["blas"].startswith("torch ") and "flash_attention_for_cpu" in run.provenance["blas"]
+
+
+@pytest.mark.mpi
+def test_flash_attn_on_numpy_is_refused_on_every_rank(tmp_path):
+    out = tmp_path / "r.h5"
+    res = mpiexec(2, "run", "--seq-len", 64, "--kernel", "flash-attn", "--out", out)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ringbench run: --kernel flash-attn runs on CUDA GPUs only"), res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.mpi
+def test_torch_kernel_without_torch_is_refused(tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('hidden by the test')\n")
+    from conftest import ROOT
+
+    res = mpiexec(2, "run", "--seq-len", 64, "--kernel", "torch", env={"PYTHONPATH": f"{fake}:{ROOT}"})
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ringbench run: --kernel torch needs PyTorch: pip install 'ringbench[torch]'"), (
+        res.stderr
+    )
+
+
+@needs_torch
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_and_flash_attn_call_wrappers_on_cpu_stand_ins(causal, dtype):
+    """The CUDA paths' GQA handling (fold / repeat) and layouts, with CPU stand-ins that keep the CUDA ops' rules."""
+    import torch
+
+    from ringbench import torch_kernel
+
+    cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def flash(q, k, v, dropout_p, is_causal, return_debug_mask, *, scale):
+        assert q.shape[1] == k.shape[1], "CUDA flash attention takes equal head counts"
+        return cpu(q, k, v, dropout_p, is_causal, scale=scale) + (None,) * 7
+
+    def efficient(q, k, v, bias, compute_lse, dropout_p, is_causal, *, scale):
+        assert q.shape[1] == k.shape[1] and compute_lse
+        o, lse = cpu(q, k, v, dropout_p, is_causal, scale=scale)
+        pad = torch.full(lse.shape[:2] + (32 - lse.shape[2] % 32,), float("nan"))  # its lse is padded along the queries
+        return o, torch.cat([lse, pad], -1), None, None
+
+    def flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs):  # (batch, seq, heads, D), GQA
+        assert q.stride(-1) == 1 and return_attn_probs
+        o, lse = cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal, scale=softmax_scale)
+        return o.transpose(1, 2), lse, None
+
+    aten = types.SimpleNamespace(_scaled_dot_product_flash_attention=flash, _scaled_dot_product_efficient_attention=efficient)
+    tdt = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(3, 2, 40, 16, generator=g) * 0.25).to(tdt)[:, :, 5:37]  # a piece's rows: a strided view
+    k, v = (torch.randn(3, 1, 32, 16, generator=g).to(tdt) for _ in range(2))
+    o_ref, l_ref = cpu(q, k, v, 0.0, causal, scale=1.0)
+    for call in (torch_kernel._cuda_call(torch, tdt, aten), torch_kernel._flash_attn_call(flash_attn_func)):
+        o, lse = call(q, k, v, causal)
+        assert o.shape == q.shape and lse.shape == q.shape[:3]
+        torch.testing.assert_close(o, o_ref, rtol=0, atol=2e-3 if dtype == "float16" else 1e-6)
+        torch.testing.assert_close(lse, l_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_experiment_files_sweep_the_kernel(tmp_path):
+    import textwrap
+
+    from ringbench import experiment
+    from ringbench.experiment import ExperimentError
+
+    path = tmp_path / "k.yaml"
+    path.write_text(textwrap.dedent("""
+        name: kernels
+        base: {seq_len: 256, heads: 4}
+        matrix:
+          kernel: [native, torch]
+        ranks: [2]
+    """).lstrip())  # fmt: skip
+    exp = experiment.load(path)
+    assert [p.config.kernel for p in exp.points] == ["native", "torch"]
+    assert len({p.id for p in exp.points}) == 2
+    path.write_text(path.read_text().replace("torch]", "cudnn]"))
+    with pytest.raises(ExperimentError, match=r"matrix\.kernel\[1\]: expected one of native, torch, flash-attn"):
+        experiment.load(path)
