@@ -94,13 +94,14 @@ def from_torch(xp, t):
 class FusedAttention:
     """Running (output, log-sum-exp) of one rank's queries, updated by a fused kernel per piece.
 
-    ``q`` (Z, G, n, D) is in the compute dtype and only read (never written to); the kernels apply ``scale``
-    (the softmax scale, 1/sqrt(D); None: q is already scaled, the kernels run with scale 1); ``dtype`` is the
-    dtype the kernel runs in (the storage dtype: half precision stays half). The state keeps (Z, G, n, D)
-    output and (Z, G, n) lse in float32 (float64 for float64 runs) and merges each piece's partial into them:
-    out += (o - out) * sigmoid(l - lse), lse = logaddexp(lse, l), in place (the same exact merge as :func:`ringbench.kernel.merge`; a piece's rows always saw a key, so l is finite).
-    Rows no piece touched since :meth:`reset` are copied, not merged. ``on_tile`` (the ring's MPI progress)
-    is called after every piece: a fused kernel is one call, so progress happens between pieces only.
+    ``q`` (Z, G, n, D) is in the compute dtype and only read (never written to); the kernels apply ``scale`` (the
+    softmax scale, 1/sqrt(D); None: q is already scaled, the kernels run with scale 1); ``dtype`` is the dtype the
+    kernel runs in (the storage dtype: half precision stays half). The state keeps (Z, G, n, D) output and (Z, G, n)
+    lse in float32 (float64 for float64 runs) and merges each piece's partial into them: out += (o - out) *
+    sigmoid(l - lse), lse = logaddexp(lse, l), in place (the same exact merge as :func:`ringbench.kernel.merge`; a
+    piece's rows always saw a key, so l is finite). Rows no piece touched since :meth:`reset` are copied, not
+    merged. ``on_tile`` (the ring's MPI progress) is called after every piece: a fused kernel is one call, so
+    progress happens between pieces only.
     """
 
     def __init__(self, backend, q, *, kernel: str, dtype, on_tile: Callable[[], None] | None = None, scale: float | None = None):
