@@ -65,6 +65,7 @@ _HELP = {
     "progress": "'test': MPI_Testall between compute tiles to drive transfers; 'none': no MPI call during compute",
     "cuda_aware": "pass device buffers to MPI directly (auto: ask the MPI library)",
     "tile_q": "query rows per score tile (0: automatic)",
+    "ulysses_degree": "--mode hybrid: ranks per all-to-all group U (consecutive ranks; P = U x R, the ring runs over the R groups)",
     "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install 'ringbench[mkl]'), auto (MKL if present)",
     "warmup": "untimed-in-summary warm-up passes",
     "repeat": "timed passes",

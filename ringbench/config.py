@@ -14,7 +14,8 @@ from dataclasses import dataclass, fields
 
 from ringbench.layout import LAYOUTS, divisor
 
-MODES = ("overlap", "blocking", "allgather")
+MODES = ("overlap", "blocking", "allgather", "ulysses", "hybrid", "pass-q")
+STRATEGY_MODES = ("ulysses", "hybrid", "pass-q")  # ringbench.strategies
 BACKENDS = ("numpy", "cupy")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 PROGRESS = ("none", "test")
@@ -52,6 +53,7 @@ class RunConfig:
     progress: str = "test"  # 'test': MPI_Testall between compute tiles; 'none': no MPI call while computing
     cuda_aware: str = "auto"
     tile_q: int = 0  # query rows per score tile; 0 = automatic for the backend
+    ulysses_degree: int = 1  # --mode hybrid: ranks per all-to-all group U (P = U x R)
     blas: str = "auto"  # score-tile GEMMs: 'numpy' (xp.matmul), 'mkl' (Intel MKL), 'auto'
     warmup: int = 1
     repeat: int = 5
@@ -88,7 +90,7 @@ class RunConfig:
         return cfg
 
 
-_INT_FIELDS = {"batch": 1, "seq_len": 1, "heads": 1, "head_dim": 1, "warmup": 0, "repeat": 1, "seed": 0, "tile_q": 0}
+_INT_FIELDS = {"batch": 1, "seq_len": 1, "heads": 1, "head_dim": 1, "warmup": 0, "repeat": 1, "seed": 0, "tile_q": 0, "ulysses_degree": 1}
 CHOICES = {
     "dtype": DTYPES,
     "layout": LAYOUTS,
@@ -146,6 +148,7 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     if cfg.seq_len % div:
         need = "2 x ranks" if cfg.layout == "zigzag" else "the rank count"
         errors.append(("seq_len", f"{cfg.seq_len} is not divisible by {div} ({need}, layout {cfg.layout} at {nranks} ranks)"))
+    errors += strategy_problems(cfg, nranks)
     if cfg.save_tensors:
         nbytes = 8 * cfg.batch * cfg.seq_len * (2 * cfg.heads + 2 * hk) * cfg.head_dim
         if nbytes > SAVE_TENSORS_LIMIT:
@@ -158,13 +161,43 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
 SAVE_TENSORS_LIMIT = 256 * 2**20
 
 
+def heads_rule(heads: int, kv_heads: int, u: int) -> str | None:
+    """Why H query heads and H_kv kv heads cannot be split over an all-to-all group of U ranks (None if they can)."""
+    if heads % u:
+        return f"the all-to-all group size {u} must divide heads={heads}"
+    if kv_heads % u and u % kv_heads:
+        return f"the all-to-all group size {u} must divide kv_heads={kv_heads} or be a multiple of it (kv heads replicated)"
+    return None
+
+
+def strategy_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
+    """What the context-parallel strategies refuse (README: the strategies): the all-to-all needs its group size U
+    (P for ulysses) to divide the query heads, and to divide the kv heads or be a multiple of them."""
+    hk = cfg.kv_heads_resolved
+    if cfg.mode != "hybrid":
+        if cfg.ulysses_degree != 1:
+            return [("ulysses_degree", f"only for --mode hybrid; got {cfg.ulysses_degree} with --mode {cfg.mode}")]
+        if cfg.mode == "ulysses":
+            why = heads_rule(cfg.heads, hk, nranks)
+            return [("mode", f"ulysses at {nranks} ranks: {why}")] if why else []
+        return []
+    u = cfg.ulysses_degree
+    if nranks % u:
+        return [("ulysses_degree", f"must divide the rank count {nranks}; got {u}")]
+    why = heads_rule(cfg.heads, hk, u)
+    return [("ulysses_degree", f"hybrid with U={u}: {why}")] if why else []
+
+
 def point_id(cfg: RunConfig, nranks: int) -> str:
     """Stable id of a sweep point: readable prefix + hash of every parameter that affects the measurement."""
     ident = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY}
+    if cfg.mode != "hybrid":  # the Ulysses degree is part of the id of hybrid points only: other ids stay as they were
+        ident.pop("ulysses_degree", None)
     ident["nranks"] = nranks
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
     causal = "-causal" if cfg.causal else ""
-    return f"{cfg.mode}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
+    mode = f"hybrid{cfg.ulysses_degree}" if cfg.mode == "hybrid" else cfg.mode
+    return f"{mode}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
 
 
 def option_name(key: str) -> str:

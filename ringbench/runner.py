@@ -18,9 +18,9 @@ import numpy as np
 
 import ringbench
 from ringbench import comm as mpi
-from ringbench import inputs, kernel, measure, store
+from ringbench import inputs, kernel, measure, store, strategies
 from ringbench.backend import BackendError, current_rss_bytes, get_backend, peak_rss_bytes
-from ringbench.config import RunConfig, UserError, check, option_name, point_id
+from ringbench.config import STRATEGY_MODES, RunConfig, UserError, check, option_name, point_id
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.ring import Ring
 
@@ -60,8 +60,10 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if not (cfg.check or cfg.save_tensors):
         host = None
 
-    ex = mpi.KVExchange(world, backend, cuda_aware)
-    ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"])
+    if cfg.mode in STRATEGY_MODES:
+        ring = strategies.make(cfg, backend, world, cuda_aware, rank, nranks, dev["q"], dev["k"], dev["v"])
+    else:
+        ring = Ring(cfg, backend, mpi.KVExchange(world, backend, cuda_aware), rank, nranks, dev["q"], dev["k"], dev["v"])
     del dev
 
     warm = [ring.forward() for _ in range(cfg.warmup)]
@@ -79,7 +81,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     local = {
         "samples": _stack(reps, ""),
         "warmup": _stack(warm, "warmup_"),
-        "comm_only": np.array(alone).reshape(len(alone), max(nranks - 1, 0)),
+        "comm_only": np.array(alone).reshape(len(alone), -1) if alone else np.zeros((0, 0)),
         "host": socket.gethostname(),
         "device": backend.device_name,
         "peak_rss": peak_rss_bytes(),
@@ -148,7 +150,7 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     samples["comm_only_s"] = np.stack([p["comm_only"] for p in parts], axis=1)  # (C, P, P-1)
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
     flops = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-    bytes_per_rank = ring.block_bytes() * (nranks - 1)
+    bytes_per_rank = ring.bytes_per_rank() if cfg.mode in STRATEGY_MODES else ring.block_bytes() * (nranks - 1)
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank)
     summary["unmasked_pairs"] = pairs
     itemsize = np.dtype(ring.storage).itemsize
