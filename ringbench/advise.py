@@ -161,4 +161,3 @@ def load_machine(path, text: str | None = None) -> model.Machine:
         links[key] = (vals[0] * 1e-6, vals[1] * 1e9)
     name = str(data.get("name", src.name))
     return model.Machine(ranks_per_node=rpn, intra=links["intra"], inter=links["inter"], source=name)
-

@@ -534,7 +534,15 @@ def cmd_advise(argv: list[str]) -> int:
     if cal is None:
         return fail(prog, "FILE: no probe and no successful ring run to calibrate the model from")
     base = model.Shape(
-        nranks=1, seq_len=1, batch=ns.batch, heads=ns.heads, kv_heads=hk, head_dim=ns.head_dim, dtype=ns.dtype, causal=ns.causal, layout=ns.layout
+        nranks=1,
+        seq_len=1,
+        batch=ns.batch,
+        heads=ns.heads,
+        kv_heads=hk,
+        head_dim=ns.head_dim,
+        dtype=ns.dtype,
+        causal=ns.causal,
+        layout=ns.layout,
     )
     print(advise.format_advice(base, ns.seq_len, ns.ranks, cal, machine))
     return 0

@@ -239,7 +239,9 @@ class PassQ:
         self.ret = mpi.PeerExchange(world, backend, cuda_aware, name="ret")
         on_tile = self._progress if cfg.progress == "test" else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
-        self.state = make_state(backend, xp.zeros(self.q_home.shape, self.compute), n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul)
+        self.state = make_state(
+            backend, xp.zeros(self.q_home.shape, self.compute), n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul
+        )
         z, g = self.q_home.shape[:2]
         self.parts = [xp.empty((z, g, n, d + 1), self.compute) for _ in range(2)]  # [out | lse] of a visiting block
         self.recv_part = xp.empty_like(self.parts[0])

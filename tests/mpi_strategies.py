@@ -70,7 +70,9 @@ def main() -> int:
                     np.testing.assert_allclose(outs[("hybrid", P)], outs[("ulysses", 1)], rtol=0, atol=1e-6)
     for dtype in ("float64", "float16", "bfloat16"):
         for mode, u in (("ulysses", 1), ("pass-q", 1), ("hybrid", 2 if P % 2 == 0 else 1)):
-            cfg = RunConfig(seq_len=16 * P, heads=4, kv_heads=2, head_dim=8, layout="zigzag", causal=True, dtype=dtype, mode=mode, ulysses_degree=u)
+            cfg = RunConfig(
+                seq_len=16 * P, heads=4, kv_heads=2, head_dim=8, layout="zigzag", causal=True, dtype=dtype, mode=mode, ulysses_degree=u
+            )
             if check(cfg, P):
                 continue
             host, ref = tensors(cfg, rank, P, backend)
