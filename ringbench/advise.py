@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ringbench import model
-from ringbench.config import RunConfig, check
-from ringbench.config import did_you_mean
+from ringbench.config import RunConfig, check, did_you_mean
 from ringbench.experiment import Source
 
 SCAN_TOKENS = [2**k for k in range(4, 21)]  # tokens per rank scanned for the winner's changes
