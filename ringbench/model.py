@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ringbench.config import STRATEGY_MODES
+from ringbench.config import STRATEGY_MODES, heads_rule
 from ringbench.kernel import flops
 from ringbench.layout import step_plan
 
@@ -420,6 +420,10 @@ def predict_strategy(shape: Shape, cal: Calibration, machine: Machine | None = N
     """
     P, n, b, d = shape.nranks, shape.n_local, shape.batch, shape.head_dim
     s_item = ITEMSIZE[shape.dtype]
+    u = strategy_degree(shape)
+    if heads_rule(shape.heads, shape.kv_heads, u) or P % u:  # not runnable (e.g. extrapolated to more ranks than heads)
+        nan = np.full(1, math.nan)
+        return Prediction(np.full((P, 1), math.nan), math.nan, nan, nan, math.nan, math.nan)
     if shape.mode == "pass-q":
         rate = cal.rate(full_block_flops(shape), P, shape.causal, shape.layout)
         pairs = np.zeros((P, P + 1))
