@@ -25,6 +25,7 @@ from ringbench.model import Shape, block_bytes
 
 CONFIG_COLUMNS = (
     "mode",
+    "ulysses_degree",
     "layout",
     "causal",
     "dtype",
