@@ -10,6 +10,7 @@
     ringbench probe --out F.h5   measure compute rate and ring links for the model (under mpiexec -n P)
     ringbench report FILE...     terminal tables of stored runs, modes side by side, model error; --csv
     ringbench plot FILE... -o D  scaling, overlap, timeline, breakdown, causal-layout and model figures
+    ringbench advise ...         predicted time of every context-parallel strategy for a workload, and the winner
 
 Every user error is one line on stderr (from rank 0 only under MPI) and exit status 2.
 """
@@ -66,6 +67,7 @@ _HELP = {
     "progress": "'test': MPI_Testall between compute tiles to drive transfers; 'none': no MPI call during compute",
     "cuda_aware": "pass device buffers to MPI directly (auto: ask the MPI library)",
     "tile_q": "query rows per score tile (0: automatic)",
+    "ulysses_degree": "--mode hybrid: ranks per all-to-all group U (consecutive ranks; P = U x R, the ring runs over the R groups)",
     "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install 'ringbench[mkl]'), auto (MKL if present)",
     "kernel": "attention per ring step: native (ringbench's NumPy/CuPy kernel), torch (PyTorch's fused attention, "
     "pip install 'ringbench[torch]'), flash-attn (CUDA only)",
@@ -543,6 +545,72 @@ def cmd_plot(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# advise
+# ---------------------------------------------------------------------------------------------
+def advise_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = _Parser(prog=f"{PROG} advise", description="Predicted time of every context-parallel strategy (forward pass), the winner.")
+    p.add_argument("files", nargs="*", metavar="FILE", help="result files: probes in them, else their ring runs, calibrate the model")
+    p.add_argument("--probe", metavar="FILE", help="take the calibration from the probes in this file")
+    p.add_argument("--machine", metavar="YAML", help="links inside / between nodes and ranks per node (README: advise)")
+    p.add_argument("--seq-len", type=_positive_ints, required=True, metavar="N,N,...", help=_HELP["seq_len"])
+    p.add_argument("--ranks", type=_positive_ints, required=True, metavar="P,P,...", help="rank counts")
+    for opt in ("batch", "heads", "kv_heads", "head_dim"):
+        p.add_argument(option_name(opt), type=int, default=getattr(d, opt), metavar="N", help=_HELP[opt])
+    p.add_argument("--dtype", choices=CHOICES["dtype"], default=d.dtype, help=_HELP["dtype"])
+    p.add_argument("--layout", choices=CHOICES["layout"], default=d.layout, help=_HELP["layout"])
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False, help=_HELP["causal"])
+    p.add_argument("--pass", dest="passes", choices=["fwd"], default="fwd", help="the pass to predict (fwd only for now)")
+    return p
+
+
+def cmd_advise(argv: list[str]) -> int:
+    """Predict every context-parallel strategy's time for a workload; the winner and where it changes."""
+    prog = f"{PROG} advise"
+    try:
+        ns = advise_parser().parse_args(argv)
+    except UsageError as exc:
+        return fail(prog, str(exc))
+    from ringbench import advise, model, results
+    from ringbench.experiment import ExperimentError
+
+    for opt in ("batch", "heads", "head_dim"):
+        if getattr(ns, opt) < 1:
+            return fail(prog, f"{option_name(opt)}: expected an integer >= 1, got {getattr(ns, opt)}")
+    hk = ns.heads if ns.kv_heads is None else ns.kv_heads
+    if hk < 1 or ns.heads % hk:
+        return fail(prog, f"--kv-heads: must divide heads={ns.heads}; got {hk}")
+    if not ns.files and not ns.probe:
+        return fail(prog, "FILE or --probe: a probe or result file is needed to calibrate the model")
+    err = _check_results(ns.files) or (ns.probe and _check_results([ns.probe], "--probe"))
+    if err:
+        return fail(prog, err)
+    machine = None
+    if ns.machine:
+        try:
+            machine = advise.load_machine(ns.machine)
+        except ExperimentError as exc:
+            return fail(prog, str(exc))
+    runs = results.load(ns.files) if ns.files else []
+    cal = _calibration(runs, ns.files, ns.probe)
+    if cal is None:
+        return fail(prog, "FILE: no probe and no successful ring run to calibrate the model from")
+    base = model.Shape(
+        nranks=1,
+        seq_len=1,
+        batch=ns.batch,
+        heads=ns.heads,
+        kv_heads=hk,
+        head_dim=ns.head_dim,
+        dtype=ns.dtype,
+        causal=ns.causal,
+        layout=ns.layout,
+    )
+    print(advise.format_advice(base, ns.seq_len, ns.ranks, cal, machine))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
 COMMANDS = {
@@ -556,6 +624,7 @@ COMMANDS = {
     "probe": cmd_probe,
     "report": cmd_report,
     "plot": cmd_plot,
+    "advise": cmd_advise,
 }
 
 

@@ -204,3 +204,83 @@ def mpi_info() -> dict:
         "mpi_version": "{}.{}".format(*MPI.Get_version()),
         "mpi4py": __import__("mpi4py").__version__,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Context-parallel strategies (ringbench.strategies): sub-communicators, all-to-all, any-peer exchange
+# ---------------------------------------------------------------------------------------------
+def split_groups(comm, group_size: int):
+    """(group, ring) sub-communicators of ``comm``: groups of ``group_size`` consecutive ranks, and the
+    ring of the ranks with the same position in every group (rank r: group r // U, ring r % U)."""
+    rank = comm.rank
+    group = comm.Split(color=rank // group_size, key=rank)
+    ring = comm.Split(color=rank % group_size, key=rank)
+    return group, ring
+
+
+class AllToAll:
+    """MPI_Alltoall of equal blocks: ``send`` (P, ...) block j goes to rank j, ``recv`` (P, ...) block i came from rank i."""
+
+    def __init__(self, comm, backend, cuda_aware: bool):
+        self.comm = comm
+        self.backend = backend
+        self.staged = backend.is_gpu and not cuda_aware
+
+    def __call__(self, send, recv) -> None:
+        self.backend.synchronize()  # the device buffer must be complete before MPI reads it
+        if self.comm.size == 1:
+            recv[...] = send
+            return
+        if self.staged:
+            send_h = self.backend.pinned_empty("a2a_send", send.shape, send.dtype)
+            recv_h = self.backend.pinned_empty("a2a_recv", recv.shape, recv.dtype)
+            send.get(out=send_h)
+            self.comm.Alltoall(_buf(send_h), _buf(recv_h))
+            recv.set(recv_h)
+        else:
+            self.comm.Alltoall(_buf(send), _buf(recv))
+
+
+class PeerExchange:
+    """Nonblocking send to any peer and receive from any peer (pass-Q returns partial outputs to their owners).
+
+    Same protocol as :class:`KVExchange`: ``post`` then ``wait``; posting twice or waiting with nothing
+    posted raises ProtocolError.
+    """
+
+    def __init__(self, comm, backend, cuda_aware: bool, name: str = "peer"):
+        self.comm = comm
+        self.backend = backend
+        self.staged = backend.is_gpu and not cuda_aware
+        self.name = name
+        self._reqs: list = []
+        self._recv_dev = None
+        self._recv_host = None
+
+    @property
+    def posted(self) -> bool:
+        return bool(self._reqs)
+
+    def post(self, send, dest: int, recv, source: int, tag: int = 3) -> None:
+        if self._reqs:
+            raise ProtocolError("post() called twice without wait()")
+        self.backend.synchronize()
+        if self.staged:
+            send_h = self.backend.pinned_empty(self.name + "_send", send.shape, send.dtype)
+            recv_h = self.backend.pinned_empty(self.name + "_recv", recv.shape, recv.dtype)
+            send.get(out=send_h)
+            self._recv_dev, self._recv_host = recv, recv_h
+            send, recv = send_h, recv_h
+        self._reqs = [self.comm.Irecv(_buf(recv), source=source, tag=tag), self.comm.Isend(_buf(send), dest=dest, tag=tag)]
+
+    def test(self) -> bool:
+        return bool(self._reqs) and MPI.Request.Testall(self._reqs)
+
+    def wait(self) -> None:
+        if not self._reqs:
+            raise ProtocolError("wait() called with nothing posted")
+        MPI.Request.Waitall(self._reqs)
+        self._reqs = []
+        if self.staged:
+            self._recv_dev.set(self._recv_host)
+            self._recv_dev = self._recv_host = None

@@ -14,7 +14,8 @@ from dataclasses import dataclass, fields
 
 from ringbench.layout import LAYOUTS, divisor
 
-MODES = ("overlap", "blocking", "allgather")
+MODES = ("overlap", "blocking", "allgather", "ulysses", "hybrid", "pass-q")
+STRATEGY_MODES = ("ulysses", "hybrid", "pass-q")  # ringbench.strategies
 BACKENDS = ("numpy", "cupy")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 PROGRESS = ("none", "test")
@@ -53,6 +54,7 @@ class RunConfig:
     progress: str = "test"  # 'test': MPI_Testall between compute tiles; 'none': no MPI call while computing
     cuda_aware: str = "auto"
     tile_q: int = 0  # query rows per score tile; 0 = automatic for the backend
+    ulysses_degree: int = 1  # --mode hybrid: ranks per all-to-all group U (P = U x R)
     blas: str = "auto"  # score-tile GEMMs: 'numpy' (xp.matmul), 'mkl' (Intel MKL), 'auto'
     kernel: str = "native"  # attention per ring step: 'native' (ringbench.kernel), 'torch', 'flash-attn'
     warmup: int = 1
@@ -66,7 +68,7 @@ class RunConfig:
     NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat", "memory_limit")
     # fields added after the first ids were stored: in the point id only when not at their default, so the ids
     # of points stored before they existed (and the 8-hex legacy ids recomputed for old files) do not change
-    ADDED_IDENTITY = {"kernel": "native"}
+    ADDED_IDENTITY = {"kernel": "native", "ulysses_degree": 1}
 
     @property
     def kv_heads_resolved(self) -> int:
@@ -107,6 +109,7 @@ _INT_FIELDS = {
     "repeat": (1, 10**5),
     "seed": (0, 2**30 - 1),
     "tile_q": (0, 2**24),
+    "ulysses_degree": (1, 2**12),
 }
 MEMORY_LIMIT_WORDS = ("auto", "none")
 MEMORY_LIMIT_MAX = 2**60
@@ -196,6 +199,7 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     if cfg.seq_len % div:
         need = "2 x ranks" if cfg.layout == "zigzag" else "the rank count"
         errors.append(("seq_len", f"{cfg.seq_len} is not divisible by {div} ({need}, layout {cfg.layout} at {nranks} ranks)"))
+    errors += strategy_problems(cfg, nranks)
     if cfg.save_tensors:
         nbytes = 8 * cfg.batch * cfg.seq_len * (2 * cfg.heads + 2 * hk) * cfg.head_dim
         if nbytes > SAVE_TENSORS_LIMIT:
@@ -206,6 +210,35 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
 
 
 SAVE_TENSORS_LIMIT = 256 * 2**20
+
+
+def heads_rule(heads: int, kv_heads: int, u: int) -> str | None:
+    """Why H query heads and H_kv kv heads cannot be split over an all-to-all group of U ranks (None if they can)."""
+    if heads % u:
+        return f"the all-to-all group size {u} must divide heads={heads}"
+    if kv_heads % u and u % kv_heads:
+        return f"the all-to-all group size {u} must divide kv_heads={kv_heads} or be a multiple of it (kv heads replicated)"
+    return None
+
+
+def strategy_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
+    """What the context-parallel strategies refuse (README: the strategies): the all-to-all needs its group size U
+    (P for ulysses) to divide the query heads, and to divide the kv heads or be a multiple of them."""
+    hk = cfg.kv_heads_resolved
+    if cfg.mode in STRATEGY_MODES and cfg.kernel != "native":
+        return [("kernel", f"--mode {cfg.mode} runs the native kernel only; got --kernel {cfg.kernel}")]
+    if cfg.mode != "hybrid":
+        if cfg.ulysses_degree != 1:
+            return [("ulysses_degree", f"only for --mode hybrid; got {cfg.ulysses_degree} with --mode {cfg.mode}")]
+        if cfg.mode == "ulysses":
+            why = heads_rule(cfg.heads, hk, nranks)
+            return [("mode", f"ulysses at {nranks} ranks: {why}")] if why else []
+        return []
+    u = cfg.ulysses_degree
+    if nranks % u:
+        return [("ulysses_degree", f"must divide the rank count {nranks}; got {u}")]
+    why = heads_rule(cfg.heads, hk, u)
+    return [("ulysses_degree", f"hybrid with U={u}: {why}")] if why else []
 
 
 ID_HEX = 16  # hex digits of SHA-1 in a point id: 64 bits, so distinct configurations never share one in practice
@@ -247,7 +280,8 @@ def _point_id(cfg: RunConfig, nranks: int, digits: int) -> str:
     ident["nranks"] = nranks
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:digits]
     causal = "-causal" if cfg.causal else ""
-    return f"{cfg.mode}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
+    mode = f"hybrid{cfg.ulysses_degree}" if cfg.mode == "hybrid" else cfg.mode
+    return f"{mode}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
 
 
 def option_name(key: str) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ringbench.config import STRATEGY_MODES, heads_rule
 from ringbench.kernel import flops
 from ringbench.layout import step_plan
 
@@ -52,6 +53,7 @@ class Shape:
     causal: bool = False
     layout: str = "contiguous"
     mode: str = "overlap"
+    ulysses_degree: int = 1  # hybrid: the all-to-all group size U
 
     @classmethod
     def from_config(cls, config: dict, nranks: int) -> Shape:
@@ -68,6 +70,7 @@ class Shape:
             causal=bool(config["causal"]),
             layout=str(config["layout"]),
             mode=str(config["mode"]),
+            ulysses_degree=int(config.get("ulysses_degree", 1) or 1),
         )
 
     @property
@@ -167,11 +170,13 @@ class Prediction:
         return float(self.exposed_s.sum())
 
 
-def predict(shape: Shape, cal: Calibration) -> Prediction:
-    """Per-step compute, communication, exposed time and the pass time (module docstring)."""
+def predict(shape: Shape, cal: Calibration, machine: Machine | None = None) -> Prediction:
+    """Per-step compute, communication, exposed time and the pass time (module docstring; strategies: predict_strategy)."""
+    if shape.mode in STRATEGY_MODES:
+        return predict_strategy(shape, cal, machine)
     P = shape.nranks
     rate = cal.rate(full_block_flops(shape), P, shape.causal, shape.layout)
-    latency, bandwidth = cal.link(P)
+    latency, bandwidth = ring_link(cal, machine, P, 1)
     compute = step_work(shape) / rate  # (P, P)
     busiest = compute.max(axis=0)  # (P,) per step
     comm = comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
@@ -254,8 +259,8 @@ def calibrate_from_runs(runs) -> Calibration:
     tables: dict = {"full": {}}
     link_pts: dict = {}
     for run in runs:
-        if run.status != "ok" or "compute_s" not in run.samples:
-            continue
+        if run.status != "ok" or "compute_s" not in run.samples or run.config.get("mode") in STRATEGY_MODES:
+            continue  # the strategies' steps are not ring steps: calibrate from the ring modes only
         shape = Shape.from_config(run.config, run.nranks)
         work = step_work(shape).sum(axis=1)  # (P,)
         busy = np.median(np.asarray(run.samples["compute_s"]).sum(axis=2), axis=0)  # (P,)
@@ -319,3 +324,130 @@ def _merge_points(points) -> list:
 def relative_error(predicted: float, measured: float) -> float:
     """(predicted - measured) / measured."""
     return (predicted - measured) / measured if measured > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# Context-parallel strategies (ringbench.strategies): Ulysses, hybrid, pass-Q
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Machine:
+    """A cluster described by hand (``advise --machine``): links inside a node and between nodes, ranks per node.
+    Ranks are numbered node by node (consecutive ranks share a node)."""
+
+    ranks_per_node: int
+    intra: tuple  # (latency_s, bandwidth_Bps)
+    inter: tuple
+    source: str = ""
+
+
+def ring_link(cal: Calibration, machine: Machine | None, nranks: int, stride: int) -> tuple[float, float]:
+    """(latency, bandwidth) of a ring step over ``nranks`` ranks whose neighbours are ``stride`` ranks apart.
+    Without a machine: the calibration's link. With one: intra-node if the whole job fits a node, else the
+    inter-node link (a bulk-synchronous step ends with its slowest transfer)."""
+    if machine is None:
+        return cal.link(nranks)
+    return machine.intra if nranks <= machine.ranks_per_node else machine.inter
+
+
+def alltoall_time(peer_bytes: float, group: int, cal: Calibration, machine: Machine | None, nranks: int) -> float:
+    """All-to-all of ``peer_bytes`` to each of the other U - 1 ranks of a group of U consecutive ranks: pairwise
+    exchange, U - 1 rounds of one message each, (U - 1)(latency + peer_bytes / bandwidth); with a machine the
+    rounds to ranks on the same node use the intra-node link and the rest the inter-node one."""
+    if group <= 1:
+        return 0.0
+    if machine is None:
+        lat, bw = cal.link(nranks)
+        return (group - 1) * comm_time(peer_bytes, lat, bw)
+    local = min(group, machine.ranks_per_node) - 1
+    remote = group - 1 - local
+    return local * comm_time(peer_bytes, *machine.intra) + remote * comm_time(peer_bytes, *machine.inter)
+
+
+def strategy_degree(shape: Shape) -> int:
+    """The all-to-all group size U: P for ulysses, ulysses_degree for hybrid, 1 otherwise."""
+    return shape.nranks if shape.mode == "ulysses" else shape.ulysses_degree if shape.mode == "hybrid" else 1
+
+
+def _heads_after_a2a(shape: Shape, u: int) -> tuple[int, int]:
+    """(query heads, kv heads) a rank holds after the all-to-all over U ranks (kv heads replicated when U > H_kv)."""
+    return shape.heads // u, (shape.kv_heads // u if shape.kv_heads % u == 0 else 1)
+
+
+def group_step_pairs(shape: Shape, u: int) -> np.ndarray:
+    """(R, R) unmasked pairs of group g's queries against the keys of group (g - s) mod R (hybrid's ring steps)."""
+    P, n = shape.nranks, shape.n_local
+    r = P // u
+    pairs = np.zeros((P, P), dtype=np.int64)  # rank i's queries x rank j's keys
+    for i in range(P):
+        for j in range(P):
+            pairs[i, j] = sum(p.pairs() for p in step_plan(shape.layout, i, j, P, n, shape.causal))
+    grouped = pairs.reshape(r, u, r, u).sum(axis=(1, 3))  # (R, R) query group x key group
+    return np.array([[grouped[g, (g - s) % r] for s in range(r)] for g in range(r)])
+
+
+def strategy_bytes(shape: Shape) -> int:
+    """Bytes one rank sends to other ranks in one pass (what the runner records as bytes_per_rank)."""
+    P, n, b, d, s = shape.nranks, shape.n_local, shape.batch, shape.head_dim, ITEMSIZE[shape.dtype]
+    if shape.mode == "pass-q":
+        cs = 8 if shape.dtype == "float64" else 4
+        return (P - 1) * (b * n * shape.heads * d * s + b * n * shape.heads * (d + 1) * cs)
+    if shape.mode in ("ulysses", "hybrid"):
+        u = strategy_degree(shape)
+        hl, hkl = _heads_after_a2a(shape, u)
+        a2a = (u - 1) * (b * n * (hl + 2 * hkl) * d * s + b * n * hl * d * s)
+        return a2a + (P // u - 1) * 2 * b * (u * n) * hkl * d * s
+    if shape.mode == "allgather":
+        return (P - 1) * block_bytes(shape)
+    return (P - 1) * block_bytes(shape)
+
+
+def predict_strategy(shape: Shape, cal: Calibration, machine: Machine | None = None) -> Prediction:
+    """Ulysses / hybrid / pass-Q pass time (README: the model's strategy terms).
+
+    hybrid (ulysses = hybrid with U = P), R = P / U, h = H / U, h_kv its kv heads, n = N / P:
+        step 0     all-to-all in:  alltoall_time(B n (h + 2 h_kv) D itemsize, U)
+        steps 1..R the ring over the R groups (overlap): max(max_g compute(g, s), latency + 2 B U n h_kv D itemsize / bandwidth)
+                   (no transfer at the last step); compute = 4 B h D pairs(g, s) / rate, rate at 4 B h D (U n)^2 FLOPs
+        step R+1   all-to-all out: alltoall_time(B n h D itemsize, U)
+    pass-q: steps s = 0..P-1 compute the visiting queries against the local keys; a step's transfers are the next
+        query block (latency + B n H D itemsize / bandwidth, s < P - 1) and the previous step's partial returning
+        home (latency + B n H (D + 1) compute_itemsize / bandwidth, 2 <= s <= P); step time = max(compute, transfers).
+    Not modelled: the local packing copies around the all-to-all and pass-Q's merges (memory-bound, no probe term).
+    """
+    P, n, b, d = shape.nranks, shape.n_local, shape.batch, shape.head_dim
+    s_item = ITEMSIZE[shape.dtype]
+    u = strategy_degree(shape)
+    if heads_rule(shape.heads, shape.kv_heads, u) or P % u:  # not runnable (e.g. extrapolated to more ranks than heads)
+        nan = np.full(1, math.nan)
+        return Prediction(np.full((P, 1), math.nan), math.nan, nan, nan, math.nan, math.nan)
+    if shape.mode == "pass-q":
+        rate = cal.rate(full_block_flops(shape), P, shape.causal, shape.layout)
+        pairs = np.zeros((P, P + 1))
+        for r in range(P):
+            for s in range(P):
+                pairs[r, s] = sum(p.pairs() for p in step_plan(shape.layout, (r - s) % P, r, P, n, shape.causal))
+        compute = flops(b, shape.heads, d, 1) * pairs / rate  # (P, P + 1)
+        lat, bw = ring_link(cal, machine, P, 1)
+        cs = 8 if shape.dtype == "float64" else 4
+        tq = comm_time(b * n * shape.heads * d * s_item, lat, bw)
+        tr = comm_time(b * n * shape.heads * (d + 1) * cs, lat, bw)
+        comm = np.array([(tq if s < P - 1 else 0.0) + (tr if 2 <= s <= P else 0.0) for s in range(P + 1)])
+        busiest = compute.max(axis=0)
+        step = np.maximum(busiest, comm)
+        return Prediction(compute, tq, step, np.maximum(0.0, comm - busiest), float(step.sum()), float(comm.sum()))
+    u = strategy_degree(shape)
+    r = P // u
+    hl, hkl = _heads_after_a2a(shape, u)
+    rate = cal.rate(flops(b, hl, d, (u * n) ** 2), P, shape.causal, shape.layout)
+    t_in = alltoall_time(b * n * (hl + 2 * hkl) * d * s_item, u, cal, machine, P)
+    t_out = alltoall_time(b * n * hl * d * s_item, u, cal, machine, P)
+    lat, bw = ring_link(cal, machine, P, u)
+    t_ring = comm_time(2 * b * u * n * hkl * d * s_item, lat, bw) if r > 1 else 0.0
+    group_compute = flops(b, hl, d, 1) * group_step_pairs(shape, u) / rate  # (R, R) group x ring step
+    compute = np.zeros((P, r + 2))
+    compute[:, 1 : r + 1] = np.repeat(group_compute, u, axis=0)  # every member of a group computes alike
+    sends = np.array([t_ring if s < r - 1 else 0.0 for s in range(r)])
+    busiest = group_compute.max(axis=0)
+    step = np.concatenate([[t_in], np.maximum(busiest, sends), [t_out]])
+    exposed = np.concatenate([[t_in], np.maximum(0.0, sends - busiest), [t_out]])
+    return Prediction(compute, t_ring, step, exposed, float(step.sum()), float(t_in + t_out + sends.sum()))

@@ -25,6 +25,7 @@ from ringbench.model import Shape, block_bytes
 
 CONFIG_COLUMNS = (
     "mode",
+    "ulysses_degree",
     "layout",
     "causal",
     "dtype",
@@ -99,6 +100,7 @@ def row(run: store.Run) -> dict:
     out = {"file": run.path, "name": run.name, "point_id": pid, "status": run.status, "error": run.error}
     for k in CONFIG_COLUMNS:
         out[k] = run.nranks if k == "nranks" else cfg.get(k)
+    out["ulysses_degree"] = int(cfg.get("ulysses_degree", 1) or 1)  # hybrid's all-to-all group size (1 in v1 files)
     try:
         shape = Shape.from_config(cfg, run.nranks)
         out["tokens_per_rank"], out["block_bytes"] = shape.n_local, block_bytes(shape)
@@ -252,4 +254,5 @@ def shape(r: dict, nranks: int | None = None) -> Shape:
         causal=bool(r["causal"]),
         layout=r["layout"],
         mode=r["mode"],
+        ulysses_degree=int(r.get("ulysses_degree") or 1),
     )

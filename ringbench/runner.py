@@ -13,7 +13,7 @@ import socket
 import numpy as np
 
 from ringbench import comm as mpi
-from ringbench import inputs, kernel, measure, progress, store
+from ringbench import inputs, kernel, measure, progress, store, strategies
 from ringbench.backend import (
     BackendError,
     current_rss_bytes,
@@ -23,7 +23,7 @@ from ringbench.backend import (
     peak_rss_bytes,
     thread_limit,
 )
-from ringbench.config import RunConfig, UserError, check, option_name, point_id
+from ringbench.config import STRATEGY_MODES, RunConfig, UserError, check, option_name, point_id
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.mkl import MklMatmul
 from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
@@ -70,10 +70,13 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if not (cfg.check or cfg.save_tensors):
         host = None
 
-    ex = mpi.KVExchange(world, backend, cuda_aware)
     fault = parse_fault(os.environ.get("RINGBENCH_FAULT", ""), nranks)  # validated above
     fault_step = fault[1] if fault is not None and fault[0] == rank else None
-    ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"], fault_step=fault_step)
+    if cfg.mode in STRATEGY_MODES:
+        ring = strategies.make(cfg, backend, world, cuda_aware, rank, nranks, dev["q"], dev["k"], dev["v"], fault_step)
+    else:
+        ex = mpi.KVExchange(world, backend, cuda_aware)
+        ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"], fault_step=fault_step)
     del dev
 
     shown = progress.for_run(cfg.warmup + cfg.repeat, cfg.warmup, show=rank == 0 and not quiet)
@@ -94,7 +97,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     local = {
         "samples": _stack(reps, ""),
         "warmup": _stack(warm, "warmup_"),
-        "comm_only": np.array(alone).reshape(len(alone), max(nranks - 1, 0)),
+        "comm_only": np.array(alone).reshape(len(alone), -1) if alone else np.zeros((0, 0)),
         "host": socket.gethostname(),
         "device": backend.device_name,
         "peak_rss": peak_rss_bytes(),  # --check included (it ran above)
@@ -284,7 +287,7 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     samples["comm_only_s"] = np.stack([p["comm_only"] for p in parts], axis=1)  # (C, P, P-1)
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
     flops = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-    bytes_per_rank = ring.block_bytes() * (nranks - 1)
+    bytes_per_rank = ring.bytes_per_rank() if cfg.mode in STRATEGY_MODES else ring.block_bytes() * (nranks - 1)
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank)
     summary["unmasked_pairs"] = pairs
     itemsize = np.dtype(ring.storage).itemsize

@@ -168,7 +168,7 @@ def test_resolved_copy_reloads_to_the_same_points(tmp_path):
         matrix:
           mode: [overlap, ring]
      """,
-            "FILE:3: matrix.mode[1]: expected one of overlap, blocking, allgather; got 'ring'",
+            "FILE:3: matrix.mode[1]: expected one of overlap, blocking, allgather, ulysses, hybrid, pass-q; got 'ring'",
         ),
         (
             """

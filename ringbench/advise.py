@@ -1,0 +1,162 @@
+"""`ringbench advise`: the model's predicted time of every context-parallel strategy for a workload. Pure: no MPI.
+
+For each rank count P the candidates are the overlapped ring (``overlap``), the all-gather of K/V
+(``allgather``), ``ulysses``, ``hybrid`` at every Ulysses degree 1 < U < P dividing P, and ``pass-q``; a
+candidate the configuration rules refuse (heads not divisible, sequence not divisible) is listed with the rule.
+The winner is the least predicted time; the margin is the runner-up's time over the winner's. The block sizes
+at which the winner changes come from scanning tokens per rank n over powers of two at the same P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ringbench import model
+from ringbench.config import RunConfig, check, did_you_mean
+from ringbench.experiment import Source
+
+SCAN_TOKENS = [2**k for k in range(4, 21)]  # tokens per rank scanned for the winner's changes
+
+
+@dataclass
+class Candidate:
+    label: str  # "hybrid U=2"
+    shape: model.Shape
+    time_s: float | None  # None: refused
+    refused: str = ""
+    bytes_per_rank: int = 0
+
+
+def label(mode: str, u: int) -> str:
+    return f"hybrid U={u}" if mode == "hybrid" else "ring" if mode == "overlap" else mode
+
+
+def candidates(base: model.Shape, nranks: int, cal: model.Calibration, machine: model.Machine | None = None) -> list[Candidate]:
+    """Every strategy at ``nranks`` ranks with its predicted time (or why it cannot run)."""
+    modes = [("overlap", 1), ("allgather", 1), ("ulysses", 1)]
+    modes += [("hybrid", u) for u in range(2, nranks) if nranks % u == 0]
+    modes.append(("pass-q", 1))
+    out = []
+    for mode, u in modes:
+        shape = base.with_(nranks=nranks, mode=mode, ulysses_degree=u)
+        cfg = RunConfig(
+            batch=shape.batch,
+            seq_len=shape.seq_len,
+            heads=shape.heads,
+            kv_heads=shape.kv_heads,
+            head_dim=shape.head_dim,
+            dtype=shape.dtype,
+            causal=shape.causal,
+            layout=shape.layout,
+            mode=mode,
+            ulysses_degree=u,
+        )
+        problems = check(cfg, nranks)
+        if problems:
+            key, msg = problems[0]
+            out.append(Candidate(label(mode, u), shape, None, f"--{key.replace('_', '-')}: {msg}"))
+            continue
+        pred = model.predict(shape, cal, machine)
+        out.append(Candidate(label(mode, u), shape, pred.time_s, bytes_per_rank=model.strategy_bytes(shape)))
+    return out
+
+
+def winner(cands: list[Candidate]) -> tuple[Candidate | None, float]:
+    """The fastest candidate and the runner-up's time over it (inf if it is the only one)."""
+    ok = sorted((c for c in cands if c.time_s is not None), key=lambda c: c.time_s)
+    if not ok:
+        return None, float("nan")
+    return ok[0], (ok[1].time_s / ok[0].time_s if len(ok) > 1 and ok[0].time_s > 0 else float("inf"))
+
+
+def changes(base: model.Shape, nranks: int, cal: model.Calibration, machine: model.Machine | None = None) -> list[tuple[int, str, str]]:
+    """(tokens per rank n, winner below n, winner from n on) wherever the winner changes over SCAN_TOKENS."""
+    out, prev = [], None
+    for n in SCAN_TOKENS:
+        w, _ = winner(candidates(base.with_(seq_len=n * nranks), nranks, cal, machine))
+        name = w.label if w else None
+        if prev is not None and name != prev:
+            out.append((n, prev, name))
+        prev = name
+    return out
+
+
+def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal: model.Calibration, machine=None) -> str:
+    lines = [
+        f"ringbench advise: B={base.batch} H={base.heads}/{base.kv_heads} D={base.head_dim} {base.dtype}"
+        f"{' causal' if base.causal else ''} layout {base.layout}, forward pass",
+        f"calibration: {cal.source}" + (f"; machine: {machine.source}" if machine else ""),
+    ]
+    for p in ranks:
+        for nseq in seq_lens:
+            cands = candidates(base.with_(seq_len=nseq), p, cal, machine)
+            w, margin = winner(cands)
+            lines.append(f"\nN={nseq} P={p} (n={nseq // p} tokens per rank)")
+            width = max(len(c.label) for c in cands)
+            for c in cands:
+                if c.time_s is None:
+                    lines.append(f"  {c.label:{width}s}  refused: {c.refused}")
+                else:
+                    mark = "  <- winner" if c is w else f"  x{c.time_s / w.time_s:.2f}"
+                    lines.append(f"  {c.label:{width}s}  {c.time_s * 1e3:10.3f} ms  {c.bytes_per_rank / 2**20:9.2f} MiB/rank{mark}")
+            if w is not None:
+                by = "the only candidate" if margin == float("inf") else f"{(margin - 1) * 100:.0f}% ahead of the next"
+                lines.append(f"  winner: {w.label}, {by}")
+        moves = changes(base, p, cal, machine)
+        if moves:
+            text = "; ".join(f"{a} -> {b} at n={n} (N={n * p})" for n, a, b in moves)
+            lines.append(f"\nP={p}: the winner changes with the block size: {text}")
+        else:
+            lines.append(f"\nP={p}: the winner does not change for n = {SCAN_TOKENS[0]}..{SCAN_TOKENS[-1]} tokens per rank")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine description (YAML)
+# ---------------------------------------------------------------------------------------------
+MACHINE_KEYS = ("name", "ranks_per_node", "intra", "inter")
+LINK_KEYS = ("latency_us", "bandwidth_gbps")
+
+
+def load_machine(path, text: str | None = None) -> model.Machine:
+    """A machine description::
+
+        name: my-cluster            # optional
+        ranks_per_node: 4
+        intra: {latency_us: 2, bandwidth_gbps: 150}    # between ranks of one node (GB/s = 1e9 bytes/s)
+        inter: {latency_us: 5, bandwidth_gbps: 25}     # between nodes
+
+    Errors: ExperimentError naming file:line: key.
+    """
+    src = Source(path, text)
+    data = src.data
+    if not isinstance(data, dict):
+        raise src.error((), "expected a mapping with keys ranks_per_node, intra, inter")
+    for key in data:
+        if key not in MACHINE_KEYS:
+            raise src.error((key,), f"unknown key{did_you_mean(key, MACHINE_KEYS)}; allowed: {', '.join(MACHINE_KEYS)}")
+    for key in ("ranks_per_node", "intra", "inter"):
+        if key not in data:
+            raise src.error((), f"missing key {key}")
+    rpn = data["ranks_per_node"]
+    if isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1:
+        raise src.error(("ranks_per_node",), f"expected an integer >= 1, got {rpn!r}")
+    links = {}
+    for key in ("intra", "inter"):
+        link = data[key]
+        if not isinstance(link, dict):
+            raise src.error((key,), f"expected a mapping with {' and '.join(LINK_KEYS)}")
+        for k in link:
+            if k not in LINK_KEYS:
+                raise src.error((key, k), f"unknown key{did_you_mean(k, LINK_KEYS)}; allowed: {', '.join(LINK_KEYS)}")
+        vals = []
+        for k in LINK_KEYS:
+            if k not in link:
+                raise src.error((key,), f"missing key {k}")
+            v = link[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "bandwidth_gbps" and v == 0):
+                raise src.error((key, k), f"expected a {'positive' if k == 'bandwidth_gbps' else 'non-negative'} number, got {v!r}")
+            vals.append(float(v))
+        links[key] = (vals[0] * 1e-6, vals[1] * 1e9)
+    name = str(data.get("name", src.name))
+    return model.Machine(ranks_per_node=rpn, intra=links["intra"], inter=links["inter"], source=name)

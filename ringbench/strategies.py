@@ -1,0 +1,359 @@
+"""Context-parallel strategies beside the ring (forward pass): Ulysses, hybrid (Ulysses x ring), pass-Q.
+
+Each class offers what the runner uses of :class:`ringbench.ring.Ring`: ``forward()`` (per-step compute_s,
+comm_s, step_s arrays and the pass total), ``comm_only()``, ``output()``, ``bytes_per_rank()`` and
+``score_tile_elems``. The causal structure of any pair of sequence chunks comes from ``layout.step_plan``
+(chunk i = the tokens rank i holds in the layout), the arithmetic from ``kernel.OnlineSoftmax`` and
+``kernel.merge``, and all MPI from ``ringbench.comm``.
+
+* **hybrid** (``--ulysses-degree U``, P = U x R): ranks form groups of U consecutive ranks (rank r is member
+  r mod U of group r // U; on a cluster consecutive ranks share a node, so the all-to-all stays on the fast
+  intra-node links). An all-to-all inside each group turns the sequence split into a head split: member a
+  then holds the U n tokens of its group for query heads [a H/U, (a+1) H/U) and their kv heads. A
+  :class:`Ring` over the R ranks with the same member index (one per group) then passes those K/V
+  around; its step plans are the layout's plans of every (query chunk, key chunk) pair of the two groups.
+  A second all-to-all returns each member's heads to the tokens' owners.
+  Steps: 0 = the all-to-all in (pack, collective, load), 1..R = the ring's steps, R+1 = finalize and the
+  all-to-all out. U = 1 is the ring; U = P is Ulysses.
+* **ulysses**: hybrid with U = P (one group, a ring of one rank): steps 0 = all-to-all in, 1 = attention of
+  H/P heads over the whole sequence, 2 = all-to-all out.
+* **pass-q**: the K/V stay; the query blocks travel the ring (rank r sends to r+1). At step s rank r computes
+  the partial output and log-sum-exp of the queries of rank (r - s) mod P against its own K/V; that partial is
+  returned to its owner during step s+1 (overlapped with that step's compute) and merged there exactly
+  (``kernel.merge``). Steps 0..P-1 compute, step P returns and merges the last partial. Partials travel in
+  the compute dtype (float32 for half precision): D + 1 values per query row and head.
+
+GQA in the all-to-all: P (or U) must divide H; kv heads are split when U divides H_kv and replicated
+(each kv head sent to the U / H_kv members whose query heads read it) when H_kv divides U. Other shapes are
+refused by ``config.check``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from ringbench import comm as mpi
+from ringbench import kernel
+from ringbench.config import heads_rule  # noqa: F401  (the rule lives with the other config checks)
+from ringbench.layout import FULL, Piece, step_plan
+from ringbench.ring import Ring, make_state
+
+STRATEGIES = ("ulysses", "hybrid", "pass-q")
+
+
+def degree(mode: str, ulysses_degree: int, nranks: int) -> int:
+    """The all-to-all group size U of a strategy at ``nranks`` ranks (1 for the ring modes and pass-q)."""
+    return nranks if mode == "ulysses" else ulysses_degree if mode == "hybrid" else 1
+
+
+def kv_head_map(kv_heads: int, u: int) -> np.ndarray:
+    """(U, kv heads per member): the kv heads group member a needs (split, or replicated when U > H_kv)."""
+    if kv_heads % u == 0:
+        return np.arange(kv_heads).reshape(u, kv_heads // u)
+    return (np.arange(u) // (u // kv_heads))[:, None]
+
+
+def group_plan(layout: str, group: int, src: int, u: int, nranks: int, n: int, causal: bool) -> list[Piece]:
+    """Pieces of (the U n gathered queries of ``group``) x (the U n gathered keys of group ``src``)."""
+    if not causal:
+        return [Piece(0, u * n, 0, u * n, FULL)]
+    out = []
+    for a in range(u):
+        for c in range(u):
+            for p in step_plan(layout, group * u + a, src * u + c, nranks, n, causal):
+                out.append(Piece(p.q0 + a * n, p.q1 + a * n, p.k0 + c * n, p.k1 + c * n, p.mask))
+    return out
+
+
+def load_queries(state: kernel.OnlineSoftmax, q, scale: float) -> None:
+    """Write queries ``q`` (Z, n, G, D) (any dtype, any strides) into ``state`` as its constructor does:
+    cast to the compute dtype, times 1/sqrt(D), times log_b(e) for the state's exponential base b."""
+    d = state.shape[3]
+    dst = state.qa[..., :d]  # (Z, n, G, D)
+    dst[...] = q
+    dst *= state.dtype.type(scale)
+    if state.base.scale != 1.0:
+        dst *= state.dtype.type(state.base.scale)
+
+
+class Hybrid:
+    """Ulysses all-to-all inside groups of U consecutive ranks, a ring over the R = P / U groups (module docstring)."""
+
+    def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, u: int | None = None, fault_step=None):
+        xp = backend.xp
+        self.cfg, self.backend, self.xp = cfg, backend, xp
+        self.rank, self.nranks = rank, nranks
+        self.u = u = degree(cfg.mode, cfg.ulysses_degree, nranks) if u is None else u
+        self.r = nranks // u
+        self.storage = q.dtype
+        b, n, h, d = q.shape
+        hk = k.shape[2]
+        self.batch, self.n, self.heads, self.head_dim = b, n, h, d
+        self.q_in, self.k_in, self.v_in = q, k, v  # this rank's tokens: the pass's input
+        self.hl = h // u  # query heads per member after the all-to-all
+        self.kmap = kv_head_map(hk, u)  # (U, hkl)
+        self.hkl = hkl = self.kmap.shape[1]
+        group_comm, ring_comm = mpi.split_groups(world, u)
+        self.a2a = mpi.AllToAll(group_comm, backend, cuda_aware)
+        width = self.hl + 2 * hkl  # q, k, v heads packed along the head axis: one collective
+        self.send_in = xp.empty((u, b, n, width, d), self.storage)  # block a -> member a
+        self.recv_in = xp.empty_like(self.send_in)  # block a <- member a (its tokens)
+        self.send_out = xp.empty((u, b, n, self.hl, d), self.storage)
+        self.recv_out = xp.empty_like(self.send_out)
+        ring_cfg = dataclasses.replace(cfg, mode="overlap")
+        ex = mpi.KVExchange(ring_comm, backend, cuda_aware)
+        zq = xp.zeros((b, u * n, self.hl, d), self.storage)  # (B, U n, H/U, D): shapes only, loaded each pass
+        zkv = xp.zeros((b, u * n, hkl, d), self.storage)
+        self.ring = Ring(ring_cfg, backend, ex, ring_comm.rank, self.r, zq, zkv, zkv)
+        del zq, zkv
+        group = rank // u
+        self.ring.plans = [group_plan(cfg.layout, group, (group - s) % self.r, u, nranks, n, cfg.causal) for s in range(self.r)]
+        self.ring.fault = None
+        self.fault = fault_step
+        self.score_tile_elems = self.ring.score_tile_elems
+        self.compute, self.blas = self.ring.compute, self.ring.blas
+        self.out = None
+
+    # one pass -----------------------------------------------------------------------------------
+    def _pack_in(self) -> None:
+        hl, hkl = self.hl, self.hkl
+        for a in range(self.u):
+            heads = slice(int(self.kmap[a, 0]), int(self.kmap[a, -1]) + 1)  # a contiguous range: split or one replicated head
+            self.send_in[a, :, :, :hl] = self.q_in[:, :, a * hl : (a + 1) * hl]
+            self.send_in[a, :, :, hl : hl + hkl] = self.k_in[:, :, heads]
+            self.send_in[a, :, :, hl + hkl :] = self.v_in[:, :, heads]
+
+    def _load(self) -> None:
+        """The gathered group tokens into the ring: queries into its softmax state, K/V into its home block."""
+        b, n, d, u, hl, hkl = self.batch, self.n, self.head_dim, self.u, self.hl, self.hkl
+        g = hl // hkl
+        r = self.recv_in  # (U, B, n, width, D): member a's tokens
+        rq = r[..., :hl, :].reshape(u, b, n, hkl, g, d).transpose(1, 3, 0, 2, 4, 5)  # (B, hkl, U, n, G, D)
+        load_queries(_QView(self.ring.state, (b, hkl, u, n, g)), rq, kernel.softmax_scale(d))
+        home = self.ring.kv_home.reshape(2, b, hkl, u, n, d)
+        home[0] = r[..., hl : hl + hkl, :].transpose(1, 3, 0, 2, 4)  # (B, hkl, U, n, D)
+        home[1] = r[..., hl + hkl :, :].transpose(1, 3, 0, 2, 4)
+
+    def _unload(self) -> None:
+        o = self.ring.output()  # (B, U n, H/U, D) storage
+        self.send_out[...] = o.reshape(self.batch, self.u, self.n, self.hl, self.head_dim).transpose(1, 0, 2, 3, 4)
+
+    def forward(self):
+        """One pass: all-to-all in, the ring over the groups, all-to-all out. (compute_s, comm_s, step_s) per step, total."""
+        S = self.r + 2
+        t_compute, t_comm, t_step = np.zeros(S), np.zeros(S), np.zeros(S)
+        clock = time.perf_counter
+        sync = self.backend.synchronize
+        pass_start = clock()
+        if self.fault is not None:
+            raise _fault(self.rank, 0)
+        # step 0: the all-to-all in
+        t0 = clock()
+        self._pack_in()
+        sync()
+        t1 = clock()
+        self.a2a(self.send_in, self.recv_in)
+        t2 = clock()
+        self._load()
+        sync()
+        t3 = clock()
+        t_compute[0], t_comm[0], t_step[0] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
+        # steps 1..R: the ring over the groups
+        c, m, s, _ = self.ring.forward()
+        t_compute[1 : self.r + 1], t_comm[1 : self.r + 1], t_step[1 : self.r + 1] = c, m, s
+        # step R+1: finalize, the all-to-all out
+        t0 = clock()
+        self._unload()
+        sync()
+        t1 = clock()
+        self.a2a(self.send_out, self.recv_out)
+        t2 = clock()
+        # (U, B, n, H/U, D) -> (B, n, H, D): member a's heads
+        self.out = self.recv_out.transpose(1, 2, 0, 3, 4).reshape(self.batch, self.n, self.heads, self.head_dim)
+        sync()
+        t3 = clock()
+        t_compute[-1], t_comm[-1], t_step[-1] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
+        return t_compute, t_comm, t_step, clock() - pass_start
+
+    def comm_only(self) -> np.ndarray:
+        """The transfers alone: the all-to-all in, the ring's R - 1 transfers, the all-to-all out."""
+        out = [self._timed(self.a2a, self.send_in, self.recv_in)]
+        out += list(self.ring.comm_only())
+        out.append(self._timed(self.a2a, self.send_out, self.recv_out))
+        return np.array(out)
+
+    @staticmethod
+    def _timed(fn, *args) -> float:
+        t0 = time.perf_counter()
+        fn(*args)
+        return time.perf_counter() - t0
+
+    def output(self):
+        """This rank's tokens' output (B, n, H, D) in the storage dtype (from the last pass)."""
+        return self.out
+
+    def bytes_per_rank(self) -> int:
+        """Bytes this rank sends to other ranks in one pass."""
+        per_member_in = self.send_in.nbytes // self.u
+        per_member_out = self.send_out.nbytes // self.u
+        return int((self.u - 1) * (per_member_in + per_member_out) + (self.r - 1) * self.ring.block_bytes())
+
+
+class _QView:
+    """The query part of an OnlineSoftmax seen as (B, hkl, U, n, G, D): lets ``load_queries`` write it in one go."""
+
+    def __init__(self, state, dims):
+        self.dtype = state.dtype
+        self.base = state.base
+        b, hkl, u, n, g = dims
+        d = state.shape[3]
+        self.shape = state.shape
+        self.qa = state.qa.reshape(b, hkl, u, n, g, d + 1)
+
+
+class Ulysses(Hybrid):
+    """Hybrid with one group of all P ranks."""
+
+    def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step=None):
+        super().__init__(cfg, backend, world, cuda_aware, rank, nranks, q, k, v, u=nranks, fault_step=fault_step)
+
+
+class PassQ:
+    """Pass-Q: the K/V stay, the queries travel the ring, partial outputs return to their owners (module docstring)."""
+
+    def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step=None):
+        xp = backend.xp
+        self.cfg, self.backend, self.xp = cfg, backend, xp
+        self.rank, self.nranks = rank, nranks
+        self.storage = q.dtype
+        self.compute = backend.compute_dtype(q.dtype)
+        b, n, h, d = q.shape
+        hk = k.shape[2]
+        self.batch, self.n, self.head_dim = b, n, d
+        self.q_home = kernel.q_to_heads(xp, q, hk)  # (Z, G, n, D) storage: the block that travels
+        self.bufs = [xp.empty_like(self.q_home), xp.empty_like(self.q_home)]
+        self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D): stays
+        self.kv = xp.empty(self.kv_home.shape, self.compute)
+        self.ex = mpi.KVExchange(world, backend, cuda_aware)
+        self.ret = mpi.PeerExchange(world, backend, cuda_aware, name="ret")
+        on_tile = self._progress if cfg.progress == "test" else None
+        self.matmul, self.blas = backend.matmul(cfg.blas)
+        self.state = make_state(
+            backend, xp.zeros(self.q_home.shape, self.compute), n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul
+        )
+        z, g = self.q_home.shape[:2]
+        self.parts = [xp.empty((z, g, n, d + 1), self.compute) for _ in range(2)]  # [out | lse] of a visiting block
+        self.recv_part = xp.empty_like(self.parts[0])
+        # step s: the queries of rank (r - s) against this rank's keys
+        self.plans = [step_plan(cfg.layout, (rank - s) % nranks, rank, nranks, n, cfg.causal) for s in range(nranks)]
+        self.fault = fault_step
+        self.score_tile_elems = self.state.head_chunk * g * self.state.tile_q * self.state.tile_k
+        self.acc = None
+
+    def _progress(self) -> None:
+        if self.ex.posted:
+            self.ex.test()
+        if self.ret.posted:
+            self.ret.test()
+
+    def _partial(self, qblock, step: int):
+        st = self.state
+        st.reset()
+        load_queries(st, qblock.transpose(0, 2, 1, 3), kernel.softmax_scale(self.head_dim))
+        if self.plans[step]:
+            st.update(self.kv[0], self.kv[1], self.plans[step])
+        return st.finalize()  # (Z, G, n, D), (Z, G, n) natural log
+
+    def forward(self):
+        """One pass. (compute_s, comm_s, step_s) arrays of length P + 1 and the pass total."""
+        P, xp, d = self.nranks, self.xp, self.head_dim
+        S = P + 1
+        t_compute, t_comm, t_step = np.zeros(S), np.zeros(S), np.zeros(S)
+        clock = time.perf_counter
+        ctimer = self.backend.timer()
+        cur, nxt = self.bufs
+        pass_start = clock()
+        cur[...] = self.q_home
+        self.kv[...] = self.kv_home
+        self.backend.synchronize()
+        for s in range(S):
+            if s == self.fault:
+                raise _fault(self.rank, s)
+            step_start = clock()
+            more = s < P - 1  # a next query block to receive
+            back = 2 <= s <= P  # the partial computed at step s-1 goes home now
+            if more:
+                self.ex.post(cur, nxt)
+            if back:
+                self.ret.post(self.parts[(s - 1) % 2], (self.rank - s + 1) % P, self.recv_part, (self.rank + s - 1) % P)
+            t_comm[s] = clock() - step_start
+            ctimer.start()
+            if s < P:
+                o, lse = self._partial(cur, s)
+                if s == 0:
+                    self.acc = (o, lse)
+                else:
+                    part = self.parts[s % 2]
+                    part[..., :d] = o
+                    part[..., d] = lse
+            ctimer.stop()
+            t0 = clock()
+            if more:
+                self.ex.wait()
+            if back:
+                self.ret.wait()
+            t_comm[s] += clock() - t0
+            if back:
+                ctimer.start()
+                self.acc = kernel.merge(xp, self.acc[0], self.acc[1], self.recv_part[..., :d], self.recv_part[..., d])
+                ctimer.stop()
+            self.backend.synchronize()
+            t_step[s] = clock() - step_start
+            t_compute[s] = ctimer.seconds()
+            if more:
+                cur, nxt = nxt, cur
+        return t_compute, t_comm, t_step, clock() - pass_start
+
+    def comm_only(self) -> np.ndarray:
+        """The transfers alone: P - 1 query-block transfers, then P - 1 partial returns."""
+        P = self.nranks
+        cur, nxt = self.bufs
+        cur[...] = self.q_home
+        self.backend.synchronize()
+        out = []
+        for _ in range(P - 1):
+            t0 = time.perf_counter()
+            self.ex.sendrecv(cur, nxt)
+            out.append(time.perf_counter() - t0)
+            cur, nxt = nxt, cur
+        for s in range(1, P):
+            t0 = time.perf_counter()
+            self.ret.post(self.parts[0], (self.rank - s) % P, self.recv_part, (self.rank + s) % P)
+            self.ret.wait()
+            out.append(time.perf_counter() - t0)
+        return np.array(out)
+
+    def output(self):
+        o = self.acc[0].astype(self.storage, copy=False)
+        return kernel.heads_to_out(o, self.batch)
+
+    def bytes_per_rank(self) -> int:
+        """Bytes this rank sends in one pass: P - 1 query blocks and P - 1 partials."""
+        return int((self.nranks - 1) * (self.q_home.nbytes + self.parts[0].nbytes))
+
+
+def _fault(rank: int, step: int) -> Exception:
+    from ringbench.ring import InjectedFault
+
+    return InjectedFault(f"injected fault on rank {rank} at step {step}")
+
+
+CLASSES = {"ulysses": Ulysses, "hybrid": Hybrid, "pass-q": PassQ}
+
+
+def make(cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step: int | None = None):
+    """The strategy object for ``cfg.mode`` (one of STRATEGIES); ``fault_step``: raise InjectedFault there (tests)."""
+    return CLASSES[cfg.mode](cfg, backend, world, cuda_aware, rank, nranks, q, k, v, fault_step=fault_step)
