@@ -28,7 +28,7 @@ import numpy as np
 
 from ringbench import kernel
 from ringbench.backend import Backend
-from ringbench.layout import FULL, Piece
+from ringbench.layout import FULL, Piece, first_hidden
 
 # Elements of one score tile on the host (the backward holds two: P and dS, 1 MiB each in float32). 512 query rows
 # x 512 keys was within the noise of the best tile among 128-1024 rows x 256-1024 keys (benchmarks/README.md).
@@ -158,7 +158,7 @@ class BlockBackward:
         del o
         self.dqa = xp.zeros((z, n, g, d), dt)  # dQ / scale, query-major
         self._s = self._dp = self._kt = self._vt = self._tmp = None
-        self._masks = {}  # (tq, tk, i0 - j0, strict) -> boolean pattern (kernel's cache)
+        self._masks = {}  # (tq, tk, i0 - j0, mask) -> boolean pattern (kernel's cache)
 
     def reset(self) -> None:
         """Zero dQ for another pass over the same q, dO, O and LSE."""
@@ -202,7 +202,6 @@ class BlockBackward:
         sbuf = self._buffer("_s", hc * rq_max * tk_max)
         dpbuf = self._buffer("_dp", hc * rq_max * tk_max)
         tmp = None if self.matmul_add is not None else self._buffer("_tmp", hc * max(rq_max, tk_max) * d)
-        strict = p.mask != FULL and p.mask != "causal"
         log_e = self.dtype.type(self._log_e)
         for z0 in range(0, z, hc):
             z1 = min(z0 + hc, z)
@@ -225,13 +224,13 @@ class BlockBackward:
                 qt = self.qa[rows].reshape(zc, rq, d + 1)
                 dot = self.doa[rows].reshape(zc, rq, d + 1)
                 dqt = self.dqa[rows].reshape(zc, rq, d)
-                kend = nk if p.mask == FULL else min(nk, i1 - strict)  # keys past the diagonal for every row
+                kend = nk if p.mask == FULL else min(nk, first_hidden(p.mask, i1 - 1))  # keys hidden from every row
                 for j0 in range(0, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
                     tk = j1 - j0
                     s = sbuf[: zc * rq * tk].reshape(zc, rq, tk)  # (Zc, tq*G, tk)
                     dp = dpbuf[: zc * rq * tk].reshape(zc, rq, tk)
-                    mask = (i0, i1, j0, j1, strict) if (p.mask != FULL and j1 > i0 - strict) else None
+                    mask = (i0, i1, j0, p.mask) if (p.mask != FULL and j1 > first_hidden(p.mask, i0)) else None
                     self._tile(qt, dot, dqt, kta[..., j0:j1], vta[..., j0:j1], kz[:, j0:j1], dkz[:, j0:j1], dvz[:, j0:j1], s, dp, mask, tmp)
                     if self.on_tile is not None:
                         self.on_tile()
