@@ -158,11 +158,37 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
 SAVE_TENSORS_LIMIT = 256 * 2**20
 
 
+ID_HEX = 16  # hex digits of SHA-1 in a point id: 64 bits, so distinct configurations never share one in practice
+LEGACY_ID_HEX = 8  # what ids had before (32 bits: they collide); files with them are still read
+
+
 def point_id(cfg: RunConfig, nranks: int) -> str:
     """Stable id of a sweep point: readable prefix + hash of every parameter that affects the measurement."""
+    return _point_id(cfg, nranks, ID_HEX)
+
+
+def legacy_point_id(cfg: RunConfig, nranks: int) -> str:
+    """The id an older ringbench gave this point (8 hex digits): where its part file of an earlier sweep is."""
+    return _point_id(cfg, nranks, LEGACY_ID_HEX)
+
+
+def stored_point_id(config: dict, nranks: int, stored: str) -> str:
+    """The id of the point a stored run measured, recomputed from its stored configuration and rank count.
+
+    Stored runs are matched to points by this, never by the id string they carry, so a run stored under an
+    older (8 hex digit) id still counts for its point. ``stored`` (that string) is returned only when the
+    configuration cannot be read back (a key this version does not know).
+    """
+    try:
+        return point_id(RunConfig.from_dict(config), int(nranks))
+    except (ConfigError, TypeError, ValueError):
+        return stored
+
+
+def _point_id(cfg: RunConfig, nranks: int, digits: int) -> str:
     ident = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY}
     ident["nranks"] = nranks
-    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:digits]
     causal = "-causal" if cfg.causal else ""
     return f"{cfg.mode}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
 

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ringbench import measure, model, results
+from ringbench.config import stored_point_id
 from ringbench.layout import divisor
 
 FIGURES = ("strong", "weak", "overlap", "timeline", "breakdown", "causal", "model")
@@ -457,7 +458,7 @@ def breakdown(runs):
     """Share of the pass in compute / communication calls / other, one bar per configuration."""
     latest = {}
     for r in _ok(runs):
-        latest[r.point_id] = r  # repeated runs of one point: the last one stored
+        latest[stored_point_id(r.config, r.nranks, r.point_id)] = r  # repeated runs of one point: the last one stored
     if not latest:
         return None
     items = sorted(latest.values(), key=lambda r: results.sort_key(results.row(r)))

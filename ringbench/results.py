@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ringbench import measure, store
-from ringbench.config import MODES
+from ringbench.config import MODES, stored_point_id
 from ringbench.model import Shape, block_bytes
 
 CONFIG_COLUMNS = (
@@ -95,7 +95,8 @@ def load(paths) -> list[store.Run]:
 def row(run: store.Run) -> dict:
     """One run as a flat dict with the keys of ``COLUMNS`` and ``REPEAT_KEYS``."""
     cfg, s, prov = run.config, run.summary, run.provenance
-    out = {"file": run.path, "name": run.name, "point_id": run.point_id, "status": run.status, "error": run.error}
+    pid = stored_point_id(cfg, run.nranks, run.point_id)  # runs stored under an older 8-hex id line up with their point
+    out = {"file": run.path, "name": run.name, "point_id": pid, "status": run.status, "error": run.error}
     for k in CONFIG_COLUMNS:
         out[k] = run.nranks if k == "nranks" else cfg.get(k)
     try:

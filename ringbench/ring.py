@@ -16,7 +16,6 @@ All three perform the same arithmetic in the same order, so their outputs are bi
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -60,21 +59,31 @@ def auto_head_chunk(heads: int, tile_elems: int) -> int:
     return int(max(1, min(heads, (HOST_TILE_ELEMS // 2) // max(1, tile_elems))))
 
 
-def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None) -> kernel.OnlineSoftmax:
-    """The online-softmax state for scaled queries ``qh`` (Z, G, n, D), tiled as the backend wants it."""
-    z, g, n, _ = qh.shape
+def tiling(backend, z: int, g: int, n: int, n_keys: int, tile_q: int = 0, mkl: bool = False) -> tuple[int, int, int]:
+    """(head_chunk, tile_q, tile_k) of the score tiles for ``z`` batch-heads of ``g`` x ``n`` queries against ``n_keys`` keys."""
     head_chunk = z if backend.is_gpu else 1
-    budget = HOST_TILE_ELEMS_MKL if isinstance(matmul, MklMatmul) else HOST_TILE_ELEMS
+    budget = HOST_TILE_ELEMS_MKL if mkl else HOST_TILE_ELEMS
     tile_q = tile_q or auto_tile_q(backend, n, head_chunk * g, n_keys, budget)
     tile_k = auto_tile_k(backend, n_keys)
     if not backend.is_gpu:  # small blocks: several heads per tile, fewer Python calls
         head_chunk = auto_head_chunk(z, g * tile_q * tile_k)
-    return kernel.OnlineSoftmax(backend.xp, qh, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k, on_tile=on_tile, matmul=matmul)
+    return head_chunk, tile_q, tile_k
+
+
+def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None, scale=None) -> kernel.OnlineSoftmax:
+    """The online-softmax state for queries ``qh`` (Z, G, n, D) (read only; scaled by ``scale`` in the state's
+    own copy, None if already scaled), tiled as the backend wants it."""
+    z, g, n, _ = qh.shape
+    head_chunk, tile_q, tile_k = tiling(backend, z, g, n, n_keys, tile_q, isinstance(matmul, MklMatmul))
+    return kernel.OnlineSoftmax(
+        backend.xp, qh, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k, on_tile=on_tile, matmul=matmul, scale=scale
+    )
 
 
 class Ring:
-    def __init__(self, cfg, backend, exchange, rank: int, nranks: int, q, k, v):
-        """q: (B, n, H, D), k/v: (B, n, H_kv, D) in the storage dtype, on the backend's device."""
+    def __init__(self, cfg, backend, exchange, rank: int, nranks: int, q, k, v, *, fault_step: int | None = None):
+        """q: (B, n, H, D), k/v: (B, n, H_kv, D) in the storage dtype, on the backend's device; only read, never
+        written to (the ring computes on copies it owns). ``fault_step``: raise InjectedFault at that step."""
         xp = backend.xp
         self.cfg, self.backend, self.ex = cfg, backend, exchange
         self.rank, self.nranks = rank, nranks
@@ -83,20 +92,20 @@ class Ring:
         b, n, h, d = q.shape
         hk = k.shape[2]
         self.batch, self.n = b, n
-        qh = kernel.q_to_heads(xp, q, hk, self.compute)  # (Z, G, n, D)
-        qh *= self.compute.type(kernel.softmax_scale(d))
+        qh = kernel.q_to_heads(xp, q, hk, self.compute)  # (Z, G, n, D); may be a view of q: never written to
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
-        self.state = make_state(backend, qh, n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul)
+        scale = kernel.softmax_scale(d)
+        self.state = make_state(backend, qh, n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul, scale=scale)
         self.tile_q, self.tile_k = self.state.tile_q, self.state.tile_k
-        del qh  # the state keeps its own (widened) copy: free this before the K/V buffers
+        del qh  # the state keeps its own (scaled, widened) copy: free this before the K/V buffers
         self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D)
         self.bufs = [xp.empty_like(self.kv_home), xp.empty_like(self.kv_home)]
         # half precision travels as stored; the compute copy is made once per step
         self.kv_compute = None if self.storage == self.compute else xp.empty(self.kv_home.shape, self.compute)
         self.gathered = xp.empty((nranks,) + self.kv_home.shape, self.storage) if cfg.mode == "allgather" else None
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
-        self.fault = _fault_step(rank)
+        self.fault = fault_step
         self.score_tile_elems = self.state.head_chunk * (h // hk) * self.tile_q * self.tile_k
 
     def _progress(self) -> None:
@@ -179,9 +188,19 @@ class Ring:
         return kernel.heads_to_out(o, self.batch)
 
 
-def _fault_step(rank: int) -> int | None:
-    spec = os.environ.get("RINGBENCH_FAULT", "")
+FAULT_FORM = "rank:step"
+
+
+def parse_fault(spec: str, nranks: int) -> tuple[int, int] | None:
+    """The (rank, step) of RINGBENCH_FAULT=rank:step (None if unset or empty); ValueError naming the variable
+    and the allowed form for anything else, or for a rank or step outside 0..P-1."""
+    spec = spec.strip()
     if not spec:
         return None
-    r, _, s = spec.partition(":")
-    return int(s or 0) if int(r) == rank else None
+    r, sep, s = spec.partition(":")
+    if sep and r.strip().isdecimal() and s.strip().isdecimal():
+        rank, step = int(r), int(s)
+        if rank < nranks and step < nranks:
+            return rank, step
+    ranks = f"{nranks} rank{'s' if nranks > 1 else ''}"
+    raise ValueError(f"RINGBENCH_FAULT: expected {FAULT_FORM} with rank and step in 0..{nranks - 1} ({ranks}), got {spec!r}")

@@ -22,7 +22,7 @@ from ringbench import inputs, kernel, measure, store
 from ringbench.backend import BackendError, current_rss_bytes, get_backend, peak_rss_bytes
 from ringbench.config import RunConfig, UserError, check, option_name, point_id
 from ringbench.layout import positions, unmasked_pairs
-from ringbench.ring import Ring
+from ringbench.ring import Ring, parse_fault
 
 # Largest max|out - ref| / max|ref| accepted by --check, per storage dtype. Half precision is
 # dominated by rounding the output to the storage dtype (2^-11 for float16, 2^-8 for bfloat16).
@@ -61,7 +61,9 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         host = None
 
     ex = mpi.KVExchange(world, backend, cuda_aware)
-    ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"])
+    fault = parse_fault(os.environ.get("RINGBENCH_FAULT", ""), nranks)  # validated above
+    fault_step = fault[1] if fault is not None and fault[0] == rank else None
+    ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"], fault_step=fault_step)
     del dev
 
     warm = [ring.forward() for _ in range(cfg.warmup)]
@@ -100,6 +102,10 @@ def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
     if problems:
         key, msg = problems[0]
         return f"{option_name(key)}: {msg}"
+    try:
+        parse_fault(os.environ.get("RINGBENCH_FAULT", ""), nranks)
+    except ValueError as exc:
+        return str(exc)
     if out is not None and mpi.WORLD.rank == 0:
         why = store.check_writable(out)
         if why:

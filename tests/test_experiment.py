@@ -375,3 +375,20 @@ def test_template_path_is_relative_to_the_file_naming_it(tmp_path):
     assert experiment.load(path).slurm.template == str(tmp_path / "site.sbatch.sh")
     msg = error_of(tmp_path, "name: x\nslurm: {template: nope.sh}\n")
     assert msg.startswith("FILE:2: slurm.template: template 'nope.sh' not found")
+
+
+def test_plan_accepts_points_whose_old_ids_collided(tmp_path):
+    """seed 73 / batch 217 and seed 127 / batch 87 had the same 8-hex id: plan refused them as one measurement."""
+    path = write(
+        tmp_path,
+        """
+        name: collide
+        zip:
+          - seed: [73, 127]
+            batch: [217, 87]
+        ranks: [4]
+    """,
+    )
+    exp = experiment.load(path)
+    assert [(p.config.seed, p.config.batch) for p in exp.points] == [(73, 217), (127, 87)]
+    assert len({p.id for p in exp.points}) == 2
