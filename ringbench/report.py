@@ -106,7 +106,9 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
         ]
         if r["status"] != "ok":
             line[7:] = ["failed: " + (r.get("error") or "?")[:40]] + [""] * (len(header) - 8)
-        elif preds is not None and r.get("phase", "fwd") == "fwd":  # the model predicts the forward
+        elif preds is not None and r.get("phase", "fwd") != "fwd":  # the model predicts the forward only
+            line += ["", ""]
+        elif preds is not None:
             p = preds.get((r["file"], r["name"]))
             line += [_num(p.time_s, ".2f", 1e3), _num(model.relative_error(p.time_s, r["time_s"]), "+.0%")]
         body.append(line)
