@@ -281,34 +281,28 @@ class _Backward:
 
     def __init__(self, ring: Ring, q, do, on_tile):
         self.ring = ring
-        xp, cfg = ring.backend.xp, ring.cfg
         self._inputs = (q, do)  # read by prepare(), then dropped
         self._on_tile = on_tile
         self.grad = None  # backward.BlockBackward, made by prepare()
-        shape, dt = ring.kv_home.shape, ring.compute
-        self.allgather = cfg.mode == "allgather"
+        self.allgather = ring.cfg.mode == "allgather"
         if self.allgather:
-            self.parts = xp.zeros((ring.nranks,) + shape, dt)  # this rank's share of every block
-            self.received = xp.empty_like(self.parts)  # every rank's share of this rank's block
-            self.home = xp.empty(shape, dt)
             self.fold = None
-        else:
-            self.local = xp.empty(shape, dt)  # this step's share
-            self.done = xp.empty(shape, dt)  # the accumulator finished last step: on its way to the next rank
-            self.arriving = xp.empty(shape, dt)  # the accumulator of the block in hand: from the previous rank
-        self.finish = self._sum_parts if self.allgather else self._nothing
 
     def prepare(self) -> None:
+        """The untimed forward, the BlockBackward of its O and LSE, then the accumulators (allocated last, once
+        the temporaries of this step are freed, so that they do not add to its peak)."""
         ring = self.ring
         if self.grad is not None:
             return
         xp = ring.backend.xp
         q, do = self._inputs
-        ring.forward()  # untimed: O and the log-sum-exp
-        o, lse = ring.state.finalize(ring.storage)  # O in the storage dtype (as a training forward keeps it)
+        self._inputs = None
         hk = ring.kv_home.shape[1] // ring.batch
         qh = kernel.q_to_heads(xp, q, hk, ring.compute) * ring.compute.type(kernel.softmax_scale(q.shape[3]))  # (Z, G, n, D)
         doh = kernel.q_to_heads(xp, do, hk)
+        del q, do
+        ring.forward()  # untimed: O and the log-sum-exp
+        o, lse = ring.state.finalize(ring.storage)  # O in the storage dtype (as a training forward keeps it)
         z, g, n, _ = qh.shape
         tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=ring.backend.is_gpu)
         self.grad = backward.BlockBackward(
@@ -323,8 +317,17 @@ class _Backward:
             matmul=ring.matmul,
             on_tile=self._on_tile,
         )
-        self._inputs = None
+        del qh, doh, o, lse
         self.score_tile_elems = head_chunk * g * self.grad.tile_q * tile_k
+        shape, dt = ring.kv_home.shape, ring.compute
+        if self.allgather:
+            self.parts = xp.zeros((ring.nranks,) + shape, dt)  # this rank's share of every block
+            self.received = xp.empty_like(self.parts)  # every rank's share of this rank's block
+            self.home = xp.empty(shape, dt)
+        else:
+            self.local = xp.empty(shape, dt)  # this step's share
+            self.done = xp.empty(shape, dt)  # the accumulator finished last step: on its way to the next rank
+            self.arriving = xp.empty(shape, dt)  # the accumulator of the block in hand: from the previous rank
 
     def start(self) -> None:
         self.grad.reset()
@@ -368,23 +371,28 @@ class _Backward:
             self.ring.ex.sendrecv_all([(self.done, self.arriving)], tag=3)
             self.done, self.arriving = self.arriving, self.done
 
-    def _nothing(self) -> None:
-        pass
-
-    def _sum_parts(self) -> None:
-        """The owner's sum of every rank's share of its block, in ring order (rank r, r+1, ...), as the ring adds them."""
+    def finish(self) -> None:
+        """Allgather: the owner's sum of every rank's share of its block, in ring order (rank r, r+1, ...), as the ring adds them."""
+        if not self.allgather:
+            return
         r, P = self.ring.rank, self.ring.nranks
         self.home[...] = self.received[r]
         for i in range(1, P):
             self.home += self.received[(r + i) % P]
 
     def grads(self):
-        ring = self.ring
-        dq = kernel.heads_to_out(self.grad.dq(ring.storage), ring.batch)
+        """dQ (B, n, H, D), dK and dV (B, n, H_kv, D) in the storage dtype, each written once into its own array."""
+        ring, xp = self.ring, self.ring.backend.xp
+        z, n, g, d = self.grad.dqa.shape
+        b = ring.batch
+        dq = xp.empty((b, n, z // b, g, d), ring.storage)
+        # dQ = (dQ / scale) * scale in the compute dtype, rounded once to the storage dtype (as BlockBackward.dq)
+        xp.multiply(self.grad.dqa.reshape(b, z // b, n, g, d).transpose(0, 2, 1, 3, 4), ring.compute.type(self.grad.scale), out=dq)
         acc = self.home if self.allgather else self.done  # (2, Z, n, D), at home
-        dk = backward.heads_to_kv(acc[0], ring.batch).astype(ring.storage)
-        dv = backward.heads_to_kv(acc[1], ring.batch).astype(ring.storage)
-        return dq, dk, dv
+        dk, dv = (xp.empty((b, n, z // b, d), ring.storage) for _ in range(2))
+        dk[...] = backward.heads_to_kv(acc[0], b)
+        dv[...] = backward.heads_to_kv(acc[1], b)
+        return dq.reshape(b, n, -1, d), dk, dv
 
 
 FAULT_FORM = "rank:step"
