@@ -18,7 +18,7 @@ timing helpers this script uses: a candidate's time is the median over rounds, a
 rounds of the per-round ratio, on this process's CPU clock by default (--clock wall for elapsed time).
 GFLOP/s count the backward as 2.5 x the forward's matmul FLOPs of the unmasked pairs (FlashAttention's
 convention: 2.5 x 4 * B * H * D * pairs); tiles always computes every pair. --breakdown also times each
-operation of one score tile alone (the five GEMMs, exp2, the dP * P product): where the time goes.
+operation of one score tile alone (the five GEMMs, the exponential, the dP * P product): where the time goes.
 The target (issue 9): kernel >= 0.8x torch, fp32, D = 64 and 128, blocks of 1024+ tokens, no mask; other
 rows are reported without a verdict. Exit status 0, or 1 with --strict when a target row fails.
 """
@@ -79,7 +79,8 @@ class Shape:
 class KernelStep:
     """One rank's backward for one ring step: BlockBackward(...), update() with the block, dq()."""
 
-    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul):
+    def __init__(self, sh: Shape, tile_q: int = 0, tile_k: int = 0, head_chunk: int = 0, matmul=np.matmul, exp_base: str = "auto"):
+        self.exp_base = backward.fast_exp_base(np) if exp_base == "auto" else exp_base
         g, z = sh.h // sh.hk, sh.b * sh.hk
         auto = backward.auto_tiles(sh.n, sh.n, g, z)
         self.tile_q, self.tile_k = tile_q or auto[0], tile_k or auto[1]
@@ -112,6 +113,7 @@ class KernelStep:
             tile_k=self.tile_k,
             head_chunk=self.head_chunk,
             matmul=self.matmul,
+            exp_base=self.exp_base,
         )
         bwd.update(self.k, self.v, self.dk, self.dv, self.pieces)
         self.dq = bwd.dq()
@@ -200,7 +202,7 @@ class TorchBackward:
 # ---------------------------------------------------------------------------------------------
 # Where the time goes: each operation of one score tile, timed alone
 # ---------------------------------------------------------------------------------------------
-def tile_breakdown(d: int, rows: int, keys: int, matmul, repeat: int = 20) -> dict[str, float]:
+def tile_breakdown(d: int, rows: int, keys: int, matmul, exp_base: str, repeat: int = 20) -> dict[str, float]:
     """Median seconds of each operation of one (rows x keys) score tile of BlockBackward._tile, run alone."""
     rng = np.random.default_rng(1)
 
@@ -222,7 +224,7 @@ def tile_breakdown(d: int, rows: int, keys: int, matmul, repeat: int = 20) -> di
 
     ops = {
         "S gemm": lambda: matmul(qa, kt, out=s),
-        "exp2": lambda: np.exp2(logits, out=s),
+        f"exp{'2' if exp_base == '2' else ''}": lambda: (np.exp2 if exp_base == "2" else np.exp)(logits, out=s),
         "dV gemm": lambda: gemm_add(s.swapaxes(-1, -2), doa[..., :d], dv),
         "dP gemm": lambda: matmul(doa, vt, out=dp),
         "dS = P*dP": lambda: np.multiply(dp, s, out=dp),
@@ -248,8 +250,10 @@ def verdict(sh: Shape, ratio: float | None) -> str:
     return "PASS" if ratio >= TARGET else "FAIL"
 
 
-def bench_shape(sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q=0, tile_k=0, head_chunk=0, matmul=np.matmul) -> dict:
-    step = KernelStep(sh, tile_q, tile_k, head_chunk, matmul)
+def bench_shape(
+    sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q=0, tile_k=0, head_chunk=0, matmul=np.matmul, exp_base="auto"
+) -> dict:
+    step = KernelStep(sh, tile_q, tile_k, head_chunk, matmul, exp_base)
     cands = {"kernel": step, "tiles": TiledGemms(step, matmul)}
     grad_fn = None
     if torch is not None:
@@ -288,6 +292,7 @@ def bench_shape(sh: Shape, torch, repeat: int, warmup: int, clock: str, tile_q=0
         "tile_q": step.tile_q,
         "tile_k": step.tile_k,
         "head_chunk": step.head_chunk,
+        "exp_base": step.exp_base,
         "flops": sh.flops,
         "dense_flops": sh.dense_flops,
         "clock": clock,
@@ -349,6 +354,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="GEMM library of the kernel and of tiles, as `ringbench run --blas`",
     )
     p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="cpu: process CPU time (default); wall")
+    p.add_argument(
+        "--exp",
+        choices=("auto", "2", "e"),
+        default="auto",
+        help="P as exp2 or exp (auto: backward.fast_exp_base, by the CPU's SIMD level)",
+    )
     p.add_argument("--breakdown", action="store_true", help="also time each operation of one score tile alone")
     p.add_argument("--out", metavar="FILE.json", help="write every sample, the summary and provenance here")
     p.add_argument("--strict", action="store_true", help="exit 1 when a row under the target fails it")
@@ -381,10 +392,12 @@ def main(argv=None) -> int:
     prov = provenance(note, torch)
     prov["kernel_blas"] = blas
     prov["simd"] = simd_level()
+    prov["exp_base"] = backward.fast_exp_base(np) if a.exp == "auto" else a.exp
+    exp_name = "exp2" if prov["exp_base"] == "2" else "exp"
     print(
         f"bwd_kernel_bench: {prov['cpu']} ({prov['simd']}), {prov['cores']} cores, 1 thread; numpy {np.__version__}, "
         f"torch {prov['torch'] or 'n/a'}; float32, B={a.batch} H={a.heads}/{a.kv_heads}; "
-        f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and tiles: {blas}",
+        f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and tiles: {blas}; P by {exp_name}",
         flush=True,
     )
     if note:
@@ -396,7 +409,7 @@ def main(argv=None) -> int:
         for n in a.block:
             for causal in masks:
                 sh = Shape(a.batch, a.heads, a.kv_heads, d, n, causal)
-                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul))
+                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul, a.exp))
                 print(table_row(rows[-1]), flush=True)  # row by row: a full run takes minutes
     if rows and rows[0]["torch_grad_fn"]:
         print(f"torch backward: {rows[0]['torch_grad_fn']}")
@@ -414,7 +427,7 @@ def main(argv=None) -> int:
     if a.breakdown and rows:
         r0 = rows[-1]
         rq, tk = min(r0["tile_q"], r0["block"]) * (a.heads // a.kv_heads), min(r0["tile_k"], r0["block"])
-        breakdown = {d: tile_breakdown(d, rq, tk, matmul) for d in a.head_dim}
+        breakdown = {d: tile_breakdown(d, rq, tk, matmul, r0["exp_base"]) for d in a.head_dim}
         print(breakdown_table(breakdown, rq, tk))
     if a.out:
         record = {

@@ -14,10 +14,10 @@ the caller owns (in the ring backward they travel with the K/V block, so every r
 Layouts are the kernel's head-major ones (``ringbench.kernel``): q, dO, O (Z, G, n, D), LSE (Z, G, n),
 k, v, dK, dV (Z, m, D), Z = B * H_kv, G = H / H_kv; a kv head's dK and dV sum over its G query heads.
 
-Like the forward, scores are kept in base 2 (``exp2`` is faster than ``exp`` in NumPy): the keys' transposed
-copy is scaled by log2(e) and the LSE column by log2(e) too, so P = 2^(S log2(e) - LSE log2(e)) needs no
-extra pass, and the queries stay as given, so dK = dS^T Q needs no rescaling. Half precision computes and
-accumulates in float32 (float64 stays float64): ``Backend.compute_dtype``.
+P is taken as exp(S - LSE) or as 2^((S - LSE) log2(e)), whichever NumPy computes faster on this CPU
+(:func:`fast_exp_base`). For base 2 only the keys' transposed copy and the LSE column are scaled by log2(e): the
+queries stay as given, so dK = dS^T Q needs no rescaling; the base changes rounding only. Half precision
+computes and accumulates in float32 (float64 stays float64): ``Backend.compute_dtype``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,32 @@ HOST_TILE_K_BWD = 512
 # inputs rounded to that dtype, with the gradients rounded to it too. Measured: float32 ~1e-6, float16 ~4e-4,
 # bfloat16 ~3.5e-3 (N = 96 to 1024, P = 3 and 4, causal); the same bounds as the forward check (runner.TOLERANCE).
 TOLERANCE_BWD = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+# Masked scores are set to this before the exponential and P to exactly 0 after: exp and exp2 take slow paths for
+# -inf and for results below float32's normal range (the forward's kernel.MASKED, per base).
+MASKED = {"2": -126.0, "e": -87.0}
+
+
+def _numpy_has_avx512() -> bool:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features  # NumPy >= 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return True
+    return bool(features.get("AVX512_SKX", False))
+
+
+def fast_exp_base(xp) -> str:
+    """'2' (exp2) or 'e' (exp): the faster float32 exponential of ``xp``, decided by the CPU, not by timing (so
+    every rank of a node, and every run, does the same arithmetic). NumPy, measured on one AMD EPYC core:
+    with its AVX-512 loops exp2 takes 120 us and exp 247 us per 2^19 elements; restricted to AVX2
+    (NPY_DISABLE_CPU_FEATURES) exp2 takes 1330 us and exp 900 us. Off the host: '2'."""
+    if xp is not np:
+        return "2"
+    return "2" if _numpy_has_avx512() else "e"
 
 
 def auto_tiles(n_q: int, n_k: int, g: int, z: int, *, gpu: bool = False) -> tuple[int, int, int]:
@@ -69,7 +95,7 @@ class BlockBackward:
     forward's output; ``lse`` (Z, G, n) the natural-log log-sum-exp ``OnlineSoftmax.finalize`` returns (-inf
     for rows that saw no key: their gradient is exactly 0). Any float dtype: the object keeps its own copies
     in the compute dtype (float32 for half precision), query-major (Z, n, G, D+1) so that the G query heads of
-    a kv head stack into the rows of one matrix, each widened by one column: [q, -LSE log2(e)] and [dO, -D],
+    a kv head stack into the rows of one matrix, each widened by one column: [q, -LSE log_b(e)] and [dO, -D],
     which a ones row under the keys turns into the shifted scores and dP - D in the GEMMs themselves.
 
     ``out`` is read once, for D, and not kept; LSE lives on in the widened query copy. Beyond its three
@@ -99,8 +125,14 @@ class BlockBackward:
         head_chunk: int | None = None,
         matmul: Callable | None = None,
         on_tile: Callable[[], None] | None = None,
+        exp_base: str | None = None,
     ):
         self.xp = xp
+        self.exp_base = exp_base or fast_exp_base(xp)
+        if self.exp_base not in MASKED:
+            raise ValueError(f"BlockBackward: exp_base must be '2' or 'e', got {exp_base!r}")
+        self._exp = xp.exp2 if self.exp_base == "2" else xp.exp
+        self._log_e = 1.0 if self.exp_base == "e" else kernel.LOG2E  # log_b(e)
         z, g, n, d = q.shape
         if do.shape != q.shape or out.shape != q.shape or lse.shape != (z, g, n):
             raise ValueError(f"BlockBackward: q {q.shape}, do {do.shape}, out {out.shape} must match and lse {lse.shape} be (Z, G, n)")
@@ -113,11 +145,11 @@ class BlockBackward:
         self.tile_q = max(1, min(tile_q or n, n))
         self.tile_k = tile_k  # None: whole key block
         self.on_tile = on_tile
-        self.qa = xp.empty((z, n, g, d + 1), dt)  # [q, -LSE log2(e)], query-major
+        self.qa = xp.empty((z, n, g, d + 1), dt)  # [q, -LSE log_b(e)], query-major (b: the exponential's base)
         self.qa[..., :d] = q.transpose(0, 2, 1, 3)
         lse_t = xp.asarray(lse, dt).transpose(0, 2, 1)  # (Z, n, G)
         # a row that saw no key (-inf) is masked wherever it is computed: any finite shift will do
-        xp.multiply(xp.where(lse_t == -np.inf, 0, lse_t), dt.type(-kernel.LOG2E), out=self.qa[..., d])
+        xp.multiply(xp.where(lse_t == -np.inf, 0, lse_t), dt.type(-self._log_e), out=self.qa[..., d])
         self.doa = xp.empty((z, n, g, d + 1), dt)  # [dO, -D], query-major
         self.doa[..., :d] = do.transpose(0, 2, 1, 3)
         o = xp.asarray(out, dt).transpose(0, 2, 1, 3)
@@ -171,13 +203,14 @@ class BlockBackward:
         dpbuf = self._buffer("_dp", hc * rq_max * tk_max)
         tmp = None if self.matmul_add is not None else self._buffer("_tmp", hc * max(rq_max, tk_max) * d)
         strict = p.mask != FULL and p.mask != "causal"
-        log2e = self.dtype.type(kernel.LOG2E)
+        log_e = self.dtype.type(self._log_e)
         for z0 in range(0, z, hc):
             z1 = min(z0 + hc, z)
             zc = z1 - z0
-            kta = kt[: zc * (d + 1) * nk].reshape(zc, d + 1, nk)  # [k^T log2(e); 1]
+            kta = kt[: zc * (d + 1) * nk].reshape(zc, d + 1, nk)  # [k^T log_b(e); 1]
             kernel._transpose_into(xp, kta[:, :d], k[z0:z1, p.k0 : p.k1])
-            kta[:, :d] *= log2e
+            if self.exp_base != "e":
+                kta[:, :d] *= log_e
             kta[:, d] = 1
             vta = vt[: zc * (d + 1) * nk].reshape(zc, d + 1, nk)  # [v^T; 1]
             kernel._transpose_into(xp, vta[:, :d], v[z0:z1, p.k0 : p.k1])
@@ -207,11 +240,11 @@ class BlockBackward:
         """One score tile: P, then dV, dS, and the dQ and dK it gives, accumulated in place."""
         xp = self.xp
         d = self.shape[3]
-        self.matmul(qt, kt, out=s)  # (S - LSE) log2(e)
+        self.matmul(qt, kt, out=s)  # (S - LSE) log_b(e)
         if mask is not None:
             sub, where = self._masked_part(s, *mask)
-            xp.copyto(sub, kernel.MASKED, where=where)  # exp2's fast path, then exactly 0
-        xp.exp2(s, out=s)  # P
+            xp.copyto(sub, MASKED[self.exp_base], where=where)  # the exponential's fast path, then exactly 0
+        self._exp(s, out=s)  # P
         if mask is not None:
             xp.copyto(sub, 0, where=where)
         self._gemm_add(s.swapaxes(-1, -2), dot[..., :d], dvj, tmp)  # dV += P^T dO

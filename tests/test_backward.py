@@ -31,7 +31,9 @@ def make(seq_len, heads, kv_heads, head_dim, batch=2, seed=1):
     )
 
 
-def emulate_ring(q, k, v, do, *, nranks, layout, causal, dtype, tile_q=None, tile_k=None, head_chunk=None, matmul=None, on_tile=None):
+def emulate_ring(
+    q, k, v, do, *, nranks, layout, causal, dtype, tile_q=None, tile_k=None, head_chunk=None, matmul=None, on_tile=None, exp_base=None
+):
     """Global (dq, dk, dv) in float64 from each emulated rank's ring forward and backward, cast to the storage dtype
     first (as the ring returns them), in global token order."""
     b, n_total, h, d = q.shape
@@ -51,7 +53,7 @@ def emulate_ring(q, k, v, do, *, nranks, layout, causal, dtype, tile_q=None, til
             fwd.update(*kv[(r - s) % nranks], plans[r][s])
         o, lse = fwd.finalize(storage)  # O is stored in the storage dtype, the LSE in the compute dtype
         doh = kernel.q_to_heads(np, do[:, pos[r]].astype(storage), hk)
-        ranks.append(BlockBackward(np, qh, doh, o, lse, on_tile=on_tile, **tiles))
+        ranks.append(BlockBackward(np, qh, doh, o, lse, on_tile=on_tile, exp_base=exp_base, **tiles))
     # held[r]: (block id, dK accumulator, dV accumulator) on rank r, float32 for half precision
     held = [(r, np.zeros(kv[r][0].shape, compute), np.zeros(kv[r][0].shape, compute)) for r in range(nranks)]
     for s in range(nranks):
@@ -146,12 +148,15 @@ def test_ring_backward_matches_reference_float32(nranks, layout, heads, kv_heads
     assert_close(got, reference(q, k, v, do, causal=True, dtype="float32"), TOLERANCE_BWD["float32"])
 
 
+@pytest.mark.parametrize("exp_base", ["2", "e"])
 @pytest.mark.parametrize("matmul", matmuls())
 @pytest.mark.parametrize("dtype", BACKEND.dtypes())
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_dtypes_within_tolerance(dtype, layout, matmul):
+def test_dtypes_within_tolerance(dtype, layout, matmul, exp_base):
     q, k, v, do = make(96, 4, 2, 32)
-    got = emulate_ring(q, k, v, do, nranks=3, layout=layout, causal=True, dtype=dtype, tile_q=7, tile_k=12, matmul=matmul)
+    got = emulate_ring(
+        q, k, v, do, nranks=3, layout=layout, causal=True, dtype=dtype, tile_q=7, tile_k=12, matmul=matmul, exp_base=exp_base
+    )
     errs = assert_close(got, reference(q, k, v, do, causal=True, dtype=dtype), TOLERANCE_BWD[dtype])
     assert min(errs) > 0 or dtype == "float64"  # the comparison really compares
 
@@ -175,14 +180,15 @@ def test_tiling_does_not_change_the_result(tile_q, tile_k, head_chunk, layout):
     assert_close(got, reference(q, k, v, do, causal=True, dtype="float64"), TOLERANCE_BWD["float64"])
 
 
+@pytest.mark.parametrize("exp_base", ["2", "e"])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 3e-2)])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_large_logits_give_finite_gradients(dtype, tol, layout):
+def test_large_logits_give_finite_gradients(dtype, tol, layout, exp_base):
     """q and k scaled by 100: logits of order 1e4. The saved LSE keeps every P <= 1; float32 scores of that size
     carry absolute rounding errors of ~1e-3, hence the looser float32 bound (the forward's test has the same)."""
     q, k, v, do = make(64, 2, 2, 16)
     q, k = q * 100.0, k * 100.0
-    got = emulate_ring(q, k, v, do, nranks=4, layout=layout, causal=True, dtype=dtype, tile_q=8, tile_k=8)
+    got = emulate_ring(q, k, v, do, nranks=4, layout=layout, causal=True, dtype=dtype, tile_q=8, tile_k=8, exp_base=exp_base)
     assert_close(got, reference(q, k, v, do, causal=True, dtype=dtype), tol)
 
 
@@ -195,8 +201,9 @@ def test_fully_masked_pieces_one_token_per_rank(dtype):
     assert_close(got, reference(q, k, v, do, causal=True, dtype=dtype), TOLERANCE_BWD[dtype])
 
 
+@pytest.mark.parametrize("exp_base", ["2", "e"])
 @pytest.mark.parametrize("tile_q,tile_k", [(None, None), (1, 1), (3, 4)])
-def test_rows_that_saw_no_key_get_exactly_zero(tile_q, tile_k):
+def test_rows_that_saw_no_key_get_exactly_zero(tile_q, tile_k, exp_base):
     """A STRICT block alone: query 0 sees no key, its LSE is -inf. Its dQ is exactly 0, no NaN anywhere, and
     the last key (seen by no query) gets exactly zero dK and dV."""
     q, k, v, do = make(8, 2, 2, 4, batch=1)
@@ -207,7 +214,7 @@ def test_rows_that_saw_no_key_get_exactly_zero(tile_q, tile_k):
     fwd.update(kh, vh, pieces)
     o, lse = fwd.finalize()
     assert np.all(lse[..., 0] == -np.inf)
-    bwd = BlockBackward(np, qh, doh, o, lse, tile_q=tile_q, tile_k=tile_k)
+    bwd = BlockBackward(np, qh, doh, o, lse, tile_q=tile_q, tile_k=tile_k, exp_base=exp_base)
     dk, dv = np.zeros_like(kh), np.zeros_like(vh)
     bwd.update(kh, vh, dk, dv, pieces)
     dq = bwd.dq()
@@ -323,3 +330,11 @@ def test_auto_tiles_and_flops():
 def test_heads_to_kv_inverts_kv_to_heads():
     x = np.arange(2 * 5 * 3 * 4.0).reshape(2, 5, 3, 4)
     np.testing.assert_array_equal(heads_to_kv(kernel.kv_to_heads(np, x), 2), x)
+
+
+def test_exp_base_is_decided_by_the_cpu_and_checked():
+    assert backward.fast_exp_base(np) in ("2", "e")
+    assert backward.fast_exp_base(object()) == "2"  # off the host
+    qh = np.ones((1, 1, 2, 4))
+    with pytest.raises(ValueError, match="exp_base"):
+        BlockBackward(np, qh, qh, qh, np.zeros((1, 1, 2)), exp_base="10")

@@ -109,7 +109,7 @@ def test_bwd_kernel_bench_prints_the_table_and_saves_every_sample(tmp_path):
     out = tmp_path / "b.json"
     res = script("bwd_kernel_bench.py", *KERNEL_TINY, "--breakdown", "--out", out)
     assert res.returncode == 0, res.stderr
-    for col in ("kernel", "tiles", "torch", "k/torch", "k/tiles", "err", "target", "dK gemm", "exp2"):
+    for col in ("kernel", "tiles", "torch", "k/torch", "k/tiles", "err", "target", "dK gemm", "exp"):
         assert col in res.stdout
     lines = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("16 ")]
     assert len(lines) == 4  # 2 blocks x (full, causal)
@@ -123,14 +123,15 @@ def test_bwd_kernel_bench_prints_the_table_and_saves_every_sample(tmp_path):
     assert row["max_rel_err"] < 1e-4  # dq, dk and dv of the timed kernel against torch's (or float64) gradients
     assert row["err_against"] == ("torch" if has_torch else "float64 reference")
     assert row["flops"] == 2.5 * 4 * 1 * 4 * 16 * 64 * 64  # backward = 2.5 x forward FLOPs
-    assert set(data["tile_breakdown_s"]["16"]) >= {"S gemm", "exp2", "dV gemm", "dP gemm", "dQ gemm", "dK gemm"}
+    assert set(data["tile_breakdown_s"]["16"]) >= {"S gemm", "dV gemm", "dP gemm", "dQ gemm", "dK gemm"}
+    assert row["exp_base"] == data["provenance"]["exp_base"] in ("2", "e")
 
 
 def test_bwd_kernel_bench_without_torch_and_user_error(tmp_path):
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "torch.py").write_text("raise ImportError('hidden by the test')\n")
-    res = script("bwd_kernel_bench.py", *KERNEL_TINY, "--causal", "no", env={"PYTHONPATH": f"{fake}:{ROOT}"})
+    res = script("bwd_kernel_bench.py", *KERNEL_TINY, "--causal", "no", "--exp", "e", env={"PYTHONPATH": f"{fake}:{ROOT}"})
     assert res.returncode == 0, res.stderr
     assert "torch not importable" in res.stdout and "n/a" in res.stdout and "float64 reference" in res.stdout
     res = script("bwd_kernel_bench.py", "--heads", 3, "--kv-heads", 2)
