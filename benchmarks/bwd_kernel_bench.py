@@ -25,12 +25,6 @@ rows are reported without a verdict. Exit status 0, or 1 with --strict when a ta
 
 from __future__ import annotations
 
-import os
-
-# One BLAS thread (one rank per core): set before NumPy or torch load their BLAS.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -45,7 +39,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 from kernel_bench import CLOCKS, _fmt, interleaved, load_torch, paired_ratio, provenance  # noqa: E402
 
 from ringbench import backward, kernel  # noqa: E402
-from ringbench.backend import BackendError, get_backend  # noqa: E402
+from ringbench.backend import BackendError, get_backend, limit_threads  # noqa: E402
 from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
 
 TARGET = 0.8  # kernel / torch backward, fp32
@@ -85,8 +79,8 @@ class KernelStep:
         auto = backward.auto_tiles(sh.n, sh.n, g, z)
         self.tile_q, self.tile_k = tile_q or auto[0], tile_k or auto[1]
         self.head_chunk = head_chunk or (auto[2] if not (tile_q or tile_k) else backward.auto_tiles(self.tile_q, self.tile_k, g, z)[2])
-        self.qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype)  # (Z, G, n, D)
-        self.qh *= sh.dtype.type(kernel.softmax_scale(sh.d))
+        # (Z, G, n, D); q_to_heads may return a read-only view of q: scale into a new array
+        self.qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype) * sh.dtype.type(kernel.softmax_scale(sh.d))
         self.k = kernel.kv_to_heads(np, sh.k, sh.dtype)  # (Z, n, D)
         self.v = kernel.kv_to_heads(np, sh.v, sh.dtype)
         self.do = kernel.q_to_heads(np, sh.do, sh.hk, sh.dtype)
@@ -389,7 +383,8 @@ def main(argv=None) -> int:
     except BackendError as exc:
         print(f"bwd_kernel_bench: {exc}", file=sys.stderr)
         return 2
-    prov = provenance(note, torch)
+    threads = limit_threads(1)  # every candidate on one thread (one rank per core), whatever the environment says
+    prov = provenance(note, torch, threads)
     prov["kernel_blas"] = blas
     prov["simd"] = simd_level()
     prov["exp_base"] = backward.fast_exp_base(np) if a.exp == "auto" else a.exp

@@ -22,6 +22,7 @@ PROGRESS = ("none", "test")
 BLAS = ("auto", "numpy", "mkl")
 CUDA_AWARE = ("auto", "yes", "no")
 KERNELS = ("native", "torch", "flash-attn")  # per-step attention: ringbench's NumPy/CuPy kernel, or a fused one
+PASSES = ("fwd", "bwd", "fwd+bwd")  # what `ringbench run` times: the forward, the backward, or both (two phases)
 
 
 class UserError(Exception):
@@ -63,25 +64,35 @@ class RunConfig:
     check: bool = False
     save_tensors: bool = False
     memory_limit: int | str = "auto"  # bytes a rank may use: 'auto' (what the node/GPU has free), 'none' (no check)
+    pass_: str = "fwd"  # the key `pass` everywhere outside this class (KEYS): fwd, bwd or fwd+bwd
 
     # fields that do not change what is measured: left out of the point id
     NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat", "memory_limit")
     # fields added after the first ids were stored: in the point id only when not at their default, so the ids
     # of points stored before they existed (and the 8-hex legacy ids recomputed for old files) do not change
-    ADDED_IDENTITY = {"kernel": "native", "ulysses_degree": 1}
+    ADDED_IDENTITY = {"kernel": "native", "ulysses_degree": 1, "pass": "fwd"}
+    # field -> its key in the CLI (--pass), experiment files, stored configs: `pass` is a Python keyword
+    KEYS = {"pass_": "pass"}
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The timed phases of the run, in order: ('fwd',), ('bwd',) or ('fwd', 'bwd')."""
+        return tuple(self.pass_.split("+"))
 
     @property
     def kv_heads_resolved(self) -> int:
         return self.heads if self.kv_heads is None else self.kv_heads
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}  # every field is a scalar: no deep copy (asdict) needed
+        """Every field under its key (``pass``, not ``pass_``), kv_heads resolved."""
+        d = {field_key(f.name): getattr(self, f.name) for f in fields(self)}  # every field is a scalar: no deep copy
         d["kv_heads"] = self.kv_heads_resolved
         return d
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        """The keys of the fields, as the CLI, experiment files and stored configs spell them."""
+        return [field_key(f.name) for f in fields(cls)]
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "") -> RunConfig:
@@ -91,9 +102,15 @@ class RunConfig:
             if key not in names:
                 raise ConfigError(f"{where}{key}", f"unknown key{did_you_mean(key, names)}")
         cfg = cls()
+        attr = {v: k for k, v in cls.KEYS.items()}
         for key, value in data.items():
-            setattr(cfg, key, coerce(key, value, where))
+            setattr(cfg, attr.get(key, key), coerce(key, value, where))
         return cfg
+
+
+def field_key(name: str) -> str:
+    """The key of a RunConfig field (its name, except ``pass_`` -> ``pass``); keys are returned as they are."""
+    return RunConfig.KEYS.get(name, name)
 
 
 # (least, largest) value of each integer field. The upper bounds refuse nonsense before any work (a
@@ -124,6 +141,7 @@ CHOICES = {
     "cuda_aware": CUDA_AWARE,
     "blas": BLAS,
     "kernel": KERNELS,
+    "pass": PASSES,
 }
 _BOOL_FIELDS = ("causal", "check", "save_tensors")
 
@@ -187,9 +205,9 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     errors = []
     for f in fields(cfg):
         try:
-            coerce(f.name, getattr(cfg, f.name))
+            coerce(field_key(f.name), getattr(cfg, f.name))
         except ConfigError as e:
-            errors.append((f.name, e.message))
+            errors.append((field_key(f.name), e.message))
     if errors:
         return errors
     hk = cfg.kv_heads_resolved
@@ -201,15 +219,24 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
         errors.append(("seq_len", f"{cfg.seq_len} is not divisible by {div} ({need}, layout {cfg.layout} at {nranks} ranks)"))
     errors += strategy_problems(cfg, nranks)
     if cfg.save_tensors:
-        nbytes = 8 * cfg.batch * cfg.seq_len * (2 * cfg.heads + 2 * hk) * cfg.head_dim
+        nbytes = save_tensors_bytes(cfg)
         if nbytes > SAVE_TENSORS_LIMIT:
-            errors.append(
-                ("save_tensors", f"q, k, v and output would take {nbytes / 2**20:.0f} MiB; allowed up to {SAVE_TENSORS_LIMIT // 2**20} MiB")
-            )
+            what = "q, k, v and output" + (", do, dq, dk and dv" if "bwd" in cfg.phases else "")
+            errors.append(("save_tensors", f"{what} would take {nbytes / 2**20:.0f} MiB; allowed up to {SAVE_TENSORS_LIMIT // 2**20} MiB"))
     return errors
 
 
 SAVE_TENSORS_LIMIT = 256 * 2**20
+
+
+def save_tensors_bytes(cfg: RunConfig) -> int:
+    """Bytes of the global tensors --save-tensors stores (at 8 bytes an element, the widest dtype): q, k, v, out,
+    and with a backward also do, dq (H heads) and dk, dv (H_kv heads)."""
+    hk = cfg.kv_heads_resolved
+    heads = 2 * cfg.heads + 2 * hk
+    if "bwd" in cfg.phases:
+        heads *= 2
+    return 8 * cfg.batch * cfg.seq_len * heads * cfg.head_dim
 
 
 def heads_rule(heads: int, kv_heads: int, u: int) -> str | None:
@@ -227,6 +254,8 @@ def strategy_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     hk = cfg.kv_heads_resolved
     if cfg.mode in STRATEGY_MODES and cfg.kernel != "native":
         return [("kernel", f"--mode {cfg.mode} runs the native kernel only; got --kernel {cfg.kernel}")]
+    if cfg.mode in STRATEGY_MODES and cfg.pass_ != "fwd":
+        return [("pass", f"--mode {cfg.mode} has a forward pass only (its backward is not built yet); got --pass {cfg.pass_}")]
     if cfg.mode != "hybrid":
         if cfg.ulysses_degree != 1:
             return [("ulysses_degree", f"only for --mode hybrid; got {cfg.ulysses_degree} with --mode {cfg.mode}")]
@@ -281,7 +310,8 @@ def _point_id(cfg: RunConfig, nranks: int, digits: int) -> str:
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:digits]
     causal = "-causal" if cfg.causal else ""
     mode = f"hybrid{cfg.ulysses_degree}" if cfg.mode == "hybrid" else cfg.mode
-    return f"{mode}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
+    phase = "" if cfg.pass_ == "fwd" else "-" + cfg.pass_.replace("+", "")  # -bwd, -fwdbwd
+    return f"{mode}{phase}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
 
 
 def option_name(key: str) -> str:

@@ -82,6 +82,8 @@ def load_queries(state: kernel.OnlineSoftmax, q, scale: float) -> None:
 class Hybrid:
     """Ulysses all-to-all inside groups of U consecutive ranks, a ring over the R = P / U groups (module docstring)."""
 
+    bwd_score_tile_elems = 0  # forward only (config refuses --pass bwd for the strategies)
+
     def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, u: int | None = None, fault_step=None):
         xp = backend.xp
         self.cfg, self.backend, self.xp = cfg, backend, xp
@@ -178,7 +180,7 @@ class Hybrid:
         t_compute[-1], t_comm[-1], t_step[-1] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
         return t_compute, t_comm, t_step, clock() - pass_start
 
-    def comm_only(self) -> np.ndarray:
+    def comm_only(self, phase: str = "fwd") -> np.ndarray:
         """The transfers alone: the all-to-all in, the ring's R - 1 transfers, the all-to-all out."""
         out = [self._timed(self.a2a, self.send_in, self.recv_in)]
         out += list(self.ring.comm_only())
@@ -223,6 +225,8 @@ class Ulysses(Hybrid):
 
 class PassQ:
     """Pass-Q: the K/V stay, the queries travel the ring, partial outputs return to their owners (module docstring)."""
+
+    bwd_score_tile_elems = 0  # forward only (config refuses --pass bwd for the strategies)
 
     def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step=None):
         xp = backend.xp
@@ -317,7 +321,7 @@ class PassQ:
                 cur, nxt = nxt, cur
         return t_compute, t_comm, t_step, clock() - pass_start
 
-    def comm_only(self) -> np.ndarray:
+    def comm_only(self, phase: str = "fwd") -> np.ndarray:
         """The transfers alone: P - 1 query-block transfers, then P - 1 partial returns."""
         P = self.nranks
         cur, nxt = self.bufs

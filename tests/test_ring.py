@@ -5,6 +5,7 @@ import pytest
 
 from ringbench import inputs, kernel
 from ringbench.backend import BackendError, get_backend
+from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import DTYPES, RunConfig
 from ringbench.ring import InjectedFault, Ring, parse_fault
 
@@ -14,8 +15,9 @@ class LoopBack:
 
     posted = False
 
-    def post(self, send, recv):
-        recv[...] = send
+    def post_all(self, pairs):
+        for send, recv in pairs:
+            recv[...] = send
         self.posted = True
 
     def wait(self):
@@ -24,11 +26,15 @@ class LoopBack:
     def test(self):
         return True
 
-    def sendrecv(self, send, recv):
-        recv[...] = send
+    def sendrecv_all(self, pairs, tag=1):
+        for send, recv in pairs:
+            recv[...] = send
 
     def allgather(self, local, out):
         out[...] = local
+
+    def alltoall(self, send, recv):
+        recv[...] = send
 
 
 def _backend(name):
@@ -63,20 +69,27 @@ def test_ring_never_writes_to_its_inputs(backend_name, dtype, shape, mode, causa
     st = backend.dtype(dtype)
     pos = np.arange(n)
     dims = dict(batch=b, seq_len=n * p, head_dim=d)
-    host = {name: inputs.tokens(name, 3, pos, heads=h if name == "q" else hk, **dims).astype(st) for name in ("q", "k", "v")}
+    host = {name: inputs.tokens(name, 3, pos, heads=hk if name in ("k", "v") else h, **dims).astype(st) for name in ("q", "k", "v", "do")}
     dev = {name: backend.asarray(x) for name, x in host.items()}
     before = {name: backend.asnumpy(x).tobytes() for name, x in dev.items()}
-    ring = Ring(cfg, backend, LoopBack(), 0, p, dev["q"], dev["k"], dev["v"])
+    ring = Ring(cfg, backend, LoopBack(), 0, p, dev["q"], dev["k"], dev["v"], do=dev["do"])
     ring.forward()
     out = backend.asnumpy(ring.output())
     ring.forward()
+    ring.prepare_backward()
+    ring.backward()
+    grads = [backend.asnumpy(x) for x in ring.grads()]
     for name, x in dev.items():
         assert backend.asnumpy(x).tobytes() == before[name], f"{name} was written to"
     assert out.shape == (b, n, h, d) and out.dtype == st
+    assert [g.shape for g in grads] == [(b, n, h, d), (b, n, hk, d), (b, n, hk, d)] and all(g.dtype == st for g in grads)
     if p == 1:  # one rank: the ring is full attention on its own block
         ref = kernel.reference_attention(host["q"], host["k"], host["v"], causal=causal)
         tol = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
         assert np.abs(out.astype(np.float64) - ref).max() <= tol * np.abs(ref).max()
+        refs = reference_attention_grad(host["q"], host["k"], host["v"], host["do"], causal=causal)
+        for g, r in zip(grads, refs):  # (with one key dq and dk are exactly 0: the error is then against 1, the inputs' scale)
+            assert np.abs(g.astype(np.float64) - r).max() <= max(tol, TOLERANCE_BWD[dtype]) * max(np.abs(r).max(), 1.0)
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 1, 8), (2, 1, 3, 8), (1, 6, 2, 4)])
