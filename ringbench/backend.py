@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ringbench import env_int
+from ringbench import env_int, kernel
 from ringbench.config import BACKENDS, BLAS
 from ringbench.mkl import MklMatmul
 from ringbench.provenance import cpu_model
@@ -76,8 +76,8 @@ class Backend:
 
     @staticmethod
     def compute_dtype(storage) -> np.dtype:
-        """Accumulate half precision in float32; float64 stays float64."""
-        return np.dtype(np.float64) if np.dtype(storage) == np.float64 else np.dtype(np.float32)
+        """Accumulate half precision in float32; float64 stays float64 (the kernels' rule: kernel.compute_dtype)."""
+        return kernel.compute_dtype(storage)
 
     # -- device -------------------------------------------------------------
     @property

@@ -17,7 +17,7 @@ k, v, dK, dV (Z, m, D), Z = B * H_kv, G = H / H_kv; a kv head's dK and dV sum ov
 P is taken as exp(S - LSE) or as 2^((S - LSE) log2(e)), whichever NumPy computes faster on this CPU
 (:func:`fast_exp_base`). For base 2 only the keys' transposed copy and the LSE column are scaled by log2(e): the
 queries stay as given, so dK = dS^T Q needs no rescaling; the base changes rounding only. Half precision
-computes and accumulates in float32 (float64 stays float64): ``Backend.compute_dtype``.
+computes and accumulates in float32 (float64 stays float64): ``kernel.compute_dtype``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ringbench import kernel
-from ringbench.backend import Backend
 from ringbench.layout import FULL, Piece, first_hidden
 
 # Elements of one score tile on the host (the backward holds two: P and dS, 1 MiB each in float32). 512 query rows
@@ -137,7 +136,7 @@ class BlockBackward:
         if do.shape != q.shape or out.shape != q.shape or lse.shape != (z, g, n):
             raise ValueError(f"BlockBackward: q {q.shape}, do {do.shape}, out {out.shape} must match and lse {lse.shape} be (Z, G, n)")
         self.shape = (z, g, n, d)
-        self.dtype = dt = Backend.compute_dtype(q.dtype)
+        self.dtype = dt = kernel.compute_dtype(q.dtype)
         self.scale = kernel.softmax_scale(d) if scale is None else float(scale)
         self.matmul = matmul or xp.matmul
         self.matmul_add = getattr(matmul, "matmul_add", None)  # c += a @ b in one GEMM, where offered

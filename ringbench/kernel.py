@@ -423,6 +423,11 @@ def merge(xp, out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
+def compute_dtype(storage) -> np.dtype:
+    """The dtype the kernels compute and accumulate in: float32 for half precision (and float32), float64 for float64."""
+    return np.dtype(np.float64) if np.dtype(storage) == np.float64 else np.dtype(np.float32)
+
+
 def flops(batch: int, heads: int, head_dim: int, pairs: int) -> float:
     """Matmul FLOPs of attention over ``pairs`` unmasked (query, key) pairs: QK^T and PV, 2 FLOPs per MAC."""
     return 4.0 * batch * heads * head_dim * pairs
