@@ -121,3 +121,37 @@ def test_plan_bench_user_error_is_one_line():
     res = script("plan_bench.py", "--points", 13, "--max-ranks", 64)
     assert res.returncode == 2
     assert "--points" in res.stderr.strip().splitlines()[-1]
+
+
+def test_bwd_kernel_bench_prints_the_table_and_saves_every_sample(tmp_path):
+    out = tmp_path / "b.json"
+    res = script("bwd_kernel_bench.py", *KERNEL_TINY, "--breakdown", "--out", out)
+    assert res.returncode == 0, res.stderr
+    for col in ("kernel", "tiles", "torch", "k/torch", "k/tiles", "err", "target", "dK gemm", "exp"):
+        assert col in res.stdout
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("16 ")]
+    assert len(lines) == 4  # 2 blocks x (full, causal)
+    assert all(ln.split()[-1] == "-" for ln in lines)  # tiny shapes are outside the target
+    data = json.loads(out.read_text())
+    assert data["provenance"]["cpu"] and data["provenance"]["simd"] and data["provenance"]["blas_threads"] == "1"
+    has_torch = importlib.util.find_spec("torch") is not None  # torch is the optional [bench] extra
+    row = data["rows"][0]
+    assert set(row["samples_s"]["cpu"]) == {"kernel", "tiles"} | ({"torch"} if has_torch else set())
+    assert all(len(v) == 1 for v in row["samples_s"]["wall"].values())
+    assert row["max_rel_err"] < 1e-4  # dq, dk and dv of the timed kernel against torch's (or float64) gradients
+    assert row["err_against"] == ("torch" if has_torch else "float64 reference")
+    assert row["flops"] == 2.5 * 4 * 1 * 4 * 16 * 64 * 64  # backward = 2.5 x forward FLOPs
+    assert set(data["tile_breakdown_s"]["16"]) >= {"S gemm", "dV gemm", "dP gemm", "dQ gemm", "dK gemm"}
+    assert row["exp_base"] == data["provenance"]["exp_base"] in ("2", "e")
+
+
+def test_bwd_kernel_bench_without_torch_and_user_error(tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('hidden by the test')\n")
+    res = script("bwd_kernel_bench.py", *KERNEL_TINY, "--causal", "no", "--exp", "e", env={"PYTHONPATH": f"{fake}:{ROOT}"})
+    assert res.returncode == 0, res.stderr
+    assert "torch not importable" in res.stdout and "n/a" in res.stdout and "float64 reference" in res.stdout
+    res = script("bwd_kernel_bench.py", "--heads", 3, "--kv-heads", 2)
+    assert res.returncode == 2
+    assert "--kv-heads" in res.stderr.strip().splitlines()[-1]
