@@ -94,12 +94,18 @@ class KernelStep:
             auto_tile_q(backend, sh.n, g, sh.n, budget) if not tile_k else max(16, min(sh.n, budget // (g * self.tile_k)))
         )
         self.head_chunk = head_chunk or auto_head_chunk(sh.b * sh.hk, g * self.tile_q * self.tile_k)
-        qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype)  # (Z, G, n, D)
-        qh *= sh.dtype.type(kernel.softmax_scale(sh.d))
+        qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype)  # (Z, G, n, D), read only
         self.k = kernel.kv_to_heads(np, sh.k, sh.dtype)  # (Z, n, D)
         self.v = kernel.kv_to_heads(np, sh.v, sh.dtype)
         self.state = kernel.OnlineSoftmax(
-            np, qh, head_chunk=self.head_chunk, tile_q=self.tile_q, tile_k=self.tile_k, matmul=matmul, exp=exp
+            np,
+            qh,
+            head_chunk=self.head_chunk,
+            tile_q=self.tile_q,
+            tile_k=self.tile_k,
+            matmul=matmul,
+            exp=exp,
+            scale=kernel.softmax_scale(sh.d),
         )
         self.pieces = [sh.piece]
         self.batch = sh.b

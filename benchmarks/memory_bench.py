@@ -1,7 +1,12 @@
 """Peak memory of one rank's ring pass against the theoretical minimum, per mode.
 
     python benchmarks/memory_bench.py [--ranks 4] [--seq-len 8192] [--heads 8] [--head-dim 64]
-                                      [--modes overlap blocking allgather] [--causal] [--out FILE.json]
+                                      [--modes overlap blocking allgather] [--causal] [--pass fwd|bwd] [--out FILE.json]
+
+``--pass bwd`` measures the backward: the rank's inputs are q, k, v and dO, the untimed forward that gives O and
+the LSE runs first, then the backward passes; theory is ringbench.measure.theoretical_bwd_bytes (q, dO, O, LSE,
+dQ, two K/V buffers, three dK/dV accumulators in the accumulation dtype, two score tiles), and the allowed
+largest array is also one dK/dV accumulator or the backward's widened query copy.
 
 Launches ``mpiexec -n P`` of itself once per mode. Every rank builds a real :class:`ringbench.ring.Ring` (numpy
 backend, the ring's own tiles), runs ``--passes`` ring passes and takes the output, with tracemalloc on
@@ -90,20 +95,26 @@ def worker(spec: dict) -> int:
         if size > largest[0]:
             largest[:] = [size, where]
 
+    bwd = spec.get("pass", "fwd") == "bwd"
     q = rng.standard_normal((cfg.batch, n, cfg.heads, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False)
     k = rng.standard_normal((cfg.batch, n, hk, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False)
     v = rng.standard_normal((cfg.batch, n, hk, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False)
+    do = rng.standard_normal((cfg.batch, n, cfg.heads, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False) if bwd else None
     ex = mpi.KVExchange(world, backend, False)
-    ring = Ring(cfg, backend, ex, rank, nranks, q, k, v)
-    del q, k, v  # the ring keeps its own copies (as `ringbench run` drops its inputs)
+    ring = Ring(cfg, backend, ex, rank, nranks, q, k, v, do=do)
+    del q, k, v, do  # the ring keeps its own copies (as `ringbench run` drops its inputs)
+    if bwd:
+        ring.prepare_backward()
+    run_pass = ring.backward if bwd else ring.forward
     for _ in range(cfg.repeat):
         mpi.barrier()
-        ring.forward()
-    out = backend.asnumpy(ring.output())
+        run_pass()
+    out = backend.asnumpy(ring.grads()[0] if bwd else ring.output())
     peak = tracemalloc.get_traced_memory()[1] - base
     rss = peak_rss_bytes() - rss0
     # then one more pass that looks at every live array at tile boundaries (snapshots allocate: not in the peak)
-    inner = ring.state.on_tile
+    tiled = ring._bwd.grad if bwd else ring.state
+    inner = tiled.on_tile
     count = [0]
 
     def on_tile() -> None:
@@ -114,10 +125,10 @@ def worker(spec: dict) -> int:
             inner()
 
     look("before the pass")
-    ring.state.on_tile = on_tile
-    ring.forward()
+    tiled.on_tile = on_tile
+    run_pass()
     look("after the pass")
-    out = backend.asnumpy(ring.output())
+    out = backend.asnumpy(ring.grads()[0] if bwd else ring.output())
     look("after the output")
     tracemalloc.stop()
     local = {
@@ -135,7 +146,9 @@ def worker(spec: dict) -> int:
     parts = mpi.gather(local)
     if rank == 0:
         itemsize = np.dtype(dtype).itemsize
-        theo = measure.theoretical_bytes(
+        theory = measure.theoretical_bwd_bytes if bwd else measure.theoretical_bytes
+        tile_elems = ring.bwd_score_tile_elems if bwd else ring.score_tile_elems
+        theo = theory(
             batch=cfg.batch,
             local_q=n,
             heads=cfg.heads,
@@ -143,10 +156,13 @@ def worker(spec: dict) -> int:
             head_dim=cfg.head_dim,
             itemsize=itemsize,
             compute_itemsize=ring.compute.itemsize,
-            score_tile_elems=ring.score_tile_elems,
+            score_tile_elems=tile_elems,
         )
         block = 2 * cfg.batch * n * hk * cfg.head_dim * itemsize
-        tile = ring.score_tile_elems * ring.compute.itemsize
+        if bwd:  # the largest arrays of the backward: a dK/dV accumulator (compute dtype), its widened query copy
+            block = max(block, ring.grad_block_bytes())
+        tile = tile_elems * ring.compute.itemsize
+        q_bytes = max(ring.state.qa.nbytes, ring._bwd.grad.qa.nbytes) if bwd else ring.state.qa.nbytes
         print(
             "RESULT "
             + json.dumps(
@@ -156,7 +172,7 @@ def worker(spec: dict) -> int:
                     "theoretical_bytes": theo,
                     "block_bytes": block,
                     "tile_bytes": tile,
-                    "q_bytes": int(ring.state.qa.nbytes),
+                    "q_bytes": int(q_bytes),
                     "nxn_bytes": cfg.seq_len**2 * ring.compute.itemsize,
                     "ranks": parts,
                 }
@@ -251,6 +267,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layout", choices=("contiguous", "zigzag", "striped"), default="contiguous")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--pass", dest="pass_", choices=("fwd", "bwd"), default="fwd", help="the pass measured (default fwd)")
     p.add_argument("--passes", type=int, default=2, metavar="N", help="ring passes per run (--repeat is an alias)")
     p.add_argument("--repeat", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--every", type=int, default=1, metavar="K", help="look for the largest array every K tiles")
@@ -280,7 +297,7 @@ def main(argv=None) -> int:
         return worker(json.loads(a.worker))
     print(
         f"memory_bench: P={a.ranks} N={a.seq_len} B={a.batch} H={a.heads}/{a.kv_heads} D={a.head_dim} {a.dtype} "
-        f"{a.layout}{' causal' if a.causal else ''}, {a.passes} passes per mode; tracemalloc peak per rank "
+        f"{a.layout}{' causal' if a.causal else ''}, {a.passes} {a.pass_} passes per mode; tracemalloc peak per rank "
         f"(max over ranks)",
         flush=True,
     )
@@ -296,6 +313,7 @@ def main(argv=None) -> int:
             "causal": a.causal,
             "layout": a.layout,
             "mode": mode,
+            "pass": a.pass_,
             "passes": a.passes,
             "every": a.every,
         }

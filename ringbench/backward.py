@@ -231,7 +231,7 @@ class BlockBackward:
                     tk = j1 - j0
                     s = sbuf[: zc * rq * tk].reshape(zc, rq, tk)  # (Zc, tq*G, tk)
                     dp = dpbuf[: zc * rq * tk].reshape(zc, rq, tk)
-                    mask = (i0, i1, j0, j1, strict) if (p.mask != FULL and j1 > i0 - strict) else None
+                    mask = (i0, i1, j0, p.mask) if (p.mask != FULL and j1 > i0 - strict) else None
                     self._tile(qt, dot, dqt, kta[..., j0:j1], vta[..., j0:j1], kz[:, j0:j1], dkz[:, j0:j1], dvz[:, j0:j1], s, dp, mask, tmp)
                     if self.on_tile is not None:
                         self.on_tile()

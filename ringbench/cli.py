@@ -23,7 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ringbench import env_int
-from ringbench.config import CHOICES, ConfigError, RunConfig, UserError, option_name
+from ringbench.config import CHOICES, ConfigError, RunConfig, UserError, field_key, option_name
 
 PROG = "ringbench"
 
@@ -70,7 +70,8 @@ _HELP = {
     "repeat": "timed passes",
     "seed": "input seed",
     "check": "compare with a float64 reference",
-    "save_tensors": "store global q, k, v, out in the result (small problems)",
+    "save_tensors": "store global q, k, v, out (and do, dq, dk, dv with a backward) in the result (small problems)",
+    "pass_": "what is timed: the forward, the backward (after an untimed forward), or both as two phases",
 }
 
 
@@ -80,11 +81,11 @@ def run_parser() -> argparse.ArgumentParser:
     for f in fields(RunConfig):
         opt, default = option_name(f.name), getattr(defaults, f.name)
         if isinstance(default, bool):
-            p.add_argument(opt, action=argparse.BooleanOptionalAction, default=default, help=_HELP[f.name])
-        elif f.name in CHOICES:
-            p.add_argument(opt, choices=CHOICES[f.name], default=default, help=_HELP[f.name])
+            p.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=_HELP[f.name])
+        elif field_key(f.name) in CHOICES:
+            p.add_argument(opt, dest=f.name, choices=CHOICES[field_key(f.name)], default=default, help=_HELP[f.name])
         else:
-            p.add_argument(opt, type=int, default=default, metavar="N", help=_HELP[f.name])
+            p.add_argument(opt, dest=f.name, type=int, default=default, metavar="N", help=_HELP[f.name])
     p.add_argument("--out", metavar="FILE.h5", help="append the run to this HDF5 result file")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     return p

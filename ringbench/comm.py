@@ -55,11 +55,13 @@ def detect_cuda_aware() -> bool:
 
 
 class KVExchange:
-    """Double-buffered nonblocking exchange of one K/V block with the ring neighbours.
+    """Double-buffered nonblocking exchange of blocks with the ring neighbours.
 
-    ``post(send, recv)`` starts Isend(send -> next) and Irecv(recv <- prev); ``wait()`` completes them.
-    Posting twice, or waiting with nothing posted, raises ProtocolError: the overlap must be
-    post -> compute -> wait, visibly.
+    ``post(send, recv)`` starts Isend(send -> next) and Irecv(recv <- prev); ``post_all(pairs)`` does the same
+    for several (send, recv) pairs at once (the backward moves a K/V block and a dK/dV accumulator together;
+    pair i has its own tag, so each receive matches its own send); ``wait()`` completes them all. Posting
+    twice, or waiting with nothing posted, raises ProtocolError: the overlap must be post -> compute -> wait,
+    visibly.
     """
 
     def __init__(self, comm, backend, cuda_aware: bool):
@@ -69,27 +71,37 @@ class KVExchange:
         self.next = (comm.rank + 1) % comm.size
         self.prev = (comm.rank - 1) % comm.size
         self._reqs: list = []
-        self._recv_dev = None
-        self._recv_host = None
+        self._staged_recvs: list = []  # (device buffer, pinned host buffer) to copy in after the wait
 
     @property
     def posted(self) -> bool:
         return bool(self._reqs)
 
     def post(self, send, recv, tag: int = 0) -> None:
+        self.post_all([(send, recv)], tag)
+
+    def post_all(self, pairs, tag: int = 0) -> None:
+        """Start every (send, recv) pair of ``pairs``; pair i travels with tag ``tag + 2 i``."""
         if self._reqs:
             raise ProtocolError("post() called twice without wait()")
-        self.backend.synchronize()  # the device buffer must be complete before MPI reads it
-        if self.staged:
-            send_h = self.backend.pinned_empty("send", send.shape, send.dtype)
-            recv_h = self.backend.pinned_empty("recv", recv.shape, recv.dtype)
-            send.get(out=send_h)
-            self._recv_dev, self._recv_host = recv, recv_h
-            send, recv = send_h, recv_h
-        self._reqs = [self.comm.Irecv(_buf(recv), source=self.prev, tag=tag), self.comm.Isend(_buf(send), dest=self.next, tag=tag)]
+        if not pairs:
+            raise ProtocolError("post() called with nothing to send")
+        self.backend.synchronize()  # the device buffers must be complete before MPI reads them
+        reqs = []
+        for i, (send, recv) in enumerate(pairs):
+            if self.staged:
+                suffix = str(i) if i else ""
+                send_h = self.backend.pinned_empty("send" + suffix, send.shape, send.dtype)
+                recv_h = self.backend.pinned_empty("recv" + suffix, recv.shape, recv.dtype)
+                send.get(out=send_h)
+                self._staged_recvs.append((recv, recv_h))
+                send, recv = send_h, recv_h
+            t = tag + 2 * i
+            reqs += [self.comm.Irecv(_buf(recv), source=self.prev, tag=t), self.comm.Isend(_buf(send), dest=self.next, tag=t)]
+        self._reqs = reqs
 
     def test(self) -> bool:
-        """Drive MPI progress (no-op once complete); True when both transfers are done."""
+        """Drive MPI progress (no-op once complete); True when every posted transfer is done."""
         return bool(self._reqs) and MPI.Request.Testall(self._reqs)
 
     def wait(self) -> None:
@@ -97,13 +109,17 @@ class KVExchange:
             raise ProtocolError("wait() called with nothing posted")
         MPI.Request.Waitall(self._reqs)
         self._reqs = []
-        if self.staged:
-            self._recv_dev.set(self._recv_host)
-            self._recv_dev = self._recv_host = None
+        for dev, host in self._staged_recvs:
+            dev.set(host)
+        self._staged_recvs = []
 
     def sendrecv(self, send, recv, tag: int = 1) -> None:
         """Blocking exchange (the no-overlap baseline)."""
-        self.post(send, recv, tag)
+        self.sendrecv_all([(send, recv)], tag)
+
+    def sendrecv_all(self, pairs, tag: int = 1) -> None:
+        """Blocking exchange of every (send, recv) pair: post them all, wait for them all."""
+        self.post_all(pairs, tag)
         self.wait()
 
     def allgather(self, local, out) -> None:
@@ -118,6 +134,22 @@ class KVExchange:
         else:
             self.comm.Allgather(_buf(local), _buf(out))
 
+    def alltoall(self, send, recv) -> None:
+        """Block j of ``send`` (P, ...) to rank j; ``recv[i]`` (P, ...) receives rank i's block for this rank.
+
+        The allgather backward's reduce-scatter of dK/dV: each owner then sums what it received itself, in ring
+        order, so the sum is the ring's bit for bit (MPI_Reduce_scatter_block's summation order is the library's).
+        """
+        self.backend.synchronize()
+        if self.staged:
+            send_h = self.backend.pinned_empty("a2a_send", send.shape, send.dtype)
+            recv_h = self.backend.pinned_empty("a2a_recv", recv.shape, recv.dtype)
+            send.get(out=send_h)
+            self.comm.Alltoall(_buf(send_h), _buf(recv_h))
+            recv.set(recv_h)
+        else:
+            self.comm.Alltoall(_buf(send), _buf(recv))
+
 
 # ---------------------------------------------------------------------------------------------
 # Small collectives used by the run driver
@@ -128,6 +160,15 @@ def barrier(comm=WORLD) -> None:
 
 def gather(obj, comm=WORLD, root: int = 0):
     return comm.gather(obj, root=root)
+
+
+def bcast(obj, comm=WORLD, root: int = 0):
+    return comm.bcast(obj, root=root)
+
+
+def allreduce_sum(x, comm=WORLD) -> None:
+    """Sum a host array over the ranks, in place, on every rank."""
+    comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
 
 
 def first_error(msg: str | None, comm=WORLD) -> str | None:

@@ -19,6 +19,7 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 PROGRESS = ("none", "test")
 BLAS = ("auto", "numpy", "mkl")
 CUDA_AWARE = ("auto", "yes", "no")
+PASSES = ("fwd", "bwd", "fwd+bwd")  # what `ringbench run` times: the forward, the backward, or both (two phases)
 
 
 class UserError(Exception):
@@ -57,22 +58,32 @@ class RunConfig:
     seed: int = 0
     check: bool = False
     save_tensors: bool = False
+    pass_: str = "fwd"  # the key `pass` everywhere outside this class (KEYS): fwd, bwd or fwd+bwd
 
     # fields that do not change what is measured: left out of the point id
     NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat")
+    # field -> its key in the CLI (--pass), experiment files, stored configs: `pass` is a Python keyword
+    KEYS = {"pass_": "pass"}
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The timed phases of the run, in order: ('fwd',), ('bwd',) or ('fwd', 'bwd')."""
+        return tuple(self.pass_.split("+"))
 
     @property
     def kv_heads_resolved(self) -> int:
         return self.heads if self.kv_heads is None else self.kv_heads
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}  # every field is a scalar: no deep copy (asdict) needed
+        """Every field under its key (``pass``, not ``pass_``), kv_heads resolved."""
+        d = {field_key(f.name): getattr(self, f.name) for f in fields(self)}  # every field is a scalar: no deep copy (asdict) needed
         d["kv_heads"] = self.kv_heads_resolved
         return d
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        """The keys of the fields, as the CLI, experiment files and stored configs spell them."""
+        return [field_key(f.name) for f in fields(cls)]
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "") -> RunConfig:
@@ -82,9 +93,15 @@ class RunConfig:
             if key not in names:
                 raise ConfigError(f"{where}{key}", f"unknown key{did_you_mean(key, names)}")
         cfg = cls()
+        attr = {v: k for k, v in cls.KEYS.items()}
         for key, value in data.items():
-            setattr(cfg, key, coerce(key, value, where))
+            setattr(cfg, attr.get(key, key), coerce(key, value, where))
         return cfg
+
+
+def field_key(name: str) -> str:
+    """The key of a RunConfig field (its name, except ``pass_`` -> ``pass``); keys are returned as they are."""
+    return RunConfig.KEYS.get(name, name)
 
 
 _INT_FIELDS = {"batch": 1, "seq_len": 1, "heads": 1, "head_dim": 1, "warmup": 0, "repeat": 1, "seed": 0, "tile_q": 0}
@@ -96,6 +113,7 @@ CHOICES = {
     "progress": PROGRESS,
     "cuda_aware": CUDA_AWARE,
     "blas": BLAS,
+    "pass": PASSES,
 }
 _BOOL_FIELDS = ("causal", "check", "save_tensors")
 
@@ -133,9 +151,9 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     errors = []
     for f in fields(cfg):
         try:
-            coerce(f.name, getattr(cfg, f.name))
+            coerce(field_key(f.name), getattr(cfg, f.name))
         except ConfigError as e:
-            errors.append((f.name, e.message))
+            errors.append((field_key(f.name), e.message))
     if errors:
         return errors
     hk = cfg.kv_heads_resolved
@@ -146,29 +164,67 @@ def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
         need = "2 x ranks" if cfg.layout == "zigzag" else "the rank count"
         errors.append(("seq_len", f"{cfg.seq_len} is not divisible by {div} ({need}, layout {cfg.layout} at {nranks} ranks)"))
     if cfg.save_tensors:
-        nbytes = 8 * cfg.batch * cfg.seq_len * (2 * cfg.heads + 2 * hk) * cfg.head_dim
+        nbytes = save_tensors_bytes(cfg)
         if nbytes > SAVE_TENSORS_LIMIT:
-            errors.append(
-                ("save_tensors", f"q, k, v and output would take {nbytes / 2**20:.0f} MiB; allowed up to {SAVE_TENSORS_LIMIT // 2**20} MiB")
-            )
+            what = "q, k, v and output" + (", do, dq, dk and dv" if "bwd" in cfg.phases else "")
+            errors.append(("save_tensors", f"{what} would take {nbytes / 2**20:.0f} MiB; allowed up to {SAVE_TENSORS_LIMIT // 2**20} MiB"))
     return errors
 
 
 SAVE_TENSORS_LIMIT = 256 * 2**20
 
 
+def save_tensors_bytes(cfg: RunConfig) -> int:
+    """Bytes of the global tensors --save-tensors stores (at 8 bytes an element, the widest dtype): q, k, v, out,
+    and with a backward also do, dq (H heads) and dk, dv (H_kv heads)."""
+    hk = cfg.kv_heads_resolved
+    heads = 2 * cfg.heads + 2 * hk
+    if "bwd" in cfg.phases:
+        heads *= 2
+    return 8 * cfg.batch * cfg.seq_len * heads * cfg.head_dim
+
+
+ID_HEX = 16  # hex digits of SHA-1 in a point id: 64 bits, so distinct configurations never share one in practice
+LEGACY_ID_HEX = 8  # what ids had before (32 bits: they collide); files with them are still read
+
+
 def point_id(cfg: RunConfig, nranks: int) -> str:
     """Stable id of a sweep point: readable prefix + hash of every parameter that affects the measurement."""
+    return _point_id(cfg, nranks, ID_HEX)
+
+
+def legacy_point_id(cfg: RunConfig, nranks: int) -> str:
+    """The id an older ringbench gave this point (8 hex digits): where its part file of an earlier sweep is."""
+    return _point_id(cfg, nranks, LEGACY_ID_HEX)
+
+
+def stored_point_id(config: dict, nranks: int, stored: str) -> str:
+    """The id of the point a stored run measured, recomputed from its stored configuration and rank count.
+
+    Stored runs are matched to points by this, never by the id string they carry, so a run stored under an
+    older (8 hex digit) id still counts for its point. ``stored`` (that string) is returned only when the
+    configuration cannot be read back (a key this version does not know).
+    """
+    try:
+        return point_id(RunConfig.from_dict(config), int(nranks))
+    except (ConfigError, TypeError, ValueError):
+        return stored
+
+
+def _point_id(cfg: RunConfig, nranks: int, digits: int) -> str:
     ident = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY}
+    if ident["pass"] == "fwd":  # the default: forward-only points keep the ids they had before `pass` existed
+        del ident["pass"]
     ident["nranks"] = nranks
-    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:digits]
     causal = "-causal" if cfg.causal else ""
-    return f"{cfg.mode}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
+    phase = "" if cfg.pass_ == "fwd" else "-" + cfg.pass_.replace("+", "")  # -bwd, -fwdbwd
+    return f"{cfg.mode}{phase}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
 
 
 def option_name(key: str) -> str:
-    """CLI spelling of a config key."""
-    return "--" + key.replace("_", "-")
+    """CLI spelling of a config key (or field name: ``pass_`` is ``--pass``)."""
+    return "--" + field_key(key).replace("_", "-")
 
 
 def to_argv(cfg: RunConfig) -> list[str]:

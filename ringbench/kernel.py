@@ -27,17 +27,29 @@ from ringbench.layout import FULL, Piece, first_hidden, hidden
 # Layout changes between the public (B, N, H, D) and the kernel's head-major layout
 # ---------------------------------------------------------------------------------------------
 def q_to_heads(xp, q, kv_heads: int, dtype=None):
-    """(B, n, H, D) -> (B*H_kv, G, n, D), contiguous, optionally cast."""
+    """(B, n, H, D) -> (B*H_kv, G, n, D), contiguous, optionally cast.
+
+    The result may share memory with ``q`` (with G = 1 or n = 1 and no cast it is ``q`` reshaped): read it,
+    never write to it. On NumPy it is a read-only view, so a write raises instead of changing the caller's array.
+    """
     b, n, h, d = q.shape
     g = h // kv_heads
     x = q.reshape(b, n, kv_heads, g, d).transpose(0, 2, 3, 1, 4)  # (B, H_kv, G, n, D)
-    return xp.ascontiguousarray(x, dtype=dtype).reshape(b * kv_heads, g, n, d)
+    return _read_only(xp.ascontiguousarray(x, dtype=dtype).reshape(b * kv_heads, g, n, d))
 
 
 def kv_to_heads(xp, x, dtype=None):
-    """(B, n, H_kv, D) -> (B*H_kv, n, D), contiguous, optionally cast."""
+    """(B, n, H_kv, D) -> (B*H_kv, n, D), contiguous, optionally cast. May share memory with ``x``: read only."""
     b, n, hk, d = x.shape
-    return xp.ascontiguousarray(x.transpose(0, 2, 1, 3), dtype=dtype).reshape(b * hk, n, d)
+    return _read_only(xp.ascontiguousarray(x.transpose(0, 2, 1, 3), dtype=dtype).reshape(b * hk, n, d))
+
+
+def _read_only(x):
+    """A read-only view of a NumPy array (the caller's array keeps its own flag); other arrays as they are."""
+    if isinstance(x, np.ndarray):
+        x = x.view()
+        x.flags.writeable = False
+    return x
 
 
 def heads_to_out(o, batch: int):
@@ -138,12 +150,13 @@ def measure_exp(xp=np, size: int = 1 << 16, repeat: int = 7) -> tuple[str, dict[
 class OnlineSoftmax:
     """Running (reference, sum, weighted V) for one rank's queries, updated block by block.
 
-    ``q`` (Z, G, n, D) must already be scaled by 1/sqrt(D) and be in the compute dtype. The state keeps
-    its own query-major copy of it, (Z, n, G, D+1): scaled by log_b(e) for the base b of the exponential
-    (``exp``: "2" or "e", default :func:`exp_base`, kept as ``self.base``) and widened by one column holding
-    -m, the row's current reference (log_b units), so that a single matrix product gives the shifted scores s - m, and
-    the G query heads that share a kv head stack into one matrix of tile_q * G rows. The keys are widened
-    by a row of ones to match (one transposed copy per head chunk and piece, not per tile).
+    ``q`` (Z, G, n, D) is in the compute dtype and is only read: the state keeps its own query-major copy of
+    it, (Z, n, G, D+1): scaled by ``scale`` (the softmax scale 1/sqrt(D); None when ``q`` is already scaled),
+    then by log_b(e) for the base b of the exponential (``exp``: "2" or "e", default :func:`exp_base`, kept as
+    ``self.base``), and widened by one column holding -m, the row's current reference (log_b units), so that a
+    single matrix product gives the shifted scores s - m, and the G query heads that share a kv head stack into
+    one matrix of tile_q * G rows. The keys are widened by a row of ones to match (one transposed copy per
+    head chunk and piece, not per tile). Nothing given to the state (q, k, v) is ever written to.
 
     Tiles: ``head_chunk`` batch-heads and ``tile_q`` query positions (times G heads) at a time, against
     at most ``tile_k`` keys; the score tile buffer is allocated once and reused, so memory stays O(n)
@@ -163,6 +176,7 @@ class OnlineSoftmax:
         on_tile: Callable[[], None] | None = None,
         matmul: Callable | None = None,
         exp: str | None = None,
+        scale: float | None = None,
     ):
         self.xp = xp
         self.base = exp_base(xp, exp)  # the exponential's base and the thresholds restated in it
@@ -176,11 +190,16 @@ class OnlineSoftmax:
         self.tile_q = max(1, min(tile_q or n, n))
         self.tile_k = tile_k  # None: whole key block
         self.on_tile = on_tile
-        self.qa = xp.empty((z, n, g, d + 1), q.dtype)  # [q * log_b(e), -m], query-major
-        if self.base.scale == 1.0:
-            self.qa[..., :d] = q.transpose(0, 2, 1, 3)
-        else:
-            xp.multiply(q.transpose(0, 2, 1, 3), q.dtype.type(self.base.scale), out=self.qa[..., :d])
+        self.qa = xp.empty((z, n, g, d + 1), q.dtype)  # [q * scale * log_b(e), -m], query-major
+        qs = self.qa[..., :d]
+        if scale is None and self.base.scale == 1.0:
+            qs[...] = q.transpose(0, 2, 1, 3)
+        elif scale is None:
+            xp.multiply(q.transpose(0, 2, 1, 3), q.dtype.type(self.base.scale), out=qs)
+        else:  # rounded as (q * scale) * log_b(e), like a caller that scaled q first
+            xp.multiply(q.transpose(0, 2, 1, 3), q.dtype.type(scale), out=qs)
+            if self.base.scale != 1.0:
+                qs *= q.dtype.type(self.base.scale)
         self.qa[..., d] = 0
         self.acc = xp.zeros((z, n, g, d), q.dtype)  # sum_j b^(s_ij - m_i) v_j
         self.m = xp.zeros((z, n, g), q.dtype)  # reference of each row (log_b units, finite)

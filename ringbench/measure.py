@@ -106,6 +106,24 @@ def theoretical_bytes(
     )
 
 
+def theoretical_bwd_bytes(
+    *, batch: int, local_q: int, heads: int, kv_heads: int, head_dim: int, itemsize: int, compute_itemsize: int, score_tile_elems: int
+) -> int:
+    """Least memory a rank needs for a ring backward pass (README "Memory"): q, dO and O (storage), the LSE and dQ
+    (compute), two K/V buffers (storage), three dK/dV accumulators in the accumulation (compute) dtype (the share
+    being computed, the finished one leaving, the one arriving) and two score tiles (P and dS)."""
+    q = batch * local_q * heads * head_dim
+    kv_block = 2 * batch * local_q * kv_heads * head_dim
+    return int(
+        3 * q * itemsize  # q, dO, O
+        + batch * heads * local_q * compute_itemsize  # LSE
+        + q * compute_itemsize  # dQ
+        + 2 * kv_block * itemsize  # K/V double buffer
+        + 3 * kv_block * compute_itemsize  # dK/dV: local share, outgoing, incoming
+        + 2 * score_tile_elems * compute_itemsize  # P and dS
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Spread and significance (the README's "Measurements and metrics" states the rules for users)
 # ---------------------------------------------------------------------------------------------

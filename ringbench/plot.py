@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ringbench import measure, model, results
+from ringbench.config import stored_point_id
 from ringbench.layout import divisor
 
 FIGURES = ("strong", "weak", "overlap", "timeline", "breakdown", "causal", "model")
@@ -196,7 +197,7 @@ def _logx_ranks(ax, ranks):
 # ---------------------------------------------------------------------------------------------
 def strong_scaling(runs):
     """Time and speed-up vs rank count at the fixed N with the most rank counts."""
-    rows = results.rows(_ok(runs))
+    rows = results.rows(_ok(runs), phases=("fwd",))
     n, rows = _best_group(rows, "seq_len")
     lines = {k: v for k, v in _series(rows).items() if len({r["nranks"] for r in v}) >= 2}
     if not lines:
@@ -236,7 +237,7 @@ def strong_scaling(runs):
 
 def weak_scaling(runs):
     """Per-rank throughput efficiency and time vs rank count at the fixed N/P with the most rank counts."""
-    rows = results.rows(_ok(runs))
+    rows = results.rows(_ok(runs), phases=("fwd",))
     n, rows = _best_group(rows, "tokens_per_rank")
     lines = {k: v for k, v in _series(rows).items() if len({r["nranks"] for r in v}) >= 2}
     if not lines:
@@ -274,7 +275,7 @@ def weak_scaling(runs):
 
 def overlap(runs, cal: model.Calibration | None = None):
     """Overlap efficiency and exposed communication vs tokens per rank, one line per P; model crossover."""
-    rows = [r for r in results.rows(_ok(runs)) if r["nranks"] > 1 and r["mode"] in ("overlap", "blocking")]
+    rows = [r for r in results.rows(_ok(runs), phases=("fwd",)) if r["nranks"] > 1 and r["mode"] in ("overlap", "blocking")]
     if not rows:
         return None
     fam = defaultdict(list)  # one family: layout, causal flag and shape
@@ -457,7 +458,7 @@ def breakdown(runs):
     """Share of the pass in compute / communication calls / other, one bar per configuration."""
     latest = {}
     for r in _ok(runs):
-        latest[r.point_id] = r  # repeated runs of one point: the last one stored
+        latest[stored_point_id(r.config, r.nranks, r.point_id)] = r  # repeated runs of one point: the last one stored
     if not latest:
         return None
     items = sorted(latest.values(), key=lambda r: results.sort_key(results.row(r)))
@@ -549,7 +550,7 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
     """Predicted against measured pass time; and predicted strong scaling beyond the rank counts run."""
     if cal is None:
         return None
-    rows = results.rows(_ok(runs))
+    rows = results.rows(_ok(runs), phases=("fwd",))
     if not rows:
         return None
     fig, (ax_p, ax_x) = plt.subplots(1, 2, figsize=(12, 5.2))

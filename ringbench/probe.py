@@ -81,10 +81,10 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
         q = backend.asarray(inputs.tokens("q", 0, pos, heads=opts.heads, **dims).astype(dtype))  # (B, n, H, D)
         k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))  # (B, n, H_kv, D)
         v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
-        qh = kernel.q_to_heads(xp, q, hk, compute)  # (Z, G, n, D)
-        qh *= compute.type(kernel.softmax_scale(opts.head_dim))
+        qh = kernel.q_to_heads(xp, q, hk, compute)  # (Z, G, n, D), read only
         kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)  # (Z, n, D)
-        state = make_state(backend, qh, n, matmul=backend.matmul("auto")[0])  # tiled as the ring tiles it
+        scale = kernel.softmax_scale(opts.head_dim)
+        state = make_state(backend, qh, n, matmul=backend.matmul("auto")[0], scale=scale)  # tiled as the ring tiles it
         piece = [Piece(0, n, 0, n, FULL)]
         for r in range(-1, opts.repeat):  # one warm-up
             mpi.barrier()

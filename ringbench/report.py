@@ -90,7 +90,7 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
     body = []
     for r in sorted(rows, key=results.sort_key):
         line = [
-            r["mode"],
+            r["mode"] + ("" if r.get("phase", "fwd") == "fwd" else f" ({r['phase']})"),
             config_label(r),
             r["dtype"],
             shape_label(r),
@@ -106,6 +106,8 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
         ]
         if r["status"] != "ok":
             line[7:] = ["failed: " + (r.get("error") or "?")[:40]] + [""] * (len(header) - 8)
+        elif preds is not None and r.get("phase", "fwd") != "fwd":  # the model predicts the forward only
+            line += ["", ""]
         elif preds is not None:
             p = preds.get((r["file"], r["name"]))
             line += [_num(p.time_s, ".2f", 1e3), _num(model.relative_error(p.time_s, r["time_s"]), "+.0%")]
@@ -233,6 +235,7 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
     backends = sorted({r["backend_device"] for r in rows})
     out = [(f"{len(rows)} runs from {len({r['file'] for r in rows})} file(s); hosts {', '.join(hosts) or '?'}; {'; '.join(backends)}")]
     preds = predictions(runs, cal) if cal is not None else None
+    fwd_rows = [r for r in rows if r.get("phase", "fwd") == "fwd"]  # what the model predicts
     out += [
         "",
         runs_table(rows, preds),
@@ -247,10 +250,10 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
         out += [
             "",
             calibration_text(cal),
-            error_text(rows, preds, in_sample=cal.source.startswith("fitted")),
+            error_text(fwd_rows, preds, in_sample=cal.source.startswith("fitted")),
             "",
-            crossover_text(rows, cal),
+            crossover_text(fwd_rows, cal),
         ]
         if predict_ranks:
-            out += ["", prediction_table(rows, cal, predict_ranks)]
+            out += ["", prediction_table(fwd_rows, cal, predict_ranks)]
     return "\n".join(out)

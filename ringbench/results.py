@@ -1,4 +1,4 @@
-"""Runs as table rows: one row per run, for the terminal report, CSV and pandas.
+"""Runs as table rows: one row per timed phase of a run (``phase``: fwd or bwd), for the terminal report, CSV and pandas.
 
     >>> from ringbench import results
     >>> df = results.dataframe("scale.h5")          # pandas, imported only here
@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from ringbench import measure, store
-from ringbench.config import MODES
+from ringbench.config import MODES, stored_point_id
 from ringbench.model import Shape, block_bytes
 
 CONFIG_COLUMNS = (
+    "pass",
     "mode",
     "layout",
     "causal",
@@ -70,7 +71,7 @@ SPREAD_COLUMNS = (
 # The slowest rank's pass / compute / exposed comm time of each repeat (measure.per_repeat), as tuples; () without samples.
 REPEAT_KEYS = ("time_repeats_s", "compute_repeats_s", "exposed_comm_repeats_s")
 COLUMNS = (
-    ("file", "name", "point_id", "status", "error")
+    ("file", "name", "point_id", "status", "error", "phase")
     + CONFIG_COLUMNS
     + ("tokens_per_rank", "block_bytes")
     + SUMMARY_COLUMNS
@@ -79,7 +80,7 @@ COLUMNS = (
 )
 
 # What identifies a configuration apart from the mode: rows with the same key are compared side by side.
-COMPARE_KEY = ("layout", "causal", "dtype", "seq_len", "nranks", "batch", "heads", "kv_heads", "head_dim", "backend")
+COMPARE_KEY = ("phase", "layout", "causal", "dtype", "seq_len", "nranks", "batch", "heads", "kv_heads", "head_dim", "backend")
 
 
 def load(paths) -> list[store.Run]:
@@ -92,12 +93,17 @@ def load(paths) -> list[store.Run]:
     return runs
 
 
-def row(run: store.Run) -> dict:
-    """One run as a flat dict with the keys of ``COLUMNS`` and ``REPEAT_KEYS``."""
-    cfg, s, prov = run.config, run.summary, run.provenance
-    out = {"file": run.path, "name": run.name, "point_id": run.point_id, "status": run.status, "error": run.error}
+def row(run: store.Run, phase: str = "fwd") -> dict:
+    """One phase of a run as a flat dict with the keys of ``COLUMNS`` and ``REPEAT_KEYS`` (a phase the run lacks:
+    empty metrics, as a failed run's)."""
+    cfg, prov = run.config, run.provenance
+    ph = run.phase(phase) or store.Phase()
+    s = ph.summary
+    pid = stored_point_id(cfg, run.nranks, run.point_id)  # runs stored under an older 8-hex id line up with their point
+    out = {"file": run.path, "name": run.name, "point_id": pid, "status": run.status, "error": run.error, "phase": phase}
     for k in CONFIG_COLUMNS:
         out[k] = run.nranks if k == "nranks" else cfg.get(k)
+    out["pass"] = out["pass"] or "fwd"  # version-1 runs and runs from before `pass`: forward only
     try:
         shape = Shape.from_config(cfg, run.nranks)
         out["tokens_per_rank"], out["block_bytes"] = shape.n_local, block_bytes(shape)
@@ -106,9 +112,9 @@ def row(run: store.Run) -> dict:
     for k in SUMMARY_COLUMNS:
         v = s.get(k)
         out[k] = None if v == "none" else v
-    out.update(spread(run))
-    out["rel_err"] = run.check.get("rel_err")
-    out["check_passed"] = run.check.get("passed")
+    out.update(spread(ph))
+    out["rel_err"] = ph.check.get("rel_err")
+    out["check_passed"] = ph.check.get("passed")
     out["host"] = ",".join(prov.get("hosts", []))
     devices = sorted(set(prov.get("devices", [])))
     out["backend_device"] = f"{prov.get('backend', cfg.get('backend', ''))}: {', '.join(devices)}"
@@ -117,8 +123,8 @@ def row(run: store.Run) -> dict:
     return out
 
 
-def spread(run: store.Run) -> dict:
-    """The ``SPREAD_COLUMNS`` and ``REPEAT_KEYS`` of a run, from its samples."""
+def spread(run) -> dict:
+    """The ``SPREAD_COLUMNS`` and ``REPEAT_KEYS`` of a run (its forward phase) or of a ``store.Phase``, from its samples."""
     out = dict.fromkeys(SPREAD_COLUMNS)
     out.update(dict.fromkeys(REPEAT_KEYS, ()))
     if not all(k in run.samples for k in ("total_s", "compute_s", "comm_s")):
@@ -134,8 +140,17 @@ def spread(run: store.Run) -> dict:
     return out
 
 
-def rows(runs) -> list[dict]:
-    return [row(r) for r in runs]
+def rows(runs, phases=store.PHASES) -> list[dict]:
+    """One row per phase (of ``phases``) each run has; a run with none of them (a failed run) gives one row, of
+    the first phase its configuration asks for."""
+    out = []
+    for r in runs:
+        have = [p for p in r.phases() if p in phases]
+        if not have and r.status != "ok":
+            first = str(r.config.get("pass") or "fwd").split("+")[0]
+            have = [first] if first in phases else []
+        out += [row(r, p) for p in have]
+    return out
 
 
 def to_csv(table: list[dict], path) -> None:
@@ -235,6 +250,7 @@ def sort_key(r: dict):
         r["seq_len"],
         r["nranks"],
         r["mode"],
+        r.get("phase", "fwd"),
     )
 
 

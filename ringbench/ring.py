@@ -16,12 +16,11 @@ All three perform the same arithmetic in the same order, so their outputs are bi
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 
-from ringbench import kernel
+from ringbench import backward, kernel
 from ringbench.layout import step_plan
 from ringbench.mkl import MklMatmul
 
@@ -60,21 +59,32 @@ def auto_head_chunk(heads: int, tile_elems: int) -> int:
     return int(max(1, min(heads, (HOST_TILE_ELEMS // 2) // max(1, tile_elems))))
 
 
-def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None) -> kernel.OnlineSoftmax:
-    """The online-softmax state for scaled queries ``qh`` (Z, G, n, D), tiled as the backend wants it."""
-    z, g, n, _ = qh.shape
+def tiling(backend, z: int, g: int, n: int, n_keys: int, tile_q: int = 0, mkl: bool = False) -> tuple[int, int, int]:
+    """(head_chunk, tile_q, tile_k) of the score tiles for ``z`` batch-heads of ``g`` x ``n`` queries against ``n_keys`` keys."""
     head_chunk = z if backend.is_gpu else 1
-    budget = HOST_TILE_ELEMS_MKL if isinstance(matmul, MklMatmul) else HOST_TILE_ELEMS
+    budget = HOST_TILE_ELEMS_MKL if mkl else HOST_TILE_ELEMS
     tile_q = tile_q or auto_tile_q(backend, n, head_chunk * g, n_keys, budget)
     tile_k = auto_tile_k(backend, n_keys)
     if not backend.is_gpu:  # small blocks: several heads per tile, fewer Python calls
         head_chunk = auto_head_chunk(z, g * tile_q * tile_k)
-    return kernel.OnlineSoftmax(backend.xp, qh, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k, on_tile=on_tile, matmul=matmul)
+    return head_chunk, tile_q, tile_k
+
+
+def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None, scale=None) -> kernel.OnlineSoftmax:
+    """The online-softmax state for queries ``qh`` (Z, G, n, D) (read only; scaled by ``scale`` in the state's
+    own copy, None if already scaled), tiled as the backend wants it."""
+    z, g, n, _ = qh.shape
+    head_chunk, tile_q, tile_k = tiling(backend, z, g, n, n_keys, tile_q, isinstance(matmul, MklMatmul))
+    return kernel.OnlineSoftmax(
+        backend.xp, qh, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k, on_tile=on_tile, matmul=matmul, scale=scale
+    )
 
 
 class Ring:
-    def __init__(self, cfg, backend, exchange, rank: int, nranks: int, q, k, v):
-        """q: (B, n, H, D), k/v: (B, n, H_kv, D) in the storage dtype, on the backend's device."""
+    def __init__(self, cfg, backend, exchange, rank: int, nranks: int, q, k, v, *, do=None, fault_step: int | None = None):
+        """q: (B, n, H, D), k/v: (B, n, H_kv, D) in the storage dtype, on the backend's device; only read, never
+        written to (the ring computes on copies it owns). ``do`` (B, n, H, D): the upstream gradient, needed for
+        :meth:`backward` (read once, by :meth:`prepare_backward`). ``fault_step``: raise InjectedFault at that step."""
         xp = backend.xp
         self.cfg, self.backend, self.ex = cfg, backend, exchange
         self.rank, self.nranks = rank, nranks
@@ -83,39 +93,56 @@ class Ring:
         b, n, h, d = q.shape
         hk = k.shape[2]
         self.batch, self.n = b, n
-        qh = kernel.q_to_heads(xp, q, hk, self.compute)  # (Z, G, n, D)
-        qh *= self.compute.type(kernel.softmax_scale(d))
+        qh = kernel.q_to_heads(xp, q, hk, self.compute)  # (Z, G, n, D); may be a view of q: never written to
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
-        self.state = make_state(backend, qh, n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul)
+        scale = kernel.softmax_scale(d)
+        self.state = make_state(backend, qh, n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul, scale=scale)
         self.tile_q, self.tile_k = self.state.tile_q, self.state.tile_k
-        del qh  # the state keeps its own (widened) copy: free this before the K/V buffers
+        del qh  # the state keeps its own (scaled, widened) copy: free this before the K/V buffers
         self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D)
         self.bufs = [xp.empty_like(self.kv_home), xp.empty_like(self.kv_home)]
         # half precision travels as stored; the compute copy is made once per step
         self.kv_compute = None if self.storage == self.compute else xp.empty(self.kv_home.shape, self.compute)
         self.gathered = xp.empty((nranks,) + self.kv_home.shape, self.storage) if cfg.mode == "allgather" else None
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
-        self.fault = _fault_step(rank)
+        self.fault = fault_step
         self.score_tile_elems = self.state.head_chunk * (h // hk) * self.tile_q * self.tile_k
+        self._fwd = _Forward(self)
+        self._bwd = None if do is None else _Backward(self, q, do, on_tile)
 
     def _progress(self) -> None:
         if self.ex.posted:
             self.ex.test()
 
     def block_bytes(self) -> int:
+        """Bytes of one K/V block (storage dtype): what the forward moves per hop."""
         return int(self.kv_home.nbytes)
 
-    def _compute(self, kv, step: int) -> None:
-        if self.kv_compute is not None:
-            self.kv_compute[...] = kv
-            kv = self.kv_compute
-        self.state.update(kv[0], kv[1], self.plans[step])
+    def grad_block_bytes(self) -> int:
+        """Bytes of one dK/dV accumulator (compute dtype: float32 for half precision): what travels beside K/V in the backward."""
+        return int(self.kv_home.size * self.compute.itemsize)
 
     def forward(self):
-        """One ring pass. Returns (compute_s, comm_s, step_s) arrays of length P, and the pass's total."""
+        """One forward ring pass. Returns (compute_s, comm_s, step_s) arrays of length P, and the pass's total."""
+        return self._pass(self._fwd)
+
+    def prepare_backward(self) -> None:
+        """Run the forward once (untimed) and keep what the backward needs: O and the log-sum-exp (and D)."""
+        self._bwd.prepare()
+
+    def backward(self):
+        """One backward ring pass (after :meth:`prepare_backward`): dQ here, every rank's dK/dV accumulated on the
+        way round and brought home. Returns timings as :meth:`forward` does."""
+        return self._pass(self._bwd)
+
+    def _pass(self, work):
+        """The ring loop of every pass, layout and mode: post the next transfers, compute on the block in hand,
+        wait, swap. What differs per pass lives in ``work``: what travels beside K/V (``posts``), what is computed
+        (``compute``), what joins the arrived data after the wait (``fold``, None if nothing) and what happens after
+        the last step (``send_home``, ``finish``). Returns (compute_s, comm_s, step_s) per step and the total."""
         P, mode, ex = self.nranks, self.cfg.mode, self.ex
-        self.state.reset()
+        work.start()
         cur, nxt = self.bufs
         cur[...] = self.kv_home
         self.backend.synchronize()
@@ -126,49 +153,70 @@ class Ring:
         for s in range(P):
             if s == self.fault:
                 raise InjectedFault(f"injected fault on rank {self.rank} at step {s}")
-            more = s < P - 1  # is there a next block to receive?
+            last = s == P - 1
             step_start = clock()
-            if mode == "overlap":
-                if more:
-                    ex.post(cur, nxt)  # next K/V starts moving ...
-                t_comm[s] = clock() - step_start
-                ctimer.start()
-                self._compute(cur, s)  # ... while this one is computed on
-                ctimer.stop()
-                t0 = clock()
-                if more:
-                    ex.wait()
-                t_comm[s] += clock() - t0
-            elif mode == "blocking":
-                if more:
-                    ex.sendrecv(cur, nxt)  # transfer, then compute: nothing overlaps
-                t_comm[s] = clock() - step_start
-                ctimer.start()
-                self._compute(cur, s)
-                ctimer.stop()
-            else:  # allgather: every block first, then compute
+            if mode == "allgather":  # every block first, then compute
                 if s == 0:
                     ex.allgather(self.kv_home, self.gathered)
-                t_comm[s] = clock() - step_start
-                ctimer.start()
-                self._compute(self.gathered[(self.rank - s) % P], s)
-                ctimer.stop()
+                kv, pairs = self.gathered[(self.rank - s) % P], []
+            else:
+                kv = cur
+                pairs = ([] if last else [(cur, nxt)]) + work.posts(s)  # the next K/V block (+ the backward's finished dK/dV)
+                if pairs and mode == "overlap":
+                    ex.post_all(pairs)  # ... start moving ...
+                elif pairs:
+                    ex.sendrecv_all(pairs)  # blocking: transfer, then compute: nothing overlaps
+            t_comm[s] = clock() - step_start
+            ctimer.start()
+            self._compute(work, kv, s)  # ... while this block is computed on
+            ctimer.stop()
+            t0 = clock()
+            if pairs and mode == "overlap":
+                ex.wait()
+            t_comm[s] += clock() - t0
+            extra = 0.0  # arithmetic after the wait (the backward adds its share to the accumulator that arrived)
+            if work.fold is not None:
+                extra += self._timed(work.fold, s)
+            if last and work.send_home is not None:  # after the last step: the backward's dK/dV go home
+                t0 = clock()
+                work.send_home()
+                t_comm[s] += clock() - t0
+                extra += self._timed(work.finish)
             self.backend.synchronize()
             t_step[s] = clock() - step_start
-            t_compute[s] = ctimer.seconds()
+            t_compute[s] = ctimer.seconds() + extra
             cur, nxt = nxt, cur
         return t_compute, t_comm, t_step, clock() - pass_start
 
-    def comm_only(self) -> np.ndarray:
-        """One ring pass that moves K/V but computes nothing: the transfers' own time, per step."""
+    def _timed(self, fn, *args) -> float:
+        t0 = time.perf_counter()
+        fn(*args)
+        self.backend.synchronize()
+        return time.perf_counter() - t0
+
+    def _compute(self, work, kv, step: int) -> None:
+        if self.kv_compute is not None:
+            self.kv_compute[...] = kv
+            kv = self.kv_compute
+        work.compute(kv, step)
+
+    def comm_only(self, phase: str = "fwd") -> np.ndarray:
+        """One ring pass that moves what the pass ``phase`` moves but computes nothing: the transfers' own time,
+        per step. fwd: P-1 K/V hops. bwd: P steps, step s sending K/V (s < P-1) and a dK/dV accumulator (s >= 1),
+        the last step also the accumulators' hop home. Ring transfers in every mode, as the forward's."""
         P = self.nranks
+        work = self._fwd if phase == "fwd" else self._bwd
         cur, nxt = self.bufs
         cur[...] = self.kv_home
         self.backend.synchronize()
-        out = np.zeros(max(P - 1, 0))
-        for s in range(P - 1):
+        steps = P - 1 if phase == "fwd" else (P if P > 1 else 0)
+        out = np.zeros(steps)
+        for s in range(steps):
             t0 = time.perf_counter()
-            self.ex.sendrecv(cur, nxt)
+            pairs = ([] if s == P - 1 else [(cur, nxt)]) + work.ring_posts(s)
+            self.ex.sendrecv_all(pairs)
+            if s == P - 1:
+                self.ex.sendrecv_all(work.ring_posts(P))
             out[s] = time.perf_counter() - t0
             cur, nxt = nxt, cur
         return out
@@ -178,10 +226,188 @@ class Ring:
         o, _ = self.state.finalize(self.storage)
         return kernel.heads_to_out(o, self.batch)
 
+    @property
+    def bwd_score_tile_elems(self) -> int:
+        """Elements of one of the backward's two score tiles (0 without a backward)."""
+        return getattr(self._bwd, "score_tile_elems", 0)
 
-def _fault_step(rank: int) -> int | None:
-    spec = os.environ.get("RINGBENCH_FAULT", "")
+    def grads(self):
+        """dQ (B, n, H, D) and this rank's own dK, dV (B, n, H_kv, D) after :meth:`backward`, in the storage dtype."""
+        return self._bwd.grads()
+
+
+class _Forward:
+    """The forward pass as the ring loop sees it: K/V travel alone; the online softmax folds each block in."""
+
+    fold = send_home = finish = None
+
+    def __init__(self, ring: Ring):
+        self.ring = ring
+
+    def start(self) -> None:
+        self.ring.state.reset()
+
+    def posts(self, s: int) -> list:
+        return []
+
+    ring_posts = posts
+
+    def compute(self, kv, s: int) -> None:
+        self.ring.state.update(kv[0], kv[1], self.ring.plans[s])
+
+
+class _Backward:
+    """The backward pass as the ring loop sees it: the dK/dV accumulator of a K/V block travels with it.
+
+    Ring modes (overlap, blocking). At step s a rank holds block src = (r - s) mod P and computes its share of
+    that block's dK/dV into ``local`` (zeroed first). Meanwhile the accumulator it finished at step s-1 goes to
+    the next rank and the accumulator of block src arrives from the previous one (posted with the next K/V
+    block: ``posts``). After the wait, the share is added to the arrived accumulator (``fold``), which is then
+    finished: it is sent on at step s+1. After the last step every finished accumulator holds all P shares of
+    its block and is one hop short of the block's owner: ``send_home`` makes that hop. Per rank: P-1 K/V hops
+    and P accumulator hops (P-1 during the pass, one after it).
+
+    Why a separate ``local`` share rather than adding into the arrived accumulator directly: in overlap mode
+    the accumulator is still arriving while the share is computed, and adding into it tile by tile once it
+    has come would make the rounding depend on when it came. With the share computed apart and added once,
+    every accumulator is ((c_b + c_{b+1}) + c_{b+2}) + ... in ring order (c_r: rank r's share) in every mode,
+    so the gradients are bitwise identical across modes. The cost is one zero-fill and one add of a
+    (2, Z, n, D) array per step: O(n D) against the step's O(n^2 D).
+
+    Allgather mode: every share goes into its own slot of ``parts`` (P, 2, Z, n, D); after the last step an
+    all-to-all hands each owner the P shares of its block (the reduce-scatter's data movement), and the owner
+    sums them in the same ring order.
+    """
+
+    def __init__(self, ring: Ring, q, do, on_tile):
+        self.ring = ring
+        self._inputs = (q, do)  # read by prepare(), then dropped
+        self._on_tile = on_tile
+        self.grad = None  # backward.BlockBackward, made by prepare()
+        self.allgather = ring.cfg.mode == "allgather"
+        if self.allgather:
+            self.fold = None
+
+    def prepare(self) -> None:
+        """The untimed forward, the BlockBackward of its O and LSE, then the accumulators (allocated last, once
+        the temporaries of this step are freed, so that they do not add to its peak)."""
+        ring = self.ring
+        if self.grad is not None:
+            return
+        xp = ring.backend.xp
+        q, do = self._inputs
+        self._inputs = None
+        hk = ring.kv_home.shape[1] // ring.batch
+        qh = kernel.q_to_heads(xp, q, hk, ring.compute) * ring.compute.type(kernel.softmax_scale(q.shape[3]))  # (Z, G, n, D)
+        doh = kernel.q_to_heads(xp, do, hk)
+        del q, do
+        ring.forward()  # untimed: O and the log-sum-exp
+        o, lse = ring.state.finalize(ring.storage)  # O in the storage dtype (as a training forward keeps it)
+        z, g, n, _ = qh.shape
+        tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=ring.backend.is_gpu)
+        self.grad = backward.BlockBackward(
+            xp,
+            qh,
+            doh,
+            o,
+            lse,
+            tile_q=ring.cfg.tile_q or tile_q,
+            tile_k=tile_k,
+            head_chunk=head_chunk,
+            matmul=ring.matmul,
+            on_tile=self._on_tile,
+        )
+        del qh, doh, o, lse
+        self.score_tile_elems = head_chunk * g * self.grad.tile_q * tile_k
+        shape, dt = ring.kv_home.shape, ring.compute
+        if self.allgather:
+            self.parts = xp.zeros((ring.nranks,) + shape, dt)  # this rank's share of every block
+            self.received = xp.empty_like(self.parts)  # every rank's share of this rank's block
+            self.home = xp.empty(shape, dt)
+        else:
+            self.local = xp.empty(shape, dt)  # this step's share
+            self.done = xp.empty(shape, dt)  # the accumulator finished last step: on its way to the next rank
+            self.arriving = xp.empty(shape, dt)  # the accumulator of the block in hand: from the previous rank
+
+    def start(self) -> None:
+        self.grad.reset()
+        if self.allgather:
+            self.parts.fill(0)
+
+    def posts(self, s: int) -> list:
+        """Beside the next K/V block: the accumulator finished at step s-1 out, the one of this step's block in."""
+        return [] if self.allgather else self.ring_posts(s)
+
+    def ring_posts(self, s: int) -> list:
+        """The accumulator pair of step s on the ring (s = P: the hop home); comm-only passes use it in every mode."""
+        if s < 1 or self.ring.nranks == 1:
+            return []
+        return [(self.parts[0], self.received[0])] if self.allgather else [(self.done, self.arriving)]
+
+    def compute(self, kv, s: int) -> None:
+        ring = self.ring
+        if self.allgather:
+            share = self.parts[(ring.rank - s) % ring.nranks]
+        else:
+            share = self.local
+            share.fill(0)
+        self.grad.update(kv[0], kv[1], share[0], share[1], ring.plans[s])
+
+    def fold(self, s: int) -> None:
+        if s == 0:  # the rank's own block: its share starts the accumulator
+            self.local, self.done = self.done, self.local
+        else:
+            self.arriving += self.local
+            self.done, self.arriving = self.arriving, self.done
+
+    def send_home(self) -> None:
+        """After the last step: the accumulators' last hop (ring modes), or the all-to-all of the shares (allgather)."""
+        if self.allgather:
+            if self.ring.nranks > 1:
+                self.ring.ex.alltoall(self.parts, self.received)
+            else:
+                self.received[...] = self.parts
+        elif self.ring.nranks > 1:
+            self.ring.ex.sendrecv_all([(self.done, self.arriving)], tag=3)
+            self.done, self.arriving = self.arriving, self.done
+
+    def finish(self) -> None:
+        """Allgather: the owner's sum of every rank's share of its block, in ring order (rank r, r+1, ...), as the ring adds them."""
+        if not self.allgather:
+            return
+        r, P = self.ring.rank, self.ring.nranks
+        self.home[...] = self.received[r]
+        for i in range(1, P):
+            self.home += self.received[(r + i) % P]
+
+    def grads(self):
+        """dQ (B, n, H, D), dK and dV (B, n, H_kv, D) in the storage dtype, each written once into its own array."""
+        ring, xp = self.ring, self.ring.backend.xp
+        z, n, g, d = self.grad.dqa.shape
+        b = ring.batch
+        dq = xp.empty((b, n, z // b, g, d), ring.storage)
+        # dQ = (dQ / scale) * scale in the compute dtype, rounded once to the storage dtype (as BlockBackward.dq)
+        xp.multiply(self.grad.dqa.reshape(b, z // b, n, g, d).transpose(0, 2, 1, 3, 4), ring.compute.type(self.grad.scale), out=dq)
+        acc = self.home if self.allgather else self.done  # (2, Z, n, D), at home
+        dk, dv = (xp.empty((b, n, z // b, d), ring.storage) for _ in range(2))
+        dk[...] = backward.heads_to_kv(acc[0], b)
+        dv[...] = backward.heads_to_kv(acc[1], b)
+        return dq.reshape(b, n, -1, d), dk, dv
+
+
+FAULT_FORM = "rank:step"
+
+
+def parse_fault(spec: str, nranks: int) -> tuple[int, int] | None:
+    """The (rank, step) of RINGBENCH_FAULT=rank:step (None if unset or empty); ValueError naming the variable
+    and the allowed form for anything else, or for a rank or step outside 0..P-1."""
+    spec = spec.strip()
     if not spec:
         return None
-    r, _, s = spec.partition(":")
-    return int(s or 0) if int(r) == rank else None
+    r, sep, s = spec.partition(":")
+    if sep and r.strip().isdecimal() and s.strip().isdecimal():
+        rank, step = int(r), int(s)
+        if rank < nranks and step < nranks:
+            return rank, step
+    ranks = f"{nranks} rank{'s' if nranks > 1 else ''}"
+    raise ValueError(f"RINGBENCH_FAULT: expected {FAULT_FORM} with rank and step in 0..{nranks - 1} ({ranks}), got {spec!r}")

@@ -7,17 +7,19 @@ with status 2 and rank 0 prints one line); any other exception aborts the whole 
 from __future__ import annotations
 
 import math
+import os
 import socket
 
 import numpy as np
 
+from ringbench import backward, inputs, kernel, measure, progress, store
 from ringbench import comm as mpi
-from ringbench import inputs, kernel, measure, progress, store
 from ringbench.backend import BackendError, current_rss_bytes, get_backend, limit_threads, peak_rss_bytes, thread_limit
+from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import RunConfig, UserError, check, option_name, point_id
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
-from ringbench.ring import Ring
+from ringbench.ring import Ring, parse_fault
 
 # Largest max|out - ref| / max|ref| accepted by --check, per storage dtype. Half precision is
 # dominated by rounding the output to the storage dtype (2^-11 for float16, 2^-8 for bfloat16).
@@ -45,48 +47,71 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     cuda_aware = _cuda_aware(cfg, backend)
 
     baseline_rss = current_rss_bytes()  # interpreter + libraries, before any array of the run
-    # inputs: this rank's tokens of the global q, k, v
+    # inputs: this rank's tokens of the global q, k, v (and dO for a backward)
+    phases = cfg.phases
+    names = ("q", "k", "v", "do") if "bwd" in phases else ("q", "k", "v")
     hk = cfg.kv_heads_resolved
     pos = positions(cfg.layout, rank, nranks, cfg.seq_len)
     dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
-    host = {
-        name: inputs.tokens(name, cfg.seed, pos, heads=cfg.heads if name == "q" else hk, **dims).astype(dtype) for name in ("q", "k", "v")
-    }
+    host = {name: inputs.tokens(name, cfg.seed, pos, heads=hk if name in ("k", "v") else cfg.heads, **dims).astype(dtype) for name in names}
     dev = {k: backend.asarray(v) for k, v in host.items()}
     if not (cfg.check or cfg.save_tensors):
         host = None
 
     ex = mpi.KVExchange(world, backend, cuda_aware)
-    ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"])
+    fault = parse_fault(os.environ.get("RINGBENCH_FAULT", ""), nranks)  # validated above
+    fault_step = fault[1] if fault is not None and fault[0] == rank else None
+    ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"], do=dev.get("do"), fault_step=fault_step)
     del dev
+    if "bwd" in phases:
+        ring.prepare_backward()  # the forward that gives O and the LSE: once, untimed
+    passes = {"fwd": ring.forward, "bwd": ring.backward}
 
-    shown = progress.for_run(cfg.warmup + cfg.repeat, cfg.warmup, show=rank == 0 and not quiet)
-    warm = [shown.tick(ring.forward()) for _ in range(cfg.warmup)]
-    reps = []
-    for _ in range(cfg.repeat):
-        mpi.barrier()
-        reps.append(shown.tick(ring.forward()))
-    shown.close()
-    alone = []
-    if nranks > 1:
-        for _ in range(cfg.repeat):
+    shown = progress.for_run((cfg.warmup + cfg.repeat) * len(phases), cfg.warmup * len(phases), show=rank == 0 and not quiet)
+    warm = {ph: [] for ph in phases}
+    for _ in range(cfg.warmup):
+        for ph in phases:
+            warm[ph].append(shown.tick(passes[ph]()))
+    reps = {ph: [] for ph in phases}
+    for _ in range(cfg.repeat):  # each repeat: the forward, then the backward (fwd+bwd)
+        for ph in phases:
             mpi.barrier()
-            alone.append(ring.comm_only())
+            reps[ph].append(shown.tick(passes[ph]()))
+    shown.close()
+    alone = {ph: [] for ph in phases}
+    if nranks > 1:
+        for ph in phases:
+            for _ in range(cfg.repeat):
+                mpi.barrier()
+                alone[ph].append(ring.comm_only(ph))
     output = backend.asnumpy(ring.output())
+    grads = tuple(backend.asnumpy(x) for x in ring.grads()) if "bwd" in phases else None
 
+    checks = {}
+    if cfg.check:
+        if "fwd" in phases:
+            checks["fwd"] = _check_local(cfg, host, output, pos)
+        if "bwd" in phases:
+            checks["bwd"] = _check_local_bwd(cfg, host, grads, pos)
     local = {
-        "samples": _stack(reps, ""),
-        "warmup": _stack(warm, "warmup_"),
-        "comm_only": np.array(alone).reshape(len(alone), max(nranks - 1, 0)),
+        "phases": {
+            ph: {
+                "samples": _stack(reps[ph], ""),
+                "warmup": _stack(warm[ph], "warmup_"),
+                "comm_only": np.array(alone[ph]).reshape(len(alone[ph]), _comm_only_steps(ph, nranks)),
+                "check": checks.get(ph),
+            }
+            for ph in phases
+        },
         "host": socket.gethostname(),
         "device": backend.device_name,
         "peak_rss": peak_rss_bytes(),
         "baseline_rss": baseline_rss,
         "pool": backend.device_pool_bytes(),
-        "check": _check_local(cfg, host, output, pos) if cfg.check else None,
-        "tensors": (pos, host, output) if cfg.save_tensors else None,
+        "tensors": (pos, host, output, grads) if cfg.save_tensors else None,
         "score_tile": ring.score_tile_elems,
         "threads": thread_pools(),
+        "score_tile_bwd": ring.bwd_score_tile_elems,
     }
     parts = mpi.gather(local)
     if rank != 0:
@@ -94,11 +119,22 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     return _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet)
 
 
+def _comm_only_steps(phase: str, nranks: int) -> int:
+    """Steps of a comm-only pass: P-1 K/V hops (fwd); P steps, the last with the dK/dV hop home (bwd)."""
+    if nranks == 1:
+        return 0
+    return nranks - 1 if phase == "fwd" else nranks
+
+
 def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
     problems = check(cfg, nranks)
     if problems:
         key, msg = problems[0]
         return f"{option_name(key)}: {msg}"
+    try:
+        parse_fault(os.environ.get("RINGBENCH_FAULT", ""), nranks)
+    except ValueError as exc:
+        return str(exc)
     if out is not None and mpi.WORLD.rank == 0:
         why = store.check_writable(out)
         if why:
@@ -138,81 +174,148 @@ def _check_local(cfg: RunConfig, host: dict, output: np.ndarray, pos) -> dict:
     }
 
 
-def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
+GRADS = ("dq", "dk", "dv")
+
+
+def _check_local_bwd(cfg: RunConfig, host: dict, grads, pos) -> dict:
+    """Collective: compare this rank's dQ, dK, dV with float64 reference gradients of full attention on the same
+    rounded global inputs and dO. Each rank computes the reference for its own queries against every key (dQ of
+    its queries exactly, its queries' part of every key's dK/dV); the parts are summed over the ranks."""
+    hk = cfg.kv_heads_resolved
+    allpos = np.arange(cfg.seq_len)
+    dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
+    dtype = host["q"].dtype
+    k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
+    v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
+    dq, dk, dv = reference_attention_grad(host["q"], k, v, host["do"], causal=cfg.causal, q_pos=pos, k_pos=allpos)
+    mpi.allreduce_sum(dk)
+    mpi.allreduce_sum(dv)
+    refs = {"dq": dq, "dk": dk[:, pos], "dv": dv[:, pos]}
+    out = {}
+    for name, got in zip(GRADS, grads):
+        got = got.astype(np.float64)
+        out[name] = {
+            "max_abs_err": float(np.abs(got - refs[name]).max()),
+            "max_abs_ref": float(np.abs(refs[name]).max()),
+            "finite": bool(np.isfinite(got).all()),
+        }
+    return out
+
+
+def _phase(cfg, parts, nranks, ring, phase: str) -> store.Phase:
+    """One timed phase's samples (R, P, ...), summary and check, from every rank's part."""
+    got = [p["phases"][phase] for p in parts]
     samples = {}
-    for key in parts[0]["samples"]:
-        samples[key] = np.stack([p["samples"][key] for p in parts], axis=1)  # (R, P, ...)
-    for key in parts[0]["warmup"]:
-        samples[key] = np.stack([p["warmup"][key] for p in parts], axis=1)
-    samples["comm_only_s"] = np.stack([p["comm_only"] for p in parts], axis=1)  # (C, P, P-1)
+    for key in got[0]["samples"]:
+        samples[key] = np.stack([g["samples"][key] for g in got], axis=1)  # (R, P, ...)
+    for key in got[0]["warmup"]:
+        samples[key] = np.stack([g["warmup"][key] for g in got], axis=1)
+    samples["comm_only_s"] = np.stack([g["comm_only"] for g in got], axis=1)  # (C, P, steps)
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
-    flops = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-    bytes_per_rank = ring.block_bytes() * (nranks - 1)
+    if phase == "fwd":
+        flops, bytes_per_rank = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs), ring.block_bytes() * (nranks - 1)
+    else:  # FlashAttention's convention: backward = 2.5 x forward; K/V make P-1 hops, the dK/dV accumulators P
+        flops = backward.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
+        bytes_per_rank = ring.block_bytes() * (nranks - 1) + (ring.grad_block_bytes() * nranks if nranks > 1 else 0)
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank)
     summary["unmasked_pairs"] = pairs
-    itemsize = np.dtype(ring.storage).itemsize
-    theo = measure.theoretical_bytes(
-        batch=cfg.batch,
-        local_q=cfg.seq_len // nranks,
-        heads=cfg.heads,
-        kv_heads=cfg.kv_heads_resolved,
-        head_dim=cfg.head_dim,
-        itemsize=itemsize,
-        compute_itemsize=ring.compute.itemsize,
-        score_tile_elems=parts[0]["score_tile"],
-    )
-    memory = {
-        "peak_rss_bytes": np.array([p["peak_rss"] for p in parts]),
-        "baseline_rss_bytes": np.array([p["baseline_rss"] for p in parts]),
-        "device_pool_bytes": np.array([p["pool"] for p in parts]),
-        "theoretical_bytes": theo,
-    }
-    check_res = {}
-    if cfg.check:
-        max_abs = max(p["check"]["max_abs_err"] for p in parts)
-        max_ref = max(p["check"]["max_abs_ref"] for p in parts)
-        rel = max_abs / max_ref if max_ref > 0 else max_abs
-        finite = all(p["check"]["finite"] for p in parts)
+    check_res = _check_summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
+    return store.Phase(samples=samples, summary=summary, check=check_res)
+
+
+def _rel(max_abs: float, max_ref: float) -> float:
+    return max_abs / max_ref if max_ref > 0 else max_abs
+
+
+def _check_summary(cfg, checks: list, phase: str) -> dict:
+    """The check attributes of a phase from every rank's comparison: the worst error over ranks (and tensors)."""
+    if phase == "fwd":
+        max_abs = max(c["max_abs_err"] for c in checks)
+        rel = _rel(max_abs, max(c["max_abs_ref"] for c in checks))
+        finite = all(c["finite"] for c in checks)
         tol = TOLERANCE[cfg.dtype]
-        check_res = {
+        return {
             "max_abs_err": max_abs,
             "rel_err": rel,
             "tol": tol,
             "passed": bool(finite and rel <= tol),
             "reference": "float64 full attention on the same rounded inputs",
         }
+    out, finite = {}, True
+    for name in GRADS:
+        out[f"{name}_max_abs_err"] = max(c[name]["max_abs_err"] for c in checks)
+        out[f"{name}_rel_err"] = _rel(out[f"{name}_max_abs_err"], max(c[name]["max_abs_ref"] for c in checks))
+        finite = finite and all(c[name]["finite"] for c in checks)
+    worst = max(GRADS, key=lambda n: out[f"{n}_rel_err"])
+    tol = TOLERANCE_BWD[cfg.dtype]
+    out.update(
+        max_abs_err=max(out[f"{n}_max_abs_err"] for n in GRADS),
+        rel_err=out[f"{worst}_rel_err"],
+        tol=tol,
+        passed=bool(finite and out[f"{worst}_rel_err"] <= tol),
+        reference="float64 gradients of full attention on the same rounded inputs and dO",
+    )
+    return out
+
+
+def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
+    phases = {ph: _phase(cfg, parts, nranks, ring, ph) for ph in cfg.phases}
+    shape = dict(
+        batch=cfg.batch,
+        local_q=cfg.seq_len // nranks,
+        heads=cfg.heads,
+        kv_heads=cfg.kv_heads_resolved,
+        head_dim=cfg.head_dim,
+        itemsize=np.dtype(ring.storage).itemsize,
+        compute_itemsize=ring.compute.itemsize,
+    )
+    memory = {
+        "peak_rss_bytes": np.array([p["peak_rss"] for p in parts]),
+        "baseline_rss_bytes": np.array([p["baseline_rss"] for p in parts]),
+        "device_pool_bytes": np.array([p["pool"] for p in parts]),
+        "theoretical_bytes": measure.theoretical_bytes(**shape, score_tile_elems=parts[0]["score_tile"]),
+    }
+    if "bwd" in phases:
+        memory["theoretical_bwd_bytes"] = measure.theoretical_bwd_bytes(**shape, score_tile_elems=parts[0]["score_tile_bwd"])
     tensors = _global_tensors(cfg, parts) if cfg.save_tensors else {}
     prov = provenance(parts, backend, cuda_aware, ring.blas)
+    fwd = phases.get("fwd", store.Phase())
     run_rec = store.Run(
         point_id=point_id(cfg, nranks),
         nranks=nranks,
         config=cfg.to_dict(),
         provenance=prov,
-        samples=samples,
-        summary=summary,
+        samples=fwd.samples,
+        summary=fwd.summary,
         memory=memory,
-        check=check_res,
+        check=fwd.check,
         tensors=tensors,
         created_utc=prov["utc"],
+        bwd=phases.get("bwd"),
     )
     where = None
     if out is not None:
         where = f"{out}:/runs/{store.append(out, run_rec)}"
     if not quiet:
-        print(format_summary(cfg, nranks, summary, memory, check_res, prov, where))
-    return 0 if not check_res or check_res["passed"] else 1
+        print(format_summary(cfg, nranks, phases, memory, prov, where))
+    return 1 if any(ph.check and not ph.check["passed"] for ph in phases.values()) else 0
 
 
 def _global_tensors(cfg, parts) -> dict:
+    """q, k, v, out (and do, dq, dk, dv with a backward) in global token order."""
     hk = cfg.kv_heads_resolved
     shapes = {"q": cfg.heads, "k": hk, "v": hk, "out": cfg.heads}
+    if "bwd" in cfg.phases:
+        shapes.update(do=cfg.heads, dq=cfg.heads, dk=hk, dv=hk)
     first = parts[0]["tensors"][1]["q"]
     out = {k: np.empty((cfg.batch, cfg.seq_len, h, cfg.head_dim), first.dtype) for k, h in shapes.items()}
     for p in parts:
-        pos, host, o = p["tensors"]
-        for k in ("q", "k", "v"):
+        pos, host, o, grads = p["tensors"]
+        for k in host:
             out[k][:, pos] = host[k]
         out["out"][:, pos] = o
+        for k, g in zip(GRADS, grads or ()):
+            out[k][:, pos] = g
     if first.dtype.kind == "V" or str(first.dtype) == "bfloat16":  # h5py cannot store bfloat16: widen
         out = {k: v.astype(np.float32) for k, v in out.items()}
     return out
@@ -243,27 +346,42 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.2f} ms"
 
 
-def format_summary(cfg, nranks, s, memory, chk, prov, where) -> str:
+def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
     hk = cfg.kv_heads_resolved
     lines = [
         f"ringbench run: {cfg.mode} {cfg.layout}{' causal' if cfg.causal else ''} {cfg.dtype} "
-        f"N={cfg.seq_len} P={nranks} B={cfg.batch} H={cfg.heads}/{hk} D={cfg.head_dim} "
+        f"N={cfg.seq_len} P={nranks} B={cfg.batch} H={cfg.heads}/{hk} D={cfg.head_dim} pass {cfg.pass_} "
         f"[{cfg.backend}, {prov['mpi_library']}]",
-        f"  time {_ms(s['time_s'])} (median of {cfg.repeat}; min {_ms(s['time_min_s'])}, max {_ms(s['time_max_s'])})"
-        f"   {s['tflops']:.3f} TFLOP/s",
-        f"  compute {_ms(s['compute_s'])}   exposed comm {_ms(s['exposed_comm_s'])}   comm alone "
-        f"{_ms(s['comm_alone_s'])}   overlap {_pct(s['overlap_eff'])}   link {s['bandwidth_gbps']:.2f} GB/s   "
-        f"imbalance {_pct(s['imbalance'])}",
+    ]
+    titled = cfg.pass_ != "fwd"  # a forward-only run prints as before
+    ind = "    " if titled else "  "
+    for name, ph in phases.items():
+        s, chk = ph.summary, ph.check
+        if titled:
+            lines.append(f"  {'forward' if name == 'fwd' else 'backward'}:")
+        lines += [
+            f"{ind}time {_ms(s['time_s'])} (median of {cfg.repeat}; min {_ms(s['time_min_s'])}, max {_ms(s['time_max_s'])})"
+            f"   {s['tflops']:.3f} TFLOP/s",
+            f"{ind}compute {_ms(s['compute_s'])}   exposed comm {_ms(s['exposed_comm_s'])}   comm alone "
+            f"{_ms(s['comm_alone_s'])}   overlap {_pct(s['overlap_eff'])}   link {s['bandwidth_gbps']:.2f} GB/s   "
+            f"imbalance {_pct(s['imbalance'])}",
+        ]
+        if chk and name == "fwd":
+            lines.append(
+                f"{ind}check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
+                f"(tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}"
+            )
+        elif chk:
+            errs = ", ".join(f"{n} {chk[n + '_rel_err']:.2e}" for n in GRADS)
+            lines.append(f"{ind}check vs float64 gradients: rel err {errs} (tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}")
+    theo = f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank"
+    if "theoretical_bwd_bytes" in memory:
+        theo += f" (forward), {memory['theoretical_bwd_bytes'] / 2**20:.1f} MiB/rank (backward)"
+    lines.append(
         f"  peak RSS {max(memory['peak_rss_bytes']) / 2**20:.0f} MiB/rank "
         f"({max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the interpreter "
-        f"and libraries{', --check included' if cfg.check else ''})   "
-        f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank",
-    ]
-    if chk:
-        lines.append(
-            f"  check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
-            f"(tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}"
-        )
+        f"and libraries{', --check included' if cfg.check else ''})   {theo}"
+    )
     if where:
         lines.append(f"  saved {where}")
     return "\n".join(lines)

@@ -13,7 +13,14 @@ Schema version 2 (``SCHEMA_VERSION``), documented in the README::
         summary             attrs: the metrics of ringbench.measure.summarize
         memory/             datasets peak_rss_bytes, baseline_rss_bytes, device_pool_bytes (P,); attr theoretical_bytes
         check               attrs (with --check): max_abs_err, rel_err, tol, passed
-        tensors/            (with --save-tensors) q, k, v, out in global token order, (B, N, H|H_kv, D)
+        bwd/                (config pass bwd or fwd+bwd) the backward phase, laid out as the forward's above:
+            samples/        the same datasets as samples/ (comm_only_s (C, P, P): step P-1 includes the dK/dV's hop home)
+            summary         attrs: the same metrics, for the backward (flops = 2.5 x the forward's, bytes_per_rank
+                            = (P-1) K/V blocks + P dK/dV accumulators)
+            check           attrs (with --check): max_abs_err, rel_err (the largest of dq, dk, dv), tol, passed, and
+                            per tensor dq_max_abs_err, dq_rel_err, dk_..., dv_...
+        tensors/            (with --save-tensors) q, k, v, out in global token order, (B, N, H|H_kv, D); with a
+                            backward also do, dq (B, N, H, D) and dk, dv (B, N, H_kv, D)
     /probes/<name>/         one machine probe (``ringbench probe``, see ringbench.probe); optional group
         attrs               probe_id (32 hex digits, unique to this probe), nranks, created_utc,
                             config (JSON: the probe's options), provenance (JSON)
@@ -23,7 +30,14 @@ Schema version 2 (``SCHEMA_VERSION``), documented in the README::
                             K/V block of each size, per repeat and rank; msg_bytes (S,), links (L, 2) rank pairs and
                             pingpong_s (L, S, I): one-way times (round trip / 2) per ring link, size and iteration
 
-Version 1 is the same layout without ``run_id`` and ``probe_id``. Both versions are read; a run or probe
+The forward phase (samples/, summary, check) sits at the top of the run group, where version 1 keeps it, so a
+forward-only run is laid out as before; a backward-only run (pass bwd) has only bwd/ (and no top-level
+samples/ or summary). In memory: ``Run.samples/summary/check`` are the forward's, ``Run.bwd`` (a ``Phase``, or
+None) the backward's; ``Run.phase(name)`` gives either. memory/ has theoretical_bwd_bytes beside
+theoretical_bytes when the run has a backward.
+
+Version 1 is the same layout without ``run_id``, ``probe_id`` and ``bwd/`` (every version-1 run is forward-only).
+Both versions are read; a run or probe
 without an id (every one of a version-1 file) gets a stable derived id on read: a hash of what identified
 it before (point id, creation time, status, config, provenance; for a probe: ranks, time, config,
 provenance) and its rank among the file's id-less runs with that same fingerprint. The rank, not the group
@@ -128,8 +142,24 @@ class Probe:
 
 
 @dataclass
+class Phase:
+    """One timed phase of a run: its samples, summary metrics and check (see ringbench.measure)."""
+
+    samples: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    check: dict = field(default_factory=dict)
+
+
+PHASES = ("fwd", "bwd")
+
+
+@dataclass
 class Run:
-    """One run as stored: what the reader returns and the writer takes."""
+    """One run as stored: what the reader returns and the writer takes.
+
+    ``samples``, ``summary`` and ``check`` are the forward phase's (empty for a backward-only run); ``bwd`` is the
+    backward phase, or None for a forward-only run.
+    """
 
     point_id: str
     nranks: int
@@ -146,6 +176,21 @@ class Run:
     name: str = ""  # the group name, set on read
     path: str = ""  # the file, set on read
     run_id: str = field(default_factory=_new_id)  # unique to this run (derived on read for version-1 files)
+    bwd: Phase | None = None  # the backward phase (schema 2, pass bwd or fwd+bwd)
+
+    def phase(self, name: str) -> Phase | None:
+        """The phase ``name`` ('fwd' or 'bwd') as a Phase, or None if the run has no such phase."""
+        if name == "bwd":
+            return self.bwd
+        if name != "fwd":
+            raise ValueError(f"unknown phase {name!r}; allowed: {', '.join(PHASES)}")
+        if not (self.samples or self.summary or self.check):
+            return None
+        return Phase(self.samples, self.summary, self.check)
+
+    def phases(self) -> list[str]:
+        """The names of the phases this run has, in order."""
+        return [p for p in PHASES if self.phase(p) is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,22 +727,40 @@ def _write_run(g: h5py.Group, run: Run) -> None:
     cg = g.create_group("config")
     for k, v in run.config.items():
         cg.attrs[k] = "none" if v is None else v
-    sg = g.create_group("samples")
-    for k, v in run.samples.items():
-        sg.create_dataset(k, data=np.asarray(v, dtype=np.float64))
-    g.create_group("summary").attrs.update({k: _attr(v) for k, v in run.summary.items()})
+    if run.samples or run.summary or run.bwd is None:  # the forward phase, where version 1 keeps it
+        _write_phase(g, Phase(run.samples, run.summary, run.check))
+    if run.bwd is not None:
+        _write_phase(g.create_group("bwd"), run.bwd)
     mg = g.create_group("memory")
     for k, v in run.memory.items():
         if np.ndim(v):
             mg.create_dataset(k, data=np.asarray(v))
         else:
             mg.attrs[k] = v
-    if run.check:
-        g.create_group("check").attrs.update({k: _attr(v) for k, v in run.check.items()})
     if run.tensors:
         tg = g.create_group("tensors")
         for k, v in run.tensors.items():
             tg.create_dataset(k, data=np.asarray(v), compression="gzip", compression_opts=1)
+
+
+def _write_phase(g: h5py.Group, phase: Phase) -> None:
+    sg = g.create_group("samples")
+    for k, v in phase.samples.items():
+        sg.create_dataset(k, data=np.asarray(v, dtype=np.float64))
+    g.create_group("summary").attrs.update({k: _attr(v) for k, v in phase.summary.items()})
+    if phase.check:
+        g.create_group("check").attrs.update({k: _attr(v) for k, v in phase.check.items()})
+
+
+def _read_phase(g: h5py.Group, samples: bool) -> Phase:
+    phase = Phase()
+    if samples and "samples" in g:
+        phase.samples = {k: d[()] for k, d in g["samples"].items()}
+    if "summary" in g:
+        phase.summary = {k: _py(v) for k, v in g["summary"].attrs.items()}
+    if "check" in g:
+        phase.check = {k: _py(v) for k, v in g["check"].attrs.items()}
+    return phase
 
 
 def _write_probe(g: h5py.Group, probe: Probe) -> None:
@@ -745,15 +808,13 @@ def _read_run(g: h5py.Group, name: str, run_id: str, path: str, samples: bool, t
         path=path,
         run_id=run_id,
     )
-    if samples and "samples" in g:
-        run.samples = {k: d[()] for k, d in g["samples"].items()}
-    if "summary" in g:
-        run.summary = {k: _py(v) for k, v in g["summary"].attrs.items()}
+    fwd = _read_phase(g, samples)
+    run.samples, run.summary, run.check = fwd.samples, fwd.summary, fwd.check
+    if "bwd" in g:
+        run.bwd = _read_phase(g["bwd"], samples)
     if "memory" in g:
         run.memory = {k: d[()] for k, d in g["memory"].items()}
         run.memory.update({k: _py(v) for k, v in g["memory"].attrs.items()})
-    if "check" in g:
-        run.check = {k: _py(v) for k, v in g["check"].attrs.items()}
     if tensors and "tensors" in g:
         run.tensors = {k: d[()] for k, d in g["tensors"].items()}
     return run
@@ -810,10 +871,10 @@ def latest(path) -> dict[str, Run]:
                 path=str(path),
                 run_id=ids[name],
             )
-            if "summary" in g:
-                run.summary = {k: _py(v) for k, v in g["summary"].attrs.items()}
-            if "check" in g:
-                run.check = {k: _py(v) for k, v in g["check"].attrs.items()}
+            fwd = _read_phase(g, False)
+            run.summary, run.check = fwd.summary, fwd.check
+            if "bwd" in g:
+                run.bwd = _read_phase(g["bwd"], False)
             old = out.get(run.point_id)
             if old is None or _order(run) > _order(old):
                 out[run.point_id] = run

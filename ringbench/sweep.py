@@ -34,6 +34,7 @@ import yaml
 
 import ringbench
 from ringbench import store
+from ringbench.config import LEGACY_ID_HEX, legacy_point_id, stored_point_id
 from ringbench.experiment import (
     Experiment,
     ExperimentError,
@@ -238,16 +239,46 @@ def _tail(log: Path, start: int) -> str:
 # Point states
 # ---------------------------------------------------------------------------------------------
 def stored(exp: Experiment, lay: Layout) -> dict[str, store.Run]:
-    """The latest stored run of each point (parts first, else the collected file)."""
+    """The latest stored run of each point (parts first, else the collected file).
+
+    A run counts for the point whose id is recomputed from its stored configuration and rank count
+    (``config.stored_point_id``), not for the id string it carries: a part or collected file written with the
+    older 8-hex-digit ids still marks its points as done. Such a part file has the old id as its name.
+    """
     state = {}
-    collected = store.latest(lay.collected) if lay.collected.exists() else {}
+    collected = runs_by_point(lay.collected)
+    have = {f.stem for f in lay.parts.glob("*.h5")} if lay.parts.is_dir() else set()
+    legacy = any(_LEGACY_STEM.search(stem) for stem in have)  # files of a sweep from before the longer ids
     for p in exp.points:
-        part = lay.part(p.id)
-        run = store.latest(part).get(p.id) if part.exists() else None
-        run = run or collected.get(p.id)
+        names = [p.id] + ([legacy_point_id(p.config, p.nranks)] if legacy else [])
+        runs = [runs_by_point(lay.part(name)).get(p.id) for name in names if name in have]
+        runs = [r for r in runs if r is not None]
+        run = max(runs, key=_order) if runs else collected.get(p.id)
         if run is not None:
             state[p.id] = run
     return state
+
+
+_LEGACY_STEM = re.compile(rf"-[0-9a-f]{{{LEGACY_ID_HEX}}}$")
+
+
+def runs_by_point(path: Path) -> dict[str, store.Run]:
+    """The latest run of each point in result file ``path`` (no samples), keyed by the point id recomputed
+    from the run's configuration; empty if the file does not exist."""
+    out: dict[str, store.Run] = {}
+    if not path.exists():
+        return out
+    for run in store.read(path, samples=False):
+        pid = stored_point_id(run.config, run.nranks, run.point_id)
+        if pid not in out or _order(run) > _order(out[pid]):
+            out[pid] = run
+    return out
+
+
+def _order(run: store.Run) -> tuple:
+    """Later runs sort higher: by creation time, then by the ~k suffix that append gives repeats of a point."""
+    _, _, k = run.name.partition("~")
+    return (run.created_utc, int(k) if k.isdigit() else 1)
 
 
 def todo(exp: Experiment, lay: Layout, points: list[Point], force: bool) -> tuple[list[Point], int]:

@@ -3,7 +3,7 @@
 import pytest
 
 from ringbench.cli import config_from_args, run_parser
-from ringbench.config import ConfigError, RunConfig, check, point_id, to_argv
+from ringbench.config import ConfigError, RunConfig, check, legacy_point_id, point_id, stored_point_id, to_argv
 
 
 def test_defaults_are_valid():
@@ -51,3 +51,23 @@ def test_argv_round_trip():
     back = config_from_args(run_parser().parse_args(to_argv(cfg)))
     assert back == cfg
     assert to_argv(RunConfig()) == []
+
+
+# Two configurations whose old 32-bit (8 hex digit) ids were the same, found by brute force over seed x batch
+COLLIDING = (RunConfig(seed=73, batch=217), RunConfig(seed=127, batch=87))
+
+
+def test_colliding_configurations_get_different_ids():
+    a, b = COLLIDING
+    assert legacy_point_id(a, 4) == legacy_point_id(b, 4) == "overlap-contiguous-float32-N4096-P4-57957bdc"
+    assert point_id(a, 4) != point_id(b, 4)
+    assert len(point_id(a, 4).rsplit("-", 1)[1]) == 16
+
+
+def test_stored_runs_are_matched_by_their_configuration():
+    a = COLLIDING[0]
+    stored = a.to_dict()
+    assert stored_point_id(stored, 4, legacy_point_id(a, 4)) == point_id(a, 4)
+    assert stored_point_id({**stored, "repeat": 9, "check": True}, 4, "x") == point_id(a, 4)
+    assert stored_point_id(stored, 2, "x") == point_id(a, 2)
+    assert stored_point_id({**stored, "future_key": 1}, 4, "as-stored") == "as-stored"  # unreadable: the stored string

@@ -542,3 +542,20 @@ def test_hostile_files_get_one_line_and_exit_2_by_cli(tmp_path, content, expecte
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith(f"ringbench plan: {path}{expected}")
     assert res.stdout == ""
+
+
+def test_plan_accepts_points_whose_old_ids_collided(tmp_path):
+    """seed 73 / batch 217 and seed 127 / batch 87 had the same 8-hex id: plan refused them as one measurement."""
+    path = write(
+        tmp_path,
+        """
+        name: collide
+        zip:
+          - seed: [73, 127]
+            batch: [217, 87]
+        ranks: [4]
+    """,
+    )
+    exp = experiment.load(path)
+    assert [(p.config.seed, p.config.batch) for p in exp.points] == [(73, 217), (127, 87)]
+    assert len({p.id for p in exp.points}) == 2

@@ -62,3 +62,12 @@ def test_cli_basics():
     assert res.returncode == 2
     assert res.stderr.strip().startswith("ringbench: unknown command 'rnu' (did you mean 'run'?)")
     assert ringbench("--version").stdout.startswith("ringbench ")
+
+
+@pytest.mark.parametrize("spec", ["abc", "3:0", "0:3", "1"])
+def test_bad_fault_spec_is_one_line_exit_2(spec, tmp_path):
+    out = tmp_path / "r.h5"
+    res = mpiexec(3, *BASE, "--seq-len", 96, "--out", out, env={"RINGBENCH_FAULT": spec}, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == f"ringbench run: RINGBENCH_FAULT: expected rank:step with rank and step in 0..2 (3 ranks), got {spec!r}"
+    assert not out.exists() and res.stdout == ""

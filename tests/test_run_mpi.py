@@ -151,3 +151,18 @@ def test_console_script_gives_each_rank_one_blas_thread_and_keeps_a_user_setting
         for pools in threads["ranks"]:  # what threadpoolctl saw on each rank after the limit
             assert any(p["user_api"] == "blas" for p in pools)
             assert all(p["num_threads"] == want[0] for p in pools)
+
+
+@pytest.mark.parametrize("extra", [["--heads", 1], ["--heads", 2, "--kv-heads", 2, "--seq-len", 2]])
+def test_one_query_head_per_group_is_checked_and_saved_unscaled(extra, tmp_path):
+    """With G = 1 (or one token per rank) the query layout change is a view of q: the ring must not scale it in place."""
+    from ringbench import inputs
+
+    out = tmp_path / "r.h5"
+    res = mpiexec(2, "run", "--seq-len", 64, "--head-dim", 64, "--repeat", 1, "--check", "--save-tensors", "--out", out, *extra)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run,) = store.read(out, tensors=True)
+    assert run.check["passed"], run.check
+    cfg = run.config
+    q = inputs.tokens("q", 0, np.arange(cfg["seq_len"]), batch=1, seq_len=cfg["seq_len"], heads=cfg["heads"], head_dim=64)
+    np.testing.assert_array_equal(run.tensors["q"], q.astype(np.float32))

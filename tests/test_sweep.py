@@ -213,3 +213,34 @@ def test_cli_user_errors(tmp_path):
     assert res.returncode == 2 and "not an experiment results directory" in res.stderr
     res = ringbench("sweep", "--frobnicate", cwd=tmp_path)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["part", "collected"])
+def test_a_run_stored_under_an_old_id_counts_as_done(where, tmp_path):
+    """Files written before the 64-bit ids carry 8-hex ids (and part files are named by them): still done."""
+    from ringbench.config import legacy_point_id
+    from ringbench.experiment import load
+    from ringbench.sweep import Layout, stored, todo
+
+    exp = load(
+        write(
+            tmp_path,
+            """
+            name: old
+            zip:
+              - seed: [73, 127]
+                batch: [217, 87]
+            ranks: [4]
+        """,
+        )
+    )
+    lay = Layout(tmp_path / "results", exp.name)
+    lay.make()
+    done, other = exp.points
+    old = legacy_point_id(done.config, done.nranks)
+    assert old == legacy_point_id(other.config, other.nranks)  # the old ids collided
+    path = lay.part(old) if where == "part" else lay.collected
+    run = store.Run(point_id=old, nranks=4, config=done.config.to_dict(), provenance={}, created_utc="2024-01-01T00:00:00+00:00")
+    store.append(path, run)
+    assert set(stored(exp, lay)) == {done.id}
+    assert todo(exp, lay, exp.points, force=False) == ([other], 1)
