@@ -132,8 +132,10 @@ class Calibration:
     bwd_causal_rates: dict = field(default_factory=dict)
 
     @classmethod
-    def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given") -> Calibration:
-        return cls(rates={1: [(1.0, float(rate))]}, links={1: (float(latency), float(bandwidth))}, source=source)
+    def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given", bwd_rate: float | None = None) -> Calibration:
+        """One rate for every block size and rank count (and one backward rate, if given), one link."""
+        bwd = {1: [(1.0, float(bwd_rate))]} if bwd_rate is not None else {}
+        return cls(rates={1: [(1.0, float(rate))]}, links={1: (float(latency), float(bandwidth))}, source=source, bwd_rates=bwd)
 
     def has_phase(self, phase: str) -> bool:
         """Whether this calibration has a compute rate for the phase (fwd, bwd) or every phase of a pass (fwd+bwd)."""
