@@ -220,7 +220,7 @@ def strong_fwd_bwd(runs):
         reps = d["fwd"]["time_repeats_s"], d["bwd"]["time_repeats_s"]
         sums = tuple(np.add(*reps)) if d["same_run"] and reps[0] and len(reps[0]) == len(reps[1]) else (d["total_s"],)
         rows.append(dict(d["fwd"], time_s=d["total_s"], time_repeats_s=sums))
-    return _strong(runs, rows, "forward + backward time")
+    return _strong(runs, rows, "fwd + bwd time")
 
 
 def _strong(runs, rows: list[dict], what: str):
@@ -258,7 +258,7 @@ def _strong(runs, rows: list[dict], what: str):
     ax_s.set_title(f"speed-up (bars: {measure.CONFIDENCE:.0%} CI of the ratio)")
     ax_t.legend(fontsize=7)
     ax_s.legend(fontsize=7)
-    head = "Strong scaling" if what == "pass time" else f"Strong scaling of the {what}"
+    head = "Strong scaling" if what == "pass time" else "Strong scaling of forward + backward"
     return _finish(fig, runs, f"{head} at fixed N = {n} tokens ({_shape_desc(used[0])})")
 
 
