@@ -677,7 +677,7 @@ def _expand(src: Source, exp: Experiment, origin: dict) -> None:
         cfg = RunConfig.from_dict({k: v for k, v in {**exp.base, **params}.items() if k != RANKS})
         hits = []
         if exp.exclude:
-            values = {**{k: getattr(cfg, k) for k in RunConfig.field_names()}, "kv_heads": cfg.kv_heads_resolved, RANKS: nranks}
+            values = {**cfg.to_dict(), RANKS: nranks}  # every key (pass, not pass_), kv_heads resolved
             hits = [i for i, rule in enumerate(exp.exclude) if all(values[k] in vs for k, vs in rule.items())]
         if hits:
             for i in hits:
