@@ -85,8 +85,8 @@ class KernelStep:
         auto = backward.auto_tiles(sh.n, sh.n, g, z)
         self.tile_q, self.tile_k = tile_q or auto[0], tile_k or auto[1]
         self.head_chunk = head_chunk or (auto[2] if not (tile_q or tile_k) else backward.auto_tiles(self.tile_q, self.tile_k, g, z)[2])
-        self.qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype)  # (Z, G, n, D)
-        self.qh *= sh.dtype.type(kernel.softmax_scale(sh.d))
+        # (Z, G, n, D); q_to_heads may return a read-only view of q: scale into a new array
+        self.qh = kernel.q_to_heads(np, sh.q, sh.hk, sh.dtype) * sh.dtype.type(kernel.softmax_scale(sh.d))
         self.k = kernel.kv_to_heads(np, sh.k, sh.dtype)  # (Z, n, D)
         self.v = kernel.kv_to_heads(np, sh.v, sh.dtype)
         self.do = kernel.q_to_heads(np, sh.do, sh.hk, sh.dtype)

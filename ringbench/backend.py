@@ -118,6 +118,13 @@ class Backend:
             return 0
         return int(self.xp.get_default_memory_pool().total_bytes())
 
+    def device_free_bytes(self) -> int | None:
+        """Device memory this rank could still allocate (free on the GPU + free blocks of CuPy's pool); None on the host."""
+        if not self.is_gpu:
+            return None
+        free, _ = self.xp.cuda.runtime.memGetInfo()
+        return int(free) + int(self.xp.get_default_memory_pool().free_bytes())
+
     # -- matrix products ----------------------------------------------------
     def matmul(self, choice: str = "auto"):
         """The batched matrix product the kernel should use, and a description of the library behind it.
@@ -261,6 +268,19 @@ def current_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """MemAvailable of this node (what can be allocated without swapping), shared by every process on it;
+    None where the kernel does not say (no /proc/meminfo)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_rss_bytes() -> int:

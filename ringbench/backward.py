@@ -14,10 +14,10 @@ the caller owns (in the ring backward they travel with the K/V block, so every r
 Layouts are the kernel's head-major ones (``ringbench.kernel``): q, dO, O (Z, G, n, D), LSE (Z, G, n),
 k, v, dK, dV (Z, m, D), Z = B * H_kv, G = H / H_kv; a kv head's dK and dV sum over its G query heads.
 
-P is taken as 2^((S - LSE) log2(e)) or as exp(S - LSE), whichever NumPy computes faster on this CPU
-(:func:`fast_exp_base`): where only the keys' transposed copy (scaled by log2(e)) and the LSE column change, the
-queries stay as given, so dK = dS^T Q needs no rescaling, and the base changes rounding only. Half precision computes and
-accumulates in float32 (float64 stays float64): ``Backend.compute_dtype``.
+P is taken as exp(S - LSE) or as 2^((S - LSE) log2(e)), whichever NumPy computes faster on this CPU
+(:func:`fast_exp_base`). For base 2 only the keys' transposed copy and the LSE column are scaled by log2(e): the
+queries stay as given, so dK = dS^T Q needs no rescaling; the base changes rounding only. Half precision
+computes and accumulates in float32 (float64 stays float64): ``Backend.compute_dtype``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class BlockBackward:
     forward's output; ``lse`` (Z, G, n) the natural-log log-sum-exp ``OnlineSoftmax.finalize`` returns (-inf
     for rows that saw no key: their gradient is exactly 0). Any float dtype: the object keeps its own copies
     in the compute dtype (float32 for half precision), query-major (Z, n, G, D+1) so that the G query heads of
-    a kv head stack into the rows of one matrix, each widened by one column: [q, -LSE log2(e)] and [dO, -D],
+    a kv head stack into the rows of one matrix, each widened by one column: [q, -LSE log_b(e)] and [dO, -D],
     which a ones row under the keys turns into the shifted scores and dP - D in the GEMMs themselves.
 
     ``out`` is read once, for D, and not kept; LSE lives on in the widened query copy. Beyond its three
@@ -132,7 +132,7 @@ class BlockBackward:
         if self.exp_base not in MASKED:
             raise ValueError(f"BlockBackward: exp_base must be '2' or 'e', got {exp_base!r}")
         self._exp = xp.exp2 if self.exp_base == "2" else xp.exp
-        self._log_e = 1.0 if self.exp_base == "e" else kernel.LOG2E  # log_base(e)
+        self._log_e = 1.0 if self.exp_base == "e" else kernel.LOG2E  # log_b(e)
         z, g, n, d = q.shape
         if do.shape != q.shape or out.shape != q.shape or lse.shape != (z, g, n):
             raise ValueError(f"BlockBackward: q {q.shape}, do {do.shape}, out {out.shape} must match and lse {lse.shape} be (Z, G, n)")
@@ -145,7 +145,7 @@ class BlockBackward:
         self.tile_q = max(1, min(tile_q or n, n))
         self.tile_k = tile_k  # None: whole key block
         self.on_tile = on_tile
-        self.qa = xp.empty((z, n, g, d + 1), dt)  # [q, -LSE log_base(e)], query-major
+        self.qa = xp.empty((z, n, g, d + 1), dt)  # [q, -LSE log_b(e)], query-major (b: the exponential's base)
         self.qa[..., :d] = q.transpose(0, 2, 1, 3)
         lse_t = xp.asarray(lse, dt).transpose(0, 2, 1)  # (Z, n, G)
         # a row that saw no key (-inf) is masked wherever it is computed: any finite shift will do
@@ -207,7 +207,7 @@ class BlockBackward:
         for z0 in range(0, z, hc):
             z1 = min(z0 + hc, z)
             zc = z1 - z0
-            kta = kt[: zc * (d + 1) * nk].reshape(zc, d + 1, nk)  # [k^T log_base(e); 1]
+            kta = kt[: zc * (d + 1) * nk].reshape(zc, d + 1, nk)  # [k^T log_b(e); 1]
             kernel._transpose_into(xp, kta[:, :d], k[z0:z1, p.k0 : p.k1])
             if self.exp_base != "e":
                 kta[:, :d] *= log_e
@@ -240,7 +240,7 @@ class BlockBackward:
         """One score tile: P, then dV, dS, and the dQ and dK it gives, accumulated in place."""
         xp = self.xp
         d = self.shape[3]
-        self.matmul(qt, kt, out=s)  # (S - LSE) log_base(e)
+        self.matmul(qt, kt, out=s)  # (S - LSE) log_b(e)
         if mask is not None:
             sub, where = self._masked_part(s, *mask)
             xp.copyto(sub, MASKED[self.exp_base], where=where)  # the exponential's fast path, then exactly 0

@@ -23,7 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ringbench import env_int
-from ringbench.config import CHOICES, ConfigError, RunConfig, UserError, field_key, option_name
+from ringbench.config import CHOICES, ConfigError, RunConfig, UserError, field_key, memory_limit, option_name
 
 PROG = "ringbench"
 
@@ -71,6 +71,8 @@ _HELP = {
     "seed": "input seed",
     "check": "compare with a float64 reference",
     "save_tensors": "store global q, k, v, out (and do, dq, dk, dv with a backward) in the result (small problems)",
+    "memory_limit": "memory one rank may use (host; device on cupy): auto (what is free on the node or GPU, shared by its ranks), "
+    "a size (20GiB, 512MiB, bytes), or none (no check); a problem whose estimate exceeds it is refused",
     "pass_": "what is timed: the forward, the backward (after an untimed forward), or both as two phases",
 }
 
@@ -84,6 +86,8 @@ def run_parser() -> argparse.ArgumentParser:
             p.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=_HELP[f.name])
         elif field_key(f.name) in CHOICES:
             p.add_argument(opt, dest=f.name, choices=CHOICES[field_key(f.name)], default=default, help=_HELP[f.name])
+        elif f.name == "memory_limit":
+            p.add_argument(opt, dest=f.name, default=default, metavar="auto|SIZE|none", help=_HELP[f.name])
         else:
             p.add_argument(opt, dest=f.name, type=int, default=default, metavar="N", help=_HELP[f.name])
     p.add_argument("--out", metavar="FILE.h5", help="append the run to this HDF5 result file")
@@ -93,6 +97,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     cfg = RunConfig(**{f.name: getattr(ns, f.name) for f in fields(RunConfig)})
+    cfg.memory_limit = memory_limit(cfg.memory_limit, option_name("memory_limit"))
     return cfg
 
 

@@ -171,6 +171,22 @@ def allreduce_sum(x, comm=WORLD) -> None:
     comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
 
 
+_NODE = {}
+
+
+def node_comm(comm=WORLD):
+    """The ranks of ``comm`` that share this rank's node (memory), as a communicator; collective the first time."""
+    key = comm.py2f()
+    if key not in _NODE:
+        _NODE[key] = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    return _NODE[key]
+
+
+def node_allgather(obj, comm=WORLD) -> list:
+    """Collective over ``comm``: ``obj`` of every rank on this rank's node, in rank order."""
+    return node_comm(comm).allgather(obj)
+
+
 def first_error(msg: str | None, comm=WORLD) -> str | None:
     """Collective: the first (lowest rank) non-None error message, on every rank."""
     for m in comm.allgather(msg):

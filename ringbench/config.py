@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, fields
 
 from ringbench.layout import LAYOUTS, divisor
@@ -58,10 +59,11 @@ class RunConfig:
     seed: int = 0
     check: bool = False
     save_tensors: bool = False
+    memory_limit: int | str = "auto"  # bytes a rank may use: 'auto' (what the node/GPU has free), 'none' (no check)
     pass_: str = "fwd"  # the key `pass` everywhere outside this class (KEYS): fwd, bwd or fwd+bwd
 
     # fields that do not change what is measured: left out of the point id
-    NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat")
+    NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat", "memory_limit")
     # field -> its key in the CLI (--pass), experiment files, stored configs: `pass` is a Python keyword
     KEYS = {"pass_": "pass"}
 
@@ -104,7 +106,24 @@ def field_key(name: str) -> str:
     return RunConfig.KEYS.get(name, name)
 
 
-_INT_FIELDS = {"batch": 1, "seq_len": 1, "heads": 1, "head_dim": 1, "warmup": 0, "repeat": 1, "seed": 0, "tile_q": 0}
+# (least, largest) value of each integer field. The upper bounds refuse nonsense before any work (a
+# seq_len of 2^63 used to "run" and print 1e34 TFLOP/s); whether a problem within them fits is the memory
+# estimate's job. seed: inputs hash (3 * seed + tensor) in 32 bits, so a larger seed would repeat another's.
+_INT_FIELDS = {
+    "batch": (1, 2**16),
+    "seq_len": (1, 2**32),
+    "heads": (1, 2**12),
+    "kv_heads": (1, 2**12),
+    "head_dim": (1, 2**16),
+    "warmup": (0, 10**4),
+    "repeat": (1, 10**5),
+    "seed": (0, 2**30 - 1),
+    "tile_q": (0, 2**24),
+}
+MEMORY_LIMIT_WORDS = ("auto", "none")
+MEMORY_LIMIT_MAX = 2**60
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]i?)?b?", re.IGNORECASE)
 CHOICES = {
     "dtype": DTYPES,
     "layout": LAYOUTS,
@@ -126,15 +145,19 @@ def did_you_mean(word: str, choices) -> str:
 def coerce(key: str, value, where: str = ""):
     """Check the type and range of one field's value; return it normalised."""
     path = f"{where}{key}"
-    if key in _INT_FIELDS or key == "kv_heads":
+    if key in _INT_FIELDS:
         if key == "kv_heads" and value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected an integer, got {value!r}")
-        lo = _INT_FIELDS.get(key, 1)
+        lo, hi = _INT_FIELDS[key]
         if value < lo:
             raise ConfigError(path, f"expected an integer >= {lo}, got {value}")
+        if value > hi:
+            raise ConfigError(path, f"expected an integer <= {hi}{_power_of_two(hi)}, got {value}")
         return value
+    if key == "memory_limit":
+        return memory_limit(value, path)
     if key in CHOICES:
         if value not in CHOICES[key]:
             raise ConfigError(path, f"expected one of {', '.join(CHOICES[key])}; got {value!r}{did_you_mean(value, CHOICES[key])}")
@@ -144,6 +167,28 @@ def coerce(key: str, value, where: str = ""):
             raise ConfigError(path, f"expected true or false, got {value!r}")
         return value
     raise ConfigError(path, f"unknown key{did_you_mean(key, RunConfig.field_names())}")
+
+
+def _power_of_two(n: int) -> str:
+    for k in (n, n + 1):
+        if k > 1024 and k & (k - 1) == 0:
+            return f" (2^{k.bit_length() - 1}{' - 1' if k != n else ''})"
+    return ""
+
+
+def memory_limit(value, path: str = "memory_limit") -> int | str:
+    """'auto', 'none', or a byte count from an integer or a size such as '20GiB', '512MiB', '1.5GB', '4096'."""
+    if isinstance(value, str) and value.strip().lower() in MEMORY_LIMIT_WORDS:
+        return value.strip().lower()
+    n = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+        size = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+        n = int(size) if size <= MEMORY_LIMIT_MAX else MEMORY_LIMIT_MAX + 1
+    if n is None or not 1 <= n <= MEMORY_LIMIT_MAX:
+        raise ConfigError(path, f"expected auto, none, or a size from 1 byte to 2^60 such as 20GiB, 512MiB or 4000000000; got {value!r}")
+    return n
 
 
 def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
@@ -203,8 +248,10 @@ def stored_point_id(config: dict, nranks: int, stored: str) -> str:
 
     Stored runs are matched to points by this, never by the id string they carry, so a run stored under an
     older (8 hex digit) id still counts for its point. ``stored`` (that string) is returned only when the
-    configuration cannot be read back (a key this version does not know).
+    configuration cannot be read back (missing, or a key this version does not know).
     """
+    if not config:
+        return stored
     try:
         return point_id(RunConfig.from_dict(config), int(nranks))
     except (ConfigError, TypeError, ValueError):

@@ -1,7 +1,10 @@
 """The ring step loop: post the next K/V transfer, compute on the current block, wait, swap.
 
 A :class:`Ring` owns one rank's queries, its double K/V buffer and the online-softmax state, and runs
-one forward pass of ring attention per call to :meth:`Ring.forward`, returning per-step timings.
+one forward pass of ring attention per call to :meth:`Ring.forward`, returning per-step timings. With dO
+it also runs the backward (:meth:`Ring.backward`, after :meth:`Ring.prepare_backward`): the same loop, in
+which the dK/dV accumulator of each K/V block travels with the block (``_Backward``). What a pass posts,
+computes and does after the last step is the pass's data (``_Forward``, ``_Backward``), not another loop.
 
 Modes (what is benchmarked):
 
@@ -11,7 +14,7 @@ Modes (what is benchmarked):
 * ``blocking``: Sendrecv, then compute: the no-overlap baseline.
 * ``allgather``: gather every rank's K/V first, then compute (the Llama-3 style baseline).
 
-All three perform the same arithmetic in the same order, so their outputs are bitwise identical.
+All three perform the same arithmetic in the same order, so their outputs (and gradients) are bitwise identical.
 """
 
 from __future__ import annotations

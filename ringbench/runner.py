@@ -14,12 +14,21 @@ import numpy as np
 
 from ringbench import backward, inputs, kernel, measure, progress, store
 from ringbench import comm as mpi
-from ringbench.backend import BackendError, current_rss_bytes, get_backend, limit_threads, peak_rss_bytes, thread_limit
+from ringbench.backend import (
+    BackendError,
+    MklMatmul,
+    current_rss_bytes,
+    get_backend,
+    host_available_bytes,
+    limit_threads,
+    peak_rss_bytes,
+    thread_limit,
+)
 from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import RunConfig, UserError, check, option_name, point_id
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
-from ringbench.ring import Ring, parse_fault
+from ringbench.ring import Ring, parse_fault, tiling
 
 # Largest max|out - ref| / max|ref| accepted by --check, per storage dtype. Half precision is
 # dominated by rounding the output to the storage dtype (2^-11 for float16, 2^-8 for bfloat16).
@@ -45,6 +54,9 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if err:
         raise UserError(err)
     cuda_aware = _cuda_aware(cfg, backend)
+    err = mpi.first_error(_memory_problem(cfg, nranks, rank, backend))
+    if err:
+        raise UserError(err)
 
     baseline_rss = current_rss_bytes()  # interpreter + libraries, before any array of the run
     # inputs: this rank's tokens of the global q, k, v (and dO for a backward)
@@ -105,7 +117,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         },
         "host": socket.gethostname(),
         "device": backend.device_name,
-        "peak_rss": peak_rss_bytes(),
+        "peak_rss": peak_rss_bytes(),  # --check included (it ran above)
         "baseline_rss": baseline_rss,
         "pool": backend.device_pool_bytes(),
         "tensors": (pos, host, output, grads) if cfg.save_tensors else None,
@@ -140,6 +152,129 @@ def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
         if why:
             return f"--out: cannot write {out}: {why}"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Will it fit? Each rank's peak memory, estimated before anything big is allocated
+# ---------------------------------------------------------------------------------------------
+TOKENS_CHUNK = 2048  # tokens per chunk of inputs.tokens' hashing (its ``chunk``)
+TOKENS_TEMPS = 5  # 8-byte arrays of one chunk alive at once while inputs.tokens hashes (measured: 3-4)
+REFERENCE_CHUNK = 256  # query rows per chunk of kernel.reference_attention (its ``chunk``)
+RANK_OVERHEAD = 16 * 2**20  # host: MPI and BLAS buffers, Python objects, pickles of small results (measured 2-4 MiB)
+REFERENCE_TEMPS = 5  # float64 score chunks alive at once there (the last chunk's scores and weights, the next's)
+
+
+def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool = False) -> tuple[int, int]:
+    """Estimated peak (host, device) bytes of rank ``rank`` of this run, beyond the interpreter and libraries.
+
+    On NumPy everything is host memory (device 0). Counted, phase by phase (the peak is the largest phase)
+    (with a backward, also dO, the backward's own copies, its dK/dV accumulators and tiles, and the gradients):
+    generating q, k, v (float64, then the storage dtype); building the ring: the query copy in the compute
+    dtype, the state's widened queries, accumulators and row statistics, the K/V home block, its two ring
+    buffers, the compute-dtype K/V copy (half precision), allgather's P blocks, the score tile and its
+    buffers; the output; --check's global K/V and float64 reference (its K/V repeated per query head, one
+    chunk of scores); --save-tensors' global arrays on rank 0 (gathered, assembled, widened from bfloat16);
+    a fixed allowance for the rest (RANK_OVERHEAD).
+    """
+    gpu = backend.is_gpu
+    hk = cfg.kv_heads_resolved
+    g = cfg.heads // hk
+    b, d, N = cfg.batch, cfg.head_dim, cfg.seq_len
+    n = N // nranks
+    s = backend.dtype(cfg.dtype).itemsize
+    c = backend.compute_dtype(backend.dtype(cfg.dtype)).itemsize
+    qe, kve = b * n * cfg.heads * d, b * n * hk * d  # elements of q and of k (or v) on this rank
+
+    # generating q, k, v on the host: each in float64, then cast; the hash's chunk temporaries
+    gen, held = 0, 0
+    for heads in (cfg.heads, hk, hk):
+        e = b * n * heads * d
+        gen = max(gen, held + (8 + s) * e + TOKENS_TEMPS * 8 * min(TOKENS_CHUNK, n) * heads * d)
+        held += s * e
+    inputs = held  # q, k, v in the storage dtype (on the device too, on CuPy)
+
+    head_chunk, tile_q, tile_k = tiling(backend, b * hk, g, n, n, cfg.tile_q, mkl)
+    rows = min(tile_q, n) * g
+    tiles = c * head_chunk * ((d + 1) * n + rows * tile_k + rows * (d + 1) + tile_k)  # [k^T; 1], scores, p @ v, sums
+    state = c * (b * n * cfg.heads * (d + 1) + qe + 2 * b * n * cfg.heads)  # [q, -m], acc, m, l
+    kv = 3 * 2 * kve * s  # home block + two ring buffers
+    kv += 2 * kve * c if c != s else 0  # the compute-dtype copy of a half-precision block
+    kv += nranks * 2 * kve * s if cfg.mode == "allgather" else 0
+    # building: q in the compute dtype is freed before the K/V home block is made (from two head-major copies);
+    # the ring buffers are first written in the first pass (the inputs are gone by then, unless kept)
+    build = inputs + state + max(c * qe, 2 * 2 * kve * s)
+    output = c * qe + c * b * n * cfg.heads + (s * qe if s != c else 0) + s * qe  # normalised, row sums, storage dtype, token-major
+    ring = state + kv + tiles  # what the ring holds from its construction to the end of the run
+    if "bwd" in cfg.phases:  # dO; the backward's widened q and dO copies, dQ, dK/dV accumulators, two score tiles + K^T, V^T
+        accs = 2 * kve * c * (2 * nranks + 1 if cfg.mode == "allgather" else 3)
+        bwd_tiles = c * (2 * backward.HOST_TILE_ELEMS_BWD + 2 * (d + 1) * n * (b * hk if gpu else 1))
+        ring += s * qe + c * (2 * b * n * cfg.heads * (d + 1) + qe) + accs + bwd_tiles
+    keep = inputs if (cfg.check or cfg.save_tensors) else 0  # host copies kept for the check / the file
+    after = [0]  # host memory needed after the passes, beside the output on the host
+    if "bwd" in cfg.phases:  # the gradients, and --check's float64 reference gradients (dK, dV over every key)
+        after.append(3 * s * qe + (8 * (qe + 4 * b * N * hk * d) if cfg.check else 0))
+    if cfg.check:
+        ge = b * N * hk * d  # global K (or V)
+        kv_global = (8 + s) * ge + s * ge + TOKENS_TEMPS * 8 * min(TOKENS_CHUNK, N) * hk * d
+        ref = 8 * (2 * qe + 2 * ge + 2 * b * cfg.heads * N * d) + REFERENCE_TEMPS * 8 * b * cfg.heads * min(REFERENCE_CHUNK, n) * N
+        after.append(max(kv_global, 2 * s * ge + ref, 2 * s * ge + 8 * 3 * qe))
+    if cfg.save_tensors:  # every rank pickles its tensors to rank 0, which unpickles them all and assembles them
+        global_elems = b * N * (2 * cfg.heads + 2 * hk) * d
+        on_root = 3 * s * global_elems + (4 * global_elems if cfg.dtype == "bfloat16" else 0)
+        after.append(inputs + s * qe + (on_root if rank == 0 else 0))
+    if not gpu:
+        return RANK_OVERHEAD + max(gen, build, keep + ring + output, keep + ring + s * qe + max(after)), 0
+    staging = (nranks + 1 if cfg.mode == "allgather" else 2) * 2 * kve * s if not _cuda_aware(cfg, backend) else 0
+    host = RANK_OVERHEAD + max(gen, inputs + staging, keep + staging + s * qe + max(after))
+    return host, max(build, ring + output)
+
+
+def _memory_problem(cfg: RunConfig, nranks: int, rank: int, backend) -> str | None:
+    """Collective: why this run cannot fit in memory (one line, with the estimate and what is available), or None."""
+    if cfg.memory_limit == "none":
+        return None
+    mkl = isinstance(backend.matmul(cfg.blas)[0], MklMatmul)
+    host, device = memory_estimate(cfg, nranks, rank, backend, mkl)
+    hint = "use more ranks or a smaller problem, or set --memory-limit (a size, or none to skip this check)"
+    if cfg.memory_limit != "auto":
+        need = max(host, device)
+        if need <= cfg.memory_limit:
+            return None
+        where = "device" if device > host else "host"
+        return (
+            f"this problem needs about {_size(need)} of {where} memory per rank (estimate), more than --memory-limit "
+            f"{_size(cfg.memory_limit)}; {hint}"
+        )
+    # auto: the ranks of a node share its available memory (and ranks on one GPU that GPU's free memory)
+    mine = (host, device, backend.device_id, host_available_bytes(), backend.device_free_bytes(), socket.gethostname())
+    node = mpi.node_allgather(mine)
+    avail = node[0][3]
+    if avail is not None and sum(r[0] for r in node) > avail:
+        return _too_big(max(r[0] for r in node), "host", node, node[0][5], f"the {_size(avail)} available there", hint)
+    if backend.is_gpu:
+        same = [r for r in node if r[2] == backend.device_id]
+        free = min(r[4] for r in same)
+        if sum(r[1] for r in same) > free:
+            return _too_big(
+                max(r[1] for r in same), "device", same, f"GPU {backend.device_id} of {node[0][5]}", f"the {_size(free)} free there", hint
+            )
+    return None
+
+
+def _too_big(per_rank: int, kind: str, ranks: list, where: str, have: str, hint: str) -> str:
+    total = sum(r[0 if kind == "host" else 1] for r in ranks)
+    n = len(ranks)
+    return (
+        f"this problem needs about {_size(per_rank)} of {kind} memory per rank (estimate; {_size(total)} for the {n} "
+        f"rank{'s' if n > 1 else ''} on {where}), more than {have}; {hint}"
+    )
+
+
+def _size(nbytes: float) -> str:
+    for unit, div in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= div:
+            return f"{nbytes / div:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
 def _cuda_aware(cfg: RunConfig, backend) -> bool:

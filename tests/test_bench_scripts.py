@@ -76,6 +76,20 @@ def test_memory_bench_reports_peak_against_theory(tmp_path):
     assert summary["allgather"]["largest_bytes"] >= summary["allgather"]["p_blocks_bytes"]
 
 
+def test_memory_bench_measures_the_backward(tmp_path):
+    out = tmp_path / "m.json"
+    res = script(
+        "memory_bench.py", "--pass", "bwd", "--ranks", 2, "--seq-len", 512, "--heads", 2, "--head-dim", 16, "--passes", 1,
+        "--modes", "overlap", "allgather", "--out", out,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "bwd passes" in res.stdout
+    summary = {s["mode"]: s for s in json.loads(out.read_text())["summary"]}
+    s = summary["overlap"]
+    assert s["largest_bytes"] <= s["allowed_largest_bytes"] and s["verdict"] in ("PASS", "FAIL")  # tiny: fixed costs dominate
+    assert summary["allgather"]["verdict"] == "by design"
+
+
 def test_memory_bench_user_error_is_one_line():
     res = script("memory_bench.py", "--ranks", 3, "--seq-len", 100)
     assert res.returncode == 2

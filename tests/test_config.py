@@ -1,9 +1,11 @@
 """RunConfig validation, stable point ids, and the CLI spelling of a config."""
 
+import re
+
 import pytest
 
 from ringbench.cli import config_from_args, run_parser
-from ringbench.config import ConfigError, RunConfig, check, legacy_point_id, point_id, stored_point_id, to_argv
+from ringbench.config import ConfigError, RunConfig, check, coerce, legacy_point_id, memory_limit, point_id, stored_point_id, to_argv
 
 
 def test_defaults_are_valid():
@@ -40,6 +42,7 @@ def test_point_id_is_stable_and_ignores_non_identity_fields():
     a = point_id(RunConfig(seq_len=2048), 4)
     assert a == point_id(RunConfig(seq_len=2048, repeat=9, check=True), 4)
     assert a != point_id(RunConfig(seq_len=2048), 2)
+    assert a == point_id(RunConfig(seq_len=2048, memory_limit=2**30), 4) == point_id(RunConfig(seq_len=2048, memory_limit="none"), 4)
     assert a != point_id(RunConfig(seq_len=2048, kv_heads=2), 4)
     assert point_id(RunConfig(kv_heads=None), 2) == point_id(RunConfig(kv_heads=8), 2)  # resolved value
     assert a.startswith("overlap-contiguous-float32-N2048-P4-")
@@ -47,9 +50,10 @@ def test_point_id_is_stable_and_ignores_non_identity_fields():
 
 
 def test_argv_round_trip():
-    cfg = RunConfig(seq_len=512, causal=True, layout="zigzag", kv_heads=2, check=True, progress="none")
+    cfg = RunConfig(seq_len=512, causal=True, layout="zigzag", kv_heads=2, check=True, progress="none", memory_limit=2**30)
     back = config_from_args(run_parser().parse_args(to_argv(cfg)))
     assert back == cfg
+    assert config_from_args(run_parser().parse_args(["--memory-limit", "none"])).memory_limit == "none"
     assert to_argv(RunConfig()) == []
 
 
@@ -70,4 +74,43 @@ def test_stored_runs_are_matched_by_their_configuration():
     assert stored_point_id(stored, 4, legacy_point_id(a, 4)) == point_id(a, 4)
     assert stored_point_id({**stored, "repeat": 9, "check": True}, 4, "x") == point_id(a, 4)
     assert stored_point_id(stored, 2, "x") == point_id(a, 2)
-    assert stored_point_id({**stored, "future_key": 1}, 4, "as-stored") == "as-stored"  # unreadable: the stored string
+    assert stored_point_id({**stored, "future_key": 1}, 4, "as-stored") == "as-stored"
+    assert stored_point_id({}, 4, "as-stored") == "as-stored"  # unreadable: the stored string
+
+
+@pytest.mark.parametrize(
+    "key,bad,bound",
+    [
+        ("seq_len", 2**63, "<= 4294967296 (2^32)"),
+        ("batch", 2**16 + 1, "<= 65536 (2^16)"),
+        ("heads", 5000, "<= 4096 (2^12)"),
+        ("kv_heads", 5000, "<= 4096 (2^12)"),
+        ("head_dim", 100000, "<= 65536 (2^16)"),
+        ("warmup", 10**4 + 1, "<= 10000"),
+        ("repeat", 10**5 + 1, "<= 100000"),
+        ("seed", 2**30, "<= 1073741823 (2^30 - 1)"),
+        ("tile_q", 2**24 + 1, "<= 16777216 (2^24)"),
+    ],
+)
+def test_every_integer_field_is_bounded(key, bad, bound):
+    with pytest.raises(ConfigError, match=rf"^x\.{key}: expected an integer {re.escape(bound)}, got {bad}$"):
+        coerce(key, bad, "x.")
+    hi = int(bound.split()[1])
+    assert coerce(key, hi) == hi
+    problems = check(RunConfig(**{key: bad}), 1)
+    assert problems[0][0] == key and bound in problems[0][1]
+
+
+@pytest.mark.parametrize(
+    "value,expect",
+    [("auto", "auto"), ("None", "none"), ("20GiB", 20 * 2**30), ("512 MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("4096", 4096), (7, 7)],
+)
+def test_memory_limit_values(value, expect):
+    assert memory_limit(value) == expect
+    assert RunConfig.from_dict({"memory_limit": value}).memory_limit == expect
+
+
+@pytest.mark.parametrize("value", ["lots", "0", 0, -1, True, "1e3", "20 GiBs", "9" * 400, 2**61])
+def test_memory_limit_rejects(value):
+    with pytest.raises(ConfigError, match=r"^memory_limit: expected auto, none, or a size"):
+        memory_limit(value)

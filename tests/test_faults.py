@@ -71,3 +71,42 @@ def test_bad_fault_spec_is_one_line_exit_2(spec, tmp_path):
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip() == f"ringbench run: RINGBENCH_FAULT: expected rank:step with rank and step in 0..2 (3 ranks), got {spec!r}"
     assert not out.exists() and res.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (
+            ["--seq-len", 999_999_999],
+            r"this problem needs about [\d.]+ [GT]iB of host memory per rank \(estimate; [\d.]+ TiB for the 3 ranks on .+\), "
+            r"more than the [\d.]+ [GMT]iB available there; use more ranks or a smaller problem, or set --memory-limit",
+        ),
+        (["--seq-len", 3 * 2**16, "--head-dim", 60000], r"needs about [\d.]+ GiB of host memory per rank \(estimate; .*available there"),
+        (["--memory-limit", "1MiB"], r"needs about [\d.]+ MiB of host memory per rank \(estimate\), more than --memory-limit 1\.0 MiB"),
+        (
+            ["--memory-limit", "20MiB", "--check", "--seq-len", 3072],  # fits without --check (below)
+            r"needs about [\d.]+ MiB of host memory per rank \(estimate\), more than --memory-limit 20\.0 MiB",
+        ),
+        (["--head-dim", 100000], r"--head-dim: expected an integer <= 65536 \(2\^16\), got 100000"),
+        (["--seq-len", 2**63], r"--seq-len: expected an integer <= 4294967296 \(2\^32\), got 9223372036854775808"),
+        (["--repeat", 10**9], r"--repeat: expected an integer <= 100000, got 1000000000"),
+        (["--memory-limit", "lots"], r"--memory-limit: expected auto, none, or a size from 1 byte to 2\^60"),
+    ],
+)
+def test_problem_that_cannot_fit_or_is_out_of_bounds_is_one_line_exit_2(args, expect, tmp_path):
+    """Refused before anything big is allocated (these used to give tracebacks, the OOM killer, or 1e34 TFLOP/s)."""
+    import re
+
+    out = tmp_path / "r.h5"
+    res = mpiexec(3, *BASE, "--out", out, *(["--seq-len", 96] if "--seq-len" not in args else []), *args, timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ringbench run: ") and re.search(expect, lines[0]), res.stderr
+    assert not out.exists() and res.stdout == ""
+
+
+def test_memory_limit_none_skips_the_estimate(tmp_path):
+    res = mpiexec(2, *BASE, "--seq-len", 32, "--memory-limit", "none", "--quiet", timeout=60)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    res = mpiexec(3, *BASE, "--seq-len", 3072, "--memory-limit", "20MiB", "--quiet", timeout=60)
+    assert res.returncode == 0 and res.stderr == "", res.stderr

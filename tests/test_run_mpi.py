@@ -166,3 +166,46 @@ def test_one_query_head_per_group_is_checked_and_saved_unscaled(extra, tmp_path)
     cfg = run.config
     q = inputs.tokens("q", 0, np.arange(cfg["seq_len"]), batch=1, seq_len=cfg["seq_len"], heads=cfg["heads"], head_dim=64)
     np.testing.assert_array_equal(run.tensors["q"], q.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--batch", 64, "--seq-len", 256, "--heads", 8, "--head-dim", 128],  # the ring's own arrays dominate
+        ["--seq-len", 4096, "--heads", 4, "--head-dim", 64, "--causal", "--check"],  # --check's reference dominates
+        [
+            "--seq-len",
+            1024,
+            "--heads",
+            4,
+            "--kv-heads",
+            1,
+            "--head-dim",
+            64,
+            "--dtype",
+            "bfloat16",
+            "--mode",
+            "allgather",
+            "--save-tensors",
+        ],
+    ],
+)
+def test_memory_estimate_covers_the_measured_peak(args, tmp_path):
+    """The estimate that refuses problems is not below what a real run uses (peak RSS above the baseline)."""
+    from ringbench.backend import MklMatmul, get_backend
+    from ringbench.config import RunConfig
+    from ringbench.runner import memory_estimate
+
+    out = tmp_path / "r.h5"
+    res = mpiexec(2, "run", *args, "--repeat", 1, "--warmup", 0, "--quiet", "--out", out)
+    assert res.returncode == 0, res.stderr
+    (run,) = store.read(out)
+    cfg = RunConfig.from_dict(run.config)
+    backend = get_backend("numpy")
+    mkl = isinstance(backend.matmul(cfg.blas)[0], MklMatmul)
+    used = run.memory["peak_rss_bytes"] - run.memory["baseline_rss_bytes"]
+    for rank in range(2):
+        est, device = memory_estimate(cfg, 2, rank, backend, mkl)
+        assert device == 0
+        assert est >= 0.85 * used[rank], (rank, est, used)
+        assert est <= 2 * used[rank] + 64 * 2**20, (rank, est, used)  # and not so loose that it refuses what fits
