@@ -35,7 +35,7 @@ from ringbench.config import stored_point_id
 from ringbench.layout import divisor
 
 FIGURES = ("strong", "weak", "overlap", "timeline", "breakdown", "causal", "model", "timeline-bwd", "overlap-bwd", "strong-fwdbwd")
-PHASE_NAME = {"fwd": "forward", "bwd": "backward"}
+BWD_FIGURES = ("timeline-bwd", "overlap-bwd", "strong-fwdbwd")  # drawn by default only when some run has a backward
 FORMATS = ("png", "pdf")
 MODE_STYLE = {"overlap": ("C0", "o", "-"), "blocking": ("C3", "s", "--"), "allgather": ("C2", "^", ":")}
 COMPUTE, COMPUTE_ALT, COMM, OTHER = "#4C72B0", "#7EA6D8", "#DD8452", "#C8C8C8"
@@ -681,7 +681,8 @@ def render(
         "model": (lambda: model_figure(runs, cal, predict_ranks), "needs a calibration (a probe or runs)"),
     }
     written, skipped = [], []
-    for name in only or FIGURES:
+    has_bwd = any(r.bwd is not None for r in runs)  # without a backward the backward's figures are not asked for
+    for name in only or [f for f in FIGURES if has_bwd or f not in BWD_FIGURES]:
         make, why = makers[name]
         fig = make()
         if fig is None:
