@@ -315,8 +315,8 @@ def _point_id(cfg: RunConfig, nranks: int, digits: int) -> str:
 
 
 def option_name(key: str) -> str:
-    """CLI spelling of a config key."""
-    return "--" + key.replace("_", "-")
+    """CLI spelling of a config key (or field name: ``pass_`` is ``--pass``)."""
+    return "--" + field_key(key).replace("_", "-")
 
 
 def to_argv(cfg: RunConfig) -> list[str]:

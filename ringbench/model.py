@@ -23,6 +23,25 @@ where f is the least (over communicating steps) share of a full n x n block that
 (1 without a causal mask; about 1/2 with one: at step 0 every rank computes its own causal diagonal block,
 n(n+1)/2 pairs, and zigzag / striped off-diagonal steps are half blocks too).
 B cancels; with latency = 0, n* = H_kv * itemsize * rate / (2 H f bandwidth).
+
+The backward pass (Shape.pass_ "bwd"; README "The overlap model"). The dK/dV accumulator of a block travels
+with it (acc = the accumulation dtype's itemsize: float32 for half precision, else the storage dtype's):
+
+    work_bwd(r, s) = 2.5 work(r, s)                  FlashAttention's convention (five GEMMs to two)
+    compute(r, s)  = work_bwd(r, s) / rate_bwd        rate_bwd calibrated apart (probe or backward runs)
+    g              = 2 B n H_kv D acc                 one dK/dV accumulator
+    comm(s)        = latency + (m [s < P-1] + g [s >= 1]) / bandwidth      step 0: K/V only; step P-1: dK/dV only
+    final hop      = latency + g / bandwidth          after the last step, every accumulator goes home: exposed
+    step s         overlap / blocking as the forward, with comm(s); the final hop added to the last step
+                   allgather: (P-1)(latency + m / bandwidth) before step 0 (all-gather of K/V) and
+                   (P-1)(latency + g / bandwidth) after the last step (reduce-scatter of dK/dV), both exposed
+    bytes per rank = (P-1) m + P g
+
+The backward's crossover is the largest over its communicating steps s = 0..P-1 of the closed form with
+a_s = 10 B H D f_s / rate_bwd and b_s = 2 B H_kv D (itemsize [s < P-1] + acc [s >= 1]) / bandwidth, where f_s is
+the busiest rank's share of a full block at step s; without a mask and P >= 3 the middle steps (both
+transfers) bind: with latency = 0, n* = H_kv (itemsize + acc) rate_bwd / (5 H f bandwidth). "fwd+bwd" is
+the sum of both passes (and the larger n*).
 """
 
 from __future__ import annotations
@@ -37,6 +56,10 @@ from ringbench.kernel import flops
 from ringbench.layout import step_plan
 
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+# The backward's dK/dV accumulators (and what they travel as): float32 for half precision.
+ACC_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 4, "bfloat16": 4}
+BWD_FLOPS = 2.5  # backward FLOPs per forward FLOP (FlashAttention's convention; backward.flops)
+PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,7 @@ class Shape:
     layout: str = "contiguous"
     mode: str = "overlap"
     ulysses_degree: int = 1  # hybrid: the all-to-all group size U
+    pass_: str = "fwd"  # the config key `pass`: fwd, bwd or fwd+bwd
 
     @classmethod
     def from_config(cls, config: dict, nranks: int) -> Shape:
@@ -71,7 +95,13 @@ class Shape:
             layout=str(config["layout"]),
             mode=str(config["mode"]),
             ulysses_degree=int(config.get("ulysses_degree", 1) or 1),
+            pass_=str(config.get("pass") or "fwd"),
         )
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """('fwd',), ('bwd',) or ('fwd', 'bwd')."""
+        return tuple(self.pass_.split("+"))
 
     @property
     def n_local(self) -> int:
@@ -92,6 +122,8 @@ class Calibration:
     A rank count with no entry uses the nearest one stored (ties: the larger). causal_rates, if given,
     {layout: {nranks: points}}, replace rates for causal runs of that layout (masked tiles run at another rate
     than full ones, and each layout masks differently); a layout with no entry uses the pooled causal points.
+    bwd_rates and bwd_causal_rates: the same for the backward kernel (points keyed by the backward's full-block
+    FLOPs, 2.5 x the forward's); empty: the backward cannot be predicted (``has_phase``).
     """
 
     rates: dict
@@ -99,15 +131,25 @@ class Calibration:
     source: str = ""
     causal_rates: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    bwd_rates: dict = field(default_factory=dict)
+    bwd_causal_rates: dict = field(default_factory=dict)
 
     @classmethod
-    def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given") -> Calibration:
-        return cls(rates={1: [(1.0, float(rate))]}, links={1: (float(latency), float(bandwidth))}, source=source)
+    def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given", bwd_rate: float | None = None) -> Calibration:
+        """One rate for every block size and rank count (and one backward rate, if given), one link."""
+        bwd = {1: [(1.0, float(bwd_rate))]} if bwd_rate is not None else {}
+        return cls(rates={1: [(1.0, float(rate))]}, links={1: (float(latency), float(bandwidth))}, source=source, bwd_rates=bwd)
 
-    def rate(self, block_flops: float, nranks: int, causal: bool = False, layout: str = "") -> float:
-        table = self.rates
-        if causal and self.causal_rates:
-            table = self.causal_rates.get(layout) or self.causal_rates.get("*") or table
+    def has_phase(self, phase: str) -> bool:
+        """Whether this calibration has a compute rate for the phase (fwd, bwd) or every phase of a pass (fwd+bwd)."""
+        return all(bool(self.bwd_rates if p == "bwd" else self.rates) for p in phase.split("+"))
+
+    def rate(self, block_flops: float, nranks: int, causal: bool = False, layout: str = "", phase: str = "fwd") -> float:
+        table, causal_table = (self.bwd_rates, self.bwd_causal_rates) if phase == "bwd" else (self.rates, self.causal_rates)
+        if not table:
+            raise ValueError(f"no {phase} compute rate in this calibration ({self.source or 'given'})")
+        if causal and causal_table:
+            table = causal_table.get(layout) or causal_table.get("*") or table
         pts = sorted(table[_nearest(table, nranks)])
         x = np.log([max(w, 1.0) for w, _ in pts])
         y = np.array([r for _, r in pts], dtype=np.float64)
@@ -164,6 +206,9 @@ class Prediction:
     exposed_s: np.ndarray  # (P,) communication not hidden, per step
     time_s: float  # the pass
     comm_total_s: float  # all transfers of the pass, alone
+    phase: str = "fwd"  # fwd, bwd or fwd+bwd (then ``parts`` holds each phase's prediction)
+    final_s: float = 0.0  # transfers after the last step (the backward's dK/dV hop home), in the last step's time
+    parts: dict = field(default_factory=dict)
 
     @property
     def exposed_total_s(self) -> float:
@@ -174,6 +219,8 @@ def predict(shape: Shape, cal: Calibration, machine: Machine | None = None) -> P
     """Per-step compute, communication, exposed time and the pass time (module docstring; strategies: predict_strategy)."""
     if shape.mode in STRATEGY_MODES:
         return predict_strategy(shape, cal, machine)
+    if shape.pass_ != "fwd":
+        return predict_bwd(shape, cal) if shape.pass_ == "bwd" else predict_fwd_bwd(shape, cal)
     P = shape.nranks
     rate = cal.rate(full_block_flops(shape), P, shape.causal, shape.layout)
     latency, bandwidth = ring_link(cal, machine, P, 1)
@@ -197,6 +244,91 @@ def predict(shape: Shape, cal: Calibration, machine: Machine | None = None) -> P
 
 
 # ---------------------------------------------------------------------------------------------
+# The backward pass (module docstring)
+# ---------------------------------------------------------------------------------------------
+def grad_block_bytes(shape: Shape) -> int:
+    """Bytes of one dK/dV accumulator as it travels: 2 B n H_kv D acc (float32 for half precision)."""
+    return 2 * shape.batch * shape.n_local * shape.kv_heads * shape.head_dim * ACC_ITEMSIZE[shape.dtype]
+
+
+def bwd_full_block_flops(shape: Shape) -> float:
+    """Backward FLOPs of one unmasked n x n block (2.5 x the forward's): the backward rate's lookup key."""
+    return BWD_FLOPS * full_block_flops(shape)
+
+
+def bwd_bytes_per_rank(shape: Shape) -> int:
+    """Bytes a rank sends in one backward pass: (P-1) K/V blocks and P dK/dV accumulators (none at P = 1)."""
+    P = shape.nranks
+    return (P - 1) * block_bytes(shape) + (P * grad_block_bytes(shape) if P > 1 else 0)
+
+
+def bwd_step_bytes(shape: Shape) -> np.ndarray:
+    """(P,) bytes a rank sends during ring step s of the backward: the next K/V block (s < P-1) and the
+    accumulator finished at step s-1 (s >= 1); the hop home after the last step is not included."""
+    P, m, g = shape.nranks, block_bytes(shape), grad_block_bytes(shape)
+    if P < 2:
+        return np.zeros(P)
+    return np.array([(m if s < P - 1 else 0) + (g if s >= 1 else 0) for s in range(P)], dtype=np.float64)
+
+
+def predict_bwd(shape: Shape, cal: Calibration) -> Prediction:
+    """The backward pass: per-step compute at the backward rate, the K/V and dK/dV transfers, the final hop."""
+    P = shape.nranks
+    rate = cal.rate(bwd_full_block_flops(shape), P, shape.causal, shape.layout, phase="bwd")
+    latency, bandwidth = cal.link(P)
+    compute = BWD_FLOPS * step_work(shape) / rate  # (P, P)
+    busiest = compute.max(axis=0)
+    step_bytes = bwd_step_bytes(shape)
+    sends = np.array([comm_time(b, latency, bandwidth) if b > 0 else 0.0 for b in step_bytes])
+    final = comm_time(grad_block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
+    if shape.mode == "overlap":
+        step = np.maximum(busiest, sends)
+        exposed = np.maximum(0.0, sends - busiest)
+    elif shape.mode == "blocking":
+        step = busiest + sends
+        exposed = sends.copy()
+    elif shape.mode == "allgather":  # all-gather K/V before step 0, reduce-scatter dK/dV after the last step
+        exposed = np.zeros(P)
+        exposed[0] = (P - 1) * comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
+        final = (P - 1) * final
+        step = busiest + exposed
+        sends = np.zeros(P)
+        comm_total = exposed[0] + final
+    else:
+        raise ValueError(f"unknown mode {shape.mode!r}")
+    if shape.mode != "allgather":
+        comm_total = float(sends.sum() + final)
+    step[-1] += final
+    exposed[-1] += final
+    return Prediction(
+        compute_s=compute,
+        comm_s=float(sends.max(initial=0.0)),
+        step_s=step,
+        exposed_s=exposed,
+        time_s=float(step.sum()),
+        comm_total_s=float(comm_total),
+        phase="bwd",
+        final_s=float(final),
+    )
+
+
+def predict_fwd_bwd(shape: Shape, cal: Calibration) -> Prediction:
+    """Both passes one after the other: steps, compute and times of the forward, then of the backward."""
+    fwd, bwd = predict(shape.with_(pass_="fwd"), cal), predict(shape.with_(pass_="bwd"), cal)
+    return Prediction(
+        compute_s=np.hstack([fwd.compute_s, bwd.compute_s]),
+        comm_s=max(fwd.comm_s, bwd.comm_s),
+        step_s=np.concatenate([fwd.step_s, bwd.step_s]),
+        exposed_s=np.concatenate([fwd.exposed_s, bwd.exposed_s]),
+        time_s=fwd.time_s + bwd.time_s,
+        comm_total_s=fwd.comm_total_s + bwd.comm_total_s,
+        phase="fwd+bwd",
+        final_s=bwd.final_s,
+        parts={"fwd": fwd, "bwd": bwd},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The crossover block size
 # ---------------------------------------------------------------------------------------------
 def causal_fraction(shape: Shape) -> float:
@@ -213,7 +345,11 @@ def crossover_tokens(shape: Shape, cal: Calibration, *, iterations: int = 3) -> 
 
     The compute rate depends on the block size, so the closed form is iterated with the rate at the
     previous estimate. ``inf`` if a step computes nothing at all (the transfer can never be hidden).
+    The backward (``shape.pass_`` "bwd"): :func:`bwd_crossover_tokens`; "fwd+bwd": the larger of the two.
     """
+    if shape.pass_ != "fwd":
+        n_bwd = bwd_crossover_tokens(shape, cal, iterations=iterations)
+        return n_bwd if shape.pass_ == "bwd" else max(n_bwd, crossover_tokens(shape.with_(pass_="fwd"), cal, iterations=iterations))
     P = max(shape.nranks, 2)
     shape = shape.with_(nranks=P)
     f = causal_fraction(shape)
@@ -226,6 +362,26 @@ def crossover_tokens(shape: Shape, cal: Calibration, *, iterations: int = 3) -> 
         rate = cal.rate(flops(shape.batch, shape.heads, shape.head_dim, n * n), P, shape.causal, shape.layout)
         a = 4 * shape.batch * shape.heads * shape.head_dim * f / rate
         n = crossover_closed_form(a, b, latency)
+    return n
+
+
+def bwd_crossover_tokens(shape: Shape, cal: Calibration, *, iterations: int = 3) -> float:
+    """Least tokens per rank n at which the backward's compute covers every step's transfers (module docstring):
+    the largest over steps s = 0..P-1 of the closed form with that step's bytes and busiest share f_s."""
+    P = max(shape.nranks, 2)
+    shape = shape.with_(nranks=P)
+    frac = step_pairs(shape).max(axis=0) / shape.n_local**2  # (P,) busiest rank's share of a full block
+    if frac.min() <= 0:
+        return math.inf
+    latency, bandwidth = cal.link(P)
+    per_token = 2 * shape.batch * shape.kv_heads * shape.head_dim
+    item, acc = ITEMSIZE[shape.dtype], ACC_ITEMSIZE[shape.dtype]
+    b = np.array([per_token * (item * (s < P - 1) + acc * (s >= 1)) / bandwidth for s in range(P)])
+    n = float(shape.n_local)
+    for _ in range(iterations):
+        rate = cal.rate(BWD_FLOPS * flops(shape.batch, shape.heads, shape.head_dim, n * n), P, shape.causal, shape.layout, phase="bwd")
+        a = BWD_FLOPS * 4 * shape.batch * shape.heads * shape.head_dim * frac / rate
+        n = max(crossover_closed_form(float(a_s), float(b_s), latency) for a_s, b_s in zip(a, b))
     return n
 
 
@@ -271,19 +427,69 @@ def calibrate_from_runs(runs) -> Calibration:
         alone = np.asarray(run.samples.get("comm_only_s", np.zeros((0,))))
         if run.nranks > 1 and alone.size:
             link_pts.setdefault(run.nranks, []).append((block_bytes(shape), float(np.median(alone))))
-    if len(tables) == 1 and not tables["full"]:
+    bwd_tables = _bwd_run_points(runs, link_pts)
+    if len(tables) == 1 and not tables["full"] and not bwd_tables:
         raise ValueError("no successful runs with timing samples to calibrate from")
-    merged = {kind: {p: _merge_points(v) for p, v in t.items()} for kind, t in tables.items()}
-    rates = merged.pop("full") or merged["*"]
+    rates, causal = _rate_tables(tables)
+    bwd_rates, bwd_causal = _rate_tables(bwd_tables) if bwd_tables else ({}, {})
     links = {p: fit_link([m for m, _ in v], [t for _, t in v]) for p, v in link_pts.items()}
-    return Calibration(rates=rates, links=links, causal_rates=merged, source="fitted to the runs' own samples (compute_s, comm_only_s)")
+    return Calibration(
+        rates=rates,
+        links=links,
+        causal_rates=causal,
+        bwd_rates=bwd_rates,
+        bwd_causal_rates=bwd_causal,
+        source="fitted to the runs' own samples (compute_s, comm_only_s)",
+    )
+
+
+def _rate_tables(tables: dict) -> tuple[dict, dict]:
+    """(rates, causal_rates) from {"full" | layout | "*": {nranks: points}}: points merged per block size."""
+    merged = {kind: {p: _merge_points(v) for p, v in t.items()} for kind, t in tables.items()}
+    full = merged.pop("full", {})
+    return (full or merged.get("*", {})), merged
+
+
+def _bwd_run_points(runs, link_pts: dict) -> dict:
+    """Backward rate points of the runs' backward phases ({"full" | layout | "*": {nranks: points}}), keyed by the
+    backward's full-block FLOPs; their comm-only passes add link points to ``link_pts``: step 0 moves one K/V
+    block, steps 1..P-2 a K/V block and a dK/dV accumulator (the last step, with the hop home, is left out)."""
+    tables: dict = {}
+    for run in runs:
+        ph = getattr(run, "bwd", None)
+        if run.status != "ok" or ph is None or "compute_s" not in ph.samples:
+            continue
+        shape = Shape.from_config(run.config, run.nranks)
+        work = BWD_FLOPS * step_work(shape).sum(axis=1)  # (P,)
+        busy = np.median(np.asarray(ph.samples["compute_s"]).sum(axis=2), axis=0)  # (P,)
+        if busy.sum() > 0:
+            point = (bwd_full_block_flops(shape), float(work.sum() / busy.sum()))
+            for kind in (shape.layout, "*") if shape.causal else ("full",):
+                tables.setdefault(kind, {}).setdefault(run.nranks, []).append(point)
+        alone = np.asarray(ph.samples.get("comm_only_s", np.zeros((0,))))
+        P = run.nranks
+        if P > 1 and alone.ndim == 3 and alone.shape[0] and alone.shape[2] == P:
+            step_bytes = bwd_step_bytes(shape)
+            link_pts.setdefault(P, []).append((float(step_bytes[0]), float(np.median(alone[:, :, 0]))))
+            if P > 2:
+                link_pts[P].append((float(step_bytes[1]), float(np.median(alone[:, :, 1 : P - 1]))))
+    return tables
 
 
 def calibrate(runs, probes) -> Calibration:
-    """From probes if there are any (link parameters from the runs if no probe had two ranks), else from runs."""
+    """From probes if there are any (link parameters from the runs if no probe had two ranks, the backward rate from
+    the runs' backward phases if no probe measured it), else from runs."""
     if not probes:
         return calibrate_from_runs(runs)
     cal = calibrate_from_probes(probes)
+    if not cal.bwd_rates and any(getattr(r, "bwd", None) is not None for r in runs):
+        try:
+            fitted = calibrate_from_runs(runs)
+            cal.bwd_rates, cal.bwd_causal_rates = fitted.bwd_rates, fitted.bwd_causal_rates
+        except ValueError:
+            pass
+        if cal.bwd_rates:
+            cal.notes.append("backward compute rate fitted to the runs' backward samples (the probe has none: probe again)")
     if not cal.links and runs:
         try:
             cal.links = calibrate_from_runs(runs).links
@@ -299,18 +505,23 @@ def calibrate(runs, probes) -> Calibration:
 def calibrate_from_probes(probes) -> Calibration:
     """Calibration from ``ringbench probe`` results (one or more rank counts)."""
     rates: dict = {}
+    bwd_rates: dict = {}
     links: dict = {}
     for pr in probes:
         s = pr.samples
         per_rank = np.median(np.asarray(s["compute_s"]), axis=1)  # (K, P)
         rate = np.asarray(s["block_flops"], dtype=np.float64) / np.median(per_rank, axis=1)
         rates[pr.nranks] = _merge_points(list(zip(np.asarray(s["block_flops"]).tolist(), rate.tolist())))
+        if "bwd_compute_s" in s:  # probes from before the backward have none
+            per_rank = np.median(np.asarray(s["bwd_compute_s"]), axis=1)  # (K, P)
+            rate = np.asarray(s["bwd_block_flops"], dtype=np.float64) / np.median(per_rank, axis=1)
+            bwd_rates[pr.nranks] = _merge_points(list(zip(np.asarray(s["bwd_block_flops"]).tolist(), rate.tolist())))
         if pr.nranks > 1:
             links[pr.nranks] = (float(pr.summary["latency_s"]), float(pr.summary["bandwidth_Bps"]))
     if not rates:
         raise ValueError("no probes")
     where = sorted({f"{p.path}:/probes/{p.name}" for p in probes})
-    return Calibration(rates=rates, links=links, source="probe " + ", ".join(where))
+    return Calibration(rates=rates, links=links, bwd_rates=bwd_rates, source="probe " + ", ".join(where))
 
 
 def _merge_points(points) -> list:

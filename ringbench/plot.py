@@ -12,6 +12,11 @@ Every measured time carries an error bar: the bootstrap confidence interval of i
     breakdown  compute / exposed communication / other share of the pass, per configuration
     causal     per-rank compute and idle time for the causal layouts side by side
     model      model-predicted against measured time, and predicted times at rank counts not run
+
+The backward pass (runs with --pass bwd or fwd+bwd): ``timeline-bwd`` and ``overlap-bwd`` are the timeline and the
+overlap figure of the backward phase; ``breakdown`` has a bar per configuration and phase; ``strong-fwdbwd`` is the
+strong scaling of a training step, the forward plus the backward (its interval from the per-repeat sums when one
+run timed both phases). The other figures show the forward.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ringbench import measure, model, results
+from ringbench import measure, model, results, store
 from ringbench.config import stored_point_id
 from ringbench.layout import divisor
 
-FIGURES = ("strong", "weak", "overlap", "timeline", "breakdown", "causal", "model")
+FIGURES = ("strong", "weak", "overlap", "timeline", "breakdown", "causal", "model", "timeline-bwd", "overlap-bwd", "strong-fwdbwd")
+BWD_FIGURES = ("timeline-bwd", "overlap-bwd", "strong-fwdbwd")  # drawn by default only when some run has a backward
 FORMATS = ("png", "pdf")
 MODE_STYLE = {"overlap": ("C0", "o", "-"), "blocking": ("C3", "s", "--"), "allgather": ("C2", "^", ":")}
 COMPUTE, COMPUTE_ALT, COMM, OTHER = "#4C72B0", "#7EA6D8", "#DD8452", "#C8C8C8"
@@ -78,8 +84,14 @@ def _plain_log(axis):
     axis.set_minor_formatter(fmt)
 
 
-def _ok(runs):
-    return [r for r in runs if r.status == "ok" and "total_s" in r.samples]
+def _ok(runs, phase: str = "fwd"):
+    """The successful runs with samples of ``phase``."""
+    out = []
+    for r in runs:
+        ph = r.phase(phase) if r.status == "ok" else None
+        if ph is not None and "total_s" in ph.samples:
+            out.append(r)
+    return out
 
 
 def _line_label(r: dict, varying: set) -> str:
@@ -197,7 +209,21 @@ def _logx_ranks(ax, ranks):
 # ---------------------------------------------------------------------------------------------
 def strong_scaling(runs):
     """Time and speed-up vs rank count at the fixed N with the most rank counts."""
-    rows = results.rows(_ok(runs), phases=("fwd",))
+    return _strong(runs, results.rows(_ok(runs), phases=("fwd",)), "pass time")
+
+
+def strong_fwd_bwd(runs):
+    """Strong scaling of forward + backward: per configuration the sum of both phases (results.phase_pairs), its
+    interval from the per-repeat sums when one fwd+bwd run timed both (else the sum of the medians, no bar)."""
+    rows = []
+    for d in results.phase_pairs(results.rows([r for r in runs if r.status == "ok"])):
+        reps = d["fwd"]["time_repeats_s"], d["bwd"]["time_repeats_s"]
+        sums = tuple(np.add(*reps)) if d["same_run"] and reps[0] and len(reps[0]) == len(reps[1]) else (d["total_s"],)
+        rows.append(dict(d["fwd"], time_s=d["total_s"], time_repeats_s=sums))
+    return _strong(runs, rows, "fwd + bwd time")
+
+
+def _strong(runs, rows: list[dict], what: str):
     n, rows = _best_group(rows, "seq_len")
     lines = {k: v for k, v in _series(rows).items() if len({r["nranks"] for r in v}) >= 2}
     if not lines:
@@ -226,13 +252,14 @@ def strong_scaling(runs):
     ax_s.set_yscale("log", base=2)
     ax_s.set_yticks([2**k for k in range(int(np.log2(max(ranks) / ranks[0])) + 1)])
     ax_s.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_t.set_ylabel("pass time [ms] (median over repeats, slowest rank)")
+    ax_t.set_ylabel(f"{what} [ms] (median over repeats, slowest rank)")
     ax_s.set_ylabel(f"speed-up T(P={ranks[0]}) / T(P)")
     ax_t.set_title(f"time (bars: {measure.CONFIDENCE:.0%} CI of the median)")
     ax_s.set_title(f"speed-up (bars: {measure.CONFIDENCE:.0%} CI of the ratio)")
     ax_t.legend(fontsize=7)
     ax_s.legend(fontsize=7)
-    return _finish(fig, runs, f"Strong scaling at fixed N = {n} tokens ({_shape_desc(used[0])})")
+    head = "Strong scaling" if what == "pass time" else "Strong scaling of forward + backward"
+    return _finish(fig, runs, f"{head} at fixed N = {n} tokens ({_shape_desc(used[0])})")
 
 
 def weak_scaling(runs):
@@ -273,9 +300,9 @@ def weak_scaling(runs):
     return _finish(fig, runs, f"Weak scaling at fixed N/P = {n} tokens per rank ({_shape_desc(used[0])})")
 
 
-def overlap(runs, cal: model.Calibration | None = None):
-    """Overlap efficiency and exposed communication vs tokens per rank, one line per P; model crossover."""
-    rows = [r for r in results.rows(_ok(runs), phases=("fwd",)) if r["nranks"] > 1 and r["mode"] in ("overlap", "blocking")]
+def overlap(runs, cal: model.Calibration | None = None, phase: str = "fwd"):
+    """Overlap efficiency and exposed communication vs tokens per rank, one line per P; model crossover (of ``phase``)."""
+    rows = [r for r in results.rows(_ok(runs, phase), phases=(phase,)) if r["nranks"] > 1 and r["mode"] in ("overlap", "blocking")]
     if not rows:
         return None
     fam = defaultdict(list)  # one family: layout, causal flag and shape
@@ -310,7 +337,7 @@ def overlap(runs, cal: model.Calibration | None = None):
                     lw=1,
                     label=f"comm alone (no compute), P={p}",
                 )
-        if cal is not None:
+        if cal is not None and cal.has_phase(phase):
             r0 = rows[0]
             shape = model.Shape(
                 nranks=p,
@@ -322,6 +349,7 @@ def overlap(runs, cal: model.Calibration | None = None):
                 dtype=r0["dtype"],
                 causal=bool(r0["causal"]),
                 layout=r0["layout"],
+                pass_=phase,
             )
             nstar = model.crossover_tokens(shape, cal)
             if np.isfinite(nstar):
@@ -336,14 +364,16 @@ def overlap(runs, cal: model.Calibration | None = None):
                     )
                 xs_all.append(nstar)
     lo, hi = min(xs_all) / 1.5, max(xs_all) * 1.5
-    kib_per_token = model.block_bytes(results.shape(rows[0], nranks=1).with_(seq_len=1)) / 1024
+    one = results.shape(rows[0], nranks=1).with_(seq_len=1)
+    moved = model.block_bytes(one) + (model.grad_block_bytes(one) if phase == "bwd" else 0)  # per token, per step
+    kib_per_token = moved / 1024
     for ax in (ax_e, ax_x):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlim(lo, hi)
         ax.set_xlabel("block size n = N/P [tokens per rank]")
         top = ax.secondary_xaxis("top", functions=(lambda n: n * kib_per_token, lambda k: k / kib_per_token))
-        top.set_xlabel("K/V block moved per step [KiB]", fontsize=8)
+        top.set_xlabel("K/V block moved per step [KiB]" if phase == "fwd" else "K/V block + dK/dV moved per step [KiB]", fontsize=8)
         top.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(True, which="both", alpha=0.3)
     ax_e.legend(fontsize=7, loc="best")
@@ -353,25 +383,25 @@ def overlap(runs, cal: model.Calibration | None = None):
     ax_x.set_yscale("log")
     _plain_log(ax_x.yaxis)
     ax_x.set_ylabel(f"communication time per pass [ms] (bars: {measure.CONFIDENCE:.0%} CI)")
-    ax_e.set_title("hidden share of the K/V transfers (overlap mode)")
-    ax_x.set_title("exposed communication: overlap vs blocking")
+    ax_e.set_title("hidden share of the K/V transfers (overlap mode)" if phase == "fwd" else "hidden share of K/V + dK/dV (overlap mode)")
+    ax_x.set_title("exposed communication: overlap vs blocking" + ("" if phase == "fwd" else " (incl. the dK/dV hop home)"))
     layout = key[0] + (" causal" if key[1] else "")
-    return _finish(
-        fig, runs, f"Overlap vs block size ({layout}, {_shape_desc(rows[0])}); left of n* the transfer outlasts a step's compute"
-    )
+    head = "Overlap vs block size" if phase == "fwd" else "Backward: overlap vs block size"
+    return _finish(fig, runs, f"{head} ({layout}, {_shape_desc(rows[0])}); left of n* the transfer outlasts a step's compute")
 
 
-def _median_repeat(run) -> int:
-    return int(np.argsort(run.samples["total_s"].max(axis=1))[len(run.samples["total_s"]) // 2])
+def _median_repeat(samples: dict) -> int:
+    return int(np.argsort(samples["total_s"].max(axis=1))[len(samples["total_s"]) // 2])
 
 
-def _timeline_axes(ax, run):
+def _timeline_axes(ax, run, phase: str = "fwd"):
     """Bars per rank and ring step of the median repeat: compute, communication, and the rest of the step."""
-    rep = _median_repeat(run)
-    comp = run.samples["compute_s"][rep]  # (P, S)
-    comm = run.samples["comm_s"][rep]
-    step = run.samples["step_s"][rep]
-    total = run.samples["total_s"][rep]  # (P,)
+    samples = run.phase(phase).samples
+    rep = _median_repeat(samples)
+    comp = samples["compute_s"][rep]  # (P, S)
+    comm = samples["comm_s"][rep]
+    step = samples["step_s"][rep]
+    total = samples["total_s"][rep]  # (P,)
     mode = run.config["mode"]
     P = comp.shape[0]
     for r in range(P):
@@ -395,9 +425,9 @@ def _timeline_axes(ax, run):
     return rep
 
 
-def timeline(runs, run_name: str | None = None):
-    """Per rank and ring step, one repeat: modes of the same configuration stacked, sharing the time axis."""
-    ok = _ok(runs)
+def timeline(runs, run_name: str | None = None, phase: str = "fwd"):
+    """Per rank and ring step, one repeat of ``phase``: modes of the same configuration stacked, sharing the time axis."""
+    ok = _ok(runs, phase)
     if run_name:
         chosen = [r for r in ok if r.name == run_name][:1]
     else:
@@ -415,36 +445,39 @@ def timeline(runs, run_name: str | None = None):
         return None
     P = chosen[0].nranks
     fig, axes = plt.subplots(len(chosen), 1, figsize=(12, 1.2 + 0.45 * P * len(chosen) + 0.5 * len(chosen)), sharex=True, squeeze=False)
-    first = results.row(chosen[0])
+    first = results.row(chosen[0], phase)
     for ax, run in zip(axes[:, 0], chosen):
-        rep = _timeline_axes(ax, run)
-        s, r = run.summary, results.row(run)
+        rep = _timeline_axes(ax, run, phase)
+        ph, r = run.phase(phase), results.row(run, phase)
+        s = ph.summary
         ax.set_title(
             f"{run.config['mode']}: pass {s['time_s'] * 1e3:.1f} ms{_ci_text(r)}, exposed comm "
             f"{s['exposed_comm_s'] * 1e3:.2f} ms (medians); drawn: repeat {rep + 1} of "
-            f"{len(run.samples['total_s'])}, the median one" + ("" if run is chosen[0] else _versus(first, r)),
+            f"{len(ph.samples['total_s'])}, the median one" + ("" if run is chosen[0] else _versus(first, r)),
             fontsize=9,
             loc="left",
         )
     axes[-1, 0].set_xlabel("time since the start of the pass on each rank [ms]")
+    bwd = phase == "bwd"
+    comm_label = "in MPI calls (last step: + dK/dV hop home / all-to-all)" if bwd else "in MPI calls (post + wait / Sendrecv / Allgather)"
     handles = [
-        matplotlib.patches.Patch(color=COMPUTE, label="compute on step s's K/V block (shades alternate)"),
-        matplotlib.patches.Patch(color=COMM, label="in MPI calls (post + wait / Sendrecv / Allgather)"),
+        matplotlib.patches.Patch(color=COMPUTE, label="compute on step s's K/V block (shades alternate)" + ("; dQ, dK, dV" if bwd else "")),
+        matplotlib.patches.Patch(color=COMM, label=comm_label),
         matplotlib.patches.Patch(color=OTHER, label="rest of the step (casts, sync)"),
     ]
     c = chosen[0].config
     return _finish(
         fig,
         chosen,
-        f"Timeline per rank and ring step s: {c['layout']}{' causal' if c['causal'] else ''} "
+        ("Backward timeline" if bwd else "Timeline") + f" per rank and ring step s: {c['layout']}{' causal' if c['causal'] else ''} "
         f"N={c['seq_len']} P={P} ({_shape_desc(results.row(chosen[0]))})",
         handles,
     )
 
 
-def _split(run) -> tuple[float, float, float]:
+def _split(run, phase: str = "fwd") -> tuple[float, float, float]:
     """Median over repeats, on the slowest rank, of (compute, communication, other) seconds in the pass."""
-    s = run.samples
+    s = run.phase(phase).samples
     rep_total = s["total_s"]  # (R, P)
     slow = rep_total.argmax(axis=1)
     idx = np.arange(len(slow))
@@ -455,26 +488,28 @@ def _split(run) -> tuple[float, float, float]:
 
 
 def breakdown(runs):
-    """Share of the pass in compute / communication calls / other, one bar per configuration."""
+    """Share of the pass in compute / communication calls / other, one bar per configuration and phase."""
     latest = {}
-    for r in _ok(runs):
-        latest[stored_point_id(r.config, r.nranks, r.point_id)] = r  # repeated runs of one point: the last one stored
+    for phase in store.PHASES:
+        for r in _ok(runs, phase):  # repeated runs of one point: the last one stored
+            latest[(stored_point_id(r.config, r.nranks, r.point_id), phase)] = (r, phase)
     if not latest:
         return None
-    items = sorted(latest.values(), key=lambda r: results.sort_key(results.row(r)))
+    items = sorted(latest.values(), key=lambda rp: results.sort_key(results.row(*rp)))
+    phased = any(phase == "bwd" for _, phase in items)
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.28 * len(items)))
     labels = []
-    for i, run in enumerate(items):
-        c, m, o = _split(run)
+    for i, (run, phase) in enumerate(items):
+        c, m, o = _split(run, phase)
         tot = c + m + o
         ax.barh(i, c / tot, color=COMPUTE)
         ax.barh(i, m / tot, left=c / tot, color=COMM)
         ax.barh(i, o / tot, left=(c + m) / tot, color=OTHER)
-        r = results.row(run)
+        r = results.row(run, phase)
         ax.text(1.01, i, f"{r['time_s'] * 1e3:.1f} ms{_ci_text(r)}", va="center", fontsize=7)
         cfg = run.config
         layout = cfg["layout"] + (" causal" if cfg["causal"] else "")
-        labels.append(f"{cfg['mode']:9s} {layout:17s} N={cfg['seq_len']:<6d} P={run.nranks}")
+        labels.append(f"{cfg['mode']:9s} {phase + ' ' if phased else ''}{layout:17s} N={cfg['seq_len']:<6d} P={run.nranks}")
     ax.set_ylim(len(items) - 0.5, -0.5)
     ax.set_yticks(range(len(items)))
     ax.set_yticklabels(labels, fontsize=7, family="monospace")
@@ -490,7 +525,8 @@ def breakdown(runs):
         matplotlib.patches.Patch(color=COMM, label="exposed communication (time in MPI calls)"),
         matplotlib.patches.Patch(color=OTHER, label="other"),
     ]
-    return _finish(fig, items, "Where the time goes, per configuration", handles)
+    title = "Where the time goes, per configuration" + (" and phase (fwd: forward, bwd: backward)" if phased else "")
+    return _finish(fig, [run for run, _ in items], title, handles)
 
 
 def causal_layouts(runs, cal: model.Calibration | None = None):
@@ -634,12 +670,19 @@ def render(
         "weak": (lambda: weak_scaling(runs), "needs one N/P run at 2 or more rank counts"),
         "overlap": (lambda: overlap(runs, cal), "needs overlap/blocking runs with P > 1 at 2 or more block sizes"),
         "timeline": (lambda: timeline(runs, timeline_run), "needs a successful run"),
+        "timeline-bwd": (lambda: timeline(runs, timeline_run, "bwd"), "needs a run with a backward (--pass bwd or fwd+bwd)"),
+        "overlap-bwd": (
+            lambda: overlap(runs, cal, "bwd"),
+            "needs backward overlap/blocking runs with P > 1 at 2 or more block sizes",
+        ),
+        "strong-fwdbwd": (lambda: strong_fwd_bwd(runs), "needs forward and backward of one N at 2 or more rank counts"),
         "breakdown": (lambda: breakdown(runs), "needs a successful run"),
         "causal": (lambda: causal_layouts(runs, cal), "needs causal runs with P > 1"),
         "model": (lambda: model_figure(runs, cal, predict_ranks), "needs a calibration (a probe or runs)"),
     }
     written, skipped = [], []
-    for name in only or FIGURES:
+    has_bwd = any(r.bwd is not None for r in runs)  # without a backward the backward's figures are not asked for
+    for name in only or [f for f in FIGURES if has_bwd or f not in BWD_FIGURES]:
         make, why = makers[name]
         fig = make()
         if fig is None:

@@ -5,6 +5,9 @@ run under MPI, so the pure helpers (link_phases, message_sizes) import without i
 
 * Compute rate: every rank at once runs the real kernel (kernel.OnlineSoftmax, tiled as the ring tiles it)
   on one full K/V block of n tokens, for each n in ``block_sizes``; rate = 4 B H D n^2 / time.
+* Backward compute rate: the same for the backward kernel (backward.BlockBackward with the O and log-sum-exp
+  of an untimed forward, tiled and with the GEMM library as the ring's backward uses them); rate =
+  2.5 x 4 B H D n^2 / time (FlashAttention's FLOP convention, as ``ringbench run`` counts the backward).
 * Links: a ping-pong over the same communicator on each ring link (r, r+1 mod P), message sizes from
   8 bytes to ``max_bytes``; disjoint links are measured at the same time (2 phases, 3 for odd P), and
   each link is fitted with t = latency + bytes / bandwidth (model.fit_link).
@@ -19,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ringbench import inputs, kernel, model, store
+from ringbench import backward, inputs, kernel, model, store
 from ringbench.backend import BackendError, get_backend, limit_threads
 from ringbench.layout import FULL, Piece
 from ringbench.provenance import thread_pools
@@ -100,6 +103,57 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
     return out
 
 
+def _bwd_compute_times(opts: ProbeOptions, backend) -> np.ndarray:
+    """(K, R) seconds of one full-block backward update (dQ, dK, dV) on this rank, per block size and repeat.
+
+    Prepared as the ring's backward prepares a rank (ring._Backward.prepare): an untimed forward gives O and the
+    log-sum-exp, then BlockBackward with the ring's tiles and GEMM; what is timed is one ``update`` with a
+    K/V block into zeroed dK/dV accumulators in the compute dtype."""
+    from ringbench import comm as mpi
+    from ringbench.ring import make_state
+
+    xp = backend.xp
+    hk = opts.kv_heads or opts.heads
+    dtype = backend.dtype(opts.dtype)
+    compute = backend.compute_dtype(dtype)
+    matmul = backend.matmul("auto")[0]
+    out = np.zeros((len(opts.block_sizes), opts.repeat))
+    for i, n in enumerate(opts.block_sizes):
+        pos = np.arange(n)
+        dims = {"batch": opts.batch, "seq_len": n, "head_dim": opts.head_dim}
+        q, do = (backend.asarray(inputs.tokens(name, 0, pos, heads=opts.heads, **dims).astype(dtype)) for name in ("q", "do"))
+        k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))  # (B, n, H_kv, D)
+        v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
+        scale = kernel.softmax_scale(opts.head_dim)
+        kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)  # (Z, n, D)
+        piece = [Piece(0, n, 0, n, FULL)]
+        state = make_state(backend, kernel.q_to_heads(xp, q, hk, compute), n, matmul=matmul, scale=scale)
+        state.update(kh, vh, piece)  # untimed forward: O and the log-sum-exp
+        o, lse = state.finalize(dtype)
+        del state
+        qh = kernel.q_to_heads(xp, q, hk, compute) * compute.type(scale)  # (Z, G, n, D), as the ring scales it
+        z, g = qh.shape[:2]
+        tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=backend.is_gpu)
+        grad = backward.BlockBackward(
+            xp, qh, kernel.q_to_heads(xp, do, hk), o, lse, tile_q=tile_q, tile_k=tile_k, head_chunk=head_chunk, matmul=matmul
+        )
+        dk, dv = xp.zeros(kh.shape, compute), xp.zeros(kh.shape, compute)  # (Z, n, D) accumulators
+        for r in range(-1, opts.repeat):  # one warm-up
+            mpi.barrier()
+            grad.reset()
+            dk.fill(0)
+            dv.fill(0)
+            backend.synchronize()
+            timer = backend.timer()
+            timer.start()
+            grad.update(kh, vh, dk, dv, piece)
+            timer.stop()
+            backend.synchronize()
+            if r >= 0:
+                out[i, r] = timer.seconds()
+    return out
+
+
 def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
     """{link index: (S, I) one-way seconds} for the links this rank initiated."""
     from ringbench import comm as mpi
@@ -142,8 +196,16 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
 
         raise UserError(err)
     compute = _compute_times(opts, backend)
+    bwd_compute = _bwd_compute_times(opts, backend)
     pp = _pingpong_all(opts, rank, nranks)
-    local = {"compute": compute, "pingpong": pp, "host": socket.gethostname(), "device": backend.device_name, "threads": thread_pools()}
+    local = {
+        "compute": compute,
+        "bwd_compute": bwd_compute,
+        "pingpong": pp,
+        "host": socket.gethostname(),
+        "device": backend.device_name,
+        "threads": thread_pools(),
+    }
     parts = mpi.gather(local)
     if rank != 0:
         return 0
@@ -161,6 +223,8 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
     n = np.array(opts.block_sizes)
     block_flops = np.array([kernel.flops(opts.batch, opts.heads, opts.head_dim, int(k) * int(k)) for k in n])
     compute_s = np.stack([p["compute"] for p in parts], axis=2)  # (K, R, P)
+    bwd_block_flops = np.array([backward.flops(opts.batch, opts.heads, opts.head_dim, int(k) * int(k)) for k in n])
+    bwd_compute_s = np.stack([p["bwd_compute"] for p in parts], axis=2)  # (K, R, P)
     nlinks = nranks if nranks > 2 else (1 if nranks == 2 else 0)
     links = np.array([(r, (r + 1) % nranks) for r in range(nlinks)], dtype=np.int64).reshape(nlinks, 2)
     pingpong_s = np.zeros((nlinks, len(sizes), opts.iters))
@@ -168,7 +232,8 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
         for i, t in p["pingpong"].items():
             pingpong_s[i] = t
     rate = float(block_flops[-1] / np.median(np.median(compute_s[-1], axis=0)))
-    summary = {"rate_flops": rate, "rate_block_tokens": int(n[-1])}
+    bwd_rate = float(bwd_block_flops[-1] / np.median(np.median(bwd_compute_s[-1], axis=0)))
+    summary = {"rate_flops": rate, "rate_block_tokens": int(n[-1]), "bwd_rate_flops": bwd_rate}
     fits = [model.fit_link(sizes, np.median(pingpong_s[i], axis=1)) for i in range(nlinks)]
     if fits:  # the ring moves at the pace of its slowest link: the one slowest for the largest message
         slowest = int(np.argmax([model.comm_time(sizes[-1], lat, bw) for lat, bw in fits]))
@@ -192,6 +257,8 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
             "block_tokens": n,
             "block_flops": block_flops,
             "compute_s": compute_s,
+            "bwd_block_flops": bwd_block_flops,
+            "bwd_compute_s": bwd_compute_s,
             "msg_bytes": sizes,
             "links": links,
             "pingpong_s": pingpong_s,
@@ -209,6 +276,14 @@ def format_probe(probe: store.Probe, where: str) -> str:
         f"  compute (per rank, all ranks busy; B={c['batch']} H={c['heads']}/{c['kv_heads']} D={c['head_dim']} "
         f"{c['dtype']}): " + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in zip(probe.samples["block_tokens"], rates)) + " GFLOP/s",
     ]
+    if "bwd_compute_s" in probe.samples:  # probes from before the backward have none
+        per_block = np.median(np.median(probe.samples["bwd_compute_s"], axis=1), axis=1)  # (K,)
+        rates = probe.samples["bwd_block_flops"] / per_block
+        lines.append(
+            "  backward (dQ, dK, dV; FLOPs = 2.5 x forward): "
+            + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in zip(probe.samples["block_tokens"], rates))
+            + " GFLOP/s"
+        )
     sizes = probe.samples["msg_bytes"]
     for i, (a, b) in enumerate(probe.samples["links"]):
         lat, bw = model.fit_link(sizes, np.median(probe.samples["pingpong_s"][i], axis=1))

@@ -1,4 +1,5 @@
-"""The terminal report of ``ringbench report``: runs, modes side by side, and the overlap model's error.
+"""The terminal report of ``ringbench report``: runs (one row per timed phase), the forward and backward of each
+configuration side by side, modes side by side within each phase, and the overlap model's error per phase.
 
 Pure formatting of rows (ringbench.results) and predictions (ringbench.model); prints nothing itself.
 """
@@ -75,16 +76,40 @@ def config_label(r: dict) -> str:
 
 
 def predictions(runs, cal: model.Calibration) -> dict:
-    """{(file, group name): model.Prediction} for the successful runs."""
+    """{(file, group name, phase): model.Prediction} for each timed phase of the successful runs that the
+    calibration can predict (the backward needs a backward rate: ``Calibration.has_phase``)."""
     out = {}
     for run in runs:
-        if run.status == "ok":
-            out[(run.path, run.name)] = model.predict(model.Shape.from_config(run.config, run.nranks), cal)
+        if run.status != "ok":
+            continue
+        shape = model.Shape.from_config(run.config, run.nranks)
+        for phase in run.phases() if hasattr(run, "phases") else ["fwd"]:
+            if cal.has_phase(phase):
+                out[(run.path, run.name, phase)] = model.predict(shape.with_(pass_=phase), cal)
     return out
 
 
+def _pred(preds: dict, r: dict):
+    return preds.get((r["file"], r["name"], r.get("phase", "fwd")))
+
+
 def runs_table(rows: list[dict], preds: dict | None) -> str:
-    header = ["mode", "layout", "dtype", "BxH/Hkv xD", "N", "P", "n/rank", "time ms", "TFLOP/s", "GB/s", "overlap", "exposed ms", "rel err"]
+    header = [
+        "mode",
+        "layout",
+        "dtype",
+        "BxH/Hkv xD",
+        "N",
+        "P",
+        "n/rank",
+        "time ms",
+        "TFLOP/s",
+        "GB/s",
+        "overlap",
+        "exposed ms",
+        "KiB/rank",
+    ]
+    header += ["rel err"]
     if preds is not None:
         header += ["model ms", "model err"]
     body = []
@@ -102,15 +127,14 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
             _num(r["bandwidth_gbps"], ".2f"),
             _num(r["overlap_eff"], ".0%"),
             _num(r["exposed_comm_s"], ".2f", 1e3),
+            _num(r.get("bytes_per_rank"), ".0f", 1 / 1024),
             _num(r["rel_err"], ".1e"),
         ]
         if r["status"] != "ok":
             line[7:] = ["failed: " + (r.get("error") or "?")[:40]] + [""] * (len(header) - 8)
-        elif preds is not None and r.get("phase", "fwd") != "fwd":  # the model predicts the forward only
-            line += ["", ""]
         elif preds is not None:
-            p = preds.get((r["file"], r["name"]))
-            line += [_num(p.time_s, ".2f", 1e3), _num(model.relative_error(p.time_s, r["time_s"]), "+.0%")]
+            p = _pred(preds, r)  # None: a phase the calibration cannot predict
+            line += ["-", "-"] if p is None else [_num(p.time_s, ".2f", 1e3), _num(model.relative_error(p.time_s, r["time_s"]), "+.0%")]
         body.append(line)
     return table(header, body, left=4)
 
@@ -119,12 +143,13 @@ def modes_table(rows: list[dict]) -> str:
     comp = results.compare_modes(rows)
     if not comp:
         return "(no configuration was run in more than one mode)"
-    header = ["A vs B", "layout", "dtype", "BxH/Hkv xD", "N", "P", "A ms", "B ms", "speed-up [CI]", "verdict"]
+    header = ["A vs B", "phase", "layout", "dtype", "BxH/Hkv xD", "N", "P", "A ms", "B ms", "speed-up [CI]", "verdict"]
     body = []
     for d in comp:
         body.append(
             [
                 f"{d['mode']} vs {d['other']}",
+                d.get("phase", "fwd"),
                 config_label(d),
                 d["dtype"],
                 shape_label(d),
@@ -136,7 +161,56 @@ def modes_table(rows: list[dict]) -> str:
                 verdict_cell(d),
             ]
         )
-    return table(header, body, left=4)
+    return table(header, body, left=5)
+
+
+def _pair(a, b, fmt: str, scale: float = 1.0) -> str:
+    """``a / b``: a forward and a backward value in one cell."""
+    return f"{_num(a, fmt, scale)} / {_num(b, fmt, scale)}"
+
+
+def phases_table(rows: list[dict], preds: dict | None) -> str:
+    """Forward and backward of each configuration side by side (results.phase_pairs): one fwd+bwd run, or matched
+    fwd and bwd runs of the same configuration."""
+    pairs = results.phase_pairs(rows)
+    if not pairs:
+        return "(no configuration has both a forward and a backward measured: run --pass fwd+bwd, or fwd and bwd)"
+    header = ["mode", "layout", "dtype", "BxH/Hkv xD", "N", "P", "fwd ms", "bwd ms", "bwd/fwd", "fwd+bwd ms", "TFLOP/s"]
+    header += ["overlap", "exposed ms", "KiB/rank"]
+    if preds is not None:
+        header += ["model fwd+bwd", "model err"]
+    body = []
+    for d in pairs:
+        f, b = d["fwd"], d["bwd"]
+        line = [
+            d["mode"] + ("" if d["same_run"] else " *"),
+            config_label(d),
+            d["dtype"],
+            shape_label(f),
+            str(d["seq_len"]),
+            str(d["nranks"]),
+            time_cell(f["time_s"], f.get("time_ci_rel")),
+            time_cell(b["time_s"], b.get("time_ci_rel")),
+            _num(b["time_s"] / f["time_s"] if f["time_s"] else None, ".2f") + "x",
+            time_cell(d["total_s"], d["total_ci_rel"]),
+            _pair(f["tflops"], b["tflops"], ".3f"),
+            _pair(f["overlap_eff"], b["overlap_eff"], ".0%"),
+            _pair(f["exposed_comm_s"], b["exposed_comm_s"], ".2f", 1e3),
+            _pair(f.get("bytes_per_rank"), b.get("bytes_per_rank"), ".0f", 1 / 1024),
+        ]
+        if preds is not None:
+            pf, pb = _pred(preds, f), _pred(preds, b)
+            if pf is None or pb is None:
+                line += ["-", "-"]
+            else:
+                t = pf.time_s + pb.time_s
+                line += [_num(t, ".2f", 1e3), _num(model.relative_error(t, d["total_s"]), "+.0%")]
+        body.append(line)
+    note = (
+        "cells 'a / b': forward / backward. fwd+bwd: median of the per-repeat sums (± its interval) for one fwd+bwd run; "
+        "'*': separate fwd and bwd runs, the sum of their medians (no interval). Backward FLOPs = 2.5 x forward."
+    )
+    return table(header, body, left=4) + "\n" + note
 
 
 def calibration_text(cal: model.Calibration) -> str:
@@ -148,6 +222,15 @@ def calibration_text(cal: model.Calibration) -> str:
             + ", ".join(f"{r / 1e9:.1f}" for _, r in pts)
             + f" GFLOP/s per rank (blocks of {pts[0][0] / 1e9:.2g} .. {pts[-1][0] / 1e9:.2g} GFLOP)"
         )
+    for p in sorted(cal.bwd_rates):
+        pts = cal.bwd_rates[p]
+        lines.append(
+            f"  backward compute rate at P={p}: "
+            + ", ".join(f"{r / 1e9:.1f}" for _, r in pts)
+            + f" GFLOP/s per rank (blocks of {pts[0][0] / 1e9:.2g} .. {pts[-1][0] / 1e9:.2g} GFLOP, 2.5 x the forward's)"
+        )
+    if not cal.bwd_rates:
+        lines.append("  backward compute rate: none (probe again, or store runs with --pass bwd or fwd+bwd): backward not predicted")
     for layout in sorted(k for k in cal.causal_rates if k != "*"):
         table = cal.causal_rates[layout]
         lines.append(
@@ -163,39 +246,61 @@ def calibration_text(cal: model.Calibration) -> str:
 
 
 def error_text(rows: list[dict], preds: dict, in_sample: bool) -> str:
+    """The model's error over the measured phases, per phase and mode."""
     errs: dict = {}
     for r in rows:
-        p = preds.get((r["file"], r["name"]))
+        p = _pred(preds, r)
         if p is not None and r["time_s"]:
-            errs.setdefault(r["mode"], []).append(model.relative_error(p.time_s, r["time_s"]))
+            errs.setdefault((r.get("phase", "fwd"), r["mode"]), []).append(model.relative_error(p.time_s, r["time_s"]))
     allv = np.abs([e for v in errs.values() for e in v])
     if not allv.size:
         return "model error: no successful runs"
-    per = ", ".join(f"{m} {np.median(np.abs(v)):.0%}" for m, v in sorted(errs.items()))
+    phases = sorted({ph for ph, _ in errs}, key=lambda ph: ph != "fwd")
+    per = "; ".join(
+        f"{ph}: " + ", ".join(f"{m} {np.median(np.abs(errs[ph, m])):.0%}" for m in sorted(m for q, m in errs if q == ph)) for ph in phases
+    )
     note = " (in-sample: the model was fitted to these same runs)" if in_sample else ""
+    what = "runs" if phases == ["fwd"] else "timed phases"
     return (
-        f"model error on {allv.size} runs: median |predicted - measured| / measured {np.median(allv):.0%}, "
-        f"max {allv.max():.0%}; by mode: {per}{note}"
+        f"model error on {allv.size} {what}: median |predicted - measured| / measured {np.median(allv):.0%}, "
+        f"max {allv.max():.0%}; by {'phase and ' if phases != ['fwd'] else ''}mode: {per}{note}"
     )
 
 
 def crossover_text(rows: list[dict], cal: model.Calibration) -> str:
-    seen = {}
+    """n* per configuration and phase measured (the backward's where the calibration has a backward rate)."""
+    seen: dict = {}
     for r in rows:
-        if r["status"] != "ok" or r["nranks"] < 2:
+        phase = r.get("phase", "fwd")
+        if r["status"] != "ok" or r["nranks"] < 2 or not cal.has_phase(phase):
             continue
-        shape = results.shape(r)
-        key = (shape.layout, shape.causal, shape.dtype, shape.batch, shape.heads, shape.kv_heads, shape.head_dim, shape.nranks)
+        shape = results.shape(r).with_(pass_=phase)
+        key = (
+            shape.layout,
+            shape.causal,
+            shape.dtype,
+            shape.batch,
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            shape.nranks,
+            phase != "fwd",
+        )
         if key not in seen:
             seen[key] = model.crossover_tokens(shape, cal)
     if not seen:
         return "crossover: needs runs with 2 or more ranks"
     body = []
-    for (layout, causal, dtype, b, h, hk, d, p), n in sorted(seen.items()):
-        kv = 2 * b * hk * d * model.ITEMSIZE[dtype] * n
-        body.append([layout + (" causal" if causal else ""), dtype, f"{b}x{h}/{hk}x{d}", str(p), _num(n, ".0f"), _num(kv / 2**10, ".0f")])
-    return "crossover: least tokens per rank n* = N/P at which compute covers each K/V transfer (overlap mode)\n" + table(
-        ["layout", "dtype", "BxH/Hkv xD", "P", "n* tokens", "K/V block KiB"], body, left=3
+    for (layout, causal, dtype, b, h, hk, d, p, bwd), n in sorted(seen.items()):
+        acc = model.ACC_ITEMSIZE[dtype] if bwd else 0
+        per_token = 2 * b * hk * d * (max(model.ITEMSIZE[dtype], acc) if p == 2 else model.ITEMSIZE[dtype] + acc)  # P=2: one or the other
+        kv = per_token * n
+        row = [layout + (" causal" if causal else ""), "bwd" if bwd else "fwd", dtype, f"{b}x{h}/{hk}x{d}", str(p)]
+        body.append(row + [_num(n, ".0f"), _num(kv / 2**10, ".0f")])
+    return (
+        "crossover: least tokens per rank n* = N/P at which compute covers each step's transfers (overlap mode); "
+        "bwd: K/V + dK/dV per step\n"
+        + table(["layout", "phase", "dtype", "BxH/Hkv xD", "P", "n* tokens", "moved per step KiB"], body, left=4)
     )
 
 
@@ -203,8 +308,9 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
     """Predicted pass time at rank counts not run, for each configuration at fixed N."""
     groups: dict = {}
     for r in rows:
-        if r["status"] == "ok":
+        if r["status"] == "ok" and cal.has_phase(r.get("phase", "fwd")):
             key = (
+                r.get("phase", "fwd"),
                 r["mode"],
                 r["layout"],
                 bool(r["causal"]),
@@ -216,7 +322,7 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
                 r["seq_len"],
             )
             groups.setdefault(key, r)
-    header = ["mode", "layout", "dtype", "BxH/Hkv xD", "N"] + [f"P={p} ms" for p in ranks]
+    header = ["mode", "phase", "layout", "dtype", "BxH/Hkv xD", "N"] + [f"P={p} ms" for p in ranks]
     body = []
     for _key, r in sorted(groups.items(), key=lambda kv: results.sort_key(kv[1])):
         cells = []
@@ -224,9 +330,9 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
             if r["seq_len"] % divisor(r["layout"], p):
                 cells.append("-")
                 continue
-            cells.append(_num(model.predict(results.shape(r, nranks=p), cal).time_s, ".2f", 1e3))
-        body.append([r["mode"], config_label(r), r["dtype"], shape_label(r), str(r["seq_len"])] + cells)
-    return "predicted pass time ('-': N is not divisible for that layout)\n" + table(header, body, left=4)
+            cells.append(_num(model.predict(results.shape(r, nranks=p).with_(pass_=r.get("phase", "fwd")), cal).time_s, ".2f", 1e3))
+        body.append([r["mode"], r.get("phase", "fwd"), config_label(r), r["dtype"], shape_label(r), str(r["seq_len"])] + cells)
+    return "predicted pass time ('-': N is not divisible for that layout)\n" + table(header, body, left=5)
 
 
 def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] | None = None) -> str:
@@ -235,12 +341,12 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
     backends = sorted({r["backend_device"] for r in rows})
     out = [(f"{len(rows)} runs from {len({r['file'] for r in rows})} file(s); hosts {', '.join(hosts) or '?'}; {'; '.join(backends)}")]
     preds = predictions(runs, cal) if cal is not None else None
-    fwd_rows = [r for r in rows if r.get("phase", "fwd") == "fwd"]  # what the model predicts
+    out += ["", runs_table(rows, preds)]
+    if any(r.get("phase") == "bwd" for r in rows):
+        out += ["", "forward and backward side by side", phases_table(rows, preds)]
     out += [
         "",
-        runs_table(rows, preds),
-        "",
-        "modes side by side: A vs B (speed-up = time B / time A; > 1: A is faster)",
+        "modes side by side within each phase: A vs B (speed-up = time B / time A; > 1: A is faster)",
         modes_table(rows),
         spread_note(),
     ]
@@ -250,10 +356,10 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
         out += [
             "",
             calibration_text(cal),
-            error_text(fwd_rows, preds, in_sample=cal.source.startswith("fitted")),
+            error_text(rows, preds, in_sample=cal.source.startswith("fitted")),
             "",
-            crossover_text(fwd_rows, cal),
+            crossover_text(rows, cal),
         ]
         if predict_ranks:
-            out += ["", prediction_table(fwd_rows, cal, predict_ranks)]
+            out += ["", prediction_table(rows, cal, predict_ranks)]
     return "\n".join(out)

@@ -229,6 +229,51 @@ def compare_modes(table: list[dict]) -> list[dict]:
     return sorted(out, key=lambda d: tuple(_orderable(d[k]) for k in COMPARE_KEY) + mode_order(d["mode"]) + mode_order(d["other"]))
 
 
+# What identifies a configuration apart from the phase (and the pass that ran it): fwd and bwd rows with the same
+# key are shown side by side, whether one fwd+bwd run or matched fwd and bwd runs measured them.
+PHASE_KEY = ("mode",) + tuple(k for k in COMPARE_KEY if k != "phase")
+
+
+def phase_pairs(table: list[dict]) -> list[dict]:
+    """The forward and backward of each configuration (``PHASE_KEY``), side by side.
+
+    One dict per configuration with both phases measured: the ``PHASE_KEY`` fields, ``fwd`` and ``bwd`` (the rows:
+    of the same fwd+bwd run where there is one, else the last fwd and the last bwd row), ``same_run`` (both rows
+    from one fwd+bwd run), ``total_s`` (fwd + bwd time) and ``total_ci_lo_s`` / ``total_ci_hi_s`` /
+    ``total_ci_rel``: the bootstrap interval of the median of the per-repeat sums (repeat i: the forward, then the
+    backward, of the same run), only for one run with both phases (None otherwise: separate runs' repeats do not pair).
+    """
+    groups: dict = {}
+    for r in table:
+        if r["status"] == "ok" and r.get("time_s") is not None:
+            groups.setdefault(tuple(r[k] for k in PHASE_KEY), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        by_run: dict = {}
+        for r in rs:
+            by_run.setdefault((r["file"], r["name"]), {})[r["phase"]] = r
+        joint = [v for v in by_run.values() if {"fwd", "bwd"} <= set(v)]
+        if joint:
+            fwd, bwd = joint[-1]["fwd"], joint[-1]["bwd"]
+        else:
+            fwds, bwds = [r for r in rs if r["phase"] == "fwd"], [r for r in rs if r["phase"] == "bwd"]
+            if not (fwds and bwds):
+                continue
+            fwd, bwd = fwds[-1], bwds[-1]
+        d = dict(zip(PHASE_KEY, key))
+        d.update(fwd=fwd, bwd=bwd, same_run=bool(joint), total_s=fwd["time_s"] + bwd["time_s"])
+        d.update(total_ci_lo_s=None, total_ci_hi_s=None, total_ci_rel=None)
+        a, b = fwd.get("time_repeats_s") or (), bwd.get("time_repeats_s") or ()
+        if joint and a and len(a) == len(b):
+            sums = np.add(a, b)
+            med, lo, hi = measure.median_ci(sums)
+            d["total_s"] = med
+            if math.isfinite(lo):
+                d.update(total_ci_lo_s=lo, total_ci_hi_s=hi, total_ci_rel=measure.relative_half_width(med, lo, hi))
+        out.append(d)
+    return sorted(out, key=lambda d: sort_key(d["fwd"]))
+
+
 def _orderable(v) -> tuple:
     """Numbers in numeric order, anything else (str, None) as text after them."""
     return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
@@ -252,7 +297,7 @@ def sort_key(r: dict):
         r["seq_len"],
         r["nranks"],
         r["mode"],
-        r.get("phase", "fwd"),
+        r.get("phase", "fwd") != "fwd",  # the forward first
     )
 
 

@@ -24,11 +24,15 @@ Schema version 2 (``SCHEMA_VERSION``), documented in the README::
     /probes/<name>/         one machine probe (``ringbench probe``, see ringbench.probe); optional group
         attrs               probe_id (32 hex digits, unique to this probe), nranks, created_utc,
                             config (JSON: the probe's options), provenance (JSON)
-        summary             attrs: rate_flops (per-rank attention FLOP/s at the largest block), bandwidth_Bps and
-                            latency_s (the slowest ring link's Hockney fit t = latency + bytes / bandwidth), slowest_link
+        summary             attrs: rate_flops (per-rank attention FLOP/s at the largest block), bwd_rate_flops (the
+                            same for the backward kernel), bandwidth_Bps and latency_s (the slowest ring link's
+                            Hockney fit t = latency + bytes / bandwidth), slowest_link
         samples/            block_tokens (K,), block_flops (K,) and compute_s (K, R, P): the real kernel on one full
-                            K/V block of each size, per repeat and rank; msg_bytes (S,), links (L, 2) rank pairs and
-                            pingpong_s (L, S, I): one-way times (round trip / 2) per ring link, size and iteration
+                            K/V block of each size, per repeat and rank; bwd_block_flops (K,) (2.5 x block_flops) and
+                            bwd_compute_s (K, R, P): the same for the backward kernel (dQ, dK, dV of one block);
+                            msg_bytes (S,), links (L, 2) rank pairs and pingpong_s (L, S, I): one-way times
+                            (round trip / 2) per ring link, size and iteration. Probes written before the backward
+                            lack bwd_rate_flops, bwd_block_flops and bwd_compute_s (still read; no backward rate).
 
 The forward phase (samples/, summary, check) sits at the top of the run group, where version 1 keeps it, so a
 forward-only run is laid out as before; a backward-only run (pass bwd) has only bwd/ (and no top-level

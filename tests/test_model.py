@@ -12,7 +12,7 @@ import pytest
 
 from ringbench import model
 from ringbench.model import Calibration, Shape
-from ringbench.store import Run
+from ringbench.store import Phase, Probe, Run
 
 from conftest import ROOT
 
@@ -191,3 +191,159 @@ def test_analysis_modules_import_without_mpi_or_pandas():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=ROOT)
     assert res.stdout.split() == ["False", "False", "False"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward pass
+# ---------------------------------------------------------------------------------------------
+def test_backward_bytes_by_hand():
+    s = Shape(nranks=4, seq_len=1024, batch=2, heads=8, kv_heads=2, head_dim=16, dtype="bfloat16")
+    n = 256
+    assert model.grad_block_bytes(s) == 2 * 2 * n * 2 * 16 * 4  # dK and dV accumulate (and travel) in float32
+    assert model.bwd_bytes_per_rank(s) == 3 * model.block_bytes(s) + 4 * model.grad_block_bytes(s)  # P-1 K/V, P dK/dV
+    f64 = s.with_(dtype="float64")
+    assert model.grad_block_bytes(f64) == model.block_bytes(f64)  # float64 accumulates in float64
+    assert model.bwd_step_bytes(s).tolist() == [
+        model.block_bytes(s),  # step 0: the next K/V block only (no accumulator finished yet)
+        model.block_bytes(s) + model.grad_block_bytes(s),
+        model.block_bytes(s) + model.grad_block_bytes(s),
+        model.grad_block_bytes(s),  # last step: no next K/V block; the hop home follows the step
+    ]
+    assert model.bwd_bytes_per_rank(s.with_(nranks=1, seq_len=256)) == 0
+    assert model.bwd_full_block_flops(s) == 2.5 * model.full_block_flops(s)
+
+
+def test_shape_reads_the_pass_from_a_config():
+    cfg = {"heads": 2, "kv_heads": None, "seq_len": 8, "batch": 1, "head_dim": 4, "dtype": "float32", "causal": False}
+    cfg.update(layout="contiguous", mode="overlap")
+    assert Shape.from_config(cfg, 2).pass_ == "fwd"  # version-1 configs have no pass: forward
+    assert Shape.from_config({**cfg, "pass": "fwd+bwd"}, 2).phases == ("fwd", "bwd")
+
+
+BWD_CAL = Calibration.simple(rate=1e3, latency=0.1, bandwidth=1e3, bwd_rate=1e3)
+
+
+def test_predict_backward_overlap_by_hand():
+    # P=3, n=4, B=H=H_kv=D=1, float32: K/V block m = 32 B, accumulator g = 32 B; backward step work 2.5 * 64 = 160
+    # FLOP -> 160 ms; transfers: step 0 m (132 ms), step 1 m + g (164 ms), step 2 g (132 ms), then g home (132 ms)
+    p = model.predict(tiny(nranks=3, seq_len=12, pass_="bwd"), BWD_CAL)
+    assert p.phase == "bwd"
+    assert p.compute_s == pytest.approx(np.full((3, 3), 0.160))
+    assert p.step_s.tolist() == pytest.approx([0.160, 0.164, 0.160 + 0.132])
+    assert p.exposed_s.tolist() == pytest.approx([0.0, 0.004, 0.132])  # the final hop is exposed in every mode
+    assert p.final_s == pytest.approx(0.132)
+    assert p.comm_s == pytest.approx(0.164)
+    assert p.comm_total_s == pytest.approx(0.132 + 0.164 + 0.132 + 0.132)
+    assert p.time_s == pytest.approx(0.616)
+
+
+def test_predict_backward_blocking_and_allgather_by_hand():
+    bl = model.predict(tiny(nranks=3, seq_len=12, pass_="bwd", mode="blocking"), BWD_CAL)
+    assert bl.step_s.tolist() == pytest.approx([0.160 + 0.132, 0.160 + 0.164, 0.160 + 0.132 + 0.132])
+    assert bl.exposed_total_s == pytest.approx(0.132 + 0.164 + 0.132 + 0.132)
+    # allgather: (P-1) K/V blocks gathered before step 0, (P-1) accumulators reduce-scattered after the last step
+    ag = model.predict(tiny(nranks=3, seq_len=12, pass_="bwd", mode="allgather"), BWD_CAL)
+    assert ag.step_s.tolist() == pytest.approx([0.160 + 2 * 0.132, 0.160, 0.160 + 2 * 0.132])
+    assert ag.final_s == pytest.approx(2 * 0.132)
+    assert ag.time_s == pytest.approx(3 * 0.160 + 4 * 0.132)
+
+
+def test_predict_backward_half_precision_moves_float32_accumulators():
+    # bfloat16: m = 16 B, g = 32 B; step 1 moves 48 B: 100 + 48 ms
+    p = model.predict(tiny(nranks=3, seq_len=12, pass_="bwd", dtype="bfloat16", mode="blocking"), BWD_CAL)
+    assert (p.step_s - p.compute_s.max(axis=0)).tolist() == pytest.approx([0.116, 0.148, 0.132 + 0.132])
+
+
+def test_predict_backward_uses_its_own_rate_and_forward_is_unchanged():
+    cal = Calibration.simple(rate=1e3, latency=0.1, bandwidth=1e3, bwd_rate=2e3)
+    shape = tiny(nranks=3, seq_len=12)
+    assert model.predict(shape, cal).time_s == model.predict(shape, Calibration.simple(rate=1e3, latency=0.1, bandwidth=1e3)).time_s
+    assert model.predict(shape.with_(pass_="bwd"), cal).compute_s == pytest.approx(np.full((3, 3), 0.080))
+    with pytest.raises(ValueError, match="no bwd compute rate"):
+        model.predict(shape.with_(pass_="bwd"), Calibration.simple(rate=1e3, latency=0.1, bandwidth=1e3))
+    assert not Calibration.simple(rate=1.0, latency=0, bandwidth=1).has_phase("fwd+bwd") and cal.has_phase("fwd+bwd")
+
+
+def test_predict_single_rank_backward_has_no_comm():
+    p = model.predict(tiny(nranks=1, pass_="bwd"), BWD_CAL)
+    assert p.exposed_total_s == 0 and p.final_s == 0 and p.comm_total_s == 0
+    assert p.time_s == pytest.approx(2.5 * 4 * 64 / 1e3)
+
+
+def test_predict_fwd_bwd_is_the_sum_of_both_passes():
+    shape = tiny(nranks=3, seq_len=12)
+    both = model.predict(shape.with_(pass_="fwd+bwd"), BWD_CAL)
+    fwd, bwd = model.predict(shape, BWD_CAL), model.predict(shape.with_(pass_="bwd"), BWD_CAL)
+    assert both.time_s == pytest.approx(fwd.time_s + bwd.time_s)
+    assert both.step_s.tolist() == pytest.approx(fwd.step_s.tolist() + bwd.step_s.tolist())
+    assert both.parts["fwd"].time_s == fwd.time_s and both.parts["bwd"].time_s == bwd.time_s
+    assert both.compute_s.shape == (3, 6)
+
+
+@pytest.mark.parametrize("nranks, want", [(3, 1.6), (4, 1.6), (2, 0.8)])
+def test_backward_crossover_without_latency_by_hand(nranks, want):
+    # rate 1 kFLOP/s, 1 kB/s, B=H=H_kv=D=1, float32: a = 10 / rate; the middle steps move K/V + dK/dV,
+    # b = 2 * (4 + 4) / bandwidth, n* = b / a = 1.6; at P = 2 no step moves both: b = 8 / bandwidth, n* = 0.8
+    cal = Calibration.simple(rate=1e3, latency=0.0, bandwidth=1e3, bwd_rate=1e3)
+    shape = tiny(nranks=nranks, seq_len=4 * nranks, pass_="bwd")
+    assert model.crossover_tokens(shape, cal) == pytest.approx(want)
+    assert model.crossover_tokens(shape.with_(pass_="fwd"), cal) == pytest.approx(2.0)  # the forward: 8 / 4
+    assert model.crossover_tokens(shape.with_(pass_="fwd+bwd"), cal) == pytest.approx(2.0)  # the larger
+
+
+def test_backward_crossover_with_latency_separates_hidden_from_exposed():
+    # a n^2 = latency + b n with a = 0.01, b = 0.016, latency = 0.1: n* = 4.06; n = 4 exposes, n = 5 hides
+    n_star = model.crossover_tokens(tiny(nranks=3, seq_len=12, pass_="bwd"), BWD_CAL)
+    assert n_star == pytest.approx((0.016 + math.sqrt(0.016**2 + 4 * 0.01 * 0.1)) / 0.02)
+    for n, exposed in ((4, True), (5, False)):
+        p = model.predict(tiny(nranks=3, seq_len=3 * n, pass_="bwd"), BWD_CAL)
+        assert (p.exposed_s[:-1].sum() - 0 > 1e-12) == exposed  # the steps; the final hop is never hidden
+
+
+def _fake_bwd_run(nranks, seq_len, compute_per_step, alone_kv, alone_both, fwd=True):
+    run = _fake_run(nranks, seq_len, 1e-3, 1e-3)
+    R, P = 3, nranks
+    alone = np.full((R, P, P), alone_both)
+    alone[:, :, 0] = alone_kv
+    run.bwd = Phase(
+        samples={
+            "compute_s": np.full((R, P, P), compute_per_step),
+            "comm_s": np.zeros((R, P, P)),
+            "total_s": np.full((R, P), P * compute_per_step),
+            "comm_only_s": alone,
+        }
+    )
+    run.config["pass"] = "fwd+bwd" if fwd else "bwd"
+    if not fwd:
+        run.samples = {}
+    return run
+
+
+def test_calibrate_from_runs_fits_the_backward_rate_apart():
+    # P=3, N=12, n=4: each rank's backward work 3 * 160 FLOP in 3 * 4 ms -> 40 kFLOP/s (the forward: 64 kFLOP/s);
+    # comm-only: step 0 moves 32 B in 1 ms, step 1 64 B in 1.5 ms -> latency 0.5 ms, 64 kB/s
+    cal = model.calibrate_from_runs([_fake_bwd_run(3, 12, 4e-3, 1e-3, 1.5e-3, fwd=False)])
+    assert cal.has_phase("bwd")
+    assert cal.rate(160.0, 3, phase="bwd") == pytest.approx(40e3)
+    lat, bw = cal.link(3)
+    assert lat == pytest.approx(0.5e-3) and bw == pytest.approx(64e3)
+    both = model.calibrate_from_runs([_fake_bwd_run(3, 12, 4e-3, 1e-3, 1.5e-3)])
+    assert both.rate(64.0, 3) == pytest.approx(64e3) and both.rate(160.0, 3, phase="bwd") == pytest.approx(40e3)
+
+
+def test_calibrate_takes_the_backward_rate_from_runs_when_the_probe_has_none():
+    probe = Probe(
+        nranks=3,
+        config={},
+        provenance={},
+        created_utc="",
+        name="old",
+        samples={"block_flops": np.array([64.0]), "compute_s": np.full((1, 2, 3), 1e-3)},
+        summary={"latency_s": 1e-3, "bandwidth_Bps": 1e6},
+    )
+    cal = model.calibrate([_fake_bwd_run(3, 12, 4e-3, 1e-3, 1.5e-3)], [probe])
+    assert cal.rate(64.0, 3) == pytest.approx(64e3) and cal.rate(160.0, 3, phase="bwd") == pytest.approx(40e3)
+    assert any("backward compute rate fitted" in n for n in cal.notes)
+    probe.samples.update(bwd_block_flops=np.array([160.0]), bwd_compute_s=np.full((1, 2, 3), 2e-3))
+    cal = model.calibrate([_fake_bwd_run(3, 12, 4e-3, 1e-3, 1.5e-3)], [probe])
+    assert cal.rate(160.0, 3, phase="bwd") == pytest.approx(80e3) and not cal.notes

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ringbench import model, store
 from ringbench import probe as probe_mod
-from ringbench import store
 
 from conftest import mpiexec, ringbench
 
@@ -50,6 +50,13 @@ def test_probe_two_ranks_writes_its_group(tmp_path):
     assert s["links"].tolist() == [[0, 1]]
     assert s["pingpong_s"].shape == (1, 5, 3) and (s["pingpong_s"] > 0).all()
     assert p.summary["rate_flops"] > 0 and p.summary["bandwidth_Bps"] > 0 and p.summary["latency_s"] >= 0
+    # the backward kernel's rate beside the forward's: 2.5 x the FLOPs, its own times
+    assert s["bwd_block_flops"].tolist() == [2.5 * f for f in s["block_flops"].tolist()]
+    assert s["bwd_compute_s"].shape == (2, 2, 2) and (s["bwd_compute_s"] > 0).all()
+    assert p.summary["bwd_rate_flops"] == pytest.approx(s["bwd_block_flops"][-1] / np.median(np.median(s["bwd_compute_s"][-1], axis=0)))
+    assert "backward (dQ, dK, dV; FLOPs = 2.5 x forward): n=32 " in res.stdout
+    cal = model.calibrate_from_probes([p])
+    assert cal.has_phase("bwd") and cal.rate(s["bwd_block_flops"][-1], 2, phase="bwd") == pytest.approx(p.summary["bwd_rate_flops"])
     assert p.provenance["backend"] == "numpy" and p.config["block_sizes"] == [32, 64]
     assert store.read(out) == []  # a probe-only file has no runs
     # a second probe in the same file gets its own group
@@ -83,6 +90,9 @@ def test_probe_one_rank_measures_compute_only(tmp_path):
     assert res.returncode == 0, res.stderr
     (p,) = store.read_probes(out)
     assert p.samples["pingpong_s"].shape[0] == 0 and np.isnan(p.summary["bandwidth_Bps"])
+    assert p.samples["bwd_compute_s"].shape == (2, 2, 1) and p.summary["bwd_rate_flops"] > 0
+    cal = model.calibrate_from_probes([p])
+    assert cal.rate(p.samples["bwd_block_flops"][0], 1, phase="bwd") > 0 and not cal.links
     assert "one rank, nothing to measure" in res.stdout
 
 
