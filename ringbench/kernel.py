@@ -136,7 +136,9 @@ def exp_base(xp=np, choice: str | None = None) -> ExpBase:
     return _measured[key]
 
 
-FUSED_MARGIN = 1.0  # auto picks fused only when it beats the faster NumPy exponential by this factor
+# auto picks fused only when its pass is this much faster than the better NumPy one: where they are near, the
+# choice would flip between processes (and fused costs ~2 s per process to import numba and load its code)
+FUSED_MARGIN = 1.25
 
 
 def measure_exp(xp=np, rows: int = 128, cols: int = 512, repeat: int = 7) -> tuple[str, dict[str, float]]:
