@@ -4,6 +4,7 @@ The kernel with the fused pass against the float64 reference (tilings, masks, GQ
 float32 and float64) is in test_kernel_tiling.py: every test there runs in each exponential, "fused" included.
 """
 
+import json
 import subprocess
 import sys
 
@@ -111,3 +112,36 @@ def test_without_numba_auto_never_picks_fused_and_forcing_it_says_why():
     done = subprocess.run([sys.executable, "-c", HIDDEN_NUMBA], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "RINGBENCH_EXP: fused needs numba (pip install 'ringbench[numba]'); 2 and e need nothing"
+
+
+def bench(*args, env=None):
+    from conftest import ROOT, child_env
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_bench.py"), "--head-dim", "16", "--block", "64", "--heads", "2"]
+    return subprocess.run(
+        [*cmd, "--repeat", "1", "--warmup", "0", *args], capture_output=True, text=True, env=child_env(env), timeout=300, cwd=ROOT
+    )
+
+
+def test_kernel_bench_runs_the_fused_pass_and_records_it(tmp_path):
+    out = tmp_path / "k.json"
+    res = bench("--exp", "fused", "--causal", "both", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "kernel exponential: fused (fused;" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["provenance"]["numba"]["numba"] and set(data["provenance"]["exp_ns_per_elem"]) == {"2", "e", "fused"}
+    assert all(r["exp_base"] == "fused" and r["compile_s"] >= 0 and r["max_rel_err"] < 1e-4 for r in data["rows"])
+
+
+def test_kernel_bench_fused_without_numba_is_one_line(tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "numba.py").write_text("raise ModuleNotFoundError('hidden by the test', name='numba')\n")
+    from conftest import ROOT
+
+    res = bench("--exp", "fused", env={"PYTHONPATH": f"{fake}:{ROOT}"})
+    assert res.returncode == 2 and res.stdout == ""
+    assert (
+        res.stderr.strip()
+        == "kernel_bench: --exp fused: RINGBENCH_EXP: fused needs numba (pip install 'ringbench[numba]'); 2 and e need nothing"
+    )
