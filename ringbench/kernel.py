@@ -183,7 +183,7 @@ class OnlineSoftmax:
 
     ``q`` (Z, G, n, D) must already be scaled by 1/sqrt(D) and be in the compute dtype. The state keeps
     its own query-major copy of it, (Z, n, G, D+1): scaled by log_b(e) for the base b of the exponential
-    (``exp``: "2" or "e", default :func:`exp_base`, kept as ``self.base``) and widened by one column holding
+    (``exp``: "2", "e" or "fused", default :func:`exp_base`, kept as ``self.base``) and widened by one column holding
     -m, the row's current reference (log_b units), so that a single matrix product gives the shifted scores s - m, and
     the G query heads that share a kv head stack into one matrix of tile_q * G rows. The keys are widened
     by a row of ones to match (one transposed copy per head chunk and piece, not per tile).
