@@ -44,6 +44,7 @@ from ringbench.ring import HOST_TILE_ELEMS, HOST_TILE_ELEMS_MKL, auto_head_chunk
 TARGET = 0.9  # kernel / torch SDPA, fp32
 TARGET_MIN_BLOCK = 1024
 TARGET_HEAD_DIMS = (64, 128)
+EXP_LABELS = {"2": "exp2", "e": "exp", "fused": "fused"}  # the candidates of kernel.measure_exp, as printed
 COLUMNS = ("D", "block", "mask", "kernel", "matmul", "tiles", "torch", "k/torch", "k/matmul", "k/tiles", "err", "target")
 
 
@@ -290,6 +291,7 @@ def bench_shape(
         "tile_k": step.tile_k,
         "head_chunk": step.head_chunk,
         "exp_base": step.state.base.name,
+        "compile_s": step.state.compile_s,  # the fused pass's compile or cache load at state creation (untimed)
         "flops": sh.flops,
         "dense_flops": sh.dense_flops,
         "clock": clock,
@@ -384,9 +386,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--exp",
-        choices=("auto", "2", "e"),
+        choices=("auto", *kernel.EXP_BASES),
         default="auto",
-        help="base of the kernel's exponential: auto measures exp2 against exp here (as a run does), 2 or e force it",
+        help="the kernel's exponential: auto measures exp2, exp and (numba installed) the fused pass here, as a run does;"
+        " 2, e or fused force one",
     )
     p.add_argument(
         "--clock",
@@ -424,15 +427,21 @@ def main(argv=None) -> int:
     threads = limit_threads(1)  # every candidate on one thread, whatever the environment says
     info = provenance(note, torch, threads)
     info["kernel_blas"] = blas
-    base = kernel.exp_base(np, a.exp)
+    try:
+        base = kernel.exp_base(np, a.exp)
+    except ValueError as exc:
+        print(f"kernel_bench: --exp {a.exp}: {exc}", file=sys.stderr)
+        return 2
     info["exp_base"] = base.name
-    info["exp_ns_per_elem"] = {k: v * 1e9 for k, v in kernel.measure_exp(np)[1].items()}
+    info["exp_ns_per_elem"] = {k: v * 1e9 for k, v in kernel.measure_exp(np)[1].items()}  # exp + row sums, per element
+    fused = kernel.fused_module()
+    info["numba"] = None if fused is None else fused.versions()
     print(
         f"kernel_bench: {info['cpu']}, {info['cores']} cores, 1 thread; numpy {np.__version__}, "
         f"torch {info['torch'] or 'n/a'}; {a.dtype}, B={a.batch} H={a.heads}/{a.kv_heads}; "
         f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}\n"
-        f"  kernel exponential: base {base.name} ({a.exp}; float32 ns/element here: "
-        + ", ".join(f"exp{'2' if k == '2' else ''} {v:.2f}" for k, v in info["exp_ns_per_elem"].items())
+        f"  kernel exponential: {base.name} ({a.exp}; float32 exponential and row sums, ns/element here: "
+        + ", ".join(f"{EXP_LABELS[k]} {v:.2f}" for k, v in info["exp_ns_per_elem"].items())
         + ")",
         flush=True,
     )

@@ -53,7 +53,7 @@ def worker(spec: dict) -> int:
     import numpy as np
 
     from ringbench import comm as mpi
-    from ringbench import measure
+    from ringbench import kernel, measure
     from ringbench.backend import current_rss_bytes, get_backend, limit_threads, peak_rss_bytes
     from ringbench.config import RunConfig
     from ringbench.ring import Ring
@@ -84,6 +84,7 @@ def worker(spec: dict) -> int:
     only_numpy = [tracemalloc.DomainFilter(True, domain)]
 
     rng = np.random.default_rng(rank)  # imports numpy.random: before tracing, like every other import
+    kernel.exp_base(np)  # chosen before tracing too: auto may import numba and compile the fused pass
     rss0 = current_rss_bytes()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]

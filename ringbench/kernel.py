@@ -82,69 +82,112 @@ MASKED_BITS = -125.0
 
 
 class ExpBase(NamedTuple):
-    """One base b of the kernel's exponential and the kernel's constants restated in it.
+    """One exponential of the kernel: its base b, the kernel's constants restated in it, and how the tile runs it.
 
     Scores are kept as log_b: q is multiplied by ``scale`` = log_b(e) once, so every tile needs one b^x.
     """
 
-    name: str  # "2" or "e"
+    name: str  # "2", "e" or "fused"
     scale: float  # log_b(e): natural-log scores times this are log_b scores
-    ln_b: float  # ln(b): log_b values times this are natural logs
+    ln_b: float  # ln(b): log_b values times this are natural logs; 1 for base e
     rebase: float  # REBASE_BITS in log_b units
     masked: float  # MASKED_BITS in log_b units
+    fused: bool = False  # the tile's exponential, hidden keys and row sums in one compiled pass (ringbench.fused)
 
     def exp(self, xp):
         """The ufunc x -> b^x of array module ``xp``."""
-        return xp.exp2 if self.name == "2" else xp.exp
+        return xp.exp if self.ln_b == 1.0 else xp.exp2
 
     def log(self, xp):
-        return xp.log2 if self.name == "2" else xp.log
+        return xp.log if self.ln_b == 1.0 else xp.log2
 
 
 EXP_BASES = {
     "2": ExpBase("2", LOG2E, LN2, REBASE_BITS, MASKED_BITS),
     "e": ExpBase("e", 1.0, 1.0, REBASE_BITS * LN2, MASKED_BITS * LN2),
+    # base 2, the tile's elementwise passes compiled by numba (the `numba` extra; NumPy arrays only)
+    "fused": ExpBase("fused", LOG2E, LN2, REBASE_BITS, MASKED_BITS, fused=True),
 }
-EXP_ENV = "RINGBENCH_EXP"  # auto (default): measured; 2 or e: forced (tests, benchmarks)
-_measured: dict[str, ExpBase] = {}  # array module name -> the base measured faster in this process
+EXP_ENV = "RINGBENCH_EXP"  # auto (default): measured; 2, e or fused: forced (tests, benchmarks)
+_measured: dict[str, ExpBase] = {}  # array module name -> the exponential measured fastest in this process
+_fused: list = []  # [ringbench.fused, or None when numba is not installed], filled on first use
+
+
+def fused_module():
+    """:mod:`ringbench.fused`, or None when numba is not installed (then the kernel never uses it)."""
+    if not _fused:
+        try:
+            from ringbench import fused
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("numba", "llvmlite"):
+                raise
+            fused = None
+        _fused.append(fused)
+    return _fused[0]
 
 
 def exp_base(xp=np, choice: str | None = None) -> ExpBase:
-    """The exponential the kernel uses with ``xp`` in this process: ``choice`` or $RINGBENCH_EXP if set to 2 or e,
-    else whichever of ``exp2`` and ``exp`` is faster here on float32 (measured once per process, a few ms).
+    """The exponential the kernel uses with ``xp`` in this process: ``choice`` or $RINGBENCH_EXP if set to 2, e or
+    fused, else the fastest of NumPy's ``exp2`` and ``exp`` on float32 (measured once per process, a few ms) and,
+    where numba is installed, the fused pass (:func:`measure_exp`).
 
     NumPy's float32 exp2 is 2x faster than exp with AVX-512 and 2x slower with AVX2 only (benchmarks/README.md), so
     the base is a property of the machine. Off the host (CuPy) the tile is memory-bound and base 2 is kept.
     """
     choice = choice or os.environ.get(EXP_ENV, "") or "auto"
     if choice in EXP_BASES:
+        if EXP_BASES[choice].fused and (xp is not np or fused_module() is None):
+            why = "the NumPy backend" if xp is not np else "numba (pip install 'ringbench[numba]')"
+            raise ValueError(f"{EXP_ENV}: fused needs {why}; 2 and e need nothing")
         return EXP_BASES[choice]
     if choice != "auto":
-        raise ValueError(f"{EXP_ENV}: expected one of auto, 2, e; got {choice!r}")
+        raise ValueError(f"{EXP_ENV}: expected one of auto, {', '.join(EXP_BASES)}; got {choice!r}")
     key = getattr(xp, "__name__", str(xp))
     if key not in _measured:
         _measured[key] = EXP_BASES[measure_exp(xp)[0]] if xp is np else EXP_BASES["2"]
     return _measured[key]
 
 
-def measure_exp(xp=np, size: int = 1 << 16, repeat: int = 7) -> tuple[str, dict[str, float]]:
-    """("2" or "e", seconds per element of each): the faster float32 exponential on a score-like buffer.
+# auto picks fused only when its pass is this much faster than the better NumPy one: where they are near, the
+# choice would flip between processes (and fused costs ~2 s per process to import numba and load its code)
+FUSED_MARGIN = 1.25
 
-    The minimum over ``repeat`` calls of this process's CPU time: robust to other processes on a shared core.
+
+def measure_exp(xp=np, rows: int = 128, cols: int = 512, repeat: int = 7) -> tuple[str, dict[str, float]]:
+    """(name, seconds per element of each candidate): the fastest float32 exponential here, with the row sums.
+
+    Each candidate does a score tile's elementwise work on a (rows, cols) tile: ``exp2`` or ``exp`` then the
+    row-sum GEMV, or, where numba is installed, the fused pass (compiled or loaded from numba's cache first, not
+    timed). fused wins only by a factor FUSED_MARGIN. The minimum over ``repeat`` calls of this process's CPU
+    time: robust to other processes on a shared core.
     """
-    x = np.linspace(-20.0, 0.0, size, dtype=np.float32)  # the range of shifted scores
+    x = np.linspace(-20.0, 0.0, rows * cols, dtype=np.float32).reshape(1, rows, cols)  # the range of shifted scores
     out = np.empty_like(x)
+    r = np.empty((1, rows), np.float32)
+    ones = np.ones(cols, np.float32)
+    cands = {name: _numpy_pass(base.exp(np), x, out, ones, r) for name, base in EXP_BASES.items() if not base.fused}
+    fused = fused_module()
+    if fused is not None:  # every candidate works in place on a copy of x, as the kernel does on its score tile
+        fused.compile(np.float32)
+        cands["fused"] = lambda: (np.copyto(out, x), fused.exp2_rows(out, r, fused.NO_BOUND, 1))
     best = {}
-    for name, base in EXP_BASES.items():
-        fn = base.exp(np)
-        fn(x, out=out)  # warm-up
+    for name, fn in cands.items():
+        fn()  # warm-up
         times = []
         for _ in range(repeat):
             t0 = time.process_time_ns()
-            fn(x, out=out)
+            fn()
             times.append(time.process_time_ns() - t0)
-        best[name] = min(times) * 1e-9 / size
-    return min(best, key=best.get), best
+        best[name] = min(times) * 1e-9 / x.size
+    pick = min((n for n in best if n != "fused"), key=best.get)
+    if "fused" in best and best["fused"] * FUSED_MARGIN < best[pick]:
+        pick = "fused"
+    return pick, best
+
+
+def _numpy_pass(fn, x, out, ones, r):
+    """The NumPy tile pass measure_exp times: out = fn(x) in place on a copy of x, r = out @ ones."""
+    return lambda: (np.copyto(out, x), fn(out, out=out), np.matmul(out, ones, out=r))
 
 
 class OnlineSoftmax:
@@ -152,7 +195,8 @@ class OnlineSoftmax:
 
     ``q`` (Z, G, n, D) is in the compute dtype and is only read: the state keeps its own query-major copy of
     it, (Z, n, G, D+1): scaled by ``scale`` (the softmax scale 1/sqrt(D); None when ``q`` is already scaled),
-    then by log_b(e) for the base b of the exponential (``exp``: "2" or "e", default :func:`exp_base`, kept as
+    then by log_b(e) for the base b of the exponential (``exp``: "2", "e" or
+    "fused", default :func:`exp_base`, kept as
     ``self.base``), and widened by one column holding -m, the row's current reference (log_b units), so that a
     single matrix product gives the shifted scores s - m, and the G query heads that share a kv head stack into
     one matrix of tile_q * G rows. The keys are widened by a row of ones to match (one transposed copy per head
@@ -181,11 +225,18 @@ class OnlineSoftmax:
         self.xp = xp
         self.base = exp_base(xp, exp)  # the exponential's base and the thresholds restated in it
         self.exp = self.base.exp(xp)
+        # the fused pass (ringbench.fused), compiled or loaded from numba's cache here, outside any timed region
+        self.fused = fused_module() if self.base.fused else None
+        self.compile_s = 0.0  # seconds that took
         self.matmul = matmul or xp.matmul  # the two score-tile GEMMs (the ring may pass MKL's)
         self.matmul_add = getattr(matmul, "matmul_add", None)  # c += a @ b in one GEMM, where offered
         z, g, n, d = q.shape
         self.shape = (z, g, n, d)
         self.dtype = q.dtype
+        if self.fused is not None:
+            if q.dtype not in self.fused.DTYPES:
+                raise ValueError(f"{EXP_ENV}: fused computes in float32 or float64, not {q.dtype}")
+            self.compile_s = self.fused.compile(q.dtype)
         self.head_chunk = min(head_chunk or z, z)
         self.tile_q = max(1, min(tile_q or n, n))
         self.tile_k = tile_k  # None: whole key block
@@ -208,7 +259,7 @@ class OnlineSoftmax:
         self._r = None  # flat row-sum tile buffer
         self._kt = None  # flat [k^T; 1] buffer of one head chunk
         self._ones = None
-        self._masks = {}  # (tq, tk, i0 - j0, mask) -> boolean pattern
+        self._masks = {}  # (tq, tk, i0 - j0, mask) -> boolean pattern; (tq, i0 - j0, mask) -> first hidden columns
         self._shifted = True  # does some row of the current query tile have m != 0?
 
     @property
@@ -291,28 +342,21 @@ class OnlineSoftmax:
 
         ``fresh``: some row of the tile may have no mass yet. Returns the same for the next tile.
         """
-        xp = self.xp
         if self._shifted:
             self.matmul(t.q, kt, out=s)  # s - m, log_b units
         else:
             d = self.shape[3]
             self.matmul(t.q[..., :d], kt[:, :d], out=s)  # m = 0 on every row: s itself
-        if mask is not None:
-            sub, where = self._masked_part(s, *mask)
-            xp.copyto(sub, self.base.masked, where=where)
-        self.exp(s, out=s)  # p = b^(s - m), unchecked
-        if mask is not None:
-            xp.copyto(sub, 0, where=where)
-        xp.matmul(s, ones, out=t.r)
+        self._exp_sums(s, t.r, ones, mask)  # p = b^(s - m), unchecked
         if self._sums_ok(t.r, t.l, fresh):
             fresh = False  # every row now has mass >= SUM_LO
         else:
             self.matmul(t.q, kt, out=s)  # rare: redo on the exact path
             if mask is not None:
-                xp.copyto(sub, -np.inf, where=where)
+                sub, where = self._masked_part(s, *mask)
+                self.xp.copyto(sub, -np.inf, where=where)  # hidden keys out of the row max
             self._rebase(s, t)
-            self.exp(s, out=s)
-            xp.matmul(s, ones, out=t.r)
+            self._exp_sums(s, t.r, ones, mask)
         l, acc = t.l, t.acc  # views into the state
         l += t.r
         if self.matmul_add is not None:
@@ -321,6 +365,38 @@ class OnlineSoftmax:
             self.matmul(s, vt, out=t.pv)
             acc += t.pv
         return fresh
+
+    def _exp_sums(self, s, r, ones, mask) -> None:
+        """In place p = b^s, with p = 0 for the keys ``mask`` (None, or (i0, i1, j0, mask) of the tile) hides; r = row sums.
+
+        The fused pass does it in one compiled loop; NumPy sets hidden scores to MASKED_BITS first (exp's slow
+        paths avoided), zeroes their terms after, and sums the rows by GEMV.
+        """
+        if self.fused is not None:
+            if mask is None:
+                self.fused.exp2_rows(s, r, self.fused.NO_BOUND, 1)
+            else:  # row k of the tile is query i0 + k // G
+                self.fused.exp2_rows(s, r, self._first_hidden(*mask), s.shape[1] // (mask[1] - mask[0]))
+            return
+        xp = self.xp
+        if mask is not None:
+            sub, where = self._masked_part(s, *mask)
+            xp.copyto(sub, self.base.masked, where=where)
+        self.exp(s, out=s)
+        if mask is not None:
+            xp.copyto(sub, 0, where=where)
+        xp.matmul(s, ones, out=r)
+
+    def _first_hidden(self, i0, i1, j0, mask):
+        """Per query row of the tile (rows [i0, i1), keys from j0), its first hidden column: ``layout.first_hidden``."""
+        key = (i1 - i0, i0 - j0, mask)
+        bound = self._masks.get(key)
+        if bound is None:
+            if len(self._masks) > 64:
+                self._masks.clear()
+            bound = np.asarray(first_hidden(mask, np.arange(i0, i1) - j0), np.int64)  # (tq,)
+            self._masks[key] = bound
+        return bound
 
     def _masked_part(self, s, i0, i1, j0, mask):
         """The columns of tile ``s`` (rows [i0, i1), keys from j0) that hide keys, (Zc, tq, G, w), and where (tq, 1, w).
