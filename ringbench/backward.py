@@ -45,17 +45,6 @@ TOLERANCE_BWD = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16":
 MASKED = {"2": -126.0, "e": -87.0}
 
 
-def _numpy_has_avx512() -> bool:
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features  # NumPy >= 2
-    except ImportError:  # pragma: no cover - NumPy 1.x
-        try:
-            from numpy.core._multiarray_umath import __cpu_features__ as features
-        except ImportError:
-            return True
-    return bool(features.get("AVX512_SKX", False))
-
-
 def fast_exp_base(xp) -> str:
     """'2' (exp2) or 'e' (exp): the faster float32 exponential of ``xp``, decided by the CPU, not by timing (so
     every rank of a node, and every run, does the same arithmetic). NumPy, measured on one AMD EPYC core:
@@ -63,7 +52,7 @@ def fast_exp_base(xp) -> str:
     (NPY_DISABLE_CPU_FEATURES) exp2 takes 1330 us and exp 900 us. Off the host: '2'."""
     if xp is not np:
         return "2"
-    return "2" if _numpy_has_avx512() else "e"
+    return "2" if kernel.numpy_has_avx512() else "e"
 
 
 def auto_tiles(n_q: int, n_k: int, g: int, z: int, *, gpu: bool = False) -> tuple[int, int, int]:
@@ -127,6 +116,7 @@ class BlockBackward:
         exp_base: str | None = None,
     ):
         self.xp = xp
+        exp_base = "2" if exp_base == "fused" else exp_base  # the forward's fused pass works in base 2
         self.exp_base = exp_base or fast_exp_base(xp)
         if self.exp_base not in MASKED:
             raise ValueError(f"BlockBackward: exp_base must be '2' or 'e', got {exp_base!r}")

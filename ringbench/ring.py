@@ -335,6 +335,7 @@ class _Backward:
             head_chunk=head_chunk,
             matmul=ring.matmul,
             on_tile=self._on_tile,
+            exp_base=getattr(ring.state, "base", None) and ring.state.base.name,  # the forward's exponential (native)
         )
         del qh, doh, o, lse
         self.score_tile_elems = head_chunk * g * self.grad.tile_q * tile_k

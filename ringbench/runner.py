@@ -55,6 +55,16 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if err:
         raise UserError(err)
     cuda_aware = _cuda_aware(cfg, backend)
+    # one exponential for every rank and state of the run (forward, backward, strategies): rank 0's choice
+    # (RINGBENCH_EXP if set, else measured), so that ranks on a noisy node never compute in different bases
+    try:
+        exp, err = (kernel.exp_base(backend.xp).name if rank == 0 else None), None
+    except ValueError as exc:  # RINGBENCH_EXP set to something this machine cannot do
+        exp, err = None, str(exc)
+    err = mpi.first_error(err)
+    if err:
+        raise UserError(err)
+    os.environ[kernel.EXP_ENV] = mpi.bcast(exp)
     err = mpi.first_error(_memory_problem(cfg, nranks, rank, backend))
     if err:
         raise UserError(err)
@@ -476,6 +486,7 @@ def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
         "utc": utc_now(),
         "argv": argv(),
         "threads": {"limit": limit, "set_by": set_by, "ranks": [p.get("threads", []) for p in parts]},
+        "exp": os.environ.get(kernel.EXP_ENV, ""),  # the kernel's exponential: 2, e or fused (one for every rank)
     }
     info.update(mpi.mpi_info())
     info.update(backend.versions())

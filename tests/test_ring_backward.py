@@ -175,11 +175,12 @@ def test_pass_is_a_config_key_everywhere():
 
 
 def test_forward_point_ids_are_what_they_were_before_pass():
-    """The id of a forward-only point is the hash of its configuration without `pass` (what main computed)."""
+    """The id of a forward-only point is the hash of its configuration without `pass` (what main computed): fields
+    added after ids were first stored (pass, kernel, ulysses_degree) enter the hash only away from their default."""
     import hashlib
 
     cfg = RunConfig(seq_len=256, causal=True, layout="zigzag", kv_heads=2)
-    ident = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY and k != "pass"}
+    ident = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY and k not in RunConfig.ADDED_IDENTITY}
     ident["nranks"] = 4
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     assert point_id(cfg, 4) == f"overlap-zigzag-causal-float32-N256-P4-{digest}"

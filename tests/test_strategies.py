@@ -85,13 +85,15 @@ def test_config_rules_and_point_ids():
     assert check(RunConfig(mode="hybrid", ulysses_degree=2, heads=6, kv_heads=3), 4)[0][0] == "ulysses_degree"
     assert check(RunConfig(mode="pass-q", heads=3), 4) == []  # pass-q has no head rule
     # the new field leaves the ids of other modes as they were; it is part of hybrid ids
-    assert point_id(RunConfig(seq_len=2048), 4) == "overlap-contiguous-float32-N2048-P4-" + point_id(RunConfig(seq_len=2048), 4)[-8:]
+    assert point_id(RunConfig(seq_len=2048), 4) == "overlap-contiguous-float32-N2048-P4-" + point_id(RunConfig(seq_len=2048), 4)[-16:]
     import hashlib
     import json
 
-    ident = {k: v for k, v in RunConfig(seq_len=2048).to_dict().items() if k not in RunConfig.NON_IDENTITY and k != "ulysses_degree"}
+    ident = {
+        k: v for k, v in RunConfig(seq_len=2048).to_dict().items() if k not in RunConfig.NON_IDENTITY and k not in RunConfig.ADDED_IDENTITY
+    }
     ident["nranks"] = 4
-    assert point_id(RunConfig(seq_len=2048), 4).endswith(hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8])
+    assert point_id(RunConfig(seq_len=2048), 4).endswith(hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16])
     a, b = (point_id(RunConfig(mode="hybrid", ulysses_degree=u), 4) for u in (1, 2))
     assert a != b and b.startswith("hybrid2-")
 

@@ -127,8 +127,8 @@ def test_kernel_is_a_config_field_and_leaves_native_ids_alone():
     with pytest.raises(Exception, match="expected one of native, torch, flash-attn"):
         coerce("kernel", "cudnn")
     cfg = RunConfig(seq_len=512, causal=True)
-    # the id of a native point is the hash of the fields it had before `kernel` existed
-    old = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY and k != "kernel"}
+    # the id of a native point is the hash of the fields it had before `kernel` (and pass, ulysses_degree) existed
+    old = {k: v for k, v in cfg.to_dict().items() if k not in RunConfig.NON_IDENTITY and k not in RunConfig.ADDED_IDENTITY}
     old["nranks"] = 2
     digest = hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()
     assert point_id(cfg, 2).endswith(digest[: len(point_id(cfg, 2).rsplit("-", 1)[1])])
