@@ -690,7 +690,10 @@ def strategy_map(runs, cal: model.Calibration | None):
             text = f"tie (noise): {p['best']} ~ {p['runner_up']}\n{p['speedup']:.2f}x, {p['verdict']}"
         if p["agree"] is False:
             text += f"\nmodel: {p['predicted_winner']}"
-        ax.annotate(text, (x, y), xytext=(0, -16), textcoords="offset points", ha="center", va="top", fontsize=7, zorder=5)
+        ax.annotate(
+            text, (x, y), xytext=(0, -16), textcoords="offset points", ha="center", va="top", fontsize=7, zorder=5,
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7},
+        )  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(grid_n)
@@ -700,7 +703,7 @@ def strategy_map(runs, cal: model.Calibration | None):
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlim(_edges(grid_n)[[0, -1]])
-    ax.set_ylim(_edges(grid_p)[[0, -1]])
+    ax.set_ylim(_edges(grid_p)[0] / 1.6, _edges(grid_p)[-1])  # room under the lowest row for its notes
     ax.set_xlabel("sequence length N [tokens]")
     ax.set_ylabel("MPI ranks P")
     a, d = agreement["agree"], agreement["decided"]
