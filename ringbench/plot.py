@@ -12,6 +12,7 @@ Every measured time carries an error bar: the bootstrap confidence interval of i
     breakdown  compute / exposed communication / other share of the pass, per configuration
     causal     per-rank compute and idle time for the causal layouts side by side
     model      model-predicted against measured time, and predicted times at rank counts not run
+    strategies predicted fastest strategy over (N, P), measured winners (significant margins only) on top
 
 The backward pass (runs with --pass bwd or fwd+bwd): ``timeline-bwd`` and ``overlap-bwd`` are the timeline and the
 overlap figure of the backward phase; ``breakdown`` has a bar per configuration and phase; ``strong-fwdbwd`` is the
@@ -34,7 +35,19 @@ from ringbench import measure, model, results, store
 from ringbench.config import stored_point_id
 from ringbench.layout import divisor
 
-FIGURES = ("strong", "weak", "overlap", "timeline", "breakdown", "causal", "model", "timeline-bwd", "overlap-bwd", "strong-fwdbwd")
+FIGURES = (
+    "strong",
+    "weak",
+    "overlap",
+    "timeline",
+    "breakdown",
+    "causal",
+    "model",
+    "strategies",
+    "timeline-bwd",
+    "overlap-bwd",
+    "strong-fwdbwd",
+)
 BWD_FIGURES = ("timeline-bwd", "overlap-bwd", "strong-fwdbwd")  # drawn by default only when some run has a backward
 FORMATS = ("png", "pdf")
 MODE_STYLE = {"overlap": ("C0", "o", "-"), "blocking": ("C3", "s", "--"), "allgather": ("C2", "^", ":")}
@@ -648,6 +661,121 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
     return _finish(fig, runs, "Overlap model: predicted vs measured")
 
 
+STRATEGY_COLORS = {"overlap": "#4c72b0", "blocking": "#c44e52", "allgather": "#55a868", "ulysses": "#8172b2", "pass-q": "#ccb974"}
+HYBRID_COLORS = ("#dd8452", "#da8bc3", "#937860", "#64b5cd")
+
+
+def _strategy_color(label: str) -> str:
+    if label.startswith("hybrid U="):  # U = 2, 4, 8, 16 ...: one colour each
+        return HYBRID_COLORS[(int(label.split("=")[1]).bit_length() - 2) % len(HYBRID_COLORS)]
+    return STRATEGY_COLORS.get(label, "0.5")
+
+
+def _edges(values) -> np.ndarray:
+    """Cell edges around sorted positive values on a log axis: geometric midpoints, half a step beyond each end."""
+    v = np.asarray(sorted(values), dtype=np.float64)
+    if len(v) == 1:
+        return np.array([v[0] / 2**0.5, v[0] * 2**0.5])
+    mid = np.sqrt(v[1:] * v[:-1])
+    return np.concatenate([[v[0] ** 2 / mid[0]], mid, [v[-1] ** 2 / mid[-1]]])
+
+
+def strategy_map(runs, cal: model.Calibration | None):
+    """Predicted fastest strategy over (N, P) with the measured winners of the runs on top (the shape with most points)."""
+    if cal is None:
+        return None
+    from ringbench.config import RunConfig, check
+
+    families = defaultdict(list)
+    for p in results.strategy_points(results.rows(_ok(runs))):
+        families[tuple(p[k] for k in results.COMPARE_KEY if k not in ("seq_len", "nranks"))].append(p)
+    if not families:
+        return None
+    points = max(families.values(), key=len)
+    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r), cal).time_s)
+    labels = sorted({s for p in points for s in p["rows"]}, key=lambda s: results.mode_order(s.split()[0]) + (s,))
+    base = {s: next(p["rows"][s] for p in points if s in p["rows"]) for s in labels}
+    seqs = sorted({p["seq_len"] for p in points})
+    ranks = sorted({p["nranks"] for p in points})
+    grid_n = sorted(set(seqs) | {seqs[0] // 2, seqs[-1] * 2} | {2**k for k in range(4, 40) if seqs[0] // 2 < 2**k < seqs[-1] * 2})
+    grid_p = sorted(set(ranks) | {2 * ranks[-1], 4 * ranks[-1]})
+    winner = np.full((len(grid_p), len(grid_n)), -1)
+    for j, P in enumerate(grid_p):
+        for i, N in enumerate(grid_n):
+            times = {}
+            for k, s in enumerate(labels):
+                shape = results.shape(dict(base[s], seq_len=N), nranks=P)
+                cfg = RunConfig(
+                    batch=shape.batch, seq_len=N, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                    dtype=shape.dtype, causal=shape.causal, layout=shape.layout, mode=shape.mode, ulysses_degree=shape.ulysses_degree,
+                )  # fmt: skip
+                if N >= P and not check(cfg, P):
+                    t = model.predict(shape, cal).time_s
+                    if np.isfinite(t):
+                        times[k] = t
+            if times:
+                winner[j, i] = min(times, key=times.get)
+    colors = ["white"] + [_strategy_color(s) for s in labels]
+    fig, ax = plt.subplots(figsize=(11, 5.8))
+    ax.pcolormesh(
+        _edges(grid_n),
+        _edges(grid_p),
+        winner + 1,
+        cmap=matplotlib.colors.ListedColormap(colors),
+        vmin=-0.5,
+        vmax=len(labels) + 0.5,
+        alpha=0.45,
+    )
+    for p in points:
+        x, y = p["seq_len"], p["nranks"]
+        if p["winner"]:
+            ax.plot(x, y, "o", ms=15, mfc=_strategy_color(p["winner"]), mec="k", mew=1.5, zorder=3)
+            ci = "" if p["ci_lo"] is None else f" [{p['ci_lo']:.2f}, {p['ci_hi']:.2f}]"
+            text = f"{p['winner']} {p['speedup']:.2f}x{ci}\nover {p['runner_up']}"
+        else:
+            ax.plot(x, y, "o", ms=15, mfc="white", mec="0.35", mew=1.5, zorder=3)
+            ax.plot(x, y, "x", ms=8, color="0.35", mew=1.5, zorder=4)
+            text = f"tie (noise): {p['best']} ~ {p['runner_up']}\n{p['speedup']:.2f}x, {p['verdict']}"
+        if p["agree"] is False:
+            text += f"\nmodel: {p['predicted_winner']}"
+        ax.annotate(
+            text, (x, y), xytext=(0, -16), textcoords="offset points", ha="center", va="top", fontsize=7, zorder=5,
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7},
+        )  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(grid_n)
+    ax.set_xticklabels([str(n) for n in grid_n], fontsize=8)
+    ax.set_yticks(grid_p)
+    ax.set_yticklabels([str(q) for q in grid_p])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlim(_edges(grid_n)[[0, -1]])
+    ax.set_ylim(_edges(grid_p)[0] / 1.6, _edges(grid_p)[-1])  # room under the lowest row for its notes
+    ax.set_xlabel("sequence length N [tokens]")
+    ax.set_ylabel("MPI ranks P")
+    a, d = agreement["agree"], agreement["decided"]
+    ax.set_title(
+        f"predicted winner = measured winner on {a} of {d} points" + (f" ({a / d:.0%})" if d else "")
+        + f" with a significant margin ({agreement['ties']} ties left out); median |error| of the predicted times "
+        + (f"{agreement['median_abs_error']:.0%}" if agreement["errors"] else "-"),
+        fontsize=9,
+    )  # fmt: skip
+    handles = [matplotlib.patches.Patch(color=_strategy_color(s), alpha=0.6, label=s) for s in labels]
+    handles += [
+        matplotlib.lines.Line2D([], [], marker="o", ms=9, mfc="0.6", mec="k", mew=1.5, ls="none", label="measured winner (significant)"),
+        matplotlib.lines.Line2D([], [], marker="X", ms=8, mfc="white", mec="0.35", ls="none", label="tie within the noise"),
+    ]
+    note = (
+        "background: the model's fastest of the strategies measured (white: none can run); markers: measured, "
+        f"margin = runner-up / winner [{measure.CONFIDENCE:.0%} CI]; calibration: {cal.source}"
+    )
+    fig.text(0.5, 0.04, note, fontsize=7, ha="center", color="0.3")
+    r0 = points[0]
+    layout = r0["layout"] + (" causal" if r0["causal"] else "")
+    return _finish(fig, runs, f"Strategy map: fastest strategy over (N, P), {layout}, {_shape_desc(r0)}, {r0['dtype']}", handles)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------
@@ -679,6 +807,7 @@ def render(
         "breakdown": (lambda: breakdown(runs), "needs a successful run"),
         "causal": (lambda: causal_layouts(runs, cal), "needs causal runs with P > 1"),
         "model": (lambda: model_figure(runs, cal, predict_ranks), "needs a calibration (a probe or runs)"),
+        "strategies": (lambda: strategy_map(runs, cal), "needs configurations run with 2 or more strategies and a calibration"),
     }
     written, skipped = [], []
     has_bwd = any(r.bwd is not None for r in runs)  # without a backward the backward's figures are not asked for

@@ -360,6 +360,58 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
             "",
             crossover_text(rows, cal),
         ]
+        strategies = strategy_text(rows, cal)
+        if strategies:
+            out += ["", strategies]
         if predict_ranks:
             out += ["", prediction_table(rows, cal, predict_ranks)]
     return "\n".join(out)
+
+
+def strategy_text(rows: list[dict], cal: model.Calibration) -> str | None:
+    """Per configuration run with two or more strategies: measured winner (or a tie), predicted winner, and the line
+    'the predicted winner was the measured winner on a of b points ...; median error ...'. None without such points."""
+    points = results.strategy_points(rows)
+    if not points:
+        return None
+    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r), cal).time_s)
+    body = []
+    for p in points:
+        ci = "" if p["ci_lo"] is None else f" [{p['ci_lo']:.2f}, {p['ci_hi']:.2f}]"
+        measured = p["winner"] if p["winner"] else f"tie: {p['best']} ~ {p['runner_up']}"
+        errs = p["errors"]
+        body.append(
+            [
+                config_label(p),
+                p["dtype"],
+                shape_label(p),
+                str(p["seq_len"]),
+                str(p["nranks"]),
+                measured,
+                f"{p['speedup']:.2f}x{ci} over {p['runner_up']}",
+                p["predicted_winner"] or "-",
+                {True: "yes", False: "NO", None: "-"}[p["agree"]],
+                _num(float(np.median(np.abs(list(errs.values())))) if errs else None, ".0%"),
+            ]
+        )
+    head = ["layout", "dtype", "BxH/Hkv xD", "N", "P", "measured winner", "margin [CI]", "predicted winner", "agree", "median |err|"]
+    return "\n".join(
+        [
+            "strategies: measured winner (the fastest, when its margin over the runner-up is significant) vs the model's",
+            table(head, body, left=3),
+            strategy_summary(agreement),
+        ]
+    )
+
+
+def strategy_summary(agreement: dict) -> str:
+    """The winner-agreement line of ``results.strategy_agreement``."""
+    a, d, t = agreement["agree"], agreement["decided"], agreement["ties"]
+    share = f" ({a / d:.0%})" if d else ""
+    errs = agreement["errors"]
+    err = f"{agreement['median_abs_error']:.0%} over {len(errs)} strategy times" if errs else "no predicted times"
+    return (
+        f"strategy winners: the predicted winner was the measured winner on {a} of {d} points{share} where the measured "
+        f"times differ by more than their spread ({t} tie{'s' if t != 1 else ''} within the noise left out); "
+        f"median |predicted - measured| / measured of the strategies' times: {err}"
+    )

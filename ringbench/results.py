@@ -316,3 +316,88 @@ def shape(r: dict, nranks: int | None = None) -> Shape:
         mode=r["mode"],
         ulysses_degree=int(r.get("ulysses_degree") or 1),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies side by side: measured winners, and the model's predicted winners against them
+# ---------------------------------------------------------------------------------------------
+def strategy_label(r: dict) -> str:
+    """A row's strategy: its mode, with the Ulysses degree for hybrid (``hybrid U=2``)."""
+    return f"hybrid U={int(r.get('ulysses_degree') or 1)}" if r["mode"] == "hybrid" else r["mode"]
+
+
+def strategy_points(table: list[dict]) -> list[dict]:
+    """Configurations (``COMPARE_KEY``: one (N, P) of one shape) measured with two or more strategies.
+
+    One dict per point: the ``COMPARE_KEY`` fields; ``repeats`` {strategy: per-repeat times, repeated runs pooled};
+    ``times`` {strategy: median}; ``rows`` {strategy: one of its rows (the model's view)}; ``best`` and ``runner_up``
+    (least and second-least median); ``speedup`` = runner-up time / best time with ``ci_lo`` / ``ci_hi`` and ``verdict``
+    (``measure.compare`` of the two); ``winner``: ``best`` when the verdict is significant (the times differ by more
+    than their spread), else None (a tie within the noise, or too few repeats).
+    """
+    groups: dict = {}
+    for r in table:
+        if r["status"] != "ok" or r.get("time_s") is None:
+            continue
+        g = groups.setdefault(tuple(r[k] for k in COMPARE_KEY), {})
+        label = strategy_label(r)
+        reps, _ = g.setdefault(label, ([], r))
+        reps += list(r.get("time_repeats_s") or (r["time_s"],))
+    out = []
+    for key, by in groups.items():
+        if len(by) < 2:
+            continue
+        times = {s: float(np.median(reps)) for s, (reps, _) in by.items()}
+        best, runner_up = sorted(times, key=lambda s: (times[s], s))[:2]
+        c = measure.compare(by[runner_up][0], by[best][0])
+        d = dict(zip(COMPARE_KEY, key))
+        d.update(
+            repeats={s: tuple(reps) for s, (reps, _) in by.items()},
+            times=times,
+            rows={s: r for s, (_, r) in by.items()},
+            best=best,
+            runner_up=runner_up,
+            speedup=c.ratio,
+            ci_lo=None if math.isnan(c.lo) else c.lo,
+            ci_hi=None if math.isnan(c.hi) else c.hi,
+            verdict=c.verdict,
+            winner=best if c.verdict == measure.SIGNIFICANT else None,
+        )
+        out.append(d)
+    return sorted(out, key=lambda d: tuple(_orderable(d[k]) for k in COMPARE_KEY))
+
+
+def strategy_agreement(points: list[dict], predict) -> dict:
+    """How often the predicted winner is the measured one, and the error of the predicted times.
+
+    ``predict(row) -> seconds`` (e.g. ``lambda r: model.predict(shape(r), cal).time_s``; nan: not predicted).
+    Each point (``strategy_points``) gains ``predicted`` {strategy: seconds}, ``predicted_winner`` (least predicted
+    time among the strategies measured there), ``agree`` (True / False where the point has a measured winner, None
+    at a tie) and ``errors`` {strategy: (predicted - measured) / measured}. Returns {``points``, ``decided``: points
+    with a measured winner, ``agree``: of those, where the predicted winner is it, ``ties``, ``errors``: every
+    strategy time's relative error, ``median_abs_error``: median of their absolute values (nan if none)}.
+    """
+    decided = agree = ties = 0
+    errors = []
+    for p in points:
+        pred = {s: float(predict(r)) for s, r in p["rows"].items()}
+        valid = {s: t for s, t in pred.items() if math.isfinite(t)}
+        p["predicted"] = pred
+        p["predicted_winner"] = min(valid, key=lambda s: (valid[s], s)) if valid else None
+        p["errors"] = {s: (t - p["times"][s]) / p["times"][s] for s, t in valid.items() if p["times"][s] > 0}
+        errors += list(p["errors"].values())
+        if p["winner"] is None:
+            p["agree"] = None
+            ties += 1
+        else:
+            p["agree"] = p["predicted_winner"] == p["winner"]
+            decided += 1
+            agree += p["agree"]
+    return {
+        "points": points,
+        "decided": decided,
+        "agree": agree,
+        "ties": ties,
+        "errors": errors,
+        "median_abs_error": float(np.median(np.abs(errors))) if errors else math.nan,
+    }

@@ -191,3 +191,27 @@ def test_torch_kernel_bench_user_error_is_one_line():
     res = script("torch_kernel_bench.py", "--heads", 3, "--kv-heads", 2)
     assert res.returncode == 2
     assert "--kv-heads" in res.stderr.strip().splitlines()[-1]
+
+
+def test_strategy_bench_probes_sweeps_and_compares(tmp_path):
+    assert MPIEXEC.exists()
+    out = tmp_path / "s.json"
+    tiny = ("--seq-len", 128, 256, "--heads", 4, "--kv-heads", 2, "--head-dim", 16, "--repeat", 3, "--probe-blocks", 64, 128)
+    res = script("strategy_bench.py", *tiny, "--ranks", 2, "--work", tmp_path / "work", "--out", out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "load average" in res.stdout and "calibration: probe" in res.stdout  # calibrated from the probe, not the runs
+    assert "strategy winners: the predicted winner was the measured winner on" in res.stdout
+    assert "target >= 90%" in res.stdout and "target <= 20%" in res.stdout and "local/time" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["provenance"]["cpu"] and data["calibration"].startswith("probe")
+    assert {(p["seq_len"], p["nranks"]) for p in data["points"]} == {(128, 2), (256, 2)}
+    assert all(set(p["times_s"]) == {"overlap", "allgather", "ulysses", "pass-q"} for p in data["points"])
+    assert sum(s["points"] for s in data["summary"].values()) == 2  # "within the cores" or "oversubscribed"
+    assert {t["strategy"] for t in data["step_terms"]} == {"ulysses", "pass-q"}
+    assert (tmp_path / "work" / "probe.h5").exists() and (tmp_path / "work" / "results" / "strategy-bench.h5").exists()
+
+
+def test_strategy_bench_user_error_is_one_line():
+    res = script("strategy_bench.py", "--repeat", 1)
+    assert res.returncode == 2
+    assert "--repeat" in res.stderr.strip().splitlines()[-1]

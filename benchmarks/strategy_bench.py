@@ -1,0 +1,261 @@
+"""Does the model pick the fastest context-parallel strategy? Probe, sweep, then compare (issue 11's targets).
+
+    python benchmarks/strategy_bench.py [--ranks 2] [--experiment experiments/strategies.yaml]
+                                        [--seq-len 1024 2048 4096] [--repeat 5] [--work DIR] [--out FILE.json]
+
+1. Calibration, separate from the sweep: ``mpiexec -n P ringbench probe --out WORK/probe.h5`` at every rank count
+   (compute rate at several block sizes, ring link latency / bandwidth).
+2. The sweep: ``ringbench sweep`` of ``--experiment`` (its matrix, at ``--ranks``), or by default a built-in variant
+   of experiments/strategies.yaml (overlap, allgather, ulysses, pass-q, and hybrid U=2 where P > 2; causal zigzag,
+   GQA 8/2, D=64, every point --check'ed) over ``--seq-len``.
+3. The comparison, with the model calibrated from the probes only (``model.calibrate([], probes)``): per point
+   (an (N, P) run with two or more strategies), the measured winner where ``measure.compare`` of the best and
+   the runner-up is significant (else a tie within the noise), the predicted winner, and the error of each
+   strategy's predicted time. Targets: predicted = measured winner on >= 90% of the points with a measured
+   winner; median |error| <= 20%. Rank counts above this machine's cores oversubscribe them and are reported
+   apart. Then per strategy, where the model's time goes wrong: the measured compute of each step (median over
+   repeats of the slowest rank) against the model's, and the compute of the all-to-all steps (packing copies)
+   and of pass-Q's return step (the last merge), which the model leaves out.
+
+Prints the CPU (ringbench.provenance.cpu()) and the load average; --out keeps every figure as JSON.
+Exit status 0; 2 on bad options (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from ringbench import measure, model, provenance, report, results, store  # noqa: E402
+
+WINNER_TARGET = 0.90
+ERROR_TARGET = 0.20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=int, nargs="+", default=[2], help="rank counts (default 2)")
+    p.add_argument("--experiment", help="sweep this experiment file's matrix instead of the built-in variant (ranks from --ranks)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[1024, 2048, 4096], help="built-in variant: sequence lengths")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=5, help="built-in variant: timed passes per run")
+    p.add_argument("--probe-blocks", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], help="probe block sizes")
+    p.add_argument("--work", help="directory for the probe and result files (default: a temporary one, removed)")
+    p.add_argument("--out", help="write every figure here (JSON)")
+    p.add_argument("--timeout", type=float, default=3600)
+    a = p.parse_args(argv)
+    for opt in ("ranks", "seq_len", "probe_blocks"):
+        if any(v < 1 for v in getattr(a, opt)):
+            p.exit(2, f"strategy_bench: --{opt.replace('_', '-')}: expected positive integers, got {getattr(a, opt)}\n")
+    if a.repeat < measure.MIN_REPEATS:
+        p.exit(2, f"strategy_bench: --repeat: at least {measure.MIN_REPEATS} (a winner needs a confidence interval), got {a.repeat}\n")
+    if a.experiment and not Path(a.experiment).is_file():
+        p.exit(2, f"strategy_bench: --experiment: no such file {a.experiment}\n")
+    return a
+
+
+def mpiexec() -> str:
+    near = Path(sys.executable).parent / "mpiexec"
+    return str(near) if near.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def run(cmd: list, timeout: float) -> None:
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if res.returncode != 0:
+        sys.exit(f"strategy_bench: {' '.join(map(str, cmd[:6]))} ... failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+
+
+def experiment_text(a: argparse.Namespace) -> str:
+    """The experiment to sweep: --experiment with its ranks replaced, or the built-in variant."""
+    import yaml
+
+    if a.experiment:
+        data = yaml.safe_load(Path(a.experiment).read_text())
+        data["ranks"] = list(a.ranks)
+        data["name"] = "strategy-bench"
+        return yaml.safe_dump(data, sort_keys=False)
+    modes = ["overlap", "allgather", "ulysses", "pass-q"] + (["hybrid"] if any(p > 2 and p % 2 == 0 for p in a.ranks) else [])
+    data = {
+        "name": "strategy-bench",
+        "description": "built-in variant of experiments/strategies.yaml (benchmarks/strategy_bench.py)",
+        "base": {
+            "heads": a.heads,
+            "kv_heads": a.kv_heads,
+            "head_dim": a.head_dim,
+            "causal": True,
+            "layout": "zigzag",
+            "check": True,
+            "repeat": a.repeat,
+            "warmup": 1,
+        },
+        "matrix": {"mode": modes, "ulysses_degree": [1, 2] if "hybrid" in modes else [1], "seq_len": list(a.seq_len)},
+        "ranks": list(a.ranks),
+        "timeout": int(a.timeout),
+    }
+    if "hybrid" in modes:
+        data["exclude"] = [{"mode": [m for m in modes if m != "hybrid"], "ulysses_degree": 2}, {"mode": "hybrid", "ulysses_degree": 1}]
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def step_terms(runs, cal: model.Calibration) -> list[dict]:
+    """Per strategy run: the measured compute of each step (median over repeats of the slowest rank) and the model's.
+
+    ``local_s``: compute the model does not predict at all: the all-to-all steps (0 and last: packing copies, the
+    loads and the finalize) of ulysses / hybrid, and pass-Q's last step (the return and its merge)."""
+    out = []
+    for run in runs:
+        if run.status != "ok" or run.config["mode"] not in ("ulysses", "hybrid", "pass-q"):
+            continue
+        shape = model.Shape.from_config(run.config, run.nranks)
+        pred = model.predict(shape, cal)
+        measured = np.median(np.asarray(run.samples["compute_s"]).max(axis=1), axis=0)  # (S,)
+        predicted = np.asarray(pred.compute_s).max(axis=0)
+        local = measured[[0, -1]].sum() if shape.mode != "pass-q" else measured[-1]
+        out.append(
+            {
+                "strategy": results.strategy_label(results.row(run)),
+                "seq_len": shape.seq_len,
+                "nranks": run.nranks,
+                "time_s": float(run.summary["time_s"]),
+                "predicted_s": float(pred.time_s),
+                "compute_measured_s": measured.tolist(),
+                "compute_predicted_s": predicted.tolist(),
+                "local_s": float(local),
+                "local_share": float(local / run.summary["time_s"]),
+            }
+        )
+    return out
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    cores = os.cpu_count() or 1
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="strategy_bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"strategy_bench: {provenance.cpu()}, {cores} cores, load average {os.getloadavg()[0]:.2f} (1 min) at the start", flush=True)
+    probe = work / "probe.h5"
+    for p in a.ranks:
+        cmd = [mpiexec(), "-n", p, sys.executable, "-m", "ringbench", "probe", "--out", probe, "--quiet"]
+        cmd += ["--heads", a.heads, "--kv-heads", a.kv_heads, "--head-dim", a.head_dim, "--block-sizes", ",".join(map(str, a.probe_blocks))]
+        run(cmd, a.timeout)
+    exp = work / "strategy-bench.yaml"
+    exp.write_text(experiment_text(a))
+    run([sys.executable, "-m", "ringbench", "sweep", exp, "--results", work / "results"], a.timeout)
+    runs = results.load(work / "results" / "strategy-bench.h5")
+    probes = store.read_probes(probe)
+    cal = model.calibrate([], probes)
+    load_end = os.getloadavg()[0]
+
+    rows = results.rows(runs)
+    print(report.calibration_text(cal))
+    print(report.strategy_text(rows, cal) or "no point has two strategies")
+    summary = {}
+    for name, keep in (("within the cores", lambda p: p <= cores), ("oversubscribed", lambda p: p > cores)):
+        sub = [r for r in rows if keep(r["nranks"])]
+        points = results.strategy_points(sub)
+        if not points:
+            continue
+        agr = results.strategy_agreement(points, lambda r: model.predict(results.shape(r), cal).time_s)
+        share = agr["agree"] / agr["decided"] if agr["decided"] else float("nan")
+        err = agr["median_abs_error"]
+        verdict = (
+            f"winner {'PASS' if share >= WINNER_TARGET else 'MISS'} (target >= {WINNER_TARGET:.0%}), "
+            f"error {'PASS' if err <= ERROR_TARGET else 'MISS'} (target <= {ERROR_TARGET:.0%})"
+        )
+        ranks = sorted({p["nranks"] for p in points})
+        print(f"\nP = {', '.join(map(str, ranks))} ({name}, {cores} cores): {report.strategy_summary(agr)}\n  {verdict}")
+        by = {}
+        for p in points:
+            for s, e in p["errors"].items():
+                by.setdefault(s, []).append(e)
+        print("  median signed error by strategy: " + ", ".join(f"{s} {np.median(v):+.0%}" for s, v in sorted(by.items())))
+        summary[name] = {
+            "ranks": ranks,
+            "points": len(points),
+            "decided": agr["decided"],
+            "agree": agr["agree"],
+            "ties": agr["ties"],
+            "winner_share": share,
+            "median_abs_error": err,
+            "signed_error_by_strategy": {s: float(np.median(v)) for s, v in by.items()},
+            "verdict": verdict,
+        }
+    terms = step_terms(runs, cal)
+    if terms:
+        print("\nunmodelled local work (the model predicts no compute there): all-to-all steps' pack/load/finalize, pass-Q's last merge")
+        body = [
+            [
+                t["strategy"],
+                str(t["seq_len"]),
+                str(t["nranks"]),
+                f"{t['time_s'] * 1e3:.2f}",
+                f"{t['predicted_s'] * 1e3:.2f}",
+                f"{sum(t['compute_measured_s']) * 1e3:.2f}",
+                f"{sum(t['compute_predicted_s']) * 1e3:.2f}",
+                f"{t['local_s'] * 1e3:.2f}",
+                f"{t['local_share']:.1%}",
+            ]
+            for t in terms
+        ]
+        head = ["strategy", "N", "P", "time ms", "model ms", "compute ms", "model compute ms", "local ms", "local/time"]
+        print(report.table(head, body, left=1))
+    print(f"\nload average {os.getloadavg()[0]:.2f} (1 min) at the end; the machine is shared: times carry other jobs' load")
+    if a.out:
+        per_point = [
+            {
+                "seq_len": p["seq_len"],
+                "nranks": p["nranks"],
+                "times_s": p["times"],
+                "repeats_s": p["repeats"],
+                "predicted_s": p["predicted"],
+                "winner": p["winner"],
+                "best": p["best"],
+                "runner_up": p["runner_up"],
+                "speedup": p["speedup"],
+                "ci": [p["ci_lo"], p["ci_hi"]],
+                "verdict": p["verdict"],
+                "predicted_winner": p["predicted_winner"],
+                "errors": p["errors"],
+            }
+            for p in results.strategy_agreement(results.strategy_points(rows), lambda r: model.predict(results.shape(r), cal).time_s)[
+                "points"
+            ]
+        ]
+        Path(a.out).write_text(
+            json.dumps(
+                {
+                    "bench": "strategy",
+                    "provenance": {
+                        "cpu": provenance.cpu(),
+                        "cores": cores,
+                        "loadavg_end": load_end,
+                        "git_commit": provenance.git_commit(),
+                    },
+                    "calibration": cal.source,
+                    "summary": summary,
+                    "points": per_point,
+                    "step_terms": terms,
+                },
+                indent=1,
+            )
+        )
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

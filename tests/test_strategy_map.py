@@ -1,0 +1,176 @@
+"""Strategies side by side: measured winners (significant margins only), the model's predicted winners against them,
+the report's winner-agreement line and the strategy map figure."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import numpy as np
+import pytest
+
+from ringbench import measure, model, report, results
+
+from conftest import mpiexec, ringbench
+
+BASE = dict(
+    status="ok", layout="zigzag", causal=True, dtype="float32", batch=1, heads=8, kv_heads=2, head_dim=64, backend="numpy", ulysses_degree=1
+)
+
+
+def row(seq_len, nranks, mode, reps, u=1):
+    return dict(
+        BASE, seq_len=seq_len, nranks=nranks, mode=mode, ulysses_degree=u, time_s=float(np.median(reps)), time_repeats_s=tuple(reps)
+    )
+
+
+def reps(t, spread=0.01):
+    return [t * (1 + spread * k) for k in (-2, -1, 0, 1, 2)]
+
+
+def synthetic():
+    """Three points with two or more strategies and one with a single strategy (not a point)."""
+    return [
+        row(1024, 2, "overlap", reps(1.0)),  # A: overlap wins clearly
+        row(1024, 2, "ulysses", reps(2.0)),
+        row(2048, 2, "overlap", reps(1.0, 0.2)),  # B: a tie within the noise
+        row(2048, 2, "ulysses", reps(1.02, 0.2)),
+        row(2048, 4, "hybrid", reps(3.0), u=2),  # C: pass-q wins; hybrid U=2 and U=4 are two strategies
+        row(2048, 4, "hybrid", reps(2.0), u=4),
+        row(2048, 4, "pass-q", reps(1.0)),
+        row(4096, 2, "overlap", reps(1.0)),  # only one strategy: not a point
+    ]
+
+
+# predicted times: A right (overlap), C wrong (hybrid U=4)
+PREDICTED = {
+    (1024, 2, "overlap"): 1.1,
+    (1024, 2, "ulysses"): 1.8,
+    (2048, 2, "overlap"): 1.0,
+    (2048, 2, "ulysses"): 1.5,
+    (2048, 4, "hybrid U=2"): 3.0,
+    (2048, 4, "hybrid U=4"): 0.5,
+    (2048, 4, "pass-q"): 1.0,
+}
+
+
+def fake_predict(r):
+    return PREDICTED[(r["seq_len"], r["nranks"], results.strategy_label(r))]
+
+
+def test_points_and_winner_agreement_with_known_answers():
+    points = results.strategy_points(synthetic())
+    assert [(p["seq_len"], p["nranks"]) for p in points] == [(1024, 2), (2048, 2), (2048, 4)]
+    a, b, c = points
+    assert a["winner"] == "overlap" and a["verdict"] == measure.SIGNIFICANT and math.isclose(a["speedup"], 2.0)
+    assert b["winner"] is None and b["verdict"] == measure.NOT_SIGNIFICANT and {b["best"], b["runner_up"]} == {"overlap", "ulysses"}
+    assert set(c["times"]) == {"hybrid U=2", "hybrid U=4", "pass-q"}
+    assert c["winner"] == "pass-q" and c["runner_up"] == "hybrid U=4"
+
+    agreement = results.strategy_agreement(points, fake_predict)
+    assert (agreement["decided"], agreement["agree"], agreement["ties"]) == (2, 1, 1)
+    assert [p["agree"] for p in points] == [True, None, False]
+    assert c["predicted_winner"] == "hybrid U=4"
+    errors = [0.1, -0.1, 0.0, 1.5 / 1.02 - 1, 0.0, -0.75, 0.0]  # (predicted - measured) / measured, point by point
+    assert sorted(agreement["errors"]) == pytest.approx(sorted(errors))
+    assert agreement["median_abs_error"] == pytest.approx(float(np.median(np.abs(errors))))
+
+    line = report.strategy_summary(agreement)
+    assert "the predicted winner was the measured winner on 1 of 2 points (50%)" in line
+    assert "(1 tie within the noise left out)" in line and "over 7 strategy times" in line
+
+
+def test_unpredictable_strategy_is_left_out_of_the_winner():
+    points = results.strategy_points(synthetic()[:2])
+    agreement = results.strategy_agreement(points, lambda r: math.nan if r["mode"] == "overlap" else 1.0)
+    assert points[0]["predicted_winner"] == "ulysses" and agreement["agree"] == 0 and len(agreement["errors"]) == 1
+
+
+def test_no_points_no_report_section():
+    assert report.strategy_text([row(1024, 2, "overlap", reps(1.0))], model.Calibration.simple(1e9, 0, 1e9)) is None
+    assert results.strategy_agreement([], fake_predict)["decided"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A real result file: two strategies at two N
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_strategies(tmp_path_factory):
+    path = tmp_path_factory.mktemp("strategies") / "s.h5"
+    for n in (128, 512):
+        for mode in ("overlap", "ulysses"):
+            args = ["--seq-len", n, "--heads", 4, "--kv-heads", 2, "--head-dim", 16, "--mode", mode]
+            res = mpiexec(2, "run", *args, "--repeat", 5, "--warmup", 1, "--check", "--quiet", "--out", path)
+            assert res.returncode == 0, res.stderr
+    return path
+
+
+def slowed(runs, mode: str, factor: float):
+    """The runs with every time sample of ``mode``'s runs multiplied by ``factor``: a winner known in advance."""
+    out = copy.deepcopy(runs)
+    for r in out:
+        if r.config["mode"] == mode:
+            for k in ("total_s", "compute_s", "comm_s", "step_s"):
+                r.samples[k] = r.samples[k] * factor
+            r.summary["time_s"] *= factor
+    return out
+
+
+def markers(fig):
+    """(face colour, is a tie) of every measured-point marker on the map."""
+    import matplotlib.colors
+
+    ax = fig.axes[0]
+    found = []
+    for line in ax.lines:
+        if line.get_marker() == "o" and line.get_markersize() == 15:
+            face = matplotlib.colors.to_hex(line.get_markerfacecolor())
+            found.append((face, face == "#ffffff"))
+    return found
+
+
+@pytest.mark.mpi
+def test_map_renders_from_a_real_file_and_draws_the_measured_winners(two_strategies, tmp_path):
+    plot = pytest.importorskip("ringbench.plot")
+    out = tmp_path / "figs"
+    res = ringbench("plot", two_strategies, "-o", out, "--only", "strategies")
+    assert res.returncode == 0, res.stderr
+    png = out / "strategies.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+    runs = results.load(two_strategies)
+    cal = model.calibrate_from_runs(runs)
+    fig = plot.strategy_map(runs, cal)
+    assert len(markers(fig)) == 2  # one marker per (N, P) measured with both strategies
+    # ulysses 100 times slower than measured (this machine is noisy): overlap is the measured winner at both N, drawn in its colour
+    fig = plot.strategy_map(slowed(runs, "ulysses", 100.0), cal)
+    assert markers(fig) == [(plot._strategy_color("overlap"), False)] * 2
+    text = " ".join(t.get_text() for t in fig.axes[0].texts)
+    assert len(re.findall(r"overlap [\d.]+x \[[\d.]+, [\d.]+\]\nover ulysses", text)) == 2 and "tie" not in text
+    # and ulysses the winner when overlap is the slow one
+    fig = plot.strategy_map(slowed(runs, "overlap", 100.0), cal)
+    assert markers(fig) == [(plot._strategy_color("ulysses"), False)] * 2
+    assert "predicted winner = measured winner on" in fig.axes[0].get_title()
+
+
+@pytest.mark.mpi
+def test_report_states_the_winner_agreement_on_a_real_file(two_strategies):
+    res = ringbench("report", two_strategies)
+    assert res.returncode == 0, res.stderr
+    runs = results.load(two_strategies)
+    points = results.strategy_points(results.rows(runs))
+    assert len(points) == 2
+    decided = sum(p["winner"] is not None for p in points)
+    assert "measured winner on " in res.stdout and f" of {decided} points" in res.stdout
+    assert "over 4 strategy times" in res.stdout
+
+    runs = slowed(runs, "ulysses", 100.0)
+    cal = model.calibrate_from_runs(runs)
+    text = report.format_report(runs, cal)
+    expected = results.strategy_agreement(
+        results.strategy_points(results.rows(runs)), lambda r: model.predict(results.shape(r), cal).time_s
+    )
+    assert expected["decided"] == 2
+    assert f"on {expected['agree']} of 2 points ({expected['agree'] / 2:.0%})" in text
+    assert "(0 ties within the noise left out)" in text
