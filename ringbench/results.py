@@ -339,7 +339,7 @@ def strategy_points(table: list[dict]) -> list[dict]:
     for r in table:
         if r["status"] != "ok" or r.get("time_s") is None:
             continue
-        g = groups.setdefault(tuple(r[k] for k in COMPARE_KEY), {})
+        g = groups.setdefault(tuple(r.get(k) for k in COMPARE_KEY), {})
         label = strategy_label(r)
         reps, _ = g.setdefault(label, ([], r))
         reps += list(r.get("time_repeats_s") or (r["time_s"],))
