@@ -19,7 +19,7 @@ import numpy as np
 from ringbench import env_int, kernel
 from ringbench.config import BACKENDS, BLAS
 from ringbench.mkl import MklMatmul
-from ringbench.provenance import cpu_model
+from ringbench.provenance import cpu_model, cpu_vendor
 
 
 class BackendError(Exception):
@@ -132,7 +132,8 @@ class Backend:
 
         ``numpy``: ``xp.matmul`` (NumPy's own BLAS, OpenBLAS in PyPI wheels; cuBLAS on CuPy).
         ``mkl``: Intel MKL's strided batched GEMM through ctypes (the ``mkl`` wheel: ``ringbench[mkl]``).
-        ``auto``: MKL where it can be loaded, on the numpy backend; otherwise ``numpy``.
+        ``auto``: on an Intel CPU, MKL where it can be loaded; otherwise ``numpy``. On AMD EPYC MKL's GEMMs measured
+        5-25% slower than OpenBLAS's (benchmarks/README.md), so ``auto`` leaves them to ``--blas mkl`` there.
         """
         if choice not in BLAS:
             raise BackendError(f"--blas {choice!r} is unknown; allowed: {', '.join(BLAS)}")
@@ -140,7 +141,7 @@ class Backend:
             if choice == "mkl":
                 raise BackendError("--blas mkl applies to --backend numpy; CuPy always uses cuBLAS (use auto or numpy)")
             return self.xp.matmul, "cuBLAS (cupy.matmul)"
-        if choice != "numpy":
+        if choice == "mkl" or (choice == "auto" and cpu_vendor() in ("GenuineIntel", "")):
             mkl = MklMatmul.load(thread_limit()[0])
             if mkl is not None:
                 return mkl, mkl.describe()

@@ -72,6 +72,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id (/proc/cpuinfo ``vendor_id``: GenuineIntel, AuthenticAMD, ...); '' if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (/proc/cpuinfo ``flags`` on x86, ``Features`` on Arm), lower case; empty if unknown."""
     try:
