@@ -43,7 +43,7 @@ class RunConfig:
     """Everything that defines one ring-attention run (a sweep point, with the rank count)."""
 
     batch: int = 1
-    seq_len: int = 4096  # global N, over all ranks
+    seq_len: int = 6144  # global N, over all ranks (2^11 x 3: a multiple of 2P for P = 1, 2, 3, 4, 6, 8, ...)
     heads: int = 8
     kv_heads: int | None = None  # None: same as heads (MHA); 1: MQA
     head_dim: int = 64

@@ -550,6 +550,7 @@ def test_plan_accepts_points_whose_old_ids_collided(tmp_path):
         tmp_path,
         """
         name: collide
+        base: {seq_len: 4096}
         zip:
           - seed: [73, 127]
             batch: [217, 87]

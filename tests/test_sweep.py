@@ -227,6 +227,7 @@ def test_a_run_stored_under_an_old_id_counts_as_done(where, tmp_path):
             tmp_path,
             """
             name: old
+            base: {seq_len: 4096}
             zip:
               - seed: [73, 127]
                 batch: [217, 87]
