@@ -226,7 +226,7 @@ def test_submit_wait_collect(tmp_path, cluster):
     assert status.returncode == 0, status.stderr
     assert "6 points: 6 done" in status.stdout, status.stdout
 
-    res = ringbench("collect", exp, "--results", results, cwd=tmp_path)
+    res = ringbench("collect", exp, "--results", results, env=cluster, cwd=tmp_path)  # the profile is found through the env
     assert res.returncode == 0, res.stderr
     runs = store.read(results / "e2e.h5")
     assert len(runs) == 6
@@ -240,7 +240,7 @@ def test_submit_wait_collect(tmp_path, cluster):
 
     again = ringbench("submit", exp, "--results", results, env=cluster, cwd=tmp_path)
     assert again.returncode == 0 and "nothing to submit" in again.stdout
-    assert ringbench("collect", exp, "--results", results, cwd=tmp_path).returncode == 0
+    assert ringbench("collect", exp, "--results", results, env=cluster, cwd=tmp_path).returncode == 0
     assert len(store.read(results / "e2e.h5")) == 6  # collect again: nothing added
 
 
