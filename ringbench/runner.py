@@ -351,7 +351,7 @@ def _check_local_bwd(cfg: RunConfig, host: dict, grads, pos) -> dict:
     return out
 
 
-def _phase(cfg, parts, nranks, ring, phase: str) -> store.Phase:
+def _phase(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
     """One timed phase's samples (R, P, ...), summary and check, from every rank's part."""
     got = [p["phases"][phase] for p in parts]
     samples = {}
@@ -363,10 +363,8 @@ def _phase(cfg, parts, nranks, ring, phase: str) -> store.Phase:
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
     if phase == "fwd":
         flops = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-        bytes_per_rank = ring.bytes_per_rank() if cfg.mode in STRATEGY_MODES else ring.block_bytes() * (nranks - 1)
-    else:  # FlashAttention's convention: backward = 2.5 x forward; K/V make P-1 hops, the dK/dV accumulators P
+    else:  # FlashAttention's convention: backward = 2.5 x forward
         flops = backward.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-        bytes_per_rank = ring.block_bytes() * (nranks - 1) + (ring.grad_block_bytes() * nranks if nranks > 1 else 0)
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank)
     summary["unmasked_pairs"] = pairs
     check_res = _check_summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
@@ -409,15 +407,51 @@ def _check_summary(cfg, checks: list, phase: str) -> dict:
 
 
 def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
-    phases = {ph: _phase(cfg, parts, nranks, ring, ph) for ph in cfg.phases}
+    """Rank 0: the run record from the gathered parts (assemble), stored in ``out`` and printed (format_summary)."""
+    prov = provenance(parts, backend, cuda_aware, ring.blas)
+    rec = assemble(
+        cfg,
+        parts,
+        nranks,
+        prov,
+        traffic=_traffic(cfg, ring, nranks),
+        itemsize=np.dtype(ring.storage).itemsize,
+        compute_itemsize=ring.compute.itemsize,
+    )
+    phases = {ph: rec.phase(ph) for ph in cfg.phases}
+    where = None
+    if out is not None:
+        where = f"{out}:/runs/{store.append(out, rec)}"
+    if not quiet:
+        print(format_summary(cfg, nranks, phases, rec.memory, prov, where))
+    return 1 if any(ph.check and not ph.check["passed"] for ph in phases.values()) else 0
+
+
+def _traffic(cfg, ring, nranks: int) -> dict:
+    """{phase: bytes each rank sends in one pass}: the forward's K/V hops (P-1), or what a strategy moves; the
+    backward's K/V hops and its P hops of the dK/dV accumulators."""
+    fwd = ring.bytes_per_rank() if cfg.mode in STRATEGY_MODES else ring.block_bytes() * (nranks - 1)
+    out = {"fwd": fwd}
+    if "bwd" in cfg.phases:
+        out["bwd"] = ring.block_bytes() * (nranks - 1) + (ring.grad_block_bytes() * nranks if nranks > 1 else 0)
+    return out
+
+
+def assemble(cfg, parts: list, nranks: int, prov: dict, *, traffic: dict, itemsize: int, compute_itemsize: int) -> store.Run:
+    """The run record from every rank's gathered part (what ``run`` gathers), the provenance and what the ring
+    reports: ``traffic`` {phase: bytes per rank per pass}, the storage and compute dtypes' ``itemsize``.
+
+    Pure: no MPI, no printing, no file I/O (``_finish`` stores and prints it).
+    """
+    phases = {ph: _phase(cfg, parts, nranks, ph, traffic[ph]) for ph in cfg.phases}
     shape = dict(
         batch=cfg.batch,
         local_q=cfg.seq_len // nranks,
         heads=cfg.heads,
         kv_heads=cfg.kv_heads_resolved,
         head_dim=cfg.head_dim,
-        itemsize=np.dtype(ring.storage).itemsize,
-        compute_itemsize=ring.compute.itemsize,
+        itemsize=itemsize,
+        compute_itemsize=compute_itemsize,
     )
     memory = {
         "peak_rss_bytes": np.array([p["peak_rss"] for p in parts]),
@@ -428,9 +462,8 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     if "bwd" in phases:
         memory["theoretical_bwd_bytes"] = measure.theoretical_bwd_bytes(**shape, score_tile_elems=parts[0]["score_tile_bwd"])
     tensors = _global_tensors(cfg, parts) if cfg.save_tensors else {}
-    prov = provenance(parts, backend, cuda_aware, ring.blas)
     fwd = phases.get("fwd", store.Phase())
-    run_rec = store.Run(
+    return store.Run(
         point_id=point_id(cfg, nranks),
         nranks=nranks,
         config=cfg.to_dict(),
@@ -443,12 +476,6 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
         created_utc=prov["utc"],
         bwd=phases.get("bwd"),
     )
-    where = None
-    if out is not None:
-        where = f"{out}:/runs/{store.append(out, run_rec)}"
-    if not quiet:
-        print(format_summary(cfg, nranks, phases, memory, prov, where))
-    return 1 if any(ph.check and not ph.check["passed"] for ph in phases.values()) else 0
 
 
 def _global_tensors(cfg, parts) -> dict:
