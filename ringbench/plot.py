@@ -684,7 +684,7 @@ def strategy_map(runs, cal: model.Calibration | None):
     """Predicted fastest strategy over (N, P) with the measured winners of the runs on top (the shape with most points)."""
     if cal is None:
         return None
-    from ringbench.config import RunConfig, check
+    from ringbench.config import RunConfig, validate
 
     families = defaultdict(list)
     for p in results.strategy_points(results.rows(_ok(runs))):
@@ -709,7 +709,7 @@ def strategy_map(runs, cal: model.Calibration | None):
                     batch=shape.batch, seq_len=N, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                     dtype=shape.dtype, causal=shape.causal, layout=shape.layout, mode=shape.mode, ulysses_degree=shape.ulysses_degree,
                 )  # fmt: skip
-                if N >= P and not check(cfg, P):
+                if N >= P and not validate(cfg, P):
                     t = model.predict(shape, cal).time_s
                     if np.isfinite(t):
                         times[k] = t

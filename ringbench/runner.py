@@ -12,8 +12,7 @@ import socket
 
 import numpy as np
 
-from ringbench import backward, inputs, kernel, measure, progress, store, strategies
-from ringbench import comm as mpi
+from ringbench import backward, comm, inputs, kernel, measure, progress, store, strategies
 from ringbench.backend import (
     BackendError,
     current_rss_bytes,
@@ -24,7 +23,7 @@ from ringbench.backend import (
     thread_limit,
 )
 from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
-from ringbench.config import STRATEGY_MODES, RunConfig, UserError, check, option_name, point_id
+from ringbench.config import STRATEGY_MODES, RunConfig, UserError, option_name, point_id, validate
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.mkl import MklMatmul
 from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
@@ -37,10 +36,10 @@ TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6
 
 
 def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
-    world = mpi.WORLD
+    world = comm.WORLD
     rank, nranks = world.rank, world.size
     err = _validate(cfg, out, nranks)
-    err = mpi.first_error(err)
+    err = comm.first_error(err)
     if err:
         raise UserError(err)
     try:
@@ -51,7 +50,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         err = unavailable(cfg.kernel, backend, cfg.dtype)  # torch / flash-attn missing, or not for this backend or dtype
     except BackendError as exc:
         err = str(exc)
-    err = mpi.first_error(err)
+    err = comm.first_error(err)
     if err:
         raise UserError(err)
     cuda_aware = _cuda_aware(cfg, backend)
@@ -61,11 +60,11 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         exp, err = (kernel.exp_base(backend.xp).name if rank == 0 else None), None
     except ValueError as exc:  # RINGBENCH_EXP set to something this machine cannot do
         exp, err = None, str(exc)
-    err = mpi.first_error(err)
+    err = comm.first_error(err)
     if err:
         raise UserError(err)
-    os.environ[kernel.EXP_ENV] = mpi.bcast(exp)
-    err = mpi.first_error(_memory_problem(cfg, nranks, rank, backend))
+    os.environ[kernel.EXP_ENV] = comm.bcast(exp)
+    err = comm.first_error(_memory_problem(cfg, nranks, rank, backend))
     if err:
         raise UserError(err)
 
@@ -86,7 +85,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if cfg.mode in STRATEGY_MODES:
         ring = strategies.make(cfg, backend, world, cuda_aware, rank, nranks, dev["q"], dev["k"], dev["v"], fault_step)
     else:
-        ex = mpi.KVExchange(world, backend, cuda_aware)
+        ex = comm.KVExchange(world, backend, cuda_aware)
         ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"], do=dev.get("do"), fault_step=fault_step)
     del dev
     if "bwd" in phases:
@@ -101,14 +100,14 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     reps = {ph: [] for ph in phases}
     for _ in range(cfg.repeat):  # each repeat: the forward, then the backward (fwd+bwd)
         for ph in phases:
-            mpi.barrier()
+            comm.barrier()
             reps[ph].append(shown.tick(passes[ph]()))
     shown.close()
     alone = {ph: [] for ph in phases}
     if nranks > 1:
         for ph in phases:
             for _ in range(cfg.repeat):
-                mpi.barrier()
+                comm.barrier()
                 alone[ph].append(ring.comm_only(ph))
     output = backend.asnumpy(ring.output())
     grads = tuple(backend.asnumpy(x) for x in ring.grads()) if "bwd" in phases else None
@@ -139,7 +138,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         "score_tile_bwd": ring.bwd_score_tile_elems,
         "threads": thread_pools(),
     }
-    parts = mpi.gather(local)
+    parts = comm.gather(local)
     if rank != 0:
         return 0
     return _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet)
@@ -153,7 +152,7 @@ def _comm_only_steps(phase: str, nranks: int) -> int:
 
 
 def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
-    problems = check(cfg, nranks)
+    problems = validate(cfg, nranks)
     if problems:
         key, msg = problems[0]
         return f"{option_name(key)}: {msg}"
@@ -161,7 +160,7 @@ def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
         parse_fault(os.environ.get("RINGBENCH_FAULT", ""), nranks)
     except ValueError as exc:
         return str(exc)
-    if out is not None and mpi.WORLD.rank == 0:
+    if out is not None and comm.WORLD.rank == 0:
         why = store.check_writable(out)
         if why:
             return f"--out: cannot write {out}: {why}"
@@ -261,7 +260,7 @@ def _memory_problem(cfg: RunConfig, nranks: int, rank: int, backend) -> str | No
         )
     # auto: the ranks of a node share its available memory (and ranks on one GPU that GPU's free memory)
     mine = (host, device, backend.device_id, host_available_bytes(), backend.device_free_bytes(), socket.gethostname())
-    node = mpi.node_allgather(mine)
+    node = comm.node_allgather(mine)
     avail = node[0][3]
     if avail is not None and sum(r[0] for r in node) > avail:
         return _too_big(max(r[0] for r in node), "host", node, node[0][5], f"the {_size(avail)} available there", hint)
@@ -295,7 +294,7 @@ def _cuda_aware(cfg: RunConfig, backend) -> bool:
     if not backend.is_gpu:
         return False
     if cfg.cuda_aware == "auto":
-        return mpi.detect_cuda_aware()
+        return comm.detect_cuda_aware()
     return cfg.cuda_aware == "yes"
 
 
@@ -337,8 +336,8 @@ def _check_local_bwd(cfg: RunConfig, host: dict, grads, pos) -> dict:
     k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
     v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
     dq, dk, dv = reference_attention_grad(host["q"], k, v, host["do"], causal=cfg.causal, q_pos=pos, k_pos=allpos)
-    mpi.allreduce_sum(dk)
-    mpi.allreduce_sum(dv)
+    comm.allreduce_sum(dk)
+    comm.allreduce_sum(dv)
     refs = {"dq": dq, "dk": dk[:, pos], "dv": dv[:, pos]}
     out = {}
     for name, got in zip(GRADS, grads):
@@ -515,7 +514,7 @@ def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
         "threads": {"limit": limit, "set_by": set_by, "ranks": [p.get("threads", []) for p in parts]},
         "exp": os.environ.get(kernel.EXP_ENV, ""),  # the kernel's exponential: 2, e or fused (one for every rank)
     }
-    info.update(mpi.mpi_info())
+    info.update(comm.mpi_info())
     info.update(backend.versions())
     return info
 
