@@ -43,21 +43,7 @@ CONFIG_COLUMNS = (
     "warmup",
     "seed",
 )
-SUMMARY_COLUMNS = (
-    "time_s",
-    "time_min_s",
-    "time_max_s",
-    "tflops",
-    "compute_s",
-    "exposed_comm_s",
-    "comm_alone_s",
-    "overlap_eff",
-    "bandwidth_gbps",
-    "imbalance",
-    "flops",
-    "bytes_per_rank",
-    "unmasked_pairs",
-)
+SUMMARY_COLUMNS = tuple(m.key for m in measure.SUMMARY if m.column)  # the summary metrics (measure.SUMMARY)
 # measure.CONFIDENCE intervals of the median over repeats (measure.median_ci); time_ci_rel = half-width / time_s.
 # Empty (None) for failed runs, runs read without samples and runs with fewer than measure.MIN_REPEATS repeats.
 SPREAD_COLUMNS = (

@@ -364,8 +364,7 @@ def _phase(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
         flops = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
     else:  # FlashAttention's convention: backward = 2.5 x forward
         flops = backward.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-    summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank)
-    summary["unmasked_pairs"] = pairs
+    summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank, unmasked_pairs=pairs)
     check_res = _check_summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
     return store.Phase(samples=samples, summary=summary, check=check_res)
 
