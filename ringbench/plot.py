@@ -352,18 +352,8 @@ def overlap(runs, cal: model.Calibration | None = None, phase: str = "fwd"):
                 )
         if cal is not None and cal.has_phase(phase):
             r0 = rows[0]
-            shape = model.Shape(
-                nranks=p,
-                seq_len=p * r0["tokens_per_rank"],
-                batch=r0["batch"],
-                heads=r0["heads"],
-                kv_heads=r0["kv_heads"],
-                head_dim=r0["head_dim"],
-                dtype=r0["dtype"],
-                causal=bool(r0["causal"]),
-                layout=r0["layout"],
-                pass_=phase,
-            )
+            # the overlap ring's crossover, at this P and the family's shape
+            shape = model.Shape.from_config(r0, p).with_(seq_len=p * r0["tokens_per_rank"], mode="overlap", ulysses_degree=1, pass_=phase)
             nstar = model.crossover_tokens(shape, cal)
             if np.isfinite(nstar):
                 for ax in (ax_e, ax_x):

@@ -288,20 +288,8 @@ def sort_key(r: dict):
 
 
 def shape(r: dict, nranks: int | None = None) -> Shape:
-    """The model's view of a row, optionally at another rank count."""
-    return Shape(
-        nranks=nranks or r["nranks"],
-        seq_len=r["seq_len"],
-        batch=r["batch"],
-        heads=r["heads"],
-        kv_heads=r["kv_heads"],
-        head_dim=r["head_dim"],
-        dtype=r["dtype"],
-        causal=bool(r["causal"]),
-        layout=r["layout"],
-        mode=r["mode"],
-        ulysses_degree=int(r.get("ulysses_degree") or 1),
-    )
+    """The model's view of a row (its forward pass), optionally at another rank count."""
+    return Shape.from_config(r, nranks or r["nranks"]).with_(pass_="fwd")
 
 
 # ---------------------------------------------------------------------------------------------
