@@ -889,11 +889,3 @@ def _order(run: Run) -> tuple:
     """Later runs sort higher: by creation time, then by the ~k suffix that append gives repeats."""
     _, _, k = run.name.partition("~")
     return (run.created_utc, int(k) if k.isdigit() else 1)
-
-
-def point_ids(path, status: str | None = "ok") -> set[str]:
-    """Point ids stored in ``path`` (with the given status; None for any); empty if the file is absent."""
-    if not Path(path).exists():
-        return set()
-    with _reading(path) as f:
-        return {str(g.attrs["point_id"]) for g in f["runs"].values() if status is None or str(g.attrs.get("status", "ok")) == status}
