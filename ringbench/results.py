@@ -37,6 +37,8 @@ CONFIG_COLUMNS = (
     "kv_heads",
     "head_dim",
     "backend",
+    "kernel",
+    "blas",
     "progress",
     "tile_q",
     "repeat",
@@ -67,7 +69,22 @@ COLUMNS = (
 )
 
 # What identifies a configuration apart from the mode: rows with the same key are compared side by side.
-COMPARE_KEY = ("phase", "layout", "causal", "dtype", "seq_len", "nranks", "batch", "heads", "kv_heads", "head_dim", "backend")
+# The kernel (native, torch, flash-attn) and the GEMM library are part of it: native and torch runs are never pooled.
+COMPARE_KEY = (
+    "phase",
+    "layout",
+    "causal",
+    "dtype",
+    "seq_len",
+    "nranks",
+    "batch",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "backend",
+    "kernel",
+    "blas",
+)
 
 
 def load(paths) -> list[store.Run]:
@@ -92,6 +109,8 @@ def row(run: store.Run, phase: str = "fwd") -> dict:
         out[k] = run.nranks if k == "nranks" else cfg.get(k)
     out["ulysses_degree"] = int(cfg.get("ulysses_degree", 1) or 1)  # hybrid's all-to-all group size (1 in v1 files)
     out["pass"] = out["pass"] or "fwd"  # version-1 runs and runs from before `pass`: forward only
+    out["kernel"] = out["kernel"] or "native"  # version-1 runs and runs from before `kernel`: ringbench's own kernel
+    out["blas"] = out["blas"] or "auto"  # runs from before `blas`: the default
     try:
         shape = Shape.from_config(cfg, run.nranks)
         out["tokens_per_rank"], out["block_bytes"] = shape.n_local, block_bytes(shape)

@@ -25,6 +25,8 @@ BASE = dict(
     kv_heads=2,
     head_dim=64,
     backend="numpy",
+    kernel="native",
+    blas="auto",
     ulysses_degree=1,
 )
 
