@@ -52,13 +52,12 @@ MODES = ("overlap", "blocking", "allgather")
 def worker(spec: dict) -> int:
     import numpy as np
 
-    from ringbench import comm as mpi
-    from ringbench import kernel, measure
+    from ringbench import comm, kernel, measure
     from ringbench.backend import current_rss_bytes, get_backend, limit_threads, peak_rss_bytes
     from ringbench.config import RunConfig
     from ringbench.ring import Ring
 
-    world = mpi.WORLD
+    world = comm.WORLD
     rank, nranks = world.rank, world.size
     cfg = RunConfig(
         batch=spec["batch"],
@@ -101,14 +100,14 @@ def worker(spec: dict) -> int:
     k = rng.standard_normal((cfg.batch, n, hk, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False)
     v = rng.standard_normal((cfg.batch, n, hk, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False)
     do = rng.standard_normal((cfg.batch, n, cfg.heads, cfg.head_dim), dtype=np.float32).astype(dtype, copy=False) if bwd else None
-    ex = mpi.KVExchange(world, backend, False)
+    ex = comm.KVExchange(world, backend, False)
     ring = Ring(cfg, backend, ex, rank, nranks, q, k, v, do=do)
     del q, k, v, do  # the ring keeps its own copies (as `ringbench run` drops its inputs)
     if bwd:
         ring.prepare_backward()
     run_pass = ring.backward if bwd else ring.forward
     for _ in range(cfg.repeat):
-        mpi.barrier()
+        comm.barrier()
         run_pass()
     out = backend.asnumpy(ring.grads()[0] if bwd else ring.output())
     peak = tracemalloc.get_traced_memory()[1] - base
@@ -144,7 +143,7 @@ def worker(spec: dict) -> int:
         "tile_q": int(ring.tile_q),
         "tile_k": int(ring.tile_k),
     }
-    parts = mpi.gather(local)
+    parts = comm.gather(local)
     if rank == 0:
         itemsize = np.dtype(dtype).itemsize
         theory = measure.theoretical_bwd_bytes if bwd else measure.theoretical_bytes

@@ -66,7 +66,7 @@ def timed(fn, repeat: int) -> tuple[float, float, object]:
 
 def plan(path: Path, results: Path) -> int:
     exp = experiment.load(path)
-    sweep.plan_text(exp, sweep.Layout(results, exp.name))
+    sweep.plan_text(exp, sweep.ResultDir(results, exp.name))
     return len(exp.points)
 
 

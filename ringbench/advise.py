@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ringbench import model
-from ringbench.config import RunConfig, check, did_you_mean
+from ringbench.config import RunConfig, did_you_mean, validate
 from ringbench.experiment import Source
 
 SCAN_TOKENS = [2**k for k in range(4, 21)]  # tokens per rank scanned for the winner's changes
@@ -51,7 +51,7 @@ def candidates(base: model.Shape, nranks: int, cal: model.Calibration, machine: 
             mode=mode,
             ulysses_degree=u,
         )
-        problems = check(cfg, nranks)
+        problems = validate(cfg, nranks)
         if problems:
             key, msg = problems[0]
             out.append(Candidate(label(mode, u), shape, None, f"--{key.replace('_', '-')}: {msg}"))

@@ -113,18 +113,18 @@ def cmd_run(argv: list[str]) -> int:
         cfg = config_from_args(ns)
     except (UsageError, ConfigError) as exc:
         return fail(f"{PROG} run", str(exc))
-    from ringbench import comm as mpi  # initialises MPI
+    from ringbench import comm  # initialises MPI
 
     try:
         from ringbench import runner
 
         return runner.run(cfg, ns.out, ns.quiet)
     except UserError as exc:
-        if mpi.WORLD.rank == 0:
+        if comm.WORLD.rank == 0:
             print(f"{PROG} run: {exc}", file=sys.stderr)
         return 2
     except BaseException as exc:  # any failure on any rank ends the whole job, never a hang
-        mpi.report_exception_and_abort(exc)
+        comm.report_exception_and_abort(exc)
         return 1
 
 
@@ -141,7 +141,7 @@ def _experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
 def _open_experiment(ns: argparse.Namespace):
     """The experiment and its result layout; a results directory names its resolved experiment.yaml."""
     from ringbench.experiment import ExperimentError, load
-    from ringbench.sweep import Layout
+    from ringbench.sweep import ResultDir
 
     path, results = Path(ns.experiment), Path(ns.results)
     if path.is_dir():
@@ -149,7 +149,7 @@ def _open_experiment(ns: argparse.Namespace):
             raise ExperimentError(f"{path}: not an experiment results directory (no experiment.yaml)")
         path, results = path / "experiment.yaml", path.parent
     exp = load(path)
-    return exp, Layout(results, exp.name)
+    return exp, ResultDir(results, exp.name)
 
 
 def _experiment_command(name: str, argv: list[str], parser, body) -> int:
@@ -286,14 +286,14 @@ def cmd_doctor(argv: list[str]) -> int:
         ns = p.parse_args(argv)
     except UsageError as exc:
         return fail(f"{PROG} doctor", str(exc))
-    from ringbench import comm as mpi  # initialises MPI
+    from ringbench import comm  # initialises MPI
 
     try:
         from ringbench import doctor
 
         return doctor.run(ns.backend, ns.kernel)
     except BaseException as exc:  # a failure on any rank ends the whole job, never a hang
-        mpi.report_exception_and_abort(exc)
+        comm.report_exception_and_abort(exc)
         return 1
 
 
@@ -433,18 +433,18 @@ def cmd_probe(argv: list[str]) -> int:
         max_bytes=ns.max_bytes,
         iters=ns.iters,
     )
-    from ringbench import comm as mpi  # initialises MPI
+    from ringbench import comm  # initialises MPI
 
     try:
         from ringbench import probe
 
         return probe.run(opts, ns.out, ns.name, ns.quiet)
     except UserError as exc:
-        if mpi.WORLD.rank == 0:
+        if comm.WORLD.rank == 0:
             print(f"{PROG} probe: {exc}", file=sys.stderr)
         return 2
     except BaseException as exc:
-        mpi.report_exception_and_abort(exc)
+        comm.report_exception_and_abort(exc)
         return 1
 
 

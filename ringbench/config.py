@@ -200,7 +200,7 @@ def memory_limit(value, path: str = "memory_limit") -> int | str:
     return n
 
 
-def check(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
+def validate(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     """Cross-field problems of ``cfg`` at ``nranks`` ranks, as (key, message) pairs."""
     errors = []
     for f in fields(cfg):

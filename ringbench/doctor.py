@@ -104,7 +104,7 @@ def _why_not(combo: Combo, backends: dict) -> tuple[str, str] | None:
 
 def _build_ring(combo: Combo, backend, world, cuda_aware: bool):
     """The tiny ring of ``combo`` on this rank, and its inputs for the check (no communication yet)."""
-    from ringbench import comm as mpi
+    from ringbench import comm
     from ringbench.ring import Ring
 
     rank, nranks = world.rank, world.size
@@ -116,7 +116,7 @@ def _build_ring(combo: Combo, backend, world, cuda_aware: bool):
     q = inputs.tokens("q", 0, pos, heads=cfg.heads, **dims).astype(dtype)
     k = inputs.tokens("k", 0, allpos, heads=cfg.kv_heads, **dims).astype(dtype)
     v = inputs.tokens("v", 0, allpos, heads=cfg.kv_heads, **dims).astype(dtype)
-    ex = mpi.KVExchange(world, backend, cuda_aware and backend.is_gpu)
+    ex = comm.KVExchange(world, backend, cuda_aware and backend.is_gpu)
     ring = Ring(cfg, backend, ex, rank, nranks, backend.asarray(q), backend.asarray(k[:, pos]), backend.asarray(v[:, pos]))
     return ring, (q, k, v, pos, allpos)
 
@@ -127,7 +127,7 @@ def _ring_check(combo: Combo, backend, world, cuda_aware: bool) -> tuple[str, ob
     A ring that cannot be built on some rank is agreed on before any transfer; a failure during the pass itself
     ends the job like any failure in ``run`` (a rank cannot leave a ring pass halfway without hanging its peers).
     """
-    from ringbench import comm as mpi
+    from ringbench import comm
     from ringbench.runner import TOLERANCE
 
     try:
@@ -135,7 +135,7 @@ def _ring_check(combo: Combo, backend, world, cuda_aware: bool) -> tuple[str, ob
         why = None
     except Exception as exc:  # noqa: BLE001 - any failure to set a kernel up is what doctor reports
         why = f"rank {world.rank}: {exc.__class__.__name__}: {exc}"
-    why = mpi.first_error(why, world)
+    why = comm.first_error(why, world)
     if why:
         return "error", why
     ring.forward()
@@ -148,11 +148,11 @@ def _ring_check(combo: Combo, backend, world, cuda_aware: bool) -> tuple[str, ob
 
 def run(want_backends: list[str] | None, want_kernels: list[str] | None) -> int:
     """The doctor on every rank; rank 0 prints. Returns the exit status (0 healthy, 1 problems found)."""
-    from ringbench import comm as mpi
+    from ringbench import comm
 
-    world = mpi.WORLD
+    world = comm.WORLD
     backends = _backends()
-    cuda_aware = mpi.detect_cuda_aware()
+    cuda_aware = comm.detect_cuda_aware()
     gpu = backends["cupy"][0]
     combos = _combos(want_backends or BACKENDS, want_kernels or KERNELS)
     local = {
@@ -171,7 +171,7 @@ def run(want_backends: list[str] | None, want_kernels: list[str] | None) -> int:
             results.append(("n/a", missing))
         else:
             results.append(_ring_check(c, backends[c.backend][0], world, cuda_aware))
-    lines, problems = report(everyone, combos, results, want_backends, want_kernels, mpi.mpi_info()["mpi_library"])
+    lines, problems = report(everyone, combos, results, want_backends, want_kernels, comm.mpi_info()["mpi_library"])
     if world.rank == 0:
         print("\n".join(lines), flush=True)
     return 1 if problems else 0  # the same on every rank: each has every record

@@ -29,10 +29,10 @@ import yaml
 from ringbench.config import (
     ConfigError,
     RunConfig,
-    check,
     coerce,
     did_you_mean,
     point_id,
+    validate,
 )
 
 TOP_KEYS = ("name", "description", "base", "matrix", "zip", "exclude", "ranks", "timeout", "slurm")
@@ -684,7 +684,7 @@ def _expand(src: Source, exp: Experiment, origin: dict) -> None:
                 used[i] = True
             exp.excluded += 1
             continue
-        problems = check(cfg, nranks)
+        problems = validate(cfg, nranks)
         if problems:
             key, message = problems[0]
             where = _value_path(exp, origin, key, params)

@@ -10,14 +10,9 @@ Samples (all seconds, float64), gathered from every rank:
 
 Warm-up passes are stored with the same shapes under their own names and never enter a summary.
 
-Metrics (the README defines them for users):
-
-    time_s          median over repeats of the slowest rank's total_s
-    tflops          unmasked attention FLOPs / time_s
-    overlap_eff     1 - exposed / alone, where exposed = sum over steps of comm_s, alone = the fastest
-                    comm-only pass; per rank, median over repeats, then mean over ranks, clipped to [0, 1]
-    bandwidth_gbps  bytes a rank receives per pass / the slowest rank's fastest comm-only pass
-    imbalance       (max - mean) / mean of the per-rank compute totals, median over repeats
+Metrics (the README defines them for users): ``SUMMARY``, one entry per key of a phase's summary, each with its
+definition. The keys are the attribute names of a stored summary group (ringbench.store) and the summary columns of
+results' table rows (ringbench.results): keep them as they are (schema).
 
 Spread (computed from the samples when they are read, never stored): ``per_repeat`` gives the values a median
 is taken over; ``median_ci`` their percentile-bootstrap confidence interval; ``compare`` the ratio of two
@@ -31,8 +26,41 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def summarize(samples: dict, *, flops: float, bytes_per_rank: int) -> dict:
-    """Summary metrics of one run from its samples (see module docstring)."""
+@dataclass(frozen=True)
+class Metric:
+    """One key of a phase's summary: its name, what it is, and whether results' table rows carry it as a column."""
+
+    key: str
+    doc: str
+    column: bool = True
+
+
+# The summary of one timed phase, in column order (see the module docstring).
+SUMMARY = (
+    Metric("time_s", "median over repeats of the slowest rank's total_s"),
+    Metric("time_min_s", "fastest repeat's slowest-rank total_s"),
+    Metric("time_max_s", "slowest repeat's slowest-rank total_s"),
+    Metric("tflops", "unmasked attention FLOPs / time_s, in TFLOP/s"),
+    Metric("compute_s", "median over repeats of the slowest rank's summed compute_s"),
+    Metric("exposed_comm_s", "median over repeats of the slowest rank's summed comm_s (communication not hidden)"),
+    Metric("comm_alone_s", "the slowest rank's fastest comm-only pass (0 on one rank)"),
+    Metric(
+        "overlap_eff",
+        "1 - exposed / alone, where exposed = sum over steps of comm_s, alone = the fastest comm-only pass; per rank, "
+        "median over repeats, then mean over ranks, clipped to [0, 1] (nan on one rank)",
+    ),
+    Metric("bandwidth_gbps", "bytes a rank receives per pass / the slowest rank's fastest comm-only pass, in GB/s"),
+    Metric("imbalance", "(max - mean) / mean of the per-rank compute totals, median over repeats"),
+    Metric("flops", "unmasked attention FLOPs of one pass (backward: 2.5 x the forward's)"),
+    Metric("bytes_per_rank", "bytes a rank sends in one pass"),
+    Metric("unmasked_pairs", "(query, key) pairs the causal mask leaves (N^2 without it)"),
+    Metric("bytes_total", "bytes_per_rank x P", column=False),
+)
+SUMMARY_KEYS = tuple(m.key for m in SUMMARY)
+
+
+def summarize(samples: dict, *, flops: float, bytes_per_rank: int, unmasked_pairs: int) -> dict:
+    """The summary of one phase from its samples: a dict with the keys of ``SUMMARY``, in that order."""
     total = np.asarray(samples["total_s"])  # (R, P)
     compute = np.asarray(samples["compute_s"])  # (R, P, S)
     comm = np.asarray(samples["comm_s"])
@@ -64,7 +92,8 @@ def summarize(samples: dict, *, flops: float, bytes_per_rank: int) -> dict:
         out["comm_alone_s"] = 0.0
         out["bandwidth_gbps"] = float("nan")
         out["overlap_eff"] = float("nan")
-    return out
+    out["unmasked_pairs"] = int(unmasked_pairs)
+    return {k: out[k] for k in SUMMARY_KEYS}
 
 
 def imbalance(per_rank) -> np.ndarray:

@@ -352,18 +352,8 @@ def overlap(runs, cal: model.Calibration | None = None, phase: str = "fwd"):
                 )
         if cal is not None and cal.has_phase(phase):
             r0 = rows[0]
-            shape = model.Shape(
-                nranks=p,
-                seq_len=p * r0["tokens_per_rank"],
-                batch=r0["batch"],
-                heads=r0["heads"],
-                kv_heads=r0["kv_heads"],
-                head_dim=r0["head_dim"],
-                dtype=r0["dtype"],
-                causal=bool(r0["causal"]),
-                layout=r0["layout"],
-                pass_=phase,
-            )
+            # the overlap ring's crossover, at this P and the family's shape
+            shape = model.Shape.from_config(r0, p).with_(seq_len=p * r0["tokens_per_rank"], mode="overlap", ulysses_degree=1, pass_=phase)
             nstar = model.crossover_tokens(shape, cal)
             if np.isfinite(nstar):
                 for ax in (ax_e, ax_x):
@@ -684,7 +674,7 @@ def strategy_map(runs, cal: model.Calibration | None):
     """Predicted fastest strategy over (N, P) with the measured winners of the runs on top (the shape with most points)."""
     if cal is None:
         return None
-    from ringbench.config import RunConfig, check
+    from ringbench.config import RunConfig, validate
 
     families = defaultdict(list)
     for p in results.strategy_points(results.rows(_ok(runs))):
@@ -709,7 +699,7 @@ def strategy_map(runs, cal: model.Calibration | None):
                     batch=shape.batch, seq_len=N, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                     dtype=shape.dtype, causal=shape.causal, layout=shape.layout, mode=shape.mode, ulysses_degree=shape.ulysses_degree,
                 )  # fmt: skip
-                if N >= P and not check(cfg, P):
+                if N >= P and not validate(cfg, P):
                     t = model.predict(shape, cal).time_s
                     if np.isfinite(t):
                         times[k] = t

@@ -70,7 +70,7 @@ def message_sizes(max_bytes: int) -> list[int]:
 
 def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
     """(K, R) seconds of one full-block kernel update on this rank, per block size and repeat."""
-    from ringbench import comm as mpi
+    from ringbench import comm
     from ringbench.ring import make_state
 
     xp = backend.xp
@@ -90,7 +90,7 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
         state = make_state(backend, qh, n, matmul=backend.matmul("auto")[0], scale=scale)  # tiled as the ring tiles it
         piece = [Piece(0, n, 0, n, FULL)]
         for r in range(-1, opts.repeat):  # one warm-up
-            mpi.barrier()
+            comm.barrier()
             state.reset()
             backend.synchronize()
             timer = backend.timer()
@@ -109,7 +109,7 @@ def _bwd_compute_times(opts: ProbeOptions, backend) -> np.ndarray:
     Prepared as the ring's backward prepares a rank (ring._Backward.prepare): an untimed forward gives O and the
     log-sum-exp, then BlockBackward with the ring's tiles and GEMM; what is timed is one ``update`` with a
     K/V block into zeroed dK/dV accumulators in the compute dtype."""
-    from ringbench import comm as mpi
+    from ringbench import comm
     from ringbench.ring import make_state
 
     xp = backend.xp
@@ -139,7 +139,7 @@ def _bwd_compute_times(opts: ProbeOptions, backend) -> np.ndarray:
         )
         dk, dv = xp.zeros(kh.shape, compute), xp.zeros(kh.shape, compute)  # (Z, n, D) accumulators
         for r in range(-1, opts.repeat):  # one warm-up
-            mpi.barrier()
+            comm.barrier()
             grad.reset()
             dk.fill(0)
             dv.fill(0)
@@ -156,28 +156,28 @@ def _bwd_compute_times(opts: ProbeOptions, backend) -> np.ndarray:
 
 def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
     """{link index: (S, I) one-way seconds} for the links this rank initiated."""
-    from ringbench import comm as mpi
+    from ringbench import comm
 
     sizes = message_sizes(opts.max_bytes)
     buf = np.zeros(max(sizes), dtype=np.uint8)
     links = [(r, (r + 1) % nranks) for r in range(nranks)] if nranks > 2 else [(0, 1)] if nranks == 2 else []
     mine = {}
     for phase in link_phases(nranks):
-        mpi.barrier()
+        comm.barrier()
         for a, b in phase:
             if rank in (a, b):
-                times = [mpi.pingpong(buf[:m], b if rank == a else a, rank == a, opts.iters) for m in sizes]
+                times = [comm.pingpong(buf[:m], b if rank == a else a, rank == a, opts.iters) for m in sizes]
                 if rank == a:
                     mine[links.index((a, b))] = np.array(times)
-    mpi.barrier()
+    comm.barrier()
     return mine
 
 
 def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     """The probe on every rank; rank 0 stores the /probes group and prints a summary."""
-    from ringbench import comm as mpi
+    from ringbench import comm
 
-    world = mpi.WORLD
+    world = comm.WORLD
     rank, nranks = world.rank, world.size
     err = None
     if rank == 0:
@@ -190,7 +190,7 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
         limit_threads()  # after the GEMM library is loaded: its pool is limited too
     except BackendError as exc:  # a user error, agreed on by every rank below
         err = err or str(exc)
-    err = mpi.first_error(err)
+    err = comm.first_error(err)
     if err:
         from ringbench.config import UserError
 
@@ -206,7 +206,7 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
         "device": backend.device_name,
         "threads": thread_pools(),
     }
-    parts = mpi.gather(local)
+    parts = comm.gather(local)
     if rank != 0:
         return 0
     probe = assemble(opts, parts, backend, name)

@@ -37,27 +37,15 @@ CONFIG_COLUMNS = (
     "kv_heads",
     "head_dim",
     "backend",
+    "kernel",
+    "blas",
     "progress",
     "tile_q",
     "repeat",
     "warmup",
     "seed",
 )
-SUMMARY_COLUMNS = (
-    "time_s",
-    "time_min_s",
-    "time_max_s",
-    "tflops",
-    "compute_s",
-    "exposed_comm_s",
-    "comm_alone_s",
-    "overlap_eff",
-    "bandwidth_gbps",
-    "imbalance",
-    "flops",
-    "bytes_per_rank",
-    "unmasked_pairs",
-)
+SUMMARY_COLUMNS = tuple(m.key for m in measure.SUMMARY if m.column)  # the summary metrics (measure.SUMMARY)
 # measure.CONFIDENCE intervals of the median over repeats (measure.median_ci); time_ci_rel = half-width / time_s.
 # Empty (None) for failed runs, runs read without samples and runs with fewer than measure.MIN_REPEATS repeats.
 SPREAD_COLUMNS = (
@@ -81,7 +69,22 @@ COLUMNS = (
 )
 
 # What identifies a configuration apart from the mode: rows with the same key are compared side by side.
-COMPARE_KEY = ("phase", "layout", "causal", "dtype", "seq_len", "nranks", "batch", "heads", "kv_heads", "head_dim", "backend")
+# The kernel (native, torch, flash-attn) and the GEMM library are part of it: native and torch runs are never pooled.
+COMPARE_KEY = (
+    "phase",
+    "layout",
+    "causal",
+    "dtype",
+    "seq_len",
+    "nranks",
+    "batch",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "backend",
+    "kernel",
+    "blas",
+)
 
 
 def load(paths) -> list[store.Run]:
@@ -106,6 +109,8 @@ def row(run: store.Run, phase: str = "fwd") -> dict:
         out[k] = run.nranks if k == "nranks" else cfg.get(k)
     out["ulysses_degree"] = int(cfg.get("ulysses_degree", 1) or 1)  # hybrid's all-to-all group size (1 in v1 files)
     out["pass"] = out["pass"] or "fwd"  # version-1 runs and runs from before `pass`: forward only
+    out["kernel"] = out["kernel"] or "native"  # version-1 runs and runs from before `kernel`: ringbench's own kernel
+    out["blas"] = out["blas"] or "auto"  # runs from before `blas`: the default
     try:
         shape = Shape.from_config(cfg, run.nranks)
         out["tokens_per_rank"], out["block_bytes"] = shape.n_local, block_bytes(shape)
@@ -302,20 +307,8 @@ def sort_key(r: dict):
 
 
 def shape(r: dict, nranks: int | None = None) -> Shape:
-    """The model's view of a row, optionally at another rank count."""
-    return Shape(
-        nranks=nranks or r["nranks"],
-        seq_len=r["seq_len"],
-        batch=r["batch"],
-        heads=r["heads"],
-        kv_heads=r["kv_heads"],
-        head_dim=r["head_dim"],
-        dtype=r["dtype"],
-        causal=bool(r["causal"]),
-        layout=r["layout"],
-        mode=r["mode"],
-        ulysses_degree=int(r.get("ulysses_degree") or 1),
-    )
+    """The model's view of a row (its forward pass), optionally at another rank count."""
+    return Shape.from_config(r, nranks or r["nranks"]).with_(pass_="fwd")
 
 
 # ---------------------------------------------------------------------------------------------

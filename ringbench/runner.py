@@ -12,8 +12,7 @@ import socket
 
 import numpy as np
 
-from ringbench import backward, inputs, kernel, measure, progress, store, strategies
-from ringbench import comm as mpi
+from ringbench import backward, comm, inputs, kernel, measure, progress, store, strategies
 from ringbench.backend import (
     BackendError,
     current_rss_bytes,
@@ -24,7 +23,7 @@ from ringbench.backend import (
     thread_limit,
 )
 from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
-from ringbench.config import STRATEGY_MODES, RunConfig, UserError, check, option_name, point_id
+from ringbench.config import STRATEGY_MODES, RunConfig, UserError, option_name, point_id, validate
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.mkl import MklMatmul
 from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
@@ -37,10 +36,10 @@ TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6
 
 
 def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
-    world = mpi.WORLD
+    world = comm.WORLD
     rank, nranks = world.rank, world.size
     err = _validate(cfg, out, nranks)
-    err = mpi.first_error(err)
+    err = comm.first_error(err)
     if err:
         raise UserError(err)
     try:
@@ -51,7 +50,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         err = unavailable(cfg.kernel, backend, cfg.dtype)  # torch / flash-attn missing, or not for this backend or dtype
     except BackendError as exc:
         err = str(exc)
-    err = mpi.first_error(err)
+    err = comm.first_error(err)
     if err:
         raise UserError(err)
     cuda_aware = _cuda_aware(cfg, backend)
@@ -61,11 +60,11 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         exp, err = (kernel.exp_base(backend.xp).name if rank == 0 else None), None
     except ValueError as exc:  # RINGBENCH_EXP set to something this machine cannot do
         exp, err = None, str(exc)
-    err = mpi.first_error(err)
+    err = comm.first_error(err)
     if err:
         raise UserError(err)
-    os.environ[kernel.EXP_ENV] = mpi.bcast(exp)
-    err = mpi.first_error(_memory_problem(cfg, nranks, rank, backend))
+    os.environ[kernel.EXP_ENV] = comm.bcast(exp)
+    err = comm.first_error(_memory_problem(cfg, nranks, rank, backend))
     if err:
         raise UserError(err)
 
@@ -86,7 +85,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if cfg.mode in STRATEGY_MODES:
         ring = strategies.make(cfg, backend, world, cuda_aware, rank, nranks, dev["q"], dev["k"], dev["v"], fault_step)
     else:
-        ex = mpi.KVExchange(world, backend, cuda_aware)
+        ex = comm.KVExchange(world, backend, cuda_aware)
         ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"], do=dev.get("do"), fault_step=fault_step)
     del dev
     if "bwd" in phases:
@@ -101,14 +100,14 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     reps = {ph: [] for ph in phases}
     for _ in range(cfg.repeat):  # each repeat: the forward, then the backward (fwd+bwd)
         for ph in phases:
-            mpi.barrier()
+            comm.barrier()
             reps[ph].append(shown.tick(passes[ph]()))
     shown.close()
     alone = {ph: [] for ph in phases}
     if nranks > 1:
         for ph in phases:
             for _ in range(cfg.repeat):
-                mpi.barrier()
+                comm.barrier()
                 alone[ph].append(ring.comm_only(ph))
     output = backend.asnumpy(ring.output())
     grads = tuple(backend.asnumpy(x) for x in ring.grads()) if "bwd" in phases else None
@@ -139,7 +138,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         "score_tile_bwd": ring.bwd_score_tile_elems,
         "threads": thread_pools(),
     }
-    parts = mpi.gather(local)
+    parts = comm.gather(local)
     if rank != 0:
         return 0
     return _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet)
@@ -153,7 +152,7 @@ def _comm_only_steps(phase: str, nranks: int) -> int:
 
 
 def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
-    problems = check(cfg, nranks)
+    problems = validate(cfg, nranks)
     if problems:
         key, msg = problems[0]
         return f"{option_name(key)}: {msg}"
@@ -161,7 +160,7 @@ def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
         parse_fault(os.environ.get("RINGBENCH_FAULT", ""), nranks)
     except ValueError as exc:
         return str(exc)
-    if out is not None and mpi.WORLD.rank == 0:
+    if out is not None and comm.WORLD.rank == 0:
         why = store.check_writable(out)
         if why:
             return f"--out: cannot write {out}: {why}"
@@ -261,7 +260,7 @@ def _memory_problem(cfg: RunConfig, nranks: int, rank: int, backend) -> str | No
         )
     # auto: the ranks of a node share its available memory (and ranks on one GPU that GPU's free memory)
     mine = (host, device, backend.device_id, host_available_bytes(), backend.device_free_bytes(), socket.gethostname())
-    node = mpi.node_allgather(mine)
+    node = comm.node_allgather(mine)
     avail = node[0][3]
     if avail is not None and sum(r[0] for r in node) > avail:
         return _too_big(max(r[0] for r in node), "host", node, node[0][5], f"the {_size(avail)} available there", hint)
@@ -295,7 +294,7 @@ def _cuda_aware(cfg: RunConfig, backend) -> bool:
     if not backend.is_gpu:
         return False
     if cfg.cuda_aware == "auto":
-        return mpi.detect_cuda_aware()
+        return comm.detect_cuda_aware()
     return cfg.cuda_aware == "yes"
 
 
@@ -337,8 +336,8 @@ def _check_local_bwd(cfg: RunConfig, host: dict, grads, pos) -> dict:
     k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
     v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
     dq, dk, dv = reference_attention_grad(host["q"], k, v, host["do"], causal=cfg.causal, q_pos=pos, k_pos=allpos)
-    mpi.allreduce_sum(dk)
-    mpi.allreduce_sum(dv)
+    comm.allreduce_sum(dk)
+    comm.allreduce_sum(dv)
     refs = {"dq": dq, "dk": dk[:, pos], "dv": dv[:, pos]}
     out = {}
     for name, got in zip(GRADS, grads):
@@ -351,7 +350,7 @@ def _check_local_bwd(cfg: RunConfig, host: dict, grads, pos) -> dict:
     return out
 
 
-def _phase(cfg, parts, nranks, ring, phase: str) -> store.Phase:
+def _phase(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
     """One timed phase's samples (R, P, ...), summary and check, from every rank's part."""
     got = [p["phases"][phase] for p in parts]
     samples = {}
@@ -363,12 +362,9 @@ def _phase(cfg, parts, nranks, ring, phase: str) -> store.Phase:
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
     if phase == "fwd":
         flops = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-        bytes_per_rank = ring.bytes_per_rank() if cfg.mode in STRATEGY_MODES else ring.block_bytes() * (nranks - 1)
-    else:  # FlashAttention's convention: backward = 2.5 x forward; K/V make P-1 hops, the dK/dV accumulators P
+    else:  # FlashAttention's convention: backward = 2.5 x forward
         flops = backward.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-        bytes_per_rank = ring.block_bytes() * (nranks - 1) + (ring.grad_block_bytes() * nranks if nranks > 1 else 0)
-    summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank)
-    summary["unmasked_pairs"] = pairs
+    summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank, unmasked_pairs=pairs)
     check_res = _check_summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
     return store.Phase(samples=samples, summary=summary, check=check_res)
 
@@ -409,15 +405,51 @@ def _check_summary(cfg, checks: list, phase: str) -> dict:
 
 
 def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
-    phases = {ph: _phase(cfg, parts, nranks, ring, ph) for ph in cfg.phases}
+    """Rank 0: the run record from the gathered parts (assemble), stored in ``out`` and printed (format_summary)."""
+    prov = provenance(parts, backend, cuda_aware, ring.blas)
+    rec = assemble(
+        cfg,
+        parts,
+        nranks,
+        prov,
+        traffic=_traffic(cfg, ring, nranks),
+        itemsize=np.dtype(ring.storage).itemsize,
+        compute_itemsize=ring.compute.itemsize,
+    )
+    phases = {ph: rec.phase(ph) for ph in cfg.phases}
+    where = None
+    if out is not None:
+        where = f"{out}:/runs/{store.append(out, rec)}"
+    if not quiet:
+        print(format_summary(cfg, nranks, phases, rec.memory, prov, where))
+    return 1 if any(ph.check and not ph.check["passed"] for ph in phases.values()) else 0
+
+
+def _traffic(cfg, ring, nranks: int) -> dict:
+    """{phase: bytes each rank sends in one pass}: the forward's K/V hops (P-1), or what a strategy moves; the
+    backward's K/V hops and its P hops of the dK/dV accumulators."""
+    fwd = ring.bytes_per_rank() if cfg.mode in STRATEGY_MODES else ring.block_bytes() * (nranks - 1)
+    out = {"fwd": fwd}
+    if "bwd" in cfg.phases:
+        out["bwd"] = ring.block_bytes() * (nranks - 1) + (ring.grad_block_bytes() * nranks if nranks > 1 else 0)
+    return out
+
+
+def assemble(cfg, parts: list, nranks: int, prov: dict, *, traffic: dict, itemsize: int, compute_itemsize: int) -> store.Run:
+    """The run record from every rank's gathered part (what ``run`` gathers), the provenance and what the ring
+    reports: ``traffic`` {phase: bytes per rank per pass}, the storage and compute dtypes' ``itemsize``.
+
+    Pure: no MPI, no printing, no file I/O (``_finish`` stores and prints it).
+    """
+    phases = {ph: _phase(cfg, parts, nranks, ph, traffic[ph]) for ph in cfg.phases}
     shape = dict(
         batch=cfg.batch,
         local_q=cfg.seq_len // nranks,
         heads=cfg.heads,
         kv_heads=cfg.kv_heads_resolved,
         head_dim=cfg.head_dim,
-        itemsize=np.dtype(ring.storage).itemsize,
-        compute_itemsize=ring.compute.itemsize,
+        itemsize=itemsize,
+        compute_itemsize=compute_itemsize,
     )
     memory = {
         "peak_rss_bytes": np.array([p["peak_rss"] for p in parts]),
@@ -428,9 +460,8 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     if "bwd" in phases:
         memory["theoretical_bwd_bytes"] = measure.theoretical_bwd_bytes(**shape, score_tile_elems=parts[0]["score_tile_bwd"])
     tensors = _global_tensors(cfg, parts) if cfg.save_tensors else {}
-    prov = provenance(parts, backend, cuda_aware, ring.blas)
     fwd = phases.get("fwd", store.Phase())
-    run_rec = store.Run(
+    return store.Run(
         point_id=point_id(cfg, nranks),
         nranks=nranks,
         config=cfg.to_dict(),
@@ -443,12 +474,6 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
         created_utc=prov["utc"],
         bwd=phases.get("bwd"),
     )
-    where = None
-    if out is not None:
-        where = f"{out}:/runs/{store.append(out, run_rec)}"
-    if not quiet:
-        print(format_summary(cfg, nranks, phases, memory, prov, where))
-    return 1 if any(ph.check and not ph.check["passed"] for ph in phases.values()) else 0
 
 
 def _global_tensors(cfg, parts) -> dict:
@@ -488,7 +513,7 @@ def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
         "threads": {"limit": limit, "set_by": set_by, "ranks": [p.get("threads", []) for p in parts]},
         "exp": os.environ.get(kernel.EXP_ENV, ""),  # the kernel's exponential: 2, e or fused (one for every rank)
     }
-    info.update(mpi.mpi_info())
+    info.update(comm.mpi_info())
     info.update(backend.versions())
     return info
 

@@ -10,7 +10,7 @@ Schema version 2 (``SCHEMA_VERSION``), documented in the README::
         samples/            datasets of timing samples, seconds (see ringbench.measure):
                             compute_s, comm_s, step_s (R, P, P); total_s (R, P); comm_only_s (C, P, P-1);
                             warmup_compute_s, warmup_comm_s, warmup_step_s (W, P, P); warmup_total_s (W, P)
-        summary             attrs: the metrics of ringbench.measure.summarize
+        summary             attrs: the metrics of ringbench.measure.summarize (measure.SUMMARY: keys, definitions)
         memory/             datasets peak_rss_bytes, baseline_rss_bytes, device_pool_bytes (P,); attr theoretical_bytes
         check               attrs (with --check): max_abs_err, rel_err, tol, passed
         bwd/                (config pass bwd or fwd+bwd) the backward phase, laid out as the forward's above:
@@ -889,11 +889,3 @@ def _order(run: Run) -> tuple:
     """Later runs sort higher: by creation time, then by the ~k suffix that append gives repeats."""
     _, _, k = run.name.partition("~")
     return (run.created_utc, int(k) if k.isdigit() else 1)
-
-
-def point_ids(path, status: str | None = "ok") -> set[str]:
-    """Point ids stored in ``path`` (with the given status; None for any); empty if the file is absent."""
-    if not Path(path).exists():
-        return set()
-    with _reading(path) as f:
-        return {str(g.attrs["point_id"]) for g in f["runs"].values() if status is None or str(g.attrs.get("status", "ok")) == status}

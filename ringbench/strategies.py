@@ -25,7 +25,7 @@ comm_s, step_s arrays and the pass total), ``comm_only()``, ``output()``, ``byte
 
 GQA in the all-to-all: P (or U) must divide H; kv heads are split when U divides H_kv and replicated
 (each kv head sent to the U / H_kv members whose query heads read it) when H_kv divides U. Other shapes are
-refused by ``config.check``.
+refused by ``config.validate``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ import time
 
 import numpy as np
 
-from ringbench import comm as mpi
-from ringbench import kernel
+from ringbench import comm, kernel
 from ringbench.config import heads_rule  # noqa: F401  (the rule lives with the other config checks)
 from ringbench.layout import FULL, Piece, step_plan
 from ringbench.ring import Ring, make_state
@@ -98,15 +97,15 @@ class Hybrid:
         self.hl = h // u  # query heads per member after the all-to-all
         self.kmap = kv_head_map(hk, u)  # (U, hkl)
         self.hkl = hkl = self.kmap.shape[1]
-        group_comm, ring_comm = mpi.split_groups(world, u)
-        self.a2a = mpi.AllToAll(group_comm, backend, cuda_aware)
+        group_comm, ring_comm = comm.split_groups(world, u)
+        self.a2a = comm.AllToAll(group_comm, backend, cuda_aware)
         width = self.hl + 2 * hkl  # q, k, v heads packed along the head axis: one collective
         self.send_in = xp.empty((u, b, n, width, d), self.storage)  # block a -> member a
         self.recv_in = xp.empty_like(self.send_in)  # block a <- member a (its tokens)
         self.send_out = xp.empty((u, b, n, self.hl, d), self.storage)
         self.recv_out = xp.empty_like(self.send_out)
         ring_cfg = dataclasses.replace(cfg, mode="overlap")
-        ex = mpi.KVExchange(ring_comm, backend, cuda_aware)
+        ex = comm.KVExchange(ring_comm, backend, cuda_aware)
         zq = xp.zeros((b, u * n, self.hl, d), self.storage)  # (B, U n, H/U, D): shapes only, loaded each pass
         zkv = xp.zeros((b, u * n, hkl, d), self.storage)
         self.ring = Ring(ring_cfg, backend, ex, ring_comm.rank, self.r, zq, zkv, zkv)
@@ -241,8 +240,8 @@ class PassQ:
         self.bufs = [xp.empty_like(self.q_home), xp.empty_like(self.q_home)]
         self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D): stays
         self.kv = xp.empty(self.kv_home.shape, self.compute)
-        self.ex = mpi.KVExchange(world, backend, cuda_aware)
-        self.ret = mpi.PeerExchange(world, backend, cuda_aware, name="ret")
+        self.ex = comm.KVExchange(world, backend, cuda_aware)
+        self.ret = comm.PeerExchange(world, backend, cuda_aware, name="ret")
         on_tile = self._progress if cfg.progress == "test" else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
         self.state = make_state(

@@ -51,7 +51,7 @@ KILL_GRACE_S = 5
 
 
 @dataclass
-class Layout:
+class ResultDir:
     """Where an experiment's files live under a results directory."""
 
     results: Path
@@ -109,7 +109,7 @@ def write_atomic(path: Path, text: str, mode: int = 0o666) -> None:
     os.replace(tmp, path)
 
 
-def write_snapshot(exp: Experiment, lay: Layout) -> None:
+def write_snapshot(exp: Experiment, lay: ResultDir) -> None:
     text = (
         f"# resolved copy of {exp.path}, written by ringbench {ringbench.__version__}; "
         f"sweeps and jobs of this directory run it\n" + yaml.safe_dump(exp.resolved(), sort_keys=False)
@@ -173,7 +173,7 @@ class Outcome:
     run: store.Run | None = None
 
 
-def run_point(point: Point, lay: Layout, launcher: str, timeout: float, spec: SlurmSpec | None = None) -> Outcome:
+def run_point(point: Point, lay: ResultDir, launcher: str, timeout: float, spec: SlurmSpec | None = None) -> Outcome:
     """Run one point as a subprocess; a failure (exit status, timeout, signal) is stored as a failed run."""
     part = lay.part(point.id)
     cmd = run_command(point, part, launcher, spec)
@@ -238,7 +238,7 @@ def _tail(log: Path, start: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # Point states
 # ---------------------------------------------------------------------------------------------
-def stored(exp: Experiment, lay: Layout) -> dict[str, store.Run]:
+def stored(exp: Experiment, lay: ResultDir) -> dict[str, store.Run]:
     """The latest stored run of each point (parts first, else the collected file).
 
     A run counts for the point whose id is recomputed from its stored configuration and rank count
@@ -281,7 +281,7 @@ def _order(run: store.Run) -> tuple:
     return (run.created_utc, int(k) if k.isdigit() else 1)
 
 
-def todo(exp: Experiment, lay: Layout, points: list[Point], force: bool) -> tuple[list[Point], int]:
+def todo(exp: Experiment, lay: ResultDir, points: list[Point], force: bool) -> tuple[list[Point], int]:
     """The points to run (those not done, or all with force) and how many are skipped as done."""
     if force:
         return list(points), 0
@@ -305,7 +305,7 @@ def read_tasks(path: Path, task: int, exp: Experiment) -> list[Point]:
     return points
 
 
-def collect(lay: Layout) -> tuple[int, int, int]:
+def collect(lay: ResultDir) -> tuple[int, int, int]:
     """Merge every part file into the collected file. Returns (files, runs added, runs already present)."""
     parts = sorted(lay.parts.glob("*.h5")) if lay.parts.is_dir() else []
     if not parts:
@@ -314,13 +314,13 @@ def collect(lay: Layout) -> tuple[int, int, int]:
     return len(parts), added, present
 
 
-def load_jobs(lay: Layout) -> list[dict]:
+def load_jobs(lay: ResultDir) -> list[dict]:
     if not lay.jobs.exists():
         return []
     return json.loads(lay.jobs.read_text())
 
 
-def record_job(lay: Layout, entry: dict) -> None:
+def record_job(lay: ResultDir, entry: dict) -> None:
     jobs = load_jobs(lay)
     jobs.append(entry)
     write_atomic(lay.jobs, json.dumps(jobs, indent=1) + "\n")
@@ -351,7 +351,7 @@ def _shapes(exp: Experiment, points: list[Point]) -> dict[int, list[list[Point]]
     return {n: [ps[i : i + per] for i in range(0, len(ps), per)] for n, ps in sorted(by.items())}
 
 
-def plan_text(exp: Experiment, lay: Layout) -> str:
+def plan_text(exp: Experiment, lay: ResultDir) -> str:
     state = stored(exp, lay) if lay.parts.is_dir() or lay.collected.exists() else {}  # nothing stored yet: no file to look at
     keys = _params(exp)
     rows = [["#", "id", "P", *keys, "GFLOP", "state"]]
@@ -404,7 +404,7 @@ class _Progress:
             sys.stderr.flush()
 
 
-def run_sweep(exp: Experiment, lay: Layout, points: list[Point], *, launcher: str, force: bool, collect_after: bool) -> int:
+def run_sweep(exp: Experiment, lay: ResultDir, points: list[Point], *, launcher: str, force: bool, collect_after: bool) -> int:
     """Run the points not yet done, one line per finished point; 0 if all ok, 1 if any failed."""
     run, skipped = todo(exp, lay, points, force)
     print(
@@ -434,7 +434,7 @@ def run_sweep(exp: Experiment, lay: Layout, points: list[Point], *, launcher: st
     return 1 if failed else 0
 
 
-def submit_arrays(exp: Experiment, lay: Layout, points: list[Point], *, dry_run: bool, force: bool, workdir: Path) -> int:
+def submit_arrays(exp: Experiment, lay: ResultDir, points: list[Point], *, dry_run: bool, force: bool, workdir: Path) -> int:
     """Write one job-array script per rank count for ``points`` and (unless dry_run) sbatch them."""
     from ringbench import slurm
 
@@ -511,7 +511,7 @@ def _submitted(jobs: list[dict]) -> dict[str, tuple[str, int]]:
     return where
 
 
-def queued_points(lay: Layout) -> set[str]:
+def queued_points(lay: ResultDir) -> set[str]:
     """Points whose latest array task is still pending or running (so submit does not queue them twice)."""
     from ringbench import slurm
 
@@ -535,7 +535,7 @@ def _failure_detail(error: str, log: Path) -> str:
     return f"{first}; log {log}" if log.exists() else first
 
 
-def status_text(exp: Experiment, lay: Layout) -> str:
+def status_text(exp: Experiment, lay: ResultDir) -> str:
     """Each point's state: done, failed, running, pending (in the queue), missing (submitted, gone), not run."""
     from ringbench import slurm
 

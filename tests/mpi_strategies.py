@@ -6,10 +6,9 @@ import sys
 
 import numpy as np
 
-from ringbench import comm as mpi
-from ringbench import inputs, kernel, strategies
+from ringbench import comm, inputs, kernel, strategies
 from ringbench.backend import get_backend
-from ringbench.config import RunConfig, check
+from ringbench.config import RunConfig, validate
 from ringbench.layout import LAYOUTS, positions
 from ringbench.ring import Ring
 
@@ -34,7 +33,7 @@ def output(cfg, backend, world, rank, nranks, host):
     if cfg.mode in strategies.STRATEGIES:
         obj = strategies.make(cfg, backend, world, False, rank, nranks, dev["q"], dev["k"], dev["v"])
     else:
-        obj = Ring(cfg, backend, mpi.KVExchange(world, backend, False), rank, nranks, dev["q"], dev["k"], dev["v"])
+        obj = Ring(cfg, backend, comm.KVExchange(world, backend, False), rank, nranks, dev["q"], dev["k"], dev["v"])
     for _ in range(2):  # the second pass must give the same result (state reloaded, not accumulated)
         c, m, s, total = obj.forward()
         assert len(c) == len(m) == len(s) and np.all(s >= 0) and total > 0
@@ -43,7 +42,7 @@ def output(cfg, backend, world, rank, nranks, host):
 
 
 def main() -> int:
-    world = mpi.WORLD
+    world = comm.WORLD
     rank, P = world.rank, world.size
     backend = get_backend("numpy")
     heads = 4
@@ -57,7 +56,7 @@ def main() -> int:
                 cases = [("overlap", 1), ("ulysses", 1), ("pass-q", 1)] + [("hybrid", u) for u in range(1, P + 1) if P % u == 0]
                 for mode, u in cases:
                     cfg = dataclasses.replace(base, mode=mode, ulysses_degree=u)
-                    if check(cfg, P):
+                    if validate(cfg, P):
                         continue
                     out = output(cfg, backend, world, rank, P, host)
                     err = np.abs(out - ref).max() / np.abs(ref).max()
@@ -73,7 +72,7 @@ def main() -> int:
             cfg = RunConfig(
                 seq_len=16 * P, heads=4, kv_heads=2, head_dim=8, layout="zigzag", causal=True, dtype=dtype, mode=mode, ulysses_degree=u
             )
-            if check(cfg, P):
+            if validate(cfg, P):
                 continue
             host, ref = tensors(cfg, rank, P, backend)
             out = output(cfg, backend, world, rank, P, host)
@@ -90,5 +89,5 @@ if __name__ == "__main__":
     try:
         code = main()
     except BaseException as exc:
-        mpi.report_exception_and_abort(exc)
+        comm.report_exception_and_abort(exc)
     sys.exit(code)

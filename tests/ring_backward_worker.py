@@ -13,8 +13,7 @@ import sys
 
 import numpy as np
 
-from ringbench import comm as mpi
-from ringbench import inputs
+from ringbench import comm, inputs
 from ringbench.backend import get_backend
 from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import RunConfig
@@ -26,7 +25,7 @@ MODES = ("overlap", "blocking", "allgather")
 
 def grads(cfg: RunConfig, scale_q: float) -> tuple:
     """This rank's (dq, dk, dv) from a ring backward, and its rounded inputs."""
-    world = mpi.WORLD
+    world = comm.WORLD
     backend = get_backend("numpy")
     dtype = backend.dtype(cfg.dtype)
     pos = positions(cfg.layout, world.rank, world.size, cfg.seq_len)
@@ -35,7 +34,7 @@ def grads(cfg: RunConfig, scale_q: float) -> tuple:
     x = {n: inputs.tokens(n, cfg.seed, pos, heads=hk if n in ("k", "v") else cfg.heads, **dims) for n in ("q", "k", "v", "do")}
     x["q"] = x["q"] * scale_q  # large logits when scale_q is large
     x = {n: a.astype(dtype) for n, a in x.items()}
-    ring = Ring(cfg, backend, mpi.KVExchange(world, backend, False), world.rank, world.size, x["q"], x["k"], x["v"], do=x["do"])
+    ring = Ring(cfg, backend, comm.KVExchange(world, backend, False), world.rank, world.size, x["q"], x["k"], x["v"], do=x["do"])
     ring.prepare_backward()
     ring.backward()
     ring.backward()  # a second pass starts from zero again
@@ -50,14 +49,14 @@ def reference(cfg: RunConfig, x: dict, pos, scale_q: float) -> tuple:
     k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
     v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
     dq, dk, dv = reference_attention_grad(x["q"], k, v, x["do"], causal=cfg.causal, q_pos=pos, k_pos=allpos)
-    mpi.allreduce_sum(dk)
-    mpi.allreduce_sum(dv)
+    comm.allreduce_sum(dk)
+    comm.allreduce_sum(dv)
     return dq, dk[:, pos], dv[:, pos]
 
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
-    world = mpi.WORLD
+    world = comm.WORLD
     P = world.size
     results = []
     i = 0
@@ -81,10 +80,10 @@ def main() -> int:
                 same = all(np.array_equal(g, h) for g, h in zip(got, seen["overlap"])) if seen else True
                 seen.setdefault(mode, got)
                 case = dict(layout=layout, causal=causal, dtype=dtype, kv_heads=kv, mode=mode, errs=errs, refs=refs, finite=finite)
-                case["identical"] = bool(all(mpi.WORLD.allgather(same)))
-                case["errs"] = [max(e) for e in zip(*mpi.WORLD.allgather(errs))]
-                case["refs"] = [max(e) for e in zip(*mpi.WORLD.allgather(refs))]
-                case["finite"] = bool(all(mpi.WORLD.allgather(finite)))
+                case["identical"] = bool(all(comm.WORLD.allgather(same)))
+                case["errs"] = [max(e) for e in zip(*comm.WORLD.allgather(errs))]
+                case["refs"] = [max(e) for e in zip(*comm.WORLD.allgather(refs))]
+                case["finite"] = bool(all(comm.WORLD.allgather(finite)))
                 case["tol"] = TOLERANCE_BWD[dtype]
                 results.append(case)
     if world.rank == 0:
@@ -96,5 +95,5 @@ if __name__ == "__main__":
     try:
         status = main()
     except Exception as exc:  # any failure on any rank ends the whole job, never a hang
-        mpi.report_exception_and_abort(exc)
+        comm.report_exception_and_abort(exc)
     sys.exit(status)

@@ -5,11 +5,11 @@ import re
 import pytest
 
 from ringbench.cli import config_from_args, run_parser
-from ringbench.config import ConfigError, RunConfig, check, coerce, legacy_point_id, memory_limit, point_id, stored_point_id, to_argv
+from ringbench.config import ConfigError, RunConfig, coerce, legacy_point_id, memory_limit, point_id, stored_point_id, to_argv, validate
 
 
 def test_defaults_are_valid():
-    assert check(RunConfig(), 4) == []
+    assert validate(RunConfig(), 4) == []
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,7 @@ def test_defaults_are_valid():
 )
 def test_check_names_the_key(changes, nranks, key, text):
     cfg = RunConfig(**changes)
-    problems = check(cfg, nranks)
+    problems = validate(cfg, nranks)
     assert problems and problems[0][0] == key and text in problems[0][1], problems
 
 
@@ -97,7 +97,7 @@ def test_every_integer_field_is_bounded(key, bad, bound):
         coerce(key, bad, "x.")
     hi = int(bound.split()[1])
     assert coerce(key, hi) == hi
-    problems = check(RunConfig(**{key: bad}), 1)
+    problems = validate(RunConfig(**{key: bad}), 1)
     assert problems[0][0] == key and bound in problems[0][1]
 
 

@@ -121,10 +121,10 @@ def test_ids_are_stable_across_loads_and_key_order(tmp_path):
 
 
 def test_resolved_copy_reloads_to_the_same_points(tmp_path):
-    from ringbench.sweep import Layout, write_snapshot
+    from ringbench.sweep import ResultDir, write_snapshot
 
     exp = experiment.load(ROOT / "experiments" / "quick.yaml")
-    lay = Layout(tmp_path, exp.name)
+    lay = ResultDir(tmp_path, exp.name)
     lay.make()
     write_snapshot(exp, lay)
     again = experiment.load(lay.snapshot)
@@ -451,7 +451,7 @@ def test_plan_never_builds_step_plans(tmp_path, monkeypatch):
     path.write_text("name: big\nbase: {seq_len: 102400000, causal: true, layout: zigzag}\nranks: [100000, 16384]\n")
     exp = experiment.load(path)
     assert [p.work() for p in exp.points] == [6 * 8 * 64 * 4 * 102400000 * 102400001 // 2] * 2
-    assert "2 points" in sweep.plan_text(exp, sweep.Layout(tmp_path / "results", exp.name))
+    assert "2 points" in sweep.plan_text(exp, sweep.ResultDir(tmp_path / "results", exp.name))
 
 
 def test_too_many_points_are_refused_before_any_is_built(tmp_path, monkeypatch):

@@ -113,7 +113,8 @@ def test_per_repeat_values_are_what_the_summary_takes_the_median_of():
     reps = measure.per_repeat(samples)
     assert reps["time_s"].shape == (R,)
     np.testing.assert_allclose(reps["time_s"], samples["total_s"].max(axis=1))
-    summary = measure.summarize(samples, flops=1e9, bytes_per_rank=1000)
+    summary = measure.summarize(samples, flops=1e9, bytes_per_rank=1000, unmasked_pairs=P * P)
+    assert tuple(summary) == measure.SUMMARY_KEYS
     for key in ("time_s", "compute_s", "exposed_comm_s"):
         assert summary[key] == pytest.approx(np.median(reps[key])), key
 

@@ -116,6 +116,24 @@ def test_compare_modes_is_generic_over_mode_names():
     assert comp[0]["speedup_ci_lo"] is None and comp[0]["speedup"] == pytest.approx(2.0)
 
 
+def test_compare_modes_keeps_kernels_and_gemm_libraries_apart():
+    """A native overlap run and a torch blocking run of one configuration are not compared (nor numpy vs mkl GEMMs)."""
+    table = [_row("overlap", [0.1] * 5, kernel="native", blas="auto"), _row("blocking", [0.2] * 5, kernel="torch", blas="auto")]
+    assert results.compare_modes(table) == []
+    table = [_row("overlap", [0.1] * 5, kernel="native", blas="mkl"), _row("blocking", [0.2] * 5, kernel="native", blas="numpy")]
+    assert results.compare_modes(table) == []
+    table = [_row("overlap", [0.1] * 5, kernel="torch", blas="auto"), _row("blocking", [0.2] * 5, kernel="torch", blas="auto")]
+    assert [(d["mode"], d["other"], d["kernel"]) for d in results.compare_modes(table)] == [("overlap", "blocking", "torch")]
+
+
+def test_rows_of_runs_without_kernel_or_blas_are_native_and_auto():
+    """Version-1 runs (and runs from before `kernel` / `blas`) lack the keys: they ran the native kernel."""
+    run = store.Run(point_id="p", nranks=2, config={"mode": "overlap", "seq_len": 64}, provenance={})
+    r = results.row(run)
+    assert (r["kernel"], r["blas"]) == ("native", "auto")
+    assert set(results.CONFIG_COLUMNS) >= {"kernel", "blas"}
+
+
 def test_report_command(small_results, tmp_path):
     out = tmp_path / "r.csv"
     res = ringbench("report", small_results, "--csv", out, "--predict-ranks", "8,16")

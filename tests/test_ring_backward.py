@@ -194,11 +194,11 @@ def test_cli_rejects_a_bad_pass_with_one_line():
 
 
 def test_save_tensors_limit_counts_the_gradients():
-    from ringbench.config import check
+    from ringbench.config import validate
 
     big = dict(seq_len=2**13, heads=16, head_dim=64, save_tensors=True)
-    assert not check(RunConfig(**big, kv_heads=2), 1)  # 8 B x 2^13 x (2*16 + 2*2) x 64 = 144 MiB: allowed
-    ((key, msg),) = check(RunConfig(**big, kv_heads=2, pass_="bwd"), 1)  # twice that with do, dq, dk, dv
+    assert not validate(RunConfig(**big, kv_heads=2), 1)  # 8 B x 2^13 x (2*16 + 2*2) x 64 = 144 MiB: allowed
+    ((key, msg),) = validate(RunConfig(**big, kv_heads=2, pass_="bwd"), 1)  # twice that with do, dq, dk, dv
     assert key == "save_tensors" and "do, dq, dk and dv" in msg
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ringbench import advise, model, store
-from ringbench.config import RunConfig, check, point_id
+from ringbench.config import RunConfig, point_id, validate
 from ringbench.experiment import ExperimentError
 from ringbench.strategies import group_plan, kv_head_map
 
@@ -79,11 +79,11 @@ def test_refused_before_anything_runs(nranks, args, needle, tmp_path):
 
 
 def test_config_rules_and_point_ids():
-    assert check(RunConfig(mode="ulysses", heads=8, kv_heads=2), 4) == []  # kv heads replicated
-    assert check(RunConfig(mode="ulysses", heads=8, kv_heads=8), 8) == []
-    assert check(RunConfig(mode="ulysses", heads=8), 16)[0][0] == "mode"
-    assert check(RunConfig(mode="hybrid", ulysses_degree=2, heads=6, kv_heads=3), 4)[0][0] == "ulysses_degree"
-    assert check(RunConfig(mode="pass-q", heads=3), 4) == []  # pass-q has no head rule
+    assert validate(RunConfig(mode="ulysses", heads=8, kv_heads=2), 4) == []  # kv heads replicated
+    assert validate(RunConfig(mode="ulysses", heads=8, kv_heads=8), 8) == []
+    assert validate(RunConfig(mode="ulysses", heads=8), 16)[0][0] == "mode"
+    assert validate(RunConfig(mode="hybrid", ulysses_degree=2, heads=6, kv_heads=3), 4)[0][0] == "ulysses_degree"
+    assert validate(RunConfig(mode="pass-q", heads=3), 4) == []  # pass-q has no head rule
     # the new field leaves the ids of other modes as they were; it is part of hybrid ids
     assert point_id(RunConfig(seq_len=2048), 4) == "overlap-contiguous-float32-N2048-P4-" + point_id(RunConfig(seq_len=2048), 4)[-16:]
     import hashlib

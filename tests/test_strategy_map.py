@@ -15,7 +15,19 @@ from ringbench import measure, model, report, results
 from conftest import mpiexec, ringbench
 
 BASE = dict(
-    status="ok", layout="zigzag", causal=True, dtype="float32", batch=1, heads=8, kv_heads=2, head_dim=64, backend="numpy", ulysses_degree=1
+    status="ok",
+    phase="fwd",
+    layout="zigzag",
+    causal=True,
+    dtype="float32",
+    batch=1,
+    heads=8,
+    kv_heads=2,
+    head_dim=64,
+    backend="numpy",
+    kernel="native",
+    blas="auto",
+    ulysses_degree=1,
 )
 
 

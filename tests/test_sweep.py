@@ -220,7 +220,7 @@ def test_a_run_stored_under_an_old_id_counts_as_done(where, tmp_path):
     """Files written before the 64-bit ids carry 8-hex ids (and part files are named by them): still done."""
     from ringbench.config import legacy_point_id
     from ringbench.experiment import load
-    from ringbench.sweep import Layout, stored, todo
+    from ringbench.sweep import ResultDir, stored, todo
 
     exp = load(
         write(
@@ -235,7 +235,7 @@ def test_a_run_stored_under_an_old_id_counts_as_done(where, tmp_path):
         """,
         )
     )
-    lay = Layout(tmp_path / "results", exp.name)
+    lay = ResultDir(tmp_path / "results", exp.name)
     lay.make()
     done, other = exp.points
     old = legacy_point_id(done.config, done.nranks)
