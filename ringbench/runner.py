@@ -64,6 +64,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if err:
         raise UserError(err)
     os.environ[kernel.EXP_ENV] = comm.bcast(exp)
+    kernel.exp_base(backend.xp)  # every rank loads what it needs now (numba for fused), before the baseline RSS
     err = comm.first_error(_memory_problem(cfg, nranks, rank, backend))
     if err:
         raise UserError(err)
