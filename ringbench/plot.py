@@ -682,7 +682,7 @@ def strategy_map(runs, cal: model.Calibration | None):
     if not families:
         return None
     points = max(families.values(), key=len)
-    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r), cal).time_s)
+    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r).with_(pass_=r.get("phase", "fwd")), cal).time_s)
     labels = sorted({s for p in points for s in p["rows"]}, key=lambda s: results.mode_order(s.split()[0]) + (s,))
     base = {s: next(p["rows"][s] for p in points if s in p["rows"]) for s in labels}
     seqs = sorted({p["seq_len"] for p in points})

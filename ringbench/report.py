@@ -374,7 +374,7 @@ def strategy_text(rows: list[dict], cal: model.Calibration) -> str | None:
     points = results.strategy_points(rows)
     if not points:
         return None
-    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r), cal).time_s)
+    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r).with_(pass_=r.get("phase", "fwd")), cal).time_s)
     body = []
     for p in points:
         ci = "" if p["ci_lo"] is None else f" [{p['ci_lo']:.2f}, {p['ci_hi']:.2f}]"
