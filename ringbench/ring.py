@@ -26,7 +26,7 @@ import numpy as np
 from ringbench import backward, kernel
 from ringbench.layout import step_plan
 from ringbench.mkl import MklMatmul
-from ringbench.torch_kernel import FusedAttention
+from ringbench.torch_kernel import FusedAttention, FusedBackward
 
 # Elements of one score tile. Host: 512 query rows x 512 keys of float32 (1 MiB). Measured on a 2 MiB-L2
 # core (benchmarks/README.md): both GEMMs of a tile run near OpenBLAS's peak at this shape, the tile, its K/V
@@ -302,14 +302,14 @@ class _Backward:
         self.ring = ring
         self._inputs = (q, do)  # read by prepare(), then dropped
         self._on_tile = on_tile
-        self.grad = None  # backward.BlockBackward, made by prepare()
+        self.grad = None  # backward.BlockBackward (torch_kernel.FusedBackward with --kernel torch), made by prepare()
         self.allgather = ring.cfg.mode == "allgather"
         if self.allgather:
             self.fold = None
 
     def prepare(self) -> None:
-        """The untimed forward, the BlockBackward of its O and LSE, then the accumulators (allocated last, once
-        the temporaries of this step are freed, so that they do not add to its peak)."""
+        """The untimed forward, the BlockBackward of its O and LSE (FusedBackward with a fused kernel), then the
+        accumulators (allocated last, once the temporaries of this step are freed, so that they do not add to its peak)."""
         ring = self.ring
         if self.grad is not None:
             return
@@ -324,19 +324,23 @@ class _Backward:
         o, lse = ring.state.finalize(ring.storage)  # O in the storage dtype (as a training forward keeps it)
         z, g, n, _ = qh.shape
         tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=ring.backend.is_gpu)
-        self.grad = backward.BlockBackward(
-            xp,
-            qh,
-            doh,
-            o,
-            lse,
-            tile_q=ring.cfg.tile_q or tile_q,
-            tile_k=tile_k,
-            head_chunk=head_chunk,
-            matmul=ring.matmul,
-            on_tile=self._on_tile,
-            exp_base=getattr(ring.state, "base", None) and ring.state.base.name,  # the forward's exponential (native)
-        )
+        if ring.cfg.kernel != "native":  # the fused kernel's backward, per piece, with this O and LSE
+            self.grad = FusedBackward(ring.backend, qh, doh, o, lse, dtype=ring.storage, on_tile=self._on_tile)
+            tile_k, head_chunk = self.grad.tile_k, self.grad.head_chunk
+        else:
+            self.grad = backward.BlockBackward(
+                xp,
+                qh,
+                doh,
+                o,
+                lse,
+                tile_q=ring.cfg.tile_q or tile_q,
+                tile_k=tile_k,
+                head_chunk=head_chunk,
+                matmul=ring.matmul,
+                on_tile=self._on_tile,
+                exp_base=getattr(ring.state, "base", None) and ring.state.base.name,  # the forward's exponential (native)
+            )
         del qh, doh, o, lse
         self.score_tile_elems = head_chunk * g * self.grad.tile_q * tile_k
         shape, dt = ring.kv_home.shape, ring.compute

@@ -47,7 +47,9 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         dtype = backend.dtype(cfg.dtype)
         backend.matmul(cfg.blas)
         limit_threads()  # after the GEMM library is loaded: its pool is limited too
-        err = unavailable(cfg.kernel, backend, cfg.dtype)  # torch / flash-attn missing, or not for this backend or dtype
+        err = unavailable(
+            cfg.kernel, backend, cfg.dtype, backward="bwd" in cfg.phases
+        )  # torch / flash-attn missing, or not for this backend or dtype
     except BackendError as exc:
         err = str(exc)
     err = comm.first_error(err)

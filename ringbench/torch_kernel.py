@@ -18,6 +18,11 @@ Kernels (q is (Z, G, n, D) head-major, Z = B * H_kv, G = H / H_kv; k/v (Z, m, D)
 * ``flash-attn`` (CUDA only): ``flash_attn.flash_attn_func(..., return_attn_probs=True)`` in its
   (batch, seq, heads, D) layout, GQA natively (views, no copies). float16/bfloat16.
 
+The backward (``--pass bwd``/``fwd+bwd``): with ``torch`` on the CPU, :class:`FusedBackward` (the interface of
+:class:`ringbench.backward.BlockBackward`) calls ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` per
+piece with the forward's final O and LSE. On CUDA (torch's flash/efficient backward ops want the forward's RNG state
+and sequence bookkeeping) and with flash-attn the backward is refused (:func:`unavailable`).
+
 Masks (``ringbench.layout``): FULL -> ``is_causal=False``; CAUSAL (square, j <= i) -> ``is_causal=True``
 (top-left aligned, which for a square piece is also flash-attn's bottom-right); STRICT (square, j < i:
 striped's shifted triangle) -> queries 1..n-1 against keys 0..n-2 with ``is_causal=True``, and query 0 sees
@@ -30,26 +35,33 @@ bfloat16, from ml_dtypes, through a uint16 view), DLPack (``torch.from_dlpack``/
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ringbench.kernel import compute_dtype, softmax_scale
 from ringbench.layout import FULL, STRICT, Piece
 
 # nominal tile of torch's CPU flash attention (q split 256 rows at blocks >= 768, kv split 512): for the memory model
 CPU_TILE_Q, CPU_TILE_K = 256, 512
 
 
-def unavailable(kernel: str, backend, dtype: str) -> str | None:
-    """Why ``--kernel kernel`` cannot run on ``backend`` with ``--dtype dtype`` (one line), or None if it can."""
+def unavailable(kernel: str, backend, dtype: str, *, backward: bool = False) -> str | None:
+    """Why ``--kernel kernel`` cannot run on ``backend`` with ``--dtype dtype`` (one line), or None if it can;
+    ``backward``: the run has a backward pass (``--pass bwd`` or ``fwd+bwd``), which only torch on the CPU has."""
     if kernel == "native":
         return None
     gpu = backend.is_gpu
     if kernel == "flash-attn":
         if not gpu:
             return "--kernel flash-attn runs on CUDA GPUs only (--backend cupy); on the CPU use --kernel torch or native"
+        if backward:
+            return "--kernel flash-attn has a forward pass only here (its backward is not wired in yet); use --pass fwd"
         if importlib.util.find_spec("flash_attn") is None:
             return "--kernel flash-attn needs the flash_attn package: pip install flash-attn (CUDA builds only)"
+    elif gpu and backward:
+        return "--kernel torch with --pass bwd or fwd+bwd runs on the CPU only (--backend numpy); on CUDA use --pass fwd"
     try:
         import torch
     except ImportError as exc:
@@ -78,9 +90,11 @@ def to_torch(a):
     import torch
 
     if isinstance(a, np.ndarray):
-        if str(a.dtype) == "bfloat16":
-            return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
-        return torch.from_numpy(a)
+        with warnings.catch_warnings():  # read-only views (the ring's head layouts) are only read here: no warning
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            if str(a.dtype) == "bfloat16":
+                return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+            return torch.from_numpy(a)
     return torch.from_dlpack(a)
 
 
@@ -176,6 +190,95 @@ class FusedAttention:
         out = from_torch(self.xp, self.out.clone())
         lse = from_torch(self.xp, self.lse.clone())
         return (out if out_dtype is None else out.astype(out_dtype, copy=False)), lse
+
+
+class FusedBackward:
+    """One rank's share of the attention backward through PyTorch's fused CPU backward, with the interface of
+    :class:`ringbench.backward.BlockBackward` (``reset``, ``update(k, v, dk_acc, dv_acc, pieces)``, ``dq(out_dtype)``,
+    ``dqa``/``scale``, ``tile_q``/``tile_k``/``head_chunk``).
+
+    Per piece it calls ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` with the forward's final O and
+    LSE (the global ones, not the block's): FlashAttention-2's backward with them gives exactly the block's share of
+    dQ, dK and dV (P = exp(S - LSE) is the block's part of the global softmax, D = rowsum(dO * O) the global one).
+    ``q`` (Z, G, n, D) as BlockBackward takes it (already multiplied by ``scale``: the op runs with scale 1, and
+    :meth:`dq` multiplies by ``scale``); ``do``, ``out`` (Z, G, n, D); ``lse`` (Z, G, n), natural log. The op runs in
+    ``dtype`` (the storage dtype: half precision stays half) and takes k/v as (Z, 1, m, D): GQA without copies, and it
+    returns dK/dV already summed over the G query heads of a kv head. dQ, dK and dV are added in the compute dtype
+    (float32 for half precision). CPU only (the runner refuses the torch backward on CUDA: :func:`unavailable`).
+    """
+
+    def __init__(self, backend, q, do, out, lse, *, dtype, scale: float | None = None, on_tile: Callable[[], None] | None = None):
+        import torch
+
+        if backend.is_gpu:
+            raise ValueError("FusedBackward: PyTorch's fused backward runs on the CPU only (--backend numpy)")
+        z, g, n, d = q.shape
+        if do.shape != q.shape or out.shape != q.shape or lse.shape != (z, g, n):
+            raise ValueError(f"FusedBackward: q {q.shape}, do {do.shape}, out {out.shape} must match and lse {lse.shape} be (Z, G, n)")
+        self.torch = torch
+        self.xp = backend.xp
+        self.shape = (z, g, n, d)
+        self.dtype = compute_dtype(q.dtype)  # the accumulators: float32, or float64
+        self.scale = softmax_scale(d) if scale is None else float(scale)
+        self.on_tile = on_tile
+        self._tdtype = _torch_dtype(torch, np.dtype(dtype))
+        ldt = torch.float64 if self._tdtype == torch.float64 else torch.float32  # the op's lse dtype
+        self.q, self.do, self.out = (to_torch(a).to(self._tdtype).contiguous() for a in (q, do, out))  # (Z, G, n, D), read only
+        self.lse = to_torch(lse).to(ldt).contiguous()  # (Z, G, n)
+        self.dqa = np.zeros((z, n, g, d), self.dtype)  # dQ / scale, query-major as BlockBackward's
+        self._dq = to_torch(self.dqa).transpose(1, 2)  # (Z, G, n, D) view
+        self.head_chunk, self.tile_q, self.tile_k = 1, min(n, CPU_TILE_Q), CPU_TILE_K  # the op's nominal tiles
+        self.op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        self.library = f"torch {torch.__version__} aten._scaled_dot_product_flash_attention_for_cpu_backward"
+
+    def reset(self) -> None:
+        """Zero dQ for another pass over the same q, dO, O and LSE."""
+        self.dqa.fill(0)
+
+    def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece]) -> None:
+        """Fold the K/V block ``k, v`` (Z, m, D) in, for the given pieces: dQ here, dK and dV added into ``dk_acc``,
+        ``dv_acc`` (Z, m, D) in the compute dtype."""
+        for name, a in (("dk_acc", dk_acc), ("dv_acc", dv_acc)):
+            if a.dtype != self.dtype or a.shape != k.shape:
+                raise ValueError(f"FusedBackward.update: {name} must be {self.dtype} of shape {k.shape}, got {a.dtype} {a.shape}")
+        kt, vt = to_torch(k), to_torch(v)
+        if kt.dtype != self._tdtype:
+            kt, vt = kt.to(self._tdtype), vt.to(self._tdtype)
+        dk, dv = to_torch(dk_acc), to_torch(dv_acc)
+        with self.torch.inference_mode():
+            for p in pieces:
+                self._piece(kt, vt, dk, dv, p)
+                if self.on_tile is not None:
+                    self.on_tile()
+
+    def _piece(self, k, v, dk_acc, dv_acc, p: Piece) -> None:
+        q0, q1, k0, k1 = p.q0, p.q1, p.k0, p.k1
+        causal = p.mask != FULL
+        if p.mask == STRICT:  # j < i: causal on (q0+1.., ..k1-1), as the forward
+            q0, k1 = q0 + 1, k1 - 1
+        if q1 <= q0 or k1 <= k0:  # nothing visible (the CPU op must never see an empty block)
+            return
+        rows = (slice(None), slice(None), slice(q0, q1))
+        dq, dk, dv = self.op(
+            self.do[rows],
+            self.q[rows],
+            k[:, None, k0:k1],
+            v[:, None, k0:k1],
+            self.out[rows],
+            self.lse[rows],
+            0.0,
+            causal,
+            attn_mask=None,
+            scale=1.0,
+        )  # (Z, G, nq, D); (Z, 1, nk, D) each: summed over the G query heads
+        self._dq[rows] += dq
+        dk_acc[:, k0:k1] += dk[:, 0]
+        dv_acc[:, k0:k1] += dv[:, 0]
+
+    def dq(self, out_dtype=None):
+        """The finished dQ (Z, G, n, D), in the compute dtype or ``out_dtype``: a new array."""
+        dq = np.multiply(self.dqa.transpose(0, 2, 1, 3), self.dtype.type(self.scale))
+        return np.ascontiguousarray(dq, dtype=out_dtype or self.dtype)
 
 
 def _torch_dtype(torch, dt: np.dtype):

@@ -6,13 +6,19 @@ Unit tests emulate the ring on one process (as test_kernel.py does); MPI tests r
 
 import importlib.util
 import types
+import warnings
 
 import numpy as np
 import pytest
+from test_backward import assert_close
+from test_backward import make as make_grad
+from test_backward import reference as reference_grad
 from test_kernel import TOL, make, rel_err
+from test_ring import LoopBack
 
 from ringbench import kernel
 from ringbench.backend import get_backend
+from ringbench.backward import TOLERANCE_BWD, BlockBackward, heads_to_kv
 from ringbench.config import RunConfig, coerce, point_id
 from ringbench.layout import CAUSAL, FULL, LAYOUTS, STRICT, Piece, positions, step_plan
 
@@ -117,6 +123,119 @@ def test_arrays_reach_torch_without_copies():
     assert tb.dtype == torch.bfloat16 and tb.data_ptr() == b.ctypes.data and float(tb[0, 0, 0]) == 1.0
     back = from_torch(np, t)
     assert back.ctypes.data == t.data_ptr()
+    ro = kernel.q_to_heads(np, a[None], 4)  # read only, as the ring hands it over: shared silently (torch warns by default)
+    assert not ro.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert to_torch(ro).data_ptr() == ro.ctypes.data and to_torch(ro.astype(BACKEND.dtype("bfloat16"))).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward through PyTorch's fused CPU backward (FusedBackward), the ring emulated as tests/test_backward.py does
+# ---------------------------------------------------------------------------------------------
+def emulate_ring_backward(q, k, v, do, *, nranks, layout, causal, dtype):
+    """Global (dq, dk, dv) in float64 of every emulated rank's torch forward and torch backward, as the Ring drives
+    them: the forward on unscaled q with the scale, the backward on the scaled q with the forward's O and LSE, K/V as
+    stored, the dK/dV accumulators (compute dtype) travelling with their block, one more hop home at the end."""
+    from ringbench.torch_kernel import FusedAttention, FusedBackward
+
+    b, n_total, h, d = q.shape
+    hk = k.shape[2]
+    n = n_total // nranks
+    storage = BACKEND.dtype(dtype)
+    compute = BACKEND.compute_dtype(storage)
+    scale = kernel.softmax_scale(d)
+    pos = [positions(layout, r, nranks, n_total) for r in range(nranks)]
+    kv = [(kernel.kv_to_heads(np, k[:, p].astype(storage)), kernel.kv_to_heads(np, v[:, p].astype(storage))) for p in pos]
+    plans = [[step_plan(layout, r, (r - s) % nranks, nranks, n, causal) for s in range(nranks)] for r in range(nranks)]
+    ranks = []
+    for r in range(nranks):
+        qh = kernel.q_to_heads(np, q[:, pos[r]].astype(storage), hk, compute)  # (Z, G, n, D)
+        fwd = FusedAttention(BACKEND, qh, kernel="torch", dtype=storage, scale=scale)
+        for s in range(nranks):
+            fwd.update(*kv[(r - s) % nranks], plans[r][s])
+        o, lse = fwd.finalize(storage)
+        doh = kernel.q_to_heads(np, do[:, pos[r]].astype(storage), hk)
+        ranks.append(FusedBackward(BACKEND, qh * compute.type(scale), doh, o, lse, dtype=storage))
+    results = []
+    for _ in range(2):  # a second pass after reset() gives the same gradients
+        held = [(r, np.zeros(kv[r][0].shape, compute), np.zeros(kv[r][0].shape, compute)) for r in range(nranks)]
+        for bwd in ranks:
+            bwd.reset()
+        for s in range(nranks):
+            for r in range(nranks):
+                src, dk_acc, dv_acc = held[r]
+                assert src == (r - s) % nranks
+                ranks[r].update(*kv[src], dk_acc, dv_acc, plans[r][s])
+            held = [held[(r - 1) % nranks] for r in range(nranks)]
+        dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+        for r in range(nranks):
+            dq[:, pos[r]] = kernel.heads_to_out(ranks[r].dq(storage), b)
+            dk[:, pos[r]] = heads_to_kv(held[r][1].astype(storage), b)
+            dv[:, pos[r]] = heads_to_kv(held[r][2].astype(storage), b)
+        results.append((dq, dk, dv))
+    for a, c in zip(*results):
+        np.testing.assert_array_equal(a, c)
+    return results[0]
+
+
+@needs_torch
+@pytest.mark.parametrize("nranks", [1, 2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_ring_backward_matches_reference(nranks, layout, causal, heads, kv_heads, dtype):
+    q, k, v, do = make_grad(24 * nranks, heads, kv_heads, 16)
+    got = emulate_ring_backward(q, k, v, do, nranks=nranks, layout=layout, causal=causal, dtype=dtype)
+    errs = assert_close(got, reference_grad(q, k, v, do, causal=causal, dtype=dtype), TOLERANCE_BWD[dtype])
+    assert min(errs) > 0  # the comparison really compares
+
+
+@needs_torch
+@pytest.mark.parametrize("mode", ["overlap", "blocking", "allgather"])
+def test_the_ring_backward_uses_the_fused_backward_with_kernel_torch(mode):
+    """The Ring itself (one rank, loop-back exchange): --kernel torch builds FusedBackward, native BlockBackward."""
+    from ringbench.ring import Ring
+    from ringbench.torch_kernel import FusedBackward
+
+    q, k, v, do = make_grad(40, 4, 2, 16)
+    ref = reference_grad(q, k, v, do, causal=True, dtype="float32")
+    for name, cls in (("torch", FusedBackward), ("native", BlockBackward)):
+        cfg = RunConfig(seq_len=40, heads=4, kv_heads=2, head_dim=16, causal=True, mode=mode, kernel=name, pass_="fwd+bwd")
+        ring = Ring(cfg, BACKEND, LoopBack(), 0, 1, *(x.astype(np.float32) for x in (q, k, v)), do=do.astype(np.float32))
+        ring.prepare_backward()
+        ring.backward()
+        assert type(ring._bwd.grad) is cls
+        assert_close(ring.grads(), ref, TOLERANCE_BWD["float32"])
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_torch_ring_backward_other_dtypes(dtype):
+    q, k, v, do = make_grad(72, 4, 2, 16)
+    got = emulate_ring_backward(q, k, v, do, nranks=3, layout="striped", causal=True, dtype=dtype)
+    assert_close(got, reference_grad(q, k, v, do, causal=True, dtype=dtype), TOLERANCE_BWD[dtype])
+
+
+@needs_torch
+def test_torch_backward_accumulates_in_float32_and_checks_the_accumulators():
+    from ringbench.torch_kernel import FusedBackward
+
+    f16 = BACKEND.dtype("bfloat16")
+    rng = np.random.default_rng(5)
+    qh, doh, o = (rng.standard_normal((2, 2, 16, 8)).astype(f16) for _ in range(3))
+    lse = np.full((2, 2, 16), 3.0, np.float32)
+    kh, vh = (rng.standard_normal((2, 16, 8)).astype(f16) for _ in range(2))
+    bwd = FusedBackward(BACKEND, qh, doh, o, lse, dtype=f16)
+    assert bwd.dtype == np.float32 and bwd.dq().dtype == np.float32 and bwd.dq(f16).dtype == f16
+    with pytest.raises(ValueError, match="dk_acc must be float32"):
+        bwd.update(kh, vh, np.zeros(kh.shape, f16), np.zeros(kh.shape, np.float32), [Piece(0, 16, 0, 16)])
+    dk, dv = np.zeros(kh.shape, np.float32), np.zeros(kh.shape, np.float32)
+    bwd.update(kh, vh, dk, dv, [Piece(0, 16, 0, 16, STRICT), Piece(0, 0, 0, 16)])  # an empty piece is skipped
+    assert np.isfinite(dk).all() and np.abs(dk[:, :15]).min() > 0 and not dk[:, 15].any()  # key 15 is hidden under STRICT
+    with pytest.raises(ValueError, match="CPU only"):
+        FusedBackward(types.SimpleNamespace(is_gpu=True, xp=np), qh, doh, o, lse, dtype=f16)
 
 
 def test_kernel_is_a_config_field_and_leaves_native_ids_alone():
@@ -153,6 +272,10 @@ def test_refusals_name_the_kernel_and_the_reason(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     why = torch_kernel.unavailable("torch", gpu, "float64")
     assert why.startswith("--kernel torch on CUDA does not take --dtype float64; allowed: float32")
+    assert torch_kernel.unavailable("torch", cpu, "bfloat16", backward=True) is None
+    assert "runs on the CPU only" in torch_kernel.unavailable("torch", gpu, "float32", backward=True)
+    assert "forward pass only" in torch_kernel.unavailable("flash-attn", gpu, "float16", backward=True)
+    assert "CUDA GPUs only" in torch_kernel.unavailable("flash-attn", cpu, "float16", backward=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +306,23 @@ def test_run_with_torch_kernel_is_checked(nranks, layout, extra, tmp_path):
     (run,) = store.read(out)
     assert run.check["passed"] and run.config["kernel"] == "torch"
     assert run.provenance["blas"].startswith("torch ") and "flash_attention_for_cpu" in run.provenance["blas"]
+
+
+@needs_torch
+@pytest.mark.mpi
+@pytest.mark.parametrize("phases", ["fwd+bwd", "bwd"])
+def test_run_backward_with_torch_kernel_is_checked(phases, tmp_path):
+    from ringbench import store
+
+    out = tmp_path / "r.h5"
+    args = ["--kernel", "torch", "--pass", phases, "--causal", "--layout", "zigzag", "--kv-heads", 2, "--seq-len", 256]
+    res = mpiexec(2, "run", *SMALL, *args, "--out", out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run,) = store.read(out)
+    assert run.config["kernel"] == "torch" and run.config["pass"] == phases and run.phases() == phases.split("+")
+    assert run.bwd.check["passed"] and all(run.phase(ph).check["passed"] for ph in run.phases())
+    for name in ("dq", "dk", "dv"):
+        assert 0 < run.bwd.check[f"{name}_rel_err"] < TOLERANCE_BWD["float32"]
 
 
 @pytest.mark.mpi
