@@ -181,10 +181,8 @@ class BlockBackward:
         nk = p.k1 - p.k0
         if nk <= 0 or p.q1 <= p.q0:
             return
-        tk_max = min(self.tile_k or nk, nk)
+        tq_max, tk_max = kernel.piece_tiles(p, self.tile_q, self.tile_k)  # as the forward tiles it
         hc = self.head_chunk
-        # as the forward: half-height query tiles on a diagonal piece (less of each tile is masked work)
-        tq_max = self.tile_q if p.mask == FULL else max(1, min(self.tile_q, tk_max // 2))
         rq_max = min(tq_max, p.q1 - p.q0) * g
         kt = self._buffer("_kt", hc * (d + 1) * nk)
         vt = self._buffer("_vt", hc * (d + 1) * nk)

@@ -124,15 +124,7 @@ class KVExchange:
 
     def allgather(self, local, out) -> None:
         """Every rank's ``local`` block into ``out`` (P, *local.shape), rank order."""
-        self.backend.synchronize()
-        if self.staged:
-            send_h = self.backend.pinned_empty("ag_send", local.shape, local.dtype)
-            out_h = self.backend.pinned_empty("ag_recv", out.shape, out.dtype)
-            local.get(out=send_h)
-            self.comm.Allgather(_buf(send_h), _buf(out_h))
-            out.set(out_h)
-        else:
-            self.comm.Allgather(_buf(local), _buf(out))
+        _collective(self.comm.Allgather, self.backend, self.staged, local, out, "ag")
 
     def alltoall(self, send, recv) -> None:
         """Block j of ``send`` (P, ...) to rank j; ``recv[i]`` (P, ...) receives rank i's block for this rank.
@@ -140,15 +132,21 @@ class KVExchange:
         The allgather backward's reduce-scatter of dK/dV: each owner then sums what it received itself, in ring
         order, so the sum is the ring's bit for bit (MPI_Reduce_scatter_block's summation order is the library's).
         """
-        self.backend.synchronize()
-        if self.staged:
-            send_h = self.backend.pinned_empty("a2a_send", send.shape, send.dtype)
-            recv_h = self.backend.pinned_empty("a2a_recv", recv.shape, recv.dtype)
-            send.get(out=send_h)
-            self.comm.Alltoall(_buf(send_h), _buf(recv_h))
-            recv.set(recv_h)
-        else:
-            self.comm.Alltoall(_buf(send), _buf(recv))
+        _collective(self.comm.Alltoall, self.backend, self.staged, send, recv, "a2a")
+
+
+def _collective(op, backend, staged: bool, send, recv, key: str) -> None:
+    """``op(send, recv)`` (an MPI collective of whole buffers) on device buffers directly, or staged through pinned
+    host buffers named ``key`` when MPI is not CUDA-aware. The stream is synchronised first: MPI reads ``send``."""
+    backend.synchronize()
+    if not staged:
+        op(_buf(send), _buf(recv))
+        return
+    send_h = backend.pinned_empty(key + "_send", send.shape, send.dtype)
+    recv_h = backend.pinned_empty(key + "_recv", recv.shape, recv.dtype)
+    send.get(out=send_h)
+    op(_buf(send_h), _buf(recv_h))
+    recv.set(recv_h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,18 +262,11 @@ class AllToAll:
         self.staged = backend.is_gpu and not cuda_aware
 
     def __call__(self, send, recv) -> None:
-        self.backend.synchronize()  # the device buffer must be complete before MPI reads it
         if self.comm.size == 1:
+            self.backend.synchronize()
             recv[...] = send
             return
-        if self.staged:
-            send_h = self.backend.pinned_empty("a2a_send", send.shape, send.dtype)
-            recv_h = self.backend.pinned_empty("a2a_recv", recv.shape, recv.dtype)
-            send.get(out=send_h)
-            self.comm.Alltoall(_buf(send_h), _buf(recv_h))
-            recv.set(recv_h)
-        else:
-            self.comm.Alltoall(_buf(send), _buf(recv))
+        _collective(self.comm.Alltoall, self.backend, self.staged, send, recv, "a2a")
 
 
 class PeerExchange:

@@ -207,6 +207,15 @@ def _numpy_pass(fn, x, out, ones, r):
     return lambda: (np.copyto(out, x), fn(out, out=out), np.matmul(out, ones, out=r))
 
 
+def piece_tiles(p: Piece, tile_q: int, tile_k: int | None) -> tuple[int, int]:
+    """(query rows, keys) of the largest tile over piece ``p`` (forward and backward tile alike): at most ``tile_k``
+    keys (None: the whole piece); on a diagonal piece, which computes then masks part of a triangle per query tile,
+    half-height query tiles (less masked work)."""
+    nk = p.k1 - p.k0
+    tk = min(tile_k or nk, nk)
+    return (tile_q if p.mask == FULL else max(1, min(tile_q, tk // 2))), tk
+
+
 class OnlineSoftmax:
     """Running (reference, sum, weighted V) for one rank's queries, updated block by block.
 
@@ -309,10 +318,8 @@ class OnlineSoftmax:
         nk = p.k1 - p.k0
         if nk <= 0 or p.q1 <= p.q0:
             return
-        tk_max = min(self.tile_k or nk, nk)
+        tq_max, tk_max = piece_tiles(p, self.tile_q, self.tile_k)
         hc = self.head_chunk
-        # a diagonal piece computes, then masks, part of a triangle per query tile: half-height tiles there
-        tq_max = self.tile_q if p.mask == FULL else max(1, min(self.tile_q, tk_max // 2))
         rq_max = min(tq_max, p.q1 - p.q0) * g
         kt = self._buffer("_kt", hc * (d + 1) * nk)
         sbuf = self._buffer("_s", hc * rq_max * tk_max)
