@@ -86,14 +86,14 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     fault = parse_fault(os.environ.get("RINGBENCH_FAULT", ""), nranks)  # validated above
     fault_step = fault[1] if fault is not None and fault[0] == rank else None
     if cfg.mode in STRATEGY_MODES:
-        ring = strategies.make(cfg, backend, world, cuda_aware, rank, nranks, dev["q"], dev["k"], dev["v"], fault_step)
+        ring = strategies.make(cfg, backend, world, cuda_aware, rank, nranks, dev["q"], dev["k"], dev["v"], fault_step, do=dev.get("do"))
     else:
         ex = comm.KVExchange(world, backend, cuda_aware)
         ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"], do=dev.get("do"), fault_step=fault_step)
     del dev
     if "bwd" in phases:
         ring.prepare_backward()  # the forward that gives O and the LSE: once, untimed
-    passes = {"fwd": ring.forward, "bwd": getattr(ring, "backward", None)}  # the strategies: forward only (config)
+    passes = {"fwd": ring.forward, "bwd": getattr(ring, "backward", None)}  # a strategy without a backward is refused by config
 
     shown = progress.for_run((cfg.warmup + cfg.repeat) * len(phases), cfg.warmup * len(phases), show=rank == 0 and not quiet)
     warm = {ph: [] for ph in phases}
@@ -431,8 +431,9 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
 def _traffic(cfg, ring, nranks: int) -> dict:
     """{phase: bytes each rank sends in one pass}: the forward's K/V hops (P-1), or what a strategy moves; the
     backward's K/V hops and its P hops of the dK/dV accumulators."""
-    fwd = ring.bytes_per_rank() if cfg.mode in STRATEGY_MODES else ring.block_bytes() * (nranks - 1)
-    out = {"fwd": fwd}
+    if cfg.mode in STRATEGY_MODES:  # a strategy counts its own traffic per phase
+        return {ph: ring.bytes_per_rank(ph) for ph in cfg.phases}
+    out = {"fwd": ring.block_bytes() * (nranks - 1)}
     if "bwd" in cfg.phases:
         out["bwd"] = ring.block_bytes() * (nranks - 1) + (ring.grad_block_bytes() * nranks if nranks > 1 else 0)
     return out

@@ -83,7 +83,9 @@ class Hybrid:
 
     bwd_score_tile_elems = 0  # forward only (config refuses --pass bwd for the strategies)
 
-    def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, u: int | None = None, fault_step=None):
+    def __init__(
+        self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, u: int | None = None, fault_step=None, do=None
+    ):
         xp = backend.xp
         self.cfg, self.backend, self.xp = cfg, backend, xp
         self.rank, self.nranks = rank, nranks
@@ -196,7 +198,7 @@ class Hybrid:
         """This rank's tokens' output (B, n, H, D) in the storage dtype (from the last pass)."""
         return self.out
 
-    def bytes_per_rank(self) -> int:
+    def bytes_per_rank(self, phase: str = "fwd") -> int:
         """Bytes this rank sends to other ranks in one pass."""
         per_member_in = self.send_in.nbytes // self.u
         per_member_out = self.send_out.nbytes // self.u
@@ -218,8 +220,8 @@ class _QView:
 class Ulysses(Hybrid):
     """Hybrid with one group of all P ranks."""
 
-    def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step=None):
-        super().__init__(cfg, backend, world, cuda_aware, rank, nranks, q, k, v, u=nranks, fault_step=fault_step)
+    def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step=None, do=None):
+        super().__init__(cfg, backend, world, cuda_aware, rank, nranks, q, k, v, u=nranks, fault_step=fault_step, do=do)
 
 
 class PassQ:
@@ -227,7 +229,7 @@ class PassQ:
 
     bwd_score_tile_elems = 0  # forward only (config refuses --pass bwd for the strategies)
 
-    def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step=None):
+    def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step=None, do=None):
         xp = backend.xp
         self.cfg, self.backend, self.xp = cfg, backend, xp
         self.rank, self.nranks = rank, nranks
@@ -343,7 +345,7 @@ class PassQ:
         o = self.acc[0].astype(self.storage, copy=False)
         return kernel.heads_to_out(o, self.batch)
 
-    def bytes_per_rank(self) -> int:
+    def bytes_per_rank(self, phase: str = "fwd") -> int:
         """Bytes this rank sends in one pass: P - 1 query blocks and P - 1 partials."""
         return int((self.nranks - 1) * (self.q_home.nbytes + self.parts[0].nbytes))
 
@@ -357,6 +359,7 @@ def _fault(rank: int, step: int) -> Exception:
 CLASSES = {"ulysses": Ulysses, "hybrid": Hybrid, "pass-q": PassQ}
 
 
-def make(cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step: int | None = None):
-    """The strategy object for ``cfg.mode`` (one of STRATEGIES); ``fault_step``: raise InjectedFault there (tests)."""
-    return CLASSES[cfg.mode](cfg, backend, world, cuda_aware, rank, nranks, q, k, v, fault_step=fault_step)
+def make(cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step: int | None = None, do=None):
+    """The strategy object for ``cfg.mode`` (one of STRATEGIES); ``fault_step``: raise InjectedFault there (tests);
+    ``do``: the upstream gradient of this rank's tokens (B, n, H, D), for a backward pass."""
+    return CLASSES[cfg.mode](cfg, backend, world, cuda_aware, rank, nranks, q, k, v, fault_step=fault_step, do=do)
