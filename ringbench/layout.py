@@ -126,3 +126,17 @@ def hidden(mask: str, rows, cols):
 def mask_for(piece: Piece, i0: int, i1: int, j0: int, j1: int) -> np.ndarray | None:
     """Boolean 'masked out' array for rows [i0, i1) and columns [j0, j1) of ``piece`` (piece-local), or None."""
     return hidden(piece.mask, np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :])
+
+
+def group_plan(layout: str, group: int, src: int, u: int, nranks: int, n: int, causal: bool) -> list[Piece]:
+    """Pieces of (the U n queries of rank group ``group``) x (the U n keys of group ``src``), groups of U consecutive
+    ranks with their tokens side by side (member a's at rows a n .. (a+1) n): the step plans of the hybrid strategy's
+    ring over the groups (ringbench.strategies)."""
+    if not causal:
+        return [Piece(0, u * n, 0, u * n, FULL)]
+    out = []
+    for a in range(u):
+        for c in range(u):
+            for p in step_plan(layout, group * u + a, src * u + c, nranks, n, causal):
+                out.append(Piece(p.q0 + a * n, p.q1 + a * n, p.k0 + c * n, p.k1 + c * n, p.mask))
+    return out

@@ -53,7 +53,7 @@ import numpy as np
 
 from ringbench.config import STRATEGY_MODES, heads_rule
 from ringbench.kernel import flops
-from ringbench.layout import step_plan
+from ringbench.layout import FULL, group_plan, step_plan
 
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 # The backward's dK/dV accumulators (and what they travel as): float32 for half precision.
@@ -133,6 +133,9 @@ class Calibration:
     notes: list = field(default_factory=list)
     bwd_rates: dict = field(default_factory=dict)
     bwd_causal_rates: dict = field(default_factory=dict)
+    diag_rates: dict = field(default_factory=dict)  # {nranks: points}: causal diagonal blocks (probe), keyed by the square's FLOPs
+    bwd_diag_rates: dict = field(default_factory=dict)
+    copy_bw: dict = field(default_factory=dict)  # {nranks: bytes read + written per second} of local strided copies (probe)
 
     @classmethod
     def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given", bwd_rate: float | None = None) -> Calibration:
@@ -150,10 +153,27 @@ class Calibration:
             raise ValueError(f"no {phase} compute rate in this calibration ({self.source or 'given'})")
         if causal and causal_table:
             table = causal_table.get(layout) or causal_table.get("*") or table
-        pts = sorted(table[_nearest(table, nranks)])
-        x = np.log([max(w, 1.0) for w, _ in pts])
-        y = np.array([r for _, r in pts], dtype=np.float64)
-        return float(np.interp(math.log(max(block_flops, 1.0)), x, y))
+        return _interp(table[_nearest(table, nranks)], block_flops)
+
+    def per_piece(self, phase: str = "fwd") -> bool:
+        """Whether masked pieces have their own measured rate (a probe's causal diagonal blocks): then the model
+        times every piece of a step apart, a full piece at the full-block rate of its own size, a masked one at the
+        diagonal-block rate; else (rates fitted to runs) a whole step at the rate of the run's full block."""
+        return bool(self.bwd_diag_rates if phase == "bwd" else self.diag_rates)
+
+    def piece_rate(self, rect_flops: float, nranks: int, masked: bool, phase: str = "fwd") -> float:
+        """FLOP/s of a piece whose unmasked rectangle has ``rect_flops`` FLOPs (masked: the diagonal-block table)."""
+        if masked:
+            table = self.bwd_diag_rates if phase == "bwd" else self.diag_rates
+        else:
+            table = self.bwd_rates if phase == "bwd" else self.rates
+        return _interp(table[_nearest(table, nranks)], rect_flops)
+
+    def copy_seconds(self, nbytes: float, nranks: int) -> float:
+        """Seconds of local copies moving ``nbytes`` (read + written); 0 without a measured copy rate."""
+        if not self.copy_bw or nbytes <= 0:
+            return 0.0
+        return float(nbytes) / self.copy_bw[_nearest(self.copy_bw, nranks)]
 
     def link(self, nranks: int) -> tuple[float, float]:
         if not self.links:
@@ -163,6 +183,14 @@ class Calibration:
 
 def _nearest(table: dict, nranks: int) -> int:
     return min(table, key=lambda k: (abs(k - nranks), -k))
+
+
+def _interp(points, flops_key: float) -> float:
+    """Rate at ``flops_key`` from (FLOPs, rate) points: linear in log FLOPs, clamped at the ends."""
+    pts = sorted(points)
+    x = np.log([max(w, 1.0) for w, _ in pts])
+    y = np.array([r for _, r in pts], dtype=np.float64)
+    return float(np.interp(math.log(max(flops_key, 1.0)), x, y))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +219,36 @@ def step_pairs(shape: Shape) -> np.ndarray:
 def step_work(shape: Shape) -> np.ndarray:
     """(P, P) FLOPs rank r computes at step s."""
     return flops(shape.batch, shape.heads, shape.head_dim, 1) * step_pairs(shape).astype(np.float64)
+
+
+def pieces_seconds(pieces, cal: Calibration, shape: Shape, heads: int, phase: str = "fwd", key_flops: float | None = None) -> float:
+    """Compute seconds of ``pieces`` with ``heads`` query heads (B and D from ``shape``) on one rank.
+
+    With per-piece rates (``Calibration.per_piece``: a probe measured causal diagonal blocks): each piece at the rate
+    of its own size, full pieces from the full-block table and masked ones from the diagonal-block table, both keyed
+    by the FLOPs of the piece's rectangle. Otherwise every piece at ``cal.rate(key_flops)`` (default: the shape's full
+    block), the causal and layout tables included (rates fitted to runs). The backward counts 2.5 x the FLOPs."""
+    mult = BWD_FLOPS if phase == "bwd" else 1.0
+    per_pair = mult * flops(shape.batch, heads, shape.head_dim, 1)
+    if not cal.per_piece(phase):
+        if key_flops is None:
+            key_flops = mult * full_block_flops(shape)
+        return per_pair * sum(p.pairs() for p in pieces) / cal.rate(key_flops, shape.nranks, shape.causal, shape.layout, phase)
+    total = 0.0
+    for p in pieces:
+        rect = per_pair * (p.q1 - p.q0) * (p.k1 - p.k0)
+        total += per_pair * p.pairs() / cal.piece_rate(rect, shape.nranks, p.mask != FULL, phase)
+    return total
+
+
+def step_compute(shape: Shape, cal: Calibration, phase: str = "fwd") -> np.ndarray:
+    """(P, P) compute seconds of rank r at ring step s (pieces from layout.step_plan, :func:`pieces_seconds`)."""
+    P, n = shape.nranks, shape.n_local
+    out = np.zeros((P, P))
+    for r in range(P):
+        for s in range(P):
+            out[r, s] = pieces_seconds(step_plan(shape.layout, r, (r - s) % P, P, n, shape.causal), cal, shape, shape.heads, phase)
+    return out
 
 
 def comm_time(nbytes: float, latency: float, bandwidth: float) -> float:
@@ -222,9 +280,8 @@ def predict(shape: Shape, cal: Calibration, machine: Machine | None = None) -> P
     if shape.pass_ != "fwd":
         return predict_bwd(shape, cal) if shape.pass_ == "bwd" else predict_fwd_bwd(shape, cal)
     P = shape.nranks
-    rate = cal.rate(full_block_flops(shape), P, shape.causal, shape.layout)
     latency, bandwidth = ring_link(cal, machine, P, 1)
-    compute = step_work(shape) / rate  # (P, P)
+    compute = step_compute(shape, cal)  # (P, P)
     busiest = compute.max(axis=0)  # (P,) per step
     comm = comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
     sends = np.array([comm if s < P - 1 else 0.0 for s in range(P)])
@@ -274,9 +331,8 @@ def bwd_step_bytes(shape: Shape) -> np.ndarray:
 def predict_bwd(shape: Shape, cal: Calibration) -> Prediction:
     """The backward pass: per-step compute at the backward rate, the K/V and dK/dV transfers, the final hop."""
     P = shape.nranks
-    rate = cal.rate(bwd_full_block_flops(shape), P, shape.causal, shape.layout, phase="bwd")
     latency, bandwidth = cal.link(P)
-    compute = BWD_FLOPS * step_work(shape) / rate  # (P, P)
+    compute = step_compute(shape, cal, "bwd")  # (P, P)
     busiest = compute.max(axis=0)
     step_bytes = bwd_step_bytes(shape)
     sends = np.array([comm_time(b, latency, bandwidth) if b > 0 else 0.0 for b in step_bytes])
@@ -314,7 +370,10 @@ def predict_bwd(shape: Shape, cal: Calibration) -> Prediction:
 
 def predict_fwd_bwd(shape: Shape, cal: Calibration) -> Prediction:
     """Both passes one after the other: steps, compute and times of the forward, then of the backward."""
-    fwd, bwd = predict(shape.with_(pass_="fwd"), cal), predict(shape.with_(pass_="bwd"), cal)
+    return _both(predict(shape.with_(pass_="fwd"), cal), predict(shape.with_(pass_="bwd"), cal))
+
+
+def _both(fwd: Prediction, bwd: Prediction) -> Prediction:
     return Prediction(
         compute_s=np.hstack([fwd.compute_s, bwd.compute_s]),
         comm_s=max(fwd.comm_s, bwd.comm_s),
@@ -507,6 +566,9 @@ def calibrate_from_probes(probes) -> Calibration:
     rates: dict = {}
     bwd_rates: dict = {}
     links: dict = {}
+    diag: dict = {}
+    bwd_diag: dict = {}
+    copy_bw: dict = {}
     for pr in probes:
         s = pr.samples
         per_rank = np.median(np.asarray(s["compute_s"]), axis=1)  # (K, P)
@@ -516,12 +578,36 @@ def calibrate_from_probes(probes) -> Calibration:
             per_rank = np.median(np.asarray(s["bwd_compute_s"]), axis=1)  # (K, P)
             rate = np.asarray(s["bwd_block_flops"], dtype=np.float64) / np.median(per_rank, axis=1)
             bwd_rates[pr.nranks] = _merge_points(list(zip(np.asarray(s["bwd_block_flops"]).tolist(), rate.tolist())))
+        if "causal_compute_s" in s:  # probes from before 2026-11-26 have no diagonal blocks and no copy rate
+            diag[pr.nranks] = _probe_points(s["block_flops"], s["causal_flops"], s["causal_compute_s"])
+            mult = BWD_FLOPS
+            bwd_diag[pr.nranks] = _probe_points(
+                mult * np.asarray(s["block_flops"]), mult * np.asarray(s["causal_flops"]), s["bwd_causal_compute_s"]
+            )
+            copy_bw[pr.nranks] = float(pr.summary["copy_Bps"])
         if pr.nranks > 1:
             links[pr.nranks] = (float(pr.summary["latency_s"]), float(pr.summary["bandwidth_Bps"]))
     if not rates:
         raise ValueError("no probes")
     where = sorted({f"{p.path}:/probes/{p.name}" for p in probes})
-    return Calibration(rates=rates, links=links, bwd_rates=bwd_rates, source="probe " + ", ".join(where))
+    return Calibration(
+        rates=rates,
+        links=links,
+        bwd_rates=bwd_rates,
+        source="probe " + ", ".join(where),
+        diag_rates=diag if len(diag) == len(rates) else {},  # per-piece rates only if every rank count has them
+        bwd_diag_rates=bwd_diag if len(bwd_diag) == len(rates) else {},
+        copy_bw=copy_bw,
+    )
+
+
+def _probe_points(key_flops, done_flops, seconds) -> list:
+    """(key FLOPs, rate) per block size from (K, R, P) seconds: rate = the FLOPs done / the median over repeats and
+    ranks (median per rank first). The key is the square block's full FLOPs (the table's key), the rate the masked
+    block's own."""
+    per_block = np.median(np.median(np.asarray(seconds), axis=1), axis=1)  # (K,)
+    rate = np.asarray(done_flops, dtype=np.float64) / per_block
+    return _merge_points(list(zip(np.asarray(key_flops, dtype=np.float64).tolist(), rate.tolist())))
 
 
 def _merge_points(points) -> list:
@@ -584,81 +670,136 @@ def _heads_after_a2a(shape: Shape, u: int) -> tuple[int, int]:
     return shape.heads // u, (shape.kv_heads // u if shape.kv_heads % u == 0 else 1)
 
 
-def group_step_pairs(shape: Shape, u: int) -> np.ndarray:
-    """(R, R) unmasked pairs of group g's queries against the keys of group (g - s) mod R (hybrid's ring steps)."""
-    P, n = shape.nranks, shape.n_local
-    r = P // u
-    pairs = np.zeros((P, P), dtype=np.int64)  # rank i's queries x rank j's keys
-    for i in range(P):
-        for j in range(P):
-            pairs[i, j] = sum(p.pairs() for p in step_plan(shape.layout, i, j, P, n, shape.causal))
-    grouped = pairs.reshape(r, u, r, u).sum(axis=(1, 3))  # (R, R) query group x key group
-    return np.array([[grouped[g, (g - s) % r] for s in range(r)] for g in range(r)])
-
-
-def strategy_bytes(shape: Shape) -> int:
-    """Bytes one rank sends to other ranks in one pass (what the runner records as bytes_per_rank)."""
+def strategy_bytes(shape: Shape, phase: str | None = None) -> int:
+    """Bytes one rank sends to other ranks in one pass of ``phase`` (default: the shape's pass; fwd+bwd: both), what
+    the runner records as bytes_per_rank (README: the strategies' traffic table)."""
+    phase = phase or shape.pass_
+    if "+" in phase:
+        return sum(strategy_bytes(shape, ph) for ph in phase.split("+"))
     P, n, b, d, s = shape.nranks, shape.n_local, shape.batch, shape.head_dim, ITEMSIZE[shape.dtype]
+    acc = ACC_ITEMSIZE[shape.dtype]
+    rows = b * n * shape.heads
     if shape.mode == "pass-q":
-        cs = 8 if shape.dtype == "float64" else 4
-        return (P - 1) * (b * n * shape.heads * d * s + b * n * shape.heads * (d + 1) * cs)
+        if phase == "bwd":  # Q, dO, LSE, D out; the dQ partial back
+            return (P - 1) * (rows * (2 * d * s + 2 * acc) + rows * d * acc)
+        return (P - 1) * (rows * d * s + rows * (d + 1) * acc)
     if shape.mode in ("ulysses", "hybrid"):
         u = strategy_degree(shape)
+        r = P // u
         hl, hkl = _heads_after_a2a(shape, u)
-        a2a = (u - 1) * (b * n * (hl + 2 * hkl) * d * s + b * n * hl * d * s)
-        return a2a + (P // u - 1) * 2 * b * (u * n) * hkl * d * s
-    if shape.mode == "allgather":
-        return (P - 1) * block_bytes(shape)
-    return (P - 1) * block_bytes(shape)
+        group_kv = 2 * b * (u * n) * hkl * d  # elements of a group's K (and V) block on the inner ring
+        if phase == "bwd":  # dO in; the inner ring's backward; dQ, dK, dV out in the compute dtype
+            ring = ((r - 1) * group_kv * s + r * group_kv * acc) if r > 1 else 0
+            return (u - 1) * (b * n * hl * d * s + b * n * (hl + 2 * hkl) * d * acc) + ring
+        return (u - 1) * (b * n * (hl + 2 * hkl) * d * s + b * n * hl * d * s) + (r - 1) * group_kv * s
+    return bwd_bytes_per_rank(shape) if phase == "bwd" else (P - 1) * block_bytes(shape)
+
+
+# Local copies around the strategies' transfers, in bytes read + written (Calibration.copy_seconds), counted from
+# the code (ringbench/strategies.py): a copy or an elementwise pass over an array reads and writes it once (2x its
+# bytes). Queries loaded into a softmax state: the copy, the softmax scale and the exponential's base (3 passes).
+LOAD_PASSES = 3
+MERGE_PASSES = 3  # kernel.merge: two weighted outputs and their sum
 
 
 def predict_strategy(shape: Shape, cal: Calibration, machine: Machine | None = None) -> Prediction:
-    """Ulysses / hybrid / pass-Q pass time (README: the model's strategy terms).
+    """Ulysses / hybrid / pass-Q pass time (README: the model's strategy terms), forward, backward or both.
 
     hybrid (ulysses = hybrid with U = P), R = P / U, h = H / U, h_kv its kv heads, n = N / P:
-        step 0     all-to-all in:  alltoall_time(B n (h + 2 h_kv) D itemsize, U)
-        steps 1..R the ring over the R groups (overlap): max(max_g compute(g, s), latency + 2 B U n h_kv D itemsize / bandwidth)
-                   (no transfer at the last step); compute = 4 B h D pairs(g, s) / rate, rate at 4 B h D (U n)^2 FLOPs
-        step R+1   all-to-all out: alltoall_time(B n h D itemsize, U)
+        step 0     all-to-all in:  alltoall_time(B n (h + 2 h_kv) D itemsize, U)        backward: dO only, B n h D itemsize
+        steps 1..R the ring over the R groups (overlap), per-piece compute of h heads, transfers of a group's K/V block
+                   2 B U n h_kv D itemsize (the backward: with the dK/dV accumulators, and their hop home, as the ring's)
+        step R+1   all-to-all out: alltoall_time(B n h D itemsize, U)      backward: dQ, dK, dV, B n (h + 2 h_kv) D acc
     pass-q: steps s = 0..P-1 compute the visiting queries against the local keys; a step's transfers are the next
         query block (latency + B n H D itemsize / bandwidth, s < P - 1) and the previous step's partial returning
         home (latency + B n H (D + 1) compute_itemsize / bandwidth, 2 <= s <= P); step time = max(compute, transfers).
-    Not modelled: the local packing copies around the all-to-all and pass-Q's merges (memory-bound, no probe term).
+        Backward: the block is Q, dO, LSE and D (B n H (2 D itemsize + 2 compute_itemsize)), the partial is dQ
+        (B n H D compute_itemsize); dK, dV stay.
+    Local copies (packing around the all-to-alls, loads into the softmax state, pass-Q's merges) at the probe's copy
+    rate, added to the compute of their step (0 without a measured copy rate).
     """
-    P, n, b, d = shape.nranks, shape.n_local, shape.batch, shape.head_dim
-    s_item = ITEMSIZE[shape.dtype]
-    u = strategy_degree(shape)
+    P, u = shape.nranks, strategy_degree(shape)
     if heads_rule(shape.heads, shape.kv_heads, u) or P % u:  # not runnable (e.g. extrapolated to more ranks than heads)
         nan = np.full(1, math.nan)
-        return Prediction(np.full((P, 1), math.nan), math.nan, nan, nan, math.nan, math.nan)
-    if shape.mode == "pass-q":
-        rate = cal.rate(full_block_flops(shape), P, shape.causal, shape.layout)
-        pairs = np.zeros((P, P + 1))
-        for r in range(P):
-            for s in range(P):
-                pairs[r, s] = sum(p.pairs() for p in step_plan(shape.layout, (r - s) % P, r, P, n, shape.causal))
-        compute = flops(b, shape.heads, d, 1) * pairs / rate  # (P, P + 1)
-        lat, bw = ring_link(cal, machine, P, 1)
-        cs = 8 if shape.dtype == "float64" else 4
-        tq = comm_time(b * n * shape.heads * d * s_item, lat, bw)
-        tr = comm_time(b * n * shape.heads * (d + 1) * cs, lat, bw)
-        comm = np.array([(tq if s < P - 1 else 0.0) + (tr if 2 <= s <= P else 0.0) for s in range(P + 1)])
-        busiest = compute.max(axis=0)
-        step = np.maximum(busiest, comm)
-        return Prediction(compute, tq, step, np.maximum(0.0, comm - busiest), float(step.sum()), float(comm.sum()))
+        return Prediction(np.full((P, 1), math.nan), math.nan, nan, nan, math.nan, math.nan, phase=shape.pass_)
+    one = _pass_q if shape.mode == "pass-q" else _hybrid
+    preds = {ph: one(shape, cal, machine, ph) for ph in shape.phases}
+    return preds[shape.pass_] if len(preds) == 1 else _both(preds["fwd"], preds["bwd"])
+
+
+def _pass_q(shape: Shape, cal: Calibration, machine: Machine | None, phase: str) -> Prediction:
+    P, n, b, d = shape.nranks, shape.n_local, shape.batch, shape.head_dim
+    s_item, cs = ITEMSIZE[shape.dtype], ACC_ITEMSIZE[shape.dtype]
+    rows = b * n * shape.heads  # query rows of a block
+    compute = np.zeros((P, P + 1))
+    for r in range(P):
+        for s in range(P):
+            plan = step_plan(shape.layout, (r - s) % P, r, P, n, shape.causal)
+            compute[r, s] = pieces_seconds(plan, cal, shape, shape.heads, phase)
+    lat, bw = ring_link(cal, machine, P, 1)
+    if phase == "bwd":
+        block, part = rows * (2 * d * s_item + 2 * cs), rows * d * cs
+        per_step = 2 * (LOAD_PASSES + 1) * rows * d * cs  # Q and dO into the compute dtype, scaled; a zeroed dQ partial
+        per_return = 2 * rows * d * cs  # the partial added to the owner's dQ
+    else:
+        block, part = rows * d * s_item, rows * (d + 1) * cs
+        per_step = 2 * (LOAD_PASSES + 2) * rows * d * cs  # the queries loaded, the output finalized and packed
+        per_return = 2 * MERGE_PASSES * rows * (d + 1) * cs
+    compute[:, :P] += cal.copy_seconds(per_step, P)
+    compute[:, 2:] += cal.copy_seconds(per_return, P)
+    tq, tr = comm_time(block, lat, bw), comm_time(part, lat, bw)
+    comm = np.array([(tq if s < P - 1 else 0.0) + (tr if 2 <= s <= P else 0.0) for s in range(P + 1)])
+    busiest = compute.max(axis=0)
+    step = np.maximum(busiest, comm)
+    return Prediction(compute, tq, step, np.maximum(0.0, comm - busiest), float(step.sum()), float(comm.sum()), phase=phase)
+
+
+def _hybrid(shape: Shape, cal: Calibration, machine: Machine | None, phase: str) -> Prediction:
+    P, n, b, d = shape.nranks, shape.n_local, shape.batch, shape.head_dim
+    s_item, acc = ITEMSIZE[shape.dtype], ACC_ITEMSIZE[shape.dtype]
     u = strategy_degree(shape)
     r = P // u
     hl, hkl = _heads_after_a2a(shape, u)
-    rate = cal.rate(flops(b, hl, d, (u * n) ** 2), P, shape.causal, shape.layout)
-    t_in = alltoall_time(b * n * (hl + 2 * hkl) * d * s_item, u, cal, machine, P)
-    t_out = alltoall_time(b * n * hl * d * s_item, u, cal, machine, P)
+    q_bytes, kv_bytes = b * n * hl * d * s_item, 2 * b * n * hkl * d * s_item  # one member's share of one rank's tokens
+    wide = acc // s_item  # compute bytes per storage byte
+    if phase == "bwd":
+        t_in = alltoall_time(q_bytes, u, cal, machine, P)  # dO
+        out_bytes = b * n * (hl + 2 * hkl) * d * acc  # dQ, dK, dV in the compute dtype
+        t_out = alltoall_time(out_bytes, u, cal, machine, P)
+        local_in = 2 * u * q_bytes * (1 + LOAD_PASSES * wide)  # pack, load and D = rowsum(dO O)
+        local_out = 2 * 2 * u * out_bytes  # pack, unpack (and the sum of replicated kv heads)
+    else:
+        t_in = alltoall_time(q_bytes + kv_bytes, u, cal, machine, P)
+        t_out = alltoall_time(q_bytes, u, cal, machine, P)
+        local_in = 2 * u * (q_bytes + kv_bytes) + 2 * u * (q_bytes * LOAD_PASSES * wide + kv_bytes)  # pack, then load
+        local_out = 2 * u * q_bytes * (wide + 2)  # finalize, pack, unpack
     lat, bw = ring_link(cal, machine, P, u)
-    t_ring = comm_time(2 * b * u * n * hkl * d * s_item, lat, bw) if r > 1 else 0.0
-    group_compute = flops(b, hl, d, 1) * group_step_pairs(shape, u) / rate  # (R, R) group x ring step
+    key = (BWD_FLOPS if phase == "bwd" else 1.0) * flops(b, hl, d, (u * n) ** 2)
+    group_compute = np.array(
+        [
+            [pieces_seconds(group_plan(shape.layout, g, (g - s) % r, u, P, n, shape.causal), cal, shape, hl, phase, key) for s in range(r)]
+            for g in range(r)
+        ]
+    )  # (R, R) group x ring step
+    if phase == "bwd":
+        m, g_acc = 2 * b * u * n * hkl * d * s_item, 2 * b * u * n * hkl * d * acc
+        sends = np.array([comm_time((m if s < r - 1 else 0) + (g_acc if s >= 1 else 0), lat, bw) if r > 1 else 0.0 for s in range(r)])
+        final = comm_time(g_acc, lat, bw) if r > 1 else 0.0
+    else:
+        sends = np.array([comm_time(2 * b * u * n * hkl * d * s_item, lat, bw) if s < r - 1 else 0.0 for s in range(r)])
+        final = 0.0
     compute = np.zeros((P, r + 2))
     compute[:, 1 : r + 1] = np.repeat(group_compute, u, axis=0)  # every member of a group computes alike
-    sends = np.array([t_ring if s < r - 1 else 0.0 for s in range(r)])
+    compute[:, 0] = cal.copy_seconds(local_in, P)
+    compute[:, -1] = cal.copy_seconds(local_out, P)
     busiest = group_compute.max(axis=0)
-    step = np.concatenate([[t_in], np.maximum(busiest, sends), [t_out]])
-    exposed = np.concatenate([[t_in], np.maximum(0.0, sends - busiest), [t_out]])
-    return Prediction(compute, t_ring, step, exposed, float(step.sum()), float(t_in + t_out + sends.sum()))
+    ring_steps = np.maximum(busiest, sends)
+    ring_steps[-1] += final
+    exposed_ring = np.maximum(0.0, sends - busiest)
+    exposed_ring[-1] += final
+    step = np.concatenate([[t_in + compute[0, 0]], ring_steps, [t_out + compute[0, -1]]])
+    exposed = np.concatenate([[t_in], exposed_ring, [t_out]])
+    t_ring = float(sends.max(initial=0.0))
+    return Prediction(
+        compute, t_ring, step, exposed, float(step.sum()), float(t_in + t_out + sends.sum() + final), phase=phase, final_s=final
+    )

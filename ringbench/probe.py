@@ -8,6 +8,10 @@ run under MPI, so the pure helpers (link_phases, message_sizes) import without i
 * Backward compute rate: the same for the backward kernel (backward.BlockBackward with the O and log-sum-exp
   of an untimed forward, tiled and with the GEMM library as the ring's backward uses them); rate =
   2.5 x 4 B H D n^2 / time (FlashAttention's FLOP convention, as ``ringbench run`` counts the backward).
+* Causal diagonal blocks: the same two measurements on the n x n block with its causal mask (rate = the
+  unmasked pairs' FLOPs / time): the masked tiles every causal layout computes run at another rate than full ones.
+* Local copies: a strided copy of a (B, n, H, D) array, every rank at once (rate = bytes read + written / time):
+  the memory-bound packing and merging around the strategies' collectives.
 * Links: a ping-pong over the same communicator on each ring link (r, r+1 mod P), message sizes from
   8 bytes to ``max_bytes``; disjoint links are measured at the same time (2 phases, 3 for odd P), and
   each link is fitted with t = latency + bytes / bandwidth (model.fit_link).
@@ -24,7 +28,7 @@ import numpy as np
 
 from ringbench import backward, inputs, kernel, model, store
 from ringbench.backend import BackendError, get_backend, limit_threads
-from ringbench.layout import FULL, Piece
+from ringbench.layout import CAUSAL, FULL, Piece
 from ringbench.provenance import thread_pools
 
 
@@ -68,8 +72,9 @@ def message_sizes(max_bytes: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
-    """(K, R) seconds of one full-block kernel update on this rank, per block size and repeat."""
+def _compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
+    """(K, R) seconds of one kernel update of an n x n block on this rank, per block size and repeat: a full
+    block (``mask`` FULL), or the causal diagonal block (CAUSAL: the masked tiles every causal layout computes)."""
     from ringbench import comm
     from ringbench.ring import make_state
 
@@ -88,7 +93,7 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
         kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)  # (Z, n, D)
         scale = kernel.softmax_scale(opts.head_dim)
         state = make_state(backend, qh, n, matmul=backend.matmul("auto")[0], scale=scale)  # tiled as the ring tiles it
-        piece = [Piece(0, n, 0, n, FULL)]
+        piece = [Piece(0, n, 0, n, mask)]
         for r in range(-1, opts.repeat):  # one warm-up
             comm.barrier()
             state.reset()
@@ -103,8 +108,9 @@ def _compute_times(opts: ProbeOptions, backend) -> np.ndarray:
     return out
 
 
-def _bwd_compute_times(opts: ProbeOptions, backend) -> np.ndarray:
-    """(K, R) seconds of one full-block backward update (dQ, dK, dV) on this rank, per block size and repeat.
+def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
+    """(K, R) seconds of one backward update (dQ, dK, dV) of an n x n block (full, or the causal diagonal block
+    with ``mask`` CAUSAL) on this rank, per block size and repeat.
 
     Prepared as the ring's backward prepares a rank (ring._Backward.prepare): an untimed forward gives O and the
     log-sum-exp, then BlockBackward with the ring's tiles and GEMM; what is timed is one ``update`` with a
@@ -126,7 +132,7 @@ def _bwd_compute_times(opts: ProbeOptions, backend) -> np.ndarray:
         v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
         scale = kernel.softmax_scale(opts.head_dim)
         kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)  # (Z, n, D)
-        piece = [Piece(0, n, 0, n, FULL)]
+        piece = [Piece(0, n, 0, n, mask)]
         state = make_state(backend, kernel.q_to_heads(xp, q, hk, compute), n, matmul=matmul, scale=scale)
         state.update(kh, vh, piece)  # untimed forward: O and the log-sum-exp
         o, lse = state.finalize(dtype)
@@ -152,6 +158,33 @@ def _bwd_compute_times(opts: ProbeOptions, backend) -> np.ndarray:
             if r >= 0:
                 out[i, r] = timer.seconds()
     return out
+
+
+COPY_REPEAT = 5
+
+
+def _copy_times(opts: ProbeOptions, backend) -> tuple[int, np.ndarray]:
+    """(bytes, (R,) seconds) of one strided copy on this rank, every rank at once: a (B, n, H, D) array of the
+    largest block into (H, B, n, D) order, the kind of copy the strategies' packing and merges make (bytes = what
+    is read plus what is written)."""
+    from ringbench import comm
+
+    xp = backend.xp
+    n = max(opts.block_sizes)
+    src = xp.ones((opts.batch, n, opts.heads, opts.head_dim), backend.dtype(opts.dtype))
+    dst = xp.empty((opts.heads, opts.batch, n, opts.head_dim), src.dtype)
+    out = np.zeros(COPY_REPEAT)
+    for r in range(-1, COPY_REPEAT):  # one warm-up
+        comm.barrier()
+        backend.synchronize()
+        timer = backend.timer()
+        timer.start()
+        dst[...] = src.transpose(2, 0, 1, 3)
+        timer.stop()
+        backend.synchronize()
+        if r >= 0:
+            out[r] = timer.seconds()
+    return 2 * int(src.nbytes), out
 
 
 def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
@@ -196,11 +229,18 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
 
         raise UserError(err)
     compute = _compute_times(opts, backend)
+    causal = _compute_times(opts, backend, CAUSAL)
     bwd_compute = _bwd_compute_times(opts, backend)
+    bwd_causal = _bwd_compute_times(opts, backend, CAUSAL)
+    copy_bytes, copy = _copy_times(opts, backend)
     pp = _pingpong_all(opts, rank, nranks)
     local = {
         "compute": compute,
+        "causal": causal,
         "bwd_compute": bwd_compute,
+        "bwd_causal": bwd_causal,
+        "copy_bytes": copy_bytes,
+        "copy": copy,
         "pingpong": pp,
         "host": socket.gethostname(),
         "device": backend.device_name,
@@ -225,6 +265,7 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
     compute_s = np.stack([p["compute"] for p in parts], axis=2)  # (K, R, P)
     bwd_block_flops = np.array([backward.flops(opts.batch, opts.heads, opts.head_dim, int(k) * int(k)) for k in n])
     bwd_compute_s = np.stack([p["bwd_compute"] for p in parts], axis=2)  # (K, R, P)
+    causal_flops = np.array([kernel.flops(opts.batch, opts.heads, opts.head_dim, int(k) * (int(k) + 1) // 2) for k in n])
     nlinks = nranks if nranks > 2 else (1 if nranks == 2 else 0)
     links = np.array([(r, (r + 1) % nranks) for r in range(nlinks)], dtype=np.int64).reshape(nlinks, 2)
     pingpong_s = np.zeros((nlinks, len(sizes), opts.iters))
@@ -233,7 +274,13 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
             pingpong_s[i] = t
     rate = float(block_flops[-1] / np.median(np.median(compute_s[-1], axis=0)))
     bwd_rate = float(bwd_block_flops[-1] / np.median(np.median(bwd_compute_s[-1], axis=0)))
-    summary = {"rate_flops": rate, "rate_block_tokens": int(n[-1]), "bwd_rate_flops": bwd_rate}
+    copy_s = np.stack([p["copy"] for p in parts], axis=1)  # (R, P)
+    summary = {
+        "rate_flops": rate,
+        "rate_block_tokens": int(n[-1]),
+        "bwd_rate_flops": bwd_rate,
+        "copy_Bps": float(parts[0]["copy_bytes"] / np.median(copy_s.max(axis=1))),
+    }
     fits = [model.fit_link(sizes, np.median(pingpong_s[i], axis=1)) for i in range(nlinks)]
     if fits:  # the ring moves at the pace of its slowest link: the one slowest for the largest message
         slowest = int(np.argmax([model.comm_time(sizes[-1], lat, bw) for lat, bw in fits]))
@@ -259,6 +306,11 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
             "compute_s": compute_s,
             "bwd_block_flops": bwd_block_flops,
             "bwd_compute_s": bwd_compute_s,
+            "causal_flops": causal_flops,
+            "causal_compute_s": np.stack([p["causal"] for p in parts], axis=2),
+            "bwd_causal_compute_s": np.stack([p["bwd_causal"] for p in parts], axis=2),
+            "copy_bytes": np.array([parts[0]["copy_bytes"]]),
+            "copy_s": np.stack([p["copy"] for p in parts], axis=1),
             "msg_bytes": sizes,
             "links": links,
             "pingpong_s": pingpong_s,
@@ -284,6 +336,19 @@ def format_probe(probe: store.Probe, where: str) -> str:
             + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in zip(probe.samples["block_tokens"], rates))
             + " GFLOP/s"
         )
+    if "causal_compute_s" in probe.samples:  # probes from before 2026-11-26 have none
+        for key, label, flops in (
+            ("causal_compute_s", "causal diagonal block", "causal_flops"),
+            ("bwd_causal_compute_s", "its backward", None),
+        ):
+            per_block = np.median(np.median(probe.samples[key], axis=1), axis=1)  # (K,)
+            f = probe.samples["causal_flops"] * (1.0 if flops else backward.flops(1, 1, 1, 1) / kernel.flops(1, 1, 1, 1))
+            lines.append(
+                f"  {label} (unmasked pairs' FLOPs): "
+                + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in zip(probe.samples["block_tokens"], f / per_block))
+                + " GFLOP/s"
+            )
+        lines.append(f"  local copies (strided, read + write): {probe.summary['copy_Bps'] / 1e9:.2f} GB/s per rank")
     sizes = probe.samples["msg_bytes"]
     for i, (a, b) in enumerate(probe.samples["links"]):
         lat, bw = model.fit_link(sizes, np.median(probe.samples["pingpong_s"][i], axis=1))
