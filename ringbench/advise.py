@@ -15,6 +15,7 @@ from ringbench import model
 from ringbench.config import RunConfig, did_you_mean, validate
 from ringbench.experiment import Source
 
+PASS_NAMES = {"fwd": "forward pass", "bwd": "backward pass", "fwd+bwd": "forward + backward passes"}
 SCAN_TOKENS = [2**k for k in range(4, 21)]  # tokens per rank scanned for the winner's changes
 
 
@@ -50,6 +51,7 @@ def candidates(base: model.Shape, nranks: int, cal: model.Calibration, machine: 
             layout=shape.layout,
             mode=mode,
             ulysses_degree=u,
+            pass_=shape.pass_,
         )
         problems = validate(cfg, nranks)
         if problems:
@@ -84,7 +86,7 @@ def changes(base: model.Shape, nranks: int, cal: model.Calibration, machine: mod
 def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal: model.Calibration, machine=None) -> str:
     lines = [
         f"ringbench advise: B={base.batch} H={base.heads}/{base.kv_heads} D={base.head_dim} {base.dtype}"
-        f"{' causal' if base.causal else ''} layout {base.layout}, forward pass",
+        f"{' causal' if base.causal else ''} layout {base.layout}, {PASS_NAMES[base.pass_]}",
         f"calibration: {cal.source}" + (f"; machine: {machine.source}" if machine else ""),
     ]
     for p in ranks:

@@ -550,7 +550,7 @@ def cmd_plot(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 def advise_parser() -> argparse.ArgumentParser:
     d = RunConfig()
-    p = _Parser(prog=f"{PROG} advise", description="Predicted time of every context-parallel strategy (forward pass), the winner.")
+    p = _Parser(prog=f"{PROG} advise", description="Predicted time of every context-parallel strategy for a workload, the winner.")
     p.add_argument("files", nargs="*", metavar="FILE", help="result files: probes in them, else their ring runs, calibrate the model")
     p.add_argument("--probe", metavar="FILE", help="take the calibration from the probes in this file")
     p.add_argument("--machine", metavar="YAML", help="links inside / between nodes and ranks per node (README: advise)")
@@ -561,7 +561,7 @@ def advise_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=CHOICES["dtype"], default=d.dtype, help=_HELP["dtype"])
     p.add_argument("--layout", choices=CHOICES["layout"], default=d.layout, help=_HELP["layout"])
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False, help=_HELP["causal"])
-    p.add_argument("--pass", dest="passes", choices=["fwd"], default="fwd", help="the pass to predict (fwd only for now)")
+    p.add_argument("--pass", dest="passes", choices=["fwd", "bwd", "fwd+bwd"], default="fwd", help="the pass to predict")
     return p
 
 
@@ -596,6 +596,10 @@ def cmd_advise(argv: list[str]) -> int:
     cal = _calibration(runs, ns.files, ns.probe)
     if cal is None:
         return fail(prog, "FILE: no probe and no successful ring run to calibrate the model from")
+    if not cal.has_phase(ns.passes):
+        return fail(
+            prog, f"--pass {ns.passes}: the calibration ({cal.source}) has no backward compute rate; probe again or add backward runs"
+        )
     base = model.Shape(
         nranks=1,
         seq_len=1,
@@ -606,6 +610,7 @@ def cmd_advise(argv: list[str]) -> int:
         dtype=ns.dtype,
         causal=ns.causal,
         layout=ns.layout,
+        pass_=ns.passes,
     )
     print(advise.format_advice(base, ns.seq_len, ns.ranks, cal, machine))
     return 0

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ringbench import model
+from ringbench.layout import Piece
 from ringbench.model import Calibration, Shape
 from ringbench.store import Phase, Probe, Run
 
@@ -347,3 +348,90 @@ def test_calibrate_takes_the_backward_rate_from_runs_when_the_probe_has_none():
     probe.samples.update(bwd_block_flops=np.array([160.0]), bwd_compute_s=np.full((1, 2, 3), 2e-3))
     cal = model.calibrate([_fake_bwd_run(3, 12, 4e-3, 1e-3, 1.5e-3)], [probe])
     assert cal.rate(160.0, 3, phase="bwd") == pytest.approx(80e3) and not cal.notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-piece rates (a probe's causal diagonal blocks) and the strategies' local copies
+# ---------------------------------------------------------------------------------------------
+def per_piece_cal() -> Calibration:
+    """Full pieces at 1 GFLOP/s up to 1e6 FLOPs, 2 GFLOP/s from 1e8; masked pieces at 0.5 GFLOP/s; copies at 1 GB/s."""
+    return Calibration(
+        rates={2: [(1e6, 1e9), (1e8, 2e9)]},
+        links={2: (0.0, 1e9)},
+        diag_rates={2: [(1.0, 0.5e9)]},
+        bwd_rates={2: [(1.0, 4e9)]},
+        bwd_diag_rates={2: [(1.0, 1e9)]},
+        copy_bw={2: 1e9},
+    )
+
+
+def test_pieces_are_timed_apart_at_their_own_rates():
+    cal = per_piece_cal()
+    sh = Shape(nranks=2, seq_len=4096, heads=1, kv_heads=1, head_dim=64, causal=True, layout="zigzag")
+    c = 1024  # zigzag chunk
+    step0 = [Piece(0, c, 0, c, "causal"), Piece(c, 2 * c, 0, c), Piece(c, 2 * c, c, 2 * c, "causal")]
+    per_pair = 4 * 64
+    # a 1024 x 1024 full piece: 2.7e8 FLOPs, above the table: 2 GFLOP/s; a causal diagonal piece: 0.5 GFLOP/s
+    want = per_pair * c * c / 2e9 + 2 * per_pair * c * (c + 1) / 2 / 0.5e9
+    assert model.pieces_seconds(step0, cal, sh, 1) == pytest.approx(want)
+    assert model.step_compute(sh, cal)[0, 0] == pytest.approx(want)
+    # the backward: 2.5 x the FLOPs at the backward tables' rates
+    assert model.pieces_seconds(step0, cal, sh, 1, "bwd") == pytest.approx(
+        2.5 * (per_pair * c * c / 4e9 + 2 * per_pair * c * (c + 1) / 2 / 1e9)
+    )
+    # without diagonal rates (fitted to runs): every piece at the one rate of the full block, as before
+    fitted = Calibration(rates={2: [(1.0, 1e9)]}, links={2: (0.0, 1e9)})
+    assert not fitted.per_piece() and model.pieces_seconds(step0, fitted, sh, 1) == pytest.approx(per_pair * (c * c + c * (c + 1)) / 1e9)
+
+
+def test_strategy_local_copies_are_added_to_their_steps():
+    cal = per_piece_cal()
+    sh = Shape(nranks=2, seq_len=512, heads=2, kv_heads=2, head_dim=16, mode="ulysses")
+    without = model.predict(sh, Calibration(**{**cal.__dict__, "copy_bw": {}}))
+    pred = model.predict(sh, cal)
+    b, n, hl, hkl, d, s = 1, 256, 1, 1, 16, 4
+    q, kv = b * n * hl * d * s, 2 * b * n * hkl * d * s
+    local_in = 2 * 2 * (q + kv) + 2 * 2 * (q * model.LOAD_PASSES + kv)
+    local_out = 2 * 2 * q * 3
+    assert pred.compute_s[0, 0] == pytest.approx(local_in / 1e9) and pred.compute_s[0, -1] == pytest.approx(local_out / 1e9)
+    assert pred.time_s - without.time_s == pytest.approx((local_in + local_out) / 1e9)
+    pq = sh.with_(mode="pass-q")
+    rows = 256 * 2
+    extra = 2 * 2 * (model.LOAD_PASSES + 2) * rows * d * 4 + 2 * model.MERGE_PASSES * rows * (d + 1) * 4
+    no_copy = model.predict(pq, Calibration(**{**cal.__dict__, "copy_bw": {}}))
+    assert model.predict(pq, cal).compute_s.sum(axis=1)[0] - no_copy.compute_s.sum(axis=1)[0] == pytest.approx(extra / 1e9)
+
+
+def test_strategies_backward_hand_computed():
+    cal = Calibration.simple(rate=1e9, latency=1e-5, bandwidth=1e8, bwd_rate=2e9)
+    # pass-q backward, P = 2, n = 256, H = 8, D = 16, float32, no mask: the block is Q, dO, LSE, D; the partial is dQ
+    pq = Shape(nranks=2, seq_len=512, heads=8, kv_heads=2, head_dim=16, mode="pass-q", pass_="bwd")
+    rows = 256 * 8
+    c = 2.5 * 4 * 8 * 16 * 256**2 / 2e9
+    tq = 1e-5 + rows * (2 * 16 * 4 + 2 * 4) / 1e8
+    tr = 1e-5 + rows * 16 * 4 / 1e8
+    pred = model.predict(pq, cal)
+    assert pred.phase == "bwd" and math.isclose(pred.time_s, max(c, tq) + c + tr, rel_tol=1e-12)
+    assert model.strategy_bytes(pq) == rows * (2 * 16 * 4 + 2 * 4) + rows * 16 * 4
+    # fwd+bwd: the sum, both phases kept
+    both = model.predict(pq.with_(pass_="fwd+bwd"), cal)
+    assert math.isclose(both.time_s, model.predict(pq.with_(pass_="fwd"), cal).time_s + pred.time_s)
+    assert set(both.parts) == {"fwd", "bwd"}
+    assert model.strategy_bytes(both_shape := pq.with_(pass_="fwd+bwd")) == model.strategy_bytes(both_shape, "fwd") + model.strategy_bytes(
+        pq
+    )
+    # ulysses backward, P = 4: dO in (2 query heads), dQ, dK, dV out (2 + 2 x 1 replicated kv head) in float32
+    ul = Shape(nranks=4, seq_len=1024, heads=8, kv_heads=2, head_dim=16, mode="ulysses", pass_="bwd")
+    t_in = 3 * (1e-5 + 256 * 2 * 16 * 4 / 1e8)
+    t_out = 3 * (1e-5 + 256 * 4 * 16 * 4 / 1e8)
+    compute = 2.5 * 4 * 2 * 16 * 1024**2 / 2e9
+    assert math.isclose(model.predict(ul, cal).time_s, t_in + compute + t_out, rel_tol=1e-12)
+    assert model.strategy_bytes(ul) == 3 * (256 * 2 * 16 * 4 + 256 * 4 * 16 * 4)
+    # hybrid U = 1 is the ring's backward; its bytes are the ring's
+    hy = ul.with_(mode="hybrid", ulysses_degree=1, causal=True, layout="zigzag")
+    ring = ul.with_(mode="overlap", causal=True, layout="zigzag")
+    assert math.isclose(model.predict(hy, cal).time_s, model.predict(ring, cal).time_s, rel_tol=1e-12)
+    assert model.strategy_bytes(hy) == model.bwd_bytes_per_rank(ring)
+    # half precision: the all-to-all out and the dK/dV accumulators travel in float32
+    half = ul.with_(dtype="bfloat16")
+    assert model.strategy_bytes(half) == 3 * (256 * 2 * 16 * 2 + 256 * 4 * 16 * 4)

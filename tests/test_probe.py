@@ -55,7 +55,17 @@ def test_probe_two_ranks_writes_its_group(tmp_path):
     assert s["bwd_compute_s"].shape == (2, 2, 2) and (s["bwd_compute_s"] > 0).all()
     assert p.summary["bwd_rate_flops"] == pytest.approx(s["bwd_block_flops"][-1] / np.median(np.median(s["bwd_compute_s"][-1], axis=0)))
     assert "backward (dQ, dK, dV; FLOPs = 2.5 x forward): n=32 " in res.stdout
+    # causal diagonal blocks (forward and backward) and the local copy rate: the model's per-piece and copy terms
+    assert s["causal_flops"].tolist() == [4 * 2 * 16 * 32 * 33 // 2, 4 * 2 * 16 * 64 * 65 // 2]
+    assert s["causal_compute_s"].shape == (2, 2, 2) and (s["causal_compute_s"] > 0).all()
+    assert s["bwd_causal_compute_s"].shape == (2, 2, 2) and (s["bwd_causal_compute_s"] > 0).all()
+    assert s["copy_s"].shape == (5, 2) and s["copy_bytes"].tolist() == [2 * 64 * 2 * 16 * 4]
+    assert p.summary["copy_Bps"] == pytest.approx(s["copy_bytes"][0] / np.median(s["copy_s"].max(axis=1)))
+    assert "causal diagonal block (unmasked pairs' FLOPs): n=32 " in res.stdout and "local copies" in res.stdout
     cal = model.calibrate_from_probes([p])
+    assert cal.per_piece("fwd") and cal.per_piece("bwd") and cal.copy_bw[2] == p.summary["copy_Bps"]
+    per_block = np.median(np.median(s["causal_compute_s"], axis=1), axis=1)
+    assert cal.piece_rate(s["block_flops"][0], 2, masked=True) == pytest.approx(s["causal_flops"][0] / per_block[0])
     assert cal.has_phase("bwd") and cal.rate(s["bwd_block_flops"][-1], 2, phase="bwd") == pytest.approx(p.summary["bwd_rate_flops"])
     assert p.provenance["backend"] == "numpy" and p.config["block_sizes"] == [32, 64]
     assert store.read(out) == []  # a probe-only file has no runs

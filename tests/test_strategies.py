@@ -177,6 +177,20 @@ def test_advise_cli(small_results, tmp_path):
     assert res.stdout.count("winner:") == 4 and "hybrid U=2" in res.stdout
     bad = ringbench("advise", "--seq-len", 1024, "--ranks", 2)
     assert bad.returncode == 2 and "FILE or --probe" in bad.stderr
+    # the backward needs a backward rate: forward-only ring runs have none
+    bwd = ringbench("advise", small_results, "--seq-len", "1024", "--ranks", "2", "--pass", "bwd")
+    assert bwd.returncode == 2 and bwd.stderr.count("\n") == 1 and "--pass bwd" in bwd.stderr and "no backward compute rate" in bwd.stderr
+
+
+def test_advise_predicts_the_backward():
+    cal = model.Calibration.simple(rate=1e9, latency=1e-5, bandwidth=1e8, bwd_rate=2e9)
+    base = model.Shape(nranks=1, seq_len=1, heads=8, kv_heads=2, head_dim=64, causal=True, layout="zigzag", pass_="fwd+bwd")
+    text = advise.format_advice(base, [4096], [2], cal)
+    assert "forward + backward passes" in text and "winner:" in text
+    for c in advise.candidates(base.with_(seq_len=4096), 2, cal):
+        pred = model.predict(c.shape, cal)
+        assert c.time_s == pytest.approx(pred.time_s) and set(pred.parts) == {"fwd", "bwd"}
+        assert c.bytes_per_rank == model.strategy_bytes(c.shape, "fwd") + model.strategy_bytes(c.shape, "bwd")
 
 
 @pytest.mark.parametrize(
