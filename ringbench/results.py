@@ -307,8 +307,9 @@ def sort_key(r: dict):
 
 
 def shape(r: dict, nranks: int | None = None) -> Shape:
-    """The model's view of a row (its forward pass), optionally at another rank count."""
-    return Shape.from_config(r, nranks or r["nranks"]).with_(pass_="fwd")
+    """The model's view of a row: the pass of its phase (a forward row: fwd, a backward row: bwd), optionally at
+    another rank count."""
+    return Shape.from_config(r, nranks or r["nranks"]).with_(pass_=r.get("phase") or "fwd")
 
 
 # ---------------------------------------------------------------------------------------------
