@@ -6,16 +6,17 @@
 1. Calibration, separate from the sweep: ``mpiexec -n P ringbench probe --out WORK/probe.h5`` at every rank count
    (compute rate at several block sizes, ring link latency / bandwidth).
 2. The sweep: ``ringbench sweep`` of ``--experiment`` (its matrix, at ``--ranks``), or by default a built-in variant
-   of experiments/strategies.yaml (overlap, allgather, ulysses, pass-q, and hybrid U=2 where P > 2; causal zigzag,
-   GQA 8/2, D=64, every point --check'ed) over ``--seq-len``.
+   of experiments/strategies.yaml (overlap, allgather, ulysses, pass-q, and hybrid U=2 where P > 2; causal, GQA 8/2,
+   D=64, every point --check'ed) over ``--layout`` (zigzag: balanced ring; contiguous: the causal ring is
+   unbalanced, Ulysses is not) and ``--seq-len``, timing ``--pass``.
 3. The comparison, with the model calibrated from the probes only (``model.calibrate([], probes)``): per point
    (an (N, P) run with two or more strategies), the measured winner where ``measure.compare`` of the best and
    the runner-up is significant (else a tie within the noise), the predicted winner, and the error of each
    strategy's predicted time. Targets: predicted = measured winner on >= 90% of the points with a measured
    winner; median |error| <= 20%. Rank counts above this machine's cores oversubscribe them and are reported
    apart. Then per strategy, where the model's time goes wrong: the measured compute of each step (median over
-   repeats of the slowest rank) against the model's, and the compute of the all-to-all steps (packing copies)
-   and of pass-Q's return step (the last merge), which the model leaves out.
+   repeats of the slowest rank) against the model's, and the local work of the all-to-all steps (packing copies)
+   and of pass-Q's return step (the last merge) against the model's copy term.
 
 Prints the CPU (ringbench.provenance.cpu()) and the load average; --out keeps every figure as JSON.
 Exit status 0; 2 on bad options (one line).
@@ -48,6 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, nargs="+", default=[2], help="rank counts (default 2)")
     p.add_argument("--experiment", help="sweep this experiment file's matrix instead of the built-in variant (ranks from --ranks)")
     p.add_argument("--seq-len", type=int, nargs="+", default=[1024, 2048, 4096], help="built-in variant: sequence lengths")
+    p.add_argument(
+        "--layout",
+        nargs="+",
+        default=["zigzag", "contiguous"],
+        choices=["zigzag", "contiguous", "striped"],
+        help="built-in variant: causal layouts",
+    )
+    p.add_argument("--pass", dest="pass_", default="fwd", choices=["fwd", "bwd", "fwd+bwd"], help="built-in variant: the pass timed")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
@@ -96,12 +105,17 @@ def experiment_text(a: argparse.Namespace) -> str:
             "kv_heads": a.kv_heads,
             "head_dim": a.head_dim,
             "causal": True,
-            "layout": "zigzag",
+            "pass": a.pass_,
             "check": True,
             "repeat": a.repeat,
             "warmup": 1,
         },
-        "matrix": {"mode": modes, "ulysses_degree": [1, 2] if "hybrid" in modes else [1], "seq_len": list(a.seq_len)},
+        "matrix": {
+            "mode": modes,
+            "ulysses_degree": [1, 2] if "hybrid" in modes else [1],
+            "layout": list(a.layout),
+            "seq_len": list(a.seq_len),
+        },
         "ranks": list(a.ranks),
         "timeout": int(a.timeout),
     }
@@ -113,30 +127,37 @@ def experiment_text(a: argparse.Namespace) -> str:
 def step_terms(runs, cal: model.Calibration) -> list[dict]:
     """Per strategy run: the measured compute of each step (median over repeats of the slowest rank) and the model's.
 
-    ``local_s``: compute the model does not predict at all: the all-to-all steps (0 and last: packing copies, the
-    loads and the finalize) of ulysses / hybrid, and pass-Q's last step (the return and its merge)."""
+    ``local_s``: the measured local work of the all-to-all steps (0 and last: packing copies, the loads and the
+    finalize) of ulysses / hybrid, and of pass-Q's last step (the return and its merge); ``local_model_s`` the model's
+    (its copy term at the probe's copy rate)."""
     out = []
     for run in runs:
         if run.status != "ok" or run.config["mode"] not in ("ulysses", "hybrid", "pass-q"):
             continue
-        shape = model.Shape.from_config(run.config, run.nranks)
-        pred = model.predict(shape, cal)
-        measured = np.median(np.asarray(run.samples["compute_s"]).max(axis=1), axis=0)  # (S,)
-        predicted = np.asarray(pred.compute_s).max(axis=0)
-        local = measured[[0, -1]].sum() if shape.mode != "pass-q" else measured[-1]
-        out.append(
-            {
-                "strategy": results.strategy_label(results.row(run)),
-                "seq_len": shape.seq_len,
-                "nranks": run.nranks,
-                "time_s": float(run.summary["time_s"]),
-                "predicted_s": float(pred.time_s),
-                "compute_measured_s": measured.tolist(),
-                "compute_predicted_s": predicted.tolist(),
-                "local_s": float(local),
-                "local_share": float(local / run.summary["time_s"]),
-            }
-        )
+        for phase in run.phases():
+            ph = run.phase(phase)
+            shape = model.Shape.from_config(run.config, run.nranks).with_(pass_=phase)
+            pred = model.predict(shape, cal)
+            measured = np.median(np.asarray(ph.samples["compute_s"]).max(axis=1), axis=0)  # (S,)
+            predicted = np.asarray(pred.compute_s).max(axis=0)
+            ends = [0, -1] if shape.mode != "pass-q" else [-1]
+            local, local_model = measured[ends].sum(), predicted[ends].sum()
+            out.append(
+                {
+                    "strategy": results.strategy_label(results.row(run)),
+                    "phase": phase,
+                    "layout": shape.layout,
+                    "seq_len": shape.seq_len,
+                    "nranks": run.nranks,
+                    "time_s": float(ph.summary["time_s"]),
+                    "predicted_s": float(pred.time_s),
+                    "compute_measured_s": measured.tolist(),
+                    "compute_predicted_s": predicted.tolist(),
+                    "local_s": float(local),
+                    "local_model_s": float(local_model),
+                    "local_share": float(local / ph.summary["time_s"]),
+                }
+            )
     return out
 
 
@@ -195,10 +216,12 @@ def main(argv=None) -> int:
         }
     terms = step_terms(runs, cal)
     if terms:
-        print("\nunmodelled local work (the model predicts no compute there): all-to-all steps' pack/load/finalize, pass-Q's last merge")
+        print("\nlocal work (all-to-all steps' pack/load/finalize, pass-Q's last merge): measured and the model's copy term")
         body = [
             [
                 t["strategy"],
+                t["phase"],
+                t["layout"],
                 str(t["seq_len"]),
                 str(t["nranks"]),
                 f"{t['time_s'] * 1e3:.2f}",
@@ -206,16 +229,32 @@ def main(argv=None) -> int:
                 f"{sum(t['compute_measured_s']) * 1e3:.2f}",
                 f"{sum(t['compute_predicted_s']) * 1e3:.2f}",
                 f"{t['local_s'] * 1e3:.2f}",
+                f"{t['local_model_s'] * 1e3:.2f}",
                 f"{t['local_share']:.1%}",
             ]
             for t in terms
         ]
-        head = ["strategy", "N", "P", "time ms", "model ms", "compute ms", "model compute ms", "local ms", "local/time"]
-        print(report.table(head, body, left=1))
+        head = [
+            "strategy",
+            "phase",
+            "layout",
+            "N",
+            "P",
+            "time ms",
+            "model ms",
+            "compute ms",
+            "model compute ms",
+            "local ms",
+            "model local ms",
+            "local/time",
+        ]
+        print(report.table(head, body, left=3))
     print(f"\nload average {os.getloadavg()[0]:.2f} (1 min) at the end; the machine is shared: times carry other jobs' load")
     if a.out:
         per_point = [
             {
+                "phase": p["phase"],
+                "layout": p["layout"],
                 "seq_len": p["seq_len"],
                 "nranks": p["nranks"],
                 "times_s": p["times"],

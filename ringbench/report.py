@@ -374,7 +374,7 @@ def strategy_text(rows: list[dict], cal: model.Calibration) -> str | None:
     points = results.strategy_points(rows)
     if not points:
         return None
-    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r).with_(pass_=r.get("phase", "fwd")), cal).time_s)
+    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r), cal).time_s)
     body = []
     for p in points:
         ci = "" if p["ci_lo"] is None else f" [{p['ci_lo']:.2f}, {p['ci_hi']:.2f}]"
@@ -382,6 +382,7 @@ def strategy_text(rows: list[dict], cal: model.Calibration) -> str | None:
         errs = p["errors"]
         body.append(
             [
+                p.get("phase") or "fwd",
                 config_label(p),
                 p["dtype"],
                 shape_label(p),
@@ -394,11 +395,23 @@ def strategy_text(rows: list[dict], cal: model.Calibration) -> str | None:
                 _num(float(np.median(np.abs(list(errs.values())))) if errs else None, ".0%"),
             ]
         )
-    head = ["layout", "dtype", "BxH/Hkv xD", "N", "P", "measured winner", "margin [CI]", "predicted winner", "agree", "median |err|"]
+    head = [
+        "phase",
+        "layout",
+        "dtype",
+        "BxH/Hkv xD",
+        "N",
+        "P",
+        "measured winner",
+        "margin [CI]",
+        "predicted winner",
+        "agree",
+        "median |err|",
+    ]
     return "\n".join(
         [
             "strategies: measured winner (the fastest, when its margin over the runner-up is significant) vs the model's",
-            table(head, body, left=3),
+            table(head, body, left=4),
             strategy_summary(agreement),
         ]
     )

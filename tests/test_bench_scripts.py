@@ -196,7 +196,24 @@ def test_torch_kernel_bench_user_error_is_one_line():
 def test_strategy_bench_probes_sweeps_and_compares(tmp_path):
     assert MPIEXEC.exists()
     out = tmp_path / "s.json"
-    tiny = ("--seq-len", 128, 256, "--heads", 4, "--kv-heads", 2, "--head-dim", 16, "--repeat", 3, "--probe-blocks", 64, 128)
+    tiny = (
+        "--seq-len",
+        128,
+        256,
+        "--heads",
+        4,
+        "--kv-heads",
+        2,
+        "--head-dim",
+        16,
+        "--repeat",
+        3,
+        "--probe-blocks",
+        64,
+        128,
+        "--layout",
+        "zigzag",
+    )
     res = script("strategy_bench.py", *tiny, "--ranks", 2, "--work", tmp_path / "work", "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "load average" in res.stdout and "calibration: probe" in res.stdout  # calibrated from the probe, not the runs
@@ -204,10 +221,14 @@ def test_strategy_bench_probes_sweeps_and_compares(tmp_path):
     assert "target >= 90%" in res.stdout and "target <= 20%" in res.stdout and "local/time" in res.stdout
     data = json.loads(out.read_text())
     assert data["provenance"]["cpu"] and data["calibration"].startswith("probe")
-    assert {(p["seq_len"], p["nranks"]) for p in data["points"]} == {(128, 2), (256, 2)}
+    assert {(p["phase"], p["layout"], p["seq_len"], p["nranks"]) for p in data["points"]} == {
+        ("fwd", "zigzag", 128, 2),
+        ("fwd", "zigzag", 256, 2),
+    }
     assert all(set(p["times_s"]) == {"overlap", "allgather", "ulysses", "pass-q"} for p in data["points"])
     assert sum(s["points"] for s in data["summary"].values()) == 2  # "within the cores" or "oversubscribed"
     assert {t["strategy"] for t in data["step_terms"]} == {"ulysses", "pass-q"}
+    assert all(t["local_model_s"] > 0 for t in data["step_terms"])  # the probe's copy rate prices the local copies
     assert (tmp_path / "work" / "probe.h5").exists() and (tmp_path / "work" / "results" / "strategy-bench.h5").exists()
 
 
