@@ -670,21 +670,46 @@ def _edges(values) -> np.ndarray:
     return np.concatenate([[v[0] ** 2 / mid[0]], mid, [v[-1] ** 2 / mid[-1]]])
 
 
+MAX_MAP_PANELS = 6
+
+
 def strategy_map(runs, cal: model.Calibration | None):
-    """Predicted fastest strategy over (N, P) with the measured winners of the runs on top (the shape with most points)."""
+    """Predicted fastest strategy over (N, P) with the measured winners of the runs on top: one panel per family
+    (phase, layout, mask, dtype, shape: what stays fixed while N and P vary), the families with most points first
+    (at most MAX_MAP_PANELS). The title of each panel says how often the predicted winner was the measured one."""
     if cal is None:
         return None
-    from ringbench.config import RunConfig, validate
-
     families = defaultdict(list)
     for p in results.strategy_points(results.rows(_ok(runs))):
         families[tuple(p[k] for k in results.COMPARE_KEY if k not in ("seq_len", "nranks"))].append(p)
     if not families:
         return None
-    points = max(families.values(), key=len)
-    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r).with_(pass_=r.get("phase", "fwd")), cal).time_s)
-    labels = sorted({s for p in points for s in p["rows"]}, key=lambda s: results.mode_order(s.split()[0]) + (s,))
-    base = {s: next(p["rows"][s] for p in points if s in p["rows"]) for s in labels}
+    panels = sorted(families.values(), key=lambda v: (-len(v), [str(v[0][k]) for k in results.COMPARE_KEY]))[:MAX_MAP_PANELS]
+    labels = sorted({s for pts in panels for p in pts for s in p["rows"]}, key=lambda s: results.mode_order(s.split()[0]) + (s,))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.0 + 4.8 * len(panels)), squeeze=False)
+    for ax, points in zip(axes[:, 0], panels):
+        _strategy_panel(ax, points, labels, cal)
+    handles = [matplotlib.patches.Patch(color=_strategy_color(s), alpha=0.6, label=s) for s in labels]
+    handles += [
+        matplotlib.lines.Line2D([], [], marker="o", ms=9, mfc="0.6", mec="k", mew=1.5, ls="none", label="measured winner (significant)"),
+        matplotlib.lines.Line2D([], [], marker="X", ms=8, mfc="white", mec="0.35", ls="none", label="tie within the noise"),
+    ]
+    note = (
+        "background: the model's fastest of the strategies measured (white: none can run); markers: measured, "
+        f"margin = runner-up / winner [{measure.CONFIDENCE:.0%} CI]; calibration: {cal.source}"
+    )
+    fig.text(0.5, 0.25 / fig.get_size_inches()[1] + 0.005, note, fontsize=7, ha="center", color="0.3")
+    more = f" ({len(families) - len(panels)} more families not drawn)" if len(families) > len(panels) else ""
+    return _finish(fig, runs, f"Strategy map: fastest strategy over (N, P){more}", handles)
+
+
+def _strategy_panel(ax, points: list[dict], labels: list[str], cal: model.Calibration) -> None:
+    """One family's map: the predicted winner over a grid of (N, P) and the measured winners of its points."""
+    from ringbench.config import RunConfig, validate
+
+    agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r), cal).time_s)
+    mine = [s for s in labels if any(s in p["rows"] for p in points)]
+    base = {s: next(p["rows"][s] for p in points if s in p["rows"]) for s in mine}
     seqs = sorted({p["seq_len"] for p in points})
     ranks = sorted({p["nranks"] for p in points})
     grid_n = sorted(set(seqs) | {seqs[0] // 2, seqs[-1] * 2} | {2**k for k in range(4, 40) if seqs[0] // 2 < 2**k < seqs[-1] * 2})
@@ -693,20 +718,20 @@ def strategy_map(runs, cal: model.Calibration | None):
     for j, P in enumerate(grid_p):
         for i, N in enumerate(grid_n):
             times = {}
-            for k, s in enumerate(labels):
+            for s in mine:
                 shape = results.shape(dict(base[s], seq_len=N), nranks=P)
                 cfg = RunConfig(
                     batch=shape.batch, seq_len=N, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                     dtype=shape.dtype, causal=shape.causal, layout=shape.layout, mode=shape.mode, ulysses_degree=shape.ulysses_degree,
+                    pass_=shape.pass_,
                 )  # fmt: skip
                 if N >= P and not validate(cfg, P):
                     t = model.predict(shape, cal).time_s
                     if np.isfinite(t):
-                        times[k] = t
+                        times[labels.index(s)] = t
             if times:
                 winner[j, i] = min(times, key=times.get)
     colors = ["white"] + [_strategy_color(s) for s in labels]
-    fig, ax = plt.subplots(figsize=(11, 5.8))
     ax.pcolormesh(
         _edges(grid_n),
         _edges(grid_p),
@@ -744,26 +769,16 @@ def strategy_map(runs, cal: model.Calibration | None):
     ax.set_ylim(_edges(grid_p)[0] / 1.6, _edges(grid_p)[-1])  # room under the lowest row for its notes
     ax.set_xlabel("sequence length N [tokens]")
     ax.set_ylabel("MPI ranks P")
+    r0 = points[0]
+    phase = {"fwd": "forward", "bwd": "backward"}.get(r0.get("phase") or "fwd", r0.get("phase"))
+    family = f"{phase}, {r0['layout']}{' causal' if r0['causal'] else ''}, {_shape_desc(r0)}, {r0['dtype']}"
     a, d = agreement["agree"], agreement["decided"]
     ax.set_title(
-        f"predicted winner = measured winner on {a} of {d} points" + (f" ({a / d:.0%})" if d else "")
+        f"{family}: predicted winner = measured winner on {a} of {d} points" + (f" ({a / d:.0%})" if d else "")
         + f" with a significant margin ({agreement['ties']} ties left out); median |error| of the predicted times "
         + (f"{agreement['median_abs_error']:.0%}" if agreement["errors"] else "-"),
         fontsize=9,
     )  # fmt: skip
-    handles = [matplotlib.patches.Patch(color=_strategy_color(s), alpha=0.6, label=s) for s in labels]
-    handles += [
-        matplotlib.lines.Line2D([], [], marker="o", ms=9, mfc="0.6", mec="k", mew=1.5, ls="none", label="measured winner (significant)"),
-        matplotlib.lines.Line2D([], [], marker="X", ms=8, mfc="white", mec="0.35", ls="none", label="tie within the noise"),
-    ]
-    note = (
-        "background: the model's fastest of the strategies measured (white: none can run); markers: measured, "
-        f"margin = runner-up / winner [{measure.CONFIDENCE:.0%} CI]; calibration: {cal.source}"
-    )
-    fig.text(0.5, 0.04, note, fontsize=7, ha="center", color="0.3")
-    r0 = points[0]
-    layout = r0["layout"] + (" causal" if r0["causal"] else "")
-    return _finish(fig, runs, f"Strategy map: fastest strategy over (N, P), {layout}, {_shape_desc(r0)}, {r0['dtype']}", handles)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,3 +186,29 @@ def test_report_states_the_winner_agreement_on_a_real_file(two_strategies):
     assert expected["decided"] == 2
     assert f"on {expected['agree']} of 2 points ({expected['agree'] / 2:.0%})" in text
     assert "(0 ties within the noise left out)" in text
+
+
+@pytest.mark.mpi
+def test_map_draws_one_panel_per_family(two_strategies):
+    """Runs of another layout (here: the same runs relabelled striped, ulysses made slow there) are a family of
+    their own: a second panel with its own measured winners and agreement line."""
+    plot = pytest.importorskip("ringbench.plot")
+    runs = results.load(two_strategies)
+    other = slowed(runs, "ulysses", 100.0)
+    for r in other:
+        r.config["layout"] = "striped"
+    cal = model.calibrate_from_runs(runs)
+    fig = plot.strategy_map(runs + other, cal)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 2
+    titles = sorted(ax.get_title() for ax in panels)
+    assert titles[0].startswith("forward, contiguous") and titles[1].startswith("forward, striped")
+    striped = next(ax for ax in panels if ax.get_title().startswith("forward, striped"))
+    faces = [matplotlib_hex(line.get_markerfacecolor()) for line in striped.get_lines() if line.get_marker() == "o"]
+    assert faces == [plot._strategy_color("overlap")] * 2
+
+
+def matplotlib_hex(c):
+    import matplotlib.colors
+
+    return matplotlib.colors.to_hex(c)
