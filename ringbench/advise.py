@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ringbench import model
-from ringbench.config import RunConfig, did_you_mean, validate
+from ringbench.config import did_you_mean, validate
 from ringbench.experiment import Source
 
 PASS_NAMES = {"fwd": "forward pass", "bwd": "backward pass", "fwd+bwd": "forward + backward passes"}
@@ -40,20 +40,7 @@ def candidates(base: model.Shape, nranks: int, cal: model.Calibration, machine: 
     out = []
     for mode, u in modes:
         shape = base.with_(nranks=nranks, mode=mode, ulysses_degree=u)
-        cfg = RunConfig(
-            batch=shape.batch,
-            seq_len=shape.seq_len,
-            heads=shape.heads,
-            kv_heads=shape.kv_heads,
-            head_dim=shape.head_dim,
-            dtype=shape.dtype,
-            causal=shape.causal,
-            layout=shape.layout,
-            mode=mode,
-            ulysses_degree=u,
-            pass_=shape.pass_,
-        )
-        problems = validate(cfg, nranks)
+        problems = validate(shape.to_config(), nranks)
         if problems:
             key, msg = problems[0]
             out.append(Candidate(label(mode, u), shape, None, f"--{key.replace('_', '-')}: {msg}"))

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ringbench.config import STRATEGY_MODES, heads_rule
+from ringbench.config import STRATEGY_MODES, RunConfig, heads_rule
 from ringbench.kernel import flops
 from ringbench.layout import FULL, group_plan, step_plan
 
@@ -96,6 +96,23 @@ class Shape:
             mode=str(config["mode"]),
             ulysses_degree=int(config.get("ulysses_degree", 1) or 1),
             pass_=str(config.get("pass") or "fwd"),
+        )
+
+    def to_config(self) -> RunConfig:
+        """The run configuration of this shape (the inverse of :meth:`from_config`; other options at their defaults):
+        what ``config.validate`` checks before a shape is predicted as a runnable candidate."""
+        return RunConfig(
+            batch=self.batch,
+            seq_len=self.seq_len,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            causal=self.causal,
+            layout=self.layout,
+            mode=self.mode,
+            ulysses_degree=self.ulysses_degree,
+            pass_=self.pass_,
         )
 
     @property

@@ -705,7 +705,7 @@ def strategy_map(runs, cal: model.Calibration | None):
 
 def _strategy_panel(ax, points: list[dict], labels: list[str], cal: model.Calibration) -> None:
     """One family's map: the predicted winner over a grid of (N, P) and the measured winners of its points."""
-    from ringbench.config import RunConfig, validate
+    from ringbench.config import validate
 
     agreement = results.strategy_agreement(points, lambda r: model.predict(results.shape(r), cal).time_s)
     mine = [s for s in labels if any(s in p["rows"] for p in points)]
@@ -720,12 +720,7 @@ def _strategy_panel(ax, points: list[dict], labels: list[str], cal: model.Calibr
             times = {}
             for s in mine:
                 shape = results.shape(dict(base[s], seq_len=N), nranks=P)
-                cfg = RunConfig(
-                    batch=shape.batch, seq_len=N, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
-                    dtype=shape.dtype, causal=shape.causal, layout=shape.layout, mode=shape.mode, ulysses_degree=shape.ulysses_degree,
-                    pass_=shape.pass_,
-                )  # fmt: skip
-                if N >= P and not validate(cfg, P):
+                if N >= P and not validate(shape.to_config(), P):
                     t = model.predict(shape, cal).time_s
                     if np.isfinite(t):
                         times[labels.index(s)] = t
