@@ -22,6 +22,13 @@ comm_s, step_s arrays and the pass total), ``comm_only()``, ``output()``, ``byte
   returned to its owner during step s+1 (overlapped with that step's compute) and merged there exactly
   (``kernel.merge``). Steps 0..P-1 compute, step P returns and merges the last partial. Partials travel in
   the compute dtype (float32 for half precision): D + 1 values per query row and head.
+  Backward (``prepare_backward``, ``backward``, ``grads``): the same loop. What travels is each query block's
+  visitor bundle: [Q, dO] in the storage dtype and [LSE, D] (D = rowsum(dO * O), from the untimed forward) in
+  the compute dtype, two buffers posted together. At step s rank r computes, with ``backward.BlockBackward``
+  against its own K/V, the dQ partial of the bundle of rank (r - s) mod P and adds that bundle's dK/dV
+  contribution to its own accumulators (the K/V never move, so neither do dK/dV). The dQ partial (compute
+  dtype) returns to its owner during step s+1; the owner adds the partials in ring order (its own, then those
+  of ranks r+1, r+2, ...) and rounds to the storage dtype once, in ``grads``.
 
 GQA in the all-to-all: P (or U) must divide H; kv heads are split when U divides H_kv and replicated
 (each kv head sent to the U / H_kv members whose query heads read it) when H_kv divides U. Other shapes are
@@ -327,11 +334,10 @@ class PassQ:
     def comm_only(self, phase: str = "fwd") -> np.ndarray:
         """The transfers alone: P - 1 query-block (bwd: bundle) transfers, then P - 1 partial (bwd: dQ partial) returns."""
         P = self.nranks
-        if phase == "fwd":
-            (cur, nxt), home, part, recv = self.bufs, [self.q_home], self.parts[0], self.recv_part
-            cur, nxt = [cur], [nxt]
+        if phase == "fwd":  # what travels, as tuples of buffers: the query block alone, or the bundle's two
+            home, (cur, nxt), part, recv = (self.q_home,), ((self.bufs[0],), (self.bufs[1],)), self.parts[0], self.recv_part
         else:
-            (cur, nxt), home, part, recv = self.bundles, self.bundle_home, self.dq_parts[0], self.recv_dq
+            home, (cur, nxt), part, recv = self.bundle_home, self.bundles, self.dq_parts[0], self.recv_dq
         for a, h in zip(cur, home):
             a[...] = h
         self.backend.synchronize()

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ringbench import store
-from ringbench.backward import TOLERANCE_BWD
+from ringbench import inputs, kernel, store
+from ringbench.backward import TOLERANCE_BWD, BlockBackward
 from ringbench.config import RunConfig, validate
+from ringbench.layout import CAUSAL, Piece
 
 from conftest import MPIEXEC, child_env, mpiexec
 
@@ -98,3 +99,72 @@ def test_saved_gradients_equal_the_ring_backward(tmp_path):
 def test_pass_q_backward_is_accepted():
     for pass_ in ("bwd", "fwd+bwd"):
         assert validate(RunConfig(mode="pass-q", pass_=pass_, heads=3, kv_heads=1), 3) == []
+
+
+def test_load_gives_the_bits_of_a_backward_built_on_those_rows():
+    """BlockBackward.load (pass-Q's visitors: Q unscaled in the storage dtype, dO, LSE and D = delta()) is the constructor
+    on those rows: dQ, dK, dV bit for bit, dQ zeroed; a float16 block computes in float32; shapes are checked."""
+    b, n, h, hk, d = 1, 24, 4, 2, 8
+    pos = np.arange(n)
+    x = {name: inputs.tokens(name, 7, pos, batch=b, seq_len=n, heads=hk if name in "kv" else h, head_dim=d) for name in "qkv"}
+    x["do"] = inputs.tokens("do", 7, pos, batch=b, seq_len=n, heads=h, head_dim=d)
+    x = {k: a.astype(np.float16) for k, a in x.items()}
+    kh, vh = (kernel.kv_to_heads(np, x[k], np.float32) for k in "kv")
+    scale = np.float32(kernel.softmax_scale(d))
+    pieces = [Piece(0, n, 0, n, CAUSAL)]
+
+    def block(other: bool):
+        q = (x["q"].astype(np.float32) * 1.5).astype(np.float16) if other else x["q"]
+        qs = kernel.q_to_heads(np, q, hk)  # (Z, G, n, D) float16, as the bundle carries it
+        fwd = kernel.OnlineSoftmax(np, kernel.q_to_heads(np, q, hk, np.float32) * scale)
+        fwd.update(kh, vh, pieces)
+        o, lse = fwd.finalize(np.float16)
+        doh = kernel.q_to_heads(np, x["do"], hk)
+        return qs, doh, BlockBackward(np, kernel.q_to_heads(np, q, hk, np.float32) * scale, doh, o, lse, tile_q=8, tile_k=8), lse
+
+    def grads(bwd):
+        dk, dv = np.zeros_like(kh), np.zeros_like(vh)
+        bwd.update(kh, vh, dk, dv, pieces)
+        return bwd.dq(), dk, dv
+
+    _, _, home, _ = block(False)
+    qs, doh, other, lse = block(True)
+    grads(home)  # dQ of the home rows, to be zeroed by load
+    home.load(qs, doh, lse, other.delta(), q_scale=kernel.softmax_scale(d))
+    assert home.dqa.dtype == np.float32
+    for a, b_ in zip(grads(home), grads(other)):
+        np.testing.assert_array_equal(a, b_)
+    with pytest.raises(ValueError, match="BlockBackward.load"):
+        home.load(qs[:, :, :-1], doh, lse, other.delta())
+
+
+@pytest.mark.mpi
+def test_memory_estimate_covers_the_measured_peak_of_fwd_bwd(tmp_path):
+    """pass-q's estimate (its travelling queries and partials, the bundles and dQ partials of the backward) is not below
+    what a real fwd+bwd run uses, and not so loose that it refuses what fits (as tests/test_run_mpi.py asks of the ring)."""
+    from ringbench.backend import get_backend
+    from ringbench.mkl import MklMatmul
+    from ringbench.runner import memory_estimate
+
+    out = tmp_path / "r.h5"
+    args = ["--batch", 32, "--seq-len", 256, "--heads", 8, "--kv-heads", 2, "--head-dim", 128]  # the arrays dominate
+    res = mpiexec(2, "run", "--mode", "pass-q", "--pass", "fwd+bwd", *args, "--repeat", 1, "--warmup", 0, "--quiet", "--out", out)
+    assert res.returncode == 0, res.stderr
+    (run,) = store.read(out)
+    cfg = RunConfig.from_dict(run.config)
+    backend = get_backend("numpy")
+    used = run.memory["peak_rss_bytes"] - run.memory["baseline_rss_bytes"]
+    for rank in range(2):
+        est, _ = memory_estimate(cfg, 2, rank, backend, isinstance(backend.matmul(cfg.blas)[0], MklMatmul))
+        assert 0.85 * used[rank] <= est <= 2 * used[rank] + 64 * 2**20, (rank, est, used)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("rank,step", [(0, 2)])
+def test_a_fault_on_one_rank_ends_a_backward_job(rank, step, tmp_path):
+    out = tmp_path / "r.h5"
+    res = mpiexec(3, "run", "--mode", "pass-q", "--pass", "bwd", "--seq-len", 48, "--heads", 2, "--head-dim", 8, "--repeat", 1,
+                  "--out", out, env={"RINGBENCH_FAULT": f"{rank}:{step}"}, timeout=60)  # fmt: skip
+    assert res.returncode != 0
+    assert f"rank {rank} of 3" in res.stderr and "InjectedFault" in res.stderr
+    assert not out.exists()
