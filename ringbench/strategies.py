@@ -250,6 +250,10 @@ class PassQ:
         self.kv = xp.empty(self.kv_home.shape, self.compute)
         self.ex = comm.KVExchange(world, backend, cuda_aware)
         self.ret = comm.PeerExchange(world, backend, cuda_aware, name="ret")
+        # the backward's own exchanges: staged through pinned buffers of their own shapes (fwd+bwd never reallocates them)
+        self.bex = comm.KVExchange(world, backend, cuda_aware, name="bundle_")
+        self.dret = comm.PeerExchange(world, backend, cuda_aware, name="dq")
+        self._exchanges = (self.ex, self.ret, self.bex, self.dret)
         on_tile = self._progress if cfg.progress == "test" else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
         self.state = make_state(
@@ -268,10 +272,9 @@ class PassQ:
         self.bwd_score_tile_elems = 0  # set by prepare_backward()
 
     def _progress(self) -> None:
-        if self.ex.posted:
-            self.ex.test()
-        if self.ret.posted:
-            self.ret.test()
+        for ex in self._exchanges:
+            if ex.posted:
+                ex.test()
 
     def _partial(self, qblock, step: int):
         st = self.state
@@ -336,21 +339,23 @@ class PassQ:
         P = self.nranks
         if phase == "fwd":  # what travels, as tuples of buffers: the query block alone, or the bundle's two
             home, (cur, nxt), part, recv = (self.q_home,), ((self.bufs[0],), (self.bufs[1],)), self.parts[0], self.recv_part
+            ex, ret = self.ex, self.ret
         else:
             home, (cur, nxt), part, recv = self.bundle_home, self.bundles, self.dq_parts[0], self.recv_dq
+            ex, ret = self.bex, self.dret
         for a, h in zip(cur, home):
             a[...] = h
         self.backend.synchronize()
         out = []
         for _ in range(P - 1):
             t0 = time.perf_counter()
-            self.ex.sendrecv_all(list(zip(cur, nxt)))
+            ex.sendrecv_all(list(zip(cur, nxt)))
             out.append(time.perf_counter() - t0)
             cur, nxt = nxt, cur
         for s in range(1, P):
             t0 = time.perf_counter()
-            self.ret.post(part, (self.rank - s) % P, recv, (self.rank + s) % P)
-            self.ret.wait()
+            ret.post(part, (self.rank - s) % P, recv, (self.rank + s) % P)
+            ret.wait()
             out.append(time.perf_counter() - t0)
         return np.array(out)
 
@@ -428,9 +433,9 @@ class PassQ:
             more = s < P - 1  # a next bundle to receive
             back = 2 <= s <= P  # the dQ partial of step s-1 goes home now
             if more:
-                self.ex.post_all(list(zip(cur, nxt)))  # one buffer per dtype, together
+                self.bex.post_all(list(zip(cur, nxt)))  # one buffer per dtype, together
             if back:
-                self.ret.post(self.dq_parts[(s - 1) % 2], (self.rank - s + 1) % P, self.recv_dq, (self.rank + s - 1) % P)
+                self.dret.post(self.dq_parts[(s - 1) % 2], (self.rank - s + 1) % P, self.recv_dq, (self.rank + s - 1) % P)
             t_comm[s] = clock() - step_start
             ctimer.start()
             if s < P:
@@ -438,9 +443,9 @@ class PassQ:
             ctimer.stop()
             t0 = clock()
             if more:
-                self.ex.wait()
+                self.bex.wait()
             if back:
-                self.ret.wait()
+                self.dret.wait()
             t_comm[s] += clock() - t0
             if back:  # the owner's sum: its own partial, then those of ranks r+1, r+2, ... (ring order)
                 ctimer.start()
