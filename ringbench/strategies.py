@@ -247,7 +247,8 @@ class PassQ:
         self.q_home = kernel.q_to_heads(xp, q, hk)  # (Z, G, n, D) storage: the block that travels
         self.bufs = [xp.empty_like(self.q_home), xp.empty_like(self.q_home)]
         self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D): stays
-        self.kv = xp.empty(self.kv_home.shape, self.compute)
+        self.fused = cfg.kernel != "native"  # torch / flash-attn: the kernel takes q, k, v as stored and scales itself
+        self.kv = xp.empty(self.kv_home.shape, self.storage if self.fused else self.compute)
         self.ex = comm.KVExchange(world, backend, cuda_aware)
         self.ret = comm.PeerExchange(world, backend, cuda_aware, name="ret")
         # the backward's own exchanges: staged through pinned buffers of their own shapes (fwd+bwd never reallocates them)
@@ -257,8 +258,17 @@ class PassQ:
         on_tile = self._progress if cfg.progress == "test" else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
         self.state = make_state(
-            backend, xp.zeros(self.q_home.shape, self.compute), n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul
+            backend,
+            xp.zeros(self.q_home.shape, self.compute),  # shapes only: each step loads the visiting queries
+            n,
+            tile_q=cfg.tile_q,
+            on_tile=on_tile,
+            matmul=self.matmul,
+            scale=kernel.softmax_scale(d) if self.fused else None,
+            kernel_name=cfg.kernel,
+            storage=self.storage,
         )
+        self.blas = getattr(self.state, "library", self.blas)  # a fused kernel: the library that computes
         z, g = self.q_home.shape[:2]
         self.parts = [xp.empty((z, g, n, d + 1), self.compute) for _ in range(2)]  # [out | lse] of a visiting block
         self.recv_part = xp.empty_like(self.parts[0])
@@ -279,7 +289,10 @@ class PassQ:
     def _partial(self, qblock, step: int):
         st = self.state
         st.reset()
-        load_queries(st, qblock.transpose(0, 2, 1, 3), kernel.softmax_scale(self.head_dim))
+        if self.fused:
+            st.load(qblock)  # (Z, G, n, D) as stored, read in place
+        else:
+            load_queries(st, qblock.transpose(0, 2, 1, 3), kernel.softmax_scale(self.head_dim))
         if self.plans[step]:
             st.update(self.kv[0], self.kv[1], self.plans[step])
         return st.finalize()  # (Z, G, n, D), (Z, G, n) natural log

@@ -1,6 +1,7 @@
 """Pass-Q's backward (`ringbench run --mode pass-q --pass bwd|fwd+bwd`) under a real mpiexec: gradients against float64
 for every layout x causal x GQA x dtype at P = 1..4, the traffic counted, and the stored phase."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -168,3 +169,33 @@ def test_a_fault_on_one_rank_ends_a_backward_job(rank, step, tmp_path):
     assert res.returncode != 0
     assert f"rank {rank} of 3" in res.stderr and "InjectedFault" in res.stderr
     assert not out.exists()
+
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed (pip install -e '.[torch]')")
+
+
+@needs_torch
+@pytest.mark.mpi
+@pytest.mark.parametrize("args", [["--layout", "striped", "--kv-heads", 2], ["--layout", "zigzag", "--kv-heads", 1, "--dtype", "bfloat16"]])
+def test_pass_q_forward_with_the_torch_kernel_checks_and_equals_native(args, tmp_path):
+    """--kernel torch in pass-q's forward (FusedAttention.load: the visiting queries, read in place): --check passes and
+    the output is native pass-q's to the dtype's rounding; the library is recorded."""
+    outs = {}
+    for name in ("native", "torch"):
+        out = tmp_path / f"{name}.h5"
+        shape = ["--seq-len", 96, "--heads", 4, "--head-dim", 16, "--causal", *args]
+        res = mpiexec(
+            3, "run", "--mode", "pass-q", "--kernel", name, *shape, "--check", "--save-tensors", "--repeat", 1, "--quiet", "--out", out
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        (run,) = store.read(out, tensors=True)
+        assert run.check["passed"] and run.samples["step_s"].shape[-1] == 4
+        outs[name] = (run.tensors["out"], run.provenance["blas"])
+    (a, _), (b, lib) = outs["native"], outs["torch"]
+    assert np.abs(a - b).max() / np.abs(a).max() < (2e-5 if "bfloat16" not in args else 1.6e-2) and "torch" in lib
+
+
+def test_pass_q_kernel_rules():
+    assert validate(RunConfig(mode="pass-q", kernel="torch"), 3) == []
+    ((key, msg),) = validate(RunConfig(mode="pass-q", kernel="torch", pass_="fwd+bwd"), 3)
+    assert key == "kernel" and "forward only" in msg
