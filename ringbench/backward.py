@@ -135,10 +135,7 @@ class BlockBackward:
         self.tile_k = tile_k  # None: whole key block
         self.on_tile = on_tile
         self.qa = xp.empty((z, n, g, d + 1), dt)  # [q, -LSE log_b(e)], query-major (b: the exponential's base)
-        self.qa[..., :d] = q.transpose(0, 2, 1, 3)
-        lse_t = xp.asarray(lse, dt).transpose(0, 2, 1)  # (Z, n, G)
-        # a row that saw no key (-inf) is masked wherever it is computed: any finite shift will do
-        xp.multiply(xp.where(lse_t == -np.inf, 0, lse_t), dt.type(-self._log_e), out=self.qa[..., d])
+        self._load_q(q, lse)
         self.doa = xp.empty((z, n, g, d + 1), dt)  # [dO, -D], query-major
         self.doa[..., :d] = do.transpose(0, 2, 1, 3)
         o = xp.asarray(out, dt).transpose(0, 2, 1, 3)
@@ -149,9 +146,39 @@ class BlockBackward:
         self._s = self._dp = self._kt = self._vt = self._tmp = None
         self._masks = {}  # (tq, tk, i0 - j0, mask) -> boolean pattern (kernel's cache)
 
+    def _load_q(self, q, lse, q_scale: float = 1.0) -> None:
+        """[q q_scale, -LSE log_b(e)] into ``qa`` (the product in the compute dtype)."""
+        xp, dt, d = self.xp, self.dtype, self.shape[3]
+        self.qa[..., :d] = q.transpose(0, 2, 1, 3)
+        if q_scale != 1.0:
+            self.qa[..., :d] *= dt.type(q_scale)
+        lse_t = xp.asarray(lse, dt).transpose(0, 2, 1)  # (Z, n, G)
+        # a row that saw no key (-inf) is masked wherever it is computed: any finite shift will do
+        xp.multiply(xp.where(lse_t == -np.inf, 0, lse_t), dt.type(-self._log_e), out=self.qa[..., d])
+
     def reset(self) -> None:
         """Zero dQ for another pass over the same q, dO, O and LSE."""
         self.dqa.fill(0)
+
+    def load(self, q, do, lse, delta, q_scale: float = 1.0) -> None:
+        """Replace the rows by another block of queries of the same shape and zero dQ (pass-Q: the visiting blocks).
+
+        ``q``, ``do`` (Z, G, n, D) in any float dtype and strides; q is multiplied by ``q_scale`` here, in the compute
+        dtype (1: it comes scaled, as the constructor's q); ``lse`` (Z, G, n) as the constructor's; ``delta`` (Z, G, n)
+        = rowsum(dO * O), which the constructor computes from O (:meth:`delta`) and which travels instead of O."""
+        z, g, n, d = self.shape
+        if q.shape != self.shape or do.shape != self.shape or lse.shape != (z, g, n) or delta.shape != (z, g, n):
+            raise ValueError(
+                f"BlockBackward.load: q {q.shape}, do {do.shape} must be {self.shape}, lse {lse.shape}, delta {delta.shape} (Z, G, n)"
+            )
+        self._load_q(q, lse, q_scale)
+        self.doa[..., :d] = do.transpose(0, 2, 1, 3)
+        self.xp.negative(self.xp.asarray(delta, self.dtype).transpose(0, 2, 1), out=self.doa[..., d])
+        self.dqa.fill(0)
+
+    def delta(self):
+        """D = rowsum(dO * O) (Z, G, n) of the loaded rows, in the compute dtype: a new array."""
+        return self.xp.ascontiguousarray(-self.doa[..., self.shape[3]].transpose(0, 2, 1))
 
     def _buffer(self, name: str, size: int):
         buf = getattr(self, name)

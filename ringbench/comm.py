@@ -64,10 +64,11 @@ class KVExchange:
     visibly.
     """
 
-    def __init__(self, comm, backend, cuda_aware: bool):
+    def __init__(self, comm, backend, cuda_aware: bool, name: str = ""):
         self.comm = comm
         self.backend = backend
         self.staged = backend.is_gpu and not cuda_aware
+        self.name = name  # prefix of its pinned staging buffers: exchanges of other shapes keep their own
         self.next = (comm.rank + 1) % comm.size
         self.prev = (comm.rank - 1) % comm.size
         self._reqs: list = []
@@ -91,8 +92,8 @@ class KVExchange:
         for i, (send, recv) in enumerate(pairs):
             if self.staged:
                 suffix = str(i) if i else ""
-                send_h = self.backend.pinned_empty("send" + suffix, send.shape, send.dtype)
-                recv_h = self.backend.pinned_empty("recv" + suffix, recv.shape, recv.dtype)
+                send_h = self.backend.pinned_empty(self.name + "send" + suffix, send.shape, send.dtype)
+                recv_h = self.backend.pinned_empty(self.name + "recv" + suffix, recv.shape, recv.dtype)
                 send.get(out=send_h)
                 self._staged_recvs.append((recv, recv_h))
                 send, recv = send_h, recv_h

@@ -184,7 +184,8 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
     """Estimated peak (host, device) bytes of rank ``rank`` of this run, beyond the interpreter and libraries.
 
     On NumPy everything is host memory (device 0). Counted, phase by phase (the peak is the largest phase)
-    (with a backward, also dO, the backward's own copies, its dK/dV accumulators and tiles, and the gradients):
+    (with a backward, also dO, the backward's own copies, its dK/dV accumulators and tiles, and the gradients;
+    pass-q: its visitor bundles and dQ partials instead of travelling accumulators):
     generating q, k, v (float64, then the storage dtype); building the ring: the query copy in the compute
     dtype, the state's widened queries, accumulators and row statistics, the K/V home block, its two ring
     buffers, the compute-dtype K/V copy (half precision), allgather's P blocks, the score tile and its
@@ -216,6 +217,9 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
     kv = 3 * 2 * kve * s  # home block + two ring buffers
     kv += 2 * kve * c if c != s else 0  # the compute-dtype copy of a half-precision block
     kv += nranks * 2 * kve * s if cfg.mode == "allgather" else 0
+    if cfg.mode == "pass-q":  # the K/V stay (with a compute copy); the queries travel (home, two ring buffers); partials
+        rows = b * n * cfg.heads  # [out | lse] sent, received and the merged one, with the merge's temporaries
+        kv = 2 * kve * (s + c) + 3 * s * qe + 3 * c * rows * (d + 1) + 3 * c * (qe + rows)
     # building: q in the compute dtype is freed before the K/V home block is made (from two head-major copies);
     # the ring buffers are first written in the first pass (the inputs are gone by then, unless kept)
     build = inputs + state + max(c * qe, 2 * 2 * kve * s)
@@ -223,6 +227,8 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
     ring = state + kv + tiles  # what the ring holds from its construction to the end of the run
     if "bwd" in cfg.phases:  # dO; the backward's widened q and dO copies, dQ, dK/dV accumulators, two score tiles + K^T, V^T
         accs = 2 * kve * c * (2 * nranks + 1 if cfg.mode == "allgather" else 3)
+        if cfg.mode == "pass-q":  # dK/dV stay (one accumulator); three visitor bundles (home, two ring buffers), four dQ partials
+            accs = 2 * kve * c + 3 * (2 * qe * s + 2 * b * n * cfg.heads * c) + 4 * qe * c
         bwd_tiles = c * (2 * backward.HOST_TILE_ELEMS_BWD + 2 * (d + 1) * n * (b * hk if gpu else 1))
         ring += s * qe + c * (2 * b * n * cfg.heads * (d + 1) + qe) + accs + bwd_tiles
     keep = inputs if (cfg.check or cfg.save_tensors) else 0  # host copies kept for the check / the file

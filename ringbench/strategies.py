@@ -22,6 +22,13 @@ comm_s, step_s arrays and the pass total), ``comm_only()``, ``output()``, ``byte
   returned to its owner during step s+1 (overlapped with that step's compute) and merged there exactly
   (``kernel.merge``). Steps 0..P-1 compute, step P returns and merges the last partial. Partials travel in
   the compute dtype (float32 for half precision): D + 1 values per query row and head.
+  Backward (``prepare_backward``, ``backward``, ``grads``): the same loop. What travels is each query block's
+  visitor bundle: [Q, dO] in the storage dtype and [LSE, D] (D = rowsum(dO * O), from the untimed forward) in
+  the compute dtype, two buffers posted together. At step s rank r computes, with ``backward.BlockBackward``
+  against its own K/V, the dQ partial of the bundle of rank (r - s) mod P and adds that bundle's dK/dV
+  contribution to its own accumulators (the K/V never move, so neither do dK/dV). The dQ partial (compute
+  dtype) returns to its owner during step s+1; the owner adds the partials in ring order (its own, then those
+  of ranks r+1, r+2, ...) and rounds to the storage dtype once, in ``grads``.
 
 GQA in the all-to-all: P (or U) must divide H; kv heads are split when U divides H_kv and replicated
 (each kv head sent to the U / H_kv members whose query heads read it) when H_kv divides U. Other shapes are
@@ -35,7 +42,7 @@ import time
 
 import numpy as np
 
-from ringbench import comm, kernel
+from ringbench import backward, comm, kernel
 from ringbench.config import heads_rule  # noqa: F401  (the rule lives with the other config checks)
 from ringbench.layout import FULL, Piece, step_plan
 from ringbench.ring import Ring, make_state
@@ -225,9 +232,8 @@ class Ulysses(Hybrid):
 
 
 class PassQ:
-    """Pass-Q: the K/V stay, the queries travel the ring, partial outputs return to their owners (module docstring)."""
-
-    bwd_score_tile_elems = 0  # forward only (config refuses --pass bwd for the strategies)
+    """Pass-Q: the K/V stay, the queries travel the ring, partial outputs return to their owners (module docstring);
+    in the backward the visitor bundles travel and the dQ partials return (:meth:`backward`)."""
 
     def __init__(self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, fault_step=None, do=None):
         xp = backend.xp
@@ -241,14 +247,28 @@ class PassQ:
         self.q_home = kernel.q_to_heads(xp, q, hk)  # (Z, G, n, D) storage: the block that travels
         self.bufs = [xp.empty_like(self.q_home), xp.empty_like(self.q_home)]
         self.kv_home = xp.stack([kernel.kv_to_heads(xp, k), kernel.kv_to_heads(xp, v)])  # (2, Z, n, D): stays
-        self.kv = xp.empty(self.kv_home.shape, self.compute)
+        self.fused = cfg.kernel != "native"  # torch / flash-attn: the kernel takes q, k, v as stored and scales itself
+        self.kv = xp.empty(self.kv_home.shape, self.storage if self.fused else self.compute)
         self.ex = comm.KVExchange(world, backend, cuda_aware)
         self.ret = comm.PeerExchange(world, backend, cuda_aware, name="ret")
+        # the backward's own exchanges: staged through pinned buffers of their own shapes (fwd+bwd never reallocates them)
+        self.bex = comm.KVExchange(world, backend, cuda_aware, name="bundle_")
+        self.dret = comm.PeerExchange(world, backend, cuda_aware, name="dq")
+        self._exchanges = (self.ex, self.ret, self.bex, self.dret)
         on_tile = self._progress if cfg.progress == "test" else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
         self.state = make_state(
-            backend, xp.zeros(self.q_home.shape, self.compute), n, tile_q=cfg.tile_q, on_tile=on_tile, matmul=self.matmul
+            backend,
+            xp.zeros(self.q_home.shape, self.compute),  # shapes only: each step loads the visiting queries
+            n,
+            tile_q=cfg.tile_q,
+            on_tile=on_tile,
+            matmul=self.matmul,
+            scale=kernel.softmax_scale(d) if self.fused else None,
+            kernel_name=cfg.kernel,
+            storage=self.storage,
         )
+        self.blas = getattr(self.state, "library", self.blas)  # a fused kernel: the library that computes
         z, g = self.q_home.shape[:2]
         self.parts = [xp.empty((z, g, n, d + 1), self.compute) for _ in range(2)]  # [out | lse] of a visiting block
         self.recv_part = xp.empty_like(self.parts[0])
@@ -257,17 +277,22 @@ class PassQ:
         self.fault = fault_step
         self.score_tile_elems = self.state.head_chunk * g * self.state.tile_q * self.state.tile_k
         self.acc = None
+        self._do = do  # (B, n, H, D): read once by prepare_backward, then dropped
+        self.grad = None  # backward.BlockBackward, made by prepare_backward()
+        self.bwd_score_tile_elems = 0  # set by prepare_backward()
 
     def _progress(self) -> None:
-        if self.ex.posted:
-            self.ex.test()
-        if self.ret.posted:
-            self.ret.test()
+        for ex in self._exchanges:
+            if ex.posted:
+                ex.test()
 
     def _partial(self, qblock, step: int):
         st = self.state
         st.reset()
-        load_queries(st, qblock.transpose(0, 2, 1, 3), kernel.softmax_scale(self.head_dim))
+        if self.fused:
+            st.load(qblock)  # (Z, G, n, D) as stored, read in place
+        else:
+            load_queries(st, qblock.transpose(0, 2, 1, 3), kernel.softmax_scale(self.head_dim))
         if self.plans[step]:
             st.update(self.kv[0], self.kv[1], self.plans[step])
         return st.finalize()  # (Z, G, n, D), (Z, G, n) natural log
@@ -323,21 +348,27 @@ class PassQ:
         return t_compute, t_comm, t_step, clock() - pass_start
 
     def comm_only(self, phase: str = "fwd") -> np.ndarray:
-        """The transfers alone: P - 1 query-block transfers, then P - 1 partial returns."""
+        """The transfers alone: P - 1 query-block (bwd: bundle) transfers, then P - 1 partial (bwd: dQ partial) returns."""
         P = self.nranks
-        cur, nxt = self.bufs
-        cur[...] = self.q_home
+        if phase == "fwd":  # what travels, as tuples of buffers: the query block alone, or the bundle's two
+            home, (cur, nxt), part, recv = (self.q_home,), ((self.bufs[0],), (self.bufs[1],)), self.parts[0], self.recv_part
+            ex, ret = self.ex, self.ret
+        else:
+            home, (cur, nxt), part, recv = self.bundle_home, self.bundles, self.dq_parts[0], self.recv_dq
+            ex, ret = self.bex, self.dret
+        for a, h in zip(cur, home):
+            a[...] = h
         self.backend.synchronize()
         out = []
         for _ in range(P - 1):
             t0 = time.perf_counter()
-            self.ex.sendrecv(cur, nxt)
+            ex.sendrecv_all(list(zip(cur, nxt)))
             out.append(time.perf_counter() - t0)
             cur, nxt = nxt, cur
         for s in range(1, P):
             t0 = time.perf_counter()
-            self.ret.post(self.parts[0], (self.rank - s) % P, self.recv_part, (self.rank + s) % P)
-            self.ret.wait()
+            ret.post(part, (self.rank - s) % P, recv, (self.rank + s) % P)
+            ret.wait()
             out.append(time.perf_counter() - t0)
         return np.array(out)
 
@@ -345,9 +376,123 @@ class PassQ:
         o = self.acc[0].astype(self.storage, copy=False)
         return kernel.heads_to_out(o, self.batch)
 
+    # the backward ---------------------------------------------------------------------------------
+    def prepare_backward(self) -> None:
+        """The forward once (untimed): O, rounded to the storage dtype (as a training forward keeps it), and the
+        LSE of this rank's queries give D = rowsum(dO * O) in the compute dtype. Then this rank's visitor bundle
+        ([Q, dO] in the storage dtype, [LSE, D] in the compute dtype), its two ring buffers, the dQ partials and
+        the dK/dV accumulators of the local K/V."""
+        if self.grad is not None:
+            return
+        xp, d = self.xp, self.head_dim
+        z, g, n, _ = self.q_home.shape
+        doh = kernel.q_to_heads(xp, self._do, z // self.batch)  # (Z, G, n, D) storage
+        self._do = None
+        self.forward()
+        o, lse = self.acc[0].astype(self.storage), self.acc[1]  # (Z, G, n, D), (Z, G, n) natural log
+        tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=self.backend.is_gpu)
+        self.grad = backward.BlockBackward(
+            xp,
+            self.q_home.astype(self.compute) * self.compute.type(kernel.softmax_scale(d)),
+            doh,
+            o,
+            lse,
+            tile_q=self.cfg.tile_q or tile_q,
+            tile_k=tile_k,
+            head_chunk=head_chunk,
+            matmul=self.matmul,
+            on_tile=self._progress if self.cfg.progress == "test" else None,
+            exp_base=self.state.base.name,  # the forward's exponential
+        )
+        del o
+        self.bwd_score_tile_elems = head_chunk * g * self.grad.tile_q * tile_k
+        self.bundle_home = (xp.stack([self.q_home, doh]), xp.stack([lse, self.grad.delta()]))  # (2, Z, G, n, D), (2, Z, G, n)
+        del doh
+        self.bundles = [tuple(xp.empty_like(x) for x in self.bundle_home) for _ in range(2)]
+        self.dq_parts = [xp.empty((z, n, g, d), self.compute) for _ in range(2)]  # a visiting block's dQ / scale, query-major
+        self.recv_dq = xp.empty_like(self.dq_parts[0])
+        self.dq_acc = xp.empty_like(self.dq_parts[0])  # the sum of this rank's queries' partials
+        self.dkv = xp.empty(self.kv_home.shape, self.compute)  # dK, dV of the local K/V (they never move)
+
+    def _bwd_step(self, bundle, step: int, into) -> None:
+        """The visiting bundle against the local K/V: its dQ partial (dQ / scale) into ``into``, dK/dV added here."""
+        (qdo, ld), g = bundle, self.grad
+        g.load(qdo[0], qdo[1], ld[0], ld[1], q_scale=kernel.softmax_scale(self.head_dim))
+        if self.plans[step]:
+            g.update(self.kv[0], self.kv[1], self.dkv[0], self.dkv[1], self.plans[step])
+        into[...] = g.dqa
+
+    def backward(self):
+        """One backward pass (after :meth:`prepare_backward`), the forward's loop with other data: at step s the bundle
+        of rank (r - s) mod P is here; the next bundle moves on (s < P - 1) while this one is computed against the
+        local K/V, and the dQ partial of step s - 1 returns to its owner (2 <= s <= P), which adds it in ring order.
+        (compute_s, comm_s, step_s) arrays of length P + 1 and the pass total."""
+        P = self.nranks
+        S = P + 1
+        t_compute, t_comm, t_step = np.zeros(S), np.zeros(S), np.zeros(S)
+        clock = time.perf_counter
+        ctimer = self.backend.timer()
+        cur, nxt = self.bundles
+        pass_start = clock()
+        for a, h in zip(cur, self.bundle_home):
+            a[...] = h
+        self.kv[...] = self.kv_home
+        self.dkv.fill(0)
+        self.backend.synchronize()
+        for s in range(S):
+            if s == self.fault:
+                raise _fault(self.rank, s)
+            step_start = clock()
+            more = s < P - 1  # a next bundle to receive
+            back = 2 <= s <= P  # the dQ partial of step s-1 goes home now
+            if more:
+                self.bex.post_all(list(zip(cur, nxt)))  # one buffer per dtype, together
+            if back:
+                self.dret.post(self.dq_parts[(s - 1) % 2], (self.rank - s + 1) % P, self.recv_dq, (self.rank + s - 1) % P)
+            t_comm[s] = clock() - step_start
+            ctimer.start()
+            if s < P:
+                self._bwd_step(cur, s, self.dq_acc if s == 0 else self.dq_parts[s % 2])
+            ctimer.stop()
+            t0 = clock()
+            if more:
+                self.bex.wait()
+            if back:
+                self.dret.wait()
+            t_comm[s] += clock() - t0
+            if back:  # the owner's sum: its own partial, then those of ranks r+1, r+2, ... (ring order)
+                ctimer.start()
+                self.dq_acc += self.recv_dq
+                ctimer.stop()
+            self.backend.synchronize()
+            t_step[s] = clock() - step_start
+            t_compute[s] = ctimer.seconds()
+            if more:
+                cur, nxt = nxt, cur
+        return t_compute, t_comm, t_step, clock() - pass_start
+
+    def grads(self):
+        """dQ (B, n, H, D), dK and dV (B, n, H_kv, D) of this rank's tokens in the storage dtype (after :meth:`backward`):
+        dQ = (sum of the partials) x scale in the compute dtype, rounded once."""
+        xp, b = self.xp, self.batch
+        z, n, g, d = self.dq_acc.shape
+        dq = xp.empty((b, n, z // b, g, d), self.storage)
+        xp.multiply(self.dq_acc.reshape(b, z // b, n, g, d).transpose(0, 2, 1, 3, 4), self.compute.type(self.grad.scale), out=dq)
+        dk, dv = (xp.empty((b, n, z // b, d), self.storage) for _ in range(2))
+        dk[...] = backward.heads_to_kv(self.dkv[0], b)
+        dv[...] = backward.heads_to_kv(self.dkv[1], b)
+        return dq.reshape(b, n, -1, d), dk, dv
+
     def bytes_per_rank(self, phase: str = "fwd") -> int:
-        """Bytes this rank sends in one pass: P - 1 query blocks and P - 1 partials."""
-        return int((self.nranks - 1) * (self.q_home.nbytes + self.parts[0].nbytes))
+        """Bytes this rank sends in one pass. fwd: P - 1 query blocks and P - 1 partials (output and LSE, compute dtype).
+        bwd: P - 1 bundles (Q and dO in the storage dtype, LSE and D in the compute dtype) and P - 1 dQ partials
+        (compute dtype)."""
+        if phase == "fwd":
+            return int((self.nranks - 1) * (self.q_home.nbytes + self.parts[0].nbytes))
+        rows = self.q_home.size // self.head_dim  # B n H
+        c = self.compute.itemsize
+        bundle = 2 * self.q_home.nbytes + 2 * rows * c
+        return int((self.nranks - 1) * (bundle + self.q_home.size * c))
 
 
 def _fault(rank: int, step: int) -> Exception:

@@ -153,6 +153,14 @@ class FusedAttention:
         self.lse.fill_(-np.inf)
         self._seen[:] = False
 
+    def load(self, q) -> None:
+        """Compute for other queries ``q`` of the same shape (Z, G, n, D) from now on (pass-Q's visiting blocks): read
+        in place, never written to, as the constructor's q (converted to the kernel's dtype where it differs)."""
+        qt = to_torch(q)
+        if tuple(qt.shape) != self.shape:
+            raise ValueError(f"FusedAttention.load: q {tuple(qt.shape)} must be {self.shape}")
+        self.q = qt if qt.dtype == self._tdtype else qt.to(self._tdtype)
+
     def update(self, k, v, pieces: Sequence[Piece]) -> None:
         """Fold the key/value block ``k, v`` (Z, m, D) into the state, for the given pieces."""
         kt, vt = to_torch(k), to_torch(v)
