@@ -260,6 +260,11 @@ def flops(batch: int, heads: int, head_dim: int, pairs: int) -> float:
     return 2.5 * kernel.flops(batch, heads, head_dim, pairs)
 
 
+def phase_flops(phase: str, batch: int, heads: int, head_dim: int, pairs: int) -> float:
+    """FLOPs of one timed phase: 'fwd' :func:`kernel.flops`, 'bwd' :func:`flops` (2.5 x the forward's)."""
+    return (kernel.flops if phase == "fwd" else flops)(batch, heads, head_dim, pairs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Float64 reference (NumPy only): exact gradients of full attention, a block of queries at a time
 # ---------------------------------------------------------------------------------------------

@@ -363,10 +363,7 @@ def _phase(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
         samples[key] = np.stack([g["warmup"][key] for g in got], axis=1)
     samples["comm_only_s"] = np.stack([g["comm_only"] for g in got], axis=1)  # (C, P, steps)
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
-    if phase == "fwd":
-        flops = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-    else:  # FlashAttention's convention: backward = 2.5 x forward
-        flops = backward.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
+    flops = backward.phase_flops(phase, cfg.batch, cfg.heads, cfg.head_dim, pairs)  # backward: 2.5 x forward
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank, unmasked_pairs=pairs)
     check_res = _check_summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
     return store.Phase(samples=samples, summary=summary, check=check_res)
