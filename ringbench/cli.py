@@ -68,7 +68,8 @@ _HELP = {
     "cuda_aware": "pass device buffers to MPI directly (auto: ask the MPI library)",
     "tile_q": "query rows per score tile (0: automatic)",
     "ulysses_degree": "--mode hybrid: ranks per all-to-all group U (consecutive ranks; P = U x R, the ring runs over the R groups)",
-    "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install 'ringbench[mkl]'), auto (MKL if present)",
+    "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install 'ringbench[mkl]'), "
+    "auto (MKL where it loads, on Intel CPUs; numpy on others)",
     "kernel": "attention per ring step: native (ringbench's NumPy/CuPy kernel), torch (PyTorch's fused attention, "
     "pip install 'ringbench[torch]'), flash-attn (CUDA only)",
     "warmup": "untimed-in-summary warm-up passes",

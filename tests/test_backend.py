@@ -166,3 +166,15 @@ def test_blas_auto_takes_mkl_on_intel_cpus_only(monkeypatch):
     monkeypatch.setattr(backend_mod, "cpu_vendor", lambda: "AuthenticAMD")
     assert be.matmul("auto")[0] is np.matmul
     assert be.matmul("mkl")[0] is fake  # asked for by name: given
+
+
+def test_run_help_says_what_blas_auto_takes():
+    """`ringbench run --help` describes --blas auto as the rule above: MKL on Intel CPUs only, not 'if present'."""
+    from conftest import ringbench
+
+    res = ringbench("run", "--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())  # argparse wraps the help
+    blas = text[text.index("--blas {auto,numpy,mkl} GEMM") :].split(" --", 1)[0]  # the option's help, not the usage line
+    assert "if present" not in blas
+    assert "auto (MKL where it loads, on Intel CPUs; numpy on others)" in blas
