@@ -210,8 +210,8 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
     inputs = held  # q, k, v in the storage dtype (on the device too, on CuPy)
 
     head_chunk, tile_q, tile_k = tiling(backend, b * hk, g, n, n, cfg.tile_q, mkl)
-    rows = min(tile_q, n) * g
-    tiles = c * head_chunk * ((d + 1) * n + rows * tile_k + rows * (d + 1) + tile_k)  # [k^T; 1], scores, p @ v, sums
+    # the state's work buffers over a whole block: [k^T; 1], the score tile, its row sums and p @ v, the ones
+    tiles = c * sum(kernel.OnlineSoftmax.scratch_elems(g, d, n, n, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k).values())
     state = c * (b * n * cfg.heads * (d + 1) + qe + 2 * b * n * cfg.heads)  # [q, -m], acc, m, l
     kv = 3 * 2 * kve * s  # home block + two ring buffers
     kv += 2 * kve * c if c != s else 0  # the compute-dtype copy of a half-precision block
