@@ -77,7 +77,8 @@ _HELP = {
     "seed": "input seed",
     "check": "compare with a float64 reference",
     "save_tensors": "store global q, k, v, out (and do, dq, dk, dv with a backward) in the result (small problems)",
-    "memory_limit": "memory one rank may use (host; device on cupy): auto (what is free on the node or GPU, shared by its ranks), "
+    "memory_limit": "memory one rank may use (host; device on cupy): auto (what is free on the node or GPU, or left by the ranks' "
+    "memory cgroup if less, shared by its ranks), "
     "a size (20GiB, 512MiB, bytes), or none (no check); a problem whose estimate exceeds it is refused",
     "pass_": "what is timed: the forward, the backward (after an untimed forward), or both as two phases",
 }

@@ -17,7 +17,7 @@ from ringbench.backend import (
     BackendError,
     current_rss_bytes,
     get_backend,
-    host_available_bytes,
+    host_memory,
     limit_threads,
     peak_rss_bytes,
     thread_limit,
@@ -261,12 +261,13 @@ def _memory_problem(cfg: RunConfig, nranks: int, rank: int, backend) -> str | No
             f"this problem needs about {_size(need)} of {where} memory per rank (estimate), more than --memory-limit "
             f"{_size(cfg.memory_limit)}; {hint}"
         )
-    # auto: the ranks of a node share its available memory (and ranks on one GPU that GPU's free memory)
-    mine = (host, device, backend.device_id, host_available_bytes(), backend.device_free_bytes(), socket.gethostname())
+    # auto: the ranks of a node share its available memory, or what their memory cgroup leaves if that is less
+    # (and ranks on one GPU that GPU's free memory)
+    mine = (host, device, backend.device_id, host_memory(), backend.device_free_bytes(), socket.gethostname())
     node = comm.node_allgather(mine)
-    avail = node[0][3]
+    avail, bound = node[0][3]
     if avail is not None and sum(r[0] for r in node) > avail:
-        return _too_big(max(r[0] for r in node), "host", node, node[0][5], f"the {_size(avail)} available there", hint)
+        return _too_big(max(r[0] for r in node), "host", node, node[0][5], f"the {_size(avail)} {bound}", hint)
     if backend.is_gpu:
         same = [r for r in node if r[2] == backend.device_id]
         free = min(r[4] for r in same)
