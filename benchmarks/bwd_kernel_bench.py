@@ -25,46 +25,31 @@ rows are reported without a verdict. Exit status 0, or 1 with --strict when a ta
 
 from __future__ import annotations
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from kernel_bench import CLOCKS, _fmt, interleaved, load_torch, paired_ratio, provenance  # noqa: E402
+import _common as common  # noqa: E402
+from _common import fmt, interleaved, timing  # noqa: E402
 
 from ringbench import backward, kernel  # noqa: E402
-from ringbench.backend import BackendError, get_backend, limit_threads  # noqa: E402
-from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
 
-TARGET = 0.8  # kernel / torch backward, fp32
-TARGET_MIN_BLOCK = 1024
-TARGET_HEAD_DIMS = (64, 128)
+TARGET = 0.8  # kernel / torch backward, fp32 (the other conditions: _common.verdict)
 
 
-class Shape:
-    def __init__(self, batch, heads, kv_heads, head_dim, block, causal, dtype="float32", seed=0):
-        self.b, self.h, self.hk, self.d, self.n, self.causal = batch, heads, kv_heads, head_dim, block, causal
-        self.dtype = np.dtype(dtype)
-        rng = np.random.default_rng(seed)
-        self.q = rng.standard_normal((batch, block, heads, head_dim)).astype(self.dtype)  # (B, N, H, D)
-        self.k = rng.standard_normal((batch, block, kv_heads, head_dim)).astype(self.dtype)  # (B, N, Hkv, D)
-        self.v = rng.standard_normal((batch, block, kv_heads, head_dim)).astype(self.dtype)
-        self.do = rng.standard_normal((batch, block, heads, head_dim)).astype(self.dtype)  # upstream gradient
-        self.piece = Piece(0, block, 0, block, CAUSAL if causal else FULL)
+class Shape(common.Shape):
+    """The forward's shape, plus the upstream gradient dO; FLOPs are the backward's (2.5 x the forward's)."""
 
-    @property
-    def flops(self) -> float:
-        return backward.flops(self.b, self.h, self.d, self.piece.pairs())
+    flop_count = staticmethod(backward.flops)
 
-    @property
-    def dense_flops(self) -> float:
-        return backward.flops(self.b, self.h, self.d, self.n * self.n)
+    def draw_more(self, rng) -> None:
+        self.do = rng.standard_normal(self.q.shape).astype(self.dtype)  # upstream gradient, (B, N, H, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,10 +223,7 @@ def tile_breakdown(d: int, rows: int, keys: int, matmul, exp_base: str, repeat: 
 # One shape
 # ---------------------------------------------------------------------------------------------
 def verdict(sh: Shape, ratio: float | None) -> str:
-    applies = not sh.causal and sh.dtype == np.float32 and sh.d in TARGET_HEAD_DIMS and sh.n >= TARGET_MIN_BLOCK
-    if not applies or ratio is None:
-        return "-"
-    return "PASS" if ratio >= TARGET else "FAIL"
+    return common.verdict(sh, ratio, TARGET)
 
 
 def bench_shape(
@@ -267,37 +249,18 @@ def bench_shape(
     err = max(float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max()) for a, b in zip(got, want))
     del got, want
 
-    all_samples = interleaved(cands, repeat, warmup)
-    samples = all_samples[clock]
-    med = {k: float(np.median(v)) for k, v in samples.items()}
-    gflops = {k: (sh.dense_flops if k == "tiles" else sh.flops) / med[k] / 1e9 for k in med}
-    ratios = {
-        "k/tiles": paired_ratio(samples["tiles"], samples["kernel"]) * sh.flops / sh.dense_flops,
-        "k/torch": paired_ratio(samples["torch"], samples["kernel"]) if "torch" in samples else None,
-    }
+    t = timing(sh, interleaved(cands, repeat, warmup), clock, dense=("tiles",))
     return {
-        "head_dim": sh.d,
-        "block": sh.n,
-        "heads": sh.h,
-        "kv_heads": sh.hk,
-        "batch": sh.b,
-        "causal": sh.causal,
-        "dtype": str(sh.dtype),
+        **sh.fields(),
         "tile_q": step.tile_q,
         "tile_k": step.tile_k,
         "head_chunk": step.head_chunk,
         "exp_base": step.exp_base,
-        "flops": sh.flops,
-        "dense_flops": sh.dense_flops,
-        "clock": clock,
-        "samples_s": all_samples,
-        "median_s": med,
-        "gflops": gflops,
-        "ratios": ratios,
+        **t,
         "max_rel_err": err,
         "err_against": against,
         "torch_grad_fn": grad_fn,
-        "target": verdict(sh, ratios["k/torch"]),
+        "target": verdict(sh, t["ratios"]["k/torch"]),
     }
 
 
@@ -314,8 +277,8 @@ def table_row(r: dict) -> str:
     g, q = r["gflops"], r["ratios"]
     return (
         f"{r['head_dim']:>4} {r['block']:>6} {'causal' if r['causal'] else 'full':>6} | "
-        f"{g['kernel']:>15.1f} {g['tiles']:>7.1f} {_fmt(g.get('torch'), '7.1f'):>7} |"
-        f" {_fmt(q['k/torch'], '7.2f'):>7} {q['k/tiles']:>7.2f} | {r['max_rel_err']:>8.1e} {r['target']:>6}"
+        f"{g['kernel']:>15.1f} {g['tiles']:>7.1f} {fmt(g.get('torch'), '7.1f'):>7} |"
+        f" {fmt(q['k/torch'], '7.2f'):>7} {q['k/tiles']:>7.2f} | {r['max_rel_err']:>8.1e} {r['target']:>6}"
     )
 
 
@@ -329,25 +292,7 @@ def breakdown_table(parts: dict[int, dict[str, float]], rows: int, keys: int) ->
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bwd_kernel_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], metavar="D")
-    p.add_argument("--block", type=int, nargs="+", default=[1024, 2048, 4096], metavar="N", help="tokens per query block and per K/V block")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (GQA); default: --heads")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--causal", choices=("no", "yes", "both"), default="both", help="mask of the block: no (the target), yes, or both")
-    p.add_argument("--repeat", type=int, default=7, metavar="N", help="timed rounds per shape")
-    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds per shape")
-    p.add_argument("--tile-q", type=int, default=0, metavar="N", help="query positions per tile (0: backward.auto_tiles)")
-    p.add_argument("--tile-k", type=int, default=0, metavar="N", help="keys per tile (0: backward.auto_tiles)")
-    p.add_argument("--head-chunk", type=int, default=0, metavar="N", help="batch-heads per tile (0: backward.auto_tiles)")
-    p.add_argument(
-        "--blas",
-        choices=("auto", "numpy", "mkl"),
-        default="auto",
-        help="GEMM library of the kernel and of tiles, as `ringbench run --blas`",
-    )
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="cpu: process CPU time (default); wall")
+    p = common.parser("bwd_kernel_bench", __doc__, tiles="backward.auto_tiles", baselines="tiles")
     p.add_argument(
         "--exp",
         choices=("auto", "2", "e"),
@@ -355,65 +300,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="P as exp2 or exp (auto: backward.fast_exp_base, by the CPU's SIMD level)",
     )
     p.add_argument("--breakdown", action="store_true", help="also time each operation of one score tile alone")
-    p.add_argument("--out", metavar="FILE.json", help="write every sample, the summary and provenance here")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a row under the target fails it")
-    a = p.parse_args(argv)
-    a.kv_heads = a.kv_heads or a.heads
-    problems = [
-        f"--{k}: expected a positive int, got {v}"
-        for k, v in (("heads", a.heads), ("kv-heads", a.kv_heads), ("batch", a.batch), ("repeat", a.repeat))
-        if v < 1
-    ]
-    problems += [f"--head-dim/--block: expected positive ints, got {x}" for x in a.head_dim + a.block if x < 1]
-    problems += [
-        f"--{k}: expected an int >= 0, got {v}" for k, v in (("warmup", a.warmup), ("tile-q", a.tile_q), ("tile-k", a.tile_k)) if v < 0
-    ]
-    if a.heads % a.kv_heads:
-        problems.append(f"--kv-heads: {a.kv_heads} does not divide --heads {a.heads}")
-    if problems:
-        p.error(problems[0])
-    return a
+    return common.parse(p, argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    torch, note = load_torch()
-    try:
-        matmul, blas = get_backend("numpy").matmul(a.blas)
-    except BackendError as exc:
-        print(f"bwd_kernel_bench: {exc}", file=sys.stderr)
+    ready = common.setup("bwd_kernel_bench", a.blas)
+    if ready is None:
         return 2
-    threads = limit_threads(1)  # every candidate on one thread (one rank per core), whatever the environment says
-    prov = provenance(note, torch, threads)
-    prov["kernel_blas"] = blas
+    torch, note, matmul, prov = ready
     prov["simd"] = simd_level()
     prov["exp_base"] = backward.fast_exp_base(np) if a.exp == "auto" else a.exp
     exp_name = "exp2" if prov["exp_base"] == "2" else "exp"
     print(
-        f"bwd_kernel_bench: {prov['cpu']} ({prov['simd']}), {prov['cores']} cores, 1 thread; numpy {np.__version__}, "
-        f"torch {prov['torch'] or 'n/a'}; float32, B={a.batch} H={a.heads}/{a.kv_heads}; "
-        f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and tiles: {blas}; P by {exp_name}",
+        common.header("bwd_kernel_bench", prov, a, "float32", f"{prov['cpu']} ({prov['simd']})")
+        + f"\n  kernel and tiles: {prov['kernel_blas']}; P by {exp_name}",
         flush=True,
     )
     if note:
         print(f"  note: {note}")
-    masks = {"no": [False], "yes": [True], "both": [False, True]}[a.causal]
     print(TABLE_HEAD + "\n" + "-" * len(TABLE_HEAD), flush=True)
     rows = []
-    for d in a.head_dim:
-        for n in a.block:
-            for causal in masks:
-                sh = Shape(a.batch, a.heads, a.kv_heads, d, n, causal)
-                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul, a.exp))
-                print(table_row(rows[-1]), flush=True)  # row by row: a full run takes minutes
+    for sh in common.shapes(a, Shape):
+        rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul, a.exp))
+        print(table_row(rows[-1]), flush=True)  # row by row: a full run takes minutes
     if rows and rows[0]["torch_grad_fn"]:
         print(f"torch backward: {rows[0]['torch_grad_fn']}")
-    applicable = [r for r in rows if r["target"] != "-"]
-    fails = [r for r in applicable if r["target"] == "FAIL"]
-    print(
-        f"target: kernel >= {TARGET}x torch backward (float32, D in {TARGET_HEAD_DIMS}, block >= {TARGET_MIN_BLOCK}, no mask): "
-        + (f"{len(applicable) - len(fails)}/{len(applicable)} rows pass" if applicable else "no row of this run is under the target")
-    )
+    line, fails = common.target_summary(rows, f"kernel >= {TARGET}x torch backward", "float32")
+    print(line)
     print(
         "GFLOP/s: backward = 2.5 x forward FLOPs of the unmasked pairs (tiles: every pair); ratios: median over rounds of the"
         " per-round ratio; err: max over dq, dk, dv of max |kernel - " + (rows[0]["err_against"] if rows else "ref") + "| / max |ref|"
@@ -424,17 +338,8 @@ def main(argv=None) -> int:
         rq, tk = min(r0["tile_q"], r0["block"]) * (a.heads // a.kv_heads), min(r0["tile_k"], r0["block"])
         breakdown = {d: tile_breakdown(d, rq, tk, matmul, r0["exp_base"]) for d in a.head_dim}
         print(breakdown_table(breakdown, rq, tk))
-    if a.out:
-        record = {
-            "bench": "bwd_kernel",
-            "schema_version": 1,
-            "provenance": prov,
-            "args": vars(a),
-            "rows": rows,
-            "tile_breakdown_s": breakdown,
-        }
-        Path(a.out).write_text(json.dumps(record, indent=1))
-        print(f"saved {a.out}")
+    record = {"bench": "bwd_kernel", "schema_version": 1, "provenance": prov, "args": vars(a), "rows": rows, "tile_breakdown_s": breakdown}
+    common.save(a.out, record)
     return 1 if (a.strict and fails) else 0
 
 

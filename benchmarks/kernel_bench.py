@@ -24,65 +24,30 @@ in tests: this script is the check. Exit status 0, or 1 with --strict when a tar
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+import _common as common  # noqa: E402
+from _common import Shape, fmt, interleaved, timing  # noqa: E402
 
 from ringbench import kernel  # noqa: E402
-from ringbench import provenance as prov  # noqa: E402
-from ringbench.backend import BackendError, get_backend, limit_threads  # noqa: E402
-from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
+from ringbench.backend import get_backend  # noqa: E402
 from ringbench.mkl import MklMatmul  # noqa: E402
 from ringbench.ring import HOST_TILE_ELEMS, HOST_TILE_ELEMS_MKL, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
 
-TARGET = 0.9  # kernel / torch SDPA, fp32
-TARGET_MIN_BLOCK = 1024
-TARGET_HEAD_DIMS = (64, 128)
+TARGET = 0.9  # kernel / torch SDPA, fp32 (the other conditions: _common.verdict)
 EXP_LABELS = {"2": "exp2", "e": "exp", "fused": "fused"}  # the candidates of kernel.measure_exp, as printed
 COLUMNS = ("D", "block", "mask", "kernel", "matmul", "tiles", "torch", "k/torch", "k/matmul", "k/tiles", "err", "target")
-
-
-def load_torch():
-    """torch, set to one thread, or None with the reason (the torch column then reads n/a)."""
-    try:
-        import torch
-    except ImportError as exc:
-        return None, f"torch not importable ({exc}): the torch column is n/a"
-    torch.set_num_threads(1)
-    return torch, ""
 
 
 # ---------------------------------------------------------------------------------------------
 # The candidates: each is a no-argument callable doing one step's work on preallocated arrays
 # ---------------------------------------------------------------------------------------------
-class Shape:
-    def __init__(self, batch, heads, kv_heads, head_dim, block, causal, dtype, seed=0):
-        self.b, self.h, self.hk, self.d, self.n, self.causal = batch, heads, kv_heads, head_dim, block, causal
-        self.dtype = np.dtype(dtype)
-        rng = np.random.default_rng(seed)
-        self.q = rng.standard_normal((batch, block, heads, head_dim)).astype(self.dtype)  # (B, N, H, D)
-        self.k = rng.standard_normal((batch, block, kv_heads, head_dim)).astype(self.dtype)  # (B, N, Hkv, D)
-        self.v = rng.standard_normal((batch, block, kv_heads, head_dim)).astype(self.dtype)
-        self.piece = Piece(0, block, 0, block, CAUSAL if causal else FULL)
-
-    @property
-    def flops(self) -> float:
-        return kernel.flops(self.b, self.h, self.d, self.piece.pairs())
-
-    @property
-    def dense_flops(self) -> float:
-        return kernel.flops(self.b, self.h, self.d, self.n * self.n)
-
-    def label(self) -> str:
-        return f"D={self.d} block={self.n} {'causal' if self.causal else 'full'}"
-
-
 class KernelStep:
     """One ring step of ringbench's kernel: update() of a fresh state with one K/V block (reset untimed)."""
 
@@ -197,46 +162,10 @@ class TorchSDPA:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing
+# Timing one shape
 # ---------------------------------------------------------------------------------------------
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
-
-
-def interleaved(cands: dict, repeat: int, warmup: int) -> dict[str, dict[str, list[float]]]:
-    """Seconds per call of each candidate on both clocks, ``repeat`` rounds; the order rotates every round.
-
-    cpu: this process's CPU time (every candidate runs on this one thread), which leaves out the time other
-    processes hold the core; wall: elapsed time. Both are kept for every sample.
-    """
-    names = list(cands)
-    for _ in range(warmup):
-        for name in names:
-            cands[name].prepare()
-            cands[name]()
-    samples = {clock: {name: [] for name in names} for clock in CLOCKS}
-    for r in range(repeat):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            c = cands[name]
-            c.prepare()
-            w0, c0 = time.perf_counter(), time.process_time()
-            c()
-            c1, w1 = time.process_time(), time.perf_counter()
-            samples["cpu"][name].append(c1 - c0)
-            samples["wall"][name].append(w1 - w0)
-    return samples
-
-
-def paired_ratio(t_base: list[float], t_kernel: list[float]) -> float:
-    """Median over rounds of base_time / kernel_time (> 1: the kernel is faster)."""
-    return float(np.median(np.asarray(t_base) / np.asarray(t_kernel)))
-
-
 def verdict(sh: Shape, ratio: float | None) -> str:
-    applies = not sh.causal and sh.dtype == np.float32 and sh.d in TARGET_HEAD_DIMS and sh.n >= TARGET_MIN_BLOCK
-    if not applies or ratio is None:
-        return "-"
-    return "PASS" if ratio >= TARGET else "FAIL"
+    return common.verdict(sh, ratio, TARGET)
 
 
 def bench_shape(
@@ -270,71 +199,24 @@ def bench_shape(
     err = float(np.abs(out - ref).max() / np.abs(ref).max())
     del out, ref
 
-    all_samples = interleaved(cands, repeat, warmup)
-    samples = all_samples[clock]
-    med = {k: float(np.median(v)) for k, v in samples.items()}
-    gflops = {k: (sh.flops if k in ("kernel", "torch") else sh.dense_flops) / med[k] / 1e9 for k in med}
-    ratios = {
-        "k/matmul": paired_ratio(samples["matmul"], samples["kernel"]) * sh.flops / sh.dense_flops,
-        "k/tiles": paired_ratio(samples["tiles"], samples["kernel"]) * sh.flops / sh.dense_flops,
-    }
-    ratios["k/torch"] = paired_ratio(samples["torch"], samples["kernel"]) if "torch" in samples else None
+    t = timing(sh, interleaved(cands, repeat, warmup), clock, dense=("matmul", "tiles"))
     return {
-        "head_dim": sh.d,
-        "block": sh.n,
-        "heads": sh.h,
-        "kv_heads": sh.hk,
-        "batch": sh.b,
-        "causal": sh.causal,
-        "dtype": str(sh.dtype),
+        **sh.fields(),
         "tile_q": step.tile_q,
         "tile_k": step.tile_k,
         "head_chunk": step.head_chunk,
         "exp_base": step.state.base.name,
         "compile_s": step.state.compile_s,  # the fused pass's compile or cache load at state creation (untimed)
-        "flops": sh.flops,
-        "dense_flops": sh.dense_flops,
-        "clock": clock,
-        "samples_s": all_samples,
-        "median_s": med,
-        "gflops": gflops,
-        "ratios": ratios,
+        **t,
         "max_rel_err": err,
         "err_against": against,
-        "target": verdict(sh, ratios["k/torch"]),
+        "target": verdict(sh, t["ratios"]["k/torch"]),
     }
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
-def provenance(torch_note: str, torch, threads: int) -> dict:
-    info = {
-        "utc": prov.utc_now(),
-        "cpu": prov.cpu(),
-        "cores": os.cpu_count(),
-        "python": prov.versions()["python"],
-        "numpy": np.__version__,
-        "torch": getattr(torch, "__version__", None),
-        "torch_note": torch_note,
-        "git_commit": prov.git_commit(),
-        "blas_threads": threads,
-        "argv": prov.argv(),
-        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        cfg = np.show_config(mode="dicts")
-        info["blas"] = cfg.get("Build Dependencies", {}).get("blas", {}).get("openblas configuration")
-    except TypeError:  # pragma: no cover - numpy < 1.25
-        info["blas"] = None
-    info["blas_runtime"] = prov.thread_pools()  # the BLAS kernels picked at run time (DYNAMIC_ARCH builds) and threads
-    return info
-
-
-def _fmt(x, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def table(rows: list[dict]) -> str:
     head = (
         f"{'D':>4} {'block':>6} {'mask':>6} | {'GFLOP/s: kernel':>15} {'matmul':>7} {'tiles':>7} {'torch':>7} |"
@@ -345,45 +227,16 @@ def table(rows: list[dict]) -> str:
         g, q = r["gflops"], r["ratios"]
         lines.append(
             f"{r['head_dim']:>4} {r['block']:>6} {'causal' if r['causal'] else 'full':>6} | "
-            f"{g['kernel']:>15.1f} {g['matmul']:>7.1f} {g['tiles']:>7.1f} {_fmt(g.get('torch'), '7.1f'):>7} |"
-            f" {_fmt(q['k/torch'], '7.2f'):>7} {q['k/matmul']:>8.2f} {q['k/tiles']:>7.2f} |"
+            f"{g['kernel']:>15.1f} {g['matmul']:>7.1f} {g['tiles']:>7.1f} {fmt(g.get('torch'), '7.1f'):>7} |"
+            f" {fmt(q['k/torch'], '7.2f'):>7} {q['k/matmul']:>8.2f} {q['k/tiles']:>7.2f} |"
             f" {r['max_rel_err']:>8.1e} {r['target']:>6}"
         )
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kernel_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], metavar="D")
-    p.add_argument(
-        "--block",
-        type=int,
-        nargs="+",
-        default=[1024, 2048, 4096],
-        metavar="N",
-        help="tokens per query block and per K/V block (one ring step)",
-    )
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (GQA); default: --heads")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument(
-        "--causal",
-        choices=("no", "yes", "both"),
-        default="both",
-        help="mask of the block: no (the target), yes (a diagonal block), or both",
-    )
+    p = common.parser("kernel_bench", __doc__, tiles="the ring's choice", baselines="the matmul baselines")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--repeat", type=int, default=7, metavar="N", help="timed rounds per shape")
-    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds per shape")
-    p.add_argument("--tile-q", type=int, default=0, metavar="N", help="query rows per tile (0: the ring's choice)")
-    p.add_argument("--tile-k", type=int, default=0, metavar="N", help="keys per tile (0: the ring's choice)")
-    p.add_argument("--head-chunk", type=int, default=0, metavar="N", help="batch-heads per tile (0: the ring's choice)")
-    p.add_argument(
-        "--blas",
-        choices=("auto", "numpy", "mkl"),
-        default="auto",
-        help="GEMM library of the kernel and of the matmul baselines, as `ringbench run --blas`",
-    )
     p.add_argument(
         "--exp",
         choices=("auto", *kernel.EXP_BASES),
@@ -391,42 +244,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the kernel's exponential: auto measures exp2, exp and (numba installed) the fused pass here, as a run does;"
         " 2, e or fused force one",
     )
-    p.add_argument(
-        "--clock",
-        choices=tuple(CLOCKS),
-        default="cpu",
-        help="cpu: process CPU time, robust to other processes on a shared machine (default); wall",
-    )
-    p.add_argument("--out", metavar="FILE.json", help="write every sample, the summary and provenance here")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a row under the target fails it")
-    a = p.parse_args(argv)
-    a.kv_heads = a.kv_heads or a.heads
-    problems = [
-        f"--{k}: expected a positive int, got {v}"
-        for k, v in (("heads", a.heads), ("kv-heads", a.kv_heads), ("batch", a.batch), ("repeat", a.repeat))
-        if v < 1
-    ]
-    problems += [f"--head-dim/--block: expected positive ints, got {x}" for x in a.head_dim + a.block if x < 1]
-    if a.heads % a.kv_heads:
-        problems.append(f"--kv-heads: {a.kv_heads} does not divide --heads {a.heads}")
-    if a.warmup < 0:
-        problems.append(f"--warmup: expected an int >= 0, got {a.warmup}")
-    if problems:
-        p.error(problems[0])
-    return a
+    return common.parse(p, argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    torch, note = load_torch()
-    try:
-        matmul, blas = get_backend("numpy").matmul(a.blas)
-    except BackendError as exc:
-        print(f"kernel_bench: {exc}", file=sys.stderr)
+    ready = common.setup("kernel_bench", a.blas)
+    if ready is None:
         return 2
-    threads = limit_threads(1)  # every candidate on one thread, whatever the environment says
-    info = provenance(note, torch, threads)
-    info["kernel_blas"] = blas
+    torch, note, matmul, info = ready
     try:
         base = kernel.exp_base(np, a.exp)
     except ValueError as exc:
@@ -437,9 +263,7 @@ def main(argv=None) -> int:
     fused = kernel.fused_module()
     info["numba"] = None if fused is None else fused.versions()
     print(
-        f"kernel_bench: {info['cpu']}, {info['cores']} cores, 1 thread; numpy {np.__version__}, "
-        f"torch {info['torch'] or 'n/a'}; {a.dtype}, B={a.batch} H={a.heads}/{a.kv_heads}; "
-        f"median of {a.repeat} interleaved rounds, {a.clock} clock\n  kernel and matmul baselines: {blas}\n"
+        common.header("kernel_bench", info, a, a.dtype, info["cpu"]) + f"\n  kernel and matmul baselines: {info['kernel_blas']}\n"
         f"  kernel exponential: {base.name} ({a.exp}; float32 exponential and row sums, ns/element here: "
         + ", ".join(f"{EXP_LABELS[k]} {v:.2f}" for k, v in info["exp_ns_per_elem"].items())
         + ")",
@@ -447,31 +271,18 @@ def main(argv=None) -> int:
     )
     if note:
         print(f"  note: {note}")
-    masks = {"no": [False], "yes": [True], "both": [False, True]}[a.causal]
-    rows = []
-    for d in a.head_dim:
-        for n in a.block:
-            for causal in masks:
-                sh = Shape(a.batch, a.heads, a.kv_heads, d, n, causal, a.dtype)
-                rows.append(bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul, base.name))
-                del sh
+    rows = [
+        bench_shape(sh, torch, a.repeat, a.warmup, a.clock, a.tile_q, a.tile_k, a.head_chunk, matmul, base.name)
+        for sh in common.shapes(a, dtype=a.dtype)
+    ]
     print(table(rows))
-    applicable = [r for r in rows if r["target"] != "-"]
-    fails = [r for r in applicable if r["target"] == "FAIL"]
-    print(
-        f"target: kernel >= {TARGET}x torch SDPA ({a.dtype}, D in {TARGET_HEAD_DIMS}, block >= {TARGET_MIN_BLOCK},"
-        f" no mask): "
-        + (f"{len(applicable) - len(fails)}/{len(applicable)} rows pass" if applicable else "no row of this run is under the target")
-    )
+    line, fails = common.target_summary(rows, f"kernel >= {TARGET}x torch SDPA", a.dtype)
+    print(line)
     print(
         "ratios: median over rounds of the per-round ratio, in GFLOP/s terms (matmul and tiles do every pair);"
         " err: max |kernel - " + (rows[0]["err_against"] if rows else "ref") + "| / max |ref|"
     )
-    if a.out:
-        Path(a.out).write_text(
-            json.dumps({"bench": "kernel", "schema_version": 1, "provenance": info, "args": vars(a), "rows": rows}, indent=1)
-        )
-        print(f"saved {a.out}")
+    common.save(a.out, {"bench": "kernel", "schema_version": 1, "provenance": info, "args": vars(a), "rows": rows})
     return 1 if (a.strict and fails) else 0
 
 

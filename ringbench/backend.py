@@ -303,6 +303,82 @@ def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
     return None
 
 
+CGROUP_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a number near 2^63: anything this large is none
+
+
+def cgroup_memory_headroom(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup") -> tuple[int, str] | None:
+    """Bytes this process's memory cgroup still lets it allocate before the kernel OOM-kills it, and the folder
+    of the cgroup that binds; None where no cgroup limits memory (or there are no cgroups).
+
+    The process's cgroup comes from ``proc_cgroup``: cgroup v1's memory controller line (``N:...memory...:/path``,
+    files under ``root``/memory) if there is one, else v2's ``0::/path`` (files under ``root``). That cgroup and
+    every ancestor that has a limit count (Slurm limits the job's cgroup; the step's below it may have none);
+    the smallest headroom wins. Headroom = limit - (usage - inactive page cache, which is reclaimed before an OOM
+    kill): v2 memory.max, memory.current and memory.stat's inactive_file; v1 memory.limit_in_bytes,
+    memory.usage_in_bytes and total_inactive_file. A level whose files are missing or unreadable has no limit
+    (a container without a cgroup namespace sees a path that its mount does not have: its own cgroup is the root).
+    """
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    entries = [ln.split(":", 2) for ln in lines if ln.count(":") >= 2]  # hierarchy id, controllers, path
+    v1 = [path for _, ctrls, path in entries if "memory" in ctrls.split(",")]
+    v2 = [path for hid, ctrls, path in entries if hid == "0" and not ctrls]
+    if v1:
+        base, path, names = os.path.join(root, "memory"), v1[0], ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    elif v2:
+        base, path, names = str(root), v2[0], ("memory.max", "memory.current", "inactive_file")
+    else:
+        return None
+    parts = [p for p in path.split("/") if p]
+    best = None
+    for depth in range(len(parts), -1, -1):  # the process's cgroup, then each ancestor up to the mount's root
+        folder = os.path.join(base, *parts[:depth])
+        limit = _cgroup_value(os.path.join(folder, names[0]))
+        if limit is None or limit >= CGROUP_NO_LIMIT:
+            continue
+        used = _cgroup_value(os.path.join(folder, names[1])) or 0
+        used -= _cgroup_stat(os.path.join(folder, "memory.stat"), names[2])
+        if best is None or limit - used < best[0]:
+            best = (limit - used, folder)
+    return best
+
+
+def _cgroup_value(path: str) -> int | None:
+    """The integer in a cgroup file; None for 'max' (v2's no limit), a missing or unreadable file."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_stat(path: str, key: str) -> int:
+    """One counter of a cgroup's memory.stat (0 where it is missing)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def host_memory(meminfo: str = "/proc/meminfo", proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup"):
+    """What the ranks of this node may allocate together, and what bounds it, as a refusal names it: the smaller of
+    the node's MemAvailable ("available there") and what this process's memory cgroup leaves (a Slurm job's
+    --mem: :func:`cgroup_memory_headroom`). (None, ...) where neither is known."""
+    avail = host_available_bytes(meminfo)
+    cg = cgroup_memory_headroom(proc_cgroup, cgroup_root)
+    if cg is not None and (avail is None or cg[0] < avail):
+        return max(0, cg[0]), f"its memory cgroup leaves ({cg[1]}: limit minus usage, below the node's MemAvailable)"
+    return avail, "available there"
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -75,7 +75,7 @@ def heads_to_kv(x, batch: int):
     return x.reshape(batch, z // batch, m, d).transpose(0, 2, 1, 3)
 
 
-class BlockBackward:
+class BlockBackward(kernel.Scratch):
     """One rank's share of the attention backward: dQ of its queries, dK/dV of every block it meets.
 
     ``q`` (Z, G, n, D) as the forward's ``OnlineSoftmax`` takes it (already multiplied by ``scale``, the
@@ -143,7 +143,7 @@ class BlockBackward:
         xp.negative(self.doa[..., d], out=self.doa[..., d])
         del o
         self.dqa = xp.zeros((z, n, g, d), dt)  # dQ / scale, query-major
-        self._s = self._dp = self._kt = self._vt = self._tmp = None
+        self._scratch = {}  # flat work buffers: scratch_elems
         self._masks = {}  # (tq, tk, i0 - j0, mask) -> boolean pattern (kernel's cache)
 
     def _load_q(self, q, lse, q_scale: float = 1.0) -> None:
@@ -180,12 +180,21 @@ class BlockBackward:
         """D = rowsum(dO * O) (Z, G, n) of the loaded rows, in the compute dtype: a new array."""
         return self.xp.ascontiguousarray(-self.doa[..., self.shape[3]].transpose(0, 2, 1))
 
-    def _buffer(self, name: str, size: int):
-        buf = getattr(self, name)
-        if buf is None or buf.size < size:
-            buf = self.xp.empty(size, self.dtype)
-            setattr(self, name, buf)
-        return buf[:size]
+    @staticmethod
+    def scratch_elems(
+        g: int, d: int, nq: int, nk: int, *, head_chunk: int, tile_q: int, tile_k: int | None, mask=FULL, in_place: bool = False
+    ) -> dict[str, int]:
+        """Elements of each work buffer a piece of ``nq`` query positions (G heads each) against ``nk`` keys needs:
+        keys and values, the [k^T; 1] and [v^T; 1] copies of one head chunk; scores and dscores, the P and dS
+        tiles; product, one GEMM's result before it is added (none when the GEMM adds in place, ``in_place``:
+        MKL's matmul_add). The buffers grow to the largest piece's (:meth:`scratch`)."""
+        tq, tk = kernel.piece_tiles(Piece(0, nq, 0, nk, mask), tile_q, tile_k)  # as the forward tiles it
+        rq = min(tq, nq) * g
+        hc = head_chunk
+        need = {"keys": hc * (d + 1) * nk, "values": hc * (d + 1) * nk, "scores": hc * rq * tk, "dscores": hc * rq * tk}
+        if not in_place:
+            need["product"] = hc * max(rq, tk) * d
+        return need
 
     def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece]) -> None:
         """Fold the K/V block ``k, v`` (Z, m, D) in, for the given pieces: dQ here, dK and dV into ``dk_acc``,
@@ -210,12 +219,12 @@ class BlockBackward:
             return
         tq_max, tk_max = kernel.piece_tiles(p, self.tile_q, self.tile_k)  # as the forward tiles it
         hc = self.head_chunk
-        rq_max = min(tq_max, p.q1 - p.q0) * g
-        kt = self._buffer("_kt", hc * (d + 1) * nk)
-        vt = self._buffer("_vt", hc * (d + 1) * nk)
-        sbuf = self._buffer("_s", hc * rq_max * tk_max)
-        dpbuf = self._buffer("_dp", hc * rq_max * tk_max)
-        tmp = None if self.matmul_add is not None else self._buffer("_tmp", hc * max(rq_max, tk_max) * d)
+        in_place = self.matmul_add is not None
+        need = self.scratch_elems(
+            g, d, p.q1 - p.q0, nk, head_chunk=hc, tile_q=self.tile_q, tile_k=self.tile_k, mask=p.mask, in_place=in_place
+        )
+        kt, vt, sbuf, dpbuf = (self._buffer(name, need[name]) for name in ("keys", "values", "scores", "dscores"))
+        tmp = None if in_place else self._buffer("product", need["product"])
         log_e = self.dtype.type(self._log_e)
         for z0 in range(0, z, hc):
             z1 = min(z0 + hc, z)
@@ -285,6 +294,11 @@ class BlockBackward:
 def flops(batch: int, heads: int, head_dim: int, pairs: int) -> float:
     """Backward FLOPs counted as 2.5 x the forward's (FlashAttention's convention: five GEMMs to the forward's two)."""
     return 2.5 * kernel.flops(batch, heads, head_dim, pairs)
+
+
+def phase_flops(phase: str, batch: int, heads: int, head_dim: int, pairs: int) -> float:
+    """FLOPs of one timed phase: 'fwd' :func:`kernel.flops`, 'bwd' :func:`flops` (2.5 x the forward's)."""
+    return (kernel.flops if phase == "fwd" else flops)(batch, heads, head_dim, pairs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ _HELP = {
     "cuda_aware": "pass device buffers to MPI directly (auto: ask the MPI library)",
     "tile_q": "query rows per score tile (0: automatic)",
     "ulysses_degree": "--mode hybrid: ranks per all-to-all group U (consecutive ranks; P = U x R, the ring runs over the R groups)",
-    "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install 'ringbench[mkl]'), auto (MKL if present)",
+    "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install 'ringbench[mkl]'), "
+    "auto (MKL where it loads, on Intel CPUs; numpy on others)",
     "kernel": "attention per ring step: native (ringbench's NumPy/CuPy kernel), torch (PyTorch's fused attention, "
     "pip install 'ringbench[torch]'), flash-attn (CUDA only)",
     "warmup": "untimed-in-summary warm-up passes",
@@ -76,7 +77,8 @@ _HELP = {
     "seed": "input seed",
     "check": "compare with a float64 reference",
     "save_tensors": "store global q, k, v, out (and do, dq, dk, dv with a backward) in the result (small problems)",
-    "memory_limit": "memory one rank may use (host; device on cupy): auto (what is free on the node or GPU, shared by its ranks), "
+    "memory_limit": "memory one rank may use (host; device on cupy): auto (what is free on the node or GPU, or left by the ranks' "
+    "memory cgroup if less, shared by its ranks), "
     "a size (20GiB, 512MiB, bytes), or none (no check); a problem whose estimate exceeds it is refused",
     "pass_": "what is timed: the forward, the backward (after an untimed forward), or both as two phases",
 }

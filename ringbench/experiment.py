@@ -463,12 +463,14 @@ class Point:
     params: dict  # the swept values that made this point (ranks included), in axis order
 
     def flops(self) -> float:
-        """Floating-point work of one forward pass (all ranks)."""
-        from ringbench import kernel
+        """Floating-point work of one repeat (all ranks): its timed passes', the backward at 2.5 x the forward
+        (forward x1, backward x2.5, fwd+bwd x3.5; :func:`backward.phase_flops`, as the runner counts them)."""
+        from ringbench import backward
         from ringbench.layout import unmasked_pairs
 
         c = self.config
-        return kernel.flops(c.batch, c.heads, c.head_dim, unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal))
+        pairs = unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal)
+        return sum(backward.phase_flops(phase, c.batch, c.heads, c.head_dim, pairs) for phase in c.phases)
 
     def work(self) -> float:
         """Estimated floating-point work of the whole point (warm-ups and repeats)."""

@@ -23,7 +23,7 @@ import time
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 LANES = 16  # partial sums per row: independent add chains the compiler can keep in vector registers
 _LO = np.float32(-126.0)  # below: 2^x is under float32's normal range, taken as 0
@@ -68,16 +68,29 @@ def _exp2_f32(x):
     return np.float32(0.0) if x < _LO else x  # NaN stays NaN: the kernel's sum check sees it
 
 
-@njit(cache=True, inline="always")
-def _exp2_f64(x):
-    return np.exp2(x)
+def _exp2(x):
+    """2^x in the precision of x: typed by numba through the overload below, never called from Python."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_exp2, inline="always")
+def _exp2_for(x):
+    """float32: the Cephes polynomial (:func:`_exp2_f32`); float64: libm's exp2."""
+    if x == types.float32:
+        return lambda x: _exp2_f32(x)
+    if x == types.float64:
+        return lambda x: np.exp2(x)
+    return None
 
 
 @njit(cache=True)
-def _rows_f32(s, r, bound, g):
-    """s (Zc, rq, tk) float32 in place, r (Zc, rq): see :func:`exp2_rows`."""
+def _rows(s, r, bound, g):
+    """s (Zc, rq, tk) float32 or float64 in place, r (Zc, rq) of the same dtype: see :func:`exp2_rows`.
+
+    numba compiles (and caches) one machine-code version per dtype; ``_exp2`` picks that dtype's 2^x at compile time.
+    """
     zc, rq, tk = s.shape
-    part = np.empty(LANES, np.float32)
+    part = np.empty(LANES, s.dtype)
     for z in range(zc):
         for i in range(rq):
             cols = tk if bound.size == 0 else min(tk, max(0, bound[i // g]))
@@ -86,36 +99,11 @@ def _rows_f32(s, r, bound, g):
             full = cols - cols % LANES
             for j0 in range(0, full, LANES):
                 for k in range(LANES):
-                    p = _exp2_f32(row[j0 + k])
+                    p = _exp2(row[j0 + k])
                     row[j0 + k] = p
                     part[k] += p
             for j in range(full, cols):
-                p = _exp2_f32(row[j])
-                row[j] = p
-                part[j - full] += p
-            for j in range(cols, tk):
-                row[j] = 0
-            r[z, i] = _tree(part)
-
-
-@njit(cache=True)
-def _rows_f64(s, r, bound, g):
-    """s (Zc, rq, tk) float64 in place, r (Zc, rq): see :func:`exp2_rows`."""
-    zc, rq, tk = s.shape
-    part = np.empty(LANES, np.float64)
-    for z in range(zc):
-        for i in range(rq):
-            cols = tk if bound.size == 0 else min(tk, max(0, bound[i // g]))
-            row = s[z, i]
-            part[:] = 0
-            full = cols - cols % LANES
-            for j0 in range(0, full, LANES):
-                for k in range(LANES):
-                    p = _exp2_f64(row[j0 + k])
-                    row[j0 + k] = p
-                    part[k] += p
-            for j in range(full, cols):
-                p = _exp2_f64(row[j])
+                p = _exp2(row[j])
                 row[j] = p
                 part[j - full] += p
             for j in range(cols, tk):
@@ -134,8 +122,7 @@ def _tree(part):
     return part[0]
 
 
-_ROWS = {np.dtype(np.float32): _rows_f32, np.dtype(np.float64): _rows_f64}
-DTYPES = tuple(_ROWS)
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def exp2_rows(s, r, bound, g: int) -> None:
@@ -145,7 +132,9 @@ def exp2_rows(s, r, bound, g: int) -> None:
     i // g (g query heads per query, GQA); ``bound`` (int64) gives per query the first hidden column (every
     column from it on is hidden; may be <= 0 or >= tk), or is empty when every column is visible.
     """
-    _ROWS[s.dtype](s, r, bound, g)
+    if s.dtype not in DTYPES:
+        raise TypeError(f"exp2_rows: float32 or float64 scores, got {s.dtype}")
+    _rows(s, r, bound, g)
 
 
 NO_BOUND = np.empty(0, np.int64)

@@ -216,7 +216,35 @@ def piece_tiles(p: Piece, tile_q: int, tile_k: int | None) -> tuple[int, int]:
     return (tile_q if p.mask == FULL else max(1, min(tile_q, tk // 2))), tk
 
 
-class OnlineSoftmax:
+class Scratch:
+    """Named flat work buffers in ``self.dtype``, allocated on first use, grown to the largest request, reused.
+
+    The forward's state and the backward's object hold their tiles this way; :meth:`scratch` tells what they hold,
+    and each class's ``scratch_elems`` what a piece will make them hold (the runner's memory estimate counts that).
+    """
+
+    xp: Any
+    dtype: Any
+    _scratch: dict
+
+    def _buffer(self, name: str, size: int):
+        buf = self._scratch.get(name)
+        if buf is None or buf.size < size:
+            buf = self.xp.empty(size, self.dtype)
+            self._scratch[name] = buf
+        return buf[:size]
+
+    def scratch(self) -> dict[str, int]:
+        """Elements of each work buffer held now, by name (none before the first update; they never shrink)."""
+        return {name: int(buf.size) for name, buf in self._scratch.items()}
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes of the work buffers held now."""
+        return sum(int(buf.nbytes) for buf in self._scratch.values())
+
+
+class OnlineSoftmax(Scratch):
     """Running (reference, sum, weighted V) for one rank's queries, updated block by block.
 
     ``q`` (Z, G, n, D) is in the compute dtype and is only read: the state keeps its own query-major copy of
@@ -280,11 +308,7 @@ class OnlineSoftmax:
         self.acc = xp.zeros((z, n, g, d), q.dtype)  # sum_j b^(s_ij - m_i) v_j
         self.m = xp.zeros((z, n, g), q.dtype)  # reference of each row (log_b units, finite)
         self.l = xp.zeros((z, n, g), q.dtype)  # sum_j b^(s_ij - m_i)
-        self._s = None  # flat score-tile buffer
-        self._pv = None  # flat (p @ v) tile buffer
-        self._r = None  # flat row-sum tile buffer
-        self._kt = None  # flat [k^T; 1] buffer of one head chunk
-        self._ones = None
+        self._scratch = {}  # flat work buffers: scratch_elems
         self._masks = {}  # (tq, tk, i0 - j0, mask) -> boolean pattern; (tq, i0 - j0, mask) -> first hidden columns
         self._shifted = True  # does some row of the current query tile have m != 0?
 
@@ -299,12 +323,15 @@ class OnlineSoftmax:
         self.l.fill(0)
         self.qa[..., self.shape[3]] = 0
 
-    def _buffer(self, name: str, size: int):
-        buf = getattr(self, name)
-        if buf is None or buf.size < size:
-            buf = self.xp.empty(size, self.dtype)
-            setattr(self, name, buf)
-        return buf[:size]
+    @staticmethod
+    def scratch_elems(g: int, d: int, nq: int, nk: int, *, head_chunk: int, tile_q: int, tile_k: int | None, mask=FULL) -> dict[str, int]:
+        """Elements of each work buffer a piece of ``nq`` query positions (G heads each) against ``nk`` keys needs:
+        keys, the [k^T; 1] copy of one head chunk; scores, one score tile; row_sums and pv, its row sums and p @ v;
+        ones, the row-sum GEMV's vector. The buffers grow to the largest piece's (:meth:`scratch`)."""
+        tq, tk = piece_tiles(Piece(0, nq, 0, nk, mask), tile_q, tile_k)
+        rq = min(tq, nq) * g
+        hc = head_chunk
+        return {"keys": hc * (d + 1) * nk, "scores": hc * rq * tk, "row_sums": hc * rq, "pv": hc * rq * d, "ones": tk}
 
     def update(self, k, v, pieces: Sequence[Piece]) -> None:
         """Fold the key/value block ``k, v`` (Z, m, D) into the state, for the given pieces."""
@@ -320,12 +347,8 @@ class OnlineSoftmax:
             return
         tq_max, tk_max = piece_tiles(p, self.tile_q, self.tile_k)
         hc = self.head_chunk
-        rq_max = min(tq_max, p.q1 - p.q0) * g
-        kt = self._buffer("_kt", hc * (d + 1) * nk)
-        sbuf = self._buffer("_s", hc * rq_max * tk_max)
-        rbuf = self._buffer("_r", hc * rq_max)
-        pvbuf = self._buffer("_pv", hc * rq_max * d)
-        ones = self._buffer("_ones", tk_max)
+        need = self.scratch_elems(g, d, p.q1 - p.q0, nk, head_chunk=hc, tile_q=self.tile_q, tile_k=self.tile_k, mask=p.mask)
+        kt, sbuf, rbuf, pvbuf, ones = (self._buffer(name, need[name]) for name in ("keys", "scores", "row_sums", "pv", "ones"))
         ones.fill(1)
         for z0 in range(0, z, hc):
             z1 = min(z0 + hc, z)
@@ -372,7 +395,7 @@ class OnlineSoftmax:
             d = self.shape[3]
             self.matmul(t.q[..., :d], kt[:, :d], out=s)  # m = 0 on every row: s itself
         self._exp_sums(s, t.r, ones, mask)  # p = b^(s - m), unchecked
-        if self._sums_ok(t.r, t.l, fresh):
+        if sums_ok(t.r, t.l, fresh):
             fresh = False  # every row now has mass >= SUM_LO
         else:
             self.matmul(t.q, kt, out=s)  # rare: redo on the exact path
@@ -442,13 +465,6 @@ class OnlineSoftmax:
             self._masks[key] = where
         return s.reshape(zc, tq, rq // tq, tk)[..., c0:], where
 
-    @staticmethod
-    def _sums_ok(r, l, fresh: bool) -> bool:
-        """No term overflowed (every row sum finite and <= SUM_HI), and rows new to the state got mass."""
-        if not bool(r.max() <= SUM_HI):  # NaN and inf fail too
-            return False
-        return not fresh or bool(r.min() >= SUM_LO) or not bool(((l == 0) & (r < SUM_LO)).any())
-
     def _rebase(self, s, t: _Rows) -> None:
         """Exact path: move the reference of rows whose tile max left the safe band, and shift their scores."""
         xp = self.xp
@@ -483,6 +499,14 @@ class OnlineSoftmax:
                 lse *= self.dtype.type(self.base.ln_b)
             lse = lse.transpose(0, 2, 1)
         return (out if out_dtype is None else out.astype(out_dtype, copy=False)), xp.ascontiguousarray(lse)
+
+
+def sums_ok(r, l, fresh: bool) -> bool:
+    """The fast path's check of a tile's row sums ``r`` against the state's ``l``: no term overflowed (every row sum
+    finite and <= SUM_HI) and, when ``fresh`` (some row had no mass yet), rows new to the state got mass (>= SUM_LO)."""
+    if not bool(r.max() <= SUM_HI):  # NaN and inf fail too
+        return False
+    return not fresh or bool(r.min() >= SUM_LO) or not bool(((l == 0) & (r < SUM_LO)).any())
 
 
 class _Rows(NamedTuple):

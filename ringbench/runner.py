@@ -17,7 +17,7 @@ from ringbench.backend import (
     BackendError,
     current_rss_bytes,
     get_backend,
-    host_available_bytes,
+    host_memory,
     limit_threads,
     peak_rss_bytes,
     thread_limit,
@@ -211,8 +211,8 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
     inputs = held  # q, k, v in the storage dtype (on the device too, on CuPy)
 
     head_chunk, tile_q, tile_k = tiling(backend, b * hk, g, n, n, cfg.tile_q, mkl)
-    rows = min(tile_q, n) * g
-    tiles = c * head_chunk * ((d + 1) * n + rows * tile_k + rows * (d + 1) + tile_k)  # [k^T; 1], scores, p @ v, sums
+    # the state's work buffers over a whole block: [k^T; 1], the score tile, its row sums and p @ v, the ones
+    tiles = c * sum(kernel.OnlineSoftmax.scratch_elems(g, d, n, n, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k).values())
     state = c * (b * n * cfg.heads * (d + 1) + qe + 2 * b * n * cfg.heads)  # [q, -m], acc, m, l
     kv = 3 * 2 * kve * s  # home block + two ring buffers
     kv += 2 * kve * c if c != s else 0  # the compute-dtype copy of a half-precision block
@@ -267,12 +267,13 @@ def _memory_problem(cfg: RunConfig, nranks: int, rank: int, backend) -> str | No
             f"this problem needs about {_size(need)} of {where} memory per rank (estimate), more than --memory-limit "
             f"{_size(cfg.memory_limit)}; {hint}"
         )
-    # auto: the ranks of a node share its available memory (and ranks on one GPU that GPU's free memory)
-    mine = (host, device, backend.device_id, host_available_bytes(), backend.device_free_bytes(), socket.gethostname())
+    # auto: the ranks of a node share its available memory, or what their memory cgroup leaves if that is less
+    # (and ranks on one GPU that GPU's free memory)
+    mine = (host, device, backend.device_id, host_memory(), backend.device_free_bytes(), socket.gethostname())
     node = comm.node_allgather(mine)
-    avail = node[0][3]
+    avail, bound = node[0][3]
     if avail is not None and sum(r[0] for r in node) > avail:
-        return _too_big(max(r[0] for r in node), "host", node, node[0][5], f"the {_size(avail)} available there", hint)
+        return _too_big(max(r[0] for r in node), "host", node, node[0][5], f"the {_size(avail)} {bound}", hint)
     if backend.is_gpu:
         same = [r for r in node if r[2] == backend.device_id]
         free = min(r[4] for r in same)
@@ -369,10 +370,7 @@ def _phase(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
         samples[key] = np.stack([g["warmup"][key] for g in got], axis=1)
     samples["comm_only_s"] = np.stack([g["comm_only"] for g in got], axis=1)  # (C, P, steps)
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
-    if phase == "fwd":
-        flops = kernel.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
-    else:  # FlashAttention's convention: backward = 2.5 x forward
-        flops = backward.flops(cfg.batch, cfg.heads, cfg.head_dim, pairs)
+    flops = backward.phase_flops(phase, cfg.batch, cfg.heads, cfg.head_dim, pairs)  # backward: 2.5 x forward
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank, unmasked_pairs=pairs)
     check_res = _check_summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
     return store.Phase(samples=samples, summary=summary, check=check_res)

@@ -166,3 +166,97 @@ def test_blas_auto_takes_mkl_on_intel_cpus_only(monkeypatch):
     monkeypatch.setattr(backend_mod, "cpu_vendor", lambda: "AuthenticAMD")
     assert be.matmul("auto")[0] is np.matmul
     assert be.matmul("mkl")[0] is fake  # asked for by name: given
+
+
+def test_run_help_says_what_blas_auto_takes():
+    """`ringbench run --help` describes --blas auto as the rule above: MKL on Intel CPUs only, not 'if present'."""
+    from conftest import ringbench
+
+    res = ringbench("run", "--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())  # argparse wraps the help
+    blas = text[text.index("--blas {auto,numpy,mkl} GEMM") :].split(" --", 1)[0]  # the option's help, not the usage line
+    assert "if present" not in blas
+    assert "auto (MKL where it loads, on Intel CPUs; numpy on others)" in blas
+
+
+# ---------------------------------------------------------------------------------------------
+# memory cgroups (a Slurm job's --mem): fake /proc/self/cgroup and /sys/fs/cgroup trees
+# ---------------------------------------------------------------------------------------------
+GiB = 2**30
+V1_NO_LIMIT = 9223372036854771712  # what cgroup v1 writes for "no limit"
+
+
+def fake_cgroup(tmp_path, lines: str, files: dict[str, object]):
+    """/proc/self/cgroup with ``lines``, and a cgroup tree under tmp_path/cg: {relative file path: content}."""
+    proc = tmp_path / "cgroup"
+    proc.write_text(lines)
+    root = tmp_path / "cg"
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{content}\n")
+    return proc, root
+
+
+def test_cgroup_v2_limit_of_the_job_binds_below_a_step_without_one(tmp_path):
+    """Slurm limits the job's cgroup; the step's below it says 'max'. Reclaimable page cache (inactive_file) is free."""
+    from ringbench.backend import cgroup_memory_headroom
+
+    proc, root = fake_cgroup(
+        tmp_path,
+        "0::/slurm/job_7/step_0\n",
+        {
+            "slurm/job_7/memory.max": 8 * GiB,
+            "slurm/job_7/memory.current": 5 * GiB,
+            "slurm/job_7/memory.stat": f"anon 123\ninactive_file {GiB}\nactive_file 7",
+            "slurm/job_7/step_0/memory.max": "max",
+            "slurm/job_7/step_0/memory.current": 4 * GiB,
+            "memory.stat": "anon 1",  # the root cgroup has no memory.max
+        },
+    )
+    assert cgroup_memory_headroom(proc, root) == (4 * GiB, str(root / "slurm" / "job_7"))
+    (root / "slurm/job_7/step_0/memory.max").write_text(f"{5 * GiB}\n")  # a tighter step limit wins
+    assert cgroup_memory_headroom(proc, root) == (GiB, str(root / "slurm/job_7/step_0"))
+
+
+def test_cgroup_v1_memory_controller_and_no_limit(tmp_path):
+    from ringbench.backend import cgroup_memory_headroom
+
+    lines = "5:cpu,cpuacct:/slurm/uid_1/job_7\n4:memory:/slurm/uid_1/job_7/step_0\n0::/\n"
+    files = {
+        "memory/memory.limit_in_bytes": V1_NO_LIMIT,
+        "memory/memory.usage_in_bytes": 50 * GiB,
+        "memory/slurm/uid_1/job_7/memory.limit_in_bytes": 2 * GiB,
+        "memory/slurm/uid_1/job_7/memory.usage_in_bytes": 3 * GiB // 2,
+        "memory/slurm/uid_1/job_7/memory.stat": f"inactive_file 0\ntotal_inactive_file {GiB // 2}\n",
+        "memory/slurm/uid_1/job_7/step_0/memory.limit_in_bytes": V1_NO_LIMIT,
+        "memory/slurm/uid_1/job_7/step_0/memory.usage_in_bytes": GiB,
+    }
+    proc, root = fake_cgroup(tmp_path, lines, files)
+    assert cgroup_memory_headroom(proc, root) == (GiB, str(root / "memory/slurm/uid_1/job_7"))
+    (root / "memory/slurm/uid_1/job_7/memory.limit_in_bytes").write_text(f"{V1_NO_LIMIT}\n")
+    assert cgroup_memory_headroom(proc, root) is None  # no level with a limit
+    assert cgroup_memory_headroom(tmp_path / "missing", root) is None  # no /proc/self/cgroup (not Linux)
+
+
+def test_cgroup_of_a_container_is_the_mount_root(tmp_path):
+    """Without a cgroup namespace a container sees the host's path, but its own cgroup is mounted at the root."""
+    from ringbench.backend import cgroup_memory_headroom
+
+    proc, root = fake_cgroup(tmp_path, "0::/docker/abc\n", {"memory.max": 4 * GiB, "memory.current": GiB})
+    assert cgroup_memory_headroom(proc, root) == (3 * GiB, str(root))
+
+
+def test_host_memory_is_the_smaller_of_memavailable_and_the_cgroup_and_says_which(tmp_path):
+    from ringbench.backend import host_memory
+
+    proc, root = fake_cgroup(tmp_path, "0::/job\n", {"job/memory.max": 4 * GiB, "job/memory.current": GiB})
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: {64 * 2**20} kB\nMemAvailable: {16 * 2**20} kB\n")
+    avail, what = host_memory(meminfo, proc, root)
+    assert avail == 3 * GiB and "cgroup" in what and str(root / "job") in what
+    meminfo.write_text(f"MemAvailable: {2 * 2**20} kB\n")
+    assert host_memory(meminfo, proc, root) == (2 * GiB, "available there")  # MemAvailable binds: as before
+    assert host_memory(meminfo, tmp_path / "missing", root) == (2 * GiB, "available there")
+    assert host_memory(tmp_path / "missing", proc, root)[0] == 3 * GiB

@@ -314,9 +314,14 @@ def test_memory_is_linear_in_the_block():
     bwd = BlockBackward(np, qh, kernel.q_to_heads(np, do, 2, np.float32), qh, lse, tile_q=64, tile_k=128, head_chunk=1)
     bwd.update(kh, vh, np.zeros_like(kh), np.zeros_like(vh), [Piece(0, 512, 0, 512)])
     g = 2
-    assert bwd._s.size == bwd._dp.size == 64 * g * 128
-    assert bwd._kt.size == bwd._vt.size == 17 * 512
-    assert bwd._tmp is None or bwd._tmp.size <= 128 * g * 16
+    held = bwd.scratch()  # elements of each work buffer, as allocated
+    assert held == BlockBackward.scratch_elems(g, 16, 512, 512, head_chunk=1, tile_q=64, tile_k=128, in_place=False)
+    assert held["scores"] == held["dscores"] == 64 * g * 128
+    assert held["keys"] == held["values"] == 17 * 512
+    assert held["product"] <= 128 * g * 16
+    assert bwd.scratch_bytes == 4 * sum(held.values())
+    in_place = BlockBackward.scratch_elems(g, 16, 512, 512, head_chunk=1, tile_q=64, tile_k=128, in_place=True)
+    assert "product" not in in_place and in_place.items() <= held.items()  # MKL's matmul_add: no product buffer
 
 
 def test_auto_tiles_and_flops():

@@ -560,3 +560,23 @@ def test_plan_accepts_points_whose_old_ids_collided(tmp_path):
     exp = experiment.load(path)
     assert [(p.config.seed, p.config.batch) for p in exp.points] == [(73, 217), (127, 87)]
     assert len({p.id for p in exp.points}) == 2
+
+
+def test_plan_counts_the_backward_at_2_5x_the_forward(tmp_path):
+    """A point's GFLOP (plan's column, the work line) is its timed passes': forward x1, backward x2.5, both x3.5."""
+    from ringbench import backward, kernel, sweep
+    from ringbench.layout import unmasked_pairs
+
+    path = write(
+        tmp_path, "name: passes\nbase: {seq_len: 4096, heads: 4, head_dim: 64, warmup: 0, repeat: 1}\nmatrix: {pass: [fwd, bwd, fwd+bwd]}\n"
+    )
+    exp = experiment.load(path)
+    fwd = kernel.flops(1, 4, 64, unmasked_pairs("contiguous", 1, 4096, False))
+    by_pass = {p.config.pass_: p for p in exp.points}
+    assert by_pass["fwd"].flops() == fwd
+    assert by_pass["bwd"].flops() == backward.flops(1, 4, 64, unmasked_pairs("contiguous", 1, 4096, False)) == 2.5 * fwd
+    assert by_pass["fwd+bwd"].flops() == 3.5 * fwd
+    text = sweep.plan_text(exp, sweep.ResultDir(tmp_path / "results", exp.name))
+    column = {ln.split()[3]: ln.split()[4] for ln in text.splitlines() if ln.split()[:1] in (["1"], ["2"], ["3"])}
+    assert column == {"fwd": f"{fwd / 1e9:.3g}", "bwd": f"{2.5 * fwd / 1e9:.3g}", "fwd+bwd": f"{3.5 * fwd / 1e9:.3g}"}
+    assert f"estimated work {7.0 * fwd / 1e9:.3g} GFLOP" in text  # 1 + 2.5 + 3.5

@@ -139,11 +139,11 @@ def test_rising_logits_rebase_the_rows(xp, base):
 
 def test_overflowing_sum_check_counts_infinities_and_nans():
     r = np.array([[1.0, np.inf]])
-    assert not kernel.OnlineSoftmax._sums_ok(r, np.ones_like(r), False)
-    assert not kernel.OnlineSoftmax._sums_ok(np.array([[1.0, np.nan]]), np.ones((1, 2)), False)
-    assert not kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0]]), True)  # underflow
-    assert kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 0.0]]), np.array([[1.0, 2.0]]), True)  # not fresh
-    assert kernel.OnlineSoftmax._sums_ok(np.array([[1.0, 2.0**20]]), np.zeros((1, 2)), True)
+    assert not kernel.sums_ok(r, np.ones_like(r), False)
+    assert not kernel.sums_ok(np.array([[1.0, np.nan]]), np.ones((1, 2)), False)
+    assert not kernel.sums_ok(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0]]), True)  # underflow
+    assert kernel.sums_ok(np.array([[1.0, 0.0]]), np.array([[1.0, 2.0]]), True)  # not fresh
+    assert kernel.sums_ok(np.array([[1.0, 2.0**20]]), np.zeros((1, 2)), True)
 
 
 def test_deterministic_and_on_tile_after_every_tile(xp):
@@ -173,9 +173,21 @@ def test_state_memory_is_linear_in_the_block():
     q = rand((b, n, h, d), rng, "float32")
     k, v = rand((b, n, h, d), rng, "float32"), rand((b, n, h, d), rng, "float32")
     _, _, st = run_kernel(q, [k], [v], [[Piece(0, n, 0, n)]], "float32", tile_q=64, tile_k=128, head_chunk=1)
-    assert st._s.size == 64 * 128
-    assert st._kt.size == (d + 1) * n
-    assert max(x.size for x in (st._r, st._pv, st._ones)) <= 64 * 128
+    held = st.scratch()  # elements of each work buffer, as allocated
+    assert held == kernel.OnlineSoftmax.scratch_elems(1, d, n, n, head_chunk=1, tile_q=64, tile_k=128)  # what the runner counts
+    assert held["scores"] == 64 * 128
+    assert held["keys"] == (d + 1) * n
+    assert max(held["row_sums"], held["pv"], held["ones"]) <= 64 * 128
+    assert st.scratch_bytes == 4 * sum(held.values())
+    st.update(kernel.kv_to_heads(np, k[:, :100]), kernel.kv_to_heads(np, v[:, :100]), [Piece(0, 40, 0, 100, CAUSAL)])
+    assert st.scratch() == held  # a smaller piece reuses the buffers
+
+
+def test_scratch_of_a_fresh_state_and_of_diagonal_pieces():
+    st = kernel.OnlineSoftmax(np, np.zeros((2, 3, 64, 8), np.float32), tile_q=32, tile_k=16)
+    assert st.scratch() == {} and st.scratch_bytes == 0  # nothing before the first update
+    need = kernel.OnlineSoftmax.scratch_elems(3, 8, 64, 48, head_chunk=2, tile_q=32, tile_k=16, mask=CAUSAL)
+    assert need == {"keys": 2 * 9 * 48, "scores": 2 * 8 * 3 * 16, "row_sums": 2 * 8 * 3, "pv": 2 * 8 * 3 * 8, "ones": 16}
 
 
 @pytest.mark.parametrize("base", BASES)

@@ -82,3 +82,20 @@ def test_assemble_builds_the_run_record(pass_):
     else:
         assert "theoretical_bwd_bytes" not in mem
     assert rec.tensors == {}
+
+
+def test_auto_memory_refusal_names_the_cgroup_that_binds(monkeypatch):
+    """--memory-limit auto refuses what the job's cgroup would OOM-kill, and says the cgroup is the bound."""
+    from ringbench.backend import get_backend
+    from ringbench.config import RunConfig
+
+    cfg = RunConfig(seq_len=4096, heads=2, head_dim=16)
+    backend = get_backend("numpy")
+    monkeypatch.setattr(runner, "host_memory", lambda: (2**20, "its memory cgroup leaves (/sys/fs/cgroup/slurm/job_7)"))
+    msg = runner._memory_problem(cfg, 1, 0, backend)
+    assert (
+        msg.startswith("this problem needs about ")
+        and "more than the 1.0 MiB its memory cgroup leaves (/sys/fs/cgroup/slurm/job_7);" in msg
+    )
+    monkeypatch.setattr(runner, "host_memory", lambda: (2**50, "available there"))
+    assert runner._memory_problem(cfg, 1, 0, backend) is None
