@@ -252,7 +252,7 @@ def strategy_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     """What the context-parallel strategies refuse (README: the strategies): the all-to-all needs its group size U
     (P for ulysses) to divide the query heads, and to divide the kv heads or be a multiple of them."""
     hk = cfg.kv_heads_resolved
-    if cfg.mode in STRATEGY_MODES and cfg.kernel != "native":
+    if cfg.mode == "pass-q" and cfg.kernel != "native":
         return [("kernel", f"--mode {cfg.mode} runs the native kernel only; got --kernel {cfg.kernel}")]
     if cfg.mode == "pass-q" and cfg.pass_ != "fwd":
         return [("pass", f"--mode {cfg.mode} has a forward pass only (its backward is not built yet); got --pass {cfg.pass_}")]

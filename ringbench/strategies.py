@@ -43,6 +43,7 @@ import time
 import numpy as np
 
 from ringbench import comm, kernel
+from ringbench.backward import BlockBackward
 from ringbench.config import heads_rule  # noqa: F401  (the rule lives with the other config checks)
 from ringbench.layout import FULL, Piece, step_plan
 from ringbench.ring import Ring, make_state
@@ -148,7 +149,10 @@ class Hybrid:
         g = hl // hkl
         r = self.recv_in  # (U, B, n, width, D): member a's tokens
         rq = r[..., :hl, :].reshape(u, b, n, hkl, g, d).transpose(1, 3, 0, 2, 4, 5)  # (B, hkl, U, n, G, D)
-        load_queries(_QView(self.ring.state, (b, hkl, u, n, g)), rq, kernel.softmax_scale(d))
+        if isinstance(self.ring.state, kernel.OnlineSoftmax):
+            load_queries(_QView(self.ring.state, (b, hkl, u, n, g)), rq, kernel.softmax_scale(d))
+        else:  # a fused kernel's state (--kernel torch): (Z, G, U n, D), unscaled (the kernel applies the scale)
+            self.ring.state.set_queries(rq.transpose(0, 1, 4, 2, 3, 5))
         home = self.ring.kv_home.reshape(2, b, hkl, u, n, d)
         home[0] = r[..., hl : hl + hkl, :].transpose(1, 3, 0, 2, 4)  # (B, hkl, U, n, D)
         home[1] = r[..., hl + hkl :, :].transpose(1, 3, 0, 2, 4)
@@ -224,8 +228,12 @@ class Hybrid:
         b, n, d, u, hl, hkl = self.batch, self.n, self.head_dim, self.u, self.hl, self.hkl
         g = hl // hkl
         grad = self.ring.block_backward
+        rd = self.recv_do.reshape(u, b, n, hkl, g, d).transpose(1, 3, 0, 2, 4, 5)  # (B, hkl, U, n, G, D)
+        if not isinstance(grad, BlockBackward):  # --kernel torch: FusedBackward takes dO (Z, G, U n, D); its op computes D
+            grad.set_do(rd.transpose(0, 1, 4, 2, 3, 5))
+            return
         dst = grad.doa.reshape(b, hkl, u, n, g, d + 1)
-        dst[..., :d] = self.recv_do.reshape(u, b, n, hkl, g, d).transpose(1, 3, 0, 2, 4, 5)
+        dst[..., :d] = rd
         grad.set_delta(self.o_kept.transpose(0, 2, 1, 3))
 
     def _pack_grads(self) -> None:

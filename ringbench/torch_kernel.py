@@ -148,6 +148,11 @@ class FusedAttention:
             self.call = _flash_attn_call(scale=sc) if kernel == "flash-attn" else _cuda_call(torch, self._tdtype, scale=sc)
         self.library = _describe(torch, kernel, self.gpu, self._tdtype)
 
+    def set_queries(self, q) -> None:
+        """Replace the queries: ``q`` holds Z x G x n x D elements in that order (any shape that reshapes to (Z, G, n, D),
+        any dtype and strides), unscaled as the constructor's. Hybrid's queries arrive by an all-to-all each pass."""
+        self.q = to_torch(q).to(self._tdtype).reshape(self.shape).contiguous()
+
     def reset(self) -> None:
         self.out.zero_()
         self.lse.fill_(-np.inf)
@@ -234,6 +239,11 @@ class FusedBackward:
     def reset(self) -> None:
         """Zero dQ for another pass over the same q, dO, O and LSE."""
         self.dqa.fill(0)
+
+    def set_do(self, do) -> None:
+        """Replace dO (same queries, O and LSE): ``do`` holds Z x G x n x D elements in that order (any shape that
+        reshapes to (Z, G, n, D), any dtype and strides). Hybrid's dO arrives by an all-to-all each pass."""
+        self.do = to_torch(do).to(self._tdtype).reshape(self.shape).contiguous()
 
     def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece]) -> None:
         """Fold the K/V block ``k, v`` (Z, m, D) in, for the given pieces: dQ here, dK and dV added into ``dk_acc``,

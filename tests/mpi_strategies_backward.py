@@ -33,7 +33,7 @@ def tensors(cfg, rank, nranks, backend):
     return host, (dq, dk[:, pos], dv[:, pos])
 
 
-def grads(cfg, backend, world, rank, nranks, host):
+def grads(cfg, backend, world, rank, nranks, host, fused=False):
     """dQ, dK, dV (float64 copies) after two backward passes (the second must start from zero again)."""
     dev = {k: backend.asarray(v.copy()) for k, v in host.items()}  # copies: dO is changed below
     if cfg.mode in strategies.STRATEGIES:
@@ -41,6 +41,8 @@ def grads(cfg, backend, world, rank, nranks, host):
     else:
         obj = Ring(cfg, backend, comm.KVExchange(world, backend, False), rank, nranks, dev["q"], dev["k"], dev["v"], do=dev["do"])
     obj.prepare_backward()
+    if fused:
+        assert type(obj.ring.block_backward).__name__ == "FusedBackward"
     for _ in range(2):
         c, m, s, total = obj.backward()
         assert len(c) == len(m) == len(s) and np.all(s >= 0) and total > 0
@@ -68,6 +70,28 @@ def check(cfg, got, ref, what) -> None:
     for name, g, r in zip(("dq", "dk", "dv"), got, ref):
         err = np.abs(g - r).max() / np.abs(r).max()
         assert np.isfinite(g).all() and err < TOLERANCE_BWD[cfg.dtype], (what, name, cfg.dtype, err)
+
+
+def check_torch_kernel(backend, world, rank, P) -> int:
+    """The backward with --kernel torch (FusedBackward per piece; dO loaded into it each pass). 0 without torch."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return 0
+    checked = 0
+    for mode, u in (("ulysses", 1), ("hybrid", 2 if P % 2 == 0 else 1)):
+        for dtype, hk in (("float32", 1), ("bfloat16", 2)):
+            if mode == "ulysses" and 4 % P:  # the head rule (P = 3)
+                continue
+            cfg = RunConfig(
+                seq_len=8 * P, heads=4, kv_heads=hk, head_dim=8, layout="zigzag", causal=True, dtype=dtype, mode=mode,
+                ulysses_degree=u, pass_="bwd", seed=3, kernel="torch",
+            )  # fmt: skip
+            assert validate(cfg, P) == [], validate(cfg, P)
+            host, ref = tensors(cfg, rank, P, backend)
+            check(cfg, grads(cfg, backend, world, rank, P, host, fused=True), ref, (mode, u, dtype, "torch"))
+            checked += 1
+    return checked
 
 
 def main() -> int:
@@ -118,6 +142,7 @@ def main() -> int:
             host, ref = tensors(cfg, rank, P, backend)
             check(cfg, grads(cfg, backend, world, rank, P, host), ref, (mode, u, dtype))
             n_checked += 1
+    n_checked += check_torch_kernel(backend, world, rank, P)
     counts = world.gather(n_checked)
     if rank == 0:
         print(f"checked {min(counts)}")

@@ -114,6 +114,13 @@ def test_pass_q_backward_still_refused():
     assert problem[0] == "pass" and "pass-q has a forward pass only" in problem[1]
 
 
+def test_kernel_torch_allowed_for_ulysses_and_hybrid_only():
+    for mode, u in (("ulysses", 1), ("hybrid", 2)):
+        assert validate(RunConfig(mode=mode, ulysses_degree=u, heads=4, kv_heads=2, kernel="torch", pass_="fwd+bwd"), 4) == []
+    (problem,) = validate(RunConfig(mode="pass-q", kernel="torch"), 4)
+    assert problem[0] == "kernel" and "native kernel only" in problem[1]
+
+
 @pytest.mark.mpi
 def test_save_tensors_reverify(tmp_path):
     out = tmp_path / "r.h5"
