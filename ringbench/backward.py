@@ -138,10 +138,7 @@ class BlockBackward(kernel.Scratch):
         self._load_q(q, lse)
         self.doa = xp.empty((z, n, g, d + 1), dt)  # [dO, -D], query-major
         self.doa[..., :d] = do.transpose(0, 2, 1, 3)
-        o = xp.asarray(out, dt).transpose(0, 2, 1, 3)
-        xp.sum(self.doa[..., :d] * o, axis=-1, out=self.doa[..., d])  # D = rowsum(dO * O)
-        xp.negative(self.doa[..., d], out=self.doa[..., d])
-        del o
+        self.set_delta(xp.asarray(out, dt).transpose(0, 2, 1, 3))
         self.dqa = xp.zeros((z, n, g, d), dt)  # dQ / scale, query-major
         self._scratch = {}  # flat work buffers: scratch_elems
         self._masks = {}  # (tq, tk, i0 - j0, mask) -> boolean pattern (kernel's cache)
@@ -155,6 +152,14 @@ class BlockBackward(kernel.Scratch):
         lse_t = xp.asarray(lse, dt).transpose(0, 2, 1)  # (Z, n, G)
         # a row that saw no key (-inf) is masked wherever it is computed: any finite shift will do
         xp.multiply(xp.where(lse_t == -np.inf, 0, lse_t), dt.type(-self._log_e), out=self.qa[..., d])
+
+    def set_delta(self, out) -> None:
+        """The last column of ``doa``, -D with D = rowsum(dO * O), from the dO in ``doa[..., :D]`` and the forward's
+        output ``out`` (Z, n, G, D) query-major, any dtype. The constructor calls it; a caller that writes a new dO
+        into ``doa[..., :D]`` for the same queries and O (hybrid: dO arrives by an all-to-all each pass) calls it again."""
+        xp, d = self.xp, self.shape[3]
+        xp.sum(self.doa[..., :d] * xp.asarray(out, self.dtype), axis=-1, out=self.doa[..., d])  # D = rowsum(dO * O)
+        xp.negative(self.doa[..., d], out=self.doa[..., d])
 
     def reset(self) -> None:
         """Zero dQ for another pass over the same q, dO, O and LSE."""

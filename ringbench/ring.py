@@ -127,6 +127,7 @@ class Ring:
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
         self.fault = fault_step
         self.score_tile_elems = self.state.head_chunk * (h // hk) * self.tile_q * self.tile_k
+        self._on_tile = on_tile
         self._fwd = _Forward(self)
         self._bwd = None if do is None else _Backward(self, q, do, on_tile)
 
@@ -149,6 +150,15 @@ class Ring:
     def prepare_backward(self) -> None:
         """Run the forward once (untimed) and keep what the backward needs: O and the log-sum-exp (and D)."""
         self._bwd.prepare()
+
+    def attach_backward(self, qh, doh, o, lse) -> None:
+        """Set up the backward from a forward run outside this ring (hybrid: its queries arrive by an all-to-all and
+        its forward ends with one): ``qh`` (Z, G, n, D) the queries times the softmax scale in the compute dtype,
+        ``doh`` and ``o`` (Z, G, n, D), ``lse`` (Z, G, n), as :class:`backward.BlockBackward` takes them."""
+        self._bwd = _Backward(self, None, None, self._on_tile)
+        self._bwd.make_grad(qh, doh, o, lse)
+        del qh, doh, o, lse
+        self._bwd.allocate()
 
     def backward(self):
         """One backward ring pass (after :meth:`prepare_backward`): dQ here, every rank's dK/dV accumulated on the
@@ -254,6 +264,17 @@ class Ring:
         """dQ (B, n, H, D) and this rank's own dK, dV (B, n, H_kv, D) after :meth:`backward`, in the storage dtype."""
         return self._bwd.grads()
 
+    @property
+    def block_backward(self):
+        """The backward's :class:`backward.BlockBackward` (after :meth:`prepare_backward` or :meth:`attach_backward`)."""
+        return self._bwd.grad
+
+    def grads_compute(self):
+        """After :meth:`backward` (ring modes), unrounded: dQ / scale (Z, n, G, D) query-major, the softmax scale, and
+        this rank's dK/dV accumulator (2, Z, n, D) at home, in the compute dtype (views, valid until the next pass)."""
+        bwd = self._bwd
+        return bwd.grad.dqa, bwd.grad.scale, bwd.done
+
 
 class _Forward:
     """The forward pass as the ring loop sees it: K/V travel alone; the online softmax folds each block in."""
@@ -322,6 +343,14 @@ class _Backward:
         del q, do
         ring.forward()  # untimed: O and the log-sum-exp
         o, lse = ring.state.finalize(ring.storage)  # O in the storage dtype (as a training forward keeps it)
+        self.make_grad(qh, doh, o, lse)
+        del qh, doh, o, lse
+        self.allocate()
+
+    def make_grad(self, qh, doh, o, lse) -> None:
+        """The BlockBackward of these queries, dO, O and LSE (FusedBackward with a fused kernel)."""
+        ring = self.ring
+        xp = ring.backend.xp
         z, g, n, _ = qh.shape
         tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=ring.backend.is_gpu)
         if ring.cfg.kernel != "native":  # the fused kernel's backward, per piece, with this O and LSE
@@ -341,8 +370,12 @@ class _Backward:
                 on_tile=self._on_tile,
                 exp_base=getattr(ring.state, "base", None) and ring.state.base.name,  # the forward's exponential (native)
             )
-        del qh, doh, o, lse
         self.score_tile_elems = head_chunk * g * self.grad.tile_q * tile_k
+
+    def allocate(self) -> None:
+        """The accumulators: allocated last, once the temporaries of the set-up are freed (not to add to its peak)."""
+        ring = self.ring
+        xp = ring.backend.xp
         shape, dt = ring.kv_home.shape, ring.compute
         if self.allgather:
             self.parts = xp.zeros((ring.nranks,) + shape, dt)  # this rank's share of every block

@@ -191,7 +191,8 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
     buffers, the compute-dtype K/V copy (half precision), allgather's P blocks, the score tile and its
     buffers; the output; --check's global K/V and float64 reference (its K/V repeated per query head, one
     chunk of scores); --save-tensors' global arrays on rank 0 (gathered, assembled, widened from bfloat16);
-    a fixed allowance for the rest (RANK_OVERHEAD).
+    a fixed allowance for the rest (RANK_OVERHEAD). Ulysses and hybrid: the inner ring's blocks of the group's
+    tokens, the inputs they keep, their all-to-all buffers (and the backward's, the kept O, the gradients).
     """
     gpu = backend.is_gpu
     hk = cfg.kv_heads_resolved
@@ -210,27 +211,37 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
         held += s * e
     inputs = held  # q, k, v in the storage dtype (on the device too, on CuPy)
 
-    head_chunk, tile_q, tile_k = tiling(backend, b * hk, g, n, n, cfg.tile_q, mkl)
+    # ulysses / hybrid: the inner ring's blocks are the group's U n tokens x this member's H/U query heads (as many
+    # query elements as q) and h_kv kv heads (kvr elements per K or V: more than kve when kv heads are replicated)
+    u = strategies.degree(cfg.mode, cfg.ulysses_degree, nranks) if cfg.mode in ("ulysses", "hybrid") else 1
+    hkr = strategies.kv_head_map(hk, u).shape[1] if u > 1 else hk
+    nr, g = u * n, cfg.heads // u // hkr
+    kvr = b * nr * hkr * d
+    head_chunk, tile_q, tile_k = tiling(backend, b * hkr, g, nr, nr, cfg.tile_q, mkl)
     # the state's work buffers over a whole block: [k^T; 1], the score tile, its row sums and p @ v, the ones
-    tiles = c * sum(kernel.OnlineSoftmax.scratch_elems(g, d, n, n, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k).values())
+    tiles = c * sum(kernel.OnlineSoftmax.scratch_elems(g, d, nr, nr, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k).values())
     state = c * (b * n * cfg.heads * (d + 1) + qe + 2 * b * n * cfg.heads)  # [q, -m], acc, m, l
-    kv = 3 * 2 * kve * s  # home block + two ring buffers
-    kv += 2 * kve * c if c != s else 0  # the compute-dtype copy of a half-precision block
-    kv += nranks * 2 * kve * s if cfg.mode == "allgather" else 0
+    kv = 3 * 2 * kvr * s  # home block + two ring buffers
+    kv += 2 * kvr * c if c != s else 0  # the compute-dtype copy of a half-precision block
+    kv += nranks * 2 * kvr * s if cfg.mode == "allgather" else 0
     if cfg.mode == "pass-q":  # the K/V stay (with a compute copy); the queries travel (home, two ring buffers); partials
         rows = b * n * cfg.heads  # [out | lse] sent, received and the merged one, with the merge's temporaries
         kv = 2 * kve * (s + c) + 3 * s * qe + 3 * c * rows * (d + 1) + 3 * c * (qe + rows)
+    # ulysses / hybrid: the inputs stay referenced; all-to-all buffers in (q | k | v) and out (O), sent and received; the output
+    a2a = inputs + s * (2 * (qe + 2 * kvr) + 3 * qe) if cfg.mode in ("ulysses", "hybrid") else 0
     # building: q in the compute dtype is freed before the K/V home block is made (from two head-major copies);
     # the ring buffers are first written in the first pass (the inputs are gone by then, unless kept)
-    build = inputs + state + max(c * qe, 2 * 2 * kve * s)
+    build = inputs + a2a + state + max(c * qe, 2 * 2 * kvr * s)
     output = c * qe + c * b * n * cfg.heads + (s * qe if s != c else 0) + s * qe  # normalised, row sums, storage dtype, token-major
-    ring = state + kv + tiles  # what the ring holds from its construction to the end of the run
+    ring = state + kv + tiles + a2a  # what the ring (or strategy) holds from its construction to the end of the run
     if "bwd" in cfg.phases:  # dO; the backward's widened q and dO copies, dQ, dK/dV accumulators, two score tiles + K^T, V^T
-        accs = 2 * kve * c * (2 * nranks + 1 if cfg.mode == "allgather" else 3)
+        accs = 2 * kvr * c * (2 * nranks + 1 if cfg.mode == "allgather" else 3)
         if cfg.mode == "pass-q":  # dK/dV stay (one accumulator); three visitor bundles (home, two ring buffers), four dQ partials
             accs = 2 * kve * c + 3 * (2 * qe * s + 2 * b * n * cfg.heads * c) + 4 * qe * c
-        bwd_tiles = c * (2 * backward.HOST_TILE_ELEMS_BWD + 2 * (d + 1) * n * (b * hk if gpu else 1))
+        bwd_tiles = c * (2 * backward.HOST_TILE_ELEMS_BWD + 2 * (d + 1) * nr * (b * hkr if gpu else 1))
         ring += s * qe + c * (2 * b * n * cfg.heads * (d + 1) + qe) + accs + bwd_tiles
+        if a2a:  # dO's all-to-all buffers, the kept O, dQ | dK | dV's (compute dtype), the gradients, a replicated head's sum
+            ring += 3 * s * qe + c * (2 * (qe + 2 * kvr) + 2 * kve) + s * (qe + 2 * kve)
     keep = inputs if (cfg.check or cfg.save_tensors) else 0  # host copies kept for the check / the file
     after = [0]  # host memory needed after the passes, beside the output on the host
     if "bwd" in cfg.phases:  # the gradients, and --check's float64 reference gradients (dK, dV over every key)

@@ -1,4 +1,4 @@
-"""Context-parallel strategies beside the ring (forward pass): Ulysses, hybrid (Ulysses x ring), pass-Q.
+"""Context-parallel strategies beside the ring: Ulysses, hybrid (Ulysses x ring), pass-Q.
 
 Each class offers what the runner uses of :class:`ringbench.ring.Ring`: ``forward()`` (per-step compute_s,
 comm_s, step_s arrays and the pass total), ``comm_only()``, ``output()``, ``bytes_per_rank()`` and
@@ -15,6 +15,13 @@ comm_s, step_s arrays and the pass total), ``comm_only()``, ``output()``, ``byte
   A second all-to-all returns each member's heads to the tokens' owners.
   Steps: 0 = the all-to-all in (pack, collective, load), 1..R = the ring's steps, R+1 = finalize and the
   all-to-all out. U = 1 is the ring; U = P is Ulysses.
+  Backward (``prepare_backward`` / ``backward`` / ``grads``): a training step keeps the forward's head-split
+  tensors where they are (q, k, v of the group, O and the LSE on each member, as DeepSpeed-Ulysses' local
+  attention saves its inputs), so only dO is gathered: step 0 = the all-to-all of dO (sequence split -> head
+  split) and D = rowsum(dO * O); 1..R = :meth:`Ring.backward` over the groups (K/V blocks travel with their
+  dK/dV accumulators, then the hop home); R+1 = one all-to-all of dQ, dK and dV, packed, in the compute dtype
+  back to the tokens' owners, who sum the partial dK/dV of a replicated kv head in member order and round
+  once to the storage dtype.
 * **ulysses**: hybrid with U = P (one group, a ring of one rank): steps 0 = all-to-all in, 1 = attention of
   H/P heads over the whole sequence, 2 = all-to-all out.
 * **pass-q**: the K/V stay; the query blocks travel the ring (rank r sends to r+1). At step s rank r computes
@@ -43,8 +50,9 @@ import time
 import numpy as np
 
 from ringbench import backward, comm, kernel
+from ringbench.backward import BlockBackward
 from ringbench.config import heads_rule  # noqa: F401  (the rule lives with the other config checks)
-from ringbench.layout import FULL, Piece, step_plan
+from ringbench.layout import group_plan, step_plan
 from ringbench.ring import Ring, make_state
 
 STRATEGIES = ("ulysses", "hybrid", "pass-q")
@@ -62,18 +70,6 @@ def kv_head_map(kv_heads: int, u: int) -> np.ndarray:
     return (np.arange(u) // (u // kv_heads))[:, None]
 
 
-def group_plan(layout: str, group: int, src: int, u: int, nranks: int, n: int, causal: bool) -> list[Piece]:
-    """Pieces of (the U n gathered queries of ``group``) x (the U n gathered keys of group ``src``)."""
-    if not causal:
-        return [Piece(0, u * n, 0, u * n, FULL)]
-    out = []
-    for a in range(u):
-        for c in range(u):
-            for p in step_plan(layout, group * u + a, src * u + c, nranks, n, causal):
-                out.append(Piece(p.q0 + a * n, p.q1 + a * n, p.k0 + c * n, p.k1 + c * n, p.mask))
-    return out
-
-
 def load_queries(state: kernel.OnlineSoftmax, q, scale: float) -> None:
     """Write queries ``q`` (Z, n, G, D) (any dtype, any strides) into ``state`` as its constructor does:
     cast to the compute dtype, times 1/sqrt(D), times log_b(e) for the state's exponential base b."""
@@ -87,8 +83,6 @@ def load_queries(state: kernel.OnlineSoftmax, q, scale: float) -> None:
 
 class Hybrid:
     """Ulysses all-to-all inside groups of U consecutive ranks, a ring over the R = P / U groups (module docstring)."""
-
-    bwd_score_tile_elems = 0  # forward only (config refuses --pass bwd for the strategies)
 
     def __init__(
         self, cfg, backend, world, cuda_aware: bool, rank: int, nranks: int, q, k, v, u: int | None = None, fault_step=None, do=None
@@ -126,6 +120,14 @@ class Hybrid:
         self.score_tile_elems = self.ring.score_tile_elems
         self.compute, self.blas = self.ring.compute, self.ring.blas
         self.out = None
+        self.do_in = do  # (B, n, H, D) this rank's tokens' upstream gradient (None: forward only)
+        if do is not None:  # the backward's all-to-all buffers: dO in (storage dtype), dQ | dK | dV out (compute dtype)
+            self.send_do = xp.empty((u, b, n, self.hl, d), self.storage)
+            self.recv_do = xp.empty_like(self.send_do)
+            self.send_grad = xp.empty((u, b, n, width, d), self.compute)
+            self.recv_grad = xp.empty_like(self.send_grad)
+            self.grads_out = (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))  # dQ, dK, dV of this rank's tokens
+            self.o_kept = None  # (Z, G, U n, D): the forward's O of the group, this member's heads (prepare_backward)
 
     # one pass -----------------------------------------------------------------------------------
     def _pack_in(self) -> None:
@@ -142,7 +144,10 @@ class Hybrid:
         g = hl // hkl
         r = self.recv_in  # (U, B, n, width, D): member a's tokens
         rq = r[..., :hl, :].reshape(u, b, n, hkl, g, d).transpose(1, 3, 0, 2, 4, 5)  # (B, hkl, U, n, G, D)
-        load_queries(_QView(self.ring.state, (b, hkl, u, n, g)), rq, kernel.softmax_scale(d))
+        if isinstance(self.ring.state, kernel.OnlineSoftmax):
+            load_queries(_QView(self.ring.state, (b, hkl, u, n, g)), rq, kernel.softmax_scale(d))
+        else:  # a fused kernel's state (--kernel torch): (Z, G, U n, D), unscaled (the kernel applies the scale)
+            self.ring.state.load(rq.transpose(0, 1, 4, 2, 3, 5))
         home = self.ring.kv_home.reshape(2, b, hkl, u, n, d)
         home[0] = r[..., hl : hl + hkl, :].transpose(1, 3, 0, 2, 4)  # (B, hkl, U, n, D)
         home[1] = r[..., hl + hkl :, :].transpose(1, 3, 0, 2, 4)
@@ -188,8 +193,131 @@ class Hybrid:
         t_compute[-1], t_comm[-1], t_step[-1] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
         return t_compute, t_comm, t_step, clock() - pass_start
 
+    # the backward ----------------------------------------------------------------------------------
+    def prepare_backward(self) -> None:
+        """The untimed forward; then what a training step keeps from it, head split on this member: the group's
+        queries, K/V (already in the ring's home block), O and the LSE, given to the ring's backward."""
+        if self.o_kept is not None:
+            return
+        xp, b, n, d, u, hl, hkl = self.xp, self.batch, self.n, self.head_dim, self.u, self.hl, self.hkl
+        g = hl // hkl
+        self.forward()
+        o, lse = self.ring.state.finalize(self.storage)  # (Z, G, U n, D) storage, (Z, G, U n)
+        # the group's queries (Z, G, U n, D) times the softmax scale in the compute dtype, as Ring's backward takes them
+        rq = self.recv_in[..., :hl, :].reshape(u, b, n, hkl, g, d).transpose(1, 3, 4, 0, 2, 5)  # (B, hkl, G, U, n, D)
+        qh = xp.asarray(rq, self.compute).reshape(b * hkl, g, u * n, d) * self.compute.type(kernel.softmax_scale(d))
+        self._pack_do()
+        self.a2a(self.send_do, self.recv_do)
+        doh = self.recv_do.reshape(u, b, n, hkl, g, d).transpose(1, 3, 4, 0, 2, 5).reshape(b * hkl, g, u * n, d)
+        self.ring.attach_backward(qh, doh, o, lse)
+        self.o_kept = o
+        del qh, doh, lse
+
+    def _pack_do(self) -> None:
+        hl = self.hl
+        for a in range(self.u):
+            self.send_do[a] = self.do_in[:, :, a * hl : (a + 1) * hl]
+
+    def _load_do(self) -> None:
+        """The gathered dO into the ring's backward (the same (B, hkl, U, n, G) view as the queries), then D = rowsum(dO * O)."""
+        b, n, d, u, hl, hkl = self.batch, self.n, self.head_dim, self.u, self.hl, self.hkl
+        g = hl // hkl
+        grad = self.ring.block_backward
+        rd = self.recv_do.reshape(u, b, n, hkl, g, d).transpose(1, 3, 0, 2, 4, 5)  # (B, hkl, U, n, G, D)
+        if not isinstance(grad, BlockBackward):  # --kernel torch: FusedBackward takes dO (Z, G, U n, D); its op computes D
+            grad.set_do(rd.transpose(0, 1, 4, 2, 3, 5))
+            return
+        dst = grad.doa.reshape(b, hkl, u, n, g, d + 1)
+        dst[..., :d] = rd
+        grad.set_delta(self.o_kept.transpose(0, 2, 1, 3))
+
+    def _pack_grads(self) -> None:
+        """dQ (times the softmax scale), dK and dV of the group's tokens, this member's heads, in the compute dtype:
+        block a (member a's tokens) -> member a."""
+        b, n, d, u, hl, hkl = self.batch, self.n, self.head_dim, self.u, self.hl, self.hkl
+        g = hl // hkl
+        dqa, scale, acc = self.ring.grads_compute()  # (Z, U n, G, D) dQ / scale, (2, Z, U n, D)
+        dq = self.send_grad[..., :hl, :].reshape(u, b, n, hkl, g, d)
+        src = dqa.reshape(b, hkl, u, n, g, d).transpose(2, 0, 3, 1, 4, 5)  # (U, B, n, hkl, G, D)
+        self.xp.multiply(src, self.compute.type(scale), out=dq)
+        kv = acc.reshape(2, b, hkl, u, n, d).transpose(0, 3, 1, 4, 2, 5)  # (2, U, B, n, hkl, D)
+        self.send_grad[..., hl : hl + hkl, :] = kv[0]
+        self.send_grad[..., hl + hkl :, :] = kv[1]
+
+    def _unpack_grads(self) -> None:
+        """dQ, dK, dV of this rank's tokens from every member's heads, rounded once to the storage dtype. A kv head
+        replicated on U / H_kv members (U > H_kv) gets their partial dK/dV summed in member order first."""
+        b, n, d, u, hl, hkl = self.batch, self.n, self.head_dim, self.u, self.hl, self.hkl
+        dq, dk, dv = self.grads_out
+        r = self.recv_grad  # (U, B, n, hl + 2 hkl, D): member a's heads of this rank's tokens
+        dq.reshape(b, n, u, hl, d)[...] = r[..., :hl, :].transpose(1, 2, 0, 3, 4)
+        hk = dk.shape[2]
+        if hk % u == 0:  # split: member a holds kv heads [a hkl, (a+1) hkl)
+            dk.reshape(b, n, u, hkl, d)[...] = r[..., hl : hl + hkl, :].transpose(1, 2, 0, 3, 4)
+            dv.reshape(b, n, u, hkl, d)[...] = r[..., hl + hkl :, :].transpose(1, 2, 0, 3, 4)
+            return
+        rep = u // hk  # replicated: members [j rep, (j+1) rep) hold kv head j (hkl = 1)
+        parts = r[..., hl:, :].reshape(hk, rep, b, n, 2, d)  # [dK | dV] of each member
+        total = parts[:, 0].copy()  # (H_kv, B, n, 2, D) compute dtype
+        for i in range(1, rep):
+            total += parts[:, i]
+        dk[...] = total[..., 0, :].transpose(1, 2, 0, 3)
+        dv[...] = total[..., 1, :].transpose(1, 2, 0, 3)
+
+    def backward(self):
+        """One backward pass (after :meth:`prepare_backward`): the all-to-all of dO, the ring's backward over the groups,
+        the all-to-all of dQ, dK, dV. (compute_s, comm_s, step_s) per step (R + 2), and the pass total."""
+        S = self.r + 2
+        t_compute, t_comm, t_step = np.zeros(S), np.zeros(S), np.zeros(S)
+        clock = time.perf_counter
+        sync = self.backend.synchronize
+        pass_start = clock()
+        if self.fault is not None:
+            raise _fault(self.rank, 0)
+        # step 0: dO, sequence split -> head split
+        t0 = clock()
+        self._pack_do()
+        sync()
+        t1 = clock()
+        self.a2a(self.send_do, self.recv_do)
+        t2 = clock()
+        self._load_do()
+        sync()
+        t3 = clock()
+        t_compute[0], t_comm[0], t_step[0] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
+        # steps 1..R: the ring backward over the groups (dK/dV accumulators travel with the K/V blocks)
+        c, m, s, _ = self.ring.backward()
+        t_compute[1 : self.r + 1], t_comm[1 : self.r + 1], t_step[1 : self.r + 1] = c, m, s
+        # step R+1: dQ, dK, dV back to the tokens' owners
+        t0 = clock()
+        self._pack_grads()
+        sync()
+        t1 = clock()
+        self.a2a(self.send_grad, self.recv_grad)
+        t2 = clock()
+        self._unpack_grads()
+        sync()
+        t3 = clock()
+        t_compute[-1], t_comm[-1], t_step[-1] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
+        return t_compute, t_comm, t_step, clock() - pass_start
+
+    def grads(self):
+        """dQ (B, n, H, D), dK and dV (B, n, H_kv, D) of this rank's tokens in the storage dtype (from the last backward)."""
+        return self.grads_out
+
+    @property
+    def bwd_score_tile_elems(self) -> int:
+        """Elements of one of the backward's two score tiles (the inner ring's; 0 without a backward)."""
+        return self.ring.bwd_score_tile_elems
+
     def comm_only(self, phase: str = "fwd") -> np.ndarray:
-        """The transfers alone: the all-to-all in, the ring's R - 1 transfers, the all-to-all out."""
+        """The transfers alone. fwd: the all-to-all in, the ring's R - 1 transfers, the all-to-all out. bwd: the
+        all-to-all of dO, the ring backward's R steps of transfers (none when R = 1), the all-to-all of dQ, dK, dV."""
+        if phase == "bwd":
+            out = [self._timed(self.a2a, self.send_do, self.recv_do)]
+            out += list(self.ring.comm_only("bwd"))
+            out.append(self._timed(self.a2a, self.send_grad, self.recv_grad))
+            return np.array(out)
         out = [self._timed(self.a2a, self.send_in, self.recv_in)]
         out += list(self.ring.comm_only())
         out.append(self._timed(self.a2a, self.send_out, self.recv_out))
@@ -206,10 +334,16 @@ class Hybrid:
         return self.out
 
     def bytes_per_rank(self, phase: str = "fwd") -> int:
-        """Bytes this rank sends to other ranks in one pass."""
-        per_member_in = self.send_in.nbytes // self.u
-        per_member_out = self.send_out.nbytes // self.u
-        return int((self.u - 1) * (per_member_in + per_member_out) + (self.r - 1) * self.ring.block_bytes())
+        """Bytes this rank sends to other ranks in one pass of ``phase``. fwd: q, k, v in and the output out to the
+        U - 1 other members, R - 1 K/V group blocks. bwd: dO in (storage dtype), dQ, dK, dV out (compute dtype),
+        and the ring backward's R - 1 K/V group blocks and R dK/dV accumulators (none when R = 1)."""
+        u, ring = self.u, self.ring
+        if phase == "bwd":
+            a2a = (u - 1) * (self.send_do.nbytes + self.send_grad.nbytes) // u
+            return int(a2a + (self.r - 1) * ring.block_bytes() + (self.r * ring.grad_block_bytes() if self.r > 1 else 0))
+        per_member_in = self.send_in.nbytes // u
+        per_member_out = self.send_out.nbytes // u
+        return int((u - 1) * (per_member_in + per_member_out) + (self.r - 1) * ring.block_bytes())
 
 
 class _QView:

@@ -154,11 +154,15 @@ class FusedAttention:
         self._seen[:] = False
 
     def load(self, q) -> None:
-        """Compute for other queries ``q`` of the same shape (Z, G, n, D) from now on (pass-Q's visiting blocks): read
-        in place, never written to, as the constructor's q (converted to the kernel's dtype where it differs)."""
+        """Compute for other queries ``q`` from now on, unscaled as the constructor's: (Z, G, n, D) is read in place,
+        never written to (pass-Q's visiting blocks); any other shape holding Z x G x n x D elements in that order is
+        reshaped (a copy where its strides need one: hybrid's queries, gathered by an all-to-all each pass). Converted
+        to the kernel's dtype where it differs."""
         qt = to_torch(q)
         if tuple(qt.shape) != self.shape:
-            raise ValueError(f"FusedAttention.load: q {tuple(qt.shape)} must be {self.shape}")
+            if qt.numel() != int(np.prod(self.shape)):
+                raise ValueError(f"FusedAttention.load: q {tuple(qt.shape)} must be {self.shape} (or hold as many elements)")
+            qt = qt.reshape(self.shape)
         self.q = qt if qt.dtype == self._tdtype else qt.to(self._tdtype)
 
     def update(self, k, v, pieces: Sequence[Piece]) -> None:
@@ -242,6 +246,11 @@ class FusedBackward:
     def reset(self) -> None:
         """Zero dQ for another pass over the same q, dO, O and LSE."""
         self.dqa.fill(0)
+
+    def set_do(self, do) -> None:
+        """Replace dO (same queries, O and LSE): ``do`` holds Z x G x n x D elements in that order (any shape that
+        reshapes to (Z, G, n, D), any dtype and strides). Hybrid's dO arrives by an all-to-all each pass."""
+        self.do = to_torch(do).to(self._tdtype).reshape(self.shape).contiguous()
 
     def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece]) -> None:
         """Fold the K/V block ``k, v`` (Z, m, D) in, for the given pieces: dQ here, dK and dV added into ``dk_acc``,

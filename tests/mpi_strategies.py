@@ -41,6 +41,36 @@ def output(cfg, backend, world, rank, nranks, host):
     return backend.asnumpy(obj.output()).astype(np.float64)
 
 
+def check_torch_kernel(backend, world, rank, P) -> int:
+    """ulysses and hybrid with --kernel torch (the fused kernel's state takes the gathered queries): against the
+    reference, and within float32 rounding of the native kernel. Skipped (0 checked) without torch."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return 0
+    checked = 0
+    for mode, u in (("ulysses", 1), ("hybrid", 2 if P % 2 == 0 else 1)):
+        for dtype, hk in (("float32", 1), ("bfloat16", 2)):
+            cfg = RunConfig(
+                seq_len=16 * P, heads=4, kv_heads=hk, head_dim=8, layout="striped", causal=True, dtype=dtype, mode=mode,
+                ulysses_degree=u, kernel="torch",
+            )  # fmt: skip
+            if mode == "ulysses" and 4 % P:  # the head rule (P = 3)
+                continue
+            assert validate(cfg, P) == [], validate(cfg, P)
+            host, ref = tensors(cfg, rank, P, backend)
+            out = output(cfg, backend, world, rank, P, host)
+            err = np.abs(out - ref).max() / np.abs(ref).max()
+            assert err < TOL[dtype], (mode, u, dtype, "torch", err)
+            obj = strategies.make(cfg, backend, world, False, rank, P, *(backend.asarray(host[x]) for x in "qkv"))
+            assert obj.blas.startswith("torch "), obj.blas  # the fused kernel computed
+            if dtype == "float32":
+                native = output(dataclasses.replace(cfg, kernel="native"), backend, world, rank, P, host)
+                np.testing.assert_allclose(out, native, rtol=0, atol=1e-5)
+            checked += 1
+    return checked
+
+
 def main() -> int:
     world = comm.WORLD
     rank, P = world.rank, world.size
@@ -79,6 +109,7 @@ def main() -> int:
             err = np.abs(out - ref).max() / np.abs(ref).max()
             assert err < TOL[dtype], (mode, u, dtype, err)
             n_checked += 1
+    n_checked += check_torch_kernel(backend, world, rank, P)
     counts = world.gather(n_checked)
     if rank == 0:
         print(f"checked {min(counts)}")

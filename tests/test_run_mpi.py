@@ -172,6 +172,8 @@ def test_one_query_head_per_group_is_checked_and_saved_unscaled(extra, tmp_path)
     "args",
     [
         ["--batch", 64, "--seq-len", 256, "--heads", 8, "--head-dim", 128],  # the ring's own arrays dominate
+        # ulysses' backward: all-to-all buffers, the group's K/V (kv heads replicated), what the forward keeps
+        ["--batch", 64, "--seq-len", 256, "--heads", 8, "--kv-heads", 1, "--head-dim", 128, "--mode", "ulysses", "--pass", "fwd+bwd"],
         ["--seq-len", 4096, "--heads", 4, "--head-dim", 64, "--causal", "--check"],  # --check's reference dominates
         [
             "--seq-len",

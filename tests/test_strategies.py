@@ -8,7 +8,8 @@ import pytest
 from ringbench import advise, model, store
 from ringbench.config import RunConfig, point_id, validate
 from ringbench.experiment import ExperimentError
-from ringbench.strategies import group_plan, kv_head_map
+from ringbench.layout import group_plan
+from ringbench.strategies import kv_head_map
 
 from conftest import MPIEXEC, ROOT, child_env, mpiexec, ringbench
 
@@ -46,6 +47,76 @@ def test_cli_run_checks_samples_and_bytes(mode, tmp_path):
     shape = model.Shape.from_config(run.config, 4)
     assert run.summary["bytes_per_rank"] == model.strategy_bytes(shape)
     assert run.config["ulysses_degree"] == (2 if mode == "hybrid" else 1)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nranks", [1, 2, 3, 4])
+def test_backward_of_ulysses_and_hybrid_matches_float64_gradients(nranks):
+    """One launch per rank count: ulysses and hybrid (every U dividing P) x layout x causal x kv heads (split and
+    replicated) and dtypes, dQ, dK, dV against float64 reference gradients (TOLERANCE_BWD); hybrid U=1 gives the
+    ring's gradients, U=P Ulysses'; each pass gathers dO anew (tests/mpi_strategies_backward.py asserts)."""
+    import subprocess
+    import sys
+
+    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(ROOT / "tests" / "mpi_strategies_backward.py")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    checked = int(res.stdout.split("checked")[1])
+    assert checked >= {1: 60, 2: 78, 3: 43, 4: 96}[nranks]
+
+
+def backward_bytes(n, heads, kv_heads, d, u, r, itemsize=4, compute=4, batch=1):
+    """The documented backward traffic of hybrid (ulysses: U = P, R = 1): dO in, the ring backward, dQ | dK | dV out."""
+    hl, hkl = heads // u, max(1, kv_heads // u)
+    ring = (r - 1) * 2 * batch * u * n * hkl * d * itemsize + (r * 2 * batch * u * n * hkl * d * compute if r > 1 else 0)
+    return (u - 1) * batch * n * hl * d * itemsize + ring + (u - 1) * batch * n * (hl + 2 * hkl) * d * compute
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nranks,mode,extra", [(2, "ulysses", ["--kv-heads", 2]), (4, "hybrid", ["--ulysses-degree", 2, "--kv-heads", 1])])
+def test_cli_backward_phase_samples_bytes_and_check(nranks, mode, extra, tmp_path):
+    """--pass fwd+bwd --check: a bwd phase of R + 2 steps, its bytes as documented, both checks passed; the saved
+    gradients (hybrid: kv heads replicated, their partial dK/dV summed by the owner) reverify against float64."""
+    out = tmp_path / "r.h5"
+    save = ["--save-tensors"] if mode == "hybrid" else []
+    res = mpiexec(
+        nranks, "run", *SMALL, "--check", "--out", out, "--seq-len", 64, "--mode", mode, "--pass", "fwd+bwd", "--causal", *extra, *save
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run,) = store.read(out, tensors=bool(save))
+    u = nranks if mode == "ulysses" else 2
+    r = nranks // u
+    bwd = run.bwd
+    assert run.check["passed"] and bwd.check["passed"], bwd.check
+    for name in ("compute_s", "comm_s", "step_s"):
+        assert bwd.samples[name].shape == (2, nranks, r + 2) and bwd.samples["warmup_" + name].shape == (1, nranks, r + 2)
+    assert bwd.samples["comm_only_s"].shape == (2, nranks, 2 + (r if r > 1 else 0))
+    assert (bwd.samples["comm_s"] > 0).all()  # the all-to-alls are timed as comm
+    n, kv = 64 // nranks, run.config["kv_heads"]
+    assert bwd.summary["bytes_per_rank"] == backward_bytes(n, 4, kv, 16, u, r)
+    assert run.summary["bytes_per_rank"] == model.strategy_bytes(model.Shape.from_config(run.config, nranks))
+    assert run.memory["theoretical_bwd_bytes"] > 0
+    if save:
+        from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
+
+        t = run.tensors
+        for got, ref in zip((t["dq"], t["dk"], t["dv"]), reference_attention_grad(t["q"], t["k"], t["v"], t["do"], causal=True)):
+            assert np.abs(got - ref).max() / np.abs(ref).max() < TOLERANCE_BWD["float32"]
+
+
+def test_every_strategy_has_a_backward():
+    for mode, u in (("ulysses", 1), ("hybrid", 2), ("pass-q", 1)):
+        for pass_ in ("bwd", "fwd+bwd"):
+            assert validate(RunConfig(mode=mode, ulysses_degree=u, heads=4, kv_heads=2, pass_=pass_), 4) == []
+
+
+def test_kernel_torch_with_the_strategies():
+    """ulysses and hybrid run --kernel torch forward and backward; pass-q its forward only (its backward is refused)."""
+    for mode, u in (("ulysses", 1), ("hybrid", 2)):
+        assert validate(RunConfig(mode=mode, ulysses_degree=u, heads=4, kv_heads=2, kernel="torch", pass_="fwd+bwd"), 4) == []
+    assert validate(RunConfig(mode="pass-q", kernel="torch"), 4) == []
+    (problem,) = validate(RunConfig(mode="pass-q", kernel="torch", pass_="bwd"), 4)
+    assert problem[0] == "kernel" and "forward only" in problem[1]
 
 
 @pytest.mark.mpi
