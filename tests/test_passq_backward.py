@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ringbench import inputs, kernel, store
+from ringbench import inputs, kernel, model, store
 from ringbench.backward import TOLERANCE_BWD, BlockBackward
 from ringbench.config import RunConfig, validate
 from ringbench.layout import CAUSAL, Piece
@@ -74,6 +74,7 @@ def test_cli_fwd_bwd_checks_and_stores_the_backward_phase(tmp_path):
         assert ph.samples["comm_only_s"].shape == (2, p, 2 * (p - 1))  # P-1 hops out, P-1 partials home
         assert ph.check["passed"] and ph.summary["time_s"] > 0
     assert run.bwd.summary["bytes_per_rank"] == bwd_bytes(p, 1, n, 4, 16, 4, 4)
+    assert run.bwd.summary["bytes_per_rank"] == model.strategy_bytes(model.Shape.from_config(run.config, p), "bwd")  # the model's count
     for name in ("dq", "dk", "dv"):
         assert run.bwd.check[f"{name}_rel_err"] < TOLERANCE_BWD["float32"]
     assert run.memory["theoretical_bwd_bytes"] > 0

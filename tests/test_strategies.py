@@ -94,7 +94,9 @@ def test_cli_backward_phase_samples_bytes_and_check(nranks, mode, extra, tmp_pat
     assert (bwd.samples["comm_s"] > 0).all()  # the all-to-alls are timed as comm
     n, kv = 64 // nranks, run.config["kv_heads"]
     assert bwd.summary["bytes_per_rank"] == backward_bytes(n, 4, kv, 16, u, r)
-    assert run.summary["bytes_per_rank"] == model.strategy_bytes(model.Shape.from_config(run.config, nranks))
+    shape = model.Shape.from_config(run.config, nranks)
+    assert run.summary["bytes_per_rank"] == model.strategy_bytes(shape, "fwd")
+    assert bwd.summary["bytes_per_rank"] == model.strategy_bytes(shape, "bwd")  # the model counts what is sent
     assert run.memory["theoretical_bwd_bytes"] > 0
     if save:
         from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
