@@ -1,7 +1,8 @@
 """Does the model pick the fastest context-parallel strategy? Probe, sweep, then compare (issue 11's targets).
 
     python benchmarks/strategy_bench.py [--ranks 2] [--experiment experiments/strategies.yaml]
-                                        [--seq-len 1024 2048 4096] [--repeat 5] [--work DIR] [--out FILE.json]
+                                        [--seq-len 1024 2048 4096] [--layout zigzag contiguous] [--pass fwd]
+                                        [--repeat 5] [--rounds 3] [--work DIR] [--out FILE.json]
 
 1. Calibration, separate from the sweep: ``mpiexec -n P ringbench probe --out WORK/probe.h5`` at every rank count
    (compute rate at several block sizes, ring link latency / bandwidth).
@@ -9,6 +10,9 @@
    of experiments/strategies.yaml (overlap, allgather, ulysses, pass-q, and hybrid U=2 where P > 2; causal, GQA 8/2,
    D=64, every point --check'ed) over ``--layout`` (zigzag: balanced ring; contiguous: the causal ring is
    unbalanced, Ulysses is not) and ``--seq-len``, timing ``--pass``.
+   ``--rounds`` K sweeps every point K times, one whole sweep after the other, and the comparison pools their
+   repeats (``results.strategy_points`` pools the runs of a point): on a shared machine a burst of other jobs'
+   load then spoils one run of a point rather than all its samples.
 3. The comparison, with the model calibrated from the probes only (``model.calibrate([], probes)``): per point
    (an (N, P) run with two or more strategies), the measured winner where ``measure.compare`` of the best and
    the runner-up is significant (else a tie within the noise), the predicted winner, and the error of each
@@ -61,11 +65,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5, help="built-in variant: timed passes per run")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="sweep every point this many times, one whole sweep after the other (sweep --force), and pool the repeats: "
+        "a burst of other jobs' load then spoils one run of a point, not all its samples (default 3)",
+    )
     p.add_argument("--probe-blocks", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], help="probe block sizes")
     p.add_argument("--work", help="directory for the probe and result files (default: a temporary one, removed)")
     p.add_argument("--out", help="write every figure here (JSON)")
     p.add_argument("--timeout", type=float, default=3600)
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.exit(2, f"strategy_bench: --rounds: expected a positive integer, got {a.rounds}\n")
     for opt in ("ranks", "seq_len", "probe_blocks"):
         if any(v < 1 for v in getattr(a, opt)):
             p.exit(2, f"strategy_bench: --{opt.replace('_', '-')}: expected positive integers, got {getattr(a, opt)}\n")
@@ -174,7 +187,8 @@ def main(argv=None) -> int:
         run(cmd, a.timeout)
     exp = work / "strategy-bench.yaml"
     exp.write_text(experiment_text(a))
-    run([sys.executable, "-m", "ringbench", "sweep", exp, "--results", work / "results"], a.timeout)
+    for k in range(a.rounds):  # whole sweeps one after the other: the runs of a point are minutes apart
+        run([sys.executable, "-m", "ringbench", "sweep", exp, "--results", work / "results"] + (["--force"] if k else []), a.timeout)
     runs = results.load(work / "results" / "strategy-bench.h5")
     probes = store.read_probes(probe)
     cal = model.calibrate([], probes)

@@ -226,6 +226,7 @@ def test_strategy_bench_probes_sweeps_and_compares(tmp_path):
         ("fwd", "zigzag", 256, 2),
     }
     assert all(set(p["times_s"]) == {"overlap", "allgather", "ulysses", "pass-q"} for p in data["points"])
+    assert all(len(reps) == 2 * 3 for p in data["points"] for reps in p["repeats_s"].values())  # 2 rounds of 3 repeats, pooled
     assert sum(s["points"] for s in data["summary"].values()) == 2  # "within the cores" or "oversubscribed"
     assert {t["strategy"] for t in data["step_terms"]} == {"ulysses", "pass-q"}
     assert all(t["local_model_s"] > 0 for t in data["step_terms"])  # the probe's copy rate prices the local copies
