@@ -29,6 +29,8 @@ Exit status 0; 2 on bad options (one line).
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -174,6 +176,24 @@ def step_terms(runs, cal: model.Calibration) -> list[dict]:
     return out
 
 
+def ablate(rows: list[dict], cal: model.Calibration) -> dict:
+    """Winner agreement and median |error| of the model without its per-piece rates (causal diagonal blocks at their
+    own measured rate) and / or its local-copy term, on the points within the cores: which term earns its keep."""
+    cores = os.cpu_count() or 1
+    points = results.strategy_points([r for r in rows if r["nranks"] <= cores])
+    variants = {
+        "full model": cal,
+        "without the copy term": dataclasses.replace(cal, copy_bw={}),
+        "without per-piece rates": dataclasses.replace(cal, diag_rates={}, bwd_diag_rates={}),
+        "without both (the 2026-11-25 model)": dataclasses.replace(cal, copy_bw={}, diag_rates={}, bwd_diag_rates={}),
+    }
+    out = {}
+    for name, c in variants.items():
+        agr = results.strategy_agreement(copy.deepcopy(points), lambda r, c=c: model.predict(results.shape(r), c).time_s)
+        out[name] = {"agree": agr["agree"], "decided": agr["decided"], "median_abs_error": agr["median_abs_error"]}
+    return out
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     cores = os.cpu_count() or 1
@@ -228,6 +248,10 @@ def main(argv=None) -> int:
             "signed_error_by_strategy": {s: float(np.median(v)) for s, v in by.items()},
             "verdict": verdict,
         }
+    ablation = ablate(rows, cal)
+    print("\nthe model without each of its newer terms, on the same runs (within the cores):")
+    for name, a_ in ablation.items():
+        print(f"  {name:34s} winner {a_['agree']}/{a_['decided']}, median |error| {a_['median_abs_error']:.1%}")
     terms = step_terms(runs, cal)
     if terms:
         print("\nlocal work (all-to-all steps' pack/load/finalize, pass-Q's last merge): measured and the model's copy term")
@@ -301,6 +325,7 @@ def main(argv=None) -> int:
                     "summary": summary,
                     "points": per_point,
                     "step_terms": terms,
+                    "ablation": ablation,
                 },
                 indent=1,
             )

@@ -81,13 +81,16 @@ class KVExchange:
     def post(self, send, recv, tag: int = 0) -> None:
         self.post_all([(send, recv)], tag)
 
-    def post_all(self, pairs, tag: int = 0) -> None:
-        """Start every (send, recv) pair of ``pairs``; pair i travels with tag ``tag + 2 i``."""
+    def post_all(self, pairs, tag: int = 0, *, dest: int | None = None, source: int | None = None) -> None:
+        """Start every (send, recv) pair of ``pairs``; pair i travels with tag ``tag + 2 i``, to ``dest`` and from
+        ``source`` (default: the next and the previous rank on the ring)."""
         if self._reqs:
             raise ProtocolError("post() called twice without wait()")
         if not pairs:
             raise ProtocolError("post() called with nothing to send")
         self.backend.synchronize()  # the device buffers must be complete before MPI reads them
+        dest = self.next if dest is None else dest
+        source = self.prev if source is None else source
         reqs = []
         for i, (send, recv) in enumerate(pairs):
             if self.staged:
@@ -98,7 +101,7 @@ class KVExchange:
                 self._staged_recvs.append((recv, recv_h))
                 send, recv = send_h, recv_h
             t = tag + 2 * i
-            reqs += [self.comm.Irecv(_buf(recv), source=self.prev, tag=t), self.comm.Isend(_buf(send), dest=self.next, tag=t)]
+            reqs += [self.comm.Irecv(_buf(recv), source=source, tag=t), self.comm.Isend(_buf(send), dest=dest, tag=t)]
         self._reqs = reqs
 
     def test(self) -> bool:
@@ -270,46 +273,15 @@ class AllToAll:
         _collective(self.comm.Alltoall, self.backend, self.staged, send, recv, "a2a")
 
 
-class PeerExchange:
+class PeerExchange(KVExchange):
     """Nonblocking send to any peer and receive from any peer (pass-Q returns partial outputs to their owners).
 
-    Same protocol as :class:`KVExchange`: ``post`` then ``wait``; posting twice or waiting with nothing
-    posted raises ProtocolError.
+    :class:`KVExchange` with the peers named per post: ``post(send, dest, recv, source)`` then ``wait``; posting
+    twice or waiting with nothing posted raises ProtocolError.
     """
 
     def __init__(self, comm, backend, cuda_aware: bool, name: str = "peer"):
-        self.comm = comm
-        self.backend = backend
-        self.staged = backend.is_gpu and not cuda_aware
-        self.name = name
-        self._reqs: list = []
-        self._recv_dev = None
-        self._recv_host = None
-
-    @property
-    def posted(self) -> bool:
-        return bool(self._reqs)
+        super().__init__(comm, backend, cuda_aware, name=name + "_")
 
     def post(self, send, dest: int, recv, source: int, tag: int = 3) -> None:
-        if self._reqs:
-            raise ProtocolError("post() called twice without wait()")
-        self.backend.synchronize()
-        if self.staged:
-            send_h = self.backend.pinned_empty(self.name + "_send", send.shape, send.dtype)
-            recv_h = self.backend.pinned_empty(self.name + "_recv", recv.shape, recv.dtype)
-            send.get(out=send_h)
-            self._recv_dev, self._recv_host = recv, recv_h
-            send, recv = send_h, recv_h
-        self._reqs = [self.comm.Irecv(_buf(recv), source=source, tag=tag), self.comm.Isend(_buf(send), dest=dest, tag=tag)]
-
-    def test(self) -> bool:
-        return bool(self._reqs) and MPI.Request.Testall(self._reqs)
-
-    def wait(self) -> None:
-        if not self._reqs:
-            raise ProtocolError("wait() called with nothing posted")
-        MPI.Request.Waitall(self._reqs)
-        self._reqs = []
-        if self.staged:
-            self._recv_dev.set(self._recv_host)
-            self._recv_dev = self._recv_host = None
+        self.post_all([(send, recv)], tag, dest=dest, source=source)

@@ -156,42 +156,46 @@ class Hybrid:
         o = self.ring.output()  # (B, U n, H/U, D) storage
         self.send_out[...] = o.reshape(self.batch, self.u, self.n, self.hl, self.head_dim).transpose(1, 0, 2, 3, 4)
 
-    def forward(self):
-        """One pass: all-to-all in, the ring over the groups, all-to-all out. (compute_s, comm_s, step_s) per step, total."""
+    def _finish_out(self) -> None:
+        """(U, B, n, H/U, D) -> (B, n, H, D): member a's heads of this rank's tokens."""
+        self.out = self.recv_out.transpose(1, 2, 0, 3, 4).reshape(self.batch, self.n, self.heads, self.head_dim)
+
+    def _a2a_step(self, pack, send, recv, load) -> tuple[float, float, float]:
+        """One all-to-all step: ``pack`` (compute), the collective ``send`` -> ``recv`` (comm), ``load`` (compute).
+        Returns its (compute_s, comm_s, step_s)."""
+        clock, sync = time.perf_counter, self.backend.synchronize
+        t0 = clock()
+        pack()
+        sync()
+        t1 = clock()
+        self.a2a(send, recv)
+        t2 = clock()
+        load()
+        sync()
+        t3 = clock()
+        return (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
+
+    def _pass(self, step_in, ring_pass, step_out):
+        """The loop of both passes: step 0 the all-to-all in, 1..R the ring's steps over the groups, R+1 the all-to-all
+        out (each step: (pack, send, recv, load)). (compute_s, comm_s, step_s) per step (R + 2), and the pass total."""
         S = self.r + 2
         t_compute, t_comm, t_step = np.zeros(S), np.zeros(S), np.zeros(S)
-        clock = time.perf_counter
-        sync = self.backend.synchronize
-        pass_start = clock()
+        pass_start = time.perf_counter()
         if self.fault is not None:
             raise _fault(self.rank, 0)
-        # step 0: the all-to-all in
-        t0 = clock()
-        self._pack_in()
-        sync()
-        t1 = clock()
-        self.a2a(self.send_in, self.recv_in)
-        t2 = clock()
-        self._load()
-        sync()
-        t3 = clock()
-        t_compute[0], t_comm[0], t_step[0] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
-        # steps 1..R: the ring over the groups
-        c, m, s, _ = self.ring.forward()
+        t_compute[0], t_comm[0], t_step[0] = self._a2a_step(*step_in)
+        c, m, s, _ = ring_pass()
         t_compute[1 : self.r + 1], t_comm[1 : self.r + 1], t_step[1 : self.r + 1] = c, m, s
-        # step R+1: finalize, the all-to-all out
-        t0 = clock()
-        self._unload()
-        sync()
-        t1 = clock()
-        self.a2a(self.send_out, self.recv_out)
-        t2 = clock()
-        # (U, B, n, H/U, D) -> (B, n, H, D): member a's heads
-        self.out = self.recv_out.transpose(1, 2, 0, 3, 4).reshape(self.batch, self.n, self.heads, self.head_dim)
-        sync()
-        t3 = clock()
-        t_compute[-1], t_comm[-1], t_step[-1] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
-        return t_compute, t_comm, t_step, clock() - pass_start
+        t_compute[-1], t_comm[-1], t_step[-1] = self._a2a_step(*step_out)
+        return t_compute, t_comm, t_step, time.perf_counter() - pass_start
+
+    def forward(self):
+        """One pass: all-to-all of q, k, v in, the ring over the groups, finalize and the all-to-all of O out."""
+        return self._pass(
+            (self._pack_in, self.send_in, self.recv_in, self._load),
+            self.ring.forward,
+            (self._unload, self.send_out, self.recv_out, self._finish_out),
+        )
 
     # the backward ----------------------------------------------------------------------------------
     def prepare_backward(self) -> None:
@@ -265,41 +269,13 @@ class Hybrid:
         dv[...] = total[..., 1, :].transpose(1, 2, 0, 3)
 
     def backward(self):
-        """One backward pass (after :meth:`prepare_backward`): the all-to-all of dO, the ring's backward over the groups,
-        the all-to-all of dQ, dK, dV. (compute_s, comm_s, step_s) per step (R + 2), and the pass total."""
-        S = self.r + 2
-        t_compute, t_comm, t_step = np.zeros(S), np.zeros(S), np.zeros(S)
-        clock = time.perf_counter
-        sync = self.backend.synchronize
-        pass_start = clock()
-        if self.fault is not None:
-            raise _fault(self.rank, 0)
-        # step 0: dO, sequence split -> head split
-        t0 = clock()
-        self._pack_do()
-        sync()
-        t1 = clock()
-        self.a2a(self.send_do, self.recv_do)
-        t2 = clock()
-        self._load_do()
-        sync()
-        t3 = clock()
-        t_compute[0], t_comm[0], t_step[0] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
-        # steps 1..R: the ring backward over the groups (dK/dV accumulators travel with the K/V blocks)
-        c, m, s, _ = self.ring.backward()
-        t_compute[1 : self.r + 1], t_comm[1 : self.r + 1], t_step[1 : self.r + 1] = c, m, s
-        # step R+1: dQ, dK, dV back to the tokens' owners
-        t0 = clock()
-        self._pack_grads()
-        sync()
-        t1 = clock()
-        self.a2a(self.send_grad, self.recv_grad)
-        t2 = clock()
-        self._unpack_grads()
-        sync()
-        t3 = clock()
-        t_compute[-1], t_comm[-1], t_step[-1] = (t1 - t0) + (t3 - t2), t2 - t1, t3 - t0
-        return t_compute, t_comm, t_step, clock() - pass_start
+        """One backward pass (after :meth:`prepare_backward`): the all-to-all of dO, the ring's backward over the groups
+        (dK/dV accumulators travel with the K/V blocks), the all-to-all of dQ, dK, dV back to the tokens' owners."""
+        return self._pass(
+            (self._pack_do, self.send_do, self.recv_do, self._load_do),
+            self.ring.backward,
+            (self._pack_grads, self.send_grad, self.recv_grad, self._unpack_grads),
+        )
 
     def grads(self):
         """dQ (B, n, H, D), dK and dV (B, n, H_kv, D) of this rank's tokens in the storage dtype (from the last backward)."""

@@ -230,6 +230,8 @@ def test_strategy_bench_probes_sweeps_and_compares(tmp_path):
     assert sum(s["points"] for s in data["summary"].values()) == 2  # "within the cores" or "oversubscribed"
     assert {t["strategy"] for t in data["step_terms"]} == {"ulysses", "pass-q"}
     assert all(t["local_model_s"] > 0 for t in data["step_terms"])  # the probe's copy rate prices the local copies
+    assert set(data["ablation"]) == {"full model", "without the copy term", "without per-piece rates", "without both (the 2026-11-25 model)"}
+    assert "the model without each of its newer terms" in res.stdout
     assert (tmp_path / "work" / "probe.h5").exists() and (tmp_path / "work" / "results" / "strategy-bench.h5").exists()
 
 
