@@ -196,24 +196,8 @@ def test_torch_kernel_bench_user_error_is_one_line():
 def test_strategy_bench_probes_sweeps_and_compares(tmp_path):
     assert MPIEXEC.exists()
     out = tmp_path / "s.json"
-    tiny = (
-        "--seq-len",
-        128,
-        256,
-        "--heads",
-        4,
-        "--kv-heads",
-        2,
-        "--head-dim",
-        16,
-        "--repeat",
-        3,
-        "--probe-blocks",
-        64,
-        128,
-        "--layout",
-        "zigzag",
-    )
+    tiny = ("--seq-len", 128, 256, "--heads", 4, "--kv-heads", 2, "--head-dim", 16, "--repeat", 3, "--probe-blocks", 64, 128)
+    tiny += ("--layout", "zigzag", "--rounds", 2)
     res = script("strategy_bench.py", *tiny, "--ranks", 2, "--work", tmp_path / "work", "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "load average" in res.stdout and "calibration: probe" in res.stdout  # calibrated from the probe, not the runs
@@ -226,11 +210,17 @@ def test_strategy_bench_probes_sweeps_and_compares(tmp_path):
         ("fwd", "zigzag", 256, 2),
     }
     assert all(set(p["times_s"]) == {"overlap", "allgather", "ulysses", "pass-q"} for p in data["points"])
-    assert all(len(reps) == 2 * 3 for p in data["points"] for reps in p["repeats_s"].values())  # 2 rounds of 3 repeats, pooled
+    lengths = [len(reps) for p in data["points"] for reps in p["repeats_s"].values()]
+    assert lengths == [2 * 3] * len(lengths), lengths  # 2 rounds of 3 repeats, pooled
     assert sum(s["points"] for s in data["summary"].values()) == 2  # "within the cores" or "oversubscribed"
     assert {t["strategy"] for t in data["step_terms"]} == {"ulysses", "pass-q"}
     assert all(t["local_model_s"] > 0 for t in data["step_terms"])  # the probe's copy rate prices the local copies
-    assert set(data["ablation"]) == {"full model", "without the copy term", "without per-piece rates", "without both (the 2026-11-25 model)"}
+    assert set(data["ablation"]) == {
+        "full model",
+        "without the copy term",
+        "without per-piece rates",
+        "without both (the 2026-11-25 model)",
+    }
     assert "the model without each of its newer terms" in res.stdout
     assert (tmp_path / "work" / "probe.h5").exists() and (tmp_path / "work" / "results" / "strategy-bench.h5").exists()
 
