@@ -117,6 +117,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    code = 1
     try:
         code = main()
     except BaseException as exc:
