@@ -408,47 +408,70 @@ class PassQ:
         return st.finalize()  # (Z, G, n, D), (Z, G, n) natural log
 
     def forward(self):
-        """One pass. (compute_s, comm_s, step_s) arrays of length P + 1 and the pass total."""
-        P, xp, d = self.nranks, self.xp, self.head_dim
+        """One pass: the query blocks travel, partial (O, LSE) return home and are merged there. (compute_s, comm_s,
+        step_s) arrays of length P + 1 and the pass total."""
+        d = self.head_dim
+
+        def start():
+            self.kv[...] = self.kv_home
+
+        def compute(cur, s):
+            o, lse = self._partial(cur[0], s)
+            if s == 0:
+                self.acc = (o, lse)
+            else:
+                part = self.parts[s % 2]
+                part[..., :d] = o
+                part[..., d] = lse
+
+        def fold():
+            self.acc = kernel.merge(self.xp, self.acc[0], self.acc[1], self.recv_part[..., :d], self.recv_part[..., d])
+
+        bufs = ((self.bufs[0],), (self.bufs[1],))
+        return self._pass(start, (self.q_home,), bufs, self.ex, self.ret, compute, self.parts, self.recv_part, fold)
+
+    def _pass(self, start, home, bufs, ex, ret, compute, parts, recv, fold):
+        """The loop of both passes, steps s = 0..P: the block of rank (r - s) mod P is here (``home`` copied into
+        ``bufs[0]`` first; tuples of buffers that travel together by ``ex``); the next one moves on (s < P - 1) while
+        this one is computed against the local K/V (``compute(cur, s)``, writing the partial of step s into
+        ``parts[s % 2]``, or keeping its own at s = 0); the partial of step s - 1 returns to its owner by ``ret``
+        (2 <= s <= P), into ``recv``, and ``fold()`` joins it to the owner's result. (compute_s, comm_s, step_s)
+        arrays of length P + 1 and the pass total."""
+        P = self.nranks
         S = P + 1
         t_compute, t_comm, t_step = np.zeros(S), np.zeros(S), np.zeros(S)
         clock = time.perf_counter
         ctimer = self.backend.timer()
-        cur, nxt = self.bufs
+        cur, nxt = bufs
         pass_start = clock()
-        cur[...] = self.q_home
-        self.kv[...] = self.kv_home
+        for a, h in zip(cur, home):
+            a[...] = h
+        start()
         self.backend.synchronize()
         for s in range(S):
             if s == self.fault:
                 raise _fault(self.rank, s)
             step_start = clock()
-            more = s < P - 1  # a next query block to receive
+            more = s < P - 1  # a next block to receive
             back = 2 <= s <= P  # the partial computed at step s-1 goes home now
             if more:
-                self.ex.post(cur, nxt)
+                ex.post_all(list(zip(cur, nxt)))  # one buffer per dtype, together
             if back:
-                self.ret.post(self.parts[(s - 1) % 2], (self.rank - s + 1) % P, self.recv_part, (self.rank + s - 1) % P)
+                ret.post(parts[(s - 1) % 2], (self.rank - s + 1) % P, recv, (self.rank + s - 1) % P)
             t_comm[s] = clock() - step_start
             ctimer.start()
             if s < P:
-                o, lse = self._partial(cur, s)
-                if s == 0:
-                    self.acc = (o, lse)
-                else:
-                    part = self.parts[s % 2]
-                    part[..., :d] = o
-                    part[..., d] = lse
+                compute(cur, s)
             ctimer.stop()
             t0 = clock()
             if more:
-                self.ex.wait()
+                ex.wait()
             if back:
-                self.ret.wait()
+                ret.wait()
             t_comm[s] += clock() - t0
-            if back:
+            if back:  # the owner's result: its own partial, then those of ranks r+1, r+2, ... (ring order)
                 ctimer.start()
-                self.acc = kernel.merge(xp, self.acc[0], self.acc[1], self.recv_part[..., :d], self.recv_part[..., d])
+                fold()
                 ctimer.stop()
             self.backend.synchronize()
             t_step[s] = clock() - step_start
@@ -537,49 +560,18 @@ class PassQ:
         of rank (r - s) mod P is here; the next bundle moves on (s < P - 1) while this one is computed against the
         local K/V, and the dQ partial of step s - 1 returns to its owner (2 <= s <= P), which adds it in ring order.
         (compute_s, comm_s, step_s) arrays of length P + 1 and the pass total."""
-        P = self.nranks
-        S = P + 1
-        t_compute, t_comm, t_step = np.zeros(S), np.zeros(S), np.zeros(S)
-        clock = time.perf_counter
-        ctimer = self.backend.timer()
-        cur, nxt = self.bundles
-        pass_start = clock()
-        for a, h in zip(cur, self.bundle_home):
-            a[...] = h
-        self.kv[...] = self.kv_home
-        self.dkv.fill(0)
-        self.backend.synchronize()
-        for s in range(S):
-            if s == self.fault:
-                raise _fault(self.rank, s)
-            step_start = clock()
-            more = s < P - 1  # a next bundle to receive
-            back = 2 <= s <= P  # the dQ partial of step s-1 goes home now
-            if more:
-                self.bex.post_all(list(zip(cur, nxt)))  # one buffer per dtype, together
-            if back:
-                self.dret.post(self.dq_parts[(s - 1) % 2], (self.rank - s + 1) % P, self.recv_dq, (self.rank + s - 1) % P)
-            t_comm[s] = clock() - step_start
-            ctimer.start()
-            if s < P:
-                self._bwd_step(cur, s, self.dq_acc if s == 0 else self.dq_parts[s % 2])
-            ctimer.stop()
-            t0 = clock()
-            if more:
-                self.bex.wait()
-            if back:
-                self.dret.wait()
-            t_comm[s] += clock() - t0
-            if back:  # the owner's sum: its own partial, then those of ranks r+1, r+2, ... (ring order)
-                ctimer.start()
-                self.dq_acc += self.recv_dq
-                ctimer.stop()
-            self.backend.synchronize()
-            t_step[s] = clock() - step_start
-            t_compute[s] = ctimer.seconds()
-            if more:
-                cur, nxt = nxt, cur
-        return t_compute, t_comm, t_step, clock() - pass_start
+
+        def start():
+            self.kv[...] = self.kv_home
+            self.dkv.fill(0)
+
+        def compute(cur, s):
+            self._bwd_step(cur, s, self.dq_acc if s == 0 else self.dq_parts[s % 2])
+
+        def fold():
+            self.dq_acc += self.recv_dq
+
+        return self._pass(start, self.bundle_home, self.bundles, self.bex, self.dret, compute, self.dq_parts, self.recv_dq, fold)
 
     def grads(self):
         """dQ (B, n, H, D), dK and dV (B, n, H_kv, D) of this rank's tokens in the storage dtype (after :meth:`backward`):

@@ -348,6 +348,21 @@ def test_calibrate_takes_the_backward_rate_from_runs_when_the_probe_has_none():
     probe.samples.update(bwd_block_flops=np.array([160.0]), bwd_compute_s=np.full((1, 2, 3), 2e-3))
     cal = model.calibrate([_fake_bwd_run(3, 12, 4e-3, 1e-3, 1.5e-3)], [probe])
     assert cal.rate(160.0, 3, phase="bwd") == pytest.approx(80e3) and not cal.notes
+    # a probe from before the causal diagonal blocks and the copy rate: whole-step rates, no copy term
+    assert not cal.per_piece("fwd") and not cal.per_piece("bwd") and cal.copy_bw == {}
+    # with them: per-piece rates (diagonal block of the same square: 36 of its 64 pairs' FLOPs in 2 ms) and a copy rate
+    probe.samples.update(
+        causal_flops=np.array([36.0]),
+        causal_compute_s=np.full((1, 2, 3), 2e-3),
+        bwd_causal_compute_s=np.full((1, 2, 3), 4e-3),
+        copy_bytes=np.array([1000]),
+        copy_s=np.full((5, 3), 1e-3),
+    )
+    probe.summary["copy_Bps"] = 1e6
+    cal = model.calibrate([], [probe])
+    assert cal.per_piece("fwd") and cal.per_piece("bwd") and cal.copy_bw == {3: 1e6}
+    assert cal.piece_rate(64.0, 3, masked=True) == pytest.approx(18e3)
+    assert cal.piece_rate(160.0, 3, masked=True, phase="bwd") == pytest.approx(2.5 * 36 / 4e-3)
 
 
 # ---------------------------------------------------------------------------------------------
