@@ -769,7 +769,7 @@ def _strategy_panel(ax, points: list[dict], labels: list[str], cal: model.Calibr
     family = f"{phase}, {r0['layout']}{' causal' if r0['causal'] else ''}, {_shape_desc(r0)}, {r0['dtype']}"
     a, d = agreement["agree"], agreement["decided"]
     ax.set_title(
-        f"{family}: predicted winner = measured winner on {a} of {d} points" + (f" ({a / d:.0%})" if d else "")
+        f"{family}\npredicted winner = measured winner on {a} of {d} points" + (f" ({a / d:.0%})" if d else "")
         + f" with a significant margin ({agreement['ties']} ties left out); median |error| of the predicted times "
         + (f"{agreement['median_abs_error']:.0%}" if agreement["errors"] else "-"),
         fontsize=9,

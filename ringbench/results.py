@@ -361,13 +361,18 @@ def strategy_points(table: list[dict]) -> list[dict]:
     return sorted(out, key=lambda d: tuple(_orderable(d[k]) for k in COMPARE_KEY))
 
 
+PREDICTED_TIE = 1e-9  # relative: predicted times this close are one prediction (the same arithmetic, summed in another order)
+
+
 def strategy_agreement(points: list[dict], predict) -> dict:
     """How often the predicted winner is the measured one, and the error of the predicted times.
 
     ``predict(row) -> seconds`` (e.g. ``lambda r: model.predict(shape(r), cal).time_s``; nan: not predicted).
     Each point (``strategy_points``) gains ``predicted`` {strategy: seconds}, ``predicted_winner`` (least predicted
-    time among the strategies measured there), ``agree`` (True / False where the point has a measured winner, None
-    at a tie) and ``errors`` {strategy: (predicted - measured) / measured}. Returns {``points``, ``decided``: points
+    time among the strategies measured there), ``predicted_winners`` (every strategy whose predicted time equals the
+    least: the model cannot tell them apart, e.g. hybrid with U = P and Ulysses), ``agree`` (True where the point has a
+    measured winner and it is one of them, False where it is not, None at a tie) and ``errors`` {strategy: (predicted -
+    measured) / measured}. Returns {``points``, ``decided``: points
     with a measured winner, ``agree``: of those, where the predicted winner is it, ``ties``, ``errors``: every
     strategy time's relative error, ``median_abs_error``: median of their absolute values (nan if none)}.
     """
@@ -378,13 +383,16 @@ def strategy_agreement(points: list[dict], predict) -> dict:
         valid = {s: t for s, t in pred.items() if math.isfinite(t)}
         p["predicted"] = pred
         p["predicted_winner"] = min(valid, key=lambda s: (valid[s], s)) if valid else None
+        # strategies the model cannot tell apart (equal predicted times: hybrid with U = P is Ulysses) win together
+        best = valid[p["predicted_winner"]] if valid else math.nan
+        p["predicted_winners"] = sorted(s for s, t in valid.items() if t <= best * (1 + PREDICTED_TIE))
         p["errors"] = {s: (t - p["times"][s]) / p["times"][s] for s, t in valid.items() if p["times"][s] > 0}
         errors += list(p["errors"].values())
         if p["winner"] is None:
             p["agree"] = None
             ties += 1
         else:
-            p["agree"] = p["predicted_winner"] == p["winner"]
+            p["agree"] = p["winner"] in p["predicted_winners"]
             decided += 1
             agree += p["agree"]
     return {

@@ -212,3 +212,18 @@ def matplotlib_hex(c):
     import matplotlib.colors
 
     return matplotlib.colors.to_hex(c)
+
+
+def test_strategies_the_model_cannot_tell_apart_win_together():
+    """hybrid with U = P is Ulysses: equal predicted times, either measured winner agrees with the model."""
+    table = [row(2048, 2, "hybrid", reps(1.5), u=2), row(2048, 2, "ulysses", reps(1.0)), row(2048, 2, "overlap", reps(2.0))]
+    points = results.strategy_points(table)
+    same = {"hybrid U=2": 1.2, "ulysses": 1.2, "overlap": 2.0}
+    agreement = results.strategy_agreement(points, lambda r: same[results.strategy_label(r)])
+    (p,) = points
+    assert p["winner"] == "ulysses" and p["predicted_winner"] == "hybrid U=2"  # the first by name among equals
+    assert p["predicted_winners"] == ["hybrid U=2", "ulysses"] and p["agree"] is True and agreement["agree"] == 1
+    # a prediction apart by more than rounding is a prediction: the model picked hybrid, ulysses won
+    same["ulysses"] = 1.2 * (1 + 1e-6)
+    (p,) = results.strategy_points(table)
+    assert results.strategy_agreement([p], lambda r: same[results.strategy_label(r)])["agree"] == 0 and p["agree"] is False
