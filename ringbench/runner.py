@@ -244,8 +244,14 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
             ring += 3 * s * qe + c * (2 * (qe + 2 * kvr) + 2 * kve) + s * (qe + 2 * kve)
     keep = inputs if (cfg.check or cfg.save_tensors) else 0  # host copies kept for the check / the file
     after = [0]  # host memory needed after the passes, beside the output on the host
-    if "bwd" in cfg.phases:  # the gradients, and --check's float64 reference gradients (dK, dV over every key)
-        after.append(3 * s * qe + (8 * (qe + 4 * b * N * hk * d) if cfg.check else 0))
+    if "bwd" in cfg.phases:  # the gradients, and --check's float64 reference gradients (backward.reference_attention_grad)
+        grads = 3 * s * qe
+        if cfg.check:  # float64: q, dO and dQ here; K, V, dK, dV as given and returned; K, V, dK, dV repeated to every
+            # query head over all N keys and the two (B, H, N, D) products of a chunk's dK/dV update; the score chunks
+            ge = b * N * hk * d
+            bwd_ref = 8 * (3 * qe + 4 * ge + 6 * b * cfg.heads * N * d) + REFERENCE_TEMPS * 8 * b * cfg.heads * min(REFERENCE_CHUNK, n) * N
+            grads += 2 * s * ge + bwd_ref  # the global K, V it is given (storage dtype)
+        after.append(grads)
     if cfg.check:
         ge = b * N * hk * d  # global K (or V)
         kv_global = (8 + s) * ge + s * ge + TOKENS_TEMPS * 8 * min(TOKENS_CHUNK, N) * hk * d
