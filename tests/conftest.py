@@ -56,6 +56,20 @@ def ringbench(*args, env: dict | None = None, timeout: float = 120, cwd=None) ->
     )
 
 
+def mpi_worker(script: Path, nranks: int, spec: dict, timeout: float = 300):
+    """Run a test worker (tests/*worker*.py, tests/mpi_*.py) at ``nranks`` ranks with its JSON ``spec``; the object of
+    the ``RESULT <json>`` line rank 0 prints. Fails (with the output's tail) when the job does not exit 0."""
+    import json
+
+    if not MPIEXEC.exists():
+        pytest.fail(f"{MPIEXEC} not found: install the test extra (pip install -e '.[mpich,test]')")
+    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(script), json.dumps(spec)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(line[len("RESULT ") :])
+
+
 def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
     """``mpiexec -n P python -m ringbench ARGS`` with this interpreter."""
     if not MPIEXEC.exists():

@@ -2,8 +2,6 @@
 for every layout x causal x GQA x dtype at P = 1..4, the traffic counted, and the stored phase."""
 
 import importlib.util
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +12,14 @@ from ringbench.backward import TOLERANCE_BWD, BlockBackward
 from ringbench.config import RunConfig, validate
 from ringbench.layout import CAUSAL, Piece
 
-from conftest import MPIEXEC, child_env, mpiexec
+from conftest import mpi_worker, mpiexec
 
 WORKER = Path(__file__).with_name("mpi_passq_backward.py")
 SPEC = dict(tokens_per_rank=12, head_dim=8, batch=2, kv_heads=[4, 2, 1], dtypes=["float64", "float16", "bfloat16"])
 
 
 def launch(nranks: int, spec: dict) -> list:
-    import subprocess
-
-    if not MPIEXEC.exists():
-        pytest.fail(f"{MPIEXEC} not found: install the test extra (pip install -e '.[mpich,test]')")
-    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(WORKER), json.dumps(spec)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    return json.loads(line[len("RESULT ") :])
+    return mpi_worker(WORKER, nranks, spec)
 
 
 def bwd_bytes(nranks: int, batch: int, n: int, heads: int, head_dim: int, itemsize: int, compute_itemsize: int) -> int:

@@ -2,7 +2,6 @@
 the three modes bit for bit, the stored phases, and the `pass` key."""
 
 import json
-import sys
 from pathlib import Path
 
 import h5py
@@ -13,7 +12,7 @@ from ringbench import inputs, results, store
 from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import ConfigError, RunConfig, option_name, point_id
 
-from conftest import MPIEXEC, child_env, mpiexec, ringbench
+from conftest import mpi_worker, mpiexec, ringbench
 
 WORKER = Path(__file__).with_name("ring_backward_worker.py")
 SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet"]
@@ -21,15 +20,7 @@ SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet"
 
 def launch_cases(nranks, **spec):
     """Run tests/ring_backward_worker.py at ``nranks`` ranks; its cases (layouts x modes x causal) as dicts."""
-    import subprocess
-
-    if not MPIEXEC.exists():
-        pytest.fail(f"{MPIEXEC} not found: install the test extra (pip install -e '.[mpich,test]')")
-    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(WORKER), json.dumps(spec)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    return json.loads(line[len("RESULT ") :])
+    return mpi_worker(WORKER, nranks, spec)
 
 
 def assert_cases(cases):
@@ -64,9 +55,9 @@ def test_large_logits_give_finite_gradients():
     assert_cases(cases)
 
 
-def run_file(nranks, tmp_path, *args, name="r.h5"):
+def run_file(nranks, tmp_path, *args, name="r.h5", env=None):
     out = tmp_path / name
-    res = mpiexec(nranks, "run", *SMALL, "--out", out, *args)
+    res = mpiexec(nranks, "run", *SMALL, "--out", out, *args, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     return out
 
@@ -117,9 +108,12 @@ def test_done_when_command_measures_and_checks_both_phases(tmp_path):
 @pytest.mark.mpi
 def test_modes_give_identical_saved_gradients_that_reverify(tmp_path):
     grads = {}
+    # one exponential for the three runs: each run picks its own by measuring (runner: RINGBENCH_EXP auto), and on a
+    # loaded machine two runs can pick differently; the modes are bitwise identical for one exponential
+    one_exp = {"RINGBENCH_EXP": "2"}
     for mode in ("overlap", "blocking", "allgather"):
         out = run_file(3, tmp_path, "--pass", "bwd", "--seq-len", 96, "--causal", "--layout", "striped", "--kv-heads", 1,
-                       "--mode", mode, "--save-tensors", "--check", name=f"{mode}.h5")  # fmt: skip
+                       "--mode", mode, "--save-tensors", "--check", name=f"{mode}.h5", env=one_exp)  # fmt: skip
         (run,) = store.read(out, tensors=True)
         assert run.phases() == ["bwd"] and not run.samples and not run.summary and run.bwd.check["passed"]
         grads[mode] = run.tensors

@@ -91,6 +91,7 @@ def test_modes_give_identical_outputs_and_tensors_reverify(tmp_path):
                 "--save-tensors",
                 "--out",
                 path,
+                env={"RINGBENCH_EXP": "2"},  # one exponential for every run (auto measures per run; bitwise needs one)
             )
             assert res.returncode == 0, res.stderr
             (run,) = store.read(path, tensors=True)
