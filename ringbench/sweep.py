@@ -155,10 +155,11 @@ def source_root() -> Path:
     return Path(ringbench.__file__).resolve().parent.parent
 
 
-def child_env() -> dict:
+def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     root = str(source_root())
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra or {})
     return env
 
 
@@ -173,8 +174,11 @@ class Outcome:
     run: store.Run | None = None
 
 
-def run_point(point: Point, lay: ResultDir, launcher: str, timeout: float, spec: SlurmSpec | None = None) -> Outcome:
-    """Run one point as a subprocess; a failure (exit status, timeout, signal) is stored as a failed run."""
+def run_point(
+    point: Point, lay: ResultDir, launcher: str, timeout: float, spec: SlurmSpec | None = None, env: dict | None = None
+) -> Outcome:
+    """Run one point as a subprocess (``env``: variables added to its environment); a failure (exit status, timeout,
+    signal) is stored as a failed run."""
     part = lay.part(point.id)
     cmd = run_command(point, part, launcher, spec)
     log = lay.log(point.id)
@@ -183,7 +187,9 @@ def run_point(point: Point, lay: ResultDir, launcher: str, timeout: float, spec:
         fh.write(f"# {utc_now()} {shlex.join(cmd)}\n".encode())
         fh.flush()
         start = fh.tell()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=child_env(env), start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=timeout)
             why = _exit_reason(rc)
@@ -404,18 +410,36 @@ class _Progress:
             sys.stderr.flush()
 
 
+def one_exponential(points: list[Point]) -> tuple[dict, str]:
+    """The environment that fixes the exponential of the native NumPy kernel for every point of this sweep, and a
+    phrase saying which: $RINGBENCH_EXP if set (inherited as it is); else, when every point runs that kernel, the
+    one this machine measures fastest now (``kernel.exp_base``, once). Each run would otherwise measure its own, and
+    on a loaded machine two runs of one sweep can pick different ones: their times (and the bitwise identity of
+    their outputs) would then differ for a reason that is not the point's. Other backends or kernels: each run's own."""
+    from ringbench import kernel
+
+    given = os.environ.get(kernel.EXP_ENV, "")
+    if given and given != "auto":
+        return {}, f"{given} ({kernel.EXP_ENV})"
+    if not points or any(p.config.backend != "numpy" or p.config.kernel != "native" for p in points):
+        return {}, "each run's own (not every point runs the native NumPy kernel)"
+    name = kernel.exp_base(choice="auto").name
+    return {kernel.EXP_ENV: name}, f"{name} (measured once for the sweep; {kernel.EXP_ENV} overrides)"
+
+
 def run_sweep(exp: Experiment, lay: ResultDir, points: list[Point], *, launcher: str, force: bool, collect_after: bool) -> int:
     """Run the points not yet done, one line per finished point; 0 if all ok, 1 if any failed."""
     run, skipped = todo(exp, lay, points, force)
+    env, exp_text = one_exponential(run)
     print(
         f"sweep {exp.name}: {len(points)} points, {skipped} already done (skipped), {len(run)} to run "
-        f"with {launcher}; results in {lay.root}",
+        f"with {launcher}; results in {lay.root}; exponential {exp_text}",
         flush=True,
     )
     bar, failed, width = _Progress(len(run)), 0, len(str(len(run)))
     for i, p in enumerate(run, 1):
         bar.show(i - 1, p.id)
-        out = run_point(p, lay, launcher, exp.timeout, exp.slurm)
+        out = run_point(p, lay, launcher, exp.timeout, exp.slurm, env)
         bar.clear()
         head = f"[{i:{width}d}/{len(run)}] {'ok' if out.status == 'ok' else 'FAILED':6s} {out.seconds:6.1f}s  {p.id}"
         if out.status == "ok":

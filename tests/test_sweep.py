@@ -245,3 +245,28 @@ def test_a_run_stored_under_an_old_id_counts_as_done(where, tmp_path):
     store.append(path, run)
     assert set(stored(exp, lay)) == {done.id}
     assert todo(exp, lay, exp.points, force=False) == ([other], 1)
+
+
+def test_every_point_of_a_sweep_computes_with_one_exponential(tmp_path):
+    """The sweep measures the exponential once and hands it to every point (each run would measure its own, and
+    two runs on a loaded machine can pick differently); RINGBENCH_EXP, if set, is what every point uses."""
+    import re
+
+    exp = write(
+        tmp_path,
+        f"""
+        name: exp
+        base: {SMALL}
+        matrix:
+          mode: [overlap, allgather, ulysses]
+        ranks: [2]
+    """,
+    )
+    res = sweep(tmp_path, exp, env={"RINGBENCH_EXP": ""})
+    assert res.returncode == 0, res.stdout + res.stderr
+    (name,) = re.findall(r"exponential (\S+) \(measured once for the sweep; RINGBENCH_EXP overrides\)", res.stdout)
+    runs = store.read(tmp_path / "results" / "exp.h5")
+    assert len(runs) == 3 and {r.provenance["exp"] for r in runs} == {name}
+    forced = sweep(tmp_path, exp, "--force", env={"RINGBENCH_EXP": "e"})
+    assert forced.returncode == 0 and "exponential e (RINGBENCH_EXP)" in forced.stdout
+    assert sorted(r.provenance["exp"] for r in store.read(tmp_path / "results" / "exp.h5")) == sorted([name] * 3 + ["e"] * 3)
