@@ -238,7 +238,9 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
         accs = 2 * kvr * c * (2 * nranks + 1 if cfg.mode == "allgather" else 3)
         if cfg.mode == "pass-q":  # dK/dV stay (one accumulator); three visitor bundles (home, two ring buffers), four dQ partials
             accs = 2 * kve * c + 3 * (2 * qe * s + 2 * b * n * cfg.heads * c) + 4 * qe * c
-        bwd_tiles = c * (2 * backward.HOST_TILE_ELEMS_BWD + 2 * (d + 1) * nr * (b * hkr if gpu else 1))
+        tq, tk, hc = backward.auto_tiles(nr, nr, g, b * hkr, gpu=gpu)  # as the backward tiles a whole block
+        need = backward.BlockBackward.scratch_elems(g, d, nr, nr, head_chunk=hc, tile_q=cfg.tile_q or tq, tile_k=tk, in_place=mkl)
+        bwd_tiles = c * sum(need.values())
         ring += s * qe + c * (2 * b * n * cfg.heads * (d + 1) + qe) + accs + bwd_tiles
         if a2a:  # dO's all-to-all buffers, the kept O, dQ | dK | dV's (compute dtype), the gradients, a replicated head's sum
             ring += 3 * s * qe + c * (2 * (qe + 2 * kvr) + 2 * kve) + s * (qe + 2 * kve)
