@@ -311,7 +311,7 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
         if r["status"] == "ok" and cal.has_phase(r.get("phase", "fwd")):
             key = (
                 r.get("phase", "fwd"),
-                r["mode"],
+                results.strategy_label(r),  # hybrid once per Ulysses degree
                 r["layout"],
                 bool(r["causal"]),
                 r["dtype"],
@@ -330,8 +330,10 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
             if r["seq_len"] % divisor(r["layout"], p):
                 cells.append("-")
                 continue
-            cells.append(_num(model.predict(results.shape(r, nranks=p).with_(pass_=r.get("phase", "fwd")), cal).time_s, ".2f", 1e3))
-        body.append([r["mode"], r.get("phase", "fwd"), config_label(r), r["dtype"], shape_label(r), str(r["seq_len"])] + cells)
+            cells.append(_num(model.predict(results.shape(r, nranks=p), cal).time_s, ".2f", 1e3))
+        body.append(
+            [results.strategy_label(r), r.get("phase", "fwd"), config_label(r), r["dtype"], shape_label(r), str(r["seq_len"])] + cells
+        )
     return "predicted pass time ('-': N is not divisible for that layout)\n" + table(header, body, left=5)
 
 

@@ -227,3 +227,15 @@ def test_strategies_the_model_cannot_tell_apart_win_together():
     same["ulysses"] = 1.2 * (1 + 1e-6)
     (p,) = results.strategy_points(table)
     assert results.strategy_agreement([p], lambda r: same[results.strategy_label(r)])["agree"] == 0 and p["agree"] is False
+
+
+def test_prediction_table_keeps_each_ulysses_degree():
+    """The report's 'predicted pass time' table: hybrid at two Ulysses degrees are two lines, each predicted as itself."""
+    cal = model.Calibration.simple(rate=1e9, latency=1e-5, bandwidth=1e8)
+    table = [dict(row(2048, 4, "hybrid", reps(1.0), u=u), **{"pass": "fwd"}) for u in (2, 4)]
+    text = report.prediction_table(table, cal, [4, 8])
+    lines = [ln for ln in text.splitlines() if ln.startswith("hybrid")]
+    assert [ln.split()[:2] for ln in lines] == [["hybrid", "U=2"], ["hybrid", "U=4"]]
+    for ln, u in zip(lines, (2, 4)):
+        want = model.predict(results.shape(dict(row(2048, 4, "hybrid", reps(1.0), u=u), **{"pass": "fwd"}), nranks=8), cal).time_s
+        assert f"{want * 1e3:.2f}" in ln
