@@ -109,7 +109,7 @@ def _ok(runs, phase: str = "fwd"):
 
 def _line_label(r: dict, varying: set) -> str:
     """mode, layout (+ causal), and any shape field that differs between the lines of a figure."""
-    parts = [r["mode"], r["layout"] + (" causal" if r["causal"] else "")]
+    parts = [results.strategy_label(r), r["layout"] + (" causal" if r["causal"] else "")]
     parts += [f"{k}={r[k]}" for k in SHAPE_KEYS if k in varying]
     return ", ".join(parts)
 
@@ -193,7 +193,7 @@ def _series(rows: list[dict], extra=()) -> dict:
     """Rows grouped into lines: same mode, layout, causal flag and shape."""
     out = defaultdict(list)
     for r in rows:
-        out[(r["mode"], r["layout"], bool(r["causal"])) + tuple(r[k] for k in SHAPE_KEYS + tuple(extra))].append(r)
+        out[(results.strategy_label(r), r["layout"], bool(r["causal"])) + tuple(r[k] for k in SHAPE_KEYS + tuple(extra))].append(r)
     return out
 
 

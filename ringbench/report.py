@@ -115,7 +115,7 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
     body = []
     for r in sorted(rows, key=results.sort_key):
         line = [
-            r["mode"] + ("" if r.get("phase", "fwd") == "fwd" else f" ({r['phase']})"),
+            results.strategy_label(r) + ("" if r.get("phase", "fwd") == "fwd" else f" ({r['phase']})"),
             config_label(r),
             r["dtype"],
             shape_label(r),

@@ -186,8 +186,10 @@ def dataframe(paths_or_runs):
 
 
 def mode_order(mode: str) -> tuple:
-    """Modes in the order of ``config.MODES``, then any other mode (a new strategy) by name."""
-    return (MODES.index(mode), "") if mode in MODES else (len(MODES), mode)
+    """Modes in the order of ``config.MODES``, then any other mode (a new strategy) by name; a strategy label
+    (``hybrid U=2``) sorts with its mode, then by degree."""
+    base, _, rest = mode.partition(" ")
+    return (MODES.index(base), rest.zfill(8)) if base in MODES else (len(MODES), mode)
 
 
 def compare_modes(table: list[dict]) -> list[dict]:
@@ -199,14 +201,15 @@ def compare_modes(table: list[dict]) -> list[dict]:
     ``speedup_ci_hi`` (its bootstrap confidence interval), ``time_ci_rel`` / ``time_other_ci_rel`` (the relative
     half-width of each time's interval; None with too few repeats), ``verdict`` (``measure.compare``:
     "significant", "not significant" or "too few repeats") and ``repeats`` / ``repeats_other`` (how many
-    repeats each side pooled). Works for any mode names.
+    repeats each side pooled). Works for any mode names; hybrid is compared once per Ulysses degree (``mode`` is
+    then its ``strategy_label``, ``hybrid U=2``).
     """
     groups: dict = {}
     for r in table:
         if r["status"] != "ok" or r.get("time_s") is None:
             continue
         key = tuple(r[k] for k in COMPARE_KEY)
-        reps = groups.setdefault(key, {}).setdefault(r["mode"], [])
+        reps = groups.setdefault(key, {}).setdefault(strategy_label(r), [])  # hybrid once per Ulysses degree
         # runs read without samples: their median stands for them (one value, so "too few repeats")
         reps += list(r.get("time_repeats_s") or (r["time_s"],))
     out = []
@@ -236,7 +239,7 @@ def compare_modes(table: list[dict]) -> list[dict]:
 
 # What identifies a configuration apart from the phase (and the pass that ran it): fwd and bwd rows with the same
 # key are shown side by side, whether one fwd+bwd run or matched fwd and bwd runs measured them.
-PHASE_KEY = ("mode",) + tuple(k for k in COMPARE_KEY if k != "phase")
+PHASE_KEY = ("mode", "ulysses_degree") + tuple(k for k in COMPARE_KEY if k != "phase")
 
 
 def phase_pairs(table: list[dict]) -> list[dict]:

@@ -96,20 +96,26 @@ def test_compare_modes_is_generic_over_mode_names():
     table = [
         _row("overlap", 0.100 * rng.lognormal(0, 0.01, 5)),
         _row("ulysses", 0.150 * rng.lognormal(0, 0.01, 5)),
-        _row("hybrid", 0.100 * rng.lognormal(0, 0.01, 5)),
+        _row("hybrid", 0.100 * rng.lognormal(0, 0.01, 5), ulysses_degree=2),
+        _row("hybrid", 0.300 * rng.lognormal(0, 0.01, 5), ulysses_degree=4),  # another strategy: not pooled with U=2
         _row("overlap", [0.2, 0.2, 0.2], seq_len=2),  # another configuration, one mode only: nothing to compare
     ]
     comp = results.compare_modes(table)
     assert [(d["mode"], d["other"]) for d in comp] == [
         ("overlap", "ulysses"),
-        ("overlap", "hybrid"),
-        ("ulysses", "hybrid"),
-    ]  # config.MODES order
+        ("overlap", "hybrid U=2"),
+        ("overlap", "hybrid U=4"),
+        ("ulysses", "hybrid U=2"),
+        ("ulysses", "hybrid U=4"),
+        ("hybrid U=2", "hybrid U=4"),
+    ]  # config.MODES order, hybrid by degree
     verdict = {(d["mode"], d["other"]): d for d in comp}
     assert verdict["overlap", "ulysses"]["verdict"] == measure.SIGNIFICANT
     assert verdict["overlap", "ulysses"]["speedup"] == pytest.approx(1.5, rel=0.05)
-    assert verdict["ulysses", "hybrid"]["verdict"] == measure.SIGNIFICANT
-    assert verdict["overlap", "hybrid"]["verdict"] == measure.NOT_SIGNIFICANT
+    assert verdict["ulysses", "hybrid U=2"]["verdict"] == measure.SIGNIFICANT
+    assert verdict["overlap", "hybrid U=2"]["verdict"] == measure.NOT_SIGNIFICANT
+    assert verdict["hybrid U=2", "hybrid U=4"]["speedup"] == pytest.approx(3.0, rel=0.05)
+    assert verdict["hybrid U=2", "hybrid U=4"]["repeats"] == 5 == verdict["hybrid U=2", "hybrid U=4"]["repeats_other"]
     # repeated runs of one mode pool their repeats; below MIN_REPEATS there is no verdict
     comp = results.compare_modes([_row("overlap", [0.1, 0.1]), _row("blocking", [0.2, 0.2]), _row("blocking", [0.2])])
     assert [(d["repeats"], d["repeats_other"], d["verdict"]) for d in comp] == [(2, 3, measure.TOO_FEW)]
