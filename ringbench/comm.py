@@ -213,6 +213,16 @@ def report_exception_and_abort(exc: BaseException, comm=WORLD) -> None:
     abort(1, comm)
 
 
+def run_or_abort(main, comm=WORLD) -> int:
+    """``main()``'s exit status; an exception on this rank is reported and aborts the whole job (never a hang).
+    For scripts run under mpiexec: ``sys.exit(comm.run_or_abort(main))``."""
+    try:
+        return main()
+    except BaseException as exc:
+        report_exception_and_abort(exc, comm)
+        return 1  # not reached: abort ends the process
+
+
 # ---------------------------------------------------------------------------------------------
 # Ping-pong between two ranks (ringbench probe): link latency and bandwidth
 # ---------------------------------------------------------------------------------------------

@@ -94,8 +94,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        status = main()
-    except Exception as exc:  # any failure on any rank ends the whole job, never a hang
-        comm.report_exception_and_abort(exc)
-    sys.exit(status)
+    sys.exit(comm.run_or_abort(main))  # a failure on any rank ends the whole job, never a hang

@@ -150,9 +150,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = 1
-    try:
-        code = main()
-    except BaseException as exc:
-        comm.report_exception_and_abort(exc)
-    sys.exit(code)
+    sys.exit(comm.run_or_abort(main))  # a failure on any rank ends the whole job, never a hang

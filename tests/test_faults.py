@@ -1,8 +1,12 @@
 """Bad input: one line, exit status 2, nothing written, on every rank. A failing rank ends the job."""
 
+import subprocess
+import sys
+import time
+
 import pytest
 
-from conftest import mpiexec, ringbench
+from conftest import MPIEXEC, child_env, mpiexec, ringbench
 
 pytestmark = pytest.mark.mpi
 BASE = ["run", "--heads", 4, "--head-dim", 8, "--repeat", 1, "--warmup", 0]
@@ -112,3 +116,32 @@ def test_memory_limit_none_skips_the_estimate(tmp_path):
     assert res.returncode == 0 and res.stderr == "", res.stderr
     res = mpiexec(3, *BASE, "--seq-len", 3072, "--memory-limit", "20MiB", "--quiet", timeout=60)
     assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
+RUN_OR_ABORT = """
+import sys, time
+from ringbench import comm
+def main():
+    if comm.WORLD.rank == 1 and sys.argv[1] == "fail":
+        raise RuntimeError("boom on rank 1")
+    if sys.argv[1] == "fail":
+        time.sleep(60)  # rank 0 would wait here for good without the abort
+    return 3
+sys.exit(comm.run_or_abort(main))
+"""
+
+
+@pytest.mark.parametrize("what", ["ok", "fail"])
+def test_run_or_abort_ends_the_job_on_one_ranks_failure(what, tmp_path):
+    """The entry of scripts run under mpiexec (the test workers): main's status, or one rank's exception aborts all."""
+    script = tmp_path / "w.py"
+    script.write_text(RUN_OR_ABORT)
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [str(MPIEXEC), "-n", "2", sys.executable, str(script), what], capture_output=True, text=True, env=child_env(), timeout=50
+    )
+    if what == "ok":
+        assert res.returncode == 3, res.stderr
+    else:
+        assert res.returncode != 0 and "rank 1 of 2" in res.stderr and "boom on rank 1" in res.stderr
+        assert time.monotonic() - t0 < 30  # aborted, not waited out
