@@ -16,9 +16,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from ringbench import kernel  # noqa: E402
 from ringbench import provenance as prov  # noqa: E402
-from ringbench.backend import BackendError, get_backend, limit_threads  # noqa: E402
+from ringbench.engine.backend import BackendError, get_backend, limit_threads  # noqa: E402
+from ringbench.kernels import kernel  # noqa: E402
 from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
 
 TARGET_MIN_BLOCK = 1024  # both targets: fp32, these head dims, blocks of this many tokens or more, no mask

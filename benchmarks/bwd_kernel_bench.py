@@ -7,7 +7,7 @@ For every (head dim, block) shape, one rank's backward on one ring step is timed
 queries against a K/V block of ``block`` keys, ``heads`` heads (``--kv-heads`` for GQA), fp32, one thread.
 The forward that produces O and the log-sum-exp runs untimed first. Candidates:
 
-    kernel   ringbench.backward.BlockBackward: construction (D = rowsum(dO * O), the query-side copies),
+    kernel   ringbench.kernels.backward.BlockBackward: construction (D = rowsum(dO * O), the query-side copies),
              update() with the block, dq(): everything a rank does for this step, tiles from backward.auto_tiles
     tiles    the five GEMMs alone over the kernel's own tiles: the ceiling of the kernel's tiling
     torch    torch.autograd.grad of torch.nn.functional.scaled_dot_product_attention's output (CPU, graph
@@ -38,7 +38,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 from _common import fmt, interleaved, timing  # noqa: E402
 
-from ringbench import backward, kernel  # noqa: E402
+from ringbench.kernels import backward, kernel  # noqa: E402
 
 TARGET = 0.8  # kernel / torch backward, fp32 (the other conditions: _common.verdict)
 

@@ -4,17 +4,17 @@
                                       [--modes overlap blocking allgather] [--causal] [--pass fwd|bwd] [--out FILE.json]
 
 ``--pass bwd`` measures the backward: the rank's inputs are q, k, v and dO, the untimed forward that gives O and
-the LSE runs first, then the backward passes; theory is ringbench.measure.theoretical_bwd_bytes (q, dO, O, LSE,
+the LSE runs first, then the backward passes; theory is ringbench.analysis.measure.theoretical_bwd_bytes (q, dO, O, LSE,
 dQ, two K/V buffers, three dK/dV accumulators in the accumulation dtype, two score tiles), and the allowed
 largest array is also one dK/dV accumulator or the backward's widened query copy.
 
-Launches ``mpiexec -n P`` of itself once per mode. Every rank builds a real :class:`ringbench.ring.Ring` (numpy
+Launches ``mpiexec -n P`` of itself once per mode. Every rank builds a real :class:`ringbench.engine.ring.Ring` (numpy
 backend, the ring's own tiles), runs ``--passes`` ring passes and takes the output, with tracemalloc on
 (NumPy reports every array buffer to it), then runs one more pass that snapshots the live arrays, and measures:
 
     peak      traced bytes at the high-water mark, above what was live before the rank's inputs existed
               (inputs q, k, v in the storage dtype, the Ring, the passes and the output all count)
-    theory    ringbench.measure.theoretical_bytes: q, output, accumulators, two K/V buffers, one score tile
+    theory    ringbench.analysis.measure.theoretical_bytes: q, output, accumulators, two K/V buffers, one score tile
     largest   the largest single live NumPy buffer seen at any tile boundary and after every step; it must be
               no larger than the largest array the design has ("allowed"): one K/V block, one score tile, or
               the kernel's query copy (all H heads, D+1 columns: larger than a K/V block under GQA)
@@ -52,10 +52,12 @@ MODES = ("overlap", "blocking", "allgather")
 def worker(spec: dict) -> int:
     import numpy as np
 
-    from ringbench import comm, kernel, measure
-    from ringbench.backend import current_rss_bytes, get_backend, limit_threads, peak_rss_bytes
+    from ringbench.analysis import measure
     from ringbench.config import RunConfig
-    from ringbench.ring import Ring
+    from ringbench.engine import comm
+    from ringbench.engine.backend import current_rss_bytes, get_backend, limit_threads, peak_rss_bytes
+    from ringbench.engine.ring import Ring
+    from ringbench.kernels import kernel
 
     world = comm.WORLD
     rank, nranks = world.rank, world.size

@@ -31,8 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ringbench import experiment, layout, sweep  # noqa: E402
-from ringbench.experiment import ExperimentError  # noqa: E402
+from ringbench import layout  # noqa: E402
+from ringbench.sweeps import experiment, sweep
+from ringbench.sweeps.experiment import ExperimentError  # noqa: E402
 
 TARGET_S = 1.0
 

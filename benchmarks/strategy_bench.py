@@ -44,7 +44,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from ringbench import measure, model, provenance, report, results, store  # noqa: E402
+from ringbench import provenance, store  # noqa: E402
+from ringbench.analysis import measure, model, report, results  # noqa: E402
 
 WINNER_TARGET = 0.90
 ERROR_TARGET = 0.20

@@ -6,7 +6,7 @@
 For every (head dim, block) shape: a block of ``block`` queries against a K/V block of ``block`` keys, ``heads``
 heads (``--kv-heads`` for GQA), fp32, one thread. Candidates:
 
-    ring   ringbench.torch_kernel.FusedAttention.update on the block, as the ring calls it in the steady state
+    ring   ringbench.kernels.torch_kernel.FusedAttention.update on the block, as the ring calls it in the steady state
            (NumPy arrays in, zero-copy views to torch, the fused op, the in-place log-sum-exp merge into rows
            that already hold a partial result)
     op     the same aten op alone on the same torch tensors: aten._scaled_dot_product_flash_attention_for_cpu
@@ -38,10 +38,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from ringbench import inputs, kernel  # noqa: E402
-from ringbench.backend import get_backend  # noqa: E402
+from ringbench.engine.backend import get_backend  # noqa: E402
+from ringbench.harness import inputs  # noqa: E402
+from ringbench.harness.runner import git_commit  # noqa: E402
+from ringbench.kernels import kernel  # noqa: E402
 from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
-from ringbench.runner import git_commit  # noqa: E402
 
 TARGET = 1.05  # ring / op
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -52,7 +53,7 @@ class Step:
     """The three candidates on one block; each is a zero-argument call."""
 
     def __init__(self, torch, heads: int, kv_heads: int, d: int, n: int, causal: bool):
-        from ringbench.torch_kernel import FusedAttention, to_torch
+        from ringbench.kernels.torch_kernel import FusedAttention, to_torch
 
         self.torch = torch
         dims = dict(batch=1, seq_len=n, head_dim=d)

@@ -115,10 +115,10 @@ def cmd_run(argv: list[str]) -> int:
         cfg = config_from_args(ns)
     except (UsageError, ConfigError) as exc:
         return fail(f"{PROG} run", str(exc))
-    from ringbench import comm  # initialises MPI
+    from ringbench.engine import comm  # initialises MPI
 
     try:
-        from ringbench import runner
+        from ringbench.harness import runner
 
         return runner.run(cfg, ns.out, ns.quiet)
     except UserError as exc:
@@ -131,7 +131,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# experiments: plan, sweep, submit, status, collect (ringbench.experiment, ringbench.sweep, ringbench.slurm)
+# experiments: plan, sweep, submit, status, collect (ringbench.sweeps.experiment, ringbench.sweeps.sweep, ringbench.sweeps.slurm)
 # ---------------------------------------------------------------------------------------------
 def _experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"{PROG} {name}", description=description)
@@ -142,8 +142,8 @@ def _experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
 
 def _open_experiment(ns: argparse.Namespace):
     """The experiment and its result layout; a results directory names its resolved experiment.yaml."""
-    from ringbench.experiment import ExperimentError, load
-    from ringbench.sweep import ResultDir
+    from ringbench.sweeps.experiment import ExperimentError, load
+    from ringbench.sweeps.sweep import ResultDir
 
     path, results = Path(ns.experiment), Path(ns.results)
     if path.is_dir():
@@ -156,9 +156,9 @@ def _open_experiment(ns: argparse.Namespace):
 
 def _experiment_command(name: str, argv: list[str], parser, body) -> int:
     """Parse, load the experiment, run ``body(ns, exp, layout)``; user errors are one line and status 2."""
-    from ringbench.experiment import ExperimentError
-    from ringbench.slurm import SlurmError
     from ringbench.store import MergeError, SchemaError
+    from ringbench.sweeps.experiment import ExperimentError
+    from ringbench.sweeps.slurm import SlurmError
 
     try:
         ns = parser.parse_args(argv)
@@ -175,7 +175,7 @@ def _experiment_command(name: str, argv: list[str], parser, body) -> int:
 
 def cmd_plan(argv: list[str]) -> int:
     """Show an experiment's points (id, ranks, parameters, estimated work); run nothing."""
-    from ringbench import sweep
+    from ringbench.sweeps import sweep
 
     p = _experiment_parser("plan", "Expand an experiment file into its points and show them; nothing runs.")
 
@@ -188,7 +188,7 @@ def cmd_plan(argv: list[str]) -> int:
 
 def cmd_sweep(argv: list[str]) -> int:
     """Run an experiment's points on this machine, each under mpiexec -n P (resumable)."""
-    from ringbench import sweep
+    from ringbench.sweeps import sweep
 
     p = _experiment_parser(
         "sweep",
@@ -218,7 +218,7 @@ def cmd_sweep(argv: list[str]) -> int:
 
 def cmd_submit(argv: list[str]) -> int:
     """Submit an experiment's points to Slurm: one job array per rank count."""
-    from ringbench import sweep
+    from ringbench.sweeps import sweep
 
     p = _experiment_parser(
         "submit",
@@ -246,7 +246,7 @@ def cmd_submit(argv: list[str]) -> int:
 
 def cmd_status(argv: list[str]) -> int:
     """Show which points of an experiment are done, failed, running or pending."""
-    from ringbench import sweep
+    from ringbench.sweeps import sweep
 
     p = _experiment_parser("status", "State of every point: from the result files and one squeue call.")
 
@@ -259,7 +259,7 @@ def cmd_status(argv: list[str]) -> int:
 
 def cmd_collect(argv: list[str]) -> int:
     """Merge an experiment's per-point result files into one file (idempotent)."""
-    from ringbench import sweep
+    from ringbench.sweeps import sweep
 
     p = _experiment_parser("collect", "Merge results/NAME/parts/*.h5 into results/NAME.h5; runs already there are not copied again.")
 
@@ -288,10 +288,10 @@ def cmd_doctor(argv: list[str]) -> int:
         ns = p.parse_args(argv)
     except UsageError as exc:
         return fail(f"{PROG} doctor", str(exc))
-    from ringbench import comm  # initialises MPI
+    from ringbench.engine import comm  # initialises MPI
 
     try:
-        from ringbench import doctor
+        from ringbench.harness import doctor
 
         return doctor.run(ns.backend, ns.kernel)
     except BaseException as exc:  # a failure on any rank ends the whole job, never a hang
@@ -352,7 +352,7 @@ def _check_out_file(option: str, path: str) -> str | None:
 
 def _write_csv(runs, path: str) -> None:
     """The CSV through a temporary name and a rename: never half-written."""
-    from ringbench import results
+    from ringbench.analysis import results
 
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
@@ -372,7 +372,8 @@ def _missing(*modules: str) -> str | None:
 
 def _calibration(runs, files: list[str], probe_file: str | None):
     """The model's calibration: probes from --probe, else from the result files, else the runs themselves."""
-    from ringbench import model, store
+    from ringbench import store
+    from ringbench.analysis import model
 
     probes = [p for f in ([probe_file] if probe_file else files) for p in store.read_probes(f)]
     try:
@@ -382,7 +383,7 @@ def _calibration(runs, files: list[str], probe_file: str | None):
 
 
 def probe_parser() -> argparse.ArgumentParser:
-    from ringbench.probe import ProbeOptions
+    from ringbench.harness.probe import ProbeOptions
 
     d = ProbeOptions()
     p = _Parser(
@@ -412,7 +413,7 @@ def probe_parser() -> argparse.ArgumentParser:
 
 def cmd_probe(argv: list[str]) -> int:
     """Measure compute rate and link latency/bandwidth for the model."""
-    from ringbench.probe import ProbeOptions
+    from ringbench.harness.probe import ProbeOptions
 
     try:
         ns = probe_parser().parse_args(argv)
@@ -435,10 +436,10 @@ def cmd_probe(argv: list[str]) -> int:
         max_bytes=ns.max_bytes,
         iters=ns.iters,
     )
-    from ringbench import comm  # initialises MPI
+    from ringbench.engine import comm  # initialises MPI
 
     try:
-        from ringbench import probe
+        from ringbench.harness import probe
 
         return probe.run(opts, ns.out, ns.name, ns.quiet)
     except UserError as exc:
@@ -473,7 +474,7 @@ def cmd_report(argv: list[str]) -> int:
     err = _check_results(ns.files) or (ns.probe and _check_results([ns.probe], "--probe")) or (ns.csv and _check_out_file("--csv", ns.csv))
     if err:
         return fail(prog, err)
-    from ringbench import report, results
+    from ringbench.analysis import report, results
 
     runs = results.load(ns.files)
     cal = None if ns.no_model else _calibration(runs, ns.files, ns.probe)
@@ -489,7 +490,7 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def plot_parser() -> argparse.ArgumentParser:
-    from ringbench.plot import FIGURES
+    from ringbench.analysis.plot import FIGURES
 
     p = _Parser(prog=f"{PROG} plot", description="Figures (PNG and PDF) from result files.")
     p.add_argument("files", nargs="+", metavar="FILE", help="result files (HDF5)")
@@ -516,7 +517,7 @@ def cmd_plot(argv: list[str]) -> int:
         ns = plot_parser().parse_args(argv)
     except UsageError as exc:
         return fail(prog, str(exc))
-    from ringbench import plot, results
+    from ringbench.analysis import plot, results
 
     bad = [f for f in ns.only or [] if f not in plot.FIGURES]
     err = (
@@ -574,8 +575,8 @@ def cmd_advise(argv: list[str]) -> int:
         ns = advise_parser().parse_args(argv)
     except UsageError as exc:
         return fail(prog, str(exc))
-    from ringbench import advise, model, results
-    from ringbench.experiment import ExperimentError
+    from ringbench.analysis import advise, model, results
+    from ringbench.sweeps.experiment import ExperimentError
 
     for opt in ("batch", "heads", "head_dim"):
         if getattr(ns, opt) < 1:

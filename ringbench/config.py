@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from ringbench.layout import LAYOUTS, divisor
 
 MODES = ("overlap", "blocking", "allgather", "ulysses", "hybrid", "pass-q")
-STRATEGY_MODES = ("ulysses", "hybrid", "pass-q")  # ringbench.strategies
+STRATEGY_MODES = ("ulysses", "hybrid", "pass-q")  # ringbench.engine.strategies
 BACKENDS = ("numpy", "cupy")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 PROGRESS = ("none", "test")
@@ -57,7 +57,7 @@ class RunConfig:
     tile_q: int = 0  # query rows per score tile; 0 = automatic for the backend
     ulysses_degree: int = 1  # --mode hybrid: ranks per all-to-all group U (P = U x R)
     blas: str = "auto"  # score-tile GEMMs: 'numpy' (xp.matmul), 'mkl' (Intel MKL), 'auto'
-    kernel: str = "native"  # attention per ring step: 'native' (ringbench.kernel), 'torch', 'flash-attn'
+    kernel: str = "native"  # attention per ring step: 'native' (ringbench.kernels.kernel), 'torch', 'flash-attn'
     warmup: int = 1
     repeat: int = 5
     seed: int = 0

@@ -131,7 +131,7 @@ def mask_for(piece: Piece, i0: int, i1: int, j0: int, j1: int) -> np.ndarray | N
 def group_plan(layout: str, group: int, src: int, u: int, nranks: int, n: int, causal: bool) -> list[Piece]:
     """Pieces of (the U n queries of rank group ``group``) x (the U n keys of group ``src``), groups of U consecutive
     ranks with their tokens side by side (member a's at rows a n .. (a+1) n): the step plans of the hybrid strategy's
-    ring over the groups (ringbench.strategies)."""
+    ring over the groups (ringbench.engine.strategies)."""
     if not causal:
         return [Piece(0, u * n, 0, u * n, FULL)]
     out = []

@@ -1,7 +1,7 @@
 """Run under ``mpiexec -n P`` by tests/test_passq_backward.py: pass-Q's backward over every layout x causal x GQA (and
 each dtype) at this rank count, in one launch.
 
-Every rank builds a real :class:`ringbench.strategies.PassQ` over the real MPI exchanges for each case, runs the untimed
+Every rank builds a real :class:`ringbench.engine.strategies.PassQ` over the real MPI exchanges for each case, runs the untimed
 forward and two backward passes (the second must give the same gradients bit for bit: nothing carries over), a
 comm-only backward pass, and compares its dQ, dK, dV with float64 reference gradients of full attention on the same
 rounded inputs. The step samples must have P + 1 steps and the comm-only pass 2 (P - 1) transfers. Rank 0 prints one
@@ -15,10 +15,11 @@ import sys
 
 import numpy as np
 
-from ringbench import comm, inputs, strategies
-from ringbench.backend import get_backend
-from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import RunConfig, validate
+from ringbench.engine import comm, strategies
+from ringbench.engine.backend import get_backend
+from ringbench.harness import inputs
+from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.layout import LAYOUTS, positions
 
 

@@ -6,11 +6,13 @@ import sys
 
 import numpy as np
 
-from ringbench import comm, inputs, kernel, strategies
-from ringbench.backend import get_backend
 from ringbench.config import RunConfig, validate
+from ringbench.engine import comm, strategies
+from ringbench.engine.backend import get_backend
+from ringbench.engine.ring import Ring
+from ringbench.harness import inputs
+from ringbench.kernels import kernel
 from ringbench.layout import LAYOUTS, positions
-from ringbench.ring import Ring
 
 TOL = {"float32": 2e-5, "float64": 1e-10, "float16": 2e-3, "bfloat16": 1.6e-2}
 

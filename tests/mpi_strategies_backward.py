@@ -8,12 +8,13 @@ import sys
 
 import numpy as np
 
-from ringbench import comm, inputs, strategies
-from ringbench.backend import get_backend
-from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import RunConfig, validate
+from ringbench.engine import comm, strategies
+from ringbench.engine.backend import get_backend
+from ringbench.engine.ring import Ring
+from ringbench.harness import inputs
+from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.layout import LAYOUTS, positions
-from ringbench.ring import Ring
 
 
 def tensors(cfg, rank, nranks, backend):

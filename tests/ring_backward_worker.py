@@ -1,6 +1,6 @@
 """Run under ``mpiexec -n P`` by tests/test_ring_backward.py: many ring backward configurations in one launch.
 
-Every rank builds a real :class:`ringbench.ring.Ring` over the real MPI exchange for each case, runs the untimed
+Every rank builds a real :class:`ringbench.engine.ring.Ring` over the real MPI exchange for each case, runs the untimed
 forward and two backward passes, and compares its dQ, dK, dV with float64 reference gradients of full attention
 on the same rounded inputs; the three modes of each case must agree bit for bit. Rank 0 prints one ``RESULT``
 line of JSON (one entry per case); an exception on any rank aborts the job (the test then fails on the status).
@@ -13,12 +13,13 @@ import sys
 
 import numpy as np
 
-from ringbench import comm, inputs
-from ringbench.backend import get_backend
-from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import RunConfig
+from ringbench.engine import comm
+from ringbench.engine.backend import get_backend
+from ringbench.engine.ring import Ring
+from ringbench.harness import inputs
+from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.layout import LAYOUTS, positions
-from ringbench.ring import Ring
 
 MODES = ("overlap", "blocking", "allgather")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ringbench.backend import Backend, BackendError, get_backend, local_rank
+from ringbench.engine.backend import Backend, BackendError, get_backend, local_rank
 
 
 def test_numpy_backend_dtypes_and_compute_dtype():
@@ -50,7 +50,7 @@ def test_local_rank_from_launcher_environment(monkeypatch):
 
 
 def _mkl():
-    from ringbench.mkl import MklMatmul
+    from ringbench.kernels.mkl import MklMatmul
 
     mkl = MklMatmul.load()
     if mkl is None:
@@ -90,7 +90,7 @@ def test_mkl_matmul_matches_numpy_on_every_layout(dtype):
 
 
 def test_blas_choice(monkeypatch):
-    from ringbench.mkl import MklMatmul
+    from ringbench.kernels.mkl import MklMatmul
 
     be = get_backend("numpy")
     fn, desc = be.matmul("numpy")
@@ -106,7 +106,7 @@ def test_blas_choice(monkeypatch):
 
 
 def test_thread_limit_rule():
-    from ringbench.backend import thread_limit
+    from ringbench.engine.backend import thread_limit
 
     assert thread_limit({}) == (1, "default")
     assert thread_limit({"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
@@ -119,7 +119,7 @@ def test_thread_limit_rule():
 def test_limit_threads_limits_the_blas_pools_now():
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from ringbench.backend import limit_threads
+    from ringbench.engine.backend import limit_threads
 
     with threadpool_limits(limits=2):  # restored on exit
         assert limit_threads(1) == 1
@@ -128,7 +128,7 @@ def test_limit_threads_limits_the_blas_pools_now():
 
 @pytest.mark.parametrize("count", [1, 2, 4])
 def test_more_ranks_than_gpus_share_them_round_robin_with_one_warning(count):
-    from ringbench.backend import select_device
+    from ringbench.engine.backend import select_device
 
     picks = [select_device(r, count) for r in range(3 * count)]
     assert [d for d, _ in picks] == [r % count for r in range(3 * count)]
@@ -154,8 +154,8 @@ def test_cupy_backend_binds_the_shared_gpu_and_warns_once(monkeypatch, capsys):
 
 def test_blas_auto_takes_mkl_on_intel_cpus_only(monkeypatch):
     """MKL's GEMMs measured 5-25% slower than OpenBLAS on AMD EPYC: auto leaves them to --blas mkl there."""
-    from ringbench import backend as backend_mod
-    from ringbench.mkl import MklMatmul
+    from ringbench.engine import backend as backend_mod
+    from ringbench.kernels.mkl import MklMatmul
 
     fake = object.__new__(MklMatmul)
     monkeypatch.setattr(MklMatmul, "load", classmethod(lambda cls, threads=1: fake))
@@ -201,7 +201,7 @@ def fake_cgroup(tmp_path, lines: str, files: dict[str, object]):
 
 def test_cgroup_v2_limit_of_the_job_binds_below_a_step_without_one(tmp_path):
     """Slurm limits the job's cgroup; the step's below it says 'max'. Reclaimable page cache (inactive_file) is free."""
-    from ringbench.backend import cgroup_memory_headroom
+    from ringbench.engine.backend import cgroup_memory_headroom
 
     proc, root = fake_cgroup(
         tmp_path,
@@ -221,7 +221,7 @@ def test_cgroup_v2_limit_of_the_job_binds_below_a_step_without_one(tmp_path):
 
 
 def test_cgroup_v1_memory_controller_and_no_limit(tmp_path):
-    from ringbench.backend import cgroup_memory_headroom
+    from ringbench.engine.backend import cgroup_memory_headroom
 
     lines = "5:cpu,cpuacct:/slurm/uid_1/job_7\n4:memory:/slurm/uid_1/job_7/step_0\n0::/\n"
     files = {
@@ -242,14 +242,14 @@ def test_cgroup_v1_memory_controller_and_no_limit(tmp_path):
 
 def test_cgroup_of_a_container_is_the_mount_root(tmp_path):
     """Without a cgroup namespace a container sees the host's path, but its own cgroup is mounted at the root."""
-    from ringbench.backend import cgroup_memory_headroom
+    from ringbench.engine.backend import cgroup_memory_headroom
 
     proc, root = fake_cgroup(tmp_path, "0::/docker/abc\n", {"memory.max": 4 * GiB, "memory.current": GiB})
     assert cgroup_memory_headroom(proc, root) == (3 * GiB, str(root))
 
 
 def test_host_memory_is_the_smaller_of_memavailable_and_the_cgroup_and_says_which(tmp_path):
-    from ringbench.backend import host_memory
+    from ringbench.engine.backend import host_memory
 
     proc, root = fake_cgroup(tmp_path, "0::/job\n", {"job/memory.max": 4 * GiB, "job/memory.current": GiB})
     meminfo = tmp_path / "meminfo"

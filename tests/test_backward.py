@@ -9,9 +9,10 @@ both on; after the last step one more hop brings every accumulator home.
 import numpy as np
 import pytest
 
-from ringbench import backward, inputs, kernel
-from ringbench.backend import MklMatmul, get_backend
-from ringbench.backward import TOLERANCE_BWD, BlockBackward, heads_to_kv, reference_attention_grad
+from ringbench.engine.backend import MklMatmul, get_backend
+from ringbench.harness import inputs
+from ringbench.kernels import backward, kernel
+from ringbench.kernels.backward import TOLERANCE_BWD, BlockBackward, heads_to_kv, reference_attention_grad
 from ringbench.layout import CAUSAL, FULL, LAYOUTS, STRICT, Piece, positions, step_plan
 
 BACKEND = get_backend("numpy")

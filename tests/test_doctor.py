@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from ringbench.doctor import Combo, report
+from ringbench.harness.doctor import Combo, report
 
 from conftest import ROOT, mpiexec
 
@@ -12,7 +12,7 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def _gpu_present() -> bool:
-    from ringbench.backend import BackendError, get_backend
+    from ringbench.engine.backend import BackendError, get_backend
 
     try:
         get_backend("cupy")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ringbench import experiment
 from ringbench.config import point_id
-from ringbench.experiment import ExperimentError
+from ringbench.sweeps import experiment
+from ringbench.sweeps.experiment import ExperimentError
 
 from conftest import ROOT, ringbench
 
@@ -121,7 +121,7 @@ def test_ids_are_stable_across_loads_and_key_order(tmp_path):
 
 
 def test_resolved_copy_reloads_to_the_same_points(tmp_path):
-    from ringbench.sweep import ResultDir, write_snapshot
+    from ringbench.sweeps.sweep import ResultDir, write_snapshot
 
     exp = experiment.load(ROOT / "experiments" / "quick.yaml")
     lay = ResultDir(tmp_path, exp.name)
@@ -441,7 +441,8 @@ def test_profile_file_that_is_not_a_mapping_is_not_echoed(tmp_path):
 
 
 def test_plan_never_builds_step_plans(tmp_path, monkeypatch):
-    from ringbench import layout, sweep
+    from ringbench import layout
+    from ringbench.sweeps import sweep
 
     def forbidden(*args):
         raise AssertionError("step_plan called while planning")
@@ -564,8 +565,9 @@ def test_plan_accepts_points_whose_old_ids_collided(tmp_path):
 
 def test_plan_counts_the_backward_at_2_5x_the_forward(tmp_path):
     """A point's GFLOP (plan's column, the work line) is its timed passes': forward x1, backward x2.5, both x3.5."""
-    from ringbench import backward, kernel, sweep
+    from ringbench.kernels import backward, kernel
     from ringbench.layout import unmasked_pairs
+    from ringbench.sweeps import sweep
 
     path = write(
         tmp_path, "name: passes\nbase: {seq_len: 4096, heads: 4, head_dim: 64, warmup: 0, repeat: 1}\nmatrix: {pass: [fwd, bwd, fwd+bwd]}\n"

@@ -120,7 +120,7 @@ def test_memory_limit_none_skips_the_estimate(tmp_path):
 
 RUN_OR_ABORT = """
 import sys, time
-from ringbench import comm
+from ringbench.engine import comm
 def main():
     if comm.WORLD.rank == 1 and sys.argv[1] == "fail":
         raise RuntimeError("boom on rank 1")

@@ -1,4 +1,4 @@
-"""The fused score-tile pass (ringbench.fused, numba) on its own, and how the kernel chooses it.
+"""The fused score-tile pass (ringbench.kernels.fused, numba) on its own, and how the kernel chooses it.
 
 The kernel with the fused pass against the float64 reference (tilings, masks, GQA, large logits, fully masked rows,
 float32 and float64) is in test_kernel_tiling.py: every test there runs in each exponential, "fused" included.
@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from ringbench import kernel
+from ringbench.kernels import kernel
 from ringbench.layout import CAUSAL, STRICT, first_hidden
 
-fused = pytest.importorskip("ringbench.fused", reason="numba is not installed (the test extra installs it)")
+fused = pytest.importorskip("ringbench.kernels.fused", reason="numba is not installed (the test extra installs it)")
 
 TOL = {"float32": 2e-7, "float64": 1e-15}  # max relative error of 2^x against float64's
 
@@ -93,7 +93,7 @@ HIDDEN_NUMBA = """
 import sys
 sys.modules["numba"] = None  # import numba now raises ModuleNotFoundError, as where it is not installed
 import numpy as np
-from ringbench import kernel
+from ringbench.kernels import kernel
 assert kernel.fused_module() is None
 name, per_elem = kernel.measure_exp(np, rows=4, cols=256, repeat=2)
 assert set(per_elem) == {"2", "e"} and name in per_elem, per_elem

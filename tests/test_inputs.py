@@ -1,6 +1,6 @@
 import numpy as np
 
-from ringbench import inputs
+from ringbench.harness import inputs
 
 
 def test_any_subset_of_tokens_matches_the_global_tensor():

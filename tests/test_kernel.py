@@ -7,8 +7,9 @@ ring order, through the same step plans the MPI ring uses.
 import numpy as np
 import pytest
 
-from ringbench import inputs, kernel
-from ringbench.backend import get_backend
+from ringbench.engine.backend import get_backend
+from ringbench.harness import inputs
+from ringbench.kernels import kernel
 from ringbench.layout import LAYOUTS, Piece, positions, step_plan
 
 from conftest import to_host
@@ -53,7 +54,7 @@ def emulate_ring(q, k, v, *, nranks, layout, causal, dtype, tile_q=None, head_ch
 
 def matmuls():
     """The GEMM providers the kernel can run on here: NumPy's always, MKL's where installed."""
-    from ringbench.mkl import MklMatmul
+    from ringbench.kernels.mkl import MklMatmul
 
     mkl = MklMatmul.load()
     return [

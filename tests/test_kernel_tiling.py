@@ -5,7 +5,7 @@ exponential (b = 2 or e), on random data."""
 import numpy as np
 import pytest
 
-from ringbench import kernel
+from ringbench.kernels import kernel
 from ringbench.layout import CAUSAL, FULL, STRICT, Piece, mask_for
 
 from conftest import to_host

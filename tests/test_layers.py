@@ -1,11 +1,15 @@
-"""The layer rules of the package, checked statically: every ringbench/*.py is parsed (function-level imports
-included, so a lazy import cannot hide), the module import graph is built, and the rules are asserted on it.
+"""The layer rules of the package, stated as folder rules and checked statically: every ringbench/**/*.py is parsed
+(function-level imports included, so a lazy import cannot hide), the module import graph is built, and the rules are
+asserted on it (docs/architecture.md explains them).
 
-* pure math (layout, kernel, inputs, measure, model, backward) imports, even indirectly, no MPI, no HDF5, no
-  plotting and none of the modules that run or store a benchmark (cli, runner, store, comm);
-* only comm imports mpi4py; only backend imports cupy;
+* each folder imports only the folders below it (``MAY_IMPORT``); the top-level modules ``layout``, ``config``,
+  ``provenance`` and ``yamlfile`` import no folder; ``cli`` may import everything;
+* the pure modules (the kernels, the layouts, the inputs, the metrics and the model) import, even indirectly, no MPI,
+  no HDF5, no plotting and nothing that runs or stores a benchmark;
+* only engine/comm imports mpi4py; only engine/backend imports cupy; only store/ imports h5py;
 * the graph of ringbench's modules has no cycle;
-* ``ringbench/__init__.py`` imports no ringbench module at import time (only its entry point does, when called).
+* ``ringbench/__init__.py`` imports no ringbench module at import time (only its entry point does, when called);
+* no module of the package imports a module by its former flat name (``from ringbench import results``).
 """
 
 from __future__ import annotations
@@ -15,39 +19,83 @@ import ast
 from conftest import ROOT
 
 PACKAGE = ROOT / "ringbench"
-PURE = ("layout", "kernel", "inputs", "measure", "model", "backward")
-NOT_IN_PURE = {"mpi4py", "h5py", "matplotlib", "cupy", "ringbench.cli", "ringbench.runner", "ringbench.store", "ringbench.comm"}
-ONLY_IN = {"mpi4py": {"comm"}, "cupy": {"backend"}}
+TOP = {"layout", "config", "provenance", "yamlfile"}
+FOLDERS = ("kernels", "engine", "store", "analysis", "harness", "sweeps")
+# what each folder may import besides itself and the top-level modules (the layers, bottom to top)
+MAY_IMPORT = {
+    "kernels": set(),
+    "engine": {"kernels"},
+    "store": set(),
+    "analysis": {"kernels", "store"},
+    "harness": {"kernels", "engine", "store", "analysis"},
+    "sweeps": {"kernels", "store"},
+}
+PURE = (
+    "ringbench.layout",
+    "ringbench.config",
+    "ringbench.kernels.kernel",
+    "ringbench.kernels.backward",
+    "ringbench.harness.inputs",
+    "ringbench.analysis.measure",
+    "ringbench.analysis.model",
+)
+NOT_IN_PURE = {
+    "mpi4py",
+    "h5py",
+    "matplotlib",
+    "cupy",
+    "ringbench.cli",
+    "ringbench.harness.runner",
+    "ringbench.store",
+    "ringbench.engine.comm",
+}
+ONLY_IN = {"mpi4py": {"ringbench.engine.comm"}, "cupy": {"ringbench.engine.backend"}, "h5py": {"ringbench.store"}}
+
+
+def _module_name(path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.glob("*.py"))}
+    """{'ringbench.engine.ring': its tree, 'ringbench.store': store/__init__.py's tree, ...}"""
+    return {_module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _imported(tree: ast.AST, modules) -> set[str]:
-    """Every module ``tree`` imports anywhere: 'numpy', 'mpi4py', 'ringbench.store' (top-level names of others)."""
+    """Every module ``tree`` imports anywhere: 'numpy', 'mpi4py', 'ringbench.engine.comm' (top-level names of others)."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"relative import at line {node.lineno}: ringbench imports absolutely"
-            if node.module == "ringbench":  # from ringbench import store (a module) or env_int (a name in __init__)
-                names |= {f"ringbench.{a.name}" if a.name in modules else "ringbench" for a in node.names}
-            else:
-                names.add(node.module)
+            for a in node.names:  # from ringbench.engine import comm (a module) or from ringbench import env_int (a name)
+                sub = f"{node.module}.{a.name}"
+                names.add(sub if sub in modules else node.module)
     out = set()
     for name in names:
-        parts = name.split(".")
-        out.add(".".join(parts[:2]) if parts[0] == "ringbench" and len(parts) > 1 else parts[0])
+        if name.split(".")[0] != "ringbench":
+            out.add(name.split(".")[0])
+            continue
+        while name not in modules and "." in name:  # ringbench.store.Run -> ringbench.store
+            name = name.rsplit(".", 1)[0]
+        out.add(name)
     return out
 
 
 def import_graph() -> dict[str, set[str]]:
-    """{module: what it imports}, ringbench modules spelled 'ringbench.x'; the package itself is left out
-    (every submodule imports it implicitly)."""
+    """{module: what it imports}, ringbench modules spelled 'ringbench.x.y'; the package itself and the folders'
+    own __init__ are left out of the targets (every submodule imports them implicitly)."""
     modules = _modules()
-    return {f"ringbench.{m}": _imported(tree, modules) - {"ringbench"} for m, tree in modules.items() if m not in ("__init__", "__main__")}
+    skip = {"ringbench", "ringbench.__main__"} | {f"ringbench.{f}" for f in FOLDERS if f != "store"}
+    return {m: _imported(tree, modules) - skip - {m} for m, tree in modules.items() if m not in skip}
+
+
+def _folder(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if parts[1] in FOLDERS else "top:" + parts[1]
 
 
 def _closure(graph, start) -> set[str]:
@@ -88,20 +136,38 @@ def find_cycle(graph) -> list[str] | None:
     return None
 
 
+def test_every_folder_imports_only_the_layers_below_it():
+    graph = import_graph()
+    bad = []
+    for mod, deps in graph.items():
+        src = _folder(mod)
+        if src == "top:cli":
+            continue
+        allowed = MAY_IMPORT.get(src, set()) | {src} if src in FOLDERS else set()
+        for dep in deps:
+            if not dep.startswith("ringbench."):
+                continue
+            dst = _folder(dep)
+            if dst.startswith("top:"):
+                if dst[4:] not in TOP and dst != "top:__init__":
+                    bad.append(f"{mod} imports {dep} (only cli may)")
+            elif dst not in allowed:
+                bad.append(f"{mod} imports {dep}: {src} may import {sorted(MAY_IMPORT.get(src, ()))} and the top-level modules")
+    assert not bad, "\n".join(bad)
+
+
 def test_pure_math_imports_no_mpi_hdf5_plotting_or_runner():
     graph = import_graph()
-    for name in PURE:
-        mod = f"ringbench.{name}"
-        if mod not in graph:
-            continue  # backward.py: only once it exists
+    for mod in PURE:
+        assert mod in graph, f"{mod} is not a module of the package any more: update PURE"
         reached = _closure(graph, mod)
         assert not reached & NOT_IN_PURE, f"{mod} imports {sorted(reached & NOT_IN_PURE)} (directly or through another module)"
 
 
-def test_mpi4py_only_in_comm_and_cupy_only_in_backend():
+def test_mpi4py_cupy_and_h5py_each_have_one_home():
     graph = import_graph()
     for package, allowed in ONLY_IN.items():
-        users = {m.split(".")[1] for m, deps in graph.items() if package in deps}
+        users = {m for m, deps in graph.items() if package in deps}
         assert users <= allowed, f"{package} imported by {sorted(users - allowed)}; only {sorted(allowed)} may"
 
 
@@ -110,13 +176,38 @@ def test_import_graph_has_no_cycle():
 
 
 def test_package_init_imports_nothing_of_ringbench_at_import_time():
-    tree = _modules()["__init__"]
+    tree = _modules()["ringbench"]
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not any(("ringbench" in (getattr(n, "module", "") or "")) or any("ringbench" in a.name for a in n.names) for n in top)
 
 
+def test_no_module_uses_a_flat_layout_name():
+    import ringbench
+
+    modules = _modules()
+    bad = []
+    for mod, tree in modules.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "ringbench":
+                bad += [f"{mod}: from ringbench import {a.name}" for a in node.names if a.name in ringbench.MOVED]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_flat_names_still_resolve_with_a_warning():
+    import warnings
+
+    import ringbench
+    from ringbench.analysis import results
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ringbench.results is results
+    assert "ringbench.analysis.results" in str(caught[0].message)
+
+
 def test_the_checks_see_lazy_imports_and_cycles():
-    tree = ast.parse("def f():\n    from ringbench import comm\n    import mpi4py.MPI\n")
-    assert _imported(tree, {"comm"}) == {"ringbench.comm", "mpi4py"}
+    modules = {"ringbench.engine.comm": None, "ringbench.store": None}
+    tree = ast.parse("def f():\n    from ringbench.engine import comm\n    import mpi4py.MPI\n    from ringbench.store import Run\n")
+    assert _imported(tree, modules) == {"ringbench.engine.comm", "mpi4py", "ringbench.store"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "numpy"}, "b": set()}) is None

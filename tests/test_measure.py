@@ -1,4 +1,4 @@
-"""Spread and significance (ringbench.measure): bootstrap intervals and verdicts on synthetic data with known answers."""
+"""Spread and significance (ringbench.analysis.measure): bootstrap intervals and verdicts on synthetic data with known answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ringbench import measure
+from ringbench.analysis import measure
 
 
 def _times(rng, n, median=0.1, sigma=0.05):

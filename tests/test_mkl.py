@@ -3,8 +3,17 @@
 import numpy as np
 import pytest
 
-from ringbench import mkl
-from ringbench.mkl import NO_TRANS, TRANS, batch_strides, element_strides, matrix_layout, output_layout, plan, single_product_strides
+from ringbench.kernels import mkl
+from ringbench.kernels.mkl import (
+    NO_TRANS,
+    TRANS,
+    batch_strides,
+    element_strides,
+    matrix_layout,
+    output_layout,
+    plan,
+    single_product_strides,
+)
 
 
 def test_element_strides_rejects_reversed_and_split_elements():

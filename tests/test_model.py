@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from ringbench import model
+from ringbench.analysis import model
+from ringbench.analysis.model import Calibration, Shape
 from ringbench.layout import Piece
-from ringbench.model import Calibration, Shape
 from ringbench.store import Phase, Probe, Run
 
 from conftest import ROOT
@@ -186,7 +186,8 @@ def test_calibrate_keeps_causal_layouts_apart():
 
 def test_analysis_modules_import_without_mpi_or_pandas():
     code = (
-        "import sys, ringbench.model, ringbench.results, ringbench.report, ringbench.probe, ringbench.store; "
+        "import sys, ringbench.analysis.model, ringbench.analysis.results, ringbench.analysis.report, "
+        "ringbench.harness.probe, ringbench.store; "
         "print('mpi4py.MPI' in sys.modules, 'pandas' in sys.modules, 'matplotlib' in sys.modules)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

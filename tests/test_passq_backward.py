@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ringbench import inputs, kernel, model, store
-from ringbench.backward import TOLERANCE_BWD, BlockBackward
+from ringbench import store
+from ringbench.analysis import model
 from ringbench.config import RunConfig, validate
+from ringbench.harness import inputs
+from ringbench.kernels import kernel
+from ringbench.kernels.backward import TOLERANCE_BWD, BlockBackward
 from ringbench.layout import CAUSAL, Piece
 
 from conftest import mpi_worker, mpiexec
@@ -134,9 +137,9 @@ def test_load_gives_the_bits_of_a_backward_built_on_those_rows():
 def test_memory_estimate_covers_the_measured_peak_of_fwd_bwd(tmp_path):
     """pass-q's estimate (its travelling queries and partials, the bundles and dQ partials of the backward) is not below
     what a real fwd+bwd run uses, and not so loose that it refuses what fits (as tests/test_run_mpi.py asks of the ring)."""
-    from ringbench.backend import get_backend
-    from ringbench.mkl import MklMatmul
-    from ringbench.runner import memory_estimate
+    from ringbench.engine.backend import get_backend
+    from ringbench.harness.runner import memory_estimate
+    from ringbench.kernels.mkl import MklMatmul
 
     out = tmp_path / "r.h5"
     args = ["--batch", 32, "--seq-len", 256, "--heads", 8, "--kv-heads", 2, "--head-dim", 128]  # the arrays dominate

@@ -11,7 +11,7 @@ from conftest import mpiexec, ringbench
 
 pytestmark = pytest.mark.mpi
 
-plot = pytest.importorskip("ringbench.plot")  # needs matplotlib (the plot/test extras)
+plot = pytest.importorskip("ringbench.analysis.plot")  # needs matplotlib (the plot/test extras)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_small_file_skips_what_it_cannot_draw(small_results, tmp_path):
 
 
 def test_each_figure_names_host_backend_dtype_and_units(richer):
-    from ringbench import model, results
+    from ringbench.analysis import model, results
 
     runs = results.load(richer)
     cal = model.calibrate_from_runs(runs)
@@ -82,7 +82,7 @@ def _errorbars(ax, axis="y"):
 
 def test_every_time_point_carries_its_confidence_interval(richer):
     """Error bars (the bootstrap CI over repeats) on the times of strong, weak, overlap and model; ± in the others."""
-    from ringbench import model, results
+    from ringbench.analysis import model, results
 
     runs = results.load(richer)
     cal = model.calibrate_from_runs(runs)
@@ -111,7 +111,7 @@ def test_every_time_point_carries_its_confidence_interval(richer):
 
 
 def test_timeline_of_a_named_run(small_results, tmp_path):
-    from ringbench import results
+    from ringbench.analysis import results
 
     name = next(r.name for r in results.load(small_results) if r.config["layout"] == "zigzag")
     res = ringbench("plot", small_results, "-o", tmp_path, "--only", "timeline", "--timeline-run", name)

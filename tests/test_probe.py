@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ringbench import model, store
-from ringbench import probe as probe_mod
+from ringbench import store
+from ringbench.analysis import model
+from ringbench.harness import probe as probe_mod
 
 from conftest import mpiexec, ringbench
 

@@ -4,7 +4,7 @@ import io
 import subprocess
 import sys
 
-from ringbench.progress import Progress
+from ringbench.harness.progress import Progress
 
 
 class Clock:
@@ -52,6 +52,6 @@ def test_disabled_progress_writes_nothing():
 
 
 def test_a_pipe_is_not_a_terminal():
-    code = "from ringbench.progress import stderr_is_terminal; print(stderr_is_terminal())"
+    code = "from ringbench.harness.progress import stderr_is_terminal; print(stderr_is_terminal())"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"  # stderr is a pipe, and its reader (this test) is no MPI launcher

@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from ringbench import measure, results, store
+from ringbench import store
+from ringbench.analysis import measure, results
 
 from conftest import ringbench
 

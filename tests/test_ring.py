@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
-from ringbench import inputs, kernel
-from ringbench.backend import BackendError, get_backend
-from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import DTYPES, RunConfig
-from ringbench.ring import InjectedFault, Ring, parse_fault
+from ringbench.engine.backend import BackendError, get_backend
+from ringbench.engine.ring import InjectedFault, Ring, parse_fault
+from ringbench.harness import inputs
+from ringbench.kernels import kernel
+from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
 
 
 class LoopBack:

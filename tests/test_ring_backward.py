@@ -8,9 +8,11 @@ import h5py
 import numpy as np
 import pytest
 
-from ringbench import inputs, results, store
-from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
+from ringbench import store
+from ringbench.analysis import results
 from ringbench.config import ConfigError, RunConfig, option_name, point_id
+from ringbench.harness import inputs
+from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
 
 from conftest import mpi_worker, mpiexec, ringbench
 

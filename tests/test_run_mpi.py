@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from ringbench import kernel, store
+from ringbench import store
+from ringbench.kernels import kernel
 from ringbench.layout import LAYOUTS
 
 from conftest import mpiexec
@@ -58,7 +59,7 @@ def test_dtypes_at_four_ranks(dtype, tmp_path):
 
 @pytest.mark.parametrize("blas", ["numpy", "mkl"])
 def test_blas_choice_is_correct_and_recorded(blas, tmp_path):
-    from ringbench.mkl import MklMatmul
+    from ringbench.kernels.mkl import MklMatmul
 
     if blas == "mkl" and MklMatmul.load() is None:
         pytest.skip("Intel MKL is not installed (pip install -e '.[mkl]')")
@@ -127,7 +128,7 @@ def test_console_script_gives_each_rank_one_blas_thread_and_keeps_a_user_setting
     import sys
     from pathlib import Path
 
-    from ringbench.backend import THREAD_VARS
+    from ringbench.engine.backend import THREAD_VARS
 
     from conftest import MPIEXEC, child_env
 
@@ -157,7 +158,7 @@ def test_console_script_gives_each_rank_one_blas_thread_and_keeps_a_user_setting
 @pytest.mark.parametrize("extra", [["--heads", 1], ["--heads", 2, "--kv-heads", 2, "--seq-len", 2]])
 def test_one_query_head_per_group_is_checked_and_saved_unscaled(extra, tmp_path):
     """With G = 1 (or one token per rank) the query layout change is a view of q: the ring must not scale it in place."""
-    from ringbench import inputs
+    from ringbench.harness import inputs
 
     out = tmp_path / "r.h5"
     res = mpiexec(2, "run", "--seq-len", 64, "--head-dim", 64, "--repeat", 1, "--check", "--save-tensors", "--out", out, *extra)
@@ -197,10 +198,10 @@ def test_one_query_head_per_group_is_checked_and_saved_unscaled(extra, tmp_path)
 )
 def test_memory_estimate_covers_the_measured_peak(args, tmp_path):
     """The estimate that refuses problems is not below what a real run uses (peak RSS above the baseline)."""
-    from ringbench.backend import get_backend
     from ringbench.config import RunConfig
-    from ringbench.mkl import MklMatmul
-    from ringbench.runner import memory_estimate
+    from ringbench.engine.backend import get_backend
+    from ringbench.harness.runner import memory_estimate
+    from ringbench.kernels.mkl import MklMatmul
 
     out = tmp_path / "r.h5"
     res = mpiexec(2, "run", *args, "--repeat", 1, "--warmup", 0, "--quiet", "--out", out)

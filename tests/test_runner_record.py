@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from ringbench import measure, runner
+from ringbench.analysis import measure
 from ringbench.config import RunConfig, point_id
+from ringbench.harness import runner
 
 P, R, W = 2, 3, 1  # ranks, repeats, warm-ups
 
@@ -86,8 +87,8 @@ def test_assemble_builds_the_run_record(pass_):
 
 def test_auto_memory_refusal_names_the_cgroup_that_binds(monkeypatch):
     """--memory-limit auto refuses what the job's cgroup would OOM-kill, and says the cgroup is the bound."""
-    from ringbench.backend import get_backend
     from ringbench.config import RunConfig
+    from ringbench.engine.backend import get_backend
 
     cfg = RunConfig(seq_len=4096, heads=2, head_dim=16)
     backend = get_backend("numpy")

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ringbench import experiment, slurm, store
-from ringbench.experiment import SlurmSpec
+from ringbench import store
+from ringbench.sweeps import experiment, slurm
+from ringbench.sweeps.experiment import SlurmSpec
 
 from conftest import ROOT, ringbench
 

@@ -5,11 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from ringbench import advise, model, store
+from ringbench import store
+from ringbench.analysis import advise, model
 from ringbench.config import RunConfig, point_id, validate
-from ringbench.experiment import ExperimentError
+from ringbench.engine.strategies import kv_head_map
 from ringbench.layout import group_plan
-from ringbench.strategies import kv_head_map
+from ringbench.sweeps.experiment import ExperimentError
 
 from conftest import MPIEXEC, ROOT, child_env, mpiexec, ringbench
 
@@ -99,7 +100,7 @@ def test_cli_backward_phase_samples_bytes_and_check(nranks, mode, extra, tmp_pat
     assert bwd.summary["bytes_per_rank"] == model.strategy_bytes(shape, "bwd")  # the model counts what is sent
     assert run.memory["theoretical_bwd_bytes"] > 0
     if save:
-        from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
+        from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
 
         t = run.tensors
         for got, ref in zip((t["dq"], t["dk"], t["dv"]), reference_attention_grad(t["q"], t["k"], t["v"], t["do"], causal=True)):
@@ -127,7 +128,7 @@ def test_save_tensors_reverify(tmp_path):
     res = mpiexec(2, "run", *SMALL, "--seq-len", 64, "--mode", "pass-q", "--layout", "striped", "--causal", "--save-tensors", "--out", out)
     assert res.returncode == 0, res.stderr
     (run,) = store.read(out, tensors=True)
-    from ringbench import kernel
+    from ringbench.kernels import kernel
 
     t = run.tensors
     ref = kernel.reference_attention(t["q"], t["k"], t["v"], causal=True)
@@ -172,7 +173,7 @@ def test_config_rules_and_point_ids():
 
 
 def test_experiment_refusal_names_file_line_key(tmp_path):
-    from ringbench import experiment
+    from ringbench.sweeps import experiment
 
     path = tmp_path / "x.yaml"
     path.write_text("name: x\nbase:\n  seq_len: 96\n  heads: 4\nmatrix:\n  mode: [overlap, ulysses]\nranks: [3]\n")

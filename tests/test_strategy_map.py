@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from ringbench import measure, model, report, results
+from ringbench.analysis import measure, model, report, results
 
 from conftest import mpiexec, ringbench
 
@@ -144,7 +144,7 @@ def markers(fig):
 
 @pytest.mark.mpi
 def test_map_renders_from_a_real_file_and_draws_the_measured_winners(two_strategies, tmp_path):
-    plot = pytest.importorskip("ringbench.plot")
+    plot = pytest.importorskip("ringbench.analysis.plot")
     out = tmp_path / "figs"
     res = ringbench("plot", two_strategies, "-o", out, "--only", "strategies")
     assert res.returncode == 0, res.stderr
@@ -192,7 +192,7 @@ def test_report_states_the_winner_agreement_on_a_real_file(two_strategies):
 def test_map_draws_one_panel_per_family(two_strategies):
     """Runs of another layout (here: the same runs relabelled striped, ulysses made slow there) are a family of
     their own: a second panel with its own measured winners and agreement line."""
-    plot = pytest.importorskip("ringbench.plot")
+    plot = pytest.importorskip("ringbench.analysis.plot")
     runs = results.load(two_strategies)
     other = slowed(runs, "ulysses", 100.0)
     for r in other:

@@ -125,7 +125,7 @@ def test_timeout_kills_the_point_and_its_ranks(tmp_path):
 
 
 def test_failure_detail_gives_the_reason_and_the_log(tmp_path):
-    from ringbench.sweep import _failure_detail
+    from ringbench.sweeps.sweep import _failure_detail
 
     log = tmp_path / "p.log"
     assert _failure_detail("timed out after 2 s (killed): =====\n= BAD TERMINATION", log) == "timed out after 2 s (killed)"
@@ -219,8 +219,8 @@ def test_cli_user_errors(tmp_path):
 def test_a_run_stored_under_an_old_id_counts_as_done(where, tmp_path):
     """Files written before the 64-bit ids carry 8-hex ids (and part files are named by them): still done."""
     from ringbench.config import legacy_point_id
-    from ringbench.experiment import load
-    from ringbench.sweep import ResultDir, stored, todo
+    from ringbench.sweeps.experiment import load
+    from ringbench.sweeps.sweep import ResultDir, stored, todo
 
     exp = load(
         write(

@@ -16,10 +16,10 @@ from test_backward import reference as reference_grad
 from test_kernel import TOL, make, rel_err
 from test_ring import LoopBack
 
-from ringbench import kernel
-from ringbench.backend import get_backend
-from ringbench.backward import TOLERANCE_BWD, BlockBackward, heads_to_kv
 from ringbench.config import RunConfig, coerce, point_id
+from ringbench.engine.backend import get_backend
+from ringbench.kernels import kernel
+from ringbench.kernels.backward import TOLERANCE_BWD, BlockBackward, heads_to_kv
 from ringbench.layout import CAUSAL, FULL, LAYOUTS, STRICT, Piece, positions, step_plan
 
 from conftest import mpiexec
@@ -31,7 +31,7 @@ BACKEND = get_backend("numpy")
 
 def emulate_ring(q, k, v, *, nranks, layout, causal, dtype):
     """Global output of every emulated rank's ring pass with the torch state, as the Ring drives it."""
-    from ringbench.torch_kernel import FusedAttention
+    from ringbench.kernels.torch_kernel import FusedAttention
 
     b, n_total, h, d = q.shape
     hk = k.shape[2]
@@ -91,7 +91,7 @@ def test_torch_ring_other_dtypes(dtype, layout):
 @pytest.mark.parametrize("mask", [FULL, CAUSAL, STRICT])
 def test_one_piece_matches_the_native_kernel_lse_included(mask):
     """Output and lse of one masked piece equal the native kernel's; under STRICT query 0 sees nothing (0, -inf)."""
-    from ringbench.torch_kernel import FusedAttention
+    from ringbench.kernels.torch_kernel import FusedAttention
 
     rng = np.random.default_rng(3)
     q = rng.standard_normal((3, 2, 40, 16)).astype(np.float32) * 0.25
@@ -113,7 +113,7 @@ def test_one_piece_matches_the_native_kernel_lse_included(mask):
 def test_arrays_reach_torch_without_copies():
     import torch
 
-    from ringbench.torch_kernel import from_torch, to_torch
+    from ringbench.kernels.torch_kernel import from_torch, to_torch
 
     a = np.ones((2, 8, 4), np.float32)
     t = to_torch(a[:, 2:6])
@@ -137,7 +137,7 @@ def emulate_ring_backward(q, k, v, do, *, nranks, layout, causal, dtype):
     """Global (dq, dk, dv) in float64 of every emulated rank's torch forward and torch backward, as the Ring drives
     them: the forward on unscaled q with the scale, the backward on the scaled q with the forward's O and LSE, K/V as
     stored, the dK/dV accumulators (compute dtype) travelling with their block, one more hop home at the end."""
-    from ringbench.torch_kernel import FusedAttention, FusedBackward
+    from ringbench.kernels.torch_kernel import FusedAttention, FusedBackward
 
     b, n_total, h, d = q.shape
     hk = k.shape[2]
@@ -196,8 +196,8 @@ def test_torch_ring_backward_matches_reference(nranks, layout, causal, heads, kv
 @pytest.mark.parametrize("mode", ["overlap", "blocking", "allgather"])
 def test_the_ring_backward_uses_the_fused_backward_with_kernel_torch(mode):
     """The Ring itself (one rank, loop-back exchange): --kernel torch builds FusedBackward, native BlockBackward."""
-    from ringbench.ring import Ring
-    from ringbench.torch_kernel import FusedBackward
+    from ringbench.engine.ring import Ring
+    from ringbench.kernels.torch_kernel import FusedBackward
 
     q, k, v, do = make_grad(40, 4, 2, 16)
     ref = reference_grad(q, k, v, do, causal=True, dtype="float32")
@@ -220,7 +220,7 @@ def test_torch_ring_backward_other_dtypes(dtype):
 
 @needs_torch
 def test_torch_backward_accumulates_in_float32_and_checks_the_accumulators():
-    from ringbench.torch_kernel import FusedBackward
+    from ringbench.kernels.torch_kernel import FusedBackward
 
     f16 = BACKEND.dtype("bfloat16")
     rng = np.random.default_rng(5)
@@ -255,7 +255,7 @@ def test_kernel_is_a_config_field_and_leaves_native_ids_alone():
 
 
 def test_refusals_name_the_kernel_and_the_reason(monkeypatch):
-    from ringbench import torch_kernel
+    from ringbench.kernels import torch_kernel
 
     cpu = types.SimpleNamespace(is_gpu=False)
     gpu = types.SimpleNamespace(is_gpu=True)
@@ -357,7 +357,7 @@ def test_cuda_and_flash_attn_call_wrappers_on_cpu_stand_ins(causal, dtype):
     """The CUDA paths' GQA handling (fold / repeat) and layouts, with CPU stand-ins that keep the CUDA ops' rules."""
     import torch
 
-    from ringbench import torch_kernel
+    from ringbench.kernels import torch_kernel
 
     cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -392,8 +392,8 @@ def test_cuda_and_flash_attn_call_wrappers_on_cpu_stand_ins(causal, dtype):
 def test_experiment_files_sweep_the_kernel(tmp_path):
     import textwrap
 
-    from ringbench import experiment
-    from ringbench.experiment import ExperimentError
+    from ringbench.sweeps import experiment
+    from ringbench.sweeps.experiment import ExperimentError
 
     path = tmp_path / "k.yaml"
     path.write_text(textwrap.dedent("""

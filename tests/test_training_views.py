@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from ringbench import measure, model, report, results, store
+from ringbench import store
+from ringbench.analysis import measure, model, report, results
 
 from conftest import mpiexec, ringbench
 
@@ -88,7 +89,7 @@ def test_report_puts_the_phases_side_by_side_with_the_model(training_file):
 
 @pytest.mark.mpi
 def test_plots_render_per_phase(training_file, tmp_path):
-    plot = pytest.importorskip("ringbench.plot")
+    plot = pytest.importorskip("ringbench.analysis.plot")
     runs = results.load(training_file)
     cal = model.calibrate_from_runs(runs)
     assert cal.has_phase("bwd")

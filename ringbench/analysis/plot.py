@@ -3,7 +3,7 @@
 One function per figure; each takes runs (ringbench.store.Run) and returns a matplotlib Figure, or None when
 the runs hold nothing it can draw. Every figure notes the host(s), backend, device and dtype it came from.
 Every measured time carries an error bar: the bootstrap confidence interval of its median over the repeats
-(ringbench.measure.median_ci; speed-ups: measure.compare), none with fewer than measure.MIN_REPEATS repeats.
+(ringbench.analysis.measure.median_ci; speed-ups: measure.compare), none with fewer than measure.MIN_REPEATS repeats.
 
     strong     time and speed-up vs rank count at fixed N, ideal line; one line per mode / layout
     weak       per-rank throughput efficiency and time vs rank count at fixed N/P
@@ -31,7 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ringbench import measure, model, results, store
+from ringbench import store
+from ringbench.analysis import measure, model, results
 from ringbench.config import stored_point_id
 from ringbench.layout import divisor
 

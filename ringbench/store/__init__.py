@@ -7,10 +7,10 @@ Schema version 2 (``SCHEMA_VERSION``), documented in the README::
         attrs               run_id (32 hex digits, unique to this run), point_id, nranks, status ("ok" | "failed"),
                             created_utc, config (JSON: the resolved RunConfig), provenance (JSON), error (failed runs)
         config/             attrs: the same resolved config, one attribute per field (for h5ls/HDFView)
-        samples/            datasets of timing samples, seconds (see ringbench.measure):
+        samples/            datasets of timing samples, seconds (see ringbench.analysis.measure):
                             compute_s, comm_s, step_s (R, P, P); total_s (R, P); comm_only_s (C, P, P-1);
                             warmup_compute_s, warmup_comm_s, warmup_step_s (W, P, P); warmup_total_s (W, P)
-        summary             attrs: the metrics of ringbench.measure.summarize (measure.SUMMARY: keys, definitions)
+        summary             attrs: the metrics of ringbench.analysis.measure.summarize (measure.SUMMARY: keys, definitions)
         memory/             datasets peak_rss_bytes, baseline_rss_bytes, device_pool_bytes (P,); attr theoretical_bytes
         check               attrs (with --check): max_abs_err, rel_err, tol, passed
         bwd/                (config pass bwd or fwd+bwd) the backward phase, laid out as the forward's above:
@@ -21,7 +21,7 @@ Schema version 2 (``SCHEMA_VERSION``), documented in the README::
                             per tensor dq_max_abs_err, dq_rel_err, dk_..., dv_...
         tensors/            (with --save-tensors) q, k, v, out in global token order, (B, N, H|H_kv, D); with a
                             backward also do, dq (B, N, H, D) and dk, dv (B, N, H_kv, D)
-    /probes/<name>/         one machine probe (``ringbench probe``, see ringbench.probe); optional group
+    /probes/<name>/         one machine probe (``ringbench probe``, see ringbench.harness.probe); optional group
         attrs               probe_id (32 hex digits, unique to this probe), nranks, created_utc,
                             config (JSON: the probe's options), provenance (JSON)
         summary             attrs: rate_flops (per-rank attention FLOP/s at the largest block), bwd_rate_flops (the
@@ -132,7 +132,7 @@ def _new_id() -> str:
 
 @dataclass
 class Probe:
-    """One machine probe as stored (see ringbench.probe)."""
+    """One machine probe as stored (see ringbench.harness.probe)."""
 
     nranks: int
     config: dict
@@ -147,7 +147,7 @@ class Probe:
 
 @dataclass
 class Phase:
-    """One timed phase of a run: its samples, summary metrics and check (see ringbench.measure)."""
+    """One timed phase of a run: its samples, summary metrics and check (see ringbench.analysis.measure)."""
 
     samples: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ringbench import env_int, kernel
+from ringbench import env_int
 from ringbench.config import BACKENDS, BLAS
-from ringbench.mkl import MklMatmul
+from ringbench.kernels import kernel
+from ringbench.kernels.mkl import MklMatmul
 from ringbench.provenance import cpu_model, cpu_vendor
 
 
@@ -272,7 +273,7 @@ def limit_threads(n: int | None = None) -> int:
     """Limit every BLAS and OpenMP thread pool loaded in this process to ``n`` threads (default: thread_limit).
 
     Works at run time (threadpoolctl), whatever was imported first; MKL loaded through ctypes is covered too
-    (its pool is one threadpoolctl finds, and ringbench.mkl also sets it when it loads). Returns ``n``.
+    (its pool is one threadpoolctl finds, and ringbench.kernels.mkl also sets it when it loads). Returns ``n``.
     """
     from threadpoolctl import threadpool_limits
 

@@ -1,6 +1,6 @@
 """The score tile's elementwise work in one pass, compiled by numba (optional: ``pip install 'ringbench[numba]'``).
 
-Pure math on NumPy arrays, imported by :mod:`ringbench.kernel` only when the fused exponential is chosen or
+Pure math on NumPy arrays, imported by :mod:`ringbench.kernels.kernel` only when the fused exponential is chosen or
 measured. One call does, for every row of a score tile s (log2 units, already shifted by the row's reference):
 
     p = 2^s on the row's visible columns, p = 0 on its hidden ones, and r = the row's sum of p

@@ -1,10 +1,10 @@
 """Context-parallel strategies beside the ring: Ulysses, hybrid (Ulysses x ring), pass-Q.
 
-Each class offers what the runner uses of :class:`ringbench.ring.Ring`: ``forward()`` (per-step compute_s,
+Each class offers what the runner uses of :class:`ringbench.engine.ring.Ring`: ``forward()`` (per-step compute_s,
 comm_s, step_s arrays and the pass total), ``comm_only()``, ``output()``, ``bytes_per_rank()`` and
 ``score_tile_elems``. The causal structure of any pair of sequence chunks comes from ``layout.step_plan``
 (chunk i = the tokens rank i holds in the layout), the arithmetic from ``kernel.OnlineSoftmax`` and
-``kernel.merge``, and all MPI from ``ringbench.comm``.
+``kernel.merge``, and all MPI from ``ringbench.engine.comm``.
 
 * **hybrid** (``--ulysses-degree U``, P = U x R): ranks form groups of U consecutive ranks (rank r is member
   r mod U of group r // U; on a cluster consecutive ranks share a node, so the all-to-all stays on the fast
@@ -49,11 +49,12 @@ import time
 
 import numpy as np
 
-from ringbench import backward, comm, kernel
-from ringbench.backward import BlockBackward
 from ringbench.config import heads_rule  # noqa: F401  (the rule lives with the other config checks)
+from ringbench.engine import comm
+from ringbench.engine.ring import Ring, make_state
+from ringbench.kernels import backward, kernel
+from ringbench.kernels.backward import BlockBackward
 from ringbench.layout import group_plan, step_plan
-from ringbench.ring import Ring, make_state
 
 STRATEGIES = ("ulysses", "hybrid", "pass-q")
 
@@ -598,7 +599,7 @@ class PassQ:
 
 
 def _fault(rank: int, step: int) -> Exception:
-    from ringbench.ring import InjectedFault
+    from ringbench.engine.ring import InjectedFault
 
     return InjectedFault(f"injected fault on rank {rank} at step {step}")
 

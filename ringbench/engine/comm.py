@@ -256,7 +256,7 @@ def mpi_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Context-parallel strategies (ringbench.strategies): sub-communicators, all-to-all, any-peer exchange
+# Context-parallel strategies (ringbench.engine.strategies): sub-communicators, all-to-all, any-peer exchange
 # ---------------------------------------------------------------------------------------------
 def split_groups(comm, group_size: int):
     """(group, ring) sub-communicators of ``comm``: groups of ``group_size`` consecutive ranks, and the

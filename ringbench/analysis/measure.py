@@ -12,7 +12,7 @@ Warm-up passes are stored with the same shapes under their own names and never e
 
 Metrics (the README defines them for users): ``SUMMARY``, one entry per key of a phase's summary, each with its
 definition. The keys are the attribute names of a stored summary group (ringbench.store) and the summary columns of
-results' table rows (ringbench.results): keep them as they are (schema).
+results' table rows (ringbench.analysis.results): keep them as they are (schema).
 
 Spread (computed from the samples when they are read, never stored): ``per_repeat`` gives the values a median
 is taken over; ``median_ci`` their percentile-bootstrap confidence interval; ``compare`` the ratio of two

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ringbench import model
+from ringbench.analysis import model
 from ringbench.config import did_you_mean, validate
-from ringbench.experiment import Source
+from ringbench.yamlfile import Source
 
 PASS_NAMES = {"fwd": "forward pass", "bwd": "backward pass", "fwd+bwd": "forward + backward passes"}
 SCAN_TOKENS = [2**k for k in range(4, 21)]  # tokens per rank scanned for the winner's changes

@@ -1,7 +1,7 @@
 """Production attention kernels inside the ring: PyTorch's fused attention and flash-attn (``--kernel``).
 
 The ring, the transfers, the checks and the measurements stay ringbench's; only the per-step attention of a
-K/V block changes. :class:`FusedAttention` has the interface of :class:`ringbench.kernel.OnlineSoftmax`
+K/V block changes. :class:`FusedAttention` has the interface of :class:`ringbench.kernels.kernel.OnlineSoftmax`
 (``reset``, ``update(k, v, pieces)``, ``finalize(out_dtype)``, and ``tile_q``/``tile_k``/``head_chunk``):
 for every piece of a step plan it calls one fused kernel that returns the partial output and its
 log-sum-exp, and merges them into the running (output, lse) of the rank's queries exactly, by log-sum-exp.
@@ -19,7 +19,7 @@ Kernels (q is (Z, G, n, D) head-major, Z = B * H_kv, G = H / H_kv; k/v (Z, m, D)
   (batch, seq, heads, D) layout, GQA natively (views, no copies). float16/bfloat16.
 
 The backward (``--pass bwd``/``fwd+bwd``): with ``torch`` on the CPU, :class:`FusedBackward` (the interface of
-:class:`ringbench.backward.BlockBackward`) calls ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` per
+:class:`ringbench.kernels.backward.BlockBackward`) calls ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` per
 piece with the forward's final O and LSE. On CUDA (torch's flash/efficient backward ops want the forward's RNG state
 and sequence bookkeeping) and with flash-attn the backward is refused (:func:`unavailable`).
 
@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ringbench.kernel import compute_dtype, softmax_scale
+from ringbench.kernels.kernel import compute_dtype, softmax_scale
 from ringbench.layout import FULL, STRICT, Piece
 
 # nominal tile of torch's CPU flash attention (q split 256 rows at blocks >= 768, kv split 512): for the memory model
@@ -112,7 +112,7 @@ class FusedAttention:
     softmax scale, 1/sqrt(D); None: q is already scaled, the kernels run with scale 1); ``dtype`` is the dtype the
     kernel runs in (the storage dtype: half precision stays half). The state keeps (Z, G, n, D) output and (Z, G, n)
     lse in float32 (float64 for float64 runs) and merges each piece's partial into them: out += (o - out) *
-    sigmoid(l - lse), lse = logaddexp(lse, l), in place (the same exact merge as :func:`ringbench.kernel.merge`; a
+    sigmoid(l - lse), lse = logaddexp(lse, l), in place (the same exact merge as :func:`ringbench.kernels.kernel.merge`; a
     piece's rows always saw a key, so l is finite). Rows no piece touched since :meth:`reset` are copied, not
     merged. ``on_tile`` (the ring's MPI progress) is called after every piece: a fused kernel is one call, so
     progress happens between pieces only.
@@ -206,7 +206,7 @@ class FusedAttention:
 
 class FusedBackward:
     """One rank's share of the attention backward through PyTorch's fused CPU backward, with the interface of
-    :class:`ringbench.backward.BlockBackward` (``reset``, ``update(k, v, dk_acc, dv_acc, pieces)``, ``dq(out_dtype)``,
+    :class:`ringbench.kernels.backward.BlockBackward` (``reset``, ``update(k, v, dk_acc, dv_acc, pieces)``, ``dq(out_dtype)``,
     ``dqa``/``scale``, ``tile_q``/``tile_k``/``head_chunk``).
 
     Per piece it calls ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` with the forward's final O and

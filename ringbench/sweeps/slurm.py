@@ -2,9 +2,9 @@
 
 The script runs ``ringbench sweep`` on the experiment's resolved copy for the points of one array task;
 that sweep starts each point's ranks with the configured launcher (``srun`` or ``mpiexec``, see
-ringbench.sweep). One job array per resource shape (the rank count), one array task per chunk of
+ringbench.sweeps.sweep). One job array per resource shape (the rank count), one array task per chunk of
 ``points_per_task`` points. Every value that reaches the script was validated on load
-(ringbench.experiment) and is shell-quoted here.
+(ringbench.sweeps.experiment) and is shell-quoted here.
 """
 
 from __future__ import annotations

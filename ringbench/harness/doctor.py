@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ringbench import inputs, kernel
-from ringbench.backend import BackendError, get_backend, local_rank, numpy_blas
 from ringbench.config import BACKENDS, KERNELS, RunConfig
+from ringbench.engine.backend import BackendError, get_backend, local_rank, numpy_blas
+from ringbench.harness import inputs
+from ringbench.kernels import kernel
+from ringbench.kernels.torch_kernel import unavailable
 from ringbench.layout import positions
-from ringbench.torch_kernel import unavailable
 
 # the tiny checked pass: causal zigzag (diagonal, full and half pieces), GQA, 16 tokens per rank
 CHECK = dict(batch=1, heads=4, kv_heads=2, head_dim=16, causal=True, layout="zigzag", mode="overlap", warmup=0, repeat=1)
@@ -104,8 +105,8 @@ def _why_not(combo: Combo, backends: dict) -> tuple[str, str] | None:
 
 def _build_ring(combo: Combo, backend, world, cuda_aware: bool):
     """The tiny ring of ``combo`` on this rank, and its inputs for the check (no communication yet)."""
-    from ringbench import comm
-    from ringbench.ring import Ring
+    from ringbench.engine import comm
+    from ringbench.engine.ring import Ring
 
     rank, nranks = world.rank, world.size
     cfg = RunConfig(seq_len=TOKENS_PER_RANK * nranks, dtype=combo.dtype, backend=combo.backend, kernel=combo.kernel, **CHECK)
@@ -127,8 +128,8 @@ def _ring_check(combo: Combo, backend, world, cuda_aware: bool) -> tuple[str, ob
     A ring that cannot be built on some rank is agreed on before any transfer; a failure during the pass itself
     ends the job like any failure in ``run`` (a rank cannot leave a ring pass halfway without hanging its peers).
     """
-    from ringbench import comm
-    from ringbench.runner import TOLERANCE
+    from ringbench.engine import comm
+    from ringbench.harness.runner import TOLERANCE
 
     try:
         ring, (q, k, v, pos, allpos) = _build_ring(combo, backend, world, cuda_aware)
@@ -148,7 +149,7 @@ def _ring_check(combo: Combo, backend, world, cuda_aware: bool) -> tuple[str, ob
 
 def run(want_backends: list[str] | None, want_kernels: list[str] | None) -> int:
     """The doctor on every rank; rank 0 prints. Returns the exit status (0 healthy, 1 problems found)."""
-    from ringbench import comm
+    from ringbench.engine import comm
 
     world = comm.WORLD
     backends = _backends()
@@ -179,7 +180,7 @@ def run(want_backends: list[str] | None, want_kernels: list[str] | None) -> int:
 
 def report(ranks: list[dict], combos: list[Combo], results: list, want_backends, want_kernels, mpi_library: str):
     """The printed report (lines) and the problems found (lines); a pure function of the gathered records."""
-    from ringbench.runner import TOLERANCE
+    from ringbench.harness.runner import TOLERANCE
 
     hosts = sorted({p["host"] for p in ranks})
     lines = [f"ringbench doctor: {len(ranks)} rank(s) on {len(hosts)} host(s); MPI: {mpi_library}", ""]

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ringbench import measure, store
+from ringbench import store
+from ringbench.analysis import measure
+from ringbench.analysis.model import Shape, block_bytes
 from ringbench.config import MODES, stored_point_id
-from ringbench.model import Shape, block_bytes
 
 CONFIG_COLUMNS = (
     "pass",

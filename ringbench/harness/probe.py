@@ -1,6 +1,6 @@
 """Measure this allocation's machine parameters for the overlap model (``ringbench probe``).
 
-Run on every rank under ``mpiexec -n P``; MPI only through ringbench.comm, imported by the functions that
+Run on every rank under ``mpiexec -n P``; MPI only through ringbench.engine.comm, imported by the functions that
 run under MPI, so the pure helpers (link_phases, message_sizes) import without initialising MPI.
 
 * Compute rate: every rank at once runs the real kernel (kernel.OnlineSoftmax, tiled as the ring tiles it)
@@ -26,8 +26,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ringbench import backward, inputs, kernel, model, store
-from ringbench.backend import BackendError, get_backend, limit_threads
+from ringbench import store
+from ringbench.analysis import model
+from ringbench.engine.backend import BackendError, get_backend, limit_threads
+from ringbench.harness import inputs
+from ringbench.kernels import backward, kernel
 from ringbench.layout import CAUSAL, FULL, Piece
 from ringbench.provenance import thread_pools
 
@@ -75,8 +78,8 @@ def message_sizes(max_bytes: int) -> list[int]:
 def _compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
     """(K, R) seconds of one kernel update of an n x n block on this rank, per block size and repeat: a full
     block (``mask`` FULL), or the causal diagonal block (CAUSAL: the masked tiles every causal layout computes)."""
-    from ringbench import comm
-    from ringbench.ring import make_state
+    from ringbench.engine import comm
+    from ringbench.engine.ring import make_state
 
     xp = backend.xp
     hk = opts.kv_heads or opts.heads
@@ -115,8 +118,8 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndar
     Prepared as the ring's backward prepares a rank (ring._Backward.prepare): an untimed forward gives O and the
     log-sum-exp, then BlockBackward with the ring's tiles and GEMM; what is timed is one ``update`` with a
     K/V block into zeroed dK/dV accumulators in the compute dtype."""
-    from ringbench import comm
-    from ringbench.ring import make_state
+    from ringbench.engine import comm
+    from ringbench.engine.ring import make_state
 
     xp = backend.xp
     hk = opts.kv_heads or opts.heads
@@ -167,7 +170,7 @@ def _copy_times(opts: ProbeOptions, backend) -> tuple[int, np.ndarray]:
     """(bytes, (R,) seconds) of one strided copy on this rank, every rank at once: a (B, n, H, D) array of the
     largest block into (H, B, n, D) order, the kind of copy the strategies' packing and merges make (bytes = what
     is read plus what is written)."""
-    from ringbench import comm
+    from ringbench.engine import comm
 
     xp = backend.xp
     n = max(opts.block_sizes)
@@ -189,7 +192,7 @@ def _copy_times(opts: ProbeOptions, backend) -> tuple[int, np.ndarray]:
 
 def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
     """{link index: (S, I) one-way seconds} for the links this rank initiated."""
-    from ringbench import comm
+    from ringbench.engine import comm
 
     sizes = message_sizes(opts.max_bytes)
     buf = np.zeros(max(sizes), dtype=np.uint8)
@@ -208,7 +211,7 @@ def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
 
 def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     """The probe on every rank; rank 0 stores the /probes group and prints a summary."""
-    from ringbench import comm
+    from ringbench.engine import comm
 
     world = comm.WORLD
     rank, nranks = world.rank, world.size
@@ -288,7 +291,7 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
         summary["slowest_link"] = slowest
     else:
         summary["latency_s"] = summary["bandwidth_Bps"] = float("nan")
-    from ringbench import runner
+    from ringbench.harness import runner
 
     prov = runner.provenance(parts, backend, cuda_aware=False, blas=backend.matmul("auto")[1])
     cfg = asdict(opts)

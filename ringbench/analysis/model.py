@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ringbench.config import STRATEGY_MODES, RunConfig, heads_rule
-from ringbench.kernel import flops
+from ringbench.kernels.kernel import flops
 from ringbench.layout import FULL, group_plan, step_plan
 
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
@@ -641,7 +641,7 @@ def relative_error(predicted: float, measured: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Context-parallel strategies (ringbench.strategies): Ulysses, hybrid, pass-Q
+# Context-parallel strategies (ringbench.engine.strategies): Ulysses, hybrid, pass-Q
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Machine:
@@ -713,7 +713,7 @@ def strategy_bytes(shape: Shape, phase: str | None = None) -> int:
 
 
 # Local copies around the strategies' transfers, in bytes read + written (Calibration.copy_seconds), counted from
-# the code (ringbench/strategies.py): a copy or an elementwise pass over an array reads and writes it once (2x its
+# the code (ringbench/engine/strategies.py): a copy or an elementwise pass over an array reads and writes it once (2x its
 # bytes). Queries loaded into a softmax state: the copy, the softmax scale and the exponential's base (3 passes).
 LOAD_PASSES = 3
 MERGE_PASSES = 3  # kernel.merge: two weighted outputs and their sum

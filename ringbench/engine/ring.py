@@ -23,10 +23,10 @@ import time
 
 import numpy as np
 
-from ringbench import backward, kernel
+from ringbench.kernels import backward, kernel
+from ringbench.kernels.mkl import MklMatmul
+from ringbench.kernels.torch_kernel import FusedAttention, FusedBackward
 from ringbench.layout import step_plan
-from ringbench.mkl import MklMatmul
-from ringbench.torch_kernel import FusedAttention, FusedBackward
 
 # Elements of one score tile. Host: 512 query rows x 512 keys of float32 (1 MiB). Measured on a 2 MiB-L2
 # core (benchmarks/README.md): both GEMMs of a tile run near OpenBLAS's peak at this shape, the tile, its K/V

@@ -92,7 +92,7 @@ class ExpBase(NamedTuple):
     ln_b: float  # ln(b): log_b values times this are natural logs; 1 for base e
     rebase: float  # REBASE_BITS in log_b units
     masked: float  # MASKED_BITS in log_b units
-    fused: bool = False  # the tile's exponential, hidden keys and row sums in one compiled pass (ringbench.fused)
+    fused: bool = False  # the tile's exponential, hidden keys and row sums in one compiled pass (ringbench.kernels.fused)
 
     def exp(self, xp):
         """The ufunc x -> b^x of array module ``xp``."""
@@ -110,14 +110,14 @@ EXP_BASES = {
 }
 EXP_ENV = "RINGBENCH_EXP"  # auto (default): measured; 2, e or fused: forced (tests, benchmarks)
 _measured: dict[str, ExpBase] = {}  # array module name -> the exponential measured fastest in this process
-_fused: list = []  # [ringbench.fused, or None when numba is not installed], filled on first use
+_fused: list = []  # [ringbench.kernels.fused, or None when numba is not installed], filled on first use
 
 
 def fused_module():
-    """:mod:`ringbench.fused`, or None when numba is not installed (then the kernel never uses it)."""
+    """:mod:`ringbench.kernels.fused`, or None when numba is not installed (then the kernel never uses it)."""
     if not _fused:
         try:
-            from ringbench import fused
+            from ringbench.kernels import fused
         except ModuleNotFoundError as exc:
             if exc.name not in ("numba", "llvmlite"):
                 raise
@@ -279,7 +279,7 @@ class OnlineSoftmax(Scratch):
         self.xp = xp
         self.base = exp_base(xp, exp)  # the exponential's base and the thresholds restated in it
         self.exp = self.base.exp(xp)
-        # the fused pass (ringbench.fused), compiled or loaded from numba's cache here, outside any timed region
+        # the fused pass (ringbench.kernels.fused), compiled or loaded from numba's cache here, outside any timed region
         self.fused = fused_module() if self.base.fused else None
         self.compile_s = 0.0  # seconds that took
         self.matmul = matmul or xp.matmul  # the two score-tile GEMMs (the ring may pass MKL's)

@@ -11,7 +11,7 @@ no N x N array is formed). For one rank's queries and one K/V block at a time:
 :class:`BlockBackward` holds one rank's queries, dO, O and LSE and the local dQ accumulator; each
 :meth:`BlockBackward.update` folds in one K/V block and adds that block's dK and dV into accumulators that
 the caller owns (in the ring backward they travel with the K/V block, so every rank adds its share).
-Layouts are the kernel's head-major ones (``ringbench.kernel``): q, dO, O (Z, G, n, D), LSE (Z, G, n),
+Layouts are the kernel's head-major ones (``ringbench.kernels.kernel``): q, dO, O (Z, G, n, D), LSE (Z, G, n),
 k, v, dK, dV (Z, m, D), Z = B * H_kv, G = H / H_kv; a kv head's dK and dV sum over its G query heads.
 
 P is taken as exp(S - LSE) or as 2^((S - LSE) log2(e)), whichever NumPy computes faster on this CPU
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ringbench import kernel
+from ringbench.kernels import kernel
 from ringbench.layout import FULL, Piece, first_hidden
 
 # Elements of one score tile on the host (the backward holds two: P and dS, 1 MiB each in float32). 512 query rows

@@ -35,7 +35,8 @@ import yaml
 import ringbench
 from ringbench import store
 from ringbench.config import LEGACY_ID_HEX, legacy_point_id, stored_point_id
-from ringbench.experiment import (
+from ringbench.provenance import utc_now
+from ringbench.sweeps.experiment import (
     Experiment,
     ExperimentError,
     Point,
@@ -43,7 +44,6 @@ from ringbench.experiment import (
     default_time,
     fmt_value,
 )
-from ringbench.provenance import utc_now
 
 TAIL_LINES = 20
 TAIL_CHARS = 2000
@@ -416,7 +416,7 @@ def one_exponential(points: list[Point]) -> tuple[dict, str]:
     one this machine measures fastest now (``kernel.exp_base``, once). Each run would otherwise measure its own, and
     on a loaded machine two runs of one sweep can pick different ones: their times (and the bitwise identity of
     their outputs) would then differ for a reason that is not the point's. Other backends or kernels: each run's own."""
-    from ringbench import kernel
+    from ringbench.kernels import kernel
 
     given = os.environ.get(kernel.EXP_ENV, "")
     if given and given != "auto":
@@ -460,7 +460,7 @@ def run_sweep(exp: Experiment, lay: ResultDir, points: list[Point], *, launcher:
 
 def submit_arrays(exp: Experiment, lay: ResultDir, points: list[Point], *, dry_run: bool, force: bool, workdir: Path) -> int:
     """Write one job-array script per rank count for ``points`` and (unless dry_run) sbatch them."""
-    from ringbench import slurm
+    from ringbench.sweeps import slurm
 
     spec = exp.slurm or SlurmSpec()
     template_path = Path(spec.template or slurm.TEMPLATE)
@@ -537,7 +537,7 @@ def _submitted(jobs: list[dict]) -> dict[str, tuple[str, int]]:
 
 def queued_points(lay: ResultDir) -> set[str]:
     """Points whose latest array task is still pending or running (so submit does not queue them twice)."""
-    from ringbench import slurm
+    from ringbench.sweeps import slurm
 
     jobs = load_jobs(lay)
     if not jobs:
@@ -561,7 +561,7 @@ def _failure_detail(error: str, log: Path) -> str:
 
 def status_text(exp: Experiment, lay: ResultDir) -> str:
     """Each point's state: done, failed, running, pending (in the queue), missing (submitted, gone), not run."""
-    from ringbench import slurm
+    from ringbench.sweeps import slurm
 
     state = stored(exp, lay)
     jobs = load_jobs(lay)

@@ -24,8 +24,6 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ringbench.config import (
     ConfigError,
     RunConfig,
@@ -34,6 +32,7 @@ from ringbench.config import (
     point_id,
     validate,
 )
+from ringbench.yamlfile import MAX_YAML_DEPTH, MAX_YAML_NODES, ExperimentError, Source, fmt_path  # noqa: F401
 
 TOP_KEYS = ("name", "description", "base", "matrix", "zip", "exclude", "ranks", "timeout", "slurm")
 RANKS = "ranks"
@@ -42,112 +41,6 @@ DEFAULT_TIMEOUT_S = 600
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROFILE_RE = NAME_RE  # a profile is named, never a path: slurm/profiles/NAME.yaml
 MAX_POINTS = 100_000  # the most points an experiment may expand to (before exclude rules)
-MAX_YAML_NODES = 200_000  # the most values (keys, scalars, lists, mappings) a file may hold once aliases are expanded
-MAX_YAML_DEPTH = 32  # the deepest nesting of lists and mappings a file may have
-
-
-class ExperimentError(Exception):
-    """A problem in an experiment or profile file; the text is one line naming file, line and key path."""
-
-
-# ---------------------------------------------------------------------------------------------
-# YAML with line numbers
-# ---------------------------------------------------------------------------------------------
-class Source:
-    """One YAML file: its values (safe_load) and the line of every key path (from the composed nodes)."""
-
-    def __init__(self, path, text: str | None = None):
-        self.path = Path(path)
-        self.name = str(path)
-        if text is None:
-            text = self._read()
-        try:
-            self._check_shape(text)
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            self.data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ExperimentError(f"{self.name}{where}: not valid YAML: {problem}") from None
-        self.lines: dict[tuple, int] = {}
-        if node is not None:
-            self._index(node, ())
-
-    def _read(self) -> str:
-        try:
-            raw = self.path.read_bytes()
-        except IsADirectoryError:
-            raise ExperimentError(f"{self.name}: is a directory, not a YAML file") from None
-        except OSError as exc:
-            raise ExperimentError(f"{self.name}: cannot read: {exc.strerror or exc}") from None
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw.count(b"\n", 0, exc.start) + 1
-            raise ExperimentError(
-                f"{self.name}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save the file as UTF-8"
-            ) from None
-
-    def _check_shape(self, text: str) -> None:
-        """Refuse, from the event stream and before any tree is built, a file nested deeper than MAX_YAML_DEPTH
-        or holding more than MAX_YAML_NODES values once its aliases are expanded (an alias bomb): the node tree
-        and every walk over it stay small, and the composer's recursion stays shallow."""
-        total, anchors, open_ = 0, {}, []  # open_: (total before the collection, its anchor) per open collection
-        for ev in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                open_.append((total, ev.anchor))
-                total += 1
-                if len(open_) > MAX_YAML_DEPTH:
-                    raise ExperimentError(f"{self.name}:{ev.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
-            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                before, anchor = open_.pop()
-                if anchor is not None:
-                    anchors[anchor] = total - before
-            elif isinstance(ev, yaml.ScalarEvent):
-                total += 1
-                if ev.anchor is not None:
-                    anchors[ev.anchor] = 1
-            elif isinstance(ev, yaml.AliasEvent):
-                total += anchors.get(ev.anchor, 1)
-            else:
-                continue
-            if total > MAX_YAML_NODES:
-                raise ExperimentError(
-                    f"{self.name}:{ev.start_mark.line + 1}: more than {MAX_YAML_NODES} values once aliases are expanded; "
-                    f"an experiment file may hold at most {MAX_YAML_NODES}"
-                )
-
-    def _index(self, node, path: tuple) -> None:
-        self.lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for knode, vnode in node.value:
-                key = knode.value
-                if key in seen:
-                    raise ExperimentError(f"{self.name}:{knode.start_mark.line + 1}: {fmt_path(path + (key,))}: duplicate key")
-                seen.add(key)
-                self._index(vnode, path + (key,))
-                self.lines[path + (key,)] = knode.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._index(item, path + (i,))
-
-    def error(self, path: tuple, message: str) -> ExperimentError:
-        line = None
-        for n in range(len(path), -1, -1):
-            line = self.lines.get(tuple(path[:n]))
-            if line is not None:
-                break
-        where = f"{self.name}:{line}" if line else self.name
-        return ExperimentError(f"{where}: {fmt_path(path)}: {message}" if path else f"{where}: {message}")
-
-
-def fmt_path(path: tuple) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _mapping(src: Source, path: tuple, value, allowed=None) -> dict:
@@ -304,7 +197,7 @@ class SlurmSpec:
     mpi: str = "pmi2"
     python: str | None = None  # default: the python that submits
     mpiexec: str | None = None  # default: mpiexec beside that python, else on PATH
-    template: str | None = None  # default: ringbench/templates/sbatch.sh
+    template: str | None = None  # default: ringbench/sweeps/templates/sbatch.sh
     profile: str | None = None  # the profile the values came from (for the record)
 
     def to_dict(self) -> dict:
@@ -465,7 +358,7 @@ class Point:
     def flops(self) -> float:
         """Floating-point work of one repeat (all ranks): its timed passes', the backward at 2.5 x the forward
         (forward x1, backward x2.5, fwd+bwd x3.5; :func:`backward.phase_flops`, as the runner counts them)."""
-        from ringbench import backward
+        from ringbench.kernels import backward
         from ringbench.layout import unmasked_pairs
 
         c = self.config

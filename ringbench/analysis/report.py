@@ -1,7 +1,7 @@
 """The terminal report of ``ringbench report``: runs (one row per timed phase), the forward and backward of each
 configuration side by side, modes side by side within each phase, and the overlap model's error per phase.
 
-Pure formatting of rows (ringbench.results) and predictions (ringbench.model); prints nothing itself.
+Pure formatting of rows (ringbench.analysis.results) and predictions (ringbench.analysis.model); prints nothing itself.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ringbench import measure, model, results
+from ringbench.analysis import measure, model, results
 from ringbench.layout import divisor
 
 

@@ -12,8 +12,11 @@ import socket
 
 import numpy as np
 
-from ringbench import backward, comm, inputs, kernel, measure, progress, store, strategies
-from ringbench.backend import (
+from ringbench import store
+from ringbench.analysis import measure
+from ringbench.config import STRATEGY_MODES, RunConfig, UserError, option_name, point_id, validate
+from ringbench.engine import comm, strategies
+from ringbench.engine.backend import (
     BackendError,
     current_rss_bytes,
     get_backend,
@@ -22,13 +25,14 @@ from ringbench.backend import (
     peak_rss_bytes,
     thread_limit,
 )
-from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
-from ringbench.config import STRATEGY_MODES, RunConfig, UserError, option_name, point_id, validate
+from ringbench.engine.ring import Ring, parse_fault, tiling
+from ringbench.harness import inputs, progress
+from ringbench.kernels import backward, kernel
+from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
+from ringbench.kernels.mkl import MklMatmul
+from ringbench.kernels.torch_kernel import unavailable
 from ringbench.layout import positions, unmasked_pairs
-from ringbench.mkl import MklMatmul
 from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
-from ringbench.ring import Ring, parse_fault, tiling
-from ringbench.torch_kernel import unavailable
 
 # Largest max|out - ref| / max|ref| accepted by --check, per storage dtype. Half precision is
 # dominated by rounding the output to the storage dtype (2^-11 for float16, 2^-8 for bfloat16).
