@@ -38,7 +38,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 from _common import fmt, interleaved, timing  # noqa: E402
 
-from ringbench.kernels import backward, kernel  # noqa: E402
+from ringbench.kernels import backward, kernel, reference  # noqa: E402
 
 TARGET = 0.8  # kernel / torch backward, fp32 (the other conditions: _common.verdict)
 
@@ -244,7 +244,7 @@ def bench_shape(
         want = cands["torch"].grads()
         against = "torch"
     else:
-        want = backward.reference_attention_grad(sh.q, sh.k, sh.v, sh.do, causal=sh.causal)
+        want = reference.reference_attention_grad(sh.q, sh.k, sh.v, sh.do, causal=sh.causal)
         against = "float64 reference"
     err = max(float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max()) for a, b in zip(got, want))
     del got, want

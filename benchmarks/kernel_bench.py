@@ -37,7 +37,7 @@ from _common import Shape, fmt, interleaved, timing  # noqa: E402
 
 from ringbench.engine.backend import get_backend  # noqa: E402
 from ringbench.engine.ring import HOST_TILE_ELEMS, HOST_TILE_ELEMS_MKL, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
-from ringbench.kernels import kernel  # noqa: E402
+from ringbench.kernels import kernel, reference  # noqa: E402
 from ringbench.kernels.mkl import MklMatmul  # noqa: E402
 
 TARGET = 0.9  # kernel / torch SDPA, fp32 (the other conditions: _common.verdict)
@@ -194,7 +194,7 @@ def bench_shape(
         ref = cands["torch"].output().astype(np.float64)
         against = "torch"
     else:
-        ref = kernel.reference_attention(sh.q, sh.k, sh.v, causal=sh.causal)
+        ref = reference.reference_attention(sh.q, sh.k, sh.v, causal=sh.causal)
         against = "float64 reference"
     err = float(np.abs(out - ref).max() / np.abs(ref).max())
     del out, ref

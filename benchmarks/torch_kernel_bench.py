@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from ringbench.engine.backend import get_backend  # noqa: E402
 from ringbench.harness import inputs  # noqa: E402
 from ringbench.harness.runner import git_commit  # noqa: E402
-from ringbench.kernels import kernel  # noqa: E402
+from ringbench.kernels import kernel, reference  # noqa: E402
 from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
 
 TARGET = 1.05  # ring / op
@@ -94,7 +94,7 @@ class Step:
         q, k, v = self.ref_inputs
         o, _ = self.state.finalize()
         out = kernel.heads_to_out(o, 1).astype(np.float64)
-        ref = kernel.reference_attention(q, k, v, causal=self.causal)
+        ref = reference.reference_attention(q, k, v, causal=self.causal)
         return float(np.abs(out - ref).max() / np.abs(ref).max())
 
 

@@ -19,7 +19,7 @@ from ringbench.config import RunConfig, validate
 from ringbench.engine import comm, strategies
 from ringbench.engine.backend import get_backend
 from ringbench.harness import inputs
-from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
+from ringbench.kernels.reference import TOLERANCE_BWD, reference_attention_grad
 from ringbench.layout import LAYOUTS, positions
 
 

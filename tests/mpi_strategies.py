@@ -11,10 +11,10 @@ from ringbench.engine import comm, strategies
 from ringbench.engine.backend import get_backend
 from ringbench.engine.ring import Ring
 from ringbench.harness import inputs
-from ringbench.kernels import kernel
+from ringbench.kernels import reference
 from ringbench.layout import LAYOUTS, positions
 
-TOL = {"float32": 2e-5, "float64": 1e-10, "float16": 2e-3, "bfloat16": 1.6e-2}
+TOL = reference.TOLERANCE
 
 
 def tensors(cfg, rank, nranks, backend):
@@ -26,7 +26,7 @@ def tensors(cfg, rank, nranks, backend):
     allpos = np.arange(cfg.seq_len)
     k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
     v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
-    ref = kernel.reference_attention(host["q"], k, v, causal=cfg.causal, q_pos=pos, k_pos=allpos)
+    ref = reference.reference_attention(host["q"], k, v, causal=cfg.causal, q_pos=pos, k_pos=allpos)
     return host, ref
 
 

@@ -18,7 +18,7 @@ from ringbench.engine import comm
 from ringbench.engine.backend import get_backend
 from ringbench.engine.ring import Ring
 from ringbench.harness import inputs
-from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
+from ringbench.kernels.reference import TOLERANCE_BWD, reference_attention_grad
 from ringbench.layout import LAYOUTS, positions
 
 MODES = ("overlap", "blocking", "allgather")

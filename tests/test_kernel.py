@@ -9,7 +9,7 @@ import pytest
 
 from ringbench.engine.backend import get_backend
 from ringbench.harness import inputs
-from ringbench.kernels import kernel
+from ringbench.kernels import kernel, reference
 from ringbench.layout import LAYOUTS, Piece, positions, step_plan
 
 from conftest import to_host
@@ -73,7 +73,7 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 def test_ring_matches_reference_float32(nranks, layout, causal, heads, kv_heads, xp):
     q, k, v = make(48 * nranks, heads, kv_heads, 16)
-    ref = kernel.reference_attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=causal)
+    ref = reference.reference_attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=causal)
     out = emulate_ring(q, k, v, nranks=nranks, layout=layout, causal=causal, dtype="float32", tile_q=16, xp=xp)
     assert rel_err(out, ref) < TOL["float32"]
 
@@ -86,7 +86,7 @@ def test_dtypes_within_tolerance(dtype, layout, matmul, xp):
         pytest.skip("MKL and bfloat16 are NumPy-only")
     q, k, v = make(96, 4, 2, 32)
     st = BACKEND.dtype(dtype)
-    ref = kernel.reference_attention(q.astype(st), k.astype(st), v.astype(st), causal=True)
+    ref = reference.reference_attention(q.astype(st), k.astype(st), v.astype(st), causal=True)
     out = emulate_ring(q, k, v, nranks=3, layout=layout, causal=True, dtype=dtype, tile_q=7, matmul=matmul, xp=xp)
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"{dtype}: {err:.2e} >= {TOL[dtype]:.0e}"
@@ -96,7 +96,7 @@ def test_dtypes_within_tolerance(dtype, layout, matmul, xp):
 @pytest.mark.parametrize("tile_q,head_chunk", [(None, None), (1, 1), (5, 2), (64, 3)])
 def test_tiling_does_not_change_the_result(tile_q, head_chunk, xp):
     q, k, v = make(64, 6, 3, 8, batch=1)
-    ref = kernel.reference_attention(q, k, v, causal=True)
+    ref = reference.reference_attention(q, k, v, causal=True)
     out = emulate_ring(q, k, v, nranks=2, layout="zigzag", causal=True, dtype="float64", tile_q=tile_q, head_chunk=head_chunk, xp=xp)
     assert rel_err(out, ref) < TOL["float64"]
 
@@ -107,7 +107,7 @@ def test_large_logits_do_not_overflow(xp):
     # float32 scores of size 1e4 carry absolute rounding errors of ~1e-3: only float64 stays tight
     for dtype, tol in (("float32", 1e-2), ("float64", 1e-10)):
         st = BACKEND.dtype(dtype)
-        ref = kernel.reference_attention(q.astype(st), k.astype(st), v.astype(st), causal=True)
+        ref = reference.reference_attention(q.astype(st), k.astype(st), v.astype(st), causal=True)
         out = emulate_ring(q, k, v, nranks=4, layout="striped", causal=True, dtype=dtype, tile_q=8, xp=xp)
         assert np.isfinite(out).all()
         assert rel_err(out, ref) < tol

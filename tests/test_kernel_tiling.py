@@ -5,7 +5,7 @@ exponential (b = 2 or e), on random data."""
 import numpy as np
 import pytest
 
-from ringbench.kernels import kernel
+from ringbench.kernels import kernel, reference
 from ringbench.layout import CAUSAL, FULL, STRICT, Piece, mask_for
 
 from conftest import to_host
@@ -54,7 +54,7 @@ def test_full_blocks_any_tiling(dtype, tile_q, tile_k, head_chunk, heads, kv_hea
     )
     assert st.base.name == base
     k_all, v_all = np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
-    ref = kernel.reference_attention(q, k_all, v_all, causal=False)
+    ref = reference.reference_attention(q, k_all, v_all, causal=False)
     assert rel_err(out, ref) < TOL[dtype]
     # the log-sum-exp is the natural-log one, whatever base the kernel works in
     s = np.einsum("bnhd,bmhd->bhnm", q.astype(np.float64), np.repeat(k_all.astype(np.float64), heads // kv_heads, axis=2)) / np.sqrt(d)
@@ -73,7 +73,7 @@ def test_diagonal_blocks(mask, tile_q, tile_k, xp, base):
     k, v = rand((b, n, hk, d), rng, "float64"), rand((b, n, hk, d), rng, "float64")
     out, lse, _ = run_kernel(q, [k], [v], [[Piece(0, n, 0, n, mask)]], "float64", xp, tile_q=tile_q, tile_k=tile_k, exp=base)
     pos = np.arange(n)
-    ref = kernel.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos + (mask == STRICT))
+    ref = reference.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos + (mask == STRICT))
     assert rel_err(out, ref) < TOL["float64"]
     if mask == STRICT:  # row 0 sees no key: zero output and -inf log-sum-exp, no NaN anywhere
         assert np.all(out[:, 0] == 0) and np.all(lse[..., 0] == -np.inf)
@@ -89,7 +89,7 @@ def test_pieces_of_a_zigzag_step(xp):
     pieces = [Piece(0, c, 0, c, CAUSAL), Piece(c, n, 0, c, FULL), Piece(c, n, c, n, CAUSAL)]
     out, _, _ = run_kernel(q, [k], [v], [pieces], "float64", xp, tile_q=5, tile_k=7)
     pos = np.arange(n)  # the three pieces together are plain causal attention on the block
-    ref = kernel.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos)
+    ref = reference.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=pos)
     assert rel_err(out, ref) < TOL["float64"]
 
 
@@ -118,7 +118,7 @@ def test_large_logits_take_the_exact_path(dtype, tol, scale, xp, base):
         tile_k=8,
         exp=base,
     )
-    ref = kernel.reference_attention(q, k, v, causal=False)
+    ref = reference.reference_attention(q, k, v, causal=False)
     assert np.isfinite(out).all() and np.isfinite(lse).all()
     assert rel_err(out, ref) < tol
 
@@ -132,7 +132,7 @@ def test_rising_logits_rebase_the_rows(xp, base):
     ks = [np.full((b, m, h, d), 14.0 * (i + 1)) + rng.standard_normal((b, m, h, d)) for i in range(4)]
     vs = [rand((b, m, h, d), rng, "float64") for _ in range(4)]
     out, lse, st = run_kernel(q, ks, vs, [[Piece(0, n, 0, m)]] * 4, "float64", xp, tile_q=4, tile_k=3, exp=base)
-    ref = kernel.reference_attention(q, np.concatenate(ks, 1), np.concatenate(vs, 1), causal=False)
+    ref = reference.reference_attention(q, np.concatenate(ks, 1), np.concatenate(vs, 1), causal=False)
     assert rel_err(out, ref) < 1e-10
     assert np.all(to_host(st.m) * st.base.ln_b > 70)  # the reference followed the logits up (~110 in natural-log units)
 

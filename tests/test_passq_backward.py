@@ -12,7 +12,8 @@ from ringbench.analysis import model
 from ringbench.config import RunConfig, validate
 from ringbench.harness import inputs
 from ringbench.kernels import kernel
-from ringbench.kernels.backward import TOLERANCE_BWD, BlockBackward
+from ringbench.kernels.backward import BlockBackward
+from ringbench.kernels.reference import TOLERANCE_BWD
 from ringbench.layout import CAUSAL, Piece
 
 from conftest import mpi_worker, mpiexec

@@ -7,8 +7,8 @@ from ringbench.config import DTYPES, RunConfig
 from ringbench.engine.backend import BackendError, get_backend
 from ringbench.engine.ring import InjectedFault, Ring, parse_fault
 from ringbench.harness import inputs
-from ringbench.kernels import kernel
-from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
+from ringbench.kernels import kernel, reference
+from ringbench.kernels.reference import TOLERANCE_BWD, reference_attention_grad
 
 
 class LoopBack:
@@ -85,7 +85,7 @@ def test_ring_never_writes_to_its_inputs(backend_name, dtype, shape, mode, causa
     assert out.shape == (b, n, h, d) and out.dtype == st
     assert [g.shape for g in grads] == [(b, n, h, d), (b, n, hk, d), (b, n, hk, d)] and all(g.dtype == st for g in grads)
     if p == 1:  # one rank: the ring is full attention on its own block
-        ref = kernel.reference_attention(host["q"], host["k"], host["v"], causal=causal)
+        ref = reference.reference_attention(host["q"], host["k"], host["v"], causal=causal)
         tol = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
         assert np.abs(out.astype(np.float64) - ref).max() <= tol * np.abs(ref).max()
         refs = reference_attention_grad(host["q"], host["k"], host["v"], host["do"], causal=causal)

@@ -12,7 +12,7 @@ from ringbench import store
 from ringbench.analysis import results
 from ringbench.config import ConfigError, RunConfig, option_name, point_id
 from ringbench.harness import inputs
-from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
+from ringbench.kernels.reference import TOLERANCE_BWD, reference_attention_grad
 
 from conftest import mpi_worker, mpiexec, ringbench
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ringbench import store
-from ringbench.kernels import kernel
+from ringbench.kernels import reference
 from ringbench.layout import LAYOUTS
 
 from conftest import mpiexec
@@ -101,7 +101,7 @@ def test_modes_give_identical_outputs_and_tensors_reverify(tmp_path):
     for key, t in outs.items():
         np.testing.assert_array_equal(t["out"], base["out"], err_msg=str(key))  # bitwise identical
     # anyone can re-verify from the stored global tensors (global token order)
-    ref = kernel.reference_attention(base["q"], base["k"], base["v"], causal=True)
+    ref = reference.reference_attention(base["q"], base["k"], base["v"], causal=True)
     assert np.abs(base["out"] - ref).max() / np.abs(ref).max() < 1e-5
     assert base["q"].shape == (1, 120, 4, 16) and base["k"].shape == (1, 120, 2, 16)
 

@@ -9,6 +9,7 @@ from ringbench import store
 from ringbench.analysis import advise, model
 from ringbench.config import RunConfig, point_id, validate
 from ringbench.engine.strategies import kv_head_map
+from ringbench.kernels import reference
 from ringbench.layout import group_plan
 from ringbench.sweeps.experiment import ExperimentError
 
@@ -100,7 +101,7 @@ def test_cli_backward_phase_samples_bytes_and_check(nranks, mode, extra, tmp_pat
     assert bwd.summary["bytes_per_rank"] == model.strategy_bytes(shape, "bwd")  # the model counts what is sent
     assert run.memory["theoretical_bwd_bytes"] > 0
     if save:
-        from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
+        from ringbench.kernels.reference import TOLERANCE_BWD, reference_attention_grad
 
         t = run.tensors
         for got, ref in zip((t["dq"], t["dk"], t["dv"]), reference_attention_grad(t["q"], t["k"], t["v"], t["do"], causal=True)):
@@ -128,10 +129,9 @@ def test_save_tensors_reverify(tmp_path):
     res = mpiexec(2, "run", *SMALL, "--seq-len", 64, "--mode", "pass-q", "--layout", "striped", "--causal", "--save-tensors", "--out", out)
     assert res.returncode == 0, res.stderr
     (run,) = store.read(out, tensors=True)
-    from ringbench.kernels import kernel
 
     t = run.tensors
-    ref = kernel.reference_attention(t["q"], t["k"], t["v"], causal=True)
+    ref = reference.reference_attention(t["q"], t["k"], t["v"], causal=True)
     assert np.abs(t["out"] - ref).max() / np.abs(ref).max() < 1e-5
 
 

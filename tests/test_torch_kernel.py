@@ -18,8 +18,9 @@ from test_ring import LoopBack
 
 from ringbench.config import RunConfig, coerce, point_id
 from ringbench.engine.backend import get_backend
-from ringbench.kernels import kernel
-from ringbench.kernels.backward import TOLERANCE_BWD, BlockBackward, heads_to_kv
+from ringbench.kernels import kernel, reference
+from ringbench.kernels.backward import BlockBackward, heads_to_kv
+from ringbench.kernels.reference import TOLERANCE_BWD
 from ringbench.layout import CAUSAL, FULL, LAYOUTS, STRICT, Piece, positions, step_plan
 
 from conftest import mpiexec
@@ -70,7 +71,7 @@ def test_torch_ring_matches_reference(nranks, layout, causal, heads, kv_heads, d
     q, k, v = make(48 * nranks, heads, kv_heads, 16)
     storage = BACKEND.dtype(dtype)
     q, k, v = (x.astype(storage) for x in (q, k, v))  # the reference sees the same rounded inputs
-    ref = kernel.reference_attention(q, k, v, causal=causal)
+    ref = reference.reference_attention(q, k, v, causal=causal)
     out = emulate_ring(q, k, v, nranks=nranks, layout=layout, causal=causal, dtype=dtype)
     assert rel_err(out, ref) < TOL[dtype]
 
@@ -82,7 +83,7 @@ def test_torch_ring_other_dtypes(dtype, layout):
     q, k, v = make(96, 4, 2, 16)
     storage = BACKEND.dtype(dtype)
     q, k, v = (x.astype(storage) for x in (q, k, v))
-    ref = kernel.reference_attention(q, k, v, causal=True)
+    ref = reference.reference_attention(q, k, v, causal=True)
     out = emulate_ring(q, k, v, nranks=3, layout=layout, causal=True, dtype=dtype)
     assert rel_err(out, ref) < TOL[dtype]
 

@@ -27,7 +27,7 @@ import numpy as np
 from ringbench.config import BACKENDS, KERNELS, RunConfig
 from ringbench.engine.backend import BackendError, get_backend, local_rank, numpy_blas
 from ringbench.harness import inputs
-from ringbench.kernels import kernel
+from ringbench.kernels import reference
 from ringbench.kernels.torch_kernel import unavailable
 from ringbench.layout import positions
 
@@ -129,7 +129,7 @@ def _ring_check(combo: Combo, backend, world, cuda_aware: bool) -> tuple[str, ob
     ends the job like any failure in ``run`` (a rank cannot leave a ring pass halfway without hanging its peers).
     """
     from ringbench.engine import comm
-    from ringbench.harness.runner import TOLERANCE
+    from ringbench.kernels.reference import TOLERANCE
 
     try:
         ring, (q, k, v, pos, allpos) = _build_ring(combo, backend, world, cuda_aware)
@@ -141,7 +141,7 @@ def _ring_check(combo: Combo, backend, world, cuda_aware: bool) -> tuple[str, ob
         return "error", why
     ring.forward()
     out = backend.asnumpy(ring.output()).astype(np.float64)
-    ref = kernel.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=allpos)
+    ref = reference.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=allpos)
     rel = float(np.abs(out - ref).max() / np.abs(ref).max()) if np.isfinite(out).all() else float("inf")
     worst = max(world.allgather(rel))
     return ("ok" if worst <= TOLERANCE[combo.dtype] else "FAILED"), worst
@@ -180,7 +180,7 @@ def run(want_backends: list[str] | None, want_kernels: list[str] | None) -> int:
 
 def report(ranks: list[dict], combos: list[Combo], results: list, want_backends, want_kernels, mpi_library: str):
     """The printed report (lines) and the problems found (lines); a pure function of the gathered records."""
-    from ringbench.harness.runner import TOLERANCE
+    from ringbench.kernels.reference import TOLERANCE
 
     hosts = sorted({p["host"] for p in ranks})
     lines = [f"ringbench doctor: {len(ranks)} rank(s) on {len(hosts)} host(s); MPI: {mpi_library}", ""]

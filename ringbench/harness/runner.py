@@ -26,17 +26,12 @@ from ringbench.engine.backend import (
     thread_limit,
 )
 from ringbench.engine.ring import Ring, parse_fault, tiling
-from ringbench.harness import inputs, progress
+from ringbench.harness import check, inputs, progress
 from ringbench.kernels import backward, kernel
-from ringbench.kernels.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.kernels.mkl import MklMatmul
 from ringbench.kernels.torch_kernel import unavailable
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
-
-# Largest max|out - ref| / max|ref| accepted by --check, per storage dtype. Half precision is
-# dominated by rounding the output to the storage dtype (2^-11 for float16, 2^-8 for bfloat16).
-TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
 def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
@@ -122,9 +117,9 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     checks = {}
     if cfg.check:
         if "fwd" in phases:
-            checks["fwd"] = _check_local(cfg, host, output, pos)
+            checks["fwd"] = check.forward_errors(cfg, host, output, pos)
         if "bwd" in phases:
-            checks["bwd"] = _check_local_bwd(cfg, host, grads, pos)
+            checks["bwd"] = check.backward_errors(cfg, host, grads, pos)
     local = {
         "phases": {
             ph: {
@@ -179,7 +174,7 @@ def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
 # ---------------------------------------------------------------------------------------------
 TOKENS_CHUNK = 2048  # tokens per chunk of inputs.tokens' hashing (its ``chunk``)
 TOKENS_TEMPS = 5  # 8-byte arrays of one chunk alive at once while inputs.tokens hashes (measured: 3-4)
-REFERENCE_CHUNK = 256  # query rows per chunk of kernel.reference_attention (its ``chunk``)
+REFERENCE_CHUNK = 256  # query rows per chunk of reference.reference_attention (its ``chunk``)
 RANK_OVERHEAD = 16 * 2**20  # host: MPI and BLAS buffers, Python objects, pickles of small results (measured 2-4 MiB)
 REFERENCE_TEMPS = 5  # float64 score chunks alive at once there (the last chunk's scores and weights, the next's)
 
@@ -250,7 +245,7 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
             ring += 3 * s * qe + c * (2 * (qe + 2 * kvr) + 2 * kve) + s * (qe + 2 * kve)
     keep = inputs if (cfg.check or cfg.save_tensors) else 0  # host copies kept for the check / the file
     after = [0]  # host memory needed after the passes, beside the output on the host
-    if "bwd" in cfg.phases:  # the gradients, and --check's float64 reference gradients (backward.reference_attention_grad)
+    if "bwd" in cfg.phases:  # the gradients, and --check's float64 reference gradients (reference.reference_attention_grad)
         grads = 3 * s * qe
         if cfg.check:  # float64: q, dO and dQ here; K, V, dK, dV as given and returned; K, V, dK, dV repeated to every
             # query head over all N keys and the two (B, H, N, D) products of a chunk's dK/dV update; the score chunks
@@ -338,51 +333,6 @@ def _stack(passes, prefix: str) -> dict:
     return out
 
 
-def _check_local(cfg: RunConfig, host: dict, output: np.ndarray, pos) -> dict:
-    """Compare this rank's output with a float64 reference over the global K/V (same rounded inputs)."""
-    hk = cfg.kv_heads_resolved
-    allpos = np.arange(cfg.seq_len)
-    dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
-    dtype = host["q"].dtype
-    k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
-    v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
-    ref = kernel.reference_attention(host["q"], k, v, causal=cfg.causal, q_pos=pos, k_pos=allpos)
-    diff = np.abs(output.astype(np.float64) - ref)
-    return {
-        "max_abs_err": float(diff.max()),
-        "max_abs_ref": float(np.abs(ref).max()),
-        "finite": bool(np.isfinite(output.astype(np.float64)).all()),
-    }
-
-
-GRADS = ("dq", "dk", "dv")
-
-
-def _check_local_bwd(cfg: RunConfig, host: dict, grads, pos) -> dict:
-    """Collective: compare this rank's dQ, dK, dV with float64 reference gradients of full attention on the same
-    rounded global inputs and dO. Each rank computes the reference for its own queries against every key (dQ of
-    its queries exactly, its queries' part of every key's dK/dV); the parts are summed over the ranks."""
-    hk = cfg.kv_heads_resolved
-    allpos = np.arange(cfg.seq_len)
-    dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
-    dtype = host["q"].dtype
-    k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
-    v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
-    dq, dk, dv = reference_attention_grad(host["q"], k, v, host["do"], causal=cfg.causal, q_pos=pos, k_pos=allpos)
-    comm.allreduce_sum(dk)
-    comm.allreduce_sum(dv)
-    refs = {"dq": dq, "dk": dk[:, pos], "dv": dv[:, pos]}
-    out = {}
-    for name, got in zip(GRADS, grads):
-        got = got.astype(np.float64)
-        out[name] = {
-            "max_abs_err": float(np.abs(got - refs[name]).max()),
-            "max_abs_ref": float(np.abs(refs[name]).max()),
-            "finite": bool(np.isfinite(got).all()),
-        }
-    return out
-
-
 def _phase(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
     """One timed phase's samples (R, P, ...), summary and check, from every rank's part."""
     got = [p["phases"][phase] for p in parts]
@@ -395,43 +345,8 @@ def _phase(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
     flops = backward.phase_flops(phase, cfg.batch, cfg.heads, cfg.head_dim, pairs)  # backward: 2.5 x forward
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank, unmasked_pairs=pairs)
-    check_res = _check_summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
+    check_res = check.summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
     return store.Phase(samples=samples, summary=summary, check=check_res)
-
-
-def _rel(max_abs: float, max_ref: float) -> float:
-    return max_abs / max_ref if max_ref > 0 else max_abs
-
-
-def _check_summary(cfg, checks: list, phase: str) -> dict:
-    """The check attributes of a phase from every rank's comparison: the worst error over ranks (and tensors)."""
-    if phase == "fwd":
-        max_abs = max(c["max_abs_err"] for c in checks)
-        rel = _rel(max_abs, max(c["max_abs_ref"] for c in checks))
-        finite = all(c["finite"] for c in checks)
-        tol = TOLERANCE[cfg.dtype]
-        return {
-            "max_abs_err": max_abs,
-            "rel_err": rel,
-            "tol": tol,
-            "passed": bool(finite and rel <= tol),
-            "reference": "float64 full attention on the same rounded inputs",
-        }
-    out, finite = {}, True
-    for name in GRADS:
-        out[f"{name}_max_abs_err"] = max(c[name]["max_abs_err"] for c in checks)
-        out[f"{name}_rel_err"] = _rel(out[f"{name}_max_abs_err"], max(c[name]["max_abs_ref"] for c in checks))
-        finite = finite and all(c[name]["finite"] for c in checks)
-    worst = max(GRADS, key=lambda n: out[f"{n}_rel_err"])
-    tol = TOLERANCE_BWD[cfg.dtype]
-    out.update(
-        max_abs_err=max(out[f"{n}_max_abs_err"] for n in GRADS),
-        rel_err=out[f"{worst}_rel_err"],
-        tol=tol,
-        passed=bool(finite and out[f"{worst}_rel_err"] <= tol),
-        reference="float64 gradients of full attention on the same rounded inputs and dO",
-    )
-    return out
 
 
 def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
@@ -520,7 +435,7 @@ def _global_tensors(cfg, parts) -> dict:
         for k in host:
             out[k][:, pos] = host[k]
         out["out"][:, pos] = o
-        for k, g in zip(GRADS, grads or ()):
+        for k, g in zip(check.GRADS, grads or ()):
             out[k][:, pos] = g
     if first.dtype.kind == "V" or str(first.dtype) == "bfloat16":  # h5py cannot store bfloat16: widen
         out = {k: v.astype(np.float32) for k, v in out.items()}
@@ -579,7 +494,7 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
                 f"(tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}"
             )
         elif chk:
-            errs = ", ".join(f"{n} {chk[n + '_rel_err']:.2e}" for n in GRADS)
+            errs = ", ".join(f"{n} {chk[n + '_rel_err']:.2e}" for n in check.GRADS)
             lines.append(f"{ind}check vs float64 gradients: rel err {errs} (tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}")
     theo = f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank"
     if "theoretical_bwd_bytes" in memory:

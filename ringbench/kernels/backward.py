@@ -34,12 +34,6 @@ from ringbench.layout import FULL, Piece, first_hidden
 HOST_TILE_ELEMS_BWD = 1 << 18
 HOST_TILE_K_BWD = 512
 
-# max |grad - ref| / max |ref| allowed for each of dQ, dK, dV per storage dtype, against float64 gradients of the
-# inputs rounded to that dtype, with the gradients rounded to it too. Measured: float32 ~1e-6, float16 ~4e-4,
-# bfloat16 ~3.5e-3 (N = 96 to 1024, P = 3 and 4, causal); the same bounds as the forward check (runner.TOLERANCE).
-TOLERANCE_BWD = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
-
-
 # Masked scores are set to this before the exponential and P to exactly 0 after: exp and exp2 take slow paths for
 # -inf and for results below float32's normal range (the forward's kernel.MASKED, per base).
 MASKED = {"2": -126.0, "e": -87.0}
@@ -304,47 +298,3 @@ def flops(batch: int, heads: int, head_dim: int, pairs: int) -> float:
 def phase_flops(phase: str, batch: int, heads: int, head_dim: int, pairs: int) -> float:
     """FLOPs of one timed phase: 'fwd' :func:`kernel.flops`, 'bwd' :func:`flops` (2.5 x the forward's)."""
     return (kernel.flops if phase == "fwd" else flops)(batch, heads, head_dim, pairs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Float64 reference (NumPy only): exact gradients of full attention, a block of queries at a time
-# ---------------------------------------------------------------------------------------------
-def reference_attention_grad(q, k, v, do, *, causal: bool, q_pos=None, k_pos=None, chunk: int = 256):
-    """Gradients of sum(attention(q, k, v) * do) in float64: (dq, dk, dv).
-
-    q, do: (B, Nq, H, D); k, v: (B, Nk, H_kv, D); positions give the causal mask (key visible iff k_pos <=
-    q_pos), as ``kernel.reference_attention``. Returns dq (B, Nq, H, D), dk and dv (B, Nk, H_kv, D); a row
-    whose every key is masked contributes 0 everywhere. Memory: one (B, H, chunk, Nk) score block at a time.
-    """
-    q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
-    b, nq, h, d = q.shape
-    nk, hk = k.shape[1], k.shape[2]
-    g = h // hk
-    q_pos = np.arange(nq) if q_pos is None else np.asarray(q_pos)
-    k_pos = np.arange(nk) if k_pos is None else np.asarray(k_pos)
-    kh = np.repeat(k.transpose(0, 2, 1, 3), g, axis=1)  # (B, H, Nk, D)
-    vh = np.repeat(v.transpose(0, 2, 1, 3), g, axis=1)
-    scale = kernel.softmax_scale(d)
-    dq = np.zeros((b, nq, h, d))
-    dkh = np.zeros((b, h, nk, d))
-    dvh = np.zeros((b, h, nk, d))
-    for i0 in range(0, nq, chunk):
-        i1 = min(i0 + chunk, nq)
-        qh = q[:, i0:i1].transpose(0, 2, 1, 3)  # (B, H, c, D)
-        doh = do[:, i0:i1].transpose(0, 2, 1, 3)
-        s = qh @ kh.swapaxes(-1, -2) * scale  # (B, H, c, Nk)
-        if causal:
-            s = np.where(k_pos[None, :] > q_pos[i0:i1, None], -np.inf, s)
-        m = s.max(axis=-1, keepdims=True)
-        p = np.exp(s - np.where(np.isneginf(m), 0, m))
-        den = p.sum(axis=-1, keepdims=True)
-        p /= np.where(den == 0, 1, den)  # softmax; a fully masked row stays 0
-        o = p @ vh
-        dvh += p.swapaxes(-1, -2) @ doh
-        dp = doh @ vh.swapaxes(-1, -2)
-        ds = p * (dp - (doh * o).sum(axis=-1, keepdims=True))
-        dq[:, i0:i1] = (ds @ kh * scale).transpose(0, 2, 1, 3)
-        dkh += ds.swapaxes(-1, -2) @ qh * scale
-    dk = dkh.reshape(b, hk, g, nk, d).sum(axis=2).transpose(0, 2, 1, 3)  # a kv head sums its G query heads
-    dv = dvh.reshape(b, hk, g, nk, d).sum(axis=2).transpose(0, 2, 1, 3)
-    return dq, np.ascontiguousarray(dk), np.ascontiguousarray(dv)

@@ -564,33 +564,3 @@ def softmax_scale(head_dim: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # Float64 reference (NumPy only): exact softmax over all keys, a block of queries at a time
 # ---------------------------------------------------------------------------------------------
-def reference_attention(q, k, v, *, causal: bool, q_pos=None, k_pos=None, chunk: int = 256) -> np.ndarray:
-    """Full attention in float64. q: (B, Nq, H, D), k/v: (B, Nk, H_kv, D); positions give the causal mask.
-
-    Returns (B, Nq, H, D) float64. Rows whose every key is masked are 0.
-    """
-    q = np.asarray(q, np.float64)
-    k = np.asarray(k, np.float64)
-    v = np.asarray(v, np.float64)
-    b, nq, h, d = q.shape
-    hk = k.shape[2]
-    g = h // hk
-    q_pos = np.arange(nq) if q_pos is None else np.asarray(q_pos)
-    k_pos = np.arange(k.shape[1]) if k_pos is None else np.asarray(k_pos)
-    kh = np.repeat(k.transpose(0, 2, 1, 3), g, axis=1)  # (B, H, Nk, D)
-    vh = np.repeat(v.transpose(0, 2, 1, 3), g, axis=1)
-    out = np.zeros((b, nq, h, d))
-    scale = 1.0 / math.sqrt(d)
-    for i0 in range(0, nq, chunk):
-        i1 = min(i0 + chunk, nq)
-        qh = q[:, i0:i1].transpose(0, 2, 1, 3)  # (B, H, c, D)
-        s = qh @ kh.swapaxes(-1, -2) * scale  # (B, H, c, Nk)
-        if causal:
-            s = np.where(k_pos[None, :] > q_pos[i0:i1, None], -np.inf, s)
-        m = s.max(axis=-1, keepdims=True)
-        m = np.where(np.isneginf(m), 0, m)
-        p = np.exp(s - m)
-        den = p.sum(axis=-1, keepdims=True)
-        o = (p @ vh) / np.where(den == 0, 1, den)
-        out[:, i0:i1] = o.transpose(0, 2, 1, 3)
-    return out
