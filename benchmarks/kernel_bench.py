@@ -6,7 +6,7 @@
 For every (head dim, block) shape, one ring step of one rank is timed: a block of ``block`` queries against
 a K/V block of ``block`` keys, ``heads`` heads (``--kv-heads`` for GQA). Candidates, all fp32 on one thread:
 
-    kernel   ringbench.kernels.kernel.OnlineSoftmax.update with the tiles the ring picks (ring.auto_tile_q/k)
+    kernel   ringbench.kernels.kernel.OnlineSoftmax.update with the tiles the ring picks (kernels.tiling.auto_tile_q/k)
     matmul   the two GEMMs alone, whole block, one head at a time: S = Q K^T (block x block), O = S V
     tiles    the same two GEMMs over the kernel's own tiles: the ceiling of the kernel's tiling
     torch    torch.nn.functional.scaled_dot_product_attention on the CPU (if torch is importable)
@@ -36,9 +36,9 @@ import _common as common  # noqa: E402
 from _common import Shape, fmt, interleaved, timing  # noqa: E402
 
 from ringbench.engine.backend import get_backend  # noqa: E402
-from ringbench.engine.ring import HOST_TILE_ELEMS, HOST_TILE_ELEMS_MKL, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
 from ringbench.kernels import kernel, reference  # noqa: E402
 from ringbench.kernels.mkl import MklMatmul  # noqa: E402
+from ringbench.kernels.tiling import HOST_TILE_ELEMS, HOST_TILE_ELEMS_MKL, auto_head_chunk, auto_tile_k, auto_tile_q  # noqa: E402
 
 TARGET = 0.9  # kernel / torch SDPA, fp32 (the other conditions: _common.verdict)
 EXP_LABELS = {"2": "exp2", "e": "exp", "fused": "fused"}  # the candidates of kernel.measure_exp, as printed

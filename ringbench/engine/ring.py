@@ -24,67 +24,12 @@ import time
 import numpy as np
 
 from ringbench.kernels import backward, kernel
-from ringbench.kernels.mkl import MklMatmul
-from ringbench.kernels.torch_kernel import FusedAttention, FusedBackward
+from ringbench.kernels.api import make_backward, make_forward, score_tile_elems
 from ringbench.layout import step_plan
-
-# Elements of one score tile. Host: 512 query rows x 512 keys of float32 (1 MiB). Measured on a 2 MiB-L2
-# core (benchmarks/README.md): both GEMMs of a tile run near OpenBLAS's peak at this shape, the tile, its K/V
-# slices and the elementwise passes over it stay in L2, and per-tile Python costs are spread over 2^18
-# scores; 256 x 512 was 0-4% slower, a whole key block per tile (64 x 4096 at n = 4096) ~10% slower.
-# Device: all batch-heads at once (few, large kernels), every key of the block, capped at 512 MiB of scores.
-HOST_TILE_ELEMS = 1 << 18
-# With MKL's GEMMs (--blas mkl) 1024 x 512 tiles measured best (2 MiB: MKL reaches its peak on taller tiles,
-# and beta = 1 accumulation removes a pass); see benchmarks/README.md.
-HOST_TILE_ELEMS_MKL = 1 << 19
-HOST_TILE_K = 512
-DEVICE_TILE_ELEMS = 1 << 27
 
 
 class InjectedFault(RuntimeError):
     """Raised on purpose (RINGBENCH_FAULT=rank:step) to test that one failing rank ends the job."""
-
-
-def auto_tile_k(backend, n_keys: int) -> int:
-    """Keys per score tile: the whole block on a device, at most HOST_TILE_K on the host."""
-    return n_keys if backend.is_gpu else max(1, min(n_keys, HOST_TILE_K))
-
-
-def auto_tile_q(backend, n_local: int, rows_per_query: int, n_keys: int, host_budget: int = HOST_TILE_ELEMS) -> int:
-    """Query rows per tile so that (rows_per_query * tile_q) x tile_k scores fit the backend's tile budget."""
-    budget = DEVICE_TILE_ELEMS if backend.is_gpu else host_budget
-    tile_k = auto_tile_k(backend, n_keys)
-    return int(max(16, min(n_local, budget // max(1, rows_per_query * tile_k))))
-
-
-def auto_head_chunk(heads: int, tile_elems: int) -> int:
-    """Batch-heads per host tile: 1 unless one head's tile is under half the budget (blocks under ~512 keys),
-    then as many as fill half of it (measured +10-25% at blocks of 128-256: fewer, larger NumPy calls)."""
-    return int(max(1, min(heads, (HOST_TILE_ELEMS // 2) // max(1, tile_elems))))
-
-
-def tiling(backend, z: int, g: int, n: int, n_keys: int, tile_q: int = 0, mkl: bool = False) -> tuple[int, int, int]:
-    """(head_chunk, tile_q, tile_k) of the score tiles for ``z`` batch-heads of ``g`` x ``n`` queries against ``n_keys`` keys."""
-    head_chunk = z if backend.is_gpu else 1
-    budget = HOST_TILE_ELEMS_MKL if mkl else HOST_TILE_ELEMS
-    tile_q = tile_q or auto_tile_q(backend, n, head_chunk * g, n_keys, budget)
-    tile_k = auto_tile_k(backend, n_keys)
-    if not backend.is_gpu:  # small blocks: several heads per tile, fewer Python calls
-        head_chunk = auto_head_chunk(z, g * tile_q * tile_k)
-    return head_chunk, tile_q, tile_k
-
-
-def make_state(backend, qh, n_keys: int, *, tile_q: int = 0, on_tile=None, matmul=None, scale=None, kernel_name="native", storage=None):
-    """The online-softmax state for queries ``qh`` (Z, G, n, D) (read only; scaled by ``scale`` in the state's
-    own copy, None if already scaled), tiled as the backend wants it; with ``kernel_name`` torch or flash-attn,
-    the fused-kernel state instead (it computes in the ``storage`` dtype and applies ``scale`` itself)."""
-    if kernel_name != "native":
-        return FusedAttention(backend, qh, kernel=kernel_name, dtype=storage or qh.dtype, on_tile=on_tile, scale=scale)
-    z, g, n, _ = qh.shape
-    head_chunk, tile_q, tile_k = tiling(backend, z, g, n, n_keys, tile_q, isinstance(matmul, MklMatmul))
-    return kernel.OnlineSoftmax(
-        backend.xp, qh, head_chunk=head_chunk, tile_q=tile_q, tile_k=tile_k, on_tile=on_tile, matmul=matmul, scale=scale
-    )
 
 
 class Ring:
@@ -104,7 +49,7 @@ class Ring:
         on_tile = self._progress if (cfg.progress == "test" and cfg.mode == "overlap") else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
         scale = kernel.softmax_scale(d)
-        self.state = make_state(
+        self.state = make_forward(
             backend,
             qh,
             n,
@@ -126,7 +71,7 @@ class Ring:
         self.gathered = xp.empty((nranks,) + self.kv_home.shape, self.storage) if cfg.mode == "allgather" else None
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
         self.fault = fault_step
-        self.score_tile_elems = self.state.head_chunk * (h // hk) * self.tile_q * self.tile_k
+        self.score_tile_elems = score_tile_elems(self.state, h // hk)
         self._on_tile = on_tile
         self._fwd = _Forward(self)
         self._bwd = None if do is None else _Backward(self, q, do, on_tile)
@@ -350,27 +295,20 @@ class _Backward:
     def make_grad(self, qh, doh, o, lse) -> None:
         """The BlockBackward of these queries, dO, O and LSE (FusedBackward with a fused kernel)."""
         ring = self.ring
-        xp = ring.backend.xp
-        z, g, n, _ = qh.shape
-        tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=ring.backend.is_gpu)
-        if ring.cfg.kernel != "native":  # the fused kernel's backward, per piece, with this O and LSE
-            self.grad = FusedBackward(ring.backend, qh, doh, o, lse, dtype=ring.storage, on_tile=self._on_tile)
-            tile_k, head_chunk = self.grad.tile_k, self.grad.head_chunk
-        else:
-            self.grad = backward.BlockBackward(
-                xp,
-                qh,
-                doh,
-                o,
-                lse,
-                tile_q=ring.cfg.tile_q or tile_q,
-                tile_k=tile_k,
-                head_chunk=head_chunk,
-                matmul=ring.matmul,
-                on_tile=self._on_tile,
-                exp_base=getattr(ring.state, "base", None) and ring.state.base.name,  # the forward's exponential (native)
-            )
-        self.score_tile_elems = head_chunk * g * self.grad.tile_q * tile_k
+        self.grad = make_backward(
+            ring.backend,
+            qh,
+            doh,
+            o,
+            lse,
+            kernel_name=ring.cfg.kernel,
+            tile_q=ring.cfg.tile_q,
+            on_tile=self._on_tile,
+            matmul=ring.matmul,
+            exp_base=getattr(ring.state, "base", None) and ring.state.base.name,  # the forward's exponential (native)
+            storage=ring.storage,
+        )
+        self.score_tile_elems = score_tile_elems(self.grad, qh.shape[1])
 
     def allocate(self) -> None:
         """The accumulators: allocated last, once the temporaries of the set-up are freed (not to add to its peak)."""

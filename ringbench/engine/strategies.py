@@ -51,8 +51,9 @@ import numpy as np
 
 from ringbench.config import heads_rule  # noqa: F401  (the rule lives with the other config checks)
 from ringbench.engine import comm
-from ringbench.engine.ring import Ring, make_state
+from ringbench.engine.ring import Ring
 from ringbench.kernels import backward, kernel
+from ringbench.kernels.api import make_forward
 from ringbench.kernels.backward import BlockBackward
 from ringbench.layout import group_plan, step_plan
 
@@ -368,7 +369,7 @@ class PassQ:
         self._exchanges = (self.ex, self.ret, self.bex, self.dret)
         on_tile = self._progress if cfg.progress == "test" else None
         self.matmul, self.blas = backend.matmul(cfg.blas)
-        self.state = make_state(
+        self.state = make_forward(
             backend,
             xp.zeros(self.q_home.shape, self.compute),  # shapes only: each step loads the visiting queries
             n,

@@ -79,7 +79,7 @@ def _compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
     """(K, R) seconds of one kernel update of an n x n block on this rank, per block size and repeat: a full
     block (``mask`` FULL), or the causal diagonal block (CAUSAL: the masked tiles every causal layout computes)."""
     from ringbench.engine import comm
-    from ringbench.engine.ring import make_state
+    from ringbench.kernels.api import make_forward
 
     xp = backend.xp
     hk = opts.kv_heads or opts.heads
@@ -95,7 +95,7 @@ def _compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
         qh = kernel.q_to_heads(xp, q, hk, compute)  # (Z, G, n, D), read only
         kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)  # (Z, n, D)
         scale = kernel.softmax_scale(opts.head_dim)
-        state = make_state(backend, qh, n, matmul=backend.matmul("auto")[0], scale=scale)  # tiled as the ring tiles it
+        state = make_forward(backend, qh, n, matmul=backend.matmul("auto")[0], scale=scale)  # tiled as the ring tiles it
         piece = [Piece(0, n, 0, n, mask)]
         for r in range(-1, opts.repeat):  # one warm-up
             comm.barrier()
@@ -119,7 +119,7 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndar
     log-sum-exp, then BlockBackward with the ring's tiles and GEMM; what is timed is one ``update`` with a
     K/V block into zeroed dK/dV accumulators in the compute dtype."""
     from ringbench.engine import comm
-    from ringbench.engine.ring import make_state
+    from ringbench.kernels.api import make_forward
 
     xp = backend.xp
     hk = opts.kv_heads or opts.heads
@@ -136,7 +136,7 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndar
         scale = kernel.softmax_scale(opts.head_dim)
         kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)  # (Z, n, D)
         piece = [Piece(0, n, 0, n, mask)]
-        state = make_state(backend, kernel.q_to_heads(xp, q, hk, compute), n, matmul=matmul, scale=scale)
+        state = make_forward(backend, kernel.q_to_heads(xp, q, hk, compute), n, matmul=matmul, scale=scale)
         state.update(kh, vh, piece)  # untimed forward: O and the log-sum-exp
         o, lse = state.finalize(dtype)
         del state

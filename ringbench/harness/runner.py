@@ -25,10 +25,11 @@ from ringbench.engine.backend import (
     peak_rss_bytes,
     thread_limit,
 )
-from ringbench.engine.ring import Ring, parse_fault, tiling
+from ringbench.engine.ring import Ring, parse_fault
 from ringbench.harness import check, inputs, progress
 from ringbench.kernels import backward, kernel
 from ringbench.kernels.mkl import MklMatmul
+from ringbench.kernels.tiling import tiling
 from ringbench.kernels.torch_kernel import unavailable
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
