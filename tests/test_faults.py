@@ -59,6 +59,26 @@ def test_exception_on_one_rank_ends_the_whole_job(rank, step, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "mode,extra,rank,step,fired",
+    [
+        ("ulysses", [], 2, 1, 1),  # the ring's step (R = 1)
+        ("ulysses", [], 1, 3, 2),  # past the R + 2 = 3 steps: the last, the all-to-all out
+        ("hybrid", ["--ulysses-degree", 2], 3, 2, 2),  # the ring's second step over the R = 2 groups
+        ("hybrid", ["--ulysses-degree", 2], 0, 3, 3),  # the all-to-all out
+    ],
+)
+def test_fault_of_ulysses_and_hybrid_fires_at_its_step(mode, extra, rank, step, fired, tmp_path):
+    """RINGBENCH_FAULT=r:s counts the strategy's own steps (0: all-to-all in, 1..R: the ring over the groups, R + 1:
+    all-to-all out); it used to fire at step 0 whatever s was."""
+    out = tmp_path / "r.h5"
+    env = {"RINGBENCH_FAULT": f"{rank}:{step}"}
+    res = mpiexec(4, *BASE, "--seq-len", 32, "--mode", mode, *extra, "--out", out, env=env, timeout=90)
+    assert res.returncode != 0
+    assert f"rank {rank} of 4" in res.stderr and f"InjectedFault: injected fault on rank {rank} at step {fired}" in res.stderr, res.stderr
+    assert not out.exists()
+
+
 def test_cli_basics():
     res = ringbench("--help")
     assert res.returncode == 0 and "run" in res.stdout

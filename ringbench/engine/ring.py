@@ -71,6 +71,7 @@ class Ring:
         self.gathered = xp.empty((nranks,) + self.kv_home.shape, self.storage) if cfg.mode == "allgather" else None
         self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
         self.fault = fault_step
+        self.fault_at = (rank, 0)  # the rank and step offset a fault's message names (a strategy's inner ring: its own)
         self.score_tile_elems = score_tile_elems(self.state, h // hk)
         self._on_tile = on_tile
         self._fwd = _Forward(self)
@@ -126,7 +127,7 @@ class Ring:
         pass_start = clock()
         for s in range(P):
             if s == self.fault:
-                raise InjectedFault(f"injected fault on rank {self.rank} at step {s}")
+                raise InjectedFault(f"injected fault on rank {self.fault_at[0]} at step {s + self.fault_at[1]}")
             last = s == P - 1
             step_start = clock()
             if mode == "allgather":  # every block first, then compute

@@ -117,8 +117,11 @@ class Hybrid:
         del zq, zkv
         group = rank // u
         self.ring.plans = [group_plan(cfg.layout, group, (group - s) % self.r, u, nranks, n, cfg.causal) for s in range(self.r)]
-        self.ring.fault = None
-        self.fault = fault_step
+        # RINGBENCH_FAULT's step counts this pass's steps (0: the all-to-all in, 1..R the ring's, R + 1: the all-to-all
+        # out; a later step, possible when R + 2 < P, fires at the last one): the ring's steps fire inside the ring
+        self.fault = None if fault_step is None else min(fault_step, self.r + 1)
+        self.ring.fault = self.fault - 1 if self.fault is not None and 1 <= self.fault <= self.r else None
+        self.ring.fault_at = (rank, 1)
         self.score_tile_elems = self.ring.score_tile_elems
         self.compute, self.blas = self.ring.compute, self.ring.blas
         self.out = None
@@ -183,11 +186,13 @@ class Hybrid:
         S = self.r + 2
         t_compute, t_comm, t_step = np.zeros(S), np.zeros(S), np.zeros(S)
         pass_start = time.perf_counter()
-        if self.fault is not None:
+        if self.fault == 0:
             raise _fault(self.rank, 0)
         t_compute[0], t_comm[0], t_step[0] = self._a2a_step(*step_in)
-        c, m, s, _ = ring_pass()
+        c, m, s, _ = ring_pass()  # steps 1..R (a fault there is raised by the ring)
         t_compute[1 : self.r + 1], t_comm[1 : self.r + 1], t_step[1 : self.r + 1] = c, m, s
+        if self.fault == self.r + 1:
+            raise _fault(self.rank, self.r + 1)
         t_compute[-1], t_comm[-1], t_step[-1] = self._a2a_step(*step_out)
         return t_compute, t_comm, t_step, time.perf_counter() - pass_start
 
