@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from ringbench.engine import comm
 from ringbench.kernels import backward, kernel
 from ringbench.kernels.api import make_backward, make_forward, score_tile_elems
 from ringbench.layout import step_plan
@@ -33,10 +34,15 @@ class InjectedFault(RuntimeError):
 
 
 class Ring:
-    def __init__(self, cfg, backend, exchange, rank: int, nranks: int, q, k, v, *, do=None, fault_step: int | None = None):
+    def __init__(
+        self, cfg, backend, exchange, rank: int, nranks: int, q, k, v, *, do=None, fault_step: int | None = None, plans=None, fault_at=None
+    ):
         """q: (B, n, H, D), k/v: (B, n, H_kv, D) in the storage dtype, on the backend's device; only read, never
         written to (the ring computes on copies it owns). ``do`` (B, n, H, D): the upstream gradient, needed for
-        :meth:`backward` (read once, by :meth:`prepare_backward`). ``fault_step``: raise InjectedFault at that step."""
+        :meth:`backward` (read once, by :meth:`prepare_backward`). ``fault_step``: raise InjectedFault at that step
+        (``fault_at``: the (rank, step offset) its message names). ``plans``: the step plans (default: the layout's
+        plans of this rank's queries against each step's block; a strategy's inner ring passes its own).
+        ``exchange``: what moves the blocks (comm.KVExchange; tests pass a loopback); :meth:`build` makes one."""
         xp = backend.xp
         self.cfg, self.backend, self.ex = cfg, backend, exchange
         self.rank, self.nranks = rank, nranks
@@ -69,9 +75,11 @@ class Ring:
         wide = self.storage != self.compute and cfg.kernel == "native"
         self.kv_compute = xp.empty(self.kv_home.shape, self.compute) if wide else None
         self.gathered = xp.empty((nranks,) + self.kv_home.shape, self.storage) if cfg.mode == "allgather" else None
-        self.plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
+        if plans is None:
+            plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
+        self.plans = plans
         self.fault = fault_step
-        self.fault_at = (rank, 0)  # the rank and step offset a fault's message names (a strategy's inner ring: its own)
+        self.fault_at = fault_at or (rank, 0)  # the rank and step offset a fault's message names (a strategy's inner ring: its own)
         self.score_tile_elems = score_tile_elems(self.state, h // hk)
         self._on_tile = on_tile
         self._fwd = _Forward(self)
@@ -80,6 +88,33 @@ class Ring:
     def _progress(self) -> None:
         if self.ex.posted:
             self.ex.test()
+
+    @classmethod
+    def build(cls, ctx, q, k, v, do=None, plans=None) -> Ring:
+        """The ring of rank context ``ctx`` (ringbench.engine.api.RankContext) over its communicator."""
+        exchange = comm.KVExchange(ctx.comm, ctx.backend, ctx.cuda_aware)
+        return cls(
+            ctx.cfg,
+            ctx.backend,
+            exchange,
+            ctx.rank,
+            ctx.nranks,
+            q,
+            k,
+            v,
+            do=do,
+            fault_step=ctx.fault_step,
+            plans=plans,
+            fault_at=ctx.fault_at,
+        )
+
+    def bytes_per_rank(self, phase: str = "fwd") -> int:
+        """Bytes this rank sends in one pass: P - 1 K/V hops (fwd); the backward's K/V hops and its P hops of the
+        dK/dV accumulators (bwd; allgather: the same volume through the all-gather and the all-to-all)."""
+        P = self.nranks
+        if phase == "fwd":
+            return self.block_bytes() * (P - 1)
+        return self.block_bytes() * (P - 1) + (self.grad_block_bytes() * P if P > 1 else 0)
 
     def block_bytes(self) -> int:
         """Bytes of one K/V block (storage dtype): what the forward moves per hop."""

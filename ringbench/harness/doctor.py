@@ -105,8 +105,7 @@ def _why_not(combo: Combo, backends: dict) -> tuple[str, str] | None:
 
 def _build_ring(combo: Combo, backend, world, cuda_aware: bool):
     """The tiny ring of ``combo`` on this rank, and its inputs for the check (no communication yet)."""
-    from ringbench.engine import comm
-    from ringbench.engine.ring import Ring
+    from ringbench.engine import api
 
     rank, nranks = world.rank, world.size
     cfg = RunConfig(seq_len=TOKENS_PER_RANK * nranks, dtype=combo.dtype, backend=combo.backend, kernel=combo.kernel, **CHECK)
@@ -117,8 +116,8 @@ def _build_ring(combo: Combo, backend, world, cuda_aware: bool):
     q = inputs.tokens("q", 0, pos, heads=cfg.heads, **dims).astype(dtype)
     k = inputs.tokens("k", 0, allpos, heads=cfg.kv_heads, **dims).astype(dtype)
     v = inputs.tokens("v", 0, allpos, heads=cfg.kv_heads, **dims).astype(dtype)
-    ex = comm.KVExchange(world, backend, cuda_aware and backend.is_gpu)
-    ring = Ring(cfg, backend, ex, rank, nranks, backend.asarray(q), backend.asarray(k[:, pos]), backend.asarray(v[:, pos]))
+    ctx = api.RankContext(cfg, backend, world, cuda_aware and backend.is_gpu)
+    ring = api.build(ctx, backend.asarray(q), backend.asarray(k[:, pos]), backend.asarray(v[:, pos]))
     return ring, (q, k, v, pos, allpos)
 
 

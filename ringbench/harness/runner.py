@@ -14,8 +14,10 @@ import numpy as np
 
 from ringbench import store
 from ringbench.analysis import measure
-from ringbench.config import STRATEGY_MODES, RunConfig, UserError, option_name, point_id, validate
+from ringbench.config import RunConfig, UserError, option_name, point_id, validate
+from ringbench.engine import api as engine
 from ringbench.engine import comm, strategies
+from ringbench.engine.api import RankContext
 from ringbench.engine.backend import (
     BackendError,
     current_rss_bytes,
@@ -25,7 +27,7 @@ from ringbench.engine.backend import (
     peak_rss_bytes,
     thread_limit,
 )
-from ringbench.engine.ring import Ring, parse_fault
+from ringbench.engine.ring import parse_fault
 from ringbench.harness import check, inputs, progress
 from ringbench.kernels import backward, kernel
 from ringbench.kernels.mkl import MklMatmul
@@ -85,11 +87,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
 
     fault = parse_fault(os.environ.get("RINGBENCH_FAULT", ""), nranks)  # validated above
     fault_step = fault[1] if fault is not None and fault[0] == rank else None
-    if cfg.mode in STRATEGY_MODES:
-        ring = strategies.make(cfg, backend, world, cuda_aware, rank, nranks, dev["q"], dev["k"], dev["v"], fault_step, do=dev.get("do"))
-    else:
-        ex = comm.KVExchange(world, backend, cuda_aware)
-        ring = Ring(cfg, backend, ex, rank, nranks, dev["q"], dev["k"], dev["v"], do=dev.get("do"), fault_step=fault_step)
+    ring = engine.build(RankContext(cfg, backend, world, cuda_aware, fault_step), dev["q"], dev["k"], dev["v"], do=dev.get("do"))
     del dev
     if "bwd" in phases:
         ring.prepare_backward()  # the forward that gives O and the LSE: once, untimed
@@ -358,7 +356,7 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
         parts,
         nranks,
         prov,
-        traffic=_traffic(cfg, ring, nranks),
+        traffic={ph: ring.bytes_per_rank(ph) for ph in cfg.phases},  # each engine counts what it sends
         itemsize=np.dtype(ring.storage).itemsize,
         compute_itemsize=ring.compute.itemsize,
     )
@@ -369,17 +367,6 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     if not quiet:
         print(format_summary(cfg, nranks, phases, rec.memory, prov, where))
     return 1 if any(ph.check and not ph.check["passed"] for ph in phases.values()) else 0
-
-
-def _traffic(cfg, ring, nranks: int) -> dict:
-    """{phase: bytes each rank sends in one pass}: the forward's K/V hops (P-1), or what a strategy moves; the
-    backward's K/V hops and its P hops of the dK/dV accumulators."""
-    if cfg.mode in STRATEGY_MODES:  # a strategy counts its own traffic per phase
-        return {ph: ring.bytes_per_rank(ph) for ph in cfg.phases}
-    out = {"fwd": ring.block_bytes() * (nranks - 1)}
-    if "bwd" in cfg.phases:
-        out["bwd"] = ring.block_bytes() * (nranks - 1) + (ring.grad_block_bytes() * nranks if nranks > 1 else 0)
-    return out
 
 
 def assemble(cfg, parts: list, nranks: int, prov: dict, *, traffic: dict, itemsize: int, compute_itemsize: int) -> store.Run:

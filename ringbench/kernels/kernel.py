@@ -501,6 +501,17 @@ class OnlineSoftmax(Scratch):
         return (out if out_dtype is None else out.astype(out_dtype, copy=False)), xp.ascontiguousarray(lse)
 
 
+def load_queries(state: OnlineSoftmax, q, scale: float) -> None:
+    """Write queries ``q`` (Z, n, G, D) (any dtype, any strides) into ``state`` as its constructor does:
+    cast to the compute dtype, times 1/sqrt(D), times log_b(e) for the state's exponential base b."""
+    d = state.shape[3]
+    dst = state.qa[..., :d]  # (Z, n, G, D)
+    dst[...] = q
+    dst *= state.dtype.type(scale)
+    if state.base.scale != 1.0:
+        dst *= state.dtype.type(state.base.scale)
+
+
 def sums_ok(r, l, fresh: bool) -> bool:
     """The fast path's check of a tile's row sums ``r`` against the state's ``l``: no term overflowed (every row sum
     finite and <= SUM_HI) and, when ``fresh`` (some row had no mass yet), rows new to the state got mass (>= SUM_LO)."""
