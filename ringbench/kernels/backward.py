@@ -39,15 +39,6 @@ HOST_TILE_K_BWD = 512
 MASKED = {"2": -126.0, "e": -87.0}
 
 
-def negate(xp, x, out=None):
-    """-x (into ``out`` if given), as x * -1: the same result (but a NaN's sign), and never NumPy's negative loop, which
-    NumPy 2.4.6 gets wrong on strided operands (README, known problems): ``np.negative(a[:, 3], out=a[:, 3])`` for a
-    float32 (4, 4) array reads the wrong elements (rows 16 bytes apart; float64: 64 bytes), and so does a float32
-    input 16 bytes apart into any strided output. The backward's -D column is such a view at D = 3 (float32) and
-    D = 7 (float64); multiply's loops are right at every stride (tests/test_random_shapes.py probes both)."""
-    return xp.multiply(x, -1, out=out)
-
-
 def fast_exp_base(xp) -> str:
     """'2' (exp2) or 'e' (exp): the faster float32 exponential of ``xp``, decided by the CPU, not by timing (so
     every rank of a node, and every run, does the same arithmetic). NumPy, measured on one AMD EPYC core:
@@ -162,7 +153,7 @@ class BlockBackward(kernel.Scratch):
         into ``doa[..., :D]`` for the same queries and O (hybrid: dO arrives by an all-to-all each pass) calls it again."""
         xp, d = self.xp, self.shape[3]
         delta = xp.sum(self.doa[..., :d] * xp.asarray(out, self.dtype), axis=-1)  # D = rowsum(dO * O), (Z, n, G)
-        negate(xp, delta, out=self.doa[..., d])
+        kernel.negate(xp, delta, out=self.doa[..., d])
 
     def reset(self) -> None:
         """Zero dQ for another pass over the same q, dO, O and LSE."""
@@ -181,12 +172,12 @@ class BlockBackward(kernel.Scratch):
             )
         self._load_q(q, lse, q_scale)
         self.doa[..., :d] = do.transpose(0, 2, 1, 3)
-        negate(self.xp, self.xp.asarray(delta, self.dtype).transpose(0, 2, 1), out=self.doa[..., d])
+        kernel.negate(self.xp, self.xp.asarray(delta, self.dtype).transpose(0, 2, 1), out=self.doa[..., d])
         self.dqa.fill(0)
 
     def delta(self):
         """D = rowsum(dO * O) (Z, G, n) of the loaded rows, in the compute dtype: a new array."""
-        return self.xp.ascontiguousarray(negate(self.xp, self.doa[..., self.shape[3]].transpose(0, 2, 1)))
+        return self.xp.ascontiguousarray(kernel.negate(self.xp, self.doa[..., self.shape[3]].transpose(0, 2, 1)))
 
     @staticmethod
     def scratch_elems(

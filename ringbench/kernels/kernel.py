@@ -59,6 +59,16 @@ def heads_to_out(o, batch: int):
     return o.reshape(batch, hk, g, n, d).transpose(0, 3, 1, 2, 4).reshape(batch, n, hk * g, d)
 
 
+def negate(xp, x, out=None):
+    """-x (into ``out`` if given), as x * -1: the same result (but a NaN's sign), and never NumPy's negative loop, which
+    NumPy 2.4.6 gets wrong on strided operands (README, known problems): ``np.negative(a[:, 3], out=a[:, 3])`` for a
+    float32 (4, 4) array reads the wrong elements (rows 16 bytes apart; float64: 64 bytes), and so does a float32
+    input 16 bytes apart into any strided output. The backward's -D column (``backward.BlockBackward``) is such a
+    view at D = 3 (float32) and D = 7 (float64), where it stored wrong dQ and dK; multiply's loops are right at every
+    stride (tests/test_random_shapes.py probes both). Every negation of the kernels goes through here."""
+    return xp.multiply(x, -1, out=out)
+
+
 # ---------------------------------------------------------------------------------------------
 # The online-softmax accumulator
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +489,7 @@ class OnlineSoftmax(Scratch):
         s -= shift[..., None]
         m = self.m[t.rows]
         m += shift.reshape(m.shape)
-        self.qa[t.rows + (slice(None), self.shape[3])] = -m
+        negate(xp, m, out=self.qa[t.rows + (slice(None), self.shape[3])])
         # old mass is scaled down by b^-shift; a fresh row moved down has no mass, so leave its factor at 1
         alpha = self.exp(-xp.maximum(shift, 0))
         l, acc = t.l, t.acc
