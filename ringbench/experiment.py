@@ -147,6 +147,8 @@ class Source:
 def fmt_path(path: tuple) -> str:
     out = ""
     for part in path:
+        if isinstance(part, str) and slurm.control_char(part) is not None:
+            part = ascii(part)  # a key with a newline keeps the message one line
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 

@@ -449,6 +449,64 @@ def test_sbatch_failure_shows_sbatch_message(tmp_path, cluster):
     assert not (tmp_path / "results" / "badpart" / "jobs.json").exists()
 
 
+def sbatch_reads(script: Path, env: dict) -> list[str]:
+    """The option words the real sbatch reads from a script (its debug2 lines); nothing is submitted."""
+    res = subprocess.run(
+        ["sbatch", "-vvv", "--test-only", str(script)], capture_output=True, text=True, env=dict(os.environ, **env), timeout=60, check=False
+    )
+    key = 'Found in script, argument "'
+    return [ln[ln.index(key) + len(key) : ln.rindex('"')] for ln in res.stderr.splitlines() if key in ln]
+
+
+# lines as a site might write them, and as an attacker would: sbatch and sbatch_words must read the same words
+SBATCH_LINES = [
+    '--comment="a b c" --mem=1G',
+    "--comment='a \"b' --mem 1G",
+    '--comment=x"y z"w\\"q',
+    "--comment=a\\ b",
+    "--comment='a\\'b' --mem=1G # --output=/x",
+    "--mem=1G#--output=/x",
+    '--mem=1G "" --output=/x',
+    '--comment="%x #; $HOME `id`" --exclusive',
+    "--mem=1G   --nice=5",
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("line", SBATCH_LINES)
+def test_sbatch_words_reads_lines_as_the_real_sbatch_does(tmp_path, cluster, line):
+    script = tmp_path / "s.sh"
+    script.write_text(f"#!/bin/bash\n#SBATCH {line}\ntrue\n")
+    assert sbatch_reads(script, cluster) == slurm.sbatch_words(line)
+
+
+@pytest.mark.slurm
+def test_odd_paths_run_for_real_and_sbatch_reads_every_option(tmp_path, cluster):
+    cwd = tmp_path / f"cwd {ODD}\\"
+    cwd.mkdir()
+    exp = cwd / "exp.yaml"
+    exp.write_text(
+        "name: odd\nbase: {seq_len: 256, heads: 2, head_dim: 16, repeat: 1, warmup: 0}\ntimeout: 120\n"
+        f"slurm: {{profile: localcluster, time: '5', env: {{NOTE: {json.dumps(ODD)}}}, sbatch: ['--comment=\"a b #c\"']}}\n"
+    )
+    results = tmp_path / f"res {ODD}"  # no backslash: sbatch --output cannot hold one
+    res = ringbench("submit", exp, "--dry-run", "--results", results, env=cluster, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    (script,) = (results / "odd" / "scripts").glob("*.sbatch")
+    words = sbatch_view(script.read_text())
+    assert sbatch_reads(script, cluster) == words
+    assert f"--chdir={cwd}" in words and "--comment=a b #c" in words
+
+    res = ringbench("submit", exp, "--results", results, env=cluster, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    wait_for_jobs(results / "odd" / "jobs.json", cluster)
+    status = ringbench("status", exp, "--results", results, env=cluster, cwd=cwd)
+    assert "1 points: 1 done" in status.stdout, status.stdout + status.stderr
+    (log,) = (results / "odd" / "logs").glob("rb-odd-P1-*_0.out")  # the %x %A %a of --output expanded, the path's % kept
+    assert log.is_file()
+    assert injected(tmp_path) == "" and not list(tmp_path.rglob("PWNED"))
+
+
 def test_template_with_unknown_placeholder_is_one_line_error():
     with pytest.raises(slurm.SlurmError, match=r"bad placeholder 'HOME'; allowed: \$experiment"):
         slurm.render(job(), SlurmSpec(), "#!/bin/bash\necho $HOME\n", "0.1.0", "now")
