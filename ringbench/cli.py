@@ -229,6 +229,9 @@ def cmd_submit(argv: list[str]) -> int:
     p.add_argument("--force", action="store_true", help="rerun points already stored")
 
     def body(ns, exp, lay):
+        problem = _submit_path_problem(ns, lay)
+        if problem:
+            raise UsageError(problem)
         lay.make()
         sweep.write_snapshot(exp, lay)
         points, skipped = sweep.todo(exp, lay, exp.points, ns.force)
@@ -242,6 +245,28 @@ def cmd_submit(argv: list[str]) -> int:
         return sweep.submit_arrays(exp, lay, points, dry_run=ns.dry_run, force=ns.force, workdir=Path.cwd())
 
     return _experiment_command("submit", argv, p, body)
+
+
+def _submit_path_problem(ns: argparse.Namespace, lay) -> str | None:
+    """What makes a path unfit for a job script (checked before anything is written), or None: no path that
+    reaches the script may hold a control character, and the results directory (where sbatch --output puts the
+    logs) no backslash."""
+    from ringbench.sweeps.slurm import control_problem
+
+    results = lay.results.resolve()
+    option = "--results" if lay.results == Path(ns.results) else "FILE"  # FILE may name a results directory
+    paths = [("FILE", ns.experiment), ("--results", ns.results), (option, str(results))]
+    paths += [("the current directory", str(Path.cwd())), ("the python that submits", sys.executable)]
+    for what, path in paths:
+        problem = control_problem(str(path))
+        if problem:
+            return f"{what}: {str(path)!r} {problem}"
+    if "\\" in str(results):
+        return (
+            f"{option}: {str(results)!r} has a backslash: sbatch --output cannot name a log file under it "
+            f"(sbatch drops the backslash and expands no %x %A %a); choose a results directory without one"
+        )
+    return None
 
 
 def cmd_status(argv: list[str]) -> int:

@@ -7,6 +7,7 @@ deep nesting before any tree is built, and indexes the composed nodes so that ev
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import yaml
@@ -113,7 +114,11 @@ class Source:
 
 
 def fmt_path(path: tuple) -> str:
+    """A key path as a user writes it: ``matrix.seq_len[2]``; a key holding a control character is shown escaped
+    (``'a\\nb'``), so that an error message stays one line."""
     out = ""
     for part in path:
+        if isinstance(part, str) and any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in part):
+            part = ascii(part)
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out

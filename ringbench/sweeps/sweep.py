@@ -110,8 +110,11 @@ def write_atomic(path: Path, text: str, mode: int = 0o666) -> None:
 
 
 def write_snapshot(exp: Experiment, lay: ResultDir) -> None:
+    from ringbench.sweeps.slurm import control_char
+
+    source = exp.path if control_char(str(exp.path)) is None else ascii(str(exp.path))  # a newline would end the comment
     text = (
-        f"# resolved copy of {exp.path}, written by ringbench {ringbench.__version__}; "
+        f"# resolved copy of {source}, written by ringbench {ringbench.__version__}; "
         f"sweeps and jobs of this directory run it\n" + yaml.safe_dump(exp.resolved(), sort_keys=False)
     )
     if not lay.snapshot.exists() or lay.snapshot.read_text() != text:
