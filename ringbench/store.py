@@ -90,6 +90,13 @@ the file, and a crash (even SIGKILL or power loss) at any moment leaves every ea
   that writer's file is then appended to instead); the temporary is removed on any error. Writers also
   remove ``FILE.*.tmp`` and ``FILE.lock`` left by dead writers (older ringbench versions wrote whole copies
   and used ``FILE.lock``): only files nobody holds a lock on.
+- A write that fails (a full disk, a quota, a write cut short: ``_write_fully``) rolls the append back as above,
+  or removes the temporary of a new file, and raises OSError naming the file (ENOSPC for a full disk; EIO for a
+  write cut short twice). HDF5 is never handed the exception: both kinds of write go through ``_JournaledFile``,
+  which keeps the first error, writes nothing more and raises it once HDF5 has returned (h5py 3.16 crashed the
+  process on an exception in its driver's callbacks). ``write_error`` words it for ``--out``.
+- The journal path must be free or a regular file: a directory, FIFO or link there is refused (SchemaError) by
+  readers and writers alike, never read or removed.
 - ``--out`` through a symbolic link writes to its target; the file's mode and owner never change. A file
   whose owner has no write permission (``chmod a-w``) is refused, even for root.
 
