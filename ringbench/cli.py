@@ -436,17 +436,46 @@ def probe_parser() -> argparse.ArgumentParser:
     return p
 
 
+PROBE_MAX_BYTES = 2**32  # the largest --max-bytes (one ping-pong buffer of this size per rank)
+PROBE_MAX_ITERS = 10**5
+
+
+def _probe_option_problem(ns: argparse.Namespace) -> str | None:
+    """The first bad probe option as one line, or None. The integers are bounded as ``run`` bounds its options
+    (config.coerce); a block size as --seq-len; --name as an experiment name (a group name, never a path)."""
+    from ringbench.config import coerce
+    from ringbench.sweeps.experiment import NAME_RE
+
+    if ns.name is not None and not NAME_RE.match(ns.name):
+        return f"--name: expected a name of letters, digits, _ . - (at most 64, not starting with . - _), got {ns.name!r}"
+    for opt in ("batch", "heads", "head_dim", "repeat"):
+        try:
+            coerce(opt, getattr(ns, opt))
+        except ConfigError as exc:
+            return f"{option_name(opt)}: {exc.message}"
+    for n in ns.block_sizes:
+        try:
+            coerce("seq_len", n)
+        except ConfigError as exc:
+            return f"--block-sizes: {exc.message}"
+    for opt, hi in (("max_bytes", PROBE_MAX_BYTES), ("iters", PROBE_MAX_ITERS)):
+        v = getattr(ns, opt)
+        if not 1 <= v <= hi:
+            return f"{option_name(opt)}: expected an integer from 1 to {hi}, got {v}"
+    if ns.kv_heads < 0 or (ns.kv_heads and ns.heads % ns.kv_heads):
+        return f"--kv-heads: must divide --heads={ns.heads} (or be 0); got {ns.kv_heads}"
+    return None
+
+
 def cmd_probe(argv: list[str]) -> int:
     """Measure compute rate and link latency/bandwidth for the model."""
     from ringbench.harness.probe import ProbeOptions
 
     try:
         ns = probe_parser().parse_args(argv)
-        for opt in ("batch", "heads", "head_dim", "repeat", "max_bytes", "iters"):
-            if getattr(ns, opt) < 1:
-                raise UsageError(f"{option_name(opt)}: expected an integer >= 1, got {getattr(ns, opt)}")
-        if ns.kv_heads < 0 or (ns.kv_heads and ns.heads % ns.kv_heads):
-            raise UsageError(f"--kv-heads: must divide --heads={ns.heads} (or be 0); got {ns.kv_heads}")
+        err = _probe_option_problem(ns)
+        if err:
+            raise UsageError(err)
     except UsageError as exc:
         return fail(f"{PROG} probe", str(exc))
     opts = ProbeOptions(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
 from ringbench import store
 from ringbench.analysis import model
+from ringbench.engine.backend import get_backend
 from ringbench.harness import probe as probe_mod
 
 from conftest import mpiexec, ringbench
@@ -120,3 +123,70 @@ def test_probe_user_errors(tmp_path):
     assert res.returncode == 2 and "--block-sizes" in res.stderr and "positive integers" in res.stderr
     res = ringbench("probe", "--out", tmp_path / "p.h5", "--heads", 4, "--kv-heads", 3)
     assert res.returncode == 2 and "--kv-heads: must divide --heads=4" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["a/b", "../../x", "", ".hidden", "x" * 65])
+def test_probe_name_must_be_a_group_name(tmp_path, name):
+    res = ringbench("probe", "--out", tmp_path / "p.h5", "--name", name, *SMALL)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        f"ringbench probe: --name: expected a name of letters, digits, _ . - (at most 64, not starting with . - _), got {name!r}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--block-sizes", "64,99999999999"], "--block-sizes: expected an integer <= 4294967296 (2^32), got 99999999999"),
+        (["--max-bytes", 99999999999], "--max-bytes: expected an integer from 1 to 4294967296, got 99999999999"),
+        (["--iters", 10**6], "--iters: expected an integer from 1 to 100000, got 1000000"),
+        (["--repeat", 10**6], "--repeat: expected an integer <= 100000, got 1000000"),
+        (["--head-dim", 10**6], "--head-dim: expected an integer <= 65536 (2^16), got 1000000"),
+    ],
+)
+def test_probe_options_are_bounded_as_run_bounds_them(tmp_path, args, line):
+    res = ringbench("probe", "--out", tmp_path / "p.h5", *args)
+    assert res.returncode == 2 and res.stderr.strip() == f"ringbench probe: {line}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.mpi
+def test_probe_that_cannot_fit_in_memory_is_refused_before_it_allocates(tmp_path):
+    res = mpiexec(2, "probe", "--out", tmp_path / "p.h5", "--block-sizes", 2**32, "--iters", 1, "--repeat", 1)
+    assert res.returncode == 2, res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("ringbench probe: --block-sizes: the probe needs about ") and " TiB of host memory per rank (estimate; " in line
+    assert line.endswith("; use smaller --block-sizes (or --batch, --heads, --head-dim, --max-bytes)")
+    assert list(tmp_path.iterdir()) == []
+    est, _ = probe_mod.memory_estimate(probe_mod.ProbeOptions(block_sizes=(2**32,)), get_backend("numpy"))
+    small, _ = probe_mod.memory_estimate(probe_mod.ProbeOptions(), get_backend("numpy"))
+    assert est > 2**40 and small < 2**30
+
+
+@pytest.mark.mpi
+def test_report_plot_and_advise_skip_a_group_they_cannot_parse(small_results, tmp_path):
+    """A file where an older ringbench stored ``probe --name a/b`` as nested groups, and a run group without attributes."""
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "both.h5"
+    shutil.copyfile(small_results, path)
+    res = mpiexec(2, "probe", "--out", path, "--name", "here", "--quiet", *SMALL)
+    assert res.returncode == 0, res.stderr
+    with h5py.File(path, "r+") as f:
+        f.copy(f["probes/here"], f["probes"].create_group("a"), name="b")
+        f["runs"].create_group("junk")
+    warn = [
+        f"ringbench: warning: {path}: /runs/junk: skipped, not a readable run (no attribute 'point_id')",
+        f"ringbench: warning: {path}: /probes/a: skipped, not a readable probe (no attribute 'nranks')",
+    ]
+    rep = ringbench("report", path)
+    assert rep.returncode == 0, rep.stderr
+    assert rep.stderr.splitlines() == warn and f"calibration: probe {path}:/probes/here" in rep.stdout
+    adv = ringbench("advise", path, "--seq-len", 4096, "--ranks", 2)
+    assert adv.returncode == 0 and adv.stderr.splitlines() == warn and "winner" in adv.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot = ringbench("plot", path, "-o", tmp_path / "fig", "--only", "strong,model")
+        assert plot.returncode == 0 and plot.stderr.splitlines() == warn, plot.stderr

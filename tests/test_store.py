@@ -1,5 +1,6 @@
 """The HDF5 result file: round trip, never overwrite, crash-safe append, schema refusal."""
 
+import errno
 import fcntl
 import json
 import multiprocessing as mp
@@ -16,7 +17,7 @@ import pytest
 
 from ringbench import store
 
-from conftest import child_env, mpiexec
+from conftest import child_env, mpiexec, ringbench
 
 
 def make_run(pid="p1", value=1.0):
@@ -425,3 +426,84 @@ def test_a_writer_rolls_back_a_dead_writers_journal(tmp_path):
     assert store.append(path, make_run("b")) == "b"
     assert [r.point_id for r in store.read(path)] == ["a", "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]
+
+
+def test_a_short_journal_write_is_an_error_and_rolls_back(tmp_path, monkeypatch):
+    """A journal write the kernel cuts short without an error (a signal, a size limit reached mid-write) cannot be
+    produced on demand by a real file system (a full one gives ENOSPC: tests/test_disk_full.py), so ``os.write``
+    is cut short here, for the journal only: the header (36 bytes), then the records (the pre-images, longer)."""
+    path = tmp_path / "r.h5"
+    store.append(path, make_run("a"))
+    before = path.read_bytes()
+    journal = tmp_path / "r.h5.journal"
+    real_write = os.write
+    for at_least in (1, 37):  # the header's write, then the records'
+
+        def short_write(fd, data, at_least=at_least):
+            if len(data) >= at_least and os.readlink(f"/proc/self/fd/{fd}") == str(journal):
+                return real_write(fd, bytes(data)[: len(data) // 2])
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", short_write)
+        with pytest.raises(OSError, match="short write") as err:
+            store.append(path, make_run("b"))
+        monkeypatch.undo()
+        assert err.value.errno == errno.EIO and err.value.filename == str(journal)
+        assert path.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]
+    assert [r.point_id for r in store.read(path)] == ["a"]
+    assert store.append(path, make_run("b")) == "b"
+
+
+def test_readers_skip_groups_they_cannot_parse_with_a_one_line_warning(tmp_path, capsys):
+    path = tmp_path / "r.h5"
+    store.append(path, make_run("a"))
+    store.append_probe(path, _probe())
+    with h5py.File(path, "r+") as f:
+        f.copy(f["probes/probe-P2"], f["probes"].create_group("a"), name="b")  # what `probe --name a/b` wrote
+        f["runs"].create_group("x").attrs["point_id"] = "x"  # no nranks, config, provenance
+        f["runs"].create_dataset("y", data=[1, 2])
+        f["runs"].create_group("z").attrs.update(point_id="z", nranks=2, config="{not json", provenance="{}")
+    runs, probes, latest = store.read(path), store.read_probes(path), store.latest(path)
+    assert [r.point_id for r in runs] == ["a"] and [p.name for p in probes] == ["probe-P2"] and list(latest) == ["a", "z"]
+    err = capsys.readouterr().err.splitlines()
+    prefix = f"ringbench: warning: {path}: "
+    assert err[:4] == [
+        prefix + "/runs/x: skipped, not a readable run (no attribute 'nranks')",
+        prefix + "/runs/y: skipped, not a readable run (not a group)",
+        prefix + "/runs/z: skipped, not a readable run (JSONDecodeError: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))",
+        prefix + "/probes/a: skipped, not a readable probe (no attribute 'nranks')",
+    ]
+    assert err[4:] == err[:2]  # latest() reads what it needs: z's config is not among it
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_a_journal_path_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path, kind):
+    path = tmp_path / "r.h5"
+    store.append(path, make_run("a"))
+    before = path.read_bytes()
+    journal = tmp_path / "r.h5.journal"
+    {"directory": journal.mkdir, "fifo": lambda: os.mkfifo(journal), "symlink": lambda: journal.symlink_to(path)}[kind]()
+    what = {"directory": "a directory", "fifo": "not a regular file", "symlink": "a symbolic link"}[kind]
+    why = f"{journal}: is {what}, not an undo journal (ringbench keeps the undo journal of r.h5 at this path); move it away"
+    res = ringbench("report", path, timeout=60)  # first, in a subprocess: a FIFO once blocked the reader forever
+    assert res.returncode == 2 and res.stderr.strip() == f"ringbench report: {why}"
+    args = ["--seq-len", 64, "--heads", 2, "--head-dim", 8, "--repeat", 1, "--warmup", 0, "--quiet"]
+    res = mpiexec(1, "run", *args, "--out", path, timeout=60)
+    assert res.returncode == 2 and res.stderr.strip() == f"ringbench run: --out: cannot write {path}: {why}"
+    assert store.check_writable(path) == why
+    with pytest.raises(store.SchemaError) as err:
+        store.read(path)
+    assert str(err.value) == why
+    with pytest.raises(store.SchemaError):
+        store.append(path, make_run("b"))
+    assert path.read_bytes() == before
+    new = tmp_path / "new.h5"  # a file to create beside a journal path of that kind
+    os.rename(journal, tmp_path / "new.h5.journal")
+    assert store.check_writable(new) == why.replace("r.h5", "new.h5")
+    with pytest.raises(store.SchemaError):
+        store.append(new, make_run("b"))
+    assert not new.exists()
+    (tmp_path / "new.h5.journal").rename(journal)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5", "r.h5.journal"]  # nothing created, nothing removed

@@ -209,6 +209,66 @@ def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
     return mine
 
 
+def memory_estimate(opts: ProbeOptions, backend) -> tuple[int, int]:
+    """Estimated peak (host, device) bytes of one rank of the probe, beyond the interpreter and libraries: the
+    largest block's forward and backward, estimated as ``ringbench run`` estimates a one-rank run of that many
+    tokens (runner.memory_estimate: inputs, state, tiles, the backward's buffers), or its strided copy, or the
+    ping-pong buffer of --max-bytes, whichever is largest (they run one after the other)."""
+    from ringbench.config import RunConfig
+    from ringbench.harness import runner
+
+    n = max(opts.block_sizes)
+    cfg = RunConfig(
+        batch=opts.batch,
+        seq_len=n,
+        heads=opts.heads,
+        kv_heads=opts.kv_heads or opts.heads,
+        head_dim=opts.head_dim,
+        dtype=opts.dtype,
+        backend=opts.backend,
+        pass_="fwd+bwd",
+    )
+    host, device = runner.memory_estimate(cfg, 1, 0, backend)
+    copy = 2 * opts.batch * n * opts.heads * opts.head_dim * backend.dtype(opts.dtype).itemsize  # source and destination
+    host = max(host, runner.RANK_OVERHEAD + opts.max_bytes + (0 if backend.is_gpu else copy))
+    return host, max(device, copy) if backend.is_gpu else 0
+
+
+def _memory_problem(opts: ProbeOptions, backend) -> str | None:
+    """Collective: why the probe cannot fit in memory (one line: the estimate and what is available), or None. The
+    ranks of a node share its available memory (or what their memory cgroup leaves); ranks on one GPU its free memory."""
+    from ringbench.engine import comm
+    from ringbench.engine.backend import host_memory
+
+    host, device = memory_estimate(opts, backend)
+    mine = (host, device, backend.device_id, host_memory(), backend.device_free_bytes(), socket.gethostname())
+    node = comm.node_allgather(mine)
+    (avail, bound), where = node[0][3], node[0][5]
+    hint = "use smaller --block-sizes (or --batch, --heads, --head-dim, --max-bytes)"
+    if avail is not None and sum(r[0] for r in node) > avail:
+        total, ranks = sum(r[0] for r in node), f"{len(node)} rank{'s' if len(node) > 1 else ''}"
+        return (
+            f"--block-sizes: the probe needs about {_size(max(r[0] for r in node))} of host memory per rank (estimate; "
+            f"{_size(total)} for the {ranks} on {where}), more than the {_size(avail)} {bound}; {hint}"
+        )
+    if backend.is_gpu:
+        same = [r for r in node if r[2] == backend.device_id]
+        free = min(r[4] for r in same)
+        if sum(r[1] for r in same) > free:
+            return (
+                f"--block-sizes: the probe needs about {_size(max(r[1] for r in same))} of device memory per rank "
+                f"(estimate), more than the {_size(free)} free on GPU {backend.device_id} of {where}; {hint}"
+            )
+    return None
+
+
+def _size(nbytes: float) -> str:
+    for unit, div in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= div:
+            return f"{nbytes / div:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
 def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     """The probe on every rank; rank 0 stores the /probes group and prints a summary."""
     from ringbench.engine import comm
@@ -227,6 +287,8 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     except BackendError as exc:  # a user error, agreed on by every rank below
         err = err or str(exc)
     err = comm.first_error(err)
+    if not err:
+        err = comm.first_error(_memory_problem(opts, backend))
     if err:
         from ringbench.config import UserError
 
@@ -253,7 +315,12 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     if rank != 0:
         return 0
     probe = assemble(opts, parts, backend, name)
-    where = store.append_probe(out, probe)
+    try:
+        where = store.append_probe(out, probe)
+    except (OSError, store.SchemaError) as exc:  # a full disk, a quota, the file replaced meanwhile
+        from ringbench.config import UserError
+
+        raise UserError(f"--out: cannot write {out}: {store.write_error(out, exc)}") from None
     if not quiet:
         print(format_probe(probe, f"{out}:/probes/{where}"))
     return 0

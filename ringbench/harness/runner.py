@@ -363,7 +363,10 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     phases = {ph: rec.phase(ph) for ph in cfg.phases}
     where = None
     if out is not None:
-        where = f"{out}:/runs/{store.append(out, rec)}"
+        try:
+            where = f"{out}:/runs/{store.append(out, rec)}"
+        except (OSError, store.SchemaError) as exc:  # a full disk, a quota, the file replaced meanwhile
+            raise UserError(f"--out: cannot write {out}: {store.write_error(out, exc)}") from None
     if not quiet:
         print(format_summary(cfg, nranks, phases, rec.memory, prov, where))
     return 1 if any(ph.check and not ph.check["passed"] for ph in phases.values()) else 0

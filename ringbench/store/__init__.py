@@ -90,6 +90,13 @@ the file, and a crash (even SIGKILL or power loss) at any moment leaves every ea
   that writer's file is then appended to instead); the temporary is removed on any error. Writers also
   remove ``FILE.*.tmp`` and ``FILE.lock`` left by dead writers (older ringbench versions wrote whole copies
   and used ``FILE.lock``): only files nobody holds a lock on.
+- A write that fails (a full disk, a quota, a write cut short: ``_write_fully``) rolls the append back as above,
+  or removes the temporary of a new file, and raises OSError naming the file (ENOSPC for a full disk; EIO for a
+  write cut short twice). HDF5 is never handed the exception: both kinds of write go through ``_JournaledFile``,
+  which keeps the first error, writes nothing more and raises it once HDF5 has returned (h5py 3.16 crashed the
+  process on an exception in its driver's callbacks). ``write_error`` words it for ``--out``.
+- The journal path must be free or a regular file: a directory, FIFO or link there is refused (SchemaError) by
+  readers and writers alike, never read or removed.
 - ``--out`` through a symbolic link writes to its target; the file's mode and owner never change. A file
   whose owner has no write permission (``chmod a-w``) is refused, even for root.
 
@@ -108,6 +115,7 @@ import os
 import secrets
 import stat
 import struct
+import sys
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -214,6 +222,42 @@ def _journal(real: Path) -> Path:
     return real.with_name(real.name + ".journal")
 
 
+def _journal_problem(real: Path) -> str | None:
+    """Why the journal path of ``real`` cannot serve as its undo journal (it is not a regular file), or None."""
+    jpath = _journal(real)
+    try:
+        mode = os.lstat(jpath).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+    return f"{jpath}: is {kind}, not an undo journal (ringbench keeps the undo journal of {real.name} at this path); move it away"
+
+
+def _check_journal(real: Path) -> None:
+    why = _journal_problem(real)
+    if why:
+        raise SchemaError(why)
+
+
+def _write_fully(fd: int, data: bytes, offset: int | None, name) -> None:
+    """Write all of ``data`` to ``fd`` (at ``offset``, or at its position); OSError naming ``name`` if it cannot.
+
+    A write cut short is retried once for the rest, so that a cause (no space left, quota, file too large) is
+    raised as itself; cut short again, it is an error (EIO): a journal or file is never silently shorter."""
+    mv = memoryview(data)
+    done = 0
+    for _ in range(2):
+        try:
+            done += os.write(fd, mv[done:]) if offset is None else os.pwrite(fd, mv[done:], offset + done)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(name)) from None
+        if done == len(mv):
+            return
+    raise OSError(errno.EIO, f"short write ({done} of {len(mv)} bytes written)", str(name))
+
+
 def _fsync_dir(d: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY)
@@ -246,6 +290,7 @@ def _lock(real: Path, flags: int, how: int) -> int | None:
 
 def _rollback(real: Path, fd: int) -> None:
     """Undo the append a journal describes (the caller holds the exclusive lock and a writable ``fd``)."""
+    _check_journal(real)
     jpath = _journal(real)
     try:
         data = jpath.read_bytes()
@@ -264,7 +309,7 @@ def _rollback(real: Path, fd: int) -> None:
                 records.append((off, body))
                 pos += _REC.size + n
             for off, body in reversed(records):
-                os.pwrite(fd, body, off)
+                _write_fully(fd, body, off, real)
             os.ftruncate(fd, size)
             os.fsync(fd)
     # a journal with no valid header was never followed by a write; one of another file is stale
@@ -275,6 +320,7 @@ def _rollback(real: Path, fd: int) -> None:
 def _recover_for_reading(real: Path, fd: int) -> None:
     """Roll back a journal a dead writer left, from a reader holding the shared lock on ``fd``: the exclusive
     lock is taken on a writable descriptor (flock over NFS needs one), then the shared lock again."""
+    _check_journal(real)
     while _journal(real).exists():
         try:
             wfd = os.open(real, os.O_RDWR)
@@ -357,14 +403,20 @@ def _sweep(real: Path) -> None:
 
 class _JournaledFile:
     """The result file as h5py's ``fileobj`` driver sees it: bytes at or past ``size`` are written through,
-    writes below it are buffered until ``commit`` (see the module docstring)."""
+    writes below it are buffered until ``commit`` (see the module docstring).
 
-    def __init__(self, fd: int, size: int, journal_fd: int):
-        self.fd, self.size0, self.jfd = fd, size, journal_fd
+    A write that fails (no space left on the device, a quota, a write cut short) is never raised into HDF5:
+    an exception inside h5py's driver callbacks can crash the process (h5py 3.16 segfaulted on a full disk).
+    The first error is kept in ``error``, nothing more is written, HDF5 carries on, and ``raise_error`` raises
+    it once HDF5 has returned; the append is then rolled back (a new file removed)."""
+
+    def __init__(self, fd: int, size: int, journal_fd: int | None, name: Path):
+        self.fd, self.size0, self.jfd, self.name = fd, size, journal_fd, name
         self.size = size  # the logical end of file
         self.pos = 0
         self.below: list[tuple[int, bytes]] = []  # buffered writes below size0, in order
         self.dead = False
+        self.error: OSError | None = None  # the first failed write or truncate
 
     # --- the interface h5py's fileobj driver calls: seek, tell, readinto/read, write, truncate, flush
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -394,7 +446,7 @@ class _JournaledFile:
         return bytes(buf)
 
     def write(self, buf) -> int:
-        if self.dead:
+        if self.dead or self.error:
             return len(buf)
         data = bytes(buf)
         pos, n = self.pos, len(data)
@@ -402,18 +454,29 @@ class _JournaledFile:
         if split:
             self.below.append((pos, data[:split]))
         if split < n:
-            os.pwrite(self.fd, data[split:], pos + split)
+            try:
+                _write_fully(self.fd, data[split:], pos + split, self.name)
+            except OSError as exc:
+                self.error = exc
         self.pos += n
         self.size = max(self.size, pos + n)
         return n
 
     def truncate(self, size: int | None = None) -> int:
         size = self.pos if size is None else size
-        if not self.dead:
+        if not (self.dead or self.error):
             if size >= self.size0:
-                os.ftruncate(self.fd, size)
+                try:
+                    os.ftruncate(self.fd, size)
+                except OSError as exc:
+                    self.error = OSError(exc.errno, exc.strerror, str(self.name))
             self.size = size  # below size0: applied at commit
         return size
+
+    def raise_error(self) -> None:
+        """Raise the first write error HDF5 was not told about, if any."""
+        if self.error is not None:
+            raise self.error
 
     def flush(self) -> None:
         pass
@@ -438,18 +501,19 @@ class _JournaledFile:
             old = os.pread(self.fd, hi - lo, lo)
             head = struct.pack("<QQ", lo, len(old))
             out += head + struct.pack("<I", zlib.crc32(head + old)) + old
-        os.write(self.jfd, bytes(out))
+        _write_fully(self.jfd, bytes(out), None, _journal(self.name))
         os.fsync(self.jfd)
         _fsync_dir(directory)  # the journal's name is durable too
 
     def apply(self) -> None:
         """Write the buffered changes below S into the file."""
         for off, data in self.below:
-            os.pwrite(self.fd, data, off)
+            _write_fully(self.fd, data, off, self.name)
         if os.fstat(self.fd).st_size != self.size:
             os.ftruncate(self.fd, self.size)
 
     def commit(self, directory: Path) -> None:
+        self.raise_error()
         self.save_preimages(directory)
         self.apply()
         os.fsync(self.fd)
@@ -474,30 +538,35 @@ def _append_in_place(real: Path, fd: int, fn):
     _sweep(real)
     st = os.fstat(fd)
     jpath = _journal(real)
-    jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(jpath)) from None
     try:
         with contextlib.suppress(OSError):  # whoever may write the file may roll its journal back
             os.fchmod(jfd, stat.S_IMODE(st.st_mode) & 0o666)
-        head = struct.pack("<8sQQQ", _MAGIC, st.st_size, st.st_dev, st.st_ino)
-        os.write(jfd, head + struct.pack("<I", zlib.crc32(head)))  # fsynced with the records, before any overwrite
-        wrapper = _JournaledFile(fd, st.st_size, jfd)
+        wrapper = _JournaledFile(fd, st.st_size, jfd, real)
         f = None
         try:
+            head = struct.pack("<8sQQQ", _MAGIC, st.st_size, st.st_dev, st.st_ino)
+            _write_fully(jfd, head + struct.pack("<I", zlib.crc32(head)), None, jpath)  # fsynced with the records
             try:
                 f = h5py.File(wrapper, "r+", locking=False)
             except OSError as exc:
+                wrapper.raise_error()
                 raise SchemaError(f"{real}: not an HDF5 file ({exc.__class__.__name__})") from None
             _check_root(f, real)
             _init_root(f)
             result = fn(f)
             f.close()
             wrapper.commit(real.parent)
-        except BaseException:
+        except BaseException as exc:
             if f is not None:
                 with contextlib.suppress(Exception):
                     f.close()
             wrapper.dead = True  # nothing more reaches the file from HDF5
-            _rollback(real, fd)
+            _rollback(real, fd)  # also removes a journal whose header never got written
+            _raise_write_error(wrapper, exc)
             raise
     finally:
         os.close(jfd)
@@ -508,8 +577,15 @@ def _append_in_place(real: Path, fd: int, fn):
 _RETRY = object()
 
 
+def _raise_write_error(wrapper: _JournaledFile, exc: BaseException) -> None:
+    """Raise the write error that ``wrapper`` kept from HDF5 instead of ``exc`` (what HDF5 made of it), if any."""
+    if wrapper.error is not None and isinstance(exc, Exception) and exc is not wrapper.error:
+        raise wrapper.error from None
+
+
 def _create(real: Path, fn):
     """Create ``real`` whole in a temporary, run ``fn`` on it and link it into place; _RETRY if another writer won."""
+    _check_journal(real)
     _journal(real).unlink(missing_ok=True)  # a journal without its file is stale
     _sweep(real)
     while True:
@@ -522,10 +598,17 @@ def _create(real: Path, fn):
         if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
             break
         os.close(fd)  # swept by another writer between open and flock: take another name
+    wrapper = _JournaledFile(fd, 0, None, real)  # every write goes straight to the temporary; errors kept from HDF5
     try:
-        with h5py.File(tmp, "w", locking=False) as f:
-            _init_root(f)
-            result = fn(f)
+        try:
+            with h5py.File(wrapper, "w", locking=False) as f:
+                _init_root(f)
+                result = fn(f)
+            wrapper.raise_error()
+        except BaseException as exc:
+            wrapper.dead = True
+            _raise_write_error(wrapper, exc)
+            raise
         os.fsync(fd)
         try:
             os.link(tmp, real)  # never replaces a file that appeared meanwhile
@@ -577,6 +660,11 @@ def check_writable(path) -> str | None:
         return f"directory {parent} does not exist"
     if not os.access(parent, os.W_OK):
         return f"directory {parent} is not writable"
+    why = _journal_problem(real)
+    if why:
+        return why
+    if _no_space(parent):
+        return f"no space left on device ({parent} has no free space)"
     if real.exists():
         why = _read_only(real)
         if why:
@@ -586,6 +674,29 @@ def check_writable(path) -> str | None:
         except SchemaError as exc:
             return str(exc)
     return None
+
+
+def _no_space(directory: Path) -> bool:
+    """True if the file system of ``directory`` has no free block left for this user (root may use reserved blocks)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0
+
+
+def write_error(path, exc: Exception) -> str:
+    """The one-line reason an append to the result file ``path`` failed with ``exc`` (an OSError or SchemaError):
+    what the command prints after ``--out: cannot write PATH: ``. Nothing of the failed append is left behind."""
+    if isinstance(exc, OSError) and exc.strerror:
+        why = exc.strerror[0].lower() + exc.strerror[1:]
+        if exc.filename and _real(exc.filename) != _real(path):
+            why = f"{exc.filename}: {why}"
+    else:
+        why = str(exc)
+    if Path(path).exists():
+        return f"{why} (nothing was added; the file is as it was)"
+    return f"{why} (nothing was written)"
 
 
 def append(path, run: Run) -> str:
@@ -792,11 +903,40 @@ def check_file(path) -> int:
         return _check_root(f, path)
 
 
+_RUN_ATTRS = ("point_id", "nranks", "config", "provenance")  # what a group needs to be read as a run
+_PROBE_ATTRS = ("nranks", "config", "provenance")
+
+
+def _readable(path, kind: str, name: str, g, attrs: tuple, read):
+    """``read()`` of the member ``name`` of /runs or /probes, or None (with a one-line warning on stderr naming the
+    file and the group) when it cannot be read as one: not a group, an attribute missing, or a value that does not parse
+    (a group that something other than ringbench wrote, or nested groups from a name with a slash)."""
+    where = f"/{kind}s/{name}"
+    why = None
+    if not isinstance(g, h5py.Group):
+        why = "not a group"
+    else:
+        missing = [a for a in attrs if a not in g.attrs]
+        if missing:
+            why = f"no attribute {missing[0]!r}"
+    if why is None:
+        try:
+            return read()
+        except (KeyError, ValueError, TypeError, AttributeError, OSError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+    print(f"ringbench: warning: {path}: {where}: skipped, not a readable {kind} ({why})", file=sys.stderr)
+    return None
+
+
 def read(path, *, samples: bool = True, tensors: bool = False) -> list[Run]:
-    """Every run in a result file, in the file's order."""
+    """Every run in a result file, in the file's order (a group that cannot be read as a run is skipped with a warning)."""
     with _reading(path) as f:
         ids = _ids(f["runs"], "run_id", _RUN_KEYS)
-        return [_read_run(g, name, ids[name], str(path), samples, tensors) for name, g in f["runs"].items()]
+        runs = [
+            _readable(path, "run", name, g, _RUN_ATTRS, lambda g=g, name=name: _read_run(g, name, ids[name], str(path), samples, tensors))
+            for name, g in f["runs"].items()
+        ]
+        return [r for r in runs if r is not None]
 
 
 def _read_run(g: h5py.Group, name: str, run_id: str, path: str, samples: bool, tensors: bool) -> Run:
@@ -825,26 +965,31 @@ def _read_run(g: h5py.Group, name: str, run_id: str, path: str, samples: bool, t
 
 
 def read_probes(path) -> list[Probe]:
-    """Every probe in a result file (``/probes``), in the file's order; empty if it has none."""
+    """Every probe in a result file (``/probes``), in the file's order; empty if it has none (a group that cannot be
+    read as a probe is skipped with a warning)."""
     probes = []
     with _reading(path) as f:
         group = f.get("probes", {})
         ids = _ids(group, "probe_id", _PROBE_KEYS) if group else {}
         for name, g in group.items():
-            probes.append(
-                Probe(
-                    nranks=int(g.attrs["nranks"]),
-                    config=json.loads(g.attrs["config"]),
-                    provenance=json.loads(g.attrs["provenance"]),
-                    samples={k: d[()] for k, d in g["samples"].items()},
-                    summary={k: _py(v) for k, v in g["summary"].attrs.items()},
-                    created_utc=str(g.attrs.get("created_utc", "")),
-                    name=name,
-                    path=str(path),
-                    probe_id=ids[name],
-                )
-            )
+            probe = _readable(path, "probe", name, g, _PROBE_ATTRS, lambda g=g, name=name: _read_probe(g, name, ids[name], str(path)))
+            if probe is not None:
+                probes.append(probe)
     return probes
+
+
+def _read_probe(g: h5py.Group, name: str, probe_id: str, path: str) -> Probe:
+    return Probe(
+        nranks=int(g.attrs["nranks"]),
+        config=json.loads(g.attrs["config"]),
+        provenance=json.loads(g.attrs["provenance"]),
+        samples={k: d[()] for k, d in g["samples"].items()},
+        summary={k: _py(v) for k, v in g["summary"].attrs.items()},
+        created_utc=str(g.attrs.get("created_utc", "")),
+        name=name,
+        path=path,
+        probe_id=probe_id,
+    )
 
 
 def _py(v):
@@ -863,26 +1008,34 @@ def latest(path) -> dict[str, Run]:
     with _reading(path) as f:
         ids = _ids(f["runs"], "run_id", _RUN_KEYS)
         for name, g in f["runs"].items():
-            run = Run(
-                point_id=str(g.attrs["point_id"]),
-                nranks=int(g.attrs["nranks"]),
-                config={},
-                provenance={},
-                status=str(g.attrs.get("status", "ok")),
-                error=str(g.attrs.get("error", "")),
-                created_utc=str(g.attrs.get("created_utc", "")),
-                name=name,
-                path=str(path),
-                run_id=ids[name],
-            )
-            fwd = _read_phase(g, False)
-            run.summary, run.check = fwd.summary, fwd.check
-            if "bwd" in g:
-                run.bwd = _read_phase(g["bwd"], False)
+            run = _readable(path, "run", name, g, _RUN_ATTRS[:2], lambda g=g, name=name: _read_state(g, name, ids[name], str(path)))
+            if run is None:
+                continue
             old = out.get(run.point_id)
             if old is None or _order(run) > _order(old):
                 out[run.point_id] = run
     return out
+
+
+def _read_state(g: h5py.Group, name: str, run_id: str, path: str) -> Run:
+    """A run's attributes, summaries and checks (no samples, no config): what ``latest`` needs."""
+    run = Run(
+        point_id=str(g.attrs["point_id"]),
+        nranks=int(g.attrs["nranks"]),
+        config={},
+        provenance={},
+        status=str(g.attrs.get("status", "ok")),
+        error=str(g.attrs.get("error", "")),
+        created_utc=str(g.attrs.get("created_utc", "")),
+        name=name,
+        path=path,
+        run_id=run_id,
+    )
+    fwd = _read_phase(g, False)
+    run.summary, run.check = fwd.summary, fwd.check
+    if "bwd" in g:
+        run.bwd = _read_phase(g["bwd"], False)
+    return run
 
 
 def _order(run: Run) -> tuple:
