@@ -19,11 +19,17 @@ fixed tree), so equal inputs give bitwise equal outputs whatever the vector widt
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
+
+# numba's own pedantic SSA check warns (several lines on stderr) while compiling the overloaded exponential; it is
+# about numba's IR, not this code's results, and it would break the one-line errors of a run that compiled it
+warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
 
 LANES = 16  # partial sums per row: independent add chains the compiler can keep in vector registers
 _LO = np.float32(-126.0)  # below: 2^x is under float32's normal range, taken as 0
