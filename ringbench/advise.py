@@ -9,6 +9,7 @@ at which the winner changes come from scanning tokens per rank n over powers of 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ringbench import model
@@ -17,6 +18,18 @@ from ringbench.experiment import Source
 
 PASS_NAMES = {"fwd": "forward pass", "bwd": "backward pass", "fwd+bwd": "forward + backward passes"}
 SCAN_TOKENS = [2**k for k in range(4, 21)]  # tokens per rank scanned for the winner's changes
+# The most ranks advise predicts. Its cost per candidate is O(P) (the model's per-step vectors; its step plans and
+# piece sums do not grow with P): every strategy at P = 16384 takes well under a second (benchmarks/advise_bench.py),
+# at 2^16 about half a second, and it grows linearly beyond.
+MAX_RANKS = 2**16
+
+
+def check_ranks(ranks: list[int]) -> str | None:
+    """None if every rank count is within MAX_RANKS, else the one-line refusal (``--ranks: ...``)."""
+    over = [p for p in ranks if p > MAX_RANKS]
+    if not over:
+        return None
+    return f"--ranks: at most {MAX_RANKS} ranks (2^16) can be predicted (the model's cost grows with P); got {over[0]}"
 
 
 @dataclass
@@ -32,10 +45,16 @@ def label(mode: str, u: int) -> str:
     return f"hybrid U={u}" if mode == "hybrid" else "ring" if mode == "overlap" else mode
 
 
+def divisors(p: int) -> list[int]:
+    """The divisors of ``p``, ascending, in O(sqrt p)."""
+    low = [d for d in range(1, math.isqrt(p) + 1) if p % d == 0]
+    return low + [p // d for d in reversed(low) if d * d != p]
+
+
 def candidates(base: model.Shape, nranks: int, cal: model.Calibration, machine: model.Machine | None = None) -> list[Candidate]:
     """Every strategy at ``nranks`` ranks with its predicted time (or why it cannot run)."""
     modes = [("overlap", 1), ("allgather", 1), ("ulysses", 1)]
-    modes += [("hybrid", u) for u in range(2, nranks) if nranks % u == 0]
+    modes += [("hybrid", u) for u in divisors(nranks) if 1 < u < nranks]
     modes.append(("pass-q", 1))
     out = []
     for mode, u in modes:
@@ -45,7 +64,7 @@ def candidates(base: model.Shape, nranks: int, cal: model.Calibration, machine: 
             key, msg = problems[0]
             out.append(Candidate(label(mode, u), shape, None, f"--{key.replace('_', '-')}: {msg}"))
             continue
-        pred = model.predict(shape, cal, machine)
+        pred = model.predict(shape, cal, machine, per_rank=False)  # O(P): no per-rank matrices
         out.append(Candidate(label(mode, u), shape, pred.time_s, bytes_per_rank=model.strategy_bytes(shape)))
     return out
 
