@@ -124,6 +124,10 @@ def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal:
 # ---------------------------------------------------------------------------------------------
 MACHINE_KEYS = ("name", "ranks_per_node", "intra", "inter")
 LINK_KEYS = ("latency_us", "bandwidth_gbps")
+# What a link may be (closed ranges): a latency from 0 to one second, a bandwidth from 1 kB/s to 100 TB/s (today's
+# fastest links move about 2 TB/s); nan, inf and values such as 1e300 are refused. ranks_per_node: 1 to MAX_RANKS.
+LINK_RANGES = {"latency_us": (0.0, 1e6), "bandwidth_gbps": (1e-6, 1e5)}
+LINK_UNITS = {"latency_us": "microseconds", "bandwidth_gbps": "GB/s"}
 
 
 def load_machine(path, text: str | None = None) -> model.Machine:
@@ -134,6 +138,7 @@ def load_machine(path, text: str | None = None) -> model.Machine:
         intra: {latency_us: 2, bandwidth_gbps: 150}    # between ranks of one node (GB/s = 1e9 bytes/s)
         inter: {latency_us: 5, bandwidth_gbps: 25}     # between nodes
 
+    Ranges: LINK_RANGES (latency 0..1e6 us, bandwidth 1e-6..1e5 GB/s), ranks_per_node 1..MAX_RANKS.
     Errors: ExperimentError naming file:line: key.
     """
     src = Source(path, text)
@@ -147,8 +152,8 @@ def load_machine(path, text: str | None = None) -> model.Machine:
         if key not in data:
             raise src.error((), f"missing key {key}")
     rpn = data["ranks_per_node"]
-    if isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1:
-        raise src.error(("ranks_per_node",), f"expected an integer >= 1, got {rpn!r}")
+    if isinstance(rpn, bool) or not isinstance(rpn, int) or not 1 <= rpn <= MAX_RANKS:
+        raise src.error(("ranks_per_node",), f"expected an integer from 1 to {MAX_RANKS}, got {rpn!r}")
     links = {}
     for key in ("intra", "inter"):
         link = data[key]
@@ -162,8 +167,9 @@ def load_machine(path, text: str | None = None) -> model.Machine:
             if k not in link:
                 raise src.error((key,), f"missing key {k}")
             v = link[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "bandwidth_gbps" and v == 0):
-                raise src.error((key, k), f"expected a {'positive' if k == 'bandwidth_gbps' else 'non-negative'} number, got {v!r}")
+            lo, hi = LINK_RANGES[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:  # nan fails both
+                raise src.error((key, k), f"expected a finite number of {LINK_UNITS[k]} from {lo:g} to {hi:g}, got {v!r}")
             vals.append(float(v))
         links[key] = (vals[0] * 1e-6, vals[1] * 1e9)
     name = str(data.get("name", src.name))
