@@ -7,6 +7,8 @@ hanging the suite."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from ringbench import advise, experiment, store
 from ringbench.experiment import ExperimentError
 
-from conftest import ringbench
+from conftest import ROOT, child_env, ringbench
 
 LINKS = "intra: {latency_us: 1, bandwidth_gbps: 100}\ninter: {latency_us: 5, bandwidth_gbps: 25}\n"
 TIMEOUT_S = 60  # far above what any of these takes; only a hang reaches it
@@ -162,3 +164,23 @@ def test_a_yaml_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path):
     assert experiment.read_regular_file(ok, "ok.yaml", limit=105) == ok.read_bytes()
     with pytest.raises(ExperimentError, match="ok.yaml: is 105 bytes; a YAML file may have at most 104 bytes$"):
         experiment.read_regular_file(ok, "ok.yaml", limit=104)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/advise_bench.py runs (its speed is checked by running it, not here)
+# ---------------------------------------------------------------------------------------------
+def bench(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "advise_bench.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300, cwd=ROOT)
+
+
+def test_advise_bench_prints_every_case():
+    res = bench("--ranks", 8, "--baseline-ranks", 4, "--repeat", 1)
+    assert res.returncode == 0, res.stderr
+    assert "SIMD" in res.stdout.splitlines()[0]
+    rows = [ln.split() for ln in res.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["advise"] * 4 + ["baseline"] * 2 + ["refuse"]
+    assert all("target" in " ".join(r) for r in rows[:4]) and all("same: True" in " ".join(r) for r in rows[4:6])
+    assert "--ranks: at most" in " ".join(rows[-1])
+    bad = bench("--ranks", 10**7)
+    assert bad.returncode == 2 and "--ranks" in bad.stderr.strip().splitlines()[-1]
