@@ -638,6 +638,8 @@ def cmd_advise(argv: list[str]) -> int:
     hk = ns.heads if ns.kv_heads is None else ns.kv_heads
     if hk < 1 or ns.heads % hk:
         return fail(prog, f"--kv-heads: must divide heads={ns.heads}; got {hk}")
+    if err := advise.check_ranks(ns.ranks):
+        return fail(prog, err)
     if not ns.files and not ns.probe:
         return fail(prog, "FILE or --probe: a probe or result file is needed to calibrate the model")
     err = _check_results(ns.files) or (ns.probe and _check_results([ns.probe], "--probe"))

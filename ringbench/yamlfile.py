@@ -7,6 +7,8 @@ deep nesting before any tree is built, and indexes the composed nodes so that ev
 
 from __future__ import annotations
 
+import os
+import stat
 import unicodedata
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import yaml
 
 MAX_YAML_NODES = 200_000  # the most values (keys, scalars, lists, mappings) a file may hold once aliases are expanded
 MAX_YAML_DEPTH = 32  # the deepest nesting of lists and mappings a file may have
+MAX_YAML_BYTES = 16 * 2**20  # the largest experiment, profile or machine file read (16 MiB; the values cap is far below)
 
 
 class ExperimentError(Exception):
@@ -23,8 +26,60 @@ class ExperimentError(Exception):
 # ---------------------------------------------------------------------------------------------
 # YAML with line numbers
 # ---------------------------------------------------------------------------------------------
+def read_regular_file(path, name: str, limit: int = MAX_YAML_BYTES) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes; ExperimentError (one line, naming ``name``)
+    otherwise. Opened without blocking and checked on the open descriptor: a FIFO (whose open or read would wait for
+    a writer forever), a device such as /dev/zero (endless), a directory or a socket is refused before any read, and
+    at most ``limit`` + 1 bytes are ever read (a file that grows while it is read is refused too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except IsADirectoryError:
+        raise ExperimentError(f"{name}: is a directory, not a YAML file") from None
+    except OSError as exc:
+        raise ExperimentError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ExperimentError(f"{name}: is a directory, not a YAML file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ExperimentError(f"{name}: is {_file_kind(st.st_mode)}, not a regular file; a YAML file is needed")
+        if st.st_size > limit:
+            raise ExperimentError(f"{name}: is {st.st_size} bytes; a YAML file may have at most {_size(limit)}")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ExperimentError(f"{name}: is more than {limit} bytes; a YAML file may have at most {_size(limit)}")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ExperimentError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes} bytes ({nbytes / 2**20:g} MiB)" if nbytes >= 2**20 else f"{nbytes} bytes"
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 class Source:
-    """One YAML file: its values (safe_load) and the line of every key path (from the composed nodes)."""
+    """One YAML file: its values (safe_load) and the line of every key path (from the composed nodes). The file must
+    be a regular file of at most MAX_YAML_BYTES (:func:`read_regular_file`)."""
 
     def __init__(self, path, text: str | None = None):
         self.path = Path(path)
@@ -45,12 +100,7 @@ class Source:
             self._index(node, ())
 
     def _read(self) -> str:
-        try:
-            raw = self.path.read_bytes()
-        except IsADirectoryError:
-            raise ExperimentError(f"{self.name}: is a directory, not a YAML file") from None
-        except OSError as exc:
-            raise ExperimentError(f"{self.name}: cannot read: {exc.strerror or exc}") from None
+        raw = read_regular_file(self.path, self.name)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:

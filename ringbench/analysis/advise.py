@@ -9,6 +9,7 @@ at which the winner changes come from scanning tokens per rank n over powers of 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ringbench.analysis import model
@@ -17,6 +18,18 @@ from ringbench.yamlfile import Source
 
 PASS_NAMES = {"fwd": "forward pass", "bwd": "backward pass", "fwd+bwd": "forward + backward passes"}
 SCAN_TOKENS = [2**k for k in range(4, 21)]  # tokens per rank scanned for the winner's changes
+# The most ranks advise predicts. Its cost per candidate is O(P) (the model's per-step vectors; its step plans and
+# piece sums do not grow with P): every strategy at P = 16384 takes well under a second (benchmarks/advise_bench.py),
+# at 2^16 about half a second, and it grows linearly beyond.
+MAX_RANKS = 2**16
+
+
+def check_ranks(ranks: list[int]) -> str | None:
+    """None if every rank count is within MAX_RANKS, else the one-line refusal (``--ranks: ...``)."""
+    over = [p for p in ranks if p > MAX_RANKS]
+    if not over:
+        return None
+    return f"--ranks: at most {MAX_RANKS} ranks (2^16) can be predicted (the model's cost grows with P); got {over[0]}"
 
 
 @dataclass
@@ -32,10 +45,16 @@ def label(mode: str, u: int) -> str:
     return f"hybrid U={u}" if mode == "hybrid" else "ring" if mode == "overlap" else mode
 
 
+def divisors(p: int) -> list[int]:
+    """The divisors of ``p``, ascending, in O(sqrt p)."""
+    low = [d for d in range(1, math.isqrt(p) + 1) if p % d == 0]
+    return low + [p // d for d in reversed(low) if d * d != p]
+
+
 def candidates(base: model.Shape, nranks: int, cal: model.Calibration, machine: model.Machine | None = None) -> list[Candidate]:
     """Every strategy at ``nranks`` ranks with its predicted time (or why it cannot run)."""
     modes = [("overlap", 1), ("allgather", 1), ("ulysses", 1)]
-    modes += [("hybrid", u) for u in range(2, nranks) if nranks % u == 0]
+    modes += [("hybrid", u) for u in divisors(nranks) if 1 < u < nranks]
     modes.append(("pass-q", 1))
     out = []
     for mode, u in modes:
@@ -45,7 +64,7 @@ def candidates(base: model.Shape, nranks: int, cal: model.Calibration, machine: 
             key, msg = problems[0]
             out.append(Candidate(label(mode, u), shape, None, f"--{key.replace('_', '-')}: {msg}"))
             continue
-        pred = model.predict(shape, cal, machine)
+        pred = model.predict(shape, cal, machine, per_rank=False)  # O(P): no per-rank matrices
         out.append(Candidate(label(mode, u), shape, pred.time_s, bytes_per_rank=model.strategy_bytes(shape)))
     return out
 
@@ -105,6 +124,10 @@ def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal:
 # ---------------------------------------------------------------------------------------------
 MACHINE_KEYS = ("name", "ranks_per_node", "intra", "inter")
 LINK_KEYS = ("latency_us", "bandwidth_gbps")
+# What a link may be (closed ranges): a latency from 0 to one second, a bandwidth from 1 kB/s to 100 TB/s (today's
+# fastest links move about 2 TB/s); nan, inf and values such as 1e300 are refused. ranks_per_node: 1 to MAX_RANKS.
+LINK_RANGES = {"latency_us": (0.0, 1e6), "bandwidth_gbps": (1e-6, 1e5)}
+LINK_UNITS = {"latency_us": "microseconds", "bandwidth_gbps": "GB/s"}
 
 
 def load_machine(path, text: str | None = None) -> model.Machine:
@@ -115,6 +138,7 @@ def load_machine(path, text: str | None = None) -> model.Machine:
         intra: {latency_us: 2, bandwidth_gbps: 150}    # between ranks of one node (GB/s = 1e9 bytes/s)
         inter: {latency_us: 5, bandwidth_gbps: 25}     # between nodes
 
+    Ranges: LINK_RANGES (latency 0..1e6 us, bandwidth 1e-6..1e5 GB/s), ranks_per_node 1..MAX_RANKS.
     Errors: ExperimentError naming file:line: key.
     """
     src = Source(path, text)
@@ -128,8 +152,8 @@ def load_machine(path, text: str | None = None) -> model.Machine:
         if key not in data:
             raise src.error((), f"missing key {key}")
     rpn = data["ranks_per_node"]
-    if isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1:
-        raise src.error(("ranks_per_node",), f"expected an integer >= 1, got {rpn!r}")
+    if isinstance(rpn, bool) or not isinstance(rpn, int) or not 1 <= rpn <= MAX_RANKS:
+        raise src.error(("ranks_per_node",), f"expected an integer from 1 to {MAX_RANKS}, got {rpn!r}")
     links = {}
     for key in ("intra", "inter"):
         link = data[key]
@@ -143,8 +167,9 @@ def load_machine(path, text: str | None = None) -> model.Machine:
             if k not in link:
                 raise src.error((key,), f"missing key {k}")
             v = link[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "bandwidth_gbps" and v == 0):
-                raise src.error((key, k), f"expected a {'positive' if k == 'bandwidth_gbps' else 'non-negative'} number, got {v!r}")
+            lo, hi = LINK_RANGES[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:  # nan fails both
+                raise src.error((key, k), f"expected a finite number of {LINK_UNITS[k]} from {lo:g} to {hi:g}, got {v!r}")
             vals.append(float(v))
         links[key] = (vals[0] * 1e-6, vals[1] * 1e9)
     name = str(data.get("name", src.name))

@@ -223,19 +223,81 @@ def full_block_flops(shape: Shape) -> float:
     return flops(shape.batch, shape.heads, shape.head_dim, shape.n_local**2)
 
 
+# ---------------------------------------------------------------------------------------------
+# Step classes: why the model's cost does not grow with P^2
+# ---------------------------------------------------------------------------------------------
+# layout.step_plan(layout, rank, src, ...) depends on the two ranks only through whether the K/V block's source
+# rank is the query rank, a lower one or a higher one (tests/test_model_scale.py checks this for every pair at
+# P = 1..64). At ring step s >= 1 ranks s..P-1 hold a lower rank's block and ranks 0..s-1 a higher one's, so every
+# step has both kinds and its busiest rank is the slower of the two: the model evaluates three plans, not P^2,
+# and the per-step vectors it sums are O(P). The same holds for the hybrid strategy's ring over groups of U ranks
+# (group_plan), whose diagonal group's U^2 pieces are summed exactly by :func:`sequential_sum`.
+SAME, BELOW, ABOVE = "same", "below", "above"  # the K/V block's source rank vs the query rank: ==, <, >
+
+
+def class_plans(layout: str, nranks: int, n_local: int, causal: bool) -> dict:
+    """{SAME, BELOW, ABOVE: the step plan of that class} (SAME only at P = 1)."""
+    plans = {SAME: step_plan(layout, 0, 0, nranks, n_local, causal)}
+    if nranks > 1:
+        plans[BELOW] = step_plan(layout, 1, 0, nranks, n_local, causal)
+        plans[ABOVE] = step_plan(layout, 0, 1, nranks, n_local, causal)
+    return plans
+
+
+def ring_classes(nranks: int) -> np.ndarray:
+    """(P, P) class index (0 SAME, 1 BELOW, 2 ABOVE) of rank r at ring step s, whose block came from (r - s) mod P."""
+    r = np.arange(nranks)[:, None]
+    s = np.arange(nranks)[None, :]
+    return np.where(s == 0, 0, np.where(r >= s, 1, 2))
+
+
+def class_matrix(values: dict, nranks: int, dtype=np.float64) -> np.ndarray:
+    """(P, P) ``values[class]`` of rank r at ring step s (the per-rank view; O(P^2), for run-sized P)."""
+    table = np.array([values[k] for k in (SAME, BELOW, ABOVE) if k in values], dtype=dtype)
+    return table[ring_classes(nranks)]
+
+
+def busiest(values: dict, nranks: int) -> np.ndarray:
+    """(P,) the busiest rank's value at each ring step: SAME at step 0, the larger of BELOW and ABOVE after
+    (equal, bit for bit, to the column maxima of :func:`class_matrix`)."""
+    out = np.empty(nranks, dtype=np.float64)
+    out[0] = values[SAME]
+    if nranks > 1:
+        out[1:] = np.maximum(values[BELOW], values[ABOVE])
+    return out
+
+
 def step_pairs(shape: Shape) -> np.ndarray:
     """(P, P) unmasked (query, key) pairs rank r computes at ring step s, from layout.step_plan."""
-    P, n = shape.nranks, shape.n_local
-    out = np.zeros((P, P), dtype=np.int64)
-    for r in range(P):
-        for s in range(P):
-            out[r, s] = sum(p.pairs() for p in step_plan(shape.layout, r, (r - s) % P, P, n, shape.causal))
+    plans = class_plans(shape.layout, shape.nranks, shape.n_local, shape.causal)
+    return class_matrix({k: sum(p.pairs() for p in v) for k, v in plans.items()}, shape.nranks, np.int64)
+
+
+def busiest_pairs(shape: Shape) -> np.ndarray:
+    """(P,) int64: the busiest rank's unmasked pairs at each ring step (``step_pairs(shape).max(axis=0)``), O(P)."""
+    plans = class_plans(shape.layout, shape.nranks, shape.n_local, shape.causal)
+    pairs = {k: sum(p.pairs() for p in v) for k, v in plans.items()}
+    out = np.empty(shape.nranks, dtype=np.int64)
+    out[0] = pairs[SAME]
+    if shape.nranks > 1:
+        out[1:] = max(pairs[BELOW], pairs[ABOVE])
     return out
 
 
 def step_work(shape: Shape) -> np.ndarray:
     """(P, P) FLOPs rank r computes at step s."""
     return flops(shape.batch, shape.heads, shape.head_dim, 1) * step_pairs(shape).astype(np.float64)
+
+
+def piece_terms(pieces, cal: Calibration, shape: Shape, heads: int, phase: str = "fwd") -> list[float]:
+    """Per-piece rates (``Calibration.per_piece``): the seconds of each piece, in order (:func:`pieces_seconds`)."""
+    mult = BWD_FLOPS if phase == "bwd" else 1.0
+    per_pair = mult * flops(shape.batch, heads, shape.head_dim, 1)
+    out = []
+    for p in pieces:
+        rect = per_pair * (p.q1 - p.q0) * (p.k1 - p.k0)
+        out.append(per_pair * p.pairs() / cal.piece_rate(rect, shape.nranks, p.mask != FULL, phase))
+    return out
 
 
 def pieces_seconds(pieces, cal: Calibration, shape: Shape, heads: int, phase: str = "fwd", key_flops: float | None = None) -> float:
@@ -245,27 +307,172 @@ def pieces_seconds(pieces, cal: Calibration, shape: Shape, heads: int, phase: st
     of its own size, full pieces from the full-block table and masked ones from the diagonal-block table, both keyed
     by the FLOPs of the piece's rectangle. Otherwise every piece at ``cal.rate(key_flops)`` (default: the shape's full
     block), the causal and layout tables included (rates fitted to runs). The backward counts 2.5 x the FLOPs."""
+    if not cal.per_piece(phase):
+        return _pairs_seconds(sum(p.pairs() for p in pieces), cal, shape, heads, phase, key_flops)
+    total = 0.0
+    for t in piece_terms(pieces, cal, shape, heads, phase):
+        total += t
+    return total
+
+
+def _pairs_seconds(pairs: int, cal: Calibration, shape: Shape, heads: int, phase: str, key_flops: float | None) -> float:
+    """``pairs`` unmasked pairs at the one rate of ``key_flops`` (default: the shape's full block): rates fitted to runs."""
     mult = BWD_FLOPS if phase == "bwd" else 1.0
     per_pair = mult * flops(shape.batch, heads, shape.head_dim, 1)
-    if not cal.per_piece(phase):
-        if key_flops is None:
-            key_flops = mult * full_block_flops(shape)
-        return per_pair * sum(p.pairs() for p in pieces) / cal.rate(key_flops, shape.nranks, shape.causal, shape.layout, phase)
-    total = 0.0
-    for p in pieces:
-        rect = per_pair * (p.q1 - p.q0) * (p.k1 - p.k0)
-        total += per_pair * p.pairs() / cal.piece_rate(rect, shape.nranks, p.mask != FULL, phase)
-    return total
+    if key_flops is None:
+        key_flops = mult * full_block_flops(shape)
+    return per_pair * pairs / cal.rate(key_flops, shape.nranks, shape.causal, shape.layout, phase)
+
+
+def class_seconds(shape: Shape, cal: Calibration, phase: str = "fwd") -> dict:
+    """{class: compute seconds of one ring step of that class} (:func:`class_plans`, :func:`pieces_seconds`)."""
+    plans = class_plans(shape.layout, shape.nranks, shape.n_local, shape.causal)
+    return {k: pieces_seconds(v, cal, shape, shape.heads, phase) for k, v in plans.items()}
 
 
 def step_compute(shape: Shape, cal: Calibration, phase: str = "fwd") -> np.ndarray:
     """(P, P) compute seconds of rank r at ring step s (pieces from layout.step_plan, :func:`pieces_seconds`)."""
-    P, n = shape.nranks, shape.n_local
-    out = np.zeros((P, P))
-    for r in range(P):
-        for s in range(P):
-            out[r, s] = pieces_seconds(step_plan(shape.layout, r, (r - s) % P, P, n, shape.causal), cal, shape, shape.heads, phase)
+    return class_matrix(class_seconds(shape, cal, phase), shape.nranks)
+
+
+def group_seconds(shape: Shape, cal: Calibration, u: int, heads: int, phase: str, key_flops: float) -> dict:
+    """{class: ``pieces_seconds(group_plan(layout, g, src, u, P, n, causal), ...)``} for the hybrid strategy's ring over
+    groups of U ranks: SAME (src == g), BELOW (src < g), ABOVE (src > g), equal bit for bit to the U^2-piece sums, in
+    O(log U) (:func:`sequential_sum`): group g's member a against group src's member c is a step plan of class
+    BELOW for every (a, c) when src < g, ABOVE when src > g, and, when src == g, BELOW for c < a, SAME for c == a and
+    ABOVE for c > a (pieces in the order a, c)."""
+    P, n, r = shape.nranks, shape.n_local, shape.nranks // u
+    keys = (SAME, BELOW, ABOVE) if r > 1 else (SAME,)
+    if not shape.causal or u == 1:  # one full piece (u n x u n), or the ring's own step plans
+        plans = {SAME: group_plan(shape.layout, 0, 0, u, P, n, shape.causal)}
+        if r > 1:
+            plans[BELOW] = group_plan(shape.layout, 1, 0, u, P, n, shape.causal)
+            plans[ABOVE] = group_plan(shape.layout, 0, 1, u, P, n, shape.causal)
+        return {k: pieces_seconds(plans[k], cal, shape, heads, phase, key_flops) for k in keys}
+    plans = class_plans(shape.layout, P, n, shape.causal)  # P >= u >= 2
+    if not cal.per_piece(phase):
+        pairs = {k: sum(p.pairs() for p in v) for k, v in plans.items()}
+        total = {
+            SAME: u * pairs[SAME] + u * (u - 1) // 2 * (pairs[BELOW] + pairs[ABOVE]),
+            BELOW: u * u * pairs[BELOW],
+            ABOVE: u * u * pairs[ABOVE],
+        }
+        return {k: _pairs_seconds(total[k], cal, shape, heads, phase, key_flops) for k in keys}
+    terms = {k: tuple(piece_terms(v, cal, shape, heads, phase)) for k, v in plans.items()}
+    out = {SAME: sequential_sum([(terms[BELOW], 0, 1), (terms[SAME], 1, 0), (terms[ABOVE], u - 1, -1)], u)}
+    if r > 1:  # U^2 step plans of one class, one after the other
+        out[BELOW] = _repeat_add(0.0, terms[BELOW], u * u)
+        out[ABOVE] = _repeat_add(0.0, terms[ABOVE], u * u)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact sums of long repetitive sequences of floats
+# ---------------------------------------------------------------------------------------------
+def sequential_sum(spec, rows: int) -> float:
+    """``0.0 + t + t + ...`` added one term at a time (Python float addition, left to right), bit for bit, without
+    adding every term: row a (0 <= a < ``rows``) adds, for each (terms, c0, c1) of ``spec`` in order, the tuple
+    ``terms`` c0 + c1 a times.
+
+    Exactness: while the running sum s stays in one binade [2^e, 2^(e+1)) its spacing u is fixed, and for a term
+    t >= 0, fl(s + t) = s + rne(t / u) u whenever t / u is not a tie (a fraction of exactly 1/2); so a stretch of
+    rows adds a known integer number of u, in closed form (rows within a binade: an arithmetic series), until the
+    row that leaves the binade, which is added term by term (a run of one repeated term: :func:`_repeat_add`).
+    A tie makes the rounding depend on the parity of s / u; each term has a tie in at most one binade (where u is
+    twice its lowest bit), whose rows are added explicitly. Cost: O(binades x log rows) for terms without ties.
+    Negative terms (no calibration gives them): added one by one."""
+    if any(t < 0 for ts, _, _ in spec for t in ts):
+        s = 0.0
+        for a in range(rows):
+            for ts, c0, c1 in spec:
+                for _ in range(c0 + c1 * a):
+                    for t in ts:
+                        s += t
+        return s
+    s, a = 0.0, 0
+    while a < rows:
+        if 0 < s < math.inf:
+            u, su, top = _grid(s)
+            units = [_units(ts, u) for ts, _, _ in spec]
+            if None not in units:
+                alpha = sum(d * c0 for d, (_, c0, _) in zip(units, spec))  # row a adds alpha + beta a units
+                beta = sum(d * c1 for d, (_, _, c1) in zip(units, spec))
+                room = top - 1 - su  # units the sum may still grow by and stay in its binade
+                lo, hi = 0, rows - a  # the most rows whose end stays in the binade (the growth is non-decreasing)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if _rows_units(alpha, beta, a, mid) <= room:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                s = float(su + _rows_units(alpha, beta, a, lo)) * u  # an integer below 2^53 times a power of two: exact
+                a += lo
+                if a == rows:
+                    break
+        for ts, c0, c1 in spec:  # the row that leaves the binade (or one with a tie), term by term
+            s = _repeat_add(s, ts, c0 + c1 * a)
+        a += 1
+    return s
+
+
+def _rows_units(alpha: int, beta: int, a0: int, m: int) -> int:
+    """Units added by rows a0 .. a0 + m - 1 when row a adds alpha + beta a."""
+    return alpha * m + beta * (m * a0 + m * (m - 1) // 2)
+
+
+def _grid(s: float) -> tuple[float, int, int]:
+    """(u, s / u, the binade's top / u) of a positive finite s: its spacing, itself and its binade's end in units."""
+    u = math.ulp(s)
+    su = int(s / u)
+    return u, su, (1 << 53) if su >= (1 << 52) else (1 << 52)
+
+
+def _units(terms: tuple, u: float) -> int | None:
+    """How many units u the tuple adds to a sum on the grid u (rne(t / u) per term), or None if a term is a tie
+    (or too large for the binade)."""
+    total = 0
+    for t in terms:
+        x = t / u  # exact: u is a power of two
+        if not x < 2.0**53:
+            return None
+        q = math.floor(x)
+        frac = x - q
+        if frac == 0.5:
+            return None
+        total += q + (frac > 0.5)
+    return total
+
+
+def _repeat_add(s: float, terms: tuple, k: int) -> float:
+    """``s`` plus the tuple ``terms`` k times, one float addition at a time, bit for bit (:func:`sequential_sum`)."""
+    if not terms or k <= 0:
+        return s
+    if any(t < 0 for t in terms):  # no calibration gives these
+        for _ in range(k):
+            for t in terms:
+                s += t
+        return s
+    while k > 0:
+        if not s < math.inf:
+            return s + sum(terms)  # inf or nan: only a nan term still changes it (to nan)
+        if s > 0 and k > 1:
+            u, su, top = _grid(s)
+            d = _units(terms, u)
+            if d is None and len(terms) == 1 and terms[0] / u < 2.0**53 and su % 2 == 0:
+                q = math.floor(terms[0] / u)  # a tie from an even sum: it rounds to even, and stays even
+                d = q if q % 2 == 0 else q + 1
+            if d is not None:
+                if d == 0:
+                    return s  # every term rounds away: the sum does not change
+                m = min(k, (top - 1 - su) // d)
+                if m:
+                    s = float(su + m * d) * u
+                    k -= m
+                    continue
+        for t in terms:
+            s += t
+        k -= 1
+    return s
 
 
 def comm_time(nbytes: float, latency: float, bandwidth: float) -> float:
@@ -275,7 +482,7 @@ def comm_time(nbytes: float, latency: float, bandwidth: float) -> float:
 
 @dataclass
 class Prediction:
-    compute_s: np.ndarray  # (P, P) rank x step
+    compute_s: np.ndarray  # (P, P) rank x step; (1, steps) the busiest rank per step when predicted with per_rank=False
     comm_s: float  # one block transfer
     step_s: np.ndarray  # (P,) bulk-synchronous step times
     exposed_s: np.ndarray  # (P,) communication not hidden, per step
@@ -290,28 +497,34 @@ class Prediction:
         return float(self.exposed_s.sum())
 
 
-def predict(shape: Shape, cal: Calibration, machine: Machine | None = None) -> Prediction:
-    """Per-step compute, communication, exposed time and the pass time (module docstring; strategies: predict_strategy)."""
+def predict(shape: Shape, cal: Calibration, machine: Machine | None = None, *, per_rank: bool = True) -> Prediction:
+    """Per-step compute, communication, exposed time and the pass time (module docstring; strategies: predict_strategy).
+
+    O(P) time and memory (the step classes above), plus the (P, P) per-rank compute matrix ``compute_s`` when
+    ``per_rank``; ``per_rank=False`` (advise) keeps only the busiest rank's row, (1, steps): every time is the same."""
     if shape.mode in STRATEGY_MODES:
-        return predict_strategy(shape, cal, machine)
+        return predict_strategy(shape, cal, machine, per_rank=per_rank)
     if shape.pass_ != "fwd":
-        return predict_bwd(shape, cal) if shape.pass_ == "bwd" else predict_fwd_bwd(shape, cal)
+        if shape.pass_ == "bwd":
+            return predict_bwd(shape, cal, per_rank=per_rank)
+        return predict_fwd_bwd(shape, cal, per_rank=per_rank)
     P = shape.nranks
     latency, bandwidth = ring_link(cal, machine, P, 1)
-    compute = step_compute(shape, cal)  # (P, P)
-    busiest = compute.max(axis=0)  # (P,) per step
+    values = class_seconds(shape, cal)
+    busiest_s = busiest(values, P)  # (P,) per step
+    compute = class_matrix(values, P) if per_rank else busiest_s[None, :]
     comm = comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
-    sends = np.array([comm if s < P - 1 else 0.0 for s in range(P)])
+    sends = np.where(np.arange(P) < P - 1, comm, 0.0)
     if shape.mode == "overlap":
-        step = np.maximum(busiest, sends)
-        exposed = np.maximum(0.0, sends - busiest)
+        step = np.maximum(busiest_s, sends)
+        exposed = np.maximum(0.0, sends - busiest_s)
     elif shape.mode == "blocking":
-        step = busiest + sends
+        step = busiest_s + sends
         exposed = sends
     elif shape.mode == "allgather":
         exposed = np.zeros(P)
         exposed[0] = (P - 1) * comm
-        step = busiest + exposed
+        step = busiest_s + exposed
     else:
         raise ValueError(f"unknown mode {shape.mode!r}")
     return Prediction(compute_s=compute, comm_s=comm, step_s=step, exposed_s=exposed, time_s=float(step.sum()), comm_total_s=(P - 1) * comm)
@@ -342,29 +555,31 @@ def bwd_step_bytes(shape: Shape) -> np.ndarray:
     P, m, g = shape.nranks, block_bytes(shape), grad_block_bytes(shape)
     if P < 2:
         return np.zeros(P)
-    return np.array([(m if s < P - 1 else 0) + (g if s >= 1 else 0) for s in range(P)], dtype=np.float64)
+    steps = np.arange(P)
+    return (np.where(steps < P - 1, m, 0) + np.where(steps >= 1, g, 0)).astype(np.float64)
 
 
-def predict_bwd(shape: Shape, cal: Calibration) -> Prediction:
+def predict_bwd(shape: Shape, cal: Calibration, *, per_rank: bool = True) -> Prediction:
     """The backward pass: per-step compute at the backward rate, the K/V and dK/dV transfers, the final hop."""
     P = shape.nranks
     latency, bandwidth = cal.link(P)
-    compute = step_compute(shape, cal, "bwd")  # (P, P)
-    busiest = compute.max(axis=0)
+    values = class_seconds(shape, cal, "bwd")
+    busiest_s = busiest(values, P)
+    compute = class_matrix(values, P) if per_rank else busiest_s[None, :]
     step_bytes = bwd_step_bytes(shape)
-    sends = np.array([comm_time(b, latency, bandwidth) if b > 0 else 0.0 for b in step_bytes])
+    sends = np.where(step_bytes > 0, comm_time(step_bytes, latency, bandwidth), 0.0)
     final = comm_time(grad_block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
     if shape.mode == "overlap":
-        step = np.maximum(busiest, sends)
-        exposed = np.maximum(0.0, sends - busiest)
+        step = np.maximum(busiest_s, sends)
+        exposed = np.maximum(0.0, sends - busiest_s)
     elif shape.mode == "blocking":
-        step = busiest + sends
+        step = busiest_s + sends
         exposed = sends.copy()
     elif shape.mode == "allgather":  # all-gather K/V before step 0, reduce-scatter dK/dV after the last step
         exposed = np.zeros(P)
         exposed[0] = (P - 1) * comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
         final = (P - 1) * final
-        step = busiest + exposed
+        step = busiest_s + exposed
         sends = np.zeros(P)
         comm_total = exposed[0] + final
     else:
@@ -385,9 +600,9 @@ def predict_bwd(shape: Shape, cal: Calibration) -> Prediction:
     )
 
 
-def predict_fwd_bwd(shape: Shape, cal: Calibration) -> Prediction:
+def predict_fwd_bwd(shape: Shape, cal: Calibration, *, per_rank: bool = True) -> Prediction:
     """Both passes one after the other: steps, compute and times of the forward, then of the backward."""
-    return _both(predict(shape.with_(pass_="fwd"), cal), predict(shape.with_(pass_="bwd"), cal))
+    return _both(predict(shape.with_(pass_="fwd"), cal, per_rank=per_rank), predict(shape.with_(pass_="bwd"), cal, per_rank=per_rank))
 
 
 def _both(fwd: Prediction, bwd: Prediction) -> Prediction:
@@ -412,8 +627,7 @@ def causal_fraction(shape: Shape) -> float:
     P = shape.nranks
     if P < 2:
         return 1.0
-    pairs = step_pairs(shape)
-    return float(pairs[:, : P - 1].max(axis=0).min()) / shape.n_local**2
+    return float(busiest_pairs(shape)[: P - 1].min()) / shape.n_local**2
 
 
 def crossover_tokens(shape: Shape, cal: Calibration, *, iterations: int = 3) -> float:
@@ -446,13 +660,16 @@ def bwd_crossover_tokens(shape: Shape, cal: Calibration, *, iterations: int = 3)
     the largest over steps s = 0..P-1 of the closed form with that step's bytes and busiest share f_s."""
     P = max(shape.nranks, 2)
     shape = shape.with_(nranks=P)
-    frac = step_pairs(shape).max(axis=0) / shape.n_local**2  # (P,) busiest rank's share of a full block
+    # Steps 1..P-1 have the same busiest share (step classes), so only steps 0, 1 and P-1 differ: the maximum over
+    # those three (in step order, as over all P steps) is the maximum over every step.
+    steps = [0, 1, P - 1] if P > 2 else [0, 1]
+    frac = busiest_pairs(shape)[steps] / shape.n_local**2  # the busiest rank's share of a full block
     if frac.min() <= 0:
         return math.inf
     latency, bandwidth = cal.link(P)
     per_token = 2 * shape.batch * shape.kv_heads * shape.head_dim
     item, acc = ITEMSIZE[shape.dtype], ACC_ITEMSIZE[shape.dtype]
-    b = np.array([per_token * (item * (s < P - 1) + acc * (s >= 1)) / bandwidth for s in range(P)])
+    b = np.array([per_token * (item * (s < P - 1) + acc * (s >= 1)) / bandwidth for s in steps])
     n = float(shape.n_local)
     for _ in range(iterations):
         rate = cal.rate(BWD_FLOPS * flops(shape.batch, shape.heads, shape.head_dim, n * n), P, shape.causal, shape.layout, phase="bwd")
@@ -719,7 +936,7 @@ LOAD_PASSES = 3
 MERGE_PASSES = 3  # kernel.merge: two weighted outputs and their sum
 
 
-def predict_strategy(shape: Shape, cal: Calibration, machine: Machine | None = None) -> Prediction:
+def predict_strategy(shape: Shape, cal: Calibration, machine: Machine | None = None, *, per_rank: bool = True) -> Prediction:
     """Ulysses / hybrid / pass-Q pass time (README: the model's strategy terms), forward, backward or both.
 
     hybrid (ulysses = hybrid with U = P), R = P / U, h = H / U, h_kv its kv heads, n = N / P:
@@ -734,25 +951,25 @@ def predict_strategy(shape: Shape, cal: Calibration, machine: Machine | None = N
         (B n H D compute_itemsize); dK, dV stay.
     Local copies (packing around the all-to-alls, loads into the softmax state, pass-Q's merges) at the probe's copy
     rate, added to the compute of their step (0 without a measured copy rate).
+    ``per_rank``: as :func:`predict` (False: ``compute_s`` is the busiest rank's row only).
     """
     P, u = shape.nranks, strategy_degree(shape)
     if heads_rule(shape.heads, shape.kv_heads, u) or P % u:  # not runnable (e.g. extrapolated to more ranks than heads)
         nan = np.full(1, math.nan)
-        return Prediction(np.full((P, 1), math.nan), math.nan, nan, nan, math.nan, math.nan, phase=shape.pass_)
+        return Prediction(np.full((P if per_rank else 1, 1), math.nan), math.nan, nan, nan, math.nan, math.nan, phase=shape.pass_)
     one = _pass_q if shape.mode == "pass-q" else _hybrid
-    preds = {ph: one(shape, cal, machine, ph) for ph in shape.phases}
+    preds = {ph: one(shape, cal, machine, ph, per_rank) for ph in shape.phases}
     return preds[shape.pass_] if len(preds) == 1 else _both(preds["fwd"], preds["bwd"])
 
 
-def _pass_q(shape: Shape, cal: Calibration, machine: Machine | None, phase: str) -> Prediction:
+def _pass_q(shape: Shape, cal: Calibration, machine: Machine | None, phase: str, per_rank: bool = True) -> Prediction:
     P, n, b, d = shape.nranks, shape.n_local, shape.batch, shape.head_dim
     s_item, cs = ITEMSIZE[shape.dtype], ACC_ITEMSIZE[shape.dtype]
     rows = b * n * shape.heads  # query rows of a block
-    compute = np.zeros((P, P + 1))
-    for r in range(P):
-        for s in range(P):
-            plan = step_plan(shape.layout, (r - s) % P, r, P, n, shape.causal)
-            compute[r, s] = pieces_seconds(plan, cal, shape, shape.heads, phase)
+    # At step s rank r computes the queries of rank (r - s) mod P against its own keys: the plan of (that rank, src r),
+    # whose class is the ring's with the roles swapped (the source r is above the query rank where the ring has below).
+    values = class_seconds(shape, cal, phase)
+    swapped = {SAME: values[SAME], BELOW: values.get(ABOVE), ABOVE: values.get(BELOW)}
     lat, bw = ring_link(cal, machine, P, 1)
     if phase == "bwd":
         block, part = rows * (2 * d * s_item + 2 * cs), rows * d * cs
@@ -762,16 +979,30 @@ def _pass_q(shape: Shape, cal: Calibration, machine: Machine | None, phase: str)
         block, part = rows * d * s_item, rows * (d + 1) * cs
         per_step = 2 * (LOAD_PASSES + 2) * rows * d * cs  # the queries loaded, the output finalized and packed
         per_return = 2 * MERGE_PASSES * rows * (d + 1) * cs
-    compute[:, :P] += cal.copy_seconds(per_step, P)
-    compute[:, 2:] += cal.copy_seconds(per_return, P)
+    # one row of compute per class (the rows of the ranks of that class, each step), the copies added as to every rank
+    kinds = [k for k in (SAME, BELOW, ABOVE) if swapped[k] is not None]
+    table = np.zeros((len(kinds), P + 1))
+    table[:, :P] = np.array([swapped[k] for k in kinds])[:, None]
+    table[:, :P] += cal.copy_seconds(per_step, P)
+    table[:, 2:] += cal.copy_seconds(per_return, P)
+    busiest_s = table[0].copy()
+    if P > 1:
+        busiest_s[1:] = np.maximum(table[1, 1:], table[2, 1:])
+    if per_rank:
+        cls = np.zeros((P, P + 1), dtype=np.int64)
+        cls[:, 1:P] = ring_classes(P)[:, 1:]
+        cls[:, P] = 1 if P > 1 else 0  # after the last step every rank only adds the returning partial
+        compute = table[cls, np.arange(P + 1)[None, :]]
+    else:
+        compute = busiest_s[None, :]
     tq, tr = comm_time(block, lat, bw), comm_time(part, lat, bw)
-    comm = np.array([(tq if s < P - 1 else 0.0) + (tr if 2 <= s <= P else 0.0) for s in range(P + 1)])
-    busiest = compute.max(axis=0)
-    step = np.maximum(busiest, comm)
-    return Prediction(compute, tq, step, np.maximum(0.0, comm - busiest), float(step.sum()), float(comm.sum()), phase=phase)
+    steps = np.arange(P + 1)
+    comm = np.where(steps < P - 1, tq, 0.0) + np.where((steps >= 2) & (steps <= P), tr, 0.0)
+    step = np.maximum(busiest_s, comm)
+    return Prediction(compute, tq, step, np.maximum(0.0, comm - busiest_s), float(step.sum()), float(comm.sum()), phase=phase)
 
 
-def _hybrid(shape: Shape, cal: Calibration, machine: Machine | None, phase: str) -> Prediction:
+def _hybrid(shape: Shape, cal: Calibration, machine: Machine | None, phase: str, per_rank: bool = True) -> Prediction:
     P, n, b, d = shape.nranks, shape.n_local, shape.batch, shape.head_dim
     s_item, acc = ITEMSIZE[shape.dtype], ACC_ITEMSIZE[shape.dtype]
     u = strategy_degree(shape)
@@ -792,29 +1023,32 @@ def _hybrid(shape: Shape, cal: Calibration, machine: Machine | None, phase: str)
         local_out = 2 * u * q_bytes * (wide + 2)  # finalize, pack, unpack
     lat, bw = ring_link(cal, machine, P, u)
     key = (BWD_FLOPS if phase == "bwd" else 1.0) * flops(b, hl, d, (u * n) ** 2)
-    group_compute = np.array(
-        [
-            [pieces_seconds(group_plan(shape.layout, g, (g - s) % r, u, P, n, shape.causal), cal, shape, hl, phase, key) for s in range(r)]
-            for g in range(r)
-        ]
-    )  # (R, R) group x ring step
-    if phase == "bwd":
+    values = group_seconds(shape, cal, u, hl, phase, key)  # the ring over the R groups: its step classes
+    busiest_s = busiest(values, r)
+    steps = np.arange(r)
+    if r > 1 and phase == "bwd":
         m, g_acc = 2 * b * u * n * hkl * d * s_item, 2 * b * u * n * hkl * d * acc
-        sends = np.array([comm_time((m if s < r - 1 else 0) + (g_acc if s >= 1 else 0), lat, bw) if r > 1 else 0.0 for s in range(r)])
-        final = comm_time(g_acc, lat, bw) if r > 1 else 0.0
-    else:
-        sends = np.array([comm_time(2 * b * u * n * hkl * d * s_item, lat, bw) if s < r - 1 else 0.0 for s in range(r)])
+        nbytes = np.where(steps < r - 1, m, 0) + np.where(steps >= 1, g_acc, 0)
+        sends = comm_time(nbytes.astype(np.float64), lat, bw)
+        final = comm_time(g_acc, lat, bw)
+    elif r > 1:
+        sends = np.where(steps < r - 1, comm_time(2 * b * u * n * hkl * d * s_item, lat, bw), 0.0)
         final = 0.0
-    compute = np.zeros((P, r + 2))
-    compute[:, 1 : r + 1] = np.repeat(group_compute, u, axis=0)  # every member of a group computes alike
-    compute[:, 0] = cal.copy_seconds(local_in, P)
-    compute[:, -1] = cal.copy_seconds(local_out, P)
-    busiest = group_compute.max(axis=0)
-    ring_steps = np.maximum(busiest, sends)
+    else:
+        sends, final = np.zeros(r), 0.0
+    copy_in, copy_out = cal.copy_seconds(local_in, P), cal.copy_seconds(local_out, P)
+    if per_rank:
+        compute = np.zeros((P, r + 2))
+        compute[:, 1 : r + 1] = np.repeat(class_matrix(values, r), u, axis=0)  # every member of a group computes alike
+        compute[:, 0] = copy_in
+        compute[:, -1] = copy_out
+    else:
+        compute = np.concatenate([[copy_in], busiest_s, [copy_out]])[None, :]
+    ring_steps = np.maximum(busiest_s, sends)
     ring_steps[-1] += final
-    exposed_ring = np.maximum(0.0, sends - busiest)
+    exposed_ring = np.maximum(0.0, sends - busiest_s)
     exposed_ring[-1] += final
-    step = np.concatenate([[t_in + compute[0, 0]], ring_steps, [t_out + compute[0, -1]]])
+    step = np.concatenate([[t_in + copy_in], ring_steps, [t_out + copy_out]])
     exposed = np.concatenate([[t_in], exposed_ring, [t_out]])
     t_ring = float(sends.max(initial=0.0))
     return Prediction(

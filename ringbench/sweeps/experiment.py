@@ -33,12 +33,13 @@ from ringbench.config import (
     validate,
 )
 from ringbench.sweeps import slurm
-from ringbench.yamlfile import MAX_YAML_DEPTH, MAX_YAML_NODES, ExperimentError, Source, fmt_path  # noqa: F401
+from ringbench.yamlfile import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, ExperimentError, Source, fmt_path, read_regular_file  # noqa: F401
 
 TOP_KEYS = ("name", "description", "base", "matrix", "zip", "exclude", "ranks", "timeout", "slurm")
 RANKS = "ranks"
 SWEEP_KEYS = tuple(RunConfig.field_names()) + (RANKS,)
 DEFAULT_TIMEOUT_S = 600
+MAX_TIMEOUT_S = 7 * 86400  # a point's timeout: at most a week (1e300 s made a Slurm --time of 300 digits)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: $ would let a trailing newline through
 PROFILE_RE = NAME_RE  # a profile is named, never a path: slurm/profiles/NAME.yaml
 MAX_POINTS = 100_000  # the most points an experiment may expand to (before exclude rules)
@@ -557,6 +558,8 @@ def load(path, text: str | None = None) -> Experiment:
     timeout = data.get("timeout", DEFAULT_TIMEOUT_S)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise src.error(("timeout",), f"expected a finite positive number of seconds, got {timeout!r}")
+    if timeout > MAX_TIMEOUT_S:
+        raise src.error(("timeout",), f"expected at most {MAX_TIMEOUT_S} seconds (7 days) per point, got {timeout!r}")
 
     exclude = _load_exclude(src, data)
 
