@@ -137,3 +137,52 @@ def test_missing_plot_dependency_is_one_line():
 
     assert _missing("numpy") is None
     assert _missing("no_such_module_rb") == "no_such_module_rb not installed: pip install 'ringbench[plot]'"
+
+
+def _as(run, factor: float = 1.0, **config):
+    """A stored run as another configuration (``config`` keys changed; its times x ``factor``): a realistic run of a
+    point not measured here, with a new run id and the id of its new point."""
+    import copy
+    import uuid
+
+    from ringbench.config import stored_point_id
+
+    out = copy.deepcopy(run)
+    out.config.update(config)
+    out.run_id, out.point_id = uuid.uuid4().hex, stored_point_id(out.config, out.nranks, run.point_id)
+    for k in ("total_s", "compute_s", "comm_s", "step_s"):
+        out.samples[k] = out.samples[k] * factor
+    out.summary["time_s"] *= factor
+    return out
+
+
+def test_timeline_draws_ring_runs_of_one_kernel_and_pass(small_results, tmp_path):
+    """The configuration with the most modes run only with strategies (ulysses, pass-q, hybrid: not ring steps) is not
+    the timeline's: it draws the ring modes of N=256 P=2. A torch-kernel overlap run and a fwd+bwd blocking run of
+    that point (stored first, 3x slower) are other configurations: not stacked with the native forward-only runs."""
+    from ringbench import store
+    from ringbench.analysis import results
+
+    runs = results.load(small_results)
+    ring = {r.config["mode"]: r for r in runs if r.nranks == 2}  # overlap, blocking, allgather at N=256
+    strategies = [
+        _as(ring["overlap"], seq_len=512, mode="ulysses"),
+        _as(ring["blocking"], seq_len=512, mode="pass-q"),
+        _as(ring["allgather"], seq_len=512, mode="hybrid", ulysses_degree=2),
+    ]
+    torch = _as(ring["overlap"], 3.0, kernel="torch")
+    both = _as(ring["blocking"], 3.0, **{"pass": "fwd+bwd"})
+    both.bwd = store.Phase(samples=dict(both.samples), summary=dict(both.summary), check=dict(both.check))
+    path = tmp_path / "mixed.h5"
+    for r in [torch, both, *runs, *strategies]:
+        store.append(path, r)
+    fig = plot.timeline(results.load(path))
+    assert fig is not None
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert [t.split(":")[0] for t in titles] == ["overlap", "blocking", "allgather"]
+    for t, mode in zip(titles, ("overlap", "blocking", "allgather")):
+        assert t.startswith(f"{mode}: pass {ring[mode].summary['time_s'] * 1e3:.1f} ms")  # the native fwd run's time
+    plot.plt.close(fig)
+    res = ringbench("plot", path, "-o", tmp_path, "--only", "timeline")
+    assert res.returncode == 0, res.stderr
+    assert "skipped" not in res.stdout and (tmp_path / "timeline.png").exists()

@@ -238,3 +238,66 @@ def test_failed_runs_are_listed_and_skipped_by_model_and_plots(small_results, tm
     assert "failed: rank 1 ran out of memory" in res.stdout and "model error on 6 runs" in res.stdout
     res = ringbench("plot", path, "-o", tmp_path / "figs", "--only", "strong,breakdown,model")
     assert res.returncode == 0, res.stderr
+
+
+def _failed_check(run, rel_err: float = 1.7):
+    """``run`` as stored when its forward --check failed: the same timings, a rel err far above the tolerance."""
+    import copy
+
+    out = copy.deepcopy(run)
+    out.check = dict(out.check, max_abs_err=rel_err, rel_err=rel_err, passed=False)
+    return out
+
+
+def test_a_failed_check_is_marked_in_the_report_and_left_out_of_the_fit(small_results, tmp_path):
+    """A run whose --check failed ran (status ok) but computed wrong numbers: FAILED in the report's runs table, and
+    the model's calibration is fitted without it and says so (report and plot print the calibration's notes)."""
+    runs = results.load(small_results)
+    i = next(i for i, r in enumerate(runs) if r.nranks == 2 and r.config["mode"] == "overlap")
+    bad = _failed_check(runs[i])
+    for k in ("compute_s", "total_s"):  # 10x slower compute: a fit that used it would have another P=2 rate
+        bad.samples[k] = bad.samples[k] * 10
+    path = tmp_path / "bad.h5"
+    for r in runs[:i] + [bad] + runs[i + 1 :]:
+        store.append(path, r)
+    stored = results.load(path)
+    (failed,) = [r for r in stored if not r.check["passed"]]
+    assert results.check_failure(failed) == "check failed: out rel err 1.7 (tol 2e-05)"
+    assert all(results.check_failure(r) is None for r in stored if r is not failed)
+
+    from ringbench.analysis import model
+
+    cal = model.calibrate_from_runs(stored)
+    good = model.calibrate_from_runs([r for r in stored if r is not failed])
+    assert cal.rates == good.rates and cal.links == good.links
+    assert cal.notes == [f"1 run(s) left out of the fit: their --check failed ({path}:/runs/{failed.name})"]
+
+    res = ringbench("report", path)
+    assert res.returncode == 0, res.stderr
+    marked = [ln for ln in res.stdout.splitlines() if ln.endswith("FAILED") or " FAILED " in ln]
+    assert len(marked) == 1 and marked[0].startswith("overlap") and "1.7e+00 FAILED" in marked[0]
+    assert "1 timed phase(s) failed --check" in res.stdout
+    assert "note: 1 run(s) left out of the fit: their --check failed" in res.stdout
+
+
+def test_check_failure_names_the_worst_gradient():
+    bwd = {"dq_rel_err": 1.37, "dk_rel_err": 0.276, "dv_rel_err": 3e-7, "rel_err": 1.37, "tol": 2e-5, "passed": False}
+    run = store.Run(point_id="p", nranks=2, config={"pass": "bwd"}, provenance={}, bwd=store.Phase(summary={"time_s": 1.0}, check=bwd))
+    assert results.check_failure(run) == "check failed: dq rel err 1.37 (tol 2e-05)"
+    run.bwd.check = dict(bwd, dq_rel_err=float("nan"))  # non-finite values: the nan is the worst
+    assert results.check_failure(run) == "check failed: dq rel err nan (tol 2e-05)"
+    run.bwd.check = dict(bwd, dq_rel_err=1e-6, dk_rel_err=1e-6, rel_err=1e-6)  # within the tolerance, yet failed: inf/nan
+    assert results.check_failure(run) == "check failed: dq rel err 1e-06 (tol 2e-05); non-finite values in the gradients"
+    run.bwd.check = dict(bwd, passed=True)
+    assert results.check_failure(run) is None
+
+
+def test_report_header_counts_runs_not_their_phases(small_results):
+    """One fwd+bwd run is one run with two timed phases (two rows): the header says so."""
+    from ringbench.analysis import report
+
+    run = next(r for r in results.load(small_results) if r.nranks == 1)
+    run.config["pass"] = "fwd+bwd"
+    run.bwd = store.Phase(samples=dict(run.samples), summary=dict(run.summary), check=dict(run.check))
+    assert len(results.rows([run])) == 2
+    assert report.format_report([run], None).startswith("1 run (2 timed phases) from 1 file(s); hosts ")

@@ -239,3 +239,79 @@ def test_prediction_table_keeps_each_ulysses_degree():
     for ln, u in zip(lines, (2, 4)):
         want = model.predict(results.shape(dict(row(2048, 4, "hybrid", reps(1.0), u=u), **{"pass": "fwd"}), nranks=8), cal).time_s
         assert f"{want * 1e3:.2f}" in ln
+
+
+def test_phases_table_keeps_each_ulysses_degree():
+    """The report's forward/backward table labels hybrid by its degree, as the runs table does (not `hybrid` twice)."""
+    extra = dict(tflops=1.0, overlap_eff=0.5, exposed_comm_s=0.001, bytes_per_rank=2048, file="f.h5")
+    table = [
+        dict(row(2048, 4, "hybrid", reps(t), u=u), phase=phase, name=f"h{u}", **extra)
+        for u in (2, 4)
+        for phase, t in (("fwd", 1.0), ("bwd", 2.5))
+    ]
+    text = report.phases_table(table, None)
+    labels = [ln.split("  ")[0] for ln in text.splitlines()[2:4]]
+    assert labels == ["hybrid U=2", "hybrid U=4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# advise when strategies are refused
+# ---------------------------------------------------------------------------------------------
+ADVISE_BASE = model.Shape(nranks=1, seq_len=1, heads=8, kv_heads=8, head_dim=64)
+ADVISE_CAL = model.Calibration.simple(rate=1e11, latency=1e-5, bandwidth=1e10)
+
+
+def test_advise_says_when_every_strategy_is_refused():
+    from ringbench.analysis import advise
+
+    text = advise.format_advice(ADVISE_BASE, [100], [3], ADVISE_CAL)  # N=100 is not divisible by P=3: all refused there
+    assert "  winner: none: every strategy is refused at N=100 P=3" in text
+    # the scan over n = N/P (powers of two) has a winner: which one, not only that it does not change
+    assert text.endswith("P=3: the winner does not change for n = 16..1048576 tokens per rank: ring at every one")
+    # heads that no kv-head count divides: nothing can run at any block size, and advise does not claim a winner
+    text = advise.format_advice(ADVISE_BASE.with_(heads=6, kv_heads=4), [96], [2], ADVISE_CAL)
+    assert "does not change" not in text and "winner: none: every strategy is refused at N=96 P=2" in text
+    assert text.endswith("P=2: no strategy can run at any n = 16..1048576 tokens per rank: every one is refused")
+
+
+def test_advise_names_a_change_to_no_strategy():
+    from ringbench.analysis import advise
+
+    assert advise.scan_text(2, [(64, "ring", None)], None) == (
+        "P=2: the winner changes with the block size: ring -> none (every strategy refused) at n=64 (N=128)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Footers: every line inside the figure, under the axes
+# ---------------------------------------------------------------------------------------------
+LONG_SOURCE = "probe " + "/a/rather/long/directory/of/results" * 6 + "/probe.h5:/probes/probe-P2-float32"
+
+
+def footer_clear(fig) -> list[str]:
+    """The figure-level texts (footers), drawn: each must lie inside the figure and below every axes (its labels
+    included). Returns their text."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    floor = min(ax.get_tightbbox(renderer).y0 for ax in fig.axes if ax.get_visible())
+    feet = [t for t in fig.texts if t.get_position()[1] < 0.5]  # not the title
+    assert feet
+    for t in feet:
+        box = t.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and 0 <= box.y0, (t.get_text()[:60], box, fig.bbox)
+        assert box.y1 <= floor + 1, (t.get_text()[:60], box.y1, floor)
+    return [t.get_text() for t in feet]
+
+
+@pytest.mark.mpi
+def test_footers_of_the_map_and_the_model_fit_the_figure(two_strategies):
+    """A long calibration source (a probe file deep in a directory tree) is wrapped, not cut off at the figure's edges."""
+    plot = pytest.importorskip("ringbench.analysis.plot")
+    runs = results.load(two_strategies)
+    cal = model.calibrate_from_runs(runs)
+    cal.source = LONG_SOURCE
+    for fig in (plot.strategy_map(runs, cal), plot.model_figure(runs, cal)):
+        texts = footer_clear(fig)
+        squeezed = [t.replace("\n", "").replace(" ", "") for t in texts]  # wrapped at spaces or inside the path
+        assert any(LONG_SOURCE.replace(" ", "") in t for t in squeezed)
+        plot.plt.close(fig)

@@ -10,8 +10,9 @@ import h5py
 import pytest
 
 from ringbench import store
+from ringbench.config import RunConfig
 
-from conftest import ringbench
+from conftest import ROOT, ringbench
 
 pytestmark = pytest.mark.mpi
 
@@ -270,3 +271,44 @@ def test_every_point_of_a_sweep_computes_with_one_exponential(tmp_path):
     forced = sweep(tmp_path, exp, "--force", env={"RINGBENCH_EXP": "e"})
     assert forced.returncode == 0 and "exponential e (RINGBENCH_EXP)" in forced.stdout
     assert sorted(r.provenance["exp"] for r in store.read(tmp_path / "results" / "exp.h5")) == sorted([name] * 3 + ["e"] * 3)
+
+
+def test_a_failed_check_is_the_reason_of_a_failed_point(tmp_path):
+    """A point whose run stores its times but fails --check (exit status 1) gets "check failed: <tensor> rel err <x>"
+    as its reason in the sweep's line and in status, not the first line of the run's banner. The check is made to
+    fail here by a backward tolerance of 1e-12 (a sitecustomize on the children's path sets it)."""
+    import re
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import ringbench.kernels.backward as b\n\nb.TOLERANCE_BWD['float32'] = 1e-12\n")
+    exp = write(
+        tmp_path,
+        """
+        name: wrong
+        base: {seq_len: 64, heads: 2, head_dim: 8, repeat: 1, warmup: 0, check: true, pass: bwd}
+        ranks: [1]
+    """,
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(hook)])}
+    res = sweep(tmp_path, exp, env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    reason = r"check failed: d[qkv] rel err [0-9.e+-]+ \(tol 1e-12\)"
+    assert "0 ok, 1 failed" in res.stdout
+    assert re.search(rf"FAILED .*  {reason}( \.\.\. |$)", res.stdout, re.M), res.stdout
+    (part,) = (tmp_path / "results" / "wrong" / "parts").glob("*.h5")
+    ran, failed = store.read(part)
+    assert ran.status == "ok" and ran.bwd.check["passed"] is False  # the run and its wrong gradients are kept
+    assert failed.status == "failed" and re.fullmatch(reason, failed.error.splitlines()[0])
+    status = ringbench("status", exp, "--results", tmp_path / "results", cwd=tmp_path)
+    row = next(ln for ln in status.stdout.splitlines() if ln.startswith(part.stem))
+    log = tmp_path / "results" / "wrong" / "logs" / f"{part.stem}.log"
+    assert re.fullmatch(rf"{reason}; log {re.escape(str(log))}", row.split("failed", 1)[1].strip()), row
+
+
+def test_experiments_doc_lists_every_run_option():
+    """docs/experiments.md's `base` row names every key a point may set (RunConfig's fields, `pass` included)."""
+    doc = (ROOT / "docs" / "experiments.md").read_text()
+    (line,) = [ln for ln in doc.splitlines() if ln.startswith("| `base` |")]
+    missing = [k for k in RunConfig.field_names() if f"`{k}`" not in line]
+    assert missing == []

@@ -110,13 +110,26 @@ def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal:
             if w is not None:
                 by = "the only candidate" if margin == float("inf") else f"{(margin - 1) * 100:.0f}% ahead of the next"
                 lines.append(f"  winner: {w.label}, {by}")
+            else:
+                lines.append(f"  winner: none: every strategy is refused at N={nseq} P={p}")
         moves = changes(base, p, cal, machine)
-        if moves:
-            text = "; ".join(f"{a} -> {b} at n={n} (N={n * p})" for n, a, b in moves)
-            lines.append(f"\nP={p}: the winner changes with the block size: {text}")
-        else:
-            lines.append(f"\nP={p}: the winner does not change for n = {SCAN_TOKENS[0]}..{SCAN_TOKENS[-1]} tokens per rank")
+        # no change over the scan: the winner at its first block size is the winner at all of them (or none can run)
+        steady = None if moves else winner(candidates(base.with_(seq_len=SCAN_TOKENS[0] * p), p, cal, machine))[0]
+        lines.append("\n" + scan_text(p, moves, steady))
     return "\n".join(lines)
+
+
+def scan_text(nranks: int, moves: list[tuple[int, str | None, str | None]], steady: Candidate | None) -> str:
+    """The line on the winner over the scanned block sizes: where it changes (``changes``; None: every strategy
+    refused there), else ``steady``, the winner at every one, or that none can run at any (``steady`` None)."""
+    span = f"n = {SCAN_TOKENS[0]}..{SCAN_TOKENS[-1]} tokens per rank"
+    if moves:
+        name = {None: "none (every strategy refused)"}
+        text = "; ".join(f"{name.get(a, a)} -> {name.get(b, b)} at n={n} (N={n * nranks})" for n, a, b in moves)
+        return f"P={nranks}: the winner changes with the block size: {text}"
+    if steady is None:
+        return f"P={nranks}: no strategy can run at any {span}: every one is refused"
+    return f"P={nranks}: the winner does not change for {span}: {steady.label} at every one"
 
 
 # ---------------------------------------------------------------------------------------------

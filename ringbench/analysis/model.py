@@ -703,8 +703,25 @@ def fit_link(nbytes, seconds) -> tuple[float, float]:
     return 0.0, (1.0 / slope if slope > 0 else math.inf)
 
 
+def check_failed(run) -> bool:
+    """Whether a stored run's --check failed in some phase: it ran (status "ok"), but its numbers are wrong."""
+    phases = [run.phase(p) for p in run.phases()] if hasattr(run, "phases") else []
+    return any(ph.check and not ph.check.get("passed", True) for ph in phases)
+
+
+def fit_runs(runs) -> tuple[list, list[str]]:
+    """The runs a calibration may be fitted to (those whose --check did not fail) and a note on those left out."""
+    bad = [r for r in runs if check_failed(r)]
+    if not bad:
+        return list(runs), []
+    where = ", ".join(f"{r.path}:/runs/{r.name}" for r in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return [r for r in runs if not check_failed(r)], [f"{len(bad)} run(s) left out of the fit: their --check failed ({where})"]
+
+
 def calibrate_from_runs(runs) -> Calibration:
-    """Compute rate from compute_s samples and link parameters from comm_only_s, per rank count."""
+    """Compute rate from compute_s samples and link parameters from comm_only_s, per rank count; runs whose
+    --check failed are left out (``fit_runs``), and the calibration's notes say so."""
+    runs, notes = fit_runs(runs)
     tables: dict = {"full": {}}
     link_pts: dict = {}
     for run in runs:
@@ -733,6 +750,7 @@ def calibrate_from_runs(runs) -> Calibration:
         bwd_rates=bwd_rates,
         bwd_causal_rates=bwd_causal,
         source="fitted to the runs' own samples (compute_s, comm_only_s)",
+        notes=notes,
     )
 
 
@@ -783,6 +801,7 @@ def calibrate(runs, probes) -> Calibration:
             pass
         if cal.bwd_rates:
             cal.notes.append("backward compute rate fitted to the runs' backward samples (the probe has none: probe again)")
+            cal.notes += [n for n in fit_runs(runs)[1] if n not in cal.notes]
     if not cal.links and runs:
         try:
             cal.links = calibrate_from_runs(runs).links
@@ -790,6 +809,7 @@ def calibrate(runs, probes) -> Calibration:
             pass
         if cal.links:
             cal.notes.append("link latency and bandwidth fitted to the runs' comm_only_s (no probe had 2+ ranks)")
+            cal.notes += [n for n in fit_runs(runs)[1] if n not in cal.notes]
     if not cal.links:
         cal.notes.append("no link measurement: communication is predicted as free")
     return cal

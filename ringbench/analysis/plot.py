@@ -23,6 +23,7 @@ run timed both phases). The other figures show the forward.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections import defaultdict
 
 import matplotlib
@@ -54,8 +55,18 @@ FORMATS = ("png", "pdf")
 MODE_STYLE = {"overlap": ("C0", "o", "-"), "blocking": ("C3", "s", "--"), "allgather": ("C2", "^", ":")}
 COMPUTE, COMPUTE_ALT, COMM, OTHER = "#4C72B0", "#7EA6D8", "#DD8452", "#C8C8C8"
 
-# Every configuration field but one: what a line keeps fixed while the rank count varies.
-SHAPE_KEYS = ("dtype", "batch", "heads", "kv_heads", "head_dim", "backend", "progress")
+# Every configuration field but one: what a line keeps fixed while the rank count varies. The kernel and the GEMM
+# library are among them (as in results.COMPARE_KEY): native and torch runs are never one line.
+SHAPE_KEYS = ("dtype", "batch", "heads", "kv_heads", "head_dim", "backend", "progress", "kernel", "blas")
+RING_MODES = ("overlap", "blocking", "allgather")  # the modes whose steps the timeline draws (ring steps)
+# what a stored configuration from before a key existed ran (as results.row reads it)
+CONFIG_DEFAULTS = {"kernel": "native", "blas": "auto", "pass": "fwd"}
+
+
+def _cfg(c: dict, key: str):
+    """A stored configuration's value of ``key``, the default for runs stored before the key existed."""
+    v = c.get(key)
+    return CONFIG_DEFAULTS.get(key) if v is None else v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,16 +88,30 @@ def provenance_note(runs) -> str:
     )
 
 
-def _finish(fig, runs, title: str, handles=None):
-    """Title, provenance footer and (optionally) one legend under the title, clear of the data."""
+FOOT_SIZE = 7  # points: the footer's font
+FOOT_CHARS_PER_INCH = 14  # characters of the footer's font on an inch of line (its widest text, with margin)
+FOOT_LINE_IN = 1.35 * FOOT_SIZE / 72  # inches per footer line
+
+
+def _finish(fig, runs, title: str, handles=None, note: str | None = None):
+    """Title, (optionally) one legend under the title, clear of the data, and the footer: ``note`` (centred), then
+    the provenance. Both are wrapped to the figure's width, and the layout leaves room under the axes for every
+    line of them: a long calibration source or host list is never cut off at the figure's edge."""
     fig.suptitle(title, fontsize=12)
-    fig.text(0.01, 0.005, provenance_note(runs), fontsize=7, color="0.3", ha="left", va="bottom", wrap=True)
-    height = fig.get_size_inches()[1]
+    width, height = fig.get_size_inches()
+    chars = max(40, int(width * FOOT_CHARS_PER_INCH))
+    prov = textwrap.wrap(provenance_note(runs), chars, break_on_hyphens=False)
+    fig.text(0.01, 0.04 / height, "\n".join(prov), fontsize=FOOT_SIZE, color="0.3", ha="left", va="bottom")
+    bottom = 0.04 + len(prov) * FOOT_LINE_IN
+    if note:
+        lines = textwrap.wrap(note, chars, break_on_hyphens=False)
+        fig.text(0.5, (bottom + 0.04) / height, "\n".join(lines), fontsize=FOOT_SIZE, color="0.3", ha="center", va="bottom")
+        bottom += 0.04 + len(lines) * FOOT_LINE_IN
     top = 1 - 0.45 / height
     if handles:
         fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, top), ncol=len(handles), fontsize=8, frameon=False)
         top -= 0.3 / height
-    fig.tight_layout(rect=(0, 0.25 / height, 1, top))
+    fig.tight_layout(rect=(0, (bottom + 0.08) / height, 1, top))
     return fig
 
 
@@ -436,15 +461,17 @@ def timeline(runs, run_name: str | None = None, phase: str = "fwd"):
         chosen = [r for r in ok if r.name == run_name][:1]
     else:
         groups = defaultdict(dict)
-        for r in ok:
+        for r in ok:  # the ring modes only: a strategy's steps are not ring steps
             c = r.config
-            key = (r.nranks, c["seq_len"], c["layout"], bool(c["causal"])) + tuple(c.get(k) for k in SHAPE_KEYS)
+            if c["mode"] not in RING_MODES:
+                continue
+            key = (r.nranks, c["seq_len"], c["layout"], bool(c["causal"])) + tuple(_cfg(c, k) for k in SHAPE_KEYS + ("pass",))
             groups[key].setdefault(c["mode"], r)
         if not groups:
             return None
-        # the configuration with the most modes, then the most ranks, then the longest sequence
+        # the configuration with the most ring modes, then the most ranks, then the longest sequence
         key = max(groups, key=lambda k: (len(groups[k]), k[0], k[1]))
-        chosen = [groups[key][m] for m in ("overlap", "blocking", "allgather") if m in groups[key]]
+        chosen = [groups[key][m] for m in RING_MODES if m in groups[key]]
     if not chosen:
         return None
     P = chosen[0].nranks
@@ -539,7 +566,7 @@ def causal_layouts(runs, cal: model.Calibration | None = None):
     groups = defaultdict(dict)
     for r in ok:
         c = r.config
-        groups[(c["mode"], c["seq_len"], r.nranks) + tuple(c.get(k) for k in SHAPE_KEYS)][c["layout"]] = r
+        groups[(c["mode"], c["seq_len"], r.nranks) + tuple(_cfg(c, k) for k in SHAPE_KEYS + ("pass",))][c["layout"]] = r
     if not groups:
         return None
     key = max(groups, key=lambda k: (len(groups[k]), k[0] == "overlap", k[2], k[1]))
@@ -648,8 +675,8 @@ def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
     ax_x.set_title(f"predicted (lines) and measured (markers) at N = {n}", fontsize=9)
     ax_x.grid(True, which="both", alpha=0.3)
     ax_x.legend(fontsize=7)
-    fig.text(0.5, 0.035, f"model calibration: {cal.source}" + "".join(f"; {x}" for x in cal.notes), fontsize=7, ha="center", color="0.3")
-    return _finish(fig, runs, "Overlap model: predicted vs measured")
+    note = f"model calibration: {cal.source}" + "".join(f"; {x}" for x in cal.notes)
+    return _finish(fig, runs, "Overlap model: predicted vs measured", note=note)
 
 
 STRATEGY_COLORS = {"overlap": "#4c72b0", "blocking": "#c44e52", "allgather": "#55a868", "ulysses": "#8172b2", "pass-q": "#ccb974"}
@@ -699,9 +726,8 @@ def strategy_map(runs, cal: model.Calibration | None):
         "background: the model's fastest of the strategies measured (white: none can run); markers: measured, "
         f"margin = runner-up / winner [{measure.CONFIDENCE:.0%} CI]; calibration: {cal.source}"
     )
-    fig.text(0.5, 0.25 / fig.get_size_inches()[1] + 0.005, note, fontsize=7, ha="center", color="0.3")
     more = f" ({len(families) - len(panels)} more families not drawn)" if len(families) > len(panels) else ""
-    return _finish(fig, runs, f"Strategy map: fastest strategy over (N, P){more}", handles)
+    return _finish(fig, runs, f"Strategy map: fastest strategy over (N, P){more}", handles, note)
 
 
 def _strategy_panel(ax, points: list[dict], labels: list[str], cal: model.Calibration) -> None:
@@ -798,8 +824,11 @@ def render(
         "strong": (lambda: strong_scaling(runs), "needs one N run at 2 or more rank counts"),
         "weak": (lambda: weak_scaling(runs), "needs one N/P run at 2 or more rank counts"),
         "overlap": (lambda: overlap(runs, cal), "needs overlap/blocking runs with P > 1 at 2 or more block sizes"),
-        "timeline": (lambda: timeline(runs, timeline_run), "needs a successful run"),
-        "timeline-bwd": (lambda: timeline(runs, timeline_run, "bwd"), "needs a run with a backward (--pass bwd or fwd+bwd)"),
+        "timeline": (lambda: timeline(runs, timeline_run), "needs a successful ring run (overlap, blocking or allgather)"),
+        "timeline-bwd": (
+            lambda: timeline(runs, timeline_run, "bwd"),
+            "needs a ring run (overlap, blocking or allgather) with a backward (--pass bwd or fwd+bwd)",
+        ),
         "overlap-bwd": (
             lambda: overlap(runs, cal, "bwd"),
             "needs backward overlap/blocking runs with P > 1 at 2 or more block sizes",

@@ -128,7 +128,7 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
             _num(r["overlap_eff"], ".0%"),
             _num(r["exposed_comm_s"], ".2f", 1e3),
             _num(r.get("bytes_per_rank"), ".0f", 1 / 1024),
-            _num(r["rel_err"], ".1e"),
+            _num(r["rel_err"], ".1e") + (" FAILED" if r.get("check_passed") is False else ""),
         ]
         if r["status"] != "ok":
             line[7:] = ["failed: " + (r.get("error") or "?")[:40]] + [""] * (len(header) - 8)
@@ -136,7 +136,14 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
             p = _pred(preds, r)  # None: a phase the calibration cannot predict
             line += ["-", "-"] if p is None else [_num(p.time_s, ".2f", 1e3), _num(model.relative_error(p.time_s, r["time_s"]), "+.0%")]
         body.append(line)
-    return table(header, body, left=4)
+    text = table(header, body, left=4)
+    failed = sum(r["status"] == "ok" and r.get("check_passed") is False for r in rows)
+    if failed:
+        text += (
+            f"\nrel err FAILED: {failed} timed phase(s) failed --check (wrong numbers, though timed); "
+            "their runs are left out of the model's fit"
+        )
+    return text
 
 
 def modes_table(rows: list[dict]) -> str:
@@ -183,7 +190,9 @@ def phases_table(rows: list[dict], preds: dict | None) -> str:
     for d in pairs:
         f, b = d["fwd"], d["bwd"]
         line = [
-            d["mode"] + ("" if d["same_run"] else " *"),
+            results.strategy_label(d)  # hybrid once per Ulysses degree, as in the runs table
+            + ("" if d["same_run"] else " *")
+            + (" check FAILED" if False in (f.get("check_passed"), b.get("check_passed")) else ""),
             config_label(d),
             d["dtype"],
             shape_label(f),
@@ -341,7 +350,9 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
     rows = results.rows(runs)
     hosts = sorted({h for r in rows for h in r["host"].split(",") if h})
     backends = sorted({r["backend_device"] for r in rows})
-    out = [(f"{len(rows)} runs from {len({r['file'] for r in rows})} file(s); hosts {', '.join(hosts) or '?'}; {'; '.join(backends)}")]
+    nruns = len({(r["file"], r["name"]) for r in rows})  # a fwd+bwd run is one run with two rows (timed phases)
+    what = f"{nruns} run{'s' if nruns != 1 else ''}" + (f" ({len(rows)} timed phases)" if len(rows) != nruns else "")
+    out = [(f"{what} from {len({r['file'] for r in rows})} file(s); hosts {', '.join(hosts) or '?'}; {'; '.join(backends)}")]
     preds = predictions(runs, cal) if cal is not None else None
     out += ["", runs_table(rows, preds)]
     if any(r.get("phase") == "bwd" for r in rows):

@@ -185,6 +185,7 @@ def run_point(
     part = lay.part(point.id)
     cmd = run_command(point, part, launcher, spec)
     log = lay.log(point.id)
+    earlier = store.latest(part).get(point.id) if part.exists() else None
     t0 = time.monotonic()
     with open(log, "ab") as fh:
         fh.write(f"# {utc_now()} {shlex.join(cmd)}\n".encode())
@@ -210,8 +211,19 @@ def run_point(
         return Outcome("ok", seconds, run=latest)
     tail = _tail(log, start)
     error = f"{why}: {tail}" if tail else why
+    checked = latest is not None and latest.status == "ok" and (earlier is None or latest.run_id != earlier.run_id)
+    reason = check_reason(latest) if checked else None
+    if reason:  # the run was stored, its --check failed (exit status 1): that is the reason, not the run's banner
+        error = f"{reason}\n{tail}" if tail else reason
     store.append(part, store.failed_run(point.id, point.nranks, point.config.to_dict(), error, {"argv": shlex.join(cmd)}))
     return Outcome("failed", seconds, error=error)
+
+
+def check_reason(run: store.Run | None) -> str | None:
+    """``check failed: dq rel err 1.37 (tol 2e-05)`` for a stored run whose --check failed, else None."""
+    from ringbench.analysis.results import check_failure
+
+    return None if run is None else check_failure(run)
 
 
 def _exit_reason(rc: int) -> str | None:
@@ -390,8 +402,11 @@ def _point_result(run: store.Run | None) -> str:
         return ""
     s = run.summary
     text = f"time {s.get('time_s', float('nan')) * 1e3:.2f} ms  {s.get('tflops', float('nan')):.3f} TFLOP/s"
-    if run.check:
-        text += "  check " + ("ok" if run.check.get("passed") else "FAILED")
+    failed = check_reason(run)
+    if failed:
+        text += f"  {failed}"
+    elif any(run.phase(p).check for p in run.phases()):
+        text += "  check ok"
     return text
 
 
