@@ -4,7 +4,7 @@ The package's folders are its layers (docs/architecture.md; tests/test_layers.py
 ``kernels`` (per-rank attention math), ``engine`` (MPI, the ring and the strategies), ``store`` (the HDF5 result
 file), ``harness`` (one run over the ranks), ``sweeps`` (experiment files, local and Slurm sweeps), ``analysis``
 (metrics, the model, advice, report, plots); ``cli``, ``config``, ``layout``, ``provenance`` and ``yamlfile`` at the
-top. Modules of the former flat layout (``ringbench.analysis.results``, ``ringbench.analysis.model``, ...) still resolve as attributes
+top. Modules of the former flat layout (``ringbench.results``, ``ringbench.model``, ...) still resolve as attributes
 of the package (``from ringbench import results``), with a DeprecationWarning naming the new place.
 
 Kept import-light: ``import ringbench`` loads no array library and no MPI (BLAS thread counts are set at
@@ -45,7 +45,7 @@ MOVED = {
 
 
 def __getattr__(name: str):
-    """``ringbench.analysis.results`` (and the other modules of the flat layout): the module at its new place, with a warning."""
+    """``ringbench.results`` (and the other modules of the flat layout): the module at its new place, with a warning."""
     if name not in MOVED:
         raise AttributeError(f"module 'ringbench' has no attribute {name!r}")
     import importlib

@@ -201,7 +201,7 @@ def test_the_flat_names_still_resolve_with_a_warning():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert ringbench.analysis.results is results
+        assert ringbench.results is results
     assert "ringbench.analysis.results" in str(caught[0].message)
 
 

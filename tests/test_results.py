@@ -262,8 +262,8 @@ def test_a_failed_check_is_marked_in_the_report_and_left_out_of_the_fit(small_re
         store.append(path, r)
     stored = results.load(path)
     (failed,) = [r for r in stored if not r.check["passed"]]
-    assert results.check_failure(failed) == "check failed: out rel err 1.7 (tol 2e-05)"
-    assert all(results.check_failure(r) is None for r in stored if r is not failed)
+    assert store.check_failure(failed) == "check failed: out rel err 1.7 (tol 2e-05)"
+    assert all(store.check_failure(r) is None for r in stored if r is not failed)
 
     from ringbench.analysis import model
 
@@ -283,13 +283,13 @@ def test_a_failed_check_is_marked_in_the_report_and_left_out_of_the_fit(small_re
 def test_check_failure_names_the_worst_gradient():
     bwd = {"dq_rel_err": 1.37, "dk_rel_err": 0.276, "dv_rel_err": 3e-7, "rel_err": 1.37, "tol": 2e-5, "passed": False}
     run = store.Run(point_id="p", nranks=2, config={"pass": "bwd"}, provenance={}, bwd=store.Phase(summary={"time_s": 1.0}, check=bwd))
-    assert results.check_failure(run) == "check failed: dq rel err 1.37 (tol 2e-05)"
+    assert store.check_failure(run) == "check failed: dq rel err 1.37 (tol 2e-05)"
     run.bwd.check = dict(bwd, dq_rel_err=float("nan"))  # non-finite values: the nan is the worst
-    assert results.check_failure(run) == "check failed: dq rel err nan (tol 2e-05)"
+    assert store.check_failure(run) == "check failed: dq rel err nan (tol 2e-05)"
     run.bwd.check = dict(bwd, dq_rel_err=1e-6, dk_rel_err=1e-6, rel_err=1e-6)  # within the tolerance, yet failed: inf/nan
-    assert results.check_failure(run) == "check failed: dq rel err 1e-06 (tol 2e-05); non-finite values in the gradients"
+    assert store.check_failure(run) == "check failed: dq rel err 1e-06 (tol 2e-05); non-finite values in the gradients"
     run.bwd.check = dict(bwd, passed=True)
-    assert results.check_failure(run) is None
+    assert store.check_failure(run) is None
 
 
 def test_report_header_counts_runs_not_their_phases(small_results):

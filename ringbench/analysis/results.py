@@ -98,30 +98,6 @@ def load(paths) -> list[store.Run]:
     return runs
 
 
-def check_failure(run: store.Run) -> str | None:
-    """Why a run's --check failed, ``check failed: dq rel err 1.37 (tol 2e-05)`` (the first phase that failed; its
-    worst tensor: ``out`` for the forward, dq, dk or dv for the backward); None when every check passed or none ran.
-    A stored run whose check failed has status "ok" (it ran) but wrong numbers: not something to fit a model to."""
-    for name in run.phases():
-        chk = run.phase(name).check
-        if not chk or chk.get("passed", True):
-            continue
-        # the backward stores dq_rel_err, dk_rel_err, dv_rel_err; the forward only rel_err (of the output)
-        per = {k[: -len("_rel_err")]: v for k, v in chk.items() if k.endswith("_rel_err") and isinstance(v, (int, float))}
-        what = max(per, key=lambda k: per[k] if math.isfinite(per[k]) else math.inf) if per else "out"
-        rel = per[what] if per else chk.get("rel_err")
-        tol = chk.get("tol")
-        text = f"check failed: {what} rel err {_g(rel)}" + ("" if tol is None else f" (tol {_g(tol)})")
-        if isinstance(rel, (int, float)) and isinstance(tol, (int, float)) and rel <= tol:
-            text += f"; non-finite values in the {'output' if name == 'fwd' else 'gradients'}"
-        return text
-    return None
-
-
-def _g(v) -> str:
-    return f"{v:.3g}" if isinstance(v, (int, float)) else str(v)
-
-
 def row(run: store.Run, phase: str = "fwd") -> dict:
     """One phase of a run as a flat dict with the keys of ``COLUMNS`` and ``REPEAT_KEYS`` (a phase the run lacks:
     empty metrics, as a failed run's)."""

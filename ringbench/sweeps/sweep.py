@@ -221,9 +221,7 @@ def run_point(
 
 def check_reason(run: store.Run | None) -> str | None:
     """``check failed: dq rel err 1.37 (tol 2e-05)`` for a stored run whose --check failed, else None."""
-    from ringbench.analysis.results import check_failure
-
-    return None if run is None else check_failure(run)
+    return None if run is None else store.check_failure(run)
 
 
 def _exit_reason(rc: int) -> str | None:
