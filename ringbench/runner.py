@@ -66,12 +66,17 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if err:
         raise UserError(err)
     os.environ[kernel.EXP_ENV] = comm.bcast(exp)
-    kernel.exp_base(backend.xp)  # every rank loads what it needs now (numba for fused), before the baseline RSS
+    # every rank loads what it needs now, before the baseline RSS: for fused, numba and the compiled pass for the
+    # compute dtype (compiled or loaded from numba's cache: ~50 MB that rank 0's measurement had already paid, so
+    # that the ring's construction on the other ranks counted it as the run's memory)
+    if kernel.exp_base(backend.xp).fused:
+        kernel.fused_module().compile(backend.compute_dtype(dtype))
     err = comm.first_error(_memory_problem(cfg, nranks, rank, backend))
     if err:
         raise UserError(err)
 
     baseline_rss = current_rss_bytes()  # interpreter + libraries, before any array of the run
+    reset_peak_rss()  # the peak recorded below is the run's, not an earlier transient's (importing, compiling)
     # inputs: this rank's tokens of the global q, k, v (and dO for a backward)
     phases = cfg.phases
     names = ("q", "k", "v", "do") if "bwd" in phases else ("q", "k", "v")
@@ -145,6 +150,19 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if rank != 0:
         return 0
     return _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet)
+
+
+def reset_peak_rss(clear_refs: str = "/proc/self/clear_refs") -> bool:
+    """Reset this process's peak RSS (Linux's high-water mark, which ``peak_rss_bytes`` reads) to its RSS now, so
+    that a later peak counts only what came after: without it, a transient before the baseline (imports, numba
+    compiling, rank 0's measurement of the exponential) that was freed again would be counted as the run's memory.
+    False where the kernel offers no reset (not Linux, or /proc read-only): the peak is then the process's."""
+    try:
+        with open(clear_refs, "w") as f:
+            f.write("5")  # 5: reset the peak RSS only (proc(5)); page flags are left alone
+    except OSError:
+        return False
+    return True
 
 
 def _comm_only_steps(phase: str, nranks: int) -> int:
@@ -442,6 +460,7 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
         itemsize=np.dtype(ring.storage).itemsize,
         compute_itemsize=ring.compute.itemsize,
     )
+    rec.memory["peak_rss_bytes"][0] = peak_rss_bytes()  # rank 0's with the gathered parts and global tensors in it
     phases = {ph: rec.phase(ph) for ph in cfg.phases}
     where = None
     if out is not None:
