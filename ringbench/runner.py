@@ -26,7 +26,18 @@ from ringbench.backward import TOLERANCE_BWD, reference_attention_grad
 from ringbench.config import STRATEGY_MODES, RunConfig, UserError, option_name, point_id, validate
 from ringbench.layout import positions, unmasked_pairs
 from ringbench.mkl import MklMatmul
-from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
+from ringbench.provenance import (
+    argv,
+    conditions,
+    git_commit,
+    load_interval,
+    load_snapshot,
+    loaded,
+    repeat_spread,
+    thread_pools,
+    utc_now,
+    versions,
+)
 from ringbench.ring import Ring, parse_fault, tiling
 from ringbench.torch_kernel import unavailable
 
@@ -100,6 +111,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         ring.prepare_backward()  # the forward that gives O and the LSE: once, untimed
     passes = {"fwd": ring.forward, "bwd": getattr(ring, "backward", None)}  # a strategy without a backward is refused by config
 
+    load = load_snapshot()  # how busy this host is while the passes are timed (provenance "conditions")
     shown = progress.for_run((cfg.warmup + cfg.repeat) * len(phases), cfg.warmup * len(phases), show=rank == 0 and not quiet)
     warm = {ph: [] for ph in phases}
     for _ in range(cfg.warmup):
@@ -117,6 +129,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
             for _ in range(cfg.repeat):
                 comm.barrier()
                 alone[ph].append(ring.comm_only(ph))
+    load = load_interval(load)
     output = backend.asnumpy(ring.output())
     grads = tuple(backend.asnumpy(x) for x in ring.grads()) if "bwd" in phases else None
 
@@ -145,6 +158,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         "score_tile": ring.score_tile_elems,
         "score_tile_bwd": ring.bwd_score_tile_elems,
         "threads": thread_pools(),
+        "load": load,
     }
     parts = comm.gather(local)
     if rank != 0:
@@ -450,7 +464,8 @@ def _check_summary(cfg, checks: list, phase: str) -> dict:
 
 def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     """Rank 0: the run record from the gathered parts (assemble), stored in ``out`` and printed (format_summary)."""
-    prov = provenance(parts, backend, cuda_aware, ring.blas)
+    spread = {ph: repeat_spread(np.max([p["phases"][ph]["samples"]["total_s"] for p in parts], axis=0)) for ph in cfg.phases}
+    prov = provenance(parts, backend, cuda_aware, ring.blas, spread)  # spread: of the pass time (slowest rank) over repeats
     rec = assemble(
         cfg,
         parts,
@@ -542,8 +557,9 @@ def _global_tensors(cfg, parts) -> dict:
     return out
 
 
-def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
-    """The run's (or probe's) provenance from the gathered per-rank parts: ringbench.provenance plus MPI and the backend."""
+def provenance(parts, backend, cuda_aware: bool, blas: str, spread: dict | None = None) -> dict:
+    """The run's (or probe's) provenance from the gathered per-rank parts: ringbench.provenance plus MPI and the backend;
+    with each part's ``load`` (provenance.load_interval), the measurement's conditions (and the ``spread`` of its repeats)."""
     limit, set_by = thread_limit()
     info = {
         **versions(),
@@ -559,6 +575,8 @@ def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
         "threads": {"limit": limit, "set_by": set_by, "ranks": [p.get("threads", []) for p in parts]},
         "exp": os.environ.get(kernel.EXP_ENV, ""),  # the kernel's exponential: 2, e or fused (one for every rank)
     }
+    if all("load" in p for p in parts):  # how busy each host was, for report, plot and advise (provenance.loaded)
+        info["conditions"] = conditions([p["load"] for p in parts], spread or {})
     info.update(comm.mpi_info())
     info.update(backend.versions())
     return info
@@ -604,6 +622,8 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
         f"({max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the interpreter "
         f"and libraries{', --check included' if cfg.check else ''})   {theo}"
     )
+    if loaded(prov.get("conditions")):
+        lines.append(f"  warning: measured on a loaded machine ({loaded(prov['conditions'])}): its times include the load")
     if where:
         lines.append(f"  saved {where}")
     return "\n".join(lines)
