@@ -221,3 +221,20 @@ def test_memory_estimate_covers_the_measured_peak(args, exp, tmp_path):
         assert device == 0
         assert est >= 0.85 * used[rank], (rank, est, used)
         assert est <= 2 * used[rank] + 64 * 2**20, (rank, est, used)  # and not so loose that it refuses what fits
+
+
+def test_a_run_records_its_conditions_and_a_calibration_from_runs_keeps_them(tmp_path):
+    """Each run records how busy its hosts were while its passes were timed and the spread of each phase's pass
+    time over the repeats (provenance "conditions"); a calibration fitted to runs carries them for the warnings."""
+    from ringbench import model, provenance
+
+    out = tmp_path / "r.h5"
+    res = mpiexec(2, "run", *SMALL[:-1], "--seq-len", 64, "--pass", "fwd+bwd", "--out", out)  # not --quiet
+    assert res.returncode == 0, res.stderr
+    (run,) = store.read(out)
+    cond = run.provenance["conditions"]
+    (host,) = cond["hosts"].values()
+    assert host["ranks"] == 2 and host["seconds"] > 0 and host["own_cpus"] > 0 and len(host["load_end"]) == 4
+    assert set(cond["spread"]) == {"fwd", "bwd"}
+    assert model.calibrate_from_runs([run]).conditions == [cond]
+    assert ("warning: measured on a loaded machine" in res.stdout) == (provenance.loaded(cond) is not None)
