@@ -190,3 +190,49 @@ def test_report_plot_and_advise_skip_a_group_they_cannot_parse(small_results, tm
     if importlib.util.find_spec("matplotlib") is not None:
         plot = ringbench("plot", path, "-o", tmp_path / "fig", "--only", "strong,model")
         assert plot.returncode == 0 and plot.stderr.splitlines() == warn, plot.stderr
+
+
+@pytest.mark.mpi
+def test_probe_records_its_conditions_and_report_plot_advise_warn_of_a_loaded_one(small_results, tmp_path):
+    """A probe records how busy its host was (load average at start and end, cores busy with other work) and how
+    much its repeats spread (provenance "conditions"). A calibration from a probe taken on a loaded machine makes
+    report, plot and advise say so in one line; a quiet one, or an old probe without conditions (which still
+    reads and calibrates), makes them say nothing."""
+    import copy
+    import dataclasses
+
+    made = tmp_path / "made.h5"
+    res = mpiexec(2, "probe", "--out", made, *SMALL)
+    assert res.returncode == 0, res.stderr
+    (p,) = store.read_probes(made)
+    cond = p.provenance["conditions"]
+    (host,) = cond["hosts"].values()
+    assert host["ranks"] == 2 and host["cpus"] >= 1 and host["seconds"] > 0 and host["own_cpus"] > 0
+    assert len(host["load_start"]) == 4 and len(host["load_end"]) == 4 and host["other_cpus"] >= 0
+    assert set(cond["spread"]) == {"compute", "causal", "bwd_compute", "bwd_causal", "copy"}
+    assert "\n  conditions: " in res.stdout
+    runs = store.read(small_results)
+    for kind, other in (("quiet", 0.0), ("loaded", 1.9), ("old", None)):
+        path = tmp_path / f"{kind}.h5"
+        for run in runs:  # runs as written before conditions were recorded: only the probe's decide
+            prov = {k: v for k, v in run.provenance.items() if k != "conditions"}
+            store.append(path, dataclasses.replace(run, provenance=prov))
+        prov = copy.deepcopy(p.provenance)
+        if other is None:
+            del prov["conditions"]  # a probe written before conditions were recorded
+        else:
+            for h in prov["conditions"]["hosts"].values():
+                h.update(cpus=2, own_cpus=2.0, busy_cpus=2.0 + other, other_cpus=other)
+            prov["conditions"]["spread"] = dict.fromkeys(prov["conditions"]["spread"], 1.1)
+        store.append_probe(path, dataclasses.replace(p, provenance=prov, name="here"))
+        rep = ringbench("report", path)
+        adv = ringbench("advise", path, "--seq-len", 4096, "--ranks", 2)
+        plot = ringbench("plot", path, "-o", tmp_path / kind, "--only", "model")
+        for res in (rep, adv, plot):
+            assert res.returncode == 0, res.stderr
+        assert f"calibration: probe {path}:/probes/here" in rep.stdout
+        warning = "warning: the model's calibration was measured on a loaded machine"
+        said = [out.count(warning) for out in (rep.stdout, adv.stdout, plot.stderr)]
+        assert said == ([1, 1, 1] if kind == "loaded" else [0, 0, 0]), (kind, said)
+        if kind == "loaded":
+            assert "other work kept 1.9 of 2 cores" in adv.stdout

@@ -100,3 +100,21 @@ def test_auto_memory_refusal_names_the_cgroup_that_binds(monkeypatch):
     )
     monkeypatch.setattr(runner, "host_memory", lambda: (2**50, "available there"))
     assert runner._memory_problem(cfg, 1, 0, backend) is None
+
+
+def test_reset_peak_rss_forgets_a_transient_before_the_baseline(tmp_path):
+    """After the reset the peak is this process's RSS from then on: a freed 256 MiB array before it is not counted
+    (the run's baseline would otherwise be compared with a peak of importing or compiling)."""
+    import sys
+
+    from ringbench.engine.backend import current_rss_bytes, peak_rss_bytes
+    from ringbench.harness.runner import reset_peak_rss
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the peak RSS is reset through Linux's /proc/self/clear_refs")
+    big = np.ones(32 * 2**20)  # 256 MiB, touched
+    del big
+    assert peak_rss_bytes() >= current_rss_bytes() + 200 * 2**20
+    assert reset_peak_rss()
+    assert peak_rss_bytes() < current_rss_bytes() + 64 * 2**20
+    assert not reset_peak_rss(str(tmp_path / "missing" / "clear_refs"))  # no reset offered: False, nothing raised

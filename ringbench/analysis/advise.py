@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ringbench.analysis import model
 from ringbench.config import did_you_mean, validate
+from ringbench.provenance import calibration_warning
 from ringbench.yamlfile import Source
 
 PASS_NAMES = {"fwd": "forward pass", "bwd": "backward pass", "fwd+bwd": "forward + backward passes"}
@@ -94,6 +95,7 @@ def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal:
         f"ringbench advise: B={base.batch} H={base.heads}/{base.kv_heads} D={base.head_dim} {base.dtype}"
         f"{' causal' if base.causal else ''} layout {base.layout}, {PASS_NAMES[base.pass_]}",
         f"calibration: {cal.source}" + (f"; machine: {machine.source}" if machine else ""),
+        *filter(None, [calibration_warning(cal)]),  # one line when the calibration was measured on a loaded machine
     ]
     for p in ranks:
         for nseq in seq_lens:

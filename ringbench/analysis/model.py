@@ -153,6 +153,7 @@ class Calibration:
     diag_rates: dict = field(default_factory=dict)  # {nranks: points}: causal diagonal blocks (probe), keyed by the square's FLOPs
     bwd_diag_rates: dict = field(default_factory=dict)
     copy_bw: dict = field(default_factory=dict)  # {nranks: bytes read + written per second} of local strided copies (probe)
+    conditions: list = field(default_factory=list)  # how busy the machine was, per probe (or run) it came from (provenance.conditions)
 
     @classmethod
     def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given", bwd_rate: float | None = None) -> Calibration:
@@ -751,6 +752,7 @@ def calibrate_from_runs(runs) -> Calibration:
         bwd_causal_rates=bwd_causal,
         source="fitted to the runs' own samples (compute_s, comm_only_s)",
         notes=notes,
+        conditions=[r.provenance.get("conditions") for r in runs if r.status == "ok"],
     )
 
 
@@ -852,6 +854,7 @@ def calibrate_from_probes(probes) -> Calibration:
         diag_rates=diag if len(diag) == len(rates) else {},  # per-piece rates only if every rank count has them
         bwd_diag_rates=bwd_diag if len(bwd_diag) == len(rates) else {},
         copy_bw=copy_bw,
+        conditions=[p.provenance.get("conditions") for p in probes],
     )
 
 

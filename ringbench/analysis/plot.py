@@ -23,6 +23,7 @@ run timed both phases). The other figures show the forward.
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from collections import defaultdict
 
@@ -36,6 +37,7 @@ from ringbench import store
 from ringbench.analysis import measure, model, results
 from ringbench.config import stored_point_id
 from ringbench.layout import divisor
+from ringbench.provenance import calibration_warning
 
 FIGURES = (
     "strong",
@@ -840,6 +842,8 @@ def render(
         "strategies": (lambda: strategy_map(runs, cal), "needs configurations run with 2 or more strategies and a calibration"),
     }
     written, skipped = [], []
+    if cal is not None and (warn := calibration_warning(cal, runs)):  # one line: the calibration was measured under load
+        print(warn, file=sys.stderr)
     has_bwd = any(r.bwd is not None for r in runs)  # without a backward the backward's figures are not asked for
     for name in only or [f for f in FIGURES if has_bwd or f not in BWD_FIGURES]:
         make, why = makers[name]

@@ -12,6 +12,7 @@ import numpy as np
 
 from ringbench.analysis import measure, model, results
 from ringbench.layout import divisor
+from ringbench.provenance import calibration_warning
 
 
 def table(header: list[str], body: list[list[str]], left: int = 1) -> str:
@@ -369,6 +370,7 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
         out += [
             "",
             calibration_text(cal),
+            *filter(None, [calibration_warning(cal, runs)]),  # measured on a loaded machine, or the runs were
             error_text(rows, preds, in_sample=cal.source.startswith("fitted")),
             "",
             crossover_text(rows, cal),

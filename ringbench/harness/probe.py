@@ -32,7 +32,7 @@ from ringbench.engine.backend import BackendError, get_backend, limit_threads
 from ringbench.harness import inputs
 from ringbench.kernels import backward, kernel
 from ringbench.layout import CAUSAL, FULL, Piece
-from ringbench.provenance import thread_pools
+from ringbench.provenance import conditions_text, load_interval, load_snapshot, loaded, repeat_spread, thread_pools
 
 
 @dataclass
@@ -293,12 +293,14 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
         from ringbench.config import UserError
 
         raise UserError(err)
+    load = load_snapshot()  # how busy this host is while the probe measures (provenance "conditions")
     compute = _compute_times(opts, backend)
     causal = _compute_times(opts, backend, CAUSAL)
     bwd_compute = _bwd_compute_times(opts, backend)
     bwd_causal = _bwd_compute_times(opts, backend, CAUSAL)
     copy_bytes, copy = _copy_times(opts, backend)
     pp = _pingpong_all(opts, rank, nranks)
+    load = load_interval(load)
     local = {
         "compute": compute,
         "causal": causal,
@@ -310,6 +312,7 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
         "host": socket.gethostname(),
         "device": backend.device_name,
         "threads": thread_pools(),
+        "load": load,
     }
     parts = comm.gather(local)
     if rank != 0:
@@ -360,7 +363,12 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
         summary["latency_s"] = summary["bandwidth_Bps"] = float("nan")
     from ringbench.harness import runner
 
-    prov = runner.provenance(parts, backend, cuda_aware=False, blas=backend.matmul("auto")[1])
+    spread = {  # max / min of each timed kernel's repeats (the median over block sizes and ranks): noise, load
+        key: repeat_spread(np.stack([p[key] for p in parts], axis=2).transpose(1, 0, 2))  # (R, K, P)
+        for key in ("compute", "causal", "bwd_compute", "bwd_causal")
+    }
+    spread["copy"] = repeat_spread(copy_s)
+    prov = runner.provenance(parts, backend, cuda_aware=False, blas=backend.matmul("auto")[1], spread=spread)
     cfg = asdict(opts)
     cfg["kv_heads"] = hk
     cfg["block_sizes"] = list(opts.block_sizes)
@@ -425,5 +433,10 @@ def format_probe(probe: store.Probe, where: str) -> str:
         lines.append(f"  link {a}->{b}: latency {lat * 1e6:.1f} us, bandwidth {bw / 1e9:.2f} GB/s")
     if probe.nranks < 2:
         lines.append("  links: one rank, nothing to measure (run under mpiexec -n 2 or more)")
+    cond = prov.get("conditions")
+    if cond:  # probes from before 2026-12 recorded none
+        lines.append(f"  conditions: {conditions_text(cond)}")
+        if loaded(cond):
+            lines.append(f"  warning: measured on a loaded machine ({loaded(cond)}): predictions from it are off; probe again when quiet")
     lines.append(f"  saved {where}")
     return "\n".join(lines)

@@ -34,7 +34,18 @@ from ringbench.kernels.mkl import MklMatmul
 from ringbench.kernels.tiling import tiling
 from ringbench.kernels.torch_kernel import unavailable
 from ringbench.layout import positions, unmasked_pairs
-from ringbench.provenance import argv, git_commit, thread_pools, utc_now, versions
+from ringbench.provenance import (
+    argv,
+    conditions,
+    git_commit,
+    load_interval,
+    load_snapshot,
+    loaded,
+    repeat_spread,
+    thread_pools,
+    utc_now,
+    versions,
+)
 
 
 def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
@@ -68,12 +79,17 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     if err:
         raise UserError(err)
     os.environ[kernel.EXP_ENV] = comm.bcast(exp)
-    kernel.exp_base(backend.xp)  # every rank loads what it needs now (numba for fused), before the baseline RSS
+    # every rank loads what it needs now, before the baseline RSS: for fused, numba and the compiled pass for the
+    # compute dtype (compiled or loaded from numba's cache: ~50 MB that rank 0's measurement had already paid, so
+    # that the ring's construction on the other ranks counted it as the run's memory)
+    if kernel.exp_base(backend.xp).fused:
+        kernel.fused_module().compile(backend.compute_dtype(dtype))
     err = comm.first_error(_memory_problem(cfg, nranks, rank, backend))
     if err:
         raise UserError(err)
 
     baseline_rss = current_rss_bytes()  # interpreter + libraries, before any array of the run
+    reset_peak_rss()  # the peak recorded below is the run's, not an earlier transient's (importing, compiling)
     # inputs: this rank's tokens of the global q, k, v (and dO for a backward)
     phases = cfg.phases
     names = ("q", "k", "v", "do") if "bwd" in phases else ("q", "k", "v")
@@ -93,6 +109,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         ring.prepare_backward()  # the forward that gives O and the LSE: once, untimed
     passes = {"fwd": ring.forward, "bwd": getattr(ring, "backward", None)}  # a strategy without a backward is refused by config
 
+    load = load_snapshot()  # how busy this host is while the passes are timed (provenance "conditions")
     shown = progress.for_run((cfg.warmup + cfg.repeat) * len(phases), cfg.warmup * len(phases), show=rank == 0 and not quiet)
     warm = {ph: [] for ph in phases}
     for _ in range(cfg.warmup):
@@ -110,6 +127,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
             for _ in range(cfg.repeat):
                 comm.barrier()
                 alone[ph].append(ring.comm_only(ph))
+    load = load_interval(load)
     output = backend.asnumpy(ring.output())
     grads = tuple(backend.asnumpy(x) for x in ring.grads()) if "bwd" in phases else None
 
@@ -138,11 +156,25 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         "score_tile": ring.score_tile_elems,
         "score_tile_bwd": ring.bwd_score_tile_elems,
         "threads": thread_pools(),
+        "load": load,
     }
     parts = comm.gather(local)
     if rank != 0:
         return 0
     return _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet)
+
+
+def reset_peak_rss(clear_refs: str = "/proc/self/clear_refs") -> bool:
+    """Reset this process's peak RSS (Linux's high-water mark, which ``peak_rss_bytes`` reads) to its RSS now, so
+    that a later peak counts only what came after: without it, a transient before the baseline (imports, numba
+    compiling, rank 0's measurement of the exponential) that was freed again would be counted as the run's memory.
+    False where the kernel offers no reset (not Linux, or /proc read-only): the peak is then the process's."""
+    try:
+        with open(clear_refs, "w") as f:
+            f.write("5")  # 5: reset the peak RSS only (proc(5)); page flags are left alone
+    except OSError:
+        return False
+    return True
 
 
 def _comm_only_steps(phase: str, nranks: int) -> int:
@@ -350,7 +382,8 @@ def _phase(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
 
 def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
     """Rank 0: the run record from the gathered parts (assemble), stored in ``out`` and printed (format_summary)."""
-    prov = provenance(parts, backend, cuda_aware, ring.blas)
+    spread = {ph: repeat_spread(np.max([p["phases"][ph]["samples"]["total_s"] for p in parts], axis=0)) for ph in cfg.phases}
+    prov = provenance(parts, backend, cuda_aware, ring.blas, spread)  # spread: of the pass time (slowest rank) over repeats
     rec = assemble(
         cfg,
         parts,
@@ -360,6 +393,7 @@ def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
         itemsize=np.dtype(ring.storage).itemsize,
         compute_itemsize=ring.compute.itemsize,
     )
+    rec.memory["peak_rss_bytes"][0] = peak_rss_bytes()  # rank 0's with the gathered parts and global tensors in it
     phases = {ph: rec.phase(ph) for ph in cfg.phases}
     where = None
     if out is not None:
@@ -433,8 +467,9 @@ def _global_tensors(cfg, parts) -> dict:
     return out
 
 
-def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
-    """The run's (or probe's) provenance from the gathered per-rank parts: ringbench.provenance plus MPI and the backend."""
+def provenance(parts, backend, cuda_aware: bool, blas: str, spread: dict | None = None) -> dict:
+    """The run's (or probe's) provenance from the gathered per-rank parts: ringbench.provenance plus MPI and the backend;
+    with each part's ``load`` (provenance.load_interval), the measurement's conditions (and the ``spread`` of its repeats)."""
     limit, set_by = thread_limit()
     info = {
         **versions(),
@@ -450,6 +485,8 @@ def provenance(parts, backend, cuda_aware: bool, blas: str) -> dict:
         "threads": {"limit": limit, "set_by": set_by, "ranks": [p.get("threads", []) for p in parts]},
         "exp": os.environ.get(kernel.EXP_ENV, ""),  # the kernel's exponential: 2, e or fused (one for every rank)
     }
+    if all("load" in p for p in parts):  # how busy each host was, for report, plot and advise (provenance.loaded)
+        info["conditions"] = conditions([p["load"] for p in parts], spread or {})
     info.update(comm.mpi_info())
     info.update(backend.versions())
     return info
@@ -495,6 +532,8 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
         f"({max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the interpreter "
         f"and libraries{', --check included' if cfg.check else ''})   {theo}"
     )
+    if loaded(prov.get("conditions")):
+        lines.append(f"  warning: measured on a loaded machine ({loaded(prov['conditions'])}): its times include the load")
     if where:
         lines.append(f"  saved {where}")
     return "\n".join(lines)
