@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from ringbench.engine.backend import get_backend  # noqa: E402
 from ringbench.harness import inputs  # noqa: E402
-from ringbench.harness.runner import git_commit  # noqa: E402
 from ringbench.kernels import kernel, reference  # noqa: E402
 from ringbench.layout import CAUSAL, FULL, Piece  # noqa: E402
+from ringbench.provenance import git_commit  # noqa: E402
 
 TARGET = 1.05  # ring / op
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}

@@ -203,7 +203,7 @@ def test_memory_estimate_covers_the_measured_peak(args, exp, tmp_path):
     compiled pass must be loaded on every rank before the baseline, not by the ring after it (+50 MB on rank 1)."""
     from ringbench.config import RunConfig
     from ringbench.engine.backend import get_backend
-    from ringbench.harness.runner import memory_estimate
+    from ringbench.harness.memory import memory_estimate
     from ringbench.kernels.kernel import fused_module
     from ringbench.kernels.mkl import MklMatmul
 

@@ -1,11 +1,11 @@
-"""The run record (runner.assemble) from fake gathered per-rank parts: no MPI launched."""
+"""The run record (record.assemble) from fake gathered per-rank parts, the memory check: no MPI launched."""
 
 import numpy as np
 import pytest
 
 from ringbench.analysis import measure
 from ringbench.config import RunConfig, point_id
-from ringbench.harness import runner
+from ringbench.harness import memory, record
 
 P, R, W = 2, 3, 1  # ranks, repeats, warm-ups
 
@@ -24,8 +24,8 @@ def _part(cfg: RunConfig, rank: int, rng) -> dict:
     only = {"fwd": P - 1, "bwd": P}
     phases = {
         ph: {
-            "samples": runner._stack(_passes(rng, R, steps[ph]), ""),
-            "warmup": runner._stack(_passes(rng, W, steps[ph]), "warmup_"),
+            "samples": record.stack_passes(_passes(rng, R, steps[ph]), ""),
+            "warmup": record.stack_passes(_passes(rng, W, steps[ph]), "warmup_"),
             "comm_only": rng.uniform(1e-4, 2e-4, (R, only[ph])),
             "check": None,
         }
@@ -52,7 +52,7 @@ def test_assemble_builds_the_run_record(pass_):
     parts = [_part(cfg, r, rng) for r in range(P)]
     prov = {"utc": "2026-01-01T00:00:00Z", "hosts": ["node0", "node1"]}
     traffic = {"fwd": 1000, "bwd": 3000}
-    rec = runner.assemble(cfg, parts, P, prov, traffic=traffic, itemsize=4, compute_itemsize=4)
+    rec = record.assemble(cfg, parts, P, prov, traffic=traffic, itemsize=4, compute_itemsize=4)
 
     assert rec.point_id == point_id(cfg, P)
     assert rec.nranks == P and rec.config == cfg.to_dict()
@@ -92,14 +92,14 @@ def test_auto_memory_refusal_names_the_cgroup_that_binds(monkeypatch):
 
     cfg = RunConfig(seq_len=4096, heads=2, head_dim=16)
     backend = get_backend("numpy")
-    monkeypatch.setattr(runner, "host_memory", lambda: (2**20, "its memory cgroup leaves (/sys/fs/cgroup/slurm/job_7)"))
-    msg = runner._memory_problem(cfg, 1, 0, backend)
+    monkeypatch.setattr(memory, "host_memory", lambda: (2**20, "its memory cgroup leaves (/sys/fs/cgroup/slurm/job_7)"))
+    msg = memory.memory_problem(cfg, 1, 0, backend)
     assert (
         msg.startswith("this problem needs about ")
         and "more than the 1.0 MiB its memory cgroup leaves (/sys/fs/cgroup/slurm/job_7);" in msg
     )
-    monkeypatch.setattr(runner, "host_memory", lambda: (2**50, "available there"))
-    assert runner._memory_problem(cfg, 1, 0, backend) is None
+    monkeypatch.setattr(memory, "host_memory", lambda: (2**50, "available there"))
+    assert memory.memory_problem(cfg, 1, 0, backend) is None
 
 
 def test_reset_peak_rss_forgets_a_transient_before_the_baseline(tmp_path):

@@ -281,7 +281,7 @@ def test_a_failed_check_is_the_reason_of_a_failed_point(tmp_path):
 
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text("import ringbench.kernels.backward as b\n\nb.TOLERANCE_BWD['float32'] = 1e-12\n")
+    (hook / "sitecustomize.py").write_text("import ringbench.kernels.reference as b\n\nb.TOLERANCE_BWD['float32'] = 1e-12\n")
     exp = write(
         tmp_path,
         """

@@ -212,10 +212,10 @@ def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
 def memory_estimate(opts: ProbeOptions, backend) -> tuple[int, int]:
     """Estimated peak (host, device) bytes of one rank of the probe, beyond the interpreter and libraries: the
     largest block's forward and backward, estimated as ``ringbench run`` estimates a one-rank run of that many
-    tokens (runner.memory_estimate: inputs, state, tiles, the backward's buffers), or its strided copy, or the
+    tokens (memory.memory_estimate: inputs, state, tiles, the backward's buffers), or its strided copy, or the
     ping-pong buffer of --max-bytes, whichever is largest (they run one after the other)."""
     from ringbench.config import RunConfig
-    from ringbench.harness import runner
+    from ringbench.harness import memory
 
     n = max(opts.block_sizes)
     cfg = RunConfig(
@@ -228,9 +228,9 @@ def memory_estimate(opts: ProbeOptions, backend) -> tuple[int, int]:
         backend=opts.backend,
         pass_="fwd+bwd",
     )
-    host, device = runner.memory_estimate(cfg, 1, 0, backend)
+    host, device = memory.memory_estimate(cfg, 1, 0, backend)
     copy = 2 * opts.batch * n * opts.heads * opts.head_dim * backend.dtype(opts.dtype).itemsize  # source and destination
-    host = max(host, runner.RANK_OVERHEAD + opts.max_bytes + (0 if backend.is_gpu else copy))
+    host = max(host, memory.RANK_OVERHEAD + opts.max_bytes + (0 if backend.is_gpu else copy))
     return host, max(device, copy) if backend.is_gpu else 0
 
 
@@ -361,14 +361,14 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
         summary["slowest_link"] = slowest
     else:
         summary["latency_s"] = summary["bandwidth_Bps"] = float("nan")
-    from ringbench.harness import runner
+    from ringbench.harness import record
 
     spread = {  # max / min of each timed kernel's repeats (the median over block sizes and ranks): noise, load
         key: repeat_spread(np.stack([p[key] for p in parts], axis=2).transpose(1, 0, 2))  # (R, K, P)
         for key in ("compute", "causal", "bwd_compute", "bwd_causal")
     }
     spread["copy"] = repeat_spread(copy_s)
-    prov = runner.provenance(parts, backend, cuda_aware=False, blas=backend.matmul("auto")[1], spread=spread)
+    prov = record.provenance(parts, backend, cuda_aware=False, blas=backend.matmul("auto")[1], spread=spread)
     cfg = asdict(opts)
     cfg["kv_heads"] = hk
     cfg["block_sizes"] = list(opts.block_sizes)

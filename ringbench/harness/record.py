@@ -1,0 +1,183 @@
+"""The run record: what rank 0 assembles from every rank's gathered part, and the summary ``ringbench run`` prints.
+
+Pure: no MPI, no file I/O, no printing (the runner gathers, stores and prints). :func:`assemble` makes the
+store.Run of a run from the gathered parts, the provenance and the traffic the engine reports; :func:`phase_record`
+one timed phase (samples (R, P, ...), summary, check); :func:`format_summary` the lines a run prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ringbench import store
+from ringbench.analysis import measure
+from ringbench.config import point_id
+from ringbench.engine import comm
+from ringbench.engine.backend import thread_limit
+from ringbench.harness import check
+from ringbench.kernels import backward, kernel
+from ringbench.layout import unmasked_pairs
+from ringbench.provenance import argv, conditions, git_commit, loaded, utc_now, versions
+
+
+def stack_passes(passes, prefix: str) -> dict:
+    names = ("compute_s", "comm_s", "step_s")
+    out = {prefix + n: np.array([p[i] for p in passes]) for i, n in enumerate(names)}
+    out[prefix + "total_s"] = np.array([p[3] for p in passes])
+    return out
+
+
+def phase_record(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
+    """One timed phase's samples (R, P, ...), summary and check, from every rank's part."""
+    got = [p["phases"][phase] for p in parts]
+    samples = {}
+    for key in got[0]["samples"]:
+        samples[key] = np.stack([g["samples"][key] for g in got], axis=1)  # (R, P, ...)
+    for key in got[0]["warmup"]:
+        samples[key] = np.stack([g["warmup"][key] for g in got], axis=1)
+    samples["comm_only_s"] = np.stack([g["comm_only"] for g in got], axis=1)  # (C, P, steps)
+    pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
+    flops = backward.phase_flops(phase, cfg.batch, cfg.heads, cfg.head_dim, pairs)  # backward: 2.5 x forward
+    summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank, unmasked_pairs=pairs)
+    check_res = check.summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
+    return store.Phase(samples=samples, summary=summary, check=check_res)
+
+
+def assemble(cfg, parts: list, nranks: int, prov: dict, *, traffic: dict, itemsize: int, compute_itemsize: int) -> store.Run:
+    """The run record from every rank's gathered part (what ``run`` gathers), the provenance and what the ring
+    reports: ``traffic`` {phase: bytes per rank per pass}, the storage and compute dtypes' ``itemsize``.
+
+    Pure: no MPI, no printing, no file I/O (``_finish`` stores and prints it).
+    """
+    phases = {ph: phase_record(cfg, parts, nranks, ph, traffic[ph]) for ph in cfg.phases}
+    shape = dict(
+        batch=cfg.batch,
+        local_q=cfg.seq_len // nranks,
+        heads=cfg.heads,
+        kv_heads=cfg.kv_heads_resolved,
+        head_dim=cfg.head_dim,
+        itemsize=itemsize,
+        compute_itemsize=compute_itemsize,
+    )
+    memory = {
+        "peak_rss_bytes": np.array([p["peak_rss"] for p in parts]),
+        "baseline_rss_bytes": np.array([p["baseline_rss"] for p in parts]),
+        "device_pool_bytes": np.array([p["pool"] for p in parts]),
+        "theoretical_bytes": measure.theoretical_bytes(**shape, score_tile_elems=parts[0]["score_tile"]),
+    }
+    if "bwd" in phases:
+        memory["theoretical_bwd_bytes"] = measure.theoretical_bwd_bytes(**shape, score_tile_elems=parts[0]["score_tile_bwd"])
+    tensors = _global_tensors(cfg, parts) if cfg.save_tensors else {}
+    fwd = phases.get("fwd", store.Phase())
+    return store.Run(
+        point_id=point_id(cfg, nranks),
+        nranks=nranks,
+        config=cfg.to_dict(),
+        provenance=prov,
+        samples=fwd.samples,
+        summary=fwd.summary,
+        memory=memory,
+        check=fwd.check,
+        tensors=tensors,
+        created_utc=prov["utc"],
+        bwd=phases.get("bwd"),
+    )
+
+
+def _global_tensors(cfg, parts) -> dict:
+    """q, k, v, out (and do, dq, dk, dv with a backward) in global token order."""
+    hk = cfg.kv_heads_resolved
+    shapes = {"q": cfg.heads, "k": hk, "v": hk, "out": cfg.heads}
+    if "bwd" in cfg.phases:
+        shapes.update(do=cfg.heads, dq=cfg.heads, dk=hk, dv=hk)
+    first = parts[0]["tensors"][1]["q"]
+    out = {k: np.empty((cfg.batch, cfg.seq_len, h, cfg.head_dim), first.dtype) for k, h in shapes.items()}
+    for p in parts:
+        pos, host, o, grads = p["tensors"]
+        for k in host:
+            out[k][:, pos] = host[k]
+        out["out"][:, pos] = o
+        for k, g in zip(check.GRADS, grads or ()):
+            out[k][:, pos] = g
+    if first.dtype.kind == "V" or str(first.dtype) == "bfloat16":  # h5py cannot store bfloat16: widen
+        out = {k: v.astype(np.float32) for k, v in out.items()}
+    return out
+
+
+def provenance(parts, backend, cuda_aware: bool, blas: str, spread: dict | None = None) -> dict:
+    """The run's (or probe's) provenance from the gathered per-rank parts: ringbench.provenance plus MPI and the backend;
+    with each part's ``load`` (provenance.load_interval), the measurement's conditions (and the ``spread`` of its repeats)."""
+    limit, set_by = thread_limit()
+    info = {
+        **versions(),
+        "git_commit": git_commit(),
+        "hosts": sorted({p["host"] for p in parts}),
+        "rank_hosts": [p["host"] for p in parts],
+        "devices": [p["device"] for p in parts],
+        "backend": backend.name,
+        "cuda_aware": bool(cuda_aware),
+        "blas": blas,
+        "utc": utc_now(),
+        "argv": argv(),
+        "threads": {"limit": limit, "set_by": set_by, "ranks": [p.get("threads", []) for p in parts]},
+        "exp": os.environ.get(kernel.EXP_ENV, ""),  # the kernel's exponential: 2, e or fused (one for every rank)
+    }
+    if all("load" in p for p in parts):  # how busy each host was, for report, plot and advise (provenance.loaded)
+        info["conditions"] = conditions([p["load"] for p in parts], spread or {})
+    info.update(comm.mpi_info())
+    info.update(backend.versions())
+    return info
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms"
+
+
+def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
+    hk = cfg.kv_heads_resolved
+    lines = [
+        f"ringbench run: {cfg.mode} {cfg.layout}{' causal' if cfg.causal else ''} {cfg.dtype} "
+        f"N={cfg.seq_len} P={nranks} B={cfg.batch} H={cfg.heads}/{hk} D={cfg.head_dim} pass {cfg.pass_} "
+        f"[{cfg.backend}, {prov['mpi_library']}]",
+    ]
+    titled = cfg.pass_ != "fwd"  # a forward-only run prints as before
+    ind = "    " if titled else "  "
+    for name, ph in phases.items():
+        s, chk = ph.summary, ph.check
+        if titled:
+            lines.append(f"  {'forward' if name == 'fwd' else 'backward'}:")
+        lines += [
+            f"{ind}time {_ms(s['time_s'])} (median of {cfg.repeat}; min {_ms(s['time_min_s'])}, max {_ms(s['time_max_s'])})"
+            f"   {s['tflops']:.3f} TFLOP/s",
+            f"{ind}compute {_ms(s['compute_s'])}   exposed comm {_ms(s['exposed_comm_s'])}   comm alone "
+            f"{_ms(s['comm_alone_s'])}   overlap {_pct(s['overlap_eff'])}   link {s['bandwidth_gbps']:.2f} GB/s   "
+            f"imbalance {_pct(s['imbalance'])}",
+        ]
+        if chk and name == "fwd":
+            lines.append(
+                f"{ind}check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
+                f"(tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}"
+            )
+        elif chk:
+            errs = ", ".join(f"{n} {chk[n + '_rel_err']:.2e}" for n in check.GRADS)
+            lines.append(f"{ind}check vs float64 gradients: rel err {errs} (tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}")
+    theo = f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank"
+    if "theoretical_bwd_bytes" in memory:
+        theo += f" (forward), {memory['theoretical_bwd_bytes'] / 2**20:.1f} MiB/rank (backward)"
+    lines.append(
+        f"  peak RSS {max(memory['peak_rss_bytes']) / 2**20:.0f} MiB/rank "
+        f"({max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the interpreter "
+        f"and libraries{', --check included' if cfg.check else ''})   {theo}"
+    )
+    if loaded(prov.get("conditions")):
+        lines.append(f"  warning: measured on a loaded machine ({loaded(prov['conditions'])}): its times include the load")
+    if where:
+        lines.append(f"  saved {where}")
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.0f}%"
