@@ -59,7 +59,7 @@ COMPUTE, COMPUTE_ALT, COMM, OTHER = "#4C72B0", "#7EA6D8", "#DD8452", "#C8C8C8"
 
 # Every configuration field but one: what a line keeps fixed while the rank count varies. The kernel and the GEMM
 # library are among them (as in results.COMPARE_KEY): native and torch runs are never one line.
-SHAPE_KEYS = ("dtype", "batch", "heads", "kv_heads", "head_dim", "backend", "progress", "kernel", "blas")
+SHAPE_KEYS = results.keys("shape")  # results.IDENTITY: dtype, batch, heads, kv_heads, head_dim, backend, kernel, blas, progress
 RING_MODES = ("overlap", "blocking", "allgather")  # the modes whose steps the timeline draws (ring steps)
 # what a stored configuration from before a key existed ran (as results.row reads it)
 CONFIG_DEFAULTS = {"kernel": "native", "blas": "auto", "pass": "fwd"}

@@ -24,28 +24,49 @@ from ringbench.analysis import measure
 from ringbench.analysis.model import Shape, block_bytes
 from ringbench.config import MODES, stored_point_id
 
-CONFIG_COLUMNS = (
-    "pass",
-    "mode",
-    "ulysses_degree",
-    "layout",
-    "causal",
-    "dtype",
-    "seq_len",
-    "nranks",
-    "batch",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "backend",
-    "kernel",
-    "blas",
-    "progress",
-    "tile_q",
-    "repeat",
-    "warmup",
-    "seed",
+# ---------------------------------------------------------------------------------------------
+# Which configuration a row is: one table. Every key a row carries from its run's configuration, in column order,
+# with the value of runs stored before the key existed and its roles:
+#   strategy  what strategies side by side differ in (the mode, hybrid's Ulysses degree)
+#   compare   what makes two rows the same configuration, compared side by side across strategies (COMPARE_KEY)
+#             and across phases (PHASE_KEY)
+#   shape     what a figure's line is kept apart by, and named by when it varies (plot.SHAPE_KEYS)
+#   sort      the order of rows in tables and figures (sort_key), in this order, then the mode and the phase
+# A new configuration key is one line here (and its value for old runs), and every table, comparison, figure
+# and CSV column follows. ``pass`` is a column, not a comparison key: a row's ``phase`` stands for it.
+# ---------------------------------------------------------------------------------------------
+IDENTITY = (
+    # name, value in runs stored before the key existed, roles
+    ("pass", "fwd", ()),
+    ("mode", None, ("strategy",)),
+    ("ulysses_degree", 1, ("strategy",)),
+    ("layout", None, ("compare", "sort")),
+    ("causal", None, ("compare", "sort")),
+    ("dtype", None, ("compare", "shape", "sort")),
+    ("seq_len", None, ("compare",)),
+    ("nranks", None, ("compare",)),
+    ("batch", None, ("compare", "shape", "sort")),
+    ("heads", None, ("compare", "shape", "sort")),
+    ("kv_heads", None, ("compare", "shape", "sort")),
+    ("head_dim", None, ("compare", "shape", "sort")),
+    ("backend", None, ("compare", "shape")),
+    ("kernel", "native", ("compare", "shape")),
+    ("blas", "auto", ("compare", "shape")),
+    ("progress", None, ("shape",)),
+    ("tile_q", None, ()),
+    ("repeat", None, ()),
+    ("warmup", None, ()),
+    ("seed", None, ()),
 )
+CONFIG_COLUMNS = tuple(name for name, _, _ in IDENTITY)
+DEFAULTS = {name: default for name, default, _ in IDENTITY if default is not None}
+
+
+def keys(role: str) -> tuple:
+    """The configuration keys of ``role`` (``IDENTITY``), in column order."""
+    return tuple(name for name, _, roles in IDENTITY if role in roles)
+
+
 SUMMARY_COLUMNS = tuple(m.key for m in measure.SUMMARY if m.column)  # the summary metrics (measure.SUMMARY)
 # measure.CONFIDENCE intervals of the median over repeats (measure.median_ci); time_ci_rel = half-width / time_s.
 # Empty (None) for failed runs, runs read without samples and runs with fewer than measure.MIN_REPEATS repeats.
@@ -69,23 +90,14 @@ COLUMNS = (
     + ("rel_err", "check_passed", "host", "backend_device", "mpi_library", "created_utc")
 )
 
-# What identifies a configuration apart from the mode: rows with the same key are compared side by side.
+# What identifies a configuration apart from the strategy: rows with the same key are compared side by side.
 # The kernel (native, torch, flash-attn) and the GEMM library are part of it: native and torch runs are never pooled.
-COMPARE_KEY = (
-    "phase",
-    "layout",
-    "causal",
-    "dtype",
-    "seq_len",
-    "nranks",
-    "batch",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "backend",
-    "kernel",
-    "blas",
-)
+COMPARE_KEY = ("phase",) + keys("compare")
+# What identifies a configuration apart from the phase (and the pass that ran it): fwd and bwd rows with the same
+# key are shown side by side, whether one fwd+bwd run or matched fwd and bwd runs measured them.
+PHASE_KEY = keys("strategy") + keys("compare")
+# Order of rows in tables and figures: the configuration (layout, mask, dtype, shape), then N, P, the mode, the phase.
+SORT_KEY = keys("sort") + ("seq_len", "nranks", "mode")
 
 
 def load(paths) -> list[store.Run]:
@@ -106,12 +118,9 @@ def row(run: store.Run, phase: str = "fwd") -> dict:
     s = ph.summary
     pid = stored_point_id(cfg, run.nranks, run.point_id)  # runs stored under an older 8-hex id line up with their point
     out = {"file": run.path, "name": run.name, "point_id": pid, "status": run.status, "error": run.error, "phase": phase}
-    for k in CONFIG_COLUMNS:
-        out[k] = run.nranks if k == "nranks" else cfg.get(k)
-    out["ulysses_degree"] = int(cfg.get("ulysses_degree", 1) or 1)  # hybrid's all-to-all group size (1 in v1 files)
-    out["pass"] = out["pass"] or "fwd"  # version-1 runs and runs from before `pass`: forward only
-    out["kernel"] = out["kernel"] or "native"  # version-1 runs and runs from before `kernel`: ringbench's own kernel
-    out["blas"] = out["blas"] or "auto"  # runs from before `blas`: the default
+    for k in CONFIG_COLUMNS:  # a key the run was stored without: its value then (IDENTITY; version-1 runs, older runs)
+        out[k] = run.nranks if k == "nranks" else (cfg.get(k) or DEFAULTS.get(k, cfg.get(k)))
+    out["ulysses_degree"] = int(out["ulysses_degree"])  # hybrid's all-to-all group size
     try:
         shape = Shape.from_config(cfg, run.nranks)
         out["tokens_per_rank"], out["block_bytes"] = shape.n_local, block_bytes(shape)
@@ -238,11 +247,6 @@ def compare_modes(table: list[dict]) -> list[dict]:
     return sorted(out, key=lambda d: tuple(_orderable(d[k]) for k in COMPARE_KEY) + mode_order(d["mode"]) + mode_order(d["other"]))
 
 
-# What identifies a configuration apart from the phase (and the pass that ran it): fwd and bwd rows with the same
-# key are shown side by side, whether one fwd+bwd run or matched fwd and bwd runs measured them.
-PHASE_KEY = ("mode", "ulysses_degree") + tuple(k for k in COMPARE_KEY if k != "phase")
-
-
 def phase_pairs(table: list[dict]) -> list[dict]:
     """The forward and backward of each configuration (``PHASE_KEY``), side by side.
 
@@ -294,20 +298,9 @@ def _ci_rel(values) -> float | None:
 
 
 def sort_key(r: dict):
-    """Order of rows in tables and figures: configuration, then N, P and mode (modes of one point adjacent)."""
-    return (
-        r["layout"],
-        bool(r["causal"]),
-        r["dtype"],
-        r["batch"],
-        r["heads"],
-        r["kv_heads"],
-        r["head_dim"],
-        r["seq_len"],
-        r["nranks"],
-        r["mode"],
-        r.get("phase", "fwd") != "fwd",  # the forward first
-    )
+    """Order of rows in tables and figures (``SORT_KEY``): configuration, then N, P and mode (modes of one point
+    adjacent), the forward first."""
+    return tuple(bool(r[k]) if k == "causal" else r[k] for k in SORT_KEY) + (r.get("phase", "fwd") != "fwd",)
 
 
 def shape(r: dict, nranks: int | None = None) -> Shape:
