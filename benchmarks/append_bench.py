@@ -87,7 +87,7 @@ def _old_rewriting(path):
 def old_append(path, run: store.Run) -> str:
     with _old_rewriting(path) as f:
         name = store._free_name(f["runs"], run.point_id)
-        store._write_run(f["runs"].create_group(name), run)
+        store.write_run_group(f["runs"].create_group(name), run)
     return name
 
 

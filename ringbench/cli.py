@@ -388,7 +388,7 @@ def _write_csv(runs, path: str) -> None:
             os.unlink(tmp)
 
 
-def _missing(*modules: str) -> str | None:
+def missing_modules(*modules: str) -> str | None:
     import importlib.util
 
     gone = [m for m in modules if importlib.util.find_spec(m) is None]
@@ -564,7 +564,7 @@ def plot_parser() -> argparse.ArgumentParser:
 def cmd_plot(argv: list[str]) -> int:
     """Draw scaling, overlap, timeline, breakdown and model figures."""
     prog = f"{PROG} plot"
-    err = _missing("matplotlib")
+    err = missing_modules("matplotlib")
     if err:
         return fail(prog, err)
     try:

@@ -111,3 +111,57 @@ def small_results(tmp_path_factory) -> Path:
         )
         assert res.returncode == 0, res.stderr
     return path
+
+
+class LoopBack:
+    """An exchange whose every neighbour is this rank: what is sent is what is received."""
+
+    posted = False
+
+    def post_all(self, pairs):
+        for send, recv in pairs:
+            recv[...] = send
+        self.posted = True
+
+    def wait(self):
+        self.posted = False
+
+    def test(self):
+        return True
+
+    def sendrecv_all(self, pairs, tag=1):
+        for send, recv in pairs:
+            recv[...] = send
+
+    def allgather(self, local, out):
+        out[...] = local
+
+    def alltoall(self, send, recv):
+        recv[...] = send
+
+
+def write_v1(path, names=("p1", "p1~2"), probe=True):
+    import json
+
+    import h5py
+
+    """A result file as ringbench 0.1 wrote it (schema version 1: no run_id, no probe_id); every run made in one second."""
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "ringbench-results"
+        f.attrs["schema_version"] = 1
+        runs = f.create_group("runs", track_order=True)
+        for i, name in enumerate(names):
+            g = runs.create_group(name)
+            g.attrs.update(point_id="p1", nranks=2, status="ok", created_utc="2025-06-01T00:00:00+00:00")
+            g.attrs["config"] = json.dumps({"seq_len": 8}, sort_keys=True)
+            g.attrs["provenance"] = json.dumps({"hosts": ["h"]}, sort_keys=True)
+            g.create_group("config").attrs["seq_len"] = 8
+            g.create_group("samples").create_dataset("total_s", data=np.full((3, 2), float(i)))
+            g.create_group("summary").attrs["time_s"] = float(i)
+            g.create_group("memory")
+        if probe:
+            p = f.create_group("probes").create_group("probe-P2")
+            p.attrs.update(nranks=2, created_utc="2025-06-01T00:00:00+00:00", config="{}", provenance="{}")
+            p.create_group("samples").create_dataset("msg_bytes", data=np.array([8]))
+            p.create_group("summary").attrs["rate_flops"] = 1.0
+    return path

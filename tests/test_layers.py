@@ -211,3 +211,43 @@ def test_the_checks_see_lazy_imports_and_cycles():
     assert _imported(tree, modules) == {"ringbench.engine.comm", "mpi4py", "ringbench.store"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "numpy"}, "b": set()}) is None
+
+
+# Modules whose tests live under another name (test files keep unique names across folders: pytest imports them by
+# basename): module -> the test file(s) that test it.
+TESTED_IN = {
+    "ringbench.cli": ["tests/test_cli_inputs.py"],
+    "ringbench.yamlfile": ["tests/sweeps/test_experiment.py", "tests/analysis/test_advise.py"],
+    "ringbench.kernels.api": ["tests/kernels/test_kernel_api.py"],
+    "ringbench.kernels.tiling": ["tests/kernels/test_kernel_tiling.py"],
+    "ringbench.engine.api": ["tests/engine/test_engine_api.py"],
+    "ringbench.engine.comm": ["tests/engine/test_faults.py", "tests/engine/test_engine_api.py"],
+    "ringbench.engine.hybrid": ["tests/engine/test_strategies.py"],
+    "ringbench.engine.passq": ["tests/engine/test_passq_backward.py", "tests/engine/test_strategies.py"],
+    "ringbench.harness.memory": ["tests/harness/test_run_mpi.py", "tests/harness/test_runner_record.py"],
+    "ringbench.harness.record": ["tests/harness/test_runner_record.py"],
+    "ringbench.harness.runner": ["tests/harness/test_run_mpi.py"],
+    "ringbench.analysis.report": ["tests/analysis/test_results.py", "tests/analysis/test_strategy_map.py"],
+}
+
+
+def test_tests_mirror_the_folders_and_every_module_has_a_test_file():
+    """ringbench/FOLDER/MOD.py is tested in tests/FOLDER/test_MOD.py (the top level in tests/test_MOD.py), or in the
+    files TESTED_IN names, which must exist; no test file sits in a folder the package lacks."""
+    missing = []
+    for mod in _modules():
+        parts = mod.split(".")
+        if mod == "ringbench" or parts[-1] == "__main__" or (len(parts) == 2 and parts[1] in FOLDERS and parts[1] != "store"):
+            continue
+        if mod in TESTED_IN:
+            files = [ROOT / f for f in TESTED_IN[mod]]
+            ok = all(f.exists() for f in files)
+        else:
+            folder = parts[1] if parts[1] in FOLDERS else ""
+            ok = (ROOT / "tests" / folder / f"test_{parts[-1]}.py").exists()
+        if not ok:
+            missing.append(mod)
+    assert not missing, f"modules without their test file: {missing}"
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        rel = path.relative_to(ROOT / "tests")
+        assert len(rel.parts) == 1 or rel.parts[0] in FOLDERS, f"{rel}: tests mirror the package's folders"

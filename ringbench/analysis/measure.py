@@ -177,7 +177,7 @@ def per_repeat(samples: dict) -> dict:
     }
 
 
-def _resampled_medians(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+def resampled_medians(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
     """Medians of ``resamples`` resamples of ``values`` drawn with replacement, each of the same size.
 
     The values are sorted once; then sorting a resample's indices sorts the resample, and its median is read
@@ -211,7 +211,7 @@ def median_ci(values, *, confidence: float = CONFIDENCE, resamples: int = RESAMP
     med = float(np.median(values))
     if values.size < MIN_REPEATS:
         return med, float("nan"), float("nan")
-    meds = _resampled_medians(values, resamples, np.random.default_rng(seed))
+    meds = resampled_medians(values, resamples, np.random.default_rng(seed))
     lo, hi = np.quantile(meds, [lo_q, hi_q])
     return med, float(lo), float(hi)
 
@@ -257,7 +257,7 @@ def compare(base, new, *, confidence: float = CONFIDENCE, resamples: int = RESAM
     if min(base.size, new.size) < MIN_REPEATS:
         return Comparison(ratio, float("nan"), float("nan"), TOO_FEW, base.size, new.size)
     rng = np.random.default_rng(seed)
-    ratios = _resampled_medians(base, resamples, rng) / _resampled_medians(new, resamples, rng)
+    ratios = resampled_medians(base, resamples, rng) / resampled_medians(new, resamples, rng)
     lo, hi = (float(x) for x in np.quantile(ratios, [lo_q, hi_q]))
     verdict = SIGNIFICANT if (lo > 1 or hi < 1) else NOT_SIGNIFICANT
     return Comparison(ratio, lo, hi, verdict, base.size, new.size)

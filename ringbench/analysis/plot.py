@@ -685,7 +685,7 @@ STRATEGY_COLORS = {"overlap": "#4c72b0", "blocking": "#c44e52", "allgather": "#5
 HYBRID_COLORS = ("#dd8452", "#da8bc3", "#937860", "#64b5cd")
 
 
-def _strategy_color(label: str) -> str:
+def strategy_color(label: str) -> str:
     if label.startswith("hybrid U="):  # U = 2, 4, 8, 16 ...: one colour each
         return HYBRID_COLORS[(int(label.split("=")[1]).bit_length() - 2) % len(HYBRID_COLORS)]
     return STRATEGY_COLORS.get(label, "0.5")
@@ -719,7 +719,7 @@ def strategy_map(runs, cal: model.Calibration | None):
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.0 + 4.8 * len(panels)), squeeze=False)
     for ax, points in zip(axes[:, 0], panels):
         _strategy_panel(ax, points, labels, cal)
-    handles = [matplotlib.patches.Patch(color=_strategy_color(s), alpha=0.6, label=s) for s in labels]
+    handles = [matplotlib.patches.Patch(color=strategy_color(s), alpha=0.6, label=s) for s in labels]
     handles += [
         matplotlib.lines.Line2D([], [], marker="o", ms=9, mfc="0.6", mec="k", mew=1.5, ls="none", label="measured winner (significant)"),
         matplotlib.lines.Line2D([], [], marker="X", ms=8, mfc="white", mec="0.35", ls="none", label="tie within the noise"),
@@ -755,7 +755,7 @@ def _strategy_panel(ax, points: list[dict], labels: list[str], cal: model.Calibr
                         times[labels.index(s)] = t
             if times:
                 winner[j, i] = min(times, key=times.get)
-    colors = ["white"] + [_strategy_color(s) for s in labels]
+    colors = ["white"] + [strategy_color(s) for s in labels]
     ax.pcolormesh(
         _edges(grid_n),
         _edges(grid_p),
@@ -768,7 +768,7 @@ def _strategy_panel(ax, points: list[dict], labels: list[str], cal: model.Calibr
     for p in points:
         x, y = p["seq_len"], p["nranks"]
         if p["winner"]:
-            ax.plot(x, y, "o", ms=15, mfc=_strategy_color(p["winner"]), mec="k", mew=1.5, zorder=3)
+            ax.plot(x, y, "o", ms=15, mfc=strategy_color(p["winner"]), mec="k", mew=1.5, zorder=3)
             ci = "" if p["ci_lo"] is None else f" [{p['ci_lo']:.2f}, {p['ci_hi']:.2f}]"
             text = f"{p['winner']} {p['speedup']:.2f}x{ci}\nover {p['runner_up']}"
         else:

@@ -145,7 +145,7 @@ class FusedAttention:
         if not self.gpu:
             self.call = _cpu_call(torch, sc)
         else:
-            self.call = _flash_attn_call(scale=sc) if kernel == "flash-attn" else _cuda_call(torch, self._tdtype, scale=sc)
+            self.call = flash_attn_call(scale=sc) if kernel == "flash-attn" else cuda_call(torch, self._tdtype, scale=sc)
         self.library = _describe(torch, kernel, self.gpu, self._tdtype)
 
     def reset(self) -> None:
@@ -314,7 +314,7 @@ def _cpu_call(torch, scale: float = 1.0):
     return call
 
 
-def _cuda_call(torch, dtype, aten=None, scale: float = 1.0):
+def cuda_call(torch, dtype, aten=None, scale: float = 1.0):
     """CUDA: flash attention for half precision, memory-efficient attention for float32 (both return the lse).
 
     ``aten``: where the two ops are looked up (``torch.ops.aten``; tests pass CPU stand-ins)."""
@@ -343,7 +343,7 @@ def _cuda_call(torch, dtype, aten=None, scale: float = 1.0):
     return call
 
 
-def _flash_attn_call(flash_attn_func=None, scale: float = 1.0):
+def flash_attn_call(flash_attn_func=None, scale: float = 1.0):
     if flash_attn_func is None:
         from flash_attn import flash_attn_func
 

@@ -92,7 +92,7 @@ the file, and a crash (even SIGKILL or power loss) at any moment leaves every ea
   and used ``FILE.lock``): only files nobody holds a lock on.
 - A write that fails (a full disk, a quota, a write cut short: ``_write_fully``) rolls the append back as above,
   or removes the temporary of a new file, and raises OSError naming the file (ENOSPC for a full disk; EIO for a
-  write cut short twice). HDF5 is never handed the exception: both kinds of write go through ``_JournaledFile``,
+  write cut short twice). HDF5 is never handed the exception: both kinds of write go through ``JournaledFile``,
   which keeps the first error, writes nothing more and raises it once HDF5 has returned (h5py 3.16 crashed the
   process on an exception in its driver's callbacks). ``write_error`` words it for ``--out``.
 - The journal path must be free or a regular file: a directory, FIFO or link there is refused (SchemaError) by
@@ -402,7 +402,7 @@ def _sweep(real: Path) -> None:
             os.close(tfd)
 
 
-class _JournaledFile:
+class JournaledFile:
     """The result file as h5py's ``fileobj`` driver sees it: bytes at or past ``size`` are written through,
     writes below it are buffered until ``commit`` (see the module docstring).
 
@@ -546,7 +546,7 @@ def _append_in_place(real: Path, fd: int, fn):
     try:
         with contextlib.suppress(OSError):  # whoever may write the file may roll its journal back
             os.fchmod(jfd, stat.S_IMODE(st.st_mode) & 0o666)
-        wrapper = _JournaledFile(fd, st.st_size, jfd, real)
+        wrapper = JournaledFile(fd, st.st_size, jfd, real)
         f = None
         try:
             head = struct.pack("<8sQQQ", _MAGIC, st.st_size, st.st_dev, st.st_ino)
@@ -578,7 +578,7 @@ def _append_in_place(real: Path, fd: int, fn):
 _RETRY = object()
 
 
-def _raise_write_error(wrapper: _JournaledFile, exc: BaseException) -> None:
+def _raise_write_error(wrapper: JournaledFile, exc: BaseException) -> None:
     """Raise the write error that ``wrapper`` kept from HDF5 instead of ``exc`` (what HDF5 made of it), if any."""
     if wrapper.error is not None and isinstance(exc, Exception) and exc is not wrapper.error:
         raise wrapper.error from None
@@ -599,7 +599,7 @@ def _create(real: Path, fn):
         if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
             break
         os.close(fd)  # swept by another writer between open and flock: take another name
-    wrapper = _JournaledFile(fd, 0, None, real)  # every write goes straight to the temporary; errors kept from HDF5
+    wrapper = JournaledFile(fd, 0, None, real)  # every write goes straight to the temporary; errors kept from HDF5
     try:
         try:
             with h5py.File(wrapper, "w", locking=False) as f:
@@ -705,7 +705,7 @@ def append(path, run: Run) -> str:
 
     def add(f):
         name = _free_name(f["runs"], run.point_id)
-        _write_run(f["runs"].create_group(name), run)
+        write_run_group(f["runs"].create_group(name), run)
         return name
 
     return _update(path, add)
@@ -830,7 +830,7 @@ def _free_name(runs: h5py.Group, base: str) -> str:
     return f"{base}~{k}"
 
 
-def _write_run(g: h5py.Group, run: Run) -> None:
+def write_run_group(g: h5py.Group, run: Run) -> None:
     g.attrs["run_id"] = run.run_id
     g.attrs["point_id"] = run.point_id
     g.attrs["nranks"] = int(run.nranks)

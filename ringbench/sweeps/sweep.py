@@ -565,7 +565,7 @@ def queued_points(lay: ResultDir) -> set[str]:
 _REASON_RE = re.compile(r"^(timed out after .*? \(killed\)|killed by signal \S+|exit status \d+)(: |$)")
 
 
-def _failure_detail(error: str, log: Path) -> str:
+def failure_detail(error: str, log: Path) -> str:
     """One line for a failed point: the launcher's reason (a timeout, a signal) or the error's first line, and the log."""
     first = error.splitlines()[0] if error else "failed"
     m = _REASON_RE.match(first)
@@ -596,7 +596,7 @@ def status_text(exp: Experiment, lay: ResultDir) -> str:
             detail = f"job {job[0]}_{job[1]} {q.lower()}" + (" (retry)" if run is not None else "")
         elif run is not None:
             word = _state_word(run)
-            detail = _point_result(run) if run.status == "ok" else _failure_detail(run.error, lay.log(p.id))
+            detail = _point_result(run) if run.status == "ok" else failure_detail(run.error, lay.log(p.id))
         elif job:
             word, detail = "missing", f"job {job[0]}_{job[1]} ended without a result; see {lay.logs}"
         else:

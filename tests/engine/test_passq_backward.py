@@ -137,7 +137,7 @@ def test_load_gives_the_bits_of_a_backward_built_on_those_rows():
 @pytest.mark.mpi
 def test_memory_estimate_covers_the_measured_peak_of_fwd_bwd(tmp_path):
     """pass-q's estimate (its travelling queries and partials, the bundles and dQ partials of the backward) is not below
-    what a real fwd+bwd run uses, and not so loose that it refuses what fits (as tests/test_run_mpi.py asks of the ring)."""
+    what a real fwd+bwd run uses, and not so loose that it refuses what fits (as tests/harness/test_run_mpi.py asks of the ring)."""
     from ringbench.engine.backend import get_backend
     from ringbench.harness.memory import memory_estimate
     from ringbench.kernels.mkl import MklMatmul

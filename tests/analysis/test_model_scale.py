@@ -1,6 +1,6 @@
 """The model at scale (issue 15, item 6): its step classes and exact sums against the (P, P) evaluation they replaced.
 
-tests/model_reference.py is the model's code before the step classes (every rank, every step, every piece); the new
+tests/analysis/model_reference.py is the model's code before the step classes (every rank, every step, every piece); the new
 code must give the same predictions bit for bit wherever the old one finishes: every layout, causal or not, every
 mode and Ulysses degree, P = 1..64, forward, backward and both, each kind of calibration. Times are not asserted
 here: benchmarks/advise_bench.py checks the target (advise up to P = 16384 in under 1 s).

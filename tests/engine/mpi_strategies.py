@@ -1,4 +1,4 @@
-"""Run under mpiexec by tests/test_strategies.py: every strategy x layout x causal x GQA x dtype at this rank count,
+"""Run under mpiexec by tests/engine/test_strategies.py: every strategy x layout x causal x GQA x dtype at this rank count,
 checked against the float64 reference in one launch. Prints 'checked K' from rank 0; any failure raises (the job aborts)."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Run under ``mpiexec -n P`` by tests/test_random_shapes.py: a seeded random search over shapes at this rank count, in
+"""Run under ``mpiexec -n P`` by tests/engine/test_random_shapes.py: a seeded random search over shapes at this rank count, in
 one launch. Every case is a :class:`RunConfig` drawn by :func:`draw_cases` (head dims 1..256, tokens per rank 1..300,
 GQA ratios, batch, dtype, causal, layout, every mode of config.MODES with its Ulysses degree, pass fwd or bwd, tile_q),
 after the pinned regression cases (:func:`pinned_cases`); each runs through the real ring or strategy object over MPI

@@ -21,7 +21,7 @@ SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet"
 
 
 def launch_cases(nranks, **spec):
-    """Run tests/ring_backward_worker.py at ``nranks`` ranks; its cases (layouts x modes x causal) as dicts."""
+    """Run tests/engine/ring_backward_worker.py at ``nranks`` ranks; its cases (layouts x modes x causal) as dicts."""
     return mpi_worker(WORKER, nranks, spec)
 
 
@@ -199,7 +199,7 @@ def test_save_tensors_limit_counts_the_gradients():
 
 
 def test_version_1_runs_read_as_forward_only(tmp_path):
-    from test_store import write_v1
+    from conftest import write_v1
 
     runs = store.read(write_v1(tmp_path / "v1.h5"))
     assert all(r.bwd is None and r.phases() == ["fwd"] for r in runs)

@@ -1,4 +1,4 @@
-"""Run under ``mpiexec -n P`` by tests/test_passq_backward.py: pass-Q's backward over every layout x causal x GQA (and
+"""Run under ``mpiexec -n P`` by tests/engine/test_passq_backward.py: pass-Q's backward over every layout x causal x GQA (and
 each dtype) at this rank count, in one launch.
 
 Every rank builds a real :class:`ringbench.engine.strategies.PassQ` over the real MPI exchanges for each case, runs the untimed

@@ -28,7 +28,7 @@ def test_plot_command_writes_every_figure(richer, tmp_path):
     out = tmp_path / "figs"
     res = ringbench("plot", richer, "-o", out)
     assert res.returncode == 0, res.stderr
-    for name in (f for f in plot.FIGURES if f not in plot.BWD_FIGURES):  # a forward-only file: tests/test_training_views.py draws the rest
+    for name in (f for f in plot.FIGURES if f not in plot.BWD_FIGURES):  # forward-only: test_training_views.py draws the rest
         for ext in ("png", "pdf"):
             f = out / f"{name}.{ext}"
             assert f.exists() and f.stat().st_size > 5000, f
@@ -133,10 +133,10 @@ def test_plot_user_errors(small_results, tmp_path):
 
 
 def test_missing_plot_dependency_is_one_line():
-    from ringbench.cli import _missing
+    from ringbench.cli import missing_modules
 
-    assert _missing("numpy") is None
-    assert _missing("no_such_module_rb") == "no_such_module_rb not installed: pip install 'ringbench[plot]'"
+    assert missing_modules("numpy") is None
+    assert missing_modules("no_such_module_rb") == "no_such_module_rb not installed: pip install 'ringbench[plot]'"
 
 
 def _as(run, factor: float = 1.0, **config):

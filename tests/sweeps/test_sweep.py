@@ -126,17 +126,17 @@ def test_timeout_kills_the_point_and_its_ranks(tmp_path):
 
 
 def test_failure_detail_gives_the_reason_and_the_log(tmp_path):
-    from ringbench.sweeps.sweep import _failure_detail
+    from ringbench.sweeps.sweep import failure_detail
 
     log = tmp_path / "p.log"
-    assert _failure_detail("timed out after 2 s (killed): =====\n= BAD TERMINATION", log) == "timed out after 2 s (killed)"
+    assert failure_detail("timed out after 2 s (killed): =====\n= BAD TERMINATION", log) == "timed out after 2 s (killed)"
     log.write_text("x")
-    assert _failure_detail("timed out after 2 s (killed): =====", log) == f"timed out after 2 s (killed); log {log}"
-    assert _failure_detail("killed by signal SIGKILL: ====", log) == f"killed by signal SIGKILL; log {log}"
-    assert _failure_detail("exit status 2: ringbench run: --seq-len: bad\nmore", log) == (
+    assert failure_detail("timed out after 2 s (killed): =====", log) == f"timed out after 2 s (killed); log {log}"
+    assert failure_detail("killed by signal SIGKILL: ====", log) == f"killed by signal SIGKILL; log {log}"
+    assert failure_detail("exit status 2: ringbench run: --seq-len: bad\nmore", log) == (
         f"exit status 2: ringbench run: --seq-len: bad; log {log}"
     )
-    assert _failure_detail("exit status 9: =====", log) == f"exit status 9; log {log}"
+    assert failure_detail("exit status 9: =====", log) == f"exit status 9; log {log}"
 
 
 def _cmdline(pid: str) -> str:

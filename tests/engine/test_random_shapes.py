@@ -8,7 +8,7 @@ in every mode (README, known problems). Three levels:
 - the kernels alone (OnlineSoftmax, BlockBackward over an emulated ring on one process, no MPI): random shapes,
   layouts, rank counts 1..4, tiles, exponential bases, GEMM providers; cheap, so many examples;
 - under MPI at 1..4 ranks: random configurations through the real ring and strategy objects, one launch per rank
-  count for all its cases (tests/mpi_random_shapes.py).
+  count for all its cases (tests/engine/mpi_random_shapes.py).
 
 The pinned regression cases (head dim 3 and 7 backward) run in every level. The default run is bounded (about a
 minute); ``RINGBENCH_RANDOM_EXAMPLES=500`` draws 500 cases per level and rank count instead (the nightly size) and
@@ -18,6 +18,7 @@ minute); ``RINGBENCH_RANDOM_EXAMPLES=500`` draws 500 cases per level and rank co
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mpi_random_shapes as mpi_cases
 import numpy as np
@@ -31,7 +32,7 @@ from ringbench.kernels.backward import BlockBackward, heads_to_kv
 from ringbench.kernels.reference import TOLERANCE, TOLERANCE_BWD, reference_attention_grad
 from ringbench.layout import LAYOUTS, positions, step_plan
 
-from conftest import ROOT, mpi_worker
+from conftest import mpi_worker
 
 
 def _env_int(name: str, default: int) -> int:
@@ -252,11 +253,11 @@ def test_kernel_cases_cover_odd_head_dims_one_token_and_every_choice():
 @pytest.mark.mpi
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 def test_every_mode_matches_the_float64_reference_on_random_shapes(nranks):
-    """The pinned cases and MPI_EXAMPLES random configurations (tests/mpi_random_shapes.py) at this rank count:
+    """The pinned cases and MPI_EXAMPLES random configurations (tests/engine/mpi_random_shapes.py) at this rank count:
     each output, or dQ, dK and dV, within the run check's tolerance of the float64 reference."""
     cases = mpi_cases.draw_cases(SEED, nranks, MPI_EXAMPLES)
     spec = {"seed": SEED, "examples": MPI_EXAMPLES}
-    results = mpi_worker(ROOT / "tests" / "mpi_random_shapes.py", nranks, spec, timeout=120 + 10 * len(cases))
+    results = mpi_worker(Path(__file__).with_name("mpi_random_shapes.py"), nranks, spec, timeout=120 + 10 * len(cases))
     assert [r["case"] for r in results] == [mpi_cases.describe(c, exp) for c, exp in cases]
     bad = [
         f"{r['case']}: {', '.join(f'{x} {e:.2e}' for x, e in zip(r['names'], r['rel']))} (tol {r['tol']:.0e})"

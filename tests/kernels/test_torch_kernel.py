@@ -14,7 +14,6 @@ from test_backward import assert_close
 from test_backward import make as make_grad
 from test_backward import reference as reference_grad
 from test_kernel import TOL, make, rel_err
-from test_ring import LoopBack
 
 from ringbench.config import RunConfig, coerce, point_id
 from ringbench.engine.backend import get_backend
@@ -23,7 +22,7 @@ from ringbench.kernels.backward import BlockBackward, heads_to_kv
 from ringbench.kernels.reference import TOLERANCE_BWD
 from ringbench.layout import CAUSAL, FULL, LAYOUTS, STRICT, Piece, positions, step_plan
 
-from conftest import mpiexec
+from conftest import LoopBack, mpiexec
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (pip install -e '.[torch]')")
@@ -132,7 +131,7 @@ def test_arrays_reach_torch_without_copies():
 
 
 # ---------------------------------------------------------------------------------------------
-# The backward through PyTorch's fused CPU backward (FusedBackward), the ring emulated as tests/test_backward.py does
+# The backward through PyTorch's fused CPU backward (FusedBackward), the ring emulated as tests/kernels/test_backward.py does
 # ---------------------------------------------------------------------------------------------
 def emulate_ring_backward(q, k, v, do, *, nranks, layout, causal, dtype):
     """Global (dq, dk, dv) in float64 of every emulated rank's torch forward and torch backward, as the Ring drives
@@ -207,7 +206,7 @@ def test_the_ring_backward_uses_the_fused_backward_with_kernel_torch(mode):
         ring = Ring(cfg, BACKEND, LoopBack(), 0, 1, *(x.astype(np.float32) for x in (q, k, v)), do=do.astype(np.float32))
         ring.prepare_backward()
         ring.backward()
-        assert type(ring._bwd.grad) is cls
+        assert type(ring.block_backward) is cls
         assert_close(ring.grads(), ref, TOLERANCE_BWD["float32"])
 
 
@@ -383,7 +382,7 @@ def test_cuda_and_flash_attn_call_wrappers_on_cpu_stand_ins(causal, dtype):
     q = (torch.randn(3, 2, 40, 16, generator=g) * 0.25).to(tdt)[:, :, 5:37]  # a piece's rows: a strided view
     k, v = (torch.randn(3, 1, 32, 16, generator=g).to(tdt) for _ in range(2))
     o_ref, l_ref = cpu(q, k, v, 0.0, causal, scale=1.0)
-    for call in (torch_kernel._cuda_call(torch, tdt, aten), torch_kernel._flash_attn_call(flash_attn_func)):
+    for call in (torch_kernel.cuda_call(torch, tdt, aten), torch_kernel.flash_attn_call(flash_attn_func)):
         o, lse = call(q, k, v, causal)
         assert o.shape == q.shape and lse.shape == q.shape[:3]
         torch.testing.assert_close(o, o_ref, rtol=0, atol=2e-3 if dtype == "float16" else 1e-6)

@@ -1,4 +1,4 @@
-"""Run under mpiexec by tests/test_strategies.py: the backward of ulysses and hybrid (every U dividing P) x layout x causal
+"""Run under mpiexec by tests/engine/test_strategies.py: the backward of ulysses and hybrid (every U dividing P) x layout x causal
 x GQA (kv heads split and replicated) x dtype at this rank count, dQ, dK, dV checked against float64 reference gradients
 in one launch; hybrid U = 1 must give the ring's gradients, U = P Ulysses' (bitwise: the same arithmetic). Prints
 'checked K' from rank 0; any failure raises (the job aborts)."""

@@ -1,5 +1,5 @@
 """The overlap model's (P, P) evaluation as it was before the step classes (ringbench/analysis/model.py at 20b1b72), kept
-as the slow reference of tests/test_model_scale.py: every function below is that code, unchanged but for this
+as the slow reference of tests/analysis/test_model_scale.py: every function below is that code, unchanged but for this
 header, the imports and the two private helpers copied in (``_both``, ``_heads_after_a2a``). O(P^2) step plans per
 prediction (O(P^2 U^2) pieces for hybrid): use it at small P only."""
 

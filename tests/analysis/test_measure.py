@@ -123,6 +123,6 @@ def test_per_repeat_values_are_what_the_summary_takes_the_median_of():
 def test_resampled_medians_are_the_medians_of_the_resamples(n):
     """The fast path (sorted indices) gives exactly np.median of the same resamples (indices into the sorted values)."""
     values = _times(np.random.default_rng(n), n)
-    fast = measure._resampled_medians(values, 50, np.random.default_rng(0))
+    fast = measure.resampled_medians(values, 50, np.random.default_rng(0))
     idx = np.random.default_rng(0).integers(0, n, size=(50, n))
     np.testing.assert_array_equal(fast, np.median(np.sort(values)[idx], axis=1))

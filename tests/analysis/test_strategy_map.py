@@ -157,12 +157,12 @@ def test_map_renders_from_a_real_file_and_draws_the_measured_winners(two_strateg
     assert len(markers(fig)) == 2  # one marker per (N, P) measured with both strategies
     # ulysses 100 times slower than measured (this machine is noisy): overlap is the measured winner at both N, drawn in its colour
     fig = plot.strategy_map(slowed(runs, "ulysses", 100.0), cal)
-    assert markers(fig) == [(plot._strategy_color("overlap"), False)] * 2
+    assert markers(fig) == [(plot.strategy_color("overlap"), False)] * 2
     text = " ".join(t.get_text() for t in fig.axes[0].texts)
     assert len(re.findall(r"overlap [\d.]+x \[[\d.]+, [\d.]+\]\nover ulysses", text)) == 2 and "tie" not in text
     # and ulysses the winner when overlap is the slow one
     fig = plot.strategy_map(slowed(runs, "overlap", 100.0), cal)
-    assert markers(fig) == [(plot._strategy_color("ulysses"), False)] * 2
+    assert markers(fig) == [(plot.strategy_color("ulysses"), False)] * 2
     assert "predicted winner = measured winner on" in fig.axes[0].get_title()
 
 
@@ -205,7 +205,7 @@ def test_map_draws_one_panel_per_family(two_strategies):
     assert titles[0].startswith("forward, contiguous") and titles[1].startswith("forward, striped")
     striped = next(ax for ax in panels if ax.get_title().startswith("forward, striped"))
     faces = [matplotlib_hex(line.get_markerfacecolor()) for line in striped.get_lines() if line.get_marker() == "o"]
-    assert faces == [plot._strategy_color("overlap")] * 2
+    assert faces == [plot.strategy_color("overlap")] * 2
 
 
 def matplotlib_hex(c):

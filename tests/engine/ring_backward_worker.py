@@ -1,4 +1,4 @@
-"""Run under ``mpiexec -n P`` by tests/test_ring_backward.py: many ring backward configurations in one launch.
+"""Run under ``mpiexec -n P`` by tests/engine/test_ring_backward.py: many ring backward configurations in one launch.
 
 Every rank builds a real :class:`ringbench.engine.ring.Ring` over the real MPI exchange for each case, runs the untimed
 forward and two backward passes, and compares its dQ, dK, dV with float64 reference gradients of full attention

@@ -1,4 +1,4 @@
-"""Run under ``mpiexec -n P`` by tests/test_engine_api.py: every engine registered in ringbench.engine.api.ENGINES that
+"""Run under ``mpiexec -n P`` by tests/engine/test_engine_api.py: every engine registered in ringbench.engine.api.ENGINES that
 the configuration rules allow at this rank count, built by ``api.build`` from a RankContext and used only through the
 Engine interface: its forward and backward checked against float64 by ringbench.harness.check (the run's own check),
 its timings shaped as the interface says. Prints ``RESULT {"checked": [...]}`` from rank 0; any failure aborts the job."""

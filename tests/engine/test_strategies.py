@@ -1,6 +1,7 @@
 """Ulysses, hybrid and pass-Q: correctness under mpiexec, refusals, model terms, advise, machine YAML."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def test_every_strategy_layout_causal_gqa_dtype_matches_the_reference(nranks):
     import subprocess
     import sys
 
-    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(ROOT / "tests" / "mpi_strategies.py")]
+    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(Path(__file__).with_name("mpi_strategies.py"))]
     res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     checked = int(res.stdout.split("checked")[1])
@@ -56,11 +57,11 @@ def test_cli_run_checks_samples_and_bytes(mode, tmp_path):
 def test_backward_of_ulysses_and_hybrid_matches_float64_gradients(nranks):
     """One launch per rank count: ulysses and hybrid (every U dividing P) x layout x causal x kv heads (split and
     replicated) and dtypes, dQ, dK, dV against float64 reference gradients (TOLERANCE_BWD); hybrid U=1 gives the
-    ring's gradients, U=P Ulysses'; each pass gathers dO anew (tests/mpi_strategies_backward.py asserts)."""
+    ring's gradients, U=P Ulysses'; each pass gathers dO anew (tests/engine/mpi_strategies_backward.py asserts)."""
     import subprocess
     import sys
 
-    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(ROOT / "tests" / "mpi_strategies_backward.py")]
+    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(Path(__file__).with_name("mpi_strategies_backward.py"))]
     res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]
     checked = int(res.stdout.split("checked")[1])

@@ -17,7 +17,7 @@ import pytest
 
 from ringbench import store
 
-from conftest import child_env, mpiexec, ringbench
+from conftest import child_env, mpiexec, ringbench, write_v1
 
 
 def make_run(pid="p1", value=1.0):
@@ -68,7 +68,7 @@ def test_crash_mid_write_leaves_earlier_runs_readable(tmp_path, monkeypatch):
         group.attrs["point_id"] = run.point_id
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(store, "_write_run", explode)
+    monkeypatch.setattr(store, "write_run_group", explode)
     with pytest.raises(KeyboardInterrupt):
         store.append(path, make_run("b"))
     assert path.read_bytes() == before
@@ -160,29 +160,6 @@ def test_merge_refuses_the_destination_as_a_source(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Schema version 1
 # ---------------------------------------------------------------------------------------------
-def write_v1(path, names=("p1", "p1~2"), probe=True):
-    """A result file as ringbench 0.1 wrote it (schema version 1: no run_id, no probe_id); every run made in one second."""
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = "ringbench-results"
-        f.attrs["schema_version"] = 1
-        runs = f.create_group("runs", track_order=True)
-        for i, name in enumerate(names):
-            g = runs.create_group(name)
-            g.attrs.update(point_id="p1", nranks=2, status="ok", created_utc="2025-06-01T00:00:00+00:00")
-            g.attrs["config"] = json.dumps({"seq_len": 8}, sort_keys=True)
-            g.attrs["provenance"] = json.dumps({"hosts": ["h"]}, sort_keys=True)
-            g.create_group("config").attrs["seq_len"] = 8
-            g.create_group("samples").create_dataset("total_s", data=np.full((3, 2), float(i)))
-            g.create_group("summary").attrs["time_s"] = float(i)
-            g.create_group("memory")
-        if probe:
-            p = f.create_group("probes").create_group("probe-P2")
-            p.attrs.update(nranks=2, created_utc="2025-06-01T00:00:00+00:00", config="{}", provenance="{}")
-            p.create_group("samples").create_dataset("msg_bytes", data=np.array([8]))
-            p.create_group("summary").attrs["rate_flops"] = 1.0
-    return path
-
-
 def test_version_1_file_is_read_with_stable_derived_ids(tmp_path):
     v1 = write_v1(tmp_path / "v1.h5")
     assert store.check_file(v1) == 1
@@ -355,22 +332,22 @@ def pause():
 
 
 if stage == "writing":  # HDF5 has written the run and flushed its metadata; nothing committed
-    write_run = store._write_run
+    write_run = store.write_run_group
 
-    def _write_run(g, r):
+    def write_run_group(g, r):
         write_run(g, r)
         g.file.flush()
         pause()
 
-    store._write_run = _write_run
+    store.write_run_group = write_run_group
 elif stage == "commit":  # the journal holds the pre-images and the new metadata overwrote the old: not yet fsynced
-    apply = store._JournaledFile.apply
+    apply = store.JournaledFile.apply
 
     def _apply(self):
         apply(self)
         pause()
 
-    store._JournaledFile.apply = _apply
+    store.JournaledFile.apply = _apply
 else:  # no hook: killed at whatever moment the test sees the file grow
     open(marker, "w").close()
 store.append(path, run)
@@ -430,7 +407,7 @@ def test_a_writer_rolls_back_a_dead_writers_journal(tmp_path):
 
 def test_a_short_journal_write_is_an_error_and_rolls_back(tmp_path, monkeypatch):
     """A journal write the kernel cuts short without an error (a signal, a size limit reached mid-write) cannot be
-    produced on demand by a real file system (a full one gives ENOSPC: tests/test_disk_full.py), so ``os.write``
+    produced on demand by a real file system (a full one gives ENOSPC: tests/store/test_disk_full.py), so ``os.write``
     is cut short here, for the journal only: the header (36 bytes), then the records (the pre-images, longer)."""
     path = tmp_path / "r.h5"
     store.append(path, make_run("a"))

@@ -10,32 +10,7 @@ from ringbench.harness import inputs
 from ringbench.kernels import kernel, reference
 from ringbench.kernels.reference import TOLERANCE_BWD, reference_attention_grad
 
-
-class LoopBack:
-    """An exchange whose every neighbour is this rank: what is sent is what is received."""
-
-    posted = False
-
-    def post_all(self, pairs):
-        for send, recv in pairs:
-            recv[...] = send
-        self.posted = True
-
-    def wait(self):
-        self.posted = False
-
-    def test(self):
-        return True
-
-    def sendrecv_all(self, pairs, tag=1):
-        for send, recv in pairs:
-            recv[...] = send
-
-    def allgather(self, local, out):
-        out[...] = local
-
-    def alltoall(self, send, recv):
-        recv[...] = send
+from conftest import LoopBack
 
 
 def _backend(name):
