@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -214,6 +215,24 @@ def header(prog: str, info: dict, a: argparse.Namespace, dtype: str, cpu: str) -
 # Timing
 # ---------------------------------------------------------------------------------------------
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def timed(fn, repeat: int) -> tuple[float, float, object]:
+    """Median wall and CPU seconds of ``fn()`` over ``repeat`` calls, and its last result."""
+    walls, cpus, out = [], [], None
+    for _ in range(repeat):
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus), out
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """Rows of cells (the first one the header) as left-aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def interleaved(cands: dict, repeat: int, warmup: int) -> dict[str, dict[str, list[float]]]:

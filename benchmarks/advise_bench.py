@@ -24,36 +24,21 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))  # model_reference: the old evaluation, the baseline
+sys.path.insert(1, str(ROOT / "tests" / "analysis"))  # model_reference: the old evaluation, the baseline
 
+from _common import print_table, timed  # noqa: E402
+
+from ringbench import provenance  # noqa: E402
 from ringbench.analysis import advise, model  # noqa: E402
 
 TARGET_S = 1.0
 TARGET_RANKS = 16384
 HEADS = (8, 4096)
-
-
-def cpu_model() -> tuple[str, str]:
-    """The CPU's model name and its widest SIMD level (from /proc/cpuinfo where there is one)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    simd = next((s for s in ("avx512f", "avx2", "avx", "sse4_2", "neon", "asimd") if s in flags), "unknown")
-    return name, simd
 
 
 def calibration() -> model.Calibration:
@@ -72,17 +57,6 @@ def calibration() -> model.Calibration:
 
 def base(heads: int) -> model.Shape:
     return model.Shape(nranks=1, seq_len=1, heads=heads, kv_heads=heads, head_dim=64, causal=True, layout="zigzag", pass_="fwd+bwd")
-
-
-def timed(fn, repeat: int) -> tuple[float, float, object]:
-    """Median wall and CPU seconds of ``fn()`` over ``repeat`` calls, and its last result."""
-    walls, cpus, out = [], [], None
-    for _ in range(repeat):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus), out
 
 
 def advise_times(heads: int, nranks: int, cal: model.Calibration) -> list:
@@ -135,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     ns = parse_args(argv)
-    name, simd = cpu_model()
+    name, simd = provenance.cpu_model(), provenance.simd_level(provenance.cpu_flags())
     print(
         f"advise_bench: {name}, SIMD {simd}, Python {platform.python_version()}; median of {ns.repeat} run(s), wall and CPU seconds; "
         f"{1 + len(advise.SCAN_TOKENS)} block sizes per case"
@@ -165,9 +139,7 @@ def main(argv=None) -> int:
     over = advise.MAX_RANKS * 16
     wall, cpu, msg = timed(lambda: advise.check_ranks([over]), ns.repeat)
     rows.append(["refuse", "-", str(over), "0", f"{wall:.4f}", f"{cpu:.4f}", msg or "NOT REFUSED"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_table(rows)
     return 0
 
 

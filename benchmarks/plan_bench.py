@@ -23,46 +23,22 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ringbench import layout  # noqa: E402
+from _common import print_table, timed  # noqa: E402
+
+from ringbench import (
+    layout,  # noqa: E402
+    provenance,  # noqa: E402
+)
 from ringbench.sweeps import experiment, sweep
 from ringbench.sweeps.experiment import ExperimentError  # noqa: E402
 
 TARGET_S = 1.0
-
-
-def cpu_model() -> tuple[str, str]:
-    """The CPU's model name and its widest SIMD level (from /proc/cpuinfo where there is one)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    simd = next((s for s in ("avx512f", "avx2", "avx", "sse4_2", "neon", "asimd") if s in flags), "unknown")
-    return model, simd
-
-
-def timed(fn, repeat: int) -> tuple[float, float, object]:
-    """Median wall and CPU seconds of ``fn()`` over ``repeat`` calls, and its last result."""
-    walls, cpus, out = [], [], None
-    for _ in range(repeat):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus), out
 
 
 def plan(path: Path, results: Path) -> int:
@@ -125,7 +101,7 @@ def seq_len_for(ranks: list[int]) -> int:
 
 def main(argv=None) -> int:
     ns = parse_args(argv)
-    model, simd = cpu_model()
+    model, simd = provenance.cpu_model(), provenance.simd_level(provenance.cpu_flags())
     print(f"plan_bench: {model}, SIMD {simd}, Python {platform.python_version()}; median of {ns.repeat} run(s), wall and CPU seconds")
     rows = [["case", "points", "P", "wall s", "cpu s", "result"]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,9 +140,7 @@ def main(argv=None) -> int:
             wall, cpu, _ = timed(lambda: loop_pairs(ns.loop_ranks, seq), 1)
             ratio = f"loop/point {cpu / single[1]:.3g}x (one point at P={single[0]})" if single and single[1] > 0 else ""
             rows.append(["baseline loop", "1", str(ns.loop_ranks), f"{wall:.4f}", f"{cpu:.4f}", ratio])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_table(rows)
     return 0
 
 

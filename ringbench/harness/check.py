@@ -17,14 +17,17 @@ from ringbench.harness import inputs
 from ringbench.kernels import reference
 
 
-def forward_errors(cfg: RunConfig, host: dict, output: np.ndarray, pos) -> dict:
-    """Compare this rank's output with a float64 reference over the global K/V (same rounded inputs)."""
-    hk = cfg.kv_heads_resolved
+def global_kv(cfg: RunConfig, dtype):
+    """(every position, K, V) of the whole sequence, rounded to ``dtype``: what every rank's reference attends to."""
     allpos = np.arange(cfg.seq_len)
     dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
-    dtype = host["q"].dtype
-    k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
-    v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
+    k, v = (inputs.tokens(name, cfg.seed, allpos, heads=cfg.kv_heads_resolved, **dims).astype(dtype) for name in ("k", "v"))
+    return allpos, k, v
+
+
+def forward_errors(cfg: RunConfig, host: dict, output: np.ndarray, pos) -> dict:
+    """Compare this rank's output with a float64 reference over the global K/V (same rounded inputs)."""
+    allpos, k, v = global_kv(cfg, host["q"].dtype)
     ref = reference.reference_attention(host["q"], k, v, causal=cfg.causal, q_pos=pos, k_pos=allpos)
     diff = np.abs(output.astype(np.float64) - ref)
     return {
@@ -41,12 +44,7 @@ def backward_errors(cfg: RunConfig, host: dict, grads, pos) -> dict:
     """Collective: compare this rank's dQ, dK, dV with float64 reference gradients of full attention on the same
     rounded global inputs and dO. Each rank computes the reference for its own queries against every key (dQ of
     its queries exactly, its queries' part of every key's dK/dV); the parts are summed over the ranks."""
-    hk = cfg.kv_heads_resolved
-    allpos = np.arange(cfg.seq_len)
-    dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
-    dtype = host["q"].dtype
-    k = inputs.tokens("k", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
-    v = inputs.tokens("v", cfg.seed, allpos, heads=hk, **dims).astype(dtype)
+    allpos, k, v = global_kv(cfg, host["q"].dtype)
     dq, dk, dv = reference.reference_attention_grad(host["q"], k, v, host["do"], causal=cfg.causal, q_pos=pos, k_pos=allpos)
     comm.allreduce_sum(dk)
     comm.allreduce_sum(dv)

@@ -32,7 +32,7 @@ from ringbench.engine.backend import BackendError, get_backend, limit_threads
 from ringbench.harness import inputs
 from ringbench.kernels import backward, kernel
 from ringbench.layout import CAUSAL, FULL, Piece
-from ringbench.provenance import conditions_text, load_interval, load_snapshot, loaded, repeat_spread, thread_pools
+from ringbench.provenance import conditions_text, load_interval, load_snapshot, loaded, repeat_spread
 
 
 @dataclass
@@ -272,6 +272,7 @@ def _size(nbytes: float) -> str:
 def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     """The probe on every rank; rank 0 stores the /probes group and prints a summary."""
     from ringbench.engine import comm
+    from ringbench.harness import record
 
     world = comm.WORLD
     rank, nranks = world.rank, world.size
@@ -309,10 +310,7 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
         "copy_bytes": copy_bytes,
         "copy": copy,
         "pingpong": pp,
-        "host": socket.gethostname(),
-        "device": backend.device_name,
-        "threads": thread_pools(),
-        "load": load,
+        **record.rank_facts(backend, load),
     }
     parts = comm.gather(local)
     if rank != 0:

@@ -46,6 +46,15 @@ def phase_record(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.P
     return store.Phase(samples=samples, summary=summary, check=check_res)
 
 
+def rank_facts(backend, load) -> dict:
+    """What every rank's gathered part says about where it ran: host, device, thread pools, the load it saw (run and probe)."""
+    import socket
+
+    from ringbench.provenance import thread_pools
+
+    return {"host": socket.gethostname(), "device": backend.device_name, "threads": thread_pools(), "load": load}
+
+
 def assemble(cfg, parts: list, nranks: int, prov: dict, *, traffic: dict, itemsize: int, compute_itemsize: int) -> store.Run:
     """The run record from every rank's gathered part (what ``run`` gathers), the provenance and what the ring
     reports: ``traffic`` {phase: bytes per rank per pass}, the storage and compute dtypes' ``itemsize``.

@@ -7,7 +7,6 @@ with status 2 and rank 0 prints one line); any other exception aborts the whole 
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 
@@ -32,7 +31,6 @@ from ringbench.provenance import (
     load_interval,
     load_snapshot,
     repeat_spread,
-    thread_pools,
 )
 
 
@@ -135,16 +133,13 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
             }
             for ph in phases
         },
-        "host": socket.gethostname(),
-        "device": backend.device_name,
         "peak_rss": peak_rss_bytes(),  # --check included (it ran above)
         "baseline_rss": baseline_rss,
         "pool": backend.device_pool_bytes(),
         "tensors": (pos, host, output, grads) if cfg.save_tensors else None,
         "score_tile": ring.score_tile_elems,
         "score_tile_bwd": ring.bwd_score_tile_elems,
-        "threads": thread_pools(),
-        "load": load,
+        **record.rank_facts(backend, load),
     }
     parts = comm.gather(local)
     if rank != 0:

@@ -941,22 +941,7 @@ def read(path, *, samples: bool = True, tensors: bool = False) -> list[Run]:
 
 
 def _read_run(g: h5py.Group, name: str, run_id: str, path: str, samples: bool, tensors: bool) -> Run:
-    run = Run(
-        point_id=str(g.attrs["point_id"]),
-        nranks=int(g.attrs["nranks"]),
-        config=json.loads(g.attrs["config"]),
-        provenance=json.loads(g.attrs["provenance"]),
-        status=str(g.attrs.get("status", "ok")),
-        error=str(g.attrs.get("error", "")),
-        created_utc=str(g.attrs.get("created_utc", "")),
-        name=name,
-        path=path,
-        run_id=run_id,
-    )
-    fwd = _read_phase(g, samples)
-    run.samples, run.summary, run.check = fwd.samples, fwd.summary, fwd.check
-    if "bwd" in g:
-        run.bwd = _read_phase(g["bwd"], samples)
+    run = _read_state(g, name, run_id, path, samples=samples, config=True)
     if "memory" in g:
         run.memory = {k: d[()] for k, d in g["memory"].items()}
         run.memory.update({k: _py(v) for k, v in g["memory"].attrs.items()})
@@ -1018,13 +1003,13 @@ def latest(path) -> dict[str, Run]:
     return out
 
 
-def _read_state(g: h5py.Group, name: str, run_id: str, path: str) -> Run:
-    """A run's attributes, summaries and checks (no samples, no config): what ``latest`` needs."""
+def _read_state(g: h5py.Group, name: str, run_id: str, path: str, samples: bool = False, config: bool = False) -> Run:
+    """A run's attributes, summaries and checks (what ``latest`` needs: no samples, no config, unless asked for)."""
     run = Run(
         point_id=str(g.attrs["point_id"]),
         nranks=int(g.attrs["nranks"]),
-        config={},
-        provenance={},
+        config=json.loads(g.attrs["config"]) if config else {},
+        provenance=json.loads(g.attrs["provenance"]) if config else {},
         status=str(g.attrs.get("status", "ok")),
         error=str(g.attrs.get("error", "")),
         created_utc=str(g.attrs.get("created_utc", "")),
@@ -1032,10 +1017,10 @@ def _read_state(g: h5py.Group, name: str, run_id: str, path: str) -> Run:
         path=path,
         run_id=run_id,
     )
-    fwd = _read_phase(g, False)
-    run.summary, run.check = fwd.summary, fwd.check
+    fwd = _read_phase(g, samples)
+    run.samples, run.summary, run.check = fwd.samples, fwd.summary, fwd.check
     if "bwd" in g:
-        run.bwd = _read_phase(g["bwd"], False)
+        run.bwd = _read_phase(g["bwd"], samples)
     return run
 
 

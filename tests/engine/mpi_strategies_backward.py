@@ -7,10 +7,10 @@ import dataclasses
 import sys
 
 import numpy as np
+from mpi_common import report_checked, run, setup
 
 from ringbench.config import RunConfig, validate
 from ringbench.engine import comm, strategies
-from ringbench.engine.backend import get_backend
 from ringbench.engine.ring import Ring
 from ringbench.harness import inputs
 from ringbench.kernels.reference import TOLERANCE_BWD, reference_attention_grad
@@ -96,9 +96,7 @@ def check_torch_kernel(backend, world, rank, P) -> int:
 
 
 def main() -> int:
-    world = comm.WORLD
-    rank, P = world.rank, world.size
-    backend = get_backend("numpy")
+    world, rank, P, backend = setup()
     n_checked = 0
     for layout in LAYOUTS:
         for causal in (False, True):
@@ -143,12 +141,8 @@ def main() -> int:
             host, ref = tensors(cfg, rank, P, backend)
             check(cfg, grads(cfg, backend, world, rank, P, host), ref, (mode, u, dtype))
             n_checked += 1
-    n_checked += check_torch_kernel(backend, world, rank, P)
-    counts = world.gather(n_checked)
-    if rank == 0:
-        print(f"checked {min(counts)}")
-    return 0
+    return report_checked(world, n_checked + check_torch_kernel(backend, world, rank, P))
 
 
 if __name__ == "__main__":
-    sys.exit(comm.run_or_abort(main))  # a failure on any rank ends the whole job, never a hang
+    sys.exit(run(main))

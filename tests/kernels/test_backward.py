@@ -8,6 +8,7 @@ both on; after the last step one more hop brings every accumulator home.
 
 import numpy as np
 import pytest
+from test_kernel import make as make_qkv
 
 from ringbench.engine.backend import MklMatmul, get_backend
 from ringbench.harness import inputs
@@ -20,16 +21,12 @@ BACKEND = get_backend("numpy")
 
 
 def make(seq_len, heads, kv_heads, head_dim, batch=2, seed=1):
-    """q, k, v and the upstream gradient dO, from the counter-based global inputs (any P, any layout)."""
+    """q, k, v (test_kernel.make) and the upstream gradient dO, from the counter-based global inputs (any P, any layout).
+    inputs knows only q, k and v: dO is the q tensor of the next seed (its hash key, (seed+1)*3, is none of this
+    seed's three), independent of q, k and v."""
     dims = dict(batch=batch, seq_len=seq_len, head_dim=head_dim)
-    allpos = np.arange(seq_len)
-    return (
-        inputs.tokens("q", seed, allpos, heads=heads, **dims),
-        inputs.tokens("k", seed, allpos, heads=kv_heads, **dims),
-        inputs.tokens("v", seed, allpos, heads=kv_heads, **dims),
-        # inputs knows only q, k and v: dO is the q tensor of the next seed (its hash key, (seed+1)*3, is
-        # none of this seed's three), independent of q, k and v
-        inputs.tokens("q", seed + 1, allpos, heads=heads, **dims),
+    return make_qkv(seq_len, heads, kv_heads, head_dim, batch, seed) + (
+        inputs.tokens("q", seed + 1, np.arange(seq_len), heads=heads, **dims),
     )
 
 

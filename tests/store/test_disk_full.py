@@ -75,13 +75,20 @@ else:
 """
 
 
-@pytest.mark.parametrize("free, existing", LEVELS)
-def test_append_on_a_full_disk_raises_enospc_and_leaves_nothing_behind(small_fs, free, existing):
-    path = small_fs / "r.h5"
+def full_disk(fs, name: str, free: int, existing: bool):
+    """FILE on the small file system (with one earlier run if ``existing``: its bytes, else None), the disk then filled
+    to leave ``free`` bytes."""
+    path, before = fs / name, None
     if existing:
         store.append(path, small_run("a"))
         before = path.read_bytes()
-    fill(small_fs, free)
+    fill(fs, free)
+    return path, before
+
+
+@pytest.mark.parametrize("free, existing", LEVELS)
+def test_append_on_a_full_disk_raises_enospc_and_leaves_nothing_behind(small_fs, free, existing):
+    path, before = full_disk(small_fs, "r.h5", free, existing)
     env = child_env({"PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{child_env()['PYTHONPATH']}"})
     res = subprocess.run([sys.executable, "-c", APPEND_BIG, str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -99,11 +106,7 @@ def test_append_on_a_full_disk_raises_enospc_and_leaves_nothing_behind(small_fs,
 @pytest.mark.mpi
 @pytest.mark.parametrize("free, existing", LEVELS)
 def test_run_out_on_a_full_disk_is_one_line_exit_2(small_fs, free, existing):
-    path = small_fs / "d.h5"
-    if existing:
-        store.append(path, small_run("a"))
-        before = path.read_bytes()
-    fill(small_fs, free)
+    path, before = full_disk(small_fs, "d.h5", free, existing)
     args = ["--seq-len", 256, "--heads", 2, "--head-dim", 8, "--repeat", 1, "--warmup", 0, "--save-tensors", "--quiet"]
     res = mpiexec(2, "run", *args, "--out", path, env={"RINGBENCH_EXP": "2"})
     assert res.returncode == 2, res.stdout + res.stderr
