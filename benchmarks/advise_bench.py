@@ -11,7 +11,7 @@ model's costliest path). Two head counts:
     heads 8       the usual case: hybrid U > 8 and ulysses are refused by the heads rule before any prediction
     heads 4096    every strategy the configuration rules allow (U up to 4096) is predicted: the worst case
 
-The baseline measured in the same run is the model before the step classes (tests/model_reference.py: the
+The baseline measured in the same run is the model before the step classes (tests/analysis/model_reference.py: the
 (P, P) evaluation, P^2 step plans per strategy, P^2 U^2 pieces for hybrid) on the same cases at
 --baseline-ranks; the ``old/new`` column is its time over the new model's at that P, and ``same`` says whether
 every predicted time is identical, bit for bit. Times are the median of --repeat runs, wall clock and this

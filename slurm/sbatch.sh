@@ -1,1 +1,1 @@
-../ringbench/templates/sbatch.sh
+../ringbench/sweeps/templates/sbatch.sh

@@ -228,7 +228,7 @@ def full_block_flops(shape: Shape) -> float:
 # Step classes: why the model's cost does not grow with P^2
 # ---------------------------------------------------------------------------------------------
 # layout.step_plan(layout, rank, src, ...) depends on the two ranks only through whether the K/V block's source
-# rank is the query rank, a lower one or a higher one (tests/test_model_scale.py checks this for every pair at
+# rank is the query rank, a lower one or a higher one (tests/analysis/test_model_scale.py checks this for every pair at
 # P = 1..64). At ring step s >= 1 ranks s..P-1 hold a lower rank's block and ranks 0..s-1 a higher one's, so every
 # step has both kinds and its busiest rank is the slower of the two: the model evaluates three plans, not P^2,
 # and the per-step vectors it sums are O(P). The same holds for the hybrid strategy's ring over groups of U ranks

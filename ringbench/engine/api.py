@@ -6,7 +6,7 @@ An engine is one rank's part of a context-parallel pass of some strategy (``--mo
 only uses what :class:`Engine` declares: it never branches on the mode.
 
 Adding a strategy: one module with a class that takes ``(ctx, q, k, v, do=None)`` and provides :class:`Engine`,
-one entry in ``ENGINES`` (and its name in config.MODES, with its rules in config.validate); tests/test_engine_api.py
+one entry in ``ENGINES`` (and its name in config.MODES, with its rules in config.validate); tests/engine/test_engine_api.py
 then checks it against the float64 reference through this interface at 1..4 ranks.
 """
 

@@ -3,7 +3,7 @@
 :func:`memory_estimate` counts, phase by phase, what a rank of a run allocates above its baseline (the interpreter
 and the libraries it loaded); :func:`memory_problem` (collective) compares the ranks of a node with what the node
 has (MemAvailable, the memory cgroup's headroom, a GPU's free memory) or with ``--memory-limit`` and says, in one
-line, why a run cannot fit. Used by the runner and the probe; tests/test_run_mpi.py holds the estimate to the
+line, why a run cannot fit. Used by the runner and the probe; tests/harness/test_run_mpi.py holds the estimate to the
 measured peak.
 """
 

@@ -8,7 +8,7 @@ strategies) and the probe only ever hold a :class:`ForwardKernel` or a :class:`B
 (:class:`ringbench.kernels.torch_kernel.FusedAttention`, ``FusedBackward``).
 
 Adding a kernel: one module with the two classes, one entry in ``KERNELS`` (and its name in config.KERNELS);
-tests/test_kernel_api.py then runs it against the float64 reference through both protocols.
+tests/kernels/test_kernel_api.py then runs it against the float64 reference through both protocols.
 """
 
 from __future__ import annotations

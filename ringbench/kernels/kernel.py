@@ -65,7 +65,7 @@ def negate(xp, x, out=None):
     float32 (4, 4) array reads the wrong elements (rows 16 bytes apart; float64: 64 bytes), and so does a float32
     input 16 bytes apart into any strided output. The backward's -D column (``backward.BlockBackward``) is such a
     view at D = 3 (float32) and D = 7 (float64), where it stored wrong dQ and dK; multiply's loops are right at every
-    stride (tests/test_random_shapes.py probes both). Every negation of the kernels goes through here."""
+    stride (tests/engine/test_random_shapes.py probes both). Every negation of the kernels goes through here."""
     return xp.multiply(x, -1, out=out)
 
 
