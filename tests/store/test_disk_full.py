@@ -89,7 +89,8 @@ def full_disk(fs, name: str, free: int, existing: bool):
 @pytest.mark.parametrize("free, existing", LEVELS)
 def test_append_on_a_full_disk_raises_enospc_and_leaves_nothing_behind(small_fs, free, existing):
     path, before = full_disk(small_fs, "r.h5", free, existing)
-    env = child_env({"PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{child_env()['PYTHONPATH']}"})
+    here = Path(__file__).parent  # test_disk_full and, above it, conftest (which it imports)
+    env = child_env({"PYTHONPATH": os.pathsep.join([str(here), str(here.parent), child_env()["PYTHONPATH"]])})
     res = subprocess.run([sys.executable, "-c", APPEND_BIG, str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[0] == "ENOSPC" and res.stdout.split()[1].startswith(str(path)), res.stdout
