@@ -15,6 +15,25 @@ ROOT = Path(__file__).resolve().parent.parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--all",
+        action="store_true",
+        help="also run the tests marked slow: the full set, what CI and the README's install-and-test command run",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default run leaves out the tests marked ``slow`` (skipped, with the reason); ``--all`` or an explicit
+    ``-m`` runs them (docs/testing.md: which command is which)."""
+    if config.getoption("--all") or config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow: part of the full set, run with --all (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def _array_modules() -> list:
     """numpy always; cupy where it sees a GPU, else a skipped parameter that says why (as mpi4py's tests do)."""
     try:

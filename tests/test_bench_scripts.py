@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest  # noqa: E402
+
 from conftest import MPIEXEC, ROOT, child_env
+
+pytestmark = pytest.mark.slow  # the full set (pytest --all, CI): docs/testing.md
 
 BENCH = ROOT / "benchmarks"
 

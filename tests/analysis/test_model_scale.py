@@ -20,6 +20,8 @@ from ringbench.analysis.model import Calibration, Machine, Shape
 from ringbench.config import STRATEGY_MODES
 from ringbench.layout import LAYOUTS, step_plan
 
+pytestmark = pytest.mark.slow  # the full set (pytest --all, CI): docs/testing.md
+
 RING_MODES = ("overlap", "blocking", "allgather")
 MODES = RING_MODES + STRATEGY_MODES
 PASSES = ("fwd", "bwd", "fwd+bwd")

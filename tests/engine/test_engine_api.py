@@ -21,7 +21,7 @@ def test_every_mode_has_an_engine():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("nranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("nranks", [1, 2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_every_engine_through_the_interface_matches_float64(nranks):
     got = mpi_worker(WORKER, nranks, {})["checked"]
     assert {"overlap", "blocking", "allgather", "pass-q"} <= set(got)

@@ -59,6 +59,7 @@ def test_exception_on_one_rank_ends_the_whole_job(rank, step, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode,extra,rank,step,fired",
     [

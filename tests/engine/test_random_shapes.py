@@ -250,6 +250,7 @@ def test_kernel_cases_cover_odd_head_dims_one_token_and_every_choice():
 # ---------------------------------------------------------------------------------------------
 # Under MPI: the real ring and strategies, one launch per rank count
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 def test_every_mode_matches_the_float64_reference_on_random_shapes(nranks):

@@ -164,6 +164,7 @@ def test_probe_that_cannot_fit_in_memory_is_refused_before_it_allocates(tmp_path
     assert est > 2**40 and small < 2**30
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_report_plot_and_advise_skip_a_group_they_cannot_parse(small_results, tmp_path):
     """A file where an older ringbench stored ``probe --name a/b`` as nested groups, and a run group without attributes."""
@@ -192,6 +193,7 @@ def test_report_plot_and_advise_skip_a_group_they_cannot_parse(small_results, tm
         assert plot.returncode == 0 and plot.stderr.splitlines() == warn, plot.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_probe_records_its_conditions_and_report_plot_advise_warn_of_a_loaded_one(small_results, tmp_path):
     """A probe records how busy its host was (load average at start and end, cores busy with other work) and how

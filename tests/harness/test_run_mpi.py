@@ -196,7 +196,7 @@ def test_one_query_head_per_group_is_checked_and_saved_unscaled(extra, tmp_path)
         ],
     ],
 )
-@pytest.mark.parametrize("exp", ["auto", "fused"])
+@pytest.mark.parametrize("exp", ["auto", pytest.param("fused", marks=pytest.mark.slow)])
 def test_memory_estimate_covers_the_measured_peak(args, exp, tmp_path):
     """The estimate that refuses problems is not below what a real run uses (peak RSS above the baseline), whichever
     exponential the ranks use: with fused (what auto picks on some CPUs, e.g. with AVX-512, or under load), numba's

@@ -104,6 +104,7 @@ def test_append_on_a_full_disk_raises_enospc_and_leaves_nothing_behind(small_fs,
     assert sorted(p.name for p in small_fs.iterdir()) == ["r.h5"]
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parametrize("free, existing", LEVELS)
 def test_run_out_on_a_full_disk_is_one_line_exit_2(small_fs, free, existing):
