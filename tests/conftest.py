@@ -23,9 +23,36 @@ def pytest_addoption(parser):
     )
 
 
+# The longest end-to-end runs of the suite (measured 5-27 s each on a 2-core machine, 2026-12-01: --durations):
+# each has smaller relatives in the default run (the same paths at fewer ranks, or unit tests of its parts), and
+# all of them run in the full set (--all, CI). Node-id parts: a test function, or one of its parameters.
+SLOW_RUNS = (
+    "test_plot.py::test_plot_command_writes_every_figure",
+    "test_training_views.py::test_report_puts_the_phases_side_by_side_with_the_model",
+    "test_training_views.py::test_plots_render_per_phase",
+    "test_sweep.py::test_sweep_runs_resumes_and_collects",
+    "test_sweep.py::test_every_point_of_a_sweep_computes_with_one_exponential",
+    "test_sweep.py::test_failed_points_are_recorded_and_retried",
+    "test_ring_backward.py::test_report_and_plot_read_a_file_with_every_pass",
+    "test_ring_backward.py::test_modes_give_identical_saved_gradients_that_reverify",
+    "test_run_mpi.py::test_modes_give_identical_outputs_and_tensors_reverify",
+    "test_run_mpi.py::test_appending_runs_to_one_file",
+    "test_run_mpi.py::test_dtypes_at_four_ranks",
+    "test_strategy_map.py::test_map_renders_from_a_real_file_and_draws_the_measured_winners",
+    "test_passq_backward.py::test_pass_q_forward_with_the_torch_kernel_checks_and_equals_native",
+    "test_torch_kernel.py::test_run_with_torch_kernel_is_checked[3-",
+    "test_strategies.py::test_every_strategy_layout_causal_gqa_dtype_matches_the_reference[4]",
+    "test_strategies.py::test_backward_of_ulysses_and_hybrid_matches_float64_gradients[4]",
+    "-4]",  # the P = 4 (oversubscribed) parameters of the run tests: P = 1..3 stay in the default run
+)
+
+
 def pytest_collection_modifyitems(config, items):
     """The default run leaves out the tests marked ``slow`` (skipped, with the reason); ``--all`` or an explicit
     ``-m`` runs them (docs/testing.md: which command is which)."""
+    for item in items:
+        if any(part in item.nodeid for part in SLOW_RUNS):
+            item.add_marker(pytest.mark.slow)
     if config.getoption("--all") or config.getoption("markexpr"):
         return
     skip = pytest.mark.skip(reason="slow: part of the full set, run with --all (CI does)")
