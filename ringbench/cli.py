@@ -67,7 +67,10 @@ _HELP = {
     "progress": "'test': MPI_Testall between compute tiles to drive transfers; 'none': no MPI call during compute",
     "cuda_aware": "pass device buffers to MPI directly (auto: ask the MPI library)",
     "tile_q": "query rows per score tile (0: automatic)",
-    "ulysses_degree": "--mode hybrid: ranks per all-to-all group U (consecutive ranks; P = U x R, the ring runs over the R groups)",
+    "ulysses_degree": "--mode hybrid: ranks per all-to-all group U (consecutive ranks in node-major order; P = U x R, "
+    "the ring runs over the R groups)",
+    "ulysses_groups": "--mode hybrid: node (every group's ranks share a node: U must divide each node's rank count, "
+    "else the run is refused) or any (groups may span nodes)",
     "blas": "GEMM library of the NumPy kernel: numpy (its own BLAS), mkl (Intel MKL, pip install 'ringbench[mkl]'), "
     "auto (MKL where it loads, on Intel CPUs; numpy on others)",
     "kernel": "attention per ring step: native (ringbench's NumPy/CuPy kernel), torch (PyTorch's fused attention, "

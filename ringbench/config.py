@@ -22,6 +22,7 @@ PROGRESS = ("none", "test")
 BLAS = ("auto", "numpy", "mkl")
 CUDA_AWARE = ("auto", "yes", "no")
 KERNELS = ("native", "torch", "flash-attn")  # per-step attention: ringbench's NumPy/CuPy kernel, or a fused one
+ULYSSES_GROUPS = ("node", "any")  # hybrid's groups: each on one node (refused where the placement cannot), or any
 PASSES = ("fwd", "bwd", "fwd+bwd")  # what `ringbench run` times: the forward, the backward, or both (two phases)
 
 
@@ -56,6 +57,7 @@ class RunConfig:
     cuda_aware: str = "auto"
     tile_q: int = 0  # query rows per score tile; 0 = automatic for the backend
     ulysses_degree: int = 1  # --mode hybrid: ranks per all-to-all group U (P = U x R)
+    ulysses_groups: str = "node"  # --mode hybrid: 'node' (every group's ranks share a node, else refused), 'any'
     blas: str = "auto"  # score-tile GEMMs: 'numpy' (xp.matmul), 'mkl' (Intel MKL), 'auto'
     kernel: str = "native"  # attention per ring step: 'native' (ringbench.kernels.kernel), 'torch', 'flash-attn'
     warmup: int = 1
@@ -67,7 +69,7 @@ class RunConfig:
     pass_: str = "fwd"  # the key `pass` everywhere outside this class (KEYS): fwd, bwd or fwd+bwd
 
     # fields that do not change what is measured: left out of the point id
-    NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat", "memory_limit")
+    NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat", "memory_limit", "ulysses_groups")
     # fields added after the first ids were stored: in the point id only when not at their default, so the ids
     # of points stored before they existed (and the 8-hex legacy ids recomputed for old files) do not change
     ADDED_IDENTITY = {"kernel": "native", "ulysses_degree": 1, "pass": "fwd"}
@@ -142,6 +144,7 @@ CHOICES = {
     "blas": BLAS,
     "kernel": KERNELS,
     "pass": PASSES,
+    "ulysses_groups": ULYSSES_GROUPS,
 }
 _BOOL_FIELDS = ("causal", "check", "save_tensors")
 

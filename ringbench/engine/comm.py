@@ -100,6 +100,8 @@ class KVExchange:
                 send.get(out=send_h)
                 self._staged_recvs.append((recv, recv_h))
                 send, recv = send_h, recv_h
+            if TRAFFIC.on:
+                TRAFFIC.add(self.comm, dest, send.nbytes)
             t = tag + 2 * i
             reqs += [self.comm.Irecv(_buf(recv), source=source, tag=t), self.comm.Isend(_buf(send), dest=dest, tag=t)]
         self._reqs = reqs
@@ -142,6 +144,11 @@ class KVExchange:
 def _collective(op, backend, staged: bool, send, recv, key: str) -> None:
     """``op(send, recv)`` (an MPI collective of whole buffers) on device buffers directly, or staged through pinned
     host buffers named ``key`` when MPI is not CUDA-aware. The stream is synchronised first: MPI reads ``send``."""
+    if TRAFFIC.on:  # Allgather: all of send to every other member; Alltoall: block j of send to member j
+        c = op.__self__
+        each = send.nbytes if op.__name__ == "Allgather" else send.nbytes // max(c.size, 1)
+        for j in range(c.size):
+            TRAFFIC.add(c, j, each)
     backend.synchronize()
     if not staged:
         op(_buf(send), _buf(recv))
@@ -182,6 +189,62 @@ def node_comm(comm=WORLD):
     if key not in _NODE:
         _NODE[key] = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     return _NODE[key]
+
+
+def node_map(comm=WORLD) -> tuple[list[int], list[str]]:
+    """Collective over ``comm``: (the node index of every rank of ``comm``, the host name of every node), from MPI's
+    shared-memory split (the ranks that share memory are one node), never from rank arithmetic. Nodes are numbered
+    in the order of their lowest rank; a node's name is its lowest rank's host name."""
+    node = node_comm(comm)
+    leader = node.allgather(comm.rank)[0]  # the node's lowest rank of ``comm``
+    facts = comm.allgather((leader, socket.gethostname()))
+    leaders = sorted({lead for lead, _ in facts})
+    index = {lead: i for i, lead in enumerate(leaders)}
+    return [index[lead] for lead, _ in facts], [facts[lead][1] for lead in leaders]
+
+
+_MAJOR = {}
+
+
+def node_major(comm=WORLD):
+    """``comm``'s ranks renumbered node-major: the ranks of node 0 (in ``comm`` order), then node 1's, ... (nodes as
+    :func:`node_map` numbers them), as a communicator; collective the first time. It is ``comm``'s own order when
+    every node holds consecutive ranks (one node, block placement)."""
+    key = comm.py2f()
+    if key not in _MAJOR:
+        nodes, _ = node_map(comm)
+        order = sorted(range(comm.size), key=lambda r: (nodes[r], r))
+        _MAJOR[key] = comm.Split(color=0, key=order.index(comm.rank))
+    return _MAJOR[key]
+
+
+class Traffic:
+    """Bytes this rank addresses to each rank of WORLD while counting is on (``start`` .. ``stop``): the runner counts
+    one pass of each phase, so that its bytes per rank split into the link classes of the node map. A send to this
+    rank itself is not counted (it crosses no link)."""
+
+    def __init__(self):
+        self.on = False
+        self.sent: dict[int, int] = {}
+        self._world: dict = {}
+
+    def start(self) -> None:
+        self.on, self.sent = True, {}
+
+    def stop(self) -> dict[int, int]:
+        self.on = False
+        return dict(self.sent)
+
+    def add(self, c, dest: int, nbytes: int) -> None:
+        key = (c.py2f(), dest)
+        if key not in self._world:  # a local translation (no communication)
+            self._world[key] = MPI.Group.Translate_ranks(c.Get_group(), [dest], WORLD.Get_group())[0]
+        w = self._world[key]
+        if w != WORLD.rank:
+            self.sent[w] = self.sent.get(w, 0) + int(nbytes)
+
+
+TRAFFIC = Traffic()
 
 
 def node_allgather(obj, comm=WORLD) -> list:

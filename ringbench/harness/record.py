@@ -17,7 +17,7 @@ from ringbench.analysis import measure
 from ringbench.config import point_id
 from ringbench.engine import comm
 from ringbench.engine.backend import thread_limit
-from ringbench.harness import check
+from ringbench.harness import check, nodes
 from ringbench.kernels import backward, kernel
 from ringbench.layout import unmasked_pairs
 from ringbench.provenance import argv, conditions, git_commit, loaded, utc_now, versions
@@ -181,6 +181,9 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
         f"({max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the interpreter "
         f"and libraries{', --check included' if cfg.check else ''})   {theo}"
     )
+    node_line = nodes.format_nodes(prov.get("nodes"))
+    if node_line:
+        lines.append(node_line)
     if loaded(prov.get("conditions")):
         lines.append(f"  warning: measured on a loaded machine ({loaded(prov['conditions'])}): its times include the load")
     if where:

@@ -22,8 +22,9 @@ from ringbench.engine.backend import (
     limit_threads,
     peak_rss_bytes,
 )
+from ringbench.engine.hybrid import degree
 from ringbench.engine.ring import parse_fault
-from ringbench.harness import check, inputs, memory, progress, record
+from ringbench.harness import check, inputs, memory, nodes, progress, record
 from ringbench.kernels import kernel
 from ringbench.kernels.torch_kernel import unavailable
 from ringbench.layout import positions
@@ -35,9 +36,14 @@ from ringbench.provenance import (
 
 
 def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
-    world = comm.WORLD
+    # the ranks in node-major order (comm.node_major: the world's order when each node holds consecutive ranks): the
+    # ring, hybrid's groups and the layout's positions follow it, so a group of U = ranks per node is one node
+    world = comm.node_major(comm.WORLD)
     rank, nranks = world.rank, world.size
-    err = _validate(cfg, out, nranks)
+    node_ids, node_hosts = comm.node_map(comm.WORLD)
+    world_ranks = world.allgather(comm.WORLD.rank)
+    node_of = [node_ids[w] for w in world_ranks]  # the node of each position
+    err = _validate(cfg, out, nranks) or nodes.layout_problem(cfg.mode, cfg.ulysses_degree, cfg.ulysses_groups, node_of)
     err = comm.first_error(err)
     if err:
         raise UserError(err)
@@ -102,10 +108,15 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         for ph in phases:
             warm[ph].append(shown.tick(passes[ph]()))
     reps = {ph: [] for ph in phases}
-    for _ in range(cfg.repeat):  # each repeat: the forward, then the backward (fwd+bwd)
+    sent = {}  # phase -> bytes to each WORLD rank in the first timed pass (the link classes of the node map)
+    for i in range(cfg.repeat):  # each repeat: the forward, then the backward (fwd+bwd)
         for ph in phases:
             comm.barrier()
+            if i == 0:
+                comm.TRAFFIC.start()
             reps[ph].append(shown.tick(passes[ph]()))
+            if i == 0:
+                sent[ph] = comm.TRAFFIC.stop()
     shown.close()
     alone = {ph: [] for ph in phases}
     if nranks > 1:
@@ -139,12 +150,14 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         "tensors": (pos, host, output, grads) if cfg.save_tensors else None,
         "score_tile": ring.score_tile_elems,
         "score_tile_bwd": ring.bwd_score_tile_elems,
+        "sent": sent,
         **record.rank_facts(backend, load),
     }
-    parts = comm.gather(local)
+    parts = comm.gather(local, comm=world)  # in position order
     if rank != 0:
         return 0
-    return _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet)
+    node_map = (node_of, node_hosts, world_ranks)
+    return _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet, node_map)
 
 
 def reset_peak_rss(clear_refs: str = "/proc/self/clear_refs") -> bool:
@@ -183,10 +196,14 @@ def _validate(cfg: RunConfig, out: str | None, nranks: int) -> str | None:
     return None
 
 
-def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet) -> int:
+def _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet, node_map) -> int:
     """Rank 0: the run record from the gathered parts (assemble), stored in ``out`` and printed (format_summary)."""
     spread = {ph: repeat_spread(np.max([p["phases"][ph]["samples"]["total_s"] for p in parts], axis=0)) for ph in cfg.phases}
     prov = record.provenance(parts, backend, cuda_aware, ring.blas, spread)  # spread: of the pass time (slowest rank) over repeats
+    node_of, node_hosts, world_ranks = node_map
+    u = degree(cfg.mode, cfg.ulysses_degree, nranks)
+    sent = {ph: [p["sent"].get(ph, {}) for p in parts] for ph in cfg.phases}
+    prov["nodes"] = nodes.node_record(node_of, node_hosts, world_ranks, cfg.mode, u, sent)
     rec = record.assemble(
         cfg,
         parts,
