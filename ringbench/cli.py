@@ -420,6 +420,12 @@ def probe_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", metavar="FILE.h5", required=True, help="result file to add /probes/NAME to")
     p.add_argument("--name", help="probe group name (default probe-P<ranks>-<dtype>)")
+    p.add_argument(
+        "--machine-out",
+        metavar="FILE.yaml",
+        help="also write the machine description advise --machine reads (ranks per node, intra- and inter-node links "
+        "as measured; needs ranks on 2+ nodes and 2+ ranks on a node)",
+    )
     for opt in ("batch", "heads", "head_dim"):
         p.add_argument(option_name(opt), type=int, default=getattr(d, opt), metavar="N", help=_HELP[opt])
     p.add_argument("--kv-heads", type=int, default=0, metavar="N", help="key/value heads (0: same as --heads)")
@@ -498,7 +504,7 @@ def cmd_probe(argv: list[str]) -> int:
     try:
         from ringbench.harness import probe
 
-        return probe.run(opts, ns.out, ns.name, ns.quiet)
+        return probe.run(opts, ns.out, ns.name, ns.quiet, ns.machine_out)
     except UserError as exc:
         if comm.WORLD.rank == 0:
             print(f"{PROG} probe: {exc}", file=sys.stderr)
@@ -654,6 +660,10 @@ def cmd_advise(argv: list[str]) -> int:
             machine = advise.load_machine(ns.machine)
         except ExperimentError as exc:
             return fail(prog, str(exc))
+    if machine is None:  # a probe across nodes measured the two link classes: they describe the machine
+        from ringbench import store
+
+        machine = advise.machine_from_probes([p for f in ([ns.probe] if ns.probe else ns.files) for p in store.read_probes(f)])
     runs = results.load(ns.files) if ns.files else []
     cal = _calibration(runs, ns.files, ns.probe)
     if cal is None:

@@ -189,3 +189,20 @@ def load_machine(path, text: str | None = None) -> model.Machine:
         links[key] = (vals[0] * 1e-6, vals[1] * 1e9)
     name = str(data.get("name", src.name))
     return model.Machine(ranks_per_node=rpn, intra=links["intra"], inter=links["inter"], source=name)
+
+
+def machine_from_probes(probes) -> model.Machine | None:
+    """The machine a probe across nodes measured (``ringbench probe`` on 2+ nodes with 2+ ranks on a node: its
+    intra- and inter-node pairs' latency and bandwidth, its ranks per node), the probe of most nodes; None when no
+    probe measured both link classes (then the calibration's one link stands for every link)."""
+    both = [p for p in probes if "intra_bandwidth_Bps" in p.summary and "inter_bandwidth_Bps" in p.summary]
+    if not both:
+        return None
+    pr = max(both, key=lambda p: (p.summary.get("nodes", 0), p.created_utc))
+    s = pr.summary
+    return model.Machine(
+        ranks_per_node=int(s["ranks_per_node"]),
+        intra=(float(s["intra_latency_s"]), float(s["intra_bandwidth_Bps"])),
+        inter=(float(s["inter_latency_s"]), float(s["inter_bandwidth_Bps"])),
+        source=f"link classes measured by {pr.path}:/probes/{pr.name} ({s.get('nodes')} nodes, {int(s['ranks_per_node'])} ranks per node)",
+    )

@@ -310,6 +310,19 @@ def pingpong(buf, peer: int, initiator: bool, iters: int, warmup: int = 2, comm=
     return times
 
 
+def timed_alltoall(c, send, recv, iters: int, warmup: int = 1) -> list:
+    """Seconds of each of ``iters`` MPI_Alltoall calls of ``send`` (block j to rank j of ``c``) into ``recv``, each
+    started together (a barrier of ``c`` first)."""
+    times = []
+    for i in range(warmup + iters):
+        c.Barrier()
+        t0 = MPI.Wtime()
+        c.Alltoall(_buf(send), _buf(recv))
+        if i >= warmup:
+            times.append(MPI.Wtime() - t0)
+    return times
+
+
 def mpi_info() -> dict:
     return {
         "mpi_library": " ".join(MPI.Get_library_version().split("\n")[0].split()),

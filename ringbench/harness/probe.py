@@ -209,6 +209,79 @@ def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
     return mine
 
 
+INTRA, INTER = 0, 1  # link classes in the samples (class_kind, link_class)
+CLASS_NAMES = ("intra", "inter")
+
+
+def class_pairs(node_of: list[int]) -> list[tuple[int, int, int]]:
+    """(a, b, class) of the pairs that measure each link class apart: the two lowest ranks of the first node with
+    two ranks (intra-node), and the lowest ranks of nodes 0 and 1 (inter-node); a class this placement lacks
+    (one rank per node, one node) is left out."""
+    out = []
+    by_node: dict[int, list[int]] = {}
+    for r, n in enumerate(node_of):
+        by_node.setdefault(n, []).append(r)
+    two = [rs for _, rs in sorted(by_node.items()) if len(rs) >= 2]
+    if two:
+        out.append((two[0][0], two[0][1], INTRA))
+    if len(by_node) >= 2:
+        out.append((by_node[0][0], by_node[1][0], INTER))
+    return out
+
+
+def _class_pingpong(opts: ProbeOptions, rank: int, pairs) -> dict:
+    """{pair index: (S, I) one-way seconds} of the class pairs this rank initiated, one pair at a time (the others
+    wait): each link class measured alone."""
+    from ringbench.engine import comm
+
+    sizes = message_sizes(opts.max_bytes)
+    buf = np.zeros(max(sizes), dtype=np.uint8)
+    mine = {}
+    for i, (a, b, _) in enumerate(pairs):
+        comm.barrier()
+        if rank in (a, b):
+            times = [comm.pingpong(buf[:m], b if rank == a else a, rank == a, opts.iters) for m in sizes]
+            if rank == a:
+                mine[i] = np.array(times)
+    comm.barrier()
+    return mine
+
+
+def a2a_sizes(max_bytes: int, group: int) -> list[int]:
+    """Bytes to each peer of the all-to-all probe: 1 KiB, then powers of 4 up to ``max_bytes`` / group (at least 4 KiB)."""
+    top = max(max_bytes // max(group, 1), 4096)
+    sizes, m = [1024], 4096
+    while m < top:
+        sizes.append(m)
+        m *= 4
+    sizes.append(top)
+    return sorted(set(sizes))
+
+
+def _alltoall_times(opts: ProbeOptions, node_of: list[int]) -> dict:
+    """{class: (per-peer bytes (A,), group size, (A, I) seconds on this rank)} of MPI_Alltoall within each node (every
+    node at once: intra) and across nodes (the ranks with the same index on their node, each such group at once:
+    inter), the two collectives hybrid's groups and Ulysses over all ranks use. A class with groups of one is left out."""
+    from ringbench.engine import comm
+
+    world = comm.WORLD
+    local = sum(1 for r in range(world.rank) if node_of[r] == node_of[world.rank])  # this rank's index on its node
+    out = {}
+    for cls, color in (("intra", node_of[world.rank]), ("inter", local)):
+        sub = world.Split(color=color, key=world.rank)
+        size = min(world.allgather(sub.size))  # every group must have two ranks or more, or the class is skipped
+        if size >= 2:
+            sizes = a2a_sizes(opts.max_bytes, sub.size)
+            t = np.zeros((len(sizes), opts.iters))
+            for i, m in enumerate(sizes):
+                send = np.zeros(m * sub.size, np.uint8)
+                recv = np.empty_like(send)
+                t[i] = comm.timed_alltoall(sub, send, recv, opts.iters)
+            out[cls] = (np.array(sizes), sub.size, t)
+        sub.Free()
+    return out
+
+
 def memory_estimate(opts: ProbeOptions, backend) -> tuple[int, int]:
     """Estimated peak (host, device) bytes of one rank of the probe, beyond the interpreter and libraries: the
     largest block's forward and backward, estimated as ``ringbench run`` estimates a one-rank run of that many
@@ -262,6 +335,22 @@ def _memory_problem(opts: ProbeOptions, backend) -> str | None:
     return None
 
 
+def _text_file_problem(path: str) -> str | None:
+    """One line when a text file cannot be written at ``path`` (a directory, a missing or read-only directory)."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    parent = p.resolve().parent
+    if p.is_dir():
+        return f"--machine-out: cannot write {path}: it is a directory"
+    if not parent.is_dir():
+        return f"--machine-out: cannot write {path}: directory {parent} does not exist"
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        return f"--machine-out: cannot write {path}: permission denied"
+    return None
+
+
 def _size(nbytes: float) -> str:
     for unit, div in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= div:
@@ -269,8 +358,9 @@ def _size(nbytes: float) -> str:
     return f"{int(nbytes)} bytes"
 
 
-def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
-    """The probe on every rank; rank 0 stores the /probes group and prints a summary."""
+def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool, machine_out: str | None = None) -> int:
+    """The probe on every rank; rank 0 stores the /probes group and prints a summary (and writes the machine
+    description to ``machine_out``)."""
     from ringbench.engine import comm
     from ringbench.harness import record
 
@@ -287,6 +377,16 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
         limit_threads()  # after the GEMM library is loaded: its pool is limited too
     except BackendError as exc:  # a user error, agreed on by every rank below
         err = err or str(exc)
+    node_of, node_hosts = comm.node_map(world)
+    if machine_out and not err:
+        kinds = {c for _, _, c in class_pairs(node_of)}
+        if kinds != {INTRA, INTER}:
+            err = (
+                f"--machine-out: the machine description needs both link classes measured: ranks on 2 nodes or more and "
+                f"2 ranks or more on a node; this job has {len(node_hosts)} node(s) with {'/'.join(str(node_of.count(n)) for n in range(len(node_hosts)))} ranks"
+            )
+        elif rank == 0:
+            err = _text_file_problem(machine_out)
     err = comm.first_error(err)
     if not err:
         err = comm.first_error(_memory_problem(opts, backend))
@@ -301,6 +401,9 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
     bwd_causal = _bwd_compute_times(opts, backend, CAUSAL)
     copy_bytes, copy = _copy_times(opts, backend)
     pp = _pingpong_all(opts, rank, nranks)
+    pairs = class_pairs(node_of)
+    cpp = _class_pingpong(opts, rank, pairs)
+    a2a = _alltoall_times(opts, node_of)
     load = load_interval(load)
     local = {
         "compute": compute,
@@ -310,24 +413,39 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool) -> int:
         "copy_bytes": copy_bytes,
         "copy": copy,
         "pingpong": pp,
+        "class_pingpong": cpp,
+        "a2a": a2a,
         **record.rank_facts(backend, load),
     }
     parts = comm.gather(local)
     if rank != 0:
         return 0
-    probe = assemble(opts, parts, backend, name)
+    probe = assemble(opts, parts, backend, name, nodes=(node_of, node_hosts, pairs))
     try:
         where = store.append_probe(out, probe)
     except (OSError, store.SchemaError) as exc:  # a full disk, a quota, the file replaced meanwhile
         from ringbench.config import UserError
 
         raise UserError(f"--out: cannot write {out}: {store.write_error(out, exc)}") from None
+    if machine_out:
+        text = machine_yaml(probe)
+        try:
+            with open(machine_out, "w") as f:
+                f.write(text)
+        except OSError as exc:
+            from ringbench.config import UserError
+
+            raise UserError(f"--machine-out: cannot write {machine_out}: {exc.strerror or exc}") from None
     if not quiet:
         print(format_probe(probe, f"{out}:/probes/{where}"))
+        if machine_out:
+            print(f"  machine description (advise --machine): {machine_out}")
     return 0
 
 
-def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> store.Probe:
+def assemble(opts: ProbeOptions, parts: list, backend, name: str | None, nodes=None) -> store.Probe:
+    """The probe record from every rank's gathered part; ``nodes``: (node of each rank, host of each node, the class
+    pairs measured), None for a probe of parts without them (every rank on one node)."""
     nranks = len(parts)
     hk = opts.kv_heads or opts.heads
     sizes = np.array(message_sizes(opts.max_bytes))
@@ -359,6 +477,7 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
         summary["slowest_link"] = slowest
     else:
         summary["latency_s"] = summary["bandwidth_Bps"] = float("nan")
+    samples_nodes = _assemble_nodes(opts, parts, nodes, links, summary)
     from ringbench.harness import record
 
     spread = {  # max / min of each timed kernel's repeats (the median over block sizes and ranks): noise, load
@@ -367,6 +486,8 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
     }
     spread["copy"] = repeat_spread(copy_s)
     prov = record.provenance(parts, backend, cuda_aware=False, blas=backend.matmul("auto")[1], spread=spread)
+    if nodes is not None:
+        prov["nodes"] = {"count": len(nodes[1]), "hosts": list(nodes[1]), "node_of_rank": list(nodes[0])}
     cfg = asdict(opts)
     cfg["kv_heads"] = hk
     cfg["block_sizes"] = list(opts.block_sizes)
@@ -390,9 +511,92 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None) -> stor
             "msg_bytes": sizes,
             "links": links,
             "pingpong_s": pingpong_s,
+            **samples_nodes,
         },
         summary=summary,
     )
+
+
+def _assemble_nodes(opts: ProbeOptions, parts: list, nodes, links, summary: dict) -> dict:
+    """The samples of the link classes (class pairs, their ping-pongs, the all-to-alls, each ring link's class); their
+    fits go into ``summary`` (intra_/inter_latency_s, _bandwidth_Bps; a2a_intra_/a2a_inter_ the same per peer;
+    nodes, ranks_per_node)."""
+    if nodes is None:
+        return {}
+    node_of, hosts, pairs = nodes
+    sizes = np.array(message_sizes(opts.max_bytes))
+    counts = [node_of.count(n) for n in range(len(hosts))]
+    summary["nodes"] = len(hosts)
+    summary["ranks_per_node"] = min(counts)
+    out = {
+        "node_of_rank": np.array(node_of, dtype=np.int64),
+        "link_class": np.array([INTRA if node_of[a] == node_of[b] else INTER for a, b in links], dtype=np.int64),
+        "class_pairs": np.array([(a, b) for a, b, _ in pairs], dtype=np.int64).reshape(len(pairs), 2),
+        "class_kind": np.array([c for _, _, c in pairs], dtype=np.int64),
+    }
+    cpp = np.zeros((len(pairs), len(sizes), opts.iters))
+    for p in parts:
+        for i, t in p["class_pingpong"].items():
+            cpp[i] = t
+    out["class_pingpong_s"] = cpp
+    for i, (_, _, c) in enumerate(pairs):
+        lat, bw = model.fit_link(sizes, np.median(cpp[i], axis=1))
+        summary[f"{CLASS_NAMES[c]}_latency_s"], summary[f"{CLASS_NAMES[c]}_bandwidth_Bps"] = lat, bw
+    for cls in CLASS_NAMES:
+        if cls not in parts[0]["a2a"]:
+            continue
+        a2a_bytes, group, _ = parts[0]["a2a"][cls]
+        t = np.stack([p["a2a"][cls][2] for p in parts], axis=2)  # (A, I, P): the collective ends with its slowest rank
+        out[f"a2a_{cls}_bytes"] = a2a_bytes
+        out[f"a2a_{cls}_s"] = t
+        per_peer = np.median(t.max(axis=2), axis=1) / (group - 1)  # (group - 1) rounds of one message each
+        lat, bw = model.fit_link(a2a_bytes, per_peer)
+        summary[f"a2a_{cls}_group"] = int(group)
+        summary[f"a2a_{cls}_latency_s"], summary[f"a2a_{cls}_bandwidth_Bps"] = lat, bw
+    return out
+
+
+def machine_yaml(probe: store.Probe, name: str | None = None) -> str | None:
+    """The machine description ``advise --machine`` reads (ringbench.analysis.advise.load_machine) from a probe that
+    measured both link classes (ranks on two nodes or more, two ranks or more on a node), else None."""
+    s = probe.summary
+    if "intra_bandwidth_Bps" not in s or "inter_bandwidth_Bps" not in s:
+        return None
+    hosts = probe.provenance.get("nodes", {}).get("hosts", [])
+    lines = [
+        f"# written by ringbench probe from {probe.name} ({s['nodes']} nodes: {', '.join(hosts)}; {probe.created_utc})",
+        f"name: {name or probe.name}",
+        f"ranks_per_node: {int(s['ranks_per_node'])}",
+    ]
+    for cls in CLASS_NAMES:
+        lat_us = min(max(s[f"{cls}_latency_s"] * 1e6, 0.0), 1e6)  # the ranges load_machine accepts
+        gbps = min(max(s[f"{cls}_bandwidth_Bps"] / 1e9, 1e-6), 1e5)
+        lines.append(f"{cls}: {{latency_us: {lat_us:.6g}, bandwidth_gbps: {gbps:.6g}}}")
+    return "\n".join(lines) + "\n"
+
+
+def _format_classes(probe: store.Probe) -> list[str]:
+    """The link-class lines of a probe (none for probes from before they were measured)."""
+    s, lines = probe.summary, []
+    if "nodes" not in s:
+        return lines
+    hosts = probe.provenance.get("nodes", {}).get("hosts", [])
+    lines.append(f"  nodes: {s['nodes']} ({', '.join(hosts)}), {s['ranks_per_node']}+ ranks per node")
+    classes = probe.samples.get("link_class", [])
+    for (a, b), c in zip(probe.samples["links"], classes):
+        lines.append(f"    ring link {a}->{b}: {CLASS_NAMES[int(c)]}-node")
+    for cls in CLASS_NAMES:
+        if f"{cls}_bandwidth_Bps" in s:
+            lines.append(
+                f"  {cls}-node pair: latency {s[cls + '_latency_s'] * 1e6:.1f} us, bandwidth {s[cls + '_bandwidth_Bps'] / 1e9:.3f} GB/s"
+            )
+    for cls in CLASS_NAMES:
+        if f"a2a_{cls}_bandwidth_Bps" in s:
+            lines.append(
+                f"  all-to-all {'within' if cls == 'intra' else 'across'} nodes (groups of {s['a2a_' + cls + '_group']}): "
+                f"per peer latency {s['a2a_' + cls + '_latency_s'] * 1e6:.1f} us, bandwidth {s['a2a_' + cls + '_bandwidth_Bps'] / 1e9:.3f} GB/s"
+            )
+    return lines
 
 
 def format_probe(probe: store.Probe, where: str) -> str:
@@ -431,6 +635,7 @@ def format_probe(probe: store.Probe, where: str) -> str:
         lines.append(f"  link {a}->{b}: latency {lat * 1e6:.1f} us, bandwidth {bw / 1e9:.2f} GB/s")
     if probe.nranks < 2:
         lines.append("  links: one rank, nothing to measure (run under mpiexec -n 2 or more)")
+    lines += _format_classes(probe)
     cond = prov.get("conditions")
     if cond:  # probes from before 2026-12 recorded none
         lines.append(f"  conditions: {conditions_text(cond)}")
