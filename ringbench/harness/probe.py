@@ -380,10 +380,11 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool, machine_out
     node_of, node_hosts = comm.node_map(world)
     if machine_out and not err:
         kinds = {c for _, _, c in class_pairs(node_of)}
+        per_node = "/".join(str(node_of.count(n)) for n in range(len(node_hosts)))
         if kinds != {INTRA, INTER}:
             err = (
                 f"--machine-out: the machine description needs both link classes measured: ranks on 2 nodes or more and "
-                f"2 ranks or more on a node; this job has {len(node_hosts)} node(s) with {'/'.join(str(node_of.count(n)) for n in range(len(node_hosts)))} ranks"
+                f"2 ranks or more on a node; this job has {len(node_hosts)} node(s) with {per_node} ranks"
             )
         elif rank == 0:
             err = _text_file_problem(machine_out)
@@ -594,7 +595,8 @@ def _format_classes(probe: store.Probe) -> list[str]:
         if f"a2a_{cls}_bandwidth_Bps" in s:
             lines.append(
                 f"  all-to-all {'within' if cls == 'intra' else 'across'} nodes (groups of {s['a2a_' + cls + '_group']}): "
-                f"per peer latency {s['a2a_' + cls + '_latency_s'] * 1e6:.1f} us, bandwidth {s['a2a_' + cls + '_bandwidth_Bps'] / 1e9:.3f} GB/s"
+                f"per peer latency {s['a2a_' + cls + '_latency_s'] * 1e6:.1f} us, "
+                f"bandwidth {s['a2a_' + cls + '_bandwidth_Bps'] / 1e9:.3f} GB/s"
             )
     return lines
 
