@@ -164,6 +164,7 @@ def run(want_backends: list[str] | None, want_kernels: list[str] | None) -> int:
         "missing": [_why_not(c, backends) for c in combos],
     }
     everyone = world.allgather(local)
+    nodes = _node_links(world)
     results = []  # per combo: (status, detail)
     for i, c in enumerate(combos):
         missing = [(r, p["missing"][i]) for r, p in enumerate(everyone) if p["missing"][i]]
@@ -171,14 +172,85 @@ def run(want_backends: list[str] | None, want_kernels: list[str] | None) -> int:
             results.append(("n/a", missing))
         else:
             results.append(_ring_check(c, backends[c.backend][0], world, cuda_aware))
-    lines, problems = report(everyone, combos, results, want_backends, want_kernels, comm.mpi_info()["mpi_library"])
+    lines, problems = report(everyone, combos, results, want_backends, want_kernels, comm.mpi_info()["mpi_library"], nodes)
     if world.rank == 0:
         print("\n".join(lines), flush=True)
     return 1 if problems else 0  # the same on every rank: each has every record
 
 
-def report(ranks: list[dict], combos: list[Combo], results: list, want_backends, want_kernels, mpi_library: str):
-    """The printed report (lines) and the problems found (lines); a pure function of the gathered records."""
+PAIR_BYTES = 1 << 20  # the message of each neighbour pair's bandwidth check
+PAIR_ITERS = 3
+SLOW_NODE = 3.0  # a node whose inter-node pairs deliver less than 1/SLOW_NODE of the other nodes' median is flagged
+
+
+def _node_links(world) -> dict:
+    """Collective: the node map (MPI's shared-memory split) and each neighbour pair's bandwidth on the ring a run
+    uses (the ranks in node-major order): {node_of, hosts, pairs [(WORLD a, WORLD b)], bandwidth [bytes/s]}."""
+    from ringbench.engine import comm
+    from ringbench.harness.probe import link_phases
+
+    node_of, hosts = comm.node_map(world)
+    major = comm.node_major(world)
+    order = major.allgather(world.rank)  # the WORLD rank of each ring position
+    p = world.size
+    buf = np.zeros(PAIR_BYTES, np.uint8)
+    mine = {}
+    for phase in link_phases(p):
+        comm.barrier(world)
+        for a, b in phase:
+            wa, wb = order[a], order[b]
+            if world.rank in (wa, wb):
+                t = comm.pingpong(buf, wb if world.rank == wa else wa, world.rank == wa, PAIR_ITERS, comm=world)
+                if world.rank == wa:
+                    mine[(wa, wb)] = PAIR_BYTES / float(np.median(t))
+    measured = {}
+    for d in world.allgather(mine):
+        measured.update(d)
+    pairs = [(order[a], order[b]) for phase in link_phases(p) for a, b in phase]
+    pairs.sort(key=lambda ab: order.index(ab[0]))
+    return {"node_of": node_of, "hosts": hosts, "pairs": pairs, "bandwidth": [measured[ab] for ab in pairs]}
+
+
+def node_report(nodes: dict) -> tuple[list[str], list[str]]:
+    """The node lines of the report (nodes, their ranks, each neighbour pair's link class and bandwidth) and the
+    problems: a node whose inter-node pairs all deliver less than 1/SLOW_NODE of the other nodes' median (a node's
+    link is its fastest inter-node pair: a slow node link slows every pair through it, a slow pair between two
+    healthy nodes does not make either node slow). Pure."""
+    node_of, hosts = nodes["node_of"], nodes["hosts"]
+    lines = [f"nodes: {len(hosts)} (MPI's shared-memory split)"]
+    rows = []
+    for n, h in enumerate(hosts):
+        ranks = [r for r, m in enumerate(node_of) if m == n]
+        rows.append((str(n), h, str(len(ranks)), ", ".join(map(str, ranks))))
+    lines += ["  " + x for x in _table(("node", "host", "ranks per node", "ranks"), rows)]
+    if nodes["pairs"]:
+        lines.append("neighbour pairs (the ring of a run: ranks in node-major order):")
+        rows = [
+            (f"{a}->{b}", "intra-node" if node_of[a] == node_of[b] else "inter-node", f"{bw / 1e9:.3f} GB/s")
+            for (a, b), bw in zip(nodes["pairs"], nodes["bandwidth"])
+        ]
+        lines += ["  " + x for x in _table(("pair", "link class", "bandwidth (1 MiB ping-pong)"), rows)]
+    problems = []
+    per_node = {}
+    for (a, b), bw in zip(nodes["pairs"], nodes["bandwidth"]):
+        if node_of[a] != node_of[b]:
+            for n in (node_of[a], node_of[b]):
+                per_node[n] = max(per_node.get(n, bw), bw)  # a slow node slows every pair through it
+    if len(per_node) >= 2:
+        for n, bw in sorted(per_node.items()):
+            others = sorted(v for m, v in per_node.items() if m != n)
+            med = others[len(others) // 2]
+            if bw * SLOW_NODE < med:
+                problems.append(
+                    f"node {hosts[n]}: its inter-node link delivers {bw / 1e9:.3f} GB/s, less than 1/{SLOW_NODE:g} of the "
+                    f"other nodes' {med / 1e9:.3f} GB/s: a ring or all-to-all across it runs at its pace"
+                )
+    return lines, problems
+
+
+def report(ranks: list[dict], combos: list[Combo], results: list, want_backends, want_kernels, mpi_library: str, nodes=None):
+    """The printed report (lines) and the problems found (lines); a pure function of the gathered records (``nodes``:
+    what :func:`_node_links` measured, or None)."""
     from ringbench.kernels.reference import TOLERANCE
 
     hosts = sorted({p["host"] for p in ranks})
@@ -192,6 +264,9 @@ def report(ranks: list[dict], combos: list[Combo], results: list, want_backends,
     lines += _table(cols, rows)
     lines.append("")
     problems = []
+    if nodes is not None:
+        node_lines, problems = node_report(nodes)
+        lines += node_lines + [""]
     check_rows = []
     ran = {c.kernel for c, (status, _) in zip(combos, results) if status != "n/a"}  # kernels that ran on some backend
     for c, (status, detail) in zip(combos, results):

@@ -88,3 +88,19 @@ def test_problems_partial_availability_and_failed_checks():
     assert len(problems) == 2 and lines[-2:] == [f"problem: {p}" for p in problems]
     _, asked = report([RANK, RANK], combos[2:], results[2:], ["cupy"], None, "MPICH")
     assert asked == ["--backend cupy: not available on every rank: no GPU"]
+
+
+def test_node_report_flags_a_slow_node():
+    from ringbench.harness.doctor import node_report
+
+    # three nodes of two ranks, the ring node-major; node 2's link to the others is 10x slower
+    node_of = [0, 0, 1, 1, 2, 2]
+    pairs = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 0)]
+    bw = [10e9, 1e9, 10e9, 0.1e9, 10e9, 0.1e9]  # both pairs through node c are slow
+    nodes = {"node_of": node_of, "hosts": ["a", "b", "c"], "pairs": pairs, "bandwidth": bw}
+    lines, problems = node_report(nodes)
+    text = "\n".join(lines)
+    assert "nodes: 3" in text and "3->4  inter-node" in text and "0->1  intra-node" in text
+    assert len(problems) == 1 and problems[0].startswith("node c: its inter-node link delivers 0.100 GB/s")
+    bw[3] = bw[5] = 1e9  # every node's link alike: nothing flagged
+    assert node_report(nodes)[1] == []
