@@ -151,10 +151,12 @@ EOF
     chmod 755 "$DIR/launcher"
     cat > "$DIR/mpiexec" <<EOF
 #!/bin/sh
-# written by slurm/multinode.sh: mpiexec across the emulated nodes (every node in -hosts; add -ppn N for N ranks
-# per node, block placement; without it hydra places one rank per node in turn)
+# written by slurm/multinode.sh: mpiexec across the emulated nodes (every node in -hosts, or RINGBENCH_MPIEXEC_HOSTS:
+# e.g. 10.217.0.1:2 for two ranks on node 1 alone; add -ppn N for N ranks per node, block placement; without it hydra
+# places one rank per node in turn). RINGBENCH_MPIEXEC: the mpiexec to use (default: the one on PATH).
+hosts=\${RINGBENCH_MPIEXEC_HOSTS:-}
 . "$DIR/env"
-exec "\${RINGBENCH_MPIEXEC:-mpiexec}" -launcher ssh -launcher-exec "$DIR/launcher" -iface $BRIDGE -hosts "\$RINGBENCH_NODE_HOSTS" "\$@"
+exec "\${RINGBENCH_MPIEXEC:-mpiexec}" -launcher ssh -launcher-exec "$DIR/launcher" -iface $BRIDGE -hosts "\${hosts:-\$RINGBENCH_NODE_HOSTS}" "\$@"
 EOF
     chmod 755 "$DIR/mpiexec"
 }
@@ -166,6 +168,7 @@ export RINGBENCH_MULTINODE_DIR=$DIR
 export RINGBENCH_NODE_HOSTS=$(hosts_csv)
 export RINGBENCH_NODE_NAMES=$(for i in $(seq "$K"); do printf '%s' "$(node_name "$i")"; [ "$i" = "$K" ] || printf ,; done)
 export RINGBENCH_INTERNODE_RATE=$RATE
+export RINGBENCH_NODE_LINKS=$(for i in $(seq "$K"); do printf '%s' "${PREFIX}v$i"; [ "$i" = "$K" ] || printf ,; done)
 # MPICH: TCP (libfabric's tcp provider) between nodes, shared memory inside a node; UCX would use /dev/shm across the
 # namespaces and the node links would carry nothing
 export MPIR_CVAR_CH4_NETMOD=ofi
