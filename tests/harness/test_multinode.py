@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def _why_not_root() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """The environment of the emulated cluster (its env file, plus RINGBENCH_MPIEXEC): CI's, or one of its own."""
     if (STATE / "net.up").exists():
         yield {**_env_file(STATE / "env"), "RINGBENCH_MPIEXEC": str(MPIEXEC), "_dir": str(STATE)}
@@ -69,7 +70,8 @@ def cluster(tmp_path_factory):
         if expected:
             pytest.fail(f"emulated cluster expected (CI / RINGBENCH_MULTINODE) but absent: {msg}")
         pytest.skip(msg)
-    d = tmp_path_factory.mktemp("multinode")
+    d = Path(tempfile.mkdtemp(prefix="ringbench-multinode-test-", dir="/tmp"))  # munged: every parent a+x
+    d.chmod(0o755)
     env = dict(os.environ, RINGBENCH_MULTINODE_DIR=str(d), **OWN)
     cmd = "up" if shutil.which("slurmctld") or Path("/usr/sbin/slurmctld").exists() else "net-up"
     res = subprocess.run([str(SCRIPT), cmd], capture_output=True, text=True, env=env, timeout=120, check=False)
@@ -80,6 +82,7 @@ def cluster(tmp_path_factory):
         yield {**_env_file(d / "env"), "RINGBENCH_MPIEXEC": str(MPIEXEC), "_dir": str(d)}
     finally:
         subprocess.run([str(SCRIPT), "down"], capture_output=True, env=env, timeout=120, check=False)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def launch(cluster, n: int, argv: list, ppn: int | None = 2, hosts: str | None = None, timeout: float = 300):
