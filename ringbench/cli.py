@@ -664,6 +664,8 @@ def cmd_advise(argv: list[str]) -> int:
         from ringbench import store
 
         machine = advise.machine_from_probes([p for f in ([ns.probe] if ns.probe else ns.files) for p in store.read_probes(f)])
+    if err := advise.check_ranks(ns.ranks, machine):
+        return fail(prog, err)
     runs = results.load(ns.files) if ns.files else []
     cal = _calibration(runs, ns.files, ns.probe)
     if cal is None:

@@ -25,9 +25,18 @@ SCAN_TOKENS = [2**k for k in range(4, 21)]  # tokens per rank scanned for the wi
 MAX_RANKS = 2**16
 
 
-def check_ranks(ranks: list[int]) -> str | None:
-    """None if every rank count is within MAX_RANKS, else the one-line refusal (``--ranks: ...``)."""
+def check_ranks(ranks: list[int], machine: model.Machine | None = None) -> str | None:
+    """None if every rank count is within MAX_RANKS (and, with a machine, fills its nodes: a P larger than a node that
+    its ranks per node do not divide cannot be laid out), else the one-line refusal (``--ranks: ...``)."""
     over = [p for p in ranks if p > MAX_RANKS]
+    if machine is not None and not over:
+        rpn = machine.ranks_per_node
+        bad = [p for p in ranks if p > rpn and p % rpn]
+        if bad:
+            return (
+                f"--ranks: {bad[0]} ranks cannot fill nodes of {rpn} (ranks_per_node of {machine.source}): use a multiple "
+                f"of {rpn}, or at most {rpn} (one node)"
+            )
     if not over:
         return None
     return f"--ranks: at most {MAX_RANKS} ranks (2^16) can be predicted (the model's cost grows with P); got {over[0]}"

@@ -186,3 +186,28 @@ def test_advise_bench_prints_every_case():
     assert "--ranks: at most" in " ".join(rows[-1])
     bad = bench("--ranks", 10**7)
     assert bad.returncode == 2 and "--ranks" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_ranks_that_cannot_fill_the_machines_nodes_are_refused(tmp_path, probe_file):
+    """A rank count above a node that ranks_per_node does not divide cannot be laid out: one line, exit 2; a multiple,
+    or a job within one node, is predicted."""
+    path = tmp_path / "m.yaml"
+    path.write_text("ranks_per_node: 3\nintra: {latency_us: 2, bandwidth_gbps: 150}\ninter: {latency_us: 5, bandwidth_gbps: 25}\n")
+    res = ringbench("advise", "--probe", probe_file, "--seq-len", 384, "--ranks", "3,4", "--machine", path, timeout=TIMEOUT_S)
+    err = one_line_exit_2(res)
+    assert "--ranks: 4 ranks cannot fill nodes of 3 (ranks_per_node of " in err
+    ok = ringbench("advise", "--probe", probe_file, "--seq-len", 384, "--ranks", "2,6", "--machine", path, timeout=TIMEOUT_S)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_machine_from_a_probe_across_nodes():
+    """advise takes the link classes a probe across nodes measured as its machine; a probe of one node gives none."""
+    from ringbench import store
+
+    s = {"nodes": 2, "ranks_per_node": 2, "intra_latency_s": 2e-6, "intra_bandwidth_Bps": 5e9}
+    one = store.Probe(nranks=2, config={}, provenance={}, samples={}, summary=dict(s), name="one", created_utc="a")
+    assert advise.machine_from_probes([one]) is None
+    s.update(inter_latency_s=3e-5, inter_bandwidth_Bps=5e7)
+    two = store.Probe(nranks=4, config={}, provenance={}, samples={}, summary=s, name="two", created_utc="b", path="p.h5")
+    m = advise.machine_from_probes([one, two])
+    assert m.ranks_per_node == 2 and m.intra == (2e-6, 5e9) and m.inter == (3e-5, 5e7) and "p.h5:/probes/two" in m.source

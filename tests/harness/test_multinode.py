@@ -253,3 +253,41 @@ def test_node_local_groups_refused_when_a_group_spans_nodes(cluster):
     ok = launch(cluster, 4, [*argv, "--head-dim", "8", "--repeat", "1", "--ulysses-groups", "any", "--check"])
     assert ok.returncode == 0, ok.stderr
     assert "all-to-all pairs across nodes 4 of 6" in ok.stdout
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:  # gone meanwhile
+        return ""
+
+
+def test_a_node_that_dies_ends_the_job_and_nothing_is_stored_as_done(tmp_path, cluster):
+    """Every process of node 2 killed mid-run: the launcher returns (no hang), non-zero, and the file holds no run."""
+    import time
+
+    out = tmp_path / "dead.h5"
+    argv = ["-m", "ringbench", "run", "--seq-len", "2048", "--heads", "4", "--head-dim", "32", "--repeat", "100000"]
+    env = child_env({k: v for k, v in cluster.items() if not k.startswith("_")})
+    cmd = [str(Path(cluster["_dir"]) / "mpiexec"), "-ppn", "2", "-n", "4", "env", f"PYTHONPATH={ROOT}", sys.executable]
+    proc = subprocess.Popen([*cmd, *argv, "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    ns = cluster["RINGBENCH_NODE_NAMES"].split(",")[1]
+    try:
+        killed = []
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:  # until node 2's ranks run ringbench
+            time.sleep(1)
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout.split()
+            ranks = [p for p in pids if "ringbench" in _cmdline(p)]
+            if len(ranks) >= 2:
+                time.sleep(2)  # into the timed passes
+                for p in pids:
+                    subprocess.run(["kill", "-9", p], check=False)
+                killed = pids
+        assert killed, "node 2's ranks never started"
+        proc.wait(timeout=120)  # a hang fails here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert not out.exists() or all(r.status != "ok" for r in store.read(out))

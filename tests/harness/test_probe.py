@@ -238,3 +238,25 @@ def test_probe_records_its_conditions_and_report_plot_advise_warn_of_a_loaded_on
         assert said == ([1, 1, 1] if kind == "loaded" else [0, 0, 0]), (kind, said)
         if kind == "loaded":
             assert "other work kept 1.9 of 2 cores" in adv.stdout
+
+
+def test_class_pairs_and_the_machine_yaml(tmp_path):
+    """The pairs that measure each link class, and the machine description written from their fits (read back by
+    advise.load_machine); a probe without both classes writes none."""
+    from ringbench import store
+    from ringbench.analysis import advise
+    from ringbench.harness import probe
+
+    assert probe.class_pairs([0, 1, 0, 1]) == [(0, 2, probe.INTRA), (0, 1, probe.INTER)]
+    assert probe.class_pairs([0, 0, 0]) == [(0, 1, probe.INTRA)]
+    assert probe.class_pairs([0, 1]) == [(0, 1, probe.INTER)]
+    assert probe.a2a_sizes(1 << 20, 2) == [1024, 4096, 16384, 65536, 262144, 524288]
+    s = {"nodes": 2, "ranks_per_node": 2, "intra_latency_s": 2.5e-6, "intra_bandwidth_Bps": 8e9}
+    pr = store.Probe(nranks=4, config={}, provenance={"nodes": {"hosts": ["a", "b"]}}, summary=s, name="p4")
+    assert probe.machine_yaml(pr) is None
+    s.update(inter_latency_s=4e-4, inter_bandwidth_Bps=5e7)
+    path = tmp_path / "m.yaml"
+    path.write_text(probe.machine_yaml(pr))
+    m = advise.load_machine(path)
+    assert m.ranks_per_node == 2 and m.source == "p4"
+    assert m.intra == pytest.approx((2.5e-6, 8e9)) and m.inter == pytest.approx((4e-4, 5e7))
