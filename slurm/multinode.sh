@@ -8,6 +8,7 @@
 #   slurm/multinode.sh mpiexec ARGS...   mpiexec across the nodes (hydra's -launcher ssh through a script that
 #                                 enters a node's namespace; -hosts every node): e.g. `... mpiexec -ppn 2 -n 4 CMD`
 #   slurm/multinode.sh net-up | net-down   only the namespaces, no Slurm (mpiexec across the nodes still works)
+#   slurm/multinode.sh rate RATE|none      reshape the running cluster's node links (benchmarks/multinode_bench.py)
 #
 # Node i (1..K) is the network namespace ${PREFIX}i with its own hostname (each command runs under `unshare --uts`,
 # which sets the hostname to the node's name), address $SUBNET.i/24 on its eth0, a veth pair to the bridge
@@ -112,6 +113,25 @@ net_up() {
     echo "$K $RATE" > "$DIR/net.up"
     trap - ERR
     echo "multinode: $K nodes up ($(hosts_csv); link rate $RATE; $DIR)"
+}
+
+set_rate() {  # RATE: reshape every node link of the running cluster (none: unshaped), and record it
+    [ -n "$1" ] || die "usage: $0 rate RATE|none (a tc rate such as 400mbit)"
+    [ -f "$DIR/net.up" ] || die "the nodes are down: run $0 up first"
+    RATE=$1
+    check_settings
+    local i ns veth
+    for i in $(seq "$K"); do
+        ns=$(node_name "$i")
+        veth=${PREFIX}v$i
+        tc qdisc del dev "$veth" root 2>/dev/null || true
+        ip netns exec "$ns" tc qdisc del dev eth0 root 2>/dev/null || true
+        shape tc qdisc add dev "$veth"
+        shape ip netns exec "$ns" tc qdisc add dev eth0
+    done
+    echo "$K $RATE" > "$DIR/net.up"
+    sed -i "s/^export RINGBENCH_INTERNODE_RATE=.*/export RINGBENCH_INTERNODE_RATE=$RATE/" "$DIR/env"
+    echo "multinode: node links at $RATE"
 }
 
 net_down() {
@@ -335,6 +355,7 @@ case "${1:-}" in
     status) status ;;
     net-up) net_up ;;
     net-down) slurm_down; net_down ;;
+    rate) shift; set_rate "${1:-}" ;;
     mpiexec) shift; [ -f "$DIR/net.up" ] || die "the nodes are down: run $0 up first"; exec "$DIR/mpiexec" "$@" ;;
     *) echo "usage: $0 up|down|status|net-up|net-down|mpiexec ARGS...   (settings: see the comment at the top of $HERE/multinode.sh)" >&2; exit 2 ;;
 esac
