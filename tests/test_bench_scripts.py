@@ -233,3 +233,11 @@ def test_strategy_bench_user_error_is_one_line():
     res = script("strategy_bench.py", "--repeat", 1)
     assert res.returncode == 2
     assert "--repeat" in res.stderr.strip().splitlines()[-1]
+
+
+def test_multinode_bench_needs_the_cluster(tmp_path):
+    """Without the emulated cluster: one line naming it, exit 2 (the bench itself runs on slurm/multinode.sh's
+    cluster: benchmarks/README.md; tests/harness/test_multinode.py runs every piece of it for real)."""
+    res = script("multinode_bench.py", env={"RINGBENCH_MULTINODE_DIR": str(tmp_path)})
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == f"multinode_bench: the emulated cluster is down ({tmp_path}/net.up missing): run slurm/multinode.sh up (as root)\n"
