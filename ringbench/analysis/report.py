@@ -347,6 +347,38 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
     return "predicted pass time ('-': N is not divisible for that layout)\n" + table(header, body, left=5)
 
 
+def nodes_table(runs) -> str | None:
+    """The runs across nodes (provenance ``nodes``, count > 1): nodes and ranks per node, the ring hops and all-to-all
+    pairs that crossed a node boundary, and the bytes per rank each link class carried in one pass; None without any."""
+    body = []
+    for run in runs:
+        nd = getattr(run, "provenance", {}).get("nodes") or {}
+        if nd.get("count", 1) <= 1:
+            continue
+        c = run.config
+        mode = f"hybrid U={c.get('ulysses_degree')}" if c.get("mode") == "hybrid" else str(c.get("mode"))
+        for ph, b in sorted(nd.get("bytes_per_rank", {}).items(), key=lambda kv: kv[0] != "fwd"):
+            body.append(
+                [
+                    mode,
+                    str(c.get("seq_len")),
+                    str(run.nranks),
+                    ph,
+                    f"{nd['count']} ({'/'.join(map(str, nd['ranks_per_node']))})",
+                    f"{len(nd['ring_hops_inter'])} of {nd['ring_hops']}",
+                    f"{len(nd['a2a_pairs_inter'])} of {nd['a2a_pairs']}",
+                    f"{max(b['intra']) / 2**20:.2f}",
+                    f"{max(b['inter']) / 2**20:.2f}",
+                ]
+            )
+    if not body:
+        return None
+    head = ["mode", "N", "P", "phase", "nodes (ranks)", "ring hops across", "a2a pairs across", "intra MiB/rank", "inter MiB/rank"]
+    return "across nodes: which links crossed a node boundary, bytes per rank by link class (one pass, busiest rank)\n" + table(
+        head, body, left=4
+    )
+
+
 def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] | None = None) -> str:
     rows = results.rows(runs)
     hosts = sorted({h for r in rows for h in r["host"].split(",") if h})
@@ -356,6 +388,9 @@ def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] 
     out = [(f"{what} from {len({r['file'] for r in rows})} file(s); hosts {', '.join(hosts) or '?'}; {'; '.join(backends)}")]
     preds = predictions(runs, cal) if cal is not None else None
     out += ["", runs_table(rows, preds)]
+    across = nodes_table(runs)
+    if across:
+        out += ["", across]
     if any(r.get("phase") == "bwd" for r in rows):
         out += ["", "forward and backward side by side", phases_table(rows, preds)]
     out += [

@@ -301,3 +301,18 @@ def test_report_header_counts_runs_not_their_phases(small_results):
     run.bwd = store.Phase(samples=dict(run.samples), summary=dict(run.summary), check=dict(run.check))
     assert len(results.rows([run])) == 2
     assert report.format_report([run], None).startswith("1 run (2 timed phases) from 1 file(s); hosts ")
+
+
+def test_report_shows_the_runs_across_nodes():
+    from ringbench import store
+    from ringbench.analysis import report
+    from ringbench.harness import nodes
+
+    node_of = [0, 0, 1, 1]
+    sent = {"fwd": [{(i + 1) % 4: 2**20} for i in range(4)]}
+    rec = nodes.node_record(node_of, ["n1", "n2"], [0, 1, 2, 3], "overlap", 1, sent)
+    run = store.Run(point_id="p", nranks=4, config={"mode": "overlap", "seq_len": 64}, provenance={"nodes": rec})
+    text = report.nodes_table([run])
+    assert text.startswith("across nodes:") and "2 (2/2)" in text and "2 of 4" in text and "1.00" in text
+    one = store.Run(point_id="q", nranks=2, config={"mode": "overlap"}, provenance={})
+    assert report.nodes_table([one]) is None

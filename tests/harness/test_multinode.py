@@ -149,6 +149,8 @@ def test_every_strategy_across_two_nodes_and_the_bytes_cross(tmp_path, cluster):
             assert nodes["ring_hops"] == 0 and len(nodes["a2a_pairs_inter"]) == 4  # of 6 pairs, 4 cross
         else:
             assert nodes["ring_hops_inter"] == [[1, 2], [3, 0]]  # node-major: 2 of the 4 hops cross
+    rep = ringbench("report", out, "--no-model")
+    assert rep.returncode == 0 and "across nodes:" in rep.stdout and "hybrid U=2" in rep.stdout, rep.stdout + rep.stderr
     link0 = cluster["RINGBENCH_NODE_LINKS"].split(",")[0]
     crossed = after[link0][0] - before[link0][0]  # bytes node 0 sent over its link
     assert crossed >= sent_by_node0, (crossed, sent_by_node0)  # at least one pass of each phase's inter-node bytes
