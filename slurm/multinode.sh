@@ -38,6 +38,7 @@ set -euo pipefail
 
 DIR=${RINGBENCH_MULTINODE_DIR:-/tmp/ringbench-multinode}
 K=${RINGBENCH_NODES:-2}
+if [ -z "${RINGBENCH_NODES:-}" ] && [ -f "$DIR/net.up" ]; then K=$(cut -d' ' -f1 "$DIR/net.up"); fi  # the running cluster's
 RATE=${RINGBENCH_INTERNODE_RATE:-400mbit}
 PREFIX=${RINGBENCH_MULTINODE_PREFIX:-rbnode}
 SUBNET=${RINGBENCH_MULTINODE_SUBNET:-10.217.0}
