@@ -3,7 +3,9 @@
 Every rank reports its host, local rank, the device it selected, whether MPI is CUDA-aware, the MPI library and
 the kernel libraries it finds (NumPy and its BLAS, Intel MKL, torch and its CUDA, flash_attn, CuPy and its GPUs);
 then every rank runs one tiny ring pass, checked against the float64 reference, for each backend and kernel
-available on every rank. Rank 0 gathers, prints a table and one line per problem.
+available on every rank. Across nodes it also lists the nodes (MPI's shared-memory split), their ranks, and each
+neighbour pair of the ring a run uses (node-major order) with its link class and a 1 MiB ping-pong bandwidth.
+Rank 0 gathers, prints a table and one line per problem.
 
 Problems (exit status 1; 0 without any):
 
@@ -11,6 +13,7 @@ Problems (exit status 1; 0 without any):
 * a backend asked for with ``--backend`` that is not available on some rank (no CuPy, no GPU), or a kernel asked
   for with ``--kernel`` that runs on none of the backends checked (not installed, or no backend it runs on);
 * a backend or kernel available on some ranks and not on others (a sweep would fail on those ranks).
+* a node whose inter-node link delivers less than 1/SLOW_NODE of the other nodes' (``node_report``).
 
 Without ``--backend``/``--kernel``, every backend and kernel is tried, and those missing everywhere (no GPU,
 no torch, no flash_attn) are listed as "not available" without being problems: a CPU machine is healthy.
