@@ -9,8 +9,8 @@ structure of any pair of sequence chunks comes from ``layout.step_plan``
 
 * **hybrid** (``--ulysses-degree U``, P = U x R): ranks form groups of U consecutive ranks (rank r is member
   r mod U of group r // U; the harness numbers ranks node-major, so with U = ranks per node each group is one
-  node and the all-to-all stays on the fast intra-node links). An all-to-all inside each group turns the sequence split into a head split: member a
-  then holds the U n tokens of its group for query heads [a H/U, (a+1) H/U) and their kv heads. A
+  node and the all-to-all stays on the fast intra-node links). An all-to-all inside each group turns the
+  sequence split into a head split: member a then holds the U n tokens of its group for query heads [a H/U, (a+1) H/U) and their kv heads. A
   :class:`Ring` over the R ranks with the same member index (one per group) then passes those K/V
   around; its step plans are the layout's plans of every (query chunk, key chunk) pair of the two groups.
   A second all-to-all returns each member's heads to the tokens' owners.
