@@ -106,7 +106,7 @@ def ringbench(*args, env: dict | None = None, timeout: float = 120, cwd=None) ->
     )
 
 
-def mpi_worker(script: Path, nranks: int, spec: dict, timeout: float = 300):
+def mpi_worker(script: Path, nranks: int, spec: dict, timeout: float = 300, env: dict | None = None):
     """Run a test worker (tests/*worker*.py, tests/mpi_*.py) at ``nranks`` ranks with its JSON ``spec``; the object of
     the ``RESULT <json>`` line rank 0 prints. Fails (with the output's tail) when the job does not exit 0."""
     import json
@@ -114,10 +114,16 @@ def mpi_worker(script: Path, nranks: int, spec: dict, timeout: float = 300):
     if not MPIEXEC.exists():
         pytest.fail(f"{MPIEXEC} not found: install the test extra (pip install -e '.[mpich,test]')")
     cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(script), json.dumps(spec)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(env), timeout=timeout)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     return json.loads(line[len("RESULT ") :])
+
+
+def mpi_runs(nranks: int, runs: list[list], env: dict | None = None, timeout: float = 600) -> list[int]:
+    """Each of ``runs`` (the options of one ``ringbench run``) in one launch at ``nranks`` ranks
+    (tests/mpi_cli_runs.py); the exit status of each run, in order."""
+    return mpi_worker(Path(__file__).parent / "mpi_cli_runs.py", nranks, {"runs": [[str(a) for a in r] for r in runs]}, timeout=timeout, env=env)["codes"]
 
 
 def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ from ringbench import store
 from ringbench.kernels import reference
 from ringbench.layout import LAYOUTS
 
-from conftest import mpiexec
+from conftest import mpi_runs, mpiexec
 
 pytestmark = pytest.mark.mpi
 SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet"]
@@ -21,11 +21,52 @@ def run_ok(nranks, tmp_path, *args):
     return run
 
 
+class Batch:
+    """The checked runs of one test's parameter grid, in one launch per rank count (tests/mpi_cli_runs.py): the
+    first parameter at a rank count launches every case of the grid at that count; each case then reads its file."""
+
+    def __init__(self, root, cases):
+        self.root, self.cases, self.done = root, cases, {}  # cases(nranks) -> {key: options}
+
+    def run(self, nranks, key):
+        if nranks not in self.done:
+            cases = self.cases(nranks)
+            outs = {k: self.root / f"p{nranks}-{i}.h5" for i, k in enumerate(cases)}
+            codes = mpi_runs(nranks, [[*SMALL, "--check", "--out", outs[k], *opts] for k, opts in cases.items()])
+            self.done[nranks] = {k: (code, outs[k]) for k, code in zip(cases, codes)}
+        code, out = self.done[nranks][key]
+        assert code == 0, f"ringbench run {self.cases(nranks)[key]} exited {code} (its output: above)"
+        (run,) = store.read(out)
+        return run
+
+
+CAUSAL = ["--causal", "--no-causal"]
+
+
+@pytest.fixture(scope="module")
+def ring_grid(tmp_path_factory):
+    def cases(nranks):
+        return {(lay, c): ["--seq-len", 48 * nranks, "--layout", lay, c, "--kv-heads", 2] for lay in LAYOUTS for c in CAUSAL}
+
+    return Batch(tmp_path_factory.mktemp("ring-grid"), cases)
+
+
+BASELINE_EXTRA = {"zigzag": ["--causal", "--layout", "zigzag"], "fp16-mqa": ["--dtype", "float16", "--kv-heads", 1]}
+
+
+@pytest.fixture(scope="module")
+def baseline_grid(tmp_path_factory):
+    def cases(nranks):
+        return {(m, e): ["--seq-len", 96, "--mode", m, *BASELINE_EXTRA[e]] for m in ("blocking", "allgather") for e in BASELINE_EXTRA}
+
+    return Batch(tmp_path_factory.mktemp("baseline-grid"), cases)
+
+
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("causal", ["--causal", "--no-causal"])
-def test_overlap_ring_is_correct(nranks, layout, causal, tmp_path):
-    run = run_ok(nranks, tmp_path, "--seq-len", 48 * nranks, "--layout", layout, causal, "--kv-heads", 2)
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_overlap_ring_is_correct(nranks, layout, causal, ring_grid):
+    run = ring_grid.run(nranks, (layout, causal))
     assert run.check["passed"] and 0 < run.check["rel_err"] < run.check["tol"]
     p = nranks
     for name in ("compute_s", "comm_s", "step_s"):
@@ -45,9 +86,9 @@ def test_overlap_ring_is_correct(nranks, layout, causal, tmp_path):
 
 @pytest.mark.parametrize("nranks", [2, 3])
 @pytest.mark.parametrize("mode", ["blocking", "allgather"])
-@pytest.mark.parametrize("extra", [["--causal", "--layout", "zigzag"], ["--dtype", "float16", "--kv-heads", 1]])
-def test_baseline_modes_are_correct(nranks, mode, extra, tmp_path):
-    run = run_ok(nranks, tmp_path, "--seq-len", 96, "--mode", mode, *extra)
+@pytest.mark.parametrize("extra", list(BASELINE_EXTRA))
+def test_baseline_modes_are_correct(nranks, mode, extra, baseline_grid):
+    run = baseline_grid.run(nranks, (mode, extra))
     assert run.check["passed"], run.check
 
 
