@@ -123,7 +123,20 @@ def mpi_worker(script: Path, nranks: int, spec: dict, timeout: float = 300, env:
 def mpi_runs(nranks: int, runs: list[list], env: dict | None = None, timeout: float = 600) -> list[int]:
     """Each of ``runs`` (the options of one ``ringbench run``) in one launch at ``nranks`` ranks
     (tests/mpi_cli_runs.py); the exit status of each run, in order."""
-    return mpi_worker(Path(__file__).parent / "mpi_cli_runs.py", nranks, {"runs": [[str(a) for a in r] for r in runs]}, timeout=timeout, env=env)["codes"]
+    return mpi_worker(
+        Path(__file__).parent / "mpi_cli_runs.py", nranks, {"runs": [[str(a) for a in r] for r in runs]}, timeout=timeout, env=env
+    )["codes"]
+
+
+def append_runs(runs: list[tuple[int, list]], env: dict | None = None) -> None:
+    """``ringbench run`` with each (rank count, options) of ``runs``, in order, one launch per stretch of runs at the
+    same rank count (a fixture's result file built in a few launches, not one per run); each must exit 0."""
+    import itertools
+
+    for nranks, group in itertools.groupby(runs, key=lambda r: r[0]):
+        group = [opts for _, opts in group]
+        codes = mpi_runs(nranks, group, env=env)
+        assert codes == [0] * len(group), list(zip(codes, group))
 
 
 def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
@@ -138,34 +151,17 @@ def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, c
 def small_results(tmp_path_factory) -> Path:
     """A real result file: a few small runs over modes, layouts and rank counts (shared by read-only tests)."""
     path = tmp_path_factory.mktemp("results") / "small.h5"
-    for p, extra in [
-        (1, []),
-        (2, []),
-        (2, ["--mode", "blocking"]),
-        (2, ["--mode", "allgather"]),
-        (4, ["--causal", "--layout", "zigzag"]),
-        (4, ["--causal", "--layout", "striped"]),
-    ]:
-        res = mpiexec(
-            p,
-            "run",
-            "--seq-len",
-            256,
-            "--heads",
-            2,
-            "--head-dim",
-            16,
-            "--repeat",
-            3,
-            "--warmup",
-            1,
-            "--check",
-            "--quiet",
-            "--out",
-            path,
-            *extra,
-        )
-        assert res.returncode == 0, res.stderr
+    common = ["--seq-len", 256, "--heads", 2, "--head-dim", 16, "--repeat", 3, "--warmup", 1, "--check", "--quiet", "--out", path]
+    append_runs(
+        [
+            (1, common),
+            (2, common),
+            (2, [*common, "--mode", "blocking"]),
+            (2, [*common, "--mode", "allgather"]),
+            (4, [*common, "--causal", "--layout", "zigzag"]),
+            (4, [*common, "--causal", "--layout", "striped"]),
+        ]
+    )
     return path
 
 
