@@ -128,6 +128,28 @@ def mpi_runs(nranks: int, runs: list[list], env: dict | None = None, timeout: fl
     )["codes"]
 
 
+class Batch:
+    """The runs of one test's parameter grid, in one launch per rank count (tests/mpi_cli_runs.py): the first
+    parameter at a rank count launches every case of the grid at that count; each case then reads its own file.
+    ``cases(nranks)``: {key: options}; ``common``: the options of every run."""
+
+    def __init__(self, root: Path, cases, common=(), tensors: bool = False):
+        self.root, self.cases, self.common, self.tensors, self.done = root, cases, list(common), tensors, {}
+
+    def run(self, nranks: int, key):
+        from ringbench import store
+
+        if nranks not in self.done:
+            cases = self.cases(nranks)
+            outs = {k: self.root / f"p{nranks}-{i}.h5" for i, k in enumerate(cases)}
+            codes = mpi_runs(nranks, [[*self.common, "--out", outs[k], *opts] for k, opts in cases.items()])
+            self.done[nranks] = {k: (code, outs[k]) for k, code in zip(cases, codes)}
+        code, out = self.done[nranks][key]
+        assert code == 0, f"ringbench run {self.cases(nranks)[key]} exited {code} (its output: above)"
+        (run,) = store.read(out, tensors=self.tensors)
+        return run
+
+
 def append_runs(runs: list[tuple[int, list]], env: dict | None = None) -> None:
     """``ringbench run`` with each (rank count, options) of ``runs``, in order, one launch per stretch of runs at the
     same rank count (a fixture's result file built in a few launches, not one per run); each must exit 0."""

@@ -7,7 +7,7 @@ from ringbench import store
 from ringbench.kernels import reference
 from ringbench.layout import LAYOUTS
 
-from conftest import mpi_runs, mpiexec
+from conftest import Batch, mpiexec
 
 pytestmark = pytest.mark.mpi
 SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet"]
@@ -21,25 +21,6 @@ def run_ok(nranks, tmp_path, *args):
     return run
 
 
-class Batch:
-    """The checked runs of one test's parameter grid, in one launch per rank count (tests/mpi_cli_runs.py): the
-    first parameter at a rank count launches every case of the grid at that count; each case then reads its file."""
-
-    def __init__(self, root, cases):
-        self.root, self.cases, self.done = root, cases, {}  # cases(nranks) -> {key: options}
-
-    def run(self, nranks, key):
-        if nranks not in self.done:
-            cases = self.cases(nranks)
-            outs = {k: self.root / f"p{nranks}-{i}.h5" for i, k in enumerate(cases)}
-            codes = mpi_runs(nranks, [[*SMALL, "--check", "--out", outs[k], *opts] for k, opts in cases.items()])
-            self.done[nranks] = {k: (code, outs[k]) for k, code in zip(cases, codes)}
-        code, out = self.done[nranks][key]
-        assert code == 0, f"ringbench run {self.cases(nranks)[key]} exited {code} (its output: above)"
-        (run,) = store.read(out)
-        return run
-
-
 CAUSAL = ["--causal", "--no-causal"]
 
 
@@ -48,7 +29,7 @@ def ring_grid(tmp_path_factory):
     def cases(nranks):
         return {(lay, c): ["--seq-len", 48 * nranks, "--layout", lay, c, "--kv-heads", 2] for lay in LAYOUTS for c in CAUSAL}
 
-    return Batch(tmp_path_factory.mktemp("ring-grid"), cases)
+    return Batch(tmp_path_factory.mktemp("ring-grid"), cases, [*SMALL, "--check"])
 
 
 BASELINE_EXTRA = {"zigzag": ["--causal", "--layout", "zigzag"], "fp16-mqa": ["--dtype", "float16", "--kv-heads", 1]}
@@ -59,7 +40,7 @@ def baseline_grid(tmp_path_factory):
     def cases(nranks):
         return {(m, e): ["--seq-len", 96, "--mode", m, *BASELINE_EXTRA[e]] for m in ("blocking", "allgather") for e in BASELINE_EXTRA}
 
-    return Batch(tmp_path_factory.mktemp("baseline-grid"), cases)
+    return Batch(tmp_path_factory.mktemp("baseline-grid"), cases, [*SMALL, "--check"])
 
 
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
