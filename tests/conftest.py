@@ -48,6 +48,7 @@ SLOW_RUNS = (
     "test_strategies.py::test_backward_of_ulysses_and_hybrid_matches_float64_gradients[3]",
     "test_torch_kernel.py::test_run_with_torch_kernel_is_checked[2-",
     "test_faults.py::test_memory_limit_none_skips_the_estimate",
+    "test_fused.py::test_kernel_bench_runs_the_fused_pass_and_records_it",  # a benchmark's smoke test (12 s)
 )
 
 
