@@ -137,7 +137,7 @@ def scan_text(nranks: int, moves: list[tuple[int, str | None, str | None]], stea
 # ---------------------------------------------------------------------------------------------
 # Machine description (YAML)
 # ---------------------------------------------------------------------------------------------
-MACHINE_KEYS = ("name", "ranks_per_node", "intra", "inter")
+MACHINE_KEYS = ("name", "ranks_per_node", "intra", "inter", "collectives", "device")  # the last two optional (presets)
 LINK_KEYS = ("latency_us", "bandwidth_gbps")
 # What a link may be (closed ranges): a latency from 0 to one second, a bandwidth from 1 kB/s to 100 TB/s (today's
 # fastest links move about 2 TB/s); nan, inf and values such as 1e300 are refused. ranks_per_node: 1 to MAX_RANKS.
@@ -188,4 +188,8 @@ def load_machine(path, text: str | None = None) -> model.Machine:
             vals.append(float(v))
         links[key] = (vals[0] * 1e-6, vals[1] * 1e9)
     name = str(data.get("name", src.name))
-    return model.Machine(ranks_per_node=rpn, intra=links["intra"], inter=links["inter"], source=name)
+    from ringbench.analysis import presets  # the optional keys of a preset (docs/model.md "Machine presets")
+
+    coll = presets.parse_collectives(src, data["collectives"]) if "collectives" in data else {}
+    device = presets.parse_device(src, data["device"])[0] if "device" in data else None
+    return model.Machine(ranks_per_node=rpn, intra=links["intra"], inter=links["inter"], source=name, collectives=coll, device=device)
