@@ -138,4 +138,71 @@ def calibration(machine: model.Machine) -> model.DeviceCalibration:
     return model.DeviceCalibration(d, machine, source=f"machine preset {machine.source}: {d.kernel} on {d.gpu or 'its GPU'}")
 
 
-__all__ = ["PRESET_DIR", "names", "path_of", "listing", "parse_collectives", "parse_device", "calibration", "ExperimentError"]
+def preset_from_calibration(cal: model.Calibration, base: model.Machine, name: str, batch: int, heads: int, head_dim: int) -> str:
+    """The YAML text of a preset whose kernel tables and intra-node link come from a probe's calibration (``ringbench
+    probe``: its rates keyed by a block's FLOPs become TFLOP/s per block tokens, n = sqrt(FLOPs / (4 B H D))), the
+    rest copied from ``base`` (a preset). Loads back with :func:`ringbench.analysis.advise.load_machine`."""
+    p = max(cal.rates)  # the largest rank count probed
+
+    def tokens_rates(table: dict, mult: float) -> list:
+        pts = table.get(p) or table[max(table)]
+        return [(max(1, round(math.sqrt(f / (mult * 4 * batch * heads * head_dim)))), r) for f, r in sorted(pts)]
+
+    fwd = tokens_rates(cal.rates, 1.0)
+    toks = sorted({t for t, _ in fwd})
+
+    def on(table: dict, mult: float) -> list:
+        if not table:
+            return [None] * len(toks)
+        pts = tokens_rates(table, mult)
+        xs, ys = [math.log(t) for t, _ in pts], [r for _, r in pts]
+        import numpy as np
+
+        return [float(np.interp(math.log(t), xs, ys)) / 1e12 for t in toks]
+
+    tables = {
+        "fwd_tflops": on(cal.rates, 1.0),
+        "fwd_causal_tflops": on(cal.diag_rates or cal.rates, 1.0),
+        "bwd_tflops": on(cal.bwd_rates, model.BWD_FLOPS),
+        "bwd_causal_tflops": on(cal.bwd_diag_rates or cal.bwd_rates, model.BWD_FLOPS),
+    }
+    for key in ("bwd_tflops", "bwd_causal_tflops"):  # a probe without a backward: the forward's, said so
+        if tables[key][0] is None:
+            tables[key] = tables[key.replace("bwd", "fwd")]
+    lat, bw = cal.link(p) if cal.links else base.intra
+    d = base.device
+    fmt = ", ".join
+    lines = [
+        f"# written from {cal.source} (ringbench probe at P={p}); everything else copied from the preset {base.source}",
+        f"name: {name}",
+        f"ranks_per_node: {base.ranks_per_node}",
+        f"intra: {{latency_us: {lat * 1e6:.6g}, bandwidth_gbps: {bw / 1e9:.6g}}}   # the probe's ping-pong",
+        f"inter: {{latency_us: {base.inter[0] * 1e6:.6g}, bandwidth_gbps: {base.inter[1] / 1e9:.6g}}}   # from {base.source}",
+    ]
+    if base.collectives:
+        lines.append("collectives:   # from " + base.source)
+        for link, c in base.collectives.items():
+            lines.append(f"  {link}: {{" + fmt(f"{k}_busbw_gbps: {v / 1e9:.6g}" for k, v in c.items()) + "}")
+    lines += ["device:", f"  gpu: {d.gpu if d else 'probed'}"]
+    if d is not None:
+        if math.isfinite(d.memory_bytes):
+            lines.append(f"  memory_gib: {d.memory_bytes / 2**30:.6g}")
+        lines.append(f"  price_per_gpu_hour: {d.price_per_hour:.6g}")
+    hbm = cal.copy_bw.get(p) if cal.copy_bw else (d.hbm_Bps if d and math.isfinite(d.hbm_Bps) else None)
+    if hbm:
+        lines.append(f"  hbm_gbps: {hbm / 1e9:.6g}   # the probe's strided-copy rate (or the base preset's)")
+    if d is not None:
+        lines += [f"  call_overhead_us: {d.call_overhead_s * 1e6:.6g}", f"  overlap_slowdown: {d.overlap_slowdown:.6g}"]
+    lines += ["  kernel:", "    name: probed", f"    head_dim: {head_dim}", f"    tokens: [{fmt(str(t) for t in toks)}]"]
+    lines += [f"    {k}: [{fmt(f'{v:.6g}' for v in vals)}]" for k, vals in tables.items()]
+    if d is not None:
+        lines += [
+            "  merge:",
+            f"    fwd_bytes_per_out_element: {d.merge_fwd_bytes:g}",
+            f"    bwd_bytes_per_dq_element: {d.merge_bwd_q_bytes:g}",
+            f"    bwd_bytes_per_dkv_element: {d.merge_bwd_kv_bytes:g}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["PRESET_DIR", "names", "path_of", "listing", "parse_collectives", "parse_device", "calibration", "preset_from_calibration", "ExperimentError"]
