@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     w = WORKLOAD
     print(f"source: {SOURCE}")
     print(
-        f"workload: {GPUS} GPUs, {TOKENS_PER_GPU} tokens per GPU (N={GPUS * TOKENS_PER_GPU}), B={w['batch']} H={w['heads']}/{w['kv_heads']} "
+        f"workload: {GPUS} GPUs, {TOKENS_PER_GPU} tokens per GPU (N={GPUS * TOKENS_PER_GPU}), "
+        f"B={w['batch']} H={w['heads']}/{w['kv_heads']} "
         f"D={w['head_dim']} {w['dtype']} causal; % of ideal = 8 x t(single-GPU causal {TOKENS_PER_GPU}) / t(ring)"
     )
     print("| pass | GPUs | preset | " + " | ".join(f"{v} published / predicted (diff)" for v in VARIANTS) + " | within 10 pts | order |")
@@ -94,7 +95,9 @@ def main(argv=None) -> int:
         print(f"| {r['pass_']} | {r['gpus']} | {r['preset']} | " + " | ".join(cells + flags) + " |")
     hit = sum(r["within"] and r["order_right"] for r in table)
     worst = max(abs(d) for r in table for d in r["diff"].values())
-    print(f"target: every row within {TARGET_POINTS:g} points and in order: {hit} of {len(table)} rows; largest difference {worst:.1f} points")
+    print(
+        f"target: every row within {TARGET_POINTS:g} points and in order: {hit} of {len(table)} rows; largest difference {worst:.1f} points"
+    )
     if ns.json:
         Path(ns.json).write_text(json.dumps({"source": SOURCE, "rows": table}, indent=1))
     return 0

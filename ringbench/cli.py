@@ -637,7 +637,7 @@ def cmd_advise(argv: list[str]) -> int:
     from ringbench.sweeps.experiment import ExperimentError
 
     if ns.list_machines:
-        print(presets.listing())
+        print(advise.machine_listing())
         return 0
     missing = [o for o, v in (("--seq-len", ns.seq_len), ("--ranks", ns.ranks or ns.nodes)) if not v]
     if missing:

@@ -108,7 +108,9 @@ def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal:
                     lines.append(f"  {c.label:{width}s}  refused: {c.refused}")
                 else:
                     mark = "  <- winner" if c is w else f"  x{c.time_s / w.time_s:.2f}"
-                    lines.append(f"  {c.label:{width}s}  {fmt_time(c.time_s)}  sends {fmt_bytes(c.bytes_per_rank)}/GPU{cost_text(c, machine)}{mark}")
+                    lines.append(
+                        f"  {c.label:{width}s}  {fmt_time(c.time_s)}  sends {fmt_bytes(c.bytes_per_rank)}/GPU{cost_text(c, machine)}{mark}"
+                    )
             if w is not None:
                 by = "the only candidate" if margin == float("inf") else f"{(margin - 1) * 100:.0f}% ahead of the next"
                 lines.append(f"  winner: {w.label}, {by}")
@@ -246,3 +248,18 @@ def load_machine(path, text: str | None = None) -> model.Machine:
     coll = presets.parse_collectives(src, data["collectives"]) if "collectives" in data else {}
     device = presets.parse_device(src, data["device"])[0] if "device" in data else None
     return model.Machine(ranks_per_node=rpn, intra=links["intra"], inter=links["inter"], source=name, collectives=coll, device=device)
+
+
+def machine_listing() -> str:
+    """One line per shipped preset: name, GPU, ranks per node, links, kernel, memory, price."""
+    from ringbench.analysis import presets
+
+    lines = [f"machine presets in {presets.PRESET_DIR} (copy one and edit it; --machine NAME or --machine FILE):"]
+    for n in presets.names():
+        m = load_machine(presets.path_of(n))
+        d = m.device
+        lines.append(
+            f"  {n:14s} {m.ranks_per_node} x {d.gpu if d else '?'}, intra {m.intra[1] / 1e9:g} GB/s, inter {m.inter[1] / 1e9:g} GB/s"
+            + (f", {d.kernel}, {d.memory_bytes / 2**30:g} GiB, {d.price_per_hour:g}/GPU-h" if d else "")
+        )
+    return "\n".join(lines)

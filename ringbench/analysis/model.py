@@ -1174,7 +1174,7 @@ def overlapped(busy: np.ndarray, sends: np.ndarray, cal: Calibration) -> np.ndar
 
 
 def link_class(machine: Machine | None, group: int) -> str:
-    """"intra" if ``group`` consecutive ranks share a node, else "inter" (the node boundary)."""
+    """ "intra" if ``group`` consecutive ranks share a node, else "inter" (the node boundary)."""
     return "intra" if machine is None or group <= machine.ranks_per_node else "inter"
 
 

@@ -17,7 +17,12 @@ PRESET_DIR = Path(__file__).with_name("machines")
 COLLECTIVE_KEYS = ("all_gather_busbw_gbps", "all_to_all_busbw_gbps")
 DEVICE_KEYS = ("gpu", "memory_gib", "price_per_gpu_hour", "hbm_gbps", "call_overhead_us", "overlap_slowdown", "kernel", "merge")
 KERNEL_KEYS = ("name", "head_dim", "dtype", "tokens", "fwd_tflops", "fwd_causal_tflops", "bwd_tflops", "bwd_causal_tflops")
-TABLES = {("fwd", False): "fwd_tflops", ("fwd", True): "fwd_causal_tflops", ("bwd", False): "bwd_tflops", ("bwd", True): "bwd_causal_tflops"}
+TABLES = {
+    ("fwd", False): "fwd_tflops",
+    ("fwd", True): "fwd_causal_tflops",
+    ("bwd", False): "bwd_tflops",
+    ("bwd", True): "bwd_causal_tflops",
+}
 MERGE_KEYS = ("fwd_bytes_per_out_element", "bwd_bytes_per_dq_element", "bwd_bytes_per_dkv_element")
 # (low, high, unit) of every number, closed ranges; nan, inf and bools are refused
 RANGES = {
@@ -44,21 +49,6 @@ def path_of(name_or_path: str) -> Path:
     """A preset's file for its name; anything else is taken as a path."""
     p = PRESET_DIR / f"{name_or_path}.yaml"
     return p if "/" not in name_or_path and p.is_file() else Path(name_or_path)
-
-
-def listing() -> str:
-    """One line per shipped preset: name, GPU, ranks per node, links, kernel, memory, price."""
-    from ringbench.analysis.advise import load_machine
-
-    lines = [f"machine presets in {PRESET_DIR} (copy one and edit it; --machine NAME or --machine FILE):"]
-    for n in names():
-        m = load_machine(path_of(n))
-        d = m.device
-        lines.append(
-            f"  {n:14s} {m.ranks_per_node} x {d.gpu if d else '?'}, intra {m.intra[1] / 1e9:g} GB/s, inter {m.inter[1] / 1e9:g} GB/s"
-            + (f", {d.kernel}, {d.memory_bytes / 2**30:g} GiB, {d.price_per_hour:g}/GPU-h" if d else "")
-        )
-    return "\n".join(lines)
 
 
 def _number(src: Source, path: tuple, value, kind: str, integer: bool = False) -> float:
@@ -205,4 +195,13 @@ def preset_from_calibration(cal: model.Calibration, base: model.Machine, name: s
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PRESET_DIR", "names", "path_of", "listing", "parse_collectives", "parse_device", "calibration", "preset_from_calibration", "ExperimentError"]
+__all__ = [
+    "PRESET_DIR",
+    "names",
+    "path_of",
+    "parse_collectives",
+    "parse_device",
+    "calibration",
+    "preset_from_calibration",
+    "ExperimentError",
+]
