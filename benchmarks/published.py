@@ -7,6 +7,13 @@ GPU over its own 8192 causal tokens, / 8: the ring computes 8 x that work (1 x 8
 % of ideal = 8 t_single / t_ring. ringbench predicts both times with the same machine preset (model.predict of the
 layout at P = 8, mode overlap; Device.single_call_seconds for the single call): the ratio, not absolute times.
 
+Table 2, feifeibear/long-context-attention (yunchang, USP) README "Benchmark": "Throughput (iters/sec) of
+LongContext Attention on 8xA100-SXM4-80GB NVLink fwd-only (Ring-Degree x Ulysses-Degree=8)" (media/
+benchmark_results.png; benchmark/benchmark_longctx.py: float16, causal, batch 2, --seq_len the global length, CUDA
+events around 10 synchronised iterations), the rows with head_size 128: 8 heads, 128K tokens, Ulysses degree 8, 4, 2, 1,
+basic / zigzag / stripe ring, the "no_packed" column (LongContextAttention). ringbench: ulysses at U = 8, hybrid at
+U = 4, 2, the ring (overlap) at U = 1, with the a100-sxm4-8x preset; absolute iterations per second, 1 / predicted time.
+
 Discipline: nothing here is fitted. The presets' inputs are single-GPU kernel figures and link figures (their
 comments name the sources); no number of the table below enters them.
 
@@ -35,6 +42,11 @@ PUBLISHED = [
     ("fwd", "8xA100", "a100-sxm4-8x", {"ring": 51.4, "zigzag": 81.7, "stripe": 69.6}),
     ("fwd+bwd", "8xA100", "a100-sxm4-8x", {"ring": 52.5, "zigzag": 89.8, "stripe": 82.6}),
 ]
+# Table 2: {Ulysses degree: (basic, zigzag, stripe) iters/s, no_packed}, head_size 128, 8 heads, bs 2, seqlen 128K
+YUNCHANG_SOURCE = "feifeibear/long-context-attention README Benchmark, media/benchmark_results.png (8xA100-SXM4-80GB, fwd-only)"
+YUNCHANG = {8: (20.983, 21.002, 20.976), 4: (15.496, 21.464, 20.54), 2: (13.181, 21.201, 20.355), 1: (11.332, 17.778, 17.057)}
+YUNCHANG_WORKLOAD = dict(batch=2, heads=8, kv_heads=8, head_dim=128, dtype="float16", causal=True)
+YUNCHANG_SEQ, YUNCHANG_PRESET = 131072, "a100-sxm4-8x"
 TARGET_POINTS = 10.0  # every row within 10 percentage points, and the variants' order right
 
 
@@ -75,6 +87,28 @@ def rows() -> list[dict]:
     return out
 
 
+def yunchang_rows() -> list[dict]:
+    """Table 2: per Ulysses degree, {variant: (published, predicted iters/s)}."""
+    machine = advise.load_machine(presets.path_of(YUNCHANG_PRESET))
+    cal = presets.calibration(machine)
+    out = []
+    for u, published in YUNCHANG.items():
+        mode = "ulysses" if u == GPUS else "overlap" if u == 1 else "hybrid"
+        pred = {}
+        for variant, layout in VARIANTS.items():
+            shape = model.Shape(
+                nranks=GPUS,
+                seq_len=YUNCHANG_SEQ,
+                layout=layout,
+                mode=mode,
+                ulysses_degree=u if mode == "hybrid" else 1,
+                **YUNCHANG_WORKLOAD,
+            )
+            pred[variant] = 1.0 / model.predict(shape, cal, machine, per_rank=False).time_s
+        out.append(dict(ulysses_degree=u, mode=mode, published=dict(zip(VARIANTS, published)), predicted=pred))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -98,8 +132,35 @@ def main(argv=None) -> int:
     print(
         f"target: every row within {TARGET_POINTS:g} points and in order: {hit} of {len(table)} rows; largest difference {worst:.1f} points"
     )
+    t2 = yunchang_rows()
+    w = YUNCHANG_WORKLOAD
+    print(f"\nsource: {YUNCHANG_SOURCE}")
+    print(
+        f"workload: {GPUS} GPUs, N={YUNCHANG_SEQ} (global), B={w['batch']} H={w['heads']}/{w['kv_heads']} D={w['head_dim']} {w['dtype']} "
+        f"causal, forward; preset {YUNCHANG_PRESET}; iterations per second"
+    )
+    print("| Ulysses degree | ringbench mode | " + " | ".join(f"{v} published / predicted (diff)" for v in VARIANTS) + " |")
+    print("|---|---|" + "---|" * len(VARIANTS))
+    errs = []
+    for r in t2:
+        cells = []
+        for v in VARIANTS:
+            pub, pred = r["published"][v], r["predicted"][v]
+            errs.append(pred / pub - 1)
+            cells.append(f"{pub:.2f} / {pred:.2f} ({(pred / pub - 1) * 100:+.0f}%)")
+        print(f"| {r['ulysses_degree']} | {r['mode']} | " + " | ".join(cells) + " |")
+    errs.sort()
+    best_pub = max((r["published"][v], r["ulysses_degree"], v) for r in t2 for v in VARIANTS)
+    best_pred = max((r["predicted"][v], r["ulysses_degree"], v) for r in t2 for v in VARIANTS)
+    med, top = sorted(abs(e) for e in errs)[len(errs) // 2], max(abs(e) for e in errs)
+    print(
+        f"median |error| {med * 100:.0f}%, largest {top * 100:.0f}%; fastest published: {best_pub[2]} at U={best_pub[1]} "
+        f"({best_pub[0]:.2f}/s), predicted: {best_pred[2]} at U={best_pred[1]} ({best_pred[0]:.2f}/s)"
+    )
     if ns.json:
-        Path(ns.json).write_text(json.dumps({"source": SOURCE, "rows": table}, indent=1))
+        Path(ns.json).write_text(
+            json.dumps({"source": SOURCE, "rows": table, "yunchang_source": YUNCHANG_SOURCE, "yunchang": t2}, indent=1)
+        )
     return 0
 
 
