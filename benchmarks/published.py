@@ -29,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+import dataclasses  # noqa: E402
+
 from ringbench.analysis import advise, model, presets  # noqa: E402
 
 SOURCE = "zhuzilin/ring-flash-attention README, Performance Summary (batch api), benchmark/benchmark_kvpacked_func.py"
@@ -50,9 +52,19 @@ YUNCHANG_SEQ, YUNCHANG_PRESET = 131072, "a100-sxm4-8x"
 TARGET_POINTS = 10.0  # every row within 10 percentage points, and the variants' order right
 
 
-def predict_row(pass_: str, preset: str) -> dict:
-    """{variant: predicted % of ideal} for one published row."""
+# The preset's device terms, each switched off in turn (the ablation: which term carries how much of a row)
+ABLATIONS = {
+    "without the merges": dict(merge_fwd_bytes=0.0, merge_bwd_q_bytes=0.0, merge_bwd_kv_bytes=0.0),
+    "without the overlap slowdown": dict(overlap_slowdown=0.0),
+    "without the per-call overhead": dict(call_overhead_s=0.0),
+}
+
+
+def predict_row(pass_: str, preset: str, without: dict | None = None) -> dict:
+    """{variant: predicted % of ideal} for one published row (``without``: Device fields replaced, the ablation)."""
     machine = advise.load_machine(presets.path_of(preset))
+    if without:
+        machine = dataclasses.replace(machine, device=dataclasses.replace(machine.device, **without))
     cal, dev = presets.calibration(machine), machine.device
     w = WORKLOAD
     single = sum(dev.single_call_seconds(w["batch"], w["heads"], w["head_dim"], TOKENS_PER_GPU, True, ph) for ph in pass_.split("+"))
@@ -127,6 +139,9 @@ def main(argv=None) -> int:
         cells = [f"{r['published'][v]:.1f}% / {r['predicted'][v]:.1f}% ({r['diff'][v]:+.1f})" for v in VARIANTS]
         flags = ["yes" if r["within"] else "NO", "right" if r["order_right"] else "WRONG"]
         print(f"| {r['pass_']} | {r['gpus']} | {r['preset']} | " + " | ".join(cells + flags) + " |")
+    for what, fields in ABLATIONS.items():
+        shifts = [predict_row(r["pass_"], r["preset"], fields)[v] - r["predicted"][v] for r in table for v in VARIANTS]
+        print(f"  {what}: the predictions move {min(shifts):+.1f} to {max(shifts):+.1f} points")
     hit = sum(r["within"] and r["order_right"] for r in table)
     worst = max(abs(d) for r in table for d in r["diff"].values())
     print(
