@@ -289,3 +289,33 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
     assert res.returncode == 0 and res.stderr == ""
     assert res.stdout.count("\n") == 1 and "no GPU" in res.stdout
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_gpu_check_runs_every_step_under_its_budget_with_stub_tools(tmp_path):
+    """The flow on a 'GPU' machine, with nvidia-smi, python and mpiexec stubbed: every step logged under $OUT, a
+    summary line each, and steps past the budget skipped, not run."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool, body in (("nvidia-smi", "echo 'GPU 0: stub'"), ("python3", f'echo "$@" >> {tmp_path}/calls'), ("mpiexec", 'shift 2; "$@"')):
+        (bin_ / tool).write_text(f"#!/bin/sh\n{body}\nexit 0\n")
+        (bin_ / tool).chmod(0o755)
+    out = tmp_path / "out"
+    env = child_env({"PATH": f"{bin_}:/usr/bin:/bin", "OUT": str(out), "RINGBENCH_GPU_CHECK_NO_INSTALL": "1"})
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    summary = (out / "summary.txt").read_text()
+    for step in (
+        "02 test_cupy rc=0",
+        "03 doctor rc=0",
+        "04 run-overlap-fwd rc=0",
+        "04 run-pass-q-fwd rc=0",
+        "04 run-kernel-flash-attn rc=0",
+    ):
+        assert step in summary, summary
+    assert "05 gpu_kernels rc=0" in summary and "06 probe rc=0" in summary and "07 preset rc=0" in summary
+    assert "run-pass-q-fwd_bwd" not in summary and "total" in summary  # pass-q runs its forward only
+    calls = (tmp_path / "calls").read_text()
+    assert "--backend cupy --mode hybrid --ulysses-degree 2" in calls and "--check" in calls and "probe --backend cupy" in calls
+    env["RINGBENCH_GPU_CHECK_BUDGET_S"] = "0"
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert res.returncode == 0 and "02 test_cupy skipped: the 8-minute budget is spent" in (out / "summary.txt").read_text()

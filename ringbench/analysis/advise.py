@@ -120,6 +120,8 @@ def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal:
         # no change over the scan: the winner at its first block size is the winner at all of them (or none can run)
         steady = None if moves else winner(candidates(base.with_(seq_len=SCAN_TOKENS[0] * p), p, cal, machine))[0]
         lines.append("\n" + scan_text(p, moves, steady))
+        if machine is not None and machine.device is not None:  # with a preset: where the ring's transfers hide
+            lines.append(crossover_text(base, p, cal))
     return "\n".join(lines)
 
 
@@ -174,6 +176,15 @@ def cost_text(c: Candidate, machine: model.Machine | None) -> str:
         tokens = c.shape.seq_len * c.shape.batch
         text += f"  {c.time_s * c.shape.nranks * dev.price_per_hour / 3600 / tokens * 1e6:.4g}/M tokens"
     return text
+
+
+def crossover_text(base: model.Shape, nranks: int, cal: model.Calibration) -> str:
+    """The line on the ring's crossover block size: the least tokens per rank from which its compute hides every
+    transfer (model.crossover_tokens; the Ring Attention condition)."""
+    n = model.crossover_tokens(base.with_(nranks=max(nranks, 2), seq_len=max(nranks, 2) * 1024, mode="overlap"), cal)
+    if not math.isfinite(n):
+        return f"P={nranks}: the ring never hides its transfers (a step computes nothing)"
+    return f"P={nranks}: the ring hides its transfers from n = {math.ceil(n)} tokens per rank (N = {math.ceil(n) * nranks}; crossover)"
 
 
 def scan_text(nranks: int, moves: list[tuple[int, str | None, str | None]], steady: Candidate | None) -> str:

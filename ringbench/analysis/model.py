@@ -1157,6 +1157,11 @@ class DeviceCalibration(Calibration):
         self.bwd_rates = {1: [(1.0, device.rate("bwd", False, 1 << 30))]}  # the asymptotic rates: the crossover's closed form
         self.device = device
         self.copy_bw = {1: device.hbm_Bps} if math.isfinite(device.hbm_Bps) else {}
+        self.machine = machine
+
+    def link(self, nranks: int) -> tuple[float, float]:
+        """The preset's intra-node link while ``nranks`` fit one node, else its inter-node link (the node boundary)."""
+        return self.machine.intra if nranks <= self.machine.ranks_per_node else self.machine.inter
 
     def per_piece(self, phase: str = "fwd") -> bool:
         return True
