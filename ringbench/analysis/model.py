@@ -53,7 +53,7 @@ import numpy as np
 
 from ringbench.config import STRATEGY_MODES, RunConfig, heads_rule
 from ringbench.kernels.kernel import flops
-from ringbench.layout import FULL, group_plan, step_plan
+from ringbench.layout import CAUSAL, FULL, Piece, group_plan, step_plan
 
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 # The backward's dK/dV accumulators (and what they travel as): float32 for half precision.
@@ -1141,8 +1141,6 @@ class Device:
 
     def single_call_seconds(self, batch: int, heads: int, head_dim: int, tokens: int, causal: bool, phase: str) -> float:
         """One call over the whole of ``tokens`` (what a single-GPU benchmark times): no merge, no accumulation."""
-        from ringbench.layout import CAUSAL, Piece
-
         piece = Piece(0, tokens, 0, tokens, CAUSAL if causal else FULL)
         mult = BWD_FLOPS if phase == "bwd" else 1.0
         return self.call_overhead_s + mult * flops(batch, heads, head_dim, piece.pairs()) / self.rate(phase, causal, tokens)
