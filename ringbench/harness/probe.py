@@ -573,6 +573,13 @@ def machine_yaml(probe: store.Probe, name: str | None = None) -> str | None:
         lat_us = min(max(s[f"{cls}_latency_s"] * 1e6, 0.0), 1e6)  # the ranges load_machine accepts
         gbps = min(max(s[f"{cls}_bandwidth_Bps"] / 1e9, 1e-6), 1e5)
         lines.append(f"{cls}: {{latency_us: {lat_us:.6g}, bandwidth_gbps: {gbps:.6g}}}")
+    from ringbench.analysis.advise import probe_collectives
+
+    coll = probe_collectives(s)  # the all-to-alls within / across nodes, as a preset's bus bandwidths (GB/s)
+    if coll:
+        lines.append("collectives:")
+        for cls, c in coll.items():
+            lines.append(f"  {cls}: {{all_to_all_busbw_gbps: {min(max(c['all_to_all'] / 1e9, 1e-6), 1e5):.6g}}}")
     return "\n".join(lines) + "\n"
 
 
