@@ -398,12 +398,19 @@ def missing_modules(*modules: str) -> str | None:
     return f"{' and '.join(gone)} not installed: pip install 'ringbench[plot]'" if gone else None
 
 
-def _calibration(runs, files: list[str], probe_file: str | None):
-    """The model's calibration: probes from --probe, else from the result files, else the runs themselves."""
+def _probes(files: list[str], probe_file: str | None) -> list:
+    """The probes of --probe, else of the result files (each file read once: its warnings print once)."""
     from ringbench import store
+
+    return [p for f in ([probe_file] if probe_file else files) for p in store.read_probes(f)]
+
+
+def _calibration(runs, files: list[str], probe_file: str | None, probes: list | None = None):
+    """The model's calibration: probes from --probe, else from the result files (or ``probes``, already read), else
+    the runs themselves."""
     from ringbench.analysis import model
 
-    probes = [p for f in ([probe_file] if probe_file else files) for p in store.read_probes(f)]
+    probes = _probes(files, probe_file) if probes is None else probes
     try:
         return model.calibrate(runs, probes)
     except ValueError:
@@ -677,14 +684,13 @@ def cmd_advise(argv: list[str]) -> int:
     err = _check_results(ns.files) or (ns.probe and _check_results([ns.probe], "--probe"))
     if err:
         return fail(prog, err)
-    if machine is None and (ns.probe or ns.files):  # a probe across nodes measured both link classes: its machine
-        from ringbench import store
-
-        machine = advise.machine_from_probes([p for f in ([ns.probe] if ns.probe else ns.files) for p in store.read_probes(f)])
+    runs = results.load(ns.files) if ns.files else []
+    probes = _probes(ns.files, ns.probe) if ns.files or ns.probe else []
+    if machine is None:  # a probe across nodes measured both link classes: its machine
+        machine = advise.machine_from_probes(probes)
     if err := advise.check_ranks(ns.ranks, machine):
         return fail(prog, err)
-    runs = results.load(ns.files) if ns.files else []
-    cal = _calibration(runs, ns.files, ns.probe) if ns.files or ns.probe else presets.calibration(machine)
+    cal = _calibration(runs, ns.files, ns.probe, probes) if ns.files or ns.probe else presets.calibration(machine)
     if cal is None:
         return fail(prog, "FILE: no probe and no successful ring run to calibrate the model from")
     if not cal.has_phase(ns.passes):
