@@ -281,11 +281,11 @@ def test_a_node_that_dies_ends_the_job_and_nothing_is_stored_as_done(tmp_path, c
         while not killed and time.monotonic() < deadline:  # until node 2's ranks run ringbench
             time.sleep(1)
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout.split()
-            ranks = [p for p in pids if "ringbench" in _cmdline(p)]
+            ranks = [p for p in pids if "\0ringbench\0run\0" in _cmdline(p)]  # python -m ringbench run
             if len(ranks) >= 2:
                 time.sleep(2)  # into the timed passes
                 # the node's MPI processes (its ranks and hydra's proxy) die; its slurmd, which the Slurm test needs, stays
-                killed = [p for p in pids if "ringbench" in _cmdline(p) or "hydra_pmi_proxy" in _cmdline(p)]
+                killed = [p for p in pids if "\0ringbench\0run\0" in _cmdline(p) or "hydra_pmi_proxy" in _cmdline(p)]
                 for p in killed:
                     subprocess.run(["kill", "-9", p], check=False)
         assert killed, "node 2's ranks never started"
@@ -294,4 +294,8 @@ def test_a_node_that_dies_ends_the_job_and_nothing_is_stored_as_done(tmp_path, c
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
+    slurmd = [
+        p for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split() if "slurmd" in _cmdline(p)
+    ]
+    assert slurmd or "SLURM_CONF" not in cluster, "the node's slurmd was killed too"
     assert not out.exists() or all(r.status != "ok" for r in store.read(out))
