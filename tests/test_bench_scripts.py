@@ -327,3 +327,37 @@ def test_multinode_bench_needs_the_cluster(tmp_path):
     res = script("multinode_bench.py", env={"RINGBENCH_MULTINODE_DIR": str(tmp_path)})
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr == f"multinode_bench: the emulated cluster is down ({tmp_path}/net.up missing): run slurm/multinode.sh up (as root)\n"
+
+PEERS_TINY = ("--seq-len", 256, "--heads", 4, "--kv-heads", 2, "--head-dim", 16, "--rounds", 2, "--causal", "both", "--attn", "gqa")
+
+
+@pytest.mark.slow
+def test_peers_without_their_environments_still_reports_ringbench(tmp_path):
+    """No peer environment (an empty --env-dir): one line per peer says it is missing and how to create it, and
+    ringbench's rows are still measured and checked against float64 (no network install in CI)."""
+    out = tmp_path / "p.json"
+    res = script("peers.py", *PEERS_TINY, "--env-dir", tmp_path / "envs", "--out", out)
+    assert res.returncode == 0, res.stderr
+    missing = [ln for ln in res.stdout.splitlines() if ln.startswith("peers: ") and "missing" in ln]
+    assert len(missing) == 2 and all("--setup --peers" in ln and "pip install" in ln for ln in missing)
+    assert {ln.split()[1] for ln in missing} == {"torch", "jax"}
+    data = json.loads(out.read_text())
+    assert data["provenance"]["cpu"] and data["provenance"]["load_avg_end"]
+    rows = data["rows"]
+    assert len(rows) == 4  # full/causal x fwd/fwd+bwd
+    for row in rows:
+        rb = row["cands"]["ringbench"]
+        assert set(row["cands"]) == {"ringbench"}
+        assert len(rb["round_s"]) == 2 and all(t > 0 for t in rb["round_s"])
+        assert len(rb["peak_rss"]) == 2 and all(p > b > 0 for p, b in zip(rb["peak_rss"], rb["base_rss"]))
+        names = {"out", "dq", "dk", "dv"} if row["pass"] == "fwd+bwd" else {"out"}
+        assert set(rb["check"]["rel_err"]) == names and rb["check"]["ok"]
+        assert max(rb["check"]["rel_err"].values()) < 2e-5  # the float32 tolerance of ringbench.kernels.reference
+    table = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("N=256 ")]
+    assert sum(cells[5] == "ringbench" for cells in table) == 4  # N=256 gqa 4/2 full fwd  ringbench ...
+
+
+def test_peers_user_error_is_one_line():
+    res = script("peers.py", "--heads", 3, "--kv-heads", 2)
+    assert res.returncode == 2
+    assert "--kv-heads" in res.stderr.strip().splitlines()[-1]
