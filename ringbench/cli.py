@@ -80,7 +80,12 @@ _HELP = {
     "memory_limit": "memory one rank may use (host; device on cupy): auto (what is free on the node or GPU, or left by the ranks' "
     "memory cgroup if less, shared by its ranks), "
     "a size (20GiB, 512MiB, bytes), or none (no check); a problem whose estimate exceeds it is refused",
-    "pass_": "what is timed: the forward, the backward (after an untimed forward), or both as two phases",
+    "pass_": "what is timed: the forward, the backward (after an untimed forward), or both as two phases; prefill (new "
+    "tokens against a KV cache, --cached-tokens) or decode (one step against a sharded KV cache, --new-tokens, --merge)",
+    "cached_tokens": "--pass prefill: tokens C of the seq_len already in the KV cache (the other N - C are new)",
+    "new_tokens": "--pass decode: new tokens t per sequence per step (the last t of the seq_len cached tokens)",
+    "merge": "--pass decode: how the ranks' partial outputs and LSE are merged: ring (P - 1 hops), tree (all-reduce of "
+    "max, then of the weighted sums: log P), gather (to rank 0)",
 }
 
 
