@@ -1,0 +1,131 @@
+"""What stored serving runs mean (``--pass prefill``, ``--pass decode``): their tables in the report, the winners, and the
+simple model of both. Pure: rows in (ringbench.analysis.results), text and numbers out.
+
+The model (docs/model.md, "Serving passes"):
+
+* prefill, per rank: pass-KV moves P - 1 K/V blocks of (C + T) / P tokens x 2 H_kv D storage bytes; pass-Q moves P - 1
+  query blocks of T / P tokens x H D storage bytes and P - 1 partials of T / P tokens x H (D + 1) compute bytes. Both do
+  the same arithmetic. Meta's rule (context-parallel inference, 2024): pass-KV when T / (T + C) > 2 H_kv / H (or when
+  its transfer is hidden behind the compute anyway), pass-Q below: :func:`prefill_rule`. With a link (alpha, beta)
+  and the compute time the exposed transfer of each is max(0, hops (alpha + bytes / beta) - compute): :func:`prefill_times`.
+* decode, one step: the partial over N / P keys, then the merge: ring P - 1 sequential hops of one partial
+  [O | LSE] (B t H (D + 1) compute bytes); tree two all-reduces of ceil(log2 P) rounds each; gather one round in which
+  rank 0 receives P - 1 partials: :func:`decode_times`.
+"""
+
+from __future__ import annotations
+
+import math
+
+SERVING = ("prefill", "decode")
+PASS_KV = ("overlap", "blocking")  # the ring modes are pass-KV
+
+
+def serving_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("phase") in SERVING and r.get("status") == "ok" and r.get("time_s") is not None]
+
+
+def prefill_rule(new_tokens: int, cached_tokens: int, heads: int, kv_heads: int) -> str:
+    """Meta's rule: 'pass-kv' when the new fraction T / (T + C) exceeds 2 H_kv / H, else 'pass-q'."""
+    frac = new_tokens / (new_tokens + cached_tokens)
+    return "pass-kv" if frac > 2 * kv_heads / heads else "pass-q"
+
+
+def prefill_bytes(r: dict, itemsize: int, compute_itemsize: int) -> dict:
+    """Bytes a rank sends in one prefill, per strategy (pass-kv, pass-q, allgather) of row or config ``r``."""
+    P, n, c = r["nranks"], r["seq_len"], r.get("cached_tokens") or 0
+    t = n - c
+    b, h, hk, d = r["batch"], r["heads"], r["kv_heads"], r["head_dim"]
+    kv = (P - 1) * b * (n // P) * 2 * hk * d * itemsize
+    q = (P - 1) * b * (t // P) * h * (d * itemsize + (d + 1) * compute_itemsize)
+    return {"pass-kv": kv, "pass-q": q, "allgather": kv}
+
+
+def prefill_times(r: dict, compute_s: float, alpha: float, bandwidth: float, itemsize: int, compute_itemsize: int) -> dict:
+    """Predicted prefill seconds per strategy: the compute plus the exposed part of the P - 1 transfers (allgather: all
+    of it, nothing overlaps)."""
+    P = r["nranks"]
+    out = {}
+    for name, nbytes in prefill_bytes(r, itemsize, compute_itemsize).items():
+        comm = (P - 1) * alpha + nbytes / bandwidth if P > 1 else 0.0
+        out[name] = compute_s + (comm if name == "allgather" else max(0.0, comm - compute_s))
+    return out
+
+
+def decode_times(nranks: int, partial_bytes: int, compute_s: float, alpha: float, bandwidth: float) -> dict:
+    """Predicted seconds of one decode step per merge: the partial's compute plus the merge's latency and bytes."""
+    P = nranks
+    if P == 1:
+        return {m: compute_s for m in ("ring", "tree", "gather")}
+    hop = alpha + partial_bytes / bandwidth
+    rounds = math.ceil(math.log2(P))
+    return {
+        "ring": compute_s + (P - 1) * hop,
+        "tree": compute_s + 2 * rounds * alpha + rounds * partial_bytes * (1 + 1 / 8) / bandwidth,
+        "gather": compute_s + alpha + (P - 1) * partial_bytes / bandwidth,
+    }
+
+
+def _label(r: dict) -> str:
+    return "pass-kv" if r["mode"] in PASS_KV else r["mode"]
+
+
+def prefill_text(rows: list[dict], table) -> str | None:
+    """Prefill runs: time per strategy by cached fraction, the measured winner and Meta's rule's."""
+    rs = [r for r in serving_rows(rows) if r["phase"] == "prefill"]
+    if not rs:
+        return None
+    groups: dict = {}
+    for r in rs:
+        key = (r["layout"], r["dtype"], r["batch"], r["heads"], r["kv_heads"], r["head_dim"], r["nranks"], r["seq_len"], r.get("cached_tokens") or 0)
+        groups.setdefault(key, {}).setdefault(f"{r['mode']}", []).append(r["time_s"])
+    modes = sorted({m for g in groups.values() for m in g})
+    body, agree, decided = [], 0, 0
+    for key in sorted(groups):
+        layout, dtype, b, h, hk, d, P, n, c = key
+        times = {m: sorted(v)[len(v) // 2] for m, v in groups[key].items()}
+        best = min(times, key=times.get)
+        rule = prefill_rule(n - c, c, h, hk)
+        measured = "pass-kv" if best in PASS_KV else best
+        if measured in ("pass-kv", "pass-q"):
+            decided += 1
+            agree += measured == rule
+        body.append(
+            [f"{layout} {dtype} B={b} H={h}/{hk} D={d}", str(P), str(n), f"{c / n:.2f}"]
+            + [f"{times[m] * 1e3:.2f}" if m in times else "-" for m in modes]
+            + [best, rule]
+        )
+    head = ["shape", "P", "N", "cached"] + [f"{m} ms" for m in modes] + ["measured best", "rule (T/(T+C) > 2 H_kv/H)"]
+    lines = ["prefill against a KV cache: time per strategy (overlap, blocking: pass-KV) by cached fraction C / N", table(head, body)]
+    if decided:
+        lines.append(f"Meta's rule names the measured best of pass-KV and pass-Q at {agree} of {decided} points")
+    return "\n".join(lines)
+
+
+def decode_text(rows: list[dict], table) -> str | None:
+    """Decode runs: step time in microseconds per merge, by P and B."""
+    rs = [r for r in serving_rows(rows) if r["phase"] == "decode"]
+    if not rs:
+        return None
+    groups: dict = {}
+    for r in rs:
+        key = (r["layout"], r["dtype"], r["heads"], r["kv_heads"], r["head_dim"], r["seq_len"], r.get("new_tokens") or 1, r["nranks"], r["batch"])
+        groups.setdefault(key, {}).setdefault(r.get("merge") or "tree", []).append(r["time_s"])
+    merges = [m for m in ("ring", "tree", "gather") if any(m in g for g in groups.values())]
+    body = []
+    for key in sorted(groups):
+        layout, dtype, h, hk, d, n, t, P, b = key
+        times = {m: sorted(v)[len(v) // 2] for m, v in groups[key].items()}
+        body.append(
+            [f"{layout} {dtype} H={h}/{hk} D={d}", str(n), str(t), str(P), str(b)]
+            + [f"{times[m] * 1e6:.0f}" if m in times else "-" for m in merges]
+            + [min(times, key=times.get)]
+        )
+    head = ["shape", "N", "t", "P", "B"] + [f"{m} us" for m in merges] + ["fastest"]
+    return "\n".join(["decode with a sharded KV cache: one step's time per merge (microseconds)", table(head, body)])
+
+
+def serving_text(rows: list[dict], table) -> str | None:
+    """The report's section on serving runs (None without any); ``table(header, body)`` formats a table (report.table)."""
+    parts = [t for t in (prefill_text(rows, table), decode_text(rows, table)) if t]
+    return "\n\n".join(parts) if parts else None
