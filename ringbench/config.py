@@ -294,8 +294,8 @@ def strategy_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     """What the context-parallel strategies refuse (README: the strategies): the all-to-all needs its group size U
     (P for ulysses) to divide the query heads, and to divide the kv heads or be a multiple of them."""
     hk = cfg.kv_heads_resolved
-    if cfg.mode == "pass-q" and cfg.kernel != "native" and cfg.pass_ != "fwd":
-        return [("kernel", f"--mode pass-q runs --kernel {cfg.kernel} in its forward only (--pass fwd); got --pass {cfg.pass_}")]
+    if cfg.mode == "pass-q" and cfg.kernel != "native" and cfg.pass_ not in ("fwd", "prefill"):
+        return [("kernel", f"--mode pass-q runs --kernel {cfg.kernel} in its forward only (--pass fwd or prefill); got --pass {cfg.pass_}")]
     if cfg.mode != "hybrid":
         if cfg.ulysses_degree != 1:
             return [("ulysses_degree", f"only for --mode hybrid; got {cfg.ulysses_degree} with --mode {cfg.mode}")]

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ringbench.analysis import measure, model, results, serving
+from ringbench.analysis import inference, measure, model, results
 from ringbench.layout import divisor
 from ringbench.provenance import calibration_warning
 
@@ -348,8 +348,8 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
 
 
 def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] | None = None) -> str:
-    served = serving.serving_text(results.rows(runs), table)  # prefill and decode runs: their own tables
-    runs = [r for r in runs if r.config.get("pass") not in serving.SERVING]
+    served = inference.serving_text(results.rows(runs), table)  # prefill and decode runs: their own tables
+    runs = [r for r in runs if r.config.get("pass") not in inference.SERVING]
     text = _format_training(runs, cal, predict_ranks) if runs or not served else ""
     return "\n\n".join(t for t in (text, served) if t)
 

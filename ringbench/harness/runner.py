@@ -13,8 +13,7 @@ import numpy as np
 from ringbench import store
 from ringbench.config import RunConfig, UserError, option_name, validate
 from ringbench.engine import api as engine
-from ringbench.engine import comm
-from ringbench.engine import serving
+from ringbench.engine import comm, serving
 from ringbench.engine.api import RankContext
 from ringbench.engine.backend import (
     BackendError,
@@ -83,7 +82,9 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     pos, kv_pos = serving.rank_positions(cfg, rank, nranks)  # the queries' and the K/V's tokens (the same but for prefill, decode)
     dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
     host = {
-        name: inputs.tokens(name, cfg.seed, kv_pos if name in ("k", "v") else pos, heads=hk if name in ("k", "v") else cfg.heads, **dims).astype(dtype)
+        name: inputs.tokens(
+            name, cfg.seed, kv_pos if name in ("k", "v") else pos, heads=hk if name in ("k", "v") else cfg.heads, **dims
+        ).astype(dtype)
         for name in names
     }
     dev = {k: backend.asarray(v) for k, v in host.items()}

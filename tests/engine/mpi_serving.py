@@ -19,6 +19,7 @@ from ringbench.config import RunConfig, validate
 from ringbench.engine import api, comm, serving
 from ringbench.engine.backend import get_backend
 from ringbench.harness import check, inputs
+from ringbench.kernels.torch_kernel import unavailable
 from ringbench.layout import divisor
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -122,6 +123,20 @@ def main() -> int:
                 summary, _ = run_case(cfg, backend, world)
                 assert summary["passed"], ("decode", dataclasses.asdict(cfg), summary["rel_err"])
                 counts["decode"] += 1
+    counts["torch"] = 0
+    if unavailable("torch", backend, "float32") is None:  # the fused kernel: its op takes unequal query and key lengths
+        for args in (dict(pass_="prefill", cached_tokens=4 * P, mode="overlap"), dict(pass_="prefill", cached_tokens=2 * P, mode="pass-q")):
+            for dtype in ("float32", "bfloat16"):
+                cfg = RunConfig(
+                    seq_len=6 * P, heads=4, kv_heads=2, head_dim=7, causal=True, dtype=dtype, kernel="torch", check=True, **args
+                )
+                assert run_case(cfg, backend, world)[0]["passed"], (args, dtype)
+                counts["torch"] += 1
+        for merge in ("ring", "tree", "gather"):
+            cfg = RunConfig(seq_len=5 * P, heads=4, kv_heads=2, head_dim=7, causal=True, layout="striped", kernel="torch")
+            cfg.pass_, cfg.merge, cfg.new_tokens, cfg.check = "decode", merge, 2, True
+            assert run_case(cfg, backend, world)[0]["passed"], merge
+            counts["torch"] += 1
     if world.rank == 0:
         print("RESULT " + json.dumps(counts))
     return 0

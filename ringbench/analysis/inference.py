@@ -77,7 +77,17 @@ def prefill_text(rows: list[dict], table) -> str | None:
         return None
     groups: dict = {}
     for r in rs:
-        key = (r["layout"], r["dtype"], r["batch"], r["heads"], r["kv_heads"], r["head_dim"], r["nranks"], r["seq_len"], r.get("cached_tokens") or 0)
+        key = (
+            r["layout"],
+            r["dtype"],
+            r["batch"],
+            r["heads"],
+            r["kv_heads"],
+            r["head_dim"],
+            r["nranks"],
+            r["seq_len"],
+            r.get("cached_tokens") or 0,
+        )
         groups.setdefault(key, {}).setdefault(f"{r['mode']}", []).append(r["time_s"])
     modes = sorted({m for g in groups.values() for m in g})
     body, agree, decided = [], 0, 0
@@ -109,7 +119,17 @@ def decode_text(rows: list[dict], table) -> str | None:
         return None
     groups: dict = {}
     for r in rs:
-        key = (r["layout"], r["dtype"], r["heads"], r["kv_heads"], r["head_dim"], r["seq_len"], r.get("new_tokens") or 1, r["nranks"], r["batch"])
+        key = (
+            r["layout"],
+            r["dtype"],
+            r["heads"],
+            r["kv_heads"],
+            r["head_dim"],
+            r["seq_len"],
+            r.get("new_tokens") or 1,
+            r["nranks"],
+            r["batch"],
+        )
         groups.setdefault(key, {}).setdefault(r.get("merge") or "tree", []).append(r["time_s"])
     merges = [m for m in ("ring", "tree", "gather") if any(m in g for g in groups.values())]
     body = []
