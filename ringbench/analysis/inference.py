@@ -149,3 +149,68 @@ def serving_text(rows: list[dict], table) -> str | None:
     """The report's section on serving runs (None without any); ``table(header, body)`` formats a table (report.table)."""
     parts = [t for t in (prefill_text(rows, table), decode_text(rows, table)) if t]
     return "\n\n".join(parts) if parts else None
+
+
+# what the model predicts: `ringbench advise --pass prefill|decode` -----------------------------------------------------
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _compute_s(cal, flops: float, block_flops: float, nranks: int, layout: str) -> float:
+    rate = cal.rate(block_flops, nranks, causal=True, layout=layout)
+    return flops / rate if rate > 0 else math.inf
+
+
+def predict_prefill(w: dict, cal) -> dict:
+    """Predicted seconds per prefill strategy of workload ``w`` (a row-like dict: nranks, seq_len, cached_tokens,
+    batch, heads, kv_heads, head_dim, dtype, layout) with calibration ``cal`` (model.Calibration): the arithmetic
+    over P ranks at the calibration's compute rate for blocks of N / P keys by T / P queries, the transfers at its link."""
+    P, n, c = w["nranks"], w["seq_len"], w.get("cached_tokens") or 0
+    t = n - c
+    s = ITEMSIZE[w["dtype"]]
+    pairs = t * c + t * (t + 1) // 2
+    flops = 4 * w["batch"] * w["heads"] * w["head_dim"] * pairs / P
+    block = 4 * w["batch"] * w["heads"] * w["head_dim"] * (n / P) * (t / P)
+    comp = _compute_s(cal, flops, block, P, w["layout"])
+    alpha, bw = cal.link(P)
+    return prefill_times(w, comp, alpha, bw, s, 8 if s == 8 else 4)
+
+
+def predict_decode(w: dict, cal) -> dict:
+    """Predicted seconds of one decode step per merge of workload ``w`` (nranks, seq_len, new_tokens, batch, heads,
+    kv_heads, head_dim, dtype, layout)."""
+    P, n, t = w["nranks"], w["seq_len"], w.get("new_tokens") or 1
+    s = ITEMSIZE[w["dtype"]]
+    flops = 4 * w["batch"] * w["heads"] * w["head_dim"] * t * n / P
+    comp = _compute_s(cal, flops, flops, P, w["layout"])
+    partial = w["batch"] * t * w["heads"] * (w["head_dim"] + 1) * (8 if s == 8 else 4)
+    alpha, bw = cal.link(P)
+    return decode_times(P, partial, comp, alpha, bw)
+
+
+def format_advice(w: dict, seq_lens: list[int], ranks: list[int], cal, table) -> str:
+    """`ringbench advise --pass prefill|decode`: the predicted time of each strategy (prefill) or merge (decode) at
+    every N and P of the workload ``w``, the winner and the margin; prefill also Meta's rule's choice."""
+    pass_ = w["pass"]
+    body = []
+    names = ("pass-kv", "pass-q", "allgather") if pass_ == "prefill" else ("ring", "tree", "gather")
+    for n in seq_lens:
+        for P in ranks:
+            row = {**w, "seq_len": n, "nranks": P}
+            if pass_ == "prefill" and not (0 <= (w.get("cached_tokens") or 0) < n):
+                body.append([str(n), str(P)] + ["-"] * len(names) + ["refused: --cached-tokens must be below N", ""])
+                continue
+            times = predict_prefill(row, cal) if pass_ == "prefill" else predict_decode(row, cal)
+            order = sorted(names, key=lambda k: times[k])
+            margin = times[order[1]] / times[order[0]] if times[order[0]] > 0 else math.nan
+            scale, unit = (1e3, "ms") if pass_ == "prefill" else (1e6, "us")
+            extra = [prefill_rule(n - w["cached_tokens"], w["cached_tokens"], w["heads"], w["kv_heads"])] if pass_ == "prefill" else []
+            body.append([str(n), str(P)] + [f"{times[k] * scale:.3f}" for k in names] + [order[0], f"{margin:.2f}x"] + extra)
+    unit = "ms" if pass_ == "prefill" else "us"
+    head = ["N", "P"] + [f"{k} {unit}" for k in names] + ["winner", "margin"] + (["Meta's rule"] if pass_ == "prefill" else [])
+    if pass_ == "prefill":
+        c = w["cached_tokens"]
+        title = f"prefill against a KV cache of {c} tokens (B={w['batch']} H={w['heads']}/{w['kv_heads']} D={w['head_dim']} {w['dtype']})"
+    else:
+        title = f"one decode step, {w.get('new_tokens') or 1} new token(s) per sequence (B={w['batch']} H={w['heads']}/{w['kv_heads']} D={w['head_dim']} {w['dtype']})"
+    notes = f"calibration: {cal.source}; the model: docs/model.md (serving passes)"
+    return "\n".join([title, table(head, body), notes])

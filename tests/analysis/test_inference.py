@@ -38,3 +38,21 @@ def test_tables_name_the_winners_and_the_rule():
     assert "names the measured best of pass-KV and pass-Q at 2 of 2 points" in text
     assert "50" in text and "40" in text and "tree" in text.splitlines()[-1]
     assert aserving.serving_text([rows[-1]], table) is None
+
+
+def test_advice_names_the_winner_by_the_model():
+    from ringbench.analysis.model import Calibration
+
+    # a fast compute and a slow link: the transfers decide
+    cal = Calibration.simple(rate=1e12, latency=1e-5, bandwidth=1e8)
+    w = dict(batch=1, heads=8, kv_heads=1, head_dim=64, dtype="float32", layout="contiguous", new_tokens=1)
+    few_new = aserving.predict_prefill({**w, "nranks": 4, "seq_len": 8192, "cached_tokens": 8064}, cal)
+    all_new = aserving.predict_prefill({**w, "nranks": 4, "seq_len": 8192, "cached_tokens": 0}, cal)
+    assert min(few_new, key=few_new.get) == "pass-q"  # T / (T + C) = 1/64 < 2 H_kv / H = 1/4
+    assert all_new["pass-kv"] <= all_new["pass-q"]
+    dec = {P: aserving.predict_decode({**w, "nranks": P, "seq_len": 2**20, "batch": 1}, cal) for P in (2, 64)}
+    assert dec[64]["tree"] < dec[64]["ring"] and dec[2]["ring"] <= dec[2]["tree"]
+    text = aserving.format_advice({**w, "pass": "prefill", "cached_tokens": 8064}, [8192], [4], cal, table)
+    assert "pass-q" in text.splitlines()[-2] and "Meta's rule" in text
+    text = aserving.format_advice({**w, "pass": "decode", "cached_tokens": 0}, [2**20], [2, 64], cal, table)
+    assert text.splitlines()[-2].split()[-2] == "tree"
