@@ -207,10 +207,10 @@ def format_advice(w: dict, seq_lens: list[int], ranks: list[int], cal, table) ->
             body.append([str(n), str(P)] + [f"{times[k] * scale:.3f}" for k in names] + [order[0], f"{margin:.2f}x"] + extra)
     unit = "ms" if pass_ == "prefill" else "us"
     head = ["N", "P"] + [f"{k} {unit}" for k in names] + ["winner", "margin"] + (["Meta's rule"] if pass_ == "prefill" else [])
+    shape = f"(B={w['batch']} H={w['heads']}/{w['kv_heads']} D={w['head_dim']} {w['dtype']})"
     if pass_ == "prefill":
-        c = w["cached_tokens"]
-        title = f"prefill against a KV cache of {c} tokens (B={w['batch']} H={w['heads']}/{w['kv_heads']} D={w['head_dim']} {w['dtype']})"
+        title = f"prefill against a KV cache of {w['cached_tokens']} tokens {shape}"
     else:
-        title = f"one decode step, {w.get('new_tokens') or 1} new token(s) per sequence (B={w['batch']} H={w['heads']}/{w['kv_heads']} D={w['head_dim']} {w['dtype']})"
+        title = f"one decode step, {w.get('new_tokens') or 1} new token(s) per sequence {shape}"
     notes = f"calibration: {cal.source}; the model: docs/model.md (serving passes)"
     return "\n".join([title, table(head, body), notes])
