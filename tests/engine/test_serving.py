@@ -182,3 +182,8 @@ def test_runs_are_stored_read_back_and_reported(tmp_path):
     text = report.format_report(runs, None)
     assert "prefill against a KV cache" in text and "decode with a sharded KV cache" in text
     assert store.read(out)[0].point_id == point_id(RunConfig.from_dict(runs[0].config), 2)
+    from ringbench.analysis import plot
+
+    written, skipped = plot.render(runs, str(tmp_path), formats=("png",))
+    assert [Path(w).name for w in written] == ["decode.png"]  # only serving runs: only their figures
+    assert skipped == ["prefill: needs prefill runs (--pass prefill) at 2 or more cached sizes"]
