@@ -70,7 +70,7 @@ def _label(r: dict) -> str:
     return "pass-kv" if r["mode"] in PASS_KV else r["mode"]
 
 
-def prefill_text(rows: list[dict], table) -> str | None:
+def prefill_text(rows: list[dict], table, cal=None) -> str | None:
     """Prefill runs: time per strategy by cached fraction, the measured winner and Meta's rule's."""
     rs = [r for r in serving_rows(rows) if r["phase"] == "prefill"]
     if not rs:
@@ -100,19 +100,27 @@ def prefill_text(rows: list[dict], table) -> str | None:
         if measured in ("pass-kv", "pass-q"):
             decided += 1
             agree += measured == rule
+        model_cells = []
+        if cal is not None:
+            w = dict(nranks=P, seq_len=n, cached_tokens=c, batch=b, heads=h, kv_heads=hk, head_dim=d, dtype=dtype, layout=layout)
+            pred = predict_prefill(w, cal)
+            names = {"pass-kv" if m in PASS_KV else m for m in times} & set(pred)
+            model_cells = [min(sorted(names), key=pred.get) if names else "-"]
         body.append(
             [f"{layout} {dtype} B={b} H={h}/{hk} D={d}", str(P), str(n), f"{c / n:.2f}"]
             + [f"{times[m] * 1e3:.2f}" if m in times else "-" for m in modes]
             + [best, rule]
+            + model_cells
         )
     head = ["shape", "P", "N", "cached"] + [f"{m} ms" for m in modes] + ["measured best", "rule (T/(T+C) > 2 H_kv/H)"]
+    head += ["model best"] if cal is not None else []
     lines = ["prefill against a KV cache: time per strategy (overlap, blocking: pass-KV) by cached fraction C / N", table(head, body)]
     if decided:
         lines.append(f"Meta's rule names the measured best of pass-KV and pass-Q at {agree} of {decided} points")
     return "\n".join(lines)
 
 
-def decode_text(rows: list[dict], table) -> str | None:
+def decode_text(rows: list[dict], table, cal=None) -> str | None:
     """Decode runs: step time in microseconds per merge, by P and B."""
     rs = [r for r in serving_rows(rows) if r["phase"] == "decode"]
     if not rs:
@@ -136,18 +144,26 @@ def decode_text(rows: list[dict], table) -> str | None:
     for key in sorted(groups):
         layout, dtype, h, hk, d, n, t, P, b = key
         times = {m: sorted(v)[len(v) // 2] for m, v in groups[key].items()}
+        model_cells = []
+        if cal is not None:
+            w = dict(nranks=P, seq_len=n, new_tokens=t, batch=b, heads=h, kv_heads=hk, head_dim=d, dtype=dtype, layout=layout)
+            pred = predict_decode(w, cal)
+            model_cells = [f"{pred[m] * 1e6:.0f}" if m in times else "-" for m in merges]
         body.append(
             [f"{layout} {dtype} H={h}/{hk} D={d}", str(n), str(t), str(P), str(b)]
             + [f"{times[m] * 1e6:.0f}" if m in times else "-" for m in merges]
             + [min(times, key=times.get)]
+            + model_cells
         )
     head = ["shape", "N", "t", "P", "B"] + [f"{m} us" for m in merges] + ["fastest"]
+    head += [f"model {m} us" for m in merges] if cal is not None else []
     return "\n".join(["decode with a sharded KV cache: one step's time per merge (microseconds)", table(head, body)])
 
 
-def serving_text(rows: list[dict], table) -> str | None:
-    """The report's section on serving runs (None without any); ``table(header, body)`` formats a table (report.table)."""
-    parts = [t for t in (prefill_text(rows, table), decode_text(rows, table)) if t]
+def serving_text(rows: list[dict], table, cal=None) -> str | None:
+    """The report's section on serving runs (None without any); ``table(header, body)`` formats a table (report.table);
+    with a calibration (model.Calibration) the model's winner (prefill) and times (decode) beside the measured."""
+    parts = [t for t in (prefill_text(rows, table, cal), decode_text(rows, table, cal)) if t]
     return "\n\n".join(parts) if parts else None
 
 

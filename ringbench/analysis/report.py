@@ -348,7 +348,7 @@ def prediction_table(rows: list[dict], cal: model.Calibration, ranks: list[int])
 
 
 def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] | None = None) -> str:
-    served = inference.serving_text(results.rows(runs), table)  # prefill and decode runs: their own tables
+    served = inference.serving_text(results.rows(runs), table, cal)  # prefill and decode runs: their own tables
     runs = [r for r in runs if r.config.get("pass") not in inference.SERVING]
     text = _format_training(runs, cal, predict_ranks) if runs or not served else ""
     return "\n\n".join(t for t in (text, served) if t)
