@@ -182,12 +182,14 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
             errs = ", ".join(f"{n} {chk[n + '_rel_err']:.2e}" for n in check.GRADS)
             lines.append(f"{ind}check vs float64 gradients: rel err {errs} (tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}")
     theo = f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank"
+    if "kv_cache_bytes" in memory:  # a serving pass: its minimum is the KV cache's (the line below)
+        theo = ""
     if "theoretical_bwd_bytes" in memory:
         theo += f" (forward), {memory['theoretical_bwd_bytes'] / 2**20:.1f} MiB/rank (backward)"
     lines.append(
         f"  peak RSS {max(memory['peak_rss_bytes']) / 2**20:.0f} MiB/rank "
         f"({max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the interpreter "
-        f"and libraries{', --check included' if cfg.check else ''})   {theo}"
+        f"and libraries{', --check included' if cfg.check else ''}){'   ' + theo if theo else ''}"
     )
     if "kv_cache_bytes" in memory:
         lines.append(
