@@ -83,7 +83,12 @@ _HELP = {
     "memory_limit": "memory one rank may use (host; device on cupy): auto (what is free on the node or GPU, or left by the ranks' "
     "memory cgroup if less, shared by its ranks), "
     "a size (20GiB, 512MiB, bytes), or none (no check); a problem whose estimate exceeds it is refused",
-    "pass_": "what is timed: the forward, the backward (after an untimed forward), or both as two phases",
+    "pass_": "what is timed: the forward, the backward (after an untimed forward), or both as two phases; prefill (new "
+    "tokens against a KV cache, --cached-tokens) or decode (one step against a sharded KV cache, --new-tokens, --merge)",
+    "cached_tokens": "--pass prefill: tokens C of the seq_len already in the KV cache (the other N - C are new)",
+    "new_tokens": "--pass decode: new tokens t per sequence per step (the last t of the seq_len cached tokens)",
+    "merge": "--pass decode: how the ranks' partial outputs and LSE are merged: ring (P - 1 hops), tree (all-reduce of "
+    "max, then of the weighted sums: log P), gather (to rank 0)",
 }
 
 
@@ -638,7 +643,11 @@ def advise_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=CHOICES["dtype"], default=d.dtype, help=_HELP["dtype"])
     p.add_argument("--layout", choices=CHOICES["layout"], default=d.layout, help=_HELP["layout"])
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False, help=_HELP["causal"])
-    p.add_argument("--pass", dest="passes", choices=["fwd", "bwd", "fwd+bwd"], default="fwd", help="the pass to predict")
+    p.add_argument(
+        "--pass", dest="passes", choices=["fwd", "bwd", "fwd+bwd", "prefill", "decode"], default="fwd", help="the pass to predict"
+    )
+    p.add_argument("--cached-tokens", type=int, default=0, metavar="C", help=_HELP["cached_tokens"])
+    p.add_argument("--new-tokens", type=int, default=1, metavar="t", help=_HELP["new_tokens"])
     return p
 
 
@@ -697,6 +706,8 @@ def cmd_advise(argv: list[str]) -> int:
         return fail(
             prog, f"--pass {ns.passes}: the calibration ({cal.source}) has no backward compute rate; probe again or add backward runs"
         )
+    if ns.passes in ("prefill", "decode"):  # the serving passes' own model (analysis.inference)
+        return _advise_serving(ns, hk, cal)
     base = model.Shape(
         nranks=1,
         seq_len=1,
@@ -710,6 +721,22 @@ def cmd_advise(argv: list[str]) -> int:
         pass_=ns.passes,
     )
     print(advise.format_advice(base, ns.seq_len, ns.ranks, cal, machine))
+    return 0
+
+
+def _advise_serving(ns, hk: int, cal) -> int:
+    """`advise --pass prefill|decode`: each strategy's (merge's) predicted time, the winner (analysis.inference)."""
+    from ringbench.analysis import inference
+    from ringbench.analysis.report import table
+
+    prog = f"{PROG} advise"
+    if ns.cached_tokens < 0 or (ns.passes != "prefill" and ns.cached_tokens):
+        return fail(prog, f"--cached-tokens: only for --pass prefill, an integer >= 0; got {ns.cached_tokens}")
+    if ns.new_tokens < 1 or (ns.passes != "decode" and ns.new_tokens != 1):
+        return fail(prog, f"--new-tokens: only for --pass decode, an integer >= 1; got {ns.new_tokens}")
+    w = dict(batch=ns.batch, heads=ns.heads, kv_heads=hk, head_dim=ns.head_dim, dtype=ns.dtype, layout=ns.layout)
+    w.update({"pass": ns.passes, "cached_tokens": ns.cached_tokens, "new_tokens": ns.new_tokens})
+    print(inference.format_advice(w, ns.seq_len, ns.ranks, cal, table))
     return 0
 
 

@@ -23,7 +23,10 @@ BLAS = ("auto", "numpy", "mkl")
 CUDA_AWARE = ("auto", "yes", "no")
 KERNELS = ("native", "torch", "flash-attn")  # per-step attention: ringbench's NumPy/CuPy kernel, or a fused one
 ULYSSES_GROUPS = ("node", "any")  # hybrid's groups: each on one node (refused where the placement cannot), or any
-PASSES = ("fwd", "bwd", "fwd+bwd")  # what `ringbench run` times: the forward, the backward, or both (two phases)
+PASSES = ("fwd", "bwd", "fwd+bwd", "prefill", "decode")  # what `ringbench run` times: the forward, the backward, both
+SERVING_PASSES = ("prefill", "decode")  # inference passes (ringbench.engine.serving): one forward-like timed phase
+PREFILL_MODES = ("overlap", "blocking", "allgather", "pass-q")  # pass-KV (overlap, blocking), all-gather, pass-Q
+MERGES = ("ring", "tree", "gather")  # --pass decode: how the ranks' partial (O, LSE) are merged
 
 
 class UserError(Exception):
@@ -66,20 +69,24 @@ class RunConfig:
     check: bool = False
     save_tensors: bool = False
     memory_limit: int | str = "auto"  # bytes a rank may use: 'auto' (what the node/GPU has free), 'none' (no check)
-    pass_: str = "fwd"  # the key `pass` everywhere outside this class (KEYS): fwd, bwd or fwd+bwd
+    pass_: str = "fwd"  # the key `pass` everywhere outside this class (KEYS): fwd, bwd, fwd+bwd, prefill, decode
+    cached_tokens: int = 0  # --pass prefill: C of the seq_len tokens are cached; the other T = N - C are new
+    new_tokens: int = 1  # --pass decode: t new tokens per sequence per step (t > 1: speculative decoding)
+    merge: str = "tree"  # --pass decode: how the partial outputs are merged: ring, tree, gather
 
     # fields that do not change what is measured: left out of the point id
     NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat", "memory_limit", "ulysses_groups")
     # fields added after the first ids were stored: in the point id only when not at their default, so the ids
     # of points stored before they existed (and the 8-hex legacy ids recomputed for old files) do not change
-    ADDED_IDENTITY = {"kernel": "native", "ulysses_degree": 1, "pass": "fwd"}
+    ADDED_IDENTITY = {"kernel": "native", "ulysses_degree": 1, "pass": "fwd", "cached_tokens": 0, "new_tokens": 1, "merge": "tree"}
     # field -> its key in the CLI (--pass), experiment files, stored configs: `pass` is a Python keyword
     KEYS = {"pass_": "pass"}
 
     @property
     def phases(self) -> tuple[str, ...]:
-        """The timed phases of the run, in order: ('fwd',), ('bwd',) or ('fwd', 'bwd')."""
-        return tuple(self.pass_.split("+"))
+        """The timed phases of the run, in order: ('fwd',), ('bwd',) or ('fwd', 'bwd'); a serving pass (prefill,
+        decode) is one forward-like phase, stored where the forward is ('fwd',): the config's pass says which."""
+        return ("fwd",) if self.pass_ in SERVING_PASSES else tuple(self.pass_.split("+"))
 
     @property
     def kv_heads_resolved(self) -> int:
@@ -129,6 +136,8 @@ _INT_FIELDS = {
     "seed": (0, 2**30 - 1),
     "tile_q": (0, 2**24),
     "ulysses_degree": (1, 2**12),
+    "cached_tokens": (0, 2**32),
+    "new_tokens": (1, 2**20),
 }
 MEMORY_LIMIT_WORDS = ("auto", "none")
 MEMORY_LIMIT_MAX = 2**60
@@ -145,6 +154,7 @@ CHOICES = {
     "kernel": KERNELS,
     "pass": PASSES,
     "ulysses_groups": ULYSSES_GROUPS,
+    "merge": MERGES,
 }
 _BOOL_FIELDS = ("causal", "check", "save_tensors")
 
@@ -220,7 +230,7 @@ def validate(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     if cfg.seq_len % div:
         need = "2 x ranks" if cfg.layout == "zigzag" else "the rank count"
         errors.append(("seq_len", f"{cfg.seq_len} is not divisible by {div} ({need}, layout {cfg.layout} at {nranks} ranks)"))
-    errors += strategy_problems(cfg, nranks)
+    errors += strategy_problems(cfg, nranks) or serving_problems(cfg, nranks)
     if cfg.save_tensors:
         nbytes = save_tensors_bytes(cfg)
         if nbytes > SAVE_TENSORS_LIMIT:
@@ -242,6 +252,38 @@ def save_tensors_bytes(cfg: RunConfig) -> int:
     return 8 * cfg.batch * cfg.seq_len * heads * cfg.head_dim
 
 
+def serving_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
+    """What the serving passes (docs/run.md: prefill against a cache, decode with a sharded cache) refuse: their keys
+    away from their defaults under another pass, a cache that leaves no new token, the strategies that do not apply."""
+    p, n = cfg.pass_, cfg.seq_len
+    if p != "prefill" and cfg.cached_tokens != 0:
+        return [("cached_tokens", f"only for --pass prefill; got {cfg.cached_tokens} with --pass {p}")]
+    if p != "decode" and cfg.new_tokens != 1:
+        return [("new_tokens", f"only for --pass decode; got {cfg.new_tokens} with --pass {p}")]
+    if p != "decode" and cfg.merge != "tree":
+        return [("merge", f"only for --pass decode; got {cfg.merge} with --pass {p}")]
+    if p not in SERVING_PASSES:
+        return []
+    if not cfg.causal:
+        return [("causal", f"--pass {p} attends causally by global position; add --causal")]
+    if cfg.save_tensors:
+        return [("save_tensors", f"not for --pass {p} (its queries and keys have different lengths); use --check")]
+    if p == "prefill":
+        if cfg.mode not in PREFILL_MODES:
+            return [("mode", f"--pass prefill runs {', '.join(PREFILL_MODES)}; got {cfg.mode}")]
+        if cfg.cached_tokens >= n:
+            return [("cached_tokens", f"must be below seq_len={n} (at least one new token); got {cfg.cached_tokens}")]
+        div = divisor(cfg.layout, nranks)
+        if cfg.cached_tokens % div:
+            return [("cached_tokens", f"{cfg.cached_tokens} is not divisible by {div} (layout {cfg.layout} at {nranks} ranks)")]
+        return []
+    if cfg.mode != "overlap":
+        return [("mode", f"--pass decode merges by --merge ({', '.join(MERGES)}); --mode does not apply, got {cfg.mode}")]
+    if cfg.new_tokens > n:
+        return [("new_tokens", f"must be at most seq_len={n} (the new tokens are the cache's last); got {cfg.new_tokens}")]
+    return []
+
+
 def heads_rule(heads: int, kv_heads: int, u: int) -> str | None:
     """Why H query heads and H_kv kv heads cannot be split over an all-to-all group of U ranks (None if they can)."""
     if heads % u:
@@ -255,8 +297,8 @@ def strategy_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     """What the context-parallel strategies refuse (README: the strategies): the all-to-all needs its group size U
     (P for ulysses) to divide the query heads, and to divide the kv heads or be a multiple of them."""
     hk = cfg.kv_heads_resolved
-    if cfg.mode == "pass-q" and cfg.kernel != "native" and cfg.pass_ != "fwd":
-        return [("kernel", f"--mode pass-q runs --kernel {cfg.kernel} in its forward only (--pass fwd); got --pass {cfg.pass_}")]
+    if cfg.mode == "pass-q" and cfg.kernel != "native" and cfg.pass_ not in ("fwd", "prefill"):
+        return [("kernel", f"--mode pass-q runs --kernel {cfg.kernel} in its forward only (--pass fwd or prefill); got --pass {cfg.pass_}")]
     if cfg.mode != "hybrid":
         if cfg.ulysses_degree != 1:
             return [("ulysses_degree", f"only for --mode hybrid; got {cfg.ulysses_degree} with --mode {cfg.mode}")]
@@ -310,8 +352,8 @@ def _point_id(cfg: RunConfig, nranks: int, digits: int) -> str:
     ident["nranks"] = nranks
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:digits]
     causal = "-causal" if cfg.causal else ""
-    mode = f"hybrid{cfg.ulysses_degree}" if cfg.mode == "hybrid" else cfg.mode
-    phase = "" if cfg.pass_ == "fwd" else "-" + cfg.pass_.replace("+", "")  # -bwd, -fwdbwd
+    mode = f"hybrid{cfg.ulysses_degree}" if cfg.mode == "hybrid" else cfg.merge if cfg.pass_ == "decode" else cfg.mode
+    phase = "" if cfg.pass_ == "fwd" else "-" + cfg.pass_.replace("+", "")  # -bwd, -fwdbwd, -prefill, -decode
     return f"{mode}{phase}-{cfg.layout}{causal}-{cfg.dtype}-N{cfg.seq_len}-P{nranks}-{digest}"
 
 

@@ -361,3 +361,13 @@ def test_peers_user_error_is_one_line():
     res = script("peers.py", "--heads", 3, "--kv-heads", 2)
     assert res.returncode == 2
     assert "--kv-heads" in res.stderr.strip().splitlines()[-1]
+def test_serving_bench_compares_the_strategies_and_the_merges(tmp_path):
+    out = tmp_path / "s.json"
+    args = ["--seq-len", 64, "--cached", 0, 0.75, "--heads", 4, "--kv-heads", 1, "--head-dim", 8, "--batch", 1]
+    res = script("serving_bench.py", *args, "--decode-ranks", 2, "--decode-seq-len", 64, "--repeat", 3, "--work", tmp_path, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "predicted = measured winner" in res.stdout and "tree/ring" in res.stdout
+    data = json.loads(out.read_text())
+    assert len(data["prefill"]) == 2 and {f["C"] for f in data["prefill"]} == {0, 48}
+    assert set(data["decode"][0]["measured_s"]) == {"ring", "tree", "gather"}
+    assert script("serving_bench.py", "--cached", 1.5).returncode == 2

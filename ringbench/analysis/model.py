@@ -733,6 +733,8 @@ def calibrate_from_runs(runs) -> Calibration:
     for run in runs:
         if run.status != "ok" or "compute_s" not in run.samples or run.config.get("mode") in STRATEGY_MODES:
             continue  # the strategies' steps are not ring steps: calibrate from the ring modes only
+        if run.config.get("pass") in ("prefill", "decode"):
+            continue  # serving passes: queries and K/V of other lengths than the training ring's
         shape = Shape.from_config(run.config, run.nranks)
         work = step_work(shape).sum(axis=1)  # (P,)
         busy = np.median(np.asarray(run.samples["compute_s"]).sum(axis=2), axis=0)  # (P,)

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ringbench import store
-from ringbench.analysis import measure, model, results
+from ringbench.analysis import inference, measure, model, results
 from ringbench.config import stored_point_id
 from ringbench.layout import divisor
 from ringbench.provenance import calibration_warning
@@ -51,8 +51,11 @@ FIGURES = (
     "timeline-bwd",
     "overlap-bwd",
     "strong-fwdbwd",
+    "prefill",
+    "decode",
 )
 BWD_FIGURES = ("timeline-bwd", "overlap-bwd", "strong-fwdbwd")  # drawn by default only when some run has a backward
+SERVING_FIGURES = ("prefill", "decode")  # drawn by default only when some run is of a serving pass (analysis.inference)
 FORMATS = ("png", "pdf")
 MODE_STYLE = {"overlap": ("C0", "o", "-"), "blocking": ("C3", "s", "--"), "allgather": ("C2", "^", ":")}
 COMPUTE, COMPUTE_ALT, COMM, OTHER = "#4C72B0", "#7EA6D8", "#DD8452", "#C8C8C8"
@@ -808,6 +811,77 @@ def _strategy_panel(ax, points: list[dict], labels: list[str], cal: model.Calibr
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------
+def _serving_rows(runs, pass_: str) -> list[dict]:
+    return [r for r in inference.serving_rows(results.rows(_ok(runs))) if r["phase"] == pass_]
+
+
+def prefill_figure(runs, cal: model.Calibration | None = None):
+    """Prefill time against the cached fraction C / N, one line per strategy (and P, N, shape), Meta's crossover
+    (C / N = 1 - 2 H_kv / H) as a vertical line, and the model's lines (dashed) with a calibration."""
+    rows = _serving_rows(runs, "prefill")
+    groups: dict = {}
+    for r in rows:
+        key = (r["nranks"], r["seq_len"], r["batch"], r["heads"], r["kv_heads"], r["head_dim"], r["dtype"], r["layout"])
+        groups.setdefault(key, {}).setdefault(r["mode"], {}).setdefault(r.get("cached_tokens") or 0, []).append(r["time_s"])
+    groups = {k: v for k, v in groups.items() if any(len(c) >= 2 for c in v.values())}
+    if not groups:
+        return None
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for ax, (key, modes) in zip(axes[0], sorted(groups.items())):
+        P, n, b, h, hk, d, dtype, layout = key
+        for i, (mode, by_c) in enumerate(sorted(modes.items())):
+            cs = sorted(by_c)
+            color = f"C{i}"
+            ax.plot([c / n for c in cs], [np.median(by_c[c]) * 1e3 for c in cs], "o-", color=color, label=f"{mode} measured")
+            if cal is not None and mode in ("overlap", "blocking", "pass-q", "allgather"):
+                grid = np.linspace(0, cs[-1], 24)
+                w = dict(nranks=P, seq_len=n, batch=b, heads=h, kv_heads=hk, head_dim=d, dtype=dtype, layout=layout)
+                name = {"overlap": "pass-kv", "blocking": "pass-kv"}.get(mode, mode)
+                pred = [inference.predict_prefill({**w, "cached_tokens": int(c)}, cal)[name] * 1e3 for c in grid]
+                ax.plot(grid / n, pred, "--", color=color, alpha=0.7, label=f"{mode} model")
+        cross = 1 - 2 * hk / h
+        if 0 < cross < 1:
+            ax.axvline(cross, color="0.5", ls=":", label=f"Meta's rule: C/N = {cross:.2f}")
+        ax.set_xlabel("cached fraction C / N")
+        ax.set_ylabel("prefill time (ms, median)")
+        ax.set_yscale("log")
+        ax.set_title(f"P={P} N={n} B={b} H={h}/{hk} D={d} {dtype}", fontsize=9)
+        ax.legend(fontsize=7)
+    return _finish(fig, runs, "prefill against a KV cache: time per strategy by cached fraction")
+
+
+def decode_figure(runs, cal: model.Calibration | None = None):
+    """One decode step's time against P, one line per merge and batch, the model's lines (dashed) with a calibration."""
+    rows = _serving_rows(runs, "decode")
+    if not rows:
+        return None
+    groups: dict = {}
+    for r in rows:
+        key = (r["seq_len"], r.get("new_tokens") or 1, r["heads"], r["kv_heads"], r["head_dim"], r["dtype"], r["layout"])
+        groups.setdefault(key, {}).setdefault((r.get("merge") or "tree", r["batch"]), {}).setdefault(r["nranks"], []).append(r["time_s"])
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    colors = {"ring": "C0", "tree": "C1", "gather": "C2"}
+    for ax, (key, lines) in zip(axes[0], sorted(groups.items())):
+        n, t, h, hk, d, dtype, layout = key
+        styles = {}
+        for merge, b in sorted(lines):
+            by_p = lines[(merge, b)]
+            ps = sorted(by_p)
+            marker = styles.setdefault(b, "os^vD"[len(styles) % 5])
+            ax.plot(ps, [np.median(by_p[p]) * 1e6 for p in ps], marker + "-", color=colors[merge], label=f"{merge} B={b}")
+            if cal is not None:
+                w = dict(seq_len=n, new_tokens=t, batch=b, heads=h, kv_heads=hk, head_dim=d, dtype=dtype, layout=layout)
+                pred = [inference.predict_decode({**w, "nranks": p}, cal)[merge] * 1e6 for p in ps]
+                ax.plot(ps, pred, "--", color=colors[merge], alpha=0.6)
+        ax.set_xlabel("ranks P")
+        ax.set_ylabel("decode step (us, median)")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({p for v in lines.values() for p in v}))
+        ax.set_title(f"N={n} t={t} H={h}/{hk} D={d} {dtype} {layout}" + (" (dashed: model)" if cal is not None else ""), fontsize=9)
+        ax.legend(fontsize=7)
+    return _finish(fig, runs, "decode with a sharded KV cache: step time per merge by rank count")
+
+
 def save(fig, out_dir: str, name: str, formats=FORMATS) -> list[str]:
     paths = []
     for ext in formats:
@@ -822,7 +896,11 @@ def render(
     runs, out_dir: str, *, only=None, cal=None, predict_ranks=None, timeline_run=None, formats=FORMATS
 ) -> tuple[list[str], list[str]]:
     """Draw the figures into ``out_dir``; returns (files written, 'name: why' for figures with no data)."""
+    served = [r for r in runs if r.config.get("pass") in inference.SERVING]
+    runs = [r for r in runs if r.config.get("pass") not in inference.SERVING]  # the training figures: training runs
     makers = {
+        "prefill": (lambda: prefill_figure(served, cal), "needs prefill runs (--pass prefill) at 2 or more cached sizes"),
+        "decode": (lambda: decode_figure(served, cal), "needs decode runs (--pass decode)"),
         "strong": (lambda: strong_scaling(runs), "needs one N run at 2 or more rank counts"),
         "weak": (lambda: weak_scaling(runs), "needs one N/P run at 2 or more rank counts"),
         "overlap": (lambda: overlap(runs, cal), "needs overlap/blocking runs with P > 1 at 2 or more block sizes"),
@@ -845,7 +923,9 @@ def render(
     if cal is not None and (warn := calibration_warning(cal, runs)):  # one line: the calibration was measured under load
         print(warn, file=sys.stderr)
     has_bwd = any(r.bwd is not None for r in runs)  # without a backward the backward's figures are not asked for
-    for name in only or [f for f in FIGURES if has_bwd or f not in BWD_FIGURES]:
+    default = [f for f in FIGURES if (has_bwd or f not in BWD_FIGURES) and (served or f not in SERVING_FIGURES)]
+    default = [f for f in default if runs or f in SERVING_FIGURES]  # only serving runs: only their figures
+    for name in only or default:
         make, why = makers[name]
         fig = make()
         if fig is None:

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ringbench.analysis import measure, model, results
+from ringbench.analysis import inference, measure, model, results
 from ringbench.layout import divisor
 from ringbench.provenance import calibration_warning
 
@@ -380,6 +380,13 @@ def nodes_table(runs) -> str | None:
 
 
 def format_report(runs, cal: model.Calibration | None, predict_ranks: list[int] | None = None) -> str:
+    served = inference.serving_text(results.rows(runs), table, cal)  # prefill and decode runs: their own tables
+    runs = [r for r in runs if r.config.get("pass") not in inference.SERVING]
+    text = _format_training(runs, cal, predict_ranks) if runs or not served else ""
+    return "\n\n".join(t for t in (text, served) if t)
+
+
+def _format_training(runs, cal: model.Calibration | None, predict_ranks: list[int] | None = None) -> str:
     rows = results.rows(runs)
     hosts = sorted({h for r in rows for h in r["host"].split(",") if h})
     backends = sorted({r["backend_device"] for r in rows})

@@ -22,7 +22,7 @@ import numpy as np
 from ringbench import store
 from ringbench.analysis import measure
 from ringbench.analysis.model import Shape, block_bytes
-from ringbench.config import MODES, stored_point_id
+from ringbench.config import MODES, SERVING_PASSES, stored_point_id
 
 # ---------------------------------------------------------------------------------------------
 # Which configuration a row is: one table. Every key a row carries from its run's configuration, in column order,
@@ -40,6 +40,9 @@ IDENTITY = (
     ("pass", "fwd", ()),
     ("mode", None, ("strategy",)),
     ("ulysses_degree", 1, ("strategy",)),
+    ("merge", "tree", ("strategy",)),  # --pass decode's merge (runs stored before it: the default, never read)
+    ("cached_tokens", 0, ("compare", "sort")),  # --pass prefill
+    ("new_tokens", 1, ("compare", "sort")),  # --pass decode
     ("layout", None, ("compare", "sort")),
     ("causal", None, ("compare", "sort")),
     ("dtype", None, ("compare", "shape", "sort")),
@@ -167,6 +170,8 @@ def rows(runs, phases=store.PHASES) -> list[dict]:
             first = str(r.config.get("pass") or "fwd").split("+")[0]
             have = [first] if first in phases else []
         out += [row(r, p) for p in have]
+        if r.config.get("pass") in SERVING_PASSES:  # a serving pass is stored as the forward: its row is named by its pass
+            out[-len(have) :] = [{**x, "phase": r.config["pass"]} for x in out[-len(have) :]] if have else []
     return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
+from ringbench.engine import serving
 from ringbench.engine.hybrid import Hybrid, Ulysses
 from ringbench.engine.passq import PassQ
 from ringbench.engine.ring import Ring
@@ -98,5 +99,8 @@ ENGINES = {
 
 def build(ctx: RankContext, q, k, v, do=None) -> Engine:
     """The engine of ``ctx.cfg.mode`` for this rank's q (B, n, H, D), k, v (B, n, H_kv, D) in the storage dtype on
-    the backend's device (read, never written), with ``do`` (B, n, H, D) for a backward."""
+    the backend's device (read, never written), with ``do`` (B, n, H, D) for a backward. A serving pass (prefill,
+    decode: ringbench.engine.serving) builds its own, from queries and K/V of different lengths."""
+    if ctx.cfg.pass_ in serving.SERVING:
+        return serving.build(ctx, q, k, v)
     return ENGINES[ctx.cfg.mode](ctx, q, k, v, do=do)

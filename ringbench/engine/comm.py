@@ -371,3 +371,29 @@ class PeerExchange(KVExchange):
 
     def post(self, send, dest: int, recv, source: int, tag: int = 3) -> None:
         self.post_all([(send, recv)], tag, dest=dest, source=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode merges' collectives (ringbench.engine.serving): typed, so MPI can reduce them
+# ---------------------------------------------------------------------------------------------
+_REDUCE_OPS = {"max": MPI.MAX, "sum": MPI.SUM}
+
+
+def allreduce(x, op: str, comm, backend, staged: bool) -> None:
+    """``x`` (a float32 or float64 array) in place: its elementwise ``op`` ('max' or 'sum') over the ranks of ``comm``,
+    on every rank (the library's tree or recursive doubling: log P latency). Staged through a pinned host buffer
+    when device buffers cannot go to MPI (``staged``)."""
+    backend.synchronize()
+    mop = _REDUCE_OPS[op]
+    if not staged:
+        comm.Allreduce(MPI.IN_PLACE, x, op=mop)
+        return
+    host = backend.pinned_empty(f"allreduce_{x.dtype}_{x.size}", x.shape, x.dtype)
+    x.get(out=host)
+    comm.Allreduce(MPI.IN_PLACE, host, op=mop)
+    x.set(host)
+
+
+def gather_to(local, out, comm, backend, staged: bool, root: int = 0) -> None:
+    """Every rank's ``local`` into ``out`` (P, *local.shape) on ``root``, rank order (``out`` is not written elsewhere)."""
+    _collective(lambda s, r: comm.Gather(s, r, root=root), backend, staged, local, out, "gather")

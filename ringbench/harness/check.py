@@ -65,7 +65,9 @@ def _rel(max_abs: float, max_ref: float) -> float:
 
 
 def summary(cfg, checks: list, phase: str) -> dict:
-    """The check attributes of a phase from every rank's comparison: the worst error over ranks (and tensors)."""
+    """The check attributes of a phase from every rank's comparison: the worst error over ranks (and tensors); a rank
+    that holds no output (None: decode's gather merge leaves it on rank 0) has nothing to compare."""
+    checks = [c for c in checks if c is not None]
     if phase == "fwd":
         max_abs = max(c["max_abs_err"] for c in checks)
         rel = _rel(max_abs, max(c["max_abs_ref"] for c in checks))

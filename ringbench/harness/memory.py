@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 
 from ringbench.config import RunConfig
-from ringbench.engine import comm, strategies
+from ringbench.engine import comm, serving, strategies
 from ringbench.engine.backend import host_memory
 from ringbench.kernels import backward, kernel
 from ringbench.kernels.mkl import MklMatmul
@@ -40,6 +40,10 @@ def memory_estimate(cfg: RunConfig, nranks: int, rank: int, backend, mkl: bool =
     tokens, the inputs they keep, their all-to-all buffers (and the backward's, the kept O, the gradients).
     """
     gpu = backend.is_gpu
+    if cfg.pass_ in serving.SERVING:  # prefill, decode: queries and K/V of different lengths (serving.memory_need)
+        s, c = backend.dtype(cfg.dtype).itemsize, backend.compute_dtype(backend.dtype(cfg.dtype)).itemsize
+        need = serving.memory_need(cfg, nranks, s, c, TOKENS_CHUNK, TOKENS_TEMPS, REFERENCE_CHUNK)
+        return RANK_OVERHEAD + need, (need if gpu else 0)
     hk = cfg.kv_heads_resolved
     g = cfg.heads // hk
     b, d, N = cfg.batch, cfg.head_dim, cfg.seq_len
@@ -122,6 +126,9 @@ def memory_problem(cfg: RunConfig, nranks: int, rank: int, backend) -> str | Non
     mkl = isinstance(backend.matmul(cfg.blas)[0], MklMatmul)
     host, device = memory_estimate(cfg, nranks, rank, backend, mkl)
     hint = "use more ranks or a smaller problem, or set --memory-limit (a size, or none to skip this check)"
+    if cfg.pass_ in serving.SERVING:  # the KV cache's shard is what has to fit
+        shard = serving.kv_cache_bytes(cfg, nranks, backend.dtype(cfg.dtype).itemsize)[0]
+        hint = f"its KV cache shard alone is {_size(shard)} per rank; {hint}"
     if cfg.memory_limit != "auto":
         need = max(host, device)
         if need <= cfg.memory_limit:

@@ -15,7 +15,7 @@ import numpy as np
 from ringbench import store
 from ringbench.analysis import measure
 from ringbench.config import point_id
-from ringbench.engine import comm
+from ringbench.engine import comm, serving
 from ringbench.engine.backend import thread_limit
 from ringbench.harness import check, nodes
 from ringbench.kernels import backward, kernel
@@ -39,7 +39,10 @@ def phase_record(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.P
     for key in got[0]["warmup"]:
         samples[key] = np.stack([g["warmup"][key] for g in got], axis=1)
     samples["comm_only_s"] = np.stack([g["comm_only"] for g in got], axis=1)  # (C, P, steps)
-    pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
+    if cfg.pass_ in serving.SERVING:  # the new tokens' queries against the whole context
+        pairs = serving.unmasked_pairs(cfg)
+    else:
+        pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
     flops = backward.phase_flops(phase, cfg.batch, cfg.heads, cfg.head_dim, pairs)  # backward: 2.5 x forward
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank, unmasked_pairs=pairs)
     check_res = check.summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
@@ -77,6 +80,9 @@ def assemble(cfg, parts: list, nranks: int, prov: dict, *, traffic: dict, itemsi
         "device_pool_bytes": np.array([p["pool"] for p in parts]),
         "theoretical_bytes": measure.theoretical_bytes(**shape, score_tile_elems=parts[0]["score_tile"]),
     }
+    if parts[0].get("kv_cache") is not None:  # a serving pass: the K/V cache each rank holds, and the least it could
+        memory["kv_cache_bytes"] = np.array([p["kv_cache"] for p in parts])
+        memory["kv_cache_min_bytes"] = serving.kv_cache_bytes(cfg, nranks, itemsize)[1]
     if "bwd" in phases:
         memory["theoretical_bwd_bytes"] = measure.theoretical_bwd_bytes(**shape, score_tile_elems=parts[0]["score_tile_bwd"])
     tensors = _global_tensors(cfg, parts) if cfg.save_tensors else {}
@@ -156,7 +162,9 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
     ind = "    " if titled else "  "
     for name, ph in phases.items():
         s, chk = ph.summary, ph.check
-        if titled:
+        if cfg.pass_ in serving.SERVING:
+            lines.append(_serving_line(cfg, nranks, s))
+        elif titled:
             lines.append(f"  {'forward' if name == 'fwd' else 'backward'}:")
         lines += [
             f"{ind}time {_ms(s['time_s'])} (median of {cfg.repeat}; min {_ms(s['time_min_s'])}, max {_ms(s['time_max_s'])})"
@@ -174,21 +182,36 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
             errs = ", ".join(f"{n} {chk[n + '_rel_err']:.2e}" for n in check.GRADS)
             lines.append(f"{ind}check vs float64 gradients: rel err {errs} (tol {chk['tol']:.0e}) {'ok' if chk['passed'] else 'FAILED'}")
     theo = f"theoretical minimum {memory['theoretical_bytes'] / 2**20:.1f} MiB/rank"
+    if "kv_cache_bytes" in memory:  # a serving pass: its minimum is the KV cache's (the line below)
+        theo = ""
     if "theoretical_bwd_bytes" in memory:
         theo += f" (forward), {memory['theoretical_bwd_bytes'] / 2**20:.1f} MiB/rank (backward)"
     lines.append(
         f"  peak RSS {max(memory['peak_rss_bytes']) / 2**20:.0f} MiB/rank "
         f"({max(memory['peak_rss_bytes'] - memory['baseline_rss_bytes']) / 2**20:.1f} MiB above the interpreter "
-        f"and libraries{', --check included' if cfg.check else ''})   {theo}"
+        f"and libraries{', --check included' if cfg.check else ''}){'   ' + theo if theo else ''}"
     )
     node_line = nodes.format_nodes(prov.get("nodes"))
     if node_line:
         lines.append(node_line)
+    if "kv_cache_bytes" in memory:
+        lines.append(
+            f"  KV cache {max(memory['kv_cache_bytes']) / 2**20:.3f} MiB/rank (theoretical minimum "
+            f"{memory['kv_cache_min_bytes'] / 2**20:.3f} MiB/rank: the whole cache / P)"
+        )
     if loaded(prov.get("conditions")):
         lines.append(f"  warning: measured on a loaded machine ({loaded(prov['conditions'])}): its times include the load")
     if where:
         lines.append(f"  saved {where}")
     return "\n".join(lines)
+
+
+def _serving_line(cfg, nranks: int, s: dict) -> str:
+    """The title of a serving pass's figures: what was run, and (decode) the step time in microseconds."""
+    if cfg.pass_ == "prefill":
+        t = cfg.seq_len - cfg.cached_tokens
+        return f"  prefill: {t} new tokens against {cfg.cached_tokens} cached (cached fraction {cfg.cached_tokens / cfg.seq_len:.2f}):"
+    return f"  decode step ({cfg.merge} merge, {cfg.new_tokens} new token(s) per sequence): {s['time_s'] * 1e6:.1f} us per step:"
 
 
 def _pct(x: float) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 from ringbench import store
 from ringbench.config import RunConfig, UserError, option_name, validate
 from ringbench.engine import api as engine
-from ringbench.engine import comm
+from ringbench.engine import comm, serving
 from ringbench.engine.api import RankContext
 from ringbench.engine.backend import (
     BackendError,
@@ -27,7 +27,6 @@ from ringbench.engine.ring import parse_fault
 from ringbench.harness import check, inputs, memory, nodes, progress, record
 from ringbench.kernels import kernel
 from ringbench.kernels.torch_kernel import unavailable
-from ringbench.layout import positions
 from ringbench.provenance import (
     load_interval,
     load_snapshot,
@@ -86,9 +85,14 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
     phases = cfg.phases
     names = ("q", "k", "v", "do") if "bwd" in phases else ("q", "k", "v")
     hk = cfg.kv_heads_resolved
-    pos = positions(cfg.layout, rank, nranks, cfg.seq_len)
+    pos, kv_pos = serving.rank_positions(cfg, rank, nranks)  # the queries' and the K/V's tokens (the same but for prefill, decode)
     dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
-    host = {name: inputs.tokens(name, cfg.seed, pos, heads=hk if name in ("k", "v") else cfg.heads, **dims).astype(dtype) for name in names}
+    host = {
+        name: inputs.tokens(
+            name, cfg.seed, kv_pos if name in ("k", "v") else pos, heads=hk if name in ("k", "v") else cfg.heads, **dims
+        ).astype(dtype)
+        for name in names
+    }
     dev = {k: backend.asarray(v) for k, v in host.items()}
     if not (cfg.check or cfg.save_tensors):
         host = None
@@ -125,13 +129,13 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
                 comm.barrier()
                 alone[ph].append(ring.comm_only(ph))
     load = load_interval(load)
-    output = backend.asnumpy(ring.output())
+    output = backend.asnumpy(ring.output()) if getattr(ring, "holds_output", True) else None  # decode --merge gather: rank 0
     grads = tuple(backend.asnumpy(x) for x in ring.grads()) if "bwd" in phases else None
 
     checks = {}
     if cfg.check:
         if "fwd" in phases:
-            checks["fwd"] = check.forward_errors(cfg, host, output, pos)
+            checks["fwd"] = check.forward_errors(cfg, host, output, pos) if output is not None else None
         if "bwd" in phases:
             checks["bwd"] = check.backward_errors(cfg, host, grads, pos)
     local = {
@@ -151,6 +155,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         "score_tile": ring.score_tile_elems,
         "score_tile_bwd": ring.bwd_score_tile_elems,
         "sent": sent,
+        "kv_cache": int(ring.kv_home.nbytes) if cfg.pass_ in serving.SERVING else None,
         **record.rank_facts(backend, load),
     }
     parts = comm.gather(local, comm=world)  # in position order

@@ -1,0 +1,170 @@
+"""Does the serving model pick the fastest prefill strategy, and how does the decode merge's latency grow with P?
+
+    python benchmarks/serving_bench.py [--ranks 2] [--decode-ranks 2 3 4] [--seq-len 2048] [--cached 0 0.5 0.875 0.97]
+                                       [--heads 8] [--kv-heads 1] [--head-dim 64] [--batch 1 8] [--repeat 5]
+                                       [--work DIR] [--out FILE.json]
+
+1. Calibration, apart from the measured runs: ``mpiexec -n P ringbench probe`` at every rank count.
+2. Prefill at ``--ranks``: ``ringbench run --pass prefill`` of pass-KV (``overlap``) and pass-Q (``pass-q``) at every
+   cached fraction of ``--cached`` (rounded to a multiple of 2P), each checked against float64.
+3. Decode at ``--decode-ranks`` and ``--batch``: ``ringbench run --pass decode`` per merge (ring, tree, gather), checked.
+4. The comparison with the model calibrated from the probes only (analysis.inference.predict_prefill/predict_decode):
+   per prefill point the measured winner where ``measure.compare`` of the two is significant (else a tie), the
+   predicted one, the error of each predicted time. Targets: predicted = measured winner on >= 90% of the decided
+   points and median |error| <= 20% at P = 2; rank counts above this machine's cores oversubscribe it (reported apart).
+   Decode: the step time per merge and P (microseconds), tree against ring.
+
+Prints the CPU and the load average; --out keeps every figure as JSON. Exit status 0; 2 on bad options (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from ringbench import provenance, store  # noqa: E402
+from ringbench.analysis import inference, measure, model, results  # noqa: E402
+
+WINNER_TARGET = 0.90
+ERROR_TARGET = 0.20
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=int, nargs="+", default=[2], help="prefill rank counts (default 2)")
+    p.add_argument("--decode-ranks", type=int, nargs="+", default=[2, 3, 4], help="decode rank counts (default 2 3 4)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--cached", type=float, nargs="+", default=[0.0, 0.5, 0.875, 0.97], help="cached fractions C / N")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=1)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
+    p.add_argument("--decode-seq-len", type=int, default=24576, help="decode: KV cache tokens per sequence")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--work", help="keep the probe and result files here (default: a temporary folder)")
+    p.add_argument("--out", help="write every figure as JSON")
+    ns = p.parse_args(argv)
+    for name in ("seq_len", "heads", "kv_heads", "head_dim", "repeat", "decode_seq_len"):
+        if getattr(ns, name) < 1:
+            p.exit(2, f"serving_bench.py: --{name.replace('_', '-')}: expected an integer >= 1\n")
+    if any(not 0 <= c < 1 for c in ns.cached):
+        p.exit(2, "serving_bench.py: --cached: fractions in [0, 1)\n")
+    return ns
+
+
+def launch(nranks: int, *args) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, "-m", "ringbench", *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"serving_bench.py: {' '.join(map(str, args[:3]))} at P={nranks} failed: {res.stderr.strip()[-500:]}")
+
+
+def median_time(run) -> float:
+    return float(np.median(np.max(run.samples["total_s"], axis=1)))
+
+
+def main(argv=None) -> int:
+    ns = parse_args(argv)
+    work = Path(ns.work or tempfile.mkdtemp(prefix="serving-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    probe, out = work / "probe.h5", work / "runs.h5"
+    shape = ["--heads", ns.heads, "--kv-heads", ns.kv_heads, "--head-dim", ns.head_dim]
+    for P in sorted(set(ns.ranks) | set(ns.decode_ranks)):
+        launch(P, "probe", "--out", probe, *shape, "--quiet")
+    common = [*shape, "--causal", "--check", "--repeat", ns.repeat, "--out", out, "--quiet"]
+    for P in ns.ranks:
+        n = ns.seq_len - ns.seq_len % (2 * P)
+        for frac in ns.cached:
+            c = min(int(frac * n) // (2 * P) * (2 * P), n - 2 * P)
+            for mode in ("overlap", "pass-q"):
+                launch(P, "run", "--pass", "prefill", "--seq-len", n, "--cached-tokens", c, "--mode", mode, *common)
+    for P in ns.decode_ranks:
+        n = ns.decode_seq_len - ns.decode_seq_len % (2 * P)
+        for b in ns.batch:
+            for merge in ("ring", "tree", "gather"):
+                launch(P, "run", "--pass", "decode", "--seq-len", n, "--batch", b, "--merge", merge, *common)
+    cal = model.calibrate([], store.read_probes(probe))
+    runs = results.load(out)
+    cores = os.cpu_count() or 1
+    print(f"cpu: {provenance.cpu_model()}; load average {os.getloadavg()[0]:.1f}; calibration: {cal.source}")
+    figures = {"prefill": [], "decode": []}
+    points: dict = {}
+    for r in runs:
+        if r.config["pass"] == "prefill":
+            points.setdefault((r.nranks, r.config["seq_len"], r.config["cached_tokens"]), {})[r.config["mode"]] = r
+    print("\nprefill: pass-KV (overlap) vs pass-Q, measured and predicted (ms)")
+    print(f"{'P':>2} {'N':>6} {'C/N':>5} {'pass-kv':>9} {'pass-q':>9} {'pred kv':>9} {'pred q':>9}  measured  predicted  rule")
+    for (P, n, c), modes in sorted(points.items()):
+        if set(modes) != {"overlap", "pass-q"}:
+            continue
+        kv, q = modes["overlap"], modes["pass-q"]
+        w = {**kv.config, "nranks": P}
+        pred = inference.predict_prefill(w, cal)
+        cmp = measure.compare(np.max(kv.samples["total_s"], axis=1), np.max(q.samples["total_s"], axis=1))
+        tkv, tq = median_time(kv), median_time(q)
+        measured = ("pass-kv" if tkv < tq else "pass-q") if cmp.verdict == measure.SIGNIFICANT else None
+        predicted = "pass-kv" if pred["pass-kv"] <= pred["pass-q"] else "pass-q"
+        rule = inference.prefill_rule(n - c, c, w["heads"], w["kv_heads"])
+        errs = [model.relative_error(pred["pass-kv"], tkv), model.relative_error(pred["pass-q"], tq)]
+        figures["prefill"].append(
+            dict(
+                P=P,
+                N=n,
+                C=c,
+                measured_s={"pass-kv": tkv, "pass-q": tq},
+                predicted_s=pred,
+                measured=measured,
+                predicted=predicted,
+                rule=rule,
+                errors=errs,
+                oversubscribed=P > cores,
+            )
+        )
+        print(
+            f"{P:>2} {n:>6} {c / n:>5.2f} {tkv * 1e3:>9.2f} {tq * 1e3:>9.2f} {pred['pass-kv'] * 1e3:>9.2f} "
+            f"{pred['pass-q'] * 1e3:>9.2f}  {measured or 'tie':>8}  {predicted:>9}  {rule}"
+        )
+    for over in (False, True):
+        sel = [f for f in figures["prefill"] if f["oversubscribed"] == over]
+        decided = [f for f in sel if f["measured"]]
+        if not sel:
+            continue
+        agree = sum(f["measured"] == f["predicted"] for f in decided)
+        errs = [abs(e) for f in sel for e in f["errors"] if e == e]
+        med = float(np.median(errs)) if errs else float("nan")
+        tag = "oversubscribed" if over else f"P <= {cores} cores"
+        ok = decided and agree / len(decided) >= WINNER_TARGET and med <= ERROR_TARGET
+        print(
+            f"{tag}: predicted = measured winner at {agree} of {len(decided)} decided points; "
+            f"median |error| {med:.0%} -> {'met' if ok else 'not met'}"
+        )
+    print("\ndecode: one step per merge (us)")
+    print(f"{'P':>2} {'B':>3} {'ring':>9} {'tree':>9} {'gather':>9} {'tree/ring':>9}")
+    steps: dict = {}
+    for r in runs:
+        if r.config["pass"] == "decode":
+            steps.setdefault((r.nranks, r.config["batch"]), {})[r.config["merge"]] = median_time(r)
+    for (P, b), t in sorted(steps.items()):
+        ratio = t["tree"] / t["ring"] if "tree" in t and "ring" in t else float("nan")
+        figures["decode"].append(dict(P=P, B=b, measured_s=t, oversubscribed=P > cores))
+        cells = " ".join(f"{t.get(m, float('nan')) * 1e6:>9.0f}" for m in ("ring", "tree", "gather"))
+        print(f"{P:>2} {b:>3} {cells} {ratio:>9.2f}{'  (oversubscribed)' if P > cores else ''}")
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(figures, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
