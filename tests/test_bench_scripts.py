@@ -328,6 +328,7 @@ def test_multinode_bench_needs_the_cluster(tmp_path):
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr == f"multinode_bench: the emulated cluster is down ({tmp_path}/net.up missing): run slurm/multinode.sh up (as root)\n"
 
+
 PEERS_TINY = ("--seq-len", 256, "--heads", 4, "--kv-heads", 2, "--head-dim", 16, "--rounds", 2, "--causal", "both", "--attn", "gqa")
 
 
@@ -361,6 +362,8 @@ def test_peers_user_error_is_one_line():
     res = script("peers.py", "--heads", 3, "--kv-heads", 2)
     assert res.returncode == 2
     assert "--kv-heads" in res.stderr.strip().splitlines()[-1]
+
+
 def test_serving_bench_compares_the_strategies_and_the_merges(tmp_path):
     out = tmp_path / "s.json"
     args = ["--seq-len", 64, "--cached", 0, 0.75, "--heads", 4, "--kv-heads", 1, "--head-dim", 8, "--batch", 1]
