@@ -141,14 +141,19 @@ class KVExchange:
         _collective(self.comm.Alltoall, self.backend, self.staged, send, recv, "a2a")
 
 
-def _collective(op, backend, staged: bool, send, recv, key: str) -> None:
+def _collective(op, backend, staged: bool, send, recv, key: str, *, over=None, kind: str | None = None, root: int = 0) -> None:
     """``op(send, recv)`` (an MPI collective of whole buffers) on device buffers directly, or staged through pinned
-    host buffers named ``key`` when MPI is not CUDA-aware. The stream is synchronised first: MPI reads ``send``."""
-    if TRAFFIC.on:  # Allgather: all of send to every other member; Alltoall: block j of send to member j
-        c = op.__self__
-        each = send.nbytes if op.__name__ == "Allgather" else send.nbytes // max(c.size, 1)
-        for j in range(c.size):
-            TRAFFIC.add(c, j, each)
+    host buffers named ``key`` when MPI is not CUDA-aware. The stream is synchronised first: MPI reads ``send``.
+    ``over``/``kind``: the communicator and the collective's name (default: those of a bound ``comm.Allgather`` or
+    ``comm.Alltoall``), for the byte count per destination."""
+    if TRAFFIC.on:
+        c, kind = (op.__self__, op.__name__) if over is None else (over, kind)
+        if kind == "Gather":  # all of send to the root
+            TRAFFIC.add(c, root, send.nbytes)
+        else:  # Allgather: all of send to every other member; Alltoall: block j of send to member j
+            each = send.nbytes if kind == "Allgather" else send.nbytes // max(c.size, 1)
+            for j in range(c.size):
+                TRAFFIC.add(c, j, each)
     backend.synchronize()
     if not staged:
         op(_buf(send), _buf(recv))
@@ -383,6 +388,12 @@ def allreduce(x, op: str, comm, backend, staged: bool) -> None:
     """``x`` (a float32 or float64 array) in place: its elementwise ``op`` ('max' or 'sum') over the ranks of ``comm``,
     on every rank (the library's tree or recursive doubling: log P latency). Staged through a pinned host buffer
     when device buffers cannot go to MPI (``staged``)."""
+    if TRAFFIC.on:  # counted as recursive doubling would send it: all of x to the partner of each of the log2 P rounds
+        k = 1
+        while k < comm.size:
+            if comm.rank ^ k < comm.size:
+                TRAFFIC.add(comm, comm.rank ^ k, x.nbytes)
+            k <<= 1
     backend.synchronize()
     mop = _REDUCE_OPS[op]
     if not staged:
@@ -396,4 +407,4 @@ def allreduce(x, op: str, comm, backend, staged: bool) -> None:
 
 def gather_to(local, out, comm, backend, staged: bool, root: int = 0) -> None:
     """Every rank's ``local`` into ``out`` (P, *local.shape) on ``root``, rank order (``out`` is not written elsewhere)."""
-    _collective(lambda s, r: comm.Gather(s, r, root=root), backend, staged, local, out, "gather")
+    _collective(lambda s, r: comm.Gather(s, r, root=root), backend, staged, local, out, "gather", over=comm, kind="Gather", root=root)
