@@ -102,11 +102,14 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         for ph in phases:
             warm[ph].append(shown.tick(passes[ph]()))
     reps = {ph: [] for ph in phases}
+    marks = {ph: [] for ph in phases}  # each pass's per-step transfer marks (ring.Ring.marks; None for other engines)
     for _ in range(cfg.repeat):  # each repeat: the forward, then the backward (fwd+bwd)
         for ph in phases:
             comm.barrier()
             reps[ph].append(shown.tick(passes[ph]()))
+            marks[ph].append(getattr(ring, "marks", None))
     shown.close()
+    offset = comm.clock_offset(world)  # the marks onto rank 0's clock (collective; ~0 on one host)
     alone = {ph: [] for ph in phases}
     if nranks > 1:
         for ph in phases:
@@ -129,6 +132,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
                 "samples": record.stack_passes(reps[ph], ""),
                 "warmup": record.stack_passes(warm[ph], "warmup_"),
                 "comm_only": np.array(alone[ph]).reshape(len(alone[ph]), -1) if alone[ph] else np.zeros((0, _comm_only_steps(ph, nranks))),
+                "marks": record.stack_marks(marks[ph], offset),
                 "check": checks.get(ph),
             }
             for ph in phases

@@ -128,7 +128,7 @@ import numpy as np
 from ringbench import SCHEMA_VERSION
 
 FORMAT = "ringbench-results"
-READABLE = (1, 2)  # schema versions this ringbench reads
+READABLE = (1, 2, 3)  # schema versions this ringbench reads
 
 
 class SchemaError(Exception):
