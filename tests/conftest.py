@@ -168,7 +168,7 @@ class LoopBack:
 
     posted = False
 
-    def post_all(self, pairs):
+    def post_all(self, pairs, tag=0):
         for send, recv in pairs:
             recv[...] = send
         self.posted = True

@@ -86,6 +86,11 @@ class KVExchange:
     def posted(self) -> bool:
         return bool(self._reqs)
 
+    def twin(self, name: str) -> KVExchange:
+        """Another exchange between the same neighbours, with its own requests and staging buffers: two transfers in
+        flight at once, each posted and waited for on its own (the backward's dK/dV slices on their way home)."""
+        return KVExchange(self.comm, self.backend, not self.staged, name=name)
+
     def post(self, send, recv, tag: int = 0) -> None:
         self.post_all([(send, recv)], tag)
 

@@ -28,7 +28,6 @@ from ringbench.kernels import backward, kernel
 from ringbench.kernels.api import make_backward, make_forward, score_tile_elems
 from ringbench.layout import step_plan
 
-
 # the marks a pass keeps per step (Ring.marks, arrays (P, MARKS_PER_STEP), time.perf_counter seconds, NaN where unused):
 # post_t[s, k] when the step's k-th transfer was posted, wait_start_t / wait_end_t[s, k] its wait (blocking: right after)
 MARK_KEYS = ("post_t", "wait_start_t", "wait_end_t")
@@ -61,6 +60,8 @@ class Ring:
         ``exchange``: what moves the blocks (comm.KVExchange; tests pass a loopback); :meth:`build` makes one."""
         xp = backend.xp
         self.cfg, self.backend, self.ex = cfg, backend, exchange
+        # the backward's last step keeps two dK/dV slices in flight: the second one's exchange (a test loopback: itself)
+        self.home_ex = exchange.twin("home_") if hasattr(exchange, "twin") else exchange
         self.rank, self.nranks = rank, nranks
         self.storage = q.dtype
         self.compute = backend.compute_dtype(q.dtype)
@@ -105,6 +106,8 @@ class Ring:
     def _progress(self) -> None:
         if self.ex.posted:
             self.ex.test()
+        if self.home_ex is not self.ex and self.home_ex.posted:
+            self.home_ex.test()
 
     @classmethod
     def build(cls, ctx, q, k, v, do=None, plans=None) -> Ring:
@@ -182,7 +185,7 @@ class Ring:
             if s == self.fault:
                 raise InjectedFault(f"injected fault on rank {self.fault_at[0]} at step {s + self.fault_at[1]}")
             last = s == P - 1
-            ex.log = log = []
+            ex.log = self.home_ex.log = log = []
             step_start = clock()
             if mode == "allgather":  # every block first, then compute
                 if s == 0:
@@ -216,7 +219,7 @@ class Ring:
             t_compute[s] = ctimer.seconds() + extra
             _store_marks(marks, s, log)
             cur, nxt = nxt, cur
-        ex.log = None
+        ex.log = self.home_ex.log = None
         self.marks = marks
         return t_compute, t_comm, t_step, clock() - pass_start
 
@@ -417,19 +420,24 @@ class _Backward:
     def _last_step(self, kv, s: int) -> float:
         """The last step in overlap mode: the share in head groups (on the kernel's head-chunk bounds, so the
         arithmetic is the ungrouped one's), each group folded into the arrived accumulator and posted home (to the
-        next rank, which owns the block; this rank's own accumulator arrives into ``done``) while the next group
-        computes. The first fold waits for the step's own transfers; the last group's hop is the loop's wait.
-        Returns the seconds spent waiting."""
-        ring, ex, clock = self.ring, self.ring.ex, time.perf_counter
+        next rank, which owns the block; this rank's own accumulator arrives into ``done``) while the next groups
+        compute. Two slices are in flight at a time, on two exchanges, each waited for two groups after its post:
+        a fused kernel calls MPI only between its calls (one per group here), and a transfer needs about two
+        progress calls on each side to finish. The first fold waits for the step's own transfers; the last two
+        slices are waited for by the loop (``ex``) and ``send_home`` (``home_ex``). Returns the seconds spent waiting."""
+        ring, clock = self.ring, time.perf_counter
+        exs = (ring.ex, ring.home_ex)
         waited = 0.0
-        for za, zb in home_groups(getattr(self.grad, "head_bounds", None), self.local.shape[1]):
+        for i, (za, zb) in enumerate(home_groups(getattr(self.grad, "head_bounds", None), self.local.shape[1])):
             self.grad.update(kv[0], kv[1], self.local[0], self.local[1], ring.plans[s], heads=(za, zb))
+            ex = exs[i % 2]
             t0 = clock()
-            ex.wait()  # first group: the arriving accumulator (and done's send); then the previous group's hop home
+            if i == 0 or i >= 2:
+                ex.wait()  # group 0: the arriving accumulator (and done's send); then the hop of group i - 2
             waited += clock() - t0
             g = slice(za, zb)
             self.arriving[:, g] += self.local[:, g]
-            ex.post_all([(self.arriving[0, g], self.done[0, g]), (self.arriving[1, g], self.done[1, g])], tag=5)
+            ex.post_all([(self.arriving[0, g], self.done[0, g]), (self.arriving[1, g], self.done[1, g])], tag=5 + 4 * (i % 2))
         return waited
 
     def fold(self, s: int) -> None:
@@ -448,7 +456,10 @@ class _Backward:
                 self.ring.ex.alltoall(self.parts, self.received)
             else:
                 self.received[...] = self.parts
-        elif self.ring.nranks > 1 and not self.pipelined:  # (pipelined: home already, into done, by _last_step)
+        elif self.pipelined:  # home into done by _last_step: the last slice but one may still be on its way
+            if self.ring.home_ex is not self.ring.ex and self.ring.home_ex.posted:
+                self.ring.home_ex.wait()
+        elif self.ring.nranks > 1:
             self.ring.ex.sendrecv_all([(self.done, self.arriving)], tag=3)
             self.done, self.arriving = self.arriving, self.done
 

@@ -475,7 +475,9 @@ def test_predict_split_sees_the_causal_contiguous_imbalance():
     accumulators it sends on); zigzag balances it. (The forward's transfers are all posted at step starts that the
     balanced step 0 aligns: its imbalance shows in the pass time, not in waiting.)"""
     cal = Calibration.simple(rate=1e12, latency=1e-6, bandwidth=1e12, bwd_rate=1e12)
-    base = dict(batch=1, seq_len=3072, heads=4, kv_heads=4, head_dim=64, dtype="float32", nranks=3, mode="overlap", causal=True, pass_="bwd")
+    base = dict(
+        batch=1, seq_len=3072, heads=4, kv_heads=4, head_dim=64, dtype="float32", nranks=3, mode="overlap", causal=True, pass_="bwd"
+    )
     cont = model.predict_split(Shape(**base, layout="contiguous"), cal)
     zig = model.predict_split(Shape(**base, layout="zigzag"), cal)
     assert cont["partner_wait"].sum() > 10 * max(zig["partner_wait"].sum(), 1e-9)
