@@ -48,8 +48,15 @@ PROGRESS = {  # --progress: (ringbench --progress, extra environment)
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad option: one line on stderr, exit status 2."""
+        sys.stderr.write(f"overlap_bench.py: {message}\n")
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 3], help="rank counts (default 2 3)")
     p.add_argument("--kernel", nargs="+", default=["native", "torch"], choices=["native", "torch"])
     p.add_argument("--causal", default="both", choices=sorted(MASKS))
