@@ -119,7 +119,7 @@ def imbalance(per_rank) -> np.ndarray:
         return np.where(mean > 0, (per_rank.max(axis=-1) - mean) / mean, 0.0)
 
 
-def split_exposed(comm_s, post_t, wait_start_t, wait_end_t) -> tuple[np.ndarray, np.ndarray]:
+def split_exposed(comm_s, post_t, wait_start_t, wait_end_t, alone=None) -> tuple[np.ndarray, np.ndarray]:
     """(partner_wait_s, unhidden_s), each (R, P, S) like ``comm_s``: the exposed communication of every step and
     rank split into waiting for a neighbour that had not yet posted and waiting for the link.
 
@@ -129,6 +129,11 @@ def split_exposed(comm_s, post_t, wait_start_t, wait_end_t) -> tuple[np.ndarray,
     before both have posted theirs: the part of its wait before max(post of r-1, post of r+1) is partner wait
     (the neighbour was still computing, or waiting itself); the rest of comm_s is unhidden communication. A ring
     of one rank, or a rank that waited only after its neighbours posted, has no partner wait.
+
+    ``alone`` (P, S'), the transfers' own time per rank and step (the fastest comm-only pass; S' <= S, steps past
+    it have none): unhidden is at most that, and what a step waited beyond it goes to partner wait too. A
+    transfer both ends posted still needs both to call MPI to move: a neighbour computing between its progress
+    calls (a fused kernel calls MPI only between its calls) holds it up as surely as one that has not posted.
     """
     comm = np.asarray(comm_s, dtype=np.float64)
     post = np.asarray(post_t, dtype=np.float64)
@@ -141,7 +146,14 @@ def split_exposed(comm_s, post_t, wait_start_t, wait_end_t) -> tuple[np.ndarray,
         late = np.nan_to_num(np.clip(ready - start, 0.0, None))  # NaN (no such transfer) -> 0
         waited = np.nan_to_num(np.clip(end - start, 0.0, None))
     partner = np.minimum(np.minimum(late, waited).sum(axis=3), comm)
-    return partner, comm - partner
+    unhidden = comm - partner
+    if alone is not None:
+        cap = np.zeros(comm.shape[1:])
+        alone = np.asarray(alone, dtype=np.float64)
+        cap[:, : alone.shape[1]] = alone[:, : cap.shape[1]]
+        unhidden = np.minimum(unhidden, cap[None])
+        partner = comm - unhidden
+    return partner, unhidden
 
 
 def per_step_split(samples: dict) -> dict | None:

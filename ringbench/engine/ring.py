@@ -32,6 +32,7 @@ from ringbench.layout import step_plan
 # post_t[s, k] when the step's k-th transfer was posted, wait_start_t / wait_end_t[s, k] its wait (blocking: right after)
 MARK_KEYS = ("post_t", "wait_start_t", "wait_end_t")
 HOME_GROUPS = 8  # the backward's last step: its dK/dV go home in up to this many head slices, each behind the next one's compute
+HOME_LAG = 3  # ... each slice waited for this many groups after its post (as many exchanges, each with one slice in flight)
 MARKS_PER_STEP = HOME_GROUPS + 2
 
 
@@ -60,8 +61,9 @@ class Ring:
         ``exchange``: what moves the blocks (comm.KVExchange; tests pass a loopback); :meth:`build` makes one."""
         xp = backend.xp
         self.cfg, self.backend, self.ex = cfg, backend, exchange
-        # the backward's last step keeps two dK/dV slices in flight: the second one's exchange (a test loopback: itself)
-        self.home_ex = exchange.twin("home_") if hasattr(exchange, "twin") else exchange
+        # the backward's last step keeps HOME_LAG dK/dV slices in flight, one per exchange (a test loopback: itself)
+        twin = getattr(exchange, "twin", None)
+        self.home_exs = [exchange] + [twin(f"home{i}_") if twin else exchange for i in range(1, HOME_LAG)]
         self.rank, self.nranks = rank, nranks
         self.storage = q.dtype
         self.compute = backend.compute_dtype(q.dtype)
@@ -106,8 +108,9 @@ class Ring:
     def _progress(self) -> None:
         if self.ex.posted:
             self.ex.test()
-        if self.home_ex is not self.ex and self.home_ex.posted:
-            self.home_ex.test()
+        for hx in self.home_exs[1:]:
+            if hx is not self.ex and hx.posted:
+                hx.test()
 
     @classmethod
     def build(cls, ctx, q, k, v, do=None, plans=None) -> Ring:
@@ -185,7 +188,9 @@ class Ring:
             if s == self.fault:
                 raise InjectedFault(f"injected fault on rank {self.fault_at[0]} at step {s + self.fault_at[1]}")
             last = s == P - 1
-            ex.log = self.home_ex.log = log = []
+            log = []
+            for hx in self.home_exs:
+                hx.log = log
             step_start = clock()
             if mode == "allgather":  # every block first, then compute
                 if s == 0:
@@ -219,7 +224,8 @@ class Ring:
             t_compute[s] = ctimer.seconds() + extra
             _store_marks(marks, s, log)
             cur, nxt = nxt, cur
-        ex.log = self.home_ex.log = None
+        for hx in self.home_exs:
+            hx.log = None
         self.marks = marks
         return t_compute, t_comm, t_step, clock() - pass_start
 
@@ -421,23 +427,33 @@ class _Backward:
         """The last step in overlap mode: the share in head groups (on the kernel's head-chunk bounds, so the
         arithmetic is the ungrouped one's), each group folded into the arrived accumulator and posted home (to the
         next rank, which owns the block; this rank's own accumulator arrives into ``done``) while the next groups
-        compute. Two slices are in flight at a time, on two exchanges, each waited for two groups after its post:
-        a fused kernel calls MPI only between its calls (one per group here), and a transfer needs about two
-        progress calls on each side to finish. The first fold waits for the step's own transfers; the last two
-        slices are waited for by the loop (``ex``) and ``send_home`` (``home_ex``). Returns the seconds spent waiting."""
-        ring, clock = self.ring, time.perf_counter
-        exs = (ring.ex, ring.home_ex)
+        compute. Group j is folded and posted after group j + 1 has been computed, and waited for HOME_LAG groups
+        later: a fused kernel calls MPI only between its calls (one per group here), and a transfer needs two or
+        three progress calls on each side, alternating, to finish. HOME_LAG slices are in flight at a time, one per
+        exchange (``ring.home_exs``, the first the ring's own ``ex``); the last ones are waited for by the loop
+        (``ex``) and ``send_home`` (the others). Returns the seconds spent waiting."""
+        ring = self.ring
+        groups = home_groups(getattr(self.grad, "head_bounds", None), self.local.shape[1])
         waited = 0.0
-        for i, (za, zb) in enumerate(home_groups(getattr(self.grad, "head_bounds", None), self.local.shape[1])):
+        for i, (za, zb) in enumerate(groups):
             self.grad.update(kv[0], kv[1], self.local[0], self.local[1], ring.plans[s], heads=(za, zb))
-            ex = exs[i % 2]
-            t0 = clock()
-            if i == 0 or i >= 2:
-                ex.wait()  # group 0: the arriving accumulator (and done's send); then the hop of group i - 2
-            waited += clock() - t0
-            g = slice(za, zb)
-            self.arriving[:, g] += self.local[:, g]
-            ex.post_all([(self.arriving[0, g], self.done[0, g]), (self.arriving[1, g], self.done[1, g])], tag=5 + 4 * (i % 2))
+            if i >= 1:
+                waited += self._send_group(i - 1, groups[i - 1])
+        return waited + self._send_group(len(groups) - 1, groups[-1])
+
+    def _send_group(self, j: int, heads: tuple[int, int]) -> float:
+        """Group j's share into the arrived accumulator, and its slice home; returns the seconds waited first (group 0:
+        for the step's own transfers, the arriving accumulator among them; group j >= HOME_LAG: for the slice of group
+        j - HOME_LAG, on the same exchange)."""
+        ring = self.ring
+        ex = ring.home_exs[j % HOME_LAG]
+        t0 = time.perf_counter()
+        if j == 0 or j >= HOME_LAG:
+            ex.wait()
+        waited = time.perf_counter() - t0
+        g = slice(*heads)
+        self.arriving[:, g] += self.local[:, g]
+        ex.post_all([(self.arriving[0, g], self.done[0, g]), (self.arriving[1, g], self.done[1, g])], tag=5 + 4 * (j % HOME_LAG))
         return waited
 
     def fold(self, s: int) -> None:
@@ -456,9 +472,10 @@ class _Backward:
                 self.ring.ex.alltoall(self.parts, self.received)
             else:
                 self.received[...] = self.parts
-        elif self.pipelined:  # home into done by _last_step: the last slice but one may still be on its way
-            if self.ring.home_ex is not self.ring.ex and self.ring.home_ex.posted:
-                self.ring.home_ex.wait()
+        elif self.pipelined:  # home into done by _last_step: its last slices but one may still be on their way
+            for hx in self.ring.home_exs[1:]:
+                if hx is not self.ring.ex and hx.posted:
+                    hx.wait()
         elif self.ring.nranks > 1:
             self.ring.ex.sendrecv_all([(self.done, self.arriving)], tag=3)
             self.done, self.arriving = self.arriving, self.done

@@ -49,8 +49,9 @@ def phase_record(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.P
     samples["comm_only_s"] = np.stack([g["comm_only"] for g in got], axis=1)  # (C, P, steps)
     if all(g.get("marks") is not None for g in got):  # the exposed time split: partner wait / unhidden (schema 3)
         marks = {k: np.stack([g["marks"][k] for g in got], axis=1) for k in got[0]["marks"]}  # (R, P, S, K)
+        alone = samples["comm_only_s"].min(axis=0) if samples["comm_only_s"].shape[0] else None  # (P, steps)
         samples["partner_wait_s"], samples["unhidden_s"] = measure.split_exposed(
-            samples["comm_s"], marks["post_t"], marks["wait_start_t"], marks["wait_end_t"]
+            samples["comm_s"], marks["post_t"], marks["wait_start_t"], marks["wait_end_t"], alone
         )
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
     flops = backward.phase_flops(phase, cfg.batch, cfg.heads, cfg.head_dim, pairs)  # backward: 2.5 x forward
@@ -180,7 +181,9 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
         ]
         steps = measure.per_step_split(ph.samples)
         if steps is not None and nranks > 1:
-            lines.append(f"{ind}per step (slowest rank): " + "; ".join(_step(i, steps) for i in range(len(steps["alone"]))))
+            shown = [_step(i, steps) for i in range(min(len(steps["alone"]), STEPS_SHOWN))]
+            more = len(steps["alone"]) - len(shown)
+            lines.append(f"{ind}per step (slowest rank): " + "; ".join(shown) + (f"; ... {more} more (ringbench report)" if more else ""))
         if chk and name == "fwd":
             lines.append(
                 f"{ind}check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
@@ -202,6 +205,9 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
     if where:
         lines.append(f"  saved {where}")
     return "\n".join(lines)
+
+
+STEPS_SHOWN = 8  # the run's summary shows the first steps' split; ringbench report shows every step
 
 
 def _split(s: dict) -> str:

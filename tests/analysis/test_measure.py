@@ -179,3 +179,13 @@ def test_summary_overlap_uses_the_unhidden_part_and_old_samples_keep_comm_s():
     np.testing.assert_allclose(steps["hidden"], [0.9, 0.9])
     np.testing.assert_allclose(steps["partner_wait"], [0.0045, 0.0045])
     assert measure.per_step_split(base) is None
+
+
+def test_split_gives_a_wait_beyond_the_transfer_alone_to_the_neighbour():
+    """Both ranks posted at 0; rank 0 waited 50 ms for a transfer that takes 5 ms alone: its neighbour, computing,
+    did not call MPI. With ``alone`` 45 ms are the neighbour's, 5 ms not hidden."""
+    post, start, end = _marks([0.0, 0.0], [0.010, 0.060], [0.060, 0.061])
+    comm = (end - start)[..., 0]
+    partner, unhidden = measure.split_exposed(comm, post, start, end, alone=np.array([[0.005], [0.005]]))
+    np.testing.assert_allclose(partner[0, :, 0], [0.045, 0.0], atol=1e-12)
+    np.testing.assert_allclose(unhidden[0, :, 0], [0.005, 0.001], atol=1e-12)
