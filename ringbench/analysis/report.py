@@ -406,7 +406,7 @@ def split_text(runs, cal: model.Calibration | None) -> str | None:
                 p_unh = "-" if pred is None else _num(pred["unhidden"][:, i].max(), ".2f", 1e3)
                 p_wait = "-" if pred is None else _num(pred["partner_wait"][:, i].max(), ".2f", 1e3)
                 body.append([
-                    run.name if i == 0 else "", phase if i == 0 else "", str(i), _num(steps["alone"][i], ".2f", 1e3),
+                    (run.name or run.point_id) if i == 0 else "", phase if i == 0 else "", str(i), _num(steps["alone"][i], ".2f", 1e3),
                     _num(steps["hidden"][i], ".0%"), _num(steps["unhidden"][i], ".2f", 1e3), p_unh,
                     _num(steps["partner_wait"][i], ".2f", 1e3), p_wait,
                 ])  # fmt: skip
@@ -414,8 +414,8 @@ def split_text(runs, cal: model.Calibration | None) -> str | None:
         return None
     note = (
         "exposed communication step by step (slowest rank, median over repeats): 'not hidden' waited for a transfer "
-        "both neighbours had posted (overlap = 1 - not hidden / alone), 'slower-rank wait' for a neighbour that had "
-        "not yet posted (imbalance); model: max(0, transfer - compute) and the layout's per-rank work replayed"
+        "both neighbours had posted, at most its time alone (overlap = 1 - not hidden / alone), 'slower-rank wait' for a "
+        "neighbour that had not yet posted or was computing without calling MPI (imbalance); model: max(0, transfer - compute) and the layout's per-rank work replayed"
     )
     return note + "\n" + table(header, body, left=2)
 
