@@ -415,7 +415,8 @@ def split_text(runs, cal: model.Calibration | None) -> str | None:
     note = (
         "exposed communication step by step (slowest rank, median over repeats): 'not hidden' waited for a transfer "
         "both neighbours had posted, at most its time alone (overlap = 1 - not hidden / alone), 'slower-rank wait' for a "
-        "neighbour that had not yet posted or was computing without calling MPI (imbalance); model: max(0, transfer - compute) and the layout's per-rank work replayed"
+        "neighbour that had not yet posted or was computing without calling MPI (imbalance); model: max(0, transfer - "
+        "compute) and the layout's per-rank work replayed"
     )
     return note + "\n" + table(header, body, left=2)
 
