@@ -75,7 +75,7 @@ def run_case(heads: int, nranks: int, cal: model.Calibration) -> tuple[str, int]
     """format_advice of one case (what the CLI prints) and how many strategies it predicted."""
     text = advise.format_advice(base(heads), [64 * nranks], [nranks], cal)
     block = text.split("\n\n")[1]  # the candidates at the sequence length
-    return text, sum(1 for line in block.splitlines() if " ms " in line)
+    return text, sum(1 for line in block.splitlines() if " ms " in line or " s  " in line)
 
 
 class OldModel:

@@ -610,9 +610,13 @@ def advise_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"{PROG} advise", description="Predicted time of every context-parallel strategy for a workload, the winner.")
     p.add_argument("files", nargs="*", metavar="FILE", help="result files: probes in them, else their ring runs, calibrate the model")
     p.add_argument("--probe", metavar="FILE", help="take the calibration from the probes in this file")
-    p.add_argument("--machine", metavar="YAML", help="links inside / between nodes and ranks per node (README: advise)")
-    p.add_argument("--seq-len", type=_positive_ints, required=True, metavar="N,N,...", help=_HELP["seq_len"])
-    p.add_argument("--ranks", type=_positive_ints, required=True, metavar="P,P,...", help="rank counts")
+    p.add_argument(
+        "--machine", metavar="NAME|YAML", help="a preset's name (--list-machines) or a machine file: links, ranks per node, the GPU"
+    )
+    p.add_argument("--list-machines", action="store_true", help="list the machine presets shipped with ringbench and exit")
+    p.add_argument("--seq-len", type=_positive_ints, metavar="N,N,...", help=_HELP["seq_len"] + " (required)")
+    p.add_argument("--ranks", type=_positive_ints, metavar="P,P,...", help="rank counts (required unless --nodes)")
+    p.add_argument("--nodes", type=_positive_ints, metavar="K,K,...", help="node counts of --machine: ranks = K x its ranks_per_node")
     for opt in ("batch", "heads", "kv_heads", "head_dim"):
         p.add_argument(option_name(opt), type=int, default=getattr(d, opt), metavar="N", help=_HELP[opt])
     p.add_argument("--dtype", choices=CHOICES["dtype"], default=d.dtype, help=_HELP["dtype"])
@@ -629,8 +633,26 @@ def cmd_advise(argv: list[str]) -> int:
         ns = advise_parser().parse_args(argv)
     except UsageError as exc:
         return fail(prog, str(exc))
-    from ringbench.analysis import advise, model, results
+    from ringbench.analysis import advise, model, presets, results
     from ringbench.sweeps.experiment import ExperimentError
+
+    if ns.list_machines:
+        print(advise.machine_listing())
+        return 0
+    missing = [o for o, v in (("--seq-len", ns.seq_len), ("--ranks", ns.ranks or ns.nodes)) if not v]
+    if missing:
+        return fail(prog, f"the following arguments are required: {', '.join(missing)}")
+    if ns.nodes and not ns.machine:
+        return fail(prog, "--nodes: needs --machine (its ranks_per_node)")
+    machine = None
+    if ns.machine:
+        try:
+            machine = advise.load_machine(presets.path_of(ns.machine))
+        except ExperimentError as exc:
+            hint = f" (or a preset: {', '.join(presets.names())})" if "/" not in ns.machine and not os.path.exists(ns.machine) else ""
+            return fail(prog, f"--machine: {exc}{hint}")
+    if ns.nodes:
+        ns.ranks = sorted(set((ns.ranks or []) + [k * machine.ranks_per_node for k in ns.nodes]))
 
     for opt in ("batch", "heads", "head_dim"):
         if getattr(ns, opt) < 1:
@@ -640,19 +662,14 @@ def cmd_advise(argv: list[str]) -> int:
         return fail(prog, f"--kv-heads: must divide heads={ns.heads}; got {hk}")
     if err := advise.check_ranks(ns.ranks):
         return fail(prog, err)
-    if not ns.files and not ns.probe:
-        return fail(prog, "FILE or --probe: a probe or result file is needed to calibrate the model")
+    preset = machine is not None and machine.device is not None
+    if not ns.files and not ns.probe and not preset:
+        return fail(prog, "FILE or --probe: a probe or result file is needed to calibrate the model (or a --machine preset with a device)")
     err = _check_results(ns.files) or (ns.probe and _check_results([ns.probe], "--probe"))
     if err:
         return fail(prog, err)
-    machine = None
-    if ns.machine:
-        try:
-            machine = advise.load_machine(ns.machine)
-        except ExperimentError as exc:
-            return fail(prog, str(exc))
     runs = results.load(ns.files) if ns.files else []
-    cal = _calibration(runs, ns.files, ns.probe)
+    cal = _calibration(runs, ns.files, ns.probe) if ns.files or ns.probe else presets.calibration(machine)
     if cal is None:
         return fail(prog, "FILE: no probe and no successful ring run to calibrate the model from")
     if not cal.has_phase(ns.passes):

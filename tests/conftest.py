@@ -48,6 +48,7 @@ SLOW_RUNS = (
     "test_strategies.py::test_backward_of_ulysses_and_hybrid_matches_float64_gradients[3]",
     "test_torch_kernel.py::test_run_with_torch_kernel_is_checked[2-",
     "test_faults.py::test_memory_limit_none_skips_the_estimate",
+    "test_fused.py::test_kernel_bench_runs_the_fused_pass_and_records_it",  # a benchmark's smoke test (12 s)
 )
 
 
@@ -106,7 +107,7 @@ def ringbench(*args, env: dict | None = None, timeout: float = 120, cwd=None) ->
     )
 
 
-def mpi_worker(script: Path, nranks: int, spec: dict, timeout: float = 300):
+def mpi_worker(script: Path, nranks: int, spec: dict, timeout: float = 300, env: dict | None = None):
     """Run a test worker (tests/*worker*.py, tests/mpi_*.py) at ``nranks`` ranks with its JSON ``spec``; the object of
     the ``RESULT <json>`` line rank 0 prints. Fails (with the output's tail) when the job does not exit 0."""
     import json
@@ -114,10 +115,51 @@ def mpi_worker(script: Path, nranks: int, spec: dict, timeout: float = 300):
     if not MPIEXEC.exists():
         pytest.fail(f"{MPIEXEC} not found: install the test extra (pip install -e '.[mpich,test]')")
     cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, str(script), json.dumps(spec)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(env), timeout=timeout)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     return json.loads(line[len("RESULT ") :])
+
+
+def mpi_runs(nranks: int, runs: list[list], env: dict | None = None, timeout: float = 600) -> list[int]:
+    """Each of ``runs`` (the options of one ``ringbench run``) in one launch at ``nranks`` ranks
+    (tests/mpi_cli_runs.py); the exit status of each run, in order."""
+    return mpi_worker(
+        Path(__file__).parent / "mpi_cli_runs.py", nranks, {"runs": [[str(a) for a in r] for r in runs]}, timeout=timeout, env=env
+    )["codes"]
+
+
+class Batch:
+    """The runs of one test's parameter grid, in one launch per rank count (tests/mpi_cli_runs.py): the first
+    parameter at a rank count launches every case of the grid at that count; each case then reads its own file.
+    ``cases(nranks)``: {key: options}; ``common``: the options of every run."""
+
+    def __init__(self, root: Path, cases, common=(), tensors: bool = False):
+        self.root, self.cases, self.common, self.tensors, self.done = root, cases, list(common), tensors, {}
+
+    def run(self, nranks: int, key):
+        from ringbench import store
+
+        if nranks not in self.done:
+            cases = self.cases(nranks)
+            outs = {k: self.root / f"p{nranks}-{i}.h5" for i, k in enumerate(cases)}
+            codes = mpi_runs(nranks, [[*self.common, "--out", outs[k], *opts] for k, opts in cases.items()])
+            self.done[nranks] = {k: (code, outs[k]) for k, code in zip(cases, codes)}
+        code, out = self.done[nranks][key]
+        assert code == 0, f"ringbench run {self.cases(nranks)[key]} exited {code} (its output: above)"
+        (run,) = store.read(out, tensors=self.tensors)
+        return run
+
+
+def append_runs(runs: list[tuple[int, list]], env: dict | None = None) -> None:
+    """``ringbench run`` with each (rank count, options) of ``runs``, in order, one launch per stretch of runs at the
+    same rank count (a fixture's result file built in a few launches, not one per run); each must exit 0."""
+    import itertools
+
+    for nranks, group in itertools.groupby(runs, key=lambda r: r[0]):
+        group = [opts for _, opts in group]
+        codes = mpi_runs(nranks, group, env=env)
+        assert codes == [0] * len(group), list(zip(codes, group))
 
 
 def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
@@ -132,34 +174,17 @@ def mpiexec(nranks: int, *args, env: dict | None = None, timeout: float = 120, c
 def small_results(tmp_path_factory) -> Path:
     """A real result file: a few small runs over modes, layouts and rank counts (shared by read-only tests)."""
     path = tmp_path_factory.mktemp("results") / "small.h5"
-    for p, extra in [
-        (1, []),
-        (2, []),
-        (2, ["--mode", "blocking"]),
-        (2, ["--mode", "allgather"]),
-        (4, ["--causal", "--layout", "zigzag"]),
-        (4, ["--causal", "--layout", "striped"]),
-    ]:
-        res = mpiexec(
-            p,
-            "run",
-            "--seq-len",
-            256,
-            "--heads",
-            2,
-            "--head-dim",
-            16,
-            "--repeat",
-            3,
-            "--warmup",
-            1,
-            "--check",
-            "--quiet",
-            "--out",
-            path,
-            *extra,
-        )
-        assert res.returncode == 0, res.stderr
+    common = ["--seq-len", 256, "--heads", 2, "--head-dim", 16, "--repeat", 3, "--warmup", 1, "--check", "--quiet", "--out", path]
+    append_runs(
+        [
+            (1, common),
+            (2, common),
+            (2, [*common, "--mode", "blocking"]),
+            (2, [*common, "--mode", "allgather"]),
+            (4, [*common, "--causal", "--layout", "zigzag"]),
+            (4, [*common, "--causal", "--layout", "striped"]),
+        ]
+    )
     return path
 
 

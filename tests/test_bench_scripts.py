@@ -254,3 +254,89 @@ def test_overlap_bench_prints_the_split_per_phase_and_saves_every_sample(tmp_pat
 def test_overlap_bench_user_error_is_one_line():
     res = script("overlap_bench.py", "--seq-len", 7, "--ranks", 2)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) <= 2 and "--seq-len" in res.stderr
+
+
+def test_published_prints_both_tables_against_their_sources(tmp_path):
+    out = tmp_path / "p.json"
+    res = script("published.py", "--json", out)
+    assert res.returncode == 0, res.stderr
+    assert "zhuzilin/ring-flash-attention" in res.stdout and "feifeibear/long-context-attention" in res.stdout
+    assert (
+        res.stdout.count("| fwd | ") == 2 and res.stdout.count("| fwd+bwd | ") == 2 and "target: every row within 10 points" in res.stdout
+    )
+    data = json.loads(out.read_text())
+    assert [(r["pass_"], r["preset"]) for r in data["rows"]] == [
+        ("fwd", "h800-8x"),
+        ("fwd+bwd", "h800-8x"),
+        ("fwd", "a100-sxm4-8x"),
+        ("fwd+bwd", "a100-sxm4-8x"),
+    ]
+    for r in data["rows"]:  # the published figures are the README's, the predictions are percentages of ideal
+        assert set(r["published"]) == set(r["predicted"]) == {"ring", "zigzag", "stripe"}
+        assert all(0 < v < 110 for v in r["predicted"].values())
+        assert all(abs(r["diff"][v] - (r["predicted"][v] - r["published"][v])) < 1e-9 for v in r["diff"])
+    assert [r["ulysses_degree"] for r in data["yunchang"]] == [8, 4, 2, 1]
+
+
+def test_probe_to_preset_on_the_cpu_with_the_native_kernel(tmp_path):
+    """`ringbench probe` (2 ranks, the NumPy kernel) -> benchmarks/probe_preset.py -> a preset advise reads."""
+    probe = tmp_path / "probe.h5"
+    cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "ringbench", "probe", "--out", str(probe), "--heads", "4", "--head-dim", "16"]
+    cmd += ["--block-sizes", "32,64,128", "--repeat", "2", "--max-bytes", "65536", "--iters", "3", "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(None), timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    preset = tmp_path / "probed.yaml"
+    res = script("probe_preset.py", probe, "--base", "h100-sxm5-8x", "--out", preset)
+    assert res.returncode == 0, res.stderr
+    text = preset.read_text()
+    assert "tokens: [32, 64, 128]" in text and "fwd_causal_tflops" in text and "bwd_tflops" in text
+    res = subprocess.run(
+        [sys.executable, "-m", "ringbench", "advise", "--machine", str(preset), "--ranks", "8", "--seq-len", "4096", "--heads", "4"],
+        capture_output=True,
+        text=True,
+        env=child_env(None),
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "machine preset probed" in res.stdout and "winner:" in res.stdout
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
+    env = child_env({"PATH": f"{tmp_path}:/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")  # a driver tool that finds no GPU
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert res.returncode == 0 and res.stderr == ""
+    assert res.stdout.count("\n") == 1 and "no GPU" in res.stdout
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_gpu_check_runs_every_step_under_its_budget_with_stub_tools(tmp_path):
+    """The flow on a 'GPU' machine, with nvidia-smi, python and mpiexec stubbed: every step logged under $OUT, a
+    summary line each, and steps past the budget skipped, not run."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool, body in (("nvidia-smi", "echo 'GPU 0: stub'"), ("python3", f'echo "$@" >> {tmp_path}/calls'), ("mpiexec", 'shift 2; "$@"')):
+        (bin_ / tool).write_text(f"#!/bin/sh\n{body}\nexit 0\n")
+        (bin_ / tool).chmod(0o755)
+    out = tmp_path / "out"
+    env = child_env({"PATH": f"{bin_}:/usr/bin:/bin", "OUT": str(out), "RINGBENCH_GPU_CHECK_NO_INSTALL": "1"})
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    summary = (out / "summary.txt").read_text()
+    for step in (
+        "02 test_cupy rc=0",
+        "03 doctor rc=0",
+        "04 run-overlap-fwd rc=0",
+        "04 run-pass-q-fwd rc=0",
+        "04 run-kernel-flash-attn rc=0",
+    ):
+        assert step in summary, summary
+    assert "05 gpu_kernels rc=0" in summary and "06 probe rc=0" in summary and "07 preset rc=0" in summary
+    assert "run-pass-q-fwd_bwd" not in summary and "total" in summary  # pass-q runs its forward only
+    calls = (tmp_path / "calls").read_text()
+    assert "--backend cupy --mode hybrid --ulysses-degree 2" in calls and "--check" in calls and "probe --backend cupy" in calls
+    env["RINGBENCH_GPU_CHECK_BUDGET_S"] = "0"
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert res.returncode == 0 and "02 test_cupy skipped: the 8-minute budget is spent" in (out / "summary.txt").read_text()

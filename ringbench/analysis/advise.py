@@ -108,7 +108,9 @@ def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal:
                     lines.append(f"  {c.label:{width}s}  refused: {c.refused}")
                 else:
                     mark = "  <- winner" if c is w else f"  x{c.time_s / w.time_s:.2f}"
-                    lines.append(f"  {c.label:{width}s}  {c.time_s * 1e3:10.3f} ms  {c.bytes_per_rank / 2**20:9.2f} MiB/rank{mark}")
+                    lines.append(
+                        f"  {c.label:{width}s}  {fmt_time(c.time_s)}  sends {fmt_bytes(c.bytes_per_rank)}/GPU{cost_text(c, machine)}{mark}"
+                    )
             if w is not None:
                 by = "the only candidate" if margin == float("inf") else f"{(margin - 1) * 100:.0f}% ahead of the next"
                 lines.append(f"  winner: {w.label}, {by}")
@@ -118,7 +120,71 @@ def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal:
         # no change over the scan: the winner at its first block size is the winner at all of them (or none can run)
         steady = None if moves else winner(candidates(base.with_(seq_len=SCAN_TOKENS[0] * p), p, cal, machine))[0]
         lines.append("\n" + scan_text(p, moves, steady))
+        if machine is not None and machine.device is not None:  # with a preset: where the ring's transfers hide
+            lines.append(crossover_text(base, p, cal))
     return "\n".join(lines)
+
+
+def fmt_time(seconds: float) -> str:
+    """A time in ms below one second, in s from one second on (10 characters)."""
+    return f"{seconds:8.3f} s " if seconds >= 1 else f"{seconds * 1e3:7.3f} ms"
+
+
+def fmt_bytes(nbytes: float) -> str:
+    """Bytes as MiB below 1 GiB, else GiB."""
+    return f"{nbytes / 2**30:8.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:8.2f} MiB"
+
+
+def memory_bytes(shape: model.Shape) -> int:
+    """Predicted peak bytes per GPU of one strategy's pass (docs/model.md "Memory and cost"): the local Q, K, V and O
+    in the storage dtype, the float32 output accumulator and log-sum-exp, and what the strategy holds besides: the K/V
+    block in flight (ring; hybrid: its group's), every rank's K/V (allgather), the all-to-all's send and receive
+    buffers and the re-sharded Q, K, V (ulysses, hybrid), the visiting query block and its partial (pass-q). The
+    backward (bwd, fwd+bwd) adds dO, dQ and the dK/dV accumulators (float32 for half precision) and one in flight.
+    The kernel's own workspace and the framework's allocator slack are not counted."""
+    b, n, h, hk, d = shape.batch, shape.n_local, shape.heads, shape.kv_heads, shape.head_dim
+    s, acc, P = model.ITEMSIZE[shape.dtype], model.ACC_ITEMSIZE[shape.dtype], shape.nranks
+    q, kv = b * n * h * d, 2 * b * n * hk * d  # elements
+    total = (2 * q + kv) * s + q * acc + b * n * h * acc  # Q, O, K, V; the accumulator; the log-sum-exp
+    if shape.mode in ("ulysses", "hybrid"):
+        u = model.strategy_degree(shape)
+        hl, hkl = h // u, max(1, hk // u) if hk % u == 0 else 1
+        regrouped = b * u * n * (2 * hl + 2 * hkl) * d  # Q, O and K, V of U ranks' tokens for h / U heads
+        total += 2 * regrouped * s  # the re-sharded tensors and the all-to-all buffers
+        if P // u > 1:
+            total += 2 * b * u * n * hkl * d * s  # the group K/V block in flight
+    elif shape.mode == "allgather":
+        total += (P - 1) * kv * s
+    elif shape.mode == "pass-q":
+        total += 2 * (q * s + q * acc + b * n * h * acc)  # the visiting block and its partial, double-buffered
+    else:
+        total += kv * s  # the next K/V block
+    if "bwd" in shape.pass_:
+        total += q * s + q * acc + 2 * kv * acc  # dO; dQ; the dK/dV accumulator and the one in flight
+    return int(total)
+
+
+def cost_text(c: Candidate, machine: model.Machine | None) -> str:
+    """``  peak X of Y GiB[ DOES NOT FIT]  $Z/M tokens`` with a preset's GPU; empty without one."""
+    dev = machine.device if machine is not None else None
+    if dev is None:
+        return ""
+    mem = memory_bytes(c.shape)
+    fits = "" if mem <= dev.memory_bytes else " DOES NOT FIT"
+    text = f"  peak {mem / 2**30:7.2f} of {dev.memory_bytes / 2**30:.1f} GiB{fits}"
+    if dev.price_per_hour > 0:
+        tokens = c.shape.seq_len * c.shape.batch
+        text += f"  {c.time_s * c.shape.nranks * dev.price_per_hour / 3600 / tokens * 1e6:.4g}/M tokens"
+    return text
+
+
+def crossover_text(base: model.Shape, nranks: int, cal: model.Calibration) -> str:
+    """The line on the ring's crossover block size: the least tokens per rank from which its compute hides every
+    transfer (model.crossover_tokens; the Ring Attention condition)."""
+    n = model.crossover_tokens(base.with_(nranks=max(nranks, 2), seq_len=max(nranks, 2) * 1024, mode="overlap"), cal)
+    if not math.isfinite(n):
+        return f"P={nranks}: the ring never hides its transfers (a step computes nothing)"
+    return f"P={nranks}: the ring hides its transfers from n = {math.ceil(n)} tokens per rank (N = {math.ceil(n) * nranks}; crossover)"
 
 
 def scan_text(nranks: int, moves: list[tuple[int, str | None, str | None]], steady: Candidate | None) -> str:
@@ -137,7 +203,7 @@ def scan_text(nranks: int, moves: list[tuple[int, str | None, str | None]], stea
 # ---------------------------------------------------------------------------------------------
 # Machine description (YAML)
 # ---------------------------------------------------------------------------------------------
-MACHINE_KEYS = ("name", "ranks_per_node", "intra", "inter")
+MACHINE_KEYS = ("name", "ranks_per_node", "intra", "inter", "collectives", "device")  # the last two optional (presets)
 LINK_KEYS = ("latency_us", "bandwidth_gbps")
 # What a link may be (closed ranges): a latency from 0 to one second, a bandwidth from 1 kB/s to 100 TB/s (today's
 # fastest links move about 2 TB/s); nan, inf and values such as 1e300 are refused. ranks_per_node: 1 to MAX_RANKS.
@@ -188,4 +254,23 @@ def load_machine(path, text: str | None = None) -> model.Machine:
             vals.append(float(v))
         links[key] = (vals[0] * 1e-6, vals[1] * 1e9)
     name = str(data.get("name", src.name))
-    return model.Machine(ranks_per_node=rpn, intra=links["intra"], inter=links["inter"], source=name)
+    from ringbench.analysis import presets  # the optional keys of a preset (docs/model.md "Machine presets")
+
+    coll = presets.parse_collectives(src, data["collectives"]) if "collectives" in data else {}
+    device = presets.parse_device(src, data["device"])[0] if "device" in data else None
+    return model.Machine(ranks_per_node=rpn, intra=links["intra"], inter=links["inter"], source=name, collectives=coll, device=device)
+
+
+def machine_listing() -> str:
+    """One line per shipped preset: name, GPU, ranks per node, links, kernel, memory, price."""
+    from ringbench.analysis import presets
+
+    lines = [f"machine presets in {presets.PRESET_DIR} (copy one and edit it; --machine NAME or --machine FILE):"]
+    for n in presets.names():
+        m = load_machine(presets.path_of(n))
+        d = m.device
+        lines.append(
+            f"  {n:14s} {m.ranks_per_node} x {d.gpu if d else '?'}, intra {m.intra[1] / 1e9:g} GB/s, inter {m.inter[1] / 1e9:g} GB/s"
+            + (f", {d.kernel}, {d.memory_bytes / 2**30:g} GiB, {d.price_per_hour:g}/GPU-h" if d else "")
+        )
+    return "\n".join(lines)

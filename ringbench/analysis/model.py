@@ -53,7 +53,7 @@ import numpy as np
 
 from ringbench.config import STRATEGY_MODES, RunConfig, heads_rule
 from ringbench.kernels.kernel import flops
-from ringbench.layout import FULL, group_plan, step_plan
+from ringbench.layout import CAUSAL, FULL, Piece, group_plan, step_plan
 
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 # The backward's dK/dV accumulators (and what they travel as): float32 for half precision.
@@ -292,6 +292,8 @@ def step_work(shape: Shape) -> np.ndarray:
 
 def piece_terms(pieces, cal: Calibration, shape: Shape, heads: int, phase: str = "fwd") -> list[float]:
     """Per-piece rates (``Calibration.per_piece``): the seconds of each piece, in order (:func:`pieces_seconds`)."""
+    if isinstance(cal, DeviceCalibration):  # a preset's GPU: each piece one kernel call (Device.call_seconds)
+        return [cal.piece_seconds(p, shape, heads, phase) for p in pieces]
     mult = BWD_FLOPS if phase == "bwd" else 1.0
     per_pair = mult * flops(shape.batch, heads, shape.head_dim, 1)
     out = []
@@ -507,8 +509,8 @@ def predict(shape: Shape, cal: Calibration, machine: Machine | None = None, *, p
         return predict_strategy(shape, cal, machine, per_rank=per_rank)
     if shape.pass_ != "fwd":
         if shape.pass_ == "bwd":
-            return predict_bwd(shape, cal, per_rank=per_rank)
-        return predict_fwd_bwd(shape, cal, per_rank=per_rank)
+            return predict_bwd(shape, cal, machine, per_rank=per_rank)
+        return predict_fwd_bwd(shape, cal, machine, per_rank=per_rank)
     P = shape.nranks
     latency, bandwidth = ring_link(cal, machine, P, 1)
     values = class_seconds(shape, cal)
@@ -517,14 +519,15 @@ def predict(shape: Shape, cal: Calibration, machine: Machine | None = None, *, p
     comm = comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
     sends = np.where(np.arange(P) < P - 1, comm, 0.0)
     if shape.mode == "overlap":
-        step = np.maximum(busiest_s, sends)
-        exposed = np.maximum(0.0, sends - busiest_s)
+        busy = overlapped(busiest_s, sends, cal)
+        step = np.maximum(busy, sends)
+        exposed = np.maximum(0.0, sends - busy)
     elif shape.mode == "blocking":
         step = busiest_s + sends
         exposed = sends
     elif shape.mode == "allgather":
         exposed = np.zeros(P)
-        exposed[0] = (P - 1) * comm
+        exposed[0] = allgather_time(block_bytes(shape), P, cal, machine)
         step = busiest_s + exposed
     else:
         raise ValueError(f"unknown mode {shape.mode!r}")
@@ -560,10 +563,10 @@ def bwd_step_bytes(shape: Shape) -> np.ndarray:
     return (np.where(steps < P - 1, m, 0) + np.where(steps >= 1, g, 0)).astype(np.float64)
 
 
-def predict_bwd(shape: Shape, cal: Calibration, *, per_rank: bool = True) -> Prediction:
+def predict_bwd(shape: Shape, cal: Calibration, machine: Machine | None = None, *, per_rank: bool = True) -> Prediction:
     """The backward pass: per-step compute at the backward rate, the K/V and dK/dV transfers, the final hop."""
     P = shape.nranks
-    latency, bandwidth = cal.link(P)
+    latency, bandwidth = ring_link(cal, machine, P, 1)
     values = class_seconds(shape, cal, "bwd")
     busiest_s = busiest(values, P)
     compute = class_matrix(values, P) if per_rank else busiest_s[None, :]
@@ -571,15 +574,16 @@ def predict_bwd(shape: Shape, cal: Calibration, *, per_rank: bool = True) -> Pre
     sends = np.where(step_bytes > 0, comm_time(step_bytes, latency, bandwidth), 0.0)
     final = comm_time(grad_block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
     if shape.mode == "overlap":
-        step = np.maximum(busiest_s, sends)
-        exposed = np.maximum(0.0, sends - busiest_s)
+        busy = overlapped(busiest_s, sends, cal)
+        step = np.maximum(busy, sends)
+        exposed = np.maximum(0.0, sends - busy)
     elif shape.mode == "blocking":
         step = busiest_s + sends
         exposed = sends.copy()
     elif shape.mode == "allgather":  # all-gather K/V before step 0, reduce-scatter dK/dV after the last step
         exposed = np.zeros(P)
-        exposed[0] = (P - 1) * comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
-        final = (P - 1) * final
+        exposed[0] = allgather_time(block_bytes(shape), P, cal, machine)
+        final = allgather_time(grad_block_bytes(shape), P, cal, machine)  # the reduce-scatter: the same ring, reversed
         step = busiest_s + exposed
         sends = np.zeros(P)
         comm_total = exposed[0] + final
@@ -601,9 +605,10 @@ def predict_bwd(shape: Shape, cal: Calibration, *, per_rank: bool = True) -> Pre
     )
 
 
-def predict_fwd_bwd(shape: Shape, cal: Calibration, *, per_rank: bool = True) -> Prediction:
+def predict_fwd_bwd(shape: Shape, cal: Calibration, machine: Machine | None = None, *, per_rank: bool = True) -> Prediction:
     """Both passes one after the other: steps, compute and times of the forward, then of the backward."""
-    return _both(predict(shape.with_(pass_="fwd"), cal, per_rank=per_rank), predict(shape.with_(pass_="bwd"), cal, per_rank=per_rank))
+    fwd = predict(shape.with_(pass_="fwd"), cal, machine, per_rank=per_rank)
+    return _both(fwd, predict(shape.with_(pass_="bwd"), cal, machine, per_rank=per_rank))
 
 
 def _both(fwd: Prediction, bwd: Prediction) -> Prediction:
@@ -892,6 +897,10 @@ class Machine:
     intra: tuple  # (latency_s, bandwidth_Bps)
     inter: tuple
     source: str = ""
+    # A preset's optional terms: {"intra" | "inter": {"all_gather" | "all_to_all": bus bandwidth, bytes/s}} (nccl-tests'
+    # busbw), and the GPU (:class:`Device`); empty / None: the Hockney links above only.
+    collectives: dict = field(default_factory=dict, compare=False)
+    device: Device | None = field(default=None, compare=False)
 
 
 def ring_link(cal: Calibration, machine: Machine | None, nranks: int, stride: int) -> tuple[float, float]:
@@ -912,6 +921,10 @@ def alltoall_time(peer_bytes: float, group: int, cal: Calibration, machine: Mach
     if machine is None:
         lat, bw = cal.link(nranks)
         return (group - 1) * comm_time(peer_bytes, lat, bw)
+    if machine.collectives:  # a preset: NCCL's pairwise all-to-all at the bus bandwidth of the link class it spans
+        kind = link_class(machine, group)
+        lat, bw = machine.intra if kind == "intra" else machine.inter
+        return (group - 1) * comm_time(peer_bytes, lat, machine.collectives.get(kind, {}).get("all_to_all", bw))
     local = min(group, machine.ranks_per_node) - 1
     remote = group - 1 - local
     return local * comm_time(peer_bytes, *machine.intra) + remote * comm_time(peer_bytes, *machine.inter)
@@ -1067,9 +1080,10 @@ def _hybrid(shape: Shape, cal: Calibration, machine: Machine | None, phase: str,
         compute[:, -1] = copy_out
     else:
         compute = np.concatenate([[copy_in], busiest_s, [copy_out]])[None, :]
-    ring_steps = np.maximum(busiest_s, sends)
+    busy = overlapped(busiest_s, sends, cal)
+    ring_steps = np.maximum(busy, sends)
     ring_steps[-1] += final
-    exposed_ring = np.maximum(0.0, sends - busiest_s)
+    exposed_ring = np.maximum(0.0, sends - busy)
     exposed_ring[-1] += final
     step = np.concatenate([[t_in + copy_in], ring_steps, [t_out + copy_out]])
     exposed = np.concatenate([[t_in], exposed_ring, [t_out]])
@@ -1138,3 +1152,101 @@ def split_replay(compute, alone, home: float = 0.0, *, overlap: bool = True) -> 
             end = np.maximum(end, ready) + home
         start = end
     return {"partner_wait": partner, "unhidden": unhidden}
+
+
+# A GPU described by a machine preset (ringbench/analysis/machines/*.yaml): the kernel's rate as a function of what a
+# call computes, per-call overhead, merges at the memory bandwidth, the slowdown while a transfer shares the device
+# (docs/model.md "Machine presets and the device terms")
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Device:
+    """One GPU of a preset. ``tables``: {(phase, causal): ((tokens, FLOP/s), ...)} with phase "fwd" | "bwd": the
+    single-GPU kernel's rate when a call's keys are ``tokens`` long (a causal call: a square of that side), ascending.
+    Between points: linear in log tokens; above the last: the last; below the first: the first point's rate times
+    tokens / first tokens (a call that short is latency-bound: its time no longer falls with its size)."""
+
+    tables: dict
+    kernel: str = ""
+    call_overhead_s: float = 0.0  # per kernel call, on the device's stream (launch gap)
+    overlap_slowdown: float = 0.0  # relative slowdown of the kernel while a transfer runs beside it
+    hbm_Bps: float = math.inf  # achieved device-memory bandwidth: merges and accumulations
+    merge_fwd_bytes: float = 0.0  # bytes read + written per output element (B q H D) per forward merge
+    merge_bwd_q_bytes: float = 0.0  # per dQ element (B q H D) per backward accumulation
+    merge_bwd_kv_bytes: float = 0.0  # per dK (and dV) element (B k H_kv D) per backward accumulation
+    memory_bytes: float = math.inf
+    price_per_hour: float = 0.0  # per GPU
+    gpu: str = ""
+
+    def rate(self, phase: str, causal: bool, tokens: float) -> float:
+        pts = self.tables[(phase, bool(causal))]
+        k0, r0 = pts[0]
+        if tokens < k0:
+            return r0 * max(tokens, 1.0) / k0
+        return float(np.interp(math.log(tokens), [math.log(k) for k, _ in pts], [r for _, r in pts]))
+
+    def call_seconds(self, batch: int, heads: int, kv_heads: int, head_dim: int, piece, phase: str) -> float:
+        """Seconds of one kernel call on ``piece`` (layout.Piece) with its merge (forward) or accumulation (backward)."""
+        pairs = piece.pairs()
+        if pairs <= 0:
+            return 0.0
+        nq, nk = piece.q1 - piece.q0, piece.k1 - piece.k0
+        mult = BWD_FLOPS if phase == "bwd" else 1.0
+        t = self.call_overhead_s + mult * flops(batch, heads, head_dim, pairs) / self.rate(phase, piece.mask != FULL, nk)
+        q_elems = batch * nq * heads * head_dim
+        if phase == "bwd":
+            moved = self.merge_bwd_q_bytes * q_elems + 2 * self.merge_bwd_kv_bytes * batch * nk * kv_heads * head_dim
+        else:
+            moved = self.merge_fwd_bytes * q_elems
+        return t + moved / self.hbm_Bps
+
+    def single_call_seconds(self, batch: int, heads: int, head_dim: int, tokens: int, causal: bool, phase: str) -> float:
+        """One call over the whole of ``tokens`` (what a single-GPU benchmark times): no merge, no accumulation."""
+        piece = Piece(0, tokens, 0, tokens, CAUSAL if causal else FULL)
+        mult = BWD_FLOPS if phase == "bwd" else 1.0
+        return self.call_overhead_s + mult * flops(batch, heads, head_dim, piece.pairs()) / self.rate(phase, causal, tokens)
+
+
+class DeviceCalibration(Calibration):
+    """A calibration from a machine preset: every piece a kernel call of :class:`Device` (per-piece), the links those
+    of the preset's machine (intra-node), local copies at the device's memory bandwidth."""
+
+    def __init__(self, device: Device, machine: Machine, source: str = ""):
+        super().__init__(rates={1: [(1.0, device.rate("fwd", False, 1 << 30))]}, links={1: machine.intra}, source=source)
+        self.bwd_rates = {1: [(1.0, device.rate("bwd", False, 1 << 30))]}  # the asymptotic rates: the crossover's closed form
+        self.device = device
+        self.copy_bw = {1: device.hbm_Bps} if math.isfinite(device.hbm_Bps) else {}
+        self.machine = machine
+
+    def link(self, nranks: int) -> tuple[float, float]:
+        """The preset's intra-node link while ``nranks`` fit one node, else its inter-node link (the node boundary)."""
+        return self.machine.intra if nranks <= self.machine.ranks_per_node else self.machine.inter
+
+    def per_piece(self, phase: str = "fwd") -> bool:
+        return True
+
+    def piece_seconds(self, piece, shape: Shape, heads: int, phase: str) -> float:
+        kv = max(1, shape.kv_heads * heads // shape.heads)
+        return self.device.call_seconds(shape.batch, heads, kv, shape.head_dim, piece, phase)
+
+
+def overlapped(busy: np.ndarray, sends: np.ndarray, cal: Calibration) -> np.ndarray:
+    """Compute of each overlapped step with the slowdown while its transfer runs beside it: compute + sigma min(compute,
+    transfer) (sigma: the device's ``overlap_slowdown``; 0 without a preset)."""
+    sigma = cal.device.overlap_slowdown if isinstance(cal, DeviceCalibration) else 0.0
+    return busy + sigma * np.minimum(busy, sends) if sigma else busy
+
+
+def link_class(machine: Machine | None, group: int) -> str:
+    """ "intra" if ``group`` consecutive ranks share a node, else "inter" (the node boundary)."""
+    return "intra" if machine is None or group <= machine.ranks_per_node else "inter"
+
+
+def allgather_time(nbytes: float, nranks: int, cal: Calibration, machine: Machine | None) -> float:
+    """All-gather of one ``nbytes`` block from each of P ranks. With a preset's collectives (nccl-tests' bus bandwidth
+    of the link class the job spans): the ring algorithm, (P-1)(latency + nbytes / busbw); else (P-1) Hockney
+    transfers on the ring's link."""
+    if nranks < 2:
+        return 0.0
+    coll = machine.collectives.get(link_class(machine, nranks), {}) if machine is not None and machine.collectives else {}
+    lat, bw = ring_link(cal, machine, nranks, 1)
+    return (nranks - 1) * comm_time(nbytes, lat, coll.get("all_gather", bw))

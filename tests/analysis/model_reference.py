@@ -1,6 +1,8 @@
 """The overlap model's (P, P) evaluation as it was before the step classes (ringbench/analysis/model.py at 20b1b72), kept
 as the slow reference of tests/analysis/test_model_scale.py: every function below is that code, unchanged but for this
-header, the imports and the two private helpers copied in (``_both``, ``_heads_after_a2a``). O(P^2) step plans per
+header, the imports and the two private helpers copied in (``_both``, ``_heads_after_a2a``), and one fix (issue 18): the
+ring's backward takes the machine's links as its forward does (``machine`` passed to predict_bwd / predict_fwd_bwd; it
+read the calibration's link and ignored ``--machine``, the node boundary). O(P^2) step plans per
 prediction (O(P^2 U^2) pieces for hybrid): use it at small P only."""
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def predict(shape: Shape, cal: Calibration, machine: Machine | None = None) -> P
     if shape.mode in STRATEGY_MODES:
         return predict_strategy(shape, cal, machine)
     if shape.pass_ != "fwd":
-        return predict_bwd(shape, cal) if shape.pass_ == "bwd" else predict_fwd_bwd(shape, cal)
+        return predict_bwd(shape, cal, machine) if shape.pass_ == "bwd" else predict_fwd_bwd(shape, cal, machine)
     P = shape.nranks
     latency, bandwidth = ring_link(cal, machine, P, 1)
     compute = step_compute(shape, cal)  # (P, P)
@@ -117,10 +119,10 @@ def bwd_step_bytes(shape: Shape) -> np.ndarray:
     return np.array([(m if s < P - 1 else 0) + (g if s >= 1 else 0) for s in range(P)], dtype=np.float64)
 
 
-def predict_bwd(shape: Shape, cal: Calibration) -> Prediction:
+def predict_bwd(shape: Shape, cal: Calibration, machine: Machine | None = None) -> Prediction:
     """The backward pass: per-step compute at the backward rate, the K/V and dK/dV transfers, the final hop."""
     P = shape.nranks
-    latency, bandwidth = cal.link(P)
+    latency, bandwidth = ring_link(cal, machine, P, 1)
     compute = step_compute(shape, cal, "bwd")  # (P, P)
     busiest = compute.max(axis=0)
     step_bytes = bwd_step_bytes(shape)
@@ -157,9 +159,9 @@ def predict_bwd(shape: Shape, cal: Calibration) -> Prediction:
     )
 
 
-def predict_fwd_bwd(shape: Shape, cal: Calibration) -> Prediction:
+def predict_fwd_bwd(shape: Shape, cal: Calibration, machine: Machine | None = None) -> Prediction:
     """Both passes one after the other: steps, compute and times of the forward, then of the backward."""
-    return _both(predict(shape.with_(pass_="fwd"), cal), predict(shape.with_(pass_="bwd"), cal))
+    return _both(predict(shape.with_(pass_="fwd"), cal, machine), predict(shape.with_(pass_="bwd"), cal, machine))
 
 
 def _both(fwd: Prediction, bwd: Prediction) -> Prediction:

@@ -12,7 +12,7 @@ import pytest
 
 from ringbench.analysis import measure, model, report, results
 
-from conftest import mpiexec, ringbench
+from conftest import append_runs, ringbench
 
 BASE = dict(
     status="ok",
@@ -110,11 +110,8 @@ def test_no_points_no_report_section():
 @pytest.fixture(scope="module")
 def two_strategies(tmp_path_factory):
     path = tmp_path_factory.mktemp("strategies") / "s.h5"
-    for n in (128, 512):
-        for mode in ("overlap", "ulysses"):
-            args = ["--seq-len", n, "--heads", 4, "--kv-heads", 2, "--head-dim", 16, "--mode", mode]
-            res = mpiexec(2, "run", *args, "--repeat", 5, "--warmup", 1, "--check", "--quiet", "--out", path)
-            assert res.returncode == 0, res.stderr
+    common = ["--heads", 4, "--kv-heads", 2, "--head-dim", 16, "--repeat", 5, "--warmup", 1, "--check", "--quiet", "--out", path]
+    append_runs([(2, ["--seq-len", n, "--mode", mode, *common]) for n in (128, 512) for mode in ("overlap", "ulysses")])
     return path
 
 

@@ -11,7 +11,7 @@ import pytest
 from ringbench import store
 from ringbench.analysis import measure, model, report, results
 
-from conftest import mpiexec, ringbench
+from conftest import append_runs, ringbench
 
 
 def _row(phase, times, name="a", mode="overlap", **cfg):
@@ -56,6 +56,7 @@ def training_file(tmp_path_factory):
     """fwd+bwd at P=1 and 2 (N=256), overlap and blocking at two block sizes, matched fwd and bwd runs, a probe."""
     path = tmp_path_factory.mktemp("training") / "t.h5"
     common = ["--heads", 2, "--head-dim", 16, "--repeat", 3, "--quiet", "--out", path]
+    runs = []
     for p, extra in [
         (1, ["--pass", "fwd+bwd", "--seq-len", 256]),
         (2, ["--pass", "fwd+bwd", "--seq-len", 256]),
@@ -65,8 +66,8 @@ def training_file(tmp_path_factory):
         (2, ["--pass", "fwd", "--seq-len", 256, "--causal", "--layout", "zigzag"]),
         (2, ["--pass", "bwd", "--seq-len", 256, "--causal", "--layout", "zigzag"]),
     ]:
-        res = mpiexec(p, "run", *common, *extra)
-        assert res.returncode == 0, res.stderr
+        runs.append((p, [*common, *extra]))
+    append_runs(runs)
     return path
 
 

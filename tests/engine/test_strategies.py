@@ -14,7 +14,7 @@ from ringbench.kernels import reference
 from ringbench.layout import group_plan
 from ringbench.sweeps.experiment import ExperimentError
 
-from conftest import MPIEXEC, ROOT, child_env, mpiexec, ringbench
+from conftest import MPIEXEC, ROOT, Batch, child_env, mpiexec, ringbench
 
 SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet"]
 
@@ -34,14 +34,22 @@ def test_every_strategy_layout_causal_gqa_dtype_matches_the_reference(nranks):
     assert checked >= {1: 60, 2: 90, 3: 50, 4: 100}[nranks]
 
 
+CLI_MODES = ["ulysses", "pass-q", "hybrid"]
+
+
+@pytest.fixture(scope="module")
+def cli_modes(tmp_path_factory):
+    def cases(nranks):
+        return {m: ["--mode", m, *(["--ulysses-degree", 2] if m == "hybrid" else [])] for m in CLI_MODES}
+
+    common = [*SMALL, "--check", "--seq-len", 128, "--kv-heads", 2, "--causal"]
+    return Batch(tmp_path_factory.mktemp("cli-modes"), cases, common)
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("mode", ["ulysses", "pass-q", "hybrid"])
-def test_cli_run_checks_samples_and_bytes(mode, tmp_path):
-    out = tmp_path / "r.h5"
-    extra = ["--ulysses-degree", 2] if mode == "hybrid" else []
-    res = mpiexec(4, "run", *SMALL, "--check", "--out", out, "--seq-len", 128, "--mode", mode, "--kv-heads", 2, "--causal", *extra)
-    assert res.returncode == 0, res.stdout + res.stderr
-    (run,) = store.read(out)
+@pytest.mark.parametrize("mode", CLI_MODES)
+def test_cli_run_checks_samples_and_bytes(mode, cli_modes):
+    run = cli_modes.run(4, mode)
     assert run.check["passed"]
     steps = {"ulysses": 3, "pass-q": 5, "hybrid": 4}[mode]  # a2a, R ring steps, a2a / P compute steps and the last return
     for name in ("compute_s", "comm_s", "step_s"):

@@ -190,7 +190,9 @@ def test_report_plot_and_advise_skip_a_group_they_cannot_parse(small_results, tm
     assert adv.returncode == 0 and adv.stderr.splitlines() == warn and "winner" in adv.stdout
     if importlib.util.find_spec("matplotlib") is not None:
         plot = ringbench("plot", path, "-o", tmp_path / "fig", "--only", "strong,model")
-        assert plot.returncode == 0 and plot.stderr.splitlines() == warn, plot.stderr
+        # (a probe measured on a busy machine adds its own warning line: not what this test is about)
+        lines = [ln for ln in plot.stderr.splitlines() if "measured on a loaded machine" not in ln]
+        assert plot.returncode == 0 and lines == warn, plot.stderr
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from ringbench import store
 from ringbench.kernels import reference
 from ringbench.layout import LAYOUTS
 
-from conftest import mpiexec
+from conftest import Batch, mpiexec
 
 pytestmark = pytest.mark.mpi
 SMALL = ["--heads", 4, "--head-dim", 16, "--repeat", 2, "--warmup", 1, "--quiet"]
@@ -21,11 +21,33 @@ def run_ok(nranks, tmp_path, *args):
     return run
 
 
+CAUSAL = ["--causal", "--no-causal"]
+
+
+@pytest.fixture(scope="module")
+def ring_grid(tmp_path_factory):
+    def cases(nranks):
+        return {(lay, c): ["--seq-len", 48 * nranks, "--layout", lay, c, "--kv-heads", 2] for lay in LAYOUTS for c in CAUSAL}
+
+    return Batch(tmp_path_factory.mktemp("ring-grid"), cases, [*SMALL, "--check"])
+
+
+BASELINE_EXTRA = {"zigzag": ["--causal", "--layout", "zigzag"], "fp16-mqa": ["--dtype", "float16", "--kv-heads", 1]}
+
+
+@pytest.fixture(scope="module")
+def baseline_grid(tmp_path_factory):
+    def cases(nranks):
+        return {(m, e): ["--seq-len", 96, "--mode", m, *BASELINE_EXTRA[e]] for m in ("blocking", "allgather") for e in BASELINE_EXTRA}
+
+    return Batch(tmp_path_factory.mktemp("baseline-grid"), cases, [*SMALL, "--check"])
+
+
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("causal", ["--causal", "--no-causal"])
-def test_overlap_ring_is_correct(nranks, layout, causal, tmp_path):
-    run = run_ok(nranks, tmp_path, "--seq-len", 48 * nranks, "--layout", layout, causal, "--kv-heads", 2)
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_overlap_ring_is_correct(nranks, layout, causal, ring_grid):
+    run = ring_grid.run(nranks, (layout, causal))
     assert run.check["passed"] and 0 < run.check["rel_err"] < run.check["tol"]
     p = nranks
     for name in ("compute_s", "comm_s", "step_s"):
@@ -45,9 +67,9 @@ def test_overlap_ring_is_correct(nranks, layout, causal, tmp_path):
 
 @pytest.mark.parametrize("nranks", [2, 3])
 @pytest.mark.parametrize("mode", ["blocking", "allgather"])
-@pytest.mark.parametrize("extra", [["--causal", "--layout", "zigzag"], ["--dtype", "float16", "--kv-heads", 1]])
-def test_baseline_modes_are_correct(nranks, mode, extra, tmp_path):
-    run = run_ok(nranks, tmp_path, "--seq-len", 96, "--mode", mode, *extra)
+@pytest.mark.parametrize("extra", list(BASELINE_EXTRA))
+def test_baseline_modes_are_correct(nranks, mode, extra, baseline_grid):
+    run = baseline_grid.run(nranks, (mode, extra))
     assert run.check["passed"], run.check
 
 

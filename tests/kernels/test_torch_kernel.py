@@ -22,7 +22,7 @@ from ringbench.kernels.backward import BlockBackward, heads_to_kv
 from ringbench.kernels.reference import TOLERANCE_BWD
 from ringbench.layout import CAUSAL, FULL, LAYOUTS, STRICT, Piece, positions, step_plan
 
-from conftest import LoopBack, mpiexec
+from conftest import Batch, LoopBack, mpiexec
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (pip install -e '.[torch]')")
@@ -308,17 +308,20 @@ def test_run_with_torch_kernel_is_checked(nranks, layout, extra, tmp_path):
     assert run.provenance["blas"].startswith("torch ") and "flash_attention_for_cpu" in run.provenance["blas"]
 
 
+PHASES = ["fwd+bwd", "bwd"]
+
+
+@pytest.fixture(scope="module")
+def torch_backward_runs(tmp_path_factory):
+    common = [*SMALL, "--kernel", "torch", "--causal", "--layout", "zigzag", "--kv-heads", 2, "--seq-len", 256]
+    return Batch(tmp_path_factory.mktemp("torch-bwd"), lambda nranks: {ph: ["--pass", ph] for ph in PHASES}, common)
+
+
 @needs_torch
 @pytest.mark.mpi
-@pytest.mark.parametrize("phases", ["fwd+bwd", "bwd"])
-def test_run_backward_with_torch_kernel_is_checked(phases, tmp_path):
-    from ringbench import store
-
-    out = tmp_path / "r.h5"
-    args = ["--kernel", "torch", "--pass", phases, "--causal", "--layout", "zigzag", "--kv-heads", 2, "--seq-len", 256]
-    res = mpiexec(2, "run", *SMALL, *args, "--out", out)
-    assert res.returncode == 0, res.stdout + res.stderr
-    (run,) = store.read(out)
+@pytest.mark.parametrize("phases", PHASES)
+def test_run_backward_with_torch_kernel_is_checked(phases, torch_backward_runs):
+    run = torch_backward_runs.run(2, phases)
     assert run.config["kernel"] == "torch" and run.config["pass"] == phases and run.phases() == phases.split("+")
     assert run.bwd.check["passed"] and all(run.phase(ph).check["passed"] for ph in run.phases())
     for name in ("dq", "dk", "dv"):

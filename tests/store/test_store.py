@@ -96,7 +96,7 @@ def test_other_files_are_refused(tmp_path):
     with h5py.File(bad, "w") as f:
         f.attrs["format"] = "ringbench-results"
         f.attrs["schema_version"] = 0
-    with pytest.raises(store.SchemaError, match="schema version 0 is not supported; this ringbench reads versions 1 and 2"):
+    with pytest.raises(store.SchemaError, match="schema version 0 is not supported; this ringbench reads versions 1, 2 and 3"):
         store.read(bad)
     assert "schema version 0" in store.check_writable(bad)
     text = tmp_path / "notes.txt"
