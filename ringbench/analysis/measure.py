@@ -119,7 +119,7 @@ def imbalance(per_rank) -> np.ndarray:
         return np.where(mean > 0, (per_rank.max(axis=-1) - mean) / mean, 0.0)
 
 
-def split_exposed(comm_s, post_t, wait_start_t, wait_end_t, alone=None) -> tuple[np.ndarray, np.ndarray]:
+def split_exposed(comm_s, post_t, wait_start_t, wait_end_t, alone=None, post_bytes=None) -> tuple[np.ndarray, np.ndarray]:
     """(partner_wait_s, unhidden_s), each (R, P, S) like ``comm_s``: the exposed communication of every step and
     rank split into waiting for a neighbour that had not yet posted and waiting for the link.
 
@@ -134,6 +134,8 @@ def split_exposed(comm_s, post_t, wait_start_t, wait_end_t, alone=None) -> tuple
     it have none): unhidden is at most that, and what a step waited beyond it goes to partner wait too. A
     transfer both ends posted still needs both to call MPI to move: a neighbour computing between its progress
     calls (a fused kernel calls MPI only between its calls) holds it up as surely as one that has not posted.
+    With ``post_bytes`` (R, P, S, K), the bytes of each transfer, the cap is per transfer: its share of the step's
+    bytes times the step's time alone (a wait for a small slice is not hidden for at most that slice's time).
     """
     comm = np.asarray(comm_s, dtype=np.float64)
     post = np.asarray(post_t, dtype=np.float64)
@@ -145,6 +147,16 @@ def split_exposed(comm_s, post_t, wait_start_t, wait_end_t, alone=None) -> tuple
         ready = np.fmax(post[:, (ranks - 1) % nranks], post[:, (ranks + 1) % nranks])  # (R, P, S, K)
         late = np.nan_to_num(np.clip(ready - start, 0.0, None))  # NaN (no such transfer) -> 0
         waited = np.nan_to_num(np.clip(end - start, 0.0, None))
+    if alone is not None and post_bytes is not None:
+        cap = np.zeros(comm.shape[1:])
+        alone = np.asarray(alone, dtype=np.float64)
+        cap[:, : alone.shape[1]] = alone[:, : cap.shape[1]]
+        nbytes = np.nan_to_num(np.asarray(post_bytes, dtype=np.float64))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(nbytes.sum(axis=3, keepdims=True) > 0, nbytes / nbytes.sum(axis=3, keepdims=True), 0.0)
+        mine = np.minimum(waited - np.minimum(late, waited), share * cap[None, :, :, None])  # (R, P, S, K)
+        unhidden = np.minimum(mine.sum(axis=3), comm)
+        return comm - unhidden, unhidden
     partner = np.minimum(np.minimum(late, waited).sum(axis=3), comm)
     unhidden = comm - partner
     if alone is not None:

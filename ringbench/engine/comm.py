@@ -76,7 +76,7 @@ class KVExchange:
         self.log: list | None = None  # where the ring keeps this step's marks (post and wait times): see :meth:`mark`
 
     def mark(self, kind: str, *times: float) -> None:
-        """Note a post (``"post"``, its time) or a wait (``"wait"``, its start and end, time.perf_counter) in ``log``,
+        """Note a post (``"post"``, its time and the bytes it sends) or a wait (``"wait"``, its start and end, time.perf_counter) in ``log``,
         if the ring gave one: the k-th post of a step and its k-th wait belong to the same transfer, on every rank
         (what ringbench.analysis.measure.split_exposed matches against the neighbours' posts)."""
         if self.log is not None:
@@ -116,7 +116,7 @@ class KVExchange:
             t = tag + 2 * i
             reqs += [self.comm.Irecv(_buf(recv), source=source, tag=t), self.comm.Isend(_buf(send), dest=dest, tag=t)]
         self._reqs = reqs
-        self.mark("post", time.perf_counter())
+        self.mark("post", time.perf_counter(), float(sum(send.nbytes for send, _ in pairs)))
 
     def test(self) -> bool:
         """Drive MPI progress (no-op once complete); True when every posted transfer is done."""
@@ -145,7 +145,7 @@ class KVExchange:
     def allgather(self, local, out) -> None:
         """Every rank's ``local`` block into ``out`` (P, *local.shape), rank order."""
         t0 = time.perf_counter()
-        self.mark("post", t0)
+        self.mark("post", t0, float(local.nbytes))
         _collective(self.comm.Allgather, self.backend, self.staged, local, out, "ag")
         self.mark("wait", t0, time.perf_counter())
 
@@ -156,7 +156,7 @@ class KVExchange:
         order, so the sum is the ring's bit for bit (MPI_Reduce_scatter_block's summation order is the library's).
         """
         t0 = time.perf_counter()
-        self.mark("post", t0)
+        self.mark("post", t0, float(send.nbytes))
         _collective(self.comm.Alltoall, self.backend, self.staged, send, recv, "a2a")
         self.mark("wait", t0, time.perf_counter())
 

@@ -30,7 +30,7 @@ from ringbench.layout import step_plan
 
 # the marks a pass keeps per step (Ring.marks, arrays (P, MARKS_PER_STEP), time.perf_counter seconds, NaN where unused):
 # post_t[s, k] when the step's k-th transfer was posted, wait_start_t / wait_end_t[s, k] its wait (blocking: right after)
-MARK_KEYS = ("post_t", "wait_start_t", "wait_end_t")
+MARK_KEYS = ("post_t", "wait_start_t", "wait_end_t", "post_bytes")  # post_bytes[s, k]: the bytes the k-th transfer sends
 HOME_GROUPS = 8  # the backward's last step: its dK/dV go home in up to this many head slices, each behind the next one's compute
 HOME_LAG = 3  # ... each slice waited for this many groups after its post (as many exchanges, each with one slice in flight)
 MARKS_PER_STEP = HOME_GROUPS + 2
@@ -39,8 +39,10 @@ MARKS_PER_STEP = HOME_GROUPS + 2
 def _store_marks(marks: dict, s: int, log: list) -> None:
     """This step's exchange log ((kind, times...) as comm.KVExchange.mark writes it) into row ``s`` of ``marks``."""
     posts = [e[1] for e in log if e[0] == "post"][:MARKS_PER_STEP]
+    sizes = [e[2] for e in log if e[0] == "post"][:MARKS_PER_STEP]
     waits = [e[1:] for e in log if e[0] == "wait"][:MARKS_PER_STEP]
     marks["post_t"][s, : len(posts)] = posts
+    marks["post_bytes"][s, : len(sizes)] = sizes
     for k, (a, b) in enumerate(waits):
         marks["wait_start_t"][s, k], marks["wait_end_t"][s, k] = a, b
 

@@ -51,7 +51,7 @@ def phase_record(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.P
         marks = {k: np.stack([g["marks"][k] for g in got], axis=1) for k in got[0]["marks"]}  # (R, P, S, K)
         alone = samples["comm_only_s"].min(axis=0) if samples["comm_only_s"].shape[0] else None  # (P, steps)
         samples["partner_wait_s"], samples["unhidden_s"] = measure.split_exposed(
-            samples["comm_s"], marks["post_t"], marks["wait_start_t"], marks["wait_end_t"], alone
+            samples["comm_s"], marks["post_t"], marks["wait_start_t"], marks["wait_end_t"], alone, marks.get("post_bytes")
         )
     pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
     flops = backward.phase_flops(phase, cfg.batch, cfg.heads, cfg.head_dim, pairs)  # backward: 2.5 x forward

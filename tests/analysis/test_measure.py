@@ -189,3 +189,16 @@ def test_split_gives_a_wait_beyond_the_transfer_alone_to_the_neighbour():
     partner, unhidden = measure.split_exposed(comm, post, start, end, alone=np.array([[0.005], [0.005]]))
     np.testing.assert_allclose(partner[0, :, 0], [0.045, 0.0], atol=1e-12)
     np.testing.assert_allclose(unhidden[0, :, 0], [0.005, 0.001], atol=1e-12)
+
+
+def test_split_caps_each_transfer_at_its_share_of_the_step_alone():
+    """One step, two transfers: 3 MB waited 2 ms, then a 1 MB slice waited 30 ms on a neighbour computing (both had
+    posted). Alone the step's 4 MB take 8 ms: the slice is not hidden for at most its 2 ms, the rest is the neighbour's."""
+    post = np.zeros((1, 2, 1, 2))
+    start = np.array([0.010, 0.020]).reshape(1, 1, 1, 2).repeat(2, axis=1)
+    end = start + np.array([0.002, 0.030]).reshape(1, 1, 1, 2)
+    nbytes = np.array([3e6, 1e6]).reshape(1, 1, 1, 2).repeat(2, axis=1)
+    comm = np.full((1, 2, 1), 0.032)
+    partner, unhidden = measure.split_exposed(comm, post, start, end, alone=np.full((2, 1), 0.008), post_bytes=nbytes)
+    np.testing.assert_allclose(unhidden[0, :, 0], [0.004, 0.004])
+    np.testing.assert_allclose(partner[0, :, 0], [0.028, 0.028])
