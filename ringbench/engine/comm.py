@@ -76,8 +76,8 @@ class KVExchange:
         self.log: list | None = None  # where the ring keeps this step's marks (post and wait times): see :meth:`mark`
 
     def mark(self, kind: str, *times: float) -> None:
-        """Note a post (``"post"``, its time and the bytes it sends) or a wait (``"wait"``, its start and end, time.perf_counter) in ``log``,
-        if the ring gave one: the k-th post of a step and its k-th wait belong to the same transfer, on every rank
+        """Note a post (``"post"``, its time and the bytes it sends) or a wait (``"wait"``, its start and end: time.perf_counter) in
+        ``log``, if the ring gave one: the k-th post of a step and its k-th wait belong to the same transfer, on every rank
         (what ringbench.analysis.measure.split_exposed matches against the neighbours' posts)."""
         if self.log is not None:
             self.log.append((kind, *times))
