@@ -193,7 +193,7 @@ class LoopBack:
 
     posted = False
 
-    def post_all(self, pairs):
+    def post_all(self, pairs, tag=0):
         for send, recv in pairs:
             recv[...] = send
         self.posted = True

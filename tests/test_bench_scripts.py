@@ -235,6 +235,27 @@ def test_strategy_bench_user_error_is_one_line():
     assert "--repeat" in res.stderr.strip().splitlines()[-1]
 
 
+def test_overlap_bench_prints_the_split_per_phase_and_saves_every_sample(tmp_path):
+    out = tmp_path / "o.json"
+    res = script("overlap_bench.py", "--ranks", 2, "--kernel", "native", "--causal", "no", "--seq-len", 64, "--heads", 2,
+                 "--head-dim", 8, "--repeat", 1, "--warmup", 0, "--out", out)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "CPU: " in res.stdout and "SIMD" in res.stdout and "load average" in res.stdout
+    for col in ("alone ms", "not hidden ms", "slower-rank ms", "overlap", "target"):
+        assert col in res.stdout
+    data = json.loads(out.read_text())
+    assert [r["phase"] for r in data["rows"]] == ["fwd", "bwd"]
+    for r in data["rows"]:
+        assert "error" not in r, r
+        assert set(r["samples"]) >= {"comm_s", "unhidden_s", "partner_wait_s", "comm_only_s"}
+        assert len(r["step_hidden"]) == 2 and 0 <= r["overlap_eff"] <= 1
+
+
+def test_overlap_bench_user_error_is_one_line():
+    res = script("overlap_bench.py", "--seq-len", 7, "--ranks", 2)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) <= 2 and "--seq-len" in res.stderr
+
+
 def test_published_prints_both_tables_against_their_sources(tmp_path):
     out = tmp_path / "p.json"
     res = script("published.py", "--json", out)

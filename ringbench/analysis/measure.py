@@ -7,6 +7,13 @@ Samples (all seconds, float64), gathered from every rank:
     step_s     (R, P, P)    whole step
     total_s    (R, P)       whole ring pass on that rank
     comm_only_s (C, P, P-1) ring passes that only move K/V (no compute): the transfer time alone
+    partner_wait_s (R, P, P) the part of comm_s spent before a neighbour had posted the transfer being waited for:
+                            waiting for a slower rank (imbalance), not for the link (schema 3; absent before)
+    unhidden_s  (R, P, P)   comm_s - partner_wait_s: waiting for transfers both ends had posted, i.e. communication
+                            that compute did not hide (schema 3; absent before)
+
+``split_exposed`` computes the last two from the marks every ring pass keeps (ringbench.engine.ring.MARK_KEYS): per
+step and transfer, when each rank posted it and when it waited for it, on rank 0's clock.
 
 Warm-up passes are stored with the same shapes under their own names and never enter a summary.
 
@@ -44,10 +51,13 @@ SUMMARY = (
     Metric("compute_s", "median over repeats of the slowest rank's summed compute_s"),
     Metric("exposed_comm_s", "median over repeats of the slowest rank's summed comm_s (communication not hidden)"),
     Metric("comm_alone_s", "the slowest rank's fastest comm-only pass (0 on one rank)"),
+    Metric("partner_wait_s", "median over repeats of the largest per-rank sum of partner_wait_s: waiting for a slower neighbour"),
+    Metric("unhidden_comm_s", "median over repeats of the largest per-rank sum of unhidden_s: communication compute did not hide"),
     Metric(
         "overlap_eff",
-        "1 - exposed / alone, where exposed = sum over steps of comm_s, alone = the fastest comm-only pass; per rank, "
-        "median over repeats, then mean over ranks, clipped to [0, 1] (nan on one rank)",
+        "1 - unhidden / alone, where unhidden = sum over steps of unhidden_s (comm_s for samples without it: schema 2), "
+        "alone = the fastest comm-only pass; per rank, median over repeats, then mean over ranks, clipped to [0, 1] "
+        "(nan on one rank)",
     ),
     Metric("bandwidth_gbps", "bytes a rank receives per pass / the slowest rank's fastest comm-only pass, in GB/s"),
     Metric("imbalance", "(max - mean) / mean of the per-rank compute totals, median over repeats"),
@@ -71,6 +81,9 @@ def summarize(samples: dict, *, flops: float, bytes_per_rank: int, unmasked_pair
 
     compute_tot = compute.sum(axis=2)  # (R, P)
     exposed = comm.sum(axis=2)  # (R, P)
+    split = "unhidden_s" in samples and "partner_wait_s" in samples
+    unhidden = np.asarray(samples["unhidden_s"]).sum(axis=2) if split else exposed  # (R, P)
+    partner = np.asarray(samples["partner_wait_s"]).sum(axis=2) if split else np.full_like(exposed, np.nan)
     out = {
         "time_s": time_s,
         "time_min_s": float(per_repeat.min()),
@@ -79,6 +92,8 @@ def summarize(samples: dict, *, flops: float, bytes_per_rank: int, unmasked_pair
         "flops": float(flops),
         "compute_s": float(np.median(compute_tot.max(axis=1))),
         "exposed_comm_s": float(np.median(exposed.max(axis=1))),
+        "partner_wait_s": float(np.median(partner.max(axis=1))),
+        "unhidden_comm_s": float(np.median(unhidden.max(axis=1))) if split else float("nan"),
         "imbalance": float(np.median(imbalance(compute_tot))),
         "bytes_per_rank": int(bytes_per_rank),
         "bytes_total": int(bytes_per_rank) * nranks,
@@ -87,7 +102,7 @@ def summarize(samples: dict, *, flops: float, bytes_per_rank: int, unmasked_pair
         alone = alone_passes.sum(axis=2).min(axis=0)  # (P,) fastest comm-only pass
         out["comm_alone_s"] = float(alone.max())
         out["bandwidth_gbps"] = bytes_per_rank / float(alone.max()) / 1e9 if alone.min() > 0 else float("nan")
-        out["overlap_eff"] = overlap_efficiency(exposed, alone)
+        out["overlap_eff"] = overlap_efficiency(unhidden, alone)
     else:
         out["comm_alone_s"] = 0.0
         out["bandwidth_gbps"] = float("nan")
@@ -104,11 +119,80 @@ def imbalance(per_rank) -> np.ndarray:
         return np.where(mean > 0, (per_rank.max(axis=-1) - mean) / mean, 0.0)
 
 
+def split_exposed(comm_s, post_t, wait_start_t, wait_end_t, alone=None, post_bytes=None) -> tuple[np.ndarray, np.ndarray]:
+    """(partner_wait_s, unhidden_s), each (R, P, S) like ``comm_s``: the exposed communication of every step and
+    rank split into waiting for a neighbour that had not yet posted and waiting for the link.
+
+    ``post_t``, ``wait_start_t``, ``wait_end_t`` (R, P, S, K), seconds on one clock (rank 0's), NaN where unused:
+    when each rank posted the k-th transfer of step s and when it waited for it (a blocking exchange: posted and
+    waited for at once). Rank r's k-th transfer of step s sends to r+1 and receives from r-1, so it cannot finish
+    before both have posted theirs: the part of its wait before max(post of r-1, post of r+1) is partner wait
+    (the neighbour was still computing, or waiting itself); the rest of comm_s is unhidden communication. A ring
+    of one rank, or a rank that waited only after its neighbours posted, has no partner wait.
+
+    ``alone`` (P, S'), the transfers' own time per rank and step (the fastest comm-only pass; S' <= S, steps past
+    it have none): unhidden is at most that, and what a step waited beyond it goes to partner wait too. A
+    transfer both ends posted still needs both to call MPI to move: a neighbour computing between its progress
+    calls (a fused kernel calls MPI only between its calls) holds it up as surely as one that has not posted.
+    With ``post_bytes`` (R, P, S, K), the bytes of each transfer, the cap is per transfer: its share of the step's
+    bytes times the step's time alone (a wait for a small slice is not hidden for at most that slice's time).
+    """
+    comm = np.asarray(comm_s, dtype=np.float64)
+    post = np.asarray(post_t, dtype=np.float64)
+    start = np.asarray(wait_start_t, dtype=np.float64)
+    end = np.asarray(wait_end_t, dtype=np.float64)
+    nranks = post.shape[1]
+    ranks = np.arange(nranks)
+    with np.errstate(invalid="ignore"):
+        ready = np.fmax(post[:, (ranks - 1) % nranks], post[:, (ranks + 1) % nranks])  # (R, P, S, K)
+        late = np.nan_to_num(np.clip(ready - start, 0.0, None))  # NaN (no such transfer) -> 0
+        waited = np.nan_to_num(np.clip(end - start, 0.0, None))
+    if alone is not None and post_bytes is not None:
+        cap = np.zeros(comm.shape[1:])
+        alone = np.asarray(alone, dtype=np.float64)
+        cap[:, : alone.shape[1]] = alone[:, : cap.shape[1]]
+        nbytes = np.nan_to_num(np.asarray(post_bytes, dtype=np.float64))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(nbytes.sum(axis=3, keepdims=True) > 0, nbytes / nbytes.sum(axis=3, keepdims=True), 0.0)
+        mine = np.minimum(waited - np.minimum(late, waited), share * cap[None, :, :, None])  # (R, P, S, K)
+        unhidden = np.minimum(mine.sum(axis=3), comm)
+        return comm - unhidden, unhidden
+    partner = np.minimum(np.minimum(late, waited).sum(axis=3), comm)
+    unhidden = comm - partner
+    if alone is not None:
+        cap = np.zeros(comm.shape[1:])
+        alone = np.asarray(alone, dtype=np.float64)
+        cap[:, : alone.shape[1]] = alone[:, : cap.shape[1]]
+        unhidden = np.minimum(unhidden, cap[None])
+        partner = comm - unhidden
+    return partner, unhidden
+
+
+def per_step_split(samples: dict) -> dict | None:
+    """Per step (S,), the slowest rank's view of each step's transfer: ``alone`` (the fastest comm-only pass's step,
+    slowest rank; 0 for a step with no transfer: the forward's last), ``unhidden`` and ``partner_wait`` (medians over
+    repeats, largest over ranks) and ``hidden`` = 1 - unhidden / alone (clipped to [0, 1], NaN without a transfer).
+    None for samples without the split (schema 2) or without comm-only passes."""
+    if "unhidden_s" not in samples or "partner_wait_s" not in samples:
+        return None
+    alone_passes = np.asarray(samples.get("comm_only_s", np.zeros((0, 0, 0))), dtype=np.float64)
+    if alone_passes.size == 0:
+        return None
+    unhidden = np.median(np.asarray(samples["unhidden_s"], dtype=np.float64), axis=0).max(axis=0)  # (S,)
+    partner = np.median(np.asarray(samples["partner_wait_s"], dtype=np.float64), axis=0).max(axis=0)
+    alone = np.zeros_like(unhidden)
+    steps = alone_passes.min(axis=0).max(axis=0)  # (steps,) fastest pass per rank, slowest rank
+    alone[: len(steps)] = steps[: len(alone)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hidden = np.where(alone > 0, np.clip(1.0 - unhidden / alone, 0.0, 1.0), np.nan)
+    return {"alone": alone, "unhidden": unhidden, "partner_wait": partner, "hidden": hidden}
+
+
 def overlap_efficiency(exposed, alone) -> float:
     """Share of the communication time hidden behind compute.
 
-    exposed: (R, P) time each rank spent inside communication calls per pass; alone: (P,) the same
-    transfers' time with no compute. 1.0: fully hidden; 0.0: fully exposed (as in blocking mode).
+    exposed: (R, P) time each rank spent waiting for transfers per pass (unhidden_s summed; comm_s before schema 3);
+    alone: (P,) the same transfers' time with no compute. 1.0: fully hidden; 0.0: fully exposed (as in blocking mode).
     """
     exposed = np.asarray(exposed, dtype=np.float64)
     alone = np.asarray(alone, dtype=np.float64)

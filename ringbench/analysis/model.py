@@ -1096,6 +1096,66 @@ def _hybrid(shape: Shape, cal: Calibration, machine: Machine | None, phase: str,
 
 
 # ---------------------------------------------------------------------------------------------
+# The exposed time split: waiting for a slower rank vs communication not hidden (issue 21)
+# ---------------------------------------------------------------------------------------------
+HOME_GROUPS = 8  # ringbench.engine.ring.HOME_GROUPS: the backward's last step sends its dK/dV home in this many slices
+
+
+def predict_split(shape: Shape, cal: Calibration) -> dict | None:
+    """Per rank and step, (P, P) seconds: ``partner_wait`` (waiting for a neighbour still computing: the imbalance of
+    the layout's per-rank work, :func:`step_compute`) and ``unhidden`` (waiting for a transfer both ends had posted:
+    max(0, transfer - compute) in overlap mode, the whole transfer in blocking mode), as measure.split_exposed
+    defines them, from a replay of the ring: rank r posts step s when its step s-1 ends; a transfer starts when
+    both neighbours have posted and takes the transfer alone. The backward's last step adds the last of its
+    dK/dV slices home (overlap: the two slices posted after the last group's compute, each 1 / min(HOME_GROUPS,
+    B H_kv) of an accumulator; blocking: all of it). None for the allgather mode and the strategies."""
+    if shape.mode not in ("overlap", "blocking") or shape.pass_ == "fwd+bwd":
+        return None
+    P, phase = shape.nranks, shape.pass_
+    latency, bandwidth = cal.link(P)
+    compute = step_compute(shape, cal, phase)  # (P, P)
+    if phase == "fwd":
+        nbytes = np.where(np.arange(P) < P - 1, block_bytes(shape), 0).astype(np.float64)
+    else:
+        nbytes = bwd_step_bytes(shape)
+    alone = np.where(nbytes > 0, comm_time(nbytes, latency, bandwidth), 0.0) if P > 1 else np.zeros(P)
+    home = 0.0
+    if phase == "bwd" and P > 1:
+        groups = min(HOME_GROUPS, shape.batch * shape.kv_heads) if shape.mode == "overlap" else 1
+        home = comm_time(grad_block_bytes(shape) * min(2, groups) / groups, latency, bandwidth)
+    return split_replay(compute, alone, home, overlap=shape.mode == "overlap")
+
+
+def split_replay(compute, alone, home: float = 0.0, *, overlap: bool = True) -> dict:
+    """The ring replayed from ``compute`` (P, S) seconds per rank and step and ``alone`` (S,) seconds per step's
+    transfer (0: none), ``home`` the transfer after the last step's compute: {"partner_wait", "unhidden"} (P, S)."""
+    compute = np.asarray(compute, dtype=np.float64)
+    P, S = compute.shape
+    prev, nxt = (np.arange(P) - 1) % P, (np.arange(P) + 1) % P
+    start = np.zeros(P)
+    partner, unhidden = np.zeros((P, S)), np.zeros((P, S))
+    for s in range(S):
+        post = start.copy()
+        wait0 = start + compute[:, s] if overlap else start  # where the rank starts waiting
+        if alone[s] > 0:
+            ready = np.maximum(post[prev], post[nxt])
+            done = np.maximum(ready, post) + alone[s]
+            partner[:, s] = np.clip(ready - wait0, 0.0, None)
+            end = np.maximum(wait0, done)
+            unhidden[:, s] = end - wait0 - partner[:, s]
+        else:
+            end = wait0
+        if not overlap:
+            end = end + compute[:, s]
+        if s == S - 1 and home > 0:  # the last hop home: posted when each rank's compute is done
+            ready = np.maximum(end[prev], end[nxt])
+            partner[:, s] += np.clip(ready - end, 0.0, None)
+            unhidden[:, s] += home
+            end = np.maximum(end, ready) + home
+        start = end
+    return {"partner_wait": partner, "unhidden": unhidden}
+
+
 # A GPU described by a machine preset (ringbench/analysis/machines/*.yaml): the kernel's rate as a function of what a
 # call computes, per-call overhead, merges at the memory bandwidth, the slowdown while a transfer shares the device
 # (docs/model.md "Machine presets and the device terms")

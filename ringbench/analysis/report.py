@@ -400,6 +400,9 @@ def _format_training(runs, cal: model.Calibration | None, predict_ranks: list[in
         out += ["", across]
     if any(r.get("phase") == "bwd" for r in rows):
         out += ["", "forward and backward side by side", phases_table(rows, preds)]
+    split = split_text(runs, cal)
+    if split:
+        out += ["", split]
     out += [
         "",
         "modes side by side within each phase: A vs B (speed-up = time B / time A; > 1: A is faster)",
@@ -423,6 +426,41 @@ def _format_training(runs, cal: model.Calibration | None, predict_ranks: list[in
         if predict_ranks:
             out += ["", prediction_table(rows, cal, predict_ranks)]
     return "\n".join(out)
+
+
+def split_text(runs, cal: model.Calibration | None) -> str | None:
+    """Each timed phase's exposed communication step by step (runs with the split, schema 3): the transfer alone, the
+    share of it compute hid, the wait it left (not hidden) and the time spent waiting for a slower rank, measured
+    (the slowest rank's median) and, with a calibration that covers the phase, predicted (model.predict_split)."""
+    header = ["run", "phase", "step", "alone ms", "hidden", "not hidden ms", "model", "slower-rank wait ms", "model"]
+    body = []
+    for run in runs:
+        if run.status != "ok" or run.nranks < 2:
+            continue
+        for phase in run.phases():
+            steps = measure.per_step_split(run.phase(phase).samples)
+            if steps is None:
+                continue
+            pred = None
+            if cal is not None and cal.has_phase(phase):
+                pred = model.predict_split(model.Shape.from_config(run.config, run.nranks).with_(pass_=phase), cal)
+            for i in range(len(steps["alone"])):
+                p_unh = "-" if pred is None else _num(pred["unhidden"][:, i].max(), ".2f", 1e3)
+                p_wait = "-" if pred is None else _num(pred["partner_wait"][:, i].max(), ".2f", 1e3)
+                body.append([
+                    (run.name or run.point_id) if i == 0 else "", phase if i == 0 else "", str(i), _num(steps["alone"][i], ".2f", 1e3),
+                    _num(steps["hidden"][i], ".0%"), _num(steps["unhidden"][i], ".2f", 1e3), p_unh,
+                    _num(steps["partner_wait"][i], ".2f", 1e3), p_wait,
+                ])  # fmt: skip
+    if not body:
+        return None
+    note = (
+        "exposed communication step by step (slowest rank, median over repeats): 'not hidden' waited for a transfer "
+        "both neighbours had posted, at most its time alone (overlap = 1 - not hidden / alone), 'slower-rank wait' for a "
+        "neighbour that had not yet posted or was computing without calling MPI (imbalance); model: max(0, transfer - "
+        "compute) and the layout's per-rank work replayed"
+    )
+    return note + "\n" + table(header, body, left=2)
 
 
 def strategy_text(rows: list[dict], cal: model.Calibration) -> str | None:

@@ -73,10 +73,23 @@ class KVExchange:
         self.prev = (comm.rank - 1) % comm.size
         self._reqs: list = []
         self._staged_recvs: list = []  # (device buffer, pinned host buffer) to copy in after the wait
+        self.log: list | None = None  # where the ring keeps this step's marks (post and wait times): see :meth:`mark`
+
+    def mark(self, kind: str, *times: float) -> None:
+        """Note a post (``"post"``, its time and the bytes it sends) or a wait (``"wait"``, its start and end: time.perf_counter) in
+        ``log``, if the ring gave one: the k-th post of a step and its k-th wait belong to the same transfer, on every rank
+        (what ringbench.analysis.measure.split_exposed matches against the neighbours' posts)."""
+        if self.log is not None:
+            self.log.append((kind, *times))
 
     @property
     def posted(self) -> bool:
         return bool(self._reqs)
+
+    def twin(self, name: str) -> KVExchange:
+        """Another exchange between the same neighbours, with its own requests and staging buffers: two transfers in
+        flight at once, each posted and waited for on its own (the backward's dK/dV slices on their way home)."""
+        return KVExchange(self.comm, self.backend, not self.staged, name=name)
 
     def post(self, send, recv, tag: int = 0) -> None:
         self.post_all([(send, recv)], tag)
@@ -105,6 +118,7 @@ class KVExchange:
             t = tag + 2 * i
             reqs += [self.comm.Irecv(_buf(recv), source=source, tag=t), self.comm.Isend(_buf(send), dest=dest, tag=t)]
         self._reqs = reqs
+        self.mark("post", time.perf_counter(), float(sum(send.nbytes for send, _ in pairs)))
 
     def test(self) -> bool:
         """Drive MPI progress (no-op once complete); True when every posted transfer is done."""
@@ -113,7 +127,9 @@ class KVExchange:
     def wait(self) -> None:
         if not self._reqs:
             raise ProtocolError("wait() called with nothing posted")
+        t0 = time.perf_counter()
         MPI.Request.Waitall(self._reqs)
+        self.mark("wait", t0, time.perf_counter())
         self._reqs = []
         for dev, host in self._staged_recvs:
             dev.set(host)
@@ -130,7 +146,10 @@ class KVExchange:
 
     def allgather(self, local, out) -> None:
         """Every rank's ``local`` block into ``out`` (P, *local.shape), rank order."""
+        t0 = time.perf_counter()
+        self.mark("post", t0, float(local.nbytes))
         _collective(self.comm.Allgather, self.backend, self.staged, local, out, "ag")
+        self.mark("wait", t0, time.perf_counter())
 
     def alltoall(self, send, recv) -> None:
         """Block j of ``send`` (P, ...) to rank j; ``recv[i]`` (P, ...) receives rank i's block for this rank.
@@ -138,7 +157,35 @@ class KVExchange:
         The allgather backward's reduce-scatter of dK/dV: each owner then sums what it received itself, in ring
         order, so the sum is the ring's bit for bit (MPI_Reduce_scatter_block's summation order is the library's).
         """
+        t0 = time.perf_counter()
+        self.mark("post", t0, float(send.nbytes))
         _collective(self.comm.Alltoall, self.backend, self.staged, send, recv, "a2a")
+        self.mark("wait", t0, time.perf_counter())
+
+
+def clock_offset(comm=WORLD, rounds: int = 8) -> float:
+    """Collective: this rank's time.perf_counter minus rank 0's at the same moment, in seconds (0 on rank 0), from
+    ``rounds`` round trips with rank 0, the shortest kept (its midpoint: error at most half that round trip). On one
+    host the monotonic clock is shared and this is ~0; across hosts it puts every rank's marks on rank 0's clock."""
+    offset = 0.0
+    for r in range(1, comm.size):
+        best = None
+        for _ in range(rounds):
+            if comm.rank == 0:
+                t0 = time.perf_counter()
+                comm.send(None, dest=r, tag=11)
+                tr = comm.recv(source=r, tag=12)
+                t1 = time.perf_counter()
+                if best is None or t1 - t0 < best[0]:
+                    best = (t1 - t0, tr - (t0 + t1) / 2)
+            elif comm.rank == r:
+                comm.recv(source=0, tag=11)
+                comm.send(time.perf_counter(), dest=0, tag=12)
+        if comm.rank == 0:
+            comm.send(best[1], dest=r, tag=13)
+        elif comm.rank == r:
+            offset = comm.recv(source=0, tag=13)
+    return offset
 
 
 def _collective(op, backend, staged: bool, send, recv, key: str, *, over=None, kind: str | None = None, root: int = 0) -> None:

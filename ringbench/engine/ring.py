@@ -28,6 +28,24 @@ from ringbench.kernels import backward, kernel
 from ringbench.kernels.api import make_backward, make_forward, score_tile_elems
 from ringbench.layout import step_plan
 
+# the marks a pass keeps per step (Ring.marks, arrays (P, MARKS_PER_STEP), time.perf_counter seconds, NaN where unused):
+# post_t[s, k] when the step's k-th transfer was posted, wait_start_t / wait_end_t[s, k] its wait (blocking: right after)
+MARK_KEYS = ("post_t", "wait_start_t", "wait_end_t", "post_bytes")  # post_bytes[s, k]: the bytes the k-th transfer sends
+HOME_GROUPS = 8  # the backward's last step: its dK/dV go home in up to this many head slices, each behind the next one's compute
+HOME_LAG = 3  # ... each slice waited for this many groups after its post (as many exchanges, each with one slice in flight)
+MARKS_PER_STEP = HOME_GROUPS + 2
+
+
+def _store_marks(marks: dict, s: int, log: list) -> None:
+    """This step's exchange log ((kind, times...) as comm.KVExchange.mark writes it) into row ``s`` of ``marks``."""
+    posts = [e[1] for e in log if e[0] == "post"][:MARKS_PER_STEP]
+    sizes = [e[2] for e in log if e[0] == "post"][:MARKS_PER_STEP]
+    waits = [e[1:] for e in log if e[0] == "wait"][:MARKS_PER_STEP]
+    marks["post_t"][s, : len(posts)] = posts
+    marks["post_bytes"][s, : len(sizes)] = sizes
+    for k, (a, b) in enumerate(waits):
+        marks["wait_start_t"][s, k], marks["wait_end_t"][s, k] = a, b
+
 
 class InjectedFault(RuntimeError):
     """Raised on purpose (RINGBENCH_FAULT=rank:step) to test that one failing rank ends the job."""
@@ -45,6 +63,9 @@ class Ring:
         ``exchange``: what moves the blocks (comm.KVExchange; tests pass a loopback); :meth:`build` makes one."""
         xp = backend.xp
         self.cfg, self.backend, self.ex = cfg, backend, exchange
+        # the backward's last step keeps HOME_LAG dK/dV slices in flight, one per exchange (a test loopback: itself)
+        twin = getattr(exchange, "twin", None)
+        self.home_exs = [exchange] + [twin(f"home{i}_") if twin else exchange for i in range(1, HOME_LAG)]
         self.rank, self.nranks = rank, nranks
         self.storage = q.dtype
         self.compute = backend.compute_dtype(q.dtype)
@@ -84,10 +105,14 @@ class Ring:
         self._on_tile = on_tile
         self._fwd = _Forward(self)
         self._bwd = None if do is None else _Backward(self, q, do, on_tile)
+        self.marks = None  # after a pass: its per-step transfer marks (MARK_KEYS)
 
     def _progress(self) -> None:
         if self.ex.posted:
             self.ex.test()
+        for hx in self.home_exs[1:]:
+            if hx is not self.ex and hx.posted:
+                hx.test()
 
     @classmethod
     def build(cls, ctx, q, k, v, do=None, plans=None) -> Ring:
@@ -157,6 +182,7 @@ class Ring:
         cur[...] = self.kv_home
         self.backend.synchronize()
         t_compute, t_comm, t_step = np.zeros(P), np.zeros(P), np.zeros(P)
+        marks = {k: np.full((P, MARKS_PER_STEP), np.nan) for k in MARK_KEYS}  # per step: each transfer's post and wait
         clock = time.perf_counter
         ctimer = self.backend.timer()
         pass_start = clock()
@@ -164,6 +190,9 @@ class Ring:
             if s == self.fault:
                 raise InjectedFault(f"injected fault on rank {self.fault_at[0]} at step {s + self.fault_at[1]}")
             last = s == P - 1
+            log = []
+            for hx in self.home_exs:
+                hx.log = log
             step_start = clock()
             if mode == "allgather":  # every block first, then compute
                 if s == 0:
@@ -178,13 +207,13 @@ class Ring:
                     ex.sendrecv_all(pairs)  # blocking: transfer, then compute: nothing overlaps
             t_comm[s] = clock() - step_start
             ctimer.start()
-            self._compute(work, kv, s)  # ... while this block is computed on
+            inner = self._compute(work, kv, s)  # ... while this block is computed on (seconds it spent waiting, if any)
             ctimer.stop()
             t0 = clock()
             if pairs and mode == "overlap":
-                ex.wait()
-            t_comm[s] += clock() - t0
-            extra = 0.0  # arithmetic after the wait (the backward adds its share to the accumulator that arrived)
+                ex.wait()  # (the backward's last step: the last slice of the dK/dV's hop home, posted by its compute)
+            t_comm[s] += clock() - t0 + inner
+            extra = -inner  # arithmetic after the wait (the backward adds its share to the accumulator that arrived)
             if work.fold is not None:
                 extra += self._timed(work.fold, s)
             if last and work.send_home is not None:  # after the last step: the backward's dK/dV go home
@@ -195,7 +224,11 @@ class Ring:
             self.backend.synchronize()
             t_step[s] = clock() - step_start
             t_compute[s] = ctimer.seconds() + extra
+            _store_marks(marks, s, log)
             cur, nxt = nxt, cur
+        for hx in self.home_exs:
+            hx.log = None
+        self.marks = marks
         return t_compute, t_comm, t_step, clock() - pass_start
 
     def _timed(self, fn, *args) -> float:
@@ -204,11 +237,13 @@ class Ring:
         self.backend.synchronize()
         return time.perf_counter() - t0
 
-    def _compute(self, work, kv, step: int) -> None:
+    def _compute(self, work, kv, step: int) -> float:
+        """Compute on block ``kv`` at ``step``; returns the seconds the compute spent in communication calls (the
+        backward's last step waits for the arriving accumulator and slices of the hop home between its head groups)."""
         if self.kv_compute is not None:
             self.kv_compute[...] = kv
             kv = self.kv_compute
-        work.compute(kv, step)
+        return work.compute(kv, step) or 0.0
 
     def comm_only(self, phase: str = "fwd") -> np.ndarray:
         """One ring pass that moves what the pass ``phase`` moves but computes nothing: the transfers' own time,
@@ -308,6 +343,9 @@ class _Backward:
         self.allgather = ring.cfg.mode == "allgather"
         if self.allgather:
             self.fold = None
+        # overlap: the last step's share is computed in head groups, each group's accumulator slice sent home while
+        # the next group computes (only the last slice's hop is left after the compute)
+        self.pipelined = ring.cfg.mode == "overlap" and ring.nranks > 1
 
     def prepare(self) -> None:
         """The untimed forward, the BlockBackward of its O and LSE (FusedBackward with a fused kernel), then the
@@ -375,16 +413,54 @@ class _Backward:
             return []
         return [(self.parts[0], self.received[0])] if self.allgather else [(self.done, self.arriving)]
 
-    def compute(self, kv, s: int) -> None:
+    def compute(self, kv, s: int) -> float:
         ring = self.ring
         if self.allgather:
             share = self.parts[(ring.rank - s) % ring.nranks]
         else:
             share = self.local
             share.fill(0)
+        if self.pipelined and s == ring.nranks - 1:
+            return self._last_step(kv, s)
         self.grad.update(kv[0], kv[1], share[0], share[1], ring.plans[s])
+        return 0.0
+
+    def _last_step(self, kv, s: int) -> float:
+        """The last step in overlap mode: the share in head groups (on the kernel's head-chunk bounds, so the
+        arithmetic is the ungrouped one's), each group folded into the arrived accumulator and posted home (to the
+        next rank, which owns the block; this rank's own accumulator arrives into ``done``) while the next groups
+        compute. Group j is folded and posted after group j + 1 has been computed, and waited for HOME_LAG groups
+        later: a fused kernel calls MPI only between its calls (one per group here), and a transfer needs two or
+        three progress calls on each side, alternating, to finish. HOME_LAG slices are in flight at a time, one per
+        exchange (``ring.home_exs``, the first the ring's own ``ex``); the last ones are waited for by the loop
+        (``ex``) and ``send_home`` (the others). Returns the seconds spent waiting."""
+        ring = self.ring
+        groups = home_groups(getattr(self.grad, "head_bounds", None), self.local.shape[1])
+        waited = 0.0
+        for i, (za, zb) in enumerate(groups):
+            self.grad.update(kv[0], kv[1], self.local[0], self.local[1], ring.plans[s], heads=(za, zb))
+            if i >= 1:
+                waited += self._send_group(i - 1, groups[i - 1])
+        return waited + self._send_group(len(groups) - 1, groups[-1])
+
+    def _send_group(self, j: int, heads: tuple[int, int]) -> float:
+        """Group j's share into the arrived accumulator, and its slice home; returns the seconds waited first (group 0:
+        for the step's own transfers, the arriving accumulator among them; group j >= HOME_LAG: for the slice of group
+        j - HOME_LAG, on the same exchange)."""
+        ring = self.ring
+        ex = ring.home_exs[j % HOME_LAG]
+        t0 = time.perf_counter()
+        if j == 0 or j >= HOME_LAG:
+            ex.wait()
+        waited = time.perf_counter() - t0
+        g = slice(*heads)
+        self.arriving[:, g] += self.local[:, g]
+        ex.post_all([(self.arriving[0, g], self.done[0, g]), (self.arriving[1, g], self.done[1, g])], tag=5 + 4 * (j % HOME_LAG))
+        return waited
 
     def fold(self, s: int) -> None:
+        if self.pipelined and s == self.ring.nranks - 1:
+            return  # folded group by group in _last_step
         if s == 0:  # the rank's own block: its share starts the accumulator
             self.local, self.done = self.done, self.local
         else:
@@ -398,6 +474,10 @@ class _Backward:
                 self.ring.ex.alltoall(self.parts, self.received)
             else:
                 self.received[...] = self.parts
+        elif self.pipelined:  # home into done by _last_step: its last slices but one may still be on their way
+            for hx in self.ring.home_exs[1:]:
+                if hx is not self.ring.ex and hx.posted:
+                    hx.wait()
         elif self.ring.nranks > 1:
             self.ring.ex.sendrecv_all([(self.done, self.arriving)], tag=3)
             self.done, self.arriving = self.arriving, self.done
@@ -424,6 +504,16 @@ class _Backward:
         dk[...] = backward.heads_to_kv(acc[0], b)
         dv[...] = backward.heads_to_kv(acc[1], b)
         return dq.reshape(b, n, -1, d), dk, dv
+
+
+def home_groups(bounds, z: int) -> list[tuple[int, int]]:
+    """Up to HOME_GROUPS (z0, z1) head ranges covering 0..z, each starting and ending on one of ``bounds`` (the
+    kernel's head-chunk bounds, 0 and z included; None: one group)."""
+    bounds = list(bounds) if bounds else [0, z]
+    chunks = len(bounds) - 1
+    per = -(-chunks // HOME_GROUPS)
+    cuts = bounds[::per] + ([z] if (chunks % per) else [])
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 FAULT_FORM = "rank:step[@P]"

@@ -30,6 +30,14 @@ def stack_passes(passes, prefix: str) -> dict:
     return out
 
 
+def stack_marks(marks: list, offset: float) -> dict | None:
+    """One rank's per-pass transfer marks (ring.Ring.marks, each {key: (S, K)}) as {key: (R, S, K)} on rank 0's clock
+    (this rank's ``offset`` from comm.clock_offset subtracted); None when a pass kept none (engines other than the ring)."""
+    if not marks or any(m is None for m in marks):
+        return None
+    return {k: np.stack([m[k] for m in marks]) - offset for k in marks[0]}
+
+
 def phase_record(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.Phase:
     """One timed phase's samples (R, P, ...), summary and check, from every rank's part."""
     got = [p["phases"][phase] for p in parts]
@@ -39,6 +47,12 @@ def phase_record(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.P
     for key in got[0]["warmup"]:
         samples[key] = np.stack([g["warmup"][key] for g in got], axis=1)
     samples["comm_only_s"] = np.stack([g["comm_only"] for g in got], axis=1)  # (C, P, steps)
+    if all(g.get("marks") is not None for g in got):  # the exposed time split: partner wait / unhidden (schema 3)
+        marks = {k: np.stack([g["marks"][k] for g in got], axis=1) for k in got[0]["marks"]}  # (R, P, S, K)
+        alone = samples["comm_only_s"].min(axis=0) if samples["comm_only_s"].shape[0] else None  # (P, steps)
+        samples["partner_wait_s"], samples["unhidden_s"] = measure.split_exposed(
+            samples["comm_s"], marks["post_t"], marks["wait_start_t"], marks["wait_end_t"], alone, marks.get("post_bytes")
+        )
     if cfg.pass_ in serving.SERVING:  # the new tokens' queries against the whole context
         pairs = serving.unmasked_pairs(cfg)
     else:
@@ -169,10 +183,15 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
         lines += [
             f"{ind}time {_ms(s['time_s'])} (median of {cfg.repeat}; min {_ms(s['time_min_s'])}, max {_ms(s['time_max_s'])})"
             f"   {s['tflops']:.3f} TFLOP/s",
-            f"{ind}compute {_ms(s['compute_s'])}   exposed comm {_ms(s['exposed_comm_s'])}   comm alone "
+            f"{ind}compute {_ms(s['compute_s'])}   exposed comm {_ms(s['exposed_comm_s'])}{_split(s)}   comm alone "
             f"{_ms(s['comm_alone_s'])}   overlap {_pct(s['overlap_eff'])}   link {s['bandwidth_gbps']:.2f} GB/s   "
             f"imbalance {_pct(s['imbalance'])}",
         ]
+        steps = measure.per_step_split(ph.samples)
+        if steps is not None and nranks > 1:
+            shown = [_step(i, steps) for i in range(min(len(steps["alone"]), STEPS_SHOWN))]
+            more = len(steps["alone"]) - len(shown)
+            lines.append(f"{ind}per step (slowest rank): " + "; ".join(shown) + (f"; ... {more} more (ringbench report)" if more else ""))
         if chk and name == "fwd":
             lines.append(
                 f"{ind}check vs float64: max abs err {chk['max_abs_err']:.2e}, rel {chk['rel_err']:.2e} "
@@ -212,6 +231,22 @@ def _serving_line(cfg, nranks: int, s: dict) -> str:
         t = cfg.seq_len - cfg.cached_tokens
         return f"  prefill: {t} new tokens against {cfg.cached_tokens} cached (cached fraction {cfg.cached_tokens / cfg.seq_len:.2f}):"
     return f"  decode step ({cfg.merge} merge, {cfg.new_tokens} new token(s) per sequence): {s['time_s'] * 1e6:.1f} us per step:"
+
+
+STEPS_SHOWN = 8  # the run's summary shows the first steps' split; ringbench report shows every step
+
+
+def _split(s: dict) -> str:
+    """' (not hidden X, waiting for a slower rank Y)': the two parts of the exposed time, where the run has them."""
+    if math.isnan(s.get("unhidden_comm_s", math.nan)):
+        return ""
+    return f" (not hidden {_ms(s['unhidden_comm_s'])}, waiting for a slower rank {_ms(s['partner_wait_s'])})"
+
+
+def _step(i: int, steps: dict) -> str:
+    hidden = steps["hidden"][i]
+    head = f"{i}: " + ("no transfer" if math.isnan(hidden) else f"{_pct(hidden)} of {_ms(steps['alone'][i])} hidden")
+    return head + (f", waited {_ms(steps['partner_wait'][i])} for a slower rank" if steps["partner_wait"][i] >= 5e-5 else "")
 
 
 def _pct(x: float) -> str:

@@ -113,6 +113,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
             warm[ph].append(shown.tick(passes[ph]()))
     reps = {ph: [] for ph in phases}
     sent = {}  # phase -> bytes to each WORLD rank in the first timed pass (the link classes of the node map)
+    marks = {ph: [] for ph in phases}  # each pass's per-step transfer marks (ring.Ring.marks; None for other engines)
     for i in range(cfg.repeat):  # each repeat: the forward, then the backward (fwd+bwd)
         for ph in phases:
             comm.barrier()
@@ -121,7 +122,9 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
             reps[ph].append(shown.tick(passes[ph]()))
             if i == 0:
                 sent[ph] = comm.TRAFFIC.stop()
+            marks[ph].append(getattr(ring, "marks", None))
     shown.close()
+    offset = comm.clock_offset(world)  # the marks onto rank 0's clock (collective; ~0 on one host)
     alone = {ph: [] for ph in phases}
     if nranks > 1:
         for ph in phases:
@@ -144,6 +147,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
                 "samples": record.stack_passes(reps[ph], ""),
                 "warmup": record.stack_passes(warm[ph], "warmup_"),
                 "comm_only": np.array(alone[ph]).reshape(len(alone[ph]), -1) if alone[ph] else np.zeros((0, _comm_only_steps(ph, nranks))),
+                "marks": record.stack_marks(marks[ph], offset),
                 "check": checks.get(ph),
             }
             for ph in phases

@@ -60,8 +60,11 @@ class BackwardKernel(Protocol):
     def reset(self) -> None:
         """Start a new pass: dQ to zero."""
 
-    def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece]) -> None:
-        """Add block ``k``, ``v``'s part of dQ here and its dK, dV into ``dk_acc``, ``dv_acc`` (Z, m, D)."""
+    head_bounds: tuple  # (0, ..., Z): the head-chunk bounds ``update``'s ``heads`` may start and end on
+
+    def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece], heads: tuple[int, int] | None = None) -> None:
+        """Add block ``k``, ``v``'s part of dQ here and its dK, dV into ``dk_acc``, ``dv_acc`` (Z, m, D); ``heads``
+        (z0, z1): only those batch-heads (on ``head_bounds``), with the same arithmetic per head as the whole update."""
 
     def dq(self, out_dtype=None):
         """The finished dQ (Z, G, n, D)."""

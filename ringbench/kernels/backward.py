@@ -195,9 +195,17 @@ class BlockBackward(kernel.Scratch):
             need["product"] = hc * max(rq, tk) * d
         return need
 
-    def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece]) -> None:
+    @property
+    def head_bounds(self) -> tuple[int, ...]:
+        """The bounds of the head chunks (0, hc, 2 hc, ..., Z): where :meth:`update`'s ``heads`` may start and end."""
+        z = self.shape[0]
+        return tuple(range(0, z, self.head_chunk)) + (z,)
+
+    def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece], heads: tuple[int, int] | None = None) -> None:
         """Fold the K/V block ``k, v`` (Z, m, D) in, for the given pieces: dQ here, dK and dV into ``dk_acc``,
-        ``dv_acc`` (Z, m, D), which must be in the compute dtype (``self.dtype``) and are added to, not set."""
+        ``dv_acc`` (Z, m, D), which must be in the compute dtype (``self.dtype``) and are added to, not set.
+        ``heads`` (z0, z1): only those batch-heads, on :attr:`head_bounds` (every head's arithmetic is that of the
+        whole update: the ring's last step computes in head groups)."""
         xp = self.xp
         z, _, _, d = self.shape
         for name, a in (("dk_acc", dk_acc), ("dv_acc", dv_acc)):
@@ -207,10 +215,12 @@ class BlockBackward(kernel.Scratch):
             raise ValueError(f"BlockBackward.update: k {k.shape} and v {v.shape} must be (Z={z}, m, D={d})")
         k = xp.asarray(k, self.dtype)  # a half-precision block computes in float32 (no copy otherwise)
         v = xp.asarray(v, self.dtype)
+        if heads is not None and (heads[0] not in self.head_bounds or heads[1] not in self.head_bounds):
+            raise ValueError(f"BlockBackward.update: heads {heads} must start and end on the head-chunk bounds {self.head_bounds}")
         for piece in pieces:
-            self._update_piece(k, v, dk_acc, dv_acc, piece)
+            self._update_piece(k, v, dk_acc, dv_acc, piece, heads or (0, z))
 
-    def _update_piece(self, k, v, dk_acc, dv_acc, p: Piece) -> None:
+    def _update_piece(self, k, v, dk_acc, dv_acc, p: Piece, heads: tuple[int, int]) -> None:
         xp = self.xp
         z, g, _, d = self.shape
         nk = p.k1 - p.k0
@@ -225,7 +235,7 @@ class BlockBackward(kernel.Scratch):
         kt, vt, sbuf, dpbuf = (self._buffer(name, need[name]) for name in ("keys", "values", "scores", "dscores"))
         tmp = None if in_place else self._buffer("product", need["product"])
         log_e = self.dtype.type(self._log_e)
-        for z0 in range(0, z, hc):
+        for z0 in range(heads[0], heads[1], hc):
             z1 = min(z0 + hc, z)
             zc = z1 - z0
             kta = kt[: zc * (d + 1) * nk].reshape(zc, d + 1, nk)  # [k^T log_b(e); 1]

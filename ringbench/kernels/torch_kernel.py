@@ -45,6 +45,17 @@ from ringbench.layout import FULL, STRICT, Piece
 
 # nominal tile of torch's CPU flash attention (q split 256 rows at blocks >= 768, kv split 512): for the memory model
 CPU_TILE_Q, CPU_TILE_K = 256, 512
+# on the CPU a piece is computed in up to this many calls, each on a chunk of the batch-heads, with the ring's MPI
+# progress (on_tile) between them: one fused call per step leaves the transfer unprogressed until the wait (issue 21;
+# benchmarks/README.md "Overlap"). Heads are independent in the op, so the chunks give the one call's bits.
+CPU_CALLS_PER_PIECE = 8
+
+
+def head_chunks(z: int, gpu: bool) -> list[tuple[int, int]]:
+    """The (z0, z1) chunks of the Z batch-heads a fused kernel is called on, one call each: one chunk on a GPU, up
+    to CPU_CALLS_PER_PIECE on the CPU."""
+    hc = z if gpu else -(-z // CPU_CALLS_PER_PIECE)
+    return [(z0, min(z0 + hc, z)) for z0 in range(0, z, hc)]
 
 
 def unavailable(kernel: str, backend, dtype: str, *, backward: bool = False) -> str | None:
@@ -173,8 +184,6 @@ class FusedAttention:
         with self.torch.inference_mode():
             for p in pieces:
                 self._piece(kt, vt, p)
-                if self.on_tile is not None:
-                    self.on_tile()
 
     def _piece(self, k, v, p: Piece) -> None:
         q0, q1, k0, k1 = p.q0, p.q1, p.k0, p.k1
@@ -182,17 +191,24 @@ class FusedAttention:
         if p.mask == STRICT:  # j < i: query i against keys .. i-1, i.e. causal on (q0+1.., ..k1-1)
             q0, k1 = q0 + 1, k1 - 1
         if q1 <= q0 or k1 <= k0:  # nothing visible (the CPU op must never see an empty block)
+            if self.on_tile is not None:
+                self.on_tile()
             return
-        o, lse = self.call(self.q[:, :, q0:q1], k[:, None, k0:k1], v[:, None, k0:k1], causal)  # (Z, G, nq, D), (Z, G, nq)
-        out, acc = self.out[:, :, q0:q1], self.lse[:, :, q0:q1]
         seen = self._seen[q0:q1]
-        if not seen.any():
-            out.copy_(o)
-            acc.copy_(lse)
-        else:
-            w = self.torch.sigmoid(lse - acc)  # weight of the new part: e^l / (e^acc + e^l); 1 where acc = -inf
-            out.lerp_(o.to(out.dtype), w[..., None])
-            self.torch.logaddexp(acc, lse.to(acc.dtype), out=acc)
+        first = not seen.any()
+        for z0, z1 in head_chunks(self.shape[0], self.gpu):  # one call per chunk of heads, MPI progress between
+            h = slice(z0, z1)
+            o, lse = self.call(self.q[h, :, q0:q1], k[h, None, k0:k1], v[h, None, k0:k1], causal)  # (Zc, G, nq, D), (Zc, G, nq)
+            out, acc = self.out[h, :, q0:q1], self.lse[h, :, q0:q1]
+            if first:
+                out.copy_(o)
+                acc.copy_(lse)
+            else:
+                w = self.torch.sigmoid(lse - acc)  # weight of the new part: e^l / (e^acc + e^l); 1 where acc = -inf
+                out.lerp_(o.to(out.dtype), w[..., None])
+                self.torch.logaddexp(acc, lse.to(acc.dtype), out=acc)
+            if self.on_tile is not None:
+                self.on_tile()
         seen[:] = True
 
     def finalize(self, out_dtype=None):
@@ -252,9 +268,14 @@ class FusedBackward:
         reshapes to (Z, G, n, D), any dtype and strides). Hybrid's dO arrives by an all-to-all each pass."""
         self.do = to_torch(do).to(self._tdtype).reshape(self.shape).contiguous()
 
-    def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece]) -> None:
+    @property
+    def head_bounds(self) -> tuple[int, ...]:
+        """The bounds of the op's head chunks (:func:`head_chunks`): where :meth:`update`'s ``heads`` may start and end."""
+        return tuple(z0 for z0, _ in head_chunks(self.shape[0], False)) + (self.shape[0],)
+
+    def update(self, k, v, dk_acc, dv_acc, pieces: Sequence[Piece], heads: tuple[int, int] | None = None) -> None:
         """Fold the K/V block ``k, v`` (Z, m, D) in, for the given pieces: dQ here, dK and dV added into ``dk_acc``,
-        ``dv_acc`` (Z, m, D) in the compute dtype."""
+        ``dv_acc`` (Z, m, D) in the compute dtype. ``heads`` (z0, z1): only those batch-heads, on :attr:`head_bounds`."""
         for name, a in (("dk_acc", dk_acc), ("dv_acc", dv_acc)):
             if a.dtype != self.dtype or a.shape != k.shape:
                 raise ValueError(f"FusedBackward.update: {name} must be {self.dtype} of shape {k.shape}, got {a.dtype} {a.shape}")
@@ -262,35 +283,42 @@ class FusedBackward:
         if kt.dtype != self._tdtype:
             kt, vt = kt.to(self._tdtype), vt.to(self._tdtype)
         dk, dv = to_torch(dk_acc), to_torch(dv_acc)
+        if heads is not None and (heads[0] not in self.head_bounds or heads[1] not in self.head_bounds):
+            raise ValueError(f"FusedBackward.update: heads {heads} must start and end on the head-chunk bounds {self.head_bounds}")
         with self.torch.inference_mode():
             for p in pieces:
-                self._piece(kt, vt, dk, dv, p)
-                if self.on_tile is not None:
-                    self.on_tile()
+                self._piece(kt, vt, dk, dv, p, heads or (0, self.shape[0]))
 
-    def _piece(self, k, v, dk_acc, dv_acc, p: Piece) -> None:
+    def _piece(self, k, v, dk_acc, dv_acc, p: Piece, heads: tuple[int, int]) -> None:
         q0, q1, k0, k1 = p.q0, p.q1, p.k0, p.k1
         causal = p.mask != FULL
         if p.mask == STRICT:  # j < i: causal on (q0+1.., ..k1-1), as the forward
             q0, k1 = q0 + 1, k1 - 1
         if q1 <= q0 or k1 <= k0:  # nothing visible (the CPU op must never see an empty block)
+            if self.on_tile is not None:
+                self.on_tile()
             return
-        rows = (slice(None), slice(None), slice(q0, q1))
-        dq, dk, dv = self.op(
-            self.do[rows],
-            self.q[rows],
-            k[:, None, k0:k1],
-            v[:, None, k0:k1],
-            self.out[rows],
-            self.lse[rows],
-            0.0,
-            causal,
-            attn_mask=None,
-            scale=1.0,
-        )  # (Z, G, nq, D); (Z, 1, nk, D) each: summed over the G query heads
-        self._dq[rows] += dq
-        dk_acc[:, k0:k1] += dk[:, 0]
-        dv_acc[:, k0:k1] += dv[:, 0]
+        for z0, z1 in head_chunks(self.shape[0], False):  # one call per chunk of heads, MPI progress between
+            if z0 < heads[0] or z1 > heads[1]:
+                continue
+            rows = (slice(z0, z1), slice(None), slice(q0, q1))
+            dq, dk, dv = self.op(
+                self.do[rows],
+                self.q[rows],
+                k[z0:z1, None, k0:k1],
+                v[z0:z1, None, k0:k1],
+                self.out[rows],
+                self.lse[rows],
+                0.0,
+                causal,
+                attn_mask=None,
+                scale=1.0,
+            )  # (Zc, G, nq, D); (Zc, 1, nk, D) each: summed over the G query heads
+            self._dq[rows] += dq
+            dk_acc[z0:z1, k0:k1] += dk[:, 0]
+            dv_acc[z0:z1, k0:k1] += dv[:, 0]
+            if self.on_tile is not None:
+                self.on_tile()
 
     def dq(self, out_dtype=None):
         """The finished dQ (Z, G, n, D), in the compute dtype or ``out_dtype``: a new array."""

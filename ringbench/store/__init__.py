@@ -1,15 +1,16 @@
 """The HDF5 result schema: write, read, merge, and append safely in place.
 
-Schema version 2 (``SCHEMA_VERSION``), documented in the README::
+Schema version 3 (``SCHEMA_VERSION``), documented in docs/results.md::
 
-    /                       attrs: format="ringbench-results", schema_version=2
+    /                       attrs: format="ringbench-results", schema_version=3
     /runs/<name>/           one run; <name> is the point id (``~2``, ``~3`` ... for later runs of the same point)
         attrs               run_id (32 hex digits, unique to this run), point_id, nranks, status ("ok" | "failed"),
                             created_utc, config (JSON: the resolved RunConfig), provenance (JSON), error (failed runs)
         config/             attrs: the same resolved config, one attribute per field (for h5ls/HDFView)
         samples/            datasets of timing samples, seconds (see ringbench.analysis.measure):
                             compute_s, comm_s, step_s (R, P, P); total_s (R, P); comm_only_s (C, P, P-1);
-                            warmup_compute_s, warmup_comm_s, warmup_step_s (W, P, P); warmup_total_s (W, P)
+                            warmup_compute_s, warmup_comm_s, warmup_step_s (W, P, P); warmup_total_s (W, P);
+                            partner_wait_s, unhidden_s (R, P, P): comm_s split (version 3; ring modes only)
         summary             attrs: the metrics of ringbench.analysis.measure.summarize (measure.SUMMARY: keys, definitions)
         memory/             datasets peak_rss_bytes, baseline_rss_bytes, device_pool_bytes (P,); attr theoretical_bytes
         check               attrs (with --check): max_abs_err, rel_err, tol, passed
@@ -40,8 +41,10 @@ samples/ or summary). In memory: ``Run.samples/summary/check`` are the forward's
 None) the backward's; ``Run.phase(name)`` gives either. memory/ has theoretical_bwd_bytes beside
 theoretical_bytes when the run has a backward.
 
-Version 1 is the same layout without ``run_id``, ``probe_id`` and ``bwd/`` (every version-1 run is forward-only).
-Both versions are read; a run or probe
+Version 2 is version 3 without ``partner_wait_s``/``unhidden_s`` (samples) and ``partner_wait_s``/``unhidden_comm_s``
+(summary; read as absent), its ``overlap_eff`` computed from comm_s. Version 1 is the same layout without ``run_id``,
+``probe_id`` and ``bwd/`` (every version-1 run is forward-only).
+All three versions are read; a run or probe
 without an id (every one of a version-1 file) gets a stable derived id on read: a hash of what identified
 it before (point id, creation time, status, config, provenance; for a probe: ranks, time, config,
 provenance) and its rank among the file's id-less runs with that same fingerprint. The rank, not the group
@@ -49,7 +52,7 @@ name, keeps two runs of one point made in the same second apart while staying th
 older ``collect`` filled (where the group of a run may be ``p~2`` although it was ``p`` in its part).
 Readers ignore attributes they do not know and treat missing optional ones as absent.
 
-Writers write version 2. Appending to a version-1 file upgrades it in place: the root attribute becomes 2
+Writers write version 3. Appending to a version-1 or 2 file upgrades it in place: the root attribute becomes 3
 (in the same atomic append), its version-1 runs stay as they are and keep reading with derived ids; a
 ringbench that reads only version 1 then refuses the file with a message naming the versions.
 
@@ -128,7 +131,7 @@ import numpy as np
 from ringbench import SCHEMA_VERSION
 
 FORMAT = "ringbench-results"
-READABLE = (1, 2)  # schema versions this ringbench reads
+READABLE = (1, 2, 3)  # schema versions this ringbench reads
 
 
 class SchemaError(Exception):

@@ -126,3 +126,79 @@ def test_resampled_medians_are_the_medians_of_the_resamples(n):
     fast = measure.resampled_medians(values, 50, np.random.default_rng(0))
     idx = np.random.default_rng(0).integers(0, n, size=(50, n))
     np.testing.assert_array_equal(fast, np.median(np.sort(values)[idx], axis=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The exposed time split (issue 21): waiting for a slower neighbour vs waiting for the link
+# ---------------------------------------------------------------------------------------------
+def _marks(posts, starts, ends):
+    """(R=1, P, S=1, K=1) mark arrays from per-rank lists."""
+    as4 = lambda x: np.asarray(x, dtype=np.float64).reshape(1, -1, 1, 1)  # noqa: E731
+    return as4(posts), as4(starts), as4(ends)
+
+
+def test_split_charges_the_wait_before_a_neighbour_posted_to_it():
+    """3 ranks, one transfer: rank 1 posts 40 ms late. Rank 0 and 2 (its neighbours) start waiting at 10 ms and
+    finish at 45 ms: 30 ms of partner wait and 5 ms of transfer each; rank 1 waits 5 ms, all of it for the link."""
+    post, start, end = _marks([0.0, 0.040, 0.0], [0.010, 0.040, 0.010], [0.045, 0.045, 0.045])
+    comm = (end - start)[..., 0]
+    partner, unhidden = measure.split_exposed(comm, post, start, end)
+    np.testing.assert_allclose(partner[0, :, 0], [0.030, 0.0, 0.030])
+    np.testing.assert_allclose(unhidden[0, :, 0], [0.005, 0.005, 0.005])
+    np.testing.assert_allclose(partner + unhidden, comm)
+
+
+def test_split_is_all_unhidden_when_everyone_posted_early_and_ignores_unused_marks():
+    post, start, end = _marks([0.0, 0.001], [0.5, 0.5], [0.52, 0.51])
+    post, start, end = (np.concatenate([a, np.full_like(a, np.nan)], axis=3) for a in (post, start, end))  # K = 2, one unused
+    comm = np.array([[[0.02], [0.01]]])
+    partner, unhidden = measure.split_exposed(comm, post, start, end)
+    assert np.all(partner == 0)
+    np.testing.assert_allclose(unhidden, comm)
+
+
+def test_summary_overlap_uses_the_unhidden_part_and_old_samples_keep_comm_s():
+    """A balanced pass whose transfers were hidden but that waited 9 ms for a slow rank: overlap 90% from the 1 ms
+    unhidden (10 ms alone), where comm_s alone (schema 2) says 0%."""
+    R, P = 3, 2
+    base = {
+        "total_s": np.full((R, P), 1.0),
+        "compute_s": np.full((R, P, P), 0.4),
+        "comm_s": np.full((R, P, P), 0.005),  # 10 ms exposed per pass
+        "comm_only_s": np.full((R, P, P), 0.005),  # 10 ms alone
+    }
+    kw = dict(flops=1e9, bytes_per_rank=1 << 20, unmasked_pairs=16)
+    old = measure.summarize(base, **kw)
+    assert old["overlap_eff"] == 0.0 and math.isnan(old["unhidden_comm_s"]) and math.isnan(old["partner_wait_s"])
+    split = dict(base, partner_wait_s=np.full((R, P, P), 0.0045), unhidden_s=np.full((R, P, P), 0.0005))
+    new = measure.summarize(split, **kw)
+    assert new["overlap_eff"] == pytest.approx(0.9)
+    assert new["partner_wait_s"] == pytest.approx(0.009) and new["unhidden_comm_s"] == pytest.approx(0.001)
+    assert new["exposed_comm_s"] == old["exposed_comm_s"] == pytest.approx(0.010)
+    steps = measure.per_step_split(split)
+    np.testing.assert_allclose(steps["hidden"], [0.9, 0.9])
+    np.testing.assert_allclose(steps["partner_wait"], [0.0045, 0.0045])
+    assert measure.per_step_split(base) is None
+
+
+def test_split_gives_a_wait_beyond_the_transfer_alone_to_the_neighbour():
+    """Both ranks posted at 0; rank 0 waited 50 ms for a transfer that takes 5 ms alone: its neighbour, computing,
+    did not call MPI. With ``alone`` 45 ms are the neighbour's, 5 ms not hidden."""
+    post, start, end = _marks([0.0, 0.0], [0.010, 0.060], [0.060, 0.061])
+    comm = (end - start)[..., 0]
+    partner, unhidden = measure.split_exposed(comm, post, start, end, alone=np.array([[0.005], [0.005]]))
+    np.testing.assert_allclose(partner[0, :, 0], [0.045, 0.0], atol=1e-12)
+    np.testing.assert_allclose(unhidden[0, :, 0], [0.005, 0.001], atol=1e-12)
+
+
+def test_split_caps_each_transfer_at_its_share_of_the_step_alone():
+    """One step, two transfers: 3 MB waited 2 ms, then a 1 MB slice waited 30 ms on a neighbour computing (both had
+    posted). Alone the step's 4 MB take 8 ms: the slice is not hidden for at most its 2 ms, the rest is the neighbour's."""
+    post = np.zeros((1, 2, 1, 2))
+    start = np.array([0.010, 0.020]).reshape(1, 1, 1, 2).repeat(2, axis=1)
+    end = start + np.array([0.002, 0.030]).reshape(1, 1, 1, 2)
+    nbytes = np.array([3e6, 1e6]).reshape(1, 1, 1, 2).repeat(2, axis=1)
+    comm = np.full((1, 2, 1), 0.032)
+    partner, unhidden = measure.split_exposed(comm, post, start, end, alone=np.full((2, 1), 0.008), post_bytes=nbytes)
+    np.testing.assert_allclose(unhidden[0, :, 0], [0.004, 0.004])
+    np.testing.assert_allclose(partner[0, :, 0], [0.028, 0.028])

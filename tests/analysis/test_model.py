@@ -451,3 +451,35 @@ def test_strategies_backward_hand_computed():
     # half precision: the all-to-all out and the dK/dV accumulators travel in float32
     half = ul.with_(dtype="bfloat16")
     assert model.strategy_bytes(half) == 3 * (256 * 2 * 16 * 2 + 256 * 4 * 16 * 4)
+
+
+def test_split_replay_puts_imbalance_in_partner_wait_and_a_slow_link_in_unhidden():
+    """Two ranks, two steps. Balanced compute 1 s, transfer 0.1 s: all hidden, no wait. Rank 0 twice as slow at
+    step 0: rank 1 waits 1 s for it. A transfer of 1.5 s behind 1 s of compute: 0.5 s not hidden on both."""
+    even = model.split_replay([[1.0, 1.0], [1.0, 1.0]], [0.1, 0.0])
+    assert np.all(even["partner_wait"] == 0) and np.all(even["unhidden"] == 0)
+    slow = model.split_replay([[2.0, 1.0], [1.0, 1.0]], [0.1, 0.0])
+    np.testing.assert_allclose(slow["partner_wait"], [[0.0, 0.0], [0.0, 0.0]])  # rank 0 posted step 0 at t=0: nobody waits at step 0
+    link = model.split_replay([[1.0, 1.0], [1.0, 1.0]], [1.5, 0.0])
+    np.testing.assert_allclose(link["unhidden"], [[0.5, 0.0], [0.5, 0.0]])
+    three = model.split_replay([[4.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], [0.1, 0.1, 0.0])  # rank 0 posts step 1 at 4 s
+    np.testing.assert_allclose(three["partner_wait"][:, 1], [0.0, 2.0, 2.0])  # its neighbours were ready at 2 s
+    np.testing.assert_allclose(three["unhidden"][:, 1], [0.0, 0.1, 0.1])
+    home = model.split_replay([[1.0, 2.0], [1.0, 1.0]], [0.1, 0.1], home=0.25)  # the backward's hop home after the last step
+    np.testing.assert_allclose(home["partner_wait"][:, 1], [0.0, 1.0])
+    np.testing.assert_allclose(home["unhidden"][:, 1], [0.25, 0.25])
+
+
+def test_predict_split_sees_the_causal_contiguous_imbalance():
+    """Causal contiguous backward at P = 3: the last rank does the most work, so its neighbours wait for it (for the
+    accumulators it sends on); zigzag balances it. (The forward's transfers are all posted at step starts that the
+    balanced step 0 aligns: its imbalance shows in the pass time, not in waiting.)"""
+    cal = Calibration.simple(rate=1e12, latency=1e-6, bandwidth=1e12, bwd_rate=1e12)
+    base = dict(
+        batch=1, seq_len=3072, heads=4, kv_heads=4, head_dim=64, dtype="float32", nranks=3, mode="overlap", causal=True, pass_="bwd"
+    )
+    cont = model.predict_split(Shape(**base, layout="contiguous"), cal)
+    zig = model.predict_split(Shape(**base, layout="zigzag"), cal)
+    assert cont["partner_wait"].sum() > 10 * max(zig["partner_wait"].sum(), 1e-9)
+    assert np.all(cont["unhidden"] < 1e-4)  # a fast link: nothing left unhidden
+    assert model.predict_split(Shape(**base, layout="zigzag").with_(mode="allgather"), cal) is None

@@ -190,7 +190,7 @@ def _old_file(path, version):
     return path
 
 
-@pytest.mark.parametrize("version", [0, 3])
+@pytest.mark.parametrize("version", [0, 4])
 @pytest.mark.parametrize("cmd", ["report", "plot"])
 def test_other_schema_versions_are_refused(tmp_path, cmd, version):
     path = _old_file(tmp_path / "old.h5", version)
@@ -198,7 +198,7 @@ def test_other_schema_versions_are_refused(tmp_path, cmd, version):
     res = ringbench(*args)
     assert res.returncode == 2
     assert res.stderr.strip() == (
-        f"ringbench {cmd}: {path}: result schema version {version} is not supported; this ringbench reads versions 1 and 2"
+        f"ringbench {cmd}: {path}: result schema version {version} is not supported; this ringbench reads versions 1, 2 and 3"
     )
     assert not (tmp_path / "figs").exists()
 
@@ -316,3 +316,29 @@ def test_report_shows_the_runs_across_nodes():
     assert text.startswith("across nodes:") and "2 (2/2)" in text and "2 of 4" in text and "1.00" in text
     one = store.Run(point_id="q", nranks=2, config={"mode": "overlap"}, provenance={})
     assert report.nodes_table([one]) is None
+
+
+def test_report_tables_each_steps_hidden_share_and_slower_rank_wait_beside_the_model():
+    """A synthetic balanced backward at P = 2: step 0 hid 90% of its 10 ms transfer, step 1 waited 30 ms for the
+    other rank; the report's split table shows both, and the model's prediction for a balanced layout (no wait)."""
+    from ringbench.analysis import model, report
+    from ringbench.config import RunConfig
+
+    R, P = 3, 2
+    samples = {
+        "total_s": np.full((R, P), 1.0),
+        "compute_s": np.full((R, P, P), 0.5),
+        "comm_s": np.tile([[0.001, 0.032]], (R, P, 1)),
+        "comm_only_s": np.tile([[0.010, 0.020]], (R, P, 1)),
+        "partner_wait_s": np.tile([[0.0, 0.030]], (R, P, 1)),
+        "unhidden_s": np.tile([[0.001, 0.002]], (R, P, 1)),
+    }
+    cfg = RunConfig(seq_len=256, heads=2, head_dim=8, pass_="bwd").to_dict()
+    run = store.Run(point_id="p", nranks=P, config=cfg, provenance={}, bwd=store.Phase(samples=samples, summary={"time_s": 1.0}))
+    cal = model.Calibration.simple(rate=1e10, latency=1e-6, bandwidth=1e9, bwd_rate=1e10)
+    text = report.split_text([run], cal)
+    assert "slower-rank wait" in text and "not hidden" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.split()[:1] in (["p"], ["1"])]
+    assert rows[0][:6] == ["p", "bwd", "0", "10.00", "90%", "1.00"] and rows[0][7] == "0.00"
+    assert rows[1][:4] == ["1", "20.00", "90%", "2.00"] and rows[1][5] == "30.00"
+    assert report.split_text([store.Run(point_id="q", nranks=P, config=cfg, provenance={}, bwd=store.Phase(samples={}))], cal) is None

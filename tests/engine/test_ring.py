@@ -100,3 +100,14 @@ def test_fault_is_raised_at_its_step():
     ring = Ring(cfg, backend, LoopBack(), 0, 2, q, q, q, fault_step=1)
     with pytest.raises(InjectedFault, match="rank 0 at step 1"):
         ring.forward()
+
+
+def test_home_groups_follow_the_kernels_head_chunks():
+    from ringbench.engine.ring import HOME_GROUPS, home_groups
+
+    assert home_groups(None, 6) == [(0, 6)]
+    assert home_groups((0, 1, 2, 3, 4), 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert home_groups((0, 4, 8), 8) == [(0, 4), (4, 8)]
+    groups = home_groups(tuple(range(0, 20)) + (20,), 20)  # 20 chunks: at most HOME_GROUPS groups, covering 0..20
+    assert len(groups) <= HOME_GROUPS and groups[0][0] == 0 and groups[-1][1] == 20
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))

@@ -233,3 +233,25 @@ def test_do_is_its_own_tensor_and_leaves_q_k_v_unchanged():
 
 
 PINNED_Q = [1.3278275898326373, 0.23057606006041131, 0.3158905055195494, -1.3390472944107574]
+
+
+@pytest.mark.mpi
+def test_the_exposed_time_split_is_stored_and_the_grouped_last_step_keeps_the_bits(tmp_path):
+    """768 tokens per rank: one head per chunk, so the overlap backward's last step runs in 4 head groups (its dK/dV
+    go home slice by slice); its gradients equal blocking's bit for bit. Both phases store the split of comm_s
+    (schema 3): partner wait + not hidden = comm_s, both >= 0, and the summary carries both."""
+    runs = {}
+    for mode in ("overlap", "blocking"):
+        out = run_file(2, tmp_path, "--pass", "fwd+bwd", "--seq-len", 1536, "--head-dim", 8, "--mode", mode, "--save-tensors",
+                       name=f"{mode}.h5", env={"RINGBENCH_EXP": "2"})  # fmt: skip
+        (runs[mode],) = store.read(out, tensors=True)
+    for mode, run in runs.items():
+        for phase in ("fwd", "bwd"):
+            ph = run.phase(phase)
+            comm, partner, unhidden = (np.asarray(ph.samples[k]) for k in ("comm_s", "partner_wait_s", "unhidden_s"))
+            assert partner.shape == unhidden.shape == comm.shape == (2, 2, 2)
+            assert np.all(partner >= 0) and np.all(unhidden >= 0)
+            np.testing.assert_allclose(partner + unhidden, comm, rtol=0, atol=1e-12)
+            assert np.isfinite(ph.summary["unhidden_comm_s"]) and np.isfinite(ph.summary["partner_wait_s"]), (mode, phase)
+    for name in ("dq", "dk", "dv"):
+        np.testing.assert_array_equal(runs["overlap"].tensors[name], runs["blocking"].tensors[name], err_msg=name)

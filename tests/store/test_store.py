@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ringbench import store
+from ringbench import SCHEMA_VERSION, store
 
 from conftest import child_env, mpiexec, ringbench, write_v1
 
@@ -44,7 +44,7 @@ def test_round_trip(tmp_path):
     assert run.summary["time_s"] == 1.0 and run.check["passed"] is True
     assert run.memory["theoretical_bytes"] == 5
     with h5py.File(path) as f:
-        assert f.attrs["schema_version"] == 2 and f.attrs["format"] == "ringbench-results"
+        assert f.attrs["schema_version"] == SCHEMA_VERSION == 3 and f.attrs["format"] == "ringbench-results"
         assert json.loads(f["runs/p1"].attrs["provenance"]) == {"hosts": ["h"]}
         assert f["runs/p1"].attrs["run_id"] == run.run_id
     assert len(run.run_id) == 32 and run.run_id != make_run().run_id  # every run gets its own id
@@ -96,7 +96,7 @@ def test_other_files_are_refused(tmp_path):
     with h5py.File(bad, "w") as f:
         f.attrs["format"] = "ringbench-results"
         f.attrs["schema_version"] = 0
-    with pytest.raises(store.SchemaError, match="schema version 0 is not supported; this ringbench reads versions 1 and 2"):
+    with pytest.raises(store.SchemaError, match="schema version 0 is not supported; this ringbench reads versions 1, 2 and 3"):
         store.read(bad)
     assert "schema version 0" in store.check_writable(bad)
     text = tmp_path / "notes.txt"
@@ -177,7 +177,7 @@ def test_version_1_files_merge_idempotently(tmp_path):
     part = write_v1(tmp_path / "part.h5")
     old_collected = write_v1(tmp_path / "old.h5", names=("p1",), probe=False)  # what 0.1's collect kept: one of the two
     assert store.merge(old_collected, [part]) == (1, 1)  # the run 0.1 dropped is recovered, the other is present
-    assert store.check_file(old_collected) == 2  # upgraded in place
+    assert store.check_file(old_collected) == SCHEMA_VERSION  # upgraded in place
     assert sorted(r.summary["time_s"] for r in store.read(old_collected)) == [0.0, 1.0]
     assert store.merge(old_collected, [part]) == (0, 2)
     dest = tmp_path / "new.h5"
@@ -191,7 +191,7 @@ def test_appending_to_a_version_1_file_upgrades_it_and_keeps_its_runs(tmp_path):
     v1 = write_v1(tmp_path / "v1.h5")
     ids = [r.run_id for r in store.read(v1)]
     assert store.append(v1, make_run()) == "p1~3"
-    assert store.check_file(v1) == 2
+    assert store.check_file(v1) == SCHEMA_VERSION
     runs = store.read(v1)
     assert [r.run_id for r in runs[:2]] == ids and runs[2].summary["time_s"] == 1.0
     np.testing.assert_array_equal(runs[1].samples["total_s"], np.ones((3, 2)))
@@ -319,7 +319,7 @@ def test_stale_temporaries_and_lock_files_of_dead_writers_are_removed(tmp_path):
 KILLED_WRITER = """
 import sys, time
 import numpy as np
-from ringbench import store
+from ringbench import SCHEMA_VERSION, store
 
 path, stage, marker = sys.argv[1:4]
 big = np.random.default_rng(0).standard_normal(1 << 23).astype(np.float32)  # 32 MiB, stored with gzip
