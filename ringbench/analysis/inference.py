@@ -70,25 +70,25 @@ def _label(r: dict) -> str:
     return "pass-kv" if r["mode"] in PASS_KV else r["mode"]
 
 
+ABSENT = {"cached_tokens": 0, "new_tokens": 1}  # rows of files written before these keys: their defaults
+
+
+def _times_by(rs: list[dict], keys: tuple, column) -> dict:
+    """{(row[k] for k in keys): {column(row): [time_s, ...]}}: the rows' times grouped by configuration and column."""
+    groups: dict = {}
+    for r in rs:
+        key = tuple((r.get(k) or ABSENT[k]) if k in ABSENT else r[k] for k in keys)
+        groups.setdefault(key, {}).setdefault(column(r), []).append(r["time_s"])
+    return groups
+
+
 def prefill_text(rows: list[dict], table, cal=None) -> str | None:
     """Prefill runs: time per strategy by cached fraction, the measured winner and Meta's rule's."""
     rs = [r for r in serving_rows(rows) if r["phase"] == "prefill"]
     if not rs:
         return None
-    groups: dict = {}
-    for r in rs:
-        key = (
-            r["layout"],
-            r["dtype"],
-            r["batch"],
-            r["heads"],
-            r["kv_heads"],
-            r["head_dim"],
-            r["nranks"],
-            r["seq_len"],
-            r.get("cached_tokens") or 0,
-        )
-        groups.setdefault(key, {}).setdefault(f"{r['mode']}", []).append(r["time_s"])
+    keys = ("layout", "dtype", "batch", "heads", "kv_heads", "head_dim", "nranks", "seq_len", "cached_tokens")
+    groups = _times_by(rs, keys, lambda r: r["mode"])
     modes = sorted({m for g in groups.values() for m in g})
     body, agree, decided = [], 0, 0
     for key in sorted(groups):
@@ -125,20 +125,8 @@ def decode_text(rows: list[dict], table, cal=None) -> str | None:
     rs = [r for r in serving_rows(rows) if r["phase"] == "decode"]
     if not rs:
         return None
-    groups: dict = {}
-    for r in rs:
-        key = (
-            r["layout"],
-            r["dtype"],
-            r["heads"],
-            r["kv_heads"],
-            r["head_dim"],
-            r["seq_len"],
-            r.get("new_tokens") or 1,
-            r["nranks"],
-            r["batch"],
-        )
-        groups.setdefault(key, {}).setdefault(r.get("merge") or "tree", []).append(r["time_s"])
+    keys = ("layout", "dtype", "heads", "kv_heads", "head_dim", "seq_len", "new_tokens", "nranks", "batch")
+    groups = _times_by(rs, keys, lambda r: r.get("merge") or "tree")
     merges = [m for m in ("ring", "tree", "gather") if any(m in g for g in groups.values())]
     body = []
     for key in sorted(groups):
