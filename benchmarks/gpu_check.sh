@@ -11,7 +11,7 @@
 #   4 a checked run (--check) per strategy and pass on the GPU (--backend cupy), 2 ranks
 #   5 kernel timings: flash-attn against torch SDPA, fwd and bwd, causal or not, and ring-flash-attention's merge
 #     (benchmarks/gpu_kernels.py: the preset's kernel tables and the merge term benchmarks/README.md names)
-#   6 ringbench probe --backend cupy (2 ranks), then a preset from it (benchmarks/probe_preset.py)
+#   6 ringbench probe --backend cupy --kernel flash-attn (2 ranks), then a preset from it (benchmarks/probe_preset.py)
 set -u
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "gpu_check: no GPU here (nvidia-smi finds none): nothing to check"
@@ -62,9 +62,9 @@ for kern in torch flash-attn; do
         --heads 32 --kv-heads 8 --head-dim 128 --dtype bfloat16 --causal --layout zigzag --check --repeat 2 --out "$OUT/runs.h5"
 done
 step 05 gpu_kernels 90 $PY benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json"
-step 06 probe 90 "$MPIEXEC" -n 2 $PY -m ringbench probe --backend cupy --dtype float32 --heads 32 --kv-heads 8 --head-dim 128 \
-    --out "$OUT/probe.h5"
+step 06 probe 90 "$MPIEXEC" -n 2 $PY -m ringbench probe --backend cupy --kernel flash-attn --dtype bfloat16 --heads 32 \
+    --kv-heads 8 --head-dim 128 --out "$OUT/probe.h5"
 step 07 preset 30 $PY benchmarks/probe_preset.py "$OUT/probe.h5" --base h100-sxm5-8x --out "$OUT/probed-preset.yaml"
-echo "note: the probe has no --kernel flash-attn option yet: the preset's kernel tables are the cupy backend's kernel" \
+echo "note: the probe times flash-attn's forward and ringbench's native backward (no fused GPU backward is wired in)" \
     | tee -a "$OUT/summary.txt"
 echo "total $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"

@@ -444,6 +444,13 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=CHOICES["dtype"], default=d.dtype, help=_HELP["dtype"])
     p.add_argument("--backend", choices=CHOICES["backend"], default=d.backend, help=_HELP["backend"])
     p.add_argument(
+        "--kernel",
+        choices=CHOICES["kernel"],
+        default=d.kernel,
+        help="the per-step attention kernel whose rates are measured (its backward where ringbench runs one, else "
+        "the native backward; the probe's config says which: bwd_kernel)",
+    )
+    p.add_argument(
         "--block-sizes",
         type=_positive_ints,
         default=list(d.block_sizes),
@@ -506,6 +513,7 @@ def cmd_probe(argv: list[str]) -> int:
         head_dim=ns.head_dim,
         dtype=ns.dtype,
         backend=ns.backend,
+        kernel=ns.kernel,
         block_sizes=tuple(ns.block_sizes),
         repeat=ns.repeat,
         max_bytes=ns.max_bytes,

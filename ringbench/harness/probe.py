@@ -47,6 +47,15 @@ class ProbeOptions:
     repeat: int = 5
     max_bytes: int = 16 << 20
     iters: int = 10
+    kernel: str = "native"  # the per-step attention kernel timed (config.KERNELS); the backward's: bwd_kernel()
+
+
+def bwd_kernel(opts: ProbeOptions, backend) -> str:
+    """The kernel whose backward the probe times: ``opts.kernel`` where it has a backward here (native; torch on the
+    CPU), else the native one (flash-attn, and torch on a GPU: ringbench runs no fused backward there yet)."""
+    from ringbench.kernels.torch_kernel import unavailable
+
+    return opts.kernel if unavailable(opts.kernel, backend, opts.dtype, backward=True) is None else "native"
 
 
 def link_phases(nranks: int) -> list[list[tuple[int, int]]]:
@@ -93,9 +102,12 @@ def _compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
         k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))  # (B, n, H_kv, D)
         v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
         qh = kernel.q_to_heads(xp, q, hk, compute)  # (Z, G, n, D), read only
-        kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)  # (Z, n, D)
+        kv_dtype = compute if opts.kernel == "native" else dtype  # a fused kernel takes K/V as stored (as the ring does)
+        kh, vh = kernel.kv_to_heads(xp, k, kv_dtype), kernel.kv_to_heads(xp, v, kv_dtype)  # (Z, n, D)
         scale = kernel.softmax_scale(opts.head_dim)
-        state = make_forward(backend, qh, n, matmul=backend.matmul("auto")[0], scale=scale)  # tiled as the ring tiles it
+        matmul = backend.matmul("auto")[0]
+        # tiled as the ring tiles it
+        state = make_forward(backend, qh, n, matmul=matmul, scale=scale, kernel_name=opts.kernel, storage=dtype)
         piece = [Piece(0, n, 0, n, mask)]
         for r in range(-1, opts.repeat):  # one warm-up
             comm.barrier()
@@ -119,13 +131,14 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndar
     log-sum-exp, then BlockBackward with the ring's tiles and GEMM; what is timed is one ``update`` with a
     K/V block into zeroed dK/dV accumulators in the compute dtype."""
     from ringbench.engine import comm
-    from ringbench.kernels.api import make_forward
+    from ringbench.kernels.api import make_backward, make_forward
 
     xp = backend.xp
     hk = opts.kv_heads or opts.heads
     dtype = backend.dtype(opts.dtype)
     compute = backend.compute_dtype(dtype)
     matmul = backend.matmul("auto")[0]
+    name = bwd_kernel(opts, backend)
     out = np.zeros((len(opts.block_sizes), opts.repeat))
     for i, n in enumerate(opts.block_sizes):
         pos = np.arange(n)
@@ -134,18 +147,23 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndar
         k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))  # (B, n, H_kv, D)
         v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
         scale = kernel.softmax_scale(opts.head_dim)
-        kh, vh = kernel.kv_to_heads(xp, k, compute), kernel.kv_to_heads(xp, v, compute)  # (Z, n, D)
+        kv_dtype = compute if name == "native" else dtype  # a fused kernel takes K/V as stored (as the ring does)
+        kh, vh = kernel.kv_to_heads(xp, k, kv_dtype), kernel.kv_to_heads(xp, v, kv_dtype)  # (Z, n, D)
         piece = [Piece(0, n, 0, n, mask)]
-        state = make_forward(backend, kernel.q_to_heads(xp, q, hk, compute), n, matmul=matmul, scale=scale)
+        q_heads = kernel.q_to_heads(xp, q, hk, compute)
+        state = make_forward(backend, q_heads, n, matmul=matmul, scale=scale, kernel_name=name, storage=dtype)
         state.update(kh, vh, piece)  # untimed forward: O and the log-sum-exp
         o, lse = state.finalize(dtype)
         del state
         qh = kernel.q_to_heads(xp, q, hk, compute) * compute.type(scale)  # (Z, G, n, D), as the ring scales it
-        z, g = qh.shape[:2]
-        tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=backend.is_gpu)
-        grad = backward.BlockBackward(
-            xp, qh, kernel.q_to_heads(xp, do, hk), o, lse, tile_q=tile_q, tile_k=tile_k, head_chunk=head_chunk, matmul=matmul
-        )
+        if name == "native":
+            z, g = qh.shape[:2]
+            tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=backend.is_gpu)
+            grad = backward.BlockBackward(
+                xp, qh, kernel.q_to_heads(xp, do, hk), o, lse, tile_q=tile_q, tile_k=tile_k, head_chunk=head_chunk, matmul=matmul
+            )
+        else:  # the ring's own call (ring._Backward.make_grad)
+            grad = make_backward(backend, qh, kernel.q_to_heads(xp, do, hk), o, lse, kernel_name=name, matmul=matmul, storage=dtype)
         dk, dv = xp.zeros(kh.shape, compute), xp.zeros(kh.shape, compute)  # (Z, n, D) accumulators
         for r in range(-1, opts.repeat):  # one warm-up
             comm.barrier()
@@ -377,6 +395,10 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool, machine_out
         limit_threads()  # after the GEMM library is loaded: its pool is limited too
     except BackendError as exc:  # a user error, agreed on by every rank below
         err = err or str(exc)
+    else:
+        from ringbench.kernels.torch_kernel import unavailable
+
+        err = err or unavailable(opts.kernel, backend, opts.dtype)
     node_of, node_hosts = comm.node_map(world)
     if machine_out and not err:
         kinds = {c for _, _, c in class_pairs(node_of)}
@@ -491,6 +513,7 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None, nodes=N
         prov["nodes"] = {"count": len(nodes[1]), "hosts": list(nodes[1]), "node_of_rank": list(nodes[0])}
     cfg = asdict(opts)
     cfg["kv_heads"] = hk
+    cfg["bwd_kernel"] = bwd_kernel(opts, backend)
     cfg["block_sizes"] = list(opts.block_sizes)
     return store.Probe(
         nranks=nranks,
@@ -608,6 +631,14 @@ def _format_classes(probe: store.Probe) -> list[str]:
     return lines
 
 
+def _kernels(c: dict) -> str:
+    """', kernel torch' (', kernel flash-attn, native backward') for a probe of another kernel than native."""
+    fwd, bwd = c.get("kernel", "native"), c.get("bwd_kernel", "native")  # probes from before --kernel: native
+    if fwd == "native":
+        return ""
+    return f", kernel {fwd}" + ("" if bwd == fwd else f", {bwd} backward")
+
+
 def format_probe(probe: store.Probe, where: str) -> str:
     c, prov = probe.config, probe.provenance
     per_block = np.median(np.median(probe.samples["compute_s"], axis=1), axis=1)  # (K,)
@@ -615,7 +646,9 @@ def format_probe(probe: store.Probe, where: str) -> str:
     lines = [
         (f"ringbench probe: P={probe.nranks} on {', '.join(prov['hosts'])} [{prov['backend']}, {prov['mpi_library']}]"),
         f"  compute (per rank, all ranks busy; B={c['batch']} H={c['heads']}/{c['kv_heads']} D={c['head_dim']} "
-        f"{c['dtype']}): " + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in zip(probe.samples["block_tokens"], rates)) + " GFLOP/s",
+        f"{c['dtype']}{_kernels(c)}): "
+        + ", ".join(f"n={int(k)} {r / 1e9:.1f}" for k, r in zip(probe.samples["block_tokens"], rates))
+        + " GFLOP/s",
     ]
     if "bwd_compute_s" in probe.samples:  # probes from before the backward have none
         per_block = np.median(np.median(probe.samples["bwd_compute_s"], axis=1), axis=1)  # (K,)

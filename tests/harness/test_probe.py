@@ -262,3 +262,32 @@ def test_class_pairs_and_the_machine_yaml(tmp_path):
     m = advise.load_machine(path)
     assert m.ranks_per_node == 2 and m.source == "p4"
     assert m.intra == pytest.approx((2.5e-6, 8e9)) and m.inter == pytest.approx((4e-4, 5e7))
+
+
+@pytest.mark.mpi
+def test_probe_times_the_kernel_asked_for_and_refuses_one_that_cannot_run(tmp_path):
+    """``--kernel torch`` times torch's fused forward and backward (on the CPU both exist), says so and stores it;
+    ``--kernel flash-attn`` on the CPU is one line and exit 2, before anything is measured; the default is native.
+    (On a GPU, ``probe --backend cupy --kernel flash-attn`` times flash-attn's forward and the native backward.)"""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed (pip install -e '.[torch]')")
+    out = tmp_path / "p.h5"
+    res = mpiexec(2, "probe", "--out", out, "--kernel", "torch", "--name", "t", *SMALL)
+    assert res.returncode == 0, res.stderr
+    assert ", kernel torch): n=32 " in res.stdout
+    (p,) = store.read_probes(out)
+    assert p.config["kernel"] == "torch" and p.config["bwd_kernel"] == "torch"
+    for key in ("compute_s", "causal_compute_s", "bwd_compute_s", "bwd_causal_compute_s"):
+        assert (p.samples[key] > 0).all(), key
+    assert p.summary["rate_flops"] > 0 and p.summary["bwd_rate_flops"] > 0
+    bad = mpiexec(2, "probe", "--out", tmp_path / "q.h5", "--kernel", "flash-attn", *SMALL)
+    assert bad.returncode == 2 and not (tmp_path / "q.h5").exists()
+    (line,) = bad.stderr.strip().splitlines()
+    assert line.startswith("ringbench probe: --kernel flash-attn runs on CUDA GPUs only"), bad.stderr
+
+
+def test_the_probes_backward_kernel_is_the_asked_one_where_ringbench_runs_its_backward():
+    cpu = get_backend("numpy")
+    assert probe_mod.bwd_kernel(probe_mod.ProbeOptions(), cpu) == "native"
+    if importlib.util.find_spec("torch") is not None:
+        assert probe_mod.bwd_kernel(probe_mod.ProbeOptions(kernel="torch"), cpu) == "torch"
