@@ -65,6 +65,11 @@ CONFIG_COLUMNS = tuple(name for name, _, _ in IDENTITY)
 DEFAULTS = {name: default for name, default, _ in IDENTITY if default is not None}
 
 
+def value(row: dict, key: str):
+    """``row[key]``, or the key's value in runs stored before it existed (``DEFAULTS``) for a row made without it."""
+    return row[key] if key in row else DEFAULTS.get(key)
+
+
 def keys(role: str) -> tuple:
     """The configuration keys of ``role`` (``IDENTITY``), in column order."""
     return tuple(name for name, _, roles in IDENTITY if role in roles)
@@ -223,7 +228,7 @@ def compare_modes(table: list[dict]) -> list[dict]:
     for r in table:
         if r["status"] != "ok" or r.get("time_s") is None:
             continue
-        key = tuple(r[k] for k in COMPARE_KEY)
+        key = tuple(value(r, k) for k in COMPARE_KEY)
         reps = groups.setdefault(key, {}).setdefault(strategy_label(r), [])  # hybrid once per Ulysses degree
         # runs read without samples: their median stands for them (one value, so "too few repeats")
         reps += list(r.get("time_repeats_s") or (r["time_s"],))
@@ -264,7 +269,7 @@ def phase_pairs(table: list[dict]) -> list[dict]:
     groups: dict = {}
     for r in table:
         if r["status"] == "ok" and r.get("time_s") is not None:
-            groups.setdefault(tuple(r[k] for k in PHASE_KEY), []).append(r)
+            groups.setdefault(tuple(value(r, k) for k in PHASE_KEY), []).append(r)
     out = []
     for key, rs in groups.items():
         by_run: dict = {}
@@ -305,7 +310,7 @@ def _ci_rel(values) -> float | None:
 def sort_key(r: dict):
     """Order of rows in tables and figures (``SORT_KEY``): configuration, then N, P and mode (modes of one point
     adjacent), the forward first."""
-    return tuple(bool(r[k]) if k == "causal" else r[k] for k in SORT_KEY) + (r.get("phase", "fwd") != "fwd",)
+    return tuple(bool(r[k]) if k == "causal" else value(r, k) for k in SORT_KEY) + (r.get("phase", "fwd") != "fwd",)
 
 
 def shape(r: dict, nranks: int | None = None) -> Shape:

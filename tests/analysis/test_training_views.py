@@ -76,7 +76,7 @@ def test_report_puts_the_phases_side_by_side_with_the_model(training_file):
     res = ringbench("report", training_file, "--predict-ranks", "4")
     assert res.returncode == 0, res.stderr
     text = res.stdout
-    side = text.split("forward and backward side by side")[1].split("modes side by side")[0]
+    side = text.split("forward and backward side by side")[1].split("exposed communication step by step")[0]
     assert len([ln for ln in side.splitlines() if ln.startswith(("overlap", "blocking"))]) == 6
     assert "overlap *  zigzag causal" in side  # matched separate runs
     assert "backward compute rate at P=2" in text and "by phase and mode: fwd: " in text and "; bwd: " in text
