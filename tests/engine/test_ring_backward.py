@@ -166,7 +166,7 @@ def test_pass_is_a_config_key_everywhere():
     assert cfg.pass_ == "fwd+bwd" and cfg.phases == ("fwd", "bwd")
     assert cfg.to_dict()["pass"] == "fwd+bwd" and "pass_" not in cfg.to_dict()
     assert "pass" in RunConfig.field_names() and option_name("pass_") == "--pass" and option_name("pass") == "--pass"
-    with pytest.raises(ConfigError, match=r"pass: expected one of fwd, bwd, fwd\+bwd; got 'bw' \(did you mean 'bwd'\?\)"):
+    with pytest.raises(ConfigError, match=r"pass: expected one of fwd, bwd, fwd\+bwd, prefill, decode; got 'bw' \(did you mean 'bwd'\?\)"):
         RunConfig.from_dict({"pass": "bw"})
 
 
