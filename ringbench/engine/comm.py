@@ -148,7 +148,7 @@ class KVExchange:
         """Every rank's ``local`` block into ``out`` (P, *local.shape), rank order."""
         t0 = time.perf_counter()
         self.mark("post", t0, float(local.nbytes))
-        _collective(self.comm.Allgather, self.backend, self.staged, local, out, "ag")
+        _collective(self.comm, "Allgather", self.backend, self.staged, local, out, "ag")
         self.mark("wait", t0, time.perf_counter())
 
     def alltoall(self, send, recv) -> None:
@@ -159,7 +159,7 @@ class KVExchange:
         """
         t0 = time.perf_counter()
         self.mark("post", t0, float(send.nbytes))
-        _collective(self.comm.Alltoall, self.backend, self.staged, send, recv, "a2a")
+        _collective(self.comm, "Alltoall", self.backend, self.staged, send, recv, "a2a")
         self.mark("wait", t0, time.perf_counter())
 
 
@@ -188,19 +188,23 @@ def clock_offset(comm=WORLD, rounds: int = 8) -> float:
     return offset
 
 
-def _collective(op, backend, staged: bool, send, recv, key: str, *, over=None, kind: str | None = None, root: int = 0) -> None:
-    """``op(send, recv)`` (an MPI collective of whole buffers) on device buffers directly, or staged through pinned
-    host buffers named ``key`` when MPI is not CUDA-aware. The stream is synchronised first: MPI reads ``send``.
-    ``over``/``kind``: the communicator and the collective's name (default: those of a bound ``comm.Allgather`` or
-    ``comm.Alltoall``), for the byte count per destination."""
+def _collective(comm, kind: str, backend, staged: bool, send, recv, key: str, root: int = 0) -> None:
+    """The MPI collective ``kind`` (Allgather, Alltoall, or Gather to ``root``) of whole buffers over ``comm``, on
+    device buffers directly, or staged through pinned host buffers named ``key`` when MPI is not CUDA-aware. The
+    stream is synchronised first: MPI reads ``send``. While TRAFFIC counts, the bytes go to each destination."""
     if TRAFFIC.on:
-        c, kind = (op.__self__, op.__name__) if over is None else (over, kind)
         if kind == "Gather":  # all of send to the root
-            TRAFFIC.add(c, root, send.nbytes)
+            TRAFFIC.add(comm, root, send.nbytes)
         else:  # Allgather: all of send to every other member; Alltoall: block j of send to member j
-            each = send.nbytes if kind == "Allgather" else send.nbytes // max(c.size, 1)
-            for j in range(c.size):
-                TRAFFIC.add(c, j, each)
+            each = send.nbytes if kind == "Allgather" else send.nbytes // max(comm.size, 1)
+            for j in range(comm.size):
+                TRAFFIC.add(comm, j, each)
+    if kind == "Gather":
+
+        def op(s, r):
+            comm.Gather(s, r, root=root)
+    else:
+        op = getattr(comm, kind)
     backend.synchronize()
     if not staged:
         op(_buf(send), _buf(recv))
@@ -408,7 +412,7 @@ class AllToAll:
             self.backend.synchronize()
             recv[...] = send
             return
-        _collective(self.comm.Alltoall, self.backend, self.staged, send, recv, "a2a")
+        _collective(self.comm, "Alltoall", self.backend, self.staged, send, recv, "a2a")
 
 
 class PeerExchange(KVExchange):
@@ -454,4 +458,4 @@ def allreduce(x, op: str, comm, backend, staged: bool) -> None:
 
 def gather_to(local, out, comm, backend, staged: bool, root: int = 0) -> None:
     """Every rank's ``local`` into ``out`` (P, *local.shape) on ``root``, rank order (``out`` is not written elsewhere)."""
-    _collective(lambda s, r: comm.Gather(s, r, root=root), backend, staged, local, out, "gather", over=comm, kind="Gather", root=root)
+    _collective(comm, "Gather", backend, staged, local, out, "gather", root=root)
