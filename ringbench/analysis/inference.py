@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from ringbench.analysis import results
+
 SERVING = ("prefill", "decode")
 PASS_KV = ("overlap", "blocking")  # the ring modes are pass-KV
 
@@ -70,14 +72,11 @@ def _label(r: dict) -> str:
     return "pass-kv" if r["mode"] in PASS_KV else r["mode"]
 
 
-ABSENT = {"cached_tokens": 0, "new_tokens": 1}  # rows of files written before these keys: their defaults
-
-
 def _times_by(rs: list[dict], keys: tuple, column) -> dict:
     """{(row[k] for k in keys): {column(row): [time_s, ...]}}: the rows' times grouped by configuration and column."""
     groups: dict = {}
     for r in rs:
-        key = tuple((r.get(k) or ABSENT[k]) if k in ABSENT else r[k] for k in keys)
+        key = tuple(results.value(r, k) for k in keys)  # a key the row lacks: its value before it existed
         groups.setdefault(key, {}).setdefault(column(r), []).append(r["time_s"])
     return groups
 
