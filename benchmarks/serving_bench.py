@@ -2,19 +2,24 @@
 
     python benchmarks/serving_bench.py [--ranks 2] [--decode-ranks 2 3 4] [--seq-len 2048] [--cached 0 0.5 0.875 0.97]
                                        [--heads 8] [--kv-heads 1] [--head-dim 64] [--batch 1 8] [--repeat 5]
-                                       [--work DIR] [--out FILE.json]
+                                       [--rounds 3] [--probe-blocks 32,64,...] [--work DIR] [--out FILE.json]
 
-1. Calibration, apart from the measured runs: ``mpiexec -n P ringbench probe`` at every rank count.
-2. Prefill at ``--ranks``: ``ringbench run --pass prefill`` of pass-KV (``overlap``) and pass-Q (``pass-q``) at every
-   cached fraction of ``--cached`` (rounded to a multiple of 2P), each checked against float64.
-3. Decode at ``--decode-ranks`` and ``--batch``: ``ringbench run --pass decode`` per merge (ring, tree, gather), checked.
-4. The comparison with the model calibrated from the probes only (analysis.inference.predict_prefill/predict_decode):
-   per prefill point the measured winner where ``measure.compare`` of the two is significant (else a tie), the
-   predicted one, the error of each predicted time. Targets: predicted = measured winner on >= 90% of the decided
-   points and median |error| <= 20% at P = 2; rank counts above this machine's cores oversubscribe it (reported apart).
-   Decode: the step time per merge and P (microseconds), tree against ring.
+1. ``--rounds`` rounds, each: the calibration, apart from the measured runs (``mpiexec -n P ringbench probe`` at every
+   prefill rank count, blocks of ``--probe-blocks`` tokens: the new tokens' small pieces need the small blocks' rates),
+   then ``ringbench run --pass prefill`` of pass-KV (``overlap``) and pass-Q (``pass-q``) at every cached fraction of
+   ``--cached`` (rounded to a multiple of 2P), each checked against float64, in an order that alternates by round.
+   On a shared machine the load drifts: each round's runs are predicted by that round's probe.
+2. Decode at ``--decode-ranks`` and ``--batch``: a probe, then ``ringbench run --pass decode`` per merge (ring, tree,
+   gather), checked.
+3. The comparison with the model calibrated from the probes only (analysis.inference.predict_prefill/predict_decode):
+   per prefill point the measured winner where ``measure.compare`` of the two strategies' pass times over all rounds
+   is significant (else a tie), the predicted one (from the round-median predictions), and the error of every
+   predicted time against its own round's measured median. Targets: predicted = measured winner on >= 90% of the
+   decided points and median |error| <= 20% at P = 2; rank counts above this machine's cores oversubscribe it
+   (reported apart). Decode: the step time per merge and P (microseconds), tree against ring, and the model's.
 
-Prints the CPU and the load average; --out keeps every figure as JSON. Exit status 0; 2 on bad options (one line).
+Prints the CPU and the load average per round; --out keeps every figure as JSON. Exit status 0; 2 on bad options
+(one line).
 """
 
 from __future__ import annotations
@@ -52,10 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
     p.add_argument("--decode-seq-len", type=int, default=24576, help="decode: KV cache tokens per sequence")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="probe + prefill rounds (default 3)")
+    p.add_argument("--probe-blocks", default="32,64,128,256,512,1024", help="the probes' block sizes (tokens)")
     p.add_argument("--work", help="keep the probe and result files here (default: a temporary folder)")
     p.add_argument("--out", help="write every figure as JSON")
     ns = p.parse_args(argv)
-    for name in ("seq_len", "heads", "kv_heads", "head_dim", "repeat", "decode_seq_len"):
+    for name in ("seq_len", "heads", "kv_heads", "head_dim", "repeat", "decode_seq_len", "rounds"):
         if getattr(ns, name) < 1:
             p.exit(2, f"serving_bench.py: --{name.replace('_', '-')}: expected an integer >= 1\n")
     if any(not 0 <= c < 1 for c in ns.cached):
@@ -75,56 +82,81 @@ def median_time(run) -> float:
     return float(np.median(np.max(run.samples["total_s"], axis=1)))
 
 
+def load() -> float:
+    return os.getloadavg()[0]
+
+
 def main(argv=None) -> int:
     ns = parse_args(argv)
     work = Path(ns.work or tempfile.mkdtemp(prefix="serving-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    probe, out = work / "probe.h5", work / "runs.h5"
     shape = ["--heads", ns.heads, "--kv-heads", ns.kv_heads, "--head-dim", ns.head_dim]
-    for P in sorted(set(ns.ranks) | set(ns.decode_ranks)):
-        launch(P, "probe", "--out", probe, *shape, "--quiet")
-    common = [*shape, "--causal", "--check", "--repeat", ns.repeat, "--out", out, "--quiet"]
-    for P in ns.ranks:
-        n = ns.seq_len - ns.seq_len % (2 * P)
-        for frac in ns.cached:
-            c = min(int(frac * n) // (2 * P) * (2 * P), n - 2 * P)
-            for mode in ("overlap", "pass-q"):
-                launch(P, "run", "--pass", "prefill", "--seq-len", n, "--cached-tokens", c, "--mode", mode, *common)
+    probe_args = [*shape, "--block-sizes", ns.probe_blocks, "--quiet"]
+    cores = os.cpu_count() or 1
+    print(f"cpu: {provenance.cpu_model()}; {cores} cores")
+    rounds = []  # per round: (calibration, {(P, N, C): {mode: run}}, load before, load after)
+    for i in range(ns.rounds):
+        probe, out = work / f"probe-{i}.h5", work / f"prefill-{i}.h5"
+        for f in (probe, out):
+            f.unlink(missing_ok=True)
+        before = load()
+        for P in ns.ranks:
+            launch(P, "probe", "--out", probe, *probe_args)
+        common = [*shape, "--causal", "--check", "--repeat", ns.repeat, "--out", out, "--quiet"]
+        for P in ns.ranks:
+            n = ns.seq_len - ns.seq_len % (2 * P)
+            for frac in ns.cached:
+                c = min(int(frac * n) // (2 * P) * (2 * P), n - 2 * P)
+                for mode in ("overlap", "pass-q")[:: 1 if i % 2 == 0 else -1]:
+                    launch(P, "run", "--pass", "prefill", "--seq-len", n, "--cached-tokens", c, "--mode", mode, *common)
+        points: dict = {}
+        for r in results.load(out):
+            points.setdefault((r.nranks, r.config["seq_len"], r.config["cached_tokens"]), {})[r.config["mode"]] = r
+        rounds.append((model.calibrate([], store.read_probes(probe)), points, before, load()))
+        print(f"round {i + 1}: load average {before:.1f} -> {rounds[-1][3]:.1f}")
+    dprobe, dout = work / "decode-probe.h5", work / "decode.h5"
+    for f in (dprobe, dout):
+        f.unlink(missing_ok=True)
+    dload = load()
+    for P in ns.decode_ranks:
+        launch(P, "probe", "--out", dprobe, *probe_args)
+    common = [*shape, "--causal", "--check", "--repeat", ns.repeat, "--out", dout, "--quiet"]
     for P in ns.decode_ranks:
         n = ns.decode_seq_len - ns.decode_seq_len % (2 * P)
         for b in ns.batch:
             for merge in ("ring", "tree", "gather"):
                 launch(P, "run", "--pass", "decode", "--seq-len", n, "--batch", b, "--merge", merge, *common)
-    cal = model.calibrate([], store.read_probes(probe))
-    runs = results.load(out)
-    cores = os.cpu_count() or 1
-    print(f"cpu: {provenance.cpu_model()}; load average {os.getloadavg()[0]:.1f}; calibration: {cal.source}")
-    figures = {"prefill": [], "decode": []}
-    points: dict = {}
-    for r in runs:
-        if r.config["pass"] == "prefill":
-            points.setdefault((r.nranks, r.config["seq_len"], r.config["cached_tokens"]), {})[r.config["mode"]] = r
-    print("\nprefill: pass-KV (overlap) vs pass-Q, measured and predicted (ms)")
-    print(f"{'P':>2} {'N':>6} {'C/N':>5} {'pass-kv':>9} {'pass-q':>9} {'pred kv':>9} {'pred q':>9}  measured  predicted  rule")
-    for (P, n, c), modes in sorted(points.items()):
-        if set(modes) != {"overlap", "pass-q"}:
+    dcal = model.calibrate([], store.read_probes(dprobe))
+    print(f"decode: load average {dload:.1f} -> {load():.1f}; calibration: {dcal.source}")
+    figures = {"prefill": [], "decode": [], "rounds": [{"load": [r[2], r[3]], "calibration": r[0].source} for r in rounds]}
+
+    print("\nprefill: pass-KV (overlap) vs pass-Q, measured and predicted (ms; medians over rounds)")
+    print(f"{'P':>2} {'N':>6} {'C/N':>5} {'pass-kv':>9} {'pass-q':>9} {'pred kv':>9} {'pred q':>9}  measured  predicted  rule     errors")
+    for key in sorted(rounds[0][1]):
+        P, n, c = key
+        per = [(cal, pts[key]) for cal, pts, _, _ in rounds if set(pts.get(key, {})) == {"overlap", "pass-q"}]
+        if not per:
             continue
-        kv, q = modes["overlap"], modes["pass-q"]
-        w = {**kv.config, "nranks": P}
-        pred = inference.predict_prefill(w, cal)
-        cmp = measure.compare(np.max(kv.samples["total_s"], axis=1), np.max(q.samples["total_s"], axis=1))
-        tkv, tq = median_time(kv), median_time(q)
+        meas = {"pass-kv": [median_time(m["overlap"]) for _, m in per], "pass-q": [median_time(m["pass-q"]) for _, m in per]}
+        preds = [inference.predict_prefill({**m["overlap"].config, "nranks": P}, cal) for cal, m in per]
+        errs = [model.relative_error(pr[k], meas[k][j]) for j, pr in enumerate(preds) for k in ("pass-kv", "pass-q")]
+        kv_s = np.concatenate([np.max(m["overlap"].samples["total_s"], axis=1) for _, m in per])
+        q_s = np.concatenate([np.max(m["pass-q"].samples["total_s"], axis=1) for _, m in per])
+        cmp = measure.compare(kv_s, q_s)
+        tkv, tq = float(np.median(kv_s)), float(np.median(q_s))
         measured = ("pass-kv" if tkv < tq else "pass-q") if cmp.verdict == measure.SIGNIFICANT else None
+        pred = {k: float(np.median([p[k] for p in preds])) for k in preds[0]}
         predicted = "pass-kv" if pred["pass-kv"] <= pred["pass-q"] else "pass-q"
-        rule = inference.prefill_rule(n - c, c, w["heads"], w["kv_heads"])
-        errs = [model.relative_error(pred["pass-kv"], tkv), model.relative_error(pred["pass-q"], tq)]
+        rule = inference.prefill_rule(n - c, c, ns.heads, ns.kv_heads)
         figures["prefill"].append(
             dict(
                 P=P,
                 N=n,
                 C=c,
                 measured_s={"pass-kv": tkv, "pass-q": tq},
+                measured_rounds_s=meas,
                 predicted_s=pred,
+                predicted_rounds_s=preds,
                 measured=measured,
                 predicted=predicted,
                 rule=rule,
@@ -134,7 +166,8 @@ def main(argv=None) -> int:
         )
         print(
             f"{P:>2} {n:>6} {c / n:>5.2f} {tkv * 1e3:>9.2f} {tq * 1e3:>9.2f} {pred['pass-kv'] * 1e3:>9.2f} "
-            f"{pred['pass-q'] * 1e3:>9.2f}  {measured or 'tie':>8}  {predicted:>9}  {rule}"
+            f"{pred['pass-q'] * 1e3:>9.2f}  {measured or 'tie':>8}  {predicted:>9}  {rule}  "
+            + " ".join(f"{e:+.0%}" for e in errs)
         )
     for over in (False, True):
         sel = [f for f in figures["prefill"] if f["oversubscribed"] == over]
@@ -150,17 +183,18 @@ def main(argv=None) -> int:
             f"{tag}: predicted = measured winner at {agree} of {len(decided)} decided points; "
             f"median |error| {med:.0%} -> {'met' if ok else 'not met'}"
         )
-    print("\ndecode: one step per merge (us)")
-    print(f"{'P':>2} {'B':>3} {'ring':>9} {'tree':>9} {'gather':>9} {'tree/ring':>9}")
+    print("\ndecode: one step per merge (us), measured and predicted")
+    print(f"{'P':>2} {'B':>3} {'ring':>9} {'tree':>9} {'gather':>9} {'tree/ring':>9} {'pred ring':>9} {'pred tree':>9} {'pred gath':>9}")
     steps: dict = {}
-    for r in runs:
-        if r.config["pass"] == "decode":
-            steps.setdefault((r.nranks, r.config["batch"]), {})[r.config["merge"]] = median_time(r)
-    for (P, b), t in sorted(steps.items()):
+    for r in results.load(dout):
+        steps.setdefault((r.nranks, r.config["batch"]), [r.config, {}])[1][r.config["merge"]] = median_time(r)
+    for (P, b), (config, t) in sorted(steps.items()):
         ratio = t["tree"] / t["ring"] if "tree" in t and "ring" in t else float("nan")
-        figures["decode"].append(dict(P=P, B=b, measured_s=t, oversubscribed=P > cores))
+        pred = inference.predict_decode({**config, "nranks": P}, dcal)
+        figures["decode"].append(dict(P=P, B=b, measured_s=t, predicted_s=pred, oversubscribed=P > cores))
         cells = " ".join(f"{t.get(m, float('nan')) * 1e6:>9.0f}" for m in ("ring", "tree", "gather"))
-        print(f"{P:>2} {b:>3} {cells} {ratio:>9.2f}{'  (oversubscribed)' if P > cores else ''}")
+        pcells = " ".join(f"{pred[m] * 1e6:>9.0f}" for m in ("ring", "tree", "gather"))
+        print(f"{P:>2} {b:>3} {cells} {ratio:>9.2f} {pcells}{'  (oversubscribed)' if P > cores else ''}")
     if ns.out:
         Path(ns.out).write_text(json.dumps(figures, indent=1, default=float))
     return 0

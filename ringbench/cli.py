@@ -715,7 +715,7 @@ def cmd_advise(argv: list[str]) -> int:
             prog, f"--pass {ns.passes}: the calibration ({cal.source}) has no backward compute rate; probe again or add backward runs"
         )
     if ns.passes in ("prefill", "decode"):  # the serving passes' own model (analysis.inference)
-        return _advise_serving(ns, hk, cal)
+        return _advise_serving(ns, hk, cal, machine)
     base = model.Shape(
         nranks=1,
         seq_len=1,
@@ -732,7 +732,7 @@ def cmd_advise(argv: list[str]) -> int:
     return 0
 
 
-def _advise_serving(ns, hk: int, cal) -> int:
+def _advise_serving(ns, hk: int, cal, machine=None) -> int:
     """`advise --pass prefill|decode`: each strategy's (merge's) predicted time, the winner (analysis.inference)."""
     from ringbench.analysis import inference
     from ringbench.analysis.report import table
@@ -744,7 +744,7 @@ def _advise_serving(ns, hk: int, cal) -> int:
         return fail(prog, f"--new-tokens: only for --pass decode, an integer >= 1; got {ns.new_tokens}")
     w = dict(batch=ns.batch, heads=ns.heads, kv_heads=hk, head_dim=ns.head_dim, dtype=ns.dtype, layout=ns.layout)
     w.update({"pass": ns.passes, "cached_tokens": ns.cached_tokens, "new_tokens": ns.new_tokens})
-    print(inference.format_advice(w, ns.seq_len, ns.ranks, cal, table))
+    print(inference.format_advice(w, ns.seq_len, ns.ranks, cal, table, machine))
     return 0
 
 

@@ -266,8 +266,6 @@ def serving_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
         return []
     if not cfg.causal:
         return [("causal", f"--pass {p} attends causally by global position; add --causal")]
-    if cfg.save_tensors:
-        return [("save_tensors", f"not for --pass {p} (its queries and keys have different lengths); use --check")]
     if p == "prefill":
         if cfg.mode not in PREFILL_MODES:
             return [("mode", f"--pass prefill runs {', '.join(PREFILL_MODES)}; got {cfg.mode}")]

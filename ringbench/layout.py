@@ -104,6 +104,24 @@ def unmasked_pairs(layout: str, nranks: int, seq_len: int, causal: bool) -> int:
     return seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len
 
 
+def prefill_plan(layout: str, rank: int, src: int, nranks: int, n_new: int, n_cached: int) -> list[Piece]:
+    """Pieces of rank ``rank``'s n_new queries against the K/V block of rank ``src`` in a prefill against a cache
+    (ringbench.engine.serving: its n_cached cached rows, then its n_new new rows): every cached key (FULL), then the
+    causal plan of the new tokens, shifted past the cached rows."""
+    pieces = [Piece(0, n_new, 0, n_cached, FULL)] if n_cached else []
+    for p in step_plan(layout, rank, src, nranks, n_new, True):
+        pieces.append(Piece(p.q0, p.q1, p.k0 + n_cached, p.k1 + n_cached, p.mask))
+    return pieces
+
+
+def cache_pairs(seq_len: int, queries: int) -> int:
+    """Visible (query, key) pairs per sequence and head when the last ``queries`` of ``seq_len`` positions attend
+    causally to all of them (the serving passes: prefill's T = N - C new tokens, decode's t): each sees the
+    N - T earlier tokens and, causally, the new ones up to itself. ``queries = seq_len`` is the causal count."""
+    n, t = seq_len, queries
+    return t * (n - t) + t * (t + 1) // 2
+
+
 def first_hidden(mask: str, i):
     """The first key index hidden from query ``i`` (piece-local; an int or an integer array): key j is visible
     to query i iff j < first_hidden(mask, i). The one definition of CAUSAL and STRICT: the kernel's masking and

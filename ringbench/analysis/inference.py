@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import math
 
-from ringbench.analysis import results
+import numpy as np
+
+from ringbench.analysis import model, results
+from ringbench.kernels.kernel import flops as kflops
+from ringbench.layout import FULL, Piece, prefill_plan
 
 SERVING = ("prefill", "decode")
 PASS_KV = ("overlap", "blocking")  # the ring modes are pass-KV
@@ -41,31 +45,6 @@ def prefill_bytes(r: dict, itemsize: int, compute_itemsize: int) -> dict:
     kv = (P - 1) * b * (n // P) * 2 * hk * d * itemsize
     q = (P - 1) * b * (t // P) * h * (d * itemsize + (d + 1) * compute_itemsize)
     return {"pass-kv": kv, "pass-q": q, "allgather": kv}
-
-
-def prefill_times(r: dict, compute_s: float, alpha: float, bandwidth: float, itemsize: int, compute_itemsize: int) -> dict:
-    """Predicted prefill seconds per strategy: the compute plus the exposed part of the P - 1 transfers (allgather: all
-    of it, nothing overlaps)."""
-    P = r["nranks"]
-    out = {}
-    for name, nbytes in prefill_bytes(r, itemsize, compute_itemsize).items():
-        comm = (P - 1) * alpha + nbytes / bandwidth if P > 1 else 0.0
-        out[name] = compute_s + (comm if name == "allgather" else max(0.0, comm - compute_s))
-    return out
-
-
-def decode_times(nranks: int, partial_bytes: int, compute_s: float, alpha: float, bandwidth: float) -> dict:
-    """Predicted seconds of one decode step per merge: the partial's compute plus the merge's latency and bytes."""
-    P = nranks
-    if P == 1:
-        return {m: compute_s for m in ("ring", "tree", "gather")}
-    hop = alpha + partial_bytes / bandwidth
-    rounds = math.ceil(math.log2(P))
-    return {
-        "ring": compute_s + (P - 1) * hop,
-        "tree": compute_s + 2 * rounds * alpha + rounds * partial_bytes * (1 + 1 / 8) / bandwidth,
-        "gather": compute_s + alpha + (P - 1) * partial_bytes / bandwidth,
-    }
 
 
 def _label(r: dict) -> str:
@@ -155,44 +134,134 @@ def serving_text(rows: list[dict], table, cal=None) -> str | None:
 
 
 # what the model predicts: `ringbench advise --pass prefill|decode` -----------------------------------------------------
-ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+ITEMSIZE = model.ITEMSIZE
+PREFILL = ("pass-kv", "pass-q", "allgather")
+MERGES = ("ring", "tree", "gather")
 
 
-def _compute_s(cal, flops: float, block_flops: float, nranks: int, layout: str) -> float:
-    rate = cal.rate(block_flops, nranks, causal=True, layout=layout)
-    return flops / rate if rate > 0 else math.inf
+def _shape(w: dict, nranks: int) -> model.Shape:
+    hk = w.get("kv_heads") or w["heads"]
+    return model.Shape(
+        nranks=nranks,
+        seq_len=w["seq_len"],
+        batch=w["batch"],
+        heads=w["heads"],
+        kv_heads=hk,
+        head_dim=w["head_dim"],
+        dtype=w["dtype"],
+        causal=True,
+        layout=w.get("layout") or "contiguous",
+    )
 
 
-def predict_prefill(w: dict, cal) -> dict:
-    """Predicted seconds per prefill strategy of workload ``w`` (a row-like dict: nranks, seq_len, cached_tokens,
-    batch, heads, kv_heads, head_dim, dtype, layout) with calibration ``cal`` (model.Calibration): the arithmetic
-    over P ranks at the calibration's compute rate for blocks of N / P keys by T / P queries, the transfers at its link."""
+def prefill_class_seconds(w: dict, cal) -> dict:
+    """{SAME, BELOW, ABOVE: compute seconds of one prefill step of that class} (model.class_plans' classes: the K/V
+    block's rank is the query rank, below it or above it): the pieces of :func:`ringbench.layout.prefill_plan` timed
+    as the training model times a ring step's (model.pieces_seconds: each piece at the probe's rate of its own size,
+    masked ones at the diagonal blocks' rate, a preset's device per kernel call; or one rate fitted to runs, keyed by
+    the block of N / P keys by T / P queries). The new tokens' small pieces (T / P queries, their causal corner) are
+    slow per FLOP: the probe's smallest blocks give their rate (serving_bench probes blocks down to 32 tokens)."""
     P, n, c = w["nranks"], w["seq_len"], w.get("cached_tokens") or 0
-    t = n - c
-    s = ITEMSIZE[w["dtype"]]
-    pairs = t * c + t * (t + 1) // 2
-    flops = 4 * w["batch"] * w["heads"] * w["head_dim"] * pairs / P
-    block = 4 * w["batch"] * w["heads"] * w["head_dim"] * (n / P) * (t / P)
-    comp = _compute_s(cal, flops, block, P, w["layout"])
-    alpha, bw = cal.link(P)
-    return prefill_times(w, comp, alpha, bw, s, 8 if s == 8 else 4)
+    shape = _shape(w, P)
+    nn, nc = (n - c) // P, c // P
+    key = kflops(shape.batch, shape.heads, shape.head_dim, (n // P) * nn)
+    plans = {model.SAME: prefill_plan(shape.layout, 0, 0, P, nn, nc)}
+    if P > 1:
+        plans[model.BELOW] = prefill_plan(shape.layout, 1, 0, P, nn, nc)
+        plans[model.ABOVE] = prefill_plan(shape.layout, 0, 1, P, nn, nc)
+    return {k: model.pieces_seconds(v, cal, shape, shape.heads, "fwd", key) for k, v in plans.items()}
 
 
-def predict_decode(w: dict, cal) -> dict:
+def prefill_steps(w: dict, cal, machine=None) -> dict:
+    """{strategy: (P,) or (P + 1,) predicted step seconds} of a prefill (module docstring): bulk-synchronous, each step
+    as long as its busiest rank (model.busiest of :func:`prefill_class_seconds`), with the strategy's transfers."""
+    P = w["nranks"]
+    shape = _shape(w, P)
+    b, h, hk, d, s = shape.batch, shape.heads, shape.kv_heads, shape.head_dim, ITEMSIZE[shape.dtype]
+    cs = model.ACC_ITEMSIZE[shape.dtype]
+    n, c = w["seq_len"], w.get("cached_tokens") or 0
+    nn, nk = (n - c) // P, n // P
+    busy = model.busiest(prefill_class_seconds(w, cal), P)  # (P,) the busiest rank's compute per step
+    lat, bw = model.ring_link(cal, machine, P, 1)
+    block = 2 * b * nk * hk * d * s  # a K/V block of cached and new tokens
+    sends = np.where(np.arange(P) < P - 1, model.comm_time(block, lat, bw), 0.0) if P > 1 else np.zeros(P)
+    kv_busy = model.overlapped(busy, sends, cal)
+    out = {"pass-kv": np.maximum(kv_busy, sends)}
+    gather = busy.copy()
+    gather[0] += model.allgather_time(block, P, cal, machine)
+    out["allgather"] = gather
+    # pass-Q (model._pass_q's schedule): steps 0..P-1 compute the visiting queries against the local block, the next
+    # query block travels meanwhile (s < P - 1) and the previous step's partial returns home (2 <= s <= P); the
+    # queries' loads into the softmax state and the returned partials' merges at the probe's copy rate.
+    rows = b * nn * h
+    q_block, part = rows * d * s, rows * (d + 1) * cs
+    per_step = cal.copy_seconds(2 * (model.LOAD_PASSES + 2) * rows * d * cs, P)
+    per_return = cal.copy_seconds(2 * model.MERGE_PASSES * rows * (d + 1) * cs, P)
+    q_busy = np.zeros(P + 1)
+    q_busy[:P] = busy + per_step
+    q_busy[2:] += per_return
+    steps = np.arange(P + 1)
+    tq, tr = model.comm_time(q_block, lat, bw), model.comm_time(part, lat, bw)
+    comm = np.where(steps < P - 1, tq, 0.0) + np.where((steps >= 2) & (steps <= P), tr, 0.0) if P > 1 else np.zeros(P + 1)
+    out["pass-q"] = np.maximum(q_busy, comm)
+    return out
+
+
+def predict_prefill(w: dict, cal, machine=None) -> dict:
+    """Predicted seconds per prefill strategy (pass-kv, pass-q, allgather) of workload ``w`` (a row-like dict: nranks,
+    seq_len, cached_tokens, batch, heads, kv_heads, head_dim, dtype, layout) with calibration ``cal``
+    (model.Calibration, or a preset's model.DeviceCalibration) and, optionally, the machine (model.Machine: its links
+    by node boundary and collectives, as the training model uses them): the sum of :func:`prefill_steps`."""
+    return {k: float(v.sum()) for k, v in prefill_steps(w, cal, machine).items()}
+
+
+def decode_compute_s(w: dict, cal) -> float:
+    """Seconds of one rank's partial over its shard: t queries against N / P keys (all visible but the new tokens'
+    causal corner, which a contiguous shard's last rank masks), as one kernel call (model.pieces_seconds), and at
+    least the time to read the shard's K and V once at the calibration's memory rate (a probe's copy rate, a preset's
+    HBM bandwidth): with few queries per key a decode step is bound by reading its KV cache, not by its FLOPs."""
+    P = w["nranks"]
+    shape = _shape(w, P)
+    t, nk = w.get("new_tokens") or 1, w["seq_len"] // P
+    key = kflops(shape.batch, shape.heads, shape.head_dim, t * nk)
+    flops_s = model.pieces_seconds([Piece(0, t, 0, nk, FULL)], cal, shape, shape.heads, "fwd", key)
+    kv_bytes = 2 * shape.batch * nk * shape.kv_heads * shape.head_dim * ITEMSIZE[shape.dtype]
+    return max(flops_s, cal.copy_seconds(kv_bytes, P))
+
+
+def decode_merge_s(w: dict, cal, machine=None) -> dict:
+    """{merge: seconds of the merge of one decode step}: the partial [O | LSE] is B t H (D + 1) compute-dtype bytes;
+    ring: P - 1 sequential hops, each followed by a merge; tree: an all-reduce (recursive doubling, ceil(log2 P)
+    rounds) of the LSE's max, then of the weighted [O w | w]; gather: rank 0 receives P - 1 partials, then merges
+    them. Hops on the ring's link (with a machine: intra-node while the P ranks fit a node, else inter-node)."""
+    P = w["nranks"]
+    if P == 1:
+        return {m: 0.0 for m in MERGES}
+    shape = _shape(w, P)
+    t, cs = w.get("new_tokens") or 1, model.ACC_ITEMSIZE[shape.dtype]
+    rows = shape.batch * t * shape.heads
+    partial = rows * (shape.head_dim + 1) * cs
+    lat, bw = model.ring_link(cal, machine, P, 1)
+    merge = cal.copy_seconds(2 * model.MERGE_PASSES * partial, P)
+    rounds = math.ceil(math.log2(P))
+    return {
+        "ring": (P - 1) * (model.comm_time(partial, lat, bw) + merge),
+        "tree": rounds * (model.comm_time(rows * cs, lat, bw) + model.comm_time(partial, lat, bw)) + merge,
+        "gather": model.comm_time((P - 1) * partial, lat, bw) + (P - 1) * merge,
+    }
+
+
+def predict_decode(w: dict, cal, machine=None) -> dict:
     """Predicted seconds of one decode step per merge of workload ``w`` (nranks, seq_len, new_tokens, batch, heads,
-    kv_heads, head_dim, dtype, layout)."""
-    P, n, t = w["nranks"], w["seq_len"], w.get("new_tokens") or 1
-    s = ITEMSIZE[w["dtype"]]
-    flops = 4 * w["batch"] * w["heads"] * w["head_dim"] * t * n / P
-    comp = _compute_s(cal, flops, flops, P, w["layout"])
-    partial = w["batch"] * t * w["heads"] * (w["head_dim"] + 1) * (8 if s == 8 else 4)
-    alpha, bw = cal.link(P)
-    return decode_times(P, partial, comp, alpha, bw)
+    kv_heads, head_dim, dtype, layout): the partial (:func:`decode_compute_s`) plus the merge (:func:`decode_merge_s`)."""
+    comp = decode_compute_s(w, cal)
+    return {m: comp + v for m, v in decode_merge_s(w, cal, machine).items()}
 
 
-def format_advice(w: dict, seq_lens: list[int], ranks: list[int], cal, table) -> str:
+def format_advice(w: dict, seq_lens: list[int], ranks: list[int], cal, table, machine=None) -> str:
     """`ringbench advise --pass prefill|decode`: the predicted time of each strategy (prefill) or merge (decode) at
-    every N and P of the workload ``w``, the winner and the margin; prefill also Meta's rule's choice."""
+    every N and P of the workload ``w``, the winner and the margin; prefill also Meta's rule's choice. ``machine``
+    (``--machine``, model.Machine): its links by node boundary and collectives (a preset's device comes as ``cal``)."""
     pass_ = w["pass"]
     body = []
     names = ("pass-kv", "pass-q", "allgather") if pass_ == "prefill" else ("ring", "tree", "gather")
@@ -202,7 +271,7 @@ def format_advice(w: dict, seq_lens: list[int], ranks: list[int], cal, table) ->
             if pass_ == "prefill" and not (0 <= (w.get("cached_tokens") or 0) < n):
                 body.append([str(n), str(P)] + ["-"] * len(names) + ["refused: --cached-tokens must be below N", ""])
                 continue
-            times = predict_prefill(row, cal) if pass_ == "prefill" else predict_decode(row, cal)
+            times = predict_prefill(row, cal, machine) if pass_ == "prefill" else predict_decode(row, cal, machine)
             order = sorted(names, key=lambda k: times[k])
             margin = times[order[1]] / times[order[0]] if times[order[0]] > 0 else math.nan
             scale, unit = (1e3, "ms") if pass_ == "prefill" else (1e6, "us")
@@ -215,5 +284,6 @@ def format_advice(w: dict, seq_lens: list[int], ranks: list[int], cal, table) ->
         title = f"prefill against a KV cache of {w['cached_tokens']} tokens {shape}"
     else:
         title = f"one decode step, {w.get('new_tokens') or 1} new token(s) per sequence {shape}"
-    notes = f"calibration: {cal.source}; the model: docs/model.md (serving passes)"
+    where = f"; machine: {machine.source}" if machine is not None else ""
+    notes = f"calibration: {cal.source}{where}; the model: docs/model.md (serving passes)"
     return "\n".join([title, table(head, body), notes])

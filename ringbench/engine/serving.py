@@ -39,7 +39,7 @@ from ringbench.engine.passq import PassQ
 from ringbench.engine.ring import InjectedFault, Ring
 from ringbench.kernels import kernel
 from ringbench.kernels.api import make_forward, score_tile_elems
-from ringbench.layout import FULL, Piece, positions, step_plan
+from ringbench.layout import FULL, Piece, cache_pairs, positions, prefill_plan
 
 SERVING = ("prefill", "decode")
 
@@ -67,15 +67,6 @@ def rank_positions(cfg, rank: int, nranks: int) -> tuple[np.ndarray, np.ndarray]
     return pos, pos
 
 
-def prefill_plan(layout: str, rank: int, src: int, nranks: int, n_new: int, n_cached: int) -> list[Piece]:
-    """Pieces of rank ``rank``'s n_new queries against the K/V block of rank ``src`` (its n_cached cached rows, then its
-    n_new new rows): every cached key (FULL), then the causal plan of the new tokens, shifted past the cached rows."""
-    pieces = [Piece(0, n_new, 0, n_cached, FULL)] if n_cached else []
-    for p in step_plan(layout, rank, src, nranks, n_new, True):
-        pieces.append(Piece(p.q0, p.q1, p.k0 + n_cached, p.k1 + n_cached, p.mask))
-    return pieces
-
-
 def visible_pieces(q_pos, k_pos) -> list[Piece]:
     """FULL pieces covering exactly the causal pairs (key position <= query position) of queries ``q_pos`` (ascending)
     against keys ``k_pos`` (ascending): the keys every query sees, then, for each run of queries that see the same
@@ -99,9 +90,8 @@ def visible_pieces(q_pos, k_pos) -> list[Piece]:
 
 def unmasked_pairs(cfg) -> int:
     """Visible (query, key) pairs per sequence and head: each of the T queries (the last T of N positions) sees the
-    N - T earlier tokens and, causally, the new ones before it."""
-    n, t = cfg.seq_len, query_tokens(cfg)
-    return t * (n - t) + t * (t + 1) // 2
+    N - T earlier tokens and, causally, the new ones before it (layout.cache_pairs)."""
+    return cache_pairs(cfg.seq_len, query_tokens(cfg))
 
 
 def kv_cache_bytes(cfg, nranks: int, itemsize: int) -> tuple[int, int]:
@@ -132,6 +122,19 @@ def memory_need(cfg, nranks: int, itemsize: int, compute_itemsize: int, tokens_c
         ge = b * n * hk * d
         check = (8 + s) * 2 * ge + 8 * (2 * qe + 2 * b * h * n * d) + 5 * 8 * b * h * min(ref_chunk, t) * n
     return gen + kv + state + tile + check
+
+
+def output_lse(eng, batch: int):
+    """The log-sum-exp (natural log) of engine ``eng``'s queries after its forward, (B, n, H) in the compute dtype, as
+    --save-tensors stores it beside the output (None where the rank holds no output: decode's gather off rank 0)."""
+    if isinstance(eng, (Decode, PassQ)):
+        if eng.acc is None:
+            return None
+        lse = eng.acc[1]
+    else:  # the ring: its softmax state
+        lse = eng.state.finalize()[1]
+    z, g, n = lse.shape  # (B*H_kv, G, n)
+    return lse.reshape(batch, z // batch, g, n).transpose(0, 3, 1, 2).reshape(batch, n, (z // batch) * g)
 
 
 # the engines ----------------------------------------------------------------------------------------------------

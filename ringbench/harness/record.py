@@ -117,7 +117,9 @@ def assemble(cfg, parts: list, nranks: int, prov: dict, *, traffic: dict, itemsi
 
 
 def _global_tensors(cfg, parts) -> dict:
-    """q, k, v, out (and do, dq, dk, dv with a backward) in global token order."""
+    """q, k, v, out (and do, dq, dk, dv with a backward) in global token order; a serving pass: :func:`_serving_tensors`."""
+    if cfg.pass_ in serving.SERVING:
+        return _widen(_serving_tensors(cfg, parts))
     hk = cfg.kv_heads_resolved
     shapes = {"q": cfg.heads, "k": hk, "v": hk, "out": cfg.heads}
     if "bwd" in cfg.phases:
@@ -125,14 +127,44 @@ def _global_tensors(cfg, parts) -> dict:
     first = parts[0]["tensors"][1]["q"]
     out = {k: np.empty((cfg.batch, cfg.seq_len, h, cfg.head_dim), first.dtype) for k, h in shapes.items()}
     for p in parts:
-        pos, host, o, grads = p["tensors"]
+        pos, host, o, grads = p["tensors"][:4]
         for k in host:
             out[k][:, pos] = host[k]
         out["out"][:, pos] = o
         for k, g in zip(check.GRADS, grads or ()):
             out[k][:, pos] = g
-    if first.dtype.kind == "V" or str(first.dtype) == "bfloat16":  # h5py cannot store bfloat16: widen
-        out = {k: v.astype(np.float32) for k, v in out.items()}
+    return _widen(out)
+
+
+def _serving_tensors(cfg, parts) -> dict:
+    """A serving pass's tensors by global position: k, v (B, N, H_kv, D) of the whole context (cached and new tokens);
+    the pass's queries' positions q_pos (T,) (prefill: C .. N - 1; decode: N - t .. N - 1), and at those positions q,
+    out (B, T, H, D) and lse (B, T, H), the natural-log log-sum-exp of each query's scores (scaled by 1/sqrt(D))."""
+    hk, b, n, d = cfg.kv_heads_resolved, cfg.batch, cfg.seq_len, cfg.head_dim
+    first = parts[0]["tensors"][1]["q"]
+    q_all = np.unique(np.concatenate([p["tensors"][0] for p in parts]))  # every query position, ascending
+    t = len(q_all)
+    out = {"k": np.empty((b, n, hk, d), first.dtype), "v": np.empty((b, n, hk, d), first.dtype)}
+    out.update(q=np.empty((b, t, cfg.heads, d), first.dtype), out=np.empty((b, t, cfg.heads, d), first.dtype))
+    lse = None
+    for p in parts:
+        pos, host, o, _, kv_pos, rank_lse = p["tensors"]
+        rows = np.searchsorted(q_all, pos)
+        out["k"][:, kv_pos], out["v"][:, kv_pos] = host["k"], host["v"]
+        out["q"][:, rows] = host["q"]
+        if o is not None:  # decode --merge gather: only rank 0 holds the output (of every query)
+            out["out"][:, rows] = o
+            if lse is None:
+                lse = np.empty((b, t, cfg.heads), rank_lse.dtype)
+            lse[:, rows] = rank_lse
+    out["lse"], out["q_pos"] = lse, q_all.astype(np.int64)
+    return out
+
+
+def _widen(out: dict) -> dict:
+    """h5py cannot store bfloat16: its tensors widened to float32."""
+    if any(v.dtype.kind == "V" or str(v.dtype) == "bfloat16" for v in out.values()):
+        return {k: v.astype(np.float32) if v.dtype.kind == "V" or str(v.dtype) == "bfloat16" else v for k, v in out.items()}
     return out
 
 

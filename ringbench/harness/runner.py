@@ -155,7 +155,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         "peak_rss": peak_rss_bytes(),  # --check included (it ran above)
         "baseline_rss": baseline_rss,
         "pool": backend.device_pool_bytes(),
-        "tensors": (pos, host, output, grads) if cfg.save_tensors else None,
+        "tensors": (pos, host, output, grads, kv_pos, _lse(ring, cfg, backend, output)) if cfg.save_tensors else None,
         "score_tile": ring.score_tile_elems,
         "score_tile_bwd": ring.bwd_score_tile_elems,
         "sent": sent,
@@ -167,6 +167,14 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         return 0
     node_map = (node_of, node_hosts, world_ranks)
     return _finish(cfg, parts, nranks, backend, cuda_aware, ring, out, quiet, node_map)
+
+
+def _lse(ring, cfg, backend, output):
+    """The serving passes' log-sum-exp of this rank's queries for --save-tensors (None for the training passes, and
+    where the rank holds no output)."""
+    if cfg.pass_ not in serving.SERVING or output is None:
+        return None
+    return backend.asnumpy(serving.output_lse(ring, cfg.batch))
 
 
 def reset_peak_rss(clear_refs: str = "/proc/self/clear_refs") -> bool:

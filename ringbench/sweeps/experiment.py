@@ -404,10 +404,13 @@ class Point:
         """Floating-point work of one repeat (all ranks): its timed passes', the backward at 2.5 x the forward
         (forward x1, backward x2.5, fwd+bwd x3.5; :func:`backward.phase_flops`, as the runner counts them)."""
         from ringbench.kernels import backward
-        from ringbench.layout import unmasked_pairs
+        from ringbench.layout import cache_pairs, unmasked_pairs
 
         c = self.config
-        pairs = unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal)
+        if c.pass_ in ("prefill", "decode"):  # the serving passes: T = N - C (prefill) or t (decode) queries, all N keys
+            pairs = cache_pairs(c.seq_len, c.seq_len - c.cached_tokens if c.pass_ == "prefill" else c.new_tokens)
+        else:
+            pairs = unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal)
         return sum(backward.phase_flops(phase, c.batch, c.heads, c.head_dim, pairs) for phase in c.phases)
 
     def work(self) -> float:

@@ -15,6 +15,8 @@ from ringbench import store
 from ringbench.analysis import report, results
 from ringbench.config import RunConfig, point_id, validate
 from ringbench.engine import serving
+from ringbench.harness import inputs
+from ringbench.kernels import reference
 from ringbench.layout import LAYOUTS, divisor
 
 from conftest import child_env, mpi_worker, mpiexec
@@ -104,7 +106,8 @@ def test_rules_refuse_what_does_not_apply():
     assert problems(pass_="prefill", cached_tokens=96) == ["cached_tokens"]
     assert problems(pass_="prefill", cached_tokens=3) == ["cached_tokens"]  # not divisible by P
     assert problems(pass_="prefill", mode="ulysses", heads=8) == ["mode"]
-    assert problems(pass_="prefill", save_tensors=True) == ["save_tensors"]
+    assert problems(pass_="prefill", cached_tokens=48, save_tensors=True) == []
+    assert problems(pass_="decode", save_tensors=True) == []
     assert problems(cached_tokens=48) == ["cached_tokens"]  # only for prefill
     assert problems(new_tokens=2) == ["new_tokens"]
     assert problems(merge="ring") == ["merge"]
@@ -187,3 +190,60 @@ def test_runs_are_stored_read_back_and_reported(tmp_path):
     written, skipped = plot.render(runs, str(tmp_path), formats=("png",))
     assert [Path(w).name for w in written] == ["decode.png"]  # only serving runs: only their figures
     assert skipped == ["prefill: needs prefill runs (--pass prefill) at 2 or more cached sizes"]
+
+
+def _lse64(q, k, q_pos):
+    """float64 log-sum-exp (natural log) of q (B, T, H, D) against every key k (B, N, H_kv, D), causal by position."""
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    kh = np.repeat(np.asarray(k, np.float64).transpose(0, 2, 1, 3), g, axis=1)  # (B, H, N, D)
+    s = np.asarray(q, np.float64).transpose(0, 2, 1, 3) @ kh.swapaxes(-1, -2) / np.sqrt(d)  # (B, H, T, N)
+    s = np.where(np.arange(k.shape[1])[None, :] > np.asarray(q_pos)[:, None], -np.inf, s)
+    m = s.max(axis=-1, keepdims=True)
+    return (m[..., 0] + np.log(np.exp(s - m).sum(axis=-1))).transpose(0, 2, 1)  # (B, T, H)
+
+
+# one random case per launch: (P, pass, mode or merge, layout), odd shapes drawn from the case's seed
+SAVE_CASES = [
+    (3, "prefill", "pass-q", "striped"),
+    (2, "decode", "gather", "contiguous"),
+    pytest.param(4, "prefill", "overlap", "zigzag", marks=pytest.mark.slow),
+    pytest.param(3, "decode", "tree", "striped", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nranks,pass_,how,layout", SAVE_CASES)
+def test_save_tensors_of_the_serving_passes_match_float64(tmp_path, nranks, pass_, how, layout):
+    """--save-tensors: k, v of the whole context and q at the queries' positions are the generated inputs there; the
+    stored out and lse, loaded from the file, equal the float64 reference's over the global positions."""
+    rng = np.random.default_rng([nranks, len(pass_), len(how), len(layout)])
+    div = divisor(layout, nranks)
+    n = div * int(rng.integers(3, 9))
+    hk = int(rng.choice([1, 2]))
+    h, d, b = hk * int(rng.integers(1, 4)), int(rng.integers(3, 12)), int(rng.integers(1, 3))
+    if pass_ == "prefill":
+        c = div * int(rng.integers(1, n // div))
+        extra, q_pos = ["--mode", how, "--cached-tokens", c], np.arange(c, n)
+    else:
+        t = int(rng.integers(1, 4))
+        extra, q_pos = ["--merge", how, "--new-tokens", t], np.arange(n - t, n)
+    out = tmp_path / "t.h5"
+    shape = ["--seq-len", n, "--heads", h, "--kv-heads", hk, "--head-dim", d, "--batch", b, "--layout", layout]
+    res = mpiexec(nranks, "run", "--pass", pass_, "--causal", *shape, *extra, "--repeat", 1, "--warmup", 0, "--save-tensors",
+                  "--seed", 7, "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    (run,) = store.read(out, tensors=True)
+    got = run.tensors
+    assert set(got) == {"q", "k", "v", "out", "lse", "q_pos"}
+    assert np.array_equal(got["q_pos"], q_pos)
+    dims = dict(batch=b, seq_len=n, head_dim=d)
+    allpos = np.arange(n)
+    for name, pos, heads in (("q", q_pos, h), ("k", allpos, hk), ("v", allpos, hk)):
+        assert np.array_equal(got[name], inputs.tokens(name, 7, pos, heads=heads, **dims).astype(np.float32)), name
+    ref = reference.reference_attention(got["q"], got["k"], got["v"], causal=True, q_pos=q_pos, k_pos=allpos)
+    assert got["out"].shape == ref.shape == (b, len(q_pos), h, d)
+    assert reference.within(got["out"], ref, "float32"), reference.rel_err(got["out"], ref)
+    lse = _lse64(got["q"], got["k"], q_pos)
+    assert got["lse"].shape == lse.shape
+    assert np.abs(got["lse"] - lse).max() <= 1e-4 * max(1.0, np.abs(lse).max())
