@@ -166,8 +166,7 @@ def main(argv=None) -> int:
         )
         print(
             f"{P:>2} {n:>6} {c / n:>5.2f} {tkv * 1e3:>9.2f} {tq * 1e3:>9.2f} {pred['pass-kv'] * 1e3:>9.2f} "
-            f"{pred['pass-q'] * 1e3:>9.2f}  {measured or 'tie':>8}  {predicted:>9}  {rule}  "
-            + " ".join(f"{e:+.0%}" for e in errs)
+            f"{pred['pass-q'] * 1e3:>9.2f}  {measured or 'tie':>8}  {predicted:>9}  {rule}  " + " ".join(f"{e:+.0%}" for e in errs)
         )
     for over in (False, True):
         sel = [f for f in figures["prefill"] if f["oversubscribed"] == over]

@@ -1,16 +1,20 @@
 """What stored serving runs mean (``--pass prefill``, ``--pass decode``): their tables in the report, the winners, and the
 simple model of both. Pure: rows in (ringbench.analysis.results), text and numbers out.
 
-The model (docs/model.md, "Serving passes"):
+The model (docs/model.md, "Serving passes"), built from the training model's terms (ringbench.analysis.model):
 
-* prefill, per rank: pass-KV moves P - 1 K/V blocks of (C + T) / P tokens x 2 H_kv D storage bytes; pass-Q moves P - 1
-  query blocks of T / P tokens x H D storage bytes and P - 1 partials of T / P tokens x H (D + 1) compute bytes. Both do
-  the same arithmetic. Meta's rule (context-parallel inference, 2024): pass-KV when T / (T + C) > 2 H_kv / H (or when
-  its transfer is hidden behind the compute anyway), pass-Q below: :func:`prefill_rule`. With a link (alpha, beta)
-  and the compute time the exposed transfer of each is max(0, hops (alpha + bytes / beta) - compute): :func:`prefill_times`.
-* decode, one step: the partial over N / P keys, then the merge: ring P - 1 sequential hops of one partial
-  [O | LSE] (B t H (D + 1) compute bytes); tree two all-reduces of ceil(log2 P) rounds each; gather one round in which
-  rank 0 receives P - 1 partials: :func:`decode_times`.
+* prefill: bulk-synchronous steps, each as long as its busiest rank (:func:`prefill_steps`): the rank's pieces of
+  ringbench.layout.prefill_plan timed per piece (:func:`prefill_class_seconds`), with the strategy's transfers:
+  pass-KV P - 1 K/V blocks of N / P tokens x 2 H_kv D storage bytes behind the compute; all-gather the P blocks first;
+  pass-Q (model._pass_q's schedule) P - 1 query blocks of T / P tokens x H D storage bytes and P - 1 partials of
+  T / P tokens x H (D + 1) compute bytes returning home, the loads and merges at the copy rate. Meta's rule
+  (context-parallel inference, 2024): pass-KV when T / (T + C) > 2 H_kv / H (or when its transfer is hidden behind
+  the compute anyway), pass-Q below: :func:`prefill_rule`.
+* decode, one step: the partial over N / P keys, at least the time to read the shard (:func:`decode_compute_s`), then
+  the merge (:func:`decode_merge_s`): ring P - 1 sequential hops of one partial [O | LSE] (B t H (D + 1) compute
+  bytes); tree two all-reduces of ceil(log2 P) rounds each; gather one round in which rank 0 receives P - 1 partials.
+* ``machine`` (``advise --machine``, model.Machine): the links by node boundary and the collectives, as the training
+  advice uses them; a preset's GPU comes as its calibration (model.DeviceCalibration: each piece one kernel call).
 """
 
 from __future__ import annotations

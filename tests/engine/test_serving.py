@@ -230,8 +230,8 @@ def test_save_tensors_of_the_serving_passes_match_float64(tmp_path, nranks, pass
         extra, q_pos = ["--merge", how, "--new-tokens", t], np.arange(n - t, n)
     out = tmp_path / "t.h5"
     shape = ["--seq-len", n, "--heads", h, "--kv-heads", hk, "--head-dim", d, "--batch", b, "--layout", layout]
-    res = mpiexec(nranks, "run", "--pass", pass_, "--causal", *shape, *extra, "--repeat", 1, "--warmup", 0, "--save-tensors",
-                  "--seed", 7, "--out", out, "--quiet")
+    shape += ["--repeat", 1, "--warmup", 0, "--seed", 7, "--out", out, "--quiet"]
+    res = mpiexec(nranks, "run", "--pass", pass_, "--causal", *shape, *extra, "--save-tensors")
     assert res.returncode == 0, res.stderr
     (run,) = store.read(out, tensors=True)
     got = run.tensors
