@@ -18,8 +18,9 @@ from ringbench.engine import serving
 from ringbench.harness import inputs
 from ringbench.kernels import reference
 from ringbench.layout import LAYOUTS, divisor
+from ringbench.sweeps import experiment
 
-from conftest import child_env, mpi_worker, mpiexec
+from conftest import child_env, mpi_worker, mpiexec, ringbench
 
 WORKER = Path(__file__).with_name("mpi_serving.py")
 
@@ -247,3 +248,41 @@ def test_save_tensors_of_the_serving_passes_match_float64(tmp_path, nranks, pass
     lse = _lse64(got["q"], got["k"], q_pos)
     assert got["lse"].shape == lse.shape
     assert np.abs(got["lse"] - lse).max() <= 1e-4 * max(1.0, np.abs(lse).max())
+
+
+@pytest.mark.mpi
+def test_a_serving_experiment_is_planned_swept_reported_and_plotted_by_the_cli(tmp_path):
+    """ringbench plan / sweep / status / report / plot on a tiny serving experiment (prefill at two cached sizes, one
+    decode step): the plan's work is the runs' own FLOP count (the new tokens' queries against the whole context)."""
+    exp = tmp_path / "serve.yaml"
+    exp.write_text(
+        "name: serve\n"
+        "base: {seq_len: 32, heads: 2, kv_heads: 1, head_dim: 4, causal: true, repeat: 2, warmup: 0, check: true}\n"
+        "matrix:\n  pass: [prefill, decode]\n  cached_tokens: [0, 24]\n"
+        "ranks: [2]\n"
+        "exclude:\n  - {pass: decode, cached_tokens: 24}\n"
+    )
+    plan = ringbench("plan", exp, cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "3 points" in plan.stdout
+    res = ringbench("sweep", exp, "--results", tmp_path / "results", cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "3 ok, 0 failed" in res.stdout
+    status = ringbench("status", tmp_path / "results" / "serve", cwd=tmp_path)
+    assert status.returncode == 0 and "3 points: 3 done" in status.stdout, status.stdout + status.stderr
+    merged = tmp_path / "results" / "serve.h5"
+    runs = {r.point_id: r for r in store.read(merged)}
+    points = experiment.load(exp).points
+    assert set(runs) == {p.id for p in points}
+    for p in points:
+        run = runs[p.id]
+        assert run.status == "ok" and run.check["passed"]
+        assert p.flops() == run.summary["flops"]  # (T (N - T) + T (T + 1) / 2) 4 B H D
+        t = 32 - p.config.cached_tokens if p.config.pass_ == "prefill" else 1
+        assert p.flops() == 4 * 2 * 4 * (t * (32 - t) + t * (t + 1) // 2)
+    report = ringbench("report", merged, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "prefill against a KV cache" in report.stdout and "decode with a sharded KV cache" in report.stdout
+    figs = ringbench("plot", merged, "-o", tmp_path / "figs", cwd=tmp_path)
+    assert figs.returncode == 0, figs.stderr
+    assert {"prefill.png", "decode.png"} <= {f.name for f in (tmp_path / "figs").iterdir()}
