@@ -87,7 +87,8 @@ def prefill_text(rows: list[dict], table, cal=None) -> str | None:
             w = dict(nranks=P, seq_len=n, cached_tokens=c, batch=b, heads=h, kv_heads=hk, head_dim=d, dtype=dtype, layout=layout)
             pred = predict_prefill(w, cal)
             names = {"pass-kv" if m in PASS_KV else m for m in times} & set(pred)
-            model_cells = [min(sorted(names), key=pred.get) if names else "-"]
+            model_cells = [f"{pred[_label({'mode': m})] * 1e3:.2f}" if m in times else "-" for m in modes]
+            model_cells.append(min(sorted(names), key=pred.get) if names else "-")
         body.append(
             [f"{layout} {dtype} B={b} H={h}/{hk} D={d}", str(P), str(n), f"{c / n:.2f}"]
             + [f"{times[m] * 1e3:.2f}" if m in times else "-" for m in modes]
@@ -95,7 +96,7 @@ def prefill_text(rows: list[dict], table, cal=None) -> str | None:
             + model_cells
         )
     head = ["shape", "P", "N", "cached"] + [f"{m} ms" for m in modes] + ["measured best", "rule (T/(T+C) > 2 H_kv/H)"]
-    head += ["model best"] if cal is not None else []
+    head += [f"model {m} ms" for m in modes] + ["model best"] if cal is not None else []
     lines = ["prefill against a KV cache: time per strategy (overlap, blocking: pass-KV) by cached fraction C / N", table(head, body)]
     if decided:
         lines.append(f"Meta's rule names the measured best of pass-KV and pass-Q at {agree} of {decided} points")
