@@ -146,6 +146,12 @@ def test_tables_name_the_winners_and_the_rule():
     assert "names the measured best of pass-KV and pass-Q at 2 of 2 points" in text
     assert "50" in text and "40" in text and "tree" in text.splitlines()[-1]
     assert aserving.serving_text([rows[-1]], table) is None
+    cal = model.Calibration.simple(rate=RATE, latency=0.0, bandwidth=math.inf)
+    text = aserving.prefill_text(rows, table, cal)
+    head, _, first = text.splitlines()[1:4]
+    assert "model overlap ms" in head and "model pass-q ms" in head
+    pred = aserving.predict_prefill(dict(rows[0], nranks=2, cached_tokens=0), cal)
+    assert f"{pred['pass-kv'] * 1e3:.2f}" in first.split() and first.split()[-1] == "pass-kv"
 
 
 def test_advice_names_the_winner_by_the_model():
