@@ -2,7 +2,8 @@
 
     python benchmarks/serving_bench.py [--ranks 2] [--decode-ranks 2 3 4] [--seq-len 2048] [--cached 0 0.5 0.875 0.97]
                                        [--heads 8] [--kv-heads 1] [--head-dim 64] [--batch 1 8] [--repeat 5]
-                                       [--rounds 3] [--probe-blocks 32,64,...] [--work DIR] [--out FILE.json]
+                                       [--rounds 3] [--probe-blocks 32,64,...] [--probe-repeat 15] [--work DIR]
+                                       [--out FILE.json]
 
 1. ``--rounds`` rounds, each: the calibration, apart from the measured runs (``mpiexec -n P ringbench probe`` at every
    prefill rank count, blocks of ``--probe-blocks`` tokens: the new tokens' small pieces need the small blocks' rates),
@@ -59,10 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3, help="probe + prefill rounds (default 3)")
     p.add_argument("--probe-blocks", default="32,64,128,256,512,1024", help="the probes' block sizes (tokens)")
+    p.add_argument("--probe-repeat", type=int, default=15, help="the probes' timed kernel calls per block size (default 15)")
     p.add_argument("--work", help="keep the probe and result files here (default: a temporary folder)")
     p.add_argument("--out", help="write every figure as JSON")
     ns = p.parse_args(argv)
-    for name in ("seq_len", "heads", "kv_heads", "head_dim", "repeat", "decode_seq_len", "rounds"):
+    for name in ("seq_len", "heads", "kv_heads", "head_dim", "repeat", "decode_seq_len", "rounds", "probe_repeat"):
         if getattr(ns, name) < 1:
             p.exit(2, f"serving_bench.py: --{name.replace('_', '-')}: expected an integer >= 1\n")
     if any(not 0 <= c < 1 for c in ns.cached):
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     work = Path(ns.work or tempfile.mkdtemp(prefix="serving-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     shape = ["--heads", ns.heads, "--kv-heads", ns.kv_heads, "--head-dim", ns.head_dim]
-    probe_args = [*shape, "--block-sizes", ns.probe_blocks, "--quiet"]
+    probe_args = [*shape, "--block-sizes", ns.probe_blocks, "--repeat", ns.probe_repeat, "--quiet"]
     cores = os.cpu_count() or 1
     print(f"cpu: {provenance.cpu_model()}; {cores} cores")
     rounds = []  # per round: (calibration, {(P, N, C): {mode: run}}, load before, load after)

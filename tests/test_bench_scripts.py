@@ -388,7 +388,7 @@ def test_peers_user_error_is_one_line():
 def test_serving_bench_compares_the_strategies_and_the_merges(tmp_path):
     out = tmp_path / "s.json"
     args = ["--seq-len", 64, "--cached", 0, 0.75, "--heads", 4, "--kv-heads", 1, "--head-dim", 8, "--batch", 1]
-    args += ["--rounds", 1, "--probe-blocks", "32,64"]
+    args += ["--rounds", 1, "--probe-blocks", "32,64", "--probe-repeat", 3]
     res = script("serving_bench.py", *args, "--decode-ranks", 2, "--decode-seq-len", 64, "--repeat", 3, "--work", tmp_path, "--out", out)
     assert res.returncode == 0, res.stderr
     assert "predicted = measured winner" in res.stdout and "tree/ring" in res.stdout
