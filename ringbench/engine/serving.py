@@ -104,7 +104,8 @@ def memory_need(cfg, nranks: int, itemsize: int, compute_itemsize: int, tokens_c
     """Host bytes a rank of a serving pass allocates above its baseline (harness.memory's estimate for these passes):
     generating its q, k, v (float64, then the storage dtype, with the hash's temporaries); the engine's K/V (home,
     two ring buffers, a compute copy, allgather's P blocks; pass-q: its query blocks and partials); the kernel state
-    and output; --check's global K/V and float64 reference over all N keys."""
+    and output; --check's global K/V and float64 reference over all N keys; --save-tensors' global arrays (rank 0's,
+    counted on every rank: the estimate has no rank)."""
     s, c = itemsize, compute_itemsize
     b, h, hk, d, n = cfg.batch, cfg.heads, cfg.kv_heads_resolved, cfg.head_dim, cfg.seq_len
     t = query_tokens(cfg) if cfg.pass_ == "decode" else query_tokens(cfg) // nranks  # this rank's queries
@@ -121,7 +122,10 @@ def memory_need(cfg, nranks: int, itemsize: int, compute_itemsize: int, tokens_c
     if cfg.check:
         ge = b * n * hk * d
         check = (8 + s) * 2 * ge + 8 * (2 * qe + 2 * b * h * n * d) + 5 * 8 * b * h * min(ref_chunk, t) * n
-    return gen + kv + state + tile + check
+    save = 0
+    if cfg.save_tensors:  # rank 0 unpickles every rank's tensors and assembles the global ones (the bound on every rank)
+        save = 3 * max(s, 4) * b * n * (2 * h + 2 * hk) * d + 4 * b * t * nranks * h
+    return gen + kv + state + tile + check + save
 
 
 def output_lse(eng, batch: int):
