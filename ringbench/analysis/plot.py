@@ -859,7 +859,7 @@ def decode_figure(runs, cal: model.Calibration | None = None):
     for r in rows:
         key = (r["seq_len"], r.get("new_tokens") or 1, r["heads"], r["kv_heads"], r["head_dim"], r["dtype"], r["layout"])
         groups.setdefault(key, {}).setdefault((r.get("merge") or "tree", r["batch"]), {}).setdefault(r["nranks"], []).append(r["time_s"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(7.5, 5.5 * len(groups)), 4.2), squeeze=False)  # room for the title
     colors = {"ring": "C0", "tree": "C1", "gather": "C2"}
     for ax, (key, lines) in zip(axes[0], sorted(groups.items())):
         n, t, h, hk, d, dtype, layout = key
