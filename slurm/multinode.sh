@@ -8,7 +8,8 @@
 #   slurm/multinode.sh mpiexec ARGS...   mpiexec across the nodes (hydra's -launcher ssh through a script that
 #                                 enters a node's namespace; -hosts every node): e.g. `... mpiexec -ppn 2 -n 4 CMD`
 #   slurm/multinode.sh net-up | net-down   only the namespaces, no Slurm (mpiexec across the nodes still works)
-#   slurm/multinode.sh rate RATE|none      reshape the running cluster's node links (benchmarks/multinode_bench.py)
+#   slurm/multinode.sh rate RATE|none [NODE]   reshape the running cluster's node links (benchmarks/multinode_bench.py),
+#                                 or only node NODE's (1..K): a slow node among healthy ones, as `doctor` flags
 #
 # Node i (1..K) is the network namespace ${PREFIX}i with its own hostname (each command runs under `unshare --uts`,
 # which sets the hostname to the node's name), address $SUBNET.i/24 on its eth0, a veth pair to the bridge
@@ -116,13 +117,19 @@ net_up() {
     echo "multinode: $K nodes up ($(hosts_csv); link rate $RATE; $DIR)"
 }
 
-set_rate() {  # RATE: reshape every node link of the running cluster (none: unshaped), and record it
-    [ -n "$1" ] || die "usage: $0 rate RATE|none (a tc rate such as 400mbit)"
+set_rate() {  # RATE [NODE]: reshape every node link of the running cluster (none: unshaped), and record it;
+    # with NODE (1..K), only that node's link: a slow node among healthy ones (what doctor flags)
+    [ -n "${1:-}" ] || die "usage: $0 rate RATE|none [NODE] (a tc rate such as 400mbit; NODE 1..$K: that node only)"
     [ -f "$DIR/net.up" ] || die "the nodes are down: run $0 up first"
     RATE=$1
     check_settings
-    local i ns veth
-    for i in $(seq "$K"); do
+    local nodes i ns veth
+    nodes=$(seq "$K")
+    if [ -n "${2:-}" ]; then
+        [[ $2 =~ ^[0-9]+$ ]] && [ "$2" -ge 1 ] && [ "$2" -le "$K" ] || die "rate $RATE $2: expected a node number 1-$K"
+        nodes=$2
+    fi
+    for i in $nodes; do
         ns=$(node_name "$i")
         veth=${PREFIX}v$i
         tc qdisc del dev "$veth" root 2>/dev/null || true
@@ -130,6 +137,12 @@ set_rate() {  # RATE: reshape every node link of the running cluster (none: unsh
         shape tc qdisc add dev "$veth"
         shape ip netns exec "$ns" tc qdisc add dev eth0
     done
+    if [ -n "${2:-}" ]; then
+        echo "$2 $RATE" >> "$DIR/node-rates"
+        echo "multinode: node $(node_name "$2")'s link at $RATE"
+        return 0
+    fi
+    rm -f "$DIR/node-rates"
     echo "$K $RATE" > "$DIR/net.up"
     sed -i "s/^export RINGBENCH_INTERNODE_RATE=.*/export RINGBENCH_INTERNODE_RATE=$RATE/" "$DIR/env"
     echo "multinode: node links at $RATE"
@@ -145,7 +158,7 @@ net_down() {
             link) ip link del "$name" 2>/dev/null || true ;;
         esac
     done
-    rm -f "$DIR/made" "$DIR/net.up"
+    rm -f "$DIR/made" "$DIR/net.up" "$DIR/node-rates"
     echo "multinode: nodes down ($DIR)"
 }
 
@@ -341,6 +354,7 @@ down() {
 status() {
     if [ ! -f "$DIR/net.up" ]; then echo "multinode: down ($DIR)"; return 1; fi
     echo "multinode: nodes up ($DIR): $(cat "$DIR/net.up")"
+    if [ -f "$DIR/node-rates" ]; then echo "  node links reshaped (node rate): $(tr '\n' ';' < "$DIR/node-rates")"; fi
     local i
     for i in $(seq "$K"); do
         local ns=$(node_name "$i") veth=${PREFIX}v$i
@@ -356,7 +370,7 @@ case "${1:-}" in
     status) status ;;
     net-up) net_up ;;
     net-down) slurm_down; net_down ;;
-    rate) shift; set_rate "${1:-}" ;;
+    rate) shift; set_rate "${1:-}" "${2:-}" ;;
     mpiexec) shift; [ -f "$DIR/net.up" ] || die "the nodes are down: run $0 up first"; exec "$DIR/mpiexec" "$@" ;;
     *) echo "usage: $0 up|down|status|net-up|net-down|mpiexec ARGS...   (settings: see the comment at the top of $HERE/multinode.sh)" >&2; exit 2 ;;
 esac

@@ -221,6 +221,34 @@ def test_doctor_across_nodes(cluster):
     assert "no problems found" in out
 
 
+SLOW = {"RINGBENCH_MULTINODE_PREFIX": "rbs", "RINGBENCH_MULTINODE_SUBNET": "10.220.0", "RINGBENCH_NODES": "3",
+        "RINGBENCH_INTERNODE_RATE": "none"}  # fmt: skip
+
+
+def test_doctor_flags_the_one_slow_node_of_three(cluster):
+    """Three nodes of their own (namespaces only: mpiexec across them), the third one's link shaped to 40 Mbit while
+    the others are unshaped: doctor's neighbour pairs through it are slow, so it names that node, and only it, and
+    exits 1."""
+    if _why_not_root():
+        pytest.skip(_why_not_root())
+    d = Path(tempfile.mkdtemp(prefix="ringbench-slow-node-", dir="/tmp"))
+    env = dict(os.environ, RINGBENCH_MULTINODE_DIR=str(d), **SLOW)
+    try:
+        for cmd in (["net-up"], ["rate", "40mbit", "3"]):
+            res = subprocess.run([str(SCRIPT), *cmd], capture_output=True, text=True, env=env, timeout=120, check=False)
+            assert res.returncode == 0, res.stdout + res.stderr
+        own = {**_env_file(d / "env"), "RINGBENCH_MPIEXEC": str(MPIEXEC), "_dir": str(d)}
+        res = launch(own, 3, ["-m", "ringbench", "doctor", "--backend", "numpy", "--kernel", "native"], ppn=1)
+        out = res.stdout
+        assert res.returncode == 1, out + res.stderr
+        assert "nodes: 3 (MPI's shared-memory split)" in out
+        flagged = [line for line in out.splitlines() if "its inter-node link delivers" in line]
+        assert len(flagged) == 1 and "node rbs3:" in flagged[0], out
+    finally:
+        subprocess.run([str(SCRIPT), "down"], capture_output=True, env=env, timeout=120, check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_probe_measures_each_link_class_and_describes_the_machine(tmp_path, cluster):
     out, machine = tmp_path / "probe.h5", tmp_path / "machine.yaml"
     argv = ["-m", "ringbench", "probe", "--out", out, "--block-sizes", "64", "--repeat", "1", "--iters", "3"]
