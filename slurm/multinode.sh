@@ -52,6 +52,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export PATH=$PATH:/usr/sbin:/sbin
 
 die() { echo "multinode: $*" >&2; exit 1; }
+# shellcheck source=slurm/common.sh
+. "$HERE/common.sh"  # pid_alive, slurm_conf_body, start_munged
 
 check_settings() {
     [[ $K =~ ^[0-9]+$ ]] && [ "$K" -ge 1 ] && [ "$K" -le 16 ] || die "RINGBENCH_NODES=$K: expected a node count 1-16"
@@ -68,7 +70,6 @@ node_ip() { echo "$SUBNET.$1"; }
 hosts_csv() { local i out=""; for i in $(seq "$K"); do out+="${out:+,}$(node_ip "$i")"; done; echo "$out"; }
 made() { [ -f "$DIR/made" ] && cat "$DIR/made" || true; }
 record() { echo "$1" >> "$DIR/made"; }
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 # ---------------------------------------------------------------------------------------------------------
 # the network: namespaces, veths, the bridge, the shaping
@@ -236,32 +237,8 @@ write_conf() {
 ClusterName=ringbench-multinode
 SlurmctldHost=$(hostname)
 SlurmctldAddr=$BRIDGE_IP
-SlurmctldPort=$CTLD_PORT
-SlurmdPort=$SLURMD_PORT
-SlurmUser=$(id -un)
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket.2
-StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/slurmd-%n
-SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd-%n.pid
-SlurmctldLogFile=$DIR/slurmctld.log
-SlurmdLogFile=$DIR/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SlurmdParameters=config_overrides
-MpiDefault=none
-MailProg=/bin/true
-ReturnToService=2
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=4
-SchedulerParameters=batch_sched_delay=0
 CONF
+        slurm_conf_body "$DIR/slurmd-%n.pid" "$DIR/slurmd-%n.log"
         for i in $(seq "$K"); do
             echo "NodeName=$(node_name "$i") NodeAddr=$(node_ip "$i") CPUs=$cpus RealMemory=$mem State=UNKNOWN"
         done
@@ -274,18 +251,8 @@ slurm_up() {
     export SLURM_CONF=$CONF
     if slurm_is_up; then echo "multinode: slurm already up ($CONF)"; return 0; fi
     trap 'echo "multinode: up failed; taking everything down" >&2; down >/dev/null 2>&1 || true' ERR
-    mkdir -p "$DIR/state" "$DIR/munge"
-    chmod 755 "$DIR" "$DIR/munge"
-    [ -f "$DIR/munge/munge.key" ] || mungekey -c -k "$DIR/munge/munge.key"
-    chmod 600 "$DIR/munge/munge.key"
-    if ! pid_alive "$DIR/munge/munged.pid"; then
-        munged --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
-            --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
-            --seed-file="$DIR/munge/munged.seed" </dev/null >/dev/null 2>&1 \
-            || die "munged did not start; see $DIR/munge/munged.log"
-        for _ in $(seq 50); do [ -S "$DIR/munge/munge.socket.2" ] && break; sleep 0.1; done
-        [ -S "$DIR/munge/munge.socket.2" ] || die "munged did not start; see $DIR/munge/munged.log"
-    fi
+    mkdir -p "$DIR/state"
+    start_munged
     write_conf
     pid_alive "$DIR/slurmctld.pid" || { setsid slurmctld -D -i -f "$CONF" </dev/null >>"$DIR/slurmctld.out" 2>&1 & }
     local i ns names=""
