@@ -30,7 +30,7 @@ from ringbench.analysis import advise
 
 from conftest import MPIEXEC, ROOT, child_env, ringbench
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 SCRIPT = ROOT / "slurm" / "multinode.sh"
 WORKER = Path(__file__).parent / "mpi_multinode.py"
 STATE = Path(os.environ.get("RINGBENCH_MULTINODE_DIR", "/tmp/ringbench-multinode"))
