@@ -6,8 +6,10 @@ with the node link shaped and unshaped? Needs ``slurm/multinode.sh up`` (root).
 
 For each link rate (``slurm/multinode.sh rate R``; ``none``: unshaped):
 
-1. Calibration apart from the sweep: ``ringbench probe`` at P = 4, 2 ranks per node (compute rates, the intra- and
-   inter-node pairs and all-to-alls), giving the model's calibration and its machine (``advise.machine_from_probes``).
+1. Calibration apart from the sweep: ``ringbench probe`` at P = 4, 2 ranks per node (the intra- and inter-node
+   pairs and all-to-alls: the model's machine, ``advise.machine_from_probes``), and at every other swept P (one rank
+   per node at P = 2): each P's points use the compute rates probed at that P, as a user probes the allocation the
+   runs will have (P = 4 oversubscribes the 2 cores: its per-rank rate is not P = 2's).
 2. The sweep, one launch per rank count (every point in it, this script's --worker under MPI): ring (overlap),
    allgather, ulysses, hybrid U=2 (node-local groups, P = 4 only) and pass-q, causal zigzag, timing fwd+bwd (a
    forward and a backward row each), at P = 2 (one rank per node: within the 2 cores) and P = 4 (two per node:
@@ -113,19 +115,22 @@ def main(argv=None) -> int:
     for rate in a.rates:
         subprocess.run([str(SCRIPT), "rate", rate], check=True, capture_output=True)
         tag = rate.replace(".", "_")
-        probe = work / f"probe-{tag}.h5"
-        launch(4, 2, ["-m", "ringbench", "probe", "--out", probe, "--quiet", "--heads", a.heads, "--head-dim", a.head_dim,
-                      "--block-sizes", a.probe_blocks], a.timeout)  # fmt: skip
-        probes = store.read_probes(probe)
-        cal = model.calibrate([], probes)
-        machine4 = advise.machine_from_probes(probes)
-        s = probes[-1].summary
-        print(
-            f"\nlink {rate}: probe intra {s['intra_bandwidth_Bps'] / 1e9:.3f} GB/s ({s['intra_latency_s'] * 1e6:.0f} us), "
-            f"inter {s['inter_bandwidth_Bps'] / 1e9:.3f} GB/s ({s['inter_latency_s'] * 1e6:.0f} us); "
-            f"compute {s['rate_flops'] / 1e9:.1f} GFLOP/s per rank (P = 4)",
-            flush=True,
-        )
+        cals, machine4 = {}, None
+        for p in sorted(set(a.ranks) | {4}):  # the links from P = 4 (both classes); each P's compute from its own probe
+            probe = work / f"probe-{tag}-P{p}.h5"
+            launch(p, p // 2, ["-m", "ringbench", "probe", "--out", probe, "--quiet", "--heads", a.heads,
+                               "--head-dim", a.head_dim, "--block-sizes", a.probe_blocks], a.timeout)  # fmt: skip
+            probes = store.read_probes(probe)
+            cals[p] = model.calibrate([], probes)
+            s = probes[-1].summary
+            if p == 4:
+                machine4 = advise.machine_from_probes(probes)
+                print(
+                    f"\nlink {rate}: probe intra {s['intra_bandwidth_Bps'] / 1e9:.3f} GB/s ({s['intra_latency_s'] * 1e6:.0f} us), "
+                    f"inter {s['inter_bandwidth_Bps'] / 1e9:.3f} GB/s ({s['inter_latency_s'] * 1e6:.0f} us)",
+                    flush=True,
+                )
+            print(f"  probe at P = {p}: compute {s['rate_flops'] / 1e9:.1f} GFLOP/s per rank", flush=True)
         out = work / f"runs-{tag}.h5"
         for p in a.ranks:
             spec = {"out": str(out), "runs": points_of(a, p)}
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
         for p in a.ranks:
             sub = [r for r in rows if r["nranks"] == p]
             machine = model.Machine(ranks_per_node=p // 2, intra=machine4.intra, inter=machine4.inter, source=machine4.source)
-            agr, pts = compare(sub, cal, machine)
+            agr, pts = compare(sub, cals[p], machine)
             share = agr["agree"] / agr["decided"] if agr["decided"] else float("nan")
             err = agr["median_abs_error"]
             verdict = (

@@ -22,6 +22,8 @@ SLURMD_PORT=${RINGBENCH_SLURMD_PORT:-6818}
 export SLURM_CONF=$CONF
 
 die() { echo "localcluster: $*" >&2; exit 1; }
+# shellcheck source=slurm/common.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"  # pid_alive, slurm_conf_body, start_munged
 
 check_port() {  # VAR VALUE: a valid port nothing listens on (unless it is this cluster's own daemon)
     local var=$1 port=$2
@@ -52,45 +54,24 @@ is_up() {
     [ -f "$CONF" ] && scontrol ping 2>/dev/null | grep -q 'is UP'
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 write_conf() {
     local cpus mem
     cpus=$(nproc)
     cpus=${RINGBENCH_SLURM_CPUS:-$(( cpus > 8 ? cpus : 8 ))}
     mem=$(awk '/MemTotal/ {m = int($2 / 1024) - 2048; print (m > 512 ? m : 512)}' /proc/meminfo)
-    cat > "$CONF" <<CONF
+    {
+        cat <<CONF
 # written by slurm/localcluster.sh: a one-node cluster for trying ringbench submit
 ClusterName=ringbench
 SlurmctldHost=localhost
-SlurmctldPort=$CTLD_PORT
-SlurmdPort=$SLURMD_PORT
-SlurmUser=$(id -un)
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket.2
-StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/slurmd-%n
-SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
-SlurmctldLogFile=$DIR/slurmctld.log
-SlurmdLogFile=$DIR/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SlurmdParameters=config_overrides
-MpiDefault=none
-MailProg=/bin/true
-ReturnToService=2
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=4
-SchedulerParameters=batch_sched_delay=0
+CONF
+        slurm_conf_body "$DIR/slurmd.pid" "$DIR/slurmd.log"
+        cat <<CONF
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
+    } > "$CONF"
 }
 
 up() {
@@ -99,19 +80,8 @@ up() {
     if is_up; then
         echo "localcluster: already up ($DIR)"
     else
-        mkdir -p "$DIR/state" "$DIR/slurmd-localhost" "$DIR/munge"
-        chmod 755 "$DIR" "$DIR/munge"
-        [ -f "$DIR/munge/munge.key" ] || mungekey -c -k "$DIR/munge/munge.key"
-        chmod 600 "$DIR/munge/munge.key"
-        if ! pid_alive "$DIR/munge/munged.pid"; then
-            # munged daemonizes itself and writes its pid file
-            munged --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
-                --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
-                --seed-file="$DIR/munge/munged.seed" </dev/null >/dev/null 2>&1 \
-                || die "munged did not start; see $DIR/munge/munged.log"
-            for _ in $(seq 50); do [ -S "$DIR/munge/munge.socket.2" ] && break; sleep 0.1; done
-            [ -S "$DIR/munge/munge.socket.2" ] || die "munged did not start; see $DIR/munge/munged.log"
-        fi
+        mkdir -p "$DIR/state" "$DIR/slurmd-localhost"
+        start_munged
         write_conf
         if ! pid_alive "$DIR/slurmctld.pid"; then
             setsid slurmctld -D -i -f "$CONF" </dev/null >>"$DIR/slurmctld.out" 2>&1 &

@@ -8,7 +8,8 @@
 #   slurm/multinode.sh mpiexec ARGS...   mpiexec across the nodes (hydra's -launcher ssh through a script that
 #                                 enters a node's namespace; -hosts every node): e.g. `... mpiexec -ppn 2 -n 4 CMD`
 #   slurm/multinode.sh net-up | net-down   only the namespaces, no Slurm (mpiexec across the nodes still works)
-#   slurm/multinode.sh rate RATE|none      reshape the running cluster's node links (benchmarks/multinode_bench.py)
+#   slurm/multinode.sh rate RATE|none [NODE]   reshape the running cluster's node links (benchmarks/multinode_bench.py),
+#                                 or only node NODE's (1..K): a slow node among healthy ones, as `doctor` flags
 #
 # Node i (1..K) is the network namespace ${PREFIX}i with its own hostname (each command runs under `unshare --uts`,
 # which sets the hostname to the node's name), address $SUBNET.i/24 on its eth0, a veth pair to the bridge
@@ -51,6 +52,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export PATH=$PATH:/usr/sbin:/sbin
 
 die() { echo "multinode: $*" >&2; exit 1; }
+# shellcheck source=slurm/common.sh
+. "$HERE/common.sh"  # pid_alive, slurm_conf_body, start_munged
 
 check_settings() {
     [[ $K =~ ^[0-9]+$ ]] && [ "$K" -ge 1 ] && [ "$K" -le 16 ] || die "RINGBENCH_NODES=$K: expected a node count 1-16"
@@ -67,7 +70,6 @@ node_ip() { echo "$SUBNET.$1"; }
 hosts_csv() { local i out=""; for i in $(seq "$K"); do out+="${out:+,}$(node_ip "$i")"; done; echo "$out"; }
 made() { [ -f "$DIR/made" ] && cat "$DIR/made" || true; }
 record() { echo "$1" >> "$DIR/made"; }
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 # ---------------------------------------------------------------------------------------------------------
 # the network: namespaces, veths, the bridge, the shaping
@@ -116,13 +118,19 @@ net_up() {
     echo "multinode: $K nodes up ($(hosts_csv); link rate $RATE; $DIR)"
 }
 
-set_rate() {  # RATE: reshape every node link of the running cluster (none: unshaped), and record it
-    [ -n "$1" ] || die "usage: $0 rate RATE|none (a tc rate such as 400mbit)"
+set_rate() {  # RATE [NODE]: reshape every node link of the running cluster (none: unshaped), and record it;
+    # with NODE (1..K), only that node's link: a slow node among healthy ones (what doctor flags)
+    [ -n "${1:-}" ] || die "usage: $0 rate RATE|none [NODE] (a tc rate such as 400mbit; NODE 1..$K: that node only)"
     [ -f "$DIR/net.up" ] || die "the nodes are down: run $0 up first"
     RATE=$1
     check_settings
-    local i ns veth
-    for i in $(seq "$K"); do
+    local nodes i ns veth
+    nodes=$(seq "$K")
+    if [ -n "${2:-}" ]; then
+        [[ $2 =~ ^[0-9]+$ ]] && [ "$2" -ge 1 ] && [ "$2" -le "$K" ] || die "rate $RATE $2: expected a node number 1-$K"
+        nodes=$2
+    fi
+    for i in $nodes; do
         ns=$(node_name "$i")
         veth=${PREFIX}v$i
         tc qdisc del dev "$veth" root 2>/dev/null || true
@@ -130,6 +138,12 @@ set_rate() {  # RATE: reshape every node link of the running cluster (none: unsh
         shape tc qdisc add dev "$veth"
         shape ip netns exec "$ns" tc qdisc add dev eth0
     done
+    if [ -n "${2:-}" ]; then
+        echo "$2 $RATE" >> "$DIR/node-rates"
+        echo "multinode: node $(node_name "$2")'s link at $RATE"
+        return 0
+    fi
+    rm -f "$DIR/node-rates"
     echo "$K $RATE" > "$DIR/net.up"
     sed -i "s/^export RINGBENCH_INTERNODE_RATE=.*/export RINGBENCH_INTERNODE_RATE=$RATE/" "$DIR/env"
     echo "multinode: node links at $RATE"
@@ -145,7 +159,7 @@ net_down() {
             link) ip link del "$name" 2>/dev/null || true ;;
         esac
     done
-    rm -f "$DIR/made" "$DIR/net.up"
+    rm -f "$DIR/made" "$DIR/net.up" "$DIR/node-rates"
     echo "multinode: nodes down ($DIR)"
 }
 
@@ -223,32 +237,8 @@ write_conf() {
 ClusterName=ringbench-multinode
 SlurmctldHost=$(hostname)
 SlurmctldAddr=$BRIDGE_IP
-SlurmctldPort=$CTLD_PORT
-SlurmdPort=$SLURMD_PORT
-SlurmUser=$(id -un)
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket.2
-StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/slurmd-%n
-SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd-%n.pid
-SlurmctldLogFile=$DIR/slurmctld.log
-SlurmdLogFile=$DIR/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SlurmdParameters=config_overrides
-MpiDefault=none
-MailProg=/bin/true
-ReturnToService=2
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=4
-SchedulerParameters=batch_sched_delay=0
 CONF
+        slurm_conf_body "$DIR/slurmd-%n.pid" "$DIR/slurmd-%n.log"
         for i in $(seq "$K"); do
             echo "NodeName=$(node_name "$i") NodeAddr=$(node_ip "$i") CPUs=$cpus RealMemory=$mem State=UNKNOWN"
         done
@@ -261,18 +251,8 @@ slurm_up() {
     export SLURM_CONF=$CONF
     if slurm_is_up; then echo "multinode: slurm already up ($CONF)"; return 0; fi
     trap 'echo "multinode: up failed; taking everything down" >&2; down >/dev/null 2>&1 || true' ERR
-    mkdir -p "$DIR/state" "$DIR/munge"
-    chmod 755 "$DIR" "$DIR/munge"
-    [ -f "$DIR/munge/munge.key" ] || mungekey -c -k "$DIR/munge/munge.key"
-    chmod 600 "$DIR/munge/munge.key"
-    if ! pid_alive "$DIR/munge/munged.pid"; then
-        munged --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
-            --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
-            --seed-file="$DIR/munge/munged.seed" </dev/null >/dev/null 2>&1 \
-            || die "munged did not start; see $DIR/munge/munged.log"
-        for _ in $(seq 50); do [ -S "$DIR/munge/munge.socket.2" ] && break; sleep 0.1; done
-        [ -S "$DIR/munge/munge.socket.2" ] || die "munged did not start; see $DIR/munge/munged.log"
-    fi
+    mkdir -p "$DIR/state"
+    start_munged
     write_conf
     pid_alive "$DIR/slurmctld.pid" || { setsid slurmctld -D -i -f "$CONF" </dev/null >>"$DIR/slurmctld.out" 2>&1 & }
     local i ns names=""
@@ -341,6 +321,7 @@ down() {
 status() {
     if [ ! -f "$DIR/net.up" ]; then echo "multinode: down ($DIR)"; return 1; fi
     echo "multinode: nodes up ($DIR): $(cat "$DIR/net.up")"
+    if [ -f "$DIR/node-rates" ]; then echo "  node links reshaped (node rate): $(tr '\n' ';' < "$DIR/node-rates")"; fi
     local i
     for i in $(seq "$K"); do
         local ns=$(node_name "$i") veth=${PREFIX}v$i
@@ -356,7 +337,7 @@ case "${1:-}" in
     status) status ;;
     net-up) net_up ;;
     net-down) slurm_down; net_down ;;
-    rate) shift; set_rate "${1:-}" ;;
+    rate) shift; set_rate "${1:-}" "${2:-}" ;;
     mpiexec) shift; [ -f "$DIR/net.up" ] || die "the nodes are down: run $0 up first"; exec "$DIR/mpiexec" "$@" ;;
     *) echo "usage: $0 up|down|status|net-up|net-down|mpiexec ARGS...   (settings: see the comment at the top of $HERE/multinode.sh)" >&2; exit 2 ;;
 esac

@@ -62,6 +62,7 @@ def test_kernel_bench_user_error_is_one_line():
     assert "--kv-heads" in res.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.mpi
 def test_memory_bench_reports_peak_against_theory(tmp_path):
     assert MPIEXEC.exists()
     out = tmp_path / "m.json"
@@ -197,6 +198,7 @@ def test_torch_kernel_bench_user_error_is_one_line():
     assert "--kv-heads" in res.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.mpi
 def test_strategy_bench_probes_sweeps_and_compares(tmp_path):
     assert MPIEXEC.exists()
     out = tmp_path / "s.json"
@@ -278,6 +280,7 @@ def test_published_prints_both_tables_against_their_sources(tmp_path):
     assert [r["ulysses_degree"] for r in data["yunchang"]] == [8, 4, 2, 1]
 
 
+@pytest.mark.mpi
 def test_probe_to_preset_on_the_cpu_with_the_native_kernel(tmp_path):
     """`ringbench probe` (2 ranks, the NumPy kernel) -> benchmarks/probe_preset.py -> a preset advise reads."""
     probe = tmp_path / "probe.h5"

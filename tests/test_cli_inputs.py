@@ -26,10 +26,12 @@ def test_a_directory_as_result_file_is_named_a_directory(tmp_path, cmd):
     assert one_line(ringbench(*args), cmd) == f"FILE: {tmp_path}: is a directory, not a result file"
 
 
+@pytest.mark.mpi
 def test_report_csv_onto_a_directory(tmp_path, small_results):
     assert one_line(ringbench("report", small_results, "--csv", tmp_path), "report") == f"--csv: {tmp_path} is a directory"
 
 
+@pytest.mark.mpi
 def test_report_csv_under_a_regular_file(tmp_path, small_results):
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "r.csv"
@@ -38,6 +40,7 @@ def test_report_csv_under_a_regular_file(tmp_path, small_results):
 
 
 @pytest.mark.skipif(ROOT_USER, reason="root writes anywhere")
+@pytest.mark.mpi
 def test_report_csv_into_an_unwritable_directory(tmp_path, small_results):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o555)
@@ -45,6 +48,7 @@ def test_report_csv_into_an_unwritable_directory(tmp_path, small_results):
     assert msg == f"--csv: {ro}: directory {ro} is not writable"
 
 
+@pytest.mark.mpi
 def test_report_csv_is_written_whole(tmp_path, small_results):
     out = tmp_path / "r.csv"
     res = ringbench("report", small_results, "--csv", out)
@@ -55,6 +59,7 @@ def test_report_csv_is_written_whole(tmp_path, small_results):
 
 @needs_matplotlib
 @pytest.mark.parametrize("where", ["file", "file/figs", "file/a/b"])
+@pytest.mark.mpi
 def test_plot_out_dir_at_or_under_a_regular_file(tmp_path, small_results, where):
     (tmp_path / "file").write_text("x")
     msg = one_line(ringbench("plot", small_results, "-o", tmp_path / where), "plot")
@@ -64,6 +69,7 @@ def test_plot_out_dir_at_or_under_a_regular_file(tmp_path, small_results, where)
 
 @needs_matplotlib
 @pytest.mark.skipif(ROOT_USER, reason="root writes anywhere")
+@pytest.mark.mpi
 def test_plot_out_dir_unwritable(tmp_path, small_results):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o555)

@@ -548,9 +548,11 @@ def bwd_full_block_flops(shape: Shape) -> float:
 
 
 def bwd_bytes_per_rank(shape: Shape) -> int:
-    """Bytes a rank sends in one backward pass: (P-1) K/V blocks and P dK/dV accumulators (none at P = 1)."""
+    """Bytes a rank sends in one backward pass: (P-1) K/V blocks and P dK/dV accumulators (none at P = 1); the
+    allgather mode's all-to-all sends P - 1 shares of them (its own stays)."""
     P = shape.nranks
-    return (P - 1) * block_bytes(shape) + (P * grad_block_bytes(shape) if P > 1 else 0)
+    hops = P - 1 if shape.mode == "allgather" else P
+    return (P - 1) * block_bytes(shape) + (hops * grad_block_bytes(shape) if P > 1 else 0)
 
 
 def bwd_step_bytes(shape: Shape) -> np.ndarray:

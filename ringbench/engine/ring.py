@@ -135,11 +135,13 @@ class Ring:
 
     def bytes_per_rank(self, phase: str = "fwd") -> int:
         """Bytes this rank sends in one pass: P - 1 K/V hops (fwd); the backward's K/V hops and its P hops of the
-        dK/dV accumulators (bwd; allgather: the same volume through the all-gather and the all-to-all)."""
+        dK/dV accumulators (bwd; allgather: the all-gather's P - 1 blocks, and the all-to-all's P - 1 shares of
+        the accumulators: its own share stays)."""
         P = self.nranks
         if phase == "fwd":
             return self.block_bytes() * (P - 1)
-        return self.block_bytes() * (P - 1) + (self.grad_block_bytes() * P if P > 1 else 0)
+        hops = P - 1 if self.cfg.mode == "allgather" else P
+        return self.block_bytes() * (P - 1) + (self.grad_block_bytes() * hops if P > 1 else 0)
 
     def block_bytes(self) -> int:
         """Bytes of one K/V block (storage dtype): what the forward moves per hop."""

@@ -254,6 +254,7 @@ def test_advise_on_a_synthetic_calibration(tmp_path):
     assert "winner:" in text and "ulysses" in text and "the winner changes" in text
 
 
+@pytest.mark.mpi
 def test_advise_cli(small_results, tmp_path):
     res = ringbench("advise", small_results, "--seq-len", "1024,4096", "--ranks", "2,4", "--kv-heads", 2, "--causal", "--layout", "zigzag")
     assert res.returncode == 0, res.stderr

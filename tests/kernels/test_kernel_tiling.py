@@ -221,10 +221,23 @@ def test_exponential_base_forced_measured_and_refused(monkeypatch):
     name, per_elem = kernel.measure_exp(np, rows=4, cols=256, repeat=2)
     assert set(per_elem) == set(BASES) - ({"fused"} if kernel.fused_module() is None else set())  # fused where numba is
     assert min(per_elem.values()) > 0 and name in per_elem
-    assert per_elem[name] == min(per_elem.values()) or (name != "fused" and per_elem["fused"] * kernel.FUSED_MARGIN >= per_elem[name])
+    assert name == kernel.pick_exp(per_elem, kernel.numpy_has_avx512())
     monkeypatch.setenv(kernel.EXP_ENV, "10")
     with pytest.raises(ValueError, match="RINGBENCH_EXP: expected one of auto, 2, e, fused; got '10'"):
         kernel.exp_base()
+
+
+def test_auto_takes_the_cpus_expected_exponential_unless_another_is_clearly_faster():
+    m = kernel.FUSED_MARGIN
+    avx2 = {"2": 5.9, "e": 3.1, "fused": 2.4}  # ns/element measured on an AVX2-only EPYC
+    assert kernel.pick_exp(avx2, avx512=False) == "fused"
+    assert kernel.pick_exp({"2": 5.9, "e": 3.1}, avx512=False) == "e"  # no numba
+    assert kernel.pick_exp({**avx2, "e": 2.4 / m * 1.01}, avx512=False) == "fused"  # e faster, within the margin
+    assert kernel.pick_exp({**avx2, "e": 2.4 / m * 0.99}, avx512=False) == "e"  # faster by more than it
+    avx512 = {"2": 1.0, "e": 2.0, "fused": 0.9}
+    assert kernel.pick_exp(avx512, avx512=True) == "2"  # fused faster, within the margin
+    assert kernel.pick_exp({**avx512, "fused": 1.0 / m * 0.99}, avx512=True) == "fused"
+    assert kernel.pick_exp({"2": 2.0, "e": 1.0}, avx512=True) == "e"
 
 
 def test_thresholds_are_the_same_powers_of_two_in_every_base():

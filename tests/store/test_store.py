@@ -267,6 +267,7 @@ def test_a_read_only_file_is_refused(tmp_path):
     assert [r.point_id for r in store.read(path)] == ["a"]  # still readable
 
 
+@pytest.mark.mpi
 def test_run_out_to_a_read_only_file_is_one_line_exit_2(tmp_path):
     path = tmp_path / "r.h5"
     store.append(path, make_run("a"))
@@ -456,6 +457,7 @@ def test_readers_skip_groups_they_cannot_parse_with_a_one_line_warning(tmp_path,
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+@pytest.mark.mpi
 def test_a_journal_path_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path, kind):
     path = tmp_path / "r.h5"
     store.append(path, make_run("a"))
