@@ -407,7 +407,7 @@ class Point:
         from ringbench.layout import unmasked_pairs
 
         c = self.config
-        pairs = unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal)
+        pairs = unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal, c.doc_lengths, c.window)
         return sum(backward.phase_flops(phase, c.batch, c.heads, c.head_dim, pairs) for phase in c.phases)
 
     def work(self) -> float:
