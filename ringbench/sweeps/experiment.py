@@ -410,7 +410,7 @@ class Point:
         if c.pass_ in ("prefill", "decode"):  # the serving passes: T = N - C (prefill) or t (decode) queries, all N keys
             pairs = cache_pairs(c.seq_len, c.seq_len - c.cached_tokens if c.pass_ == "prefill" else c.new_tokens)
         else:
-            pairs = unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal)
+            pairs = unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal, c.doc_lengths, c.window)
         return sum(backward.phase_flops(phase, c.batch, c.heads, c.head_dim, pairs) for phase in c.phases)
 
     def work(self) -> float:
