@@ -432,7 +432,7 @@ def _doc_lengths(docs: str, seq_len: int) -> tuple:
     return tuple(doc_lengths(docs, seq_len))
 
 
-def _mask_kw(shape: Shape) -> dict:
+def mask_kw(shape: Shape) -> dict:
     """The documents and window keywords of layout's plans (none for the old mask: the old calls, bit for bit)."""
     return {"docs": shape.doc_lengths, "window": shape.window} if shape.masked else {}
 
