@@ -87,6 +87,9 @@ _HELP = {
     "tokens against a KV cache, --cached-tokens) or decode (one step against a sharded KV cache, --new-tokens, --merge)",
     "cached_tokens": "--pass prefill: tokens C of the seq_len already in the KV cache (the other N - C are new)",
     "new_tokens": "--pass decode: new tokens t per sequence per step (the last t of the seq_len cached tokens)",
+    "docs": "packed documents (attention only inside each): lengths L1,L2,... summing to N, fixed:L, uniform:LO-HI[:seed=S], "
+    "lognormal:mean=M,sigma=S[,seed=K] (drawn lengths: multiples of 64, or ,quantum=Q); default one document",
+    "window": "sliding window W >= 1 (causal: each query sees the W keys up to itself); default none",
     "merge": "--pass decode: how the ranks' partial outputs and LSE are merged: ring (P - 1 hops), tree (all-reduce of "
     "max, then of the weighted sums: log P), gather (to rank 0)",
 }
@@ -103,6 +106,10 @@ def run_parser() -> argparse.ArgumentParser:
             p.add_argument(opt, dest=f.name, choices=CHOICES[field_key(f.name)], default=default, help=_HELP[f.name])
         elif f.name == "memory_limit":
             p.add_argument(opt, dest=f.name, default=default, metavar="auto|SIZE|none", help=_HELP[f.name])
+        elif f.name == "docs":
+            p.add_argument(opt, dest=f.name, default=default, metavar="SPEC", help=_HELP[f.name])
+        elif f.name == "window":  # None: not given (0 internally); a given 0 is refused
+            p.add_argument(opt, dest=f.name, type=int, default=None, metavar="W", help=_HELP[f.name])
         else:
             p.add_argument(opt, dest=f.name, type=int, default=default, metavar="N", help=_HELP[f.name])
     p.add_argument("--out", metavar="FILE.h5", help="append the run to this HDF5 result file")
@@ -111,6 +118,10 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    if ns.window is not None and ns.window < 1:
+        why = f"must be >= 1 (each query sees the W keys up to itself; leave it out for none), got {ns.window}"
+        raise ConfigError(option_name("window"), why)
+    ns.window = ns.window or 0
     cfg = RunConfig(**{f.name: getattr(ns, f.name) for f in fields(RunConfig)})
     cfg.memory_limit = memory_limit(cfg.memory_limit, option_name("memory_limit"))
     return cfg

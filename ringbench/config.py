@@ -12,7 +12,8 @@ import json
 import re
 from dataclasses import dataclass, fields
 
-from ringbench.layout import LAYOUTS, divisor
+from ringbench.documents import doc_lengths
+from ringbench.layout import LAYOUTS, divisor, layout_problem
 
 MODES = ("overlap", "blocking", "allgather", "ulysses", "hybrid", "pass-q")
 STRATEGY_MODES = ("ulysses", "hybrid", "pass-q")  # ringbench.engine.strategies
@@ -73,12 +74,23 @@ class RunConfig:
     cached_tokens: int = 0  # --pass prefill: C of the seq_len tokens are cached; the other T = N - C are new
     new_tokens: int = 1  # --pass decode: t new tokens per sequence per step (t > 1: speculative decoding)
     merge: str = "tree"  # --pass decode: how the partial outputs are merged: ring, tree, gather
+    docs: str = ""  # packed documents: the spec as written (ringbench.documents); "" = one document
+    window: int = 0  # sliding window W (query t sees keys t - W < u <= t); 0 = none
 
     # fields that do not change what is measured: left out of the point id
     NON_IDENTITY = ("check", "save_tensors", "warmup", "repeat", "memory_limit", "ulysses_groups")
     # fields added after the first ids were stored: in the point id only when not at their default, so the ids
     # of points stored before they existed (and the 8-hex legacy ids recomputed for old files) do not change
-    ADDED_IDENTITY = {"kernel": "native", "ulysses_degree": 1, "pass": "fwd", "cached_tokens": 0, "new_tokens": 1, "merge": "tree"}
+    ADDED_IDENTITY = {
+        "kernel": "native",
+        "ulysses_degree": 1,
+        "pass": "fwd",
+        "cached_tokens": 0,
+        "new_tokens": 1,
+        "merge": "tree",
+        "docs": "",
+        "window": 0,
+    }
     # field -> its key in the CLI (--pass), experiment files, stored configs: `pass` is a Python keyword
     KEYS = {"pass_": "pass"}
 
@@ -87,6 +99,12 @@ class RunConfig:
         """The timed phases of the run, in order: ('fwd',), ('bwd',) or ('fwd', 'bwd'); a serving pass (prefill,
         decode) is one forward-like phase, stored where the forward is ('fwd',): the config's pass says which."""
         return ("fwd",) if self.pass_ in SERVING_PASSES else tuple(self.pass_.split("+"))
+
+    @property
+    def doc_lengths(self) -> tuple[int, ...]:
+        """The documents' lengths (ringbench.documents.doc_lengths of ``docs`` over ``seq_len``): what the layout's
+        plans take; (N,) for one document. Raises ValueError on a spec validate refuses."""
+        return doc_lengths(self.docs, self.seq_len)
 
     @property
     def kv_heads_resolved(self) -> int:
@@ -138,6 +156,7 @@ _INT_FIELDS = {
     "ulysses_degree": (1, 2**12),
     "cached_tokens": (0, 2**32),
     "new_tokens": (1, 2**20),
+    "window": (0, 2**32),
 }
 MEMORY_LIMIT_WORDS = ("auto", "none")
 MEMORY_LIMIT_MAX = 2**60
@@ -184,6 +203,10 @@ def coerce(key: str, value, where: str = ""):
         if value not in CHOICES[key]:
             raise ConfigError(path, f"expected one of {', '.join(CHOICES[key])}; got {value!r}{did_you_mean(value, CHOICES[key])}")
         return value
+    if key == "docs":
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a document spec such as 4096,1024,3072 or lognormal:mean=2048,sigma=1, got {value!r}")
+        return value.strip()
     if key in _BOOL_FIELDS:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected true or false, got {value!r}")
@@ -230,7 +253,7 @@ def validate(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     if cfg.seq_len % div:
         need = "2 x ranks" if cfg.layout == "zigzag" else "the rank count"
         errors.append(("seq_len", f"{cfg.seq_len} is not divisible by {div} ({need}, layout {cfg.layout} at {nranks} ranks)"))
-    errors += strategy_problems(cfg, nranks) or serving_problems(cfg, nranks)
+    errors += strategy_problems(cfg, nranks) or serving_problems(cfg, nranks) or document_problems(cfg, nranks)
     if cfg.save_tensors:
         nbytes = save_tensors_bytes(cfg)
         if nbytes > SAVE_TENSORS_LIMIT:
@@ -282,6 +305,24 @@ def serving_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
     if cfg.new_tokens > n:
         return [("new_tokens", f"must be at most seq_len={n} (the new tokens are the cache's last); got {cfg.new_tokens}")]
     return []
+
+
+def document_problems(cfg: RunConfig, nranks: int) -> list[tuple[str, str]]:
+    """What packed documents and sliding windows (docs/run.md) refuse: a spec that does not hold over seq_len, the
+    serving passes, a window without --causal, a layout that cannot take them (ringbench.layout.layout_problem)."""
+    if not cfg.docs and not cfg.window:
+        return []
+    key = "docs" if cfg.docs else "window"
+    if cfg.pass_ in SERVING_PASSES:
+        return [(key, f"not for --pass {cfg.pass_} (the training passes fwd, bwd, fwd+bwd take documents and windows)")]
+    if cfg.window and not cfg.causal:
+        return [("window", f"a sliding window is causal (each query sees the {cfg.window} keys up to itself): add --causal")]
+    try:
+        docs = cfg.doc_lengths
+    except ValueError as exc:
+        return [("docs", f"{exc} (got {cfg.docs!r})")]
+    why = layout_problem(cfg.layout, nranks, cfg.seq_len, docs if len(docs) > 1 else (), cfg.window, cfg.causal)
+    return [("layout" if key == "window" or len(docs) == 1 else "docs", why)] if why else []
 
 
 def heads_rule(heads: int, kv_heads: int, u: int) -> str | None:

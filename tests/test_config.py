@@ -114,3 +114,51 @@ def test_memory_limit_values(value, expect):
 def test_memory_limit_rejects(value):
     with pytest.raises(ConfigError, match=r"^memory_limit: expected auto, none, or a size"):
         memory_limit(value)
+
+
+def test_point_ids_without_documents_or_window_are_what_they_were():
+    """docs and window enter the point id only away from their defaults: ids stored before they existed stay
+    (the digests below are what main computed before the keys were added)."""
+    zig = RunConfig(seq_len=256, causal=True, layout="zigzag", kv_heads=2)
+    assert point_id(zig, 4) == "overlap-zigzag-causal-float32-N256-P4-9ab904e64150bdea"
+    passq = RunConfig(seq_len=6144, pass_="fwd+bwd", mode="pass-q")
+    assert point_id(passq, 3) == "pass-q-fwdbwd-contiguous-float32-N6144-P3-fe824836bfdad853"
+    assert point_id(RunConfig(), 1) == "overlap-contiguous-float32-N6144-P1-504beeeaf62c1ec4"
+    ids = {point_id(RunConfig(causal=True, docs=d, window=w), 2) for d in ("", "fixed:1024", "4096,2048") for w in (0, 256)}
+    assert len(ids) == 6
+    cfg = RunConfig(causal=True, docs="lognormal:mean=1024,sigma=1", window=512, layout="balanced")
+    assert config_from_args(run_parser().parse_args(to_argv(cfg))) == cfg
+    assert point_id(RunConfig.from_dict(cfg.to_dict()), 2) == point_id(cfg, 2)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "text"),
+    [
+        (dict(docs="1000,2000"), "docs", "sum to 3000, not to the sequence length 6144"),
+        (dict(docs="0,6144"), "docs", "must be >= 1"),
+        (dict(docs="zipf:3"), "docs", "unknown document distribution"),
+        (dict(docs="fixed:1000"), "docs", "not a multiple of 1000"),
+        (dict(window=64), "window", "add --causal"),
+        (dict(causal=True, docs="fixed:1024", pass_="prefill", cached_tokens=1024), "docs", "not for --pass prefill"),
+        (dict(causal=True, window=64, pass_="decode"), "window", "not for --pass decode"),
+        (dict(causal=True, docs="fixed:1024", layout="striped"), "docs", "layout striped takes no documents"),
+        (dict(causal=True, window=9, layout="striped"), "layout", "layout striped takes no documents"),
+        (dict(causal=True, docs="1030,5114", layout="doc-zigzag"), "docs", "document 0 has 1030 tokens, not a multiple of 4"),
+    ],
+)
+def test_documents_and_windows_are_refused_naming_the_rule(changes, key, text):
+    problems = validate(RunConfig(**changes), 2)
+    assert problems and problems[0][0] == key and text in problems[0][1], problems
+
+
+def test_documents_and_windows_that_hold_are_accepted():
+    for layout in ("contiguous", "zigzag", "doc-zigzag", "balanced"):
+        assert not validate(RunConfig(causal=True, docs="fixed:1536", window=700, layout=layout), 2)
+    assert not validate(RunConfig(docs="lognormal:mean=1024,sigma=1.5,seed=3"), 4)  # full attention inside documents
+    assert RunConfig(docs="fixed:1536").doc_lengths == (1536,) * 4 and RunConfig().doc_lengths == (6144,)
+
+
+@pytest.mark.parametrize("argv", [["--window", "0"], ["--window", "-2"]])
+def test_cli_refuses_a_window_of_zero(argv):
+    with pytest.raises(ConfigError, match="--window: must be >= 1"):
+        config_from_args(run_parser().parse_args(argv))

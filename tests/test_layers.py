@@ -19,7 +19,7 @@ import ast
 from conftest import ROOT
 
 PACKAGE = ROOT / "ringbench"
-TOP = {"layout", "config", "provenance", "yamlfile"}
+TOP = {"layout", "documents", "config", "provenance", "yamlfile"}
 FOLDERS = ("kernels", "engine", "store", "analysis", "harness", "sweeps")
 # what each folder may import besides itself and the top-level modules (the layers, bottom to top)
 MAY_IMPORT = {
@@ -32,6 +32,7 @@ MAY_IMPORT = {
 }
 PURE = (
     "ringbench.layout",
+    "ringbench.documents",
     "ringbench.config",
     "ringbench.kernels.kernel",
     "ringbench.kernels.backward",
