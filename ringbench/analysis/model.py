@@ -128,7 +128,7 @@ class Shape:
 
     @property
     def doc_lengths(self) -> tuple:
-        """The documents' lengths (layout.doc_lengths), () for one document."""
+        """The documents' lengths (ringbench.documents.doc_lengths), () for one document."""
         return _doc_lengths(self.docs, self.seq_len) if self.docs else ()
 
     @property
@@ -427,7 +427,7 @@ def classed(shape: Shape) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _doc_lengths(docs: str, seq_len: int) -> tuple:
-    from ringbench.layout import doc_lengths
+    from ringbench.documents import doc_lengths
 
     return tuple(doc_lengths(docs, seq_len))
 
