@@ -432,6 +432,24 @@ def _doc_lengths(docs: str, seq_len: int) -> tuple:
     return tuple(doc_lengths(docs, seq_len))
 
 
+def unrunnable(shape: Shape) -> str | None:
+    """Why the layout cannot take the shape's documents and window at its rank count (layout.layout_problem; a spec
+    that does not hold over N), else None."""
+    from ringbench.layout import layout_problem
+
+    try:
+        docs = shape.doc_lengths
+    except ValueError as exc:
+        return str(exc)
+    return layout_problem(shape.layout, shape.nranks, shape.seq_len, docs if len(docs) > 1 else (), shape.window, shape.causal)
+
+
+def _nan_prediction(shape: Shape, per_rank: bool) -> Prediction:
+    """The prediction of a shape that cannot run: every time nan (what the figures and tables skip)."""
+    nan = np.full(1, math.nan)
+    return Prediction(np.full((shape.nranks if per_rank else 1, 1), math.nan), math.nan, nan, nan, math.nan, math.nan, phase=shape.pass_)
+
+
 def mask_kw(shape: Shape) -> dict:
     """The documents and window keywords of layout's plans (none for the old mask: the old calls, bit for bit)."""
     return {"docs": shape.doc_lengths, "window": shape.window} if shape.masked else {}
@@ -747,6 +765,8 @@ def predict(shape: Shape, cal: Calibration, machine: Machine | None = None, *, p
 
     O(P) time and memory (the step classes above), plus the (P, P) per-rank compute matrix ``compute_s`` when
     ``per_rank``; ``per_rank=False`` (advise) keeps only the busiest rank's row, (1, steps): every time is the same."""
+    if not classed(shape) and unrunnable(shape):  # e.g. a documents' spec extrapolated to a rank count it cannot take
+        return _nan_prediction(shape, per_rank)
     if shape.mode in STRATEGY_MODES:
         return predict_strategy(shape, cal, machine, per_rank=per_rank)
     if shape.pass_ != "fwd":
@@ -1231,8 +1251,7 @@ def predict_strategy(shape: Shape, cal: Calibration, machine: Machine | None = N
     """
     P, u = shape.nranks, strategy_degree(shape)
     if heads_rule(shape.heads, shape.kv_heads, u) or P % u:  # not runnable (e.g. extrapolated to more ranks than heads)
-        nan = np.full(1, math.nan)
-        return Prediction(np.full((P if per_rank else 1, 1), math.nan), math.nan, nan, nan, math.nan, math.nan, phase=shape.pass_)
+        return _nan_prediction(shape, per_rank)
     one = _pass_q if shape.mode == "pass-q" else _hybrid
     preds = {ph: one(shape, cal, machine, ph, per_rank) for ph in shape.phases}
     return preds[shape.pass_] if len(preds) == 1 else _both(preds["fwd"], preds["bwd"])
