@@ -133,12 +133,15 @@ def hidden_in(piece: Piece, rows, cols):
     broadcast, of any array module), or None for FULL: the complement of :func:`key_bounds`' interval (unclipped:
     the same inside the piece)."""
     b = band(piece)
-    if b is None:
-        return None
-    d, w = b
-    out = cols > rows + d
-    if w:
-        out = out | (cols <= rows + (d - w))
+    return None if b is None else band_hidden(b[0], b[1], rows, cols)
+
+
+def band_hidden(offset: int, window: int, rows, cols):
+    """Boolean 'masked out' of rows against cols (arrays that broadcast, any array module) of the band (offset,
+    window): key j hidden from query i iff j > i + offset or (window > 0 and j <= i + offset - window)."""
+    out = cols > rows + offset
+    if window:
+        out = out | (cols <= rows + (offset - window))
     return out
 
 

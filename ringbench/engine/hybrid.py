@@ -67,7 +67,8 @@ class Hybrid:
         # the ring over the R groups (the members with this member index): an overlapped ring of the group blocks,
         # whose step plans are the layout's plans of every (query chunk, key chunk) pair of the two groups
         group = rank // u
-        plans = [group_plan(cfg.layout, group, (group - s) % self.r, u, nranks, n, cfg.causal) for s in range(self.r)]
+        docs, w = cfg.doc_lengths, cfg.window
+        plans = [group_plan(cfg.layout, group, (group - s) % self.r, u, nranks, n, cfg.causal, docs, w) for s in range(self.r)]
         ring_ctx = ctx.replace(cfg=dataclasses.replace(cfg, mode="overlap"), comm=ring_comm, fault_step=ring_fault, fault_at=(rank, 1))
         zq = xp.zeros((b, u * n, self.hl, d), self.storage)  # (B, U n, H/U, D): shapes only, loaded each pass
         zkv = xp.zeros((b, u * n, hkl, d), self.storage)

@@ -65,7 +65,8 @@ class PassQ:
         self.parts = [xp.empty((z, g, n, d + 1), self.compute) for _ in range(2)]  # [out | lse] of a visiting block
         self.recv_part = xp.empty_like(self.parts[0])
         # step s: the queries of rank (r - s) against this rank's keys
-        self.plans = [step_plan(cfg.layout, (rank - s) % nranks, rank, nranks, n, cfg.causal) for s in range(nranks)]
+        docs, w = cfg.doc_lengths, cfg.window
+        self.plans = [step_plan(cfg.layout, (rank - s) % nranks, rank, nranks, n, cfg.causal, docs, w) for s in range(nranks)]
         self.fault = ctx.fault_step
         self.score_tile_elems = score_tile_elems(self.state, g)
         self.acc = None

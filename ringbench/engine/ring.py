@@ -97,7 +97,8 @@ class Ring:
         self.kv_compute = xp.empty(self.kv_home.shape, self.compute) if wide else None
         self.gathered = xp.empty((nranks,) + self.kv_home.shape, self.storage) if cfg.mode == "allgather" else None
         if plans is None:
-            plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal) for s in range(nranks)]
+            docs, w = cfg.doc_lengths, cfg.window  # packed documents and a window change the plans (data), not the loop
+            plans = [step_plan(cfg.layout, rank, (rank - s) % nranks, nranks, n, cfg.causal, docs, w) for s in range(nranks)]
         self.plans = plans
         self.fault = fault_step
         self.fault_at = fault_at or (rank, 0)  # the rank and step offset a fault's message names (a strategy's inner ring: its own)

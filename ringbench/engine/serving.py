@@ -63,7 +63,7 @@ def rank_positions(cfg, rank: int, nranks: int) -> tuple[np.ndarray, np.ndarray]
         return new, np.concatenate([positions(layout, rank, nranks, c), new])
     if cfg.pass_ == "decode":
         return np.arange(n - cfg.new_tokens, n), positions(layout, rank, nranks, n)
-    pos = positions(layout, rank, nranks, n)
+    pos = positions(layout, rank, nranks, n, cfg.doc_lengths, cfg.window, cfg.causal)  # balanced deals by the mask's work
     return pos, pos
 
 

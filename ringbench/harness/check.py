@@ -28,7 +28,8 @@ def global_kv(cfg: RunConfig, dtype):
 def forward_errors(cfg: RunConfig, host: dict, output: np.ndarray, pos) -> dict:
     """Compare this rank's output with a float64 reference over the global K/V (same rounded inputs)."""
     allpos, k, v = global_kv(cfg, host["q"].dtype)
-    ref = reference.reference_attention(host["q"], k, v, causal=cfg.causal, q_pos=pos, k_pos=allpos)
+    mask = dict(docs=cfg.doc_lengths, window=cfg.window)  # packed documents and window: the same mask as the run
+    ref = reference.reference_attention(host["q"], k, v, causal=cfg.causal, q_pos=pos, k_pos=allpos, **mask)
     diff = np.abs(output.astype(np.float64) - ref)
     return {
         "max_abs_err": float(diff.max()),
@@ -45,7 +46,8 @@ def backward_errors(cfg: RunConfig, host: dict, grads, pos) -> dict:
     rounded global inputs and dO. Each rank computes the reference for its own queries against every key (dQ of
     its queries exactly, its queries' part of every key's dK/dV); the parts are summed over the ranks."""
     allpos, k, v = global_kv(cfg, host["q"].dtype)
-    dq, dk, dv = reference.reference_attention_grad(host["q"], k, v, host["do"], causal=cfg.causal, q_pos=pos, k_pos=allpos)
+    mask = dict(docs=cfg.doc_lengths, window=cfg.window)
+    dq, dk, dv = reference.reference_attention_grad(host["q"], k, v, host["do"], causal=cfg.causal, q_pos=pos, k_pos=allpos, **mask)
     comm.allreduce_sum(dk)
     comm.allreduce_sum(dv)
     refs = {"dq": dq, "dk": dk[:, pos], "dv": dv[:, pos]}
@@ -58,6 +60,13 @@ def backward_errors(cfg: RunConfig, host: dict, grads, pos) -> dict:
             "finite": bool(np.isfinite(got).all()),
         }
     return out
+
+
+def _masked(cfg) -> str:
+    """What the reference's mask adds to its description: the documents and the window, where the run has them."""
+    docs = f"{len(cfg.doc_lengths)} documents ({cfg.docs})" if cfg.docs else ""
+    window = f"window {cfg.window}" if cfg.window else ""
+    return f", masked by {' and '.join(x for x in (docs, window) if x)}" if docs or window else ""
 
 
 def _rel(max_abs: float, max_ref: float) -> float:
@@ -78,7 +87,7 @@ def summary(cfg, checks: list, phase: str) -> dict:
             "rel_err": rel,
             "tol": tol,
             "passed": bool(finite and rel <= tol),
-            "reference": "float64 full attention on the same rounded inputs",
+            "reference": "float64 full attention on the same rounded inputs" + _masked(cfg),
         }
     out, finite = {}, True
     for name in GRADS:
@@ -92,6 +101,6 @@ def summary(cfg, checks: list, phase: str) -> dict:
         rel_err=out[f"{worst}_rel_err"],
         tol=tol,
         passed=bool(finite and out[f"{worst}_rel_err"] <= tol),
-        reference="float64 gradients of full attention on the same rounded inputs and dO",
+        reference="float64 gradients of full attention on the same rounded inputs and dO" + _masked(cfg),
     )
     return out

@@ -52,7 +52,7 @@ def run(cfg: RunConfig, out: str | None = None, quiet: bool = False) -> int:
         backend.matmul(cfg.blas)
         limit_threads()  # after the GEMM library is loaded: its pool is limited too
         err = unavailable(
-            cfg.kernel, backend, cfg.dtype, backward="bwd" in cfg.phases
+            cfg.kernel, backend, cfg.dtype, backward="bwd" in cfg.phases, window=bool(cfg.window)
         )  # torch / flash-attn missing, or not for this backend or dtype
     except BackendError as exc:
         err = str(exc)

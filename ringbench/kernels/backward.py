@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ringbench.kernels import kernel
-from ringbench.layout import FULL, Piece, first_hidden
+from ringbench.layout import FULL, Piece, band
 
 # Elements of one score tile on the host (the backward holds two: P and dS, 1 MiB each in float32). 512 query rows
 # x 512 keys was within the noise of the best tile among 128-1024 rows x 256-1024 keys (benchmarks/README.md).
@@ -91,7 +91,7 @@ class BlockBackward(kernel.Scratch):
     inputs give bitwise equal gradients.
     """
 
-    _masked_part = kernel.OnlineSoftmax._masked_part  # the kernel's one definition of the causal/strict masks
+    _masked_part = kernel.OnlineSoftmax._masked_part  # the kernel's one definition of the masks (layout.band_hidden)
 
     def __init__(
         self,
@@ -256,13 +256,13 @@ class BlockBackward(kernel.Scratch):
                 qt = self.qa[rows].reshape(zc, rq, d + 1)
                 dot = self.doa[rows].reshape(zc, rq, d + 1)
                 dqt = self.dqa[rows].reshape(zc, rq, d)
-                kend = nk if p.mask == FULL else min(nk, first_hidden(p.mask, i1 - 1))  # keys hidden from every row
-                for j0 in range(0, kend, tk_max):
+                kstart, kend = kernel.tile_keys(p, i0, i1)  # the keys some row of the tile sees (as the forward)
+                for j0 in range(kstart, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
                     tk = j1 - j0
                     s = sbuf[: zc * rq * tk].reshape(zc, rq, tk)  # (Zc, tq*G, tk)
                     dp = dpbuf[: zc * rq * tk].reshape(zc, rq, tk)
-                    mask = (i0, i1, j0, p.mask) if (p.mask != FULL and j1 > first_hidden(p.mask, i0)) else None
+                    mask = (i0, i1, j0, band(p)) if kernel.tile_masked(p, i0, i1, j0, j1) else None
                     self._tile(qt, dot, dqt, kta[..., j0:j1], vta[..., j0:j1], kz[:, j0:j1], dkz[:, j0:j1], dvz[:, j0:j1], s, dp, mask, tmp)
                     if self.on_tile is not None:
                         self.on_tile()

@@ -90,7 +90,7 @@ def _exp2_for(x):
 
 
 @njit(cache=True)
-def _rows(s, r, bound, g):
+def _rows(s, r, bound, lower, g):
     """s (Zc, rq, tk) float32 or float64 in place, r (Zc, rq) of the same dtype: see :func:`exp2_rows`.
 
     numba compiles (and caches) one machine-code version per dtype; ``_exp2`` picks that dtype's 2^x at compile time.
@@ -100,10 +100,13 @@ def _rows(s, r, bound, g):
     for z in range(zc):
         for i in range(rq):
             cols = tk if bound.size == 0 else min(tk, max(0, bound[i // g]))
+            first = 0 if lower.size == 0 else min(cols, max(0, lower[i // g]))
             row = s[z, i]
             part[:] = 0
-            full = cols - cols % LANES
-            for j0 in range(0, full, LANES):
+            for j in range(first):
+                row[j] = 0
+            full = first + (cols - first) - (cols - first) % LANES
+            for j0 in range(first, full, LANES):
                 for k in range(LANES):
                     p = _exp2(row[j0 + k])
                     row[j0 + k] = p
@@ -131,16 +134,17 @@ def _tree(part):
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def exp2_rows(s, r, bound, g: int) -> None:
+def exp2_rows(s, r, bound, g: int, lower=None) -> None:
     """In place: s[z, i, j] = 2^s[z, i, j] where column j is visible to row i, else 0; r[z, i] = the row's sum.
 
     s: (Zc, rq, tk) C-contiguous, float32 or float64; r: (Zc, rq) of the same dtype. Row i of the tile is query
     i // g (g query heads per query, GQA); ``bound`` (int64) gives per query the first hidden column (every
-    column from it on is hidden; may be <= 0 or >= tk), or is empty when every column is visible.
+    column from it on is hidden; may be <= 0 or >= tk), or is empty when every column is visible; ``lower``
+    (int64, or None / empty: 0) per query the first visible column (every column before it is hidden: a window).
     """
     if s.dtype not in DTYPES:
         raise TypeError(f"exp2_rows: float32 or float64 scores, got {s.dtype}")
-    _rows(s, r, bound, g)
+    _rows(s, r, bound, NO_BOUND if lower is None else lower, g)
 
 
 NO_BOUND = np.empty(0, np.int64)
@@ -166,4 +170,5 @@ def compile(dtype) -> float:
     s = np.zeros((1, 2, LANES + 1), dtype)
     exp2_rows(s, np.empty((1, 2), dtype), NO_BOUND, 1)
     exp2_rows(s, np.empty((1, 2), dtype), np.ones(2, np.int64), 1)
+    exp2_rows(s, np.empty((1, 2), dtype), np.ones(2, np.int64), 1, np.zeros(2, np.int64))
     return time.perf_counter() - t0

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ringbench.layout import FULL, Piece, first_hidden, hidden
+from ringbench.layout import FULL, Piece, band, band_hidden, key_bounds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +226,22 @@ def piece_tiles(p: Piece, tile_q: int, tile_k: int | None) -> tuple[int, int]:
     return (tile_q if p.mask == FULL else max(1, min(tile_q, tk // 2))), tk
 
 
+def tile_keys(p: Piece, i0: int, i1: int) -> tuple[int, int]:
+    """[kstart, kend): the keys of piece ``p`` some query of the tile [i0, i1) (piece-local) sees; the keys outside
+    are never touched (``layout.key_bounds``: every row's visible keys are an interval, both ends non-decreasing)."""
+    nk = p.k1 - p.k0
+    if p.mask == FULL:
+        return 0, nk
+    return key_bounds(p, i0)[0], key_bounds(p, i1 - 1)[1]
+
+
+def tile_masked(p: Piece, i0: int, i1: int, j0: int, j1: int) -> bool:
+    """Whether the tile rows [i0, i1) x keys [j0, j1) of piece ``p`` hides a key from some row (then it is masked)."""
+    if p.mask == FULL:
+        return False
+    return j1 > key_bounds(p, i0)[1] or j0 < key_bounds(p, i1 - 1)[0]
+
+
 class Scratch:
     """Named flat work buffers in ``self.dtype``, allocated on first use, grown to the largest request, reused.
 
@@ -379,17 +395,17 @@ class OnlineSoftmax(Scratch):
                     rbuf[: zc * rq].reshape(zc, rq),
                     pvbuf[: zc * rq * d].reshape(zc, rq, d),
                 )
-                # keys hidden from every row of this tile (those of its last row) are never touched
-                kend = nk if p.mask == FULL else min(nk, first_hidden(p.mask, i1 - 1))
+                # keys hidden from every row of this tile (before its first row's, after its last row's) are never touched
+                kstart, kend = tile_keys(p, i0, i1)
                 fresh = bool((t.l == 0).any())  # rows with nothing yet: their sums get a lower bound too
                 # rows whose reference is still 0 need no shift: the score GEMM then runs with K = D, not D+1
                 self._shifted = bool(t.q[..., d].any())
-                for j0 in range(0, kend, tk_max):
+                for j0 in range(kstart, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
                     s = sbuf[: zc * rq * (j1 - j0)].reshape(zc, rq, j1 - j0)  # (Zc, tq*G, tk)
-                    diagonal = p.mask != FULL and j1 > first_hidden(p.mask, i0)  # hides keys from some row: masked
+                    masked = tile_masked(p, i0, i1, j0, j1)  # hides keys from some row
                     fresh = self._tile(
-                        t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0], (i0, i1, j0, p.mask) if diagonal else None, fresh
+                        t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0], (i0, i1, j0, band(p)) if masked else None, fresh
                     )
                     if self.on_tile is not None:
                         self.on_tile()
@@ -424,7 +440,7 @@ class OnlineSoftmax(Scratch):
         return fresh
 
     def _exp_sums(self, s, r, ones, mask) -> None:
-        """In place p = b^s, with p = 0 for the keys ``mask`` (None, or (i0, i1, j0, mask) of the tile) hides; r = row sums.
+        """In place p = b^s, with p = 0 for the keys ``mask`` (None, or (i0, i1, j0, band) of the tile) hides; r = row sums.
 
         The fused pass does it in one compiled loop; NumPy sets hidden scores to MASKED_BITS first (exp's slow
         paths avoided), zeroes their terms after, and sums the rows by GEMV.
@@ -433,7 +449,8 @@ class OnlineSoftmax(Scratch):
             if mask is None:
                 self.fused.exp2_rows(s, r, self.fused.NO_BOUND, 1)
             else:  # row k of the tile is query i0 + k // G
-                self.fused.exp2_rows(s, r, self._first_hidden(*mask), s.shape[1] // (mask[1] - mask[0]))
+                hi, lo = self._bounds(*mask)
+                self.fused.exp2_rows(s, r, hi, s.shape[1] // (mask[1] - mask[0]), lo)
             return
         xp = self.xp
         if mask is not None:
@@ -444,34 +461,40 @@ class OnlineSoftmax(Scratch):
             xp.copyto(sub, 0, where=where)
         xp.matmul(s, ones, out=r)
 
-    def _first_hidden(self, i0, i1, j0, mask):
-        """Per query row of the tile (rows [i0, i1), keys from j0), its first hidden column: ``layout.first_hidden``."""
-        key = (i1 - i0, i0 - j0, mask)
-        bound = self._masks.get(key)
-        if bound is None:
+    def _bounds(self, i0, i1, j0, bnd):
+        """Per query row of the tile (rows [i0, i1), keys from j0), its first hidden column after the visible ones and
+        (with a window, else empty) its first visible one: ``layout.key_bounds`` of the band ``bnd`` (offset, window)."""
+        d, w = bnd
+        key = ("bounds", i1 - i0, i0 - j0 + d, w)
+        got = self._masks.get(key)
+        if got is None:
             if len(self._masks) > 64:
                 self._masks.clear()
-            bound = np.asarray(first_hidden(mask, np.arange(i0, i1) - j0), np.int64)  # (tq,)
-            self._masks[key] = bound
-        return bound
+            rows = np.arange(i0, i1, dtype=np.int64) - j0
+            hi = rows + (d + 1)
+            lo = rows + (d - w + 1) if w else np.empty(0, np.int64)
+            got = self._masks[key] = (hi, lo)
+        return got
 
-    def _masked_part(self, s, i0, i1, j0, mask):
+    def _masked_part(self, s, i0, i1, j0, bnd):
         """The columns of tile ``s`` (rows [i0, i1), keys from j0) that hide keys, (Zc, tq, G, w), and where (tq, 1, w).
 
-        Which key is hidden from which query is ``layout.hidden``'s rule (key j hidden from query i when j > i for
-        causal, j >= i for strict); only columns from the first hidden one are touched, and the boolean pattern is
-        cached by shape, offset and mask (few distinct ones per run).
+        Which key is hidden from which query is ``layout.band_hidden``'s rule for the piece's band ``bnd`` (offset d,
+        window w: key j hidden from query i when j > i + d, or j <= i + d - w with a window; causal is d = 0, strict
+        d = -1); without a window only columns from the first hidden one are touched, and the boolean pattern is
+        cached by shape, offset and window (few distinct ones per run).
         """
         zc, rq, tk = s.shape
-        tq, off = i1 - i0, i0 - j0
-        c0 = max(0, first_hidden(mask, off))  # first hidden column of the tile's first row
-        key = (tq, tk, off, mask)
+        d, w = bnd
+        tq, off = i1 - i0, i0 - j0 + d  # tile row a, column b: hidden iff b > a + off (or b <= a + off - w)
+        c0 = 0 if w else max(0, off + 1)  # first hidden column of the tile's first row
+        key = (tq, tk, off, w)
         where = self._masks.get(key)
         if where is None:
             if len(self._masks) > 64:
                 self._masks.clear()
             xp = self.xp
-            where = hidden(mask, xp.arange(tq)[:, None] + off, xp.arange(c0, tk)[None, :])[:, None, :]
+            where = band_hidden(off, w, xp.arange(tq)[:, None], xp.arange(c0, tk)[None, :])[:, None, :]
             self._masks[key] = where
         return s.reshape(zc, tq, rq // tq, tk)[..., c0:], where
 

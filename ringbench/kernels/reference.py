@@ -3,7 +3,8 @@
 Used by ``ringbench run --check`` (ringbench.harness.check), doctor, probe, the tests and the benchmarks.
 NumPy only, float64 throughout, a block of query rows at a time (memory: one (B, H, chunk, Nk) score block):
 
-* :func:`reference_attention`: full attention, O = softmax(Q K^T / sqrt(D)) V, with a causal mask by position;
+* :func:`reference_attention`: full attention, O = softmax(Q K^T / sqrt(D)) V, with a causal mask by position and,
+  with packed documents and a sliding window, their mask (:func:`hidden_keys`: the one dense definition of it);
 * :func:`reference_attention_grad`: exact gradients (dQ, dK, dV) of sum(O * dO);
 * ``TOLERANCE`` / ``TOLERANCE_BWD``: the largest max|got - ref| / max|ref| accepted per storage dtype, against the
   reference of the inputs rounded to that dtype (the reference never sees more precision than the run had);
@@ -38,8 +39,27 @@ def within(got, ref, dtype: str, phase: str = "fwd") -> bool:
     return bool(np.isfinite(np.asarray(got, np.float64)).all()) and rel_err(got, ref) <= tol
 
 
-def reference_attention(q, k, v, *, causal: bool, q_pos=None, k_pos=None, chunk: int = 256) -> np.ndarray:
-    """Full attention in float64. q: (B, Nq, H, D), k/v: (B, Nk, H_kv, D); positions give the causal mask.
+def hidden_keys(q_pos, k_pos, *, causal: bool, docs=(), window: int = 0):
+    """Boolean (Nq, Nk) 'key hidden from query' of global positions ``q_pos`` x ``k_pos``, or None when none is:
+    keys of another document (``docs``: the lengths, summing to N; () or one: none), later keys when causal, and
+    with a window W keys at or before t - W (query t sees t - W < u <= t)."""
+    q_pos, k_pos = np.asarray(q_pos)[:, None], np.asarray(k_pos)[None, :]
+    out = None
+    if len(docs) > 1:
+        starts = np.cumsum(docs)[:-1]
+        out = np.searchsorted(starts, q_pos, side="right") != np.searchsorted(starts, k_pos, side="right")
+    if causal:
+        later = k_pos > q_pos
+        out = later if out is None else out | later
+    if window:
+        old = k_pos <= q_pos - window
+        out = old if out is None else out | old
+    return out
+
+
+def reference_attention(q, k, v, *, causal: bool, q_pos=None, k_pos=None, chunk: int = 256, docs=(), window: int = 0) -> np.ndarray:
+    """Full attention in float64. q: (B, Nq, H, D), k/v: (B, Nk, H_kv, D); positions give the causal mask (and the
+    document and window mask, :func:`hidden_keys`).
 
     Returns (B, Nq, H, D) float64. Rows whose every key is masked are 0.
     """
@@ -59,8 +79,9 @@ def reference_attention(q, k, v, *, causal: bool, q_pos=None, k_pos=None, chunk:
         i1 = min(i0 + chunk, nq)
         qh = q[:, i0:i1].transpose(0, 2, 1, 3)  # (B, H, c, D)
         s = qh @ kh.swapaxes(-1, -2) * scale  # (B, H, c, Nk)
-        if causal:
-            s = np.where(k_pos[None, :] > q_pos[i0:i1, None], -np.inf, s)
+        hide = hidden_keys(q_pos[i0:i1], k_pos, causal=causal, docs=docs, window=window)
+        if hide is not None:
+            s = np.where(hide, -np.inf, s)
         m = s.max(axis=-1, keepdims=True)
         m = np.where(np.isneginf(m), 0, m)
         p = np.exp(s - m)
@@ -70,11 +91,11 @@ def reference_attention(q, k, v, *, causal: bool, q_pos=None, k_pos=None, chunk:
     return out
 
 
-def reference_attention_grad(q, k, v, do, *, causal: bool, q_pos=None, k_pos=None, chunk: int = 256):
+def reference_attention_grad(q, k, v, do, *, causal: bool, q_pos=None, k_pos=None, chunk: int = 256, docs=(), window: int = 0):
     """Gradients of sum(attention(q, k, v) * do) in float64: (dq, dk, dv).
 
     q, do: (B, Nq, H, D); k, v: (B, Nk, H_kv, D); positions give the causal mask (key visible iff k_pos <=
-    q_pos), as :func:`reference_attention`. Returns dq (B, Nq, H, D), dk and dv (B, Nk, H_kv, D); a row
+    q_pos; documents and window: :func:`hidden_keys`), as :func:`reference_attention`. Returns dq (B, Nq, H, D), dk and dv (B, Nk, H_kv, D); a row
     whose every key is masked contributes 0 everywhere. Memory: one (B, H, chunk, Nk) score block at a time.
     """
     q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
@@ -94,8 +115,9 @@ def reference_attention_grad(q, k, v, do, *, causal: bool, q_pos=None, k_pos=Non
         qh = q[:, i0:i1].transpose(0, 2, 1, 3)  # (B, H, c, D)
         doh = do[:, i0:i1].transpose(0, 2, 1, 3)
         s = qh @ kh.swapaxes(-1, -2) * scale  # (B, H, c, Nk)
-        if causal:
-            s = np.where(k_pos[None, :] > q_pos[i0:i1, None], -np.inf, s)
+        hide = hidden_keys(q_pos[i0:i1], k_pos, causal=causal, docs=docs, window=window)
+        if hide is not None:
+            s = np.where(hide, -np.inf, s)
         m = s.max(axis=-1, keepdims=True)
         p = np.exp(s - np.where(np.isneginf(m), 0, m))
         den = p.sum(axis=-1, keepdims=True)

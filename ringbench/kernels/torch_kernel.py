@@ -26,7 +26,14 @@ and sequence bookkeeping) and with flash-attn the backward is refused (:func:`un
 Masks (``ringbench.layout``): FULL -> ``is_causal=False``; CAUSAL (square, j <= i) -> ``is_causal=True``
 (top-left aligned, which for a square piece is also flash-attn's bottom-right); STRICT (square, j < i:
 striped's shifted triangle) -> queries 1..n-1 against keys 0..n-2 with ``is_causal=True``, and query 0 sees
-no key of the block (it keeps lse -inf from this block). Zigzag pieces are FULL or CAUSAL on sub-ranges.
+no key of the block (it keeps lse -inf from this block). Zigzag pieces are FULL or CAUSAL on sub-ranges. BAND
+(packed documents, sliding windows; :func:`sdpa_parts`): without a window a band is split into what ``is_causal``
+covers exactly (a FULL rectangle left of the diagonal, the CAUSAL square on it, FULL rows below it that see every
+key: at most three calls); with a window, in blocks of BAND_ROWS query rows, each against only the keys its rows see,
+unmasked where the block sees them all and with an additive float mask (-inf where hidden) otherwise, on the CPU:
+the fused CPU op takes ``attn_mask`` (in the query's dtype) forward and backward. Measured (benchmarks/README.md:
+"Packed documents"): splitting a windowless band beat one masked call over the whole piece. The CUDA ops take no
+mask here: ``--window`` with a fused kernel on CUDA is refused (:func:`unavailable`).
 
 Arrays cross between NumPy/CuPy and torch without copies: ``torch.from_numpy`` on the host (NumPy's
 bfloat16, from ml_dtypes, through a uint16 view), DLPack (``torch.from_dlpack``/``cupy.from_dlpack``) on a GPU.
@@ -40,8 +47,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ringbench.kernels.kernel import compute_dtype, softmax_scale
-from ringbench.layout import FULL, STRICT, Piece
+from ringbench.kernels.kernel import compute_dtype, softmax_scale, tile_masked
+from ringbench.layout import BAND, CAUSAL, FULL, STRICT, Piece, band_hidden, key_bounds
 
 # nominal tile of torch's CPU flash attention (q split 256 rows at blocks >= 768, kv split 512): for the memory model
 CPU_TILE_Q, CPU_TILE_K = 256, 512
@@ -49,6 +56,49 @@ CPU_TILE_Q, CPU_TILE_K = 256, 512
 # progress (on_tile) between them: one fused call per step leaves the transfer unprogressed until the wait (issue 21;
 # benchmarks/README.md "Overlap"). Heads are independent in the op, so the chunks give the one call's bits.
 CPU_CALLS_PER_PIECE = 8
+# a windowed band goes to the fused op in blocks of this many query rows, each against the keys its rows see
+BAND_ROWS = 256
+
+
+def sdpa_parts(p: Piece, rows: int = BAND_ROWS) -> list[tuple[int, int, int, int, bool, tuple | None]]:
+    """The fused calls that compute piece ``p`` exactly: (q0, q1, k0, k1, is_causal, band or None) each, in block
+    rows; ``band`` (offset, window): the call needs the additive mask of ``layout.band_hidden`` on its rows x keys.
+    Empty calls are left out (STRICT's query 0, a band's rows that see nothing)."""
+    q0, q1, k0, k1 = p.q0, p.q1, p.k0, p.k1
+    if p.mask == FULL:
+        return [(q0, q1, k0, k1, False, None)]
+    if p.mask == CAUSAL:
+        return [(q0, q1, k0, k1, True, None)]
+    if p.mask == STRICT:  # j < i: query i against keys .. i-1, i.e. causal on (q0+1.., ..k1-1)
+        return [(q0 + 1, q1, k0, k1 - 1, True, None)] if q1 - q0 > 1 else []
+    if p.mask != BAND:
+        raise ValueError(f"unknown mask {p.mask!r}")
+    nq, nk, d, w = q1 - q0, k1 - k0, p.offset, p.window
+    out = []
+    if not w:  # row i sees keys [0, i + d + 1): rows [r0, r1) cut at the diagonal, rows [r1, nq) see every key
+        r0 = max(0, -d)
+        r1 = max(r0, min(nq, nk - d))
+        if r1 > r0 and r0 + d > 0:
+            out.append((q0 + r0, q0 + r1, k0, k0 + r0 + d, False, None))
+        if r1 > r0:
+            out.append((q0 + r0, q0 + r1, k0 + r0 + d, k0 + r1 + d, True, None))
+        if nq > r1 and nk > 0:
+            out.append((q0 + max(r0, r1), q1, k0, k1, False, None))
+        return out
+    for a0 in range(0, nq, rows):
+        a1 = min(a0 + rows, nq)
+        b0, b1 = key_bounds(p, a0)[0], key_bounds(p, a1 - 1)[1]
+        if b1 <= b0:
+            continue
+        masked = tile_masked(p, a0, a1, b0, b1)
+        out.append((q0 + a0, q0 + a1, k0 + b0, k0 + b1, False, (d + a0 - b0, w) if masked else None))
+    return out
+
+
+def band_mask(torch, nq: int, nk: int, bnd: tuple, dtype, device=None):
+    """(nq, nk) additive mask of band ``bnd`` (offset, window): 0 where visible, -inf where ``layout.band_hidden``."""
+    hide = band_hidden(bnd[0], bnd[1], np.arange(nq)[:, None], np.arange(nk)[None, :])
+    return torch.zeros((nq, nk), dtype=dtype, device=device).masked_fill_(torch.from_numpy(hide).to(device), float("-inf"))
 
 
 def head_chunks(z: int, gpu: bool) -> list[tuple[int, int]]:
@@ -58,12 +108,15 @@ def head_chunks(z: int, gpu: bool) -> list[tuple[int, int]]:
     return [(z0, min(z0 + hc, z)) for z0 in range(0, z, hc)]
 
 
-def unavailable(kernel: str, backend, dtype: str, *, backward: bool = False) -> str | None:
+def unavailable(kernel: str, backend, dtype: str, *, backward: bool = False, window: bool = False) -> str | None:
     """Why ``--kernel kernel`` cannot run on ``backend`` with ``--dtype dtype`` (one line), or None if it can;
-    ``backward``: the run has a backward pass (``--pass bwd`` or ``fwd+bwd``), which only torch on the CPU has."""
+    ``backward``: the run has a backward pass (``--pass bwd`` or ``fwd+bwd``), which only torch on the CPU has;
+    ``window``: a sliding window (its bands need an attention mask, which only the CPU op takes here)."""
     if kernel == "native":
         return None
     gpu = backend.is_gpu
+    if gpu and window:
+        return f"--kernel {kernel} with --window runs on the CPU only here (a window needs a mask the CUDA ops do not take); use --kernel native"
     if kernel == "flash-attn":
         if not gpu:
             return "--kernel flash-attn runs on CUDA GPUs only (--backend cupy); on the CPU use --kernel torch or native"
@@ -149,6 +202,7 @@ class FusedAttention:
         self.out = torch.zeros((z, g, n, d), dtype=qt.dtype, device=qt.device)
         self.lse = torch.full((z, g, n), -np.inf, dtype=qt.dtype, device=qt.device)
         self._seen = np.zeros(n, bool)  # rows that some piece reached since reset()
+        self._masks = {}  # (nq, nk, offset, window) -> a windowed band's additive mask
         self.head_chunk = 1 if not self.gpu else z
         self.tile_q = min(n, CPU_TILE_Q) if not self.gpu else 0  # on a GPU the score tiles stay on chip
         self.tile_k = CPU_TILE_K if not self.gpu else 0
@@ -186,19 +240,30 @@ class FusedAttention:
                 self._piece(kt, vt, p)
 
     def _piece(self, k, v, p: Piece) -> None:
-        q0, q1, k0, k1 = p.q0, p.q1, p.k0, p.k1
-        causal = p.mask != FULL
-        if p.mask == STRICT:  # j < i: query i against keys .. i-1, i.e. causal on (q0+1.., ..k1-1)
-            q0, k1 = q0 + 1, k1 - 1
-        if q1 <= q0 or k1 <= k0:  # nothing visible (the CPU op must never see an empty block)
-            if self.on_tile is not None:
-                self.on_tile()
-            return
+        parts = sdpa_parts(p)
+        if not parts and self.on_tile is not None:  # nothing visible (the CPU op must never see an empty block)
+            self.on_tile()
+        for q0, q1, k0, k1, causal, bnd in parts:
+            self._part(k, v, q0, q1, k0, k1, causal, None if bnd is None else self._mask(q1 - q0, k1 - k0, bnd))
+
+    def _mask(self, nq: int, nk: int, bnd: tuple):
+        if self.gpu:
+            raise ValueError("FusedAttention: a windowed band needs an attention mask, which the CUDA ops here do not take")
+        key = (nq, nk) + tuple(bnd)
+        mask = self._masks.get(key)
+        if mask is None:
+            if len(self._masks) > 64:
+                self._masks.clear()
+            mask = self._masks[key] = band_mask(self.torch, nq, nk, bnd, self._tdtype)
+        return mask
+
+    def _part(self, k, v, q0, q1, k0, k1, causal: bool, mask) -> None:
         seen = self._seen[q0:q1]
         first = not seen.any()
         for z0, z1 in head_chunks(self.shape[0], self.gpu):  # one call per chunk of heads, MPI progress between
             h = slice(z0, z1)
-            o, lse = self.call(self.q[h, :, q0:q1], k[h, None, k0:k1], v[h, None, k0:k1], causal)  # (Zc, G, nq, D), (Zc, G, nq)
+            q, kb, vb = self.q[h, :, q0:q1], k[h, None, k0:k1], v[h, None, k0:k1]
+            o, lse = self.call(q, kb, vb, causal) if mask is None else self.call(q, kb, vb, causal, mask)  # (Zc, G, nq, D), (Zc, G, nq)
             out, acc = self.out[h, :, q0:q1], self.lse[h, :, q0:q1]
             if first:
                 out.copy_(o)
@@ -258,6 +323,7 @@ class FusedBackward:
         self.head_chunk, self.tile_q, self.tile_k = 1, min(n, CPU_TILE_Q), CPU_TILE_K  # the op's nominal tiles
         self.op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         self.library = f"torch {torch.__version__} aten._scaled_dot_product_flash_attention_for_cpu_backward"
+        self._masks = {}  # (nq, nk, offset, window) -> a windowed band's additive mask
 
     def reset(self) -> None:
         """Zero dQ for another pass over the same q, dO, O and LSE."""
@@ -290,14 +356,21 @@ class FusedBackward:
                 self._piece(kt, vt, dk, dv, p, heads or (0, self.shape[0]))
 
     def _piece(self, k, v, dk_acc, dv_acc, p: Piece, heads: tuple[int, int]) -> None:
-        q0, q1, k0, k1 = p.q0, p.q1, p.k0, p.k1
-        causal = p.mask != FULL
-        if p.mask == STRICT:  # j < i: causal on (q0+1.., ..k1-1), as the forward
-            q0, k1 = q0 + 1, k1 - 1
-        if q1 <= q0 or k1 <= k0:  # nothing visible (the CPU op must never see an empty block)
-            if self.on_tile is not None:
-                self.on_tile()
-            return
+        parts = sdpa_parts(p)
+        if not parts and self.on_tile is not None:  # nothing visible (the CPU op must never see an empty block)
+            self.on_tile()
+        for q0, q1, k0, k1, causal, bnd in parts:
+            mask = None
+            if bnd is not None:
+                key = (q1 - q0, k1 - k0) + tuple(bnd)
+                mask = self._masks.get(key)
+                if mask is None:
+                    if len(self._masks) > 64:
+                        self._masks.clear()
+                    mask = self._masks[key] = band_mask(self.torch, q1 - q0, k1 - k0, bnd, self._tdtype)
+            self._part(k, v, dk_acc, dv_acc, q0, q1, k0, k1, causal, mask, heads)
+
+    def _part(self, k, v, dk_acc, dv_acc, q0, q1, k0, k1, causal: bool, mask, heads: tuple[int, int]) -> None:
         for z0, z1 in head_chunks(self.shape[0], False):  # one call per chunk of heads, MPI progress between
             if z0 < heads[0] or z1 > heads[1]:
                 continue
@@ -311,7 +384,7 @@ class FusedBackward:
                 self.lse[rows],
                 0.0,
                 causal,
-                attn_mask=None,
+                attn_mask=mask,
                 scale=1.0,
             )  # (Zc, G, nq, D); (Zc, 1, nk, D) each: summed over the G query heads
             self._dq[rows] += dq
@@ -335,8 +408,8 @@ def _torch_dtype(torch, dt: np.dtype):
 def _cpu_call(torch, scale: float = 1.0):
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
-    def call(q, k, v, causal: bool):
-        o, lse = op(q, k, v, 0.0, causal, attn_mask=None, scale=scale)  # kv heads broadcast: head h reads h // G
+    def call(q, k, v, causal: bool, mask=None):
+        o, lse = op(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)  # kv heads broadcast: head h reads h // G
         return o, lse
 
     return call

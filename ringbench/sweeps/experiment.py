@@ -403,13 +403,11 @@ class Point:
     def flops(self) -> float:
         """Floating-point work of one repeat (all ranks): its timed passes', the backward at 2.5 x the forward
         (forward x1, backward x2.5, fwd+bwd x3.5; :func:`backward.phase_flops`, as the runner counts them)."""
-        from ringbench import layout
         from ringbench.kernels import backward
+        from ringbench.layout import unmasked_pairs
 
         c = self.config
-        docs, window = getattr(c, "docs", ""), getattr(c, "window", 0)
-        mask = {"docs": layout.doc_lengths(docs, c.seq_len) if docs else (), "window": window} if docs or window else {}
-        pairs = layout.unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal, **mask)  # documents: within each only
+        pairs = unmasked_pairs(c.layout, self.nranks, c.seq_len, c.causal, c.doc_lengths, c.window)
         return sum(backward.phase_flops(phase, c.batch, c.heads, c.head_dim, pairs) for phase in c.phases)
 
     def work(self) -> float:
