@@ -258,12 +258,12 @@ def _step(i: int, steps: dict) -> str:
 
 def _docs_text(cfg) -> str:
     """'   (12 documents, window 256)': what shaped the mask, where documents or a window did."""
-    docs, window = getattr(cfg, "docs", ""), getattr(cfg, "window", 0)
+    docs, window = cfg.docs, cfg.window
     if not docs and not window:
         return ""
     what = []
     if docs:
-        what.append(f"{len(model.Shape(nranks=1, seq_len=cfg.seq_len, docs=docs).doc_lengths)} documents ({docs})")
+        what.append(f"{len(cfg.doc_lengths)} documents ({docs})")
     if window:
         what.append(f"window {window}")
     return "   (" + ", ".join(what) + ")"
