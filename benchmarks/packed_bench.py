@@ -52,6 +52,7 @@ ZIGZAG_IMBALANCE = 1.3
 WINNER_TARGET = 0.90
 ERROR_TARGET = 0.20
 RING_MODES = ("overlap", "blocking", "allgather")  # the modes whose work follows the layout's ring plans
+POINT_KEYS = ("winner", "best", "runner_up", "predicted_winner", "verdict")  # what the JSON keeps of a point
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,8 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probe-blocks", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048], help="probe block sizes")
     p.add_argument("--work", help="directory for the probe and result files (default: a temporary one, removed)")
     p.add_argument("--out", help="write every figure here (JSON)")
+    p.add_argument("--reuse", action="store_true", help="with --work: compare the probe and results already there (no new runs)")
     p.add_argument("--timeout", type=float, default=3600)
     a = p.parse_args(argv)
+    if a.reuse and not (a.work and (Path(a.work) / "probe.h5").is_file()):
+        p.exit(2, "packed_bench: --reuse: needs --work DIR holding an earlier run's probe.h5 and results\n")
     if a.rounds < 1:
         p.exit(2, f"packed_bench: --rounds: expected a positive integer, got {a.rounds}\n")
     if a.repeat < measure.MIN_REPEATS:
@@ -138,6 +142,17 @@ def candidate_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def layout_rows(rows: list[dict]) -> list[dict]:
+    """Rows relabelled so that results.strategy_points takes the layouts of one strategy at one (spec, N, P) as one
+    point: the candidate is the layout (its mode), the strategy keyed in ``layout``; the original row rides along."""
+    out = []
+    for r in rows:
+        c = dict(r, mode=r["layout"], ulysses_degree=1, layout=results.strategy_label(r))
+        c["orig"] = r
+        out.append(c)
+    return out
+
+
 def per_rank_count(rows: list[dict], cal: model.Calibration, nranks: int, cores: int) -> dict:
     """The table, the targets and the model's agreement at one rank count."""
     sub = [r for r in rows if r["nranks"] == nranks]
@@ -147,7 +162,8 @@ def per_rank_count(rows: list[dict], cal: model.Calibration, nranks: int, cores:
         med = float(np.median(d["repeats"]))
         pred = model.predict(results.shape(d["row"]), cal).time_s
         base = by.get((strat, "zigzag"))
-        cmp_ = measure.compare(d["repeats"], base["repeats"]) if base is not None and lay != "zigzag" else None
+        # zigzag's time over this layout's (> 1: this layout is faster), its interval and verdict
+        cmp_ = measure.compare(base["repeats"], d["repeats"]) if base is not None and lay != "zigzag" else None
         pairs = float(np.median([x for x in d["pairs"] if x is not None])) if any(x is not None for x in d["pairs"]) else float("nan")
         comp = float(np.median([x for x in d["compute"] if x is not None])) if any(x is not None for x in d["compute"]) else float("nan")
         cell = {
@@ -199,6 +215,10 @@ def per_rank_count(rows: list[dict], cal: model.Calibration, nranks: int, cores:
     points = results.strategy_points(candidate_rows(sub))
     agr = results.strategy_agreement(points, lambda r: model.predict(results.shape(r["orig"]), cal).time_s)
     share = agr["agree"] / agr["decided"] if agr["decided"] else float("nan")
+    # which layout for each strategy: one point per strategy, its layouts the candidates
+    lay_points = results.strategy_points(layout_rows(sub))
+    lay_agr = results.strategy_agreement(lay_points, lambda r: model.predict(results.shape(r["orig"]), cal).time_s)
+    lay_share = lay_agr["agree"] / lay_agr["decided"] if lay_agr["decided"] else float("nan")
     lines = [
         f"P = {nranks}{' (oversubscribed: more ranks than the ' + str(cores) + ' cores)' if nranks > cores else ''}",
         table,
@@ -221,9 +241,15 @@ def per_rank_count(rows: list[dict], cal: model.Calibration, nranks: int, cores:
     err = agr["median_abs_error"]
     won = "PASS" if agr["decided"] and share >= WINNER_TARGET else "MISS"
     lines.append(
-        f"  model: winner {agr['agree']}/{agr['decided']} decided points {won} (target >= {WINNER_TARGET:.0%}); "
+        f"  model: winner over strategies x layouts {agr['agree']}/{agr['decided']} decided points {won} (target >= {WINNER_TARGET:.0%}); "
         f"median |error| {err:.1%} {'PASS' if err <= ERROR_TARGET else 'MISS'} (target <= {ERROR_TARGET:.0%})"
     )
+    for p in lay_agr["points"]:
+        strat = p["layout"]  # layout_rows keys the strategy there
+        measured = p["winner"] or f"none (a tie within the noise: {p['best']} vs {p['runner_up']})"
+        lines.append(f"  layout for {strat}: measured {measured}, predicted {p['predicted_winner']}")
+    lay_won = "PASS" if lay_agr["decided"] and lay_share >= WINNER_TARGET else "MISS"
+    lines.append(f"  model: the layout for each strategy {lay_agr['agree']}/{lay_agr['decided']} decided points {lay_won}")
     return {
         "text": "\n".join(lines),
         "nranks": nranks,
@@ -232,6 +258,11 @@ def per_rank_count(rows: list[dict], cal: model.Calibration, nranks: int, cores:
         "balance_pass": balance_ok,
         "speedups": speed,
         "winner": {"agree": agr["agree"], "decided": agr["decided"], "ties": agr["ties"], "share": share},
+        "layout_winner": {"agree": lay_agr["agree"], "decided": lay_agr["decided"], "ties": lay_agr["ties"], "share": lay_share},
+        "layout_points": [
+            {"strategy": p["layout"], **{k: p[k] for k in ("winner", "best", "runner_up", "predicted_winner", "verdict")}}
+            for p in lay_agr["points"]
+        ],
         "points": [
             {
                 "winner": p["winner"],
@@ -260,13 +291,13 @@ def main(argv=None) -> int:
         flush=True,
     )
     probe = work / "probe.h5"
-    for p in a.ranks:
+    for p in [] if a.reuse else a.ranks:
         cmd = [mpiexec(), "-n", p, sys.executable, "-m", "ringbench", "probe", "--out", probe, "--quiet"]
         cmd += ["--heads", a.heads, "--kv-heads", a.kv_heads, "--head-dim", a.head_dim, "--block-sizes", ",".join(map(str, a.probe_blocks))]
         run(cmd, a.timeout)
     exp = work / "packed-bench.yaml"
     exp.write_text(experiment_text(a))
-    for k in range(a.rounds):  # whole sweeps one after the other: the runs of a point are minutes apart
+    for k in range(0 if a.reuse else a.rounds):  # whole sweeps one after the other: the runs of a point are minutes apart
         run([sys.executable, "-m", "ringbench", "sweep", exp, "--results", work / "results"] + (["--force"] if k else []), a.timeout)
     runs = results.load(work / "results" / "packed-bench.h5")
     cal = model.calibrate([], store.read_probes(probe))
