@@ -2,9 +2,11 @@
 
 Every rank reports its host, local rank, the device it selected, whether MPI is CUDA-aware, the MPI library and
 the kernel libraries it finds (NumPy and its BLAS, Intel MKL, torch and its CUDA, flash_attn, CuPy and its GPUs);
-then every rank runs one tiny ring pass, checked against the float64 reference, for each backend and kernel
-available on every rank. Across nodes it also lists the nodes (MPI's shared-memory split), their ranks, and each
-neighbour pair of the ring a run uses (node-major order) with its link class and a 1 MiB ping-pong bandwidth.
+then every rank runs two tiny ring passes, checked against the float64 reference, for each backend and kernel
+available on every rank: causal zigzag, and a packed one (three documents of odd lengths and a sliding window, the
+balanced layout; :func:`packed_changes`); the worse of the two is reported. Across nodes it also lists the nodes
+(MPI's shared-memory split), their ranks, and each neighbour pair of the ring a run uses (node-major order) with its
+link class and a 1 MiB ping-pong bandwidth.
 Rank 0 gathers, prints a table and one line per problem.
 
 Problems (exit status 1; 0 without any):
@@ -37,6 +39,15 @@ from ringbench.layout import positions
 # the tiny checked pass: causal zigzag (diagonal, full and half pieces), GQA, 16 tokens per rank
 CHECK = dict(batch=1, heads=4, kv_heads=2, head_dim=16, causal=True, layout="zigzag", mode="overlap", warmup=0, repeat=1)
 TOKENS_PER_RANK = 16
+# the packed pass: documents of 5, N - 8 and 3 tokens, a window of 7 (none for a fused kernel on CUDA, which takes no
+# window), dealt by the balanced layout: banded, windowed and skipped pieces, cut at document boundaries
+PACKED_WINDOW = 7
+
+
+def packed_changes(nranks: int, gpu_fused: bool = False) -> dict:
+    """What the packed pass changes in CHECK at ``nranks`` ranks."""
+    n = TOKENS_PER_RANK * nranks
+    return dict(docs=f"5,{n - 8},3", window=0 if gpu_fused else PACKED_WINDOW, layout="balanced")
 
 
 @dataclass
@@ -106,14 +117,16 @@ def _why_not(combo: Combo, backends: dict) -> tuple[str, str] | None:
     return ("kernel", why) if why else None
 
 
-def _build_ring(combo: Combo, backend, world, cuda_aware: bool):
-    """The tiny ring of ``combo`` on this rank, and its inputs for the check (no communication yet)."""
+def _build_ring(combo: Combo, backend, world, cuda_aware: bool, packed: bool = False):
+    """The tiny ring of ``combo`` on this rank (``packed``: the packed pass), its config and its inputs for the check
+    (no communication yet)."""
     from ringbench.engine import api
 
     rank, nranks = world.rank, world.size
-    cfg = RunConfig(seq_len=TOKENS_PER_RANK * nranks, dtype=combo.dtype, backend=combo.backend, kernel=combo.kernel, **CHECK)
+    check = dict(CHECK, **packed_changes(nranks, backend.is_gpu and combo.kernel != "native")) if packed else CHECK
+    cfg = RunConfig(seq_len=TOKENS_PER_RANK * nranks, dtype=combo.dtype, backend=combo.backend, kernel=combo.kernel, **check)
     dtype = backend.dtype(cfg.dtype)
-    pos = positions(cfg.layout, rank, nranks, cfg.seq_len)
+    pos = positions(cfg.layout, rank, nranks, cfg.seq_len, cfg.doc_lengths, cfg.window, cfg.causal)
     allpos = np.arange(cfg.seq_len)
     dims = dict(batch=cfg.batch, seq_len=cfg.seq_len, head_dim=cfg.head_dim)
     q = inputs.tokens("q", 0, pos, heads=cfg.heads, **dims).astype(dtype)
@@ -121,7 +134,7 @@ def _build_ring(combo: Combo, backend, world, cuda_aware: bool):
     v = inputs.tokens("v", 0, allpos, heads=cfg.kv_heads, **dims).astype(dtype)
     ctx = api.RankContext(cfg, backend, world, cuda_aware and backend.is_gpu)
     ring = api.build(ctx, backend.asarray(q), backend.asarray(k[:, pos]), backend.asarray(v[:, pos]))
-    return ring, (q, k, v, pos, allpos)
+    return ring, cfg, (q, k, v, pos, allpos)
 
 
 def _ring_check(combo: Combo, backend, world, cuda_aware: bool) -> tuple[str, object]:
@@ -133,19 +146,22 @@ def _ring_check(combo: Combo, backend, world, cuda_aware: bool) -> tuple[str, ob
     from ringbench.engine import comm
     from ringbench.kernels.reference import TOLERANCE
 
-    try:
-        ring, (q, k, v, pos, allpos) = _build_ring(combo, backend, world, cuda_aware)
-        why = None
-    except Exception as exc:  # noqa: BLE001 - any failure to set a kernel up is what doctor reports
-        why = f"rank {world.rank}: {exc.__class__.__name__}: {exc}"
-    why = comm.first_error(why, world)
-    if why:
-        return "error", why
-    ring.forward()
-    out = backend.asnumpy(ring.output()).astype(np.float64)
-    ref = reference.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=allpos)
-    rel = float(np.abs(out - ref).max() / np.abs(ref).max()) if np.isfinite(out).all() else float("inf")
-    worst = max(world.allgather(rel))
+    worst = 0.0
+    for packed in (False, True):
+        try:
+            ring, cfg, (q, k, v, pos, allpos) = _build_ring(combo, backend, world, cuda_aware, packed)
+            why = None
+        except Exception as exc:  # noqa: BLE001 - any failure to set a kernel up is what doctor reports
+            why = f"rank {world.rank}: {exc.__class__.__name__}: {exc}"
+        why = comm.first_error(why, world)
+        if why:
+            return "error", why
+        ring.forward()
+        out = backend.asnumpy(ring.output()).astype(np.float64)
+        mask = dict(docs=cfg.doc_lengths, window=cfg.window)
+        ref = reference.reference_attention(q, k, v, causal=True, q_pos=pos, k_pos=allpos, **mask)
+        rel = float(np.abs(out - ref).max() / np.abs(ref).max()) if np.isfinite(out).all() else float("inf")
+        worst = max(worst, max(world.allgather(rel)))
     return ("ok" if worst <= TOLERANCE[combo.dtype] else "FAILED"), worst
 
 

@@ -403,10 +403,8 @@ class OnlineSoftmax(Scratch):
                 for j0 in range(kstart, kend, tk_max):
                     j1 = min(j0 + tk_max, kend)
                     s = sbuf[: zc * rq * (j1 - j0)].reshape(zc, rq, j1 - j0)  # (Zc, tq*G, tk)
-                    masked = tile_masked(p, i0, i1, j0, j1)  # hides keys from some row
-                    fresh = self._tile(
-                        t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0], (i0, i1, j0, band(p)) if masked else None, fresh
-                    )
+                    mask = (i0, i1, j0, band(p)) if tile_masked(p, i0, i1, j0, j1) else None  # hides keys from some row
+                    fresh = self._tile(t, kta[..., j0:j1], vz[:, j0:j1], s, ones[: j1 - j0], mask, fresh)
                     if self.on_tile is not None:
                         self.on_tile()
 

@@ -95,8 +95,9 @@ def reference_attention_grad(q, k, v, do, *, causal: bool, q_pos=None, k_pos=Non
     """Gradients of sum(attention(q, k, v) * do) in float64: (dq, dk, dv).
 
     q, do: (B, Nq, H, D); k, v: (B, Nk, H_kv, D); positions give the causal mask (key visible iff k_pos <=
-    q_pos; documents and window: :func:`hidden_keys`), as :func:`reference_attention`. Returns dq (B, Nq, H, D), dk and dv (B, Nk, H_kv, D); a row
-    whose every key is masked contributes 0 everywhere. Memory: one (B, H, chunk, Nk) score block at a time.
+    q_pos; documents and window: :func:`hidden_keys`), as :func:`reference_attention`. Returns dq (B, Nq, H, D),
+    dk and dv (B, Nk, H_kv, D); a row whose every key is masked contributes 0 everywhere. Memory: one
+    (B, H, chunk, Nk) score block at a time.
     """
     q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
     b, nq, h, d = q.shape

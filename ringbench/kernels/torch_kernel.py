@@ -116,7 +116,8 @@ def unavailable(kernel: str, backend, dtype: str, *, backward: bool = False, win
         return None
     gpu = backend.is_gpu
     if gpu and window:
-        return f"--kernel {kernel} with --window runs on the CPU only here (a window needs a mask the CUDA ops do not take); use --kernel native"
+        why = "a window needs a mask the CUDA ops here do not take"
+        return f"--kernel {kernel} with --window runs on the CPU only ({why}); use --kernel native"
     if kernel == "flash-attn":
         if not gpu:
             return "--kernel flash-attn runs on CUDA GPUs only (--backend cupy); on the CPU use --kernel torch or native"

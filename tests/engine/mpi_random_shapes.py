@@ -67,7 +67,7 @@ def draw_case(rng, nranks: int, budget: float = COST_BUDGET) -> RunConfig:
         hk = int(rng.integers(1, 5))
         g = int(rng.integers(1, 5))
         n = log_int(rng, 1, MAX_TOKENS)
-        if layout == "zigzag" and n % 2:
+        if layout in ("zigzag", "doc-zigzag") and n % 2:
             n += 1 if n < MAX_TOKENS else -1
         cfg = RunConfig(
             batch=int(rng.integers(1, 4)),

@@ -144,7 +144,7 @@ def kernel_cases(seed: int, examples: int) -> list[dict]:
         while True:
             layout = str(rng.choice(LAYOUTS))
             n = mpi_cases.log_int(rng, 1, mpi_cases.MAX_TOKENS)
-            if layout == "zigzag":
+            if layout in ("zigzag", "doc-zigzag"):
                 n += n % 2
             c = dict(
                 nranks=int(rng.integers(1, 5)),

@@ -104,3 +104,26 @@ def test_node_report_flags_a_slow_node():
     assert len(problems) == 1 and problems[0].startswith("node c: its inter-node link delivers 0.100 GB/s")
     bw[3] = bw[5] = 1e9  # every node's link alike: nothing flagged
     assert node_report(nodes)[1] == []
+
+
+def test_the_packed_pass_is_valid_and_banded_at_every_rank_count():
+    """doctor's second tiny pass (packed documents and a window, balanced) is a valid run at P = 1..4 whose plans
+    hold windowed bands and cut at documents (fewer pairs than the causal triangle); its check runs in the healthy
+    test above."""
+    from ringbench.config import RunConfig, validate
+    from ringbench.harness.doctor import CHECK, TOKENS_PER_RANK, packed_changes
+    from ringbench.layout import BAND, step_plan, unmasked_pairs
+
+    for p in (1, 2, 3, 4):
+        cfg = RunConfig(seq_len=TOKENS_PER_RANK * p, **dict(CHECK, **packed_changes(p)))
+        assert not validate(cfg, p) and len(cfg.doc_lengths) == 3 and cfg.window
+        pieces = [
+            x
+            for r in range(p)
+            for s in range(p)
+            for x in step_plan(cfg.layout, r, s, p, TOKENS_PER_RANK, True, cfg.doc_lengths, cfg.window)
+        ]
+        assert any(x.mask == BAND and x.window for x in pieces)
+        n = cfg.seq_len
+        assert unmasked_pairs(cfg.layout, p, n, True, cfg.doc_lengths, cfg.window) < n * (n + 1) // 2
+    assert packed_changes(2, gpu_fused=True)["window"] == 0

@@ -133,10 +133,10 @@ def test_torch_kernel_with_documents_and_windows_matches_float64(name):
         q, k, v, do = _inputs(trial, n_total, np.dtype("float32"))
         st = q.dtype
 
-        def fwd(qh, n):
+        def fwd(qh, n, st=st):
             return api.make_forward(BACKEND, qh, n, scale=kernel.softmax_scale(qh.shape[3]), kernel_name=name, storage=st)
 
-        def bwd(qh, doh, o, lse):
+        def bwd(qh, doh, o, lse, st=st):
             return api.make_backward(BACKEND, qh, doh, o, lse, kernel_name=name, storage=st)
 
         got = _ring(lay, nranks, n_total, docs, window, q, k, v, do, fwd, bwd)
