@@ -179,6 +179,9 @@ def test_advise_docs_by_cli(probe_file):
     ok = ringbench(*common, "--docs", "lognormal:mean=600,sigma=1.2,seed=2", "--window", 512, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("winner: ") == 2 and " with layout " in ok.stdout and "window 512" in ok.stdout, ok.stdout
+    preset = ("advise", "--machine", "h100-sxm5-8x", "--heads", 32, "--kv-heads", 8, "--head-dim", 128, "--dtype", "bfloat16")
+    gpu = ringbench(*preset, "--causal", "--seq-len", 131072, "--ranks", 8, "--docs", "lognormal:mean=8192,sigma=1.2,seed=1", timeout=120)
+    assert gpu.returncode == 0 and "winner: " in gpu.stdout and "machine preset h100-sxm5-8x" in gpu.stdout, gpu.stderr
     listed = ringbench(*common, "--docs", "2044,2052", timeout=120)  # doc-zigzag cannot cut 2044 into 8: listed as refused
     assert listed.returncode == 0 and "refused: doc-zigzag: --docs: layout doc-zigzag cuts every document" in listed.stdout, listed.stdout
     cases = [
