@@ -685,6 +685,7 @@ def cmd_advise(argv: list[str]) -> int:
     except UsageError as exc:
         return fail(prog, str(exc))
     from ringbench.analysis import advise, model, presets, results
+    from ringbench.layout import OLD_LAYOUTS
     from ringbench.sweeps.experiment import ExperimentError
 
     if ns.list_machines:
@@ -737,6 +738,8 @@ def cmd_advise(argv: list[str]) -> int:
     if packed and (err := _packed_advise_problem(ns)):
         return fail(prog, err)
     ns.layout = ns.layout or RunConfig().layout
+    if not packed and ns.layout not in OLD_LAYOUTS and (err := advise.check_packed_ranks(ns.ranks)):  # every plan: P^2
+        return fail(prog, err.replace("with --docs or --window", f"with --layout {ns.layout}"))
     if ns.passes in ("prefill", "decode"):  # the serving passes' own model (analysis.inference)
         return _advise_serving(ns, hk, cal)
     base = model.Shape(

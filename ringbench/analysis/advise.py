@@ -107,6 +107,8 @@ def format_advice(
     ``layouts`` (default: every layout that takes documents, layout.DOC_LAYOUTS)."""
     if base.masked:
         return format_packed_advice(base, seq_lens, ranks, cal, machine, layouts or list(DOC_LAYOUTS))
+    if not model.classed(base):  # doc-zigzag or balanced for one document: every plan, as with documents
+        return format_packed_advice(base, seq_lens, ranks, cal, machine, layouts or [base.layout])
     lines = [
         f"ringbench advise: B={base.batch} H={base.heads}/{base.kv_heads} D={base.head_dim} {base.dtype}"
         f"{' causal' if base.causal else ''} layout {base.layout}, {PASS_NAMES[base.pass_]}",

@@ -196,6 +196,10 @@ def test_advise_docs_by_cli(probe_file):
         assert want in one_line_exit_2(ringbench(*common, *extra, timeout=60)), extra
     over = ringbench("advise", "--probe", probe_file, "--causal", "--seq-len", 65536, "--ranks", 128, "--docs", "fixed:512", timeout=60)
     assert f"--ranks: at most {advise.MAX_PACKED_RANKS} ranks with --docs" in one_line_exit_2(over)
+    over = ringbench("advise", "--probe", probe_file, "--causal", "--seq-len", 65536, "--ranks", 128, "--layout", "balanced", timeout=60)
+    assert f"--ranks: at most {advise.MAX_PACKED_RANKS} ranks with --layout balanced" in one_line_exit_2(over)
+    one = ringbench("advise", "--probe", probe_file, "--causal", "--seq-len", 4096, "--ranks", 4, "--layout", "balanced", timeout=60)
+    assert one.returncode == 0 and "one document" in one.stdout and "winner: " in one.stdout and "with layout balanced" in one.stdout
 
 
 @pytest.fixture(scope="module")
