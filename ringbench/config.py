@@ -204,6 +204,8 @@ def coerce(key: str, value, where: str = ""):
             raise ConfigError(path, f"expected one of {', '.join(CHOICES[key])}; got {value!r}{did_you_mean(value, CHOICES[key])}")
         return value
     if key == "docs":
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML reads `docs: 4096` as an integer
+            value = str(value)
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a document spec such as 4096,1024,3072 or lognormal:mean=2048,sigma=1, got {value!r}")
         return value.strip()

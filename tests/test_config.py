@@ -156,6 +156,9 @@ def test_documents_and_windows_that_hold_are_accepted():
         assert not validate(RunConfig(causal=True, docs="fixed:1536", window=700, layout=layout), 2)
     assert not validate(RunConfig(docs="lognormal:mean=1024,sigma=1.5,seed=3"), 4)  # full attention inside documents
     assert RunConfig(docs="fixed:1536").doc_lengths == (1536,) * 4 and RunConfig().doc_lengths == (6144,)
+    assert RunConfig.from_dict({"docs": 6144, "window": 64}).docs == "6144"  # an experiment file's `docs: 6144`
+    with pytest.raises(ConfigError, match="docs: expected a document spec"):
+        RunConfig.from_dict({"docs": [1, 2]})
 
 
 @pytest.mark.parametrize("argv", [["--window", "0"], ["--window", "-2"]])
