@@ -660,8 +660,15 @@ def advise_parser() -> argparse.ArgumentParser:
     for opt in ("batch", "heads", "kv_heads", "head_dim"):
         p.add_argument(option_name(opt), type=int, default=getattr(d, opt), metavar="N", help=_HELP[opt])
     p.add_argument("--dtype", choices=CHOICES["dtype"], default=d.dtype, help=_HELP["dtype"])
-    p.add_argument("--layout", choices=CHOICES["layout"], default=d.layout, help=_HELP["layout"])
+    p.add_argument(
+        "--layout",
+        choices=CHOICES["layout"],
+        default=None,
+        help=_HELP["layout"] + f" (default {d.layout}; with --docs or --window: every layout that takes them, ranked)",
+    )
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False, help=_HELP["causal"])
+    p.add_argument("--docs", default="", metavar="SPEC", help=_HELP["docs"] + "; ranks the layouts too")
+    p.add_argument("--window", type=int, default=None, metavar="W", help=_HELP["window"])
     p.add_argument(
         "--pass", dest="passes", choices=["fwd", "bwd", "fwd+bwd", "prefill", "decode"], default="fwd", help="the pass to predict"
     )
@@ -678,6 +685,7 @@ def cmd_advise(argv: list[str]) -> int:
     except UsageError as exc:
         return fail(prog, str(exc))
     from ringbench.analysis import advise, model, presets, results
+    from ringbench.layout import OLD_LAYOUTS
     from ringbench.sweeps.experiment import ExperimentError
 
     if ns.list_machines:
@@ -725,6 +733,13 @@ def cmd_advise(argv: list[str]) -> int:
         return fail(
             prog, f"--pass {ns.passes}: the calibration ({cal.source}) has no backward compute rate; probe again or add backward runs"
         )
+    packed = bool(ns.docs or ns.window is not None)
+    explicit_layout = ns.layout is not None
+    if packed and (err := _packed_advise_problem(ns)):
+        return fail(prog, err)
+    ns.layout = ns.layout or RunConfig().layout
+    if not packed and ns.layout not in OLD_LAYOUTS and (err := advise.check_packed_ranks(ns.ranks)):  # every plan: P^2
+        return fail(prog, err.replace("with --docs or --window", f"with --layout {ns.layout}"))
     if ns.passes in ("prefill", "decode"):  # the serving passes' own model (analysis.inference)
         return _advise_serving(ns, hk, cal, machine)
     base = model.Shape(
@@ -738,9 +753,30 @@ def cmd_advise(argv: list[str]) -> int:
         causal=ns.causal,
         layout=ns.layout,
         pass_=ns.passes,
+        docs=ns.docs,
+        window=ns.window or 0,
     )
-    print(advise.format_advice(base, ns.seq_len, ns.ranks, cal, machine))
+    layouts = [ns.layout] if packed and explicit_layout else None
+    print(advise.format_advice(base, ns.seq_len, ns.ranks, cal, machine, layouts))
     return 0
+
+
+def _packed_advise_problem(ns) -> str | None:
+    """The one-line refusal of advise's --docs / --window (and a --layout given with them), else None: the spec over
+    every --seq-len, the window's bound, the serving passes, the rank counts the model evaluates plan by plan."""
+    from ringbench.analysis import advise
+    from ringbench.config import document_problems
+
+    if ns.window is not None and ns.window < 1:
+        return f"--window: must be >= 1 (each query sees the W keys up to itself; leave it out for none), got {ns.window}"
+    for nseq in ns.seq_len:
+        for p in ns.ranks:
+            layout = ns.layout or "contiguous"
+            cfg = RunConfig(seq_len=nseq, causal=ns.causal, layout=layout, docs=ns.docs, window=ns.window or 0, pass_=ns.passes)
+            for key, msg in document_problems(cfg, p):
+                if key != "layout" or ns.layout:  # without --layout a layout that cannot take it is listed as refused
+                    return f"{option_name(key)}: {msg}"
+    return advise.check_packed_ranks(ns.ranks)
 
 
 def _advise_serving(ns, hk: int, cal, machine=None) -> int:

@@ -399,3 +399,29 @@ def test_serving_bench_compares_the_strategies_and_the_merges(tmp_path):
     assert len(data["prefill"]) == 2 and {f["C"] for f in data["prefill"]} == {0, 48}
     assert set(data["decode"][0]["measured_s"]) == {"ring", "tree", "gather"}
     assert script("serving_bench.py", "--cached", 1.5).returncode == 2
+
+
+def test_packed_bench_probes_sweeps_and_reports_the_targets(tmp_path):
+    out = tmp_path / "p.json"
+    tiny = ("--seq-len", 512, "--docs", "lognormal:mean=96,sigma=1.2,seed=5,quantum=16", "--heads", 2, "--kv-heads", 1)
+    tiny += ("--head-dim", 16, "--repeat", 3, "--rounds", 2, "--probe-blocks", 32, 64, 128, "--modes", "overlap", "ulysses")
+    res = script("packed_bench.py", *tiny, "--ranks", 2, "--work", tmp_path / "work", "--out", out, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "load average" in res.stdout and "calibration: probe" in res.stdout
+    assert "target <= 1.10" in res.stdout and "target >= 90%" in res.stdout and "target <= 20%" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["provenance"]["cpu"] and data["calibration"].startswith("probe") and len(data["doc_lengths"]) > 1
+    (p2,) = data["per_rank_count"]
+    assert p2["nranks"] == 2 and not p2["oversubscribed"]
+    cells = {(c["strategy"], c["layout"]) for c in p2["cells"]}
+    assert cells == {(m, lay) for m in ("overlap", "ulysses") for lay in ("zigzag", "doc-zigzag", "balanced", "contiguous")}
+    assert all(len(c["repeats_s"]) == 2 * 3 for c in p2["cells"])  # 2 rounds of 3 repeats, pooled
+    assert all(c["pairs_imbalance"] >= 1.0 and c["compute_imbalance"] >= 1.0 for c in p2["cells"])
+    assert all(c["pairs_imbalance"] == 1.0 for c in p2["cells"] if c["strategy"] == "ulysses")
+    assert len(p2["points"]) == 1  # one (spec, N, P): every strategy x layout a candidate
+
+
+def test_packed_bench_user_error_is_one_line():
+    res = script("packed_bench.py", "--docs", "100,200", "--seq-len", 512)
+    assert res.returncode == 2
+    assert "--docs" in res.stderr.strip().splitlines()[-1]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ringbench.analysis import model
 from ringbench.config import did_you_mean, validate
+from ringbench.layout import DOC_LAYOUTS, imbalance
 from ringbench.provenance import calibration_warning
 from ringbench.yamlfile import Source
 
@@ -99,7 +100,15 @@ def changes(base: model.Shape, nranks: int, cal: model.Calibration, machine: mod
     return out
 
 
-def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal: model.Calibration, machine=None) -> str:
+def format_advice(
+    base: model.Shape, seq_lens: list[int], ranks: list[int], cal: model.Calibration, machine=None, layouts: list[str] | None = None
+) -> str:
+    """The advice text. With documents or a window (``base.masked``) also the layout: :func:`format_packed_advice` over
+    ``layouts`` (default: every layout that takes documents, layout.DOC_LAYOUTS)."""
+    if base.masked:
+        return format_packed_advice(base, seq_lens, ranks, cal, machine, layouts or list(DOC_LAYOUTS))
+    if not model.classed(base):  # doc-zigzag or balanced for one document: every plan, as with documents
+        return format_packed_advice(base, seq_lens, ranks, cal, machine, layouts or [base.layout])
     lines = [
         f"ringbench advise: B={base.batch} H={base.heads}/{base.kv_heads} D={base.head_dim} {base.dtype}"
         f"{' causal' if base.causal else ''} layout {base.layout}, {PASS_NAMES[base.pass_]}",
@@ -131,6 +140,108 @@ def format_advice(base: model.Shape, seq_lens: list[int], ranks: list[int], cal:
         lines.append("\n" + scan_text(p, moves, steady))
         if machine is not None and machine.device is not None:  # with a preset: where the ring's transfers hide
             lines.append(crossover_text(base, p, cal))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed documents and sliding windows (issue 20): strategies x layouts
+# ---------------------------------------------------------------------------------------------
+# The model evaluates every (rank, source) plan with documents (model.classed): O(P^2) plans per layout and strategy.
+MAX_PACKED_RANKS = 64
+
+
+def check_packed_ranks(ranks: list[int]) -> str | None:
+    """The one-line refusal of rank counts too large to predict with documents or a window, else None."""
+    over = [p for p in ranks if p > MAX_PACKED_RANKS]
+    if not over:
+        return None
+    return (
+        f"--ranks: at most {MAX_PACKED_RANKS} ranks with --docs or --window (the model then evaluates every (rank, source) "
+        f"plan, P^2 of them); got {over[0]}"
+    )
+
+
+def packed_candidates(
+    base: model.Shape, nranks: int, cal: model.Calibration, machine: model.Machine | None, layouts: list[str]
+) -> dict[str, list[Candidate]]:
+    """{layout: :func:`candidates` of that layout} at ``nranks`` ranks, ``base`` carrying the documents and window."""
+    return {lay: candidates(base.with_(layout=lay), nranks, cal, machine) for lay in layouts}
+
+
+def packed_winner(table: dict[str, list[Candidate]]) -> tuple[tuple[str, Candidate] | None, float, tuple[str, Candidate] | None]:
+    """((layout, candidate) of the least predicted time, the runner-up's time over it, the runner-up) over every
+    strategy and layout."""
+    ok = sorted(((lay, c) for lay, cs in table.items() for c in cs if c.time_s is not None), key=lambda t: t[1].time_s)
+    if not ok:
+        return None, float("nan"), None
+    if len(ok) == 1 or ok[0][1].time_s <= 0:
+        return ok[0], float("inf"), None
+    return ok[0], ok[1][1].time_s / ok[0][1].time_s, ok[1]
+
+
+def layout_balance(shape: model.Shape) -> float | None:
+    """The ring's pairs imbalance of a layout (layout.imbalance of its plans: max / mean over ranks), None if refused."""
+    if validate(shape.with_(mode="overlap", ulysses_degree=1).to_config(), shape.nranks):
+        return None
+    return imbalance(model.step_pairs(shape.with_(mode="overlap", ulysses_degree=1)))
+
+
+def format_packed_advice(
+    base: model.Shape, seq_lens: list[int], ranks: list[int], cal: model.Calibration, machine, layouts: list[str]
+) -> str:
+    """Every strategy at every layout for packed documents and a window: a table of predicted times per (N, P) (rows:
+    strategies, columns: layouts), the ring's pairs imbalance of each layout, and the winning strategy and layout."""
+    mask = (f"documents {base.docs}" if base.docs else "one document") + (f", window {base.window}" if base.window else "")
+    lines = [
+        f"ringbench advise: B={base.batch} H={base.heads}/{base.kv_heads} D={base.head_dim} {base.dtype}"
+        f"{' causal' if base.causal else ''}, {mask}, {PASS_NAMES[base.pass_]}; layouts {', '.join(layouts)}",
+        f"calibration: {cal.source}" + (f"; machine: {machine.source}" if machine else ""),
+        *filter(None, [calibration_warning(cal)]),
+    ]
+    for p in ranks:
+        for nseq in seq_lens:
+            shape = base.with_(seq_len=nseq, nranks=p)
+            docs = shape.doc_lengths
+            table = packed_candidates(shape, p, cal, machine, layouts)
+            best, margin, second = packed_winner(table)
+            what = f"{len(docs)} document{'s' if len(docs) != 1 else ''}" if base.docs else "one document"
+            lengths = f", lengths {min(docs)}..{max(docs)}" if base.docs else ""
+            lines.append(f"\nN={nseq} P={p} (n={nseq // p} tokens per rank), {what}{lengths}")
+            labels = [c.label for c in next(iter(table.values()))]
+            width = max(len(x) for x in labels + ["ring pairs imbalance"])
+            cols = [max(12, len(lay)) for lay in layouts]
+            lines.append("  " + " " * width + "  " + "  ".join(f"{lay:>{w}s}" for lay, w in zip(layouts, cols)))
+            refusals: dict[str, str] = {}
+            for i, lab in enumerate(labels):
+                cells = []
+                for lay, w in zip(layouts, cols):
+                    c = table[lay][i]
+                    if c.time_s is None:
+                        refusals.setdefault(f"{lab} {lay}" if not c.refused.startswith(("--docs", "--layout")) else lay, c.refused)
+                        cells.append(f"{'refused':>{w}s}")
+                    else:
+                        mark = " <" if best is not None and c is best[1] else "  "
+                        cells.append(f"{fmt_time(c.time_s).strip():>{w - 2}s}{mark}")
+                lines.append(f"  {lab:{width}s}  " + "  ".join(cells))
+            bal = [layout_balance(shape.with_(layout=lay)) for lay in layouts]
+            lines.append(
+                f"  {'ring pairs imbalance':{width}s}  " + "  ".join(f"{'-' if b is None else f'{b:.3f}':>{w}s}" for b, w in zip(bal, cols))
+            )
+            for what_refused, why in refusals.items():
+                lines.append(f"  refused: {what_refused}: {why}")
+            if best is None:
+                lines.append(f"  winner: none: every strategy and layout is refused at N={nseq} P={p}")
+                continue
+            lay, w = best
+            if second is None:
+                by = "the only candidate"
+            else:
+                by = f"{(margin - 1) * 100:.0f}% ahead of the next ({second[1].label} {second[0]})"
+            lines.append(f"  winner: {w.label} with layout {lay}, {by}")
+    lines.append(
+        "\n(< marks the winner; times are the model's, every (rank, source) plan of the documents and window with its own "
+        "pieces; the block-size scan is left out with documents: they are drawn for each N)"
+    )
     return "\n".join(lines)
 
 

@@ -11,6 +11,9 @@ Samples (all seconds, float64), gathered from every rank:
                             waiting for a slower rank (imbalance), not for the link (schema 3; absent before)
     unhidden_s  (R, P, P)   comm_s - partner_wait_s: waiting for transfers both ends had posted, i.e. communication
                             that compute did not hide (schema 3; absent before)
+    pairs      (P, S)       (query, key) pairs each rank computes at each step of its strategy's pass, all heads counted
+                            (model.strategy_pairs: the plans it ran, documents and window included; no repeat axis:
+                            the plan is the same every repeat; absent in runs stored before issue 20)
 
 ``split_exposed`` computes the last two from the marks every ring pass keeps (ringbench.engine.ring.MARK_KEYS): per
 step and transfer, when each rank posted it and when it waited for it, on rank 0's clock.
@@ -61,6 +64,12 @@ SUMMARY = (
     ),
     Metric("bandwidth_gbps", "bytes a rank receives per pass / the slowest rank's fastest comm-only pass, in GB/s"),
     Metric("imbalance", "(max - mean) / mean of the per-rank compute totals, median over repeats"),
+    Metric(
+        "pairs_imbalance",
+        "max / mean over ranks of the (query, key) pairs each rank computed in the pass (the pairs sample: the plans its "
+        "strategy ran; 1.0 = perfect)",
+    ),
+    Metric("compute_imbalance", "max / mean over ranks of the summed compute_s, median over repeats (1.0 = perfect)"),
     Metric("flops", "unmasked attention FLOPs of one pass (backward: 2.5 x the forward's)"),
     Metric("bytes_per_rank", "bytes a rank sends in one pass"),
     Metric("unmasked_pairs", "(query, key) pairs the causal mask leaves (N^2 without it)"),
@@ -95,6 +104,8 @@ def summarize(samples: dict, *, flops: float, bytes_per_rank: int, unmasked_pair
         "partner_wait_s": float(np.median(partner.max(axis=1))),
         "unhidden_comm_s": float(np.median(unhidden.max(axis=1))) if split else float("nan"),
         "imbalance": float(np.median(imbalance(compute_tot))),
+        "pairs_imbalance": ratio_imbalance(np.asarray(samples["pairs"]).sum(axis=1)) if "pairs" in samples else float("nan"),
+        "compute_imbalance": float(np.median(ratio_imbalance(compute_tot))),
         "bytes_per_rank": int(bytes_per_rank),
         "bytes_total": int(bytes_per_rank) * nranks,
     }
@@ -117,6 +128,16 @@ def imbalance(per_rank) -> np.ndarray:
     mean = per_rank.mean(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(mean > 0, (per_rank.max(axis=-1) - mean) / mean, 0.0)
+
+
+def ratio_imbalance(per_rank):
+    """max / mean over the last axis (1.0 = perfect; layout.imbalance's definition): a float for a vector, an array
+    for a stack of them; 1.0 where the mean is 0 (nothing to balance)."""
+    per_rank = np.asarray(per_rank, dtype=np.float64)
+    mean = per_rank.mean(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(mean > 0, per_rank.max(axis=-1) / np.where(mean > 0, mean, 1.0), 1.0)
+    return float(out) if out.ndim == 0 else out
 
 
 def split_exposed(comm_s, post_t, wait_start_t, wait_end_t, alone=None, post_bytes=None) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,7 @@ the sum of both passes (and the larger n*).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -78,6 +79,8 @@ class Shape:
     mode: str = "overlap"
     ulysses_degree: int = 1  # hybrid: the all-to-all group size U
     pass_: str = "fwd"  # the config key `pass`: fwd, bwd or fwd+bwd
+    docs: str = ""  # the config key `docs`: the packed documents' spec ("": one document)
+    window: int = 0  # the config key `window`: each query sees the previous W keys (0: no window)
 
     @classmethod
     def from_config(cls, config: dict, nranks: int) -> Shape:
@@ -96,6 +99,8 @@ class Shape:
             mode=str(config["mode"]),
             ulysses_degree=int(config.get("ulysses_degree", 1) or 1),
             pass_=str(config.get("pass") or "fwd"),
+            docs=str(config.get("docs") or ""),
+            window=int(config.get("window") or 0),
         )
 
     def to_config(self) -> RunConfig:
@@ -113,7 +118,23 @@ class Shape:
             mode=self.mode,
             ulysses_degree=self.ulysses_degree,
             pass_=self.pass_,
+            **self.mask_fields(),
         )
+
+    def mask_fields(self) -> dict:
+        """{"docs": ..., "window": ...} away from their defaults (empty for one document without a window): what a
+        RunConfig takes beyond the old keys."""
+        return {k: v for k, v in (("docs", self.docs), ("window", self.window)) if v}
+
+    @property
+    def doc_lengths(self) -> tuple:
+        """The documents' lengths (ringbench.documents.doc_lengths), () for one document."""
+        return _doc_lengths(self.docs, self.seq_len) if self.docs else ()
+
+    @property
+    def masked(self) -> bool:
+        """Whether documents or a window shape the mask (then the step classes do not hold: :func:`classed`)."""
+        return bool(self.docs or self.window)
 
     @property
     def phases(self) -> tuple[str, ...]:
@@ -181,11 +202,18 @@ class Calibration:
 
     def piece_rate(self, rect_flops: float, nranks: int, masked: bool, phase: str = "fwd") -> float:
         """FLOP/s of a piece whose unmasked rectangle has ``rect_flops`` FLOPs (masked: the diagonal-block table)."""
+        return float(self.piece_rates(np.array([float(rect_flops)]), nranks, masked, phase)[0])
+
+    def piece_rates(self, rect_flops: np.ndarray, nranks: int, masked: bool, phase: str = "fwd") -> np.ndarray:
+        """:meth:`piece_rate` of many pieces at once. Between the table's points: linear in log FLOPs; above the
+        last: the last; below the first (the small pieces documents and windows cut): the per-call line through the
+        two smallest points, time = c + FLOPs / R (c: a call's fixed cost), so a piece never costs less than c; with
+        no positive c there, the first point's rate (:func:`_small_rates`)."""
         if masked:
             table = self.bwd_diag_rates if phase == "bwd" else self.diag_rates
         else:
             table = self.bwd_rates if phase == "bwd" else self.rates
-        return _interp(table[_nearest(table, nranks)], rect_flops)
+        return _small_rates(table[_nearest(table, nranks)], np.asarray(rect_flops, dtype=np.float64))
 
     def copy_seconds(self, nbytes: float, nranks: int) -> float:
         """Seconds of local copies moving ``nbytes`` (read + written); 0 without a measured copy rate."""
@@ -201,6 +229,26 @@ class Calibration:
 
 def _nearest(table: dict, nranks: int) -> int:
     return min(table, key=lambda k: (abs(k - nranks), -k))
+
+
+def _small_rates(points, keys: np.ndarray) -> np.ndarray:
+    """Rates at ``keys`` from (FLOPs, rate) points: :func:`_interp` above the first point; below it the per-call
+    line t = c + F / R through the two smallest points (t = F / rate), rate = F / (c + F / R), when c > 0 (a call's
+    fixed cost shows), else the first point's rate (:meth:`Calibration.piece_rates`)."""
+    pts = sorted(points)
+    x = np.log([max(w, 1.0) for w, _ in pts])
+    y = np.array([r for _, r in pts], dtype=np.float64)
+    keys = np.asarray(keys, dtype=np.float64)
+    out = np.interp(np.log(np.maximum(keys, 1.0)), x, y)
+    if len(pts) >= 2:
+        (f0, r0), (f1, r1) = pts[0], pts[1]
+        t0, t1 = f0 / r0, f1 / r1
+        inv = (t1 - t0) / (f1 - f0) if f1 > f0 else 0.0  # 1 / R
+        c = t0 - inv * f0
+        if c > 0 and inv > 0:
+            small = keys < f0
+            out = np.where(small, keys / (c + inv * np.maximum(keys, 0.0)), out)
+    return out
 
 
 def _interp(points, flops_key: float) -> float:
@@ -269,13 +317,20 @@ def busiest(values: dict, nranks: int) -> np.ndarray:
 
 
 def step_pairs(shape: Shape) -> np.ndarray:
-    """(P, P) unmasked (query, key) pairs rank r computes at ring step s, from layout.step_plan."""
+    """(P, P) unmasked (query, key) pairs rank r computes at ring step s, from layout.step_plan (with documents or a
+    window, or a layout without step classes: every (rank, source) plan, :func:`pair_matrix`; equal to
+    layout.plan_pairs)."""
+    if not classed(shape):
+        return ring_view(pair_matrix(shape))
     plans = class_plans(shape.layout, shape.nranks, shape.n_local, shape.causal)
     return class_matrix({k: sum(p.pairs() for p in v) for k, v in plans.items()}, shape.nranks, np.int64)
 
 
 def busiest_pairs(shape: Shape) -> np.ndarray:
-    """(P,) int64: the busiest rank's unmasked pairs at each ring step (``step_pairs(shape).max(axis=0)``), O(P)."""
+    """(P,) int64: the busiest rank's unmasked pairs at each ring step (``step_pairs(shape).max(axis=0)``), O(P)
+    with the step classes, O(P^2) plans without them (:func:`classed`)."""
+    if not classed(shape):
+        return step_pairs(shape).max(axis=0)
     plans = class_plans(shape.layout, shape.nranks, shape.n_local, shape.causal)
     pairs = {k: sum(p.pairs() for p in v) for k, v in plans.items()}
     out = np.empty(shape.nranks, dtype=np.int64)
@@ -334,8 +389,213 @@ def class_seconds(shape: Shape, cal: Calibration, phase: str = "fwd") -> dict:
 
 
 def step_compute(shape: Shape, cal: Calibration, phase: str = "fwd") -> np.ndarray:
-    """(P, P) compute seconds of rank r at ring step s (pieces from layout.step_plan, :func:`pieces_seconds`)."""
+    """(P, P) compute seconds of rank r at ring step s (pieces from layout.step_plan, :func:`pieces_seconds`; without
+    step classes: :func:`plan_seconds` of every (rank, source) plan)."""
+    if not classed(shape):
+        return ring_view(plan_seconds(shape, cal, shape.heads, phase))
     return class_matrix(class_seconds(shape, cal, phase), shape.nranks)
+
+
+def ring_compute(shape: Shape, cal: Calibration, phase: str = "fwd", per_rank: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """((P,) the busiest rank's compute seconds per ring step, the (P, P) per-rank matrix or, without ``per_rank``, the
+    busiest row (1, P)): the step classes' O(P) where they hold, every plan's O(P^2) where documents break them."""
+    P = shape.nranks
+    if classed(shape):
+        values = class_seconds(shape, cal, phase)
+        top = busiest(values, P)
+        return top, (class_matrix(values, P) if per_rank else top[None, :])
+    m = step_compute(shape, cal, phase)
+    top = m.max(axis=0)
+    return top, (m if per_rank else top[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed documents and sliding windows (issue 20): the pairs and seconds of every (rank, source) plan
+# ---------------------------------------------------------------------------------------------
+# With documents or a window the work of a step depends on which tokens the two ranks hold, not only on whether the
+# source is the query rank, a lower one or a higher one: the step classes above do not hold, and the model evaluates
+# the P^2 plans (layout.step_plan with the documents and the window; the hybrid strategy's R^2 group plans), each
+# piece at the rate of its own size. The plans' pieces are flattened into arrays once per (layout, P, n, mask) and
+# cached, so the strategies of one advise point share them.
+CLASSED_LAYOUTS = ("contiguous", "zigzag", "striped")  # the layouts whose step plans have the step classes
+
+
+def classed(shape: Shape) -> bool:
+    """Whether the step classes hold: a layout of CLASSED_LAYOUTS with one document and no window (the old mask)."""
+    return shape.layout in CLASSED_LAYOUTS and not shape.masked
+
+
+@functools.lru_cache(maxsize=256)
+def _doc_lengths(docs: str, seq_len: int) -> tuple:
+    from ringbench.documents import doc_lengths
+
+    return tuple(doc_lengths(docs, seq_len))
+
+
+def unrunnable(shape: Shape) -> str | None:
+    """Why the layout cannot take the shape's documents and window at its rank count (layout.layout_problem; a spec
+    that does not hold over N), else None."""
+    from ringbench.layout import layout_problem
+
+    try:
+        docs = shape.doc_lengths
+    except ValueError as exc:
+        return str(exc)
+    return layout_problem(shape.layout, shape.nranks, shape.seq_len, docs if len(docs) > 1 else (), shape.window, shape.causal)
+
+
+def _nan_prediction(shape: Shape, per_rank: bool) -> Prediction:
+    """The prediction of a shape that cannot run: every time nan (what the figures and tables skip)."""
+    nan = np.full(1, math.nan)
+    return Prediction(np.full((shape.nranks if per_rank else 1, 1), math.nan), math.nan, nan, nan, math.nan, math.nan, phase=shape.pass_)
+
+
+def mask_kw(shape: Shape) -> dict:
+    """The documents and window keywords of layout's plans (none for the old mask: the old calls, bit for bit)."""
+    return {"docs": shape.doc_lengths, "window": shape.window} if shape.masked else {}
+
+
+@dataclass(frozen=True)
+class PieceTable:
+    """Every piece of the R x R plans (ring: R = P, owner = rank R + source; groups of U ranks: R = P / U, owner =
+    group R + source group), as arrays: ``owner``, ``nq``, ``nk``, ``pairs`` (int64) and ``masked`` (not FULL)."""
+
+    size: int
+    owner: np.ndarray
+    nq: np.ndarray
+    nk: np.ndarray
+    pairs: np.ndarray
+    masked: np.ndarray
+
+    def per_owner(self, values) -> np.ndarray:
+        """(R, R) sums of a per-piece ``values`` array by owner."""
+        return np.bincount(self.owner, weights=values, minlength=self.size * self.size).reshape(self.size, self.size)
+
+
+def piece_table(shape: Shape, u: int = 1) -> PieceTable:
+    """The pieces of every (rank, source) plan (``u`` = 1) or every (group, source group) plan of groups of ``u``
+    consecutive ranks (the hybrid strategy's ring; ``u`` = P: ulysses, one plan of the whole mask)."""
+    return _piece_table(shape.layout, shape.nranks, shape.n_local, shape.causal, shape.doc_lengths, shape.window, u)
+
+
+@functools.lru_cache(maxsize=32)
+def _piece_table(layout: str, nranks: int, n: int, causal: bool, docs: tuple, window: int, u: int) -> PieceTable:
+    kw = {"docs": docs, "window": window} if docs or window else {}
+    size = nranks // u
+    owner, nq, nk, pairs, masked = [], [], [], [], []
+    for a in range(size):
+        for b in range(size):
+            plan = step_plan(layout, a, b, nranks, n, causal, **kw) if u == 1 else group_plan(layout, a, b, u, nranks, n, causal, **kw)
+            for p in plan:
+                owner.append(a * size + b)
+                nq.append(p.q1 - p.q0)
+                nk.append(p.k1 - p.k0)
+                pairs.append(p.pairs())
+                masked.append(p.mask != FULL)
+    arr = [np.asarray(x, dtype=np.int64) for x in (owner, nq, nk, pairs)]
+    return PieceTable(size, *arr, np.asarray(masked, dtype=bool))
+
+
+def pair_matrix(shape: Shape, u: int = 1) -> np.ndarray:
+    """(R, R) int64 unmasked pairs of the plan of (rank, source) (``u`` = 1: R = P) or (group, source group) of groups
+    of ``u`` ranks: every query of the group against every key of the source group, all heads."""
+    tab = piece_table(shape, u)
+    return np.bincount(tab.owner, weights=tab.pairs, minlength=tab.size**2).astype(np.int64).reshape(tab.size, tab.size)
+
+
+def ring_view(m: np.ndarray) -> np.ndarray:
+    """(R, R) ``m[a, (a - s) mod R]``: a (rank, source) matrix as (rank, ring step), the block of step s having come
+    from (a - s) mod R."""
+    size = m.shape[0]
+    a = np.arange(size)[:, None]
+    return m[a, (a - np.arange(size)[None, :]) % size]
+
+
+def plan_seconds(shape: Shape, cal: Calibration, heads: int, phase: str = "fwd", u: int = 1, key_flops: float | None = None) -> np.ndarray:
+    """(R, R) compute seconds of the plan of (rank, source) (``u`` = 1) or (group, source group) with ``heads`` query
+    heads: each piece at the rate of its own size where the calibration has per-piece rates (a probe; a preset's
+    device: one kernel call per piece, its per-call overhead included), else every pair at the one rate of
+    ``key_flops`` (default: the shape's full block), as :func:`pieces_seconds` times one piece."""
+    tab = piece_table(shape, u)
+    mult = BWD_FLOPS if phase == "bwd" else 1.0
+    per_pair = mult * flops(shape.batch, heads, shape.head_dim, 1)
+    pairs = tab.pairs.astype(np.float64)
+    if isinstance(cal, DeviceCalibration):
+        dev = cal.device
+        kv = max(1, shape.kv_heads * heads // shape.heads)
+        rate = np.empty(len(pairs))
+        for m in (False, True):
+            sel = tab.masked == m
+            if sel.any():
+                rate[sel] = _device_rates(dev, phase, m, tab.nk[sel].astype(np.float64))
+        q_elems = shape.batch * tab.nq * heads * shape.head_dim
+        if phase == "bwd":
+            moved = dev.merge_bwd_q_bytes * q_elems + 2 * dev.merge_bwd_kv_bytes * shape.batch * tab.nk * kv * shape.head_dim
+        else:
+            moved = dev.merge_fwd_bytes * q_elems
+        secs = dev.call_overhead_s + per_pair * pairs / rate + moved / dev.hbm_Bps
+        secs = np.where(tab.pairs > 0, secs, 0.0)
+    elif cal.per_piece(phase):
+        rect = per_pair * (tab.nq * tab.nk).astype(np.float64)
+        rate = np.empty(len(pairs))
+        for m in (False, True):
+            sel = tab.masked == m
+            if sel.any():
+                rate[sel] = cal.piece_rates(rect[sel], shape.nranks, m, phase)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            secs = np.where(tab.pairs > 0, per_pair * pairs / rate, 0.0)
+    else:
+        if key_flops is None:
+            key_flops = mult * full_block_flops(shape)
+        secs = per_pair * pairs / cal.rate(key_flops, shape.nranks, shape.causal, shape.layout, phase)
+    return tab.per_owner(secs)
+
+
+def _device_rates(dev: Device, phase: str, causal: bool, tokens: np.ndarray) -> np.ndarray:
+    """:meth:`Device.rate` of many calls at once."""
+    pts = dev.tables[(phase, bool(causal))]
+    k0, r0 = pts[0]
+    out = np.interp(np.log(np.maximum(tokens, 1.0)), [math.log(k) for k, _ in pts], [r for _, r in pts])
+    return np.where(tokens < k0, r0 * np.maximum(tokens, 1.0) / k0, out)
+
+
+def strategy_pairs(shape: Shape) -> np.ndarray:
+    """(P, S) the (query, key) pairs each rank computes at each step of its strategy's pass, all heads counted (a rank
+    computing a share of the heads counts that share): what a run stores as its ``pairs`` sample.
+
+    ring modes (overlap, blocking, allgather): (P, P) by ring step, :func:`step_pairs`. pass-q: (P, P), at step s
+    rank r computes the queries of rank (r - s) mod P against its own keys. hybrid and ulysses: (P, R) by step of the
+    ring over the R = P / U groups, every member of a group 1 / U of its group plan's pairs (its H / U heads of the
+    group's U n queries against a group's U n keys; ulysses: R = 1, the whole mask)."""
+    P = shape.nranks
+    if shape.mode == "pass-q":
+        ring = step_pairs(shape)  # (q, s') with src = (q - s') mod P: rank r = src at pass-q step s has q = (r - s) mod P
+        r, s = np.arange(P)[:, None], np.arange(P)[None, :]
+        return ring[(r - s) % P, (-s) % P].astype(np.float64)
+    if shape.mode in ("ulysses", "hybrid"):
+        u = strategy_degree(shape)
+        groups = ring_view(group_pairs(shape, u)) / u
+        return np.repeat(groups, u, axis=0)
+    return step_pairs(shape).astype(np.float64)
+
+
+def group_pairs(shape: Shape, u: int) -> np.ndarray:
+    """(R, R) pairs of the plan of (group, source group), groups of ``u`` ranks (:func:`pair_matrix`; with the step
+    classes in closed form from the three class plans, as :func:`group_seconds`)."""
+    r = shape.nranks // u
+    if not classed(shape) or not shape.causal:
+        if not shape.causal and not shape.masked:
+            return np.full((r, r), (u * shape.n_local) ** 2, dtype=np.int64)
+        return pair_matrix(shape, u)
+    plans = class_plans(shape.layout, shape.nranks, shape.n_local, shape.causal)
+    pairs = {k: sum(p.pairs() for p in v) for k, v in plans.items()}
+    same = u * pairs[SAME] + (u * (u - 1) // 2 * (pairs[BELOW] + pairs[ABOVE]) if u > 1 else 0)
+    if r == 1:
+        return np.array([[same]], dtype=np.int64)
+    g = np.arange(r)
+    out = np.where(g[None, :] < g[:, None], u * u * pairs[BELOW], u * u * pairs[ABOVE]).astype(np.int64)
+    out[g, g] = same
+    return out
 
 
 def group_seconds(shape: Shape, cal: Calibration, u: int, heads: int, phase: str, key_flops: float) -> dict:
@@ -505,6 +765,8 @@ def predict(shape: Shape, cal: Calibration, machine: Machine | None = None, *, p
 
     O(P) time and memory (the step classes above), plus the (P, P) per-rank compute matrix ``compute_s`` when
     ``per_rank``; ``per_rank=False`` (advise) keeps only the busiest rank's row, (1, steps): every time is the same."""
+    if not classed(shape) and unrunnable(shape):  # e.g. a documents' spec extrapolated to a rank count it cannot take
+        return _nan_prediction(shape, per_rank)
     if shape.mode in STRATEGY_MODES:
         return predict_strategy(shape, cal, machine, per_rank=per_rank)
     if shape.pass_ != "fwd":
@@ -513,9 +775,7 @@ def predict(shape: Shape, cal: Calibration, machine: Machine | None = None, *, p
         return predict_fwd_bwd(shape, cal, machine, per_rank=per_rank)
     P = shape.nranks
     latency, bandwidth = ring_link(cal, machine, P, 1)
-    values = class_seconds(shape, cal)
-    busiest_s = busiest(values, P)  # (P,) per step
-    compute = class_matrix(values, P) if per_rank else busiest_s[None, :]
+    busiest_s, compute = ring_compute(shape, cal, "fwd", per_rank)  # (P,) per step; (P, P) or (1, P)
     comm = comm_time(block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
     sends = np.where(np.arange(P) < P - 1, comm, 0.0)
     if shape.mode == "overlap":
@@ -569,9 +829,7 @@ def predict_bwd(shape: Shape, cal: Calibration, machine: Machine | None = None, 
     """The backward pass: per-step compute at the backward rate, the K/V and dK/dV transfers, the final hop."""
     P = shape.nranks
     latency, bandwidth = ring_link(cal, machine, P, 1)
-    values = class_seconds(shape, cal, "bwd")
-    busiest_s = busiest(values, P)
-    compute = class_matrix(values, P) if per_rank else busiest_s[None, :]
+    busiest_s, compute = ring_compute(shape, cal, "bwd", per_rank)
     step_bytes = bwd_step_bytes(shape)
     sends = np.where(step_bytes > 0, comm_time(step_bytes, latency, bandwidth), 0.0)
     final = comm_time(grad_block_bytes(shape), latency, bandwidth) if P > 1 else 0.0
@@ -670,7 +928,7 @@ def bwd_crossover_tokens(shape: Shape, cal: Calibration, *, iterations: int = 3)
     shape = shape.with_(nranks=P)
     # Steps 1..P-1 have the same busiest share (step classes), so only steps 0, 1 and P-1 differ: the maximum over
     # those three (in step order, as over all P steps) is the maximum over every step.
-    steps = [0, 1, P - 1] if P > 2 else [0, 1]
+    steps = ([0, 1, P - 1] if P > 2 else [0, 1]) if classed(shape) else list(range(P))  # documents: every step differs
     frac = busiest_pairs(shape)[steps] / shape.n_local**2  # the busiest rank's share of a full block
     if frac.min() <= 0:
         return math.inf
@@ -995,8 +1253,7 @@ def predict_strategy(shape: Shape, cal: Calibration, machine: Machine | None = N
     """
     P, u = shape.nranks, strategy_degree(shape)
     if heads_rule(shape.heads, shape.kv_heads, u) or P % u:  # not runnable (e.g. extrapolated to more ranks than heads)
-        nan = np.full(1, math.nan)
-        return Prediction(np.full((P if per_rank else 1, 1), math.nan), math.nan, nan, nan, math.nan, math.nan, phase=shape.pass_)
+        return _nan_prediction(shape, per_rank)
     one = _pass_q if shape.mode == "pass-q" else _hybrid
     preds = {ph: one(shape, cal, machine, ph, per_rank) for ph in shape.phases}
     return preds[shape.pass_] if len(preds) == 1 else _both(preds["fwd"], preds["bwd"])
@@ -1008,8 +1265,6 @@ def _pass_q(shape: Shape, cal: Calibration, machine: Machine | None, phase: str,
     rows = b * n * shape.heads  # query rows of a block
     # At step s rank r computes the queries of rank (r - s) mod P against its own keys: the plan of (that rank, src r),
     # whose class is the ring's with the roles swapped (the source r is above the query rank where the ring has below).
-    values = class_seconds(shape, cal, phase)
-    swapped = {SAME: values[SAME], BELOW: values.get(ABOVE), ABOVE: values.get(BELOW)}
     lat, bw = ring_link(cal, machine, P, 1)
     if phase == "bwd":
         block, part = rows * (2 * d * s_item + 2 * cs), rows * d * cs
@@ -1019,22 +1274,34 @@ def _pass_q(shape: Shape, cal: Calibration, machine: Machine | None, phase: str,
         block, part = rows * d * s_item, rows * (d + 1) * cs
         per_step = 2 * (LOAD_PASSES + 2) * rows * d * cs  # the queries loaded, the output finalized and packed
         per_return = 2 * MERGE_PASSES * rows * (d + 1) * cs
-    # one row of compute per class (the rows of the ranks of that class, each step), the copies added as to every rank
-    kinds = [k for k in (SAME, BELOW, ABOVE) if swapped[k] is not None]
-    table = np.zeros((len(kinds), P + 1))
-    table[:, :P] = np.array([swapped[k] for k in kinds])[:, None]
-    table[:, :P] += cal.copy_seconds(per_step, P)
-    table[:, 2:] += cal.copy_seconds(per_return, P)
-    busiest_s = table[0].copy()
-    if P > 1:
-        busiest_s[1:] = np.maximum(table[1, 1:], table[2, 1:])
-    if per_rank:
-        cls = np.zeros((P, P + 1), dtype=np.int64)
-        cls[:, 1:P] = ring_classes(P)[:, 1:]
-        cls[:, P] = 1 if P > 1 else 0  # after the last step every rank only adds the returning partial
-        compute = table[cls, np.arange(P + 1)[None, :]]
+    if not classed(shape):  # documents: every (query rank, source) plan; at step s rank r holds rank (r - s)'s queries
+        plans = plan_seconds(shape, cal, shape.heads, phase)  # (query rank, key rank)
+        r, st = np.arange(P)[:, None], np.arange(P)[None, :]
+        table = np.zeros((P, P + 1))
+        table[:, :P] = plans[(r - st) % P, r]
+        table[:, :P] += cal.copy_seconds(per_step, P)
+        table[:, 2:] += cal.copy_seconds(per_return, P)
+        busiest_s = table.max(axis=0)
+        compute = table if per_rank else busiest_s[None, :]
     else:
-        compute = busiest_s[None, :]
+        values = class_seconds(shape, cal, phase)
+        swapped = {SAME: values[SAME], BELOW: values.get(ABOVE), ABOVE: values.get(BELOW)}
+        # one row of compute per class (the rows of the ranks of that class, each step), the copies added as to every rank
+        kinds = [k for k in (SAME, BELOW, ABOVE) if swapped[k] is not None]
+        table = np.zeros((len(kinds), P + 1))
+        table[:, :P] = np.array([swapped[k] for k in kinds])[:, None]
+        table[:, :P] += cal.copy_seconds(per_step, P)
+        table[:, 2:] += cal.copy_seconds(per_return, P)
+        busiest_s = table[0].copy()
+        if P > 1:
+            busiest_s[1:] = np.maximum(table[1, 1:], table[2, 1:])
+        if per_rank:
+            cls = np.zeros((P, P + 1), dtype=np.int64)
+            cls[:, 1:P] = ring_classes(P)[:, 1:]
+            cls[:, P] = 1 if P > 1 else 0  # after the last step every rank only adds the returning partial
+            compute = table[cls, np.arange(P + 1)[None, :]]
+        else:
+            compute = busiest_s[None, :]
     tq, tr = comm_time(block, lat, bw), comm_time(part, lat, bw)
     steps = np.arange(P + 1)
     comm = np.where(steps < P - 1, tq, 0.0) + np.where((steps >= 2) & (steps <= P), tr, 0.0)
@@ -1063,8 +1330,13 @@ def _hybrid(shape: Shape, cal: Calibration, machine: Machine | None, phase: str,
         local_out = 2 * u * q_bytes * (wide + 2)  # finalize, pack, unpack
     lat, bw = ring_link(cal, machine, P, u)
     key = (BWD_FLOPS if phase == "bwd" else 1.0) * flops(b, hl, d, (u * n) ** 2)
-    values = group_seconds(shape, cal, u, hl, phase, key)  # the ring over the R groups: its step classes
-    busiest_s = busiest(values, r)
+    if classed(shape):
+        values = group_seconds(shape, cal, u, hl, phase, key)  # the ring over the R groups: its step classes
+        busiest_s = busiest(values, r)
+        group_steps = None
+    else:  # documents: every (group, source group) plan
+        group_steps = ring_view(plan_seconds(shape, cal, hl, phase, u, key))  # (R, R) group x step
+        busiest_s = group_steps.max(axis=0)
     steps = np.arange(r)
     if r > 1 and phase == "bwd":
         m, g_acc = 2 * b * u * n * hkl * d * s_item, 2 * b * u * n * hkl * d * acc
@@ -1079,7 +1351,8 @@ def _hybrid(shape: Shape, cal: Calibration, machine: Machine | None, phase: str,
     copy_in, copy_out = cal.copy_seconds(local_in, P), cal.copy_seconds(local_out, P)
     if per_rank:
         compute = np.zeros((P, r + 2))
-        compute[:, 1 : r + 1] = np.repeat(class_matrix(values, r), u, axis=0)  # every member of a group computes alike
+        per_group = class_matrix(values, r) if group_steps is None else group_steps
+        compute[:, 1 : r + 1] = np.repeat(per_group, u, axis=0)  # every member of a group computes alike
         compute[:, 0] = copy_in
         compute[:, -1] = copy_out
     else:

@@ -13,6 +13,8 @@ Every measured time carries an error bar: the bootstrap confidence interval of i
     causal     per-rank compute and idle time for the causal layouts side by side
     model      model-predicted against measured time, and predicted times at rank counts not run
     strategies predicted fastest strategy over (N, P), measured winners (significant margins only) on top
+    packed     packed documents and windows (issue 20): per document spec, (N, P): time and load imbalance (pairs:
+               max / mean of the planned pairs per rank; compute: of the measured compute) per strategy and layout
 
 The backward pass (runs with --pass bwd or fwd+bwd): ``timeline-bwd`` and ``overlap-bwd`` are the timeline and the
 overlap figure of the backward phase; ``breakdown`` has a bar per configuration and phase; ``strong-fwdbwd`` is the
@@ -48,6 +50,7 @@ FIGURES = (
     "causal",
     "model",
     "strategies",
+    "packed",
     "timeline-bwd",
     "overlap-bwd",
     "strong-fwdbwd",
@@ -56,6 +59,8 @@ FIGURES = (
 )
 BWD_FIGURES = ("timeline-bwd", "overlap-bwd", "strong-fwdbwd")  # drawn by default only when some run has a backward
 SERVING_FIGURES = ("prefill", "decode")  # drawn by default only when some run is of a serving pass (analysis.inference)
+PACKED_FIGURES = ("packed",)  # drawn by default only when some run has documents or a window (issue 20)
+PACKED_PANELS = 4  # the packed figure's most (document spec, window, N, P) panels: those with the most runs
 FORMATS = ("png", "pdf")
 MODE_STYLE = {"overlap": ("C0", "o", "-"), "blocking": ("C3", "s", "--"), "allgather": ("C2", "^", ":")}
 COMPUTE, COMPUTE_ALT, COMM, OTHER = "#4C72B0", "#7EA6D8", "#DD8452", "#C8C8C8"
@@ -618,6 +623,65 @@ def causal_layouts(runs, cal: model.Calibration | None = None):
     )
 
 
+def packed_figure(runs):
+    """Time and load imbalance per strategy and layout, one column of panels per (documents, window, N, P) (the
+    PACKED_PANELS with the most runs): top, the pass time (median, its interval); bottom, the pairs' imbalance (bars:
+    max / mean over ranks of the pairs the plans gave each rank) and the measured one (black ticks: max / mean of the
+    summed compute), 1.0 = perfect. Runs stored without the pairs sample (before issue 20) have no bars."""
+    rows = [r for r in results.rows(_ok(runs), phases=("fwd",)) if r["nranks"] > 1 and r.get("pairs_imbalance") is not None]
+    if not rows:
+        return None
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(results.value(r, "docs"), results.value(r, "window"), r["seq_len"], r["nranks"], bool(r["causal"]))].append(r)
+    keys = sorted(groups, key=lambda k: (-len(groups[k]), str(k)))[:PACKED_PANELS]
+    keys.sort(key=lambda k: (k[3], k[2], str(k[0]), k[1]))
+    labels = sorted({results.strategy_label(r) for k in keys for r in groups[k]}, key=lambda lab: (lab != "ring", lab))
+    fig, axes = plt.subplots(2, len(keys), figsize=(max(11.0, 4.6 * len(keys)), 7.4), squeeze=False, sharex="col")
+    width = 0.8 / max(1, len(labels))
+    for col, key in enumerate(keys):
+        docs, window, nseq, P, causal = key
+        layouts = sorted({r["layout"] for r in groups[key]}, key=lambda lay: (LAYOUT_ORDER.get(lay, 9), lay))
+        top, bottom = axes[0, col], axes[1, col]
+        for i, lab in enumerate(labels):
+            mine = [r for r in groups[key] if results.strategy_label(r) == lab]
+            if not mine:
+                continue
+            color = strategy_color(lab)
+            for j, lay in enumerate(layouts):
+                at = [r for r in mine if r["layout"] == lay]
+                if not at:
+                    continue
+                x = j + (i - (len(labels) - 1) / 2) * width
+                _, med, err = _ci_by(at, "layout")
+                top.bar(x, med[0] * 1e3, width, yerr=err[:, :1] * 1e3, color=color, capsize=2)
+                pairs = float(np.median([r["pairs_imbalance"] for r in at]))
+                comp = [r["compute_imbalance"] for r in at if r.get("compute_imbalance") is not None]
+                bottom.bar(x, pairs, width, color=color)
+                if comp:
+                    bottom.plot([x], [float(np.median(comp))], "k_", ms=12, mew=2)
+        bottom.axhline(1.0, color="0.4", lw=0.8, ls=":")
+        bottom.set_xticks(range(len(layouts)))
+        bottom.set_xticklabels(layouts, fontsize=8)
+        bottom.set_ylim(bottom=min(0.9, bottom.get_ylim()[0]))
+        what = (f"docs {docs}" if docs else "one document") + (f", window {window}" if window else "")
+        top.set_title(f"{what}\nN={nseq} P={P}{' causal' if causal else ''}", fontsize=9)
+        top.grid(True, axis="y", alpha=0.3)
+        bottom.grid(True, axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("pass time [ms], median over repeats")
+    axes[1, 0].set_ylabel("load imbalance, max / mean over ranks")
+    handles = [matplotlib.patches.Patch(color=strategy_color(lab), label=lab) for lab in labels]
+    handles.append(matplotlib.lines.Line2D([], [], color="k", marker="_", ms=12, mew=2, ls="none", label="measured compute imbalance"))
+    used = [r for k in keys for r in groups[k]]
+    by_run = {(r["file"], r["name"]) for r in used}
+    chosen = [run for run in _ok(runs) if (run.path, run.name) in by_run]
+    note = "bars below: the pairs' imbalance (the plans' pairs per rank, max / mean); 1.0 = perfect balance"
+    return _finish(fig, chosen, f"Packed documents: time and load balance per strategy and layout ({_shape_desc(used[0])})", handles, note)
+
+
+LAYOUT_ORDER = {"contiguous": 0, "zigzag": 1, "striped": 2, "doc-zigzag": 3, "balanced": 4}
+
+
 def model_figure(runs, cal: model.Calibration | None, predict_ranks=None):
     """Predicted against measured pass time; and predicted strong scaling beyond the rank counts run."""
     if cal is None:
@@ -918,6 +982,7 @@ def render(
         "causal": (lambda: causal_layouts(runs, cal), "needs causal runs with P > 1"),
         "model": (lambda: model_figure(runs, cal, predict_ranks), "needs a calibration (a probe or runs)"),
         "strategies": (lambda: strategy_map(runs, cal), "needs configurations run with 2 or more strategies and a calibration"),
+        "packed": (lambda: packed_figure(runs), "needs runs with P > 1 that stored their pairs (ringbench from issue 20 on)"),
     }
     written, skipped = [], []
     if cal is not None and (warn := calibration_warning(cal, runs)):  # one line: the calibration was measured under load
@@ -925,6 +990,8 @@ def render(
     has_bwd = any(r.bwd is not None for r in runs)  # without a backward the backward's figures are not asked for
     default = [f for f in FIGURES if (has_bwd or f not in BWD_FIGURES) and (served or f not in SERVING_FIGURES)]
     default = [f for f in default if runs or f in SERVING_FIGURES]  # only serving runs: only their figures
+    packed = any(r.config.get("docs") or r.config.get("window") for r in runs)
+    default = [f for f in default if packed or f not in PACKED_FIGURES]
     for name in only or default:
         make, why = makers[name]
         fig = make()

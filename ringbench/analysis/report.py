@@ -72,8 +72,17 @@ def shape_label(r: dict) -> str:
 
 
 def config_label(r: dict) -> str:
-    """``zigzag causal`` / ``contiguous``: the layout and mask of a row."""
-    return r["layout"] + (" causal" if r["causal"] else "")
+    """``zigzag causal`` / ``contiguous`` / ``balanced causal docs=fixed:512 window=128``: the layout and mask of a row."""
+    docs, window = results.value(r, "docs"), results.value(r, "window")
+    return r["layout"] + (" causal" if r["causal"] else "") + (f" docs={docs}" if docs else "") + (f" window={window}" if window else "")
+
+
+def balance_cell(r: dict) -> str:
+    """``1.50/1.34``: the pairs' and the measured compute's imbalance (max / mean over ranks), ``-`` where absent."""
+    pairs, comp = r.get("pairs_imbalance"), r.get("compute_imbalance")
+    if pairs is None and comp is None:
+        return "-"
+    return f"{_num(pairs, '.2f')}/{_num(comp, '.2f')}"
 
 
 def predictions(runs, cal: model.Calibration) -> dict:
@@ -104,6 +113,7 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
         "P",
         "n/rank",
         "time ms",
+        "balance",
         "TFLOP/s",
         "GB/s",
         "overlap",
@@ -124,6 +134,7 @@ def runs_table(rows: list[dict], preds: dict | None) -> str:
             str(r["nranks"]),
             str(r["tokens_per_rank"]),
             time_cell(r["time_s"], r.get("time_ci_rel")),
+            balance_cell(r),
             _num(r["tflops"], ".3f"),
             _num(r["bandwidth_gbps"], ".2f"),
             _num(r["overlap_eff"], ".0%"),

@@ -45,6 +45,8 @@ IDENTITY = (
     ("new_tokens", 1, ("compare", "sort")),  # --pass decode
     ("layout", None, ("compare", "sort")),
     ("causal", None, ("compare", "sort")),
+    ("docs", "", ("compare", "shape", "sort")),  # packed documents (issue 20; runs stored before it: one document)
+    ("window", 0, ("compare", "shape", "sort")),  # sliding window (0: none)
     ("dtype", None, ("compare", "shape", "sort")),
     ("seq_len", None, ("compare",)),
     ("nranks", None, ("compare",)),

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ringbench import store
-from ringbench.analysis import measure
+from ringbench.analysis import measure, model
 from ringbench.config import point_id
 from ringbench.engine import comm, serving
 from ringbench.engine.backend import thread_limit
@@ -56,7 +56,9 @@ def phase_record(cfg, parts, nranks, phase: str, bytes_per_rank: int) -> store.P
     if cfg.pass_ in serving.SERVING:  # the new tokens' queries against the whole context
         pairs = serving.unmasked_pairs(cfg)
     else:
-        pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal)
+        shape = model.Shape.from_config(cfg.to_dict(), nranks)
+        pairs = unmasked_pairs(cfg.layout, nranks, cfg.seq_len, cfg.causal, **model.mask_kw(shape))
+        samples["pairs"] = model.strategy_pairs(shape)  # (P, S): the balance of the plans the strategy ran
     flops = backward.phase_flops(phase, cfg.batch, cfg.heads, cfg.head_dim, pairs)  # backward: 2.5 x forward
     summary = measure.summarize(samples, flops=flops, bytes_per_rank=bytes_per_rank, unmasked_pairs=pairs)
     check_res = check.summary(cfg, [g["check"] for g in got], phase) if cfg.check else {}
@@ -219,6 +221,11 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
             f"{_ms(s['comm_alone_s'])}   overlap {_pct(s['overlap_eff'])}   link {s['bandwidth_gbps']:.2f} GB/s   "
             f"imbalance {_pct(s['imbalance'])}",
         ]
+        if not math.isnan(s.get("pairs_imbalance", math.nan)):  # the balance: of the plans, and as measured
+            lines.append(
+                f"{ind}load balance (max / mean over ranks): pairs {s['pairs_imbalance']:.3f}, compute {s['compute_imbalance']:.3f}"
+                f"{_docs_text(cfg)}"
+            )
         steps = measure.per_step_split(ph.samples)
         if steps is not None and nranks > 1:
             shown = [_step(i, steps) for i in range(min(len(steps["alone"]), STEPS_SHOWN))]
@@ -279,6 +286,19 @@ def _step(i: int, steps: dict) -> str:
     hidden = steps["hidden"][i]
     head = f"{i}: " + ("no transfer" if math.isnan(hidden) else f"{_pct(hidden)} of {_ms(steps['alone'][i])} hidden")
     return head + (f", waited {_ms(steps['partner_wait'][i])} for a slower rank" if steps["partner_wait"][i] >= 5e-5 else "")
+
+
+def _docs_text(cfg) -> str:
+    """'   (12 documents, window 256)': what shaped the mask, where documents or a window did."""
+    docs, window = cfg.docs, cfg.window
+    if not docs and not window:
+        return ""
+    what = []
+    if docs:
+        what.append(f"{len(cfg.doc_lengths)} documents ({docs})")
+    if window:
+        what.append(f"window {window}")
+    return "   (" + ", ".join(what) + ")"
 
 
 def _pct(x: float) -> str:
