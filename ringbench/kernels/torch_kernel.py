@@ -49,6 +49,11 @@ CPU_TILE_Q, CPU_TILE_K = 256, 512
 # progress (on_tile) between them: one fused call per step leaves the transfer unprogressed until the wait (issue 21;
 # benchmarks/README.md "Overlap"). Heads are independent in the op, so the chunks give the one call's bits.
 CPU_CALLS_PER_PIECE = 8
+# the backward also splits each call of an unmasked piece by query rows, into up to CPU_BWD_ROW_CALLS calls of at least
+# CPU_BWD_ROWS rows each: more progress points for the dK/dV slices the backward's last step sends home while it computes
+# (a head's call is 1/8 of a step, too coarse for a slice to finish between two of them). Rows are independent for dQ;
+# dK/dV add the calls' parts in row order, the same in every mode.
+CPU_BWD_ROW_CALLS, CPU_BWD_ROWS = 4, 256
 
 
 def head_chunks(z: int, gpu: bool) -> list[tuple[int, int]]:
@@ -56,6 +61,14 @@ def head_chunks(z: int, gpu: bool) -> list[tuple[int, int]]:
     to CPU_CALLS_PER_PIECE on the CPU."""
     hc = z if gpu else -(-z // CPU_CALLS_PER_PIECE)
     return [(z0, min(z0 + hc, z)) for z0 in range(0, z, hc)]
+
+
+def row_chunks(q0: int, q1: int, min_rows: int, calls: int = CPU_BWD_ROW_CALLS) -> list[tuple[int, int]]:
+    """Rows q0..q1 in up to ``calls`` near-equal (a, b) chunks of at least ``min_rows`` rows (one chunk if fewer)."""
+    n = q1 - q0
+    k = max(1, min(calls, n // max(1, min_rows)))
+    cuts = [q0 + (n * i) // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def unavailable(kernel: str, backend, dtype: str, *, backward: bool = False) -> str | None:
@@ -235,7 +248,19 @@ class FusedBackward:
     (float32 for half precision). CPU only (the runner refuses the torch backward on CUDA: :func:`unavailable`).
     """
 
-    def __init__(self, backend, q, do, out, lse, *, dtype, scale: float | None = None, on_tile: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        backend,
+        q,
+        do,
+        out,
+        lse,
+        *,
+        dtype,
+        scale: float | None = None,
+        on_tile: Callable[[], None] | None = None,
+        min_rows: int = CPU_BWD_ROWS,
+    ):
         import torch
 
         if backend.is_gpu:
@@ -249,6 +274,7 @@ class FusedBackward:
         self.dtype = compute_dtype(q.dtype)  # the accumulators: float32, or float64
         self.scale = softmax_scale(d) if scale is None else float(scale)
         self.on_tile = on_tile
+        self.min_rows = min_rows  # an unmasked piece's calls: at least this many query rows each (row_chunks)
         self._tdtype = _torch_dtype(torch, np.dtype(dtype))
         ldt = torch.float64 if self._tdtype == torch.float64 else torch.float32  # the op's lse dtype
         self.q, self.do, self.out = (to_torch(a).to(self._tdtype).contiguous() for a in (q, do, out))  # (Z, G, n, D), read only
@@ -298,27 +324,31 @@ class FusedBackward:
             if self.on_tile is not None:
                 self.on_tile()
             return
-        for z0, z1 in head_chunks(self.shape[0], False):  # one call per chunk of heads, MPI progress between
+        # one call per chunk of heads and (unmasked pieces) of query rows, MPI progress between; a masked piece's rows
+        # see different keys, so it stays one call per head chunk
+        spans = [(q0, q1)] if causal else row_chunks(q0, q1, self.min_rows)
+        for z0, z1 in head_chunks(self.shape[0], False):
             if z0 < heads[0] or z1 > heads[1]:
                 continue
-            rows = (slice(z0, z1), slice(None), slice(q0, q1))
-            dq, dk, dv = self.op(
-                self.do[rows],
-                self.q[rows],
-                k[z0:z1, None, k0:k1],
-                v[z0:z1, None, k0:k1],
-                self.out[rows],
-                self.lse[rows],
-                0.0,
-                causal,
-                attn_mask=None,
-                scale=1.0,
-            )  # (Zc, G, nq, D); (Zc, 1, nk, D) each: summed over the G query heads
-            self._dq[rows] += dq
-            dk_acc[z0:z1, k0:k1] += dk[:, 0]
-            dv_acc[z0:z1, k0:k1] += dv[:, 0]
-            if self.on_tile is not None:
-                self.on_tile()
+            for a, b in spans:
+                rows = (slice(z0, z1), slice(None), slice(a, b))
+                dq, dk, dv = self.op(
+                    self.do[rows],
+                    self.q[rows],
+                    k[z0:z1, None, k0:k1],
+                    v[z0:z1, None, k0:k1],
+                    self.out[rows],
+                    self.lse[rows],
+                    0.0,
+                    causal,
+                    attn_mask=None,
+                    scale=1.0,
+                )  # (Zc, G, nq, D); (Zc, 1, nk, D) each: summed over the G query heads
+                self._dq[rows] += dq
+                dk_acc[z0:z1, k0:k1] += dk[:, 0]
+                dv_acc[z0:z1, k0:k1] += dv[:, 0]
+                if self.on_tile is not None:
+                    self.on_tile()
 
     def dq(self, out_dtype=None):
         """The finished dQ (Z, G, n, D), in the compute dtype or ``out_dtype``: a new array."""
