@@ -259,7 +259,7 @@ class FusedBackward:
         dtype,
         scale: float | None = None,
         on_tile: Callable[[], None] | None = None,
-        min_rows: int = CPU_BWD_ROWS,
+        min_rows: int | None = None,
     ):
         import torch
 
@@ -274,7 +274,7 @@ class FusedBackward:
         self.dtype = compute_dtype(q.dtype)  # the accumulators: float32, or float64
         self.scale = softmax_scale(d) if scale is None else float(scale)
         self.on_tile = on_tile
-        self.min_rows = min_rows  # an unmasked piece's calls: at least this many query rows each (row_chunks)
+        self.min_rows = CPU_BWD_ROWS if min_rows is None else min_rows  # an unmasked piece's calls: rows each, at least
         self._tdtype = _torch_dtype(torch, np.dtype(dtype))
         ldt = torch.float64 if self._tdtype == torch.float64 else torch.float32  # the op's lse dtype
         self.q, self.do, self.out = (to_torch(a).to(self._tdtype).contiguous() for a in (q, do, out))  # (Z, G, n, D), read only

@@ -1,6 +1,7 @@
 """The ring backward pass (`ringbench run --pass bwd|fwd+bwd`) under a real mpiexec: gradients against float64,
 the three modes bit for bit, the stored phases, and the `pass` key."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def test_every_layout_mode_and_causal_flag_matches_float64_and_modes_agree_bitwi
     assert_cases(cases)
     tight = [e / r for c in cases if c["dtype"] == "float64" for e, r in zip(c["errs"], c["refs"])]
     assert max(tight) < 1e-12  # float64 is tight, well inside its tolerance
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed (pip install -e '.[torch]')")
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_the_torch_backward_in_row_and_head_chunks_matches_float64_and_modes_agree_bitwise(nranks):
+    """--kernel torch: FusedBackward's calls split by heads and (bwd_rows: 5 rows and up) by query rows, the overlap
+    backward's last step in 1, 2 or 4 head groups (MQA, GQA 2, MHA) with its dK/dV slices home on up to HOME_LAG
+    exchanges; against float64, and every mode's gradients equal overlap's bit for bit."""
+    cases = launch_cases(
+        nranks, dtypes=["float32", "float64", "bfloat16"], kv_heads=[4, 2, 1], tokens_per_rank=22, head_dim=7, scale_q=1.0,
+        kernel="torch", bwd_rows=5,
+    )  # fmt: skip
+    assert len(cases) == 18 and {c["kv_heads"] for c in cases} == {1, 2, 4}
+    assert_cases(cases)
 
 
 @pytest.mark.mpi
