@@ -20,7 +20,8 @@ Kernels (q is (Z, G, n, D) head-major, Z = B * H_kv, G = H / H_kv; k/v (Z, m, D)
 
 The backward (``--pass bwd``/``fwd+bwd``): with ``torch`` on the CPU, :class:`FusedBackward` (the interface of
 :class:`ringbench.kernels.backward.BlockBackward`) calls ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` per
-piece with the forward's final O and LSE. On CUDA (torch's flash/efficient backward ops want the forward's RNG state
+piece with the forward's final O and LSE, in calls per chunk of heads and (unmasked pieces) of query rows
+(:func:`row_chunks`), with the ring's MPI progress between them. On CUDA (torch's flash/efficient backward ops want the forward's RNG state
 and sequence bookkeeping) and with flash-attn the backward is refused (:func:`unavailable`).
 
 Masks (``ringbench.layout``): FULL -> ``is_causal=False``; CAUSAL (square, j <= i) -> ``is_causal=True``
@@ -246,6 +247,9 @@ class FusedBackward:
     ``dtype`` (the storage dtype: half precision stays half) and takes k/v as (Z, 1, m, D): GQA without copies, and it
     returns dK/dV already summed over the G query heads of a kv head. dQ, dK and dV are added in the compute dtype
     (float32 for half precision). CPU only (the runner refuses the torch backward on CUDA: :func:`unavailable`).
+    ``on_tile`` (the ring's MPI progress) runs after every call: one per chunk of heads (:func:`head_chunks`) and, for
+    an unmasked piece, per chunk of its query rows (:func:`row_chunks`, at least ``min_rows`` rows, default
+    CPU_BWD_ROWS): dQ's rows are independent, dK/dV add the row chunks' parts in order (the same in every mode).
     """
 
     def __init__(
