@@ -432,7 +432,8 @@ def run_workload(w: dict, cands: list[str], a, env_dir: Path) -> dict:
                 )
                 res = launch(c, spec, env_dir, a.timeout)
                 if "error" in res:
-                    results[c] = res
+                    if results[c] is None:  # a later round's failure keeps the first round's result (and says so below)
+                        results[c] = res
                     times[c].append(None)
                     continue
                 times[c].append(statistics.median(pass_times(res)))

@@ -1382,8 +1382,8 @@ def predict_split(shape: Shape, cal: Calibration) -> dict | None:
     max(0, transfer - compute) in overlap mode, the whole transfer in blocking mode), as measure.split_exposed
     defines them, from a replay of the ring: rank r posts step s when its step s-1 ends; a transfer starts when
     both neighbours have posted and takes the transfer alone. The backward's last step adds the last of its
-    dK/dV slices home (overlap: the two slices posted after the last group's compute, each 1 / min(HOME_GROUPS,
-    B H_kv) of an accumulator; blocking: all of it). None for the allgather mode and the strategies."""
+    dK/dV slices home (overlap: the slice posted after the last group's compute, 1 / min(HOME_GROUPS, B H_kv) of an
+    accumulator; blocking: all of it). None for the allgather mode and the strategies."""
     if shape.mode not in ("overlap", "blocking") or shape.pass_ == "fwd+bwd":
         return None
     P, phase = shape.nranks, shape.pass_
@@ -1397,7 +1397,7 @@ def predict_split(shape: Shape, cal: Calibration) -> dict | None:
     home = 0.0
     if phase == "bwd" and P > 1:
         groups = min(HOME_GROUPS, shape.batch * shape.kv_heads) if shape.mode == "overlap" else 1
-        home = comm_time(grad_block_bytes(shape) * min(2, groups) / groups, latency, bandwidth)
+        home = comm_time(grad_block_bytes(shape) / groups, latency, bandwidth)
     return split_replay(compute, alone, home, overlap=shape.mode == "overlap")
 
 

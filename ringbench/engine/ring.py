@@ -432,33 +432,44 @@ class _Backward:
         """The last step in overlap mode: the share in head groups (on the kernel's head-chunk bounds, so the
         arithmetic is the ungrouped one's), each group folded into the arrived accumulator and posted home (to the
         next rank, which owns the block; this rank's own accumulator arrives into ``done``) while the next groups
-        compute. Group j is folded and posted after group j + 1 has been computed, and waited for HOME_LAG groups
-        later: a fused kernel calls MPI only between its calls (one per group here), and a transfer needs two or
-        three progress calls on each side, alternating, to finish. HOME_LAG slices are in flight at a time, one per
+        compute. Group j >= 1 is folded and posted as soon as it has been computed (group 0 after group 1, with it:
+        its fold waits for the arriving accumulator, which gets group 0's compute to arrive), and waited for HOME_LAG
+        groups later: a fused kernel calls MPI only between its calls (a few per group: torch_kernel.row_chunks), and a
+        transfer needs two or three progress calls on each side, alternating, to finish; after the compute only the
+        last group's slice (and any not yet finished) is left to move. HOME_LAG slices are in flight at a time, one per
         exchange (``ring.home_exs``, the first the ring's own ``ex``); the last ones are waited for by the loop
         (``ex``) and ``send_home`` (the others). Returns the seconds spent waiting."""
         ring = self.ring
         groups = home_groups(getattr(self.grad, "head_bounds", None), self.local.shape[1])
-        waited = 0.0
+        waited, sent = 0.0, 0
         for i, (za, zb) in enumerate(groups):
             self.grad.update(kv[0], kv[1], self.local[0], self.local[1], ring.plans[s], heads=(za, zb))
-            if i >= 1:
-                waited += self._send_group(i - 1, groups[i - 1])
-        return waited + self._send_group(len(groups) - 1, groups[-1])
+            if i >= 1 or len(groups) == 1:  # group 0 waits for group 1: its fold waits for the arriving accumulator
+                for j in range(sent, i + 1):
+                    waited += self._send_group(j, groups)
+                sent = i + 1
+        return waited
 
-    def _send_group(self, j: int, heads: tuple[int, int]) -> float:
+    def _send_group(self, j: int, groups: list) -> float:
         """Group j's share into the arrived accumulator, and its slice home; returns the seconds waited first (group 0:
-        for the step's own transfers, the arriving accumulator among them; group j >= HOME_LAG: for the slice of group
-        j - HOME_LAG, on the same exchange)."""
+        for the step's own transfers, the arriving accumulator among them; group j >= lag: for the slice of group
+        j - lag, on the same exchange). Group j goes on exchange (j - len(groups)) mod lag, lag = min(HOME_LAG,
+        len(groups)): the slices still in flight after the compute are waited for in the order they were posted (the
+        loop's ``ex``, exchange 0, holds the earliest; ``send_home`` waits for the others in turn), so that the k-th
+        wait of the step is its k-th post's, as the exposed-time split reads the marks (comm.KVExchange.mark)."""
         ring = self.ring
-        ex = ring.home_exs[j % HOME_LAG]
+        lag = min(HOME_LAG, len(groups))
+        slot = (j - len(groups)) % lag
+        ex = ring.home_exs[slot]
         t0 = time.perf_counter()
-        if j == 0 or j >= HOME_LAG:
+        if j == 0:
+            ring.ex.wait()  # the step's transfers (the arriving accumulator)
+        if j >= lag:
             ex.wait()
         waited = time.perf_counter() - t0
-        g = slice(*heads)
+        g = slice(*groups[j])
         self.arriving[:, g] += self.local[:, g]
-        ex.post_all([(self.arriving[0, g], self.done[0, g]), (self.arriving[1, g], self.done[1, g])], tag=5 + 4 * (j % HOME_LAG))
+        ex.post_all([(self.arriving[0, g], self.done[0, g]), (self.arriving[1, g], self.done[1, g])], tag=5 + 4 * slot)
         return waited
 
     def fold(self, s: int) -> None:

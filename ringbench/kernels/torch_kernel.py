@@ -20,7 +20,8 @@ Kernels (q is (Z, G, n, D) head-major, Z = B * H_kv, G = H / H_kv; k/v (Z, m, D)
 
 The backward (``--pass bwd``/``fwd+bwd``): with ``torch`` on the CPU, :class:`FusedBackward` (the interface of
 :class:`ringbench.kernels.backward.BlockBackward`) calls ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` per
-piece with the forward's final O and LSE. On CUDA (torch's flash/efficient backward ops want the forward's RNG state
+piece with the forward's final O and LSE, in calls per chunk of heads and (unmasked pieces) of query rows
+(:func:`row_chunks`), with the ring's MPI progress between them. On CUDA (torch's flash/efficient backward ops want the forward's RNG state
 and sequence bookkeeping) and with flash-attn the backward is refused (:func:`unavailable`).
 
 Masks (``ringbench.layout``): FULL -> ``is_causal=False``; CAUSAL (square, j <= i) -> ``is_causal=True``
@@ -104,11 +105,26 @@ def band_mask(torch, nq: int, nk: int, bnd: tuple, dtype, device=None):
     return torch.zeros((nq, nk), dtype=dtype, device=device).masked_fill_(torch.from_numpy(hide).to(device), float("-inf"))
 
 
+# the backward also splits each call of an unmasked piece by query rows, into up to CPU_BWD_ROW_CALLS calls of at least
+# CPU_BWD_ROWS rows each: more progress points for the dK/dV slices the backward's last step sends home while it computes
+# (a head's call is 1/8 of a step, too coarse for a slice to finish between two of them). Rows are independent for dQ;
+# dK/dV add the calls' parts in row order, the same in every mode.
+CPU_BWD_ROW_CALLS, CPU_BWD_ROWS = 4, 256
+
+
 def head_chunks(z: int, gpu: bool) -> list[tuple[int, int]]:
     """The (z0, z1) chunks of the Z batch-heads a fused kernel is called on, one call each: one chunk on a GPU, up
     to CPU_CALLS_PER_PIECE on the CPU."""
     hc = z if gpu else -(-z // CPU_CALLS_PER_PIECE)
     return [(z0, min(z0 + hc, z)) for z0 in range(0, z, hc)]
+
+
+def row_chunks(q0: int, q1: int, min_rows: int, calls: int = CPU_BWD_ROW_CALLS) -> list[tuple[int, int]]:
+    """Rows q0..q1 in up to ``calls`` near-equal (a, b) chunks of at least ``min_rows`` rows (one chunk if fewer)."""
+    n = q1 - q0
+    k = max(1, min(calls, n // max(1, min_rows)))
+    cuts = [q0 + (n * i) // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def unavailable(kernel: str, backend, dtype: str, *, backward: bool = False, window: bool = False) -> str | None:
@@ -302,9 +318,24 @@ class FusedBackward:
     ``dtype`` (the storage dtype: half precision stays half) and takes k/v as (Z, 1, m, D): GQA without copies, and it
     returns dK/dV already summed over the G query heads of a kv head. dQ, dK and dV are added in the compute dtype
     (float32 for half precision). CPU only (the runner refuses the torch backward on CUDA: :func:`unavailable`).
+    ``on_tile`` (the ring's MPI progress) runs after every call: one per chunk of heads (:func:`head_chunks`) and, for
+    an unmasked piece, per chunk of its query rows (:func:`row_chunks`, at least ``min_rows`` rows, default
+    CPU_BWD_ROWS): dQ's rows are independent, dK/dV add the row chunks' parts in order (the same in every mode).
     """
 
-    def __init__(self, backend, q, do, out, lse, *, dtype, scale: float | None = None, on_tile: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        backend,
+        q,
+        do,
+        out,
+        lse,
+        *,
+        dtype,
+        scale: float | None = None,
+        on_tile: Callable[[], None] | None = None,
+        min_rows: int | None = None,
+    ):
         import torch
 
         if backend.is_gpu:
@@ -318,6 +349,7 @@ class FusedBackward:
         self.dtype = compute_dtype(q.dtype)  # the accumulators: float32, or float64
         self.scale = softmax_scale(d) if scale is None else float(scale)
         self.on_tile = on_tile
+        self.min_rows = CPU_BWD_ROWS if min_rows is None else min_rows  # an unmasked piece's calls: rows each, at least
         self._tdtype = _torch_dtype(torch, np.dtype(dtype))
         ldt = torch.float64 if self._tdtype == torch.float64 else torch.float32  # the op's lse dtype
         self.q, self.do, self.out = (to_torch(a).to(self._tdtype).contiguous() for a in (q, do, out))  # (Z, G, n, D), read only
@@ -375,27 +407,31 @@ class FusedBackward:
             self._part(k, v, dk_acc, dv_acc, q0, q1, k0, k1, causal, mask, heads)
 
     def _part(self, k, v, dk_acc, dv_acc, q0, q1, k0, k1, causal: bool, mask, heads: tuple[int, int]) -> None:
-        for z0, z1 in head_chunks(self.shape[0], False):  # one call per chunk of heads, MPI progress between
+        # one call per chunk of heads and (unmasked parts) of query rows, MPI progress between; a masked part's rows
+        # see different keys, so it stays one call per head chunk
+        spans = [(q0, q1)] if (causal or mask is not None) else row_chunks(q0, q1, self.min_rows)
+        for z0, z1 in head_chunks(self.shape[0], False):
             if z0 < heads[0] or z1 > heads[1]:
                 continue
-            rows = (slice(z0, z1), slice(None), slice(q0, q1))
-            dq, dk, dv = self.op(
-                self.do[rows],
-                self.q[rows],
-                k[z0:z1, None, k0:k1],
-                v[z0:z1, None, k0:k1],
-                self.out[rows],
-                self.lse[rows],
-                0.0,
-                causal,
-                attn_mask=mask,
-                scale=1.0,
-            )  # (Zc, G, nq, D); (Zc, 1, nk, D) each: summed over the G query heads
-            self._dq[rows] += dq
-            dk_acc[z0:z1, k0:k1] += dk[:, 0]
-            dv_acc[z0:z1, k0:k1] += dv[:, 0]
-            if self.on_tile is not None:
-                self.on_tile()
+            for a, b in spans:
+                rows = (slice(z0, z1), slice(None), slice(a, b))
+                dq, dk, dv = self.op(
+                    self.do[rows],
+                    self.q[rows],
+                    k[z0:z1, None, k0:k1],
+                    v[z0:z1, None, k0:k1],
+                    self.out[rows],
+                    self.lse[rows],
+                    0.0,
+                    causal,
+                    attn_mask=mask,
+                    scale=1.0,
+                )  # (Zc, G, nq, D); (Zc, 1, nk, D) each: summed over the G query heads
+                self._dq[rows] += dq
+                dk_acc[z0:z1, k0:k1] += dk[:, 0]
+                dv_acc[z0:z1, k0:k1] += dv[:, 0]
+                if self.on_tile is not None:
+                    self.on_tile()
 
     def dq(self, out_dtype=None):
         """The finished dQ (Z, G, n, D), in the compute dtype or ``out_dtype``: a new array."""

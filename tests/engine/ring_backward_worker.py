@@ -57,6 +57,10 @@ def reference(cfg: RunConfig, x: dict, pos, scale_q: float) -> tuple:
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
+    if "bwd_rows" in spec:  # --kernel torch: split its backward's calls by query rows at these tiny shapes too
+        from ringbench.kernels import torch_kernel
+
+        torch_kernel.CPU_BWD_ROWS = spec["bwd_rows"]
     world = comm.WORLD
     P = world.size
     results = []
@@ -71,7 +75,7 @@ def main() -> int:
             for mode in MODES:
                 cfg = RunConfig(
                     seq_len=n * P, heads=4, kv_heads=kv, head_dim=spec["head_dim"], batch=spec.get("batch", 1),
-                    dtype=dtype, causal=causal, layout=layout, mode=mode, seed=5, pass_="bwd",
+                    dtype=dtype, causal=causal, layout=layout, mode=mode, seed=5, pass_="bwd", kernel=spec.get("kernel", "native"),
                 )  # fmt: skip
                 got, x, pos = grads(cfg, spec["scale_q"])
                 ref = reference(cfg, x, pos, spec["scale_q"])

@@ -111,3 +111,72 @@ def test_home_groups_follow_the_kernels_head_chunks():
     groups = home_groups(tuple(range(0, 20)) + (20,), 20)  # 20 chunks: at most HOME_GROUPS groups, covering 0..20
     assert len(groups) <= HOME_GROUPS and groups[0][0] == 0 and groups[-1][1] == 20
     assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+
+
+class _Recorder:
+    """A loop-back exchange (what is sent is received at once) that numbers its transfers: ``events`` gets
+    ("post", i) and ("wait", i) for each, across all its twins, and the marks go to ``log`` as KVExchange.mark's do."""
+
+    def __init__(self, events, count):
+        self.events, self.count, self.pending, self.log = events, count, None, None
+
+    @property
+    def posted(self):
+        return self.pending is not None
+
+    def twin(self, name):
+        return _Recorder(self.events, self.count)
+
+    def _mark(self, *entry):
+        if self.log is not None:
+            self.log.append(entry)
+
+    def post_all(self, pairs, tag=0):
+        assert self.pending is None, "posted twice"
+        for send, recv in pairs:
+            recv[...] = send
+        self.pending = len(self.count)
+        self.count.append(1)
+        self.events.append(("post", self.pending))
+        self._mark("post", 0.0, float(sum(s.nbytes for s, _ in pairs)))
+
+    def test(self):
+        return True
+
+    def wait(self):
+        assert self.pending is not None, "wait with nothing posted"
+        self.events.append(("wait", self.pending))
+        self._mark("wait", 0.0, 0.0)
+        self.pending = None
+
+    def sendrecv_all(self, pairs, tag=1):
+        for send, recv in pairs:
+            recv[...] = send
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (4, 2), (3, 1), (6, 3)])
+@pytest.mark.parametrize("kernel_name", ["native", "torch"])
+def test_the_backward_waits_for_its_transfers_in_the_order_it_posted_them(heads, kv_heads, kernel_name):
+    """The overlap backward's last step sends dK/dV home in head groups on up to HOME_LAG exchanges: every step waits
+    for its transfers in post order (its k-th wait is its k-th post's, which is how the exposed-time split pairs the
+    marks), and no transfer is left in flight after the pass. 1, 2, 3 and 8 groups; both kernels."""
+    if kernel_name == "torch":
+        pytest.importorskip("torch")
+    backend = get_backend("numpy")
+    n, d, P = 12, 8, 2
+    cfg = RunConfig(seq_len=n * P, heads=heads, kv_heads=kv_heads, head_dim=d, causal=True, mode="overlap", kernel=kernel_name, pass_="bwd")
+    rng = np.random.default_rng(3)
+    q, do = (rng.standard_normal((1, n, heads, d)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((1, n, kv_heads, d)).astype(np.float32) for _ in range(2))
+    events = []
+    ex = _Recorder(events, [])
+    ring = Ring(cfg, backend, ex, 0, P, q, k, v, do=do)
+    ring.prepare_backward()
+    events.clear()
+    ring.backward()
+    posts = [i for kind, i in events if kind == "post"]
+    waits = [i for kind, i in events if kind == "wait"]
+    assert waits == posts and all(not hx.posted for hx in ring.home_exs)
+    assert len(posts) > P  # the last step's slices went home apart (more than one transfer per step)
+    # the marks: as many waits as posts in every step
+    assert np.array_equal(np.isnan(ring.marks["post_t"]), np.isnan(ring.marks["wait_end_t"]))

@@ -1,6 +1,7 @@
 """The ring backward pass (`ringbench run --pass bwd|fwd+bwd`) under a real mpiexec: gradients against float64,
 the three modes bit for bit, the stored phases, and the `pass` key."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ringbench.analysis import results
 from ringbench.config import ConfigError, RunConfig, option_name, point_id
 from ringbench.harness import inputs
 from ringbench.kernels.reference import TOLERANCE_BWD, reference_attention_grad
+from ringbench.layout import LAYOUTS
 
 from conftest import mpi_worker, mpiexec, ringbench
 
@@ -36,17 +38,32 @@ def assert_cases(cases):
 @pytest.mark.mpi
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 def test_every_layout_mode_and_causal_flag_matches_float64_and_modes_agree_bitwise(nranks):
-    """3 layouts x 2 causal flags x 3 modes per rank count, dtypes (float64, float32, bfloat16, float16) and kv heads
+    """every layout x 2 causal flags x 3 modes per rank count, dtypes (float64, float32, bfloat16, float16) and kv heads
     (GQA 2, MQA 1, MHA 4) rotating over the cases; every mode's dq, dk, dv equal overlap's bit for bit."""
     cases = launch_cases(
         nranks, dtypes=["float64", "float32", "bfloat16", "float16"], kv_heads=[2, 1, 4], tokens_per_rank=12, head_dim=8, scale_q=1.0
     )
-    assert len(cases) == 18
+    assert len(cases) == 6 * len(LAYOUTS)
     assert {c["dtype"] for c in cases} == {"float64", "float32", "bfloat16", "float16"}
     assert {c["kv_heads"] for c in cases} == {1, 2, 4}
     assert_cases(cases)
     tight = [e / r for c in cases if c["dtype"] == "float64" for e, r in zip(c["errs"], c["refs"])]
     assert max(tight) < 1e-12  # float64 is tight, well inside its tolerance
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed (pip install -e '.[torch]')")
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_the_torch_backward_in_row_and_head_chunks_matches_float64_and_modes_agree_bitwise(nranks):
+    """--kernel torch: FusedBackward's calls split by heads and (bwd_rows: 5 rows and up) by query rows, the overlap
+    backward's last step in 1, 2 or 4 head groups (MQA, GQA 2, MHA) with its dK/dV slices home on up to HOME_LAG
+    exchanges; against float64, and every mode's gradients equal overlap's bit for bit."""
+    cases = launch_cases(
+        nranks, dtypes=["float32", "float64", "bfloat16"], kv_heads=[4, 2, 1], tokens_per_rank=22, head_dim=7, scale_q=1.0,
+        kernel="torch", bwd_rows=5,
+    )  # fmt: skip
+    assert len(cases) == 6 * len(LAYOUTS) and {c["kv_heads"] for c in cases} == {1, 2, 4}
+    assert_cases(cases)
 
 
 @pytest.mark.mpi

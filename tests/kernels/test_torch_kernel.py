@@ -133,7 +133,7 @@ def test_arrays_reach_torch_without_copies():
 # ---------------------------------------------------------------------------------------------
 # The backward through PyTorch's fused CPU backward (FusedBackward), the ring emulated as tests/kernels/test_backward.py does
 # ---------------------------------------------------------------------------------------------
-def emulate_ring_backward(q, k, v, do, *, nranks, layout, causal, dtype):
+def emulate_ring_backward(q, k, v, do, *, nranks, layout, causal, dtype, min_rows=None):
     """Global (dq, dk, dv) in float64 of every emulated rank's torch forward and torch backward, as the Ring drives
     them: the forward on unscaled q with the scale, the backward on the scaled q with the forward's O and LSE, K/V as
     stored, the dK/dV accumulators (compute dtype) travelling with their block, one more hop home at the end."""
@@ -156,7 +156,7 @@ def emulate_ring_backward(q, k, v, do, *, nranks, layout, causal, dtype):
             fwd.update(*kv[(r - s) % nranks], plans[r][s])
         o, lse = fwd.finalize(storage)
         doh = kernel.q_to_heads(np, do[:, pos[r]].astype(storage), hk)
-        ranks.append(FusedBackward(BACKEND, qh * compute.type(scale), doh, o, lse, dtype=storage))
+        ranks.append(FusedBackward(BACKEND, qh * compute.type(scale), doh, o, lse, dtype=storage, min_rows=min_rows))
     results = []
     for _ in range(2):  # a second pass after reset() gives the same gradients
         held = [(r, np.zeros(kv[r][0].shape, compute), np.zeros(kv[r][0].shape, compute)) for r in range(nranks)]
@@ -190,6 +190,51 @@ def test_torch_ring_backward_matches_reference(nranks, layout, causal, heads, kv
     got = emulate_ring_backward(q, k, v, do, nranks=nranks, layout=layout, causal=causal, dtype=dtype)
     errs = assert_close(got, reference_grad(q, k, v, do, causal=causal, dtype=dtype), TOLERANCE_BWD[dtype])
     assert min(errs) > 0  # the comparison really compares
+
+
+def test_row_chunks_cover_the_rows_in_near_equal_chunks():
+    from ringbench.kernels.torch_kernel import CPU_BWD_ROW_CALLS, row_chunks
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        q0, n, m = int(rng.integers(0, 50)), int(rng.integers(1, 3000)), int(rng.integers(1, 900))
+        ch = row_chunks(q0, q0 + n, m)
+        assert ch[0][0] == q0 and ch[-1][1] == q0 + n and all(a < b for a, b in ch)
+        assert all(b0 == a1 for (_, b0), (a1, _) in zip(ch[:-1], ch[1:]))  # contiguous, in order
+        assert len(ch) == max(1, min(CPU_BWD_ROW_CALLS, n // m))
+        assert len(ch) == 1 or min(b - a for a, b in ch) >= m
+        assert max(b - a for a, b in ch) - min(b - a for a, b in ch) <= 1
+    assert row_chunks(0, 3072, 256) == [(0, 768), (768, 1536), (1536, 2304), (2304, 3072)]
+
+
+@needs_torch
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_backward_in_query_row_calls_matches_float64_and_progresses_between_them(layout, causal):
+    """FusedBackward splits an unmasked piece's calls by query rows (min_rows: rows per call, at least): on random
+    odd shapes the ring's gradients match float64, and MPI progress (on_tile) runs after every call: heads x row
+    chunks for an unmasked piece, heads for a masked one (its rows see different keys: one call)."""
+    from ringbench.kernels.torch_kernel import FusedBackward, head_chunks, row_chunks
+
+    rng = np.random.default_rng(7 + causal)
+    for nranks in (1, 2, 3):
+        n, d, hk = int(rng.integers(9, 31)) * 2, int(rng.choice([5, 7, 9])), int(rng.choice([1, 3]))
+        q, k, v, do = make_grad(n * nranks, 3, hk, d)
+        got = emulate_ring_backward(q, k, v, do, nranks=nranks, layout=layout, causal=causal, dtype="float32", min_rows=4)
+        errs = assert_close(got, reference_grad(q, k, v, do, causal=causal, dtype="float32"), TOLERANCE_BWD["float32"])
+        assert min(errs) > 0
+    z, g, n, d = 3, 2, 29, 5
+    qh, doh, o = (rng.standard_normal((z, g, n, d)).astype(np.float32) for _ in range(3))
+    lse = np.full((z, g, n), 4.0, np.float32)
+    kh, vh = (rng.standard_normal((z, n, d)).astype(np.float32) for _ in range(2))
+    calls = []
+    bwd = FusedBackward(BACKEND, qh, doh, o, lse, dtype=np.float32, min_rows=6, on_tile=lambda: calls.append(1))
+    dk, dv = np.zeros(kh.shape, np.float32), np.zeros(kh.shape, np.float32)
+    bwd.update(kh, vh, dk, dv, [Piece(0, n, 0, n, FULL)])
+    assert len(calls) == len(head_chunks(z, False)) * len(row_chunks(0, n, 6)) == 3 * 4
+    calls.clear()
+    bwd.update(kh, vh, dk, dv, [Piece(0, n, 0, n, CAUSAL)])
+    assert len(calls) == 3
 
 
 @needs_torch
