@@ -29,7 +29,7 @@ def test_plot_command_writes_every_figure(richer, tmp_path):
     res = ringbench("plot", richer, "-o", out)
     assert res.returncode == 0, res.stderr
     # forward-only: test_training_views.py draws the backward's, tests/engine/test_serving.py the serving passes',
-    # test_packed.py the packed one
+    # test_packed_model.py the packed one
     for name in (f for f in plot.FIGURES if f not in plot.BWD_FIGURES + plot.SERVING_FIGURES + plot.PACKED_FIGURES):
         for ext in ("png", "pdf"):
             f = out / f"{name}.{ext}"
