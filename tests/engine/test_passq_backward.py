@@ -14,7 +14,7 @@ from ringbench.harness import inputs
 from ringbench.kernels import kernel
 from ringbench.kernels.backward import BlockBackward
 from ringbench.kernels.reference import TOLERANCE_BWD
-from ringbench.layout import CAUSAL, Piece
+from ringbench.layout import CAUSAL, LAYOUTS, Piece
 
 from conftest import mpi_worker, mpiexec
 
@@ -35,10 +35,10 @@ def bwd_bytes(nranks: int, batch: int, n: int, heads: int, head_dim: int, itemsi
 @pytest.mark.mpi
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 def test_every_layout_causal_gqa_and_dtype_matches_float64_gradients(nranks):
-    """3 layouts x 2 causal flags x kv heads 4, 2, 1 in float32, and float64, float16, bfloat16 on causal zigzag GQA:
+    """every layout x 2 causal flags x kv heads 4, 2, 1 in float32, and float64, float16, bfloat16 on causal zigzag GQA:
     dq, dk, dv within TOLERANCE_BWD of float64 reference gradients, a second pass bitwise equal to the first."""
     cases = launch(nranks, SPEC)
-    assert len(cases) == 3 * 2 * 3 + 3
+    assert len(cases) == len(LAYOUTS) * 2 * 3 + 3
     assert {c["dtype"] for c in cases} == {"float32", "float64", "float16", "bfloat16"} and {c["kv_heads"] for c in cases} == {1, 2, 4}
     sizes = {"float64": (8, 8), "float32": (4, 4), "float16": (2, 4), "bfloat16": (2, 4)}
     for c in cases:
