@@ -112,8 +112,7 @@ def format_advice(
     lines = [
         f"ringbench advise: B={base.batch} H={base.heads}/{base.kv_heads} D={base.head_dim} {base.dtype}"
         f"{' causal' if base.causal else ''} layout {base.layout}, {PASS_NAMES[base.pass_]}",
-        f"calibration: {cal.source}" + (f"; machine: {machine.source}" if machine else ""),
-        *filter(None, [calibration_warning(cal)]),  # one line when the calibration was measured on a loaded machine
+        *calibration_lines(cal, machine),
     ]
     for p in ranks:
         for nseq in seq_lens:
@@ -186,6 +185,11 @@ def layout_balance(shape: model.Shape) -> float | None:
     return imbalance(model.step_pairs(shape.with_(mode="overlap", ulysses_degree=1)))
 
 
+def calibration_lines(cal: model.Calibration, machine) -> list[str]:
+    """The header's calibration line (and machine), and one warning line when it was measured on a loaded machine."""
+    return [f"calibration: {cal.source}" + (f"; machine: {machine.source}" if machine else ""), *filter(None, [calibration_warning(cal)])]
+
+
 def format_packed_advice(
     base: model.Shape, seq_lens: list[int], ranks: list[int], cal: model.Calibration, machine, layouts: list[str]
 ) -> str:
@@ -195,8 +199,7 @@ def format_packed_advice(
     lines = [
         f"ringbench advise: B={base.batch} H={base.heads}/{base.kv_heads} D={base.head_dim} {base.dtype}"
         f"{' causal' if base.causal else ''}, {mask}, {PASS_NAMES[base.pass_]}; layouts {', '.join(layouts)}",
-        f"calibration: {cal.source}" + (f"; machine: {machine.source}" if machine else ""),
-        *filter(None, [calibration_warning(cal)]),
+        *calibration_lines(cal, machine),
     ]
     for p in ranks:
         for nseq in seq_lens:
