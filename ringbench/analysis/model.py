@@ -953,15 +953,27 @@ def crossover_closed_form(a: float, b: float, latency: float) -> float:
 # Calibration from measurements
 # ---------------------------------------------------------------------------------------------
 def fit_link(nbytes, seconds) -> tuple[float, float]:
-    """(latency, bandwidth) of t = latency + bytes / bandwidth, least squares on relative residuals.
+    """(latency, bandwidth) of t = latency + bytes / bandwidth: the bandwidth from the large messages, the latency
+    from the small ones.
 
-    Relative residuals ((fit - t) / t) let 8-byte and 16-MiB messages weigh alike, so the latency comes from
-    the small messages and the bandwidth from the large ones. One message size, or a fit with a negative
+    With three message sizes or more, the bandwidth is the slope of a least-squares line through the median time of
+    each of the larger half of the sizes (at least two), and the latency the smallest size's median time less its
+    bytes at that bandwidth (0 if negative). A link that passes small messages faster than its sustained rate, such
+    as a token-bucket shaper (``tc ... tbf``: a burst at line rate, then the shaped rate) or an eager protocol's
+    buffers, would otherwise get the small messages' rate: a ring moves blocks of megabytes at the sustained one.
+    Two sizes: least squares on relative residuals. One size, or a fit with a non-positive slope or a negative
     intercept: latency 0 and a fit through the origin.
     """
     m = np.asarray(nbytes, dtype=np.float64)
     t = np.asarray(seconds, dtype=np.float64)
-    if len(np.unique(m)) >= 2:
+    sizes = np.unique(m)
+    if len(sizes) >= 3:
+        med = np.array([np.median(t[m == x]) for x in sizes])
+        top = max(2, len(sizes) // 2)
+        slope, _ = np.polyfit(sizes[-top:], med[-top:], 1)
+        if slope > 0:
+            return float(max(med[0] - sizes[0] * slope, 0.0)), float(1.0 / slope)
+    elif len(sizes) == 2:
         slope, icpt = np.polyfit(m, t, 1, w=1.0 / t)
         if slope > 0 and icpt >= 0:
             return float(icpt), float(1.0 / slope)

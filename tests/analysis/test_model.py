@@ -128,6 +128,23 @@ def test_fit_link_recovers_a_line_and_falls_back():
     assert model.fit_link([1000.0, 1000.0], [1e-6, 1e-6]) == (0.0, pytest.approx(1e9))
 
 
+def test_fit_link_takes_the_sustained_rate_of_a_token_bucket_not_its_burst():
+    # one-way times as a probe measured them through `tc tbf rate 100mbit burst 256kb` (slurm/multinode.sh): up to
+    # 16 KiB at line rate (~40 us), then 12.5 MB/s; the relative-residual fit gave 0.44 GB/s, 35x the shaped rate
+    m = np.array([8, 1024, 4096, 16384, 65536, 262144, 1 << 20, 1 << 22, 1 << 24], dtype=float)
+    burst, rate = 256e3, 12.5e6
+    t = np.where(m <= 16384, 2e-5 + m / 1.5e9, np.maximum(m - burst, 0) / rate + m / 1.5e9 + 2e-5)
+    rng = np.random.default_rng(7)
+    reps = np.repeat(m, 5)
+    times = np.repeat(t, 5) * rng.uniform(0.98, 1.02, reps.size)
+    lat, bw = model.fit_link(reps, times)
+    assert bw == pytest.approx(rate, rel=0.1)
+    assert 0.0 <= lat < 1e-3
+    # three sizes on a clean line, any order and with repeats: exact
+    m3 = np.array([1 << 24, 8, 1 << 20, 8, 1 << 24], dtype=float)
+    assert model.fit_link(m3, 3e-6 + m3 / 2e9) == (pytest.approx(3e-6, rel=1e-6), pytest.approx(2e9, rel=1e-6))
+
+
 def test_calibration_rate_interpolates_and_picks_the_nearest_rank_count():
     cal = Calibration(rates={2: [(1e6, 10.0), (1e8, 30.0)], 8: [(1e6, 5.0)]}, links={2: (1e-6, 1e9)})
     assert cal.rate(1e7, 2) == pytest.approx(20.0)  # halfway in log FLOPs
