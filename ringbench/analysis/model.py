@@ -177,6 +177,7 @@ class Calibration:
     conditions: list = field(default_factory=list)  # how busy the machine was, per probe (or run) it came from (provenance.conditions)
     piece_fits: dict = field(default_factory=dict)  # {nranks: PieceFit}: per-call cost of the pieces the tables miss (probe, schema 4)
     bwd_piece_fits: dict = field(default_factory=dict)
+    merge_fits: dict = field(default_factory=dict)  # {nranks: (c, per element)}: one kernel.merge of partials (probe, schema 4)
 
     @classmethod
     def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given", bwd_rate: float | None = None) -> Calibration:
@@ -250,6 +251,15 @@ class Calibration:
                 secs[off] = np.where(masked[off], fit.masked * called, called)
         return secs
 
+    def merge_seconds(self, elems: float, nranks: int, itemsize: int) -> float:
+        """Seconds of one kernel.merge of two partials of ``elems`` output elements (B t H (D + 1)): the probe's fitted
+        line c + elements x per-element where it timed merges (schema 4: a few NumPy calls, their cost mostly per call),
+        else MERGE_PASSES read-and-write passes at the copy rate (as before)."""
+        if self.merge_fits:
+            c, per = self.merge_fits[_nearest(self.merge_fits, nranks)]
+            return c + per * float(elems)
+        return self.copy_seconds(2 * MERGE_PASSES * float(elems) * itemsize, nranks)
+
     def copy_seconds(self, nbytes: float, nranks: int) -> float:
         """Seconds of local copies moving ``nbytes`` (read + written); 0 without a measured copy rate."""
         if not self.copy_bw or nbytes <= 0:
@@ -309,20 +319,27 @@ def fit_piece_cost(nq, nk, seconds) -> tuple[float, float, float, float]:
     q, k, t = (np.asarray(x, dtype=np.float64).ravel() for x in (nq, nk, seconds))
     if len(t) == 0 or len(q) != len(t) or len(k) != len(t) or not (t > 0).all():
         raise ValueError("fit_piece_cost: needs positive times, one per piece")
-    cols = np.stack([np.ones_like(q), q * k, k, q], axis=1) / t[:, None]  # relative: (t_fit - t) / t
+    c, a, b, e = _relative_nnls(np.stack([np.ones_like(q), q * k, k, q], axis=1), t)
+    return c, a, b, e
+
+
+def _relative_nnls(cols: np.ndarray, t: np.ndarray) -> tuple[float, ...]:
+    """Coefficients >= 0 of t ~ cols @ x minimising the relative residuals: the best least-squares fit over the subsets
+    of the columns whose coefficients all come out non-negative (exact non-negative least squares for few columns)."""
+    rel = cols / t[:, None]  # relative: (t_fit - t) / t
     ones = np.ones_like(t)
-    best, best_res = np.zeros(4), math.inf
-    for mask in range(1, 16):
-        use = [j for j in range(4) if mask >> j & 1]
-        coef, *_ = np.linalg.lstsq(cols[:, use], ones, rcond=None)
+    n = cols.shape[1]
+    best, best_res = np.zeros(n), math.inf
+    for mask in range(1, 1 << n):
+        use = [j for j in range(n) if mask >> j & 1]
+        coef, *_ = np.linalg.lstsq(rel[:, use], ones, rcond=None)
         if (coef < 0).any():
             continue
-        res = float(np.sum((cols[:, use] @ coef - ones) ** 2))
+        res = float(np.sum((rel[:, use] @ coef - ones) ** 2))
         if res < best_res - 1e-12 * max(res, 1.0):
-            best_res, best = res, np.zeros(4)
+            best_res, best = res, np.zeros(n)
             best[use] = coef
-    c, a, b, e = (float(x) for x in best)
-    return c, a, b, e
+    return tuple(float(x) for x in best)
 
 
 def _nearest(table: dict, nranks: int) -> int:
@@ -1192,6 +1209,7 @@ def calibrate_from_probes(probes) -> Calibration:
     copy_bw: dict = {}
     fits: dict = {}
     bwd_fits: dict = {}
+    merges: dict = {}
     for pr in probes:
         s = pr.samples
         per_rank = np.median(np.asarray(s["compute_s"]), axis=1)  # (K, P)
@@ -1210,6 +1228,7 @@ def calibrate_from_probes(probes) -> Calibration:
             copy_bw[pr.nranks] = float(pr.summary["copy_Bps"])
         if "piece_compute_s" in s and "causal_compute_s" in s and pr.nranks not in fits:  # schema 4: the skinny pieces
             fits[pr.nranks], bwd_fits[pr.nranks] = probe_piece_fits(pr)
+            merges[pr.nranks] = probe_merge_fit(pr)
         if pr.nranks > 1:
             links[pr.nranks] = (float(pr.summary["latency_s"]), float(pr.summary["bandwidth_Bps"]))
     if not rates:
@@ -1226,7 +1245,19 @@ def calibrate_from_probes(probes) -> Calibration:
         conditions=[p.provenance.get("conditions") for p in probes],
         piece_fits=fits if len(fits) == len(rates) else {},  # as the diagonal tables: only if every rank count has one
         bwd_piece_fits=bwd_fits if len(bwd_fits) == len(rates) else {},
+        merge_fits=merges if len(merges) == len(rates) else {},
     )
+
+
+def probe_merge_fit(probe) -> tuple[float, float]:
+    """(c, seconds per output element) >= 0 of one merge, fitted to a schema-4 probe's merge_s (per row count: B H q
+    (D + 1) elements; median over repeats per rank, then over ranks), relative residuals, both terms >= 0."""
+    c = probe.config
+    s = probe.samples
+    elems = int(c["batch"]) * int(c["heads"]) * (int(c["head_dim"]) + 1) * np.asarray(s["piece_rows"], dtype=np.float64)
+    t = np.median(np.median(np.asarray(s["merge_s"]), axis=1), axis=1)
+    c0, per = _relative_nnls(np.stack([np.ones_like(elems), elems], axis=1), t)
+    return c0, per
 
 
 def probe_pieces(probe, phase: str = "fwd") -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -52,7 +52,8 @@ class ProbeOptions:
     max_bytes: int = 16 << 20
     iters: int = 10
     kernel: str = "native"  # the per-step attention kernel timed (config.KERNELS); the backward's: bwd_kernel()
-    piece_rows: tuple = (1, 8, 32)  # query rows of the skinny pieces (against keys of block_sizes); () for none
+    piece_rows: tuple = (1, 8, 32)  # query rows of the skinny pieces; () for none
+    piece_keys: tuple = ()  # their keys (): block_sizes; decode's shards are longer than any square block worth timing
 
 
 def bwd_kernel(opts: ProbeOptions, backend) -> str:
@@ -94,17 +95,23 @@ def _square_shapes(opts: ProbeOptions) -> list[tuple[int, int]]:
 
 
 def piece_shapes(opts: ProbeOptions) -> list[tuple[int, int]]:
-    """(q rows, k keys) of the skinny pieces, rows-major: every row count of ``piece_rows`` against every block size."""
-    return [(int(q), int(k)) for q in opts.piece_rows for k in opts.block_sizes]
+    """(q rows, k keys) of the skinny pieces, rows-major: every row count of ``piece_rows`` against every key count of
+    ``piece_keys`` (default: every block size)."""
+    return [(int(q), int(k)) for q in opts.piece_rows for k in piece_keys(opts)]
+
+
+def piece_keys(opts: ProbeOptions) -> tuple:
+    return tuple(opts.piece_keys or opts.block_sizes)
 
 
 def _inputs(opts: ProbeOptions, shapes, names=("q", "k", "v")) -> dict:
-    """{name: (B, n, heads, D) float64} at positions 0..n-1, n the largest side of ``shapes``: generated once, every
-    piece takes a prefix (q and do with the query heads, k and v with the K/V heads)."""
-    top = max(max(nq, n) for nq, n in shapes)
-    dims = {"batch": opts.batch, "seq_len": top, "head_dim": opts.head_dim}
+    """{name: (B, n, heads, D) float64} at positions 0..n-1, generated once, every piece takes a prefix: q and do with
+    the query heads and n the most query rows of ``shapes``, k and v with the K/V heads and n the most keys."""
+    top_q, top_k = max(nq for nq, _ in shapes), max(n for _, n in shapes)
+    dims = {"batch": opts.batch, "seq_len": max(top_q, top_k), "head_dim": opts.head_dim}
     hk = opts.kv_heads or opts.heads
-    return {t: inputs.tokens(t, 0, np.arange(top), heads=hk if t in ("k", "v") else opts.heads, **dims) for t in names}
+    kv = ("k", "v")
+    return {t: inputs.tokens(t, 0, np.arange(top_k if t in kv else top_q), heads=hk if t in kv else opts.heads, **dims) for t in names}
 
 
 def _compute_times(opts: ProbeOptions, backend, mask: str = FULL, shapes=None) -> np.ndarray:
@@ -201,6 +208,34 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL, shapes=Non
             timer = backend.timer()
             timer.start()
             grad.update(kh, vh, dk, dv, piece)
+            timer.stop()
+            backend.synchronize()
+            if r >= 0:
+                out[i, r] = timer.seconds()
+    return out
+
+
+def _merge_times(opts: ProbeOptions, backend) -> np.ndarray:
+    """(Q, R) seconds of one kernel.merge of two partials [O, LSE] of q query rows per head ((Z, G, q, D) and (Z, G, q)
+    in the compute dtype), per row count of ``piece_rows`` and repeat, every rank at once: the small ops of decode's
+    merges and pass-Q's returns, a few NumPy calls on small arrays whose cost is per call, not per byte."""
+    from ringbench.engine import comm
+
+    xp = backend.xp
+    hk = opts.kv_heads or opts.heads
+    compute = backend.compute_dtype(backend.dtype(opts.dtype))
+    z, g = opts.batch * hk, opts.heads // hk
+    out = np.zeros((len(opts.piece_rows), opts.repeat))
+    for i, q in enumerate(opts.piece_rows):
+        rng = np.random.default_rng(i)
+        o_a, o_b = (backend.asarray(rng.standard_normal((z, g, q, opts.head_dim)).astype(compute)) for _ in range(2))
+        l_a, l_b = (backend.asarray(rng.standard_normal((z, g, q)).astype(compute)) for _ in range(2))
+        for r in range(-1, opts.repeat):  # one warm-up
+            comm.barrier()
+            backend.synchronize()
+            timer = backend.timer()
+            timer.start()
+            kernel.merge(xp, o_a, l_a, o_b, l_b)
             timer.stop()
             backend.synchronize()
             if r >= 0:
@@ -349,6 +384,11 @@ def memory_estimate(opts: ProbeOptions, backend) -> tuple[int, int]:
     host, device = memory.memory_estimate(cfg, 1, 0, backend)
     copy = 2 * opts.batch * n * opts.heads * opts.head_dim * backend.dtype(opts.dtype).itemsize  # source and destination
     host = max(host, memory.RANK_OVERHEAD + opts.max_bytes + (0 if backend.is_gpu else copy))
+    if opts.piece_rows:  # the skinny pieces: float64 sources and stored copies of q, dO (most rows) and K, V (most keys)
+        rows, keys = max(opts.piece_rows), max(piece_keys(opts))
+        item = backend.dtype(opts.dtype).itemsize
+        elems = opts.batch * opts.head_dim * (2 * rows * opts.heads + 2 * keys * (opts.kv_heads or opts.heads))
+        host = max(host, memory.RANK_OVERHEAD + (8 + 3 * item) * elems + 8 * opts.batch * rows * opts.heads * keys)
     return host, max(device, copy) if backend.is_gpu else 0
 
 
@@ -451,6 +491,7 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool, machine_out
     bwd_causal = _bwd_compute_times(opts, backend, CAUSAL)
     pieces = _compute_times(opts, backend, FULL, piece_shapes(opts))
     bwd_pieces = _bwd_compute_times(opts, backend, FULL, piece_shapes(opts))
+    merges = _merge_times(opts, backend)
     copy_bytes, copy = _copy_times(opts, backend)
     pp = _pingpong_all(opts, rank, nranks)
     pairs = class_pairs(node_of)
@@ -464,6 +505,7 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool, machine_out
         "bwd_causal": bwd_causal,
         "pieces": pieces,
         "bwd_pieces": bwd_pieces,
+        "merges": merges,
         "copy_bytes": copy_bytes,
         "copy": copy,
         "pingpong": pp,
@@ -547,6 +589,7 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None, nodes=N
     cfg["bwd_kernel"] = bwd_kernel(opts, backend)
     cfg["block_sizes"] = list(opts.block_sizes)
     cfg["piece_rows"] = list(opts.piece_rows)
+    cfg["piece_keys"] = list(piece_keys(opts))
     return store.Probe(
         nranks=nranks,
         config=cfg,
@@ -576,15 +619,16 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None, nodes=N
 
 def _assemble_pieces(opts: ProbeOptions, parts: list) -> dict:
     """The skinny pieces' samples (schema 4): piece_rows (Q,), piece_keys (K,) and piece_compute_s,
-    bwd_piece_compute_s (Q, K, R, P) seconds of one forward / backward update of a q x k piece; none without
-    ``piece_rows`` (and in probes parts from before them)."""
+    bwd_piece_compute_s (Q, K, R, P) seconds of one forward / backward update of a q x k piece, merge_s (Q, R, P)
+    seconds of one merge of two partials of q rows per head; none without ``piece_rows``."""
     if not opts.piece_rows or "pieces" not in parts[0]:
         return {}
-    nq, nk = len(opts.piece_rows), len(opts.block_sizes)
-    out = {"piece_rows": np.array(opts.piece_rows, dtype=np.int64), "piece_keys": np.array(opts.block_sizes, dtype=np.int64)}
+    nq, nk = len(opts.piece_rows), len(piece_keys(opts))
+    out = {"piece_rows": np.array(opts.piece_rows, dtype=np.int64), "piece_keys": np.array(piece_keys(opts), dtype=np.int64)}
     for key, name in (("pieces", "piece_compute_s"), ("bwd_pieces", "bwd_piece_compute_s")):
         t = np.stack([p[key] for p in parts], axis=2)  # (Q K, R, P)
         out[name] = t.reshape(nq, nk, t.shape[1], t.shape[2])
+    out["merge_s"] = np.stack([p["merges"] for p in parts], axis=2)  # (Q, R, P)
     return out
 
 
@@ -678,6 +722,31 @@ def _format_classes(probe: store.Probe) -> list[str]:
     return lines
 
 
+def _format_pieces(probe: store.Probe) -> list[str]:
+    """The skinny pieces' lines (microseconds per call) and the model's per-call fits (none for probes before schema 4)."""
+    s = probe.samples
+    if "piece_compute_s" not in s or "causal_compute_s" not in s:
+        return []
+    lines = []
+    for key, label in (("piece_compute_s", "skinny pieces, forward"), ("bwd_piece_compute_s", "backward")):
+        per = np.median(np.median(s[key], axis=2), axis=2)  # (Q, K)
+        cells = [
+            f"{int(q)}x{int(k)} {per[i, j] * 1e6:.0f}" for i, q in enumerate(s["piece_rows"]) for j, k in enumerate(s["piece_keys"])
+        ]
+        lines.append(f"  {label} (q x k: us per call): " + ", ".join(cells))
+    if "merge_s" in s:
+        per = np.median(np.median(s["merge_s"], axis=1), axis=1)  # (Q,)
+        lines.append("  merges of two partials (q rows per head: us per call): " + ", ".join(
+            f"q={int(q)} {t * 1e6:.0f}" for q, t in zip(s["piece_rows"], per)))
+    for label, fit in zip(("forward", "backward"), model.probe_piece_fits(probe)):
+        lines.append(
+            f"  per-call fit, {label}: t = {fit.c * 1e6:.1f} us + {fit.a * 1e9:.3g} ns q k + {fit.b * 1e9:.3g} ns k "
+            f"+ {fit.e * 1e9:.3g} ns q (masked x{fit.masked:.2f}; pieces under {fit.min_block} tokens or over "
+            f"{model.SKINNY_ASPECT}:1)"
+        )
+    return lines
+
+
 def _kernels(c: dict) -> str:
     """', kernel torch' (', kernel flash-attn, native backward') for a probe of another kernel than native."""
     fwd, bwd = c.get("kernel", "native"), c.get("bwd_kernel", "native")  # probes from before --kernel: native
@@ -718,6 +787,7 @@ def format_probe(probe: store.Probe, where: str) -> str:
                 + " GFLOP/s"
             )
         lines.append(f"  local copies (strided, read + write): {probe.summary['copy_Bps'] / 1e9:.2f} GB/s per rank")
+    lines += _format_pieces(probe)
     sizes = probe.samples["msg_bytes"]
     for i, (a, b) in enumerate(probe.samples["links"]):
         lat, bw = model.fit_link(sizes, np.median(probe.samples["pingpong_s"][i], axis=1))
