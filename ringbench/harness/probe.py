@@ -730,14 +730,14 @@ def _format_pieces(probe: store.Probe) -> list[str]:
     lines = []
     for key, label in (("piece_compute_s", "skinny pieces, forward"), ("bwd_piece_compute_s", "backward")):
         per = np.median(np.median(s[key], axis=2), axis=2)  # (Q, K)
-        cells = [
-            f"{int(q)}x{int(k)} {per[i, j] * 1e6:.0f}" for i, q in enumerate(s["piece_rows"]) for j, k in enumerate(s["piece_keys"])
-        ]
+        cells = [f"{int(q)}x{int(k)} {per[i, j] * 1e6:.0f}" for i, q in enumerate(s["piece_rows"]) for j, k in enumerate(s["piece_keys"])]
         lines.append(f"  {label} (q x k: us per call): " + ", ".join(cells))
     if "merge_s" in s:
         per = np.median(np.median(s["merge_s"], axis=1), axis=1)  # (Q,)
-        lines.append("  merges of two partials (q rows per head: us per call): " + ", ".join(
-            f"q={int(q)} {t * 1e6:.0f}" for q, t in zip(s["piece_rows"], per)))
+        lines.append(
+            "  merges of two partials (q rows per head: us per call): "
+            + ", ".join(f"q={int(q)} {t * 1e6:.0f}" for q, t in zip(s["piece_rows"], per))
+        )
     for label, fit in zip(("forward", "backward"), model.probe_piece_fits(probe)):
         lines.append(
             f"  per-call fit, {label}: t = {fit.c * 1e6:.1f} us + {fit.a * 1e9:.3g} ns q k + {fit.b * 1e9:.3g} ns k "

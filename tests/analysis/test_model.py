@@ -551,9 +551,7 @@ def test_a_skinny_piece_costs_more_than_a_square_of_the_same_flops():
     assert skinny > 3 * square
     # other shapes scale the fit: a and e by B H D, b by B H_kv D, c stays (B = 2, H = 4, H_kv = 2, D = 128: x2 and x8)
     other = Shape(nranks=2, seq_len=8192, batch=2, heads=4, kv_heads=2, head_dim=128, causal=True)
-    assert model.pieces_seconds([Piece(0, 1, 0, 4096)], cal, other, 4) == pytest.approx(
-        100e-6 + 2 * (A * 4096 + 0.5e-6) + 8 * 1e-6 * 4096
-    )
+    assert model.pieces_seconds([Piece(0, 1, 0, 4096)], cal, other, 4) == pytest.approx(100e-6 + 2 * (A * 4096 + 0.5e-6) + 8 * 1e-6 * 4096)
     # off the tables: a side under the smallest block, or longer than SKINNY_ASPECT times the other; a masked piece
     # there costs the fit times the mask's measured cost
     fit = cal.piece_fit(2)
