@@ -36,7 +36,8 @@ Schema version 4 (``SCHEMA_VERSION``), documented in docs/results.md::
                             lack bwd_rate_flops, bwd_block_flops and bwd_compute_s (still read; no backward rate).
                             Version 4: piece_rows (Q,), piece_keys (K',) and piece_compute_s, bwd_piece_compute_s
                             (Q, K', R, P): the same kernels on skinny q x k pieces (every row count against every
-                            key count); probes of versions 1-3 lack them (read as before: no per-call fit).
+                            key count), merge_s (Q, R, P): one merge of two partials of q rows per head; probes of
+                            versions 1-3 lack them (read as before: no per-call fit).
 
 The forward phase (samples/, summary, check) sits at the top of the run group, where version 1 keeps it, so a
 forward-only run is laid out as before; a backward-only run (pass bwd) has only bwd/ (and no top-level
