@@ -283,7 +283,10 @@ class PieceFit:
     V: what makes a 1 x n piece cost more per FLOP than a square), e the per-query-row work (the softmax state).
     Another shape scales a and e by B H D and b by B H_kv D against the probe's; c stays. ``masked``: the causal
     diagonal block's time over the full block's at the smallest block (what a mask costs a piece off the tables);
-    ``min_block``: the square tables' smallest block (tokens)."""
+    ``min_block``: the square tables' smallest block (tokens). ``rows``, ``keys``, ``grid``: the skinny pieces the probe
+    timed ((Q,), (K,), (Q, K) seconds); inside their range a piece's time is interpolated in them (linear in log q,
+    log k, log t) and scaled to the shape by the fit's ratio, so a measured 1 x N / P piece costs what it measured (the
+    per-key cost grows past the caches, which one line cannot follow over 32 .. 12288 keys); outside, the fit."""
 
     c: float
     a: float
@@ -295,13 +298,38 @@ class PieceFit:
     head_dim: int
     min_block: int
     masked: float = 1.0
+    rows: tuple = ()
+    keys: tuple = ()
+    grid: tuple = ()  # (Q,) tuples of K seconds
 
-    def seconds(self, nq, nk, batch: int, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
-        """The fitted seconds of pieces of ``nq`` x ``nk`` (arrays) with B, H, H_kv, D as given."""
+    def fitted(self, nq, nk, batch: int, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+        """The line's seconds of pieces of ``nq`` x ``nk`` (arrays) with B, H, H_kv, D as given."""
         nq, nk = np.asarray(nq, dtype=np.float64), np.asarray(nk, dtype=np.float64)
         zq = batch * heads * head_dim / (self.batch * self.heads * self.head_dim)
         zk = batch * kv_heads * head_dim / (self.batch * self.kv_heads * self.head_dim)
         return self.c + zq * (self.a * nq * nk + self.e * nq) + zk * self.b * nk
+
+    def seconds(self, nq, nk, batch: int, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+        """Seconds of one call on pieces of ``nq`` x ``nk`` (arrays) with B, H, H_kv, D as given: the measured grid
+        where it covers the piece (scaled by the fit from the probe's shape to this one), else the fit."""
+        nq, nk = np.asarray(nq, dtype=np.float64), np.asarray(nk, dtype=np.float64)
+        out = self.fitted(nq, nk, batch, heads, kv_heads, head_dim)
+        if len(self.rows) < 2 or len(self.keys) < 2:
+            return out
+        rows, keys = np.log(np.asarray(self.rows, dtype=np.float64)), np.log(np.asarray(self.keys, dtype=np.float64))
+        lq, lk = np.log(np.maximum(nq, 1.0)), np.log(np.maximum(nk, 1.0))
+        inside = (lq >= rows[0]) & (lq <= rows[-1]) & (lk >= keys[0]) & (lk <= keys[-1])
+        if not inside.any():
+            return out
+        lt = np.log(np.asarray(self.grid, dtype=np.float64))  # (Q, K)
+        i = np.clip(np.searchsorted(rows, lq[inside], side="right") - 1, 0, len(rows) - 2)
+        j = np.clip(np.searchsorted(keys, lk[inside], side="right") - 1, 0, len(keys) - 2)
+        u = (lq[inside] - rows[i]) / (rows[i + 1] - rows[i])
+        w = (lk[inside] - keys[j]) / (keys[j + 1] - keys[j])
+        t = (1 - u) * (1 - w) * lt[i, j] + u * (1 - w) * lt[i + 1, j] + (1 - u) * w * lt[i, j + 1] + u * w * lt[i + 1, j + 1]
+        own = self.fitted(nq[inside], nk[inside], self.batch, self.heads, self.kv_heads, self.head_dim)
+        out[inside] = np.exp(t) * out[inside] / own
+        return out
 
     def off_table(self, nq, nk) -> np.ndarray:
         """Whether pieces of ``nq`` x ``nk`` are off the square tables: a side under the smallest block, or one side
@@ -1284,11 +1312,24 @@ def probe_piece_fits(probe) -> tuple[PieceFit, PieceFit]:
     s = probe.samples
     i0 = int(np.argmin(np.asarray(s["block_tokens"])))
     out = []
+    rows, keys = np.asarray(s["piece_rows"]), np.asarray(s["piece_keys"])
+    qo, ko = np.argsort(rows), np.argsort(keys)
     for pre in ("", "bwd_"):
         full = float(np.median(np.median(np.asarray(s[pre + "compute_s"])[i0], axis=0)))
         diag = float(np.median(np.median(np.asarray(s[pre + "causal_compute_s"])[i0], axis=0)))
         coef = fit_piece_cost(*probe_pieces(probe, "bwd" if pre else "fwd"))
-        out.append(PieceFit(*coef, **dims, min_block=int(s["block_tokens"][i0]), masked=diag / full))
+        grid = np.median(np.median(np.asarray(s[pre + "piece_compute_s"]), axis=2), axis=2)[qo][:, ko]  # (Q, K)
+        out.append(
+            PieceFit(
+                *coef,
+                **dims,
+                min_block=int(s["block_tokens"][i0]),
+                masked=diag / full,
+                rows=tuple(int(x) for x in rows[qo]),
+                keys=tuple(int(x) for x in keys[ko]),
+                grid=tuple(tuple(float(x) for x in r) for r in grid),
+            )
+        )
     return out[0], out[1]
 
 

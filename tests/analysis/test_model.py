@@ -576,3 +576,17 @@ def test_serving_prices_decode_and_few_new_tokens_through_the_fit():
     # many new tokens: squares and halves on the tables, as before
     p = dict(w, cached_tokens=0)
     assert inference.predict_prefill(p, cal) == pytest.approx(inference.predict_prefill(p, old))
+
+
+def test_the_fit_follows_the_probes_measured_grid_inside_it():
+    fit = model.PieceFit(
+        100e-6, A, 1e-6, 0.5e-6, batch=1, heads=8, kv_heads=1, head_dim=64, min_block=32,
+        rows=(1, 32), keys=(256, 4096), grid=((200e-6, 9e-3), (400e-6, 12e-3)),
+    )  # fmt: skip
+    at = fit.seconds([1, 32, 1, 1], [256, 4096, 4096, 1024], 1, 8, 1, 64)
+    assert at[:3] == pytest.approx([200e-6, 12e-3, 9e-3])  # measured pieces cost what they measured
+    assert at[3] == pytest.approx(np.sqrt(200e-6 * 9e-3))  # between them: linear in log k and log t
+    # outside the grid: the line; another shape: the grid scaled by the line's ratio
+    assert fit.seconds([64], [256], 1, 8, 1, 64)[0] == pytest.approx(fit.fitted(64, 256, 1, 8, 1, 64))
+    ratio = fit.fitted(1, 4096, 8, 8, 1, 64) / fit.fitted(1, 4096, 1, 8, 1, 64)
+    assert fit.seconds([1], [4096], 8, 8, 1, 64)[0] == pytest.approx(9e-3 * ratio)
