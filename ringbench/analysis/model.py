@@ -328,7 +328,9 @@ class PieceFit:
         w = (lk[inside] - keys[j]) / (keys[j + 1] - keys[j])
         t = (1 - u) * (1 - w) * lt[i, j] + u * (1 - w) * lt[i + 1, j] + (1 - u) * w * lt[i, j + 1] + u * w * lt[i + 1, j + 1]
         own = self.fitted(nq[inside], nk[inside], self.batch, self.heads, self.kv_heads, self.head_dim)
-        out[inside] = np.exp(t) * out[inside] / own
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(own > 0, out[inside] / own, 1.0)  # the probe's shape -> this one (1 for a fit of zeros)
+        out[inside] = np.exp(t) * scale
         return out
 
     def off_table(self, nq, nk) -> np.ndarray:
