@@ -44,7 +44,7 @@ def test_round_trip(tmp_path):
     assert run.summary["time_s"] == 1.0 and run.check["passed"] is True
     assert run.memory["theoretical_bytes"] == 5
     with h5py.File(path) as f:
-        assert f.attrs["schema_version"] == SCHEMA_VERSION == 3 and f.attrs["format"] == "ringbench-results"
+        assert f.attrs["schema_version"] == SCHEMA_VERSION == 4 and f.attrs["format"] == "ringbench-results"
         assert json.loads(f["runs/p1"].attrs["provenance"]) == {"hosts": ["h"]}
         assert f["runs/p1"].attrs["run_id"] == run.run_id
     assert len(run.run_id) == 32 and run.run_id != make_run().run_id  # every run gets its own id
@@ -96,7 +96,7 @@ def test_other_files_are_refused(tmp_path):
     with h5py.File(bad, "w") as f:
         f.attrs["format"] = "ringbench-results"
         f.attrs["schema_version"] = 0
-    with pytest.raises(store.SchemaError, match="schema version 0 is not supported; this ringbench reads versions 1, 2 and 3"):
+    with pytest.raises(store.SchemaError, match="schema version 0 is not supported; this ringbench reads versions 1, 2, 3 and 4"):
         store.read(bad)
     assert "schema version 0" in store.check_writable(bad)
     text = tmp_path / "notes.txt"
