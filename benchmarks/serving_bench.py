@@ -3,7 +3,7 @@
     python benchmarks/serving_bench.py [--ranks 2] [--decode-ranks 2 3 4] [--seq-len 2048] [--cached 0 0.5 0.875 0.97]
                                        [--heads 8] [--kv-heads 1] [--head-dim 64] [--batch 1 8] [--repeat 5]
                                        [--rounds 3] [--probe-blocks 32,64,...] [--probe-repeat 15] [--work DIR]
-                                       [--out FILE.json]
+                                       [--out FILE.json] [--nodes K]
 
 1. ``--rounds`` rounds, each: the calibration, apart from the measured runs (``mpiexec -n P ringbench probe`` at every
    prefill rank count, blocks of ``--probe-blocks`` tokens: the new tokens' small pieces need the small blocks' rates),
@@ -45,6 +45,8 @@ from ringbench.analysis import inference, measure, model, results  # noqa: E402
 WINNER_TARGET = 0.90
 ERROR_TARGET = 0.20
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
+MULTINODE = Path(os.environ.get("RINGBENCH_MULTINODE_DIR", "/tmp/ringbench-multinode"))  # slurm/multinode.sh's state
+NODES = 0  # --nodes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +66,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probe-repeat", type=int, default=15, help="the probes' timed kernel calls per block size (default 15)")
     p.add_argument("--work", help="keep the probe and result files here (default: a temporary folder)")
     p.add_argument("--out", help="write every figure as JSON")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="run every launch across this many emulated nodes (slurm/multinode.sh up; ceil(P / nodes) ranks per node), "
+        "where the node link's rate (slurm/multinode.sh rate R) makes the transfers show; default 0: this machine",
+    )
     ns = p.parse_args(argv)
+    if ns.nodes < 0:
+        p.exit(2, "serving_bench.py: --nodes: expected an integer >= 0\n")
+    if ns.nodes and not (MULTINODE / "net.up").exists():
+        down = f"the emulated cluster is down ({MULTINODE}/net.up missing): run slurm/multinode.sh up (as root)"
+        p.exit(2, f"serving_bench.py: --nodes: {down}\n")
+    global NODES
+    NODES = ns.nodes
     for name in ("seq_len", "heads", "kv_heads", "head_dim", "repeat", "decode_seq_len", "rounds", "probe_repeat"):
         if getattr(ns, name) < 1:
             p.exit(2, f"serving_bench.py: --{name.replace('_', '-')}: expected an integer >= 1\n")
@@ -75,7 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def launch(nranks: int, *args) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [str(MPIEXEC), "-n", str(nranks), sys.executable, "-m", "ringbench", *map(str, args)]
+    cmd = [str(MPIEXEC), "-n", str(nranks)]
+    if NODES:  # slurm/multinode.sh's launcher: hydra enters each node's namespace; TCP between nodes (its env file)
+        env["RINGBENCH_MPIEXEC"] = str(MPIEXEC)
+        cmd = [str(MULTINODE / "mpiexec"), "-ppn", str(-(-nranks // NODES)), "-n", str(nranks)]
+    cmd += [sys.executable, "-m", "ringbench", *map(str, args)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise SystemExit(f"serving_bench.py: {' '.join(map(str, args[:3]))} at P={nranks} failed: {res.stderr.strip()[-500:]}")
@@ -100,6 +120,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     shape = ["--heads", ns.heads, "--kv-heads", ns.kv_heads, "--head-dim", ns.head_dim]
     probe_args = [*shape, "--block-sizes", ns.probe_blocks, "--repeat", ns.probe_repeat, "--quiet"]
+    if ns.nodes:  # a shaped node link takes seconds per 16 MiB ping-pong: 4 MiB is well above these shapes' blocks
+        probe_args += ["--max-bytes", 4 << 20, "--iters", 5]
     cores = os.cpu_count() or 1
     print(f"cpu: {provenance.cpu_model()}; {cores} cores")
     rounds = []  # per round: (calibration, {(P, N, C): {mode: run}}, load before, load after)

@@ -399,6 +399,8 @@ def test_serving_bench_compares_the_strategies_and_the_merges(tmp_path):
     assert len(data["prefill"]) == 2 and {f["C"] for f in data["prefill"]} == {0, 48}
     assert set(data["decode"][0]["measured_s"]) == {"ring", "tree", "gather"}
     assert script("serving_bench.py", "--cached", 1.5).returncode == 2
+    bad = script("serving_bench.py", "--nodes", -1)
+    assert bad.returncode == 2 and "--nodes" in bad.stderr
 
 
 def test_packed_bench_probes_sweeps_and_reports_the_targets(tmp_path):
