@@ -237,7 +237,10 @@ def test_balanced_takes_the_fewest_chunks_whose_deal_is_within_the_bound():
 
     n_total = 4096
     docs = doc_lengths("lognormal:mean=1024,sigma=1.0,seed=3", n_total)  # contiguous 1.034 at P = 2
-    assert layout.balanced_deal(2, n_total, docs) == (1, pytest.approx(layout.imbalance(layout.plan_pairs("contiguous", 2, n_total, True, docs))))
+    assert layout.balanced_deal(2, n_total, docs) == (
+        1,
+        pytest.approx(layout.imbalance(layout.plan_pairs("contiguous", 2, n_total, True, docs))),
+    )
     blocks = sorted(positions("balanced", r, 2, n_total, docs).tolist() for r in range(2))
     assert blocks == [list(range(0, 2048)), list(range(2048, 4096))]
     docs = doc_lengths("lognormal:mean=768,sigma=1.3,seed=1", n_total)  # contiguous 1.213 at P = 2, zigzag 1.753

@@ -43,9 +43,10 @@ None) the backward's; ``Run.phase(name)`` gives either. memory/ has theoretical_
 theoretical_bytes when the run has a backward.
 
 Version 3 is version 4 without the run attribute ``chunks_per_rank`` (read as 0: not recorded; its balanced
-runs were dealt with ``layout.legacy_balanced_chunks``, 8 chunks per rank where 8P divides N). Version 2 is version 3 without ``partner_wait_s``/``unhidden_s`` (samples) and ``partner_wait_s``/``unhidden_comm_s``
-(summary; read as absent), its ``overlap_eff`` computed from comm_s. Version 1 is the same layout without ``run_id``,
-``probe_id`` and ``bwd/`` (every version-1 run is forward-only).
+runs were dealt with ``layout.legacy_balanced_chunks``, 8 chunks per rank where 8P divides N). Version 2 is
+version 3 without ``partner_wait_s``/``unhidden_s`` (samples) and ``partner_wait_s``/``unhidden_comm_s``
+(summary; read as absent), its ``overlap_eff`` computed from comm_s. Version 1 is the same layout without
+``run_id``, ``probe_id`` and ``bwd/`` (every version-1 run is forward-only).
 All four versions are read; a run or probe
 without an id (every one of a version-1 file) gets a stable derived id on read: a hash of what identified
 it before (point id, creation time, status, config, provenance; for a probe: ranks, time, config,
