@@ -226,7 +226,8 @@ def speedups(cells: list[dict]) -> list[dict]:
     for c in cells:
         if c["layout"] != "balanced" or c["strategy"] not in RING_MODES or c["zigzag_over_this"] is None:
             continue
-        zig = next((z for z in cells if z["layout"] == "zigzag" and z["strategy"] == c["strategy"]), None)
+        same = (c["strategy"], c["docs"], c["seq_len"])
+        zig = next((z for z in cells if z["layout"] == "zigzag" and (z["strategy"], z["docs"], z["seq_len"]) == same), None)
         if zig is not None and zig["pairs_imbalance"] > ZIGZAG_IMBALANCE:
             s = {"strategy": c["strategy"], "docs": c["docs"], "seq_len": c["seq_len"], "zigzag_imbalance": zig["pairs_imbalance"]}
             s.update(speedup=c["zigzag_over_this"], ci=c["ci"], verdict=c["verdict"], **{"pass": c["zigzag_over_this"] >= SPEEDUP_TARGET})

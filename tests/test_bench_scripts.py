@@ -428,6 +428,8 @@ def test_packed_bench_probes_sweeps_and_reports_the_targets(tmp_path):
     for c in p2["cells"]:
         docs = tuple(data["specs"][specs.index(c["docs"])]["doc_lengths"])
         assert c["chunks_per_rank"] == (layout.balanced_chunks(2, 512, docs) if c["layout"] == "balanced" else None)
+    zig = {(c["strategy"], c["docs"]): c["pairs_imbalance"] for c in p2["cells"] if c["layout"] == "zigzag"}
+    assert all(s["zigzag_imbalance"] == zig[(s["strategy"], s["docs"])] > 1.3 for s in p2["speedups"])  # each spec's own
     assert len(p2["points"]) == 2  # one per (spec, N, P): every strategy x layout a candidate
     assert len(p2["layout_points"]) == 4  # one per strategy and spec: the layouts the candidates
     assert p2["winner"]["decided"] + p2["winner"]["ties"] == 2
