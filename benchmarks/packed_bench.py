@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     runs = results.load(work / "results" / "packed-bench.h5")
     cal = model.calibrate([], store.read_probes(probe))
     rows = results.rows(runs, phases=("fwd",))
-    for r in runs:  # schema 4: each balanced run stores the chunks per rank it was dealt; the rule must agree
+    for r in runs:  # schema 5: each balanced run stores the chunks per rank it was dealt; the rule must agree
         if r.status == "ok" and r.config.get("layout") == "balanced":
             lengths = model.Shape(nranks=r.nranks, seq_len=r.config["seq_len"], docs=r.config["docs"]).doc_lengths
             want = layout.balanced_chunks(r.nranks, r.config["seq_len"], lengths, a.window, True)

@@ -10,8 +10,8 @@
    then ``ringbench run --pass prefill`` of pass-KV (``overlap``) and pass-Q (``pass-q``) at every cached fraction of
    ``--cached`` (rounded to a multiple of 2P), each checked against float64, in an order that alternates by round.
    On a shared machine the load drifts: each round's runs are predicted by that round's probe.
-2. Decode at ``--decode-ranks`` and ``--batch``: a probe, then ``ringbench run --pass decode`` per merge (ring, tree,
-   gather), checked.
+2. Decode at ``--decode-ranks`` and ``--batch``: a probe (its skinny pieces, 1, 8, 32 query rows, against the blocks
+   and the shard of N / P keys: schema 4), then ``ringbench run --pass decode`` per merge (ring, tree, gather), checked.
 3. The comparison with the model calibrated from the probes only (analysis.inference.predict_prefill/predict_decode):
    per prefill point the measured winner where ``measure.compare`` of the two strategies' pass times over all rounds
    is significant (else a tie), the predicted one (from the round-median predictions), and the error of every
@@ -26,6 +26,7 @@ Prints the CPU and the load average per round; --out keeps every figure as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -84,6 +85,11 @@ def median_time(run) -> float:
     return float(np.median(np.max(run.samples["total_s"], axis=1)))
 
 
+def without_fits(cal):
+    """The calibration as a probe without skinny pieces (schema 3) gives it: every piece from the square tables."""
+    return dataclasses.replace(cal, piece_fits={}, bwd_piece_fits={}, merge_fits={})
+
+
 def load() -> float:
     return os.getloadavg()[0]
 
@@ -120,8 +126,9 @@ def main(argv=None) -> int:
     for f in (dprobe, dout):
         f.unlink(missing_ok=True)
     dload = load()
-    for P in ns.decode_ranks:
-        launch(P, "probe", "--out", dprobe, *probe_args)
+    for P in ns.decode_ranks:  # the skinny pieces against the probe's blocks and this P's shard (N / P keys)
+        keys = sorted({*map(int, ns.probe_blocks.split(",")), ns.decode_seq_len // P})
+        launch(P, "probe", "--out", dprobe, *probe_args, "--piece-keys", ",".join(map(str, keys)))
     common = [*shape, "--causal", "--check", "--repeat", ns.repeat, "--out", dout, "--quiet"]
     for P in ns.decode_ranks:
         n = ns.decode_seq_len - ns.decode_seq_len % (2 * P)
@@ -142,6 +149,8 @@ def main(argv=None) -> int:
         meas = {"pass-kv": [median_time(m["overlap"]) for _, m in per], "pass-q": [median_time(m["pass-q"]) for _, m in per]}
         preds = [inference.predict_prefill({**m["overlap"].config, "nranks": P}, cal) for cal, m in per]
         errs = [model.relative_error(pr[k], meas[k][j]) for j, pr in enumerate(preds) for k in ("pass-kv", "pass-q")]
+        olds = [inference.predict_prefill({**m["overlap"].config, "nranks": P}, without_fits(cal)) for cal, m in per]
+        old_errs = [model.relative_error(pr[k], meas[k][j]) for j, pr in enumerate(olds) for k in ("pass-kv", "pass-q")]
         kv_s = np.concatenate([np.max(m["overlap"].samples["total_s"], axis=1) for _, m in per])
         q_s = np.concatenate([np.max(m["pass-q"].samples["total_s"], axis=1) for _, m in per])
         cmp = measure.compare(kv_s, q_s)
@@ -163,6 +172,7 @@ def main(argv=None) -> int:
                 predicted=predicted,
                 rule=rule,
                 errors=errs,
+                errors_without_fit=old_errs,
                 oversubscribed=P > cores,
             )
         )
@@ -178,24 +188,31 @@ def main(argv=None) -> int:
         agree = sum(f["measured"] == f["predicted"] for f in decided)
         errs = [abs(e) for f in sel for e in f["errors"] if e == e]
         med = float(np.median(errs)) if errs else float("nan")
+        old = [abs(e) for f in sel for e in f["errors_without_fit"] if e == e]
         tag = "oversubscribed" if over else f"P <= {cores} cores"
         ok = decided and agree / len(decided) >= WINNER_TARGET and med <= ERROR_TARGET
         print(
             f"{tag}: predicted = measured winner at {agree} of {len(decided)} decided points; "
-            f"median |error| {med:.0%} -> {'met' if ok else 'not met'}"
+            f"median |error| {med:.0%} (without the per-call fit: {float(np.median(old)) if old else float('nan'):.0%}) "
+            f"-> {'met' if ok else 'not met'}"
         )
     print("\ndecode: one step per merge (us), measured and predicted")
-    print(f"{'P':>2} {'B':>3} {'ring':>9} {'tree':>9} {'gather':>9} {'tree/ring':>9} {'pred ring':>9} {'pred tree':>9} {'pred gath':>9}")
+    print(
+        f"{'P':>2} {'B':>3} {'ring':>9} {'tree':>9} {'gather':>9} {'tree/ring':>9} {'pred ring':>9} {'pred tree':>9} "
+        f"{'pred gath':>9} {'tables ring':>11} {'tree':>9} {'gather':>9}"
+    )
     steps: dict = {}
     for r in results.load(dout):
         steps.setdefault((r.nranks, r.config["batch"]), [r.config, {}])[1][r.config["merge"]] = median_time(r)
     for (P, b), (config, t) in sorted(steps.items()):
         ratio = t["tree"] / t["ring"] if "tree" in t and "ring" in t else float("nan")
         pred = inference.predict_decode({**config, "nranks": P}, dcal)
-        figures["decode"].append(dict(P=P, B=b, measured_s=t, predicted_s=pred, oversubscribed=P > cores))
+        old = inference.predict_decode({**config, "nranks": P}, without_fits(dcal))
+        figures["decode"].append(dict(P=P, B=b, measured_s=t, predicted_s=pred, predicted_without_fit_s=old, oversubscribed=P > cores))
         cells = " ".join(f"{t.get(m, float('nan')) * 1e6:>9.0f}" for m in ("ring", "tree", "gather"))
         pcells = " ".join(f"{pred[m] * 1e6:>9.0f}" for m in ("ring", "tree", "gather"))
-        print(f"{P:>2} {b:>3} {cells} {ratio:>9.2f} {pcells}{'  (oversubscribed)' if P > cores else ''}")
+        ocells = " ".join(f"{old[m] * 1e6:>9.0f}" for m in ("ring", "tree", "gather"))
+        print(f"{P:>2} {b:>3} {cells} {ratio:>9.2f} {pcells} {ocells}{'  (oversubscribed)' if P > cores else ''}")
     if ns.out:
         Path(ns.out).write_text(json.dumps(figures, indent=1, default=float))
     return 0

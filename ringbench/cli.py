@@ -468,6 +468,20 @@ def probe_parser() -> argparse.ArgumentParser:
         metavar="N,N,...",
         help="tokens per block for the compute-rate probe",
     )
+    p.add_argument(
+        "--piece-rows",
+        type=_positive_ints,
+        default=list(d.piece_rows),
+        metavar="N,N,...",
+        help="query rows of the skinny pieces also timed against every block size (decode's and few new tokens' pieces)",
+    )
+    p.add_argument(
+        "--piece-keys",
+        type=_positive_ints,
+        default=[],
+        metavar="N,N,...",
+        help="keys of the skinny pieces (default: the block sizes; decode's shards are longer than any block worth timing)",
+    )
     p.add_argument("--repeat", type=int, default=d.repeat, metavar="N", help="timed kernel calls per block size")
     p.add_argument("--max-bytes", type=int, default=d.max_bytes, metavar="BYTES", help="largest ping-pong message")
     p.add_argument("--iters", type=int, default=d.iters, metavar="N", help="ping-pong round trips per size")
@@ -492,11 +506,12 @@ def _probe_option_problem(ns: argparse.Namespace) -> str | None:
             coerce(opt, getattr(ns, opt))
         except ConfigError as exc:
             return f"{option_name(opt)}: {exc.message}"
-    for n in ns.block_sizes:
-        try:
-            coerce("seq_len", n)
-        except ConfigError as exc:
-            return f"--block-sizes: {exc.message}"
+    for opt in ("block_sizes", "piece_rows", "piece_keys"):
+        for n in getattr(ns, opt):
+            try:
+                coerce("seq_len", n)
+            except ConfigError as exc:
+                return f"{option_name(opt)}: {exc.message}"
     for opt, hi in (("max_bytes", PROBE_MAX_BYTES), ("iters", PROBE_MAX_ITERS)):
         v = getattr(ns, opt)
         if not 1 <= v <= hi:
@@ -526,6 +541,8 @@ def cmd_probe(argv: list[str]) -> int:
         backend=ns.backend,
         kernel=ns.kernel,
         block_sizes=tuple(ns.block_sizes),
+        piece_rows=tuple(ns.piece_rows),
+        piece_keys=tuple(ns.piece_keys),
         repeat=ns.repeat,
         max_bytes=ns.max_bytes,
         iters=ns.iters,

@@ -20,7 +20,7 @@ Layouts (P ranks, global length N, n = N / P tokens per rank):
   chunks): every chunk boundary inside a document cuts it into one more piece (one more kernel call per step), so
   the layout cuts no more than the balance needs. k = 1 holds contiguous's blocks (dealt heaviest first) where
   contiguous is already balanced; one causal document gets k = 2, global zigzag's pairing. A pure function of
-  (N, P, documents, window, causal), cached. Runs stored before schema version 4 (which records k per run) were
+  (N, P, documents, window, causal), cached. Runs stored before schema version 5 (which records k per run) were
   dealt with LEGACY_BALANCED_CHUNKS: the first of 8, 4, 2, 1 dividing N / P.
 
 Documents (``docs``: the lengths from :func:`ringbench.documents.doc_lengths`, summing to N; () = one document) and
@@ -49,7 +49,7 @@ LAYOUTS = OLD_LAYOUTS + ("doc-zigzag", "balanced")
 DOC_LAYOUTS = ("contiguous", "zigzag", "doc-zigzag", "balanced")  # the layouts that take documents and windows
 BALANCED_CHUNKS = (1, 2, 4, 8, 16)  # balanced: the chunks per rank it may take, fewest first (those dividing N / P)
 BALANCED_BOUND = 1.05  # balanced: the fewest chunks whose deal is within this of perfect (max / mean pairs)
-LEGACY_BALANCED_CHUNKS = (8, 4, 2, 1)  # before schema 4: the first of these dividing N / P, whatever the spec
+LEGACY_BALANCED_CHUNKS = (8, 4, 2, 1)  # before schema 5: the first of these dividing N / P, whatever the spec
 
 FULL = "full"  # every key visible to every query
 CAUSAL = "causal"  # key j visible to query i iff j <= i (local indices within the piece)
@@ -255,7 +255,7 @@ def balanced_deal(nranks: int, seq_len: int, docs=(), window: int = 0, causal: b
 
 
 def legacy_balanced_chunks(nranks: int, seq_len: int) -> int:
-    """Chunks per rank that balanced dealt before schema version 4 (runs stored without ``chunks_per_rank``): the
+    """Chunks per rank that balanced dealt before schema version 5 (runs stored without ``chunks_per_rank``): the
     first of LEGACY_BALANCED_CHUNKS whose k x P divides N, whatever the documents."""
     return next(k for k in LEGACY_BALANCED_CHUNKS if seq_len % (k * nranks) == 0)
 

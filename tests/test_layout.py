@@ -215,7 +215,7 @@ def test_band_pieces_and_their_pairs():
 def test_balanced_deals_chunks_by_work_and_balances_a_long_tailed_spec():
     from ringbench.documents import doc_lengths
 
-    # before schema 4 the chunks per rank were the first of 8, 4, 2, 1 dividing N / P, whatever the mask
+    # before schema 5 the chunks per rank were the first of 8, 4, 2, 1 dividing N / P, whatever the mask
     assert layout.legacy_balanced_chunks(4, 64) == 8 and layout.legacy_balanced_chunks(3, 36) == 4
     assert layout.legacy_balanced_chunks(3, 9) == 1
     n_total = 1 << 16

@@ -10,6 +10,9 @@ The model (docs/model.md, "Serving passes"), built from the training model's ter
   T / P tokens x H (D + 1) compute bytes returning home, the loads and merges at the copy rate. Meta's rule
   (context-parallel inference, 2024): pass-KV when T / (T + C) > 2 H_kv / H (or when its transfer is hidden behind
   the compute anyway), pass-Q below: :func:`prefill_rule`.
+* pieces: every piece through model.Calibration.pieces_seconds: a schema-4 probe's per-call fit prices those the square
+  tables miss (decode's t x N / P pieces per head and sequence, T / P new queries against the cached keys); the merges
+  of partials (decode's, pass-Q's returns) at the probe's timed merges (Calibration.merge_seconds), else at the copy rate.
 * decode, one step: the partial over N / P keys, at least the time to read the shard (:func:`decode_compute_s`), then
   the merge (:func:`decode_merge_s`): ring P - 1 sequential hops of one partial [O | LSE] (B t H (D + 1) compute
   bytes); tree two all-reduces of ceil(log2 P) rounds each; gather one round in which rank 0 receives P - 1 partials.
@@ -201,7 +204,7 @@ def prefill_steps(w: dict, cal, machine=None) -> dict:
     rows = b * nn * h
     q_block, part = rows * d * s, rows * (d + 1) * cs
     per_step = cal.copy_seconds(2 * (model.LOAD_PASSES + 2) * rows * d * cs, P)
-    per_return = cal.copy_seconds(2 * model.MERGE_PASSES * rows * (d + 1) * cs, P)
+    per_return = cal.merge_seconds(rows * (d + 1), P, cs)  # a probe's timed merges (schema 4), else passes at the copy rate
     q_busy = np.zeros(P + 1)
     q_busy[:P] = busy + per_step
     q_busy[2:] += per_return
@@ -247,7 +250,7 @@ def decode_merge_s(w: dict, cal, machine=None) -> dict:
     rows = shape.batch * t * shape.heads
     partial = rows * (shape.head_dim + 1) * cs
     lat, bw = model.ring_link(cal, machine, P, 1)
-    merge = cal.copy_seconds(2 * model.MERGE_PASSES * partial, P)
+    merge = cal.merge_seconds(rows * (shape.head_dim + 1), P, cs)  # a probe's timed merges (schema 4), else the copy rate
     rounds = math.ceil(math.log2(P))
     return {
         "ring": (P - 1) * (model.comm_time(partial, lat, bw) + merge),

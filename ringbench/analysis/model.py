@@ -175,6 +175,9 @@ class Calibration:
     bwd_diag_rates: dict = field(default_factory=dict)
     copy_bw: dict = field(default_factory=dict)  # {nranks: bytes read + written per second} of local strided copies (probe)
     conditions: list = field(default_factory=list)  # how busy the machine was, per probe (or run) it came from (provenance.conditions)
+    piece_fits: dict = field(default_factory=dict)  # {nranks: PieceFit}: per-call cost of the pieces the tables miss (probe, schema 4)
+    bwd_piece_fits: dict = field(default_factory=dict)
+    merge_fits: dict = field(default_factory=dict)  # {nranks: (c, per element)}: one kernel.merge of partials (probe, schema 4)
 
     @classmethod
     def simple(cls, rate: float, latency: float, bandwidth: float, source: str = "given", bwd_rate: float | None = None) -> Calibration:
@@ -215,6 +218,48 @@ class Calibration:
             table = self.bwd_rates if phase == "bwd" else self.rates
         return _small_rates(table[_nearest(table, nranks)], np.asarray(rect_flops, dtype=np.float64))
 
+    def piece_fit(self, nranks: int, phase: str = "fwd") -> PieceFit | None:
+        """The per-call cost fit of the phase at the rank count nearest ``nranks`` (None: a calibration without one)."""
+        fits = self.bwd_piece_fits if phase == "bwd" else self.piece_fits
+        return fits[_nearest(fits, nranks)] if fits else None
+
+    def pieces_seconds(self, nq, nk, pairs, masked, nranks: int, phase: str, dims: tuple) -> np.ndarray:
+        """Seconds of pieces of ``nq`` x ``nk`` (arrays) with ``pairs`` unmasked pairs (``masked``: not FULL) on one
+        rank; ``dims`` = (B, H, H_kv, D) of the queries timed. Pieces the square tables cover (both sides at least the
+        smallest block, at most SKINNY_ASPECT : 1): their rate (:meth:`piece_rates`, keyed by the rectangle's FLOPs);
+        the rest (few query rows against many keys, pieces under the smallest block), where the calibration has a
+        probe's per-call fit (:class:`PieceFit`): one kernel call's fitted seconds, a masked piece times the mask's
+        measured cost at the smallest block. Without a fit every piece from the tables (as before schema 4)."""
+        nq, nk = np.asarray(nq, dtype=np.float64), np.asarray(nk, dtype=np.float64)
+        pairs, masked = np.asarray(pairs, dtype=np.float64), np.asarray(masked, dtype=bool)
+        mult = BWD_FLOPS if phase == "bwd" else 1.0
+        b, h, hk, d = dims
+        per_pair = mult * flops(b, h, d, 1)
+        rect = per_pair * nq * nk
+        rate = np.ones(len(nq))
+        for m in (False, True):
+            sel = masked == m
+            if sel.any():
+                rate[sel] = self.piece_rates(rect[sel], nranks, m, phase)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            secs = np.where(pairs > 0, per_pair * pairs / rate, 0.0)
+        fit = self.piece_fit(nranks, phase)
+        if fit is not None:
+            off = fit.off_table(nq, nk) & (pairs > 0)
+            if off.any():
+                called = fit.seconds(nq[off], nk[off], b, h, hk, d)
+                secs[off] = np.where(masked[off], fit.masked * called, called)
+        return secs
+
+    def merge_seconds(self, elems: float, nranks: int, itemsize: int) -> float:
+        """Seconds of one kernel.merge of two partials of ``elems`` output elements (B t H (D + 1)): the probe's fitted
+        line c + elements x per-element where it timed merges (schema 4: a few NumPy calls, their cost mostly per call),
+        else MERGE_PASSES read-and-write passes at the copy rate (as before)."""
+        if self.merge_fits:
+            c, per = self.merge_fits[_nearest(self.merge_fits, nranks)]
+            return c + per * float(elems)
+        return self.copy_seconds(2 * MERGE_PASSES * float(elems) * itemsize, nranks)
+
     def copy_seconds(self, nbytes: float, nranks: int) -> float:
         """Seconds of local copies moving ``nbytes`` (read + written); 0 without a measured copy rate."""
         if not self.copy_bw or nbytes <= 0:
@@ -225,6 +270,106 @@ class Calibration:
         if not self.links:
             return 0.0, math.inf
         return self.links[_nearest(self.links, nranks)]
+
+
+SKINNY_ASPECT = 4  # a piece longer than this many times its width is off the square tables (Calibration.pieces_seconds)
+
+
+@dataclass(frozen=True)
+class PieceFit:
+    """Seconds of one kernel call on a piece of q query rows against k keys, fitted to a probe's pieces (its square
+    blocks and its skinny pieces: :func:`fit_piece_cost`): t = c + a q k + b k + e q at the probe's batch, heads, K/V
+    heads and head dim. c is a call's fixed cost, a the per-pair work, b the per-key work (loading and tiling K and
+    V: what makes a 1 x n piece cost more per FLOP than a square), e the per-query-row work (the softmax state).
+    Another shape scales a and e by B H D and b by B H_kv D against the probe's; c stays. ``masked``: the causal
+    diagonal block's time over the full block's at the smallest block (what a mask costs a piece off the tables);
+    ``min_block``: the square tables' smallest block (tokens). ``rows``, ``keys``, ``grid``: the skinny pieces the probe
+    timed ((Q,), (K,), (Q, K) seconds); inside their range a piece's time is interpolated in them (linear in log q,
+    log k, log t) and scaled to the shape by the fit's ratio, so a measured 1 x N / P piece costs what it measured (the
+    per-key cost grows past the caches, which one line cannot follow over 32 .. 12288 keys); outside, the fit."""
+
+    c: float
+    a: float
+    b: float
+    e: float
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    min_block: int
+    masked: float = 1.0
+    rows: tuple = ()
+    keys: tuple = ()
+    grid: tuple = ()  # (Q,) tuples of K seconds
+
+    def fitted(self, nq, nk, batch: int, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+        """The line's seconds of pieces of ``nq`` x ``nk`` (arrays) with B, H, H_kv, D as given."""
+        nq, nk = np.asarray(nq, dtype=np.float64), np.asarray(nk, dtype=np.float64)
+        zq = batch * heads * head_dim / (self.batch * self.heads * self.head_dim)
+        zk = batch * kv_heads * head_dim / (self.batch * self.kv_heads * self.head_dim)
+        return self.c + zq * (self.a * nq * nk + self.e * nq) + zk * self.b * nk
+
+    def seconds(self, nq, nk, batch: int, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+        """Seconds of one call on pieces of ``nq`` x ``nk`` (arrays) with B, H, H_kv, D as given: the measured grid
+        where it covers the piece (scaled by the fit from the probe's shape to this one), else the fit."""
+        nq, nk = np.asarray(nq, dtype=np.float64), np.asarray(nk, dtype=np.float64)
+        out = self.fitted(nq, nk, batch, heads, kv_heads, head_dim)
+        if len(self.rows) < 2 or len(self.keys) < 2:
+            return out
+        rows, keys = np.log(np.asarray(self.rows, dtype=np.float64)), np.log(np.asarray(self.keys, dtype=np.float64))
+        lq, lk = np.log(np.maximum(nq, 1.0)), np.log(np.maximum(nk, 1.0))
+        inside = (lq >= rows[0]) & (lq <= rows[-1]) & (lk >= keys[0]) & (lk <= keys[-1])
+        if not inside.any():
+            return out
+        lt = np.log(np.asarray(self.grid, dtype=np.float64))  # (Q, K)
+        i = np.clip(np.searchsorted(rows, lq[inside], side="right") - 1, 0, len(rows) - 2)
+        j = np.clip(np.searchsorted(keys, lk[inside], side="right") - 1, 0, len(keys) - 2)
+        u = (lq[inside] - rows[i]) / (rows[i + 1] - rows[i])
+        w = (lk[inside] - keys[j]) / (keys[j + 1] - keys[j])
+        t = (1 - u) * (1 - w) * lt[i, j] + u * (1 - w) * lt[i + 1, j] + (1 - u) * w * lt[i, j + 1] + u * w * lt[i + 1, j + 1]
+        own = self.fitted(nq[inside], nk[inside], self.batch, self.heads, self.kv_heads, self.head_dim)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(own > 0, out[inside] / own, 1.0)  # the probe's shape -> this one (1 for a fit of zeros)
+        out[inside] = np.exp(t) * scale
+        return out
+
+    def off_table(self, nq, nk) -> np.ndarray:
+        """Whether pieces of ``nq`` x ``nk`` are off the square tables: a side under the smallest block, or one side
+        more than SKINNY_ASPECT times the other."""
+        nq, nk = np.asarray(nq, dtype=np.float64), np.asarray(nk, dtype=np.float64)
+        lo, hi = np.minimum(nq, nk), np.maximum(nq, nk)
+        return (lo < self.min_block) | (hi > SKINNY_ASPECT * lo)
+
+
+def fit_piece_cost(nq, nk, seconds) -> tuple[float, float, float, float]:
+    """(c, a, b, e) >= 0 of t = c + a q k + b k + e q fitted to one call's ``seconds`` on pieces of ``nq`` x ``nk``:
+    least squares of the relative error (each time weighs as much as any other, so the small pieces the fit is for
+    are not drowned by the large squares), non-negative (the best of the fits over every subset of the four terms
+    whose coefficients all come out non-negative)."""
+    q, k, t = (np.asarray(x, dtype=np.float64).ravel() for x in (nq, nk, seconds))
+    if len(t) == 0 or len(q) != len(t) or len(k) != len(t) or not (t > 0).all():
+        raise ValueError("fit_piece_cost: needs positive times, one per piece")
+    c, a, b, e = _relative_nnls(np.stack([np.ones_like(q), q * k, k, q], axis=1), t)
+    return c, a, b, e
+
+
+def _relative_nnls(cols: np.ndarray, t: np.ndarray) -> tuple[float, ...]:
+    """Coefficients >= 0 of t ~ cols @ x minimising the relative residuals: the best least-squares fit over the subsets
+    of the columns whose coefficients all come out non-negative (exact non-negative least squares for few columns)."""
+    rel = cols / t[:, None]  # relative: (t_fit - t) / t
+    ones = np.ones_like(t)
+    n = cols.shape[1]
+    best, best_res = np.zeros(n), math.inf
+    for mask in range(1, 1 << n):
+        use = [j for j in range(n) if mask >> j & 1]
+        coef, *_ = np.linalg.lstsq(rel[:, use], ones, rcond=None)
+        if (coef < 0).any():
+            continue
+        res = float(np.sum((rel[:, use] @ coef - ones) ** 2))
+        if res < best_res - 1e-12 * max(res, 1.0):
+            best_res, best = res, np.zeros(n)
+            best[use] = coef
+    return tuple(float(x) for x in best)
 
 
 def _nearest(table: dict, nranks: int) -> int:
@@ -349,13 +494,20 @@ def piece_terms(pieces, cal: Calibration, shape: Shape, heads: int, phase: str =
     """Per-piece rates (``Calibration.per_piece``): the seconds of each piece, in order (:func:`pieces_seconds`)."""
     if isinstance(cal, DeviceCalibration):  # a preset's GPU: each piece one kernel call (Device.call_seconds)
         return [cal.piece_seconds(p, shape, heads, phase) for p in pieces]
-    mult = BWD_FLOPS if phase == "bwd" else 1.0
-    per_pair = mult * flops(shape.batch, heads, shape.head_dim, 1)
-    out = []
-    for p in pieces:
-        rect = per_pair * (p.q1 - p.q0) * (p.k1 - p.k0)
-        out.append(per_pair * p.pairs() / cal.piece_rate(rect, shape.nranks, p.mask != FULL, phase))
-    return out
+    if not pieces:
+        return []
+    nq = [p.q1 - p.q0 for p in pieces]
+    nk = [p.k1 - p.k0 for p in pieces]
+    pairs = [p.pairs() for p in pieces]
+    masked = [p.mask != FULL for p in pieces]
+    secs = cal.pieces_seconds(nq, nk, pairs, masked, shape.nranks, phase, piece_dims(shape, heads))
+    return [float(x) for x in secs]
+
+
+def piece_dims(shape: Shape, heads: int) -> tuple[int, int, int, int]:
+    """(B, H, H_kv, D) of a piece with ``heads`` query heads of ``shape`` (after an all-to-all: its share of the K/V
+    heads, at least one)."""
+    return shape.batch, heads, max(1, shape.kv_heads * heads // shape.heads), shape.head_dim
 
 
 def pieces_seconds(pieces, cal: Calibration, shape: Shape, heads: int, phase: str = "fwd", key_flops: float | None = None) -> float:
@@ -536,14 +688,7 @@ def plan_seconds(shape: Shape, cal: Calibration, heads: int, phase: str = "fwd",
         secs = dev.call_overhead_s + per_pair * pairs / rate + moved / dev.hbm_Bps
         secs = np.where(tab.pairs > 0, secs, 0.0)
     elif cal.per_piece(phase):
-        rect = per_pair * (tab.nq * tab.nk).astype(np.float64)
-        rate = np.empty(len(pairs))
-        for m in (False, True):
-            sel = tab.masked == m
-            if sel.any():
-                rate[sel] = cal.piece_rates(rect[sel], shape.nranks, m, phase)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            secs = np.where(tab.pairs > 0, per_pair * pairs / rate, 0.0)
+        secs = cal.pieces_seconds(tab.nq, tab.nk, tab.pairs, tab.masked, shape.nranks, phase, piece_dims(shape, heads))
     else:
         if key_flops is None:
             key_flops = mult * full_block_flops(shape)
@@ -953,15 +1098,27 @@ def crossover_closed_form(a: float, b: float, latency: float) -> float:
 # Calibration from measurements
 # ---------------------------------------------------------------------------------------------
 def fit_link(nbytes, seconds) -> tuple[float, float]:
-    """(latency, bandwidth) of t = latency + bytes / bandwidth, least squares on relative residuals.
+    """(latency, bandwidth) of t = latency + bytes / bandwidth: the bandwidth from the large messages, the latency
+    from the small ones.
 
-    Relative residuals ((fit - t) / t) let 8-byte and 16-MiB messages weigh alike, so the latency comes from
-    the small messages and the bandwidth from the large ones. One message size, or a fit with a negative
+    With three message sizes or more, the bandwidth is the slope of a least-squares line through the median time of
+    each of the larger half of the sizes (at least two), and the latency the smallest size's median time less its
+    bytes at that bandwidth (0 if negative). A link that passes small messages faster than its sustained rate, such
+    as a token-bucket shaper (``tc ... tbf``: a burst at line rate, then the shaped rate) or an eager protocol's
+    buffers, would otherwise get the small messages' rate: a ring moves blocks of megabytes at the sustained one.
+    Two sizes: least squares on relative residuals. One size, or a fit with a non-positive slope or a negative
     intercept: latency 0 and a fit through the origin.
     """
     m = np.asarray(nbytes, dtype=np.float64)
     t = np.asarray(seconds, dtype=np.float64)
-    if len(np.unique(m)) >= 2:
+    sizes = np.unique(m)
+    if len(sizes) >= 3:
+        med = np.array([np.median(t[m == x]) for x in sizes])
+        top = max(2, len(sizes) // 2)
+        slope, _ = np.polyfit(sizes[-top:], med[-top:], 1)
+        if slope > 0:
+            return float(max(med[0] - sizes[0] * slope, 0.0)), float(1.0 / slope)
+    elif len(sizes) == 2:
         slope, icpt = np.polyfit(m, t, 1, w=1.0 / t)
         if slope > 0 and icpt >= 0:
             return float(icpt), float(1.0 / slope)
@@ -1092,6 +1249,9 @@ def calibrate_from_probes(probes) -> Calibration:
     diag: dict = {}
     bwd_diag: dict = {}
     copy_bw: dict = {}
+    fits: dict = {}
+    bwd_fits: dict = {}
+    merges: dict = {}
     for pr in probes:
         s = pr.samples
         per_rank = np.median(np.asarray(s["compute_s"]), axis=1)  # (K, P)
@@ -1108,6 +1268,9 @@ def calibrate_from_probes(probes) -> Calibration:
                 mult * np.asarray(s["block_flops"]), mult * np.asarray(s["causal_flops"]), s["bwd_causal_compute_s"]
             )
             copy_bw[pr.nranks] = float(pr.summary["copy_Bps"])
+        if "piece_compute_s" in s and "causal_compute_s" in s and pr.nranks not in fits:  # schema 4: the skinny pieces
+            fits[pr.nranks], bwd_fits[pr.nranks] = probe_piece_fits(pr)
+            merges[pr.nranks] = probe_merge_fit(pr)
         if pr.nranks > 1:
             links[pr.nranks] = (float(pr.summary["latency_s"]), float(pr.summary["bandwidth_Bps"]))
     if not rates:
@@ -1122,7 +1285,66 @@ def calibrate_from_probes(probes) -> Calibration:
         bwd_diag_rates=bwd_diag if len(bwd_diag) == len(rates) else {},
         copy_bw=copy_bw,
         conditions=[p.provenance.get("conditions") for p in probes],
+        piece_fits=fits if len(fits) == len(rates) else {},  # as the diagonal tables: only if every rank count has one
+        bwd_piece_fits=bwd_fits if len(bwd_fits) == len(rates) else {},
+        merge_fits=merges if len(merges) == len(rates) else {},
     )
+
+
+def probe_merge_fit(probe) -> tuple[float, float]:
+    """(c, seconds per output element) >= 0 of one merge, fitted to a schema-4 probe's merge_s (per row count: B H q
+    (D + 1) elements; median over repeats per rank, then over ranks), relative residuals, both terms >= 0."""
+    c = probe.config
+    s = probe.samples
+    elems = int(c["batch"]) * int(c["heads"]) * (int(c["head_dim"]) + 1) * np.asarray(s["piece_rows"], dtype=np.float64)
+    t = np.median(np.median(np.asarray(s["merge_s"]), axis=1), axis=1)
+    c0, per = _relative_nnls(np.stack([np.ones_like(elems), elems], axis=1), t)
+    return c0, per
+
+
+def probe_pieces(probe, phase: str = "fwd") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q rows, k keys, seconds) of every piece a probe timed in the phase: its n x n blocks and (schema 4) its
+    skinny pieces, each time the median over repeats (per rank first), then over ranks."""
+    s = probe.samples
+    pre = "bwd_" if phase == "bwd" else ""
+    n = np.asarray(s["block_tokens"], dtype=np.float64)
+    t = np.median(np.median(np.asarray(s[pre + "compute_s"]), axis=1), axis=1)  # (K,)
+    q, k, out = [n], [n], [t]
+    if pre + "piece_compute_s" in s:
+        rows, keys = np.asarray(s["piece_rows"], dtype=np.float64), np.asarray(s["piece_keys"], dtype=np.float64)
+        tp = np.median(np.median(np.asarray(s[pre + "piece_compute_s"]), axis=2), axis=2)  # (Q, K)
+        q.append(np.repeat(rows, len(keys)))
+        k.append(np.tile(keys, len(rows)))
+        out.append(tp.ravel())
+    return np.concatenate(q), np.concatenate(k), np.concatenate(out)
+
+
+def probe_piece_fits(probe) -> tuple[PieceFit, PieceFit]:
+    """The forward's and the backward's :class:`PieceFit` of a probe with skinny pieces (schema 4)."""
+    c = probe.config
+    dims = dict(batch=int(c["batch"]), heads=int(c["heads"]), kv_heads=int(c.get("kv_heads") or c["heads"]), head_dim=int(c["head_dim"]))
+    s = probe.samples
+    i0 = int(np.argmin(np.asarray(s["block_tokens"])))
+    out = []
+    rows, keys = np.asarray(s["piece_rows"]), np.asarray(s["piece_keys"])
+    qo, ko = np.argsort(rows), np.argsort(keys)
+    for pre in ("", "bwd_"):
+        full = float(np.median(np.median(np.asarray(s[pre + "compute_s"])[i0], axis=0)))
+        diag = float(np.median(np.median(np.asarray(s[pre + "causal_compute_s"])[i0], axis=0)))
+        coef = fit_piece_cost(*probe_pieces(probe, "bwd" if pre else "fwd"))
+        grid = np.median(np.median(np.asarray(s[pre + "piece_compute_s"]), axis=2), axis=2)[qo][:, ko]  # (Q, K)
+        out.append(
+            PieceFit(
+                *coef,
+                **dims,
+                min_block=int(s["block_tokens"][i0]),
+                masked=diag / full,
+                rows=tuple(int(x) for x in rows[qo]),
+                keys=tuple(int(x) for x in keys[ko]),
+                grid=tuple(tuple(float(x) for x in r) for r in grid),
+            )
+        )
+    return out[0], out[1]
 
 
 def _probe_points(key_flops, done_flops, seconds) -> list:

@@ -10,6 +10,10 @@ run under MPI, so the pure helpers (link_phases, message_sizes) import without i
   2.5 x 4 B H D n^2 / time (FlashAttention's FLOP convention, as ``ringbench run`` counts the backward).
 * Causal diagonal blocks: the same two measurements on the n x n block with its causal mask (rate = the
   unmasked pairs' FLOPs / time): the masked tiles every causal layout computes run at another rate than full ones.
+* Piece shapes: the same forward (and backward) on skinny pieces, q rows in ``piece_rows`` (1, 8, 32) against
+  k keys in ``block_sizes``: a piece of few queries against many keys costs far more per FLOP than a square of
+  the same FLOPs (per-key work: loading and tiling K and V; a call's fixed cost). The model fits its per-call
+  cost t = c + a q k + b k + e q to these and the squares (model.fit_piece_cost).
 * Local copies: a strided copy of a (B, n, H, D) array, every rank at once (rate = bytes read + written / time):
   the memory-bound packing and merging around the strategies' collectives.
 * Links: a ping-pong over the same communicator on each ring link (r, r+1 mod P), message sizes from
@@ -48,6 +52,8 @@ class ProbeOptions:
     max_bytes: int = 16 << 20
     iters: int = 10
     kernel: str = "native"  # the per-step attention kernel timed (config.KERNELS); the backward's: bwd_kernel()
+    piece_rows: tuple = (1, 8, 32)  # query rows of the skinny pieces; () for none
+    piece_keys: tuple = ()  # their keys (): block_sizes; decode's shards are longer than any square block worth timing
 
 
 def bwd_kernel(opts: ProbeOptions, backend) -> str:
@@ -84,9 +90,34 @@ def message_sizes(max_bytes: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def _compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
-    """(K, R) seconds of one kernel update of an n x n block on this rank, per block size and repeat: a full
-    block (``mask`` FULL), or the causal diagonal block (CAUSAL: the masked tiles every causal layout computes)."""
+def _square_shapes(opts: ProbeOptions) -> list[tuple[int, int]]:
+    return [(int(n), int(n)) for n in opts.block_sizes]
+
+
+def piece_shapes(opts: ProbeOptions) -> list[tuple[int, int]]:
+    """(q rows, k keys) of the skinny pieces, rows-major: every row count of ``piece_rows`` against every key count of
+    ``piece_keys`` (default: every block size)."""
+    return [(int(q), int(k)) for q in opts.piece_rows for k in piece_keys(opts)]
+
+
+def piece_keys(opts: ProbeOptions) -> tuple:
+    return tuple(opts.piece_keys or opts.block_sizes)
+
+
+def _inputs(opts: ProbeOptions, shapes, names=("q", "k", "v")) -> dict:
+    """{name: (B, n, heads, D) float64} at positions 0..n-1, generated once, every piece takes a prefix: q and do with
+    the query heads and n the most query rows of ``shapes``, k and v with the K/V heads and n the most keys."""
+    top_q, top_k = max(nq for nq, _ in shapes), max(n for _, n in shapes)
+    dims = {"batch": opts.batch, "seq_len": max(top_q, top_k), "head_dim": opts.head_dim}
+    hk = opts.kv_heads or opts.heads
+    kv = ("k", "v")
+    return {t: inputs.tokens(t, 0, np.arange(top_k if t in kv else top_q), heads=hk if t in kv else opts.heads, **dims) for t in names}
+
+
+def _compute_times(opts: ProbeOptions, backend, mask: str = FULL, shapes=None) -> np.ndarray:
+    """(K, R) seconds of one kernel update of a q x k piece on this rank, per shape of ``shapes`` (default: the n x n
+    blocks of ``block_sizes``) and repeat: a full piece (``mask`` FULL), or the causal diagonal block (CAUSAL: the
+    masked tiles every causal layout computes)."""
     from ringbench.engine import comm
     from ringbench.kernels.api import make_forward
 
@@ -94,21 +125,21 @@ def _compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
     hk = opts.kv_heads or opts.heads
     dtype = backend.dtype(opts.dtype)
     compute = backend.compute_dtype(dtype)
-    out = np.zeros((len(opts.block_sizes), opts.repeat))
-    for i, n in enumerate(opts.block_sizes):
-        pos = np.arange(n)
-        dims = {"batch": opts.batch, "seq_len": n, "head_dim": opts.head_dim}
-        q = backend.asarray(inputs.tokens("q", 0, pos, heads=opts.heads, **dims).astype(dtype))  # (B, n, H, D)
-        k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))  # (B, n, H_kv, D)
-        v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
-        qh = kernel.q_to_heads(xp, q, hk, compute)  # (Z, G, n, D), read only
+    shapes = _square_shapes(opts) if shapes is None else shapes
+    out = np.zeros((len(shapes), opts.repeat))
+    src = _inputs(opts, shapes)
+    for i, (nq, n) in enumerate(shapes):
+        q = backend.asarray(src["q"][:, :nq].astype(dtype))  # (B, q, H, D)
+        k = backend.asarray(src["k"][:, :n].astype(dtype))  # (B, k, H_kv, D)
+        v = backend.asarray(src["v"][:, :n].astype(dtype))
+        qh = kernel.q_to_heads(xp, q, hk, compute)  # (Z, G, q, D), read only
         kv_dtype = compute if opts.kernel == "native" else dtype  # a fused kernel takes K/V as stored (as the ring does)
-        kh, vh = kernel.kv_to_heads(xp, k, kv_dtype), kernel.kv_to_heads(xp, v, kv_dtype)  # (Z, n, D)
+        kh, vh = kernel.kv_to_heads(xp, k, kv_dtype), kernel.kv_to_heads(xp, v, kv_dtype)  # (Z, k, D)
         scale = kernel.softmax_scale(opts.head_dim)
         matmul = backend.matmul("auto")[0]
-        # tiled as the ring tiles it
+        # tiled as the ring tiles it (a skinny piece: as the serving passes' state of q queries tiles it)
         state = make_forward(backend, qh, n, matmul=matmul, scale=scale, kernel_name=opts.kernel, storage=dtype)
-        piece = [Piece(0, n, 0, n, mask)]
+        piece = [Piece(0, nq, 0, n, mask)]
         for r in range(-1, opts.repeat):  # one warm-up
             comm.barrier()
             state.reset()
@@ -123,9 +154,9 @@ def _compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
     return out
 
 
-def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndarray:
-    """(K, R) seconds of one backward update (dQ, dK, dV) of an n x n block (full, or the causal diagonal block
-    with ``mask`` CAUSAL) on this rank, per block size and repeat.
+def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL, shapes=None) -> np.ndarray:
+    """(K, R) seconds of one backward update (dQ, dK, dV) of a q x k piece (full, or the causal diagonal block with
+    ``mask`` CAUSAL) on this rank, per shape of ``shapes`` (default: the n x n blocks of ``block_sizes``) and repeat.
 
     Prepared as the ring's backward prepares a rank (ring._Backward.prepare): an untimed forward gives O and the
     log-sum-exp, then BlockBackward with the ring's tiles and GEMM; what is timed is one ``update`` with a
@@ -139,32 +170,35 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndar
     compute = backend.compute_dtype(dtype)
     matmul = backend.matmul("auto")[0]
     name = bwd_kernel(opts, backend)
-    out = np.zeros((len(opts.block_sizes), opts.repeat))
-    for i, n in enumerate(opts.block_sizes):
-        pos = np.arange(n)
-        dims = {"batch": opts.batch, "seq_len": n, "head_dim": opts.head_dim}
-        q, do = (backend.asarray(inputs.tokens(name, 0, pos, heads=opts.heads, **dims).astype(dtype)) for name in ("q", "do"))
-        k = backend.asarray(inputs.tokens("k", 0, pos, heads=hk, **dims).astype(dtype))  # (B, n, H_kv, D)
-        v = backend.asarray(inputs.tokens("v", 0, pos, heads=hk, **dims).astype(dtype))
+    shapes = _square_shapes(opts) if shapes is None else shapes
+    out = np.zeros((len(shapes), opts.repeat))
+    src = _inputs(opts, shapes, ("q", "do", "k", "v"))
+    for i, (nq, n) in enumerate(shapes):
+        q, do = (backend.asarray(src[t][:, :nq].astype(dtype)) for t in ("q", "do"))  # (B, q, H, D)
+        k = backend.asarray(src["k"][:, :n].astype(dtype))  # (B, k, H_kv, D)
+        v = backend.asarray(src["v"][:, :n].astype(dtype))
         scale = kernel.softmax_scale(opts.head_dim)
         kv_dtype = compute if name == "native" else dtype  # a fused kernel takes K/V as stored (as the ring does)
-        kh, vh = kernel.kv_to_heads(xp, k, kv_dtype), kernel.kv_to_heads(xp, v, kv_dtype)  # (Z, n, D)
-        piece = [Piece(0, n, 0, n, mask)]
+        kh, vh = kernel.kv_to_heads(xp, k, kv_dtype), kernel.kv_to_heads(xp, v, kv_dtype)  # (Z, k, D)
+        piece = [Piece(0, nq, 0, n, mask)]
         q_heads = kernel.q_to_heads(xp, q, hk, compute)
         state = make_forward(backend, q_heads, n, matmul=matmul, scale=scale, kernel_name=name, storage=dtype)
         state.update(kh, vh, piece)  # untimed forward: O and the log-sum-exp
         o, lse = state.finalize(dtype)
         del state
-        qh = kernel.q_to_heads(xp, q, hk, compute) * compute.type(scale)  # (Z, G, n, D), as the ring scales it
+        qh = kernel.q_to_heads(xp, q, hk, compute) * compute.type(scale)  # (Z, G, q, D), as the ring scales it
         if name == "native":
             z, g = qh.shape[:2]
+            # tiled as the ring's backward of a rank of n queries tiles a q x k piece of a block of n keys (the
+            # backward runs only in training passes, where a rank's state holds a whole block: a skinny piece is a
+            # clipped tile of it)
             tile_q, tile_k, head_chunk = backward.auto_tiles(n, n, g, z, gpu=backend.is_gpu)
             grad = backward.BlockBackward(
                 xp, qh, kernel.q_to_heads(xp, do, hk), o, lse, tile_q=tile_q, tile_k=tile_k, head_chunk=head_chunk, matmul=matmul
             )
         else:  # the ring's own call (ring._Backward.make_grad)
             grad = make_backward(backend, qh, kernel.q_to_heads(xp, do, hk), o, lse, kernel_name=name, matmul=matmul, storage=dtype)
-        dk, dv = xp.zeros(kh.shape, compute), xp.zeros(kh.shape, compute)  # (Z, n, D) accumulators
+        dk, dv = xp.zeros(kh.shape, compute), xp.zeros(kh.shape, compute)  # (Z, k, D) accumulators
         for r in range(-1, opts.repeat):  # one warm-up
             comm.barrier()
             grad.reset()
@@ -174,6 +208,34 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL) -> np.ndar
             timer = backend.timer()
             timer.start()
             grad.update(kh, vh, dk, dv, piece)
+            timer.stop()
+            backend.synchronize()
+            if r >= 0:
+                out[i, r] = timer.seconds()
+    return out
+
+
+def _merge_times(opts: ProbeOptions, backend) -> np.ndarray:
+    """(Q, R) seconds of one kernel.merge of two partials [O, LSE] of q query rows per head ((Z, G, q, D) and (Z, G, q)
+    in the compute dtype), per row count of ``piece_rows`` and repeat, every rank at once: the small ops of decode's
+    merges and pass-Q's returns, a few NumPy calls on small arrays whose cost is per call, not per byte."""
+    from ringbench.engine import comm
+
+    xp = backend.xp
+    hk = opts.kv_heads or opts.heads
+    compute = backend.compute_dtype(backend.dtype(opts.dtype))
+    z, g = opts.batch * hk, opts.heads // hk
+    out = np.zeros((len(opts.piece_rows), opts.repeat))
+    for i, q in enumerate(opts.piece_rows):
+        rng = np.random.default_rng(i)
+        o_a, o_b = (backend.asarray(rng.standard_normal((z, g, q, opts.head_dim)).astype(compute)) for _ in range(2))
+        l_a, l_b = (backend.asarray(rng.standard_normal((z, g, q)).astype(compute)) for _ in range(2))
+        for r in range(-1, opts.repeat):  # one warm-up
+            comm.barrier()
+            backend.synchronize()
+            timer = backend.timer()
+            timer.start()
+            kernel.merge(xp, o_a, l_a, o_b, l_b)
             timer.stop()
             backend.synchronize()
             if r >= 0:
@@ -322,6 +384,11 @@ def memory_estimate(opts: ProbeOptions, backend) -> tuple[int, int]:
     host, device = memory.memory_estimate(cfg, 1, 0, backend)
     copy = 2 * opts.batch * n * opts.heads * opts.head_dim * backend.dtype(opts.dtype).itemsize  # source and destination
     host = max(host, memory.RANK_OVERHEAD + opts.max_bytes + (0 if backend.is_gpu else copy))
+    if opts.piece_rows:  # the skinny pieces: float64 sources and stored copies of q, dO (most rows) and K, V (most keys)
+        rows, keys = max(opts.piece_rows), max(piece_keys(opts))
+        item = backend.dtype(opts.dtype).itemsize
+        elems = opts.batch * opts.head_dim * (2 * rows * opts.heads + 2 * keys * (opts.kv_heads or opts.heads))
+        host = max(host, memory.RANK_OVERHEAD + (8 + 3 * item) * elems + 8 * opts.batch * rows * opts.heads * keys)
     return host, max(device, copy) if backend.is_gpu else 0
 
 
@@ -422,6 +489,9 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool, machine_out
     causal = _compute_times(opts, backend, CAUSAL)
     bwd_compute = _bwd_compute_times(opts, backend)
     bwd_causal = _bwd_compute_times(opts, backend, CAUSAL)
+    pieces = _compute_times(opts, backend, FULL, piece_shapes(opts))
+    bwd_pieces = _bwd_compute_times(opts, backend, FULL, piece_shapes(opts))
+    merges = _merge_times(opts, backend)
     copy_bytes, copy = _copy_times(opts, backend)
     pp = _pingpong_all(opts, rank, nranks)
     pairs = class_pairs(node_of)
@@ -433,6 +503,9 @@ def run(opts: ProbeOptions, out: str, name: str | None, quiet: bool, machine_out
         "causal": causal,
         "bwd_compute": bwd_compute,
         "bwd_causal": bwd_causal,
+        "pieces": pieces,
+        "bwd_pieces": bwd_pieces,
+        "merges": merges,
         "copy_bytes": copy_bytes,
         "copy": copy,
         "pingpong": pp,
@@ -515,6 +588,8 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None, nodes=N
     cfg["kv_heads"] = hk
     cfg["bwd_kernel"] = bwd_kernel(opts, backend)
     cfg["block_sizes"] = list(opts.block_sizes)
+    cfg["piece_rows"] = list(opts.piece_rows)
+    cfg["piece_keys"] = list(piece_keys(opts))
     return store.Probe(
         nranks=nranks,
         config=cfg,
@@ -530,6 +605,7 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None, nodes=N
             "causal_flops": causal_flops,
             "causal_compute_s": np.stack([p["causal"] for p in parts], axis=2),
             "bwd_causal_compute_s": np.stack([p["bwd_causal"] for p in parts], axis=2),
+            **_assemble_pieces(opts, parts),
             "copy_bytes": np.array([parts[0]["copy_bytes"]]),
             "copy_s": np.stack([p["copy"] for p in parts], axis=1),
             "msg_bytes": sizes,
@@ -539,6 +615,21 @@ def assemble(opts: ProbeOptions, parts: list, backend, name: str | None, nodes=N
         },
         summary=summary,
     )
+
+
+def _assemble_pieces(opts: ProbeOptions, parts: list) -> dict:
+    """The skinny pieces' samples (schema 4): piece_rows (Q,), piece_keys (K,) and piece_compute_s,
+    bwd_piece_compute_s (Q, K, R, P) seconds of one forward / backward update of a q x k piece, merge_s (Q, R, P)
+    seconds of one merge of two partials of q rows per head; none without ``piece_rows``."""
+    if not opts.piece_rows or "pieces" not in parts[0]:
+        return {}
+    nq, nk = len(opts.piece_rows), len(piece_keys(opts))
+    out = {"piece_rows": np.array(opts.piece_rows, dtype=np.int64), "piece_keys": np.array(piece_keys(opts), dtype=np.int64)}
+    for key, name in (("pieces", "piece_compute_s"), ("bwd_pieces", "bwd_piece_compute_s")):
+        t = np.stack([p[key] for p in parts], axis=2)  # (Q K, R, P)
+        out[name] = t.reshape(nq, nk, t.shape[1], t.shape[2])
+    out["merge_s"] = np.stack([p["merges"] for p in parts], axis=2)  # (Q, R, P)
+    return out
 
 
 def _assemble_nodes(opts: ProbeOptions, parts: list, nodes, links, summary: dict) -> dict:
@@ -631,6 +722,31 @@ def _format_classes(probe: store.Probe) -> list[str]:
     return lines
 
 
+def _format_pieces(probe: store.Probe) -> list[str]:
+    """The skinny pieces' lines (microseconds per call) and the model's per-call fits (none for probes before schema 4)."""
+    s = probe.samples
+    if "piece_compute_s" not in s or "causal_compute_s" not in s:
+        return []
+    lines = []
+    for key, label in (("piece_compute_s", "skinny pieces, forward"), ("bwd_piece_compute_s", "backward")):
+        per = np.median(np.median(s[key], axis=2), axis=2)  # (Q, K)
+        cells = [f"{int(q)}x{int(k)} {per[i, j] * 1e6:.0f}" for i, q in enumerate(s["piece_rows"]) for j, k in enumerate(s["piece_keys"])]
+        lines.append(f"  {label} (q x k: us per call): " + ", ".join(cells))
+    if "merge_s" in s:
+        per = np.median(np.median(s["merge_s"], axis=1), axis=1)  # (Q,)
+        lines.append(
+            "  merges of two partials (q rows per head: us per call): "
+            + ", ".join(f"q={int(q)} {t * 1e6:.0f}" for q, t in zip(s["piece_rows"], per))
+        )
+    for label, fit in zip(("forward", "backward"), model.probe_piece_fits(probe)):
+        lines.append(
+            f"  per-call fit, {label}: t = {fit.c * 1e6:.1f} us + {fit.a * 1e9:.3g} ns q k + {fit.b * 1e9:.3g} ns k "
+            f"+ {fit.e * 1e9:.3g} ns q (masked x{fit.masked:.2f}; pieces under {fit.min_block} tokens or over "
+            f"{model.SKINNY_ASPECT}:1)"
+        )
+    return lines
+
+
 def _kernels(c: dict) -> str:
     """', kernel torch' (', kernel flash-attn, native backward') for a probe of another kernel than native."""
     fwd, bwd = c.get("kernel", "native"), c.get("bwd_kernel", "native")  # probes from before --kernel: native
@@ -671,6 +787,7 @@ def format_probe(probe: store.Probe, where: str) -> str:
                 + " GFLOP/s"
             )
         lines.append(f"  local copies (strided, read + write): {probe.summary['copy_Bps'] / 1e9:.2f} GB/s per rank")
+    lines += _format_pieces(probe)
     sizes = probe.samples["msg_bytes"]
     for i, (a, b) in enumerate(probe.samples["links"]):
         lat, bw = model.fit_link(sizes, np.median(probe.samples["pingpong_s"][i], axis=1))

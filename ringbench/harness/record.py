@@ -121,7 +121,7 @@ def assemble(cfg, parts: list, nranks: int, prov: dict, *, traffic: dict, itemsi
 
 def balanced_chunks_of(cfg, nranks: int) -> int:
     """The chunks per rank the balanced layout dealt for this training run (layout.balanced_chunks of its documents,
-    window and causality; schema 4's run attribute); 0 for the other layouts and the serving passes (which deal
+    window and causality; schema 5's run attribute); 0 for the other layouts and the serving passes (which deal
     their cached and new tokens apart)."""
     if cfg.layout != "balanced" or cfg.pass_ in serving.SERVING:
         return 0

@@ -1,12 +1,12 @@
 """The HDF5 result schema: write, read, merge, and append safely in place.
 
-Schema version 4 (``SCHEMA_VERSION``), documented in docs/results.md::
+Schema version 5 (``SCHEMA_VERSION``), documented in docs/results.md::
 
-    /                       attrs: format="ringbench-results", schema_version=4
+    /                       attrs: format="ringbench-results", schema_version=5
     /runs/<name>/           one run; <name> is the point id (``~2``, ``~3`` ... for later runs of the same point)
         attrs               run_id (32 hex digits, unique to this run), point_id, nranks, status ("ok" | "failed"),
                             created_utc, config (JSON: the resolved RunConfig), provenance (JSON), error (failed runs),
-                            chunks_per_rank (version 4, layout balanced only: the k chunks per rank its deal used)
+                            chunks_per_rank (version 5, layout balanced only: the k chunks per rank its deal used)
         config/             attrs: the same resolved config, one attribute per field (for h5ls/HDFView)
         samples/            datasets of timing samples, seconds (see ringbench.analysis.measure):
                             compute_s, comm_s, step_s (R, P, P); total_s (R, P); comm_only_s (C, P, P-1);
@@ -35,6 +35,10 @@ Schema version 4 (``SCHEMA_VERSION``), documented in docs/results.md::
                             msg_bytes (S,), links (L, 2) rank pairs and pingpong_s (L, S, I): one-way times
                             (round trip / 2) per ring link, size and iteration. Probes written before the backward
                             lack bwd_rate_flops, bwd_block_flops and bwd_compute_s (still read; no backward rate).
+                            Version 4: piece_rows (Q,), piece_keys (K',) and piece_compute_s, bwd_piece_compute_s
+                            (Q, K', R, P): the same kernels on skinny q x k pieces (every row count against every
+                            key count), merge_s (Q, R, P): one merge of two partials of q rows per head; probes of
+                            versions 1-3 lack them (read as before: no per-call fit).
 
 The forward phase (samples/, summary, check) sits at the top of the run group, where version 1 keeps it, so a
 forward-only run is laid out as before; a backward-only run (pass bwd) has only bwd/ (and no top-level
@@ -42,12 +46,13 @@ samples/ or summary). In memory: ``Run.samples/summary/check`` are the forward's
 None) the backward's; ``Run.phase(name)`` gives either. memory/ has theoretical_bwd_bytes beside
 theoretical_bytes when the run has a backward.
 
-Version 3 is version 4 without the run attribute ``chunks_per_rank`` (read as 0: not recorded; its balanced
-runs were dealt with ``layout.legacy_balanced_chunks``, 8 chunks per rank where 8P divides N). Version 2 is
-version 3 without ``partner_wait_s``/``unhidden_s`` (samples) and ``partner_wait_s``/``unhidden_comm_s``
-(summary; read as absent), its ``overlap_eff`` computed from comm_s. Version 1 is the same layout without
-``run_id``, ``probe_id`` and ``bwd/`` (every version-1 run is forward-only).
-All four versions are read; a run or probe
+Version 4 is version 5 without the run attribute ``chunks_per_rank`` (read as 0: not recorded; balanced runs
+of versions 1-4 were dealt with ``layout.legacy_balanced_chunks``, 8 chunks per rank where 8P divides N).
+Version 4 is version 3 with the probes' skinny pieces (above); its runs are laid out as version 3's.
+Version 2 is version 3 without ``partner_wait_s``/``unhidden_s`` (samples) and ``partner_wait_s``/``unhidden_comm_s``
+(summary; read as absent), its ``overlap_eff`` computed from comm_s. Version 1 is the same layout without ``run_id``,
+``probe_id`` and ``bwd/`` (every version-1 run is forward-only).
+All five versions are read; a run or probe
 without an id (every one of a version-1 file) gets a stable derived id on read: a hash of what identified
 it before (point id, creation time, status, config, provenance; for a probe: ranks, time, config,
 provenance) and its rank among the file's id-less runs with that same fingerprint. The rank, not the group
@@ -55,7 +60,7 @@ name, keeps two runs of one point made in the same second apart while staying th
 older ``collect`` filled (where the group of a run may be ``p~2`` although it was ``p`` in its part).
 Readers ignore attributes they do not know and treat missing optional ones as absent.
 
-Writers write version 4. Appending to a version-1, 2 or 3 file upgrades it in place: the root attribute becomes 4
+Writers write version 5. Appending to a version-1, 2, 3 or 4 file upgrades it in place: the root attribute becomes 5
 (in the same atomic append), its version-1 runs stay as they are and keep reading with derived ids; a
 ringbench that reads only version 1 then refuses the file with a message naming the versions.
 
@@ -134,7 +139,7 @@ import numpy as np
 from ringbench import SCHEMA_VERSION
 
 FORMAT = "ringbench-results"
-READABLE = (1, 2, 3, 4)  # schema versions this ringbench reads
+READABLE = (1, 2, 3, 4, 5)  # schema versions this ringbench reads
 
 
 class SchemaError(Exception):
@@ -196,7 +201,7 @@ class Run:
     path: str = ""  # the file, set on read
     run_id: str = field(default_factory=_new_id)  # unique to this run (derived on read for version-1 files)
     bwd: Phase | None = None  # the backward phase (schema 2, pass bwd or fwd+bwd)
-    chunks_per_rank: int = 0  # layout balanced: the chunks per rank its deal used (schema 4); 0: other layouts, or older
+    chunks_per_rank: int = 0  # layout balanced: the chunks per rank its deal used (schema 5); 0: other layouts, or older
 
     def phase(self, name: str) -> Phase | None:
         """The phase ``name`` ('fwd' or 'bwd') as a Phase, or None if the run has no such phase."""

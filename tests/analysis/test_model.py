@@ -128,6 +128,23 @@ def test_fit_link_recovers_a_line_and_falls_back():
     assert model.fit_link([1000.0, 1000.0], [1e-6, 1e-6]) == (0.0, pytest.approx(1e9))
 
 
+def test_fit_link_takes_the_sustained_rate_of_a_token_bucket_not_its_burst():
+    # one-way times as a probe measured them through `tc tbf rate 100mbit burst 256kb` (slurm/multinode.sh): up to
+    # 16 KiB at line rate (~40 us), then 12.5 MB/s; the relative-residual fit gave 0.44 GB/s, 35x the shaped rate
+    m = np.array([8, 1024, 4096, 16384, 65536, 262144, 1 << 20, 1 << 22, 1 << 24], dtype=float)
+    burst, rate = 256e3, 12.5e6
+    t = np.where(m <= 16384, 2e-5 + m / 1.5e9, np.maximum(m - burst, 0) / rate + m / 1.5e9 + 2e-5)
+    rng = np.random.default_rng(7)
+    reps = np.repeat(m, 5)
+    times = np.repeat(t, 5) * rng.uniform(0.98, 1.02, reps.size)
+    lat, bw = model.fit_link(reps, times)
+    assert bw == pytest.approx(rate, rel=0.1)
+    assert 0.0 <= lat < 1e-3
+    # three sizes on a clean line, any order and with repeats: exact
+    m3 = np.array([1 << 24, 8, 1 << 20, 8, 1 << 24], dtype=float)
+    assert model.fit_link(m3, 3e-6 + m3 / 2e9) == (pytest.approx(3e-6, rel=1e-6), pytest.approx(2e9, rel=1e-6))
+
+
 def test_calibration_rate_interpolates_and_picks_the_nearest_rank_count():
     cal = Calibration(rates={2: [(1e6, 10.0), (1e8, 30.0)], 8: [(1e6, 5.0)]}, links={2: (1e-6, 1e9)})
     assert cal.rate(1e7, 2) == pytest.approx(20.0)  # halfway in log FLOPs
@@ -483,3 +500,110 @@ def test_predict_split_sees_the_causal_contiguous_imbalance():
     assert cont["partner_wait"].sum() > 10 * max(zig["partner_wait"].sum(), 1e-9)
     assert np.all(cont["unhidden"] < 1e-4)  # a fast link: nothing left unhidden
     assert model.predict_split(Shape(**base, layout="zigzag").with_(mode="allgather"), cal) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Skinny pieces (schema-4 probes): the per-call fit t = c + a q k + b k + e q
+# ---------------------------------------------------------------------------------------------
+def _piece_grid(rng):
+    """Probe-like pieces: squares of 32..1024 and 1, 8, 32 rows against the same key counts, shuffled."""
+    blocks = np.array([32, 64, 128, 256, 512, 1024])
+    q = np.concatenate([blocks, np.repeat([1, 8, 32], len(blocks))])
+    k = np.concatenate([blocks, np.tile(blocks, 3)])
+    order = rng.permutation(len(q))
+    return q[order], k[order]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fit_piece_cost_recovers_known_coefficients(seed):
+    rng = np.random.default_rng(seed)
+    c, a, b, e = rng.uniform(20e-6, 200e-6), rng.uniform(20e-9, 120e-9), rng.uniform(0.05e-6, 2e-6), rng.uniform(0.1e-6, 1e-6)
+    q, k = _piece_grid(rng)
+    t = c + a * q * k + b * k + e * q
+    assert model.fit_piece_cost(q, k, t) == pytest.approx((c, a, b, e), rel=1e-6)
+    # with 3% multiplicative noise the fit still lands near them, and predicts every piece within the noise's reach
+    noisy = t * rng.lognormal(0.0, 0.03, len(t))
+    fit = np.array(model.fit_piece_cost(q, k, noisy))
+    assert fit[1] == pytest.approx(a, rel=0.1) and fit[2] == pytest.approx(b, rel=0.5)
+    back = fit[0] + fit[1] * q * k + fit[2] * k + fit[3] * q
+    assert np.max(np.abs(back / t - 1)) < 0.12
+
+
+def test_fit_piece_cost_keeps_every_coefficient_non_negative():
+    q, k = _piece_grid(np.random.default_rng(7))
+    t = 50e-9 * q * k + 1e-6 * k  # no fixed cost and no per-row term
+    t = t * (1 + 0.02 * np.cos(np.arange(len(t))))  # a wobble that unconstrained least squares answers with c or e < 0
+    fit = model.fit_piece_cost(q, k, t)
+    assert min(fit) >= 0 and fit[1] == pytest.approx(50e-9, rel=0.1)
+    with pytest.raises(ValueError, match="positive times"):
+        model.fit_piece_cost([1, 2], [3, 4], [1e-3, 0.0])
+
+
+A = 4 * 8 * 64 / 1e10  # seconds per (query, key) pair of all 8 heads at 10 GFLOP/s
+
+
+def skinny_cal(fits: bool = True) -> Calibration:
+    """Squares at 10 GFLOP/s (blocks of 32 to 1024 tokens at H = 1, D = 64), masked at 5; with ``fits``: one call
+    t = 100 us + 204.8 ns q k (the tables' 10 GFLOP/s) + 1 us k + 0.5 us q at the probe's B = 1, H = 8, H_kv = 1, D = 64."""
+    pts = [(4.0 * 64 * n * n, 1e10) for n in (32, 1024)]
+    fit = model.PieceFit(100e-6, A, 1e-6, 0.5e-6, batch=1, heads=8, kv_heads=1, head_dim=64, min_block=32, masked=1.5)
+    return Calibration(
+        rates={2: pts},
+        links={2: (0.0, 1e9)},
+        diag_rates={2: [(w, 0.5e10) for w, _ in pts]},
+        bwd_rates={2: pts},
+        bwd_diag_rates={2: pts},
+        piece_fits={2: fit} if fits else {},
+        bwd_piece_fits={2: fit} if fits else {},
+    )
+
+
+def test_a_skinny_piece_costs_more_than_a_square_of_the_same_flops():
+    cal = skinny_cal()
+    sh = Shape(nranks=2, seq_len=8192, heads=8, kv_heads=1, head_dim=64, causal=True)
+    skinny = model.pieces_seconds([Piece(0, 1, 0, 4096)], cal, sh, 8)  # decode: 1 query per head against 4096 keys
+    square = model.pieces_seconds([Piece(0, 64, 0, 64)], cal, sh, 8)  # the same 4096 pairs as a square
+    assert skinny == pytest.approx(100e-6 + A * 4096 + 1e-6 * 4096 + 0.5e-6)  # the fit, at the probe's own shape
+    assert square == pytest.approx(4 * 8 * 64 * 4096 / 1e10)  # on the tables (64 x 64: a square of the table's range)
+    assert skinny > 3 * square
+    # other shapes scale the fit: a and e by B H D, b by B H_kv D, c stays (B = 2, H = 4, H_kv = 2, D = 128: x2 and x8)
+    other = Shape(nranks=2, seq_len=8192, batch=2, heads=4, kv_heads=2, head_dim=128, causal=True)
+    assert model.pieces_seconds([Piece(0, 1, 0, 4096)], cal, other, 4) == pytest.approx(100e-6 + 2 * (A * 4096 + 0.5e-6) + 8 * 1e-6 * 4096)
+    # off the tables: a side under the smallest block, or longer than SKINNY_ASPECT times the other; a masked piece
+    # there costs the fit times the mask's measured cost
+    fit = cal.piece_fit(2)
+    assert fit.off_table([16, 64, 64, 64], [16, 64, 256, 257]).tolist() == [True, False, False, True]
+    corner = model.pieces_seconds([Piece(0, 16, 0, 16, "causal")], cal, sh, 8)
+    assert corner == pytest.approx(1.5 * (100e-6 + A * 256 + 1e-6 * 16 + 0.5e-6 * 16))
+    # the backward has its own fit; without fits, today's tables for every piece
+    assert model.pieces_seconds([Piece(0, 1, 0, 4096)], cal, sh, 8, "bwd") == pytest.approx(skinny)
+    old = skinny_cal(fits=False)
+    assert model.pieces_seconds([Piece(0, 1, 0, 4096)], old, sh, 8) == pytest.approx(4 * 8 * 64 * 4096 / 1e10)
+
+
+def test_serving_prices_decode_and_few_new_tokens_through_the_fit():
+    from ringbench.analysis import inference
+
+    cal, old = skinny_cal(), skinny_cal(fits=False)
+    w = dict(nranks=2, seq_len=8192, new_tokens=1, batch=1, heads=8, kv_heads=1, head_dim=64, dtype="float32", layout="contiguous")
+    assert inference.decode_compute_s(w, cal) == pytest.approx(100e-6 + A * 4096 + 1e-6 * 4096 + 0.5e-6)
+    assert inference.decode_compute_s(w, old) == pytest.approx(4 * 8 * 64 * 4096 / 1e10)
+    p = dict(w, cached_tokens=8192 - 64)  # T / P = 32 new queries per rank against 4064 cached keys
+    assert inference.predict_prefill(p, cal)["pass-kv"] > 1.1 * inference.predict_prefill(p, old)["pass-kv"]
+    # many new tokens: squares and halves on the tables, as before
+    p = dict(w, cached_tokens=0)
+    assert inference.predict_prefill(p, cal) == pytest.approx(inference.predict_prefill(p, old))
+
+
+def test_the_fit_follows_the_probes_measured_grid_inside_it():
+    fit = model.PieceFit(
+        100e-6, A, 1e-6, 0.5e-6, batch=1, heads=8, kv_heads=1, head_dim=64, min_block=32,
+        rows=(1, 32), keys=(256, 4096), grid=((200e-6, 9e-3), (400e-6, 12e-3)),
+    )  # fmt: skip
+    at = fit.seconds([1, 32, 1, 1], [256, 4096, 4096, 1024], 1, 8, 1, 64)
+    assert at[:3] == pytest.approx([200e-6, 12e-3, 9e-3])  # measured pieces cost what they measured
+    assert at[3] == pytest.approx(np.sqrt(200e-6 * 9e-3))  # between them: linear in log k and log t
+    # outside the grid: the line; another shape: the grid scaled by the line's ratio
+    assert fit.seconds([64], [256], 1, 8, 1, 64)[0] == pytest.approx(fit.fitted(64, 256, 1, 8, 1, 64))
+    ratio = fit.fitted(1, 4096, 8, 8, 1, 64) / fit.fitted(1, 4096, 1, 8, 1, 64)
+    assert fit.seconds([1], [4096], 8, 8, 1, 64)[0] == pytest.approx(9e-3 * ratio)

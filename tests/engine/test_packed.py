@@ -85,7 +85,7 @@ def test_every_strategy_and_layout_with_documents_and_windows_is_checked(nranks,
         assert (
             unmasked_pairs(cfg["layout"], nranks, cfg["seq_len"], True, docs, cfg["window"]) <= cfg["seq_len"] * (cfg["seq_len"] + 1) // 2
         )
-        # schema 4: a balanced run records the chunks per rank its deal chose (the rule's, for this mask); others 0
+        # schema 5: a balanced run records the chunks per rank its deal chose (the rule's, for this mask); others 0
         want = balanced_chunks(nranks, cfg["seq_len"], docs, cfg["window"], True) if cfg["layout"] == "balanced" else 0
         assert run.chunks_per_rank == want, (cfg, run.chunks_per_rank)
 

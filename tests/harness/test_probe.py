@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ringbench import store
-from ringbench.analysis import model
+from ringbench.analysis import inference, model
 from ringbench.engine.backend import get_backend
 from ringbench.harness import probe as probe_mod
 
@@ -72,11 +72,50 @@ def test_probe_two_ranks_writes_its_group(tmp_path):
     assert cal.piece_rate(s["block_flops"][0], 2, masked=True) == pytest.approx(s["causal_flops"][0] / per_block[0])
     assert cal.has_phase("bwd") and cal.rate(s["bwd_block_flops"][-1], 2, phase="bwd") == pytest.approx(p.summary["bwd_rate_flops"])
     assert p.provenance["backend"] == "numpy" and p.config["block_sizes"] == [32, 64]
+    # schema 4: the skinny pieces (1, 8, 32 rows against every block size), forward and backward, and the model's fit
+    assert s["piece_rows"].tolist() == [1, 8, 32] and s["piece_keys"].tolist() == [32, 64]
+    assert p.config["piece_rows"] == [1, 8, 32] and p.config["piece_keys"] == [32, 64]
+    for key in ("piece_compute_s", "bwd_piece_compute_s"):
+        assert s[key].shape == (3, 2, 2, 2) and (s[key] > 0).all()
+    assert s["merge_s"].shape == (3, 2, 2) and (s["merge_s"] > 0).all() and min(cal.merge_fits[2]) >= 0
+    assert "skinny pieces, forward (q x k: us per call): 1x32 " in res.stdout and "per-call fit, backward: t = " in res.stdout
+    q, k, t = model.probe_pieces(p)
+    assert len(q) == 2 + 6 and (q[2:] <= 32).all() and t[0] == pytest.approx(np.median(np.median(s["compute_s"][0], axis=0)))
+    assert set(cal.piece_fits) == set(cal.bwd_piece_fits) == {2} and cal.piece_fit(2).min_block == 32
+    assert cal.piece_fit(2).heads == 2 and min(cal.piece_fit(2).c, cal.piece_fit(2).a, cal.piece_fit(2).b) >= 0
+    w = dict(nranks=2, seq_len=4096, new_tokens=1, batch=1, heads=2, kv_heads=2, head_dim=16, dtype="float32", layout="contiguous")
+    fitted = inference.decode_compute_s(w, cal)
+    assert fitted == pytest.approx(max(float(cal.piece_fit(2).seconds(1, 2048, 1, 2, 2, 16)), cal.copy_seconds(2 * 2048 * 2 * 16 * 4, 2)))
+    _old_probe_predicts_from_the_tables(out, tmp_path, w)
     assert store.read(out) == []  # a probe-only file has no runs
     # a second probe in the same file gets its own group
     res = mpiexec(2, "probe", "--out", out, "--quiet", *SMALL)
     assert res.returncode == 0 and res.stdout == ""
     assert [q.name for q in store.read_probes(out)] == ["probe-P2-float32", "probe-P2-float32~2"]
+
+
+def _old_probe_predicts_from_the_tables(path, tmp_path, w):
+    """A copy of probe file ``path`` as a schema-3 file (its probe without the skinny pieces) still reads, gets no
+    per-call fit, and prices decode's 1 x n piece from the square tables as before schema 4."""
+    import shutil
+
+    import h5py
+
+    old = tmp_path / "old.h5"
+    shutil.copyfile(path, old)
+    with h5py.File(old, "a") as f:
+        f.attrs["schema_version"] = 3
+        for g in f["probes"].values():
+            for key in ("piece_rows", "piece_keys", "piece_compute_s", "bwd_piece_compute_s", "merge_s"):
+                del g["samples"][key]
+    assert store.check_file(old) == 3
+    (p,) = store.read_probes(old)[:1]
+    cal = model.calibrate([], [p])
+    assert cal.per_piece("fwd") and cal.piece_fits == {} and cal.bwd_piece_fits == {} and cal.merge_fits == {}
+    rect = 4 * 2 * 16 * 2048  # 1 query per head against N / P = 2048 keys: B H D FLOPs per pair
+    table = max(rect / cal.piece_rate(rect, 2, masked=False), cal.copy_seconds(2 * 2048 * 2 * 16 * 4, 2))
+    assert inference.decode_compute_s(w, cal) == pytest.approx(table)
+    assert "skinny pieces" not in probe_mod.format_probe(p, "here")
 
 
 @pytest.mark.mpi
@@ -105,6 +144,7 @@ def test_probe_one_rank_measures_compute_only(tmp_path):
     (p,) = store.read_probes(out)
     assert p.samples["pingpong_s"].shape[0] == 0 and np.isnan(p.summary["bandwidth_Bps"])
     assert p.samples["bwd_compute_s"].shape == (2, 2, 1) and p.summary["bwd_rate_flops"] > 0
+    assert p.samples["piece_compute_s"].shape == p.samples["bwd_piece_compute_s"].shape == (3, 2, 2, 1)
     cal = model.calibrate_from_probes([p])
     assert cal.rate(p.samples["bwd_block_flops"][0], 1, phase="bwd") > 0 and not cal.links
     assert "one rank, nothing to measure" in res.stdout

@@ -87,7 +87,7 @@ def test_assemble_builds_the_run_record(pass_):
 
 
 def test_a_balanced_run_records_its_chunks_per_rank():
-    """Schema 4: the record of a balanced training run carries the k its deal chose for the run's mask (one causal
+    """Schema 5: the record of a balanced training run carries the k its deal chose for the run's mask (one causal
     document: 2, zigzag's pairing; a spec contiguous already balances: 1); the summary line says it."""
     rng = np.random.default_rng(1)
     for docs, want in (("", 2), ("2048,2048", 1)):
