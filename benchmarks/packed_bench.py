@@ -1,25 +1,28 @@
 """Packed documents: does the work-balanced layout balance, is it faster than global zigzag, does the model pick the
 winning strategy and layout? Probe, sweep, then compare (issue 20's targets).
 
-    python benchmarks/packed_bench.py [--ranks 2 4] [--seq-len 8192] [--docs lognormal:mean=1024,sigma=1.3,seed=7]
+    python benchmarks/packed_bench.py [--ranks 2 4] [--seq-len 8192 [N ...]] [--docs SPEC [SPEC ...]]
                                       [--window W] [--modes overlap allgather ulysses pass-q]
                                       [--layouts zigzag doc-zigzag balanced contiguous] [--heads 4] [--kv-heads 2]
                                       [--head-dim 64] [--repeat 5] [--rounds 3] [--work DIR] [--out FILE.json]
 
 1. Calibration, apart from the sweep: ``mpiexec -n P ringbench probe`` at every rank count (strategy_bench's probe:
    per-piece rates, the causal diagonal blocks, the link, the copy rate); the model is ``model.calibrate([], probes)``.
-2. The sweep: every strategy (``--modes``) x layout (``--layouts``) on one long-tailed document spec (``--docs``),
-   causal, at each ``--ranks``, ``--rounds`` whole sweeps one after the other (sweep --force: interleaved rounds, the
-   repeats of a point pooled), so a burst of other jobs' load spoils one round of a point, not all of it.
-3. Per rank count (reported apart; a P above this machine's cores is oversubscribed and says so), per strategy and
-   layout: the pass time (median of the pooled repeats), the pairs' imbalance (max / mean over ranks of the pairs the
-   plans gave each rank), the measured compute imbalance (max / mean of the summed compute_s), the model's time and
-   its error, and the time of global zigzag over this layout's, for the same strategy in the same sweep
-   (``measure.compare``: its bootstrap interval and verdict).
-   Targets: balanced's pairs imbalance <= 1.10 (within 10% of perfect); its time >= 1.2x better than zigzag's (same
-   strategy) wherever zigzag's pairs imbalance exceeds 1.3; the model's predicted winner (over every strategy and
-   layout of a point: the spec, N, P) is the measured one on >= 90% of the points with a significant measured winner;
-   the median |error| of its times <= 20%.
+2. The sweep: every strategy (``--modes``) x layout (``--layouts``) x document spec (``--docs``, default the
+   three long-tailed specs of benchmarks/README.md) x N (``--seq-len``), causal, at each ``--ranks``, ``--rounds``
+   whole sweeps one after the other (sweep --force: interleaved rounds, the repeats of a point pooled), so a burst
+   of other jobs' load spoils one round of a point, not all of it.
+3. Per rank count (reported apart; a P above this machine's cores is oversubscribed and says so), one table per
+   spec and N, per strategy and layout: the most pieces (kernel calls) a rank's ring plans have in a pass, balanced's
+   chunks per rank k (layout.balanced_chunks), the pass time (median of the pooled repeats), the pairs' imbalance
+   (max / mean over ranks of the pairs the plans gave each rank), the measured compute imbalance (max / mean of the
+   summed compute_s), the model's time and its error, and the time of global zigzag over this layout's, for the same
+   strategy in the same sweep (``measure.compare``: its bootstrap interval and verdict).
+   Targets, over every spec and N of the rank count (then summed over the rank counts): balanced's pairs imbalance
+   <= 1.10 (within 10% of perfect) everywhere; its time >= 1.2x better than zigzag's (same ring strategy) wherever
+   zigzag's pairs imbalance exceeds 1.3; the model's predicted winner is the measured one on >= 90% of the points
+   with a significant measured winner, both over every strategy x layout of a point (the spec, N, P) and over the
+   layouts of each strategy at a point; the median |error| of its times <= 20%.
 
 Prints the CPU model and SIMD level (ringbench.provenance.cpu()) and the load average at the start and the end;
 --out keeps every figure as JSON. Exit status 0; 2 on bad options (one line).
@@ -52,14 +55,15 @@ ZIGZAG_IMBALANCE = 1.3
 WINNER_TARGET = 0.90
 ERROR_TARGET = 0.20
 RING_MODES = ("overlap", "blocking", "allgather")  # the modes whose work follows the layout's ring plans
+DEFAULT_SPECS = ("lognormal:mean=768,sigma=1.3,seed=1", "lognormal:mean=1024,sigma=1.0,seed=3", "lognormal:mean=768,sigma=1.3,seed=5")
 POINT_KEYS = ("winner", "best", "runner_up", "predicted_winner", "verdict")  # what the JSON keeps of a point
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="rank counts (default 2 4)")
-    p.add_argument("--seq-len", type=int, default=8192, help="N (default 8192)")
-    p.add_argument("--docs", default="lognormal:mean=1024,sigma=1.3,seed=7", help="the documents' spec (a long-tailed one)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[4096], help="N, one or more (default 4096)")
+    p.add_argument("--docs", nargs="+", default=list(DEFAULT_SPECS), help="the documents' specs (long-tailed ones), one or more")
     p.add_argument("--window", type=int, default=0, help="sliding window (default 0: none)")
     p.add_argument("--modes", nargs="+", default=["overlap", "allgather", "ulysses", "pass-q"], help="strategies")
     p.add_argument("--layouts", nargs="+", default=["zigzag", "doc-zigzag", "balanced", "contiguous"], choices=layout.DOC_LAYOUTS)
@@ -82,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.exit(2, f"packed_bench: --repeat: at least {measure.MIN_REPEATS} (a winner needs a confidence interval), got {a.repeat}\n")
     if a.window < 0:
         p.exit(2, f"packed_bench: --window: expected an integer >= 1 (0: none), got {a.window}\n")
-    for opt in ("ranks", "probe_blocks"):
+    for opt in ("ranks", "probe_blocks", "seq_len"):
         if any(v < 1 for v in getattr(a, opt)):
             p.exit(2, f"packed_bench: --{opt.replace('_', '-')}: expected positive integers, got {getattr(a, opt)}\n")
     bad = [m for m in a.modes if m not in ("overlap", "blocking", "allgather", "ulysses", "pass-q")]
@@ -92,26 +96,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     for nranks in a.ranks:
         for lay in a.layouts:
-            cfg = RunConfig(seq_len=a.seq_len, causal=True, layout=lay, docs=a.docs, window=a.window, heads=a.heads, kv_heads=a.kv_heads)
-            problems = validate(cfg, nranks)
-            if problems:
-                key, msg = problems[0]
-                p.exit(2, f"packed_bench: --{key.replace('_', '-')}: {msg} (layout {lay}, P={nranks})\n")
+            for docs in a.docs:
+                for n in a.seq_len:
+                    cfg = RunConfig(seq_len=n, causal=True, layout=lay, docs=docs, window=a.window, heads=a.heads, kv_heads=a.kv_heads)
+                    problems = validate(cfg, nranks)
+                    if problems:
+                        key, msg = problems[0]
+                        p.exit(2, f"packed_bench: --{key.replace('_', '-')}: {msg} (docs {docs}, N={n}, layout {lay}, P={nranks})\n")
     return a
 
 
 def experiment_text(a: argparse.Namespace) -> str:
     import yaml
 
-    base = {"heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "causal": True, "seq_len": a.seq_len}
-    base.update(docs=a.docs, repeat=a.repeat, warmup=1)
+    base = {"heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "causal": True}
+    base.update(repeat=a.repeat, warmup=1)
     if a.window:
         base["window"] = a.window
     data = {
         "name": "packed-bench",
         "description": "built-in variant of experiments/packed.yaml (benchmarks/packed_bench.py)",
         "base": base,
-        "matrix": {"mode": list(a.modes), "layout": list(a.layouts)},
+        "matrix": {"mode": list(a.modes), "layout": list(a.layouts), "docs": list(a.docs), "seq_len": list(a.seq_len)},
         "ranks": list(a.ranks),
         "timeout": int(a.timeout),
     }
@@ -119,12 +125,14 @@ def experiment_text(a: argparse.Namespace) -> str:
 
 
 def pooled(rows: list[dict]) -> dict:
-    """{(strategy, layout): {"repeats", "row", "pairs", "compute"}} of one rank count's rows, repeated runs pooled."""
+    """{(strategy, layout, docs, N): {"repeats", "row", "pairs", "compute"}} of one rank count's rows, repeated runs
+    pooled."""
     out: dict = {}
     for r in rows:
         if r["status"] != "ok" or r.get("time_s") is None:
             continue
-        d = out.setdefault((results.strategy_label(r), r["layout"]), {"repeats": [], "row": r, "pairs": [], "compute": []})
+        key = (results.strategy_label(r), r["layout"], r.get("docs") or "", r["seq_len"])
+        d = out.setdefault(key, {"repeats": [], "row": r, "pairs": [], "compute": []})
         d["repeats"] += list(r.get("time_repeats_s") or (r["time_s"],))
         d["pairs"].append(r.get("pairs_imbalance"))
         d["compute"].append(r.get("compute_imbalance"))
@@ -153,26 +161,42 @@ def layout_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def per_rank_count(rows: list[dict], cal: model.Calibration, nranks: int, cores: int) -> dict:
-    """The table, the targets and the model's agreement at one rank count."""
-    sub = [r for r in rows if r["nranks"] == nranks]
-    by = pooled(sub)
+def _median(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else float("nan")
+
+
+def ring_pieces(lay: str, nranks: int, seq_len: int, docs: tuple, window: int) -> int:
+    """The most pieces (kernel calls) one rank's ring plans have over a pass of this layout: what cutting costs."""
+    n = seq_len // nranks
+    kw = {"docs": docs, "window": window} if (len(docs) > 1 or window) else {}
+    return max(sum(len(layout.step_plan(lay, r, (r - s) % nranks, nranks, n, True, **kw)) for s in range(nranks)) for r in range(nranks))
+
+
+def spec_cells(by: dict, cal: model.Calibration, nranks: int, docs: str, seq_len: int, window: int) -> tuple[list, list]:
+    """The cells (one per strategy x layout) of one (spec, N) at one rank count, and their table's rows."""
+    lengths = model.Shape(nranks=nranks, seq_len=seq_len, docs=docs).doc_lengths
+    keys = sorted((k for k in by if k[2] == docs and k[3] == seq_len), key=lambda k: (k[0] != "overlap", k[0], k[1]))
     body, cells = [], []
-    for (strat, lay), d in sorted(by.items(), key=lambda kv: (kv[0][0] != "overlap", kv[0])):
+    for strat, lay, _, _ in keys:
+        d = by[(strat, lay, docs, seq_len)]
         med = float(np.median(d["repeats"]))
         pred = model.predict(results.shape(d["row"]), cal).time_s
-        base = by.get((strat, "zigzag"))
+        base = by.get((strat, "zigzag", docs, seq_len))
         # zigzag's time over this layout's (> 1: this layout is faster), its interval and verdict
         cmp_ = measure.compare(base["repeats"], d["repeats"]) if base is not None and lay != "zigzag" else None
-        pairs = float(np.median([x for x in d["pairs"] if x is not None])) if any(x is not None for x in d["pairs"]) else float("nan")
-        comp = float(np.median([x for x in d["compute"] if x is not None])) if any(x is not None for x in d["compute"]) else float("nan")
+        k = layout.balanced_chunks(nranks, seq_len, lengths, window, True) if lay == "balanced" else None
         cell = {
             "strategy": strat,
             "layout": lay,
+            "docs": docs,
+            "seq_len": seq_len,
+            "chunks_per_rank": k,
+            "ring_pieces": ring_pieces(lay, nranks, seq_len, lengths, window),
             "time_s": med,
             "repeats_s": list(map(float, d["repeats"])),
-            "pairs_imbalance": pairs,
-            "compute_imbalance": comp,
+            "pairs_imbalance": _median(d["pairs"]),
+            "compute_imbalance": _median(d["compute"]),
             "predicted_s": float(pred),
             "error": float(model.relative_error(pred, med)),
             "zigzag_over_this": None if cmp_ is None else float(cmp_.ratio),
@@ -183,73 +207,83 @@ def per_rank_count(rows: list[dict], cal: model.Calibration, nranks: int, cores:
         body.append(
             [
                 strat,
-                lay,
+                lay + (f" (k={k})" if k else ""),
+                str(cell["ring_pieces"]),
                 f"{med * 1e3:.2f}",
-                f"{pairs:.3f}",
-                f"{comp:.3f}",
+                f"{cell['pairs_imbalance']:.3f}",
+                f"{cell['compute_imbalance']:.3f}",
                 f"{pred * 1e3:.2f}",
                 f"{cell['error']:+.0%}",
                 "-" if cmp_ is None else f"{cmp_.ratio:.2f}x [{cmp_.lo:.2f}, {cmp_.hi:.2f}] {cmp_.verdict}",
             ]
         )
-    head = ["strategy", "layout", "time ms", "pairs imb", "compute imb", "model ms", "model err", "zigzag / this (same strategy)"]
-    table = report.table(head, body, left=2)
-    # targets
+    return cells, body
+
+
+def speedups(cells: list[dict]) -> list[dict]:
+    """Balanced against zigzag (same strategy, ring modes) wherever zigzag's pairs imbalance exceeds ZIGZAG_IMBALANCE."""
+    out = []
+    for c in cells:
+        if c["layout"] != "balanced" or c["strategy"] not in RING_MODES or c["zigzag_over_this"] is None:
+            continue
+        same = (c["strategy"], c["docs"], c["seq_len"])
+        zig = next((z for z in cells if z["layout"] == "zigzag" and (z["strategy"], z["docs"], z["seq_len"]) == same), None)
+        if zig is not None and zig["pairs_imbalance"] > ZIGZAG_IMBALANCE:
+            s = {"strategy": c["strategy"], "docs": c["docs"], "seq_len": c["seq_len"], "zigzag_imbalance": zig["pairs_imbalance"]}
+            s.update(speedup=c["zigzag_over_this"], ci=c["ci"], verdict=c["verdict"], **{"pass": c["zigzag_over_this"] >= SPEEDUP_TARGET})
+            out.append(s)
+    return out
+
+
+def _tie(p: dict) -> str:
+    return p["winner"] or f"none (a tie within the noise: {p['best']} vs {p['runner_up']})"
+
+
+def per_rank_count(rows: list[dict], cal: model.Calibration, nranks: int, cores: int, specs: list, window: int = 0) -> dict:
+    """The tables (one per spec and N), the targets over all of them and the model's agreement at one rank count."""
+    sub = [r for r in rows if r["nranks"] == nranks]
+    by = pooled(sub)
+    lines = [f"P = {nranks}{' (oversubscribed: more ranks than the ' + str(cores) + ' cores)' if nranks > cores else ''}"]
+    head = ["strategy", "layout", "pieces", "time ms", "pairs imb", "compute imb", "model ms", "model err", "zigzag / this (same strategy)"]
+    cells = []
+    for docs, seq_len in specs:
+        c, body = spec_cells(by, cal, nranks, docs, seq_len, window)
+        if not c:
+            continue
+        cells += c
+        lines += [f"  {docs} over N={seq_len}:", report.table(head, body, left=2)]
     bal = [c for c in cells if c["layout"] == "balanced" and c["strategy"] in RING_MODES]
     balance_ok = bool(bal) and all(c["pairs_imbalance"] <= BALANCE_TARGET for c in bal)
-    speed = []
-    for c in cells:
-        if c["layout"] != "balanced" or c["strategy"] not in RING_MODES:
-            continue
-        zig = next((z for z in cells if z["layout"] == "zigzag" and z["strategy"] == c["strategy"]), None)
-        if zig is not None and zig["pairs_imbalance"] > ZIGZAG_IMBALANCE:
-            speed.append(
-                {
-                    "strategy": c["strategy"],
-                    "speedup": c["zigzag_over_this"],
-                    "ci": c["ci"],
-                    "pass": c["zigzag_over_this"] >= SPEEDUP_TARGET,
-                }
-            )
-    bal_text = ", ".join(f"{c['strategy']} {c['pairs_imbalance']:.3f}" for c in bal)
-    points = results.strategy_points(candidate_rows(sub))
-    agr = results.strategy_agreement(points, lambda r: model.predict(results.shape(r["orig"]), cal).time_s)
-    share = agr["agree"] / agr["decided"] if agr["decided"] else float("nan")
-    # which layout for each strategy: one point per strategy, its layouts the candidates
-    lay_points = results.strategy_points(layout_rows(sub))
-    lay_agr = results.strategy_agreement(lay_points, lambda r: model.predict(results.shape(r["orig"]), cal).time_s)
-    lay_share = lay_agr["agree"] / lay_agr["decided"] if lay_agr["decided"] else float("nan")
-    lines = [
-        f"P = {nranks}{' (oversubscribed: more ranks than the ' + str(cores) + ' cores)' if nranks > cores else ''}",
-        table,
-        f"  balanced's pairs imbalance (ring modes): {bal_text or 'none run'} -> {'PASS' if balance_ok else 'MISS'}"
-        f" (target <= {BALANCE_TARGET:.2f})",
-    ]
-    if speed:
-        lines.append(
-            "  balanced vs zigzag where zigzag's imbalance > 1.3: "
-            + ", ".join(f"{s['strategy']} {s['speedup']:.2f}x {'PASS' if s['pass'] else 'MISS'}" for s in speed)
-            + f" (target >= {SPEEDUP_TARGET:.1f}x)"
-        )
-    else:
-        lines.append("  balanced vs zigzag: zigzag's imbalance is at most 1.3 here (no speed-up target applies)")
-    for p in agr["points"]:
-        lines.append(
-            f"  winner: measured {p['winner'] or 'none (a tie within the noise: ' + p['best'] + ' vs ' + p['runner_up'] + ')'}, "
-            f"predicted {p['predicted_winner']}"
-        )
-    err = agr["median_abs_error"]
-    won = "PASS" if agr["decided"] and share >= WINNER_TARGET else "MISS"
+    worst = max(bal, key=lambda c: c["pairs_imbalance"]) if bal else None
+    speed = speedups(cells)
     lines.append(
-        f"  model: winner over strategies x layouts {agr['agree']}/{agr['decided']} decided points {won} (target >= {WINNER_TARGET:.0%}); "
-        f"median |error| {err:.1%} {'PASS' if err <= ERROR_TARGET else 'MISS'} (target <= {ERROR_TARGET:.0%})"
+        f"  balanced's pairs imbalance (ring modes, {len(bal)} cells): worst "
+        + (f"{worst['pairs_imbalance']:.3f} ({worst['strategy']}, {worst['docs']})" if worst else "none run")
+        + f" -> {'PASS' if balance_ok else 'MISS'} (target <= {BALANCE_TARGET:.2f})"
     )
-    for p in lay_agr["points"]:
-        strat = p["layout"]  # layout_rows keys the strategy there
-        measured = p["winner"] or f"none (a tie within the noise: {p['best']} vs {p['runner_up']})"
-        lines.append(f"  layout for {strat}: measured {measured}, predicted {p['predicted_winner']}")
-    lay_won = "PASS" if lay_agr["decided"] and lay_share >= WINNER_TARGET else "MISS"
-    lines.append(f"  model: the layout for each strategy {lay_agr['agree']}/{lay_agr['decided']} decided points {lay_won}")
+    if speed:
+        hit = sum(s["pass"] for s in speed)
+        lines.append(f"  balanced vs zigzag where zigzag's imbalance > {ZIGZAG_IMBALANCE}: {hit}/{len(speed)} >= {SPEEDUP_TARGET:.1f}x")
+        lines += [
+            f"    {s['docs']} N={s['seq_len']} {s['strategy']}: zigzag {s['zigzag_imbalance']:.3f}, "
+            f"{s['speedup']:.2f}x [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}] {'PASS' if s['pass'] else 'MISS'}"
+            for s in speed
+        ]
+    else:
+        lines.append(f"  balanced vs zigzag: zigzag's imbalance is at most {ZIGZAG_IMBALANCE} here (no speed-up target applies)")
+    predict = lambda r: model.predict(results.shape(r["orig"]), cal).time_s  # noqa: E731
+    agr = results.strategy_agreement(results.strategy_points(candidate_rows(sub)), predict)
+    lay_agr = results.strategy_agreement(results.strategy_points(layout_rows(sub)), predict)
+    for p in agr["points"]:
+        lines.append(f"  winner at {p['docs']} N={p['seq_len']}: measured {_tie(p)}, predicted {p['predicted_winner']}")
+    for p in lay_agr["points"]:  # layout_rows keys the strategy in "layout"
+        lines.append(f"  layout for {p['layout']} at {p['docs']}: measured {_tie(p)}, predicted {p['predicted_winner']}")
+    err = agr["median_abs_error"]
+    lines += [
+        f"  model: winner over strategies x layouts {_share(agr)}; the layout for each strategy {_share(lay_agr)}"
+        f" (target >= {WINNER_TARGET:.0%} of decided points); median |error| {err:.1%} "
+        f"{'PASS' if err <= ERROR_TARGET else 'MISS'} (target <= {ERROR_TARGET:.0%})"
+    ]
     return {
         "text": "\n".join(lines),
         "nranks": nranks,
@@ -257,24 +291,46 @@ def per_rank_count(rows: list[dict], cal: model.Calibration, nranks: int, cores:
         "cells": cells,
         "balance_pass": balance_ok,
         "speedups": speed,
-        "winner": {"agree": agr["agree"], "decided": agr["decided"], "ties": agr["ties"], "share": share},
-        "layout_winner": {"agree": lay_agr["agree"], "decided": lay_agr["decided"], "ties": lay_agr["ties"], "share": lay_share},
+        "winner": _counts(agr),
+        "layout_winner": _counts(lay_agr),
+        "points": [{"docs": p["docs"], "seq_len": p["seq_len"], **{k: p[k] for k in POINT_KEYS}} for p in agr["points"]],
         "layout_points": [
-            {"strategy": p["layout"], **{k: p[k] for k in ("winner", "best", "runner_up", "predicted_winner", "verdict")}}
+            {"strategy": p["layout"], "docs": p["docs"], "seq_len": p["seq_len"], **{k: p[k] for k in POINT_KEYS}}
             for p in lay_agr["points"]
-        ],
-        "points": [
-            {
-                "winner": p["winner"],
-                "best": p["best"],
-                "runner_up": p["runner_up"],
-                "predicted_winner": p["predicted_winner"],
-                "verdict": p["verdict"],
-            }
-            for p in agr["points"]
         ],
         "median_abs_error": err,
     }
+
+
+def _counts(agr: dict) -> dict:
+    return {
+        "agree": agr["agree"],
+        "decided": agr["decided"],
+        "ties": agr["ties"],
+        "share": agr["agree"] / agr["decided"] if agr["decided"] else float("nan"),
+    }
+
+
+def _share(agr: dict) -> str:
+    """'5/6 decided points (83%, 2 ties) MISS'."""
+    d, a = agr["decided"], agr["agree"]
+    verdict = "PASS" if d and a / d >= WINNER_TARGET else "MISS"
+    return f"{a}/{d} decided points{f' ({a / d:.0%})' if d else ''}, {agr['ties']} ties, {verdict}"
+
+
+def overall(out: list[dict]) -> str:
+    """The targets summed over every rank count (each P also reported apart above)."""
+    tot = {
+        k: {"agree": sum(o[k]["agree"] for o in out), "decided": sum(o[k]["decided"] for o in out), "ties": sum(o[k]["ties"] for o in out)}
+        for k in ("winner", "layout_winner")
+    }
+    speed = [s for o in out for s in o["speedups"]]
+    errs = [abs(c["error"]) for o in out for c in o["cells"]]
+    return (
+        f"all rank counts: balanced's imbalance {'PASS' if all(o['balance_pass'] for o in out) else 'MISS'}; "
+        f"speed-up {sum(s['pass'] for s in speed)}/{len(speed)}; winner over strategies x layouts {_share(tot['winner'])}; "
+        f"layout per strategy {_share(tot['layout_winner'])}; median |error| {float(np.median(errs)) if errs else float('nan'):.1%}"
+    )
 
 
 def main(argv=None) -> int:
@@ -283,13 +339,17 @@ def main(argv=None) -> int:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="packed_bench-"))
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()[0]
-    docs = model.Shape(nranks=1, seq_len=a.seq_len, docs=a.docs).doc_lengths
+    specs = [(d, n) for d in a.docs for n in a.seq_len]
     print(f"packed_bench: {provenance.cpu()}, {cores} cores, load average {load_start:.2f} (1 min) at the start", flush=True)
-    print(
-        f"documents {a.docs} over N={a.seq_len}: {len(docs)} of {min(docs)}..{max(docs)} tokens (median {int(np.median(docs))})"
-        + (f", window {a.window}" if a.window else ""),
-        flush=True,
-    )
+    spec_info = []
+    for d, n in specs:
+        lengths = model.Shape(nranks=1, seq_len=n, docs=d).doc_lengths or (n,)
+        spec_info.append({"docs": d, "seq_len": n, "doc_lengths": list(map(int, lengths))})
+        print(
+            f"documents {d} over N={n}: {len(lengths)} of {min(lengths)}..{max(lengths)} tokens (median {int(np.median(lengths))})"
+            + (f", window {a.window}" if a.window else ""),
+            flush=True,
+        )
     probe = work / "probe.h5"
     for p in [] if a.reuse else a.ranks:
         cmd = [mpiexec(), "-n", p, sys.executable, "-m", "ringbench", "probe", "--out", probe, "--quiet"]
@@ -302,12 +362,19 @@ def main(argv=None) -> int:
     runs = results.load(work / "results" / "packed-bench.h5")
     cal = model.calibrate([], store.read_probes(probe))
     rows = results.rows(runs, phases=("fwd",))
+    for r in runs:  # schema 5: each balanced run stores the chunks per rank it was dealt; the rule must agree
+        if r.status == "ok" and r.config.get("layout") == "balanced":
+            lengths = model.Shape(nranks=r.nranks, seq_len=r.config["seq_len"], docs=r.config["docs"]).doc_lengths
+            want = layout.balanced_chunks(r.nranks, r.config["seq_len"], lengths, a.window, True)
+            if r.chunks_per_rank != want:
+                print(f"packed_bench: warning: run {r.name} stored {r.chunks_per_rank} chunks per rank, the rule says {want}")
     print(report.calibration_text(cal))
     out = []
     for p in a.ranks:
-        res = per_rank_count(rows, cal, p, cores)
+        res = per_rank_count(rows, cal, p, cores, specs, a.window)
         print("\n" + res.pop("text"))
         out.append(res)
+    print("\n" + overall(out))
     load_end = os.getloadavg()[0]
     print(f"\nload average {load_end:.2f} (1 min) at the end; the machine is shared: times carry other jobs' load")
     if a.out:
@@ -320,10 +387,8 @@ def main(argv=None) -> int:
                 "loadavg_end": load_end,
                 "git_commit": provenance.git_commit(),
             },
-            "docs": a.docs,
-            "doc_lengths": list(map(int, docs)),
+            "specs": spec_info,
             "window": a.window,
-            "seq_len": a.seq_len,
             "shape": {"heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "repeat": a.repeat, "rounds": a.rounds},
             "calibration": cal.source,
             "per_rank_count": out,

@@ -14,7 +14,7 @@ run time, by backend.limit_threads, not through the environment before NumPy loa
 import os
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def env_int(names, default: int = 0) -> int:

@@ -11,10 +11,17 @@ Layouts (P ranks, global length N, n = N / P tokens per rank):
 * ``doc-zigzag``: every document cut into 2P equal chunks; rank r holds chunks r and 2P-1-r of every document
   (packed-sequence context parallelism: TransformerEngine's THD, ring-flash-attn's varlen zigzag). Every
   document's length must be a multiple of 2P. With one document it is ``zigzag``.
-* ``balanced``: the sequence cut into C = kP equal chunks (k the largest of 8, 4, 2, 1 with N a multiple of kP),
-  dealt to the ranks greedily by work: each chunk's unmasked pairs (its queries against every key, under the
-  document mask and window), heaviest first (ties: the earlier chunk), to the rank with the least work so far that
-  still has room for one (ties: the lower rank); every rank gets k chunks (torchtitan's processing-time balancer).
+* ``balanced``: the sequence cut into C = kP equal chunks, dealt to the ranks greedily by work: each chunk's
+  unmasked pairs (its queries against every key, under the document mask and window), heaviest first (ties: the
+  earlier chunk), to the rank with the least work so far that still has room for one (ties: the lower rank); every
+  rank gets k chunks (torchtitan's processing-time balancer). k, the chunks per rank (:func:`balanced_chunks`), is
+  the fewest of BALANCED_CHUNKS (1, 2, 4, 8, 16) dividing N / P whose deal's imbalance (the largest rank's pairs
+  over the mean) is at most BALANCED_BOUND (1.05), or else the one with the least imbalance (ties: the fewer
+  chunks): every chunk boundary inside a document cuts it into one more piece (one more kernel call per step), so
+  the layout cuts no more than the balance needs. k = 1 holds contiguous's blocks (dealt heaviest first) where
+  contiguous is already balanced; one causal document gets k = 2, global zigzag's pairing. A pure function of
+  (N, P, documents, window, causal), cached. Runs stored before schema version 5 (which records k per run) were
+  dealt with LEGACY_BALANCED_CHUNKS: the first of 8, 4, 2, 1 dividing N / P.
 
 Documents (``docs``: the lengths from :func:`ringbench.documents.doc_lengths`, summing to N; () = one document) and
 a sliding window (``window`` W > 0: query t sees keys t - W < u <= t, W keys including itself; causal only): key u
@@ -40,7 +47,9 @@ import numpy as np
 OLD_LAYOUTS = ("contiguous", "zigzag", "striped")
 LAYOUTS = OLD_LAYOUTS + ("doc-zigzag", "balanced")
 DOC_LAYOUTS = ("contiguous", "zigzag", "doc-zigzag", "balanced")  # the layouts that take documents and windows
-BALANCED_CHUNKS = (8, 4, 2, 1)  # balanced: chunks per rank, the first of these that divides N / P
+BALANCED_CHUNKS = (1, 2, 4, 8, 16)  # balanced: the chunks per rank it may take, fewest first (those dividing N / P)
+BALANCED_BOUND = 1.05  # balanced: the fewest chunks whose deal is within this of perfect (max / mean pairs)
+LEGACY_BALANCED_CHUNKS = (8, 4, 2, 1)  # before schema 5: the first of these dividing N / P, whatever the spec
 
 FULL = "full"  # every key visible to every query
 CAUSAL = "causal"  # key j visible to query i iff j <= i (local indices within the piece)
@@ -223,34 +232,74 @@ def _held(layout: str, nranks: int, seq_len: int, docs: tuple, window: int, caus
                 out[r].append(np.arange(start + (2 * nranks - 1 - r) * c, start + (2 * nranks - r) * c))
             start += length
         return tuple(np.concatenate(x) for x in out)
-    per_rank = balanced_chunks(nranks, seq_len)
-    nchunks = per_rank * nranks
-    c = seq_len // nchunks
-    work = [_chunk_work(i * c, (i + 1) * c, docs, window, causal) for i in range(nchunks)]
-    load, room, chunks = [0] * nranks, [per_rank] * nranks, [[] for _ in range(nranks)]
+    chunks = _balanced_deal(nranks, seq_len, docs, window, causal)[1]
+    c = seq_len // (nranks * len(chunks[0]))
+    return tuple(np.concatenate([np.arange(i * c, (i + 1) * c) for i in x]) for x in chunks)
+
+
+def balanced_chunks(nranks: int, seq_len: int, docs=(), window: int = 0, causal: bool = True) -> int:
+    """Chunks per rank of the balanced layout for this spec: the fewest of BALANCED_CHUNKS dividing N / P whose
+    greedy deal's pairs imbalance is at most BALANCED_BOUND, else the least imbalanced (ties: the fewer)."""
+    return balanced_deal(nranks, seq_len, docs, window, causal)[0]
+
+
+def balanced_deal(nranks: int, seq_len: int, docs=(), window: int = 0, causal: bool = True) -> tuple[int, float]:
+    """(k, imbalance): balanced's chunks per rank (:func:`balanced_chunks`) and its deal's pairs imbalance (the
+    largest rank's unmasked pairs over the mean: :func:`imbalance` of its :func:`plan_pairs`)."""
+    why = layout_problem("balanced", nranks, seq_len, docs, window, causal)
+    if why:
+        raise ValueError(why)
+    d, w = _norm(seq_len, docs, window)
+    k, _, imb = _balanced_deal(int(nranks), int(seq_len), d, w, bool(causal))
+    return k, imb
+
+
+def legacy_balanced_chunks(nranks: int, seq_len: int) -> int:
+    """Chunks per rank that balanced dealt before schema version 5 (runs stored without ``chunks_per_rank``): the
+    first of LEGACY_BALANCED_CHUNKS whose k x P divides N, whatever the documents."""
+    return next(k for k in LEGACY_BALANCED_CHUNKS if seq_len % (k * nranks) == 0)
+
+
+@lru_cache(maxsize=64)
+def _balanced_deal(nranks: int, seq_len: int, docs: tuple, window: int, causal: bool) -> tuple[int, tuple, float]:
+    """(k, per rank its chunk indices ascending, imbalance) of the chosen deal (:func:`balanced_chunks`)."""
+    token = _token_work(seq_len, docs, window, causal)
+    best = None
+    for k in BALANCED_CHUNKS:
+        if (seq_len // nranks) % k or seq_len % nranks:
+            continue
+        chunks, imb = _deal(token, nranks, k)
+        if imb <= BALANCED_BOUND:
+            return k, chunks, imb
+        if best is None or imb < best[2]:
+            best = (k, chunks, imb)
+    return best
+
+
+def _deal(token: np.ndarray, nranks: int, k: int) -> tuple[tuple, float]:
+    """The greedy deal of kP equal chunks (per-token work ``token``): per rank its chunks ascending, and the
+    imbalance of the ranks' work."""
+    nchunks = k * nranks
+    work = token.reshape(nchunks, -1).sum(axis=1).tolist()
+    load, room, chunks = [0] * nranks, [k] * nranks, [[] for _ in range(nranks)]
     for i in sorted(range(nchunks), key=lambda i: (-work[i], i)):
         r = min((r for r in range(nranks) if room[r]), key=lambda r: (load[r], r))
         chunks[r].append(i)
         load[r] += work[i]
         room[r] -= 1
-    return tuple(np.concatenate([np.arange(i * c, (i + 1) * c) for i in sorted(x)]) for x in chunks)
+    return tuple(tuple(sorted(x)) for x in chunks), imbalance(np.array(load, np.float64))
 
 
-def balanced_chunks(nranks: int, seq_len: int) -> int:
-    """Chunks per rank of the balanced layout: the first of BALANCED_CHUNKS whose k x P divides N."""
-    return next(k for k in BALANCED_CHUNKS if seq_len % (k * nranks) == 0)
-
-
-def _chunk_work(t0: int, t1: int, docs: tuple, window: int, causal: bool) -> int:
-    """Unmasked pairs of queries [t0, t1) against every key."""
-    starts = np.concatenate([[0], np.cumsum(docs)])
-    t = np.arange(t0, t1)
+def _token_work(seq_len: int, docs: tuple, window: int, causal: bool) -> np.ndarray:
+    """(N,) int64: the unmasked pairs of each query against every key."""
+    starts = np.concatenate([[0], np.cumsum(docs)]).astype(np.int64)
+    t = np.arange(seq_len, dtype=np.int64)
     doc = np.searchsorted(starts, t, side="right") - 1
     ds, de = starts[doc], starts[doc + 1]
     if not causal:
-        return int((de - ds).sum())
+        return de - ds
     lo = ds if not window else np.maximum(ds, t - window + 1)
-    return int((t + 1 - lo).sum())
+    return t + 1 - lo
 
 
 # ---------------------------------------------------------------------------------------------

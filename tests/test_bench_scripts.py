@@ -8,6 +8,8 @@ import sys
 
 import pytest  # noqa: E402
 
+from ringbench import layout
+
 from conftest import MPIEXEC, ROOT, child_env
 
 pytestmark = pytest.mark.slow  # the full set (pytest --all, CI): docs/testing.md
@@ -404,23 +406,35 @@ def test_serving_bench_compares_the_strategies_and_the_merges(tmp_path):
 
 
 def test_packed_bench_probes_sweeps_and_reports_the_targets(tmp_path):
+    """Two specs in one run: a table per spec, the targets and the model's winner over both (one point per spec; one
+    per strategy and spec for the layout), balanced's chunks per rank the stored runs' and the rule's."""
     out = tmp_path / "p.json"
-    tiny = ("--seq-len", 512, "--docs", "lognormal:mean=96,sigma=1.2,seed=5,quantum=16", "--heads", 2, "--kv-heads", 1)
+    specs = ("lognormal:mean=96,sigma=1.2,seed=5,quantum=16", "256,128,64,64")
+    tiny = ("--seq-len", 512, "--docs", *specs, "--heads", 2, "--kv-heads", 1, "--layouts", "zigzag", "balanced")
     tiny += ("--head-dim", 16, "--repeat", 3, "--rounds", 2, "--probe-blocks", 32, 64, 128, "--modes", "overlap", "ulysses")
     res = script("packed_bench.py", *tiny, "--ranks", 2, "--work", tmp_path / "work", "--out", out, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "load average" in res.stdout and "calibration: probe" in res.stdout
+    assert "load average" in res.stdout and "calibration: probe" in res.stdout and "warning" not in res.stdout
     assert "target <= 1.10" in res.stdout and "target >= 90%" in res.stdout and "target <= 20%" in res.stdout
+    assert all(f"{d} over N=512:" in res.stdout for d in specs) and "all rank counts:" in res.stdout
     data = json.loads(out.read_text())
-    assert data["provenance"]["cpu"] and data["calibration"].startswith("probe") and len(data["doc_lengths"]) > 1
+    assert data["provenance"]["cpu"] and data["calibration"].startswith("probe")
+    assert [s["docs"] for s in data["specs"]] == list(specs) and data["specs"][1]["doc_lengths"] == [256, 128, 64, 64]
     (p2,) = data["per_rank_count"]
     assert p2["nranks"] == 2 and not p2["oversubscribed"]
-    cells = {(c["strategy"], c["layout"]) for c in p2["cells"]}
-    assert cells == {(m, lay) for m in ("overlap", "ulysses") for lay in ("zigzag", "doc-zigzag", "balanced", "contiguous")}
+    cells = {(c["strategy"], c["layout"], c["docs"]) for c in p2["cells"]}
+    assert cells == {(m, lay, d) for m in ("overlap", "ulysses") for lay in ("zigzag", "balanced") for d in specs}
     assert all(len(c["repeats_s"]) == 2 * 3 for c in p2["cells"])  # 2 rounds of 3 repeats, pooled
-    assert all(c["pairs_imbalance"] >= 1.0 and c["compute_imbalance"] >= 1.0 for c in p2["cells"])
+    assert all(c["pairs_imbalance"] >= 1.0 and c["compute_imbalance"] >= 1.0 and c["ring_pieces"] >= 1 for c in p2["cells"])
     assert all(c["pairs_imbalance"] == 1.0 for c in p2["cells"] if c["strategy"] == "ulysses")
-    assert len(p2["points"]) == 1  # one (spec, N, P): every strategy x layout a candidate
+    for c in p2["cells"]:
+        docs = tuple(data["specs"][specs.index(c["docs"])]["doc_lengths"])
+        assert c["chunks_per_rank"] == (layout.balanced_chunks(2, 512, docs) if c["layout"] == "balanced" else None)
+    zig = {(c["strategy"], c["docs"]): c["pairs_imbalance"] for c in p2["cells"] if c["layout"] == "zigzag"}
+    assert all(s["zigzag_imbalance"] == zig[(s["strategy"], s["docs"])] > 1.3 for s in p2["speedups"])  # each spec's own
+    assert len(p2["points"]) == 2  # one per (spec, N, P): every strategy x layout a candidate
+    assert len(p2["layout_points"]) == 4  # one per strategy and spec: the layouts the candidates
+    assert p2["winner"]["decided"] + p2["winner"]["ties"] == 2
 
 
 def test_packed_bench_user_error_is_one_line():

@@ -215,7 +215,9 @@ def test_band_pieces_and_their_pairs():
 def test_balanced_deals_chunks_by_work_and_balances_a_long_tailed_spec():
     from ringbench.documents import doc_lengths
 
-    assert layout.balanced_chunks(4, 64) == 8 and layout.balanced_chunks(3, 36) == 4 and layout.balanced_chunks(3, 9) == 1
+    # before schema 5 the chunks per rank were the first of 8, 4, 2, 1 dividing N / P, whatever the mask
+    assert layout.legacy_balanced_chunks(4, 64) == 8 and layout.legacy_balanced_chunks(3, 36) == 4
+    assert layout.legacy_balanced_chunks(3, 9) == 1
     n_total = 1 << 16
     docs = doc_lengths("lognormal:mean=4096,sigma=1.5,seed=2", n_total)
     for nranks in (2, 4):
@@ -226,6 +228,65 @@ def test_balanced_deals_chunks_by_work_and_balances_a_long_tailed_spec():
         assert bal < 1.05 < 1.3 < zig, (nranks, bal, zig)
     assert layout.imbalance(np.ones((3, 3))) == 1.0 and layout.imbalance(np.zeros((2, 2))) == 1.0
     assert layout.imbalance(np.array([[3, 0], [1, 0]])) == 1.5
+
+
+def test_balanced_takes_the_fewest_chunks_whose_deal_is_within_the_bound():
+    """k = 1 where contiguous is already balanced (its blocks, dealt heaviest first); more chunks where it is not,
+    each smaller candidate's deal over the bound; one causal document: k = 2, global zigzag's pairing."""
+    from ringbench.documents import doc_lengths
+
+    n_total = 4096
+    docs = doc_lengths("lognormal:mean=1024,sigma=1.0,seed=3", n_total)  # contiguous 1.034 at P = 2
+    assert layout.balanced_deal(2, n_total, docs) == (
+        1,
+        pytest.approx(layout.imbalance(layout.plan_pairs("contiguous", 2, n_total, True, docs))),
+    )
+    blocks = sorted(positions("balanced", r, 2, n_total, docs).tolist() for r in range(2))
+    assert blocks == [list(range(0, 2048)), list(range(2048, 4096))]
+    docs = doc_lengths("lognormal:mean=768,sigma=1.3,seed=1", n_total)  # contiguous 1.213 at P = 2, zigzag 1.753
+    k, imb = layout.balanced_deal(2, n_total, docs)
+    assert k > 1 and imb <= layout.BALANCED_BOUND < layout.imbalance(layout.plan_pairs("contiguous", 2, n_total, True, docs))
+    token = layout._token_work(n_total, docs, 0, True)
+    assert all(layout._deal(token, 2, j)[1] > layout.BALANCED_BOUND for j in layout.BALANCED_CHUNKS if j < k)
+    assert layout.balanced_chunks(4, 64) == 2  # one causal document
+    assert [positions("balanced", r, 4, 64).tolist() for r in range(4)] == [positions("zigzag", r, 4, 64).tolist() for r in range(4)]
+    assert layout.balanced_chunks(4, 64, causal=False) == 1 and layout.balanced_chunks(3, 9) == 1  # 9 / 3 is odd
+    with pytest.raises(ValueError, match="sum to 10"):
+        layout.balanced_deal(2, 12, (4, 6))
+
+
+def test_balanced_rule_holds_over_random_specs():
+    """Over random specs (documents, windows, causal or not, P = 1..4, odd N / P): the rule's k is the fewest candidate
+    within BALANCED_BOUND, or else the least imbalanced; its imbalance is the plans'; every token is held once. And on
+    60 random long-tailed specs of benchmark size (N = 4096, 6144, 8192; P = 2..4; mean 256..1024 tokens, sigma
+    1..1.5) the bound holds (840 of 840 such specs did when the rule was chosen)."""
+    from ringbench.documents import doc_lengths
+
+    rng = np.random.default_rng(20)
+    for case in range(40):
+        nranks = int(rng.integers(1, 5))
+        n_total = nranks * int(rng.choice([16, 32, 48, 64, 96, 128, 40, 24, 17]))
+        causal = bool(rng.random() < 0.8)
+        window = int(rng.choice([0, 0, 5, 37])) if causal else 0
+        spec = f"lognormal:mean={int(rng.integers(4, n_total // 2 + 5))},sigma={rng.uniform(0.3, 1.6):.2f},seed={case}"
+        docs = doc_lengths(spec, n_total)
+        k, imb = layout.balanced_deal(nranks, n_total, docs, window, causal)
+        token = layout._token_work(n_total, docs, window, causal)
+        cands = {j: layout._deal(token, nranks, j)[1] for j in layout.BALANCED_CHUNKS if (n_total // nranks) % j == 0}
+        within = [j for j in sorted(cands) if cands[j] <= layout.BALANCED_BOUND]
+        assert k == (within[0] if within else min(cands, key=lambda j: (cands[j], j))), (case, cands, k)
+        plans = layout.imbalance(layout.plan_pairs("balanced", nranks, n_total, causal, docs, window))
+        assert imb == pytest.approx(plans), case
+        held = np.concatenate([positions("balanced", r, nranks, n_total, docs, window, causal) for r in range(nranks)])
+        assert sorted(held.tolist()) == list(range(n_total))
+    for case in range(60):
+        nranks = int(rng.integers(2, 5))
+        n_total = int(rng.choice([4096, 8192])) if nranks != 3 else 6144
+        spec = f"lognormal:mean={int(rng.integers(256, 1025))},sigma={rng.uniform(1.0, 1.5):.2f},seed={100 + case}"
+        docs = doc_lengths(spec, n_total)
+        window = int(rng.choice([0, 0, 0, 300]))
+        k, imb = layout.balanced_deal(nranks, n_total, docs, window)
+        assert imb <= layout.BALANCED_BOUND, (spec, nranks, n_total, window, k, imb)
 
 
 def test_merge_full_joins_touching_full_pieces():

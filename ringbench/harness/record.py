@@ -19,7 +19,7 @@ from ringbench.engine import comm, serving
 from ringbench.engine.backend import thread_limit
 from ringbench.harness import check, nodes
 from ringbench.kernels import backward, kernel
-from ringbench.layout import unmasked_pairs
+from ringbench.layout import balanced_chunks, unmasked_pairs
 from ringbench.provenance import argv, conditions, git_commit, loaded, utc_now, versions
 
 
@@ -115,7 +115,17 @@ def assemble(cfg, parts: list, nranks: int, prov: dict, *, traffic: dict, itemsi
         tensors=tensors,
         created_utc=prov["utc"],
         bwd=phases.get("bwd"),
+        chunks_per_rank=balanced_chunks_of(cfg, nranks),
     )
+
+
+def balanced_chunks_of(cfg, nranks: int) -> int:
+    """The chunks per rank the balanced layout dealt for this training run (layout.balanced_chunks of its documents,
+    window and causality; schema 5's run attribute); 0 for the other layouts and the serving passes (which deal
+    their cached and new tokens apart)."""
+    if cfg.layout != "balanced" or cfg.pass_ in serving.SERVING:
+        return 0
+    return balanced_chunks(nranks, cfg.seq_len, cfg.doc_lengths, cfg.window, cfg.causal)
 
 
 def _global_tensors(cfg, parts) -> dict:
@@ -224,7 +234,7 @@ def format_summary(cfg, nranks, phases: dict, memory, prov, where) -> str:
         if not math.isnan(s.get("pairs_imbalance", math.nan)):  # the balance: of the plans, and as measured
             lines.append(
                 f"{ind}load balance (max / mean over ranks): pairs {s['pairs_imbalance']:.3f}, compute {s['compute_imbalance']:.3f}"
-                f"{_docs_text(cfg)}"
+                f"{_docs_text(cfg)}{_chunks_text(cfg, nranks)}"
             )
         steps = measure.per_step_split(ph.samples)
         if steps is not None and nranks > 1:
@@ -286,6 +296,12 @@ def _step(i: int, steps: dict) -> str:
     hidden = steps["hidden"][i]
     head = f"{i}: " + ("no transfer" if math.isnan(hidden) else f"{_pct(hidden)} of {_ms(steps['alone'][i])} hidden")
     return head + (f", waited {_ms(steps['partner_wait'][i])} for a slower rank" if steps["partner_wait"][i] >= 5e-5 else "")
+
+
+def _chunks_text(cfg, nranks: int) -> str:
+    """'   balanced: 4 chunks per rank' for a balanced training run (what its deal chose), else ''."""
+    k = balanced_chunks_of(cfg, nranks)
+    return f"   balanced: {k} chunk{'s' if k > 1 else ''} per rank" if k else ""
 
 
 def _docs_text(cfg) -> str:

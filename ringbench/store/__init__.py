@@ -1,11 +1,12 @@
 """The HDF5 result schema: write, read, merge, and append safely in place.
 
-Schema version 4 (``SCHEMA_VERSION``), documented in docs/results.md::
+Schema version 5 (``SCHEMA_VERSION``), documented in docs/results.md::
 
-    /                       attrs: format="ringbench-results", schema_version=4
+    /                       attrs: format="ringbench-results", schema_version=5
     /runs/<name>/           one run; <name> is the point id (``~2``, ``~3`` ... for later runs of the same point)
         attrs               run_id (32 hex digits, unique to this run), point_id, nranks, status ("ok" | "failed"),
-                            created_utc, config (JSON: the resolved RunConfig), provenance (JSON), error (failed runs)
+                            created_utc, config (JSON: the resolved RunConfig), provenance (JSON), error (failed runs),
+                            chunks_per_rank (version 5, layout balanced only: the k chunks per rank its deal used)
         config/             attrs: the same resolved config, one attribute per field (for h5ls/HDFView)
         samples/            datasets of timing samples, seconds (see ringbench.analysis.measure):
                             compute_s, comm_s, step_s (R, P, P); total_s (R, P); comm_only_s (C, P, P-1);
@@ -45,11 +46,13 @@ samples/ or summary). In memory: ``Run.samples/summary/check`` are the forward's
 None) the backward's; ``Run.phase(name)`` gives either. memory/ has theoretical_bwd_bytes beside
 theoretical_bytes when the run has a backward.
 
+Version 4 is version 5 without the run attribute ``chunks_per_rank`` (read as 0: not recorded; balanced runs
+of versions 1-4 were dealt with ``layout.legacy_balanced_chunks``, 8 chunks per rank where 8P divides N).
 Version 4 is version 3 with the probes' skinny pieces (above); its runs are laid out as version 3's.
 Version 2 is version 3 without ``partner_wait_s``/``unhidden_s`` (samples) and ``partner_wait_s``/``unhidden_comm_s``
 (summary; read as absent), its ``overlap_eff`` computed from comm_s. Version 1 is the same layout without ``run_id``,
 ``probe_id`` and ``bwd/`` (every version-1 run is forward-only).
-All four versions are read; a run or probe
+All five versions are read; a run or probe
 without an id (every one of a version-1 file) gets a stable derived id on read: a hash of what identified
 it before (point id, creation time, status, config, provenance; for a probe: ranks, time, config,
 provenance) and its rank among the file's id-less runs with that same fingerprint. The rank, not the group
@@ -57,7 +60,7 @@ name, keeps two runs of one point made in the same second apart while staying th
 older ``collect`` filled (where the group of a run may be ``p~2`` although it was ``p`` in its part).
 Readers ignore attributes they do not know and treat missing optional ones as absent.
 
-Writers write version 4. Appending to a version-1, 2 or 3 file upgrades it in place: the root attribute becomes 4
+Writers write version 5. Appending to a version-1, 2, 3 or 4 file upgrades it in place: the root attribute becomes 5
 (in the same atomic append), its version-1 runs stay as they are and keep reading with derived ids; a
 ringbench that reads only version 1 then refuses the file with a message naming the versions.
 
@@ -136,7 +139,7 @@ import numpy as np
 from ringbench import SCHEMA_VERSION
 
 FORMAT = "ringbench-results"
-READABLE = (1, 2, 3, 4)  # schema versions this ringbench reads
+READABLE = (1, 2, 3, 4, 5)  # schema versions this ringbench reads
 
 
 class SchemaError(Exception):
@@ -198,6 +201,7 @@ class Run:
     path: str = ""  # the file, set on read
     run_id: str = field(default_factory=_new_id)  # unique to this run (derived on read for version-1 files)
     bwd: Phase | None = None  # the backward phase (schema 2, pass bwd or fwd+bwd)
+    chunks_per_rank: int = 0  # layout balanced: the chunks per rank its deal used (schema 5); 0: other layouts, or older
 
     def phase(self, name: str) -> Phase | None:
         """The phase ``name`` ('fwd' or 'bwd') as a Phase, or None if the run has no such phase."""
@@ -848,6 +852,8 @@ def write_run_group(g: h5py.Group, run: Run) -> None:
     g.attrs["provenance"] = json.dumps(run.provenance, sort_keys=True)
     if run.error:
         g.attrs["error"] = run.error
+    if run.chunks_per_rank:
+        g.attrs["chunks_per_rank"] = int(run.chunks_per_rank)
     cg = g.create_group("config")
     for k, v in run.config.items():
         cg.attrs[k] = "none" if v is None else v
@@ -1024,6 +1030,7 @@ def _read_state(g: h5py.Group, name: str, run_id: str, path: str, samples: bool 
         name=name,
         path=path,
         run_id=run_id,
+        chunks_per_rank=int(g.attrs.get("chunks_per_rank", 0)),
     )
     fwd = _read_phase(g, samples)
     run.samples, run.summary, run.check = fwd.samples, fwd.summary, fwd.check

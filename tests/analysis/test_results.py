@@ -190,7 +190,7 @@ def _old_file(path, version):
     return path
 
 
-@pytest.mark.parametrize("version", [0, 5])
+@pytest.mark.parametrize("version", [0, 6])
 @pytest.mark.parametrize("cmd", ["report", "plot"])
 def test_other_schema_versions_are_refused(tmp_path, cmd, version):
     path = _old_file(tmp_path / "old.h5", version)
@@ -198,7 +198,7 @@ def test_other_schema_versions_are_refused(tmp_path, cmd, version):
     res = ringbench(*args)
     assert res.returncode == 2
     assert res.stderr.strip() == (
-        f"ringbench {cmd}: {path}: result schema version {version} is not supported; this ringbench reads versions 1, 2, 3 and 4"
+        f"ringbench {cmd}: {path}: result schema version {version} is not supported; this ringbench reads versions 1, 2, 3, 4 and 5"
     )
     assert not (tmp_path / "figs").exists()
 

@@ -10,7 +10,7 @@ import pytest
 
 from ringbench.documents import doc_lengths
 from ringbench.kernels.torch_kernel import unavailable
-from ringbench.layout import unmasked_pairs
+from ringbench.layout import balanced_chunks, unmasked_pairs
 
 from conftest import Batch, ringbench
 
@@ -85,6 +85,9 @@ def test_every_strategy_and_layout_with_documents_and_windows_is_checked(nranks,
         assert (
             unmasked_pairs(cfg["layout"], nranks, cfg["seq_len"], True, docs, cfg["window"]) <= cfg["seq_len"] * (cfg["seq_len"] + 1) // 2
         )
+        # schema 5: a balanced run records the chunks per rank its deal chose (the rule's, for this mask); others 0
+        want = balanced_chunks(nranks, cfg["seq_len"], docs, cfg["window"], True) if cfg["layout"] == "balanced" else 0
+        assert run.chunks_per_rank == want, (cfg, run.chunks_per_rank)
 
 
 def test_cli_refuses_documents_and_windows_that_cannot_hold_with_one_line():

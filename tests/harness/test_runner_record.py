@@ -83,6 +83,21 @@ def test_assemble_builds_the_run_record(pass_):
     else:
         assert "theoretical_bwd_bytes" not in mem
     assert rec.tensors == {}
+    assert rec.chunks_per_rank == 0  # not a balanced run
+
+
+def test_a_balanced_run_records_its_chunks_per_rank():
+    """Schema 5: the record of a balanced training run carries the k its deal chose for the run's mask (one causal
+    document: 2, zigzag's pairing; a spec contiguous already balances: 1); the summary line says it."""
+    rng = np.random.default_rng(1)
+    for docs, want in (("", 2), ("2048,2048", 1)):
+        cfg = RunConfig(seq_len=4096, heads=4, kv_heads=2, head_dim=8, causal=True, layout="balanced", docs=docs)
+        parts = [_part(cfg, r, rng) for r in range(P)]
+        prov = {"utc": "2026-01-01T00:00:00Z", "hosts": ["node0", "node1"], "mpi_library": "mpich"}
+        rec = record.assemble(cfg, parts, P, prov, traffic={"fwd": 1000}, itemsize=4, compute_itemsize=4)
+        assert rec.chunks_per_rank == want, docs
+        text = record.format_summary(cfg, P, {"fwd": rec.phase("fwd")}, rec.memory, prov, "")
+        assert f"balanced: {want} chunk" in text
 
 
 def test_auto_memory_refusal_names_the_cgroup_that_binds(monkeypatch):

@@ -44,10 +44,37 @@ def test_round_trip(tmp_path):
     assert run.summary["time_s"] == 1.0 and run.check["passed"] is True
     assert run.memory["theoretical_bytes"] == 5
     with h5py.File(path) as f:
-        assert f.attrs["schema_version"] == SCHEMA_VERSION == 4 and f.attrs["format"] == "ringbench-results"
+        assert f.attrs["schema_version"] == SCHEMA_VERSION == 5 and f.attrs["format"] == "ringbench-results"
         assert json.loads(f["runs/p1"].attrs["provenance"]) == {"hosts": ["h"]}
         assert f["runs/p1"].attrs["run_id"] == run.run_id
     assert len(run.run_id) == 32 and run.run_id != make_run().run_id  # every run gets its own id
+
+
+def test_chunks_per_rank_round_trips_and_version_4_files_read_it_as_absent(tmp_path):
+    """Schema 5's run attribute: a balanced run's chunks per rank is written, read back (read, latest, merge); a run
+    without one (another layout) has no attribute and reads 0, as does every run of a version-4 file, which an
+    append upgrades in place to 5."""
+    path = tmp_path / "r.h5"
+    bal = make_run("bal")
+    bal.chunks_per_rank = 4
+    store.append(path, bal)
+    store.append(path, make_run("other"))
+    got = {r.point_id: r for r in store.read(path)}
+    assert got["bal"].chunks_per_rank == 4 and got["other"].chunks_per_rank == 0
+    assert store.latest(path)["bal"].chunks_per_rank == 4
+    with h5py.File(path) as f:
+        assert f["runs/bal"].attrs["chunks_per_rank"] == 4 and "chunks_per_rank" not in f["runs/other"].attrs
+    merged = tmp_path / "m.h5"
+    store.merge(merged, [path])
+    assert {r.point_id: r.chunks_per_rank for r in store.read(merged)} == {"bal": 4, "other": 0}
+    old = tmp_path / "v4.h5"
+    store.append(old, make_run("old"))
+    with h5py.File(old, "r+") as f:  # a version-4 file: no such attribute anywhere
+        f.attrs["schema_version"] = 4
+    assert store.check_file(old) == 4 and store.read(old)[0].chunks_per_rank == 0
+    store.append(old, bal)
+    assert store.check_file(old) == SCHEMA_VERSION == 5
+    assert {r.point_id: r.chunks_per_rank for r in store.read(old)} == {"old": 0, "bal": 4}
 
 
 def test_same_point_twice_is_kept_not_overwritten(tmp_path):
@@ -96,7 +123,7 @@ def test_other_files_are_refused(tmp_path):
     with h5py.File(bad, "w") as f:
         f.attrs["format"] = "ringbench-results"
         f.attrs["schema_version"] = 0
-    with pytest.raises(store.SchemaError, match="schema version 0 is not supported; this ringbench reads versions 1, 2, 3 and 4"):
+    with pytest.raises(store.SchemaError, match="schema version 0 is not supported; this ringbench reads versions 1, 2, 3, 4 and 5"):
         store.read(bad)
     assert "schema version 0" in store.check_writable(bad)
     text = tmp_path / "notes.txt"

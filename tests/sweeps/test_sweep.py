@@ -190,7 +190,7 @@ def test_collect_refuses_incompatible_files(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == (
         f"ringbench collect: cannot merge: {parts / 'old.h5'}: result schema version 99 is not supported;"
-        " this ringbench reads versions 1, 2, 3 and 4"
+        " this ringbench reads versions 1, 2, 3, 4 and 5"
     )
     assert (tmp_path / "results" / "merge.h5").read_bytes() == before
 
