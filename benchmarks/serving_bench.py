@@ -46,7 +46,6 @@ WINNER_TARGET = 0.90
 ERROR_TARGET = 0.20
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 MULTINODE = Path(os.environ.get("RINGBENCH_MULTINODE_DIR", "/tmp/ringbench-multinode"))  # slurm/multinode.sh's state
-NODES = 0  # --nodes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,8 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if ns.nodes and not (MULTINODE / "net.up").exists():
         down = f"the emulated cluster is down ({MULTINODE}/net.up missing): run slurm/multinode.sh up (as root)"
         p.exit(2, f"serving_bench.py: --nodes: {down}\n")
-    global NODES
-    NODES = ns.nodes
     for name in ("seq_len", "heads", "kv_heads", "head_dim", "repeat", "decode_seq_len", "rounds", "probe_repeat"):
         if getattr(ns, name) < 1:
             p.exit(2, f"serving_bench.py: --{name.replace('_', '-')}: expected an integer >= 1\n")
@@ -89,12 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ns
 
 
-def launch(nranks: int, *args) -> None:
+def launch(nranks: int, *args, nodes: int = 0) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [str(MPIEXEC), "-n", str(nranks)]
-    if NODES:  # slurm/multinode.sh's launcher: hydra enters each node's namespace; TCP between nodes (its env file)
+    if nodes:  # slurm/multinode.sh's launcher: hydra enters each node's namespace; TCP between nodes (its env file)
         env["RINGBENCH_MPIEXEC"] = str(MPIEXEC)
-        cmd = [str(MULTINODE / "mpiexec"), "-ppn", str(-(-nranks // NODES)), "-n", str(nranks)]
+        cmd = [str(MULTINODE / "mpiexec"), "-ppn", str(-(-nranks // nodes)), "-n", str(nranks)]
     cmd += [sys.executable, "-m", "ringbench", *map(str, args)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -131,14 +128,14 @@ def main(argv=None) -> int:
             f.unlink(missing_ok=True)
         before = load()
         for P in ns.ranks:
-            launch(P, "probe", "--out", probe, *probe_args)
+            launch(P, "probe", "--out", probe, *probe_args, nodes=ns.nodes)
         common = [*shape, "--causal", "--check", "--repeat", ns.repeat, "--out", out, "--quiet"]
         for P in ns.ranks:
             n = ns.seq_len - ns.seq_len % (2 * P)
             for frac in ns.cached:
                 c = min(int(frac * n) // (2 * P) * (2 * P), n - 2 * P)
                 for mode in ("overlap", "pass-q")[:: 1 if i % 2 == 0 else -1]:
-                    launch(P, "run", "--pass", "prefill", "--seq-len", n, "--cached-tokens", c, "--mode", mode, *common)
+                    launch(P, "run", "--pass", "prefill", "--seq-len", n, "--cached-tokens", c, "--mode", mode, *common, nodes=ns.nodes)
         points: dict = {}
         for r in results.load(out):
             points.setdefault((r.nranks, r.config["seq_len"], r.config["cached_tokens"]), {})[r.config["mode"]] = r
@@ -150,13 +147,13 @@ def main(argv=None) -> int:
     dload = load()
     for P in ns.decode_ranks:  # the skinny pieces against the probe's blocks and this P's shard (N / P keys)
         keys = sorted({*map(int, ns.probe_blocks.split(",")), ns.decode_seq_len // P})
-        launch(P, "probe", "--out", dprobe, *probe_args, "--piece-keys", ",".join(map(str, keys)))
+        launch(P, "probe", "--out", dprobe, *probe_args, "--piece-keys", ",".join(map(str, keys)), nodes=ns.nodes)
     common = [*shape, "--causal", "--check", "--repeat", ns.repeat, "--out", dout, "--quiet"]
     for P in ns.decode_ranks:
         n = ns.decode_seq_len - ns.decode_seq_len % (2 * P)
         for b in ns.batch:
             for merge in ("ring", "tree", "gather"):
-                launch(P, "run", "--pass", "decode", "--seq-len", n, "--batch", b, "--merge", merge, *common)
+                launch(P, "run", "--pass", "decode", "--seq-len", n, "--batch", b, "--merge", merge, *common, nodes=ns.nodes)
     dcal = model.calibrate([], store.read_probes(dprobe))
     print(f"decode: load average {dload:.1f} -> {load():.1f}; calibration: {dcal.source}")
     figures = {"prefill": [], "decode": [], "rounds": [{"load": [r[2], r[3]], "calibration": r[0].source} for r in rounds]}

@@ -114,11 +114,31 @@ def _inputs(opts: ProbeOptions, shapes, names=("q", "k", "v")) -> dict:
     return {t: inputs.tokens(t, 0, np.arange(top_k if t in kv else top_q), heads=hk if t in kv else opts.heads, **dims) for t in names}
 
 
+def _timed(backend, repeat: int, call, *args, reset=None) -> np.ndarray:
+    """(repeat,) seconds of ``call(*args)`` on this rank, every rank at once (a barrier before each), after one
+    warm-up call; ``reset()``, if given, runs before each call, untimed."""
+    from ringbench.engine import comm
+
+    out = np.zeros(repeat)
+    for r in range(-1, repeat):  # one warm-up
+        comm.barrier()
+        if reset is not None:
+            reset()
+        backend.synchronize()
+        timer = backend.timer()
+        timer.start()
+        call(*args)
+        timer.stop()
+        backend.synchronize()
+        if r >= 0:
+            out[r] = timer.seconds()
+    return out
+
+
 def _compute_times(opts: ProbeOptions, backend, mask: str = FULL, shapes=None) -> np.ndarray:
     """(K, R) seconds of one kernel update of a q x k piece on this rank, per shape of ``shapes`` (default: the n x n
     blocks of ``block_sizes``) and repeat: a full piece (``mask`` FULL), or the causal diagonal block (CAUSAL: the
     masked tiles every causal layout computes)."""
-    from ringbench.engine import comm
     from ringbench.kernels.api import make_forward
 
     xp = backend.xp
@@ -140,17 +160,7 @@ def _compute_times(opts: ProbeOptions, backend, mask: str = FULL, shapes=None) -
         # tiled as the ring tiles it (a skinny piece: as the serving passes' state of q queries tiles it)
         state = make_forward(backend, qh, n, matmul=matmul, scale=scale, kernel_name=opts.kernel, storage=dtype)
         piece = [Piece(0, nq, 0, n, mask)]
-        for r in range(-1, opts.repeat):  # one warm-up
-            comm.barrier()
-            state.reset()
-            backend.synchronize()
-            timer = backend.timer()
-            timer.start()
-            state.update(kh, vh, piece)
-            timer.stop()
-            backend.synchronize()
-            if r >= 0:
-                out[i, r] = timer.seconds()
+        out[i] = _timed(backend, opts.repeat, state.update, kh, vh, piece, reset=state.reset)
     return out
 
 
@@ -161,7 +171,6 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL, shapes=Non
     Prepared as the ring's backward prepares a rank (ring._Backward.prepare): an untimed forward gives O and the
     log-sum-exp, then BlockBackward with the ring's tiles and GEMM; what is timed is one ``update`` with a
     K/V block into zeroed dK/dV accumulators in the compute dtype."""
-    from ringbench.engine import comm
     from ringbench.kernels.api import make_backward, make_forward
 
     xp = backend.xp
@@ -199,19 +208,13 @@ def _bwd_compute_times(opts: ProbeOptions, backend, mask: str = FULL, shapes=Non
         else:  # the ring's own call (ring._Backward.make_grad)
             grad = make_backward(backend, qh, kernel.q_to_heads(xp, do, hk), o, lse, kernel_name=name, matmul=matmul, storage=dtype)
         dk, dv = xp.zeros(kh.shape, compute), xp.zeros(kh.shape, compute)  # (Z, k, D) accumulators
-        for r in range(-1, opts.repeat):  # one warm-up
-            comm.barrier()
+
+        def reset(grad=grad, dk=dk, dv=dv):
             grad.reset()
             dk.fill(0)
             dv.fill(0)
-            backend.synchronize()
-            timer = backend.timer()
-            timer.start()
-            grad.update(kh, vh, dk, dv, piece)
-            timer.stop()
-            backend.synchronize()
-            if r >= 0:
-                out[i, r] = timer.seconds()
+
+        out[i] = _timed(backend, opts.repeat, grad.update, kh, vh, dk, dv, piece, reset=reset)
     return out
 
 
@@ -219,7 +222,6 @@ def _merge_times(opts: ProbeOptions, backend) -> np.ndarray:
     """(Q, R) seconds of one kernel.merge of two partials [O, LSE] of q query rows per head ((Z, G, q, D) and (Z, G, q)
     in the compute dtype), per row count of ``piece_rows`` and repeat, every rank at once: the small ops of decode's
     merges and pass-Q's returns, a few NumPy calls on small arrays whose cost is per call, not per byte."""
-    from ringbench.engine import comm
 
     xp = backend.xp
     hk = opts.kv_heads or opts.heads
@@ -230,16 +232,7 @@ def _merge_times(opts: ProbeOptions, backend) -> np.ndarray:
         rng = np.random.default_rng(i)
         o_a, o_b = (backend.asarray(rng.standard_normal((z, g, q, opts.head_dim)).astype(compute)) for _ in range(2))
         l_a, l_b = (backend.asarray(rng.standard_normal((z, g, q)).astype(compute)) for _ in range(2))
-        for r in range(-1, opts.repeat):  # one warm-up
-            comm.barrier()
-            backend.synchronize()
-            timer = backend.timer()
-            timer.start()
-            kernel.merge(xp, o_a, l_a, o_b, l_b)
-            timer.stop()
-            backend.synchronize()
-            if r >= 0:
-                out[i, r] = timer.seconds()
+        out[i] = _timed(backend, opts.repeat, kernel.merge, xp, o_a, l_a, o_b, l_b)
     return out
 
 
@@ -250,24 +243,16 @@ def _copy_times(opts: ProbeOptions, backend) -> tuple[int, np.ndarray]:
     """(bytes, (R,) seconds) of one strided copy on this rank, every rank at once: a (B, n, H, D) array of the
     largest block into (H, B, n, D) order, the kind of copy the strategies' packing and merges make (bytes = what
     is read plus what is written)."""
-    from ringbench.engine import comm
 
     xp = backend.xp
     n = max(opts.block_sizes)
     src = xp.ones((opts.batch, n, opts.heads, opts.head_dim), backend.dtype(opts.dtype))
     dst = xp.empty((opts.heads, opts.batch, n, opts.head_dim), src.dtype)
-    out = np.zeros(COPY_REPEAT)
-    for r in range(-1, COPY_REPEAT):  # one warm-up
-        comm.barrier()
-        backend.synchronize()
-        timer = backend.timer()
-        timer.start()
+
+    def copy():
         dst[...] = src.transpose(2, 0, 1, 3)
-        timer.stop()
-        backend.synchronize()
-        if r >= 0:
-            out[r] = timer.seconds()
-    return 2 * int(src.nbytes), out
+
+    return 2 * int(src.nbytes), _timed(backend, COPY_REPEAT, copy)
 
 
 def _pingpong_all(opts: ProbeOptions, rank: int, nranks: int) -> dict:
